@@ -1,0 +1,234 @@
+"""``make_dataset``: shards + ``dataset.json`` -> batches of paired HR/LR views (the data contract).
+
+Training: shard files interleaved in a seeded order -> parse + decode to uint8 -> optional cache
+-> repeat + shuffle (or class-balanced sampling) -> mixing with the unlabeled pool at a ratio ->
+cut into epochs -> one stateless seed per element (``Dataset.random``, new draws each epoch,
+deterministic under ``cfg.seed``) -> crop + augment once, make ``hr``/``lr``[/``lr2``] -> batch
+-> prefetch. Evaluation: file order, centre crop, no augmentation, no drop_remainder, one pass.
+Everything runs inside the tf.data graph (no ``py_function``).
+
+Batches: {"hr" [B, hr_px, hr_px, 3], "lr" [B, lr_px, lr_px, 3], ["lr2"], "label" int32 [B]
+(-1 = unlabeled), "slide_id" string, "x", "y" int64, "source" string}; pixels float32 in
+[0, 1] unless ``normalize=True`` (training-split mean/std from ``dataset.json``; by default the
+models normalise in their first layer, see BUILD_NOTES.md).
+
+Not here: decoding details (``decode``), augmentation ops (``augment``, ``stain``), view making
+(``views``), mixing (``mixing``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+from kd_histo import schema
+from kd_histo.data import augment, decode, mixing, views
+from kd_histo.data.views import lr_size
+
+__all__ = ["PipelineConfig", "make_dataset", "lr_size", "epoch_examples", "steps_per_epoch"]
+
+_IMAGE_KEYS = ("hr", "lr", "lr2")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """How to build batches from a converted data folder.
+
+    Attributes:
+      data_dir: folder with shards and ``dataset.json`` (made by kd-histo-convert).
+      batch_size: examples per batch.
+      factor: resolution factor of the ``lr`` view (2, 4, 8 or any float > 0).
+      hr_px: side of the ``hr`` view; None = the stored tile size. Smaller than the tile: random
+        crop in training, centre crop in evaluation.
+      lr_method: "area" (default), "bicubic", "bilinear" (all antialiased) or "pyramid" (the
+        stored pyramid LR tile; needs shards converted with ``lr_factor == factor``).
+      augment: training preset, one of ``kd_histo.data.augment.PRESETS``.
+      unlabeled_ratio: fraction of training examples drawn from the unlabeled pool.
+      labeled: False = train on the unlabeled pool only (pure distillation); evaluation
+        (``training=False``) always reads the requested split.
+      class_balanced: sample the labeled classes with equal probability.
+      second_view: add ``lr2``, an independently cropped and augmented LR view.
+      cache: keep decoded uint8 tiles in memory after the first pass.
+      shuffle_buffer: shuffle buffer size (examples).
+      seed: the one seed of file order, shuffling, mixing and augmentation.
+      skip_corrupt: skip corrupt records instead of failing with the shard's name.
+      drop_remainder: drop the last partial batch in training (evaluation never drops).
+      normalize: subtract the training mean and divide by the std of ``dataset.json``.
+      unlabeled_dirs: more converted folders for the unlabeled pool: their ``unlabeled`` split,
+        or all their splits (labels forced to -1) when they have none.
+      unlabeled_fraction: deterministic subset (by tile hash, nested) of the unlabeled pool.
+      cycle_length: shards read at once in training.
+    """
+
+    data_dir: str
+    batch_size: int = 32
+    factor: float = 2.0
+    hr_px: int | None = None
+    lr_method: str = "area"
+    augment: str = "paper"
+    unlabeled_ratio: float = 0.0
+    labeled: bool = True
+    class_balanced: bool = False
+    second_view: bool = False
+    cache: bool = False
+    shuffle_buffer: int = 1024
+    seed: int = 0
+    skip_corrupt: bool = False
+    drop_remainder: bool = True
+    normalize: bool = False
+    unlabeled_dirs: tuple[str, ...] = ()
+    unlabeled_fraction: float = 1.0
+    cycle_length: int = 4
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.factor <= 0:
+            raise ValueError(f"factor must be > 0, got {self.factor}")
+        if self.lr_method not in views.LR_METHODS:
+            raise ValueError(f"lr_method {self.lr_method!r} unknown; choose one of {views.LR_METHODS}")
+        if self.augment not in augment.PRESETS:
+            raise ValueError(f"augment {self.augment!r} unknown; choose one of {augment.PRESETS}")
+        if not 0.0 <= self.unlabeled_ratio <= 1.0:
+            raise ValueError(f"unlabeled_ratio must be in [0, 1], got {self.unlabeled_ratio}")
+        if not 0.0 < self.unlabeled_fraction <= 1.0:
+            raise ValueError(f"unlabeled_fraction must be in (0, 1], got {self.unlabeled_fraction}")
+        if self.hr_px is not None and self.hr_px < 1:
+            raise ValueError(f"hr_px must be >= 1 or None, got {self.hr_px}")
+
+
+def _has_split(data_dir: str, split: str) -> bool:
+    try:
+        schema.shard_paths(data_dir, split)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _unlabeled_sources(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
+    """(data_dir, splits) of the unlabeled pool."""
+    sources = [(cfg.data_dir, ["unlabeled"])] if _has_split(cfg.data_dir, "unlabeled") else []
+    for d in cfg.unlabeled_dirs:
+        info = schema.DatasetInfo.read(d)
+        sources.append((d, ["unlabeled"] if _has_split(d, "unlabeled") else sorted(info.shards)))
+    return sources
+
+
+def epoch_examples(cfg: PipelineConfig, split: str = "train", training: bool = True) -> int:
+    """Examples in one epoch of ``make_dataset(cfg, split, training)`` (from ``dataset.json`` counts).
+
+    Training with labeled data: the labeled count divided by (1 - unlabeled_ratio), so each
+    labeled tile is seen about once per epoch; unlabeled only: the (fraction of the) pool.
+    """
+    info = schema.DatasetInfo.read(cfg.data_dir)
+    if not training or (cfg.labeled and cfg.unlabeled_ratio < 1.0):
+        n = info.num_examples(split)
+        return n if not training else int(math.ceil(n / (1.0 - cfg.unlabeled_ratio)))
+    pool = sum(schema.DatasetInfo.read(d).num_examples(s) for d, splits in _unlabeled_sources(cfg) for s in splits)
+    return max(1, int(round(pool * cfg.unlabeled_fraction)))
+
+
+def steps_per_epoch(cfg: PipelineConfig, split: str = "train", training: bool = True) -> int:
+    """Batches per epoch of ``make_dataset(cfg, split, training)``."""
+    n = epoch_examples(cfg, split, training)
+    return n // cfg.batch_size if training and cfg.drop_remainder else int(math.ceil(n / cfg.batch_size))
+
+
+def _read(cfg, data_dir, splits, tile_px, lr_tile_px, training, force_unlabeled=False):
+    info = schema.DatasetInfo.read(data_dir)
+    if info.tile_px != tile_px:
+        raise ValueError(f"{data_dir} has {info.tile_px} px tiles, {cfg.data_dir} has {tile_px}; "
+                         "convert all sources at one tile size")
+    paths = [p for s in splits for p in schema.shard_paths(data_dir, s)]
+    ds = decode.read_shards(paths, tile_px=tile_px, lr_tile_px=lr_tile_px, compression=info.compression,
+                            skip_corrupt=cfg.skip_corrupt, cycle_length=cfg.cycle_length if training else 1,
+                            shuffle_seed=cfg.seed if training else None)
+    if force_unlabeled:
+        ds = ds.map(lambda ex: {**ex, "label": tf.constant(schema.UNLABELED, tf.int32)})
+    return ds
+
+
+def _unlabeled_pool(cfg, tile_px, lr_tile_px):
+    parts = []
+    for d, splits in _unlabeled_sources(cfg):
+        parts.append(_read(cfg, d, splits, tile_px, lr_tile_px, True, force_unlabeled=splits != ["unlabeled"]))
+    if not parts:
+        raise ValueError(f"no unlabeled data: {cfg.data_dir} has no 'unlabeled' split and unlabeled_dirs is "
+                         "empty; set unlabeled_ratio=0 and labeled=True, or add unlabeled_dirs")
+    pool = parts[0]
+    for p in parts[1:]:
+        pool = pool.concatenate(p)
+    pool = mixing.subset(pool, cfg.unlabeled_fraction)
+    if cfg.cache:
+        pool = pool.cache()
+    return pool.repeat().shuffle(cfg.shuffle_buffer, seed=cfg.seed + 1, reshuffle_each_iteration=True)
+
+
+def _labeled_stream(cfg, info, split, tile_px, lr_tile_px):
+    ds = _read(cfg, cfg.data_dir, [split], tile_px, lr_tile_px, True)
+    if cfg.cache:
+        ds = ds.cache()
+    if cfg.class_balanced:
+        counts = info.counts.get(split, {})
+        empty = [c for c in info.class_names if counts.get(c, 0) == 0]
+        if empty:
+            raise ValueError(f"class_balanced needs examples of every class; split {split!r} has none of {empty}")
+        return mixing.class_balanced(ds, info.num_classes, cfg.seed, cfg.shuffle_buffer)
+    return ds.repeat().shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+
+
+def make_dataset(cfg: PipelineConfig, split: str = "train", training: bool = True) -> tf.data.Dataset:
+    """Builds the batch stream of the data contract (see the module docstring).
+
+    Args:
+      cfg: the pipeline configuration.
+      split: "train", "val", "test" or "unlabeled".
+      training: augmentation, random crops, shuffling, mixing and epochs of
+        :func:`epoch_examples`; False: one pass in file order, centre crops, nothing random.
+
+    Returns:
+      A ``tf.data.Dataset`` of batch dicts.
+    """
+    info = schema.DatasetInfo.read(cfg.data_dir)
+    tile_px = info.tile_px
+    hr_px = cfg.hr_px or tile_px
+    if hr_px > tile_px:
+        raise ValueError(f"hr_px {hr_px} is larger than the stored tiles ({tile_px} px); lower hr_px")
+    lr_tile_px = 0
+    if cfg.lr_method == "pyramid":
+        if not info.lr_factor or abs(info.lr_factor - cfg.factor) > 1e-6:
+            raise ValueError(f"lr_method='pyramid' needs shards with stored LR tiles at factor {cfg.factor}; "
+                             f"{cfg.data_dir} has lr_factor {info.lr_factor} (0 = none); use lr_method='area'")
+        lr_tile_px = lr_size(tile_px, info.lr_factor)
+    view_fn = dict(hr_px=hr_px, factor=cfg.factor, lr_method=cfg.lr_method, second_view=cfg.second_view)
+    calls = tf.data.AUTOTUNE
+
+    if training:
+        if cfg.labeled and cfg.unlabeled_ratio < 1.0:
+            stream = _labeled_stream(cfg, info, split, tile_px, lr_tile_px)
+            if cfg.unlabeled_ratio > 0.0:
+                stream = mixing.mix(stream, _unlabeled_pool(cfg, tile_px, lr_tile_px), cfg.unlabeled_ratio, cfg.seed)
+        else:
+            stream = _unlabeled_pool(cfg, tile_px, lr_tile_px)
+        stream = stream.take(epoch_examples(cfg, split, training=True))
+        keys = tf.data.Dataset.random(seed=cfg.seed, rerandomize_each_iteration=True)
+        seed = tf.constant(cfg.seed, tf.int64)
+        ds = tf.data.Dataset.zip(stream, keys).map(
+            lambda ex, k: views.make_views(ex, tf.stack([k, seed]), preset=cfg.augment, training=True, **view_fn),
+            num_parallel_calls=calls, deterministic=True)
+        ds = ds.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder)
+    else:
+        ds = _read(cfg, cfg.data_dir, [split], tile_px, lr_tile_px, training=False)
+        if cfg.cache:
+            ds = ds.cache()
+        fixed = tf.constant([0, cfg.seed], tf.int64)
+        ds = ds.map(lambda ex: views.make_views(ex, fixed, preset="none", training=False, **view_fn),
+                    num_parallel_calls=calls, deterministic=True)
+        ds = ds.batch(cfg.batch_size, drop_remainder=False)
+    if cfg.normalize:
+        mean = tf.constant(info.mean, tf.float32)
+        std = tf.constant(info.std, tf.float32)
+        ds = ds.map(lambda b: {k: (v - mean) / std if k in _IMAGE_KEYS else v for k, v in b.items()})
+    return ds.prefetch(tf.data.AUTOTUNE)

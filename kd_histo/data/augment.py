@@ -132,6 +132,7 @@ def augment(image: tf.Tensor, seed: tf.Tensor, preset: str) -> tf.Tensor:
     """
     if preset not in PRESETS:
         raise ValueError(f"augment preset {preset!r} unknown; choose one of {PRESETS}")
+    image = tf.convert_to_tensor(image, tf.float32)
     if preset == "none":
         return image
     s_geo, s_col, s_hed = _seeds(seed, 3)

@@ -163,20 +163,25 @@ def _unlabeled_pool(cfg, tile_px, lr_tile_px):
     pool = mixing.subset(pool, cfg.unlabeled_fraction)
     if cfg.cache:
         pool = pool.cache()
-    return pool.repeat().shuffle(cfg.shuffle_buffer, seed=cfg.seed + 1, reshuffle_each_iteration=True)
+    # A buffer larger than the pool would read the pool several times before the first element.
+    buffer = min(cfg.shuffle_buffer, epoch_examples(dataclasses.replace(cfg, labeled=False)))
+    return pool.repeat().shuffle(buffer, seed=cfg.seed + 1, reshuffle_each_iteration=True)
 
 
 def _labeled_stream(cfg, info, split, tile_px, lr_tile_px):
     ds = _read(cfg, cfg.data_dir, [split], tile_px, lr_tile_px, True)
     if cfg.cache:
         ds = ds.cache()
+    counts = info.counts.get(split, {})
+    # A buffer larger than the data would read it several times before the first element.
     if cfg.class_balanced:
-        counts = info.counts.get(split, {})
         empty = [c for c in info.class_names if counts.get(c, 0) == 0]
         if empty:
             raise ValueError(f"class_balanced needs examples of every class; split {split!r} has none of {empty}")
-        return mixing.class_balanced(ds, info.num_classes, cfg.seed, cfg.shuffle_buffer)
-    return ds.repeat().shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+        buffer = min(cfg.shuffle_buffer, max(counts.values()))
+        return mixing.class_balanced(ds, info.num_classes, cfg.seed, buffer)
+    buffer = max(1, min(cfg.shuffle_buffer, sum(counts.values())))
+    return ds.repeat().shuffle(buffer, seed=cfg.seed, reshuffle_each_iteration=True)
 
 
 def make_dataset(cfg: PipelineConfig, split: str = "train", training: bool = True) -> tf.data.Dataset:

@@ -1,0 +1,96 @@
+"""Augmentation ops: eager == tf.data under a seed, NumPy references, the presets."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kd_histo.data import augment
+from helpers import eager_and_in_tfdata, random_tile
+
+GRAY = np.array([0.2989, 0.5870, 0.1140], np.float32)  # tf.image.rgb_to_grayscale weights
+
+
+def _np_adjust(x, b, c, s):
+    """torchvision ColorJitter arithmetic (brightness, contrast, saturation; no hue)."""
+    x = np.clip(x * b, 0, 1)
+    m = (x @ GRAY).mean()
+    x = np.clip(m + c * (x - m), 0, 1)
+    g = (x @ GRAY)[..., None]
+    return np.clip(g + s * (x - g), 0, 1)
+
+
+def _symmetries(x):
+    out = []
+    for flipped in (x, x[:, ::-1]):
+        out += [np.rot90(flipped, k, axes=(0, 1)) for k in range(4)]
+    return out
+
+
+OPS = {
+    "flip_rot": augment.random_flip_rot,
+    "color_jitter": augment.random_color_jitter,
+    "randaugment": augment.random_augment,
+    **{f"preset_{p}": (lambda p: lambda im, s: augment.augment(im, s, p))(p) for p in augment.PRESETS},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_op_same_eagerly_and_in_tfdata(name):
+    tile = random_tile(16, seed=1)
+    for seed in ([3, 9], [11, 0]):
+        eager, graph = eager_and_in_tfdata(OPS[name], tile, seed)
+        np.testing.assert_allclose(eager, graph, atol=1e-6, err_msg=f"{name} seed {seed}")
+        assert eager.shape == tile.shape and eager.min() >= 0 and eager.max() <= 1
+
+
+def test_adjust_color_matches_numpy_reference():
+    tile = random_tile(12, seed=2)
+    for b, c, s in [(1.3, 0.7, 1.4), (0.6, 1.5, 0.2), (1.0, 1.0, 1.0)]:
+        got = augment.adjust_color(tile, b, c, s, 0.0).numpy()
+        np.testing.assert_allclose(got, _np_adjust(tile, b, c, s), atol=2e-5, err_msg=f"{b} {c} {s}")
+
+
+def test_hue_shift_of_one_third_turn_rotates_primaries():
+    red = np.zeros((2, 2, 3), np.float32)
+    red[..., 0] = 1.0
+    np.testing.assert_allclose(augment.adjust_color(red, 1.0, 1.0, 1.0, 1 / 3).numpy()[0, 0], [0, 1, 0], atol=1e-5)
+
+
+def test_flip_rot_gives_all_eight_square_symmetries_and_nothing_else():
+    tile = random_tile(6, seed=3)
+    syms = _symmetries(tile)
+    seen = set()
+    for i in range(48):
+        out = augment.random_flip_rot(tile, tf.constant([i, 5], tf.int64)).numpy()
+        matches = [k for k, s in enumerate(syms) if np.array_equal(out, s)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == set(range(8))
+
+
+def test_color_jitter_factors_stay_in_range():
+    # A flat grey tile: contrast and saturation do nothing, so out / in = the brightness factor.
+    grey = np.full((4, 4, 3), 0.4, np.float32)
+    ratios = [augment.random_color_jitter(grey, tf.constant([i, 0], tf.int64), 0.5, 0.0, 0.0, 0.0).numpy()[0, 0, 0] / 0.4
+              for i in range(40)]
+    assert 0.5 - 1e-5 <= min(ratios) < 0.7 and 1.3 < max(ratios) <= 1.5 + 1e-5
+
+
+def test_seed_changes_result_and_none_is_identity():
+    tile = random_tile(16, seed=4)
+    a = augment.augment(tile, tf.constant([1, 1], tf.int64), "paper").numpy()
+    b = augment.augment(tile, tf.constant([2, 1], tf.int64), "paper").numpy()
+    assert np.abs(a - b).max() > 1e-3
+    np.testing.assert_array_equal(augment.augment(tile, tf.constant([1, 1], tf.int64), "none").numpy(), tile)
+
+
+def test_randaugment_uses_several_ops():
+    tile = random_tile(8, seed=5)
+    outs = {augment.random_augment(tile, tf.constant([i, 3], tf.int64), num_ops=1).numpy().round(4).tobytes()
+            for i in range(30)}
+    assert len(outs) >= 6
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="choose one of"):
+        augment.augment(random_tile(4), tf.constant([0, 0], tf.int64), "heavy")

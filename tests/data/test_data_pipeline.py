@@ -1,0 +1,123 @@
+"""make_dataset end to end on the tiny shards: determinism, labels, mixing, sources, options."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from kd_histo import schema
+from kd_histo.data.pipeline import PipelineConfig, epoch_examples, make_dataset, steps_per_epoch
+
+
+def _batches(cfg, split="train", training=True, epochs=1):
+    return [{k: v.numpy() for k, v in b.items()} for b in make_dataset(cfg, split, training).repeat(epochs)]
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tiny_shards):
+    cfg = PipelineConfig(tiny_shards, batch_size=4, factor=2, augment="paper+hed", seed=5, second_view=True,
+                         unlabeled_ratio=0.3)
+    a, b = _batches(cfg), _batches(cfg)
+    assert len(a) == len(b) == steps_per_epoch(cfg)
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    c = _batches(PipelineConfig(**{**cfg.__dict__, "seed": 6}))
+    assert np.abs(a[0]["hr"] - c[0]["hr"]).max() > 1e-3
+
+
+def test_epochs_differ_but_the_run_repeats(tiny_shards):
+    cfg = PipelineConfig(tiny_shards, batch_size=4, augment="paper", seed=1)
+    two = _batches(cfg, epochs=2)
+    half = len(two) // 2
+    assert not np.allclose(two[0]["hr"], two[half]["hr"])  # new shuffle and new augmentation
+    again = _batches(cfg, epochs=2)
+    np.testing.assert_array_equal(two[half]["hr"], again[half]["hr"])
+
+
+def test_lr2_is_an_independent_view(tiny_shards):
+    b = _batches(PipelineConfig(tiny_shards, batch_size=4, augment="paper", second_view=True))[0]
+    assert np.abs(b["lr"] - b["lr2"]).max() > 1e-2
+
+
+def test_unlabeled_examples_carry_minus_one(tiny_shards):
+    only_unl = _batches(PipelineConfig(tiny_shards, batch_size=4, labeled=False))
+    labels = np.concatenate([b["label"] for b in only_unl])
+    assert len(labels) == 8 and (labels == -1).all()
+    sources = {s.decode().split(":")[1] for b in only_unl for s in b["source"]}
+    assert sources == {"unlabeled"}
+
+
+def test_mixing_ratio_holds_through_make_dataset(tiny_shards):
+    cfg = PipelineConfig(tiny_shards, batch_size=1, unlabeled_ratio=0.3, augment="none", seed=2)
+    labels = np.concatenate([b["label"] for b in _batches(cfg, epochs=13)])
+    assert len(labels) == 13 * epoch_examples(cfg) == 299
+    assert abs((labels == -1).mean() - 0.3) < 0.09  # 3 binomial sd at n = 299
+    assert set(labels[labels >= 0]) == {0, 1, 2, 3}
+
+
+def test_class_balanced_option(tiny_shards):
+    cfg = PipelineConfig(tiny_shards, batch_size=16, class_balanced=True, augment="none")
+    labels = np.concatenate([b["label"] for b in _batches(cfg, epochs=30)])
+    freq = np.bincount(labels, minlength=4) / len(labels)
+    np.testing.assert_allclose(freq, 0.25, atol=0.08)  # 4 binomial sd at n = 480
+
+
+def test_eval_keeps_slide_ids_and_coordinates_in_file_order(tiny_shards):
+    got = _batches(PipelineConfig(tiny_shards, batch_size=3), "test", training=False)
+    ids = [s for b in got for s in b["slide_id"]]
+    xs = [int(x) for b in got for x in b["x"]]
+    expected_ids, expected_xs = [], []
+    for path in schema.shard_paths(tiny_shards, "test"):
+        import tensorflow as tf
+        for rec in tf.data.TFRecordDataset(path):
+            ex = schema.parse_example_numpy(rec.numpy())
+            expected_ids.append(ex["slide_id"])
+            expected_xs.append(ex["x"])
+    assert ids == expected_ids and xs == expected_xs
+
+
+def test_extra_unlabeled_dirs_force_minus_one_and_fraction_subsets(tiny_shards, tmp_path):
+    extra = tmp_path / "extra"
+    shutil.copytree(tiny_shards, extra)
+    for p in extra.glob("unlabeled-*"):
+        p.unlink()  # no unlabeled split: all its labeled splits join the pool with label -1
+    info = schema.DatasetInfo.read(str(extra))
+    info.counts.pop("unlabeled")
+    info.shards.pop("unlabeled")
+    info.write(str(extra))
+    cfg = PipelineConfig(tiny_shards, batch_size=1, labeled=False, unlabeled_dirs=(str(extra),), augment="none",
+                         drop_remainder=False)
+    full = [b for b in _batches(cfg)]
+    assert len(full) == epoch_examples(cfg) == 8 + 16 + 8 + 8
+    assert all(b["label"][0] == -1 for b in full)
+    assert any(b["source"][0].startswith(b"synthetic:train") for b in full)
+    half = {b["source"][0] + b["slide_id"][0] for b in _batches(PipelineConfig(**{**cfg.__dict__,
+                                                                                  "unlabeled_fraction": 0.5}))}
+    assert 0 < len(half) < 40
+
+
+def test_normalize_uses_dataset_json_mean_and_std(tiny_shards):
+    info = schema.DatasetInfo.read(tiny_shards)
+    raw = _batches(PipelineConfig(tiny_shards, batch_size=4), "val", training=False)[0]
+    norm = _batches(PipelineConfig(tiny_shards, batch_size=4, normalize=True), "val", training=False)[0]
+    for k in ("hr", "lr"):
+        np.testing.assert_allclose(norm[k], (raw[k] - info.mean) / np.array(info.std), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr_method="nearest"), "lr_method"), (dict(augment="heavy"), "augment"),
+    (dict(unlabeled_ratio=2.0), "unlabeled_ratio"), (dict(batch_size=0), "batch_size"),
+    (dict(unlabeled_fraction=0.0), "unlabeled_fraction"), (dict(factor=-2.0), "factor"),
+])
+def test_bad_config_is_a_clear_error(tiny_shards, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PipelineConfig(tiny_shards, **kwargs)
+
+
+def test_missing_unlabeled_data_is_a_clear_error(tiny_shards, tmp_path):
+    d = tmp_path / "nounl"
+    shutil.copytree(tiny_shards, d)
+    for p in d.glob("unlabeled-*"):
+        p.unlink()
+    with pytest.raises(ValueError, match="no unlabeled data"):
+        make_dataset(PipelineConfig(str(d), unlabeled_ratio=0.5))

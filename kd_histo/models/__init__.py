@@ -1,0 +1,156 @@
+"""Networks of kd_histo: one builder for the teacher, baseline and student nets, and a loader.
+
+Every net takes float32 RGB in [0, 1] of any size (``(None, None, 3)``), normalises it in its first
+layer by the data set's mean/std (a ``keras.layers.Normalization`` whose mean/variance sit in the
+layer config, so a saved ``.keras`` file is self-contained), and returns a dict
+``{"logits": [B, C] float32, "features": [B, h, w, F]}`` where ``features`` is the last conv map
+before pooling. Under a mixed-precision policy the logits pass through a final float32 layer.
+
+Architectures: ``resnet_gn`` (the paper's), ``resnet18``, ``resnet34``, ``resnet50``. Weights are
+never downloaded; ``weights=`` loads a local ``.weights.h5`` file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import keras
+from keras import layers
+
+from kd_histo.models.backbones import LAYOUTS, resnet_trunk
+from kd_histo.models.resnet_gn import STEMS, resnet_gn_trunk
+
+ARCHS = ("resnet_gn",) + tuple(LAYOUTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a net.
+
+    Attributes:
+      arch: "resnet_gn", "resnet18", "resnet34" or "resnet50".
+      num_classes: number of output logits.
+      mean: per-channel RGB mean in [0, 1] (from dataset.json).
+      std: per-channel RGB standard deviation (from dataset.json), > 0.
+      planes: stage widths of resnet_gn.
+      blocks: BasicBlocks per stage of resnet_gn.
+      groups: GroupNorm groups (8 for resnet_gn, 32 for the standard ResNets when None).
+      norm: "group" or "batch".
+      stem: resnet_gn stem, "imagenet" or "small".
+      width_scale: width multiplier of the standard ResNets.
+      weights: optional local ``.weights.h5`` file to load after building.
+      name: Keras model name.
+    """
+
+    arch: str = "resnet_gn"
+    num_classes: int = 2
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+    planes: tuple[int, ...] = (32, 64, 128, 256)
+    blocks: int | tuple[int, ...] = 1
+    groups: int | None = None
+    norm: str = "group"
+    stem: str = "imagenet"
+    width_scale: float = 1.0
+    weights: str = ""
+    name: str = "net"
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {ARCHS}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std must be 3 values each with std > 0, got {self.mean}, {self.std}")
+        if self.norm not in ("group", "batch"):
+            raise ValueError(f"norm must be 'group' or 'batch', got {self.norm!r}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
+
+
+def _tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def build_model(arch: str, num_classes: int, *, mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> keras.Model:
+    """Builds a net of the contract (input [0, 1] RGB, dict of logits and features).
+
+    Args:
+      arch: "resnet_gn", "resnet18", "resnet34" or "resnet50".
+      num_classes: number of classes.
+      mean: per-channel mean of the training split (dataset.json).
+      std: per-channel std of the training split (dataset.json).
+      **kwargs: other :class:`ModelConfig` fields (planes, blocks, groups, norm, stem, width_scale,
+        weights, name).
+
+    Returns:
+      A functional ``keras.Model``.
+    """
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise TypeError(f"build_model got unknown options {unknown}; see kd_histo.models.ModelConfig")
+    kwargs = {k: _tuple(v) for k, v in kwargs.items()}
+    cfg = ModelConfig(arch=arch, num_classes=num_classes, mean=tuple(mean), std=tuple(std), **kwargs)
+    return build_from_config(cfg)
+
+
+def build_from_config(cfg: ModelConfig) -> keras.Model:
+    """Builds the net described by ``cfg`` (and loads ``cfg.weights`` when set)."""
+    inputs = keras.Input((None, None, 3), name="image")
+    x = layers.Normalization(mean=list(cfg.mean), variance=[s * s for s in cfg.std], name="normalize")(inputs)
+    if cfg.arch == "resnet_gn":
+        feats = resnet_gn_trunk(x, planes=cfg.planes, blocks=cfg.blocks, groups=cfg.groups or 8,
+                                stem_kind=cfg.stem, norm=cfg.norm)
+    else:
+        feats = resnet_trunk(x, cfg.arch, norm=cfg.norm, groups=cfg.groups or 32, width_scale=cfg.width_scale)
+    pooled = layers.GlobalAveragePooling2D(name="pool")(feats)
+    logits = layers.Dense(cfg.num_classes, name="head")(pooled)
+    # Softmax/CE of float16 logits loses precision; the contract promises float32 logits.
+    logits = layers.Activation("linear", dtype="float32", name="logits")(logits)
+    model = keras.Model(inputs, {"logits": logits, "features": feats}, name=cfg.name)
+    if cfg.weights:
+        if not os.path.isfile(cfg.weights):
+            raise FileNotFoundError(f"weights file {cfg.weights} not found: give a local .weights.h5 file")
+        model.load_weights(cfg.weights)
+    return model
+
+
+def num_classes_of(model: keras.Model) -> int:
+    """Number of logits of a contract net."""
+    return int(model.output["logits"].shape[-1]) if isinstance(model.output, dict) else int(model.output.shape[-1])
+
+
+def load_model(path: str, expected_num_classes: int | None = None) -> keras.Model:
+    """Loads a saved net (``.keras``) with ``safe_mode=True`` and checks it fits the task.
+
+    Args:
+      path: a ``.keras`` file written by ``model.save``.
+      expected_num_classes: when given, the net must output this many logits.
+
+    Returns:
+      The loaded ``keras.Model``.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: not a ``.keras`` file, wrong class count, or input not 3-channel RGB.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file {path} not found: train it first or fix the path")
+    if not path.endswith(".keras"):
+        raise ValueError(f"{path} is not a .keras file; save nets with model.save('<name>.keras')")
+    model = keras.saving.load_model(path, safe_mode=True)
+    channels = model.inputs[0].shape[-1] if model.inputs else None
+    if channels != 3:
+        raise ValueError(f"{path}: the net takes {channels}-channel input, kd_histo feeds RGB (3 channels)")
+    if not isinstance(model.output, dict) or set(model.output) != {"logits", "features"}:
+        raise ValueError(f"{path}: not a kd_histo net (outputs must be a dict of 'logits' and 'features')")
+    n = num_classes_of(model)
+    if expected_num_classes is not None and n != expected_num_classes:
+        raise ValueError(f"{path}: the net has {n} classes but the data set has {expected_num_classes}; "
+                         "use a model trained on the same class list")
+    return model
+
+
+__all__ = ["ARCHS", "ModelConfig", "build_model", "build_from_config", "load_model", "num_classes_of"]

@@ -1,0 +1,107 @@
+"""The paper's backbone: a small ResNet with GroupNorm (DiPalma et al. 2021).
+
+Four stages of ``planes = (32, 64, 128, 256)`` with one BasicBlock each by default (both
+configurable), GroupNorm everywhere (no batch statistics, so batch 1 with gradient accumulation
+trains the same as a large batch), and an input of ``(None, None, 3)`` so one architecture serves
+every resolution. The stem is ImageNet-style (7x7/2 conv + 3x3/2 max-pool) by default; ``stem=
+"small"`` (3x3/1 conv, no pool) keeps more resolution for tiny tiles.
+
+Only the trunk lives here (input normalisation and the logits head are added by
+:func:`kd_histo.models.build_model`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from keras import layers
+
+STEMS = ("imagenet", "small")
+
+
+def group_norm(channels: int, groups: int, name: str) -> layers.Layer:
+    """GroupNorm with the largest group count <= ``groups`` that divides ``channels``."""
+    g = math.gcd(channels, groups)
+    return layers.GroupNormalization(groups=g, epsilon=1e-5, name=name)
+
+
+def norm_layer(kind: str, channels: int, groups: int, name: str) -> layers.Layer:
+    """"group" -> GroupNorm, "batch" -> BatchNorm (PyTorch's momentum 0.1 = Keras' 0.9)."""
+    if kind == "group":
+        return group_norm(channels, groups, name)
+    if kind == "batch":
+        return layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+    raise ValueError(f"norm must be 'group' or 'batch', got {kind!r}")
+
+
+def conv(filters: int, kernel: int, stride: int, name: str) -> layers.Layer:
+    # "valid" + explicit ZeroPadding (padded_conv) instead of "same": Keras' "same" pads
+    # asymmetrically for stride 2, PyTorch pads k//2 on both sides; we follow PyTorch.
+    return layers.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=False, name=name)
+
+
+def padded_conv(x, filters: int, kernel: int, stride: int, name: str):
+    """Conv with PyTorch's symmetric ``padding=kernel//2``."""
+    if kernel > 1:
+        x = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
+    return conv(filters, kernel, stride, name)(x)
+
+
+def basic_block(x, planes: int, stride: int, norm: str, groups: int, name: str):
+    """ResNet BasicBlock: two 3x3 convs, projection shortcut when the shape changes."""
+    shortcut = x
+    y = padded_conv(x, planes, 3, stride, f"{name}_conv1")
+    y = norm_layer(norm, planes, groups, f"{name}_norm1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    y = padded_conv(y, planes, 3, 1, f"{name}_conv2")
+    y = norm_layer(norm, planes, groups, f"{name}_norm2")(y)
+    if stride != 1 or x.shape[-1] != planes:
+        shortcut = conv(planes, 1, stride, f"{name}_down_conv")(x)
+        shortcut = norm_layer(norm, planes, groups, f"{name}_down_norm")(shortcut)
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    return layers.ReLU(name=f"{name}_out")(y)
+
+
+def stem(x, width: int, kind: str, norm: str, groups: int):
+    """ImageNet stem (7x7/2 conv, 3x3/2 max-pool) or a small 3x3/1 stem."""
+    if kind not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {kind!r}")
+    if kind == "imagenet":
+        x = padded_conv(x, width, 7, 2, "stem_conv")
+    else:
+        x = padded_conv(x, width, 3, 1, "stem_conv")
+    x = norm_layer(norm, width, groups, "stem_norm")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    if kind == "imagenet":
+        x = layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+        x = layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
+    return x
+
+
+def resnet_gn_trunk(x, *, planes: Sequence[int] = (32, 64, 128, 256), blocks: Sequence[int] | int = 1,
+                    groups: int = 8, stem_kind: str = "imagenet", norm: str = "group"):
+    """Applies the paper's ResNet trunk to tensor ``x``; returns the last feature map.
+
+    Args:
+      x: [B, H, W, 3] normalised image tensor (Keras functional).
+      planes: width of each stage; stage ``i > 0`` halves the resolution.
+      blocks: BasicBlocks per stage (an int applies to every stage).
+      groups: GroupNorm groups (reduced to a divisor of each width).
+      stem_kind: "imagenet" or "small".
+      norm: "group" (the paper) or "batch".
+
+    Returns:
+      [B, h, w, planes[-1]] feature map.
+    """
+    if isinstance(blocks, int):
+        blocks = [blocks] * len(planes)
+    if len(blocks) != len(planes) or not planes or min(blocks) < 1 or min(planes) < 1:
+        raise ValueError(f"planes {list(planes)} and blocks {list(blocks)} must be non-empty, positive, same length")
+    x = stem(x, planes[0], stem_kind, norm, groups)
+    for s, (width, n) in enumerate(zip(planes, blocks)):
+        for b in range(n):
+            stride = 2 if (s > 0 and b == 0) else 1
+            x = basic_block(x, width, stride, norm, groups, f"stage{s + 1}_block{b + 1}")
+    return x
+

@@ -1,0 +1,228 @@
+"""The typed configuration of one training run (``RunConfig``) and its JSON round trip.
+
+A run is fully described by a frozen :class:`RunConfig`: the data pipeline
+(:class:`kd_histo.data.pipeline.PipelineConfig`), the network (:class:`NetConfig`), the
+distillation weights (:class:`DistillConfig`), the optimizer and schedule (:class:`OptimConfig`),
+and the run itself (mode, precision, strategy, seed, epochs, model_dir, resume). ``smoke()``
+shrinks any config so it runs in seconds on a laptop (big_vision's "runlocal" switch).
+
+Not here: flag parsing (``kd_histo.cli``), building anything from the config (``kd_histo.train``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+from kd_histo.data.pipeline import PipelineConfig
+
+MODES = ("teacher", "baseline", "distill")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+SCHEDULES = ("constant", "cosine", "exponential")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+FEATURE_MODES = ("maxpool", "bicubic", "maxpool+bicubic")
+FEATURE_NORMS = ("l2", "l1")
+MONITORS = ("val_accuracy", "val_loss")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"{name} {value!r} unknown; choose one of {', '.join(options)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetConfig:
+    """Which network to build (``kd_histo.models.build_model(arch, num_classes, **kwargs)``).
+
+    Attributes:
+      arch: "resnet_gn" (the paper's), "resnet18", "resnet34" or "resnet50".
+      planes: channels per stage for ``resnet_gn``; empty = the builder's default (32-64-128-256).
+      kwargs: further builder keyword arguments as (name, value) pairs (kept hashable).
+    """
+
+    arch: str = "resnet_gn"
+    planes: tuple[int, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``build_model`` beyond arch, num_classes, mean and std."""
+        out = dict(self.kwargs)
+        if self.planes:
+            out["planes"] = tuple(self.planes)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Loss weights of the ResolutionDistiller (paper defaults: KD + feature loss, no labels).
+
+    Attributes:
+      teacher: path of the teacher's ``model.keras`` (or its run folder); distill mode only.
+      temperature: softmax temperature T of the KD term (scaled by T^2).
+      kd_weight: weight of KL(teacher || student).
+      feature_weight: weight of the feature-map loss.
+      feature_mode: teacher map resized to the student's by "maxpool", "bicubic" or the mean of both.
+      feature_norm: "l2" or "l1".
+      ce_weight: weight of cross-entropy on labeled examples (1 for teacher/baseline training).
+      ssl_weight: weight of the contrastive term between two LR views.
+      at_weight: weight of attention transfer.
+      accumulation_steps: gradient accumulation.
+    """
+
+    teacher: str = ""
+    temperature: float = 4.0
+    kd_weight: float = 1.0
+    feature_weight: float = 1.0
+    feature_mode: str = "maxpool+bicubic"
+    feature_norm: str = "l2"
+    ce_weight: float = 0.0
+    ssl_weight: float = 0.0
+    at_weight: float = 0.0
+    accumulation_steps: int = 1
+
+    def __post_init__(self):
+        _choice("feature_mode", self.feature_mode, FEATURE_MODES)
+        _choice("feature_norm", self.feature_norm, FEATURE_NORMS)
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule (paper: Adam, lr 1e-3, weight decay 1e-4).
+
+    Attributes:
+      name: "adam" (L2-style decay through ``weight_decay``), "adamw" or "sgd" (momentum 0.9).
+      learning_rate: peak learning rate.
+      weight_decay: decoupled weight decay (Keras ``weight_decay`` argument).
+      schedule: "constant", "cosine" (to 0 over the run) or "exponential" (``decay_rate`` per epoch).
+      decay_rate: per-epoch factor of the exponential schedule.
+      warmup_epochs: linear warm-up length (cosine only).
+      clipnorm: global gradient-norm clip; 0 = off.
+    """
+
+    name: str = "adam"
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    decay_rate: float = 0.9
+    warmup_epochs: float = 0.0
+    clipnorm: float = 0.0
+
+    def __post_init__(self):
+        _choice("optimizer", self.name, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``kd_histo.train.train`` call needs.
+
+    Attributes:
+      mode: "teacher" (labels, HR view), "baseline" (labels, LR view) or "distill" (frozen
+        teacher on HR, student on LR).
+      model_dir: run folder (config.json, run.json, model.keras, checkpoints/, backup/, logs/).
+      data: the pipeline; ``data.factor`` is the student's / baseline's resolution factor.
+      net: the network trained in this run.
+      distill: distillation weights and the teacher path.
+      optim: optimizer and schedule.
+      epochs: training epochs.
+      steps_per_epoch: batches per epoch; 0 = one pass over the training split.
+      val_steps: validation batches; 0 = the whole val split.
+      precision: "float32", "mixed_float16" or "mixed_bfloat16".
+      strategy: "default", "mirrored" (all local devices) or "multi_worker" (TF_CONFIG).
+      seed: the one seed of weights and data order.
+      resume: continue from ``backup/`` when present; False refuses to start in a used folder.
+      monitor: validation metric that picks the best checkpoint.
+      allow_no_val: train without a val split (the last epoch is then saved as the model).
+      profile_steps: TensorBoard profile window, as (first, last) step; (0, 0) = off.
+      image_grids: write HR/LR sample grids to TensorBoard once at the start.
+      verbose: Keras progress bar (1), one line per epoch (2) or silent (0).
+    """
+
+    mode: str
+    model_dir: str
+    data: PipelineConfig
+    net: NetConfig = NetConfig()
+    distill: DistillConfig = DistillConfig()
+    optim: OptimConfig = OptimConfig()
+    epochs: int = 30
+    steps_per_epoch: int = 0
+    val_steps: int = 0
+    precision: str = "float32"
+    strategy: str = "default"
+    seed: int = 0
+    resume: bool = True
+    monitor: str = "val_accuracy"
+    allow_no_val: bool = False
+    profile_steps: tuple[int, int] = (2, 4)
+    image_grids: bool = True
+    verbose: int = 2
+
+    def __post_init__(self):
+        _choice("mode", self.mode, MODES)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("monitor", self.monitor, MONITORS)
+        if not self.model_dir:
+            raise ValueError("model_dir is empty; pass --model_dir=<run folder>")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.steps_per_epoch < 0 or self.val_steps < 0:
+            raise ValueError("steps_per_epoch and val_steps must be >= 0 (0 = the whole split)")
+        if self.mode == "distill" and not self.distill.teacher:
+            raise ValueError("mode 'distill' needs a teacher: pass --teacher=<teacher run folder or model.keras>")
+        if len(self.profile_steps) != 2 or self.profile_steps[0] > self.profile_steps[1]:
+            raise ValueError(f"profile_steps must be (first, last) with first <= last, got {self.profile_steps}")
+
+    @property
+    def view(self) -> str:
+        """The input view of the trained network: "hr" for a teacher, else "lr"."""
+        return "hr" if self.mode == "teacher" else "lr"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The resolved config as JSON (written to ``model_dir/config.json``)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        d = dict(d)
+        data = dict(d.pop("data"))
+        data["unlabeled_dirs"] = tuple(data.get("unlabeled_dirs", ()))
+        net = dict(d.pop("net", {}))
+        net["planes"] = tuple(net.get("planes", ()))
+        net["kwargs"] = tuple(tuple(kv) for kv in net.get("kwargs", ()))
+        d["profile_steps"] = tuple(d.get("profile_steps", (0, 0)))
+        return cls(data=PipelineConfig(**data), net=NetConfig(**net),
+                   distill=DistillConfig(**d.pop("distill", {})), optim=OptimConfig(**d.pop("optim", {})), **d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+
+def smoke(cfg: RunConfig) -> RunConfig:
+    """Shrinks a config to run in seconds: tiny net, 2 epochs of 2 steps, 32 px tiles, batch 4.
+
+    Everything else (mode, data folder, loss weights, model_dir) is kept, so a smoke run
+    exercises the same code path as the full run.
+    """
+    hr_px = min(cfg.data.hr_px or 32, 32)
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, batch_size=4, hr_px=hr_px, shuffle_buffer=16),
+        net=dataclasses.replace(cfg.net, planes=(4, 8, 8, 16) if cfg.net.arch == "resnet_gn" else cfg.net.planes),
+        epochs=min(cfg.epochs, 2), steps_per_epoch=2, val_steps=1, profile_steps=(0, 0),
+    )

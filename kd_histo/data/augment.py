@@ -45,8 +45,13 @@ def random_flip_rot(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.image.rot90(image, k)
 
 
-def adjust_color(image: tf.Tensor, brightness: tf.Tensor, contrast: tf.Tensor, saturation: tf.Tensor,
-                 hue: tf.Tensor) -> tf.Tensor:
+def adjust_color(
+    image: tf.Tensor,
+    brightness: tf.Tensor,
+    contrast: tf.Tensor,
+    saturation: tf.Tensor,
+    hue: tf.Tensor,
+) -> tf.Tensor:
     """torchvision ``ColorJitter`` arithmetic for given factors (deterministic, clipped to [0, 1]).
 
     brightness: ``x * b``; contrast: blend with the mean grey level, ``m + c (x - m)``;
@@ -61,16 +66,27 @@ def adjust_color(image: tf.Tensor, brightness: tf.Tensor, contrast: tf.Tensor, s
     return tf.clip_by_value(x, 0.0, 1.0)
 
 
-def random_color_jitter(image: tf.Tensor, seed: tf.Tensor, brightness: float = 0.5, contrast: float = 0.5,
-                        saturation: float = 0.5, hue: float = 0.2) -> tf.Tensor:
+def random_color_jitter(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    brightness: float = 0.5,
+    contrast: float = 0.5,
+    saturation: float = 0.5,
+    hue: float = 0.2,
+) -> tf.Tensor:
     """Colour jitter with factors ~ U[max(0, 1 - v), 1 + v] and hue ~ U[-hue, hue] (fixed order)."""
     sb, sc, ss, sh = _seeds(seed, 4)
 
     def factor(s, v):
         return tf.random.stateless_uniform([], s, max(0.0, 1.0 - v), 1.0 + v)
 
-    return adjust_color(image, factor(sb, brightness), factor(sc, contrast), factor(ss, saturation),
-                        tf.random.stateless_uniform([], sh, -hue, hue))
+    return adjust_color(
+        image,
+        factor(sb, brightness),
+        factor(sc, contrast),
+        factor(ss, saturation),
+        tf.random.stateless_uniform([], sh, -hue, hue),
+    )
 
 
 def _solarize(x, m):
@@ -90,32 +106,38 @@ def _sharpness(x, m):
     return tf.clip_by_value(smooth + (1.0 + m) * (x - smooth), 0.0, 1.0)
 
 
-def random_augment(image: tf.Tensor, seed: tf.Tensor, num_ops: int = 2, magnitude: float = 0.5) -> tf.Tensor:
+def _rand_op(image: tf.Tensor, seed: tf.Tensor, m: float) -> tf.Tensor:
+    """One RandAugment op, chosen and signed by ``seed``, at magnitude ``m``."""
+    s_op, s_sign, s_hed = _seeds(seed, 3)
+    op = tf.random.stateless_uniform([], s_op, 0, 9, dtype=tf.int32)
+    sign = tf.where(tf.random.stateless_uniform([], s_sign) < 0.5, -1.0, 1.0)
+    one = tf.constant(1.0)
+    branches = [
+        lambda: image,
+        lambda: adjust_color(image, one + sign * m, one, one, 0.0),
+        lambda: adjust_color(image, one, one + sign * m, one, 0.0),
+        lambda: adjust_color(image, one, one, one + sign * m, 0.0),
+        lambda: adjust_color(image, one, one, one, sign * 0.5 * m),
+        lambda: _solarize(image, m),
+        lambda: _posterize(image, m),
+        lambda: _sharpness(image, sign * m),
+        lambda: stain.random_hed(image, s_hed, sigma=0.1 * m, bias=0.1 * m),
+    ]
+    return tf.ensure_shape(tf.switch_case(op, branches), image.shape)
+
+
+def random_augment(
+    image: tf.Tensor, seed: tf.Tensor, num_ops: int = 2, magnitude: float = 0.5
+) -> tf.Tensor:
     """RandAugment-style: ``num_ops`` ops drawn uniformly (with replacement), sign of each random.
 
     Ops: identity, brightness, contrast, saturation, hue, solarize, posterize, sharpness, HED.
     ``magnitude`` in [0, 1] scales all of them (1 = brightness/contrast/saturation x[0, 2],
     hue +-0.5 turn, solarize threshold 0.5, posterize to 4 bits, HED +-0.1).
     """
-    m = float(magnitude)
+    image = tf.convert_to_tensor(image, tf.float32)
     for s in _seeds(seed, num_ops):
-        s_op, s_sign, s_hed = _seeds(s, 3)
-        op = tf.random.stateless_uniform([], s_op, 0, 9, dtype=tf.int32)
-        sign = tf.where(tf.random.stateless_uniform([], s_sign) < 0.5, -1.0, 1.0)
-        one = tf.constant(1.0)
-        x = image
-        branches = [
-            lambda x=x: x,
-            lambda x=x: adjust_color(x, one + sign * m, one, one, 0.0),
-            lambda x=x: adjust_color(x, one, one + sign * m, one, 0.0),
-            lambda x=x: adjust_color(x, one, one, one + sign * m, 0.0),
-            lambda x=x: adjust_color(x, one, one, one, sign * 0.5 * m),
-            lambda x=x: _solarize(x, m),
-            lambda x=x: _posterize(x, m),
-            lambda x=x: _sharpness(x, sign * m),
-            lambda x=x: stain.random_hed(x, s_hed, sigma=0.1 * m, bias=0.1 * m),
-        ]
-        image = tf.ensure_shape(tf.switch_case(op, branches), x.shape)
+        image = _rand_op(image, s, float(magnitude))
     return image
 
 

@@ -57,15 +57,29 @@ def decode_record(serialized: tf.Tensor, tile_px: int, lr_tile_px: int = 0) -> d
 
 
 def _end_marker(tile_px: int, lr_tile_px: int) -> bytes:
-    """A valid record appended after each shard's last record, so the checks below run at the end."""
+    """A valid record appended after each shard's last one, so the checks run at the end."""
     png = tf.io.encode_png(np.zeros([tile_px, tile_px, 3], np.uint8)).numpy()
-    lr = tf.io.encode_png(np.zeros([max(lr_tile_px, 1)] * 2 + [3], np.uint8)).numpy() if lr_tile_px else b""
-    return schema.make_example(png, tile_px, tile_px, lr_image=lr, source="__end__").SerializeToString()
+    lr = (
+        tf.io.encode_png(np.zeros([max(lr_tile_px, 1)] * 2 + [3], np.uint8)).numpy()
+        if lr_tile_px
+        else b""
+    )
+    return schema.make_example(
+        png, tile_px, tile_px, lr_image=lr, source="__end__"
+    ).SerializeToString()
 
 
-def read_shards(paths: list[str], *, tile_px: int, lr_tile_px: int = 0, compression: str = "",
-                skip_corrupt: bool = False, cycle_length: int = 1, shuffle_seed: int | None = None,
-                parallel: bool = True) -> tf.data.Dataset:
+def read_shards(
+    paths: list[str],
+    *,
+    tile_px: int,
+    lr_tile_px: int = 0,
+    compression: str = "",
+    skip_corrupt: bool = False,
+    cycle_length: int = 1,
+    shuffle_seed: int | None = None,
+    parallel: bool = True,
+) -> tf.data.Dataset:
     """Dataset of decoded examples (:func:`decode_record`) from a list of shard files.
 
     Args:
@@ -90,22 +104,30 @@ def read_shards(paths: list[str], *, tile_px: int, lr_tile_px: int = 0, compress
         files = files.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
     end = _end_marker(tile_px, lr_tile_px)
     check_bytes = compression.upper() != "GZIP"
+    compression_type = compression or None
 
     def decode(record):
         return decode_record(record, tile_px, lr_tile_px)
 
     def one_shard(path, size):
-        records = tf.data.TFRecordDataset(path, compression_type=compression or None)
+        records = tf.data.TFRecordDataset(path, compression_type=compression_type)
         if skip_corrupt:
-            return records.map(decode, num_parallel_calls=calls, deterministic=True).ignore_errors(log_warning=True)
+            return records.map(decode, num_parallel_calls=calls, deterministic=True).ignore_errors(
+                log_warning=True
+            )
         if not check_bytes:
             return records.map(decode, num_parallel_calls=calls, deterministic=True)
         return _checked_shard(records, path, size, end, decode, calls)
 
     if cycle_length == 1:  # file order, one shard after another
         return files.interleave(one_shard, cycle_length=1, block_length=1)
-    return files.interleave(one_shard, cycle_length=cycle_length, block_length=1, num_parallel_calls=calls,
-                            deterministic=True)
+    return files.interleave(
+        one_shard,
+        cycle_length=cycle_length,
+        block_length=1,
+        num_parallel_calls=calls,
+        deterministic=True,
+    )
 
 
 def _checked_shard(records, path, size, end, decode, calls):
@@ -120,23 +142,41 @@ def _checked_shard(records, path, size, end, decode, calls):
 
     def count_bytes(total, elem):
         record, is_end = elem
-        n = tf.where(is_end, tf.constant(0, tf.int64), tf.cast(tf.strings.length(record), tf.int64) + _ENVELOPE)
+        n = tf.where(
+            is_end,
+            tf.constant(0, tf.int64),
+            tf.cast(tf.strings.length(record), tf.int64) + _ENVELOPE,
+        )
         return total + n, (record, is_end, total + n)
 
     numbered = tagged.scan(tf.constant(0, tf.int64), count_bytes).enumerate()
-    decoded = numbered.map(lambda i, e: (i, e[1], e[2], decode(e[0])), num_parallel_calls=calls,
-                           deterministic=True).ignore_errors()
+    decoded = numbered.map(
+        lambda i, e: (i, e[1], e[2], decode(e[0])), num_parallel_calls=calls, deterministic=True
+    ).ignore_errors()
 
     def check(expected, elem):
         index, is_end, nbytes, example = elem
         gap = tf.debugging.Assert(
             tf.equal(index, expected),
-            ["kd_histo: corrupt record", expected, "in shard", path,
-             "(does not parse or decode to the data set's tile size); re-convert it or set skip_corrupt"])
+            [
+                "kd_histo: corrupt record",
+                expected,
+                "in shard",
+                path,
+                "(does not parse, or does not decode to the data set's tile size);",
+                "re-convert it or set skip_corrupt",
+            ],
+        )
         damaged = tf.debugging.Assert(
             tf.logical_or(tf.logical_not(is_end), tf.equal(nbytes, size)),
-            ["kd_histo: shard", path, "is damaged after record", index,
-             "(bad CRC or truncated file); re-convert it or set skip_corrupt"])
+            [
+                "kd_histo: shard",
+                path,
+                "is damaged after record",
+                index,
+                "(bad CRC or truncated file); re-convert it or set skip_corrupt",
+            ],
+        )
         with tf.control_dependencies([gap, damaged]):
             return index + 1, (is_end, tf.nest.map_structure(tf.identity, example))
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import tensorflow as tf
 
 
-def mix(labeled: tf.data.Dataset, unlabeled: tf.data.Dataset, unlabeled_ratio: float,
-        seed: int) -> tf.data.Dataset:
+def mix(
+    labeled: tf.data.Dataset, unlabeled: tf.data.Dataset, unlabeled_ratio: float, seed: int
+) -> tf.data.Dataset:
     """Each element comes from ``unlabeled`` with probability ``unlabeled_ratio``.
 
     Args:
@@ -30,12 +31,16 @@ def mix(labeled: tf.data.Dataset, unlabeled: tf.data.Dataset, unlabeled_ratio: f
     if unlabeled_ratio == 1.0:
         return unlabeled
     return tf.data.Dataset.sample_from_datasets(
-        [labeled, unlabeled], weights=[1.0 - unlabeled_ratio, unlabeled_ratio], seed=seed,
-        rerandomize_each_iteration=True)
+        [labeled, unlabeled],
+        weights=[1.0 - unlabeled_ratio, unlabeled_ratio],
+        seed=seed,
+        rerandomize_each_iteration=True,
+    )
 
 
-def class_balanced(examples: tf.data.Dataset, num_classes: int, seed: int,
-                   shuffle_buffer: int = 256) -> tf.data.Dataset:
+def class_balanced(
+    examples: tf.data.Dataset, num_classes: int, seed: int, shuffle_buffer: int = 256
+) -> tf.data.Dataset:
     """Equal-probability sampling of the classes 0..num_classes-1 (infinite stream).
 
     Each class gets its own filtered, repeated, shuffled stream, so ``examples`` is read once per
@@ -43,18 +48,30 @@ def class_balanced(examples: tf.data.Dataset, num_classes: int, seed: int,
     ``sample_from_datasets`` wait forever, so callers check the counts first.
     """
     per_class = [
-        examples.filter(lambda ex, c=c: tf.equal(ex["label"], c)).repeat()
+        examples.filter(lambda ex, c=c: tf.equal(ex["label"], c))
+        .repeat()
         .shuffle(shuffle_buffer, seed=seed + 7919 * (c + 1), reshuffle_each_iteration=True)
         for c in range(num_classes)
     ]
-    return tf.data.Dataset.sample_from_datasets(per_class, weights=[1.0 / num_classes] * num_classes,
-                                                seed=seed, rerandomize_each_iteration=True)
+    return tf.data.Dataset.sample_from_datasets(
+        per_class,
+        weights=[1.0 / num_classes] * num_classes,
+        seed=seed,
+        rerandomize_each_iteration=True,
+    )
 
 
 def example_key(ex: dict) -> tf.Tensor:
     """A string naming one tile: source, slide id and coordinates."""
-    return tf.strings.join([ex["source"], ex["slide_id"], tf.strings.as_string(ex["x"]),
-                            tf.strings.as_string(ex["y"])], separator="|")
+    return tf.strings.join(
+        [
+            ex["source"],
+            ex["slide_id"],
+            tf.strings.as_string(ex["x"]),
+            tf.strings.as_string(ex["y"]),
+        ],
+        separator="|",
+    )
 
 
 def subset(examples: tf.data.Dataset, fraction: float) -> tf.data.Dataset:
@@ -68,6 +85,7 @@ def subset(examples: tf.data.Dataset, fraction: float) -> tf.data.Dataset:
     if fraction == 1.0:
         return examples
     buckets = 1 << 30
-    limit = int(round(fraction * buckets))
+    limit = round(fraction * buckets)
     return examples.filter(
-        lambda ex: tf.strings.to_hash_bucket_fast(example_key(ex), buckets) < limit)
+        lambda ex: tf.strings.to_hash_bucket_fast(example_key(ex), buckets) < limit
+    )

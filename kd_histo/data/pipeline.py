@@ -27,7 +27,7 @@ from kd_histo import schema
 from kd_histo.data import augment, decode, mixing, views
 from kd_histo.data.views import lr_size
 
-__all__ = ["PipelineConfig", "make_dataset", "lr_size", "epoch_examples", "steps_per_epoch"]
+__all__ = ["PipelineConfig", "epoch_examples", "lr_size", "make_dataset", "steps_per_epoch"]
 
 _IMAGE_KEYS = ("hr", "lr", "lr2")
 
@@ -88,7 +88,9 @@ class PipelineConfig:
         if self.factor <= 0:
             raise ValueError(f"factor must be > 0, got {self.factor}")
         if self.lr_method not in views.LR_METHODS:
-            raise ValueError(f"lr_method {self.lr_method!r} unknown; choose one of {views.LR_METHODS}")
+            raise ValueError(
+                f"lr_method {self.lr_method!r} unknown; choose one of {views.LR_METHODS}"
+            )
         if self.augment not in augment.PRESETS:
             raise ValueError(f"augment {self.augment!r} unknown; choose one of {augment.PRESETS}")
         if not 0.0 <= self.unlabeled_ratio <= 1.0:
@@ -117,7 +119,7 @@ def _unlabeled_sources(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
 
 
 def epoch_examples(cfg: PipelineConfig, split: str = "train", training: bool = True) -> int:
-    """Examples in one epoch of ``make_dataset(cfg, split, training)`` (from ``dataset.json`` counts).
+    """Examples in one epoch of ``make_dataset(cfg, split, training)``, from ``dataset.json``.
 
     Training with labeled data: the labeled count divided by (1 - unlabeled_ratio), so each
     labeled tile is seen about once per epoch; unlabeled only: the (fraction of the) pool.
@@ -125,26 +127,38 @@ def epoch_examples(cfg: PipelineConfig, split: str = "train", training: bool = T
     info = schema.DatasetInfo.read(cfg.data_dir)
     if not training or (cfg.labeled and cfg.unlabeled_ratio < 1.0):
         n = info.num_examples(split)
-        return n if not training else int(math.ceil(n / (1.0 - cfg.unlabeled_ratio)))
-    pool = sum(schema.DatasetInfo.read(d).num_examples(s) for d, splits in _unlabeled_sources(cfg) for s in splits)
-    return max(1, int(round(pool * cfg.unlabeled_fraction)))
+        return n if not training else math.ceil(n / (1.0 - cfg.unlabeled_ratio))
+    pool = sum(
+        schema.DatasetInfo.read(d).num_examples(s)
+        for d, splits in _unlabeled_sources(cfg)
+        for s in splits
+    )
+    return max(1, round(pool * cfg.unlabeled_fraction))
 
 
 def steps_per_epoch(cfg: PipelineConfig, split: str = "train", training: bool = True) -> int:
     """Batches per epoch of ``make_dataset(cfg, split, training)``."""
     n = epoch_examples(cfg, split, training)
-    return n // cfg.batch_size if training and cfg.drop_remainder else int(math.ceil(n / cfg.batch_size))
+    return n // cfg.batch_size if training and cfg.drop_remainder else math.ceil(n / cfg.batch_size)
 
 
 def _read(cfg, data_dir, splits, tile_px, lr_tile_px, training, force_unlabeled=False):
     info = schema.DatasetInfo.read(data_dir)
     if info.tile_px != tile_px:
-        raise ValueError(f"{data_dir} has {info.tile_px} px tiles, {cfg.data_dir} has {tile_px}; "
-                         "convert all sources at one tile size")
+        raise ValueError(
+            f"{data_dir} has {info.tile_px} px tiles, {cfg.data_dir} has {tile_px}; "
+            "convert all sources at one tile size"
+        )
     paths = [p for s in splits for p in schema.shard_paths(data_dir, s)]
-    ds = decode.read_shards(paths, tile_px=tile_px, lr_tile_px=lr_tile_px, compression=info.compression,
-                            skip_corrupt=cfg.skip_corrupt, cycle_length=cfg.cycle_length if training else 1,
-                            shuffle_seed=cfg.seed if training else None)
+    ds = decode.read_shards(
+        paths,
+        tile_px=tile_px,
+        lr_tile_px=lr_tile_px,
+        compression=info.compression,
+        skip_corrupt=cfg.skip_corrupt,
+        cycle_length=cfg.cycle_length if training else 1,
+        shuffle_seed=cfg.seed if training else None,
+    )
     if force_unlabeled:
         ds = ds.map(lambda ex: {**ex, "label": tf.constant(schema.UNLABELED, tf.int32)})
     return ds
@@ -153,10 +167,16 @@ def _read(cfg, data_dir, splits, tile_px, lr_tile_px, training, force_unlabeled=
 def _unlabeled_pool(cfg, tile_px, lr_tile_px):
     parts = []
     for d, splits in _unlabeled_sources(cfg):
-        parts.append(_read(cfg, d, splits, tile_px, lr_tile_px, True, force_unlabeled=splits != ["unlabeled"]))
+        parts.append(
+            _read(
+                cfg, d, splits, tile_px, lr_tile_px, True, force_unlabeled=splits != ["unlabeled"]
+            )
+        )
     if not parts:
-        raise ValueError(f"no unlabeled data: {cfg.data_dir} has no 'unlabeled' split and unlabeled_dirs is "
-                         "empty; set unlabeled_ratio=0 and labeled=True, or add unlabeled_dirs")
+        raise ValueError(
+            f"no unlabeled data: {cfg.data_dir} has no 'unlabeled' split and unlabeled_dirs is "
+            "empty; set unlabeled_ratio=0 and labeled=True, or add unlabeled_dirs"
+        )
     pool = parts[0]
     for p in parts[1:]:
         pool = pool.concatenate(p)
@@ -177,14 +197,18 @@ def _labeled_stream(cfg, info, split, tile_px, lr_tile_px):
     if cfg.class_balanced:
         empty = [c for c in info.class_names if counts.get(c, 0) == 0]
         if empty:
-            raise ValueError(f"class_balanced needs examples of every class; split {split!r} has none of {empty}")
+            raise ValueError(
+                f"class_balanced needs examples of every class; split {split!r} has none of {empty}"
+            )
         buffer = min(cfg.shuffle_buffer, max(counts.values()))
         return mixing.class_balanced(ds, info.num_classes, cfg.seed, buffer)
     buffer = max(1, min(cfg.shuffle_buffer, sum(counts.values())))
     return ds.repeat().shuffle(buffer, seed=cfg.seed, reshuffle_each_iteration=True)
 
 
-def make_dataset(cfg: PipelineConfig, split: str = "train", training: bool = True) -> tf.data.Dataset:
+def make_dataset(
+    cfg: PipelineConfig, split: str = "train", training: bool = True
+) -> tf.data.Dataset:
     """Builds the batch stream of the data contract (see the module docstring).
 
     Args:
@@ -200,40 +224,60 @@ def make_dataset(cfg: PipelineConfig, split: str = "train", training: bool = Tru
     tile_px = info.tile_px
     hr_px = cfg.hr_px or tile_px
     if hr_px > tile_px:
-        raise ValueError(f"hr_px {hr_px} is larger than the stored tiles ({tile_px} px); lower hr_px")
+        raise ValueError(
+            f"hr_px {hr_px} is larger than the stored tiles ({tile_px} px); lower hr_px"
+        )
     lr_tile_px = 0
     if cfg.lr_method == "pyramid":
         if not info.lr_factor or abs(info.lr_factor - cfg.factor) > 1e-6:
-            raise ValueError(f"lr_method='pyramid' needs shards with stored LR tiles at factor {cfg.factor}; "
-                             f"{cfg.data_dir} has lr_factor {info.lr_factor} (0 = none); use lr_method='area'")
+            raise ValueError(
+                f"lr_method='pyramid' needs shards with stored LR tiles at factor {cfg.factor}; "
+                f"{cfg.data_dir} has lr_factor {info.lr_factor} (0 = none); use lr_method='area'"
+            )
         lr_tile_px = lr_size(tile_px, info.lr_factor)
-    view_fn = dict(hr_px=hr_px, factor=cfg.factor, lr_method=cfg.lr_method, second_view=cfg.second_view)
+    view_fn = {
+        "hr_px": hr_px,
+        "factor": cfg.factor,
+        "lr_method": cfg.lr_method,
+        "second_view": cfg.second_view,
+    }
     calls = tf.data.AUTOTUNE
 
     if training:
         if cfg.labeled and cfg.unlabeled_ratio < 1.0:
             stream = _labeled_stream(cfg, info, split, tile_px, lr_tile_px)
             if cfg.unlabeled_ratio > 0.0:
-                stream = mixing.mix(stream, _unlabeled_pool(cfg, tile_px, lr_tile_px), cfg.unlabeled_ratio, cfg.seed)
+                stream = mixing.mix(
+                    stream, _unlabeled_pool(cfg, tile_px, lr_tile_px), cfg.unlabeled_ratio, cfg.seed
+                )
         else:
             stream = _unlabeled_pool(cfg, tile_px, lr_tile_px)
         stream = stream.take(epoch_examples(cfg, split, training=True))
         keys = tf.data.Dataset.random(seed=cfg.seed, rerandomize_each_iteration=True)
         seed = tf.constant(cfg.seed, tf.int64)
         ds = tf.data.Dataset.zip(stream, keys).map(
-            lambda ex, k: views.make_views(ex, tf.stack([k, seed]), preset=cfg.augment, training=True, **view_fn),
-            num_parallel_calls=calls, deterministic=True)
+            lambda ex, k: views.make_views(
+                ex, tf.stack([k, seed]), preset=cfg.augment, training=True, **view_fn
+            ),
+            num_parallel_calls=calls,
+            deterministic=True,
+        )
         ds = ds.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder)
     else:
         ds = _read(cfg, cfg.data_dir, [split], tile_px, lr_tile_px, training=False)
         if cfg.cache:
             ds = ds.cache()
         fixed = tf.constant([0, cfg.seed], tf.int64)
-        ds = ds.map(lambda ex: views.make_views(ex, fixed, preset="none", training=False, **view_fn),
-                    num_parallel_calls=calls, deterministic=True)
+        ds = ds.map(
+            lambda ex: views.make_views(ex, fixed, preset="none", training=False, **view_fn),
+            num_parallel_calls=calls,
+            deterministic=True,
+        )
         ds = ds.batch(cfg.batch_size, drop_remainder=False)
     if cfg.normalize:
         mean = tf.constant(info.mean, tf.float32)
         std = tf.constant(info.std, tf.float32)
-        ds = ds.map(lambda b: {k: (v - mean) / std if k in _IMAGE_KEYS else v for k, v in b.items()})
+        ds = ds.map(
+            lambda b: {k: (v - mean) / std if k in _IMAGE_KEYS else v for k, v in b.items()}
+        )
     return ds.prefetch(tf.data.AUTOTUNE)

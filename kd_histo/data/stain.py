@@ -47,7 +47,9 @@ def hed_transform(image: tf.Tensor, alpha: tf.Tensor, beta: tf.Tensor) -> tf.Ten
     return hed_to_rgb(hed * tf.cast(alpha, tf.float32) + tf.cast(beta, tf.float32))
 
 
-def random_hed(image: tf.Tensor, seed: tf.Tensor, sigma: float = 0.05, bias: float = 0.05) -> tf.Tensor:
+def random_hed(
+    image: tf.Tensor, seed: tf.Tensor, sigma: float = 0.05, bias: float = 0.05
+) -> tf.Tensor:
     """Random HED jitter: alpha ~ U[1 - sigma, 1 + sigma], beta ~ U[-bias, bias] per stain.
 
     Args:

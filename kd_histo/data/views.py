@@ -24,11 +24,11 @@ def lr_size(hr_px: int, factor: float) -> int:
     """Side of the low-resolution view: ``max(1, round(hr_px / factor))``."""
     if factor <= 0:
         raise ValueError(f"factor must be > 0, got {factor}")
-    return max(1, int(round(hr_px / factor)))
+    return max(1, round(hr_px / factor))
 
 
 def resize(image: tf.Tensor, size: int, method: str = "area") -> tf.Tensor:
-    """Resizes [H, W, 3] (or [B, H, W, 3]) to ``size`` x ``size`` with antialiasing, clipped to [0, 1]."""
+    """Resizes [H, W, 3] or [B, H, W, 3] to ``size`` x ``size``, antialiased, clipped to [0, 1]."""
     if method not in ("area", "bicubic", "bilinear"):
         raise ValueError(f"resize method {method!r} unknown; choose area, bicubic or bilinear")
     out = tf.image.resize(image, [size, size], method=method, antialias=True)
@@ -43,7 +43,7 @@ def _offset(seed: tf.Tensor, limit: tf.Tensor, training: bool) -> tf.Tensor:
 
 
 def _crop(image: tf.Tensor, oy: tf.Tensor, ox: tf.Tensor, px: int) -> tf.Tensor:
-    return tf.ensure_shape(image[oy:oy + px, ox:ox + px, :], [px, px, 3])
+    return tf.ensure_shape(image[oy : oy + px, ox : ox + px, :], [px, px, 3])
 
 
 def _to_float(image: tf.Tensor) -> tf.Tensor:
@@ -72,8 +72,17 @@ def _one_view(example, seed, hr_px, lr_px, factor, lr_method, preset, training):
     return hr, resize(hr, lr_px, lr_method)
 
 
-def make_views(example: dict, seed: tf.Tensor, *, hr_px: int, factor: float, lr_method: str = "area",
-               preset: str = "none", training: bool = True, second_view: bool = False) -> dict:
+def make_views(
+    example: dict,
+    seed: tf.Tensor,
+    *,
+    hr_px: int,
+    factor: float,
+    lr_method: str = "area",
+    preset: str = "none",
+    training: bool = True,
+    second_view: bool = False,
+) -> dict:
     """Turns one decoded example into the batch-element dict of the pipeline contract.
 
     Args:
@@ -98,7 +107,9 @@ def make_views(example: dict, seed: tf.Tensor, *, hr_px: int, factor: float, lr_
     hr, lr = _one_view(example, s_main, hr_px, lr_px, factor, lr_method, preset, training)
     out = {"hr": hr, "lr": lr}
     if second_view:
-        out["lr2"] = _one_view(example, s_second, hr_px, lr_px, factor, lr_method, preset, training)[1]
+        out["lr2"] = _one_view(
+            example, s_second, hr_px, lr_px, factor, lr_method, preset, training
+        )[1]
     for key in ("label", "slide_id", "x", "y", "source"):
         out[key] = example[key]
     return out

@@ -1,11 +1,13 @@
 """Augmentation ops: eager == tf.data under a seed, NumPy references, the presets."""
 
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from data_helpers import eager_and_in_tfdata, random_tile
 
 from kd_histo.data import augment
-from helpers import eager_and_in_tfdata, random_tile
 
 GRAY = np.array([0.2989, 0.5870, 0.1140], np.float32)  # tf.image.rgb_to_grayscale weights
 
@@ -30,7 +32,7 @@ OPS = {
     "flip_rot": augment.random_flip_rot,
     "color_jitter": augment.random_color_jitter,
     "randaugment": augment.random_augment,
-    **{f"preset_{p}": (lambda p: lambda im, s: augment.augment(im, s, p))(p) for p in augment.PRESETS},
+    **{f"preset_{p}": functools.partial(augment.augment, preset=p) for p in augment.PRESETS},
 }
 
 
@@ -47,13 +49,17 @@ def test_adjust_color_matches_numpy_reference():
     tile = random_tile(12, seed=2)
     for b, c, s in [(1.3, 0.7, 1.4), (0.6, 1.5, 0.2), (1.0, 1.0, 1.0)]:
         got = augment.adjust_color(tile, b, c, s, 0.0).numpy()
-        np.testing.assert_allclose(got, _np_adjust(tile, b, c, s), atol=2e-5, err_msg=f"{b} {c} {s}")
+        np.testing.assert_allclose(
+            got, _np_adjust(tile, b, c, s), atol=2e-5, err_msg=f"{b} {c} {s}"
+        )
 
 
 def test_hue_shift_of_one_third_turn_rotates_primaries():
     red = np.zeros((2, 2, 3), np.float32)
     red[..., 0] = 1.0
-    np.testing.assert_allclose(augment.adjust_color(red, 1.0, 1.0, 1.0, 1 / 3).numpy()[0, 0], [0, 1, 0], atol=1e-5)
+    np.testing.assert_allclose(
+        augment.adjust_color(red, 1.0, 1.0, 1.0, 1 / 3).numpy()[0, 0], [0, 1, 0], atol=1e-5
+    )
 
 
 def test_flip_rot_gives_all_eight_square_symmetries_and_nothing_else():
@@ -71,8 +77,13 @@ def test_flip_rot_gives_all_eight_square_symmetries_and_nothing_else():
 def test_color_jitter_factors_stay_in_range():
     # A flat grey tile: contrast and saturation do nothing, so out / in = the brightness factor.
     grey = np.full((4, 4, 3), 0.4, np.float32)
-    ratios = [augment.random_color_jitter(grey, tf.constant([i, 0], tf.int64), 0.5, 0.0, 0.0, 0.0).numpy()[0, 0, 0] / 0.4
-              for i in range(40)]
+    ratios = [
+        augment.random_color_jitter(
+            grey, tf.constant([i, 0], tf.int64), 0.5, 0.0, 0.0, 0.0
+        ).numpy()[0, 0, 0]
+        / 0.4
+        for i in range(40)
+    ]
     assert 0.5 - 1e-5 <= min(ratios) < 0.7 and 1.3 < max(ratios) <= 1.5 + 1e-5
 
 
@@ -81,13 +92,20 @@ def test_seed_changes_result_and_none_is_identity():
     a = augment.augment(tile, tf.constant([1, 1], tf.int64), "paper").numpy()
     b = augment.augment(tile, tf.constant([2, 1], tf.int64), "paper").numpy()
     assert np.abs(a - b).max() > 1e-3
-    np.testing.assert_array_equal(augment.augment(tile, tf.constant([1, 1], tf.int64), "none").numpy(), tile)
+    np.testing.assert_array_equal(
+        augment.augment(tile, tf.constant([1, 1], tf.int64), "none").numpy(), tile
+    )
 
 
 def test_randaugment_uses_several_ops():
     tile = random_tile(8, seed=5)
-    outs = {augment.random_augment(tile, tf.constant([i, 3], tf.int64), num_ops=1).numpy().round(4).tobytes()
-            for i in range(30)}
+    outs = {
+        augment.random_augment(tile, tf.constant([i, 3], tf.int64), num_ops=1)
+        .numpy()
+        .round(4)
+        .tobytes()
+        for i in range(30)
+    }
     assert len(outs) >= 6
 
 

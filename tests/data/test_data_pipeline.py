@@ -10,12 +10,22 @@ from kd_histo.data.pipeline import PipelineConfig, epoch_examples, make_dataset,
 
 
 def _batches(cfg, split="train", training=True, epochs=1):
-    return [{k: v.numpy() for k, v in b.items()} for b in make_dataset(cfg, split, training).repeat(epochs)]
+    return [
+        {k: v.numpy() for k, v in b.items()}
+        for b in make_dataset(cfg, split, training).repeat(epochs)
+    ]
 
 
 def test_same_seed_same_batches_other_seed_other_batches(tiny_shards):
-    cfg = PipelineConfig(tiny_shards, batch_size=4, factor=2, augment="paper+hed", seed=5, second_view=True,
-                         unlabeled_ratio=0.3)
+    cfg = PipelineConfig(
+        tiny_shards,
+        batch_size=4,
+        factor=2,
+        augment="paper+hed",
+        seed=5,
+        second_view=True,
+        unlabeled_ratio=0.3,
+    )
     a, b = _batches(cfg), _batches(cfg)
     assert len(a) == len(b) == steps_per_epoch(cfg)
     for x, y in zip(a, b):
@@ -69,6 +79,7 @@ def test_eval_keeps_slide_ids_and_coordinates_in_file_order(tiny_shards):
     expected_ids, expected_xs = [], []
     for path in schema.shard_paths(tiny_shards, "test"):
         import tensorflow as tf
+
         for rec in tf.data.TFRecordDataset(path):
             ex = schema.parse_example_numpy(rec.numpy())
             expected_ids.append(ex["slide_id"])
@@ -85,30 +96,48 @@ def test_extra_unlabeled_dirs_force_minus_one_and_fraction_subsets(tiny_shards, 
     info.counts.pop("unlabeled")
     info.shards.pop("unlabeled")
     info.write(str(extra))
-    cfg = PipelineConfig(tiny_shards, batch_size=1, labeled=False, unlabeled_dirs=(str(extra),), augment="none",
-                         drop_remainder=False)
+    cfg = PipelineConfig(
+        tiny_shards,
+        batch_size=1,
+        labeled=False,
+        unlabeled_dirs=(str(extra),),
+        augment="none",
+        drop_remainder=False,
+    )
     full = [b for b in _batches(cfg)]
     assert len(full) == epoch_examples(cfg) == 8 + 16 + 8 + 8
     assert all(b["label"][0] == -1 for b in full)
     assert any(b["source"][0].startswith(b"synthetic:train") for b in full)
-    half = {b["source"][0] + b["slide_id"][0] for b in _batches(PipelineConfig(**{**cfg.__dict__,
-                                                                                  "unlabeled_fraction": 0.5}))}
+    half = {
+        b["source"][0] + b["slide_id"][0]
+        for b in _batches(PipelineConfig(**{**cfg.__dict__, "unlabeled_fraction": 0.5}))
+    }
     assert 0 < len(half) < 40
 
 
 def test_normalize_uses_dataset_json_mean_and_std(tiny_shards):
     info = schema.DatasetInfo.read(tiny_shards)
     raw = _batches(PipelineConfig(tiny_shards, batch_size=4), "val", training=False)[0]
-    norm = _batches(PipelineConfig(tiny_shards, batch_size=4, normalize=True), "val", training=False)[0]
+    norm = _batches(
+        PipelineConfig(tiny_shards, batch_size=4, normalize=True), "val", training=False
+    )[0]
     for k in ("hr", "lr"):
-        np.testing.assert_allclose(norm[k], (raw[k] - info.mean) / np.array(info.std), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            norm[k], (raw[k] - info.mean) / np.array(info.std), rtol=1e-5, atol=1e-5
+        )
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(lr_method="nearest"), "lr_method"), (dict(augment="heavy"), "augment"),
-    (dict(unlabeled_ratio=2.0), "unlabeled_ratio"), (dict(batch_size=0), "batch_size"),
-    (dict(unlabeled_fraction=0.0), "unlabeled_fraction"), (dict(factor=-2.0), "factor"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"lr_method": "nearest"}, "lr_method"),
+        ({"augment": "heavy"}, "augment"),
+        ({"unlabeled_ratio": 2.0}, "unlabeled_ratio"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"unlabeled_fraction": 0.0}, "unlabeled_fraction"),
+        ({"factor": -2.0}, "factor"),
+    ],
+)
 def test_bad_config_is_a_clear_error(tiny_shards, kwargs, match):
     with pytest.raises(ValueError, match=match):
         PipelineConfig(tiny_shards, **kwargs)

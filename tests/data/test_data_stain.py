@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from data_helpers import eager_and_in_tfdata, random_tile
 
 from kd_histo.data import stain
-from helpers import eager_and_in_tfdata, random_tile
 
 
 def _np_rgb_to_hed(rgb):
@@ -18,7 +18,9 @@ def _np_hed_to_rgb(hed):
 
 def test_rgb_to_hed_matches_numpy_reference():
     tile = random_tile(8)
-    np.testing.assert_allclose(stain.rgb_to_hed(tile).numpy(), _np_rgb_to_hed(tile), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        stain.rgb_to_hed(tile).numpy(), _np_rgb_to_hed(tile), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_hed_round_trip_is_identity():
@@ -30,7 +32,9 @@ def test_hed_round_trip_is_identity():
 def test_pure_haematoxylin_pixel_has_only_h_concentration():
     # A pixel coloured only by haematoxylin at concentration 0.3 unmixes to (0.3, 0, 0).
     pixel = _np_hed_to_rgb(np.array([[0.3, 0.0, 0.0]]))
-    np.testing.assert_allclose(stain.rgb_to_hed(pixel.astype(np.float32)).numpy(), [[0.3, 0, 0]], atol=1e-4)
+    np.testing.assert_allclose(
+        stain.rgb_to_hed(pixel.astype(np.float32)).numpy(), [[0.3, 0, 0]], atol=1e-4
+    )
 
 
 def test_hed_transform_matches_numpy_reference():

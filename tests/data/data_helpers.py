@@ -7,7 +7,7 @@ import tensorflow as tf
 
 
 def eager_and_in_tfdata(fn, image, seed):
-    """Runs ``fn(image, seed)`` eagerly and inside ``tf.data.Dataset.map``; returns both as NumPy."""
+    """Runs ``fn(image, seed)`` eagerly and inside ``Dataset.map``; returns both as NumPy."""
     image = tf.constant(image, tf.float32)
     seed = tf.constant(seed, tf.int64)
     eager = fn(image, seed).numpy()

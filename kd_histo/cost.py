@@ -1,0 +1,187 @@
+"""Compute cost of a network at its input size: FLOPs from the TF graph, params, latency, memory.
+
+FLOPs per image are counted by the TensorFlow profiler (``tf.compat.v1.profiler`` with
+``ProfileOptionBuilder.float_operation``) on the frozen concrete function of the network at batch
+1 and the given square input size, so they are the graph's own count (a multiply-add is 2 FLOPs),
+not a formula. Latency and throughput are measured wall-clock on this machine at a few batch
+sizes after warm-up; peak memory is TF's allocator peak where the device reports it (GPU), else
+the process's resident-set growth. ``profile_training_steps`` writes a TensorBoard trace of a few
+training steps.
+
+Not here: which runs to compare (``kd_histo.cli.cost``), evaluation metrics (``kd_histo.evaluate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import time
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+
+def _logits_fn(model: keras.Model):
+    def fn(x):
+        out = model(x, training=False)
+        return out["logits"] if isinstance(out, dict) else out
+
+    return fn
+
+
+def count_flops(model: keras.Model, input_px: int) -> int:
+    """FLOPs of one forward pass of one ``input_px`` x ``input_px`` RGB image, from the TF graph."""
+    concrete = tf.function(_logits_fn(model)).get_concrete_function(
+        tf.TensorSpec([1, input_px, input_px, 3], tf.float32))
+    # Freezing turns variable reads into constants so the profiler sees every op's static shape.
+    graph = convert_variables_to_constants_v2(concrete).graph
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    info = tf.compat.v1.profiler.profile(graph=graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op", options=opts)
+    return int(info.total_float_ops)
+
+
+def count_params(model: keras.Model) -> int:
+    """Trainable + non-trainable parameters."""
+    return int(sum(np.prod(v.shape) for v in model.weights))
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def measure_latency(model: keras.Model, input_px: int, batch_sizes: Sequence[int] = (1, 8, 32),
+                    repeats: int = 5, warmup: int = 2) -> list[dict[str, float]]:
+    """Median wall-clock time per batch, throughput and peak memory at each batch size.
+
+    Returns:
+      [{"batch_size", "latency_ms" (per batch, median), "images_per_s", "peak_memory_mb"}].
+    """
+    fn = tf.function(_logits_fn(model), reduce_retracing=True)
+    gpu = bool(tf.config.list_logical_devices("GPU"))
+    rows = []
+    for bs in batch_sizes:
+        x = tf.random.uniform([bs, input_px, input_px, 3], seed=0)
+        if gpu:
+            tf.config.experimental.reset_memory_stats("GPU:0")
+        rss0 = _rss_mb()
+        for _ in range(warmup):
+            fn(x).numpy()  # .numpy() waits for the device, so timings include the work
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(x).numpy()
+            times.append(time.perf_counter() - t0)
+        med = float(np.median(times))
+        peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20) if gpu else max(0.0, _rss_mb() - rss0)
+        rows.append({"batch_size": int(bs), "latency_ms": med * 1e3, "images_per_s": bs / med,
+                     "peak_memory_mb": float(peak)})
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class CostEntry:
+    """The cost of one network (one row of the cost table)."""
+
+    name: str
+    input_px: int
+    flops: int
+    params: int
+    timings: tuple[dict[str, float], ...] = ()
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / 1e9
+
+
+def model_cost(name: str, model: keras.Model, input_px: int, batch_sizes: Sequence[int] = (1, 8, 32),
+               repeats: int = 5) -> CostEntry:
+    """FLOPs, parameters and (unless ``batch_sizes`` is empty) timings of ``model`` at ``input_px``."""
+    if input_px < 1:
+        raise ValueError(f"input_px must be >= 1, got {input_px}")
+    timings = tuple(measure_latency(model, input_px, batch_sizes, repeats)) if batch_sizes else ()
+    return CostEntry(name, int(input_px), count_flops(model, input_px), count_params(model), timings)
+
+
+def cost_table(entries: Sequence[CostEntry], reference: str | None = None) -> list[dict[str, Any]]:
+    """Rows with FLOPs/params ratios to the reference (the teacher; default the first entry)."""
+    if not entries:
+        raise ValueError("no networks to compare")
+    ref = next((e for e in entries if e.name == reference), entries[0])
+    rows = []
+    for e in entries:
+        row = {"name": e.name, "input_px": e.input_px, "gflops": e.gflops, "params": e.params,
+               "flops_ratio_to_ref": ref.flops / e.flops if e.flops else float("inf"),
+               "params_ratio_to_ref": ref.params / e.params if e.params else float("inf"),
+               "reference": ref.name, "timings": list(e.timings)}
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The cost rows as a markdown table (latency/throughput at the largest measured batch)."""
+    lines = ["| net | input px | GFLOPs/image | teacher/net FLOPs | params | latency ms (batch) | images/s | peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        t = r["timings"][-1] if r["timings"] else None
+        timing = (f"{t['latency_ms']:.2f} ({t['batch_size']}) | {t['images_per_s']:.1f} | {t['peak_memory_mb']:.1f}"
+                  if t else "- | - | -")
+        lines.append(f"| {r['name']} | {r['input_px']} | {r['gflops']:.4f} | {r['flops_ratio_to_ref']:.2f} | "
+                     f"{r['params']:,} | {timing} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_cost(rows: Sequence[dict[str, Any]], out_dir: str) -> dict[str, str]:
+    """Writes ``cost.json`` and ``cost.md`` into ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "cost.json"), "markdown": os.path.join(out_dir, "cost.md")}
+    with open(paths["json"], "w") as f:
+        json.dump({"device": _device_name(), "rows": list(rows)}, f, indent=2)
+    with open(paths["markdown"], "w") as f:
+        f.write(markdown_table(rows))
+    return paths
+
+
+def _device_name() -> str:
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"GPU x{len(gpus)}" if gpus else f"CPU ({os.cpu_count()} cores)"
+
+
+def profile_training_steps(model: keras.Model, input_px: int, log_dir: str, steps: int = 3,
+                           batch_size: int = 8) -> str:
+    """Writes a TensorBoard profile trace of ``steps`` SGD steps (cross-entropy on random data).
+
+    The steps are real forward + backward + update passes of ``model`` at ``input_px``, enough to
+    see where a training step spends its time; the data are random because only cost matters here.
+
+    Returns:
+      ``log_dir`` (open with ``tensorboard --logdir``, Profile tab).
+    """
+    num_classes = int((model.output["logits"] if isinstance(model.output, dict) else model.output).shape[-1])
+    opt = keras.optimizers.SGD(1e-3)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    x = tf.random.uniform([batch_size, input_px, input_px, 3], seed=0)
+    y = tf.random.uniform([batch_size], 0, num_classes, tf.int32, seed=1)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, _logits_fn(model)(x))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    step()  # trace and build the optimizer outside the profiled window
+    tf.profiler.experimental.start(log_dir)
+    try:
+        for i in range(steps):
+            with tf.profiler.experimental.Trace("train", step_num=i, _r=1):
+                step().numpy()
+    finally:
+        tf.profiler.experimental.stop()
+    return log_dir

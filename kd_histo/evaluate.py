@@ -1,0 +1,184 @@
+"""Evaluation of a trained network on a split: tile and slide level metrics, files, run comparison.
+
+``predict_split`` runs the network of a run folder over a split (no augmentation, file order);
+``evaluate_predictions`` turns per-tile probabilities into tile-level metrics and slide-level
+metrics (tile probabilities per slide aggregated by their mean, and by majority vote of the tile
+predictions), each with bootstrap 95% intervals (resampling slides when slide ids exist);
+``write_evaluation`` writes metrics.json, predictions.csv, confusion_matrix.png and roc.png;
+``compare_runs`` gathers several runs' metrics.json into one markdown and one CSV table.
+
+Not here: the metric formulas (``kd_histo.metrics``), figures (``kd_histo.plots``), flags
+(``kd_histo.cli.evaluate``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from kd_histo import metrics, plots
+
+METRICS_JSON = "metrics.json"
+PREDICTIONS_CSV = "predictions.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """Per-tile outputs of one network on one split."""
+
+    probs: np.ndarray  # [N, C] float
+    labels: np.ndarray  # [N] int, -1 = unlabeled
+    slide_ids: np.ndarray  # [N] str
+    sources: np.ndarray  # [N] str
+    x: np.ndarray  # [N] int
+    y: np.ndarray  # [N] int
+
+
+def slide_level(preds: Predictions, num_classes: int) -> dict[str, Any]:
+    """Aggregates tiles to slides.
+
+    Returns:
+      {"slide_ids", "labels" (the slide's majority tile label), "mean_probs" [S, C] (mean of tile
+      probabilities), "vote_probs" [S, C] (fraction of tiles predicted as each class)}.
+    """
+    ids = np.unique(preds.slide_ids)
+    tile_pred = preds.probs.argmax(1)
+    labels, mean_p, vote_p = [], [], []
+    for s in ids:
+        m = preds.slide_ids == s
+        labels.append(np.bincount(preds.labels[m], minlength=num_classes).argmax())
+        mean_p.append(preds.probs[m].mean(0))
+        vote_p.append(np.bincount(tile_pred[m], minlength=num_classes) / m.sum())
+    return {"slide_ids": ids, "labels": np.asarray(labels, int), "mean_probs": np.asarray(mean_p),
+            "vote_probs": np.asarray(vote_p)}
+
+
+def evaluate_predictions(preds: Predictions, class_names: Sequence[str], n_boot: int = 1000,
+                         seed: int = 0) -> dict[str, Any]:
+    """Tile- and slide-level metrics with bootstrap intervals (labeled tiles only).
+
+    Raises:
+      ValueError: no labeled tile in the split.
+    """
+    keep = preds.labels >= 0
+    if not keep.any():
+        raise ValueError("the split has no labeled tiles; evaluate on a labeled split (val or test)")
+    p = Predictions(*(np.asarray(f)[keep] for f in dataclasses.astuple(preds)))
+    has_slides = bool(np.any(p.slide_ids != ""))
+    tile = metrics.classification_report(p.labels, p.probs, class_names)
+    tile["ci95"] = metrics.bootstrap_ci(p.labels, p.probs, p.slide_ids if has_slides else None, n_boot=n_boot, seed=seed)
+    out = {"tile": tile, "class_names": list(class_names), "n_unlabeled_skipped": int((~keep).sum())}
+    if has_slides:
+        s = slide_level(p, len(class_names))
+        for how, key in (("mean", "mean_probs"), ("majority", "vote_probs")):
+            rep = metrics.classification_report(s["labels"], s[key], class_names)
+            rep["ci95"] = metrics.bootstrap_ci(s["labels"], s[key], None, n_boot=n_boot, seed=seed)
+            out[f"slide_{how}"] = rep
+    return out
+
+
+def write_evaluation(result: dict[str, Any], preds: Predictions, out_dir: str, title: str = "") -> dict[str, str]:
+    """Writes metrics.json, predictions.csv, confusion_matrix.png and roc.png; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    names = result["class_names"]
+    paths = {k: os.path.join(out_dir, v) for k, v in (("metrics", METRICS_JSON), ("predictions", PREDICTIONS_CSV),
+                                                      ("confusion", "confusion_matrix.png"), ("roc", "roc.png"))}
+    with open(paths["metrics"], "w") as f:
+        json.dump(result, f, indent=2)
+    write_predictions_csv(preds, names, paths["predictions"])
+    keep = preds.labels >= 0
+    plots.confusion_matrix_png(np.asarray(result["tile"]["confusion_matrix"]), names, paths["confusion"], title)
+    plots.roc_png(preds.labels[keep], preds.probs[keep], names, paths["roc"], title)
+    return paths
+
+
+def write_predictions_csv(preds: Predictions, class_names: Sequence[str], path: str) -> str:
+    """One row per tile: source, slide_id, x, y, label, pred, pred_name, prob_<class>..."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["source", "slide_id", "x", "y", "label", "pred", "pred_name"] + [f"prob_{c}" for c in class_names])
+        for i in range(len(preds.probs)):
+            k = int(preds.probs[i].argmax())
+            w.writerow([preds.sources[i], preds.slide_ids[i], int(preds.x[i]), int(preds.y[i]), int(preds.labels[i]),
+                        k, class_names[k]] + [f"{v:.6f}" for v in preds.probs[i]])
+    return path
+
+
+def predict_split(model, ds, view: str) -> Predictions:
+    """Runs ``model`` over a dataset of contract batches, feeding ``batch[view]``."""
+    import tensorflow as tf  # heavy; only this function needs it
+
+    @tf.function(reduce_retracing=True)
+    def probs_of(x):
+        out = model(x, training=False)
+        return tf.nn.softmax(tf.cast(out["logits"] if isinstance(out, dict) else out, tf.float32))
+
+    cols: dict[str, list] = {k: [] for k in ("probs", "labels", "slide_ids", "sources", "x", "y")}
+    for b in ds:
+        cols["probs"].append(probs_of(b[view]).numpy())
+        cols["labels"].append(b["label"].numpy())
+        cols["slide_ids"].append(b["slide_id"].numpy().astype(str))
+        cols["sources"].append(b["source"].numpy().astype(str))
+        cols["x"].append(b["x"].numpy())
+        cols["y"].append(b["y"].numpy())
+    if not cols["probs"]:
+        raise ValueError("the split is empty; nothing to evaluate")
+    return Predictions(*(np.concatenate(cols[k]) for k in ("probs", "labels", "slide_ids", "sources", "x", "y")))
+
+
+COMPARE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
+
+
+def compare_runs(eval_dirs: Sequence[str], out_prefix: str, names: Sequence[str] | None = None) -> dict[str, str]:
+    """One table of several evaluations (teacher vs baselines vs students): ``<out_prefix>.md``/``.csv``.
+
+    Args:
+      eval_dirs: folders holding metrics.json (from :func:`write_evaluation`).
+      out_prefix: path without extension for the two tables.
+      names: row names; default the folder names.
+
+    Returns:
+      {"markdown": path, "csv": path}.
+    """
+    names = list(names) if names else [os.path.basename(os.path.normpath(d)) for d in eval_dirs]
+    rows = []
+    for name, d in zip(names, eval_dirs):
+        path = os.path.join(d, METRICS_JSON)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found; run kd-histo-evaluate on that run first")
+        with open(path) as f:
+            m = json.load(f)
+        row = {"run": name, "n_tiles": m["tile"]["n"]}
+        for level in ("tile", "slide_mean", "slide_majority"):
+            for col in COMPARE_COLUMNS:
+                if level in m:
+                    ci = m[level]["ci95"].get(col, {})
+                    row[f"{level}_{col}"] = m[level][col]
+                    row[f"{level}_{col}_ci"] = (ci.get("low"), ci.get("high"))
+        rows.append(row)
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    keys = [k for k in rows[0] if not k.endswith("_ci")]
+    with open(out_prefix + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    shown = [f"tile_{c}" for c in COMPARE_COLUMNS] + [f"slide_mean_{c}" for c in ("accuracy", "macro_f1")]
+    lines = ["| run | tiles | " + " | ".join(shown) + " |", "|---|---:|" + "---:|" * len(shown)]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['n_tiles']} | " + " | ".join(_cell(r, k) for k in shown) + " |")
+    with open(out_prefix + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"markdown": out_prefix + ".md", "csv": out_prefix + ".csv"}
+
+
+def _cell(row: dict, key: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return "-"
+    lo, hi = row.get(key + "_ci", (None, None))
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{v:.3f}"

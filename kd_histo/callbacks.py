@@ -1,0 +1,83 @@
+"""Keras callbacks of the training loop that Keras does not ship.
+
+``SaveBestNet`` keeps the best *network* (not the distiller wrapping it with a frozen teacher) by
+a validation metric and remembers the best value across a resumed run; ``ImageGrids`` writes HR
+and LR sample grids to TensorBoard once; ``EpochCounter`` records how many epochs finished, so a
+failed start can be told from a failed run.
+
+Not here: which callbacks a run uses (``kd_histo.train``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class SaveBestNet(keras.callbacks.Callback):
+    """Saves ``net`` to ``path`` whenever ``monitor`` improves; the best value survives restarts.
+
+    Args:
+      net: the network to save (the distiller's student).
+      path: a ``.keras`` file.
+      monitor: a logged metric, e.g. "val_accuracy" (higher is better) or "val_loss" (lower).
+    """
+
+    def __init__(self, net: keras.Model, path: str, monitor: str):
+        super().__init__()
+        self.net, self.path, self.monitor = net, path, monitor
+        self.higher = not monitor.endswith("loss")
+        self.state_path = path + ".json"
+        self.best = -math.inf if self.higher else math.inf
+        if os.path.isfile(self.state_path):  # a resumed run must not overwrite a better earlier epoch
+            with open(self.state_path) as f:
+                self.best = json.load(f)["best"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not np.isfinite(value):
+            return
+        if (value > self.best) if self.higher else (value < self.best):
+            self.best = float(value)
+            tmp = self.path + ".tmp.keras"
+            self.net.save(tmp)
+            os.replace(tmp, self.path)  # a kill mid-save leaves the previous best intact
+            with open(self.state_path, "w") as f:
+                json.dump({"best": self.best, "epoch": int(epoch), "monitor": self.monitor}, f)
+
+
+class ImageGrids(keras.callbacks.Callback):
+    """Writes a grid of HR tiles and the matching LR tiles (upsampled for display) at train start."""
+
+    def __init__(self, batch: dict, log_dir: str, max_images: int = 8):
+        super().__init__()
+        self.batch, self.log_dir, self.max_images = batch, log_dir, max_images
+
+    def on_train_begin(self, logs=None):
+        hr = self.batch["hr"][: self.max_images]
+        views = {"hr": hr}
+        for key in ("lr", "lr2"):
+            if key in self.batch:
+                views[key] = tf.image.resize(self.batch[key][: self.max_images], tf.shape(hr)[1:3], method="nearest")
+        writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
+        with writer.as_default():
+            for key, images in views.items():
+                tf.summary.image(f"samples/{key}", tf.clip_by_value(images, 0.0, 1.0), step=0,
+                                 max_outputs=self.max_images)
+        writer.close()
+
+
+class EpochCounter(keras.callbacks.Callback):
+    """Counts finished epochs of this process."""
+
+    def __init__(self):
+        super().__init__()
+        self.finished = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.finished += 1

@@ -1,0 +1,133 @@
+"""Checks a training run makes BEFORE it writes anything: bad input fails in seconds, in one line.
+
+Each check raises :class:`PreflightError` (a ``ValueError``) whose message says what to fix:
+data folder and splits, the run folder (writable, free space, not a finished or different run),
+the teacher (file exists, loads, same class count, RGB input), and the LR tile against the
+network's minimum input (its total stride).
+
+Not here: building or training anything (``kd_histo.train``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+
+from kd_histo import schema
+from kd_histo.config import RunConfig
+from kd_histo.data.pipeline import lr_size
+
+MIN_FREE_MB = 50  # a run folder needs room for a few checkpoints of the nets we train
+RUN_JSON = "run.json"
+CONFIG_JSON = "config.json"
+MODEL_FILE = "model.keras"
+
+
+class PreflightError(ValueError):
+    """A run cannot start; the message says what to fix."""
+
+
+def check_data(cfg: RunConfig) -> schema.DatasetInfo:
+    """The data folder has dataset.json, train shards and (unless allowed) val shards."""
+    try:
+        info = schema.DatasetInfo.read(cfg.data.data_dir)
+    except (FileNotFoundError, schema.SchemaError) as e:
+        raise PreflightError(str(e)) from None
+    needs_train = cfg.data.labeled and cfg.data.unlabeled_ratio < 1.0
+    splits = ["train"] if needs_train else []
+    for split in splits:
+        try:
+            schema.shard_paths(cfg.data.data_dir, split)
+        except FileNotFoundError as e:
+            raise PreflightError(str(e)) from None
+    for d in cfg.data.unlabeled_dirs:
+        if not os.path.isfile(os.path.join(d, schema.DATASET_JSON)):
+            raise PreflightError(f"unlabeled data folder {d} has no dataset.json; convert it with kd-histo-convert")
+    if not cfg.allow_no_val and not _has_shards(cfg.data.data_dir, "val"):
+        raise PreflightError(f"{cfg.data.data_dir} has no 'val' split to pick the best epoch; convert with a val "
+                             "fraction, or pass --allow_no_val to keep the last epoch")
+    if (cfg.data.hr_px or info.tile_px) > info.tile_px:
+        raise PreflightError(f"hr_px {cfg.data.hr_px} is larger than the stored {info.tile_px} px tiles; lower --hr_px")
+    return info
+
+
+def _has_shards(data_dir: str, split: str) -> bool:
+    try:
+        return bool(schema.shard_paths(data_dir, split))
+    except FileNotFoundError:
+        return False
+
+
+def check_model_dir(cfg: RunConfig) -> None:
+    """The run folder can be written and is new, or holds this same run's unfinished state."""
+    d = os.path.abspath(cfg.model_dir)
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise PreflightError(f"model_dir {d} is a file; pass a folder path")
+    existing = d
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PreflightError(f"model_dir {d} is not writable ({existing} is read-only); choose another --model_dir")
+    try:  # access() can pass where writes fail (read-only mounts, quotas): try one
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".kd_histo_probe"):
+            pass
+    except OSError as e:
+        raise PreflightError(f"cannot write into {existing} ({e.strerror}); choose another --model_dir") from None
+    free_mb = shutil.disk_usage(existing).free / 2**20
+    if free_mb < MIN_FREE_MB:
+        raise PreflightError(f"only {free_mb:.0f} MB free under {existing} (need {MIN_FREE_MB}); free disk space")
+    if os.path.isfile(os.path.join(d, RUN_JSON)):
+        raise PreflightError(f"model_dir {d} holds a finished run; choose a new --model_dir")
+    old = os.path.join(d, CONFIG_JSON)
+    if os.path.isfile(old):
+        if not cfg.resume:
+            raise PreflightError(f"model_dir {d} holds an unfinished run; pass --resume to continue it or a new --model_dir")
+        with open(old) as f:
+            before = json.load(f)
+        now = cfg.to_dict()
+        differ = sorted(k for k in now if k not in ("resume", "verbose") and before.get(k) != now[k])
+        if differ:
+            raise PreflightError(f"model_dir {d} holds a run with other settings ({', '.join(differ)}); "
+                                 "use the same flags to resume or a new --model_dir")
+
+
+def resolve_teacher_path(path: str) -> str:
+    """A teacher given as its run folder means the folder's model.keras."""
+    return os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
+
+
+def load_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> keras.Model:
+    """Loads the distillation teacher and checks it fits the data set (classes, RGB input)."""
+    from kd_histo.models import load_model  # the models package pulls in Keras layers
+
+    path = resolve_teacher_path(cfg.distill.teacher)
+    try:
+        return load_model(path, expected_num_classes=info.num_classes)
+    except (FileNotFoundError, ValueError) as e:
+        raise PreflightError(f"teacher: {e}") from None
+
+
+def net_stride(net: keras.Model, probe_px: int = 256) -> int:
+    """Total downsampling of the net's last feature map (input px per feature-map cell)."""
+    spec = net.compute_output_spec(keras.KerasTensor((1, probe_px, probe_px, 3)))
+    return max(1, round(probe_px / int(spec["features"].shape[1])))
+
+
+def check_input_size(cfg: RunConfig, info: schema.DatasetInfo, net: keras.Model) -> int:
+    """The net's input tile is at least its total stride; returns the input px.
+
+    Below the stride the last feature map is a single cell computed mostly from padding, so the
+    feature-map loss and the classifier see almost nothing of the tile.
+    """
+    hr_px = cfg.data.hr_px or info.tile_px
+    px = hr_px if cfg.view == "hr" else lr_size(hr_px, cfg.data.factor)
+    stride = net_stride(net)
+    if px < stride:
+        raise PreflightError(f"the {cfg.view.upper()} tile is {px} px ({hr_px} px / factor {cfg.data.factor:g}) but "
+                             f"the net needs at least {stride} px (its total stride); use a smaller factor, a larger "
+                             "--hr_px, or --stem=small")
+    return px

@@ -1,0 +1,191 @@
+"""The one training loop of kd_histo: teacher, baseline and distilled student runs.
+
+``train(cfg)`` runs, in order: preflight checks (nothing is written when they fail), the precision
+policy (restored afterwards), the distribution strategy, data (``make_dataset``), the network
+(``build_model``) wrapped in a ``ResolutionDistiller`` (teacher: supervised on "hr"; baseline:
+supervised on "lr"; distill: frozen teacher on "hr", student on "lr", KD + feature loss), the
+optimizer and schedule, callbacks (BackupAndRestore first, best-network checkpoint, TensorBoard
+with per-loss scalars, HR/LR grids and an early profile window, CSV log, TerminateOnNaN, progress
+bar) and ``fit``. The run folder receives config.json at the start and run.json, model.keras (the
+best network alone) and savedmodel/ at the end.
+
+Not here: flags (``kd_histo.cli.train``), the losses and train step (``kd_histo.distiller``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from kd_histo import callbacks as cbs
+from kd_histo import preflight
+from kd_histo.config import RunConfig
+from kd_histo.data.pipeline import make_dataset, steps_per_epoch
+from kd_histo.distiller import ResolutionDistiller
+from kd_histo.models import build_model
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a finished run left behind."""
+
+    model_dir: str
+    model_path: str
+    history: dict
+    epochs_run: int
+    best: float | None
+
+
+@contextlib.contextmanager
+def precision_policy(name: str):
+    """Sets the global Keras dtype policy for the block and restores the previous one."""
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """"default" (one device), "mirrored" (all local devices) or "multi_worker" (from TF_CONFIG)."""
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def make_optimizer(cfg: RunConfig, steps: int) -> keras.optimizers.Optimizer:
+    """Adam / AdamW / SGD with the configured schedule over ``cfg.epochs * steps`` updates."""
+    o, total = cfg.optim, max(1, cfg.epochs * steps)
+    lr = o.learning_rate
+    if o.schedule == "cosine":
+        warm = int(o.warmup_epochs * steps)
+        lr = keras.optimizers.schedules.CosineDecay(
+            0.0 if warm else o.learning_rate, decay_steps=max(1, total - warm),
+            warmup_target=o.learning_rate if warm else None, warmup_steps=warm)
+    elif o.schedule == "exponential":
+        lr = keras.optimizers.schedules.ExponentialDecay(o.learning_rate, decay_steps=max(1, steps),
+                                                         decay_rate=o.decay_rate)
+    extra = {"clipnorm": o.clipnorm} if o.clipnorm else {}
+    if o.name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=o.weight_decay or None, **extra)
+    cls = keras.optimizers.AdamW if o.name == "adamw" else keras.optimizers.Adam
+    return cls(lr, weight_decay=o.weight_decay or None, **extra)
+
+
+def _distiller(cfg: RunConfig, net: keras.Model, teacher: keras.Model | None) -> ResolutionDistiller:
+    d = cfg.distill
+    if cfg.mode != "distill":  # teacher and baseline: plain supervised training on one view
+        return ResolutionDistiller(net, None, student_view=cfg.view, ce_weight=1.0, kd_weight=0.0,
+                                   feature_weight=0.0, accumulation_steps=d.accumulation_steps)
+    return ResolutionDistiller(net, teacher, student_view="lr", teacher_view="hr", temperature=d.temperature,
+                               kd_weight=d.kd_weight, feature_weight=d.feature_weight, feature_mode=d.feature_mode,
+                               feature_norm=d.feature_norm, ce_weight=d.ce_weight, ssl_weight=d.ssl_weight,
+                               at_weight=d.at_weight, accumulation_steps=d.accumulation_steps)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
+    """Trains one network as ``cfg`` says and fills ``cfg.model_dir``.
+
+    Args:
+      cfg: the resolved run configuration.
+      extra_callbacks: appended after the run's own callbacks (tests use one to stop a run).
+
+    Returns:
+      A :class:`TrainResult`.
+
+    Raises:
+      kd_histo.preflight.PreflightError: bad input, found before anything is written.
+    """
+    info = preflight.check_data(cfg)
+    preflight.check_model_dir(cfg)
+    model_dir = os.path.abspath(cfg.model_dir)
+    created = not os.path.exists(model_dir)
+    counter = cbs.EpochCounter()
+    keras.utils.set_random_seed(cfg.seed)
+    with precision_policy(cfg.precision):
+        strategy = make_strategy(cfg.strategy)
+        with strategy.scope():
+            teacher = preflight.load_teacher(cfg, info) if cfg.mode == "distill" else None
+            net = build_model(cfg.net.arch, info.num_classes, mean=info.mean, std=info.std, name=cfg.mode,
+                              **cfg.net.build_kwargs())
+            input_px = preflight.check_input_size(cfg, info, net)
+            model = _distiller(cfg, net, teacher)
+            data_cfg = dataclasses.replace(cfg.data, labeled=cfg.data.labeled or cfg.mode != "distill")
+            steps = cfg.steps_per_epoch or steps_per_epoch(data_cfg, "train")
+            if steps < 1:
+                raise preflight.PreflightError(f"the train split gives 0 batches of {cfg.data.batch_size}; "
+                                               "lower --batch_size")
+            model.compile(optimizer=make_optimizer(cfg, steps), jit_compile=False)
+        train_ds = make_dataset(data_cfg, "train", training=True)
+        if cfg.steps_per_epoch:  # fixed epoch length: never let the stream run dry mid-epoch
+            train_ds = train_ds.repeat()
+        has_val = preflight._has_shards(cfg.data.data_dir, "val")
+        val_ds = make_dataset(cfg.data, "val", training=False) if has_val else None
+        try:
+            os.makedirs(model_dir, exist_ok=True)
+            _write_json(os.path.join(model_dir, preflight.CONFIG_JSON), cfg.to_dict())
+            callbacks = _callbacks(cfg, model_dir, net, train_ds, has_val) + [counter, *extra_callbacks]
+            history = model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=val_ds,
+                                validation_steps=cfg.val_steps or None, callbacks=callbacks, verbose=cfg.verbose)
+        except BaseException:
+            if created and counter.finished == 0:  # a failed start leaves no half-written run folder
+                shutil.rmtree(model_dir, ignore_errors=True)
+            raise
+        return _finish(cfg, model_dir, net, history.history, counter.finished, has_val, input_px, info)
+
+
+def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_val: bool) -> list:
+    logs = os.path.join(model_dir, "logs")
+    first, last = cfg.profile_steps
+    out = [
+        # First, so that when a later callback (or a kill) stops the run the epoch is already saved.
+        keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv"), append=True),
+        keras.callbacks.TensorBoard(logs, profile_batch=(first, last) if last > 0 else 0, update_freq="epoch"),
+    ]
+    if has_val:
+        os.makedirs(os.path.join(model_dir, "checkpoints"), exist_ok=True)
+        out.append(cbs.SaveBestNet(net, os.path.join(model_dir, "checkpoints", "best.keras"), cfg.monitor))
+    if cfg.image_grids:
+        out.append(cbs.ImageGrids(next(iter(train_ds)), logs))
+    return out
+
+
+def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -> TrainResult:
+    best_path = os.path.join(model_dir, "checkpoints", "best.keras")
+    best = None
+    if has_val and os.path.isfile(best_path):
+        with open(best_path + ".json") as f:
+            best = json.load(f)["best"]
+        net = keras.saving.load_model(best_path, safe_mode=True)
+    model_path = os.path.join(model_dir, preflight.MODEL_FILE)
+    net.save(model_path)
+    saved = os.path.join(model_dir, "savedmodel")
+    shutil.rmtree(saved, ignore_errors=True)
+    net.export(saved, verbose=False)
+    _write_json(os.path.join(model_dir, preflight.RUN_JSON), {
+        "mode": cfg.mode, "view": cfg.view, "factor": cfg.data.factor if cfg.view == "lr" else 1.0,
+        "input_px": input_px, "hr_px": cfg.data.hr_px or info.tile_px, "class_names": info.class_names,
+        "arch": cfg.net.arch, "monitor": cfg.monitor if has_val else None, "best": best,
+        "epochs": cfg.epochs, "epochs_run_this_process": epochs_run, "data_dir": cfg.data.data_dir,
+        "model": preflight.MODEL_FILE, "savedmodel": "savedmodel",
+    })
+    return TrainResult(model_dir, model_path, history, epochs_run, best)

@@ -1,0 +1,71 @@
+"""The conversion's frozen configuration (built by the binary from flags, or directly in tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kd_histo.convert.records import EncodeOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """Everything a conversion needs.
+
+    Attributes:
+      out_dir: folder for shards and dataset.json.
+      input_dir: folder of class subfolders ("" = none).
+      manifest: CSV manifest of tiles and/or slides ("" = none).
+      slides: whole-slide image files or folders.
+      slide_labels: CSV (path,label[,slide_id,patient_id,split]) of slides; "" = slides unlabeled.
+      root: when set, manifest paths must lie inside it.
+      class_names: fixed class order (default: sorted label names).
+      group_by: "slide" (ids as given) or "phash" (near-duplicate tiles share a pseudo-slide).
+      phash_distance: link threshold in bits for ``group_by="phash"``.
+      fractions: train/val/test shares for inputs without a manifest split.
+      seed: split seed.
+      encode: how tiles are read and stored.
+      slide_mpp: level-0 µm/px override for slides lacking it.
+      compression: "" or "GZIP" for the final shards.
+      examples_per_shard: target shard size when ``num_shards`` is 0.
+      num_shards: shards per split (0 = from examples_per_shard).
+      num_workers: worker processes (0 = in this process).
+      unit_size: tiles per work unit (the resume and progress granularity).
+      task_index: this task's index among ``num_tasks``.
+      num_tasks: independent tasks sharing the inputs by slide; > 1 needs a final ``merge``.
+      overwrite: replace an existing data set in out_dir.
+      keep_parts: keep the per-unit part files after the merge.
+      progress: print a progress bar to stderr.
+      command: the command line recorded in dataset.json.
+    """
+
+    out_dir: str
+    input_dir: str = ""
+    manifest: str = ""
+    slides: tuple[str, ...] = ()
+    slide_labels: str = ""
+    root: str = ""
+    class_names: tuple[str, ...] = ()
+    group_by: str = "slide"
+    phash_distance: int = 8
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    encode: EncodeOptions = EncodeOptions()
+    slide_mpp: float = 0.0
+    compression: str = ""
+    examples_per_shard: int = 1000
+    num_shards: int = 0
+    num_workers: int = 0
+    unit_size: int = 64
+    task_index: int = 0
+    num_tasks: int = 1
+    overwrite: bool = False
+    keep_parts: bool = False
+    progress: bool = False
+    command: str = ""
+
+    def fingerprint(self) -> dict:
+        """The fields that change the output (a resumed run must match them)."""
+        d = dataclasses.asdict(self)
+        for k in ("num_workers", "task_index", "overwrite", "keep_parts", "progress", "command"):
+            d.pop(k)
+        return d

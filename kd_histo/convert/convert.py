@@ -1,0 +1,247 @@
+"""Runs a conversion: tasks write part files in parallel, a merge writes shards and dataset.json.
+
+``convert(cfg)`` is the whole job on one machine. For many machines, each runs
+``run_task(cfg)`` with its own ``task_index`` (units are split between tasks by slide), then one
+runs ``merge(cfg)``. Parts live in ``<out_dir>/.parts``; a finished unit is never redone, so a
+rerun after a crash resumes, and the merge is deterministic, so the shards come out identical.
+
+This module does not read images itself (``convert.records`` does, in workers) and defines no flags.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+
+from kd_histo import schema
+from kd_histo.convert import plan as plan_lib
+from kd_histo.convert import records, writer
+from kd_histo.convert.config import ConvertConfig
+from kd_histo.convert.errors import ConversionError
+from kd_histo.convert.stats import PixelStats
+
+PARTS = ".parts"
+
+
+def convert(cfg: ConvertConfig) -> schema.DatasetInfo:
+    """Converts all inputs of ``cfg`` into shards + dataset.json (single machine, ``num_tasks=1``)."""
+    if cfg.num_tasks != 1:
+        raise ConversionError("convert() runs everything; with --num_tasks>1 run each task, then --merge")
+    run_task(cfg)
+    return merge(cfg)
+
+
+def _prepare(cfg: ConvertConfig) -> str:
+    """Checks the output folder and returns the parts folder (created, fingerprinted)."""
+    if cfg.num_tasks < 1 or not 0 <= cfg.task_index < cfg.num_tasks:
+        raise ConversionError(f"need 0 <= --task_index < --num_tasks, got {cfg.task_index} and {cfg.num_tasks}")
+    if cfg.encode.image_format not in ("png", "jpeg"):
+        raise ConversionError(f"image_format must be png or jpeg, got {cfg.encode.image_format!r}")
+    if cfg.encode.tile_px < 8:
+        raise ConversionError(f"tile_px must be >= 8, got {cfg.encode.tile_px}")
+    if cfg.encode.lr_factor and cfg.encode.tile_px % cfg.encode.lr_factor:
+        raise ConversionError(f"tile_px={cfg.encode.tile_px} is not divisible by lr_factor={cfg.encode.lr_factor}")
+    if cfg.compression not in ("", "GZIP"):
+        raise ConversionError(f"compression must be '' or GZIP, got {cfg.compression!r}")
+    parts = os.path.join(cfg.out_dir, PARTS)
+    if os.path.exists(os.path.join(cfg.out_dir, schema.DATASET_JSON)) and not os.path.isdir(parts):
+        if not cfg.overwrite:
+            raise ConversionError(f"{cfg.out_dir} already holds a data set; pass --overwrite or choose another --out_dir")
+        _clear(cfg.out_dir)
+    os.makedirs(parts, exist_ok=True)
+    fp_path = os.path.join(parts, "config.json")
+    fp = json.loads(json.dumps(cfg.fingerprint()))
+    if os.path.exists(fp_path):
+        with open(fp_path) as f:
+            old = json.load(f)
+        if old != fp:
+            if not cfg.overwrite:
+                changed = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
+                raise ConversionError(f"{cfg.out_dir} holds parts of a conversion with other settings ({', '.join(changed)}); "
+                                      "pass --overwrite or choose another --out_dir")
+            _clear(cfg.out_dir)
+            os.makedirs(parts, exist_ok=True)
+    writer.write_json_atomic(fp_path, fp)
+    return parts
+
+
+def _clear(out_dir: str) -> None:
+    shutil.rmtree(os.path.join(out_dir, PARTS), ignore_errors=True)
+    for name in os.listdir(out_dir):
+        if schema._SHARD_RE.match(name) or name == schema.DATASET_JSON:
+            os.remove(os.path.join(out_dir, name))
+
+
+def run_task(cfg: ConvertConfig) -> dict:
+    """Plans, then writes the part files of this task's units (resuming finished ones)."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with writer.DirLock(cfg.out_dir, f"task-{cfg.task_index:05d}"):
+        parts = _prepare(cfg)
+        with _pool(cfg.num_workers) as pool:
+            hash_fn = None
+            if pool is not None:
+                hash_fn = lambda paths: _pmap(pool, plan_lib.hash_paths, paths)  # noqa: E731
+            plan = plan_lib.make_plan(cfg, hash_fn)
+            mine = [u for u in plan.units if plan_lib.unit_task(u) == cfg.task_index]
+            summaries = _run_units(mine, cfg, parts, plan.class_names, pool)
+        done = {
+            "units": [s["unit_id"] for s in summaries], "class_names": plan.class_names, "skipped": plan.skipped,
+            "notes": plan.notes, "num_inputs": plan.num_inputs, "has_slides": plan.has_slides,
+            "has_tiles": plan.has_tiles,
+            "all_units": [u.unit_id for u in plan.units],
+        }
+        writer.write_json_atomic(os.path.join(parts, f"task-{cfg.task_index:05d}-of-{cfg.num_tasks:05d}.json"), done)
+        return done
+
+
+def _pool(num_workers: int):
+    if num_workers <= 0:
+        return _NoPool()
+    # spawn, not fork: the parent has TensorFlow loaded, and forking a TF process is unsafe.
+    return cf.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+class _NoPool:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _pmap(pool, fn, paths, chunk=64):
+    futures = [pool.submit(fn, paths[i : i + chunk]) for i in range(0, len(paths), chunk)]
+    return [r for f in futures for r in f.result()]
+
+
+def _run_units(units, cfg, parts, class_names, pool) -> list[dict]:
+    progress = _Progress(sum(len(u.items) for u in units), cfg.progress)
+    args = (cfg.encode, parts, tuple(class_names))
+    out = {}
+    if pool is None:
+        for u in units:
+            out[u.unit_id] = records.process_unit(u, *args)
+            progress.update(len(u.items))
+    else:
+        futures = {pool.submit(records.process_unit, u, *args): u for u in units}
+        try:
+            for f in cf.as_completed(futures):
+                out[futures[f].unit_id] = f.result()
+                progress.update(len(futures[f].items))
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    progress.close()
+    return [out[u.unit_id] for u in units]
+
+
+class _Progress:
+    """A one-line progress bar on stderr: done/total, tiles/s, ETA."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled, self.start = total, 0, enabled, time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.enabled:
+            sys.stderr.write("\r" + self.line())
+            sys.stderr.flush()
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        pct = 100.0 * self.done / max(self.total, 1)
+        eta_s = f"{int(eta) // 60}:{int(eta) % 60:02d}" if eta != float("inf") else "?"
+        return f"kd-histo-convert: {self.done}/{self.total} tiles ({pct:.0f}%) {rate:.1f} tiles/s ETA {eta_s}"
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def merge(cfg: ConvertConfig) -> schema.DatasetInfo:
+    """Writes balanced shards per split and dataset.json from all tasks' parts.
+
+    Raises:
+      ConversionError: a task has not finished (its summary file is missing).
+    """
+    parts = os.path.join(cfg.out_dir, PARTS)
+    with writer.DirLock(cfg.out_dir, "merge"):
+        tasks = []
+        for t in range(cfg.num_tasks):
+            path = os.path.join(parts, f"task-{t:05d}-of-{cfg.num_tasks:05d}.json")
+            if not os.path.exists(path):
+                raise ConversionError(f"task {t} of {cfg.num_tasks} has not finished in {cfg.out_dir}; "
+                                      f"run it with --task_index={t} --num_tasks={cfg.num_tasks}, then merge again")
+            with open(path) as f:
+                tasks.append(json.load(f))
+        unit_ids = tasks[0]["all_units"]
+        summaries = []
+        for uid in unit_ids:
+            with open(records.summary_path(parts, uid)) as f:
+                summaries.append(json.load(f))
+        info = _describe(cfg, tasks[0], summaries)
+        by_split = collections.defaultdict(list)
+        for s in summaries:
+            by_split[s["split"]].append(s)
+        for name in os.listdir(cfg.out_dir):
+            if schema._SHARD_RE.match(name):  # shards of an earlier, interrupted merge
+                os.remove(os.path.join(cfg.out_dir, name))
+        for split, ss in by_split.items():
+            total = sum(s["count"] for s in ss)
+            if total == 0:
+                continue
+            n_shards = cfg.num_shards or -(-total // cfg.examples_per_shard)
+            paths = writer.write_shards(cfg.out_dir, split, [os.path.join(parts, f"{s['unit_id']}.tfrecord") for s in ss],
+                                        total, n_shards, cfg.compression)
+            info.shards[split] = len(paths)
+        info.write(cfg.out_dir)
+        if not cfg.keep_parts:
+            shutil.rmtree(parts, ignore_errors=True)
+        return info
+
+
+def _describe(cfg: ConvertConfig, task: dict, summaries: list[dict]) -> schema.DatasetInfo:
+    counts: dict[str, dict[str, int]] = {}
+    skipped = list(task["skipped"])
+    notes = list(task["notes"])
+    note_counts: collections.Counter = collections.Counter()
+    stats, all_stats = PixelStats(), PixelStats()
+    background = 0
+    for s in summaries:
+        split_counts = counts.setdefault(s["split"], {})
+        for k, v in s["counts"].items():
+            split_counts[k] = split_counts.get(k, 0) + v
+        skipped += s["skipped"]
+        note_counts.update(s["notes"])
+        background += s["background"]
+        part = PixelStats(**s["stats"])
+        all_stats = all_stats.merge(part)
+        if s["split"] == "train":
+            stats = stats.merge(part)
+    notes += [f"{n} inputs: {note}" for note, n in sorted(note_counts.items())]
+    if background:
+        notes.append(f"{background} slide tiles dropped as background after reading (tissue < {cfg.encode.min_tissue:g})")
+    if stats.count == 0:
+        stats = all_stats
+        notes.append("no train split: mean/std are over all converted tiles")
+    mean, std = stats.mean_std() if stats.count else ([0.5] * 3, [0.25] * 3)
+    mpp = cfg.encode.target_mpp if task["has_slides"] else cfg.encode.tile_mpp
+    if task["has_slides"] and task["has_tiles"] and cfg.encode.tile_mpp != cfg.encode.target_mpp:
+        notes.append(f"tiles ({cfg.encode.tile_mpp:g} µm/px) and slide tiles ({mpp:g} µm/px) are mixed; mpp is the slides'")
+    return schema.DatasetInfo(
+        class_names=list(task["class_names"]), tile_px=cfg.encode.tile_px, mpp=float(mpp), counts=counts, shards={},
+        mean=mean, std=std, compression=cfg.compression, image_format=cfg.encode.image_format,
+        lr_factor=float(cfg.encode.lr_factor) if (cfg.encode.lr_factor and task["has_slides"]) else 0.0,
+        source=", ".join(x for x in (cfg.input_dir, cfg.manifest, cfg.slide_labels, *cfg.slides) if x),
+        command=cfg.command, skipped=skipped, notes=notes,
+    )
+

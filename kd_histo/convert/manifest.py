@@ -1,0 +1,139 @@
+"""Lists conversion inputs: a CSV manifest, a folder of class subfolders, or slide files.
+
+Every input becomes an :class:`Entry` (path, label name or None for unlabeled, slide id, patient id,
+optional split). Problems that make the whole listing wrong (missing folder or columns, duplicate
+paths, unknown labels, empty classes, paths escaping ``root``) raise :class:`ManifestError` with a
+one-line fix; files of unsupported types inside a folder are returned as skips instead.
+
+This module does not open images or slides and does not choose splits (see ``convert.splits``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+
+from kd_histo.convert.errors import ConversionError
+from kd_histo.convert.tiles import TILE_EXTENSIONS
+
+SPLITS = ("train", "val", "test", "unlabeled")
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif")
+UNLABELED_FOLDER = "unlabeled"
+
+
+class ManifestError(ConversionError):
+    """The manifest or folder listing is unusable; the message says what to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One input file (a tile image, or a whole slide when ``is_slide``)."""
+
+    path: str
+    label: str | None  # class name; None = unlabeled
+    slide_id: str
+    patient_id: str = ""
+    split: str = ""  # "" = chosen by convert.splits
+    is_slide: bool = False
+
+
+def read_manifest(path: str, root: str | None = None, slides: bool = False) -> list[Entry]:
+    """Reads a CSV manifest with columns ``path,label[,slide_id][,patient_id][,split]``.
+
+    Relative paths are relative to the manifest's folder. An empty label means unlabeled; an
+    empty slide_id defaults to the file stem (one pseudo-slide per tile).
+
+    Args:
+      path: the CSV file.
+      root: when set, every listed path must resolve inside this folder.
+      slides: treat every row as a whole-slide image (slide label CSVs); otherwise rows whose
+        extension is a slide format are slides and the rest are tiles.
+
+    Raises:
+      ManifestError: missing file/columns, empty or duplicate paths, bad split names, escapes.
+    """
+    if not os.path.isfile(path):
+        raise ManifestError(f"manifest {path} not found; pass an existing CSV file to --manifest")
+    base = os.path.dirname(os.path.abspath(path))
+    root_abs = os.path.realpath(root) if root else None
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if "path" not in columns:
+            raise ManifestError(f"{path}: needs a header row with a 'path' column (got {columns or 'no header'})")
+        entries, seen = [], {}
+        for line, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            rel = row.get("path", "")
+            if not rel:
+                raise ManifestError(f"{path}:{line}: empty path; every row needs a file path")
+            full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(base, rel))
+            if root_abs and os.path.commonpath([root_abs, os.path.realpath(full)]) != root_abs:
+                raise ManifestError(f"{path}:{line}: {rel} lies outside --root={root}; fix the path or the root")
+            if full in seen:
+                raise ManifestError(f"{path}:{line}: duplicate path {rel} (first on line {seen[full]}); list each file once")
+            seen[full] = line
+            split = row.get("split", "")
+            if split and split not in SPLITS:
+                raise ManifestError(f"{path}:{line}: split {split!r} is not one of {', '.join(SPLITS)}")
+            stem = os.path.splitext(os.path.basename(full))[0]
+            is_slide = slides or os.path.splitext(full)[1].lower() in SLIDE_EXTENSIONS
+            entries.append(Entry(full, row.get("label") or None, row.get("slide_id") or stem,
+                                 row.get("patient_id", ""), split, is_slide))
+    if not entries:
+        raise ManifestError(f"{path} lists no files; add rows below the header")
+    return entries
+
+
+def scan_folder(input_dir: str) -> tuple[list[Entry], list[dict[str, str]]]:
+    """Lists a folder of class subfolders (``unlabeled/`` holds unlabeled tiles).
+
+    Returns:
+      ``(entries, skipped)``: skipped lists files of unsupported types as {"path", "reason"}.
+
+    Raises:
+      ManifestError: the folder is missing, has no class subfolders, or a class folder is empty.
+    """
+    if not os.path.isdir(input_dir):
+        raise ManifestError(f"input folder {input_dir} not found; pass an existing folder to --input_dir")
+    classes = sorted(d for d in os.listdir(input_dir) if os.path.isdir(os.path.join(input_dir, d)) and not d.startswith("."))
+    if not classes:
+        raise ManifestError(f"{input_dir} has no class subfolders; put each class's tiles in <input_dir>/<class>/")
+    entries, skipped = [], []
+    for name in classes:
+        folder = os.path.join(input_dir, name)
+        n_before = len(entries)
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                if fn.startswith("."):
+                    continue
+                full = os.path.join(dirpath, fn)
+                ext = os.path.splitext(fn)[1].lower()
+                if ext in TILE_EXTENSIONS:
+                    entries.append(Entry(full, None if name == UNLABELED_FOLDER else name, os.path.splitext(fn)[0]))
+                elif ext in (".csv", ".json", ".txt", ".md"):
+                    continue  # side files (manifests, READMEs) are not inputs
+                else:
+                    skipped.append({"path": full, "reason": f"unsupported file type {ext or '(none)'}"})
+        if len(entries) == n_before:
+            raise ManifestError(f"class folder {folder} holds no images; remove it or add tiles")
+    return entries, skipped
+
+
+def class_names_of(entries: list[Entry], given: list[str] | None = None) -> list[str]:
+    """The sorted label names of ``entries``, or ``given`` after checking every label is in it.
+
+    Raises:
+      ManifestError: duplicate names in ``given``, or a label that is not in ``given``.
+    """
+    present = sorted({e.label for e in entries if e.label is not None})
+    if given:
+        if len(set(given)) != len(given):
+            raise ManifestError(f"--class_names has duplicates: {given}")
+        unknown = [lab for lab in present if lab not in given]
+        if unknown:
+            raise ManifestError(f"labels {unknown} are not in --class_names={','.join(given)}; add them or fix the labels")
+        return list(given)
+    return present

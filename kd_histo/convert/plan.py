@@ -1,0 +1,176 @@
+"""Plans a conversion: inputs -> entries -> splits -> work units, identically in every task.
+
+Every task of a multi-machine run computes the same plan from the same inputs and config, then
+takes the units whose slide hashes to its ``task_index``; the plan is a pure function of the input
+listing and the config, which is what makes resume and merging safe.
+
+This module reads images only for ``group_by="phash"`` and slides only for their thumbnails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import zlib
+
+from kd_histo.convert import manifest, phash, slides, splits, tiles
+from kd_histo.convert.config import ConvertConfig
+from kd_histo.convert.errors import ConversionError, SkipInput
+from kd_histo.convert.records import Item, Unit
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a conversion will do."""
+
+    class_names: list[str]
+    units: list[Unit]  # all units of all tasks, in output order
+    skipped: list[dict[str, str]]  # inputs left out before reading tiles
+    notes: list[str]
+    num_inputs: int  # tile files + slides listed
+    has_slides: bool = False
+    has_tiles: bool = False
+
+
+def list_entries(cfg: ConvertConfig) -> tuple[list[manifest.Entry], list[dict[str, str]]]:
+    """All inputs of ``cfg`` (folder, manifest, slides) and the files skipped while listing."""
+    entries, skipped = [], []
+    if cfg.input_dir:
+        e, s = manifest.scan_folder(cfg.input_dir)
+        entries += e
+        skipped += s
+    if cfg.manifest:
+        entries += manifest.read_manifest(cfg.manifest, cfg.root or None)
+    if cfg.slide_labels:
+        entries += manifest.read_manifest(cfg.slide_labels, cfg.root or None, slides=True)
+    listed = {e.path for e in entries}
+    for spec in cfg.slides:
+        paths = sorted(glob.glob(os.path.join(spec, "*"))) if os.path.isdir(spec) else sorted(glob.glob(spec))
+        if not paths:
+            raise ConversionError(f"--slides {spec} matches no file; give slide files, a folder or a glob")
+        for p in paths:
+            p = os.path.normpath(p)
+            if p not in listed and os.path.isfile(p):
+                listed.add(p)
+                entries.append(manifest.Entry(p, None, os.path.splitext(os.path.basename(p))[0], is_slide=True))
+    if not entries:
+        raise ConversionError("no inputs: pass --input_dir, --manifest, --slides or --slide_labels")
+    seen = set()
+    for e in entries:
+        if e.path in seen:
+            raise manifest.ManifestError(f"{e.path} is listed twice (folder, manifest or slides); list each file once")
+        seen.add(e.path)
+    return entries, skipped
+
+
+def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
+    """Builds the plan of ``cfg``.
+
+    Args:
+      cfg: the conversion config.
+      hash_fn: maps a list of paths to ``[uint64[8] or SkipInput]`` (lets the caller parallelise
+        phash); default reads them here.
+    """
+    entries, skipped = list_entries(cfg)
+    notes: list[str] = []
+    class_names = manifest.class_names_of(entries, list(cfg.class_names) or None)
+    if not class_names:
+        class_names = ["unknown"]
+        notes.append("no labeled inputs: class_names is a placeholder; pass --class_names to match a teacher")
+    index = {n: i for i, n in enumerate(class_names)}
+
+    tile_entries = [e for e in entries if not e.is_slide]
+    if cfg.group_by == "phash" and tile_entries:
+        tile_entries, hash_skips, n_groups = _group_by_phash(tile_entries, cfg.phash_distance, hash_fn)
+        skipped += hash_skips
+        notes.append(f"group_by=phash: {len(tile_entries)} tiles in {n_groups} near-duplicate groups "
+                     f"(max distance {cfg.phash_distance} bits of 64)")
+    elif cfg.group_by not in ("slide", "phash"):
+        raise ConversionError(f"group_by must be 'slide' or 'phash', got {cfg.group_by!r}")
+
+    slide_plans = {}
+    for e in entries:
+        if e.is_slide:
+            try:
+                slide_plans[e.path] = slides.plan_slide(e.path, cfg.encode.tile_px, cfg.encode.target_mpp,
+                                                        min_tissue=cfg.encode.min_tissue, slide_mpp=cfg.slide_mpp)
+            except SkipInput as err:
+                if cfg.encode.strict:
+                    raise ConversionError(f"{e.path}: {err} (--strict)") from None
+                skipped.append({"path": e.path, "reason": str(err)})
+    for p, sp in slide_plans.items():
+        notes.append(f"{os.path.basename(p)}: {len(sp.coords)} of {sp.grid_tiles} grid tiles have tissue on the "
+                     f"thumbnail (level-0 {sp.base_mpp:g} µm/px, tile {sp.size_l0} px at level 0)")
+    slide_entries = [e for e in entries if e.is_slide and e.path in slide_plans]
+    items = tile_entries + slide_entries
+    labels = []
+    for e in items:
+        labels.append(index[e.label] if e.label is not None else schema_unlabeled())
+    weights = [len(slide_plans[e.path].coords) if e.is_slide else 1 for e in items]
+    chosen = splits.assign_splits([e.slide_id for e in items], [e.patient_id for e in items], labels,
+                                  cfg.fractions, cfg.seed, [e.split for e in items], weights)
+    for e, s in zip(items, chosen):
+        if not s:
+            skipped.append({"path": e.path, "reason": "unlabeled input on a val/test slide or patient (kept out of training)"})
+
+    # Units: per split, per task (by slide), chunks of unit_size tiles, in a fixed order.
+    per_key: dict[tuple[str, int], list[Item]] = {}
+    for e, lab, s in zip(items, labels, chosen):
+        if not s:
+            continue
+        task = zlib.crc32(e.slide_id.encode()) % cfg.num_tasks
+        bucket = per_key.setdefault((s, task), [])
+        if e.is_slide:
+            sp = slide_plans[e.path]
+            bucket += [Item(e.path, lab, e.slide_id, e.patient_id, x, y, sp.size_l0) for x, y in sp.coords]
+        else:
+            bucket.append(Item(e.path, lab, e.slide_id, e.patient_id))
+    units = []
+    for (s, task) in sorted(per_key, key=lambda k: (manifest.SPLITS.index(k[0]), k[1])):
+        bucket = per_key[(s, task)]
+        for c in range(0, len(bucket), cfg.unit_size):
+            units.append(Unit(f"{s}-t{task:05d}-u{c // cfg.unit_size:06d}", s, tuple(bucket[c : c + cfg.unit_size])))
+    return Plan(class_names, units, skipped, notes, len(tile_entries) + len(slide_entries) + len(skipped),
+                bool(slide_entries), bool(tile_entries))
+
+
+def schema_unlabeled() -> int:
+    from kd_histo.schema import UNLABELED
+
+    return UNLABELED
+
+
+def unit_task(unit: Unit) -> int:
+    """The task index encoded in a unit id."""
+    return int(unit.unit_id.split("-t")[1].split("-")[0])
+
+
+def hash_paths(paths: list[str], max_pixels: int = tiles.DEFAULT_MAX_PIXELS) -> list:
+    """pHash variants of each file, or the SkipInput that stopped reading it (picklable for pools)."""
+    out = []
+    for p in paths:
+        try:
+            out.append(phash.phash_variants(tiles.read_tile(p, max_pixels=max_pixels)[0]))
+        except SkipInput as e:
+            out.append(e)
+    return out
+
+
+def _group_by_phash(entries, distance, hash_fn):
+    import numpy as np
+
+    results = (hash_fn or hash_paths)([e.path for e in entries])
+    kept, hashes, skipped = [], [], []
+    for e, h in zip(entries, results):
+        if isinstance(h, SkipInput):
+            skipped.append({"path": e.path, "reason": str(h)})
+        else:
+            kept.append(e)
+            hashes.append(h)
+    if not kept:
+        return kept, skipped, 0
+    groups = phash.group_by_hash(np.stack(hashes), distance)
+    # The pseudo-slide is the group; the patient keeps any id the manifest gave.
+    kept = [dataclasses.replace(e, slide_id=f"phash-{g:05d}") for e, g in zip(kept, groups)]
+    return kept, skipped, int(groups.max()) + 1

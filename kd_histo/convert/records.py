@@ -1,0 +1,162 @@
+"""Turns one work unit (a chunk of tiles, or a chunk of one slide's grid) into a part file.
+
+A unit is processed by a worker process (or in-process when ``num_workers=0``): each input is read,
+fitted to ``tile_px``, encoded (PNG, lossless, by default; JPEG with a quality), wrapped with
+``kd_histo.schema.make_example`` and appended to ``<parts>/<unit_id>.tfrecord``; a summary JSON
+(counts per class, skips, notes, pixel sums) is written last, atomically, and marks the unit done.
+
+This module does not plan units, choose splits or write the final shards (see ``convert.convert``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from kd_histo import schema
+from kd_histo.convert import slides, tiles, writer
+from kd_histo.convert.errors import ConversionError, SkipInput
+from kd_histo.convert.stats import PixelStats
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    """How tiles are read and stored (identical for every unit of a conversion)."""
+
+    tile_px: int = 224
+    fit: str = "crop"  # "crop" or "resize" for tile images of another size
+    image_format: str = "png"
+    jpeg_quality: int = 95
+    png_level: int = 6
+    max_pixels: int = tiles.DEFAULT_MAX_PIXELS
+    tiff_decoder: str = "pil"
+    strict: bool = False
+    tile_mpp: float = 0.0  # µm/px of tile images when known
+    target_mpp: float = 0.5  # µm/px of slide tiles
+    lr_factor: int = 0  # > 0: also store the slide's LR view, tile_px // lr_factor wide
+    min_tissue: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One input of a unit: a tile file, or one tile of a slide (``size_l0`` > 0)."""
+
+    path: str
+    label: int
+    slide_id: str
+    patient_id: str = ""
+    x: int = 0
+    y: int = 0
+    size_l0: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """A chunk of items of one split, written to one part file."""
+
+    unit_id: str
+    split: str
+    items: tuple[Item, ...]
+
+
+def encode(rgb: np.ndarray, opts: EncodeOptions) -> bytes:
+    """Encodes uint8 RGB as PNG (lossless) or JPEG."""
+    buf = io.BytesIO()
+    img = Image.fromarray(rgb)
+    if opts.image_format == "png":
+        img.save(buf, format="PNG", compress_level=opts.png_level)
+    else:
+        img.save(buf, format="JPEG", quality=opts.jpeg_quality, subsampling=0)
+    return buf.getvalue()
+
+
+def summary_path(parts_dir: str, unit_id: str) -> str:
+    return os.path.join(parts_dir, f"{unit_id}.json")
+
+
+def process_unit(unit: Unit, opts: EncodeOptions, parts_dir: str, class_names: tuple[str, ...]) -> dict:
+    """Writes one unit's part file and summary (skipped when the summary already exists).
+
+    Returns:
+      The summary: unit_id, split, count, counts (class name or "unlabeled" -> n), skipped,
+      notes (note -> number of inputs), background (slide tiles dropped as background), stats.
+
+    Raises:
+      ConversionError: a fatal input problem, or any skip when ``opts.strict``.
+    """
+    done = summary_path(parts_dir, unit.unit_id)
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    counts: collections.Counter = collections.Counter()
+    notes: collections.Counter = collections.Counter()
+    skipped: list[dict[str, str]] = []
+    stats = PixelStats()
+    background = 0
+    open_slides: dict[str, object] = {}
+
+    def records():
+        nonlocal background
+        for item in unit.items:
+            try:
+                if item.size_l0:
+                    rgb, lr, mpp = _read_slide_tile(item, opts, open_slides)
+                    if is_background(rgb, opts.min_tissue):
+                        background += 1
+                        continue
+                else:
+                    rgb, file_notes = tiles.read_tile(item.path, max_pixels=opts.max_pixels, decoder=opts.tiff_decoder)
+                    rgb = tiles.fit_tile(rgb, opts.tile_px, opts.fit)
+                    lr, mpp = None, opts.tile_mpp
+                    notes.update(file_notes)
+            except SkipInput as e:
+                if opts.strict:
+                    raise ConversionError(f"{item.path}: {e} (--strict stops at the first bad input; drop --strict to skip it)") from None
+                skipped.append({"path": item.path, "reason": str(e)})
+                continue
+            stats.add(rgb)
+            counts[class_names[item.label] if item.label >= 0 else "unlabeled"] += 1
+            ex = schema.make_example(
+                encode(rgb, opts), rgb.shape[0], rgb.shape[1], label=item.label, slide_id=item.slide_id,
+                patient_id=item.patient_id, x=item.x, y=item.y, mpp=mpp, source=item.path,
+                lr_image=encode(lr, opts) if lr is not None else b"",
+                lr_factor=float(opts.lr_factor) if lr is not None else 0.0,
+            )
+            yield ex.SerializeToString()
+
+    try:
+        n = writer.write_records_atomic(os.path.join(parts_dir, f"{unit.unit_id}.tfrecord"), records())
+    finally:
+        for s in open_slides.values():
+            s.close()
+    summary = {
+        "unit_id": unit.unit_id, "split": unit.split, "count": n, "counts": dict(counts), "skipped": skipped,
+        "notes": dict(notes), "background": background, "stats": dataclasses.asdict(stats),
+    }
+    writer.write_json_atomic(done, summary)
+    return summary
+
+
+def is_background(rgb: np.ndarray, min_tissue: float) -> bool:
+    """True when less than ``min_tissue`` of the tile's pixels look like tissue."""
+    return float(slides.is_tissue(rgb).mean()) < min_tissue
+
+
+def _read_slide_tile(item: Item, opts: EncodeOptions, cache: dict) -> tuple[np.ndarray, np.ndarray | None, float]:
+    slide = cache.get(item.path)
+    if slide is None:
+        slide = cache[item.path] = slides.open_slide(item.path)
+    try:
+        rgb = slides.read_region_rgb(slide, item.x, item.y, item.size_l0, opts.tile_px)
+        lr = None
+        if opts.lr_factor:
+            lr = slides.read_region_rgb(slide, item.x, item.y, item.size_l0, opts.tile_px // opts.lr_factor)
+    except Exception as e:  # OpenSlide reports corrupt tiles with its own error type
+        raise SkipInput(f"slide region ({item.x}, {item.y}) unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return rgb, lr, opts.target_mpp

@@ -1,0 +1,143 @@
+"""Whole-slide images through OpenSlide: tissue mask, tile grid at a target µm/px, streamed reads.
+
+Planning (:func:`plan_slide`) opens the slide, detects tissue on a thumbnail (saturated, not white)
+and lists the level-0 corners of grid tiles covering enough tissue. Reading (:func:`read_region_rgb`)
+fetches one tile at a time from the pyramid level closest to (and not coarser than) the wanted
+resolution, so memory stays flat however big the slide is: no level-0 image is ever loaded. The
+optional low-resolution view is read the same way at ``lr_factor`` times the µm/px, i.e. from the
+slide's own lower-magnification level when the pyramid has one.
+
+This module does not encode or write tiles and does not choose splits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from PIL import Image
+
+from kd_histo.convert.errors import ConversionError, SkipInput
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidePlan:
+    """The tiles to read from one slide."""
+
+    path: str
+    base_mpp: float  # level-0 µm/px
+    size_l0: int  # tile side in level-0 pixels
+    coords: tuple[tuple[int, int], ...]  # level-0 (x, y) of each tissue tile, row-major
+    grid_tiles: int  # tiles in the grid before background was dropped
+
+
+def open_slide(path: str):
+    """Opens a slide with OpenSlide; unreadable files raise :class:`SkipInput`."""
+    import openslide
+
+    try:
+        return openslide.OpenSlide(path)
+    except (openslide.OpenSlideError, OSError) as e:
+        raise SkipInput(f"not a readable whole-slide image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def base_mpp_of(slide, override: float = 0.0) -> float:
+    """Level-0 µm/px from the slide's metadata, or ``override`` when > 0."""
+    if override > 0:
+        return override
+    for key in ("openslide.mpp-x", "tiff.XResolution"):
+        value = slide.properties.get(key)
+        if value:
+            mpp = float(value)
+            if key == "tiff.XResolution":  # pixels per unit; only centimetres are unambiguous
+                if slide.properties.get("tiff.ResolutionUnit") != "centimeter" or mpp <= 0:
+                    continue
+                mpp = 1e4 / mpp
+            if mpp > 0:
+                return mpp
+    raise ConversionError("the slide has no µm/px in its metadata; pass --slide_mpp=<level-0 µm/px>")
+
+
+def tissue_mask(slide, thumb_px: int = 1024, min_saturation: int = 20, max_brightness: int = 230) -> np.ndarray:
+    """Boolean tissue mask on a thumbnail: coloured (stained) and not bright (glass).
+
+    Returns:
+      bool [h, w]; mask pixel (i, j) covers level-0 area scaled by dimensions / mask shape.
+    """
+    thumb = slide.get_thumbnail((thumb_px, thumb_px)).convert("RGB")
+    rgb = np.asarray(thumb, np.int16)
+    return is_tissue(rgb, min_saturation, max_brightness)
+
+
+def is_tissue(rgb: np.ndarray, min_saturation: int = 20, max_brightness: int = 230) -> np.ndarray:
+    """Per-pixel tissue test of uint8 RGB: max-min channel spread >= min_saturation, mean <= max."""
+    rgb = rgb.astype(np.int16)
+    spread = rgb.max(-1) - rgb.min(-1)
+    return (spread >= min_saturation) & (rgb.mean(-1) <= max_brightness)
+
+
+def plan_slide(
+    path: str,
+    tile_px: int,
+    target_mpp: float,
+    *,
+    min_tissue: float = 0.5,
+    slide_mpp: float = 0.0,
+    thumb_px: int = 1024,
+) -> SlidePlan:
+    """Lists tissue tiles of ``tile_px`` at ``target_mpp`` (µm/px) on a non-overlapping grid.
+
+    Raises:
+      SkipInput: the slide cannot be opened.
+      ConversionError: no µm/px known, or a tile larger than the slide.
+    """
+    slide = open_slide(path)
+    try:
+        base = base_mpp_of(slide, slide_mpp)
+        size_l0 = int(round(tile_px * target_mpp / base))
+        width, height = slide.dimensions
+        if size_l0 < 1 or size_l0 > min(width, height):
+            raise ConversionError(
+                f"{path}: a {tile_px} px tile at {target_mpp} µm/px spans {size_l0} level-0 px but the slide is "
+                f"{width}x{height}; lower --tile_px or --target_mpp"
+            )
+        mask = tissue_mask(slide, thumb_px)
+    finally:
+        slide.close()
+    sy, sx = mask.shape[0] / height, mask.shape[1] / width
+    coords = []
+    n_y, n_x = height // size_l0, width // size_l0
+    for j in range(n_y):
+        for i in range(n_x):
+            x, y = i * size_l0, j * size_l0
+            y0, y1 = int(y * sy), max(int(y * sy) + 1, int(math.ceil((y + size_l0) * sy)))
+            x0, x1 = int(x * sx), max(int(x * sx) + 1, int(math.ceil((x + size_l0) * sx)))
+            if mask[y0:y1, x0:x1].mean() >= min_tissue:
+                coords.append((x, y))
+    return SlidePlan(path, base, size_l0, tuple(coords), n_x * n_y)
+
+
+def read_region_rgb(slide, x: int, y: int, size_l0: int, out_px: int) -> np.ndarray:
+    """Reads the level-0 square (x, y, size_l0) as uint8 RGB ``out_px`` wide.
+
+    The region is read from the finest level whose downsample does not exceed size_l0 / out_px
+    (so the pixels are never upsampled from a coarser level), then box-filtered to ``out_px``.
+    Transparent pixels (outside the scanned area) become white.
+    """
+    want = size_l0 / out_px
+    level = slide.get_best_level_for_downsample(want)
+    level_ds = slide.level_downsamples[level]
+    read_px = max(out_px, int(round(size_l0 / level_ds)))
+    region = slide.read_region((x, y), level, (read_px, read_px))
+    rgba = np.asarray(region, np.float32)
+    alpha = rgba[..., 3:] / 255.0
+    rgb = np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    if read_px != out_px:
+        rgb = np.asarray(Image.fromarray(rgb).resize((out_px, out_px), Image.BOX))
+    return rgb
+
+
+def level_for(slide, size_l0: int, out_px: int) -> int:
+    """The pyramid level :func:`read_region_rgb` reads for this tile size (for notes and tests)."""
+    return slide.get_best_level_for_downsample(size_l0 / out_px)

@@ -1,0 +1,147 @@
+"""Reads one tile image file into 8-bit RGB, recording what had to be converted.
+
+Pillow decodes PNG, JPEG, TIFF and BMP; RGBA/LA (composited on white, as a scanner background),
+grayscale, palette and 16-bit images become 8-bit RGB with a note saying so. Images whose pixel
+count exceeds a limit are refused before decoding (decompression bombs). TIFFs can optionally be
+decoded inside TensorFlow with tensorflow-io (``decoder="tfio"``), the design card's TIFF path.
+
+This module does not crop, resize, encode or write anything (see ``convert.records``), and does not
+read whole-slide images (see ``convert.slides``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from kd_histo.convert.errors import SkipInput
+
+TILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k: far above any tile, far below a slide's level 0
+
+
+def read_tile(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str = "pil") -> tuple[np.ndarray, list[str]]:
+    """Reads an image file as uint8 RGB.
+
+    Args:
+      path: the image file.
+      max_pixels: images with more pixels are refused (decompression-bomb guard).
+      decoder: "pil", or "tfio" to decode .tif/.tiff with tensorflow-io (other types use Pillow).
+
+    Returns:
+      ``(rgb uint8 [H, W, 3], notes)``; notes name any conversion (e.g. "16-bit -> 8-bit").
+
+    Raises:
+      SkipInput: the file is missing, empty, truncated, unsupported or too large.
+    """
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in TILE_EXTENSIONS:
+        raise SkipInput(f"unsupported file type {ext or '(none)'}; use one of {', '.join(TILE_EXTENSIONS)}")
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise SkipInput(f"cannot read: {e.strerror}") from None
+    if size == 0:
+        raise SkipInput("zero-byte file")
+    if decoder == "tfio" and ext in (".tif", ".tiff"):
+        return _read_tiff_tfio(path, max_pixels), []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise SkipInput(f"decompression bomb refused: {w}x{h} px > max_pixels={max_pixels}")
+                img.load()
+                return to_rgb8(img)
+    except SkipInput:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SkipInput(f"decompression bomb refused: {e}") from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
+        # Pillow signals truncation and unknown formats with these types.
+        raise SkipInput(f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def to_rgb8(img: Image.Image) -> tuple[np.ndarray, list[str]]:
+    """Converts a loaded Pillow image to uint8 RGB; returns ``(array, notes)``."""
+    mode = img.mode
+    notes: list[str] = []
+    if mode == "RGB":
+        return np.asarray(img, np.uint8), notes
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        # 16-bit data keep their full range (65535 -> 255); float images have no fixed white point
+        # and are scaled by their own maximum.
+        if mode.startswith("I;16") or (mode == "I" and arr.max() > 255):
+            top = 65535.0
+        elif mode == "I":
+            top = 255.0
+        else:
+            top = max(float(arr.max()), 1e-12)
+        gray = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        notes.append(f"{mode} grayscale -> 8-bit RGB (scaled by 255/{top:g})")
+        return np.repeat(gray[..., None], 3, axis=2), notes
+    if mode == "P":
+        img = img.convert("RGBA")
+        notes.append("palette -> RGB (transparency composited on white)")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA"):
+        rgba = np.asarray(img.convert("RGBA"), np.float32)
+        alpha = rgba[..., 3:] / 255.0
+        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)  # white, like glass without tissue
+        if notes == []:
+            notes.append(f"{mode} -> RGB (alpha composited on white)")
+        return np.round(rgb).astype(np.uint8), notes
+    if mode in ("L", "1"):
+        notes.append(f"{mode} grayscale -> RGB")
+        return np.asarray(img.convert("RGB"), np.uint8), notes
+    notes.append(f"{mode} -> RGB")
+    return np.asarray(img.convert("RGB"), np.uint8), notes
+
+
+def _read_tiff_tfio(path: str, max_pixels: int) -> np.ndarray:
+    """Decodes a TIFF with tensorflow-io (libtiff, RGBA) and drops alpha."""
+    import tensorflow as tf
+    import tensorflow_io as tfio
+
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        rgba = tfio.experimental.image.decode_tiff(tf.constant(data)).numpy()
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+        raise SkipInput(f"unreadable TIFF (tensorflow-io): {e.message.splitlines()[0]}") from None
+    if rgba.shape[0] * rgba.shape[1] > max_pixels:
+        raise SkipInput(f"decompression bomb refused: {rgba.shape[1]}x{rgba.shape[0]} px > max_pixels={max_pixels}")
+    return np.ascontiguousarray(rgba[..., :3])
+
+
+def fit_tile(rgb: np.ndarray, tile_px: int, mode: str = "crop") -> np.ndarray:
+    """Makes a square ``tile_px`` tile: unchanged, centre-cropped, or resized.
+
+    Args:
+      rgb: uint8 [H, W, 3].
+      tile_px: output side.
+      mode: "crop" keeps the pixel size (microns per pixel); "resize" area-resamples the whole
+        image (changes microns per pixel).
+
+    Raises:
+      ConversionError: the image is smaller than ``tile_px`` (crop) — the fix is a smaller tile_px.
+    """
+    from kd_histo.convert.errors import ConversionError
+
+    h, w = rgb.shape[:2]
+    if h == tile_px and w == tile_px:
+        return rgb
+    if mode == "resize":
+        return np.asarray(Image.fromarray(rgb).resize((tile_px, tile_px), Image.BOX if min(h, w) >= tile_px else Image.BICUBIC))
+    if h < tile_px or w < tile_px:
+        raise ConversionError(
+            f"tile_px={tile_px} is larger than an input image ({w}x{h} px); pass --tile_px<={min(h, w)} "
+            "or --fit=resize"
+        )
+    top, left = (h - tile_px) // 2, (w - tile_px) // 2
+    return rgb[top : top + tile_px, left : left + tile_px]

@@ -185,3 +185,46 @@ def profile_training_steps(model: keras.Model, input_px: int, log_dir: str, step
     finally:
         tf.profiler.experimental.stop()
     return log_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class CostConfig:
+    """Cost of several trained runs, each at its own input size.
+
+    Attributes:
+      runs: run folders (run.json + model.keras); the first is the reference (the teacher).
+      out_dir: where cost.json, cost.md and ``trace/`` go.
+      names: row names; empty = the folder names.
+      batch_sizes: batch sizes of the latency measurement (empty = FLOPs and params only).
+      repeats: timed repeats per batch size.
+      profile_steps: training steps traced for TensorBoard per run (0 = no trace).
+    """
+
+    runs: tuple[str, ...]
+    out_dir: str = "cost"
+    names: tuple[str, ...] = ()
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    repeats: int = 5
+    profile_steps: int = 3
+
+
+def cost_of_runs(cfg: CostConfig) -> dict[str, Any]:
+    """Measures every run at its input size and writes the table; returns paths and rows."""
+    from kd_histo.evaluate import read_run  # one reader of run.json
+    from kd_histo.models import load_model
+
+    if not cfg.runs:
+        raise ValueError("no runs given; pass --runs=<teacher run>,<student run>,...")
+    names = list(cfg.names) or [os.path.basename(os.path.normpath(r)) for r in cfg.runs]
+    if len(names) != len(cfg.runs):
+        raise ValueError(f"{len(names)} names for {len(cfg.runs)} runs; give one name per run")
+    entries = []
+    for name, run_dir in zip(names, cfg.runs):
+        run = read_run(run_dir)
+        model = load_model(os.path.join(run_dir, run["model"]))
+        entries.append(model_cost(name, model, int(run["input_px"]), cfg.batch_sizes, cfg.repeats))
+        if cfg.profile_steps:
+            profile_training_steps(model, int(run["input_px"]), os.path.join(cfg.out_dir, "trace", name),
+                                   steps=cfg.profile_steps, batch_size=max(cfg.batch_sizes or (8,)))
+    rows = cost_table(entries, reference=names[0])
+    return {"rows": rows, **write_cost(rows, cfg.out_dir)}

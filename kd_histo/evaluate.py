@@ -182,3 +182,60 @@ def _cell(row: dict, key: str) -> str:
         return "-"
     lo, hi = row.get(key + "_ci", (None, None))
     return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{v:.3f}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation of a run folder on a split.
+
+    Attributes:
+      model_dir: run folder with run.json and model.keras (from ``kd_histo.train``).
+      split: "test" or "val".
+      data_dir: converted data folder; "" = the run's own (run.json).
+      out_dir: results folder; "" = ``<model_dir>/eval_<split>``.
+      batch_size: tiles per batch.
+      n_boot: bootstrap replicates.
+      seed: bootstrap seed.
+    """
+
+    model_dir: str
+    split: str = "test"
+    data_dir: str = ""
+    out_dir: str = ""
+    batch_size: int = 64
+    n_boot: int = 1000
+    seed: int = 0
+
+
+def read_run(model_dir: str) -> dict[str, Any]:
+    """A finished run's run.json, with a clear error when the folder is not one."""
+    path = os.path.join(model_dir, "run.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --model_dir must be a finished kd-histo-train run folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
+    """Predicts a split with a run's network, computes the metrics, writes the files; returns paths."""
+    from kd_histo import schema
+    from kd_histo.data.pipeline import PipelineConfig, make_dataset
+    from kd_histo.models import load_model
+
+    run = read_run(cfg.model_dir)
+    data_dir = cfg.data_dir or run["data_dir"]
+    info = schema.DatasetInfo.read(data_dir)
+    if list(info.class_names) != list(run["class_names"]):
+        raise ValueError(f"{data_dir} has classes {info.class_names} but the model was trained on "
+                         f"{run['class_names']}; evaluate on data converted with the same classes")
+    schema.shard_paths(data_dir, cfg.split)  # a missing split fails here with the folder's name
+    model = load_model(os.path.join(cfg.model_dir, run["model"]), expected_num_classes=info.num_classes)
+    pipe = PipelineConfig(data_dir=data_dir, batch_size=cfg.batch_size, factor=run["factor"] if run["view"] == "lr"
+                          else 1.0, hr_px=run["hr_px"])
+    preds = predict_split(model, make_dataset(pipe, cfg.split, training=False), run["view"])
+    result = evaluate_predictions(preds, info.class_names, n_boot=cfg.n_boot, seed=cfg.seed)
+    result["run"] = {"model_dir": os.path.abspath(cfg.model_dir), "mode": run["mode"], "view": run["view"],
+                     "factor": run["factor"], "input_px": run["input_px"], "data_dir": data_dir, "split": cfg.split}
+    out_dir = cfg.out_dir or os.path.join(cfg.model_dir, f"eval_{cfg.split}")
+    title = f"{os.path.basename(os.path.normpath(cfg.model_dir))} ({cfg.split})"
+    return write_evaluation(result, preds, out_dir, title)

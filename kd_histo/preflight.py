@@ -37,6 +37,8 @@ def check_data(cfg: RunConfig) -> schema.DatasetInfo:
         info = schema.DatasetInfo.read(cfg.data.data_dir)
     except (FileNotFoundError, schema.SchemaError) as e:
         raise PreflightError(str(e)) from None
+    if cfg.mode != "distill" and not (cfg.data.labeled and cfg.data.unlabeled_ratio < 1.0):
+        raise PreflightError(f"mode {cfg.mode!r} learns from labels: drop --nolabeled / use --unlabeled_ratio < 1")
     needs_train = cfg.data.labeled and cfg.data.unlabeled_ratio < 1.0
     splits = ["train"] if needs_train else []
     for split in splits:

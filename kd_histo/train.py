@@ -127,7 +127,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
                               **cfg.net.build_kwargs())
             input_px = preflight.check_input_size(cfg, info, net)
             model = _distiller(cfg, net, teacher)
-            data_cfg = dataclasses.replace(cfg.data, labeled=cfg.data.labeled or cfg.mode != "distill")
+            data_cfg = cfg.data
             steps = cfg.steps_per_epoch or steps_per_epoch(data_cfg, "train")
             if steps < 1:
                 raise preflight.PreflightError(f"the train split gives 0 batches of {cfg.data.batch_size}; "

@@ -1,0 +1,184 @@
+"""Flag definitions of the kd-histo binaries and the error handling they share.
+
+Each ``define_*_flags()`` is called by one binary's module at import; the library never reads
+``absl.flags.FLAGS``. Definitions are idempotent, so tests can import several binaries into one
+process. ``run(prog, main)`` starts a binary: flag errors and bad input end in one line,
+``<prog>: error: <what to fix>``, and a non-zero exit, never a traceback. ``invoke(module, argv)``
+runs a binary in-process (tests, notebooks) and returns its exit code.
+
+Not here: turning flags into configs (each binary's ``main``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+EXIT_BAD_INPUT = 2
+
+
+def _define(kind: str, name: str, default, help_text: str, **kwargs) -> None:
+    if name in FLAGS:  # another binary imported into this process defined it already
+        return
+    if kind == "enum":
+        flags.DEFINE_enum(name, default, kwargs.pop("enum_values"), help_text, **kwargs)
+    else:
+        getattr(flags, f"DEFINE_{kind}")(name, default, help_text, **kwargs)
+
+
+def define_data_flags() -> None:
+    """Flags of the input pipeline (kd_histo.data.pipeline.PipelineConfig)."""
+    _define("string", "data_dir", None, "Folder with shards + dataset.json (kd-histo-convert output).")
+    _define("float", "factor", 2.0, "Resolution factor of the LR view (2, 4, 8).")
+    _define("integer", "hr_px", None, "Side of the HR view; default the stored tile size (smaller: crop).")
+    _define("integer", "batch_size", 32, "Examples per batch.")
+    _define("string", "lr_method", "area", "How the LR view is made: area, bicubic, bilinear, pyramid.")
+    _define("string", "augment", "paper", "Training augmentation preset.")
+    _define("float", "unlabeled_ratio", 0.0, "Fraction of training examples from the unlabeled pool.")
+    _define("list", "unlabeled_dirs", [], "More converted folders for the unlabeled pool (comma separated).")
+    _define("bool", "labeled", True, "Read the labeled train split (distill uses its labels only with "
+            "--ce_weight > 0); --nolabeled trains a student on the unlabeled pool alone.")
+    _define("bool", "cache", False, "Keep decoded tiles in memory after the first pass.")
+
+
+def define_train_flags() -> None:
+    """Flags of kd-histo-train."""
+    define_data_flags()
+    _define("enum", "mode", None, "teacher (labels, HR), baseline (labels, LR), distill (teacher -> student).",
+            enum_values=["teacher", "baseline", "distill"])
+    _define("string", "model_dir", None, "Run folder to create (or resume).")
+    _define("string", "arch", "resnet_gn", "Network: resnet_gn (paper), resnet18, resnet34, resnet50.")
+    _define("list", "planes", [], "Stage widths of resnet_gn, e.g. 32,64,128,256 (default the builder's).")
+    _define("string", "stem", "imagenet", "resnet_gn stem: imagenet (stride 4) or small (stride 1).")
+    _define("string", "norm", "group", "Normalisation layers: group or batch.")
+    _define("string", "teacher", "", "distill: the teacher's run folder or model.keras.")
+    _define("float", "temperature", 4.0, "KD softmax temperature T (loss scaled by T^2).")
+    _define("float", "kd_weight", 1.0, "Weight of KL(teacher || student).")
+    _define("float", "feature_weight", 1.0, "Weight of the feature-map loss.")
+    _define("string", "feature_mode", "maxpool+bicubic", "Teacher map resize: maxpool, bicubic, maxpool+bicubic.")
+    _define("string", "feature_norm", "l2", "Feature loss norm: l2 or l1.")
+    _define("float", "ce_weight", 0.0, "distill: weight of cross-entropy on labeled tiles.")
+    _define("float", "ssl_weight", 0.0, "distill: weight of the contrastive (InfoNCE) term.")
+    _define("float", "at_weight", 0.0, "distill: weight of attention transfer.")
+    _define("integer", "accumulation_steps", 1, "Micro-batches per optimizer update.")
+    _define("string", "optimizer", "adam", "adam, adamw or sgd.")
+    _define("float", "learning_rate", 1e-3, "Peak learning rate (paper: 1e-3).")
+    _define("float", "weight_decay", 1e-4, "Weight decay (paper: 1e-4).")
+    _define("string", "schedule", "cosine", "Learning-rate schedule: constant, cosine, exponential.")
+    _define("float", "decay_rate", 0.9, "Exponential schedule: factor per epoch.")
+    _define("float", "warmup_epochs", 0.0, "Cosine schedule: linear warm-up length in epochs.")
+    _define("integer", "epochs", 30, "Training epochs.")
+    _define("integer", "steps_per_epoch", 0, "Batches per epoch; 0 = one pass over the train split.")
+    _define("integer", "val_steps", 0, "Validation batches; 0 = the whole val split.")
+    _define("string", "precision", "float32", "float32, mixed_float16 or mixed_bfloat16.")
+    _define("string", "strategy", "default", "default, mirrored or multi_worker (TF_CONFIG).")
+    _define("integer", "seed", 0, "Seed of weights, data order and augmentation.")
+    _define("bool", "resume", True, "Continue an unfinished run found in model_dir.")
+    _define("string", "monitor", "val_accuracy", "Metric picking the best epoch: val_accuracy or val_loss.")
+    _define("bool", "allow_no_val", False, "Train without a val split (keeps the last epoch).")
+    _define("list", "profile_steps", ["2", "4"], "TensorBoard profile window first,last step; 0,0 = off.")
+    _define("bool", "smoke", False, "Shrink everything to run in seconds (tiny net, 2 epochs of 2 steps).")
+    _define("integer", "verbose", 2, "Keras progress: 0 silent, 1 bar, 2 one line per epoch.")
+
+
+def define_evaluate_flags() -> None:
+    """Flags of kd-histo-evaluate."""
+    _define("string", "model_dir", None, "Run folder (holds run.json and model.keras).")
+    _define("string", "data_dir", None, "Folder with shards; default the run's own data set.")
+    _define("string", "split", "test", "Split to evaluate: test or val.")
+    _define("string", "out_dir", "", "Where to write results; default <model_dir>/eval_<split>.")
+    _define("integer", "batch_size", 64, "Tiles per batch.")
+    _define("integer", "n_boot", 1000, "Bootstrap replicates of the 95% intervals.")
+    _define("list", "compare", [], "Evaluation folders (with metrics.json) to put in one table.")
+    _define("list", "names", [], "Row names of --compare (default the folder names).")
+    _define("string", "compare_out", "comparison", "Path prefix of the comparison table (.md and .csv).")
+
+
+def define_cost_flags() -> None:
+    """Flags of kd-histo-cost."""
+    _define("list", "runs", [], "Run folders; the first (the teacher) is the reference of the ratios.")
+    _define("list", "names", [], "Row names (default the folder names).")
+    _define("string", "out_dir", "cost", "Where cost.json, cost.md and the profile trace go.")
+    _define("list", "batch_sizes", ["1", "8", "32"], "Batch sizes of the latency measurement.")
+    _define("integer", "repeats", 5, "Timed repeats per batch size (median reported).")
+    _define("integer", "trace_steps", 3, "Training steps in the TensorBoard trace; 0 = none.")
+
+
+def define_predict_flags() -> None:
+    """Flags of kd-histo-predict."""
+    _define("string", "model_dir", None, "Run folder of the model (run.json + model.keras).")
+    _define("list", "inputs", [], "Tile folders, converted data folders, or whole-slide image files.")
+    _define("string", "out_dir", "predictions", "Where the CSVs and heatmaps go.")
+    _define("string", "split", "test", "Split read from a converted data folder.")
+    _define("integer", "batch_size", 64, "Tiles per batch.")
+    _define("float", "target_mpp", 0.5, "Slides: µm/px of the HR tiles the model was trained on.")
+    _define("float", "min_tissue", 0.5, "Slides: fraction of tissue a tile needs.")
+    _define("integer", "max_tiles", 0, "Slides: at most this many tiles per slide (0 = all).")
+    _define("bool", "heatmap", False, "Slides: write a probability heatmap over the thumbnail.")
+
+
+def int_list(values: Sequence[str], name: str) -> tuple[int, ...]:
+    """A list flag of integers, with a one-line error naming the flag."""
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--{name} takes integers separated by commas, got {','.join(values)}") from None
+
+
+def require(**values) -> None:
+    """Raises a one-line error for the first required flag that is unset."""
+    for name, value in values.items():
+        if value in (None, "", []):
+            raise ValueError(f"--{name} is required")
+
+
+def _parser(prog: str) -> Callable[[list[str]], list[str]]:
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return FLAGS(argv)
+        except flags.Error as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+
+    return parse
+
+
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def guarded(prog: str, main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """Wraps ``main`` so bad input ends in ``<prog>: error: ...`` and exit code 2."""
+
+    def wrapped(argv: list[str]) -> None:
+        if len(argv) > 1:
+            print(f"{prog}: error: unexpected arguments {argv[1:]}; all options are --flags", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+        try:
+            main(argv)
+        except BAD_INPUT as e:
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"{prog}: error: {message}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+
+    return wrapped
+
+
+def run(prog: str, main: Callable[[list[str]], None]) -> None:
+    """Console-script entry: parse flags (one-line errors), then the guarded ``main``."""
+    app.run(guarded(prog, main), flags_parser=_parser(prog))
+
+
+def invoke(prog: str, main: Callable[[list[str]], None], argv: Sequence[str]) -> int:
+    """Runs a binary in-process with ``argv`` (without the program name); returns the exit code."""
+    FLAGS.unparse_flags()
+    try:
+        rest = _parser(prog)([prog, *argv])
+        guarded(prog, main)(rest)
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        FLAGS.unparse_flags()
+    return 0

@@ -1,0 +1,37 @@
+"""kd-histo-predict: a trained network on new tiles, converted shards or whole-slide images.
+
+    kd-histo-predict --model_dir=runs/demo/student_x4 --inputs=../shared/data/slide.svs \
+        --heatmap --max_tiles=200 --out_dir=runs/demo/predict
+
+Writes predictions.csv (per tile), slides.csv (per slide) and, with --heatmap, one heatmap PNG
+per slide over its thumbnail (``kd_histo.predict``).
+"""
+
+from __future__ import annotations
+
+from kd_histo.cli import flags_common as fc
+
+PROG = "kd-histo-predict"
+fc.define_predict_flags()
+FLAGS = fc.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from kd_histo import predict
+
+    fc.require(model_dir=FLAGS.model_dir, inputs=FLAGS.inputs)
+    cfg = predict.PredictConfig(model_dir=FLAGS.model_dir, inputs=tuple(FLAGS.inputs), out_dir=FLAGS.out_dir,
+                                split=FLAGS.split, batch_size=FLAGS.batch_size, target_mpp=FLAGS.target_mpp,
+                                min_tissue=FLAGS.min_tissue, max_tiles=FLAGS.max_tiles, heatmap=FLAGS.heatmap)
+    paths = predict.predict(cfg)
+    for name, path in paths.items():
+        print(f"{PROG}: {name} -> {path}")
+
+
+def run() -> None:
+    fc.run(PROG, main)
+
+
+if __name__ == "__main__":
+    run()

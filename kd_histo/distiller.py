@@ -14,6 +14,9 @@ tracker per loss) without its assumption that teacher and student share one inpu
 float32; the total is divided by the number of replicas (tf.distribute sums gradients) and passed
 through ``optimizer.scale_loss`` (LossScaleOptimizer under ``mixed_float16``). Gradient
 accumulation uses the Keras optimizer's own ``gradient_accumulation_steps``, set in ``compile``.
+Under tf.distribute every loss is a mean over the replica's share of the batch; with equal shares
+that is the global mean, except for the masked cross-entropy, which averages over each replica's
+labeled examples (a slightly different weighting when replicas hold different labeled counts).
 
 Multi-worker training: set ``TF_CONFIG`` on each worker (``{"cluster": {"worker": [host:port,
 ...]}, "task": {"type": "worker", "index": i}}``), create

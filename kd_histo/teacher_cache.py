@@ -135,6 +135,7 @@ class TeacherCache:
     """
 
     def __init__(self, cache_dir: str, in_memory: bool = False):
+        self.cache_dir = cache_dir
         meta = os.path.join(cache_dir, META)
         if not os.path.isfile(meta):
             raise FileNotFoundError(f"{meta} not found: build the cache first (kd_histo.teacher_cache.build_cache)")

@@ -87,18 +87,23 @@ def make_shards(src: str, out_dir: str, per_class: int, num_shards: int = 4) -> 
     return out_dir
 
 
-def tiles_per_second(cfg, split: str, batches: int, warmup: int, full_pass_first: bool) -> float:
+def tiles_per_second(cfg, split: str, batches: int, warmup: int, full_pass_first: bool) -> dict:
+    """Wall-clock tiles/s and tiles per CPU-second (all threads of this process) of one config.
+
+    Tiles per CPU-second does not depend on what else runs on a shared machine: the share of
+    the cores the pipeline takes from training at a given step rate is ``rate / tiles_per_cpu_s``.
+    """
     from kd_histo.data.pipeline import make_dataset, steps_per_epoch
 
-    ds = make_dataset(cfg, split, training=True).repeat()
-    it = iter(ds)
+    it = iter(make_dataset(cfg, split, training=True).repeat())
     for _ in range(steps_per_epoch(cfg, split) if full_pass_first else warmup):
         next(it)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     n = 0
     for _ in range(batches):
         n += int(next(it)["hr"].shape[0])
-    return n / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"tiles_per_s": round(n / wall, 1), "tiles_per_cpu_s": round(n / cpu, 1)}
 
 
 def main(argv) -> None:
@@ -122,7 +127,7 @@ def main(argv) -> None:
         for preset in f.augments:
             cfg = PipelineConfig(**{**base.__dict__, "factor": factor, "augment": preset})
             rate = tiles_per_second(cfg, f.split, f.batches, f.warmup, f.cache)
-            rows.append({"factor": factor, "augment": preset, "tiles_per_s": round(rate, 1)})
+            rows.append({"factor": factor, "augment": preset, **rate})
             print(json.dumps(rows[-1]), flush=True)
     print(
         json.dumps(

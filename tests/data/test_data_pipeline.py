@@ -150,3 +150,14 @@ def test_missing_unlabeled_data_is_a_clear_error(tiny_shards, tmp_path):
         p.unlink()
     with pytest.raises(ValueError, match="no unlabeled data"):
         make_dataset(PipelineConfig(str(d), unlabeled_ratio=0.5))
+
+
+def test_cache_changes_nothing_but_speed(tiny_shards):
+    cfg = PipelineConfig(tiny_shards, batch_size=4, augment="paper", seed=3)
+    plain = _batches(cfg, epochs=2)
+    cached = _batches(PipelineConfig(**{**cfg.__dict__, "cache": True}), epochs=2)
+    for x, y in zip(plain, cached):
+        np.testing.assert_array_equal(x["hr"], y["hr"])
+        np.testing.assert_array_equal(x["source"], y["source"])
+    evals = [_batches(PipelineConfig(tiny_shards, cache=c), "val", False) for c in (False, True)]
+    np.testing.assert_array_equal(evals[0][0]["lr"], evals[1][0]["lr"])

@@ -90,7 +90,7 @@ def check_model_dir(cfg: RunConfig) -> None:
             raise PreflightError(f"model_dir {d} holds an unfinished run; pass --resume to continue it or a new --model_dir")
         with open(old) as f:
             before = json.load(f)
-        now = cfg.to_dict()
+        now = json.loads(cfg.to_json())  # tuples become lists, as in the file
         differ = sorted(k for k in now if k not in ("resume", "verbose") and before.get(k) != now[k])
         if differ:
             raise PreflightError(f"model_dir {d} holds a run with other settings ({', '.join(differ)}); "

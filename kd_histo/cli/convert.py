@@ -59,6 +59,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("compression", "", ["", "GZIP"], "Shard compression.")
     flags.DEFINE_integer("examples_per_shard", 1000, "Target shard size (when --num_shards=0).")
     flags.DEFINE_integer("num_shards", 0, "Shards per split (0 = from --examples_per_shard).")
+    flags.DEFINE_integer("unit_size", 64, "Tiles per work unit: the granularity of resume and progress.")
     flags.DEFINE_integer("num_workers", 2, "Worker processes (0 = in this process).")
     flags.DEFINE_integer("task_index", 0, "This task among --num_tasks (Slurm/Kubernetes array index).")
     flags.DEFINE_integer("num_tasks", 1, "Independent tasks; with > 1, finish with --merge.")
@@ -90,8 +91,9 @@ def config_from_flags(argv: list[str]) -> ConvertConfig:
         group_by=FLAGS.group_by, phash_distance=FLAGS.phash_distance, fractions=fractions, seed=FLAGS.seed,
         encode=encode, slide_mpp=FLAGS.slide_mpp, compression=FLAGS.compression,
         examples_per_shard=FLAGS.examples_per_shard, num_shards=FLAGS.num_shards, num_workers=FLAGS.num_workers,
+        unit_size=FLAGS.unit_size,
         task_index=FLAGS.task_index, num_tasks=FLAGS.num_tasks, overwrite=FLAGS.overwrite,
-        keep_parts=FLAGS.keep_parts, progress=FLAGS.progress, command=shlex.join(["kd-histo-convert", *argv[1:]]),
+        keep_parts=FLAGS.keep_parts, progress=FLAGS.progress, command=shlex.join(["kd-histo-convert", *sys.argv[1:]]),
     )
 
 

@@ -174,14 +174,14 @@ def merge(cfg: ConvertConfig) -> schema.DatasetInfo:
       ConversionError: a task has not finished (its summary file is missing).
     """
     parts = os.path.join(cfg.out_dir, PARTS)
+    for t in range(cfg.num_tasks):
+        if not os.path.exists(os.path.join(parts, f"task-{t:05d}-of-{cfg.num_tasks:05d}.json")):
+            raise ConversionError(f"task {t} of {cfg.num_tasks} has not finished in {cfg.out_dir}; "
+                                  f"run it with --task_index={t} --num_tasks={cfg.num_tasks}, then merge again")
     with writer.DirLock(cfg.out_dir, "merge"):
         tasks = []
         for t in range(cfg.num_tasks):
-            path = os.path.join(parts, f"task-{t:05d}-of-{cfg.num_tasks:05d}.json")
-            if not os.path.exists(path):
-                raise ConversionError(f"task {t} of {cfg.num_tasks} has not finished in {cfg.out_dir}; "
-                                      f"run it with --task_index={t} --num_tasks={cfg.num_tasks}, then merge again")
-            with open(path) as f:
+            with open(os.path.join(parts, f"task-{t:05d}-of-{cfg.num_tasks:05d}.json")) as f:
                 tasks.append(json.load(f))
         unit_ids = tasks[0]["all_units"]
         summaries = []

@@ -59,15 +59,41 @@ def base_mpp_of(slide, override: float = 0.0) -> float:
     raise ConversionError("the slide has no µm/px in its metadata; pass --slide_mpp=<level-0 µm/px>")
 
 
-def tissue_mask(slide, thumb_px: int = 1024, min_saturation: int = 20, max_brightness: int = 230) -> np.ndarray:
-    """Boolean tissue mask on a thumbnail: coloured (stained) and not bright (glass).
+def thumbnail(slide, thumb_px: int = 1024, block_px: int = 2048) -> np.ndarray:
+    """A uint8 RGB thumbnail (longest side about ``thumb_px``) read in blocks.
+
+    OpenSlide's own ``get_thumbnail`` reads a whole level at once, which for a single-level slide is
+    the full level-0 image; here no read exceeds ``block_px`` x ``block_px`` pixels, so memory stays
+    flat however big the slide is.
+    """
+    width, height = slide.dimensions
+    level = slide.get_best_level_for_downsample(max(width, height) / thumb_px)
+    lw, lh = slide.level_dimensions[level]
+    level_ds = slide.level_downsamples[level]
+    f = max(1.0, max(lw, lh) / thumb_px)  # level px per thumbnail px
+    tw, th = max(1, int(round(lw / f))), max(1, int(round(lh / f)))
+    out = np.full((th, tw, 3), 255, np.uint8)
+    step = max(1, int(block_px // f))  # thumbnail px per block
+    for oy in range(0, th, step):
+        for ox in range(0, tw, step):
+            oy1, ox1 = min(th, oy + step), min(tw, ox + step)
+            ly0, lx0 = int(round(oy * f)), int(round(ox * f))
+            ly1, lx1 = min(lh, max(ly0 + 1, int(round(oy1 * f)))), min(lw, max(lx0 + 1, int(round(ox1 * f))))
+            region = slide.read_region((int(lx0 * level_ds), int(ly0 * level_ds)), level, (lx1 - lx0, ly1 - ly0))
+            rgba = np.asarray(region, np.float32)
+            alpha = rgba[..., 3:] / 255.0
+            rgb = np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+            out[oy:oy1, ox:ox1] = np.asarray(Image.fromarray(rgb).resize((ox1 - ox, oy1 - oy), Image.BOX))
+    return out
+
+
+def tissue_mask(slide, thumb_px: int = 1024, block_px: int = 2048) -> np.ndarray:
+    """Boolean tissue mask on a streamed thumbnail: coloured (stained) and not bright (glass).
 
     Returns:
       bool [h, w]; mask pixel (i, j) covers level-0 area scaled by dimensions / mask shape.
     """
-    thumb = slide.get_thumbnail((thumb_px, thumb_px)).convert("RGB")
-    rgb = np.asarray(thumb, np.int16)
-    return is_tissue(rgb, min_saturation, max_brightness)
+    return is_tissue(thumbnail(slide, thumb_px, block_px))
 
 
 def is_tissue(rgb: np.ndarray, min_saturation: int = 20, max_brightness: int = 230) -> np.ndarray:
@@ -85,6 +111,7 @@ def plan_slide(
     min_tissue: float = 0.5,
     slide_mpp: float = 0.0,
     thumb_px: int = 1024,
+    block_px: int = 2048,
 ) -> SlidePlan:
     """Lists tissue tiles of ``tile_px`` at ``target_mpp`` (µm/px) on a non-overlapping grid.
 
@@ -102,7 +129,7 @@ def plan_slide(
                 f"{path}: a {tile_px} px tile at {target_mpp} µm/px spans {size_l0} level-0 px but the slide is "
                 f"{width}x{height}; lower --tile_px or --target_mpp"
             )
-        mask = tissue_mask(slide, thumb_px)
+        mask = tissue_mask(slide, thumb_px, block_px)
     finally:
         slide.close()
     sy, sx = mask.shape[0] / height, mask.shape[1] / width

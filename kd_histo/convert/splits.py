@@ -4,7 +4,9 @@ Inputs are grouped into connected components of shared slide ids *and* shared pa
 slide and no patient ever lands in two splits. Labeled groups are stratified by their majority
 class: within each class, groups are shuffled with the seed and each goes to the split furthest
 below its target share of that class's tiles (after each split got one group, when there are
-enough). Unlabeled inputs go to ``unlabeled``. A manifest's
+enough). Unlabeled inputs go to ``unlabeled``; the one
+exception to "one split per slide" is that ``unlabeled`` may share slides with ``train`` (both feed
+training only), while unlabeled tiles of val/test slides are left out. A manifest's
 split column, when given, wins, and is checked for slides or patients that cross splits.
 
 This module only sees ids, labels and counts; it reads no files.

@@ -99,6 +99,12 @@ class PipelineConfig:
             raise ValueError(f"unlabeled_fraction must be in (0, 1], got {self.unlabeled_fraction}")
         if self.hr_px is not None and self.hr_px < 1:
             raise ValueError(f"hr_px must be >= 1 or None, got {self.hr_px}")
+        if self.shuffle_buffer < 1 or self.cycle_length < 1:
+            raise ValueError("shuffle_buffer and cycle_length must be >= 1")
+        if isinstance(self.unlabeled_dirs, str):
+            raise ValueError(
+                f"unlabeled_dirs must be a tuple of folders, got the string {self.unlabeled_dirs!r}"
+            )
 
 
 def _has_split(data_dir: str, split: str) -> bool:

@@ -136,6 +136,8 @@ def test_normalize_uses_dataset_json_mean_and_std(tiny_shards):
         ({"batch_size": 0}, "batch_size"),
         ({"unlabeled_fraction": 0.0}, "unlabeled_fraction"),
         ({"factor": -2.0}, "factor"),
+        ({"shuffle_buffer": 0}, "shuffle_buffer"),
+        ({"unlabeled_dirs": "/data/extra"}, "unlabeled_dirs"),
     ],
 )
 def test_bad_config_is_a_clear_error(tiny_shards, kwargs, match):

@@ -102,7 +102,7 @@ class PipelineConfig:
         if self.shuffle_buffer < 1 or self.cycle_length < 1:
             raise ValueError("shuffle_buffer and cycle_length must be >= 1")
         if isinstance(self.unlabeled_dirs, str):
-            raise ValueError(
+            raise TypeError(
                 f"unlabeled_dirs must be a tuple of folders, got the string {self.unlabeled_dirs!r}"
             )
 

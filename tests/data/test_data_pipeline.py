@@ -137,12 +137,16 @@ def test_normalize_uses_dataset_json_mean_and_std(tiny_shards):
         ({"unlabeled_fraction": 0.0}, "unlabeled_fraction"),
         ({"factor": -2.0}, "factor"),
         ({"shuffle_buffer": 0}, "shuffle_buffer"),
-        ({"unlabeled_dirs": "/data/extra"}, "unlabeled_dirs"),
     ],
 )
 def test_bad_config_is_a_clear_error(tiny_shards, kwargs, match):
     with pytest.raises(ValueError, match=match):
         PipelineConfig(tiny_shards, **kwargs)
+
+
+def test_unlabeled_dirs_as_one_string_is_a_clear_error(tiny_shards):
+    with pytest.raises(TypeError, match="tuple of folders"):
+        PipelineConfig(tiny_shards, unlabeled_dirs="/data/extra")
 
 
 def test_missing_unlabeled_data_is_a_clear_error(tiny_shards, tmp_path):

@@ -22,7 +22,7 @@ def main(argv: list[str]) -> None:
     from kd_histo import cost
 
     fc.require(runs=FLAGS.runs)
-    cfg = cost.CostConfig(runs=tuple(FLAGS.runs), out_dir=FLAGS.out_dir, names=tuple(FLAGS.names),
+    cfg = cost.CostConfig(runs=tuple(FLAGS.runs), out_dir=FLAGS.out_dir or "cost", names=tuple(FLAGS.names),
                           batch_sizes=fc.int_list(FLAGS.batch_sizes, "batch_sizes"), repeats=FLAGS.repeats,
                           profile_steps=FLAGS.trace_steps)
     out = cost.cost_of_runs(cfg)

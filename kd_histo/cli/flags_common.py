@@ -21,7 +21,11 @@ EXIT_BAD_INPUT = 2
 
 
 def _define(kind: str, name: str, default, help_text: str, **kwargs) -> None:
-    if name in FLAGS:  # another binary imported into this process defined it already
+    # Binaries share flag names (model_dir, out_dir, batch_size...) with the SAME defaults, so
+    # importing several binaries into one process (tests) changes nothing: the first definition wins.
+    if name in FLAGS:
+        if FLAGS[name].default != default:
+            raise AssertionError(f"flag --{name} defined twice with different defaults")
         return
     if kind == "enum":
         flags.DEFINE_enum(name, default, kwargs.pop("enum_values"), help_text, **kwargs)
@@ -90,7 +94,7 @@ def define_evaluate_flags() -> None:
     _define("string", "data_dir", None, "Folder with shards; default the run's own data set.")
     _define("string", "split", "test", "Split to evaluate: test or val.")
     _define("string", "out_dir", "", "Where to write results; default <model_dir>/eval_<split>.")
-    _define("integer", "batch_size", 64, "Tiles per batch.")
+    _define("integer", "batch_size", 32, "Tiles per batch.")
     _define("integer", "n_boot", 1000, "Bootstrap replicates of the 95% intervals.")
     _define("list", "compare", [], "Evaluation folders (with metrics.json) to put in one table.")
     _define("list", "names", [], "Row names of --compare (default the folder names).")
@@ -101,7 +105,7 @@ def define_cost_flags() -> None:
     """Flags of kd-histo-cost."""
     _define("list", "runs", [], "Run folders; the first (the teacher) is the reference of the ratios.")
     _define("list", "names", [], "Row names (default the folder names).")
-    _define("string", "out_dir", "cost", "Where cost.json, cost.md and the profile trace go.")
+    _define("string", "out_dir", "", "Where cost.json, cost.md and the profile trace go (default ./cost).")
     _define("list", "batch_sizes", ["1", "8", "32"], "Batch sizes of the latency measurement.")
     _define("integer", "repeats", 5, "Timed repeats per batch size (median reported).")
     _define("integer", "trace_steps", 3, "Training steps in the TensorBoard trace; 0 = none.")
@@ -111,9 +115,9 @@ def define_predict_flags() -> None:
     """Flags of kd-histo-predict."""
     _define("string", "model_dir", None, "Run folder of the model (run.json + model.keras).")
     _define("list", "inputs", [], "Tile folders, converted data folders, or whole-slide image files.")
-    _define("string", "out_dir", "predictions", "Where the CSVs and heatmaps go.")
+    _define("string", "out_dir", "", "Where the CSVs and heatmaps go (default ./predictions).")
     _define("string", "split", "test", "Split read from a converted data folder.")
-    _define("integer", "batch_size", 64, "Tiles per batch.")
+    _define("integer", "batch_size", 32, "Tiles per batch.")
     _define("float", "target_mpp", 0.5, "Slides: µm/px of the HR tiles the model was trained on.")
     _define("float", "min_tissue", 0.5, "Slides: fraction of tissue a tile needs.")
     _define("integer", "max_tiles", 0, "Slides: at most this many tiles per slide (0 = all).")

@@ -21,7 +21,8 @@ def main(argv: list[str]) -> None:
     from kd_histo import predict
 
     fc.require(model_dir=FLAGS.model_dir, inputs=FLAGS.inputs)
-    cfg = predict.PredictConfig(model_dir=FLAGS.model_dir, inputs=tuple(FLAGS.inputs), out_dir=FLAGS.out_dir,
+    cfg = predict.PredictConfig(model_dir=FLAGS.model_dir, inputs=tuple(FLAGS.inputs),
+                                out_dir=FLAGS.out_dir or "predictions",
                                 split=FLAGS.split, batch_size=FLAGS.batch_size, target_mpp=FLAGS.target_mpp,
                                 min_tissue=FLAGS.min_tissue, max_tiles=FLAGS.max_tiles, heatmap=FLAGS.heatmap)
     paths = predict.predict(cfg)

@@ -80,9 +80,7 @@ def thumbnail(slide, thumb_px: int = 1024, block_px: int = 2048) -> np.ndarray:
             ly0, lx0 = int(round(oy * f)), int(round(ox * f))
             ly1, lx1 = min(lh, max(ly0 + 1, int(round(oy1 * f)))), min(lw, max(lx0 + 1, int(round(ox1 * f))))
             region = slide.read_region((int(lx0 * level_ds), int(ly0 * level_ds)), level, (lx1 - lx0, ly1 - ly0))
-            rgba = np.asarray(region, np.float32)
-            alpha = rgba[..., 3:] / 255.0
-            rgb = np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+            rgb = _flatten(region)
             out[oy:oy1, ox:ox1] = np.asarray(Image.fromarray(rgb).resize((ox1 - ox, oy1 - oy), Image.BOX))
     return out
 
@@ -157,12 +155,19 @@ def read_region_rgb(slide, x: int, y: int, size_l0: int, out_px: int) -> np.ndar
     level_ds = slide.level_downsamples[level]
     read_px = max(out_px, int(round(size_l0 / level_ds)))
     region = slide.read_region((x, y), level, (read_px, read_px))
-    rgba = np.asarray(region, np.float32)
-    alpha = rgba[..., 3:] / 255.0
-    rgb = np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    rgb = _flatten(region)
     if read_px != out_px:
         rgb = np.asarray(Image.fromarray(rgb).resize((out_px, out_px), Image.BOX))
     return rgb
+
+
+def _flatten(region: Image.Image) -> np.ndarray:
+    """RGBA region -> uint8 RGB; transparent pixels (outside the scanned area) become white."""
+    rgba = np.asarray(region)
+    if rgba[..., 3].min() == 255:  # the usual case: skip the float composite
+        return np.ascontiguousarray(rgba[..., :3])
+    alpha = rgba[..., 3:].astype(np.float32) / 255.0
+    return np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
 
 def level_for(slide, size_l0: int, out_px: int) -> int:

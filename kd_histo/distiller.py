@@ -42,9 +42,11 @@ CACHE_KEYS = ("teacher_logits", "teacher_features")
 def _projection_head(dim: int, name: str) -> keras.Sequential:
     """SimCLR-style MLP head (Dense-ReLU-Dense) whose float32 output feeds InfoNCE."""
     return keras.Sequential(
-        [keras.layers.Dense(dim, activation="relu", name=f"{name}_1"),
-         keras.layers.Dense(dim, name=f"{name}_2"),
-         keras.layers.Activation("linear", dtype="float32", name=f"{name}_f32")],
+        [
+            keras.layers.Dense(dim, activation="relu", name=f"{name}_1"),
+            keras.layers.Dense(dim, name=f"{name}_2"),
+            keras.layers.Activation("linear", dtype="float32", name=f"{name}_f32"),
+        ],
         name=name,
     )
 
@@ -77,12 +79,27 @@ class ResolutionDistiller(keras.Model):
       bicubic_style: "torch" (a=-0.75, the paper's code) or "tf" (a=-0.5).
     """
 
-    def __init__(self, student: keras.Model, teacher: keras.Model | None = None, *, student_view: str = "lr",
-                 teacher_view: str = "hr", temperature: float = 4.0, kd_weight: float = 1.0,
-                 feature_weight: float = 1.0, feature_mode: str = "maxpool+bicubic", feature_norm: str = "l2",
-                 ce_weight: float = 0.0, ssl_weight: float = 0.0, at_weight: float = 0.0,
-                 ssl_temperature: float = 0.1, accumulation_steps: int = 1, projection_dim: int = 128,
-                 bicubic_style: str = "torch", **kwargs: Any):
+    def __init__(
+        self,
+        student: keras.Model,
+        teacher: keras.Model | None = None,
+        *,
+        student_view: str = "lr",
+        teacher_view: str = "hr",
+        temperature: float = 4.0,
+        kd_weight: float = 1.0,
+        feature_weight: float = 1.0,
+        feature_mode: str = "maxpool+bicubic",
+        feature_norm: str = "l2",
+        ce_weight: float = 0.0,
+        ssl_weight: float = 0.0,
+        at_weight: float = 0.0,
+        ssl_temperature: float = 0.1,
+        accumulation_steps: int = 1,
+        projection_dim: int = 128,
+        bicubic_style: str = "torch",
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         if temperature <= 0 or ssl_temperature <= 0:
             raise ValueError(f"temperatures must be > 0, got {temperature}, {ssl_temperature}")
@@ -91,15 +108,25 @@ class ResolutionDistiller(keras.Model):
         if int(accumulation_steps) < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
         if feature_mode not in L.FEATURE_MODES or feature_norm not in L.FEATURE_NORMS:
-            raise ValueError(f"feature_mode must be one of {L.FEATURE_MODES} and feature_norm one of "
-                             f"{L.FEATURE_NORMS}; got {feature_mode!r}, {feature_norm!r}")
+            raise ValueError(
+                f"feature_mode must be one of {L.FEATURE_MODES} and feature_norm one of "
+                f"{L.FEATURE_NORMS}; got {feature_mode!r}, {feature_norm!r}"
+            )
         self.student = student
         self.teacher = teacher
         self.student_view, self.teacher_view = student_view, teacher_view
         self.temperature, self.ssl_temperature = float(temperature), float(ssl_temperature)
         self.kd_weight, self.feature_weight = float(kd_weight), float(feature_weight)
-        self.ce_weight, self.ssl_weight, self.at_weight = float(ce_weight), float(ssl_weight), float(at_weight)
-        self.feature_mode, self.feature_norm, self.bicubic_style = feature_mode, feature_norm, bicubic_style
+        self.ce_weight, self.ssl_weight, self.at_weight = (
+            float(ce_weight),
+            float(ssl_weight),
+            float(at_weight),
+        )
+        self.feature_mode, self.feature_norm, self.bicubic_style = (
+            feature_mode,
+            feature_norm,
+            bicubic_style,
+        )
         self.accumulation_steps, self.projection_dim = int(accumulation_steps), int(projection_dim)
         self.logits_kd = L.LogitsKD(temperature)
         self.feature_kd = L.FeatureMapKD(feature_mode, feature_norm, bicubic_style)
@@ -121,23 +148,29 @@ class ResolutionDistiller(keras.Model):
     def _check_teacher(self, student, teacher):
         ns, nt = num_classes_of(student), num_classes_of(teacher)
         if ns != nt:
-            raise ValueError(f"teacher has {nt} classes but student has {ns}: build both for the same class list")
+            raise ValueError(
+                f"teacher has {nt} classes but student has {ns}: build both for the same class list"
+            )
         if self.feature_weight > 0:
             L.check_channels(student.output["features"], teacher.output["features"])
 
     # -- Keras plumbing -----------------------------------------------------------------------
     def compile(self, optimizer="adam", **kwargs):
-        """Compiles with ``optimizer``; sets its gradient accumulation when ``accumulation_steps > 1``.
+        """Compiles; sets the optimizer's gradient accumulation if ``accumulation_steps > 1``.
 
         Losses come from the distiller itself, so ``loss=`` is not accepted.
         """
         if "loss" in kwargs:
-            raise ValueError("ResolutionDistiller computes its own losses; do not pass loss= to compile")
+            raise ValueError(
+                "ResolutionDistiller computes its own losses; do not pass loss= to compile"
+            )
         super().compile(optimizer=optimizer, **kwargs)
         if self.accumulation_steps > 1:
             inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
             if inner.built and inner.gradient_accumulation_steps != self.accumulation_steps:
-                raise ValueError("the optimizer is already built; pass a fresh optimizer to compile()")
+                raise ValueError(
+                    "the optimizer is already built; pass a fresh optimizer to compile()"
+                )
             inner.gradient_accumulation_steps = self.accumulation_steps
 
     @property
@@ -173,8 +206,10 @@ class ResolutionDistiller(keras.Model):
         teacher_out, cached = self._teacher_outputs(batch)
         if teacher_out is None and self.ce_weight == 0:
             # Raised while tracing, so the user sees it before any step runs.
-            raise ValueError("nothing to learn: no teacher and no cached teacher outputs in the batch, and "
-                             "ce_weight is 0; set ce_weight > 0 for supervised training or pass a teacher")
+            raise ValueError(
+                "nothing to learn: no teacher and no cached teacher outputs in the batch, and "
+                "ce_weight is 0; set ce_weight > 0 for supervised training or pass a teacher"
+            )
         s_feat = student_out["features"]
         if teacher_out is not None:
             t_feat = teacher_out["features"]
@@ -182,19 +217,28 @@ class ResolutionDistiller(keras.Model):
                 parts["kd_loss"] = self.logits_kd.compute_loss(teacher_out, student_out)
             if self.feature_weight > 0:
                 # Cached features were resized to the student's map when the cache was written.
-                parts["feature_loss"] = (L.map_distance(s_feat, t_feat, self.feature_norm) if cached
-                                         else self.feature_kd.compute_loss(teacher_out, student_out))
+                parts["feature_loss"] = (
+                    L.map_distance(s_feat, t_feat, self.feature_norm)
+                    if cached
+                    else self.feature_kd.compute_loss(teacher_out, student_out)
+                )
             if self.at_weight > 0:
                 parts["at_loss"] = L.attention_transfer(s_feat, t_feat)
             if self.ssl_weight > 0:
                 s_emb = self.student_head(tf.reduce_mean(s_feat, axis=[1, 2]), training=training)
-                t_emb = self.teacher_head(tf.reduce_mean(tf.cast(t_feat, s_feat.dtype), axis=[1, 2]),
-                                          training=training)
+                t_emb = self.teacher_head(
+                    tf.reduce_mean(tf.cast(t_feat, s_feat.dtype), axis=[1, 2]), training=training
+                )
                 parts["ssl_loss"] = L.info_nce(s_emb, t_emb, self.ssl_temperature)
         if self.ce_weight > 0 and "label" in batch:
             parts["ce_loss"] = L.masked_ce(batch["label"], student_out["logits"])
-        weights = {"kd_loss": self.kd_weight, "feature_loss": self.feature_weight, "ce_loss": self.ce_weight,
-                   "ssl_loss": self.ssl_weight, "at_loss": self.at_weight}
+        weights = {
+            "kd_loss": self.kd_weight,
+            "feature_loss": self.feature_weight,
+            "ce_loss": self.ce_weight,
+            "ssl_loss": self.ssl_weight,
+            "at_loss": self.at_weight,
+        }
         parts["loss"] = tf.add_n([weights[k] * v for k, v in parts.items()])
         return parts, student_out
 
@@ -205,7 +249,9 @@ class ResolutionDistiller(keras.Model):
             labels = tf.cast(tf.reshape(batch["label"], [-1]), tf.int32)
             pred = tf.argmax(student_out["logits"], axis=-1, output_type=tf.int32)
             labeled = tf.cast(labels >= 0, tf.float32)
-            self.accuracy_tracker.update_state(tf.cast(tf.equal(pred, labels), tf.float32), sample_weight=labeled)
+            self.accuracy_tracker.update_state(
+                tf.cast(tf.equal(pred, labels), tf.float32), sample_weight=labeled
+            )
         return {m.name: m.result() for m in self.metrics}
 
     @staticmethod
@@ -214,7 +260,9 @@ class ResolutionDistiller(keras.Model):
         if isinstance(data, (tuple, list)):
             data = data[0]
         if not isinstance(data, dict):
-            raise TypeError("ResolutionDistiller expects batches as dicts of views ('hr', 'lr', 'label', ...)")
+            raise TypeError(
+                "ResolutionDistiller expects batches as dicts of views ('hr', 'lr', 'label', ...)"
+            )
         return data
 
     def train_step(self, data):
@@ -239,13 +287,22 @@ class ResolutionDistiller(keras.Model):
         return {
             "name": self.name,
             "student": keras.saving.serialize_keras_object(self.student),
-            "teacher": keras.saving.serialize_keras_object(self.teacher) if self.teacher is not None else None,
-            "student_view": self.student_view, "teacher_view": self.teacher_view,
-            "temperature": self.temperature, "kd_weight": self.kd_weight,
-            "feature_weight": self.feature_weight, "feature_mode": self.feature_mode,
-            "feature_norm": self.feature_norm, "ce_weight": self.ce_weight, "ssl_weight": self.ssl_weight,
-            "at_weight": self.at_weight, "ssl_temperature": self.ssl_temperature,
-            "accumulation_steps": self.accumulation_steps, "projection_dim": self.projection_dim,
+            "teacher": keras.saving.serialize_keras_object(self.teacher)
+            if self.teacher is not None
+            else None,
+            "student_view": self.student_view,
+            "teacher_view": self.teacher_view,
+            "temperature": self.temperature,
+            "kd_weight": self.kd_weight,
+            "feature_weight": self.feature_weight,
+            "feature_mode": self.feature_mode,
+            "feature_norm": self.feature_norm,
+            "ce_weight": self.ce_weight,
+            "ssl_weight": self.ssl_weight,
+            "at_weight": self.at_weight,
+            "ssl_temperature": self.ssl_temperature,
+            "accumulation_steps": self.accumulation_steps,
+            "projection_dim": self.projection_dim,
             "bicubic_style": self.bicubic_style,
         }
 

@@ -57,7 +57,7 @@ def kd_kl(teacher_logits, student_logits, temperature: float = 4.0) -> tf.Tensor
 
 
 def _bins(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
-    """[out, in] float mask of PyTorch's adaptive bins: floor(i*in/out) <= k < ceil((i+1)*in/out)."""
+    """[out, in] mask of PyTorch's adaptive bins: floor(i*in/out) <= k < ceil((i+1)*in/out)."""
     i = tf.range(out_size)[:, None]
     k = tf.range(in_size)[None, :]
     start = (i * in_size) // out_size
@@ -147,7 +147,9 @@ def bicubic_resize(x, size, style: str = "torch") -> tf.Tensor:
     return tf.einsum("pw,bowc->bopc", m_w, y)
 
 
-def resize_teacher_map(teacher_map, size, mode: str = "maxpool+bicubic", bicubic_style: str = "torch") -> tf.Tensor:
+def resize_teacher_map(
+    teacher_map, size, mode: str = "maxpool+bicubic", bicubic_style: str = "torch"
+) -> tf.Tensor:
     """The feature target: the teacher's map brought to the student's spatial ``size``.
 
     ``"maxpool+bicubic"`` is the mean of the two resized targets (the authors' intent).
@@ -158,7 +160,9 @@ def resize_teacher_map(teacher_map, size, mode: str = "maxpool+bicubic", bicubic
         return adaptive_max_pool2d(teacher_map, size)
     if mode == "bicubic":
         return bicubic_resize(teacher_map, size, bicubic_style)
-    return 0.5 * (adaptive_max_pool2d(teacher_map, size) + bicubic_resize(teacher_map, size, bicubic_style))
+    return 0.5 * (
+        adaptive_max_pool2d(teacher_map, size) + bicubic_resize(teacher_map, size, bicubic_style)
+    )
 
 
 def map_distance(student_map, target, norm: str = "l2") -> tf.Tensor:
@@ -174,13 +178,19 @@ def check_channels(student_map, teacher_map) -> None:
     cs, ct = student_map.shape[-1], teacher_map.shape[-1]
     if cs is not None and ct is not None and cs != ct:
         raise ValueError(
-            f"feature maps differ in channels: student {cs}, teacher {ct}; build the student with the "
-            "teacher's last-stage width (same `planes`) or disable the feature loss (feature_weight=0)"
+            f"feature maps differ in channels: student {cs}, teacher {ct}; build the student "
+            "with the teacher's last-stage width (same `planes`) or disable the feature loss "
+            "(feature_weight=0)"
         )
 
 
-def feature_map_loss(student_map, teacher_map, mode: str = "maxpool+bicubic", norm: str = "l2",
-                     bicubic_style: str = "torch") -> tf.Tensor:
+def feature_map_loss(
+    student_map,
+    teacher_map,
+    mode: str = "maxpool+bicubic",
+    norm: str = "l2",
+    bicubic_style: str = "torch",
+) -> tf.Tensor:
     """L2/L1 loss between the student's map and the teacher's map resized to the student's size.
 
     Args:
@@ -240,7 +250,7 @@ def info_nce(student_emb, teacher_emb, temperature: float = 0.1) -> tf.Tensor:
 
 
 def attention_map(feature_map, p: float = 2.0) -> tf.Tensor:
-    """Zagoruyko & Komodakis spatial attention: mean over channels of |A|^p, flattened, L2-normalised."""
+    """Zagoruyko & Komodakis attention: channel mean of |A|^p, flattened, L2-normalised."""
     a = tf.reduce_mean(tf.pow(tf.abs(_f32(feature_map)), p), axis=-1)
     a = tf.reshape(a, [tf.shape(a)[0], -1])
     return tf.math.l2_normalize(a, axis=-1)
@@ -278,9 +288,11 @@ class LogitsKD(keras.distillation.DistillationLoss):
 
 
 class FeatureMapKD(keras.distillation.DistillationLoss):
-    """``keras.distillation`` interface over :func:`feature_map_loss` (resizes across resolutions)."""
+    """``keras.distillation`` interface over :func:`feature_map_loss` (across resolutions)."""
 
-    def __init__(self, mode: str = "maxpool+bicubic", norm: str = "l2", bicubic_style: str = "torch"):
+    def __init__(
+        self, mode: str = "maxpool+bicubic", norm: str = "l2", bicubic_style: str = "torch"
+    ):
         if mode not in FEATURE_MODES:
             raise ValueError(f"feature mode must be one of {FEATURE_MODES}, got {mode!r}")
         if norm not in FEATURE_NORMS:
@@ -288,8 +300,13 @@ class FeatureMapKD(keras.distillation.DistillationLoss):
         self.mode, self.norm, self.bicubic_style = mode, norm, bicubic_style
 
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
-        return feature_map_loss(student_outputs["features"], teacher_outputs["features"], self.mode, self.norm,
-                                self.bicubic_style)
+        return feature_map_loss(
+            student_outputs["features"],
+            teacher_outputs["features"],
+            self.mode,
+            self.norm,
+            self.bicubic_style,
+        )
 
     def validate_outputs(self, teacher_outputs, student_outputs):
         check_channels(student_outputs["features"], teacher_outputs["features"])

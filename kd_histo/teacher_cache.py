@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import keras
 import numpy as np
@@ -38,7 +38,7 @@ NUM_DIHEDRAL = 8
 
 
 def dihedral(images: tf.Tensor, k) -> tf.Tensor:
-    """Transform ``k`` in 0..7 of [..., H, W, C] images: k >= 4 flips left-right, then rot90 (k % 4)."""
+    """Transform ``k`` in 0..7 of [..., H, W, C] images: k >= 4 flips, then rot90 by k % 4."""
     k = tf.convert_to_tensor(k, tf.int32)
     flipped = tf.cond(k >= 4, lambda: tf.reverse(images, axis=[-2]), lambda: images)
     return tf.image.rot90(flipped, k % 4)
@@ -66,9 +66,18 @@ class CacheSpec:
     teacher_view: str
 
 
-def build_cache(teacher: keras.Model, batches: Iterable[dict], cache_dir: str, *, map_size: tuple[int, int],
-                feature_mode: str = "maxpool+bicubic", bicubic_style: str = "torch", teacher_view: str = "hr",
-                dihedral_transforms: bool = True, feature_dtype: str = "float16") -> "TeacherCache":
+def build_cache(
+    teacher: keras.Model,
+    batches: Iterable[dict],
+    cache_dir: str,
+    *,
+    map_size: tuple[int, int],
+    feature_mode: str = "maxpool+bicubic",
+    bicubic_style: str = "torch",
+    teacher_view: str = "hr",
+    dihedral_transforms: bool = True,
+    feature_dtype: str = "float16",
+) -> TeacherCache:
     """Runs ``teacher`` over ``batches`` once per transform and writes the cache.
 
     Args:
@@ -104,7 +113,10 @@ def build_cache(teacher: keras.Model, batches: Iterable[dict], cache_dir: str, *
 
     n, keys, shapes = 0, [], None
     feat_path = os.path.join(cache_dir, f"features.{feature_dtype}")
-    with open(os.path.join(cache_dir, "logits.f32"), "wb") as f_logits, open(feat_path, "wb") as f_feats:
+    with (
+        open(os.path.join(cache_dir, "logits.f32"), "wb") as f_logits,
+        open(feat_path, "wb") as f_feats,
+    ):
         for batch in batches:
             logits, feats = outputs(batch[teacher_view])
             f_logits.write(logits.numpy().astype(np.float32).tobytes())
@@ -115,11 +127,23 @@ def build_cache(teacher: keras.Model, batches: Iterable[dict], cache_dir: str, *
     if n == 0:
         raise ValueError("build_cache got no batches: the dataset is empty")
     if len(set(keys)) != len(keys):
-        raise ValueError("tile keys (source, slide_id, x, y) repeat in the data set; the cache needs unique tiles")
+        raise ValueError(
+            "tile keys (source, slide_id, x, y) repeat in the data set; "
+            "the cache needs unique tiles"
+        )
     with open(os.path.join(cache_dir, "keys.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(keys) + "\n")
-    spec = CacheSpec(n, n_t, int(shapes[0]), size, int(shapes[1]), feature_dtype, feature_mode, bicubic_style,
-                     teacher_view)
+    spec = CacheSpec(
+        n,
+        n_t,
+        int(shapes[0]),
+        size,
+        int(shapes[1]),
+        feature_dtype,
+        feature_mode,
+        bicubic_style,
+        teacher_view,
+    )
     with open(os.path.join(cache_dir, META), "w", encoding="utf-8") as f:
         json.dump(dataclasses.asdict(spec), f, indent=2)
     return TeacherCache(cache_dir)
@@ -138,23 +162,38 @@ class TeacherCache:
         self.cache_dir = cache_dir
         meta = os.path.join(cache_dir, META)
         if not os.path.isfile(meta):
-            raise FileNotFoundError(f"{meta} not found: build the cache first (kd_histo.teacher_cache.build_cache)")
+            raise FileNotFoundError(
+                f"{meta} not found: build the cache first (kd_histo.teacher_cache.build_cache)"
+            )
         with open(meta, encoding="utf-8") as f:
             d = json.load(f)
         d["map_size"] = tuple(d["map_size"])
         self.spec = CacheSpec(**d)
         s = self.spec
-        self.logits = np.memmap(os.path.join(cache_dir, "logits.f32"), np.float32, "r",
-                                shape=(s.num_examples, s.num_transforms, s.num_classes))
-        self.features = np.memmap(os.path.join(cache_dir, f"features.{s.feature_dtype}"), s.feature_dtype, "r",
-                                  shape=(s.num_examples, s.num_transforms, *s.map_size, s.channels))
+        self.logits = np.memmap(
+            os.path.join(cache_dir, "logits.f32"),
+            np.float32,
+            "r",
+            shape=(s.num_examples, s.num_transforms, s.num_classes),
+        )
+        self.features = np.memmap(
+            os.path.join(cache_dir, f"features.{s.feature_dtype}"),
+            s.feature_dtype,
+            "r",
+            shape=(s.num_examples, s.num_transforms, *s.map_size, s.channels),
+        )
         with open(os.path.join(cache_dir, "keys.txt"), encoding="utf-8") as f:
             self.keys = f.read().splitlines()
         if len(self.keys) != s.num_examples:
-            raise ValueError(f"{cache_dir}: keys.txt has {len(self.keys)} rows, cache.json says {s.num_examples}")
+            raise ValueError(
+                f"{cache_dir}: keys.txt has {len(self.keys)} rows, cache.json says {s.num_examples}"
+            )
         self._table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(tf.constant(self.keys), tf.range(len(self.keys), dtype=tf.int64)),
-            default_value=-1)
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant(self.keys), tf.range(len(self.keys), dtype=tf.int64)
+            ),
+            default_value=-1,
+        )
         self._in_memory = in_memory
         if in_memory:
             self._logits_t = tf.constant(np.asarray(self.logits))
@@ -165,12 +204,15 @@ class TeacherCache:
         keys = example_key(batch)
         rows = self._table.lookup(keys)
         check = tf.debugging.assert_non_negative(
-            rows, message="kd_histo: a tile is missing from the teacher cache; rebuild it for this data set")
+            rows,
+            message="kd_histo: a tile is missing from the teacher cache; "
+            "rebuild it for this data set",
+        )
         with tf.control_dependencies([check]):
             return tf.identity(rows)
 
     def lookup(self, rows: tf.Tensor, ks: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """(teacher_logits [B, C] float32, teacher_features [B, h, w, F] float32) of rows/transforms."""
+        """Cached ``(logits [B, C], features [B, h, w, F])``, float32, of rows and transforms."""
         s = self.spec
         if self._in_memory:
             idx = tf.stack([rows, tf.cast(ks, tf.int64)], axis=1)
@@ -179,12 +221,16 @@ class TeacherCache:
         def read(r, k):
             return self.logits[r, k], self.features[r, k].astype(np.float32)
 
-        logits, feats = tf.numpy_function(read, [rows, tf.cast(ks, tf.int64)], [tf.float32, tf.float32])
+        logits, feats = tf.numpy_function(
+            read, [rows, tf.cast(ks, tf.int64)], [tf.float32, tf.float32]
+        )
         logits.set_shape([None, s.num_classes])
         feats.set_shape([None, *s.map_size, s.channels])
         return logits, feats
 
-    def attach(self, batches: tf.data.Dataset, *, training: bool = True, seed: int = 0) -> tf.data.Dataset:
+    def attach(
+        self, batches: tf.data.Dataset, *, training: bool = True, seed: int = 0
+    ) -> tf.data.Dataset:
         """Adds ``teacher_logits``/``teacher_features`` to un-augmented batches.
 
         In training, each example gets a random dihedral transform (when the cache holds all 8),
@@ -196,7 +242,9 @@ class TeacherCache:
             batch = dict(batch)
             b = tf.shape(batch["lr"])[0]
             if training and n_t > 1:
-                ks = tf.random.stateless_uniform([b], seed=step_seed, minval=0, maxval=n_t, dtype=tf.int32)
+                ks = tf.random.stateless_uniform(
+                    [b], seed=step_seed, minval=0, maxval=n_t, dtype=tf.int32
+                )
                 for view in ("hr", "lr"):
                     if view in batch:
                         batch[view] = dihedral_per_example(batch[view], ks)

@@ -57,8 +57,8 @@ def np_bicubic_torch(x, h, w):
 
     for i in range(h):
         for j in range(w):
-            for (r, wr) in taps(i, H, h):
-                for (c, wc) in taps(j, W, w):
+            for r, wr in taps(i, H, h):
+                for c, wc in taps(j, W, w):
                     out[:, i, j] += wr * wc * x[:, r, c]
     return out
 
@@ -74,7 +74,9 @@ def test_kd_zero_when_equal_and_matches_numpy():
 def test_kd_t_squared_factor():
     zt, zs = RNG.normal(size=(3, 6)).astype("f4"), RNG.normal(size=(3, 6)).astype("f4")
     for T in (1.0, 2.0, 8.0):
-        np.testing.assert_allclose(float(L.kd_kl(zt, zs, T)), T * T * float(L.kd_kl(zt / T, zs / T, 1.0)), rtol=1e-5)
+        np.testing.assert_allclose(
+            float(L.kd_kl(zt, zs, T)), T * T * float(L.kd_kl(zt / T, zs / T, 1.0)), rtol=1e-5
+        )
 
 
 def test_kd_large_logits_finite_and_float32():
@@ -86,10 +88,15 @@ def test_kd_large_logits_finite_and_float32():
         L.kd_kl(zt, zs, 0.0)
 
 
-@pytest.mark.parametrize("in_hw,out_hw", [((8, 8), (4, 4)), ((7, 7), (2, 2)), ((7, 5), (3, 4)), ((5, 9), (5, 9)), ((3, 3), (5, 5))])
+@pytest.mark.parametrize(
+    "in_hw,out_hw",
+    [((8, 8), (4, 4)), ((7, 7), (2, 2)), ((7, 5), (3, 4)), ((5, 9), (5, 9)), ((3, 3), (5, 5))],
+)
 def test_adaptive_max_pool_matches_pytorch_bins(in_hw, out_hw):
     x = RNG.normal(size=(2, *in_hw, 3)).astype("f4")
-    np.testing.assert_array_equal(L.adaptive_max_pool2d(x, out_hw).numpy(), np_adaptive_max(x, *out_hw))
+    np.testing.assert_array_equal(
+        L.adaptive_max_pool2d(x, out_hw).numpy(), np_adaptive_max(x, *out_hw)
+    )
 
 
 def test_adaptive_max_pool_equals_max_pool_for_multiples():
@@ -98,31 +105,44 @@ def test_adaptive_max_pool_equals_max_pool_for_multiples():
     np.testing.assert_array_equal(L.adaptive_max_pool2d(x, (4, 4)).numpy(), ref)
 
 
-@pytest.mark.parametrize("in_hw,out_hw", [((7, 7), (4, 4)), ((8, 8), (4, 4)), ((7, 9), (3, 5)), ((4, 4), (7, 9)), ((1, 1), (3, 3))])
+@pytest.mark.parametrize(
+    "in_hw,out_hw",
+    [((7, 7), (4, 4)), ((8, 8), (4, 4)), ((7, 9), (3, 5)), ((4, 4), (7, 9)), ((1, 1), (3, 3))],
+)
 def test_bicubic_torch_matches_numpy_port(in_hw, out_hw):
     x = RNG.normal(size=(2, *in_hw, 3)).astype("f4")
-    np.testing.assert_allclose(L.bicubic_resize(x, out_hw, "torch").numpy(), np_bicubic_torch(x, *out_hw),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        L.bicubic_resize(x, out_hw, "torch").numpy(), np_bicubic_torch(x, *out_hw), atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("in_hw,out_hw", [((7, 7), (4, 4)), ((8, 8), (4, 4)), ((7, 9), (3, 5)), ((4, 4), (14, 18))])
+@pytest.mark.parametrize(
+    "in_hw,out_hw", [((7, 7), (4, 4)), ((8, 8), (4, 4)), ((7, 9), (3, 5)), ((4, 4), (14, 18))]
+)
 def test_bicubic_tf_style_matches_tf_image_resize(in_hw, out_hw):
     x = RNG.normal(size=(2, *in_hw, 3)).astype("f4")
     # TF's kernel reads its weights from a 1024-entry table, hence ~1e-4 differences.
-    np.testing.assert_allclose(L.bicubic_resize(x, out_hw, "tf").numpy(),
-                               tf.image.resize(x, out_hw, "bicubic").numpy(), atol=2e-3)
+    np.testing.assert_allclose(
+        L.bicubic_resize(x, out_hw, "tf").numpy(),
+        tf.image.resize(x, out_hw, "bicubic").numpy(),
+        atol=2e-3,
+    )
 
 
 def test_torch_and_tf_kernels_differ():
     x = RNG.normal(size=(1, 7, 7, 1)).astype("f4")
-    diff = np.abs(L.bicubic_resize(x, (4, 4), "torch").numpy() - L.bicubic_resize(x, (4, 4), "tf").numpy())
+    diff = np.abs(
+        L.bicubic_resize(x, (4, 4), "torch").numpy() - L.bicubic_resize(x, (4, 4), "tf").numpy()
+    )
     assert diff.max() > 1e-3
 
 
 @pytest.mark.parametrize("mode", L.FEATURE_MODES)
 def test_resize_of_constant_map_is_constant(mode):
     x = np.full((2, 7, 9, 4), 2.5, "f4")
-    np.testing.assert_allclose(L.resize_teacher_map(x, (3, 4), mode).numpy(), np.full((2, 3, 4, 4), 2.5), atol=1e-5)
+    np.testing.assert_allclose(
+        L.resize_teacher_map(x, (3, 4), mode).numpy(), np.full((2, 3, 4, 4), 2.5), atol=1e-5
+    )
 
 
 def test_feature_map_loss_matches_numpy():
@@ -130,10 +150,17 @@ def test_feature_map_loss_matches_numpy():
     t = RNG.normal(size=(2, 7, 7, 4)).astype("f4")
     mp, bc = np_adaptive_max(t, 3, 3), np_bicubic_torch(t, 3, 3)
     both = 0.5 * (mp + bc)
-    np.testing.assert_allclose(float(L.feature_map_loss(s, t, "maxpool", "l2")), np.mean((s - mp) ** 2), rtol=1e-5)
-    np.testing.assert_allclose(float(L.feature_map_loss(s, t, "bicubic", "l1")), np.mean(np.abs(s - bc)), rtol=1e-5)
-    np.testing.assert_allclose(float(L.feature_map_loss(s, t, "maxpool+bicubic", "l2")), np.mean((s - both) ** 2),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        float(L.feature_map_loss(s, t, "maxpool", "l2")), np.mean((s - mp) ** 2), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        float(L.feature_map_loss(s, t, "bicubic", "l1")), np.mean(np.abs(s - bc)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        float(L.feature_map_loss(s, t, "maxpool+bicubic", "l2")),
+        np.mean((s - both) ** 2),
+        rtol=1e-5,
+    )
     assert abs(float(L.feature_map_loss(mp, t, "maxpool", "l1"))) < 1e-7
 
 
@@ -183,16 +210,27 @@ def test_attention_transfer():
         a = np.mean(np.abs(m) ** 2, -1).reshape(len(m), -1)
         return a / np.linalg.norm(a, axis=1, keepdims=True)
 
-    np.testing.assert_allclose(float(L.attention_transfer(s, t)), np.mean((att(s) - att(tp)) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(L.attention_transfer(s, t)), np.mean((att(s) - att(tp)) ** 2), rtol=1e-5
+    )
     assert abs(float(L.attention_transfer(s, s))) < 1e-9
 
 
 def test_keras_distillation_wrappers_equal_pure_functions():
-    t = {"logits": RNG.normal(size=(2, 3)).astype("f4"), "features": RNG.normal(size=(2, 6, 6, 4)).astype("f4")}
-    s = {"logits": RNG.normal(size=(2, 3)).astype("f4"), "features": RNG.normal(size=(2, 3, 3, 4)).astype("f4")}
-    assert float(L.LogitsKD(2.0).compute_loss(t, s)) == float(L.kd_kl(t["logits"], s["logits"], 2.0))
+    t = {
+        "logits": RNG.normal(size=(2, 3)).astype("f4"),
+        "features": RNG.normal(size=(2, 6, 6, 4)).astype("f4"),
+    }
+    s = {
+        "logits": RNG.normal(size=(2, 3)).astype("f4"),
+        "features": RNG.normal(size=(2, 3, 3, 4)).astype("f4"),
+    }
+    assert float(L.LogitsKD(2.0).compute_loss(t, s)) == float(
+        L.kd_kl(t["logits"], s["logits"], 2.0)
+    )
     assert float(L.FeatureMapKD("bicubic", "l1").compute_loss(t, s)) == float(
-        L.feature_map_loss(s["features"], t["features"], "bicubic", "l1"))
+        L.feature_map_loss(s["features"], t["features"], "bicubic", "l1")
+    )
     bad = {"logits": np.zeros((2, 5), "f4"), "features": np.zeros((2, 3, 3, 4), "f4")}
     with pytest.raises(ValueError, match="classes"):
         L.LogitsKD().validate_outputs(t, bad)
@@ -202,7 +240,9 @@ def test_graph_xla_and_dynamic_shapes_agree_with_eager():
     s = RNG.normal(size=(2, 3, 3, 4)).astype("f4")
     t = RNG.normal(size=(2, 7, 7, 4)).astype("f4")
     eager = float(L.feature_map_loss(s, t))
-    dynamic = tf.function(L.feature_map_loss, input_signature=[tf.TensorSpec([None, None, None, 4])] * 2)
+    dynamic = tf.function(
+        L.feature_map_loss, input_signature=[tf.TensorSpec([None, None, None, 4])] * 2
+    )
     np.testing.assert_allclose(float(dynamic(s, t)), eager, rtol=1e-6)
     xla = tf.function(lambda a, b: L.feature_map_loss(a, b), jit_compile=True)
     np.testing.assert_allclose(float(xla(s, t)), eager, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Teacher cache: what is stored equals the teacher's live outputs, per tile and dihedral transform."""
+"""Teacher cache: stored outputs equal the live teacher's, per tile and dihedral transform."""
 
 from __future__ import annotations
 
@@ -71,11 +71,14 @@ def test_attach_transforms_views_consistently_and_trains(setup):
     plain = make_dataset(cfg, "train", training=False)
     attached = cache.attach(plain, training=True, seed=1)
     b0, b1 = next(iter(plain)), next(iter(attached))
-    # the view each example got is one of its 8 transforms, and its cached logits are the teacher's on it
+    # each example's view is one of its 8 transforms; its cached logits are the teacher's on it
     live = teacher(b1["hr"], training=False)["logits"].numpy()
     np.testing.assert_allclose(b1["teacher_logits"].numpy(), live, rtol=1e-4, atol=1e-5)
     for i in range(4):
-        assert any(np.array_equal(TC.dihedral(b0["lr"][i], k).numpy(), b1["lr"][i].numpy()) for k in range(8))
+        assert any(
+            np.array_equal(TC.dihedral(b0["lr"][i], k).numpy(), b1["lr"][i].numpy())
+            for k in range(8)
+        )
     d = ResolutionDistiller(student, None)
     d.compile(keras.optimizers.Adam(1e-2))
     hist = d.fit(attached, epochs=1, verbose=0).history
@@ -84,8 +87,12 @@ def test_attach_transforms_views_consistently_and_trains(setup):
 
 def test_missing_tile_and_missing_cache_errors(setup, tmp_path):
     _, _, _, cache, _ = setup
-    batch = {"source": tf.constant(["nowhere"]), "slide_id": tf.constant(["s"]), "x": tf.constant([0], tf.int64),
-             "y": tf.constant([0], tf.int64)}
+    batch = {
+        "source": tf.constant(["nowhere"]),
+        "slide_id": tf.constant(["s"]),
+        "x": tf.constant([0], tf.int64),
+        "y": tf.constant([0], tf.int64),
+    }
     with pytest.raises(tf.errors.InvalidArgumentError, match="missing from the teacher cache"):
         cache.rows(batch)
     with pytest.raises(FileNotFoundError, match="build the cache first"):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 from keras import layers
@@ -63,7 +64,9 @@ class ModelConfig:
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std must be 3 values each with std > 0, got {self.mean}, {self.std}")
+            raise ValueError(
+                f"mean and std must be 3 values each with std > 0, got {self.mean}, {self.std}"
+            )
         if self.norm not in ("group", "batch"):
             raise ValueError(f"norm must be 'group' or 'batch', got {self.norm!r}")
         if self.stem not in STEMS:
@@ -74,7 +77,9 @@ def _tuple(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
-def build_model(arch: str, num_classes: int, *, mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> keras.Model:
+def build_model(
+    arch: str, num_classes: int, *, mean: Sequence[float], std: Sequence[float], **kwargs: Any
+) -> keras.Model:
     """Builds a net of the contract (input [0, 1] RGB, dict of logits and features).
 
     Args:
@@ -90,21 +95,35 @@ def build_model(arch: str, num_classes: int, *, mean: Sequence[float], std: Sequ
     """
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(ModelConfig)})
     if unknown:
-        raise TypeError(f"build_model got unknown options {unknown}; see kd_histo.models.ModelConfig")
+        raise TypeError(
+            f"build_model got unknown options {unknown}; see kd_histo.models.ModelConfig"
+        )
     kwargs = {k: _tuple(v) for k, v in kwargs.items()}
-    cfg = ModelConfig(arch=arch, num_classes=num_classes, mean=tuple(mean), std=tuple(std), **kwargs)
+    cfg = ModelConfig(
+        arch=arch, num_classes=num_classes, mean=tuple(mean), std=tuple(std), **kwargs
+    )
     return build_from_config(cfg)
 
 
 def build_from_config(cfg: ModelConfig) -> keras.Model:
     """Builds the net described by ``cfg`` (and loads ``cfg.weights`` when set)."""
     inputs = keras.Input((None, None, 3), name="image")
-    x = layers.Normalization(mean=list(cfg.mean), variance=[s * s for s in cfg.std], name="normalize")(inputs)
+    x = layers.Normalization(
+        mean=list(cfg.mean), variance=[s * s for s in cfg.std], name="normalize"
+    )(inputs)
     if cfg.arch == "resnet_gn":
-        feats = resnet_gn_trunk(x, planes=cfg.planes, blocks=cfg.blocks, groups=cfg.groups or 8,
-                                stem_kind=cfg.stem, norm=cfg.norm)
+        feats = resnet_gn_trunk(
+            x,
+            planes=cfg.planes,
+            blocks=cfg.blocks,
+            groups=cfg.groups or 8,
+            stem_kind=cfg.stem,
+            norm=cfg.norm,
+        )
     else:
-        feats = resnet_trunk(x, cfg.arch, norm=cfg.norm, groups=cfg.groups or 32, width_scale=cfg.width_scale)
+        feats = resnet_trunk(
+            x, cfg.arch, norm=cfg.norm, groups=cfg.groups or 32, width_scale=cfg.width_scale
+        )
     pooled = layers.GlobalAveragePooling2D(name="pool")(feats)
     logits = layers.Dense(cfg.num_classes, name="head")(pooled)
     # Softmax/CE of float16 logits loses precision; the contract promises float32 logits.
@@ -112,14 +131,20 @@ def build_from_config(cfg: ModelConfig) -> keras.Model:
     model = keras.Model(inputs, {"logits": logits, "features": feats}, name=cfg.name)
     if cfg.weights:
         if not os.path.isfile(cfg.weights):
-            raise FileNotFoundError(f"weights file {cfg.weights} not found: give a local .weights.h5 file")
+            raise FileNotFoundError(
+                f"weights file {cfg.weights} not found: give a local .weights.h5 file"
+            )
         model.load_weights(cfg.weights)
     return model
 
 
 def num_classes_of(model: keras.Model) -> int:
     """Number of logits of a contract net."""
-    return int(model.output["logits"].shape[-1]) if isinstance(model.output, dict) else int(model.output.shape[-1])
+    return (
+        int(model.output["logits"].shape[-1])
+        if isinstance(model.output, dict)
+        else int(model.output.shape[-1])
+    )
 
 
 def load_model(path: str, expected_num_classes: int | None = None) -> keras.Model:
@@ -143,14 +168,27 @@ def load_model(path: str, expected_num_classes: int | None = None) -> keras.Mode
     model = keras.saving.load_model(path, safe_mode=True)
     channels = model.inputs[0].shape[-1] if model.inputs else None
     if channels != 3:
-        raise ValueError(f"{path}: the net takes {channels}-channel input, kd_histo feeds RGB (3 channels)")
+        raise ValueError(
+            f"{path}: the net takes {channels}-channel input, kd_histo feeds RGB (3 channels)"
+        )
     if not isinstance(model.output, dict) or set(model.output) != {"logits", "features"}:
-        raise ValueError(f"{path}: not a kd_histo net (outputs must be a dict of 'logits' and 'features')")
+        raise ValueError(
+            f"{path}: not a kd_histo net (outputs must be a dict of 'logits' and 'features')"
+        )
     n = num_classes_of(model)
     if expected_num_classes is not None and n != expected_num_classes:
-        raise ValueError(f"{path}: the net has {n} classes but the data set has {expected_num_classes}; "
-                         "use a model trained on the same class list")
+        raise ValueError(
+            f"{path}: the net has {n} classes but the data set has {expected_num_classes}; "
+            "use a model trained on the same class list"
+        )
     return model
 
 
-__all__ = ["ARCHS", "ModelConfig", "build_model", "build_from_config", "load_model", "num_classes_of"]
+__all__ = [
+    "ARCHS",
+    "ModelConfig",
+    "build_model",
+    "build_from_config",
+    "load_model",
+    "num_classes_of",
+]

@@ -13,7 +13,7 @@ Only the trunk lives here (input normalisation and the logits head are added by
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from keras import layers
 
@@ -27,7 +27,7 @@ def group_norm(channels: int, groups: int, name: str) -> layers.Layer:
 
 
 def norm_layer(kind: str, channels: int, groups: int, name: str) -> layers.Layer:
-    """"group" -> GroupNorm, "batch" -> BatchNorm (PyTorch's momentum 0.1 = Keras' 0.9)."""
+    """ "group" -> GroupNorm, "batch" -> BatchNorm (PyTorch's momentum 0.1 = Keras' 0.9)."""
     if kind == "group":
         return group_norm(channels, groups, name)
     if kind == "batch":
@@ -38,7 +38,9 @@ def norm_layer(kind: str, channels: int, groups: int, name: str) -> layers.Layer
 def conv(filters: int, kernel: int, stride: int, name: str) -> layers.Layer:
     # "valid" + explicit ZeroPadding (padded_conv) instead of "same": Keras' "same" pads
     # asymmetrically for stride 2, PyTorch pads k//2 on both sides; we follow PyTorch.
-    return layers.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=False, name=name)
+    return layers.Conv2D(
+        filters, kernel, strides=stride, padding="valid", use_bias=False, name=name
+    )
 
 
 def padded_conv(x, filters: int, kernel: int, stride: int, name: str):
@@ -79,8 +81,15 @@ def stem(x, width: int, kind: str, norm: str, groups: int):
     return x
 
 
-def resnet_gn_trunk(x, *, planes: Sequence[int] = (32, 64, 128, 256), blocks: Sequence[int] | int = 1,
-                    groups: int = 8, stem_kind: str = "imagenet", norm: str = "group"):
+def resnet_gn_trunk(
+    x,
+    *,
+    planes: Sequence[int] = (32, 64, 128, 256),
+    blocks: Sequence[int] | int = 1,
+    groups: int = 8,
+    stem_kind: str = "imagenet",
+    norm: str = "group",
+):
     """Applies the paper's ResNet trunk to tensor ``x``; returns the last feature map.
 
     Args:
@@ -97,11 +106,13 @@ def resnet_gn_trunk(x, *, planes: Sequence[int] = (32, 64, 128, 256), blocks: Se
     if isinstance(blocks, int):
         blocks = [blocks] * len(planes)
     if len(blocks) != len(planes) or not planes or min(blocks) < 1 or min(planes) < 1:
-        raise ValueError(f"planes {list(planes)} and blocks {list(blocks)} must be non-empty, positive, same length")
+        raise ValueError(
+            f"planes {list(planes)} and blocks {list(blocks)} must be non-empty, positive, "
+            "same length"
+        )
     x = stem(x, planes[0], stem_kind, norm, groups)
     for s, (width, n) in enumerate(zip(planes, blocks)):
         for b in range(n):
             stride = 2 if (s > 0 and b == 0) else 1
             x = basic_block(x, width, stride, norm, groups, f"stage{s + 1}_block{b + 1}")
     return x
-

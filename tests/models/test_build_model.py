@@ -30,14 +30,23 @@ def test_paper_backbone_shapes():
     m = build_model("resnet_gn", 3, mean=MEAN, std=STD)
     assert m(np.zeros((1, 224, 224, 3), "f4"))["features"].shape == (1, 7, 7, 256)
     assert m(np.zeros((1, 56, 56, 3), "f4"))["features"].shape == (1, 2, 2, 256)
-    assert len([l for l in m.layers if isinstance(l, keras.layers.GroupNormalization)]) == 1 + 4 * 2 + 3
+    assert (
+        len([layer for layer in m.layers if isinstance(layer, keras.layers.GroupNormalization)])
+        == 1 + 4 * 2 + 3
+    )
 
 
 def test_blocks_and_batch_norm_configurable():
-    m = build_model("resnet_gn", 2, mean=MEAN, std=STD, planes=(4, 8), blocks=(2, 3), norm="batch", stem="small")
-    names = [l.name for l in m.layers]
-    assert "stage1_block2_out" in names and "stage2_block3_out" in names and "stage3_block1_out" not in names
-    assert any(isinstance(l, keras.layers.BatchNormalization) for l in m.layers)
+    m = build_model(
+        "resnet_gn", 2, mean=MEAN, std=STD, planes=(4, 8), blocks=(2, 3), norm="batch", stem="small"
+    )
+    names = [layer.name for layer in m.layers]
+    assert (
+        "stage1_block2_out" in names
+        and "stage2_block3_out" in names
+        and "stage3_block1_out" not in names
+    )
+    assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in m.layers)
     with pytest.raises(ValueError, match="same length"):
         build_model("resnet_gn", 2, mean=MEAN, std=STD, planes=(4, 8), blocks=(1, 1, 1))
 
@@ -46,14 +55,20 @@ def test_first_layer_normalises_with_dataset_stats():
     m = build_model("resnet_gn", 2, mean=MEAN, std=STD, **TINY)
     norm = m.get_layer("normalize")
     x = _x()
-    np.testing.assert_allclose(norm(x).numpy(), (x - np.array(MEAN)) / np.array(STD), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        norm(x).numpy(), (x - np.array(MEAN)) / np.array(STD), rtol=1e-5, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("arch,params", [("resnet18", 11_178_051), ("resnet34", 21_286_211), ("resnet50", 23_514_179)])
+@pytest.mark.parametrize(
+    "arch,params", [("resnet18", 11_178_051), ("resnet34", 21_286_211), ("resnet50", 23_514_179)]
+)
 def test_standard_resnets_match_torchvision_parameter_counts(arch, params):
     # torchvision's counts with a 3-class head; layout errors would change them.
     m = build_model(arch, 3, mean=MEAN, std=STD, norm="batch")
-    trainable = sum(int(np.prod(w.shape)) for w in m.trainable_weights)  # BN moving stats are not params
+    trainable = sum(
+        int(np.prod(w.shape)) for w in m.trainable_weights
+    )  # BN moving stats are not params
     assert trainable == params
 
 

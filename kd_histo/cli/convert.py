@@ -36,6 +36,10 @@ def define_flags() -> None:
     flags.DEFINE_string("manifest", "", "CSV: path,label[,slide_id][,patient_id][,split]; empty label = unlabeled.")
     flags.DEFINE_list("slides", [], "Whole-slide image files, folders or globs (unlabeled unless in --slide_labels).")
     flags.DEFINE_string("slide_labels", "", "CSV of slides: path,label[,slide_id][,patient_id][,split].")
+    flags.DEFINE_string("h5_images", "", "HDF5 file of uint8 image patches [N,H,W,3] (e.g. PatchCamelyon *_x.h5).")
+    flags.DEFINE_string("h5_labels", "", "HDF5 file of their labels (e.g. *_y.h5); '' = unlabeled.")
+    flags.DEFINE_string("h5_key", "x", "Dataset name of the patches in --h5_images.")
+    flags.DEFINE_string("h5_labels_key", "y", "Dataset name of the labels in --h5_labels.")
     flags.DEFINE_string("root", "", "If set, manifest paths must lie inside this folder.")
     flags.DEFINE_list("class_names", [], "Class order (default: sorted label names).")
     flags.DEFINE_enum("group_by", "slide", ["slide", "phash"], "Pseudo-slides: ids as given, or near-duplicate groups.")
@@ -83,11 +87,12 @@ def config_from_flags(argv: list[str]) -> ConvertConfig:
     encode = EncodeOptions(
         tile_px=FLAGS.tile_px, fit=FLAGS.fit, image_format=FLAGS.image_format, jpeg_quality=FLAGS.jpeg_quality,
         png_level=FLAGS.png_level, max_pixels=FLAGS.max_pixels, tiff_decoder=FLAGS.tiff_decoder, strict=FLAGS.strict,
-        tile_mpp=FLAGS.tile_mpp, target_mpp=target_mpp, lr_factor=FLAGS.lr_factor, min_tissue=FLAGS.min_tissue,
+        tile_mpp=FLAGS.tile_mpp, h5_key=FLAGS.h5_key, target_mpp=target_mpp, lr_factor=FLAGS.lr_factor, min_tissue=FLAGS.min_tissue,
     )
     return ConvertConfig(
         out_dir=FLAGS.out_dir, input_dir=FLAGS.input_dir, manifest=FLAGS.manifest, slides=tuple(FLAGS.slides),
-        slide_labels=FLAGS.slide_labels, root=FLAGS.root, class_names=tuple(FLAGS.class_names),
+        slide_labels=FLAGS.slide_labels, root=FLAGS.root,
+        h5_images=FLAGS.h5_images, h5_labels=FLAGS.h5_labels, h5_labels_key=FLAGS.h5_labels_key, class_names=tuple(FLAGS.class_names),
         group_by=FLAGS.group_by, phash_distance=FLAGS.phash_distance, fractions=fractions, seed=FLAGS.seed,
         encode=encode, slide_mpp=FLAGS.slide_mpp, compression=FLAGS.compression,
         examples_per_shard=FLAGS.examples_per_shard, num_shards=FLAGS.num_shards, num_workers=FLAGS.num_workers,

@@ -18,6 +18,9 @@ class ConvertConfig:
       slides: whole-slide image files or folders.
       slide_labels: CSV (path,label[,slide_id,patient_id,split]) of slides; "" = slides unlabeled.
       root: when set, manifest paths must lie inside it.
+      h5_images: HDF5 file of image patches [N, H, W, 3] (PatchCamelyon style), read with tensorflow-io.
+      h5_labels: HDF5 file of their labels ("" = unlabeled); label names are the integer values.
+      h5_labels_key: dataset name of the labels (the images' is ``encode.h5_key``).
       class_names: fixed class order (default: sorted label names).
       group_by: "slide" (ids as given) or "phash" (near-duplicate tiles share a pseudo-slide).
       phash_distance: link threshold in bits for ``group_by="phash"``.
@@ -44,6 +47,9 @@ class ConvertConfig:
     slides: tuple[str, ...] = ()
     slide_labels: str = ""
     root: str = ""
+    h5_images: str = ""
+    h5_labels: str = ""
+    h5_labels_key: str = "y"
     class_names: tuple[str, ...] = ()
     group_by: str = "slide"
     phash_distance: int = 8

@@ -128,7 +128,9 @@ def class_names_of(entries: list[Entry], given: list[str] | None = None) -> list
     Raises:
       ManifestError: duplicate names in ``given``, or a label that is not in ``given``.
     """
-    present = sorted({e.label for e in entries if e.label is not None})
+    # Integer-like names (HDF5 labels, numbered classes) sort numerically: "2" before "10".
+    present = sorted({e.label for e in entries if e.label is not None},
+                     key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
     if given:
         if len(set(given)) != len(given):
             raise ManifestError(f"--class_names has duplicates: {given}")

@@ -14,7 +14,7 @@ import glob
 import os
 import zlib
 
-from kd_histo.convert import manifest, phash, slides, splits, tiles
+from kd_histo.convert import h5, manifest, phash, slides, splits, tiles
 from kd_histo.convert.config import ConvertConfig
 from kd_histo.convert.errors import ConversionError, SkipInput
 from kd_histo.convert.records import Item, Unit
@@ -44,6 +44,8 @@ def list_entries(cfg: ConvertConfig) -> tuple[list[manifest.Entry], list[dict[st
         entries += manifest.read_manifest(cfg.manifest, cfg.root or None)
     if cfg.slide_labels:
         entries += manifest.read_manifest(cfg.slide_labels, cfg.root or None, slides=True)
+    if cfg.h5_images:
+        entries += h5.list_h5(cfg.h5_images, cfg.h5_labels, cfg.encode.h5_key, cfg.h5_labels_key)
     listed = {e.path for e in entries}
     for spec in cfg.slides:
         paths = sorted(glob.glob(os.path.join(spec, "*"))) if os.path.isdir(spec) else sorted(glob.glob(spec))
@@ -55,7 +57,7 @@ def list_entries(cfg: ConvertConfig) -> tuple[list[manifest.Entry], list[dict[st
                 listed.add(p)
                 entries.append(manifest.Entry(p, None, os.path.splitext(os.path.basename(p))[0], is_slide=True))
     if not entries:
-        raise ConversionError("no inputs: pass --input_dir, --manifest, --slides or --slide_labels")
+        raise ConversionError("no inputs: pass --input_dir, --manifest, --slides, --slide_labels or --h5_images")
     seen = set()
     for e in entries:
         if e.path in seen:
@@ -81,6 +83,8 @@ def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
     index = {n: i for i, n in enumerate(class_names)}
 
     tile_entries = [e for e in entries if not e.is_slide]
+    if cfg.group_by == "phash" and any(h5.is_h5_item(e.path) for e in tile_entries):
+        raise ConversionError("--group_by=phash reads files by path; use --group_by=slide with --h5_images")
     if cfg.group_by == "phash" and tile_entries:
         tile_entries, hash_skips, n_groups = _group_by_phash(tile_entries, cfg.phash_distance, hash_fn)
         skipped += hash_skips

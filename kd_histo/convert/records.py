@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from kd_histo import schema
-from kd_histo.convert import slides, tiles, writer
+from kd_histo.convert import h5, slides, tiles, writer
 from kd_histo.convert.errors import ConversionError, SkipInput
 from kd_histo.convert.stats import PixelStats
 
@@ -38,6 +38,7 @@ class EncodeOptions:
     tiff_decoder: str = "pil"
     strict: bool = False
     tile_mpp: float = 0.0  # µm/px of tile images when known
+    h5_key: str = "x"  # dataset of image patches in HDF5 inputs
     target_mpp: float = 0.5  # µm/px of slide tiles
     lr_factor: int = 0  # > 0: also store the slide's LR view, tile_px // lr_factor wide
     min_tissue: float = 0.5
@@ -100,6 +101,7 @@ def process_unit(unit: Unit, opts: EncodeOptions, parts_dir: str, class_names: t
     stats = PixelStats()
     background = 0
     open_slides: dict[str, object] = {}
+    h5_reader = h5.H5Reader(opts.h5_key)
 
     def records():
         nonlocal background
@@ -110,6 +112,9 @@ def process_unit(unit: Unit, opts: EncodeOptions, parts_dir: str, class_names: t
                     if is_background(rgb, opts.min_tissue):
                         background += 1
                         continue
+                elif h5.is_h5_item(item.path):
+                    rgb = tiles.fit_tile(h5_reader.read(item.path), opts.tile_px, opts.fit)
+                    lr, mpp = None, opts.tile_mpp
                 else:
                     rgb, file_notes = tiles.read_tile(item.path, max_pixels=opts.max_pixels, decoder=opts.tiff_decoder)
                     rgb = tiles.fit_tile(rgb, opts.tile_px, opts.fit)

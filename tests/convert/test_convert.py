@@ -175,3 +175,22 @@ def test_worker_processes_give_the_same_shards_as_in_process(tile_folder, tmp_pa
     convert(_cfg(tmp_path / "inproc", manifest=manifest, unit_size=3, group_by="phash"))
     convert(_cfg(tmp_path / "pool", manifest=manifest, unit_size=3, group_by="phash", num_workers=2))
     assert shard_bytes(str(tmp_path / "pool")) == shard_bytes(str(tmp_path / "inproc"))
+
+
+def test_hdf5_patch_collection_through_tensorflow_io(tmp_path):
+    h5py = pytest.importorskip("h5py", reason="h5py writes the test's HDF5 file")
+    x = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    y = np.array([0, 1, 0, 1, 1, 0], np.uint8).reshape(6, 1, 1, 1)  # PatchCamelyon's label layout
+    with h5py.File(tmp_path / "p_x.h5", "w") as f:
+        f["x"] = x
+    with h5py.File(tmp_path / "p_y.h5", "w") as f:
+        f["y"] = y
+    info = convert(_cfg(tmp_path / "out", h5_images=str(tmp_path / "p_x.h5"), h5_labels=str(tmp_path / "p_y.h5"),
+                        encode=EncodeOptions(tile_px=16), fractions=(1, 0, 0)))
+    assert info.class_names == ["0", "1"] and info.counts == {"train": {"0": 3, "1": 3}}
+    for r in read_split(str(tmp_path / "out"), "train"):
+        i = int(r["source"].decode().rsplit("#", 1)[1])
+        np.testing.assert_array_equal(decode(r["image"]), x[i])
+        assert r["label"] == y[i, 0, 0, 0]
+    with pytest.raises(ConversionError, match="has no dataset /images"):
+        convert(_cfg(tmp_path / "bad", h5_images=str(tmp_path / "p_x.h5"), encode=EncodeOptions(tile_px=16, h5_key="images")))

@@ -1,0 +1,79 @@
+"""HDF5 patch collections (e.g. PatchCamelyon's ``*_x.h5`` / ``*_y.h5``) read with tensorflow-io.
+
+tensorflow-io's ``IOTensor.from_hdf5`` reads one patch at a time without loading the file, which
+is why it is used here rather than a whole-array read. Each patch becomes an input addressed as
+``<file.h5>#<index>``; its pseudo-slide is the patch itself, because such files do not say which
+slide a patch came from (a split cannot be slide-disjoint there: say so when reporting results).
+
+This module does not encode or write anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from kd_histo.convert.errors import ConversionError, SkipInput
+from kd_histo.convert.manifest import Entry
+
+_ITEM = re.compile(r"^(?P<path>.+\.(h5|hdf5))#(?P<index>\d+)$", re.IGNORECASE)
+
+
+def is_h5_item(path: str) -> bool:
+    return bool(_ITEM.match(path))
+
+
+def _dataset(path: str, key: str):
+    import tensorflow_io as tfio
+
+    if not os.path.isfile(path):
+        raise ConversionError(f"HDF5 file {path} not found; fix --h5_images/--h5_labels")
+    io = tfio.IOTensor.from_hdf5(path)
+    keys = [k.numpy().decode() for k in io.keys]
+    name = key if key.startswith("/") else "/" + key
+    if name not in keys:
+        raise ConversionError(f"{path} has no dataset {name}; it has {keys}: pass --h5_key=<one of them>")
+    return io(name)
+
+
+def list_h5(images: str, labels: str = "", images_key: str = "x", labels_key: str = "y") -> list[Entry]:
+    """One entry per patch of ``images`` (uint8 [N, H, W, 3]); labels from ``labels`` (any shape [N, ...]).
+
+    Raises:
+      ConversionError: missing file or dataset, a non-image array, or label count mismatch.
+    """
+    x = _dataset(images, images_key)
+    shape = [int(d) for d in x.shape]
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise ConversionError(f"{images}:{images_key} has shape {shape}; need [N, H, W, 3] image patches")
+    names = [None] * shape[0]
+    if labels:
+        y = _dataset(labels, labels_key).to_tensor().numpy().reshape(-1)
+        if len(y) != shape[0]:
+            raise ConversionError(f"{labels} has {len(y)} labels for {shape[0]} patches in {images}; pair the right files")
+        names = [str(int(v)) for v in y]
+    stem = os.path.splitext(os.path.basename(images))[0]
+    return [Entry(f"{images}#{i}", names[i], f"{stem}-{i}") for i in range(shape[0])]
+
+
+class H5Reader:
+    """Reads patches by ``<file>#<index>``, keeping each file open for the life of the reader."""
+
+    def __init__(self, key: str = "x"):
+        self.key = key
+        self._open: dict[str, object] = {}
+
+    def read(self, item_path: str) -> np.ndarray:
+        m = _ITEM.match(item_path)
+        if not m:
+            raise SkipInput(f"not an HDF5 patch address: {item_path}")
+        path, index = m["path"], int(m["index"])
+        x = self._open.get(path)
+        if x is None:
+            x = self._open[path] = _dataset(path, self.key)
+        patch = x[index].numpy()
+        if patch.dtype != np.uint8:
+            raise SkipInput(f"patch dtype {patch.dtype}; only uint8 HDF5 patches are supported")
+        return np.repeat(patch, 3, axis=-1) if patch.shape[-1] == 1 else patch

@@ -33,23 +33,44 @@ def _timed(cfg: ConvertConfig) -> dict:
     info = convert(cfg)
     seconds = time.perf_counter() - start
     n = sum(info.num_examples(s) for s in info.counts)
-    return {"tiles": n, "skipped": len(info.skipped), "seconds": round(seconds, 2), "tiles_per_s": round(n / seconds, 1)}
+    return {
+        "tiles": n,
+        "skipped": len(info.skipped),
+        "seconds": round(seconds, 2),
+        "tiles_per_s": round(n / seconds, 1),
+    }
 
 
 def main(argv):
     del argv
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_convert_")
-    result = {"cpus": os.cpu_count(), "machine": platform.machine(), "num_workers": FLAGS.num_workers,
-              "load_avg_1m_before": round(os.getloadavg()[0], 2)}
+    result = {
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "num_workers": FLAGS.num_workers,
+        "load_avg_1m_before": round(os.getloadavg()[0], 2),
+    }
     try:
         if FLAGS.tile_dir:
-            cfg = ConvertConfig(out_dir=os.path.join(work, "tiles"), input_dir=FLAGS.tile_dir, group_by=FLAGS.group_by,
-                                encode=EncodeOptions(tile_px=FLAGS.tile_px), num_workers=FLAGS.num_workers)
-            result["tile_folder"] = {"input": FLAGS.tile_dir, "group_by": FLAGS.group_by, **_timed(cfg)}
+            cfg = ConvertConfig(
+                out_dir=os.path.join(work, "tiles"),
+                input_dir=FLAGS.tile_dir,
+                group_by=FLAGS.group_by,
+                encode=EncodeOptions(tile_px=FLAGS.tile_px),
+                num_workers=FLAGS.num_workers,
+            )
+            result["tile_folder"] = {
+                "input": FLAGS.tile_dir,
+                "group_by": FLAGS.group_by,
+                **_timed(cfg),
+            }
         for mpp in FLAGS.slide_mpp if FLAGS.slide else []:
-            cfg = ConvertConfig(out_dir=os.path.join(work, f"slide_{mpp}"), slides=(FLAGS.slide,),
-                                encode=EncodeOptions(tile_px=FLAGS.tile_px, target_mpp=float(mpp)),
-                                num_workers=FLAGS.num_workers)
+            cfg = ConvertConfig(
+                out_dir=os.path.join(work, f"slide_{mpp}"),
+                slides=(FLAGS.slide,),
+                encode=EncodeOptions(tile_px=FLAGS.tile_px, target_mpp=float(mpp)),
+                num_workers=FLAGS.num_workers,
+            )
             result[f"slide_{mpp}_mpp"] = {"input": FLAGS.slide, **_timed(cfg)}
     finally:
         if not FLAGS.work_dir:

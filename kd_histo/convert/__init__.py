@@ -11,4 +11,12 @@ from kd_histo.convert.errors import ConversionError
 from kd_histo.convert.manifest import ManifestError
 from kd_histo.convert.records import EncodeOptions
 
-__all__ = ["ConvertConfig", "ConversionError", "EncodeOptions", "ManifestError", "convert", "merge", "run_task"]
+__all__ = [
+    "ConvertConfig",
+    "ConversionError",
+    "EncodeOptions",
+    "ManifestError",
+    "convert",
+    "merge",
+    "run_task",
+]

@@ -32,7 +32,9 @@ PARTS = ".parts"
 def convert(cfg: ConvertConfig) -> schema.DatasetInfo:
     """Converts all inputs of ``cfg`` into shards + dataset.json (single machine, ``num_tasks=1``)."""
     if cfg.num_tasks != 1:
-        raise ConversionError("convert() runs everything; with --num_tasks>1 run each task, then --merge")
+        raise ConversionError(
+            "convert() runs everything; with --num_tasks>1 run each task, then --merge"
+        )
     run_task(cfg)
     return merge(cfg)
 
@@ -40,19 +42,25 @@ def convert(cfg: ConvertConfig) -> schema.DatasetInfo:
 def _prepare(cfg: ConvertConfig) -> str:
     """Checks the output folder and returns the parts folder (created, fingerprinted)."""
     if cfg.num_tasks < 1 or not 0 <= cfg.task_index < cfg.num_tasks:
-        raise ConversionError(f"need 0 <= --task_index < --num_tasks, got {cfg.task_index} and {cfg.num_tasks}")
+        raise ConversionError(
+            f"need 0 <= --task_index < --num_tasks, got {cfg.task_index} and {cfg.num_tasks}"
+        )
     if cfg.encode.image_format not in ("png", "jpeg"):
         raise ConversionError(f"image_format must be png or jpeg, got {cfg.encode.image_format!r}")
     if cfg.encode.tile_px < 8:
         raise ConversionError(f"tile_px must be >= 8, got {cfg.encode.tile_px}")
     if cfg.encode.lr_factor and cfg.encode.tile_px % cfg.encode.lr_factor:
-        raise ConversionError(f"tile_px={cfg.encode.tile_px} is not divisible by lr_factor={cfg.encode.lr_factor}")
+        raise ConversionError(
+            f"tile_px={cfg.encode.tile_px} is not divisible by lr_factor={cfg.encode.lr_factor}"
+        )
     if cfg.compression not in ("", "GZIP"):
         raise ConversionError(f"compression must be '' or GZIP, got {cfg.compression!r}")
     parts = os.path.join(cfg.out_dir, PARTS)
     if os.path.exists(os.path.join(cfg.out_dir, schema.DATASET_JSON)) and not os.path.isdir(parts):
         if not cfg.overwrite:
-            raise ConversionError(f"{cfg.out_dir} already holds a data set; pass --overwrite or choose another --out_dir")
+            raise ConversionError(
+                f"{cfg.out_dir} already holds a data set; pass --overwrite or choose another --out_dir"
+            )
         _clear(cfg.out_dir)
     os.makedirs(parts, exist_ok=True)
     fp_path = os.path.join(parts, "config.json")
@@ -63,8 +71,10 @@ def _prepare(cfg: ConvertConfig) -> str:
         if old != fp:
             if not cfg.overwrite:
                 changed = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
-                raise ConversionError(f"{cfg.out_dir} holds parts of a conversion with other settings ({', '.join(changed)}); "
-                                      "pass --overwrite or choose another --out_dir")
+                raise ConversionError(
+                    f"{cfg.out_dir} holds parts of a conversion with other settings ({', '.join(changed)}); "
+                    "pass --overwrite or choose another --out_dir"
+                )
             _clear(cfg.out_dir)
             os.makedirs(parts, exist_ok=True)
     writer.write_json_atomic(fp_path, fp)
@@ -74,8 +84,16 @@ def _prepare(cfg: ConvertConfig) -> str:
 def _clear(out_dir: str) -> None:
     shutil.rmtree(os.path.join(out_dir, PARTS), ignore_errors=True)
     for name in os.listdir(out_dir):
-        if schema._SHARD_RE.match(name) or name == schema.DATASET_JSON:
+        if _is_shard(name) or name == schema.DATASET_JSON:
             os.remove(os.path.join(out_dir, name))
+
+
+def _is_shard(name: str) -> bool:
+    try:
+        schema.parse_shard_name(name)
+    except schema.SchemaError:
+        return False
+    return True
 
 
 def run_task(cfg: ConvertConfig) -> dict:
@@ -83,61 +101,77 @@ def run_task(cfg: ConvertConfig) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     with writer.DirLock(cfg.out_dir, f"task-{cfg.task_index:05d}"):
         parts = _prepare(cfg)
-        with _pool(cfg.num_workers) as pool:
-            hash_fn = None
-            if pool is not None:
-                hash_fn = lambda paths: _pmap(pool, plan_lib.hash_paths, paths)  # noqa: E731
-            plan = plan_lib.make_plan(cfg, hash_fn)
+        with _LazyPool(cfg.num_workers) as pool:
+            plan = plan_lib.make_plan(
+                cfg, lambda paths: pool.map_chunks(plan_lib.hash_paths, paths)
+            )
             mine = [u for u in plan.units if plan_lib.unit_task(u) == cfg.task_index]
             summaries = _run_units(mine, cfg, parts, plan.class_names, pool)
         done = {
-            "units": [s["unit_id"] for s in summaries], "class_names": plan.class_names, "skipped": plan.skipped,
-            "notes": plan.notes, "num_inputs": plan.num_inputs, "has_slides": plan.has_slides,
+            "units": [s["unit_id"] for s in summaries],
+            "class_names": plan.class_names,
+            "skipped": plan.skipped,
+            "notes": plan.notes,
+            "num_inputs": plan.num_inputs,
+            "has_slides": plan.has_slides,
             "has_tiles": plan.has_tiles,
             "all_units": [u.unit_id for u in plan.units],
         }
-        writer.write_json_atomic(os.path.join(parts, f"task-{cfg.task_index:05d}-of-{cfg.num_tasks:05d}.json"), done)
+        writer.write_json_atomic(
+            os.path.join(parts, f"task-{cfg.task_index:05d}-of-{cfg.num_tasks:05d}.json"), done
+        )
         return done
 
 
-def _pool(num_workers: int):
-    if num_workers <= 0:
-        return _NoPool()
-    # spawn, not fork: the parent has TensorFlow loaded, and forking a TF process is unsafe.
-    return cf.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+class _LazyPool:
+    """Worker processes started only when there are at least two jobs to share between them.
 
+    Workers are spawned, not forked (the parent has TensorFlow loaded, and forking a TF process is
+    unsafe); a spawn costs seconds, which a small job (one slide unit) would only lose.
+    """
 
-class _NoPool:
+    def __init__(self, num_workers: int):
+        self.num_workers, self.executor = num_workers, None
+
+    def get(self, jobs: int):
+        """The executor, or None to run ``jobs`` jobs in this process."""
+        if self.executor is None and self.num_workers > 0 and jobs > 1:
+            ctx = multiprocessing.get_context("spawn")
+            self.executor = cf.ProcessPoolExecutor(self.num_workers, mp_context=ctx)
+        return self.executor
+
+    def map_chunks(self, fn, items: list, chunk: int = 64) -> list:
+        """``fn`` over chunks of ``items``, results concatenated in order."""
+        chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+        ex = self.get(len(chunks))
+        if ex is None:
+            return [r for c in chunks for r in fn(c)]
+        return [r for f in [ex.submit(fn, c) for c in chunks] for r in f.result()]
+
     def __enter__(self):
-        return None
+        return self
 
     def __exit__(self, *exc):
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
         return False
 
 
-def _pmap(pool, fn, paths, chunk=64):
-    futures = [pool.submit(fn, paths[i : i + chunk]) for i in range(0, len(paths), chunk)]
-    return [r for f in futures for r in f.result()]
-
-
-def _run_units(units, cfg, parts, class_names, pool) -> list[dict]:
+def _run_units(units, cfg, parts, class_names, lazy: _LazyPool) -> list[dict]:
     progress = _Progress(sum(len(u.items) for u in units), cfg.progress)
     args = (cfg.encode, parts, tuple(class_names))
     out = {}
-    if pool is None:
+    todo = [u for u in units if not os.path.exists(records.summary_path(parts, u.unit_id))]
+    executor = lazy.get(len(todo))
+    if executor is None:
         for u in units:
             out[u.unit_id] = records.process_unit(u, *args)
             progress.update(len(u.items))
     else:
-        futures = {pool.submit(records.process_unit, u, *args): u for u in units}
-        try:
-            for f in cf.as_completed(futures):
-                out[futures[f].unit_id] = f.result()
-                progress.update(len(futures[f].items))
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+        futures = {executor.submit(records.process_unit, u, *args): u for u in units}
+        for f in cf.as_completed(futures):  # a failure propagates; the pool's exit cancels the rest
+            out[futures[f].unit_id] = f.result()
+            progress.update(len(futures[f].items))
     progress.close()
     return [out[u.unit_id] for u in units]
 
@@ -176,8 +210,10 @@ def merge(cfg: ConvertConfig) -> schema.DatasetInfo:
     parts = os.path.join(cfg.out_dir, PARTS)
     for t in range(cfg.num_tasks):
         if not os.path.exists(os.path.join(parts, f"task-{t:05d}-of-{cfg.num_tasks:05d}.json")):
-            raise ConversionError(f"task {t} of {cfg.num_tasks} has not finished in {cfg.out_dir}; "
-                                  f"run it with --task_index={t} --num_tasks={cfg.num_tasks}, then merge again")
+            raise ConversionError(
+                f"task {t} of {cfg.num_tasks} has not finished in {cfg.out_dir}; "
+                f"run it with --task_index={t} --num_tasks={cfg.num_tasks}, then merge again"
+            )
     with writer.DirLock(cfg.out_dir, "merge"):
         tasks = []
         for t in range(cfg.num_tasks):
@@ -193,15 +229,21 @@ def merge(cfg: ConvertConfig) -> schema.DatasetInfo:
         for s in summaries:
             by_split[s["split"]].append(s)
         for name in os.listdir(cfg.out_dir):
-            if schema._SHARD_RE.match(name):  # shards of an earlier, interrupted merge
+            if _is_shard(name):  # shards of an earlier, interrupted merge
                 os.remove(os.path.join(cfg.out_dir, name))
         for split, ss in by_split.items():
             total = sum(s["count"] for s in ss)
             if total == 0:
                 continue
             n_shards = cfg.num_shards or -(-total // cfg.examples_per_shard)
-            paths = writer.write_shards(cfg.out_dir, split, [os.path.join(parts, f"{s['unit_id']}.tfrecord") for s in ss],
-                                        total, n_shards, cfg.compression)
+            paths = writer.write_shards(
+                cfg.out_dir,
+                split,
+                [os.path.join(parts, f"{s['unit_id']}.tfrecord") for s in ss],
+                total,
+                n_shards,
+                cfg.compression,
+            )
             info.shards[split] = len(paths)
         info.write(cfg.out_dir)
         if not cfg.keep_parts:
@@ -229,19 +271,35 @@ def _describe(cfg: ConvertConfig, task: dict, summaries: list[dict]) -> schema.D
             stats = stats.merge(part)
     notes += [f"{n} inputs: {note}" for note, n in sorted(note_counts.items())]
     if background:
-        notes.append(f"{background} slide tiles dropped as background after reading (tissue < {cfg.encode.min_tissue:g})")
+        notes.append(
+            f"{background} slide tiles dropped as background after reading (tissue < {cfg.encode.min_tissue:g})"
+        )
     if stats.count == 0:
         stats = all_stats
         notes.append("no train split: mean/std are over all converted tiles")
     mean, std = stats.mean_std() if stats.count else ([0.5] * 3, [0.25] * 3)
     mpp = cfg.encode.target_mpp if task["has_slides"] else cfg.encode.tile_mpp
     if task["has_slides"] and task["has_tiles"] and cfg.encode.tile_mpp != cfg.encode.target_mpp:
-        notes.append(f"tiles ({cfg.encode.tile_mpp:g} µm/px) and slide tiles ({mpp:g} µm/px) are mixed; mpp is the slides'")
+        notes.append(
+            f"tiles ({cfg.encode.tile_mpp:g} µm/px) and slide tiles ({mpp:g} µm/px) are mixed; mpp is the slides'"
+        )
     return schema.DatasetInfo(
-        class_names=list(task["class_names"]), tile_px=cfg.encode.tile_px, mpp=float(mpp), counts=counts, shards={},
-        mean=mean, std=std, compression=cfg.compression, image_format=cfg.encode.image_format,
-        lr_factor=float(cfg.encode.lr_factor) if (cfg.encode.lr_factor and task["has_slides"]) else 0.0,
-        source=", ".join(x for x in (cfg.input_dir, cfg.manifest, cfg.slide_labels, *cfg.slides) if x),
-        command=cfg.command, skipped=skipped, notes=notes,
+        class_names=list(task["class_names"]),
+        tile_px=cfg.encode.tile_px,
+        mpp=float(mpp),
+        counts=counts,
+        shards={},
+        mean=mean,
+        std=std,
+        compression=cfg.compression,
+        image_format=cfg.encode.image_format,
+        lr_factor=float(cfg.encode.lr_factor)
+        if (cfg.encode.lr_factor and task["has_slides"])
+        else 0.0,
+        source=", ".join(
+            x for x in (cfg.input_dir, cfg.manifest, cfg.slide_labels, *cfg.slides) if x
+        ),
+        command=cfg.command,
+        skipped=skipped,
+        notes=notes,
     )
-

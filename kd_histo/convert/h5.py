@@ -34,11 +34,15 @@ def _dataset(path: str, key: str):
     keys = [k.numpy().decode() for k in io.keys]
     name = key if key.startswith("/") else "/" + key
     if name not in keys:
-        raise ConversionError(f"{path} has no dataset {name}; it has {keys}: pass --h5_key=<one of them>")
+        raise ConversionError(
+            f"{path} has no dataset {name}; it has {keys}: pass --h5_key=<one of them>"
+        )
     return io(name)
 
 
-def list_h5(images: str, labels: str = "", images_key: str = "x", labels_key: str = "y") -> list[Entry]:
+def list_h5(
+    images: str, labels: str = "", images_key: str = "x", labels_key: str = "y"
+) -> list[Entry]:
     """One entry per patch of ``images`` (uint8 [N, H, W, 3]); labels from ``labels`` (any shape [N, ...]).
 
     Raises:
@@ -47,12 +51,16 @@ def list_h5(images: str, labels: str = "", images_key: str = "x", labels_key: st
     x = _dataset(images, images_key)
     shape = [int(d) for d in x.shape]
     if len(shape) != 4 or shape[-1] not in (1, 3):
-        raise ConversionError(f"{images}:{images_key} has shape {shape}; need [N, H, W, 3] image patches")
+        raise ConversionError(
+            f"{images}:{images_key} has shape {shape}; need [N, H, W, 3] image patches"
+        )
     names = [None] * shape[0]
     if labels:
         y = _dataset(labels, labels_key).to_tensor().numpy().reshape(-1)
         if len(y) != shape[0]:
-            raise ConversionError(f"{labels} has {len(y)} labels for {shape[0]} patches in {images}; pair the right files")
+            raise ConversionError(
+                f"{labels} has {len(y)} labels for {shape[0]} patches in {images}; pair the right files"
+            )
         names = [str(int(v)) for v in y]
     stem = os.path.splitext(os.path.basename(images))[0]
     return [Entry(f"{images}#{i}", names[i], f"{stem}-{i}") for i in range(shape[0])]

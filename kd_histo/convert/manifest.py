@@ -61,7 +61,9 @@ def read_manifest(path: str, root: str | None = None, slides: bool = False) -> l
         reader = csv.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         if "path" not in columns:
-            raise ManifestError(f"{path}: needs a header row with a 'path' column (got {columns or 'no header'})")
+            raise ManifestError(
+                f"{path}: needs a header row with a 'path' column (got {columns or 'no header'})"
+            )
         entries, seen = [], {}
         for line, row in enumerate(reader, start=2):
             row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
@@ -70,17 +72,31 @@ def read_manifest(path: str, root: str | None = None, slides: bool = False) -> l
                 raise ManifestError(f"{path}:{line}: empty path; every row needs a file path")
             full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(base, rel))
             if root_abs and os.path.commonpath([root_abs, os.path.realpath(full)]) != root_abs:
-                raise ManifestError(f"{path}:{line}: {rel} lies outside --root={root}; fix the path or the root")
+                raise ManifestError(
+                    f"{path}:{line}: {rel} lies outside --root={root}; fix the path or the root"
+                )
             if full in seen:
-                raise ManifestError(f"{path}:{line}: duplicate path {rel} (first on line {seen[full]}); list each file once")
+                raise ManifestError(
+                    f"{path}:{line}: duplicate path {rel} (first on line {seen[full]}); list each file once"
+                )
             seen[full] = line
             split = row.get("split", "")
             if split and split not in SPLITS:
-                raise ManifestError(f"{path}:{line}: split {split!r} is not one of {', '.join(SPLITS)}")
+                raise ManifestError(
+                    f"{path}:{line}: split {split!r} is not one of {', '.join(SPLITS)}"
+                )
             stem = os.path.splitext(os.path.basename(full))[0]
             is_slide = slides or os.path.splitext(full)[1].lower() in SLIDE_EXTENSIONS
-            entries.append(Entry(full, row.get("label") or None, row.get("slide_id") or stem,
-                                 row.get("patient_id", ""), split, is_slide))
+            entries.append(
+                Entry(
+                    full,
+                    row.get("label") or None,
+                    row.get("slide_id") or stem,
+                    row.get("patient_id", ""),
+                    split,
+                    is_slide,
+                )
+            )
     if not entries:
         raise ManifestError(f"{path} lists no files; add rows below the header")
     return entries
@@ -96,10 +112,18 @@ def scan_folder(input_dir: str) -> tuple[list[Entry], list[dict[str, str]]]:
       ManifestError: the folder is missing, has no class subfolders, or a class folder is empty.
     """
     if not os.path.isdir(input_dir):
-        raise ManifestError(f"input folder {input_dir} not found; pass an existing folder to --input_dir")
-    classes = sorted(d for d in os.listdir(input_dir) if os.path.isdir(os.path.join(input_dir, d)) and not d.startswith("."))
+        raise ManifestError(
+            f"input folder {input_dir} not found; pass an existing folder to --input_dir"
+        )
+    classes = sorted(
+        d
+        for d in os.listdir(input_dir)
+        if os.path.isdir(os.path.join(input_dir, d)) and not d.startswith(".")
+    )
     if not classes:
-        raise ManifestError(f"{input_dir} has no class subfolders; put each class's tiles in <input_dir>/<class>/")
+        raise ManifestError(
+            f"{input_dir} has no class subfolders; put each class's tiles in <input_dir>/<class>/"
+        )
     entries, skipped = [], []
     for name in classes:
         folder = os.path.join(input_dir, name)
@@ -112,11 +136,19 @@ def scan_folder(input_dir: str) -> tuple[list[Entry], list[dict[str, str]]]:
                 full = os.path.join(dirpath, fn)
                 ext = os.path.splitext(fn)[1].lower()
                 if ext in TILE_EXTENSIONS:
-                    entries.append(Entry(full, None if name == UNLABELED_FOLDER else name, os.path.splitext(fn)[0]))
+                    entries.append(
+                        Entry(
+                            full,
+                            None if name == UNLABELED_FOLDER else name,
+                            os.path.splitext(fn)[0],
+                        )
+                    )
                 elif ext in (".csv", ".json", ".txt", ".md"):
                     continue  # side files (manifests, READMEs) are not inputs
                 else:
-                    skipped.append({"path": full, "reason": f"unsupported file type {ext or '(none)'}"})
+                    skipped.append(
+                        {"path": full, "reason": f"unsupported file type {ext or '(none)'}"}
+                    )
         if len(entries) == n_before:
             raise ManifestError(f"class folder {folder} holds no images; remove it or add tiles")
     return entries, skipped
@@ -129,13 +161,17 @@ def class_names_of(entries: list[Entry], given: list[str] | None = None) -> list
       ManifestError: duplicate names in ``given``, or a label that is not in ``given``.
     """
     # Integer-like names (HDF5 labels, numbered classes) sort numerically: "2" before "10".
-    present = sorted({e.label for e in entries if e.label is not None},
-                     key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
+    present = sorted(
+        {e.label for e in entries if e.label is not None},
+        key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n),
+    )
     if given:
         if len(set(given)) != len(given):
             raise ManifestError(f"--class_names has duplicates: {given}")
         unknown = [lab for lab in present if lab not in given]
         if unknown:
-            raise ManifestError(f"labels {unknown} are not in --class_names={','.join(given)}; add them or fix the labels")
+            raise ManifestError(
+                f"labels {unknown} are not in --class_names={','.join(given)}; add them or fix the labels"
+            )
         return list(given)
     return present

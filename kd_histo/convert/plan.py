@@ -18,6 +18,7 @@ from kd_histo.convert import h5, manifest, phash, slides, splits, tiles
 from kd_histo.convert.config import ConvertConfig
 from kd_histo.convert.errors import ConversionError, SkipInput
 from kd_histo.convert.records import Item, Unit
+from kd_histo.schema import UNLABELED
 
 
 @dataclasses.dataclass
@@ -48,20 +49,32 @@ def list_entries(cfg: ConvertConfig) -> tuple[list[manifest.Entry], list[dict[st
         entries += h5.list_h5(cfg.h5_images, cfg.h5_labels, cfg.encode.h5_key, cfg.h5_labels_key)
     listed = {e.path for e in entries}
     for spec in cfg.slides:
-        paths = sorted(glob.glob(os.path.join(spec, "*"))) if os.path.isdir(spec) else sorted(glob.glob(spec))
+        paths = (
+            sorted(glob.glob(os.path.join(spec, "*")))
+            if os.path.isdir(spec)
+            else sorted(glob.glob(spec))
+        )
         if not paths:
-            raise ConversionError(f"--slides {spec} matches no file; give slide files, a folder or a glob")
+            raise ConversionError(
+                f"--slides {spec} matches no file; give slide files, a folder or a glob"
+            )
         for p in paths:
             p = os.path.normpath(p)
             if p not in listed and os.path.isfile(p):
                 listed.add(p)
-                entries.append(manifest.Entry(p, None, os.path.splitext(os.path.basename(p))[0], is_slide=True))
+                entries.append(
+                    manifest.Entry(p, None, os.path.splitext(os.path.basename(p))[0], is_slide=True)
+                )
     if not entries:
-        raise ConversionError("no inputs: pass --input_dir, --manifest, --slides, --slide_labels or --h5_images")
+        raise ConversionError(
+            "no inputs: pass --input_dir, --manifest, --slides, --slide_labels or --h5_images"
+        )
     seen = set()
     for e in entries:
         if e.path in seen:
-            raise manifest.ManifestError(f"{e.path} is listed twice (folder, manifest or slides); list each file once")
+            raise manifest.ManifestError(
+                f"{e.path} is listed twice (folder, manifest or slides); list each file once"
+            )
         seen.add(e.path)
     return entries, skipped
 
@@ -79,17 +92,25 @@ def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
     class_names = manifest.class_names_of(entries, list(cfg.class_names) or None)
     if not class_names:
         class_names = ["unknown"]
-        notes.append("no labeled inputs: class_names is a placeholder; pass --class_names to match a teacher")
+        notes.append(
+            "no labeled inputs: class_names is a placeholder; pass --class_names to match a teacher"
+        )
     index = {n: i for i, n in enumerate(class_names)}
 
     tile_entries = [e for e in entries if not e.is_slide]
     if cfg.group_by == "phash" and any(h5.is_h5_item(e.path) for e in tile_entries):
-        raise ConversionError("--group_by=phash reads files by path; use --group_by=slide with --h5_images")
+        raise ConversionError(
+            "--group_by=phash reads files by path; use --group_by=slide with --h5_images"
+        )
     if cfg.group_by == "phash" and tile_entries:
-        tile_entries, hash_skips, n_groups = _group_by_phash(tile_entries, cfg.phash_distance, hash_fn)
+        tile_entries, hash_skips, n_groups = _group_by_phash(
+            tile_entries, cfg.phash_distance, hash_fn
+        )
         skipped += hash_skips
-        notes.append(f"group_by=phash: {len(tile_entries)} tiles in {n_groups} near-duplicate groups "
-                     f"(max distance {cfg.phash_distance} bits of 64)")
+        notes.append(
+            f"group_by=phash: {len(tile_entries)} tiles in {n_groups} near-duplicate groups "
+            f"(max distance {cfg.phash_distance} bits of 64)"
+        )
     elif cfg.group_by not in ("slide", "phash"):
         raise ConversionError(f"group_by must be 'slide' or 'phash', got {cfg.group_by!r}")
 
@@ -97,26 +118,45 @@ def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
     for e in entries:
         if e.is_slide:
             try:
-                slide_plans[e.path] = slides.plan_slide(e.path, cfg.encode.tile_px, cfg.encode.target_mpp,
-                                                        min_tissue=cfg.encode.min_tissue, slide_mpp=cfg.slide_mpp)
+                slide_plans[e.path] = slides.plan_slide(
+                    e.path,
+                    cfg.encode.tile_px,
+                    cfg.encode.target_mpp,
+                    min_tissue=cfg.encode.min_tissue,
+                    slide_mpp=cfg.slide_mpp,
+                )
             except SkipInput as err:
                 if cfg.encode.strict:
                     raise ConversionError(f"{e.path}: {err} (--strict)") from None
                 skipped.append({"path": e.path, "reason": str(err)})
     for p, sp in slide_plans.items():
-        notes.append(f"{os.path.basename(p)}: {len(sp.coords)} of {sp.grid_tiles} grid tiles have tissue on the "
-                     f"thumbnail (level-0 {sp.base_mpp:g} µm/px, tile {sp.size_l0} px at level 0)")
+        notes.append(
+            f"{os.path.basename(p)}: {len(sp.coords)} of {sp.grid_tiles} grid tiles have tissue on the "
+            f"thumbnail (level-0 {sp.base_mpp:g} µm/px, tile {sp.size_l0} px at level 0)"
+        )
     slide_entries = [e for e in entries if e.is_slide and e.path in slide_plans]
     items = tile_entries + slide_entries
     labels = []
     for e in items:
-        labels.append(index[e.label] if e.label is not None else schema_unlabeled())
+        labels.append(index[e.label] if e.label is not None else UNLABELED)
     weights = [len(slide_plans[e.path].coords) if e.is_slide else 1 for e in items]
-    chosen = splits.assign_splits([e.slide_id for e in items], [e.patient_id for e in items], labels,
-                                  cfg.fractions, cfg.seed, [e.split for e in items], weights)
+    chosen = splits.assign_splits(
+        [e.slide_id for e in items],
+        [e.patient_id for e in items],
+        labels,
+        cfg.fractions,
+        cfg.seed,
+        [e.split for e in items],
+        weights,
+    )
     for e, s in zip(items, chosen):
         if not s:
-            skipped.append({"path": e.path, "reason": "unlabeled input on a val/test slide or patient (kept out of training)"})
+            skipped.append(
+                {
+                    "path": e.path,
+                    "reason": "unlabeled input on a val/test slide or patient (kept out of training)",
+                }
+            )
 
     # Units: per split, per task (by slide), chunks of unit_size tiles, in a fixed order.
     per_key: dict[tuple[str, int], list[Item]] = {}
@@ -127,22 +167,31 @@ def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
         bucket = per_key.setdefault((s, task), [])
         if e.is_slide:
             sp = slide_plans[e.path]
-            bucket += [Item(e.path, lab, e.slide_id, e.patient_id, x, y, sp.size_l0) for x, y in sp.coords]
+            bucket += [
+                Item(e.path, lab, e.slide_id, e.patient_id, x, y, sp.size_l0) for x, y in sp.coords
+            ]
         else:
             bucket.append(Item(e.path, lab, e.slide_id, e.patient_id))
     units = []
-    for (s, task) in sorted(per_key, key=lambda k: (manifest.SPLITS.index(k[0]), k[1])):
+    for s, task in sorted(per_key, key=lambda k: (manifest.SPLITS.index(k[0]), k[1])):
         bucket = per_key[(s, task)]
         for c in range(0, len(bucket), cfg.unit_size):
-            units.append(Unit(f"{s}-t{task:05d}-u{c // cfg.unit_size:06d}", s, tuple(bucket[c : c + cfg.unit_size])))
-    return Plan(class_names, units, skipped, notes, len(tile_entries) + len(slide_entries) + len(skipped),
-                bool(slide_entries), bool(tile_entries))
-
-
-def schema_unlabeled() -> int:
-    from kd_histo.schema import UNLABELED
-
-    return UNLABELED
+            units.append(
+                Unit(
+                    f"{s}-t{task:05d}-u{c // cfg.unit_size:06d}",
+                    s,
+                    tuple(bucket[c : c + cfg.unit_size]),
+                )
+            )
+    return Plan(
+        class_names,
+        units,
+        skipped,
+        notes,
+        len(tile_entries) + len(slide_entries) + len(skipped),
+        bool(slide_entries),
+        bool(tile_entries),
+    )
 
 
 def unit_task(unit: Unit) -> int:

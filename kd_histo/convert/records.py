@@ -81,7 +81,9 @@ def summary_path(parts_dir: str, unit_id: str) -> str:
     return os.path.join(parts_dir, f"{unit_id}.json")
 
 
-def process_unit(unit: Unit, opts: EncodeOptions, parts_dir: str, class_names: tuple[str, ...]) -> dict:
+def process_unit(
+    unit: Unit, opts: EncodeOptions, parts_dir: str, class_names: tuple[str, ...]
+) -> dict:
     """Writes one unit's part file and summary (skipped when the summary already exists).
 
     Returns:
@@ -116,33 +118,53 @@ def process_unit(unit: Unit, opts: EncodeOptions, parts_dir: str, class_names: t
                     rgb = tiles.fit_tile(h5_reader.read(item.path), opts.tile_px, opts.fit)
                     lr, mpp = None, opts.tile_mpp
                 else:
-                    rgb, file_notes = tiles.read_tile(item.path, max_pixels=opts.max_pixels, decoder=opts.tiff_decoder)
+                    rgb, file_notes = tiles.read_tile(
+                        item.path, max_pixels=opts.max_pixels, decoder=opts.tiff_decoder
+                    )
                     rgb = tiles.fit_tile(rgb, opts.tile_px, opts.fit)
                     lr, mpp = None, opts.tile_mpp
                     notes.update(file_notes)
             except SkipInput as e:
                 if opts.strict:
-                    raise ConversionError(f"{item.path}: {e} (--strict stops at the first bad input; drop --strict to skip it)") from None
+                    raise ConversionError(
+                        f"{item.path}: {e} (--strict stops at the first bad input; drop --strict to skip it)"
+                    ) from None
                 skipped.append({"path": item.path, "reason": str(e)})
                 continue
             stats.add(rgb)
             counts[class_names[item.label] if item.label >= 0 else "unlabeled"] += 1
             ex = schema.make_example(
-                encode(rgb, opts), rgb.shape[0], rgb.shape[1], label=item.label, slide_id=item.slide_id,
-                patient_id=item.patient_id, x=item.x, y=item.y, mpp=mpp, source=item.path,
+                encode(rgb, opts),
+                rgb.shape[0],
+                rgb.shape[1],
+                label=item.label,
+                slide_id=item.slide_id,
+                patient_id=item.patient_id,
+                x=item.x,
+                y=item.y,
+                mpp=mpp,
+                source=item.path,
                 lr_image=encode(lr, opts) if lr is not None else b"",
                 lr_factor=float(opts.lr_factor) if lr is not None else 0.0,
             )
             yield ex.SerializeToString()
 
     try:
-        n = writer.write_records_atomic(os.path.join(parts_dir, f"{unit.unit_id}.tfrecord"), records())
+        n = writer.write_records_atomic(
+            os.path.join(parts_dir, f"{unit.unit_id}.tfrecord"), records()
+        )
     finally:
         for s in open_slides.values():
             s.close()
     summary = {
-        "unit_id": unit.unit_id, "split": unit.split, "count": n, "counts": dict(counts), "skipped": skipped,
-        "notes": dict(notes), "background": background, "stats": dataclasses.asdict(stats),
+        "unit_id": unit.unit_id,
+        "split": unit.split,
+        "count": n,
+        "counts": dict(counts),
+        "skipped": skipped,
+        "notes": dict(notes),
+        "background": background,
+        "stats": dataclasses.asdict(stats),
     }
     writer.write_json_atomic(done, summary)
     return summary
@@ -153,7 +175,9 @@ def is_background(rgb: np.ndarray, min_tissue: float) -> bool:
     return float(slides.is_tissue(rgb).mean()) < min_tissue
 
 
-def _read_slide_tile(item: Item, opts: EncodeOptions, cache: dict) -> tuple[np.ndarray, np.ndarray | None, float]:
+def _read_slide_tile(
+    item: Item, opts: EncodeOptions, cache: dict
+) -> tuple[np.ndarray, np.ndarray | None, float]:
     slide = cache.get(item.path)
     if slide is None:
         slide = cache[item.path] = slides.open_slide(item.path)
@@ -161,7 +185,11 @@ def _read_slide_tile(item: Item, opts: EncodeOptions, cache: dict) -> tuple[np.n
         rgb = slides.read_region_rgb(slide, item.x, item.y, item.size_l0, opts.tile_px)
         lr = None
         if opts.lr_factor:
-            lr = slides.read_region_rgb(slide, item.x, item.y, item.size_l0, opts.tile_px // opts.lr_factor)
+            lr = slides.read_region_rgb(
+                slide, item.x, item.y, item.size_l0, opts.tile_px // opts.lr_factor
+            )
     except Exception as e:  # OpenSlide reports corrupt tiles with its own error type
-        raise SkipInput(f"slide region ({item.x}, {item.y}) unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise SkipInput(
+            f"slide region ({item.x}, {item.y}) unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     return rgb, lr, opts.target_mpp

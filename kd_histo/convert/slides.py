@@ -39,7 +39,9 @@ def open_slide(path: str):
     try:
         return openslide.OpenSlide(path)
     except (openslide.OpenSlideError, OSError) as e:
-        raise SkipInput(f"not a readable whole-slide image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise SkipInput(
+            f"not a readable whole-slide image: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 def base_mpp_of(slide, override: float = 0.0) -> float:
@@ -56,7 +58,9 @@ def base_mpp_of(slide, override: float = 0.0) -> float:
                 mpp = 1e4 / mpp
             if mpp > 0:
                 return mpp
-    raise ConversionError("the slide has no µm/px in its metadata; pass --slide_mpp=<level-0 µm/px>")
+    raise ConversionError(
+        "the slide has no µm/px in its metadata; pass --slide_mpp=<level-0 µm/px>"
+    )
 
 
 def thumbnail(slide, thumb_px: int = 1024, block_px: int = 2048) -> np.ndarray:
@@ -78,10 +82,17 @@ def thumbnail(slide, thumb_px: int = 1024, block_px: int = 2048) -> np.ndarray:
         for ox in range(0, tw, step):
             oy1, ox1 = min(th, oy + step), min(tw, ox + step)
             ly0, lx0 = int(round(oy * f)), int(round(ox * f))
-            ly1, lx1 = min(lh, max(ly0 + 1, int(round(oy1 * f)))), min(lw, max(lx0 + 1, int(round(ox1 * f))))
-            region = slide.read_region((int(lx0 * level_ds), int(ly0 * level_ds)), level, (lx1 - lx0, ly1 - ly0))
+            ly1, lx1 = (
+                min(lh, max(ly0 + 1, int(round(oy1 * f)))),
+                min(lw, max(lx0 + 1, int(round(ox1 * f)))),
+            )
+            region = slide.read_region(
+                (int(lx0 * level_ds), int(ly0 * level_ds)), level, (lx1 - lx0, ly1 - ly0)
+            )
             rgb = _flatten(region)
-            out[oy:oy1, ox:ox1] = np.asarray(Image.fromarray(rgb).resize((ox1 - ox, oy1 - oy), Image.BOX))
+            out[oy:oy1, ox:ox1] = np.asarray(
+                Image.fromarray(rgb).resize((ox1 - ox, oy1 - oy), Image.BOX)
+            )
     return out
 
 

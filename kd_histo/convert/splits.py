@@ -74,7 +74,9 @@ def assign_splits(
     n = len(slide_ids)
     fr = np.asarray(fractions, np.float64)
     if fr.shape != (3,) or (fr < 0).any() or fr.sum() <= 0:
-        raise ConversionError(f"split fractions must be 3 non-negative numbers with a positive sum, got {fractions}")
+        raise ConversionError(
+            f"split fractions must be 3 non-negative numbers with a positive sum, got {fractions}"
+        )
     fr = fr / fr.sum()
     weights = weights or [1] * n
     given = given or [""] * n

@@ -17,13 +17,15 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from kd_histo.convert.errors import SkipInput
+from kd_histo.convert.errors import ConversionError, SkipInput
 
 TILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k: far above any tile, far below a slide's level 0
 
 
-def read_tile(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str = "pil") -> tuple[np.ndarray, list[str]]:
+def read_tile(
+    path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str = "pil"
+) -> tuple[np.ndarray, list[str]]:
     """Reads an image file as uint8 RGB.
 
     Args:
@@ -39,7 +41,9 @@ def read_tile(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str =
     """
     ext = os.path.splitext(path)[1].lower()
     if ext not in TILE_EXTENSIONS:
-        raise SkipInput(f"unsupported file type {ext or '(none)'}; use one of {', '.join(TILE_EXTENSIONS)}")
+        raise SkipInput(
+            f"unsupported file type {ext or '(none)'}; use one of {', '.join(TILE_EXTENSIONS)}"
+        )
     try:
         size = os.path.getsize(path)
     except OSError as e:
@@ -54,7 +58,9 @@ def read_tile(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str =
             with Image.open(path) as img:
                 w, h = img.size
                 if w * h > max_pixels:
-                    raise SkipInput(f"decompression bomb refused: {w}x{h} px > max_pixels={max_pixels}")
+                    raise SkipInput(
+                        f"decompression bomb refused: {w}x{h} px > max_pixels={max_pixels}"
+                    )
                 img.load()
                 return to_rgb8(img)
     except SkipInput:
@@ -63,7 +69,9 @@ def read_tile(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str =
         raise SkipInput(f"decompression bomb refused: {e}") from None
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
         # Pillow signals truncation and unknown formats with these types.
-        raise SkipInput(f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise SkipInput(
+            f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 def to_rgb8(img: Image.Image) -> tuple[np.ndarray, list[str]]:
@@ -115,7 +123,9 @@ def _read_tiff_tfio(path: str, max_pixels: int) -> np.ndarray:
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
         raise SkipInput(f"unreadable TIFF (tensorflow-io): {e.message.splitlines()[0]}") from None
     if rgba.shape[0] * rgba.shape[1] > max_pixels:
-        raise SkipInput(f"decompression bomb refused: {rgba.shape[1]}x{rgba.shape[0]} px > max_pixels={max_pixels}")
+        raise SkipInput(
+            f"decompression bomb refused: {rgba.shape[1]}x{rgba.shape[0]} px > max_pixels={max_pixels}"
+        )
     return np.ascontiguousarray(rgba[..., :3])
 
 
@@ -131,13 +141,15 @@ def fit_tile(rgb: np.ndarray, tile_px: int, mode: str = "crop") -> np.ndarray:
     Raises:
       ConversionError: the image is smaller than ``tile_px`` (crop) — the fix is a smaller tile_px.
     """
-    from kd_histo.convert.errors import ConversionError
-
     h, w = rgb.shape[:2]
     if h == tile_px and w == tile_px:
         return rgb
     if mode == "resize":
-        return np.asarray(Image.fromarray(rgb).resize((tile_px, tile_px), Image.BOX if min(h, w) >= tile_px else Image.BICUBIC))
+        return np.asarray(
+            Image.fromarray(rgb).resize(
+                (tile_px, tile_px), Image.BOX if min(h, w) >= tile_px else Image.BICUBIC
+            )
+        )
     if h < tile_px or w < tile_px:
         raise ConversionError(
             f"tile_px={tile_px} is larger than an input image ({w}x{h} px); pass --tile_px<={min(h, w)} "

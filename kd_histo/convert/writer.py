@@ -81,7 +81,9 @@ def write_records_atomic(path: str, records: Iterable[bytes], compression: str =
     """Writes serialized records to ``path`` atomically; returns how many were written."""
     tmp = f"{path}.tmp-{os.getpid()}"
     n = 0
-    with tf.io.TFRecordWriter(tmp, options=tf.io.TFRecordOptions(compression_type=compression or None)) as w:
+    with tf.io.TFRecordWriter(
+        tmp, options=tf.io.TFRecordOptions(compression_type=compression or None)
+    ) as w:
         for rec in records:
             w.write(rec)
             n += 1
@@ -121,11 +123,15 @@ def write_shards(
         path = os.path.join(out_dir, schema.shard_name(split, k, num_shards, compression))
         got = write_records_atomic(path, _take(stream, n_k), compression)
         if got != n_k:
-            raise ConversionError(f"part files of split {split} hold fewer records than recorded; rerun with --overwrite")
+            raise ConversionError(
+                f"part files of split {split} hold fewer records than recorded; rerun with --overwrite"
+            )
         written += got
         paths.append(path)
     if next(stream, None) is not None:
-        raise ConversionError(f"part files of split {split} hold more records than recorded; rerun with --overwrite")
+        raise ConversionError(
+            f"part files of split {split} hold more records than recorded; rerun with --overwrite"
+        )
     return paths
 
 

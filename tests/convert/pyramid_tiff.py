@@ -14,7 +14,9 @@ from PIL import Image
 _SHORT, _LONG, _RATIONAL = 3, 4, 5
 
 
-def write_pyramid_tiff(path: str, level0: np.ndarray, mpp: float, levels: int = 3, tile: int = 64) -> list[np.ndarray]:
+def write_pyramid_tiff(
+    path: str, level0: np.ndarray, mpp: float, levels: int = 3, tile: int = 64
+) -> list[np.ndarray]:
     """Writes ``level0`` (uint8 RGB) and ``levels - 1`` halvings; returns the level images."""
     images = [level0]
     for _ in range(levels - 1):
@@ -64,8 +66,20 @@ def write_pyramid_tiff(path: str, level0: np.ndarray, mpp: float, levels: int = 
                 (296, _SHORT, 1, 3),
                 (322, _SHORT, 1, tile),
                 (323, _SHORT, 1, tile),
-                (324, _LONG, len(offsets), put(struct.pack(f"<{len(offsets)}I", *offsets)) if len(offsets) > 1 else offsets[0]),
-                (325, _LONG, len(counts), put(struct.pack(f"<{len(counts)}I", *counts)) if len(counts) > 1 else counts[0]),
+                (
+                    324,
+                    _LONG,
+                    len(offsets),
+                    put(struct.pack(f"<{len(offsets)}I", *offsets))
+                    if len(offsets) > 1
+                    else offsets[0],
+                ),
+                (
+                    325,
+                    _LONG,
+                    len(counts),
+                    put(struct.pack(f"<{len(counts)}I", *counts)) if len(counts) > 1 else counts[0],
+                ),
             ]
             assert len(e) == n_entries
             return e

@@ -37,13 +37,21 @@ def test_png_round_trip_pixels_and_metadata(tmp_path):
         for i in range(3):
             rgb = random_rgb(10 * len(src), 20)
             src[write_image(tmp_path / "in" / c / f"{c}{i}.png", rgb)] = rgb
-    info = convert(_cfg(tmp_path / "out", input_dir=str(tmp_path / "in"), encode=EncodeOptions(tile_px=20, tile_mpp=0.5),
-                        fractions=(1, 0, 0)))
+    info = convert(
+        _cfg(
+            tmp_path / "out",
+            input_dir=str(tmp_path / "in"),
+            encode=EncodeOptions(tile_px=20, tile_mpp=0.5),
+            fractions=(1, 0, 0),
+        )
+    )
     recs = read_split(str(tmp_path / "out"), "train")
     assert len(recs) == 6 and info.class_names == ["a", "b"] and info.mpp == 0.5
     for r in recs:
         np.testing.assert_array_equal(decode(r["image"]), src[r["source"].decode()])
-        assert r["label"] == info.class_names.index(os.path.basename(os.path.dirname(r["source"].decode())))
+        assert r["label"] == info.class_names.index(
+            os.path.basename(os.path.dirname(r["source"].decode()))
+        )
         assert r["slide_id"].decode() == os.path.splitext(os.path.basename(r["source"].decode()))[0]
     all_px = np.concatenate([v.reshape(-1, 3) for v in src.values()]) / 255.0
     np.testing.assert_allclose(info.mean, all_px.mean(0), atol=1e-6)
@@ -74,12 +82,20 @@ def test_bad_files_are_skipped_and_reported_or_fatal_with_strict(tmp_path):
     (tmp_path / "in" / "a" / "zero.png").write_bytes(b"")
     (tmp_path / "in" / "a" / "junk.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (tmp_path / "in" / "a" / "x.doc").write_bytes(b"doc")
-    info = convert(_cfg(tmp_path / "out", input_dir=str(tmp_path / "in"), encode=EncodeOptions(tile_px=16)))
+    info = convert(
+        _cfg(tmp_path / "out", input_dir=str(tmp_path / "in"), encode=EncodeOptions(tile_px=16))
+    )
     reasons = {os.path.basename(s["path"]): s["reason"] for s in info.skipped}
     assert set(reasons) == {"zero.png", "junk.jpg", "x.doc"} and "zero-byte" in reasons["zero.png"]
     assert sum(info.num_examples(s) for s in info.counts) == 4 - len(info.skipped)
     with pytest.raises(ConversionError, match="zero.png: zero-byte file .--strict"):
-        convert(_cfg(tmp_path / "strict", input_dir=str(tmp_path / "in"), encode=EncodeOptions(tile_px=16, strict=True)))
+        convert(
+            _cfg(
+                tmp_path / "strict",
+                input_dir=str(tmp_path / "in"),
+                encode=EncodeOptions(tile_px=16, strict=True),
+            )
+        )
 
 
 def test_one_line_errors_for_bad_setups(tile_folder, tmp_path):
@@ -104,7 +120,10 @@ def test_lock_refuses_a_second_live_writer_and_takes_over_a_dead_ones(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     import socket
-    (tmp_path / ".lock-task-00000").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+
+    (tmp_path / ".lock-task-00000").write_text(
+        json.dumps({"pid": dead.pid, "host": socket.gethostname()})
+    )
     with DirLock(str(tmp_path), "task-00000"):
         pass
     assert not (tmp_path / ".lock-task-00000").exists()
@@ -129,10 +148,29 @@ def test_kill_9_midway_then_rerun_gives_identical_output(tmp_path):
     src = tmp_path / "src"
     manifest = synthetic.write_tile_folder(str(src), 40, tile_px=32, slides_per_class=20)
     ref = tmp_path / "ref"
-    convert(_cfg(ref, manifest=manifest, unit_size=4, num_shards=3, encode=EncodeOptions(tile_px=32, png_level=9)))
+    convert(
+        _cfg(
+            ref,
+            manifest=manifest,
+            unit_size=4,
+            num_shards=3,
+            encode=EncodeOptions(tile_px=32, png_level=9),
+        )
+    )
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "kd_histo.cli.convert", f"--manifest={manifest}", f"--out_dir={out}", "--tile_px=32",
-           "--unit_size=4", "--num_shards=3", "--num_workers=0", "--progress=false", "--png_level=9"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kd_histo.cli.convert",
+        f"--manifest={manifest}",
+        f"--out_dir={out}",
+        "--tile_px=32",
+        "--unit_size=4",
+        "--num_shards=3",
+        "--num_workers=0",
+        "--progress=false",
+        "--png_level=9",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out / ".parts"
     deadline = time.time() + 120
@@ -142,7 +180,9 @@ def test_kill_9_midway_then_rerun_gives_identical_output(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = len(list(parts.glob("train-*.json")))
-    assert not (out / "dataset.json").exists() and done_before > 0  # killed midway, lock left behind
+    assert (
+        not (out / "dataset.json").exists() and done_before > 0
+    )  # killed midway, lock left behind
     assert (out / ".lock-task-00000").exists()
     rc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert rc.returncode == 0, rc.stderr[-2000:]
@@ -153,8 +193,18 @@ def test_kill_9_midway_then_rerun_gives_identical_output(tmp_path):
 
 
 def test_cli_prints_one_line_error_and_exits_nonzero(tmp_path):
-    rc = subprocess.run([sys.executable, "-m", "kd_histo.cli.convert", f"--input_dir={tmp_path / 'nope'}",
-                         f"--out_dir={tmp_path / 'o'}"], cwd=REPO, capture_output=True, text=True)
+    rc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kd_histo.cli.convert",
+            f"--input_dir={tmp_path / 'nope'}",
+            f"--out_dir={tmp_path / 'o'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert rc.returncode == 1
     assert rc.stderr.strip().splitlines()[-1].startswith("kd-histo-convert: error: input folder")
     assert "Traceback" not in rc.stderr
@@ -162,8 +212,14 @@ def test_cli_prints_one_line_error_and_exits_nonzero(tmp_path):
 
 def test_gzip_and_jpeg_options(tile_folder, tmp_path):
     manifest, _ = tile_folder
-    info = convert(_cfg(tmp_path, manifest=manifest, compression="GZIP",
-                        encode=EncodeOptions(tile_px=32, image_format="jpeg", jpeg_quality=90)))
+    info = convert(
+        _cfg(
+            tmp_path,
+            manifest=manifest,
+            compression="GZIP",
+            encode=EncodeOptions(tile_px=32, image_format="jpeg", jpeg_quality=90),
+        )
+    )
     assert info.compression == "GZIP" and info.image_format == "jpeg"
     assert all(p.endswith(".tfrecord.gz") for p in schema.shard_paths(str(tmp_path), "train"))
     recs = read_split(str(tmp_path), "train", "GZIP")
@@ -173,7 +229,9 @@ def test_gzip_and_jpeg_options(tile_folder, tmp_path):
 def test_worker_processes_give_the_same_shards_as_in_process(tile_folder, tmp_path):
     manifest, _ = tile_folder
     convert(_cfg(tmp_path / "inproc", manifest=manifest, unit_size=3, group_by="phash"))
-    convert(_cfg(tmp_path / "pool", manifest=manifest, unit_size=3, group_by="phash", num_workers=2))
+    convert(
+        _cfg(tmp_path / "pool", manifest=manifest, unit_size=3, group_by="phash", num_workers=2)
+    )
     assert shard_bytes(str(tmp_path / "pool")) == shard_bytes(str(tmp_path / "inproc"))
 
 
@@ -185,12 +243,25 @@ def test_hdf5_patch_collection_through_tensorflow_io(tmp_path):
         f["x"] = x
     with h5py.File(tmp_path / "p_y.h5", "w") as f:
         f["y"] = y
-    info = convert(_cfg(tmp_path / "out", h5_images=str(tmp_path / "p_x.h5"), h5_labels=str(tmp_path / "p_y.h5"),
-                        encode=EncodeOptions(tile_px=16), fractions=(1, 0, 0)))
+    info = convert(
+        _cfg(
+            tmp_path / "out",
+            h5_images=str(tmp_path / "p_x.h5"),
+            h5_labels=str(tmp_path / "p_y.h5"),
+            encode=EncodeOptions(tile_px=16),
+            fractions=(1, 0, 0),
+        )
+    )
     assert info.class_names == ["0", "1"] and info.counts == {"train": {"0": 3, "1": 3}}
     for r in read_split(str(tmp_path / "out"), "train"):
         i = int(r["source"].decode().rsplit("#", 1)[1])
         np.testing.assert_array_equal(decode(r["image"]), x[i])
         assert r["label"] == y[i, 0, 0, 0]
     with pytest.raises(ConversionError, match="has no dataset /images"):
-        convert(_cfg(tmp_path / "bad", h5_images=str(tmp_path / "p_x.h5"), encode=EncodeOptions(tile_px=16, h5_key="images")))
+        convert(
+            _cfg(
+                tmp_path / "bad",
+                h5_images=str(tmp_path / "p_x.h5"),
+                encode=EncodeOptions(tile_px=16, h5_key="images"),
+            )
+        )

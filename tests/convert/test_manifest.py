@@ -15,7 +15,10 @@ def _csv(tmp_path, text, name="m.csv"):
 
 
 def test_manifest_rows_become_entries_with_defaults(tmp_path):
-    path = _csv(tmp_path, "path,label,slide_id,patient_id,split\na/x.png,tumour,s1,p1,test\nb/y.png,,,,\nz.svs,stroma,,,\n")
+    path = _csv(
+        tmp_path,
+        "path,label,slide_id,patient_id,split\na/x.png,tumour,s1,p1,test\nb/y.png,,,,\nz.svs,stroma,,,\n",
+    )
     e = manifest.read_manifest(path)
     assert e[0] == manifest.Entry(str(tmp_path / "a/x.png"), "tumour", "s1", "p1", "test", False)
     assert e[1].label is None and e[1].slide_id == "y" and e[1].split == ""  # stem = pseudo-slide
@@ -54,7 +57,9 @@ def test_scan_folder_lists_classes_unlabeled_and_skips_unsupported(tmp_path):
     (tmp_path / "a_cls" / "notes.xyz").write_text("x")
     entries, skipped = manifest.scan_folder(str(tmp_path))
     assert [(e.label, e.slide_id) for e in entries] == [("a_cls", "2"), ("b_cls", "1"), (None, "3")]
-    assert skipped == [{"path": str(tmp_path / "a_cls" / "notes.xyz"), "reason": "unsupported file type .xyz"}]
+    assert skipped == [
+        {"path": str(tmp_path / "a_cls" / "notes.xyz"), "reason": "unsupported file type .xyz"}
+    ]
     assert manifest.class_names_of(entries) == ["a_cls", "b_cls"]
 
 

@@ -31,8 +31,14 @@ def test_nct_tiffs_and_lc25000_sample_convert_completely(shared_data, tmp_path):
     os.makedirs(src / "nct")
     for n in nct:
         os.symlink(shared_data / "nct_crc_he_samples" / n, src / "nct" / n)
-    info = convert(ConvertConfig(out_dir=str(tmp_path / "out"), input_dir=str(src), encode=EncodeOptions(tile_px=224),
-                                 group_by="phash"))
+    info = convert(
+        ConvertConfig(
+            out_dir=str(tmp_path / "out"),
+            input_dir=str(src),
+            encode=EncodeOptions(tile_px=224),
+            group_by="phash",
+        )
+    )
     _check_complete(tmp_path / "out", info, 30 + len(nct))
     assert info.skipped == [] and info.class_names == ["lung_aca", "lung_n", "lung_scc", "nct"]
 
@@ -44,15 +50,24 @@ def test_nct_tiff_decoding_with_tensorflow_io_matches_pillow(shared_data, tmp_pa
 
     for n in sorted(os.listdir(shared_data / "nct_crc_he_samples"))[:3]:
         path = str(shared_data / "nct_crc_he_samples" / n)
-        np.testing.assert_array_equal(tiles.read_tile(path, decoder="tfio")[0], tiles.read_tile(path)[0])
+        np.testing.assert_array_equal(
+            tiles.read_tile(path, decoder="tfio")[0], tiles.read_tile(path)[0]
+        )
 
 
 @pytest.mark.large
 def test_all_lc25000_tiles_convert_with_phash_groups(shared_data, tmp_path):
     src = shared_data / "lc25000_lung"
     n_inputs = sum(len(os.listdir(src / c)) for c in os.listdir(src))
-    info = convert(ConvertConfig(out_dir=str(tmp_path), input_dir=str(src), encode=EncodeOptions(tile_px=224),
-                                 group_by="phash", num_workers=2))
+    info = convert(
+        ConvertConfig(
+            out_dir=str(tmp_path),
+            input_dir=str(src),
+            encode=EncodeOptions(tile_px=224),
+            group_by="phash",
+            num_workers=2,
+        )
+    )
     _check_complete(tmp_path, info, n_inputs)
     slides_of = {s: {r["slide_id"] for r in read_split(str(tmp_path), s)} for s in info.counts}
     assert not (slides_of["train"] & slides_of["test"] or slides_of["train"] & slides_of["val"])

@@ -20,7 +20,9 @@ def pyramid(tmp_path_factory):
     img = np.full((256, 384, 3), 245, np.uint8)
     for i in range(4):
         for j in range(3):
-            img[i * 64 : (i + 1) * 64, j * 64 : (j + 1) * 64] = synthetic.render_tile(rng, (i + j) % 4, 64)
+            img[i * 64 : (i + 1) * 64, j * 64 : (j + 1) * 64] = synthetic.render_tile(
+                rng, (i + j) % 4, 64
+            )
     path = str(tmp_path_factory.mktemp("slide") / "pyr.tif")
     levels = write_pyramid_tiff(path, img, BASE_MPP, levels=3)
     return path, levels
@@ -58,15 +60,25 @@ def test_region_is_read_from_the_matching_pyramid_level(pyramid):
 def test_slide_converts_with_aligned_lr_tiles_from_lower_level(pyramid, tmp_path):
     path, levels = pyramid
     enc = EncodeOptions(tile_px=32, target_mpp=0.5, lr_factor=2)
-    info = convert(ConvertConfig(out_dir=str(tmp_path), slides=(path,), encode=enc, class_names=("tissue",)))
+    info = convert(
+        ConvertConfig(out_dir=str(tmp_path), slides=(path,), encode=enc, class_names=("tissue",))
+    )
     assert info.lr_factor == 2.0 and info.mpp == 0.5 and info.tile_px == 32
     recs = read_split(str(tmp_path), "unlabeled")
     assert len(recs) == 12 == info.counts["unlabeled"]["unlabeled"]
     for r in recs:
         x, y = r["x"], r["y"]
-        assert r["label"] == schema.UNLABELED and r["lr_factor"] == 2.0 and r["mpp"] == pytest.approx(0.5)
-        np.testing.assert_array_equal(decode(r["image"]), levels[1][y // 2 : y // 2 + 32, x // 2 : x // 2 + 32])
-        np.testing.assert_array_equal(decode(r["lr_image"]), levels[2][y // 4 : y // 4 + 16, x // 4 : x // 4 + 16])
+        assert (
+            r["label"] == schema.UNLABELED
+            and r["lr_factor"] == 2.0
+            and r["mpp"] == pytest.approx(0.5)
+        )
+        np.testing.assert_array_equal(
+            decode(r["image"]), levels[1][y // 2 : y // 2 + 32, x // 2 : x // 2 + 32]
+        )
+        np.testing.assert_array_equal(
+            decode(r["lr_image"]), levels[2][y // 4 : y // 4 + 16, x // 4 : x // 4 + 16]
+        )
 
 
 def test_real_svs_converts_tissue_tiles_with_flat_reads(shared_data, tmp_path, monkeypatch):
@@ -82,8 +94,14 @@ def test_real_svs_converts_tissue_tiles_with_flat_reads(shared_data, tmp_path, m
     counts = {}
     for mpp in (0.5, 1.0):
         out = tmp_path / str(mpp)
-        info = convert(ConvertConfig(out_dir=str(out), slides=(svs,), encode=EncodeOptions(tile_px=224, target_mpp=mpp),
-                                     class_names=("tissue",)))
+        info = convert(
+            ConvertConfig(
+                out_dir=str(out),
+                slides=(svs,),
+                encode=EncodeOptions(tile_px=224, target_mpp=mpp),
+                class_names=("tissue",),
+            )
+        )
         recs = read_split(str(out), "unlabeled")
         counts[mpp] = len(recs)
         assert len(recs) == info.counts["unlabeled"]["unlabeled"] > 0

@@ -13,7 +13,11 @@ from kd_histo.convert.errors import ConversionError
 
 @settings(max_examples=60, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(0, 12), st.integers(0, 8), st.integers(-1, 2)), min_size=1, max_size=80),
+    st.lists(
+        st.tuples(st.integers(0, 12), st.integers(0, 8), st.integers(-1, 2)),
+        min_size=1,
+        max_size=80,
+    ),
     st.integers(0, 5),
 )
 def test_no_slide_or_patient_is_in_two_splits(rows, seed):
@@ -43,7 +47,11 @@ def test_stratified_shares_and_seed_reproducibility():
     assert a != splits.assign_splits(slide_ids, [""] * 600, labels, (0.7, 0.15, 0.15), seed=2)
     for c in range(3):
         got = collections.Counter(s for s, lab in zip(a, labels) if lab == c)
-        assert abs(got["train"] - 140) <= 1 and abs(got["val"] - 30) <= 1 and abs(got["test"] - 30) <= 1
+        assert (
+            abs(got["train"] - 140) <= 1
+            and abs(got["val"] - 30) <= 1
+            and abs(got["test"] - 30) <= 1
+        )
 
 
 def test_small_sets_get_every_class_in_every_split():
@@ -70,7 +78,9 @@ def test_unlabeled_on_an_evaluation_slide_is_left_out():
 
 def test_phash_groups_flips_rotations_and_recompressions_not_different_images():
     rng = np.random.default_rng(0)
-    base = (rng.random((8, 8, 3)) * 255).astype(np.uint8).repeat(8, 0).repeat(8, 1)  # blocky = hashable
+    base = (
+        (rng.random((8, 8, 3)) * 255).astype(np.uint8).repeat(8, 0).repeat(8, 1)
+    )  # blocky = hashable
     other = (rng.random((8, 8, 3)) * 255).astype(np.uint8).repeat(8, 0).repeat(8, 1)
     noisy = np.clip(base.astype(int) + rng.integers(-6, 7, base.shape), 0, 255).astype(np.uint8)
     images = [base, np.rot90(base), base[::-1], noisy, other, np.rot90(other, 3)]

@@ -39,7 +39,7 @@ def test_grayscale_palette_and_16bit_become_rgb8(tmp_path):
     np.testing.assert_array_equal(got, np.asarray(pal.convert("RGB")))
     assert any("palette" in n for n in notes)
 
-    g16 = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369)  # 0 .. 65535
+    g16 = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369  # 0 .. 65535
     Image.fromarray(g16).save(tmp_path / "w.png")
     got, notes = tiles.read_tile(str(tmp_path / "w.png"))
     np.testing.assert_array_equal(got[..., 0], np.round(g16 / 65535 * 255).astype(np.uint8))
@@ -48,7 +48,11 @@ def test_grayscale_palette_and_16bit_become_rgb8(tmp_path):
 
 @pytest.mark.parametrize(
     "name,content,reason",
-    [("empty.png", b"", "zero-byte"), ("junk.png", b"not an image at all", "unreadable"), ("a.gif", b"GIF89a", "unsupported")],
+    [
+        ("empty.png", b"", "zero-byte"),
+        ("junk.png", b"not an image at all", "unreadable"),
+        ("a.gif", b"GIF89a", "unsupported"),
+    ],
 )
 def test_bad_files_raise_skip_with_reason(tmp_path, name, content, reason):
     path = tmp_path / name

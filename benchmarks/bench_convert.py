@@ -1,4 +1,7 @@
-"""python benchmarks/bench_convert.py --tile_dir=../shared/data/lc25000_lung --slide=../shared/data/slides/CMU-1-Small-Region.svs
+"""python benchmarks/bench_convert.py --tile_dir=<class folders> --slide=<slide file>
+
+  python benchmarks/bench_convert.py --tile_dir=../shared/data/lc25000_lung \\
+      --slide=../shared/data/slides/CMU-1-Small-Region.svs
 
 Measures conversion throughput (tiles/s, wall clock, end to end including worker start-up, the
 pHash pass when asked, and the merge) for a tile folder and for a slide at each --slide_mpp, and

@@ -1,4 +1,4 @@
-"""python tools/convert_to_tfrecord.py --input_dir=<class folders> --out_dir=<data dir> --tile_px=224
+"""python tools/convert_to_tfrecord.py --input_dir=<class folders> --out_dir=<data> --tile_px=224
 
 Same as the ``kd-histo-convert`` console script (flags: ``--helpfull``); kept for checkouts that
 are not pip-installed.

@@ -4,9 +4,11 @@ Converts tile folders, CSV manifests and whole-slide images into sharded TFRecor
 
   kd-histo-convert --manifest=tiles/manifest.csv --out_dir=data --tile_px=64
   kd-histo-convert --input_dir=lc25000_lung --group_by=phash --out_dir=data --num_workers=2
-  kd-histo-convert --slides=slides/ --slide_labels=labels.csv --target_mpp=0.5 --lr_factor=4 --out_dir=data
+  kd-histo-convert --slides=slides/ --slide_labels=labels.csv --target_mpp=0.5 --lr_factor=4 \\
+      --out_dir=data
   # many machines: each runs its task, then one merges
-  kd-histo-convert ... --task_index=$SLURM_ARRAY_TASK_ID --num_tasks=8 ; kd-histo-convert ... --num_tasks=8 --merge
+  kd-histo-convert ... --task_index=$SLURM_ARRAY_TASK_ID --num_tasks=8
+  kd-histo-convert ... --num_tasks=8 --merge
 
 Bad inputs are reported as ``kd-histo-convert: error: <what to fix>`` with exit status 1.
 """

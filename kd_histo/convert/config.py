@@ -18,7 +18,8 @@ class ConvertConfig:
       slides: whole-slide image files or folders.
       slide_labels: CSV (path,label[,slide_id,patient_id,split]) of slides; "" = slides unlabeled.
       root: when set, manifest paths must lie inside it.
-      h5_images: HDF5 file of image patches [N, H, W, 3] (PatchCamelyon style), read with tensorflow-io.
+      h5_images: HDF5 file of image patches [N, H, W, 3] (PatchCamelyon style), read with
+        tensorflow-io.
       h5_labels: HDF5 file of their labels ("" = unlabeled); label names are the integer values.
       h5_labels_key: dataset name of the labels (the images' is ``encode.h5_key``).
       class_names: fixed class order (default: sorted label names).

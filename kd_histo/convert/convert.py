@@ -30,7 +30,7 @@ PARTS = ".parts"
 
 
 def convert(cfg: ConvertConfig) -> schema.DatasetInfo:
-    """Converts all inputs of ``cfg`` into shards + dataset.json (single machine, ``num_tasks=1``)."""
+    """Converts all inputs of ``cfg`` into shards + dataset.json (one machine, ``num_tasks=1``)."""
     if cfg.num_tasks != 1:
         raise ConversionError(
             "convert() runs everything; with --num_tasks>1 run each task, then --merge"
@@ -59,7 +59,8 @@ def _prepare(cfg: ConvertConfig) -> str:
     if os.path.exists(os.path.join(cfg.out_dir, schema.DATASET_JSON)) and not os.path.isdir(parts):
         if not cfg.overwrite:
             raise ConversionError(
-                f"{cfg.out_dir} already holds a data set; pass --overwrite or choose another --out_dir"
+                f"{cfg.out_dir} already holds a data set; "
+                "pass --overwrite or choose another --out_dir"
             )
         _clear(cfg.out_dir)
     os.makedirs(parts, exist_ok=True)
@@ -72,7 +73,8 @@ def _prepare(cfg: ConvertConfig) -> str:
             if not cfg.overwrite:
                 changed = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
                 raise ConversionError(
-                    f"{cfg.out_dir} holds parts of a conversion with other settings ({', '.join(changed)}); "
+                    f"{cfg.out_dir} holds parts of a conversion with other settings "
+                    f"({', '.join(changed)}); "
                     "pass --overwrite or choose another --out_dir"
                 )
             _clear(cfg.out_dir)
@@ -194,7 +196,10 @@ class _Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = 100.0 * self.done / max(self.total, 1)
         eta_s = f"{int(eta) // 60}:{int(eta) % 60:02d}" if eta != float("inf") else "?"
-        return f"kd-histo-convert: {self.done}/{self.total} tiles ({pct:.0f}%) {rate:.1f} tiles/s ETA {eta_s}"
+        return (
+            f"kd-histo-convert: {self.done}/{self.total} tiles ({pct:.0f}%) "
+            f"{rate:.1f} tiles/s ETA {eta_s}"
+        )
 
     def close(self) -> None:
         if self.enabled:
@@ -272,7 +277,8 @@ def _describe(cfg: ConvertConfig, task: dict, summaries: list[dict]) -> schema.D
     notes += [f"{n} inputs: {note}" for note, n in sorted(note_counts.items())]
     if background:
         notes.append(
-            f"{background} slide tiles dropped as background after reading (tissue < {cfg.encode.min_tissue:g})"
+            f"{background} slide tiles dropped as background after reading "
+            f"(tissue < {cfg.encode.min_tissue:g})"
         )
     if stats.count == 0:
         stats = all_stats
@@ -281,7 +287,8 @@ def _describe(cfg: ConvertConfig, task: dict, summaries: list[dict]) -> schema.D
     mpp = cfg.encode.target_mpp if task["has_slides"] else cfg.encode.tile_mpp
     if task["has_slides"] and task["has_tiles"] and cfg.encode.tile_mpp != cfg.encode.target_mpp:
         notes.append(
-            f"tiles ({cfg.encode.tile_mpp:g} µm/px) and slide tiles ({mpp:g} µm/px) are mixed; mpp is the slides'"
+            f"tiles ({cfg.encode.tile_mpp:g} µm/px) and slide tiles ({mpp:g} µm/px) are mixed; "
+            "mpp is the slides'"
         )
     return schema.DatasetInfo(
         class_names=list(task["class_names"]),

@@ -43,7 +43,7 @@ def _dataset(path: str, key: str):
 def list_h5(
     images: str, labels: str = "", images_key: str = "x", labels_key: str = "y"
 ) -> list[Entry]:
-    """One entry per patch of ``images`` (uint8 [N, H, W, 3]); labels from ``labels`` (any shape [N, ...]).
+    """One entry per patch of ``images`` (uint8 [N, H, W, 3]), labels from ``labels`` ([N, ...]).
 
     Raises:
       ConversionError: missing file or dataset, a non-image array, or label count mismatch.
@@ -59,7 +59,8 @@ def list_h5(
         y = _dataset(labels, labels_key).to_tensor().numpy().reshape(-1)
         if len(y) != shape[0]:
             raise ConversionError(
-                f"{labels} has {len(y)} labels for {shape[0]} patches in {images}; pair the right files"
+                f"{labels} has {len(y)} labels for {shape[0]} patches in {images}; "
+                "pair the right files"
             )
         names = [str(int(v)) for v in y]
     stem = os.path.splitext(os.path.basename(images))[0]

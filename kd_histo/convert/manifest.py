@@ -77,7 +77,8 @@ def read_manifest(path: str, root: str | None = None, slides: bool = False) -> l
                 )
             if full in seen:
                 raise ManifestError(
-                    f"{path}:{line}: duplicate path {rel} (first on line {seen[full]}); list each file once"
+                    f"{path}:{line}: duplicate path {rel} (first on line {seen[full]}); "
+                    "list each file once"
                 )
             seen[full] = line
             split = row.get("split", "")
@@ -171,7 +172,8 @@ def class_names_of(entries: list[Entry], given: list[str] | None = None) -> list
         unknown = [lab for lab in present if lab not in given]
         if unknown:
             raise ManifestError(
-                f"labels {unknown} are not in --class_names={','.join(given)}; add them or fix the labels"
+                f"labels {unknown} are not in --class_names={','.join(given)}; "
+                "add them or fix the labels"
             )
         return list(given)
     return present

@@ -131,7 +131,8 @@ def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
                 skipped.append({"path": e.path, "reason": str(err)})
     for p, sp in slide_plans.items():
         notes.append(
-            f"{os.path.basename(p)}: {len(sp.coords)} of {sp.grid_tiles} grid tiles have tissue on the "
+            f"{os.path.basename(p)}: {len(sp.coords)} of {sp.grid_tiles} grid tiles have tissue "
+            "on the "
             f"thumbnail (level-0 {sp.base_mpp:g} µm/px, tile {sp.size_l0} px at level 0)"
         )
     slide_entries = [e for e in entries if e.is_slide and e.path in slide_plans]
@@ -154,7 +155,7 @@ def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
             skipped.append(
                 {
                     "path": e.path,
-                    "reason": "unlabeled input on a val/test slide or patient (kept out of training)",
+                    "reason": "unlabeled input on a val/test slide/patient (kept out of training)",
                 }
             )
 
@@ -200,7 +201,7 @@ def unit_task(unit: Unit) -> int:
 
 
 def hash_paths(paths: list[str], max_pixels: int = tiles.DEFAULT_MAX_PIXELS) -> list:
-    """pHash variants of each file, or the SkipInput that stopped reading it (picklable for pools)."""
+    """pHash variants of each file, or the SkipInput that stopped reading it (picklable)."""
     out = []
     for p in paths:
         try:

@@ -127,7 +127,8 @@ def process_unit(
             except SkipInput as e:
                 if opts.strict:
                     raise ConversionError(
-                        f"{item.path}: {e} (--strict stops at the first bad input; drop --strict to skip it)"
+                        f"{item.path}: {e} (--strict stops at the first bad input; "
+                        "drop --strict to skip it)"
                     ) from None
                 skipped.append({"path": item.path, "reason": str(e)})
                 continue
@@ -190,6 +191,7 @@ def _read_slide_tile(
             )
     except Exception as e:  # OpenSlide reports corrupt tiles with its own error type
         raise SkipInput(
-            f"slide region ({item.x}, {item.y}) unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"slide region ({item.x}, {item.y}) unreadable: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
     return rgb, lr, opts.target_mpp

@@ -1,11 +1,11 @@
 """Whole-slide images through OpenSlide: tissue mask, tile grid at a target µm/px, streamed reads.
 
-Planning (:func:`plan_slide`) opens the slide, detects tissue on a thumbnail (saturated, not white)
-and lists the level-0 corners of grid tiles covering enough tissue. Reading (:func:`read_region_rgb`)
-fetches one tile at a time from the pyramid level closest to (and not coarser than) the wanted
-resolution, so memory stays flat however big the slide is: no level-0 image is ever loaded. The
-optional low-resolution view is read the same way at ``lr_factor`` times the µm/px, i.e. from the
-slide's own lower-magnification level when the pyramid has one.
+Planning (:func:`plan_slide`) opens the slide, detects tissue on a thumbnail read in blocks
+(saturated, not white) and lists the level-0 corners of grid tiles covering enough tissue. Reading
+(:func:`read_region_rgb`) fetches one tile at a time from the coarsest pyramid level that is not
+coarser than needed, so memory stays flat however big the slide is: no level-0 image is ever
+loaded. The optional low-resolution view is read the same way at ``lr_factor`` times the µm/px,
+i.e. from the slide's own lower-magnification level when the pyramid has one.
 
 This module does not encode or write tiles and does not choose splits.
 """
@@ -40,7 +40,8 @@ def open_slide(path: str):
         return openslide.OpenSlide(path)
     except (openslide.OpenSlideError, OSError) as e:
         raise SkipInput(
-            f"not a readable whole-slide image: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            "not a readable whole-slide image: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
 
 
@@ -135,7 +136,8 @@ def plan_slide(
         width, height = slide.dimensions
         if size_l0 < 1 or size_l0 > min(width, height):
             raise ConversionError(
-                f"{path}: a {tile_px} px tile at {target_mpp} µm/px spans {size_l0} level-0 px but the slide is "
+                f"{path}: a {tile_px} px tile at {target_mpp} µm/px spans {size_l0} level-0 px "
+                "but the slide is "
                 f"{width}x{height}; lower --tile_px or --target_mpp"
             )
         mask = tissue_mask(slide, thumb_px, block_px)

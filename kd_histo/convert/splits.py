@@ -92,7 +92,8 @@ def assign_splits(
         if len(fixed) > 1:
             names = sorted({slide_ids[i] for i in idx})[:3]
             raise ConversionError(
-                f"the manifest's split column puts slide/patient group {names} in splits {sorted(fixed)}; "
+                f"the manifest's split column puts slide/patient group {names} "
+                f"in splits {sorted(fixed)}; "
                 "give all tiles of a slide and of a patient one split"
             )
         if fixed:

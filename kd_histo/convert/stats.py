@@ -35,7 +35,7 @@ class PixelStats:
         )
 
     def mean_std(self) -> tuple[list[float], list[float]]:
-        """``(mean, std)`` per channel; std is floored at 1e-6 so normalisation never divides by 0."""
+        """``(mean, std)`` per channel; std floored at 1e-6 so normalising never divides by 0."""
         if self.count == 0:
             raise ValueError("no pixels counted")
         mean = np.asarray(self.total) / self.count

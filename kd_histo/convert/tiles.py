@@ -124,7 +124,8 @@ def _read_tiff_tfio(path: str, max_pixels: int) -> np.ndarray:
         raise SkipInput(f"unreadable TIFF (tensorflow-io): {e.message.splitlines()[0]}") from None
     if rgba.shape[0] * rgba.shape[1] > max_pixels:
         raise SkipInput(
-            f"decompression bomb refused: {rgba.shape[1]}x{rgba.shape[0]} px > max_pixels={max_pixels}"
+            f"decompression bomb refused: {rgba.shape[1]}x{rgba.shape[0]} px "
+            f"> max_pixels={max_pixels}"
         )
     return np.ascontiguousarray(rgba[..., :3])
 
@@ -152,7 +153,8 @@ def fit_tile(rgb: np.ndarray, tile_px: int, mode: str = "crop") -> np.ndarray:
         )
     if h < tile_px or w < tile_px:
         raise ConversionError(
-            f"tile_px={tile_px} is larger than an input image ({w}x{h} px); pass --tile_px<={min(h, w)} "
+            f"tile_px={tile_px} is larger than an input image ({w}x{h} px); "
+            f"pass --tile_px<={min(h, w)} "
             "or --fit=resize"
         )
     top, left = (h - tile_px) // 2, (w - tile_px) // 2

@@ -54,8 +54,10 @@ class DirLock:
                     os.remove(self.path)  # stale: its writer died (e.g. kill -9); resume
                     continue
                 raise ConversionError(
-                    f"another kd-histo-convert (pid {owner.get('pid', '?')} on {owner.get('host', '?')}) is writing "
-                    f"{os.path.dirname(self.path)}; wait for it, or delete {self.path} if it is dead"
+                    f"another kd-histo-convert (pid {owner.get('pid', '?')} on "
+                    f"{owner.get('host', '?')}) is writing "
+                    f"{os.path.dirname(self.path)}; wait for it, "
+                    f"or delete {self.path} if it is dead"
                 ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
@@ -124,7 +126,8 @@ def write_shards(
         got = write_records_atomic(path, _take(stream, n_k), compression)
         if got != n_k:
             raise ConversionError(
-                f"part files of split {split} hold fewer records than recorded; rerun with --overwrite"
+                f"part files of split {split} hold fewer records than recorded; "
+                "rerun with --overwrite"
             )
         written += got
         paths.append(path)

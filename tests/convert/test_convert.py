@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def tile_folder(tmp_path_factory):
-    """The demo's input: synthetic class folders + manifest.csv (32 px, 3 per class, 4 unlabeled)."""
+    """The demo's input: class folders + manifest.csv (32 px, 3 per class, 4 unlabeled)."""
     root = tmp_path_factory.mktemp("tiles")
     return synthetic.write_tile_folder(str(root), 3, tile_px=32, n_unlabeled=4), str(root)
 
@@ -77,6 +77,7 @@ def test_demo_manifest_counts_match_shards(tile_folder, tmp_path):
             assert a == b or not slides_of[a] & slides_of[b]
 
 
+@pytest.mark.reliability
 def test_bad_files_are_skipped_and_reported_or_fatal_with_strict(tmp_path):
     write_image(tmp_path / "in" / "a" / "ok.png", random_rgb(0))
     (tmp_path / "in" / "a" / "zero.png").write_bytes(b"")
@@ -112,6 +113,7 @@ def test_one_line_errors_for_bad_setups(tile_folder, tmp_path):
     convert(_cfg(tmp_path / "d", input_dir=root, overwrite=True))
 
 
+@pytest.mark.reliability
 def test_lock_refuses_a_second_live_writer_and_takes_over_a_dead_ones(tmp_path):
     with DirLock(str(tmp_path), "task-00000"):
         with pytest.raises(ConversionError, match="is writing"):
@@ -144,6 +146,7 @@ def test_tasks_write_disjoint_parts_and_merge_equals_single_run(tile_folder, tmp
         assert one == sorted(r["source"] for r in read_split(str(tmp_path / "many"), split))
 
 
+@pytest.mark.reliability
 def test_kill_9_midway_then_rerun_gives_identical_output(tmp_path):
     src = tmp_path / "src"
     manifest = synthetic.write_tile_folder(str(src), 40, tile_px=32, slides_per_class=20)

@@ -20,6 +20,7 @@ def _check_complete(out, info, n_inputs):
     assert seen == n_inputs - len(info.skipped)
 
 
+@pytest.mark.realdata
 def test_nct_tiffs_and_lc25000_sample_convert_completely(shared_data, tmp_path):
     src = tmp_path / "src"
     for cls in ("lung_aca", "lung_n", "lung_scc"):
@@ -43,6 +44,7 @@ def test_nct_tiffs_and_lc25000_sample_convert_completely(shared_data, tmp_path):
     assert info.skipped == [] and info.class_names == ["lung_aca", "lung_n", "lung_scc", "nct"]
 
 
+@pytest.mark.realdata
 def test_nct_tiff_decoding_with_tensorflow_io_matches_pillow(shared_data, tmp_path):
     import numpy as np
 
@@ -56,6 +58,7 @@ def test_nct_tiff_decoding_with_tensorflow_io_matches_pillow(shared_data, tmp_pa
 
 
 @pytest.mark.large
+@pytest.mark.realdata
 def test_all_lc25000_tiles_convert_with_phash_groups(shared_data, tmp_path):
     src = shared_data / "lc25000_lung"
     n_inputs = sum(len(os.listdir(src / c)) for c in os.listdir(src))

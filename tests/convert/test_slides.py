@@ -81,6 +81,7 @@ def test_slide_converts_with_aligned_lr_tiles_from_lower_level(pyramid, tmp_path
         )
 
 
+@pytest.mark.realdata
 def test_real_svs_converts_tissue_tiles_with_flat_reads(shared_data, tmp_path, monkeypatch):
     svs = str(shared_data / "slides" / "CMU-1-Small-Region.svs")
     biggest = []

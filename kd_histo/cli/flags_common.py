@@ -11,7 +11,13 @@ Not here: turning flags into configs (each binary's ``main``).
 
 from __future__ import annotations
 
+import os
 import sys
+
+# Before TensorFlow loads (the binaries import it lazily, in main): TF 2.16's CPU oneDNN kernels
+# corrupt the heap in the conv backward pass of small-stem nets at >= 48 px ("double free or
+# corruption", reproducible on 64 px demo tiles); the plain Eigen kernels are correct.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from typing import Callable, Sequence
 
 from absl import app, flags

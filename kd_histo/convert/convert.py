@@ -47,6 +47,11 @@ def _prepare(cfg: ConvertConfig) -> str:
         )
     if cfg.encode.image_format not in ("png", "jpeg"):
         raise ConversionError(f"image_format must be png or jpeg, got {cfg.encode.image_format!r}")
+    if not 1 <= cfg.encode.jpeg_quality <= 100 or not 0 <= cfg.encode.png_level <= 9:
+        raise ConversionError(
+            f"need 1 <= jpeg_quality <= 100 and 0 <= png_level <= 9, "
+            f"got {cfg.encode.jpeg_quality} and {cfg.encode.png_level}"
+        )
     if cfg.encode.tile_px < 8:
         raise ConversionError(f"tile_px must be >= 8, got {cfg.encode.tile_px}")
     if cfg.encode.lr_factor and cfg.encode.tile_px % cfg.encode.lr_factor:

@@ -208,9 +208,20 @@ def test_cli_prints_one_line_error_and_exits_nonzero(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert rc.returncode == 1
+    assert rc.returncode == 2
     assert rc.stderr.strip().splitlines()[-1].startswith("kd-histo-convert: error: input folder")
     assert "Traceback" not in rc.stderr
+    rc = subprocess.run(
+        [sys.executable, "-m", "kd_histo.cli.convert", "--tile_px=abc"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        rc.returncode == 2
+        and "kd-histo-convert: error:" in rc.stderr
+        and "Traceback" not in rc.stderr
+    )
 
 
 def test_gzip_and_jpeg_options(tile_folder, tmp_path):
@@ -266,5 +277,48 @@ def test_hdf5_patch_collection_through_tensorflow_io(tmp_path):
                 tmp_path / "bad",
                 h5_images=str(tmp_path / "p_x.h5"),
                 encode=EncodeOptions(tile_px=16, h5_key="images"),
+            )
+        )
+
+
+def test_flags_become_the_config(tmp_path):
+    from absl import flags
+
+    from kd_histo.cli import convert as cli
+
+    argv = [
+        "kd-histo-convert",
+        f"--out_dir={tmp_path}",
+        "--slides=a.svs,b.svs",
+        "--target_mag=20",
+        "--split_fractions=0.8,0.1,0.1",
+        "--lr_factor=4",
+        "--compression=GZIP",
+        "--num_workers=0",
+    ]
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    try:
+        cfg = cli.config_from_flags()
+        assert cfg.slides == ("a.svs", "b.svs") and cfg.encode.target_mpp == pytest.approx(0.5)
+        assert cfg.fractions == (0.8, 0.1, 0.1) and cfg.encode.lr_factor == 4
+        assert cfg.compression == "GZIP" and cfg.num_workers == 0
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["kd-histo-convert", f"--out_dir={tmp_path}", "--split_fractions=0.8,x"])
+        with pytest.raises(ConversionError, match="three numbers"):
+            cli.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_progress_bar_shows_rate_and_eta(tile_folder, tmp_path, capsys):
+    manifest, _ = tile_folder
+    convert(_cfg(tmp_path, manifest=manifest, unit_size=4, progress=True))
+    err = capsys.readouterr().err
+    assert "16/16 tiles (100%)" in err and "tiles/s ETA 0:00" in err
+    with pytest.raises(ConversionError, match="jpeg_quality"):
+        convert(
+            _cfg(
+                tmp_path / "q", manifest=manifest, encode=EncodeOptions(tile_px=32, jpeg_quality=0)
             )
         )

@@ -117,3 +117,20 @@ def test_real_svs_converts_tissue_tiles_with_flat_reads(shared_data, tmp_path, m
     biggest.clear()
     slides.plan_slide(svs, 224, 0.5, block_px=256)
     assert max(biggest) <= 256 * 256
+
+
+def test_slide_labels_csv_gives_label_patient_and_split(pyramid, tmp_path):
+    path, _ = pyramid
+    labels = tmp_path / "slides.csv"
+    labels.write_text(f"path,label,slide_id,patient_id,split\n{path},tumour,S1,P1,test\n")
+    info = convert(
+        ConvertConfig(
+            out_dir=str(tmp_path / "out"),
+            slide_labels=str(labels),
+            encode=EncodeOptions(tile_px=32, target_mpp=0.5),
+        )
+    )
+    assert info.class_names == ["tumour"] and info.counts == {"test": {"tumour": 12}}
+    recs = read_split(str(tmp_path / "out"), "test")
+    assert {(r["label"], r["slide_id"], r["patient_id"]) for r in recs} == {(0, b"S1", b"P1")}
+    assert len({(r["x"], r["y"]) for r in recs}) == 12  # tile coordinates kept, one per tile

@@ -59,6 +59,10 @@ def measure_latency(model: keras.Model, input_px: int, batch_sizes: Sequence[int
                     repeats: int = 5, warmup: int = 2) -> list[dict[str, float]]:
     """Median wall-clock time per batch, throughput and peak memory at each batch size.
 
+    Peak memory is the GPU allocator's peak when a GPU runs the net. On CPU TensorFlow keeps no
+    allocator statistics, so it is the growth of the process's resident-set high-water mark during
+    the measurement: an upper bound on nothing, 0 when earlier work already reached that mark.
+
     Returns:
       [{"batch_size", "latency_ms" (per batch, median), "images_per_s", "peak_memory_mb"}].
     """
@@ -125,7 +129,8 @@ def cost_table(entries: Sequence[CostEntry], reference: str | None = None) -> li
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The cost rows as a markdown table (latency/throughput at the largest measured batch)."""
-    lines = ["| net | input px | GFLOPs/image | teacher/net FLOPs | params | latency ms (batch) | images/s | peak MB |",
+    lines = ["| net | input px | GFLOPs/image | teacher/net FLOPs | params | latency ms (batch) | images/s "
+             "| peak MB (GPU; CPU: RSS growth) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["timings"][-1] if r["timings"] else None

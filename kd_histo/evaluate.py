@@ -145,7 +145,7 @@ def compare_runs(eval_dirs: Sequence[str], out_prefix: str, names: Sequence[str]
     Returns:
       {"markdown": path, "csv": path}.
     """
-    names = list(names) if names else [os.path.basename(os.path.normpath(d)) for d in eval_dirs]
+    names = list(names) if names else [_run_name(d) for d in eval_dirs]
     rows = []
     for name, d in zip(names, eval_dirs):
         path = os.path.join(d, METRICS_JSON)
@@ -174,6 +174,13 @@ def compare_runs(eval_dirs: Sequence[str], out_prefix: str, names: Sequence[str]
     with open(out_prefix + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     return {"markdown": out_prefix + ".md", "csv": out_prefix + ".csv"}
+
+
+def _run_name(eval_dir: str) -> str:
+    """``runs/teacher/eval_test`` -> "teacher"; any other folder -> its own name."""
+    path = os.path.normpath(eval_dir)
+    base = os.path.basename(path)
+    return os.path.basename(os.path.dirname(path)) if base.startswith("eval_") else base
 
 
 def _cell(row: dict, key: str) -> str:

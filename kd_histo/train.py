@@ -133,9 +133,9 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
                 raise preflight.PreflightError(f"the train split gives 0 batches of {cfg.data.batch_size}; "
                                                "lower --batch_size")
             model.compile(optimizer=make_optimizer(cfg, steps), jit_compile=False)
-        train_ds = make_dataset(data_cfg, "train", training=True)
-        if cfg.steps_per_epoch:  # fixed epoch length: never let the stream run dry mid-epoch
-            train_ds = train_ds.repeat()
+        # fit() asks for exactly `steps` batches per epoch; repeating (each pass redraws its random
+        # crops and mixing) means the stream never runs dry mid-epoch whatever the batch rounding.
+        train_ds = make_dataset(data_cfg, "train", training=True).repeat()
         has_val = preflight._has_shards(cfg.data.data_dir, "val")
         val_ds = make_dataset(cfg.data, "val", training=False) if has_val else None
         try:

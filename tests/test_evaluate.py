@@ -53,15 +53,15 @@ def test_write_evaluation_files_and_compare(tmp_path):
     dirs = []
     for run in ("teacher", "student_x4"):
         r = evaluate.evaluate_predictions(p, NAMES, n_boot=20)
-        paths = evaluate.write_evaluation(r, p, str(tmp_path / run), title=run)
+        paths = evaluate.write_evaluation(r, p, str(tmp_path / run / "eval_test"), title=run)
         assert all(os.path.getsize(v) > 0 for v in paths.values())
-        dirs.append(str(tmp_path / run))
-    rows = list(csv.DictReader(open(tmp_path / "teacher" / "predictions.csv")))
+        dirs.append(str(tmp_path / run / "eval_test"))
+    rows = list(csv.DictReader(open(tmp_path / "teacher" / "eval_test" / "predictions.csv")))
     assert len(rows) == 5 and rows[1]["pred_name"] == "b" and float(rows[0]["prob_a"]) == pytest.approx(0.9)
-    assert json.load(open(tmp_path / "teacher" / "metrics.json"))["tile"]["n"] == 5
+    assert json.load(open(tmp_path / "teacher" / "eval_test" / "metrics.json"))["tile"]["n"] == 5
     out = evaluate.compare_runs(dirs, str(tmp_path / "cmp" / "table"))
     table = list(csv.DictReader(open(out["csv"])))
-    assert [t["run"] for t in table] == ["teacher", "student_x4"]
+    assert [t["run"] for t in table] == ["teacher", "student_x4"]  # named after the run, not eval_test
     assert float(table[0]["tile_accuracy"]) == pytest.approx(0.6)
     md = open(out["markdown"]).read().splitlines()
     assert len(md) == 4 and md[2].startswith("| teacher | 5 | 0.600 [")

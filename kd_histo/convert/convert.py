@@ -279,6 +279,9 @@ def _describe(cfg: ConvertConfig, task: dict, summaries: list[dict]) -> schema.D
         all_stats = all_stats.merge(part)
         if s["split"] == "train":
             stats = stats.merge(part)
+    notes.append(
+        f"{task['num_inputs']} inputs listed (files, slides, HDF5 patches), {len(skipped)} skipped"
+    )
     notes += [f"{n} inputs: {note}" for note, n in sorted(note_counts.items())]
     if background:
         notes.append(

@@ -29,7 +29,7 @@ class Plan:
     units: list[Unit]  # all units of all tasks, in output order
     skipped: list[dict[str, str]]  # inputs left out before reading tiles
     notes: list[str]
-    num_inputs: int  # tile files + slides listed
+    num_inputs: int  # files listed (tiles, slides, HDF5 patches, unsupported files)
     has_slides: bool = False
     has_tiles: bool = False
 
@@ -88,6 +88,7 @@ def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
         phash); default reads them here.
     """
     entries, skipped = list_entries(cfg)
+    num_inputs = len(entries) + len(skipped)  # listed inputs, including unsupported files
     notes: list[str] = []
     class_names = manifest.class_names_of(entries, list(cfg.class_names) or None)
     if not class_names:
@@ -189,7 +190,7 @@ def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
         units,
         skipped,
         notes,
-        len(tile_entries) + len(slide_entries) + len(skipped),
+        num_inputs,
         bool(slide_entries),
         bool(tile_entries),
     )

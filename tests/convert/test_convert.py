@@ -89,6 +89,7 @@ def test_bad_files_are_skipped_and_reported_or_fatal_with_strict(tmp_path):
     reasons = {os.path.basename(s["path"]): s["reason"] for s in info.skipped}
     assert set(reasons) == {"zero.png", "junk.jpg", "x.doc"} and "zero-byte" in reasons["zero.png"]
     assert sum(info.num_examples(s) for s in info.counts) == 4 - len(info.skipped)
+    assert "4 inputs listed (files, slides, HDF5 patches), 3 skipped" in info.notes
     with pytest.raises(ConversionError, match="zero.png: zero-byte file .--strict"):
         convert(
             _cfg(

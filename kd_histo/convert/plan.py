@@ -2,7 +2,8 @@
 
 Every task of a multi-machine run computes the same plan from the same inputs and config, then
 takes the units whose slide hashes to its ``task_index``; the plan is a pure function of the input
-listing and the config, which is what makes resume and merging safe.
+listing and the config, which is what makes resume and merging safe. (With ``group_by="phash"``
+every task hashes every tile: the groups, and so the splits, need all of them.)
 
 This module reads images only for ``group_by="phash"`` and slides only for their thumbnails.
 """

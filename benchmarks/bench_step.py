@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,7 +34,7 @@ def define_flags():
     flags.DEFINE_integer("repeats", 3, "timed repeats; the median is reported")
     flags.DEFINE_list("modes", ["uncached", "cached"], "which steps to time")
     flags.DEFINE_bool(
-        "jit_compile", True, "XLA-compile the step (bicubic is a matmul, so XLA works)"
+        "jit_compile", False, "XLA-compile the step (works: bicubic is a matmul; slower on CPU)"
     )
     flags.DEFINE_string("arch_planes", "32,64,128,256", "planes of the paper's ResNet-GN")
 
@@ -109,21 +110,22 @@ def main(argv):
 
     f = flags.FLAGS
     planes = tuple(int(p) for p in f.arch_planes.split(","))
-    results = [
-        bench_one(
-            int(fac),
-            mode,
-            batch=f.batch,
-            hr_px=f.hr_px,
-            steps=f.steps,
-            warmup=f.warmup,
-            repeats=f.repeats,
-            jit_compile=f.jit_compile,
-            planes=planes,
-        )
-        for fac in f.factors
-        for mode in f.modes
-    ]
+    results = []
+    for fac in f.factors:
+        for mode in f.modes:
+            r = bench_one(
+                int(fac),
+                mode,
+                batch=f.batch,
+                hr_px=f.hr_px,
+                steps=f.steps,
+                warmup=f.warmup,
+                repeats=f.repeats,
+                jit_compile=f.jit_compile,
+                planes=planes,
+            )
+            print(json.dumps(r), file=sys.stderr, flush=True)  # progress; survives a cut-off run
+            results.append(r)
     print(
         json.dumps(
             {

@@ -114,20 +114,20 @@ class ResolutionDistiller(keras.Model):
             )
         self.student = student
         self.teacher = teacher
-        self.student_view, self.teacher_view = student_view, teacher_view
-        self.temperature, self.ssl_temperature = float(temperature), float(ssl_temperature)
-        self.kd_weight, self.feature_weight = float(kd_weight), float(feature_weight)
-        self.ce_weight, self.ssl_weight, self.at_weight = (
-            float(ce_weight),
-            float(ssl_weight),
-            float(at_weight),
-        )
-        self.feature_mode, self.feature_norm, self.bicubic_style = (
-            feature_mode,
-            feature_norm,
-            bicubic_style,
-        )
-        self.accumulation_steps, self.projection_dim = int(accumulation_steps), int(projection_dim)
+        self.student_view = student_view
+        self.teacher_view = teacher_view
+        self.temperature = float(temperature)
+        self.ssl_temperature = float(ssl_temperature)
+        self.kd_weight = float(kd_weight)
+        self.feature_weight = float(feature_weight)
+        self.ce_weight = float(ce_weight)
+        self.ssl_weight = float(ssl_weight)
+        self.at_weight = float(at_weight)
+        self.feature_mode = feature_mode
+        self.feature_norm = feature_norm
+        self.bicubic_style = bicubic_style
+        self.accumulation_steps = int(accumulation_steps)
+        self.projection_dim = int(projection_dim)
         self.logits_kd = L.LogitsKD(temperature)
         self.feature_kd = L.FeatureMapKD(feature_mode, feature_norm, bicubic_style)
         if teacher is not None:
@@ -155,16 +155,22 @@ class ResolutionDistiller(keras.Model):
             L.check_channels(student.output["features"], teacher.output["features"])
 
     # -- Keras plumbing -----------------------------------------------------------------------
-    def compile(self, optimizer="adam", **kwargs):
+    def compile(self, optimizer="adam", jit_compile="auto", **kwargs):
         """Compiles; sets the optimizer's gradient accumulation if ``accumulation_steps > 1``.
 
-        Losses come from the distiller itself, so ``loss=`` is not accepted.
+        Losses come from the distiller itself, so ``loss=`` is not accepted. ``jit_compile="auto"``
+        means XLA on accelerators only: on CPU, XLA's convolutions measured about half the speed
+        of TF's oneDNN kernels for this step (benchmarks/bench_step.py).
         """
         if "loss" in kwargs:
             raise ValueError(
                 "ResolutionDistiller computes its own losses; do not pass loss= to compile"
             )
-        super().compile(optimizer=optimizer, **kwargs)
+        if jit_compile == "auto":
+            jit_compile = bool(
+                tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")
+            )
+        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
         if self.accumulation_steps > 1:
             inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
             if inner.built and inner.gradient_accumulation_steps != self.accumulation_steps:
@@ -225,6 +231,7 @@ class ResolutionDistiller(keras.Model):
             if self.at_weight > 0:
                 parts["at_loss"] = L.attention_transfer(s_feat, t_feat)
             if self.ssl_weight > 0:
+                # From a cache, t_feat is the resized map: its mean approximates the full map's.
                 s_emb = self.student_head(tf.reduce_mean(s_feat, axis=[1, 2]), training=training)
                 t_emb = self.teacher_head(
                     tf.reduce_mean(tf.cast(t_feat, s_feat.dtype), axis=[1, 2]), training=training

@@ -10,8 +10,6 @@ import tensorflow as tf
 
 from kd_histo import losses as L
 
-RNG = np.random.default_rng(0)
-
 
 def _softmax(z):
     z = z - z.max(-1, keepdims=True)
@@ -64,15 +62,17 @@ def np_bicubic_torch(x, h, w):
 
 
 def test_kd_zero_when_equal_and_matches_numpy():
-    zt = RNG.normal(size=(5, 4)).astype("f4") * 3
-    zs = RNG.normal(size=(5, 4)).astype("f4") * 3
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
+    zt = rng.normal(size=(5, 4)).astype("f4") * 3
+    zs = rng.normal(size=(5, 4)).astype("f4") * 3
     assert abs(float(L.kd_kl(zt, zt, 4.0))) < 1e-6
     np.testing.assert_allclose(float(L.kd_kl(zt, zs, 4.0)), np_kd(zt, zs, 4.0), rtol=1e-5)
     assert float(L.kd_kl(zt, zs, 4.0)) > 0
 
 
 def test_kd_t_squared_factor():
-    zt, zs = RNG.normal(size=(3, 6)).astype("f4"), RNG.normal(size=(3, 6)).astype("f4")
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
+    zt, zs = rng.normal(size=(3, 6)).astype("f4"), rng.normal(size=(3, 6)).astype("f4")
     for T in (1.0, 2.0, 8.0):
         np.testing.assert_allclose(
             float(L.kd_kl(zt, zs, T)), T * T * float(L.kd_kl(zt / T, zs / T, 1.0)), rtol=1e-5
@@ -93,14 +93,16 @@ def test_kd_large_logits_finite_and_float32():
     [((8, 8), (4, 4)), ((7, 7), (2, 2)), ((7, 5), (3, 4)), ((5, 9), (5, 9)), ((3, 3), (5, 5))],
 )
 def test_adaptive_max_pool_matches_pytorch_bins(in_hw, out_hw):
-    x = RNG.normal(size=(2, *in_hw, 3)).astype("f4")
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
+    x = rng.normal(size=(2, *in_hw, 3)).astype("f4")
     np.testing.assert_array_equal(
         L.adaptive_max_pool2d(x, out_hw).numpy(), np_adaptive_max(x, *out_hw)
     )
 
 
 def test_adaptive_max_pool_equals_max_pool_for_multiples():
-    x = RNG.normal(size=(2, 8, 12, 3)).astype("f4")
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
+    x = rng.normal(size=(2, 8, 12, 3)).astype("f4")
     ref = tf.nn.max_pool2d(x, (2, 3), (2, 3), "VALID").numpy()
     np.testing.assert_array_equal(L.adaptive_max_pool2d(x, (4, 4)).numpy(), ref)
 
@@ -110,7 +112,8 @@ def test_adaptive_max_pool_equals_max_pool_for_multiples():
     [((7, 7), (4, 4)), ((8, 8), (4, 4)), ((7, 9), (3, 5)), ((4, 4), (7, 9)), ((1, 1), (3, 3))],
 )
 def test_bicubic_torch_matches_numpy_port(in_hw, out_hw):
-    x = RNG.normal(size=(2, *in_hw, 3)).astype("f4")
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
+    x = rng.normal(size=(2, *in_hw, 3)).astype("f4")
     np.testing.assert_allclose(
         L.bicubic_resize(x, out_hw, "torch").numpy(), np_bicubic_torch(x, *out_hw), atol=1e-5
     )
@@ -120,7 +123,8 @@ def test_bicubic_torch_matches_numpy_port(in_hw, out_hw):
     "in_hw,out_hw", [((7, 7), (4, 4)), ((8, 8), (4, 4)), ((7, 9), (3, 5)), ((4, 4), (14, 18))]
 )
 def test_bicubic_tf_style_matches_tf_image_resize(in_hw, out_hw):
-    x = RNG.normal(size=(2, *in_hw, 3)).astype("f4")
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
+    x = rng.random((2, *in_hw, 3), dtype=np.float32)
     # TF's kernel reads its weights from a 1024-entry table, hence ~1e-4 differences.
     np.testing.assert_allclose(
         L.bicubic_resize(x, out_hw, "tf").numpy(),
@@ -130,7 +134,8 @@ def test_bicubic_tf_style_matches_tf_image_resize(in_hw, out_hw):
 
 
 def test_torch_and_tf_kernels_differ():
-    x = RNG.normal(size=(1, 7, 7, 1)).astype("f4")
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
+    x = rng.normal(size=(1, 7, 7, 1)).astype("f4")
     diff = np.abs(
         L.bicubic_resize(x, (4, 4), "torch").numpy() - L.bicubic_resize(x, (4, 4), "tf").numpy()
     )
@@ -146,8 +151,9 @@ def test_resize_of_constant_map_is_constant(mode):
 
 
 def test_feature_map_loss_matches_numpy():
-    s = RNG.normal(size=(2, 3, 3, 4)).astype("f4")
-    t = RNG.normal(size=(2, 7, 7, 4)).astype("f4")
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
+    s = rng.normal(size=(2, 3, 3, 4)).astype("f4")
+    t = rng.normal(size=(2, 7, 7, 4)).astype("f4")
     mp, bc = np_adaptive_max(t, 3, 3), np_bicubic_torch(t, 3, 3)
     both = 0.5 * (mp + bc)
     np.testing.assert_allclose(
@@ -175,7 +181,8 @@ def test_feature_map_loss_errors():
 
 
 def test_masked_ce():
-    logits = RNG.normal(size=(4, 3)).astype("f4")
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
+    logits = rng.normal(size=(4, 3)).astype("f4")
     labels = np.array([2, -1, 0, -1])
     p = _softmax(logits.astype("f8"))
     ref = -np.mean([np.log(p[0, 2]), np.log(p[2, 0])])
@@ -190,8 +197,9 @@ def test_masked_ce():
 
 
 def test_info_nce_matches_numpy_and_prefers_aligned_pairs():
-    s = RNG.normal(size=(6, 5)).astype("f4")
-    t = RNG.normal(size=(6, 5)).astype("f4")
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
+    s = rng.normal(size=(6, 5)).astype("f4")
+    t = rng.normal(size=(6, 5)).astype("f4")
     sn = s / np.linalg.norm(s, axis=1, keepdims=True)
     tn = t / np.linalg.norm(t, axis=1, keepdims=True)
     sim = sn @ tn.T / 0.1
@@ -202,8 +210,9 @@ def test_info_nce_matches_numpy_and_prefers_aligned_pairs():
 
 
 def test_attention_transfer():
-    s = RNG.normal(size=(2, 3, 3, 4)).astype("f4")
-    t = RNG.normal(size=(2, 6, 6, 8)).astype("f4")
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
+    s = rng.normal(size=(2, 3, 3, 4)).astype("f4")
+    t = rng.normal(size=(2, 6, 6, 8)).astype("f4")
     tp = np_adaptive_max(t, 3, 3)
 
     def att(m):
@@ -217,13 +226,14 @@ def test_attention_transfer():
 
 
 def test_keras_distillation_wrappers_equal_pure_functions():
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
     t = {
-        "logits": RNG.normal(size=(2, 3)).astype("f4"),
-        "features": RNG.normal(size=(2, 6, 6, 4)).astype("f4"),
+        "logits": rng.normal(size=(2, 3)).astype("f4"),
+        "features": rng.normal(size=(2, 6, 6, 4)).astype("f4"),
     }
     s = {
-        "logits": RNG.normal(size=(2, 3)).astype("f4"),
-        "features": RNG.normal(size=(2, 3, 3, 4)).astype("f4"),
+        "logits": rng.normal(size=(2, 3)).astype("f4"),
+        "features": rng.normal(size=(2, 3, 3, 4)).astype("f4"),
     }
     assert float(L.LogitsKD(2.0).compute_loss(t, s)) == float(
         L.kd_kl(t["logits"], s["logits"], 2.0)
@@ -237,8 +247,9 @@ def test_keras_distillation_wrappers_equal_pure_functions():
 
 
 def test_graph_xla_and_dynamic_shapes_agree_with_eager():
-    s = RNG.normal(size=(2, 3, 3, 4)).astype("f4")
-    t = RNG.normal(size=(2, 7, 7, 4)).astype("f4")
+    rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
+    s = rng.normal(size=(2, 3, 3, 4)).astype("f4")
+    t = rng.normal(size=(2, 7, 7, 4)).astype("f4")
     eager = float(L.feature_map_loss(s, t))
     dynamic = tf.function(
         L.feature_map_loss, input_signature=[tf.TensorSpec([None, None, None, 4])] * 2

@@ -179,6 +179,17 @@ class ResolutionDistiller(keras.Model):
                 )
             inner.gradient_accumulation_steps = self.accumulation_steps
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras (TF trainer) all-reduces a sample batch here under a distribution strategy; that
+        # fails for dict batches under MultiWorkerMirroredStrategy and for string fields
+        # ("slide_id", "source"). Every variable of the distiller exists after __init__, so only
+        # the optimizer needs building; extra compile metrics still take Keras' path.
+        if self._compile_metrics is not None:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
     @property
     def metrics(self):
         return list(self.trackers.values()) + [self.accuracy_tracker]
@@ -259,7 +270,12 @@ class ResolutionDistiller(keras.Model):
             self.accuracy_tracker.update_state(
                 tf.cast(tf.equal(pred, labels), tf.float32), sample_weight=labeled
             )
-        return {m.name: m.result() for m in self.metrics}
+        logs = {m.name: m.result() for m in self.metrics}
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras reduces logs across workers with reduce("MEAN", v, axis=0), which needs a
+            # batch axis; the mean of [1]-vectors is the scalar every other strategy reports.
+            logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
 
     @staticmethod
     def _unpack(data):

@@ -9,6 +9,11 @@ forward/backward only. Both use the paper's ResNet-GN (planes 32-64-128-256), KD
 feature loss, Adam. Each configuration is timed ``--repeats`` times over ``--steps`` steps after
 warm-up; the median is reported. Prints one JSON object; never asserts a time (the machine may be
 shared). Data loading is excluded (random tensors already in memory).
+
+TF's oneDNN CPU kernels are on unless ``TF_ENABLE_ONEDNN_OPTS=0``; the kd_histo binaries and the
+test session turn them off (a TF 2.16 heap corruption in small-stem conv backprop), so time both:
+
+    TF_ENABLE_ONEDNN_OPTS=0 .venv/bin/python benchmarks/bench_step.py
 """
 
 from __future__ import annotations
@@ -137,6 +142,7 @@ def main(argv):
                 "cpus": os.cpu_count(),
                 "machine": platform.processor() or platform.machine(),
                 "load_avg_1m": os.getloadavg()[0],
+                "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
                 "results": results,
             },
             indent=1,

@@ -159,8 +159,8 @@ class ResolutionDistiller(keras.Model):
         """Compiles; sets the optimizer's gradient accumulation if ``accumulation_steps > 1``.
 
         Losses come from the distiller itself, so ``loss=`` is not accepted. ``jit_compile="auto"``
-        means XLA on accelerators only: on CPU, XLA's convolutions measured about half the speed
-        of TF's oneDNN kernels for this step (benchmarks/bench_step.py).
+        means XLA on accelerators only: on CPU the XLA-compiled step measured 25-50% slower than
+        TF's own kernels, with oneDNN on or off (benchmarks/bench_step.py, --jit_compile).
         """
         if "loss" in kwargs:
             raise ValueError(

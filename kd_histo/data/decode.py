@@ -89,7 +89,8 @@ def read_shards(
       compression: "" or "GZIP".
       skip_corrupt: skip corrupt records / damaged tails instead of failing.
       cycle_length: shards read at once (interleaved record by record); 1 = file order.
-      shuffle_seed: shuffle the order of the shard files with this seed (None = sorted order).
+      shuffle_seed: shuffle the order of the shard files with this seed, once: every pass reads
+        them in that order (None = sorted order).
       parallel: decode with parallel calls (False: one thread, for tests and debugging).
 
     Returns:
@@ -101,7 +102,10 @@ def read_shards(
     sizes = [tf.io.gfile.stat(p).length for p in paths]
     files = tf.data.Dataset.from_tensor_slices((list(paths), tf.constant(sizes, tf.int64)))
     if shuffle_seed is not None:
-        files = files.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+        # One file order per seed, the same on every pass: an order that changed from pass to
+        # pass would make ``cache()`` (which freezes the first pass) change the stream. The
+        # per-epoch randomness comes from the element shuffle after the cache.
+        files = files.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=False)
     end = _end_marker(tile_px, lr_tile_px)
     check_bytes = compression.upper() != "GZIP"
     compression_type = compression or None

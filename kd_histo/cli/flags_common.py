@@ -176,8 +176,16 @@ def guarded(prog: str, main: Callable[[list[str]], None]) -> Callable[[list[str]
     return wrapped
 
 
+def _show_in_help() -> None:
+    # absl's --help lists the key flags of the main module (sys.argv[0]); ours are registered
+    # under this module, which calls DEFINE_*, so make them key flags of the running binary.
+    for flag in FLAGS.flags_by_module_dict().get(__name__, []):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(prog: str, main: Callable[[list[str]], None]) -> None:
     """Console-script entry: parse flags (one-line errors), then the guarded ``main``."""
+    _show_in_help()
     app.run(guarded(prog, main), flags_parser=_parser(prog))
 
 

@@ -51,53 +51,73 @@ def read_manifest(path: str, root: str | None = None, slides: bool = False) -> l
         extension is a slide format are slides and the rest are tiles.
 
     Raises:
-      ManifestError: missing file/columns, empty or duplicate paths, bad split names, escapes.
+      ManifestError: missing file/columns, not UTF-8 CSV, rows with surplus fields, empty or
+        duplicate paths, bad split names, paths escaping ``root``.
     """
     if not os.path.isfile(path):
         raise ManifestError(f"manifest {path} not found; pass an existing CSV file to --manifest")
     base = os.path.dirname(os.path.abspath(path))
+    if root and not os.path.isdir(root):
+        raise ManifestError(f"--root={root} is not a folder; pass the folder paths must stay in")
     root_abs = os.path.realpath(root) if root else None
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        if "path" not in columns:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return _read_rows(path, csv.DictReader(f), base, root, root_abs, slides)
+    except UnicodeDecodeError as e:
+        raise ManifestError(
+            f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the manifest as UTF-8 CSV"
+        ) from None
+    except csv.Error as e:
+        raise ManifestError(f"{path}: not a readable CSV ({e}); fix the file") from None
+
+
+def _read_rows(path, reader, base, root, root_abs, slides) -> list[Entry]:
+    """The entries of an open manifest (``read_manifest`` without the file handling)."""
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    if "path" not in columns:
+        raise ManifestError(
+            f"{path}: needs a header row with a 'path' column (got {columns or 'no header'})"
+        )
+    entries, seen = [], {}
+    for row in reader:
+        line = reader.line_num  # the file's line (a quoted field may span several)
+        if None in row:  # csv.DictReader files surplus fields under the key None
             raise ManifestError(
-                f"{path}: needs a header row with a 'path' column (got {columns or 'no header'})"
+                f"{path}:{line}: {len(columns) + len(row[None])} fields but the header has "
+                f"{len(columns)}; quote fields that contain commas"
             )
-        entries, seen = [], {}
-        for line, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            rel = row.get("path", "")
-            if not rel:
-                raise ManifestError(f"{path}:{line}: empty path; every row needs a file path")
-            full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(base, rel))
-            if root_abs and os.path.commonpath([root_abs, os.path.realpath(full)]) != root_abs:
-                raise ManifestError(
-                    f"{path}:{line}: {rel} lies outside --root={root}; fix the path or the root"
-                )
-            if full in seen:
-                raise ManifestError(
-                    f"{path}:{line}: duplicate path {rel} (first on line {seen[full]}); "
-                    "list each file once"
-                )
-            seen[full] = line
-            split = row.get("split", "")
-            if split and split not in SPLITS:
-                raise ManifestError(
-                    f"{path}:{line}: split {split!r} is not one of {', '.join(SPLITS)}"
-                )
-            stem = os.path.splitext(os.path.basename(full))[0]
-            is_slide = slides or os.path.splitext(full)[1].lower() in SLIDE_EXTENSIONS
-            entries.append(
-                Entry(
-                    full,
-                    row.get("label") or None,
-                    row.get("slide_id") or stem,
-                    row.get("patient_id", ""),
-                    split,
-                    is_slide,
-                )
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        rel = row.get("path", "")
+        if not rel:
+            raise ManifestError(f"{path}:{line}: empty path; every row needs a file path")
+        if "\x00" in rel:
+            raise ManifestError(f"{path}:{line}: the path holds a NUL character; fix the row")
+        full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(base, rel))
+        if root_abs and os.path.commonpath([root_abs, os.path.realpath(full)]) != root_abs:
+            raise ManifestError(
+                f"{path}:{line}: {rel} lies outside --root={root}; fix the path or the root"
             )
+        if full in seen:
+            raise ManifestError(
+                f"{path}:{line}: duplicate path {rel} (first on line {seen[full]}); "
+                "list each file once"
+            )
+        seen[full] = line
+        split = row.get("split", "")
+        if split and split not in SPLITS:
+            raise ManifestError(f"{path}:{line}: split {split!r} is not one of {', '.join(SPLITS)}")
+        stem = os.path.splitext(os.path.basename(full))[0]
+        is_slide = slides or os.path.splitext(full)[1].lower() in SLIDE_EXTENSIONS
+        entries.append(
+            Entry(
+                full,
+                row.get("label") or None,
+                row.get("slide_id") or stem,
+                row.get("patient_id", ""),
+                split,
+                is_slide,
+            )
+        )
     if not entries:
         raise ManifestError(f"{path} lists no files; add rows below the header")
     return entries
@@ -107,7 +127,8 @@ def scan_folder(input_dir: str) -> tuple[list[Entry], list[dict[str, str]]]:
     """Lists a folder of class subfolders (``unlabeled/`` holds unlabeled tiles).
 
     Returns:
-      ``(entries, skipped)``: skipped lists files of unsupported types as {"path", "reason"}.
+      ``(entries, skipped)``: skipped lists the other files (unsupported types, side files such
+      as a README) as {"path", "reason"}; only hidden files (``.name``) are passed over.
 
     Raises:
       ManifestError: the folder is missing, has no class subfolders, or a class folder is empty.
@@ -145,7 +166,9 @@ def scan_folder(input_dir: str) -> tuple[list[Entry], list[dict[str, str]]]:
                         )
                     )
                 elif ext in (".csv", ".json", ".txt", ".md"):
-                    continue  # side files (manifests, READMEs) are not inputs
+                    # Side files (manifests, READMEs) are not inputs, but nothing in a class
+                    # folder is dropped without a word: they are listed like other skips.
+                    skipped.append({"path": full, "reason": f"not an image (side file {ext})"})
                 else:
                     skipped.append(
                         {"path": full, "reason": f"unsupported file type {ext or '(none)'}"}

@@ -121,9 +121,13 @@ def process_unit(
                     rgb, file_notes = tiles.read_tile(
                         item.path, max_pixels=opts.max_pixels, decoder=opts.tiff_decoder
                     )
+                    if opts.fit == "resize" and min(rgb.shape[:2]) < opts.tile_px:
+                        file_notes.append("smaller than tile_px: upsampled (--fit=resize)")
                     rgb = tiles.fit_tile(rgb, opts.tile_px, opts.fit)
                     lr, mpp = None, opts.tile_mpp
                     notes.update(file_notes)
+            except ConversionError as e:  # an image too small for the tile: name the file
+                raise ConversionError(f"{item.path}: {e}") from None
             except SkipInput as e:
                 if opts.strict:
                     raise ConversionError(

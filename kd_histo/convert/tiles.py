@@ -12,6 +12,7 @@ read whole-slide images (see ``convert.slides``).
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import numpy as np
@@ -28,10 +29,14 @@ def read_tile(
 ) -> tuple[np.ndarray, list[str]]:
     """Reads an image file as uint8 RGB.
 
+    The header is read first (Pillow), so a decompression bomb is refused and a truncated TIFF is
+    caught before any decoder allocates pixels. A file whose content is another format than its
+    extension says is read by its content, with a note.
+
     Args:
       path: the image file.
       max_pixels: images with more pixels are refused (decompression-bomb guard).
-      decoder: "pil", or "tfio" to decode .tif/.tiff with tensorflow-io (other types use Pillow).
+      decoder: "pil", or "tfio" to decode TIFF files with tensorflow-io (other types use Pillow).
 
     Returns:
       ``(rgb uint8 [H, W, 3], notes)``; notes name any conversion (e.g. "16-bit -> 8-bit").
@@ -50,19 +55,24 @@ def read_tile(
         raise SkipInput(f"cannot read: {e.strerror}") from None
     if size == 0:
         raise SkipInput("zero-byte file")
-    if decoder == "tfio" and ext in (".tif", ".tiff"):
-        return _read_tiff_tfio(path, max_pixels), []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path) as img:  # reads the header only
                 w, h = img.size
                 if w * h > max_pixels:
                     raise SkipInput(
                         f"decompression bomb refused: {w}x{h} px > max_pixels={max_pixels}"
                     )
+                notes = []
+                if img.format not in _FORMATS[ext]:
+                    notes.append(f"{ext} file holds {img.format} data (read by its content)")
+                if decoder == "tfio" and img.format == "TIFF":
+                    _check_tiff_extent(img, size)
+                    return _read_tiff_tfio(path), notes
                 img.load()
-                return to_rgb8(img)
+                rgb, mode_notes = to_rgb8(img)
+                return rgb, notes + mode_notes
     except SkipInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -72,6 +82,29 @@ def read_tile(
         raise SkipInput(
             f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
+
+
+_FORMATS = {  # extension -> Pillow formats it may hold
+    ".png": ("PNG",),
+    ".jpg": ("JPEG", "MPO"),
+    ".jpeg": ("JPEG", "MPO"),
+    ".tif": ("TIFF",),
+    ".tiff": ("TIFF",),
+    ".bmp": ("BMP",),
+}
+
+
+def _check_tiff_extent(img: Image.Image, size: int) -> None:
+    """A TIFF whose strips/tiles reach past the end of the file is truncated (libtiff, under
+    tensorflow-io, would fill the missing rows with zeros and only log a warning)."""
+    tags = img.tag_v2
+    offsets = tags.get(273) or tags.get(324) or ()  # StripOffsets or TileOffsets
+    counts = tags.get(279) or tags.get(325) or ()  # StripByteCounts or TileByteCounts
+    if isinstance(offsets, int):
+        offsets, counts = (offsets,), (counts,)
+    end = max((int(o) + int(c) for o, c in zip(offsets, counts)), default=0)
+    if end > size:
+        raise SkipInput(f"truncated TIFF: its image data end at byte {end}, the file has {size}")
 
 
 def to_rgb8(img: Image.Image) -> tuple[np.ndarray, list[str]]:
@@ -111,8 +144,8 @@ def to_rgb8(img: Image.Image) -> tuple[np.ndarray, list[str]]:
     return np.asarray(img.convert("RGB"), np.uint8), notes
 
 
-def _read_tiff_tfio(path: str, max_pixels: int) -> np.ndarray:
-    """Decodes a TIFF with tensorflow-io (libtiff, RGBA) and drops alpha."""
+def _read_tiff_tfio(path: str) -> np.ndarray:
+    """Decodes a TIFF with tensorflow-io (libtiff, RGBA) and drops alpha (size already checked)."""
     import tensorflow as tf
     import tensorflow_io as tfio
 
@@ -121,13 +154,15 @@ def _read_tiff_tfio(path: str, max_pixels: int) -> np.ndarray:
     try:
         rgba = tfio.experimental.image.decode_tiff(tf.constant(data)).numpy()
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-        raise SkipInput(f"unreadable TIFF (tensorflow-io): {e.message.splitlines()[0]}") from None
-    if rgba.shape[0] * rgba.shape[1] > max_pixels:
-        raise SkipInput(
-            f"decompression bomb refused: {rgba.shape[1]}x{rgba.shape[0]} px "
-            f"> max_pixels={max_pixels}"
-        )
+        raise SkipInput(f"unreadable TIFF (tensorflow-io): {_op_message(e)}") from None
     return np.ascontiguousarray(rgba[..., :3])
+
+
+def _op_message(e) -> str:
+    """A TensorFlow op error's own words, without the op and function names around them."""
+    text = e.message.splitlines()[0] if e.message else type(e).__name__
+    text = re.sub(r"\{\{[^}]*\}\}", "", text)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text).strip()
 
 
 def fit_tile(rgb: np.ndarray, tile_px: int, mode: str = "crop") -> np.ndarray:

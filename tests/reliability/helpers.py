@@ -1,0 +1,70 @@
+"""Small builders of bad inputs shared by the reliability tests (images, records, shards)."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def rgb(seed: int, px: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (px, px, 3), dtype=np.uint8)
+
+
+def encoded(arr: np.ndarray, fmt: str, **save_kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **save_kwargs)
+    return buf.getvalue()
+
+
+def write(path, data: bytes) -> str:
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def giant_png(width: int, height: int) -> bytes:
+    """A valid PNG header declaring ``width`` x ``height`` RGB pixels, with a few bytes of data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def giant_jpeg(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header (SOF0) declares ``width`` x ``height``."""
+    data = bytearray(encoded(rgb(0, 8), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def giant_tiff(width: int, height: int) -> bytes:
+    """A small uncompressed TIFF whose ImageWidth/ImageLength tags declare ``width``x``height``."""
+    data = bytearray(encoded(rgb(0, 8), "TIFF"))
+    assert data[:4] == b"II*\x00"
+    ifd = struct.unpack("<I", data[4:8])[0]
+    (n,) = struct.unpack("<H", data[ifd : ifd + 2])
+    for i in range(n):
+        at = ifd + 2 + 12 * i
+        tag = struct.unpack("<H", data[at : at + 2])[0]
+        if tag in (256, 257):  # ImageWidth, ImageLength: rewrite as one LONG
+            value = width if tag == 256 else height
+            data[at + 2 : at + 12] = struct.pack("<HII", 4, 1, value)
+    return bytes(data)

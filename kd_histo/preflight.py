@@ -1,9 +1,10 @@
 """Checks a training run makes BEFORE it writes anything: bad input fails in seconds, in one line.
 
 Each check raises :class:`PreflightError` (a ``ValueError``) whose message says what to fix:
-data folder and splits, the run folder (writable, free space, not a finished or different run),
-the teacher (file exists, loads, same class count, RGB input), and the LR tile against the
-network's minimum input (its total stride).
+data folder and splits (the shards are the ones ``dataset.json`` describes: no shard missing, no
+empty or damaged shard, the record counts it states), the run folder (writable, free space, not a
+finished or different run), the teacher (file exists, loads, same class count, RGB input), and
+the LR tile against the network's minimum input (its total stride).
 
 Not here: building or training anything (``kd_histo.train``).
 """
@@ -19,6 +20,7 @@ import keras
 
 from kd_histo import schema
 from kd_histo.config import RunConfig
+from kd_histo.data import decode
 from kd_histo.data.pipeline import lr_size
 
 MIN_FREE_MB = 50  # a run folder needs room for a few checkpoints of the nets we train
@@ -54,7 +56,53 @@ def check_data(cfg: RunConfig) -> schema.DatasetInfo:
                              "fraction, or pass --allow_no_val to keep the last epoch")
     if (cfg.data.hr_px or info.tile_px) > info.tile_px:
         raise PreflightError(f"hr_px {cfg.data.hr_px} is larger than the stored {info.tile_px} px tiles; lower --hr_px")
+    try:
+        for split in ("train", "val", "unlabeled"):
+            check_shards(cfg.data.data_dir, info, split, count=not cfg.data.skip_corrupt)
+    except schema.SchemaError as e:
+        raise PreflightError(str(e)) from None
     return info
+
+
+def check_shards(data_dir: str, info: schema.DatasetInfo, split: str, count: bool = True) -> None:
+    """A split's shard files are all there and (``count``) hold the records dataset.json states.
+
+    A split with no shard file at all is left to the split checks (a missing val split is allowed
+    with --allow_no_val). Counting reads only the framing of uncompressed shards (GZIP ones are not
+    counted).
+
+    Raises:
+      SchemaError: a shard is missing, extra, empty or damaged, or the counts disagree.
+    """
+    if not _has_shards(data_dir, split):
+        return
+    paths = schema.shard_paths(data_dir, split)
+    listed = info.shards.get(split, 0)
+    names = sorted(os.path.basename(p) for p in paths)
+    want = [schema.shard_name(split, k, listed, info.compression) for k in range(listed)]
+    if names != want:
+        missing = sorted(set(want) - set(names))
+        extra = sorted(set(names) - set(want))
+        raise schema.SchemaError(
+            f"{data_dir}: dataset.json lists {listed} '{split}' shards but the folder differs"
+            + (f"; missing {', '.join(missing[:3])}" if missing else "")
+            + (f"; not listed {', '.join(extra[:3])}" if extra else "")
+            + ": restore the files or reconvert the data"
+        )
+    if not count or info.compression:
+        return
+    n = 0
+    for p in paths:
+        k = decode.count_records(p)
+        if k == 0:
+            raise schema.SchemaError(f"shard {p} holds no records; reconvert the data")
+        n += k
+    stated = info.num_examples(split)
+    if n != stated:
+        raise schema.SchemaError(
+            f"{data_dir}: dataset.json counts {stated} '{split}' records but its shards hold {n}; "
+            "dataset.json and the shards disagree: reconvert the data"
+        )
 
 
 def _has_shards(data_dir: str, split: str) -> bool:
@@ -72,6 +120,10 @@ def check_model_dir(cfg: RunConfig) -> None:
     existing = d
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise PreflightError(
+            f"model_dir {d} lies under {existing}, which is a file; choose another --model_dir"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PreflightError(f"model_dir {d} is not writable ({existing} is read-only); choose another --model_dir")
     try:  # access() can pass where writes fail (read-only mounts, quotas): try one

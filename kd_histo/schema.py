@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from typing import Any, Mapping
 
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 
 SCHEMA_VERSION = 1
 UNLABELED = -1
@@ -144,8 +146,17 @@ def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 def parse_example_numpy(serialized: bytes) -> dict[str, Any]:
-    """Parses one record eagerly into Python values (tools, tests, inspection)."""
-    example = tf.train.Example.FromString(serialized)
+    """Parses one record eagerly into Python values (tools, tests, inspection).
+
+    Raises:
+      SchemaError: the bytes are not a ``tf.train.Example`` of this schema version.
+    """
+    try:
+        example = tf.train.Example.FromString(serialized)
+    except DecodeError:
+        raise SchemaError(
+            f"record is not a tf.train.Example ({len(serialized)} bytes that do not parse)"
+        ) from None
     out: dict[str, Any] = {}
     for name, (dtype, default) in _FIELDS.items():
         feat = example.features.feature.get(name)
@@ -266,8 +277,16 @@ class DatasetInfo:
         info = cls(**d)
         if not info.class_names or len(set(info.class_names)) != len(info.class_names):
             raise SchemaError(f"dataset.json class_names must be non-empty and unique: {info.class_names}")
-        if len(info.mean) != 3 or len(info.std) != 3 or min(info.std) <= 0:
-            raise SchemaError("dataset.json mean/std must be 3 values each, std > 0")
+        if (
+            len(info.mean) != 3
+            or len(info.std) != 3
+            or not all(math.isfinite(v) for v in [*info.mean, *info.std])
+            or min(info.std) <= 0
+        ):
+            raise SchemaError(
+                f"dataset.json mean/std must be 3 finite values each, std > 0; got mean "
+                f"{info.mean}, std {info.std}: reconvert the data"
+            )
         return info
 
     def write(self, data_dir: str) -> str:

@@ -5,6 +5,8 @@ Records are parsed with the shared schema (:func:`kd_histo.schema.parse_example`
 keeps a cache of decoded tiles four times smaller.
 
 Corrupt data never hangs and never passes silently. Each shard is read on its own:
+- an empty shard file, or one whose first record is of another schema version, is refused when
+  the dataset is built (:class:`kd_histo.schema.SchemaError`, naming the shard);
 - a record that does not parse or decode (bad bytes, wrong tile size, other schema version) is
   reported as ``corrupt record <i> in shard <path>``;
 - a damaged file (bad CRC, truncated) is reported as ``shard <path> is damaged after record <n>``
@@ -17,12 +19,84 @@ This module does not crop, augment or batch (see :mod:`kd_histo.data.views`, ``p
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 
 from kd_histo import schema
 
 _ENVELOPE = 16  # TFRecord framing bytes per record: length (8) + length CRC (4) + data CRC (4)
+
+
+def count_records(path: str) -> int:
+    """Records in an uncompressed TFRecord file, from its framing alone (no record is read).
+
+    Raises:
+      SchemaError: the framing does not end exactly at the end of the file (truncated, or
+        bytes appended or overwritten).
+    """
+    size = tf.io.gfile.stat(path).length
+    n = offset = 0
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while offset < size:
+            head = f.read(8)
+            if len(head) < 8:
+                break
+            offset += _ENVELOPE + struct.unpack("<Q", head)[0]
+            if offset > size:
+                break
+            f.seek(offset)
+            n += 1
+    if offset != size:
+        raise schema.SchemaError(
+            f"shard {path} is damaged after record {n} (its records do not end at the file's "
+            f"{size} bytes: truncated or overwritten); re-convert the data"
+        )
+    return n
+
+
+def first_record_version(path: str, compression: str = "") -> int | None:
+    """``schema_version`` of a shard's first record (versions start at 1; a record with an "image"
+    but no "schema_version" predates them and counts as 0), or None when it cannot tell (empty or
+    damaged file, not an Example, a wrong-typed version): the record checks deal with those."""
+    try:
+        ds = tf.data.TFRecordDataset(path, compression_type=compression or None)
+        first = next(iter(ds.take(1)), None)
+    except tf.errors.OpError:
+        return None
+    if first is None:
+        return None
+    try:
+        feature = tf.train.Example.FromString(first.numpy()).features.feature
+    except DecodeError:
+        return None
+    if "schema_version" in feature:
+        values = feature["schema_version"].int64_list.value
+        return int(values[0]) if len(values) == 1 else None
+    return 0 if "image" in feature else None
+
+
+def check_shard_files(paths: list[str], compression: str = "", allow_empty: bool = False) -> None:
+    """Refuses empty shard files and shards of another schema version, naming the shard.
+
+    Only the first record of each shard is read: a shard is written by one version of the
+    converter, and the records after the first are checked as they are read.
+    """
+    for path in paths:
+        if not allow_empty and tf.io.gfile.stat(path).length == 0:
+            raise schema.SchemaError(
+                f"shard {path} is empty (0 bytes; kd-histo-convert never writes an empty shard): "
+                "re-convert the data, or set skip_corrupt"
+            )
+        version = first_record_version(path, compression)
+        if version is not None and version != schema.SCHEMA_VERSION:
+            old = " (from before versioned records: an older kd_histo)" if version == 0 else ""
+            raise schema.SchemaError(
+                f"shard {path} holds records of schema_version {version}{old}, this kd_histo "
+                f"reads {schema.SCHEMA_VERSION}; reconvert the data with kd-histo-convert"
+            )
 
 
 def decode_record(serialized: tf.Tensor, tile_px: int, lr_tile_px: int = 0) -> dict[str, tf.Tensor]:
@@ -95,9 +169,13 @@ def read_shards(
 
     Returns:
       A deterministic ``tf.data.Dataset`` of example dicts.
+
+    Raises:
+      SchemaError: a shard file is empty (unless ``skip_corrupt``) or of another schema version.
     """
     if not paths:
         raise ValueError("read_shards needs at least one shard path")
+    check_shard_files(paths, compression, allow_empty=skip_corrupt)
     calls = tf.data.AUTOTUNE if parallel else None
     sizes = [tf.io.gfile.stat(p).length for p in paths]
     files = tf.data.Dataset.from_tensor_slices((list(paths), tf.constant(sizes, tf.int64)))
@@ -160,25 +238,34 @@ def _checked_shard(records, path, size, end, decode, calls):
 
     def check(expected, elem):
         index, is_end, nbytes, example = elem
+        # One joined string per message, so the error reads as one sentence.
         gap = tf.debugging.Assert(
             tf.equal(index, expected),
             [
-                "kd_histo: corrupt record",
-                expected,
-                "in shard",
-                path,
-                "(does not parse, or does not decode to the data set's tile size);",
-                "re-convert it or set skip_corrupt",
+                tf.strings.join(
+                    [
+                        "kd_histo: corrupt record ",
+                        tf.strings.as_string(expected),
+                        " in shard ",
+                        path,
+                        " (does not parse as this schema, or does not decode to the tile size of "
+                        "dataset.json); re-convert it or set skip_corrupt",
+                    ]
+                )
             ],
         )
         damaged = tf.debugging.Assert(
             tf.logical_or(tf.logical_not(is_end), tf.equal(nbytes, size)),
             [
-                "kd_histo: shard",
-                path,
-                "is damaged after record",
-                index,
-                "(bad CRC or truncated file); re-convert it or set skip_corrupt",
+                tf.strings.join(
+                    [
+                        "kd_histo: shard ",
+                        path,
+                        " is damaged after record ",
+                        tf.strings.as_string(index),
+                        " (bad CRC or truncated file); re-convert it or set skip_corrupt",
+                    ]
+                )
             ],
         )
         with tf.control_dependencies([gap, damaged]):

@@ -22,6 +22,9 @@ import tensorflow as tf
 class SaveBestNet(keras.callbacks.Callback):
     """Saves ``net`` to ``path`` whenever ``monitor`` improves; the best value survives restarts.
 
+    An epoch with a non-finite training loss is never saved, so the last good network survives a
+    run that diverges.
+
     Args:
       net: the network to save (the distiller's student).
       path: a ``.keras`` file.
@@ -39,8 +42,13 @@ class SaveBestNet(keras.callbacks.Callback):
                 self.best = json.load(f)["best"]
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
+        logs = logs or {}
+        value = logs.get(self.monitor)
         if value is None or not np.isfinite(value):
+            return
+        # An epoch whose training loss went NaN/inf (TerminateOnNaN stops the run after it) has
+        # non-finite weights; its val_accuracy can still be a finite, even "better", number.
+        if "loss" in logs and not np.isfinite(logs["loss"]):
             return
         if (value > self.best) if self.higher else (value < self.best):
             self.best = float(value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -159,19 +160,42 @@ def load_model(path: str, expected_num_classes: int | None = None) -> keras.Mode
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: not a ``.keras`` file, wrong class count, or input not 3-channel RGB.
+      ValueError: not a ``.keras`` file, a damaged one, one holding Python code (refused by
+        Keras safe_mode), not a kd_histo net, wrong class count, or input not 3-channel RGB.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} not found: train it first or fix the path")
     if not path.endswith(".keras"):
         raise ValueError(f"{path} is not a .keras file; save nets with model.save('<name>.keras')")
-    model = keras.saving.load_model(path, safe_mode=True)
-    channels = model.inputs[0].shape[-1] if model.inputs else None
+    if not zipfile.is_zipfile(path):  # Keras would call it "File not found"
+        raise ValueError(
+            f"{path} is damaged or not a Keras model (a .keras file is a zip archive); "
+            "give a model.keras written by kd-histo-train"
+        )
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except Exception as e:  # Keras reports a bad file as ValueError, KeyError, OSError...
+        reason = str(e).strip().strip("'\"").splitlines()[0] if str(e).strip() else type(e).__name__
+        if "safe_mode" in reason:
+            raise ValueError(
+                f"{path}: refused, it holds Python code that Keras safe_mode will not run "
+                f"({reason.split('. ')[0]}); kd_histo nets hold none: rebuild it with "
+                "kd_histo.models"
+            ) from None
+        raise ValueError(
+            f"{path} is not a loadable Keras model ({type(e).__name__}: {reason}); "
+            "give a model.keras written by kd-histo-train"
+        ) from None
+    channels = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
     if channels != 3:
         raise ValueError(
             f"{path}: the net takes {channels}-channel input, kd_histo feeds RGB (3 channels)"
         )
-    if not isinstance(model.output, dict) or set(model.output) != {"logits", "features"}:
+    try:
+        outputs = model.output
+    except (AttributeError, ValueError):  # e.g. a Sequential model that was never called
+        outputs = None
+    if not isinstance(outputs, dict) or set(outputs) != {"logits", "features"}:
         raise ValueError(
             f"{path}: not a kd_histo net (outputs must be a dict of 'logits' and 'features')"
         )

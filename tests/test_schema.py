@@ -27,6 +27,7 @@ def test_unlabeled_default_and_bad_label():
         schema.make_example(b"x", 1, 1, label=-2)
 
 
+@pytest.mark.reliability
 def test_other_schema_version_is_refused():
     ex = schema.make_example(b"x", 1, 1)
     ex.features.feature["schema_version"].int64_list.value[0] = 0

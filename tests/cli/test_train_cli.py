@@ -90,6 +90,7 @@ def test_teacher_with_other_class_count(runs, tmp_path, capsys):
     assert "3 classes" in err and "4" in err and not (tmp_path / "m").exists()
 
 
+@pytest.mark.reliability
 def test_teacher_with_other_input_channels(tiny_shards, tmp_path, capsys):
     import keras
 

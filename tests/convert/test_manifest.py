@@ -41,6 +41,7 @@ def test_bad_manifests_fail_with_one_line_fix(tmp_path, text, match):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.reliability
 def test_missing_manifest_and_root_escape(tmp_path):
     with pytest.raises(ManifestError, match="not found"):
         manifest.read_manifest(str(tmp_path / "nope.csv"))

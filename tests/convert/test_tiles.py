@@ -17,6 +17,7 @@ def test_rgb_png_is_read_exactly(tmp_path):
     assert notes == []
 
 
+@pytest.mark.reliability
 def test_rgba_is_composited_on_white_with_a_note(tmp_path):
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., 0] = 200
@@ -27,6 +28,7 @@ def test_rgba_is_composited_on_white_with_a_note(tmp_path):
     assert any("alpha" in n for n in notes)
 
 
+@pytest.mark.reliability
 def test_grayscale_palette_and_16bit_become_rgb8(tmp_path):
     gray = np.arange(16, dtype=np.uint8).reshape(4, 4) * 16
     got, notes = tiles.read_tile(write_image(tmp_path / "g.png", gray))
@@ -46,6 +48,7 @@ def test_grayscale_palette_and_16bit_become_rgb8(tmp_path):
     assert got.dtype == np.uint8 and any("8-bit" in n for n in notes)
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize(
     "name,content,reason",
     [
@@ -61,6 +64,7 @@ def test_bad_files_raise_skip_with_reason(tmp_path, name, content, reason):
         tiles.read_tile(str(path))
 
 
+@pytest.mark.reliability
 def test_truncated_png_is_skipped(tmp_path):
     path = write_image(tmp_path / "t.png", random_rgb(2, 64))
     data = open(path, "rb").read()
@@ -69,6 +73,7 @@ def test_truncated_png_is_skipped(tmp_path):
         tiles.read_tile(path)
 
 
+@pytest.mark.reliability
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path = write_image(tmp_path / "big.png", np.zeros((300, 300, 3), np.uint8))
     with pytest.raises(SkipInput, match="decompression bomb"):

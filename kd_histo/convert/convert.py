@@ -35,8 +35,12 @@ def convert(cfg: ConvertConfig) -> schema.DatasetInfo:
         raise ConversionError(
             "convert() runs everything; with --num_tasks>1 run each task, then --merge"
         )
-    run_task(cfg)
-    return merge(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    # One lock over both phases: the task and merge locks alone would let a second run start its
+    # task while this one merges (and deletes the parts under it).
+    with writer.DirLock(cfg.out_dir, "convert"):
+        run_task(cfg)
+        return merge(cfg)
 
 
 def _prepare(cfg: ConvertConfig) -> str:
@@ -239,7 +243,8 @@ def merge(cfg: ConvertConfig) -> schema.DatasetInfo:
         for s in summaries:
             by_split[s["split"]].append(s)
         for name in os.listdir(cfg.out_dir):
-            if _is_shard(name):  # shards of an earlier, interrupted merge
+            # shards of an earlier, interrupted merge, and its half-written temporary files
+            if _is_shard(name) or (".tmp-" in name and _is_shard(name.rsplit(".tmp-", 1)[0])):
                 os.remove(os.path.join(cfg.out_dir, name))
         for split, ss in by_split.items():
             total = sum(s["count"] for s in ss)

@@ -111,11 +111,19 @@ def run_task(cfg: ConvertConfig) -> dict:
     """Plans, then writes the part files of this task's units (resuming finished ones)."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     with writer.DirLock(cfg.out_dir, f"task-{cfg.task_index:05d}"):
+        fresh = not os.path.isdir(os.path.join(cfg.out_dir, PARTS))
         parts = _prepare(cfg)
         with _LazyPool(cfg.num_workers) as pool:
-            plan = plan_lib.make_plan(
-                cfg, lambda paths: pool.map_chunks(plan_lib.hash_paths, paths)
-            )
+            try:
+                plan = plan_lib.make_plan(
+                    cfg, lambda paths: pool.map_chunks(plan_lib.hash_paths, paths)
+                )
+            except BaseException:
+                # A bad listing (missing file, path outside --root...) wrote no unit: leave no
+                # parts folder, whose fingerprint would refuse the corrected rerun.
+                if fresh:
+                    shutil.rmtree(parts, ignore_errors=True)
+                raise
             mine = [u for u in plan.units if plan_lib.unit_task(u) == cfg.task_index]
             summaries = _run_units(mine, cfg, parts, plan.class_names, pool)
         done = {

@@ -227,7 +227,8 @@ def test_root_confinement_applies_to_slide_labels_and_the_cli(tmp_path, capsys):
     ]
     assert fc.invoke(cli.PROG, cli.main, argv) == 2
     assert capsys.readouterr().err.strip() == (
-        f"kd-histo-convert: error: {manifest}:2: ../elsewhere/slide.svs lies outside --root={root}; "
+        f"kd-histo-convert: error: {manifest}:2: ../elsewhere/slide.svs lies outside "
+        f"--root={root}; "
         "fix the path or the root"
     )
     assert os.listdir(tmp_path / "o2") == []  # no parts left to refuse the corrected rerun

@@ -76,6 +76,7 @@ def _as_int(name):
         (_as_bytes("label"), "feature 'label' is bytes_list, expected int64_list"),
         (_as_int("image"), "feature 'image' is int64_list, expected bytes_list"),
     ],
+    ids=["no_image", "no_height", "label_as_bytes", "image_as_int64"],
 )
 def test_record_with_a_missing_or_wrong_typed_feature(tiny_shards, tmp_path, edit, message):
     d = _copy(tiny_shards, tmp_path)

@@ -2,7 +2,7 @@
 
     python train_child.py <data_dir> <model_dir> <report.json> [<epoch>,<batch>]
 
-Trains the tiny teacher of the reliability tests (4 epochs of 3 steps) through
+Trains the tiny teacher of the reliability tests (3 epochs of 3 steps) through
 ``kd_histo.train.train``. With ``<epoch>,<batch>`` it stops for good after that batch, inside the
 epoch, once it has written the optimizer's step count to the report: the parent kills it there.
 The report also holds the step count at the start (after any restore) and at the end.
@@ -21,7 +21,7 @@ from kd_histo import train
 from kd_histo.config import NetConfig, RunConfig
 from kd_histo.data.pipeline import PipelineConfig
 
-EPOCHS, STEPS = 4, 3
+EPOCHS, STEPS = 3, 3
 
 
 class StepReport(keras.callbacks.Callback):

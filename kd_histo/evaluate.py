@@ -113,10 +113,12 @@ def predict_split(model, ds, view: str) -> Predictions:
     """Runs ``model`` over a dataset of contract batches, feeding ``batch[view]``."""
     import tensorflow as tf  # heavy; only this function needs it
 
-    @tf.function(reduce_retracing=True)
-    def probs_of(x):
+    def softmax_probs(x):
         out = model(x, training=False)
         return tf.nn.softmax(tf.cast(out["logits"] if isinstance(out, dict) else out, tf.float32))
+
+    # One trace per model for every batch size and tile size (the last batch is partial).
+    probs_of = tf.function(softmax_probs).get_concrete_function(tf.TensorSpec([None, None, None, 3], tf.float32))
 
     cols: dict[str, list] = {k: [] for k in ("probs", "labels", "slide_ids", "sources", "x", "y")}
     for b in ds:

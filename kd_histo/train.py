@@ -137,13 +137,17 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         # crops and mixing) means the stream never runs dry mid-epoch whatever the batch rounding.
         train_ds = make_dataset(data_cfg, "train", training=True).repeat()
         has_val = preflight._has_shards(cfg.data.data_dir, "val")
-        val_ds = make_dataset(cfg.data, "val", training=False) if has_val else None
+        # One exact pass per epoch: Keras keeps one validation iterator across epochs when the
+        # step count is given, so the stream repeats and the count comes from dataset.json (an
+        # unknown count made Keras warn that the input "ran out of data" at every run's start).
+        val_ds = make_dataset(cfg.data, "val", training=False).repeat() if has_val else None
+        val_steps = cfg.val_steps or (steps_per_epoch(cfg.data, "val", training=False) if has_val else None)
         try:
             os.makedirs(model_dir, exist_ok=True)
             _write_json(os.path.join(model_dir, preflight.CONFIG_JSON), cfg.to_dict())
             callbacks = _callbacks(cfg, model_dir, net, train_ds, has_val) + [counter, *extra_callbacks]
             history = model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=val_ds,
-                                validation_steps=cfg.val_steps or None, callbacks=callbacks, verbose=cfg.verbose)
+                                validation_steps=val_steps, callbacks=callbacks, verbose=cfg.verbose)
         except BaseException:
             if created and counter.finished == 0:  # a failed start leaves no half-written run folder
                 shutil.rmtree(model_dir, ignore_errors=True)

@@ -16,16 +16,11 @@ shared handling of ``kd_histo.cli.flags_common``), never in a traceback.
 
 from __future__ import annotations
 
-import os
+import shlex
+import sys
 
-# A data tool: TensorFlow's start-up chatter would hide its output.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import shlex  # noqa: E402
-import sys  # noqa: E402
-
-from kd_histo.cli import flags_common as fc  # noqa: E402
-from kd_histo.convert import (  # noqa: E402
+from kd_histo.cli import flags_common as fc  # first: it sets TensorFlow's log level
+from kd_histo.convert import (
     ConversionError,
     ConvertConfig,
     EncodeOptions,

@@ -18,6 +18,10 @@ import sys
 # corrupt the heap in the conv backward pass of small-stem nets at >= 48 px ("double free or
 # corruption", reproducible on 64 px demo tiles); the plain Eigen kernels are correct.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# TensorFlow's C++ INFO and WARNING lines (grappler sessions, "TensorRT not found", the benign
+# "OUT_OF_RANGE: End of sequence" at the end of every evaluation pass) would bury the binaries'
+# own output; errors still show. TF_CPP_MIN_LOG_LEVEL=0 in the environment shows everything.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from typing import Callable, Sequence
 
 from absl import app, flags
@@ -130,6 +134,34 @@ def define_predict_flags() -> None:
     _define("bool", "heatmap", False, "Slides: write a probability heatmap over the thumbnail.")
 
 
+def define_experiment_flags() -> None:
+    """Flags of kd-histo-experiment (beside the training flags, which set every run's template)."""
+    _define("string", "out_dir", "", "Experiment folder: runs, cost, results and report.")
+    _define("list", "factors", ["2", "4", "8"], "Resolution factors of the baselines and students.")
+    _define("list", "unlabeled_fractions", ["auto"], "Fractions of the unlabeled pool added to the students' "
+            "tiles, e.g. 0,0.25,0.5,1; auto = 0,0.25,0.5,1 when there is unlabeled data, else 0.")
+    _define("list", "seeds", ["0"], "One whole protocol per seed.")
+    _define("bool", "baselines", True, "Train the LR baselines (labels, LR view).")
+    _define("string", "eval_split", "test", "Split every run is evaluated on: test or val.")
+    _define("integer", "n_boot", 1000, "Bootstrap replicates of the 95% intervals.")
+    _define("list", "cost_batch_sizes", ["1", "32"], "Latency batch sizes; the last gives the speedup.")
+    _define("string", "title", "kd_histo experiment", "Title of the report.")
+
+
+def define_demo_flags() -> None:
+    """Flags of kd-histo-demo."""
+    _define("string", "out_dir", "", "Demo folder (default runs/demo, where flags/demo/*.flags point).")
+    _define("bool", "smoke", False, "Shrink everything to run in seconds (tiny data, nets and epochs).")
+
+
+def float_list(values: Sequence[str], name: str) -> tuple[float, ...]:
+    """A list flag of numbers, with a one-line error naming the flag."""
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--{name} takes numbers separated by commas, got {','.join(values)}") from None
+
+
 def int_list(values: Sequence[str], name: str) -> tuple[int, ...]:
     """A list flag of integers, with a one-line error naming the flag."""
     try:
@@ -148,10 +180,15 @@ def require(**values) -> None:
 def _parser(prog: str) -> Callable[[list[str]], list[str]]:
     def parse(argv: list[str]) -> list[str]:
         try:
-            return FLAGS(argv)
+            rest = FLAGS(argv)
         except flags.Error as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
+        # absl.app raises an unset --verbosity to INFO, which floods the binaries' own output
+        # with TensorFlow's SavedModel chatter; warnings and errors still show (--verbosity=0: all).
+        if FLAGS["verbosity"].using_default_value:
+            FLAGS.verbosity = -1
+        return rest
 
     return parse
 

@@ -1,6 +1,8 @@
 """Figures of evaluation and prediction, drawn with matplotlib's Agg backend (no display needed).
 
-Confusion matrix, one-vs-rest ROC curves, and a probability heatmap over a slide thumbnail.
+Confusion matrices (one model, or several side by side), one-vs-rest ROC curves, a probability
+heatmap over a slide thumbnail, and the experiment figures: accuracy vs GFLOPs per image and
+accuracy vs the fraction of extra unlabeled data.
 Not here: computing the numbers (``kd_histo.metrics``) or reading slides (``kd_histo.predict``).
 """
 
@@ -17,7 +19,9 @@ import numpy as np  # noqa: E402
 from kd_histo import metrics  # noqa: E402
 
 
-def confusion_matrix_png(cm: np.ndarray, class_names: Sequence[str], path: str, title: str = "") -> str:
+def confusion_matrix_png(
+    cm: np.ndarray, class_names: Sequence[str], path: str, title: str = ""
+) -> str:
     """Row-normalised confusion matrix with counts in the cells; returns ``path``."""
     cm = np.asarray(cm)
     rows = cm.sum(1, keepdims=True)
@@ -27,7 +31,14 @@ def confusion_matrix_png(cm: np.ndarray, class_names: Sequence[str], path: str, 
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if frac[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                color="white" if frac[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
     ax.set_xlabel("predicted")
@@ -39,7 +50,9 @@ def confusion_matrix_png(cm: np.ndarray, class_names: Sequence[str], path: str, 
     return path
 
 
-def roc_png(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: str, title: str = "") -> str:
+def roc_png(
+    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: str, title: str = ""
+) -> str:
     """One-vs-rest ROC curve per class (classes absent from ``y_true`` are left out); returns ``path``."""
     fig, ax = plt.subplots(figsize=(5, 5))
     for c, name in enumerate(class_names):
@@ -59,16 +72,174 @@ def roc_png(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], p
     return path
 
 
-def heatmap_png(thumbnail: np.ndarray, grid: np.ndarray, path: str, title: str = "", alpha: float = 0.45) -> str:
+def heatmap_png(
+    thumbnail: np.ndarray, grid: np.ndarray, path: str, title: str = "", alpha: float = 0.45
+) -> str:
     """A [gh, gw] map (NaN = no tile) stretched over an RGB thumbnail; returns ``path``."""
     fig, ax = plt.subplots(figsize=(8, 8 * thumbnail.shape[0] / max(thumbnail.shape[1], 1) + 0.5))
     ax.imshow(thumbnail)
     masked = np.ma.masked_invalid(grid)
-    im = ax.imshow(masked, cmap="magma", alpha=alpha, vmin=0, vmax=1, interpolation="nearest",
-                   extent=(0, thumbnail.shape[1], thumbnail.shape[0], 0))
+    im = ax.imshow(
+        masked,
+        cmap="magma",
+        alpha=alpha,
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+        extent=(0, thumbnail.shape[1], thumbnail.shape[0], 0),
+    )
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_axis_off()
     ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+_KIND_STYLE = {
+    "teacher": ("*", "tab:red", 14),
+    "baseline": ("s", "tab:grey", 8),
+    "student": ("o", "tab:blue", 8),
+}
+
+
+def accuracy_vs_gflops_png(rows: Sequence[dict], path: str, title: str = "") -> str:
+    """Accuracy (with its 95% interval) against GFLOPs per image, one point per model.
+
+    ``rows`` are result rows (``kd_histo.report.result_rows``) with ``run``, ``kind``, ``gflops``,
+    ``accuracy``, ``accuracy_low``, ``accuracy_high``, ``unlabeled_fraction``; students with
+    extra unlabeled data are drawn hollow. Nets of one input size share their GFLOPs, so each kind
+    is nudged sideways a little (a few percent on the log axis) to keep the points apart.
+    Returns ``path``.
+    """
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for kind, (marker, colour, size) in _KIND_STYLE.items():
+        pts = sorted(
+            (r for r in rows if r["kind"] == kind and r.get("gflops")), key=lambda r: r["gflops"]
+        )
+        for extra in (False, True):
+            sel = [r for r in pts if (r.get("unlabeled_fraction", 0) > 0) == extra]
+            if not sel:
+                continue
+            nudge = {"baseline": 0.94, "student": 1.0 if not extra else 1.06}.get(kind, 1.0)
+            x = np.array([r["gflops"] * nudge for r in sel])
+            y = np.array([r["accuracy"] for r in sel])
+            lo = np.array([r.get("accuracy_low", r["accuracy"]) for r in sel])
+            hi = np.array([r.get("accuracy_high", r["accuracy"]) for r in sel])
+            label = kind + (" + unlabeled" if extra else "")
+            ax.errorbar(
+                x,
+                y,
+                yerr=[y - lo, hi - y],
+                fmt=marker,
+                ms=size,
+                color=colour,
+                capsize=3,
+                label=label,
+                mfc="white" if extra else colour,
+                ls="-" if kind != "teacher" and not extra else "none",
+                lw=1,
+                alpha=0.9,
+            )
+            for r, xi in zip(sel, x):
+                ax.annotate(
+                    r["run"],
+                    (xi, r["accuracy"]),
+                    textcoords="offset points",
+                    xytext=(-5, 5) if kind == "baseline" else (5, 5),
+                    ha="right" if kind == "baseline" else "left",
+                    fontsize=7,
+                )
+    ax.set_xscale("log")
+    ax.set_xlabel("GFLOPs per image (log scale)")
+    ax.set_ylabel("accuracy (95% CI)")
+    ax.set_title(title or "accuracy vs compute")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_unlabeled_png(rows: Sequence[dict], path: str, title: str = "") -> str:
+    """Student accuracy against the fraction of extra unlabeled data, one line per factor.
+
+    The baseline of each factor (LR + labels) is a dashed line of the same colour, the teacher a
+    dotted black line. Returns ``path``.
+    """
+    fig, ax = plt.subplots(figsize=(7, 5))
+    factors = sorted({r["factor"] for r in rows if r["kind"] == "student"})
+    colours = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(1, len(factors))))
+    for factor, colour in zip(factors, colours):
+        pts = sorted(
+            (r for r in rows if r["kind"] == "student" and r["factor"] == factor),
+            key=lambda r: r["unlabeled_fraction"],
+        )
+        x = np.array([100 * r["unlabeled_fraction"] for r in pts])
+        y = np.array([r["accuracy"] for r in pts])
+        lo = np.array([r.get("accuracy_low", r["accuracy"]) for r in pts])
+        hi = np.array([r.get("accuracy_high", r["accuracy"]) for r in pts])
+        ax.errorbar(
+            x,
+            y,
+            yerr=[y - lo, hi - y],
+            fmt="o-",
+            color=colour,
+            capsize=3,
+            label=f"student x{factor:g}",
+        )
+        for b in (r for r in rows if r["kind"] == "baseline" and r["factor"] == factor):
+            ax.axhline(b["accuracy"], color=colour, ls="--", lw=1, label=f"baseline x{factor:g}")
+    for t in (r for r in rows if r["kind"] == "teacher"):
+        ax.axhline(t["accuracy"], color="black", ls=":", lw=1.2, label="teacher (HR)")
+    ax.set_xlabel("extra unlabeled data (% of the unlabeled pool)")
+    ax.set_ylabel("accuracy (95% CI)")
+    ax.set_title(title or "label-free distillation: more unlabeled data")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusion_grid_png(
+    matrices: Sequence[tuple[str, np.ndarray]], class_names: Sequence[str], path: str
+) -> str:
+    """Row-normalised confusion matrices of several models side by side; returns ``path``."""
+    n, k = len(matrices), len(class_names)
+    if n == 0:
+        raise ValueError("no confusion matrices to draw")
+    cols = min(4, n)
+    rows_ = (n + cols - 1) // cols
+    cell = 0.45 * k + 1.6
+    fig, axes = plt.subplots(rows_, cols, figsize=(cell * cols, cell * rows_ + 0.3), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_axis_off()
+    for ax, (name, cm) in zip(axes.ravel(), matrices):
+        cm = np.asarray(cm)
+        tot = cm.sum(1, keepdims=True)
+        frac = np.divide(cm, tot, out=np.zeros(cm.shape, float), where=tot > 0)
+        ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+        if k <= 10:
+            for i in range(k):
+                for j in range(k):
+                    ax.text(
+                        j,
+                        i,
+                        str(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if frac[i, j] > 0.5 else "black",
+                    )
+        ax.set_xticks(range(k), class_names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(k), class_names, fontsize=7)
+        ax.set_title(f"{name}\naccuracy {np.trace(cm) / max(1, cm.sum()):.3f}", fontsize=9)
+    fig.supxlabel("predicted", fontsize=9)
+    fig.supylabel("true", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

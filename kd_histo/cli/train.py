@@ -9,19 +9,30 @@ one line, ``kd-histo-train: error: <what to fix>``, exit code 2, and nothing wri
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kd_histo.cli import flags_common as fc
+
+if TYPE_CHECKING:  # the binary imports TensorFlow only once the flags are parsed
+    from kd_histo.config import RunConfig
 
 PROG = "kd-histo-train"
 fc.define_train_flags()
 FLAGS = fc.FLAGS
 
 
-def config_from_flags() -> "RunConfig":
-    """The RunConfig the flags describe (``--smoke`` shrinks it)."""
+def config_from_flags(mode: str | None = None, model_dir: str | None = None) -> "RunConfig":
+    """The RunConfig the flags describe (``--smoke`` shrinks it).
+
+    Args:
+      mode: overrides --mode (kd-histo-experiment builds its run template this way).
+      model_dir: overrides --model_dir.
+    """
     from kd_histo.config import DistillConfig, NetConfig, OptimConfig, RunConfig, smoke
     from kd_histo.data.pipeline import PipelineConfig
 
-    fc.require(mode=FLAGS.mode, data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir)
+    mode, model_dir = mode or FLAGS.mode, model_dir or FLAGS.model_dir
+    fc.require(mode=mode, data_dir=FLAGS.data_dir, model_dir=model_dir)
     data = PipelineConfig(
         data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size, factor=FLAGS.factor, hr_px=FLAGS.hr_px,
         lr_method=FLAGS.lr_method, augment=FLAGS.augment, unlabeled_ratio=FLAGS.unlabeled_ratio,
@@ -39,7 +50,7 @@ def config_from_flags() -> "RunConfig":
     if len(profile) != 2:
         raise ValueError(f"--profile_steps takes two integers first,last; got {FLAGS.profile_steps}")
     cfg = RunConfig(
-        mode=FLAGS.mode, model_dir=FLAGS.model_dir, data=data, net=net, distill=distill, optim=optim,
+        mode=mode, model_dir=model_dir, data=data, net=net, distill=distill, optim=optim,
         epochs=FLAGS.epochs, steps_per_epoch=FLAGS.steps_per_epoch, val_steps=FLAGS.val_steps,
         precision=FLAGS.precision, strategy=FLAGS.strategy, seed=FLAGS.seed, resume=FLAGS.resume,
         monitor=FLAGS.monitor, allow_no_val=FLAGS.allow_no_val, profile_steps=profile, verbose=FLAGS.verbose)

@@ -27,7 +27,14 @@ from kd_histo import schema
 from kd_histo.data import augment, decode, mixing, views
 from kd_histo.data.views import lr_size
 
-__all__ = ["PipelineConfig", "epoch_examples", "lr_size", "make_dataset", "steps_per_epoch"]
+__all__ = [
+    "PipelineConfig",
+    "epoch_examples",
+    "lr_size",
+    "make_dataset",
+    "steps_per_epoch",
+    "unlabeled_pool_size",
+]
 
 _IMAGE_KEYS = ("hr", "lr", "lr2")
 
@@ -134,12 +141,16 @@ def epoch_examples(cfg: PipelineConfig, split: str = "train", training: bool = T
     if not training or (cfg.labeled and cfg.unlabeled_ratio < 1.0):
         n = info.num_examples(split)
         return n if not training else math.ceil(n / (1.0 - cfg.unlabeled_ratio))
-    pool = sum(
+    return max(1, round(unlabeled_pool_size(cfg) * cfg.unlabeled_fraction))
+
+
+def unlabeled_pool_size(cfg: PipelineConfig) -> int:
+    """Tiles in the whole unlabeled pool (the data set's ``unlabeled`` split + ``unlabeled_dirs``)."""
+    return sum(
         schema.DatasetInfo.read(d).num_examples(s)
         for d, splits in _unlabeled_sources(cfg)
         for s in splits
     )
-    return max(1, round(pool * cfg.unlabeled_fraction))
 
 
 def steps_per_epoch(cfg: PipelineConfig, split: str = "train", training: bool = True) -> int:

@@ -1,0 +1,342 @@
+"""The paper's protocol on one converted data set: teacher, LR baselines, label-free students.
+
+``plan(cfg)`` turns an :class:`ExperimentConfig` into named runs (pure; no I/O beyond reading
+``dataset.json``): for each seed, a teacher on the HR view, and for each factor a baseline (LR
+view, labels), a KD student (LR view, frozen teacher, no labels) and, for each extra unlabeled
+fraction > 0, a KD student that also reads that fraction of the unlabeled pool.
+``run_experiment(cfg)`` trains, evaluates and measures them in order; finished steps are skipped
+on a rerun, so a killed experiment resumes where it stopped (an unfinished run resumes from its
+last epoch through ``kd_histo.train``). The results table, plots and report are written by
+:mod:`kd_histo.report` after every run, so a crash loses nothing that was finished.
+
+Layout of ``out_dir``::
+
+    experiment.json      the resolved ExperimentConfig
+    runs/s<seed>/<name>  run folders (config.json, model.keras, logs/, eval_<split>/)
+    cost/                cost.json, cost.md (one measurement per input size)
+    state.json           wall time of every finished step
+    report/              results.{csv,md,json}, plots, report.md, metrics/, tensorboard/
+
+Not here: flags (``kd_histo.cli.experiment``), tables and figures (``kd_histo.report``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+from kd_histo import schema
+from kd_histo.config import RunConfig
+from kd_histo.data.pipeline import unlabeled_pool_size
+
+EXPERIMENT_JSON = "experiment.json"
+STATE_JSON = "state.json"
+KINDS = ("teacher", "baseline", "student")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: the protocol's grid over a run template.
+
+    Attributes:
+      out_dir: the experiment folder (see the module docstring).
+      base: template of every run: data folder and pipeline, network, optimizer, epochs,
+        distillation weights, precision. Its mode, model_dir, factor, teacher and unlabeled
+        settings are set per run.
+      factors: resolution factors of the baselines and students.
+      unlabeled_fractions: fractions of the unlabeled pool (the data set's ``unlabeled`` split
+        plus ``base.data.unlabeled_dirs``) added to the students' training tiles; 0 = the
+        labeled train split's tiles only (their labels unused).
+      seeds: one full protocol per seed.
+      baselines: train the LR baselines.
+      eval_split: the split every run is evaluated on.
+      n_boot: bootstrap replicates of the 95% intervals.
+      cost_batch_sizes: batch sizes of the latency measurement (the last gives the speedup).
+      cost_repeats: timed repeats per batch size.
+      title: a name for the report.
+    """
+
+    out_dir: str
+    base: RunConfig
+    factors: tuple[float, ...] = (2.0, 4.0, 8.0)
+    unlabeled_fractions: tuple[float, ...] = (0.0,)
+    seeds: tuple[int, ...] = (0,)
+    baselines: bool = True
+    eval_split: str = "test"
+    n_boot: int = 1000
+    cost_batch_sizes: tuple[int, ...] = (1, 32)
+    cost_repeats: int = 5
+    title: str = "kd_histo experiment"
+
+    def __post_init__(self):
+        if not self.out_dir:
+            raise ValueError("out_dir is empty; pass --out_dir=<experiment folder>")
+        if not self.factors or min(self.factors) <= 1.0:
+            raise ValueError(f"factors must be > 1 (the LR view is smaller), got {self.factors}")
+        if not self.unlabeled_fractions or not all(
+            0.0 <= f <= 1.0 for f in self.unlabeled_fractions
+        ):
+            raise ValueError(
+                f"unlabeled_fractions must lie in [0, 1], got {self.unlabeled_fractions}"
+            )
+        if not self.seeds:
+            raise ValueError("seeds is empty; give at least one seed")
+        if self.eval_split not in ("val", "test"):
+            raise ValueError(f"eval_split must be 'val' or 'test', got {self.eval_split!r}")
+        if not self.cost_batch_sizes or min(self.cost_batch_sizes) < 1:
+            raise ValueError(f"cost_batch_sizes must be positive, got {self.cost_batch_sizes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of the protocol."""
+
+    name: str  # teacher, baseline_x4, student_x4, student_x4_unl50
+    kind: str  # one of KINDS
+    factor: float  # 1.0 for the teacher
+    unlabeled_fraction: float
+    seed: int
+    config: RunConfig
+
+    @property
+    def model_dir(self) -> str:
+        return self.config.model_dir
+
+
+def _fmt(factor: float) -> str:
+    return f"{factor:g}"
+
+
+def run_name(kind: str, factor: float = 1.0, unlabeled_fraction: float = 0.0) -> str:
+    """``teacher``, ``baseline_x4``, ``student_x4``, ``student_x4_unl50`` (50% of the pool)."""
+    if kind == "teacher":
+        return "teacher"
+    name = f"{kind}_x{_fmt(factor)}"
+    return f"{name}_unl{round(100 * unlabeled_fraction)}" if unlabeled_fraction > 0 else name
+
+
+def plan(cfg: ExperimentConfig) -> list[RunSpec]:
+    """The runs of the experiment, in training order (each teacher before its students).
+
+    Raises:
+      ValueError: an unlabeled fraction > 0 with no unlabeled data, or a data set without train
+        tiles.
+    """
+    info = schema.DatasetInfo.read(cfg.base.data.data_dir)
+    n_train = info.num_examples("train")
+    if n_train < 1:
+        raise ValueError(
+            f"{cfg.base.data.data_dir} has no train tiles; the protocol needs labeled tiles"
+        )
+    extra = [f for f in cfg.unlabeled_fractions if f > 0]
+    pool = unlabeled_pool_size(cfg.base.data) if extra else 0
+    if extra and pool == 0:
+        raise ValueError(
+            f"unlabeled fractions {extra} need unlabeled data: {cfg.base.data.data_dir} has no "
+            "'unlabeled' split and no --unlabeled_dirs were given"
+        )
+    specs = []
+    for seed in cfg.seeds:
+        root = os.path.join(cfg.out_dir, "runs", f"s{seed}")
+
+        def make(kind, factor=1.0, fraction=0.0, **changes):
+            name = run_name(kind, factor, fraction)
+            data = dataclasses.replace(
+                cfg.base.data,
+                seed=seed,
+                factor=factor if kind != "teacher" else cfg.base.data.factor,
+                **changes,
+            )
+            mode = {"teacher": "teacher", "baseline": "baseline", "student": "distill"}[kind]
+            distill = cfg.base.distill
+            if kind == "student":
+                distill = dataclasses.replace(distill, teacher=os.path.join(root, "teacher"))
+            run = dataclasses.replace(
+                cfg.base,
+                mode=mode,
+                model_dir=os.path.join(root, name),
+                data=data,
+                distill=distill,
+                seed=seed,
+            )
+            return RunSpec(name, kind, factor, fraction, seed, run)
+
+        no_extra = {"unlabeled_ratio": 0.0, "unlabeled_fraction": 1.0, "labeled": True}
+        specs.append(make("teacher", **no_extra))
+        for factor in cfg.factors:
+            if cfg.baselines:
+                specs.append(make("baseline", factor, **no_extra))
+            for fraction in cfg.unlabeled_fractions:
+                if fraction == 0:
+                    specs.append(make("student", factor, **no_extra))
+                else:  # each train tile and each pool tile about once per epoch
+                    ratio = fraction * pool / (n_train + fraction * pool)
+                    specs.append(
+                        make(
+                            "student",
+                            factor,
+                            fraction,
+                            unlabeled_ratio=ratio,
+                            unlabeled_fraction=fraction,
+                            labeled=True,
+                        )
+                    )
+    return specs
+
+
+def _finished(spec: RunSpec) -> bool:
+    from kd_histo.preflight import RUN_JSON
+
+    return os.path.isfile(os.path.join(spec.model_dir, RUN_JSON))
+
+
+def eval_dir(spec: RunSpec, split: str) -> str:
+    return os.path.join(spec.model_dir, f"eval_{split}")
+
+
+class _State:
+    """Wall times of finished steps, kept in ``state.json`` (atomic writes)."""
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, STATE_JSON)
+        self.data: dict[str, dict[str, float]] = {}
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                self.data = json.load(f)
+
+    def record(self, key: str, step: str, seconds: float) -> None:
+        self.data.setdefault(key, {})[step] = round(seconds, 2)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=2, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def _check_same_experiment(cfg: ExperimentConfig) -> None:
+    """A rerun in the same folder must be the same experiment (or a larger grid of it)."""
+    path = os.path.join(cfg.out_dir, EXPERIMENT_JSON)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        before = json.load(f)
+    now = json.loads(json.dumps(cfg.to_dict()))
+    grid = {
+        "factors",
+        "unlabeled_fractions",
+        "seeds",
+        "baselines",
+        "title",
+        "cost_batch_sizes",
+        "cost_repeats",
+        "n_boot",
+    }
+    base_now, base_before = dict(now["base"]), dict(before.get("base", {}))
+    for d in (base_now, base_before):
+        d.pop("verbose", None)
+    differ = sorted(k for k in now if k not in grid | {"base"} and before.get(k) != now[k])
+    differ += sorted(f"base.{k}" for k in base_now if base_before.get(k) != base_now[k])
+    if differ:
+        raise ValueError(
+            f"{cfg.out_dir} holds an experiment with other settings ({', '.join(differ)}); "
+            "rerun with the same flags to resume, or choose a new --out_dir"
+        )
+
+
+def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict[str, str]:
+    """Runs the whole protocol (resuming a previous attempt) and writes the report.
+
+    Args:
+      cfg: the experiment.
+      log: receives one line per step (the binary prints them).
+
+    Returns:
+      Paths of the report files (see :func:`kd_histo.report.write_report`).
+    """
+    import keras
+
+    from kd_histo import cost, evaluate, report, train
+
+    specs = plan(cfg)
+    _check_same_experiment(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, EXPERIMENT_JSON), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    state = _State(cfg.out_dir)
+    start = time.perf_counter()
+    for i, spec in enumerate(specs, 1):
+        key = f"s{spec.seed}/{spec.name}"
+        prefix = f"[{i}/{len(specs)}] {key}"
+        if _finished(spec):
+            log(f"{prefix}: trained already, skipped")
+        else:
+            log(
+                f"{prefix}: training ({spec.config.mode}, input {'HR' if spec.kind == 'teacher' else 'LR x' + _fmt(spec.factor)}"
+                f", {spec.config.epochs} epochs)"
+            )
+            t0 = time.perf_counter()
+            train.train(spec.config)
+            state.record(key, "train_s", time.perf_counter() - t0)
+            keras.backend.clear_session()
+        out = eval_dir(spec, cfg.eval_split)
+        if not os.path.isfile(os.path.join(out, evaluate.METRICS_JSON)):
+            t0 = time.perf_counter()
+            evaluate.evaluate_run(
+                evaluate.EvalConfig(
+                    spec.model_dir, cfg.eval_split, out_dir=out, n_boot=cfg.n_boot, seed=spec.seed
+                )
+            )
+            state.record(key, "eval_s", time.perf_counter() - t0)
+            keras.backend.clear_session()
+        with open(os.path.join(out, evaluate.METRICS_JSON)) as f:
+            acc = json.load(f)["tile"]["accuracy"]
+        log(
+            f"{prefix}: {cfg.eval_split} accuracy {acc:.4f} ({time.perf_counter() - start:.0f} s so far)"
+        )
+        report.write_tables(
+            cfg, specs[:i], state.data, costs=None
+        )  # partial results survive a crash
+    log("cost: FLOPs, parameters and latency per input size")
+    costs = measure_costs(cfg, specs, cost)
+    paths = report.write_report(cfg, specs, state.data, costs, wall_s=time.perf_counter() - start)
+    log(f"report: {paths['report']}")
+    return paths
+
+
+def measure_costs(
+    cfg: ExperimentConfig, specs: list[RunSpec], cost_module
+) -> dict[float, dict[str, Any]]:
+    """Cost of one network per input size (nets of one size share the architecture).
+
+    Returns:
+      {input_px: cost row} with ``gflops``, ``params``, ``timings``, ``flops_ratio_to_ref`` and
+      ``speedup`` (images/s relative to the teacher at the largest batch size).
+    """
+    import keras
+
+    from kd_histo.evaluate import read_run
+    from kd_histo.models import load_model
+
+    by_px: dict[int, RunSpec] = {}
+    for spec in specs:
+        px = int(read_run(spec.model_dir)["input_px"])
+        by_px.setdefault(px, spec)
+    teacher_px = int(read_run(next(s for s in specs if s.kind == "teacher").model_dir)["input_px"])
+    entries = []
+    for px, spec in sorted(by_px.items(), reverse=True):
+        model = load_model(os.path.join(spec.model_dir, read_run(spec.model_dir)["model"]))
+        entries.append(
+            cost_module.model_cost(f"{px}px", model, px, cfg.cost_batch_sizes, cfg.cost_repeats)
+        )
+        keras.backend.clear_session()
+    rows = cost_module.cost_table(entries, reference=f"{teacher_px}px")
+    ref = next(r for r in rows if r["name"] == f"{teacher_px}px")
+    for r in rows:
+        r["speedup"] = r["timings"][-1]["images_per_s"] / ref["timings"][-1]["images_per_s"]
+    cost_module.write_cost(rows, os.path.join(cfg.out_dir, "cost"))
+    return {r["input_px"]: r for r in rows}

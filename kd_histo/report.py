@@ -1,0 +1,309 @@
+"""Results of an experiment: one row per run, the tables, the figures and the report folder.
+
+``result_rows`` (pure) joins each run's evaluation (metrics.json), its input size, the cost of
+that input size and the wall time into one row, with the gap to the teacher of the same seed.
+``write_tables`` writes results.csv / results.md / results.json into ``<out_dir>/report``;
+``write_report`` adds the figures (accuracy vs GFLOPs, accuracy vs unlabeled fraction, confusion
+matrices), copies of every metrics.json and TensorBoard log folder, and report.md.
+
+Not here: running anything (``kd_histo.experiment``), metric formulas (``kd_histo.metrics``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import statistics
+from typing import Any, Mapping, Sequence
+
+from kd_histo import plots, schema
+
+REPORT_DIR = "report"
+CSV_COLUMNS = (
+    "seed",
+    "run",
+    "kind",
+    "factor",
+    "input_px",
+    "unlabeled_fraction",
+    "n_eval",
+    "accuracy",
+    "accuracy_low",
+    "accuracy_high",
+    "balanced_accuracy",
+    "macro_f1",
+    "macro_auc",
+    "slide_accuracy",
+    "gap_to_teacher",
+    "gflops",
+    "flops_ratio",
+    "speedup",
+    "train_s",
+)
+
+
+def _metrics(spec, split: str) -> dict[str, Any] | None:
+    from kd_histo.experiment import eval_dir  # one definition of the layout
+
+    path = os.path.join(eval_dir(spec, split), "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def result_rows(
+    specs: Sequence,
+    metrics: Mapping[str, dict],
+    state: Mapping[str, dict],
+    costs: Mapping[int, dict] | None,
+) -> list[dict[str, Any]]:
+    """One row per evaluated run.
+
+    Args:
+      specs: the experiment's RunSpecs.
+      metrics: ``"s<seed>/<name>"`` -> that run's metrics.json (runs without one are left out).
+      state: ``"s<seed>/<name>"`` -> {"train_s", "eval_s"} (experiment state.json).
+      costs: input px -> cost row (``gflops``, ``flops_ratio_to_ref``, ``speedup``), or None
+        before the cost is measured.
+
+    Returns:
+      Rows with the keys of :data:`CSV_COLUMNS` (None where unknown).
+    """
+    rows = []
+    for spec in specs:
+        key = f"s{spec.seed}/{spec.name}"
+        m = metrics.get(key)
+        if m is None:
+            continue
+        tile, ci = m["tile"], m["tile"]["ci95"]["accuracy"]
+        px = int(m["run"]["input_px"])
+        c = (costs or {}).get(px, {})
+        rows.append(
+            {
+                "seed": spec.seed,
+                "run": spec.name,
+                "kind": spec.kind,
+                "factor": spec.factor,
+                "input_px": px,
+                "unlabeled_fraction": spec.unlabeled_fraction,
+                "n_eval": tile["n"],
+                "accuracy": tile["accuracy"],
+                "accuracy_low": ci["low"],
+                "accuracy_high": ci["high"],
+                "balanced_accuracy": tile["balanced_accuracy"],
+                "macro_f1": tile["macro_f1"],
+                "macro_auc": tile["macro_auc"],
+                "slide_accuracy": m["slide_mean"]["accuracy"] if "slide_mean" in m else None,
+                "gap_to_teacher": None,
+                "gflops": c.get("gflops"),
+                "flops_ratio": c.get("flops_ratio_to_ref"),
+                "speedup": c.get("speedup"),
+                "train_s": state.get(key, {}).get("train_s"),
+            }
+        )
+    teacher = {r["seed"]: r["accuracy"] for r in rows if r["kind"] == "teacher"}
+    for r in rows:
+        if r["seed"] in teacher:
+            r["gap_to_teacher"] = r["accuracy"] - teacher[r["seed"]]
+    return rows
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The one-glance table: model, input px, cost, measured speedup, accuracy [95% CI], gap."""
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [
+        "| model | input px | GFLOPs/image | FLOPs ÷ | measured speedup | accuracy [95% CI] | macro F1 | "
+        "gap to teacher |" + (" seed |" if len(seeds) > 1 else ""),
+        "|---|---:|---:|---:|---:|---|---:|---:|" + ("---:|" if len(seeds) > 1 else ""),
+    ]
+    for r in rows:
+        acc = f"{r['accuracy']:.3f} [{_num(r['accuracy_low'], '.3f')}, {_num(r['accuracy_high'], '.3f')}]"
+        gap = (
+            "—"
+            if r["kind"] == "teacher"
+            else _num(None if r["gap_to_teacher"] is None else 100 * r["gap_to_teacher"], "+.1f")
+            + " pts"
+        )
+        lines.append(
+            f"| {r['run']} | {r['input_px']} | {_num(r['gflops'], '.4f')} | {_num(r['flops_ratio'], '.1f')} | "
+            f"{_num(r['speedup'], '.1f')}x | {acc} | {r['macro_f1']:.3f} | {gap} |"
+            + (f" {r['seed']} |" if len(seeds) > 1 else "")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def seed_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds of each run's accuracy and gap (several seeds)."""
+    out = []
+    for name in dict.fromkeys(r["run"] for r in rows):
+        sel = [r for r in rows if r["run"] == name]
+        acc = [r["accuracy"] for r in sel]
+        gaps = [r["gap_to_teacher"] for r in sel if r["gap_to_teacher"] is not None]
+        out.append(
+            {
+                "run": name,
+                "seeds": len(sel),
+                "accuracy_mean": statistics.fmean(acc),
+                "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                "gap_mean": statistics.fmean(gaps) if gaps else None,
+            }
+        )
+    return out
+
+
+def _collect(cfg, specs, state, costs):
+    metrics = {
+        f"s{s.seed}/{s.name}": m for s in specs if (m := _metrics(s, cfg.eval_split)) is not None
+    }
+    return metrics, result_rows(specs, metrics, state, costs)
+
+
+def write_tables(cfg, specs: Sequence, state: Mapping[str, dict], costs) -> dict[str, str]:
+    """results.csv, results.md and results.json in ``<out_dir>/report``; returns their paths."""
+    _, rows = _collect(cfg, specs, state, costs)
+    out = os.path.join(cfg.out_dir, REPORT_DIR)
+    os.makedirs(out, exist_ok=True)
+    paths = {k: os.path.join(out, f"results.{k}") for k in ("csv", "md", "json")}
+    _atomic(paths["csv"], _csv_text(rows))
+    _atomic(paths["md"], markdown_table(rows))
+    _atomic(
+        paths["json"],
+        json.dumps({"rows": rows, "summary": seed_summary(rows) if rows else []}, indent=2),
+    )
+    return paths
+
+
+def _csv_text(rows) -> str:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_report(
+    cfg, specs: Sequence, state: Mapping[str, dict], costs, wall_s: float, command: str = ""
+) -> dict[str, str]:
+    """The report folder: tables, figures, metrics and TensorBoard copies, report.md.
+
+    Returns:
+      Paths: ``report`` (report.md), ``csv``, ``md``, ``json`` and the figures that were drawn.
+    """
+    paths = write_tables(cfg, specs, state, costs)
+    metrics, rows = _collect(cfg, specs, state, costs)
+    out = os.path.join(cfg.out_dir, REPORT_DIR)
+    first_seed = min(r["seed"] for r in rows)
+    shown = [r for r in rows if r["seed"] == first_seed]
+    paths["accuracy_vs_gflops"] = plots.accuracy_vs_gflops_png(
+        shown, os.path.join(out, "accuracy_vs_gflops.png"), f"{cfg.title}: accuracy vs compute"
+    )
+    if any(r["unlabeled_fraction"] > 0 for r in rows):
+        paths["accuracy_vs_unlabeled"] = plots.accuracy_vs_unlabeled_png(
+            shown,
+            os.path.join(out, "accuracy_vs_unlabeled.png"),
+            f"{cfg.title}: more unlabeled data",
+        )
+    info = schema.DatasetInfo.read(cfg.base.data.data_dir)
+    cms = [
+        (r["run"], metrics[f"s{first_seed}/{r['run']}"]["tile"]["confusion_matrix"]) for r in shown
+    ]
+    paths["confusion_matrices"] = plots.confusion_grid_png(
+        cms, info.class_names, os.path.join(out, "confusion_matrices.png")
+    )
+    for s in specs:  # copies, so the report folder stands alone
+        key = f"s{s.seed}/{s.name}"
+        if key in metrics:
+            os.makedirs(os.path.join(out, "metrics"), exist_ok=True)
+            _atomic(
+                os.path.join(out, "metrics", f"s{s.seed}_{s.name}.json"),
+                json.dumps(metrics[key], indent=2),
+            )
+        logs = os.path.join(s.model_dir, "logs")
+        if os.path.isdir(logs):
+            shutil.copytree(
+                logs, os.path.join(out, "tensorboard", f"s{s.seed}", s.name), dirs_exist_ok=True
+            )
+    paths["report"] = os.path.join(out, "report.md")
+    _atomic(paths["report"], report_markdown(cfg, rows, info, wall_s, paths, command))
+    return paths
+
+
+def report_markdown(
+    cfg,
+    rows: Sequence[dict],
+    info: schema.DatasetInfo,
+    wall_s: float,
+    paths: Mapping[str, str],
+    command: str = "",
+) -> str:
+    """report.md: what was run on what, the table, the figures, how to look further."""
+    b = cfg.base
+    counts = ", ".join(
+        f"{s} {info.num_examples(s)}"
+        for s in ("train", "val", "test", "unlabeled")
+        if s in info.shards
+    )
+    planes = "-".join(str(p) for p in b.net.planes) or "default"
+    lines = [
+        f"# {cfg.title}",
+        "",
+        f"Data: `{b.data.data_dir}` ({info.source or 'converted tiles'}): {info.num_classes} classes "
+        f"({', '.join(info.class_names)}), {info.tile_px} px tiles, tiles per split: {counts}."
+        + (
+            f" Extra unlabeled folders: {', '.join(b.data.unlabeled_dirs)}."
+            if b.data.unlabeled_dirs
+            else ""
+        ),
+        "",
+        f"Every net: {b.net.arch} (planes {planes}), {b.epochs} epochs, batch {b.data.batch_size}, "
+        f"{b.optim.name} lr {b.optim.learning_rate:g} weight decay {b.optim.weight_decay:g} ({b.optim.schedule}), "
+        f"augmentation `{b.data.augment}`, LR views by `{b.data.lr_method}`, precision {b.precision}, "
+        f"seeds {', '.join(str(s) for s in cfg.seeds)}. Students: no labels, KD at T={b.distill.temperature:g} "
+        f"(weight {b.distill.kd_weight:g}) + feature-map {b.distill.feature_norm.upper()} "
+        f"(weight {b.distill.feature_weight:g}, teacher map resized by {b.distill.feature_mode}).",
+        "",
+        f"Evaluated on the `{cfg.eval_split}` split (tile level; 95% CI by bootstrap, resampling slides). "
+        f"FLOPs are counted from each net's TensorFlow graph; the speedup is measured images/s at batch "
+        f"{cfg.cost_batch_sizes[-1]} relative to the teacher on this machine. Wall time: {wall_s / 60:.1f} min.",
+        "",
+        markdown_table(rows),
+    ]
+    if len(cfg.seeds) > 1:
+        lines += ["Over seeds (mean ± sd of accuracy):", ""]
+        lines += [
+            f"- {s['run']}: {s['accuracy_mean']:.3f} ± {s['accuracy_sd']:.3f} ({s['seeds']} seeds)"
+            for s in seed_summary(rows)
+        ]
+        lines.append("")
+    for key, caption in (
+        ("accuracy_vs_gflops", "Accuracy vs compute"),
+        ("accuracy_vs_unlabeled", "More unlabeled data"),
+        ("confusion_matrices", "Confusion matrices"),
+    ):
+        if key in paths:
+            lines += [f"![{caption}]({os.path.basename(paths[key])})", ""]
+    lines += [
+        "Files: `results.csv` / `results.json` (every number above), `metrics/` (each run's full "
+        "evaluation: per-class metrics, slide level, intervals), `tensorboard/` "
+        f"(`tensorboard --logdir {os.path.join(cfg.out_dir, REPORT_DIR, 'tensorboard')}`).",
+        "",
+    ]
+    if command:
+        lines += ["Reproduce with:", "", "```bash", command, "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""The experiment runner: the protocol's plan, a tiny end-to-end run, resume, and the result rows."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from kd_histo import report
+from kd_histo.config import NetConfig, RunConfig
+from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.experiment import ExperimentConfig, plan, run_experiment, run_name
+
+
+def _base(data_dir, **changes):
+    data = PipelineConfig(data_dir, batch_size=4, shuffle_buffer=16)
+    base = RunConfig(
+        mode="teacher", model_dir="unused", data=data,
+        net=NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),)),
+        epochs=1, steps_per_epoch=2, profile_steps=(0, 0), image_grids=False, verbose=0,
+    )  # fmt: skip
+    return dataclasses.replace(base, **changes)
+
+
+def _cfg(tiny_shards, out_dir, **changes):
+    kw = dict(factors=(2.0,), unlabeled_fractions=(0.0, 1.0), n_boot=20, cost_batch_sizes=(1, 4),
+              cost_repeats=1)  # fmt: skip
+    kw.update(changes)
+    return ExperimentConfig(out_dir=str(out_dir), base=_base(tiny_shards), **kw)
+
+
+def test_run_names():
+    assert run_name("teacher") == "teacher"
+    assert run_name("baseline", 4.0) == "baseline_x4"
+    assert run_name("student", 2.5) == "student_x2.5"
+    assert run_name("student", 8.0, 0.25) == "student_x8_unl25"
+
+
+def test_plan_follows_the_protocol(tiny_shards, tmp_path):
+    cfg = _cfg(tiny_shards, tmp_path, factors=(2.0, 4.0), unlabeled_fractions=(0.0, 0.5, 1.0), seeds=(0, 3))
+    specs = plan(cfg)
+    names = [s.name for s in specs if s.seed == 0]
+    assert names == ["teacher", "baseline_x2", "student_x2", "student_x2_unl50", "student_x2_unl100",
+                     "baseline_x4", "student_x4", "student_x4_unl50", "student_x4_unl100"]  # fmt: skip
+    assert len(specs) == 2 * len(names)
+    by = {(s.seed, s.name): s for s in specs}
+    teacher = by[3, "teacher"].config
+    assert teacher.mode == "teacher" and teacher.seed == 3 and teacher.data.seed == 3
+    assert teacher.model_dir == os.path.join(str(tmp_path), "runs", "s3", "teacher")
+    base = by[0, "baseline_x4"].config
+    assert base.mode == "baseline" and base.data.factor == 4.0 and base.data.unlabeled_ratio == 0.0
+    student = by[3, "student_x2"].config
+    assert student.mode == "distill" and student.distill.teacher == teacher.model_dir
+    assert student.distill.ce_weight == 0.0 and student.data.unlabeled_ratio == 0.0
+    # tiny_shards: 16 train tiles, an unlabeled split of 8: half the pool adds 4 tiles to 16
+    half = by[0, "student_x2_unl50"].config.data
+    assert half.unlabeled_fraction == 0.5 and half.unlabeled_ratio == pytest.approx(4 / 20)
+    full = by[0, "student_x2_unl100"].config.data
+    assert full.unlabeled_fraction == 1.0 and full.unlabeled_ratio == pytest.approx(8 / 24)
+
+
+def test_plan_without_baselines(tiny_shards, tmp_path):
+    names = [s.name for s in plan(_cfg(tiny_shards, tmp_path, baselines=False, unlabeled_fractions=(0.0,)))]
+    assert names == ["teacher", "student_x2"]
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"factors": (1.0,)}, "factors must be > 1"),
+        ({"unlabeled_fractions": (1.5,)}, r"unlabeled_fractions must lie in \[0, 1\]"),
+        ({"seeds": ()}, "seeds is empty"),
+        ({"eval_split": "train"}, "eval_split must be"),
+        ({"out_dir": ""}, "out_dir is empty"),
+    ],
+)
+def test_bad_experiment_config_is_a_clear_error(tiny_shards, tmp_path, changes, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg(tiny_shards, changes.pop("out_dir", tmp_path), **changes)
+
+
+def test_unlabeled_fraction_without_unlabeled_data_is_a_clear_error(tiny_shards, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shards, data)
+    for p in data.glob("unlabeled-*"):
+        p.unlink()
+    info = json.loads((data / "dataset.json").read_text())
+    del info["counts"]["unlabeled"], info["shards"]["unlabeled"]
+    (data / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="need unlabeled data"):
+        plan(_cfg(str(data), tmp_path / "exp"))
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_shards, tmp_path_factory):
+    """A tiny experiment run to the end: teacher, baseline_x2, student_x2, student_x2_unl100."""
+    cfg = _cfg(tiny_shards, tmp_path_factory.mktemp("experiment"))
+    lines = []
+    paths = run_experiment(cfg, log=lines.append)
+    return cfg, paths, lines
+
+
+def test_experiment_writes_results_and_report(finished):
+    cfg, paths, lines = finished
+    rows = json.loads(open(paths["json"]).read())["rows"]
+    assert [r["run"] for r in rows] == ["teacher", "baseline_x2", "student_x2", "student_x2_unl100"]
+    teacher = rows[0]
+    for r in rows:
+        assert 0.0 <= r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"] <= 1.0
+        assert r["gap_to_teacher"] == pytest.approx(r["accuracy"] - teacher["accuracy"])
+        assert r["train_s"] > 0 and r["n_eval"] == 8
+    assert teacher["input_px"] == 32 and all(r["input_px"] == 16 for r in rows[1:])
+    # The FLOPs ratio comes from the graphs: x2 is close to 4 (the pooled head adds a little).
+    assert 3.5 < rows[1]["flops_ratio"] <= 4.0 and teacher["flops_ratio"] == 1.0
+    assert teacher["speedup"] == 1.0 and rows[1]["speedup"] > 0
+    for key in ("report", "csv", "md", "accuracy_vs_gflops", "accuracy_vs_unlabeled", "confusion_matrices"):
+        assert os.path.getsize(paths[key]) > 0, key
+    text = open(paths["report"]).read()
+    assert "| student_x2_unl100 | 16 |" in text and "accuracy_vs_gflops.png" in text
+    out = os.path.join(cfg.out_dir, "report")
+    assert sorted(os.listdir(os.path.join(out, "metrics"))) == sorted(f"s0_{r['run']}.json" for r in rows)
+    assert os.path.isdir(os.path.join(out, "tensorboard", "s0", "student_x2", "train"))
+    assert sum("training" in line for line in lines) == 4
+
+
+def test_rerun_skips_finished_runs(finished):
+    cfg, _, _ = finished
+    model = os.path.join(cfg.out_dir, "runs", "s0", "teacher", "model.keras")
+    before = os.path.getmtime(model)
+    lines = []
+    run_experiment(cfg, log=lines.append)
+    assert sum("trained already, skipped" in line for line in lines) == 4
+    assert not any(line.endswith("epochs)") for line in lines)  # no "training (...)" line
+    assert os.path.getmtime(model) == before
+
+
+def test_rerun_with_other_settings_is_refused(finished):
+    cfg, _, _ = finished
+    other = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, epochs=3))
+    with pytest.raises(ValueError, match=r"other settings \(base.epochs\)"):
+        run_experiment(other, log=lambda _: None)
+
+
+def test_result_rows_join_metrics_cost_and_time():
+    @dataclasses.dataclass
+    class Spec:
+        name: str
+        kind: str
+        factor: float
+        unlabeled_fraction: float
+        seed: int
+
+    def metrics(acc, px):
+        ci = {"accuracy": {"low": acc - 0.1, "high": acc + 0.1}}
+        return {"tile": {"n": 10, "accuracy": acc, "balanced_accuracy": acc, "macro_f1": acc, "macro_auc": 0.9,
+                         "ci95": ci}, "run": {"input_px": px}}  # fmt: skip
+
+    specs = [Spec("teacher", "teacher", 1.0, 0.0, 0), Spec("student_x2", "student", 2.0, 0.0, 0),
+             Spec("teacher", "teacher", 1.0, 0.0, 1), Spec("student_x2", "student", 2.0, 0.0, 1),
+             Spec("baseline_x2", "baseline", 2.0, 0.0, 1)]  # fmt: skip
+    m = {"s0/teacher": metrics(0.9, 64), "s0/student_x2": metrics(0.8, 32), "s1/teacher": metrics(0.7, 64),
+         "s1/student_x2": metrics(0.75, 32)}  # fmt: skip  (s1/baseline_x2 not evaluated yet)
+    costs = {64: {"gflops": 2.0, "flops_ratio_to_ref": 1.0, "speedup": 1.0},
+             32: {"gflops": 0.5, "flops_ratio_to_ref": 4.0, "speedup": 3.2}}  # fmt: skip
+    rows = report.result_rows(specs, m, {"s1/student_x2": {"train_s": 12.5}}, costs)
+    assert [(r["seed"], r["run"]) for r in rows] == [(0, "teacher"), (0, "student_x2"), (1, "teacher"),
+                                                     (1, "student_x2")]  # fmt: skip
+    assert rows[1]["gap_to_teacher"] == pytest.approx(-0.1) and rows[3]["gap_to_teacher"] == pytest.approx(0.05)
+    assert rows[3]["flops_ratio"] == 4.0 and rows[3]["speedup"] == 3.2 and rows[3]["train_s"] == 12.5
+    assert rows[1]["train_s"] is None
+    table = report.markdown_table(rows)
+    assert "| student_x2 | 32 | 0.5000 | 4.0 | 3.2x | 0.750 [0.650, 0.850] | 0.750 | +5.0 pts | 1 |" in table
+    summary = {s["run"]: s for s in report.seed_summary(rows)}
+    assert summary["student_x2"]["accuracy_mean"] == pytest.approx(0.775)
+    assert summary["student_x2"]["accuracy_sd"] == pytest.approx(0.0353553, rel=1e-4)
+    # Before the cost is measured, the cost columns are empty, not wrong.
+    assert report.result_rows(specs, m, {}, None)[1]["gflops"] is None

@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
 
 # The main job: synthetic H&E-like data -> shards -> teacher, baselines, students -> report.
 demo: venv
-	$(VENV)/bin/kd-histo-demo --out_dir=demo_out
+	$(VENV)/bin/kd-histo-demo --out_dir=runs/demo
 
 test: venv
 	$(VENV)/bin/python -m pytest -n 2 --durations=15

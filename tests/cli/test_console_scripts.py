@@ -39,8 +39,13 @@ def test_help_lists_the_binarys_flags(script):
     exe = pathlib.Path(sys.executable).parent / script
     if not exe.exists():
         pytest.skip(f"{exe} is not installed (run `make venv`)")
-    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = subprocess.run(
+        [str(exe), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     # absl ends --help with exit status 1; what matters is that the binary's flags are listed.
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert OWN_FLAG[script] in proc.stdout, proc.stdout[-2000:]

@@ -24,7 +24,7 @@ def test_the_issue_asks_for_these_flagfiles():
     names = {str(p.relative_to(ROOT / "flags")) for p in FLAGFILES}
     want = {f"{d}/{n}.flags" for d in ("demo", "tiles") for n in
             ("teacher", "baseline_x2", "baseline_x4", "baseline_x8", "student_x2", "student_x4", "student_x8")}
-    assert want | {"tiles/student_x4_unlabeled.flags"} <= names
+    assert want | {"tiles/student_x4_unlabeled.flags", "demo/student_x4_unlabeled.flags"} <= names
 
 
 @pytest.mark.parametrize("flagfile", FLAGFILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -43,5 +43,5 @@ def test_flagfile_resolves(flagfile, monkeypatch):
             assert cfg.distill.feature_mode == "maxpool+bicubic" and cfg.distill.ce_weight == 0
         else:
             assert cfg.mode == "baseline"
-    if stem.endswith("unlabeled"):
-        assert cfg.data.unlabeled_dirs and cfg.data.unlabeled_ratio > 0
+    if stem.endswith("unlabeled"):  # the demo's pool is its own 'unlabeled' split
+        assert cfg.data.unlabeled_ratio > 0 and (cfg.data.unlabeled_dirs or "demo" in str(flagfile))

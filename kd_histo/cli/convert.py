@@ -70,7 +70,13 @@ def define_flags() -> None:
         enum_values=["slide", "phash"],
     )
     d("integer", "phash_distance", 8, "Bits (of 64) within which two tiles count as near-copies.")
-    d("list", "split_fractions", ["0.7", "0.15", "0.15"], "train,val,test shares.")
+    d(
+        "list",
+        "split_fractions",
+        ["0.7", "0.15", "0.15"],
+        "train,val,test shares; a 4th share holds labeled groups out without labels in "
+        "'unlabeled' (a label-scarce setting for distillation experiments).",
+    )
     d("integer", "seed", 0, "Split seed.")
     d("integer", "tile_px", 224, "Side of the stored tiles in pixels.")
     d(
@@ -127,11 +133,12 @@ def config_from_flags() -> ConvertConfig:
         fractions = tuple(float(x) for x in FLAGS.split_fractions)
     except ValueError:
         raise ConversionError(
-            f"--split_fractions must be three numbers, got {FLAGS.split_fractions}"
+            f"--split_fractions must be numbers, got {FLAGS.split_fractions}"
         ) from None
-    if len(fractions) != 3:
+    if len(fractions) not in (3, 4):
         raise ConversionError(
-            f"--split_fractions needs train,val,test (3 numbers), got {FLAGS.split_fractions}"
+            "--split_fractions needs train,val,test[,unlabeled] (3 or 4 numbers), "
+            f"got {FLAGS.split_fractions}"
         )
     target_mpp = 10.0 / FLAGS.target_mag if FLAGS.target_mag > 0 else FLAGS.target_mpp
     encode = EncodeOptions(

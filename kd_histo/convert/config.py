@@ -25,7 +25,8 @@ class ConvertConfig:
       class_names: fixed class order (default: sorted label names).
       group_by: "slide" (ids as given) or "phash" (near-duplicate tiles share a pseudo-slide).
       phash_distance: link threshold in bits for ``group_by="phash"``.
-      fractions: train/val/test shares for inputs without a manifest split.
+      fractions: train/val/test shares for inputs without a manifest split, and optionally a
+        4th share of labeled groups stored without labels in ``unlabeled``.
       seed: split seed.
       encode: how tiles are read and stored.
       slide_mpp: level-0 µm/px override for slides lacking it.
@@ -54,7 +55,7 @@ class ConvertConfig:
     class_names: tuple[str, ...] = ()
     group_by: str = "slide"
     phash_distance: int = 8
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    fractions: tuple[float, ...] = (0.7, 0.15, 0.15)
     seed: int = 0
     encode: EncodeOptions = EncodeOptions()
     slide_mpp: float = 0.0

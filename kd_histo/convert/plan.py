@@ -163,9 +163,17 @@ def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
 
     # Units: per split, per task (by slide), chunks of unit_size tiles, in a fixed order.
     per_key: dict[tuple[str, int], list[Item]] = {}
+    held_out = sum(1 for lab, s in zip(labels, chosen) if s == "unlabeled" and lab != UNLABELED)
+    if held_out:
+        notes.append(
+            f"split_fractions: {held_out} labeled inputs held out as 'unlabeled' (labels dropped, "
+            "groups disjoint from val/test)"
+        )
     for e, lab, s in zip(items, labels, chosen):
         if not s:
             continue
+        if s == "unlabeled":  # includes labeled groups held out by a 4th split share
+            lab = UNLABELED
         task = zlib.crc32(e.slide_id.encode()) % cfg.num_tasks
         bucket = per_key.setdefault((s, task), [])
         if e.is_slide:

@@ -4,7 +4,9 @@ Inputs are grouped into connected components of shared slide ids *and* shared pa
 slide and no patient ever lands in two splits. Labeled groups are stratified by their majority
 class: within each class, groups are shuffled with the seed and each goes to the split furthest
 below its target share of that class's tiles (after each split got one group, when there are
-enough). Unlabeled inputs go to ``unlabeled``; the one
+enough). An optional fourth share sends labeled groups to ``unlabeled`` (their labels are then
+dropped by the caller): a label-scarce setting made from a fully labeled set, group-disjoint from
+val and test like everything else. Unlabeled inputs go to ``unlabeled``; the one
 exception to "one split per slide" is that ``unlabeled`` may share slides with ``train`` (both feed
 training only), while unlabeled tiles of val/test slides are left out. A manifest's
 split column, when given, wins, and is checked for slides or patients that cross splits.
@@ -48,7 +50,7 @@ def assign_splits(
     slide_ids: list[str],
     patient_ids: list[str],
     labels: list[int],
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    fractions: tuple[float, ...] = (0.7, 0.15, 0.15),
     seed: int = 0,
     given: list[str] | None = None,
     weights: list[int] | None = None,
@@ -59,7 +61,8 @@ def assign_splits(
       slide_ids: slide of each item.
       patient_ids: patient of each item ("" = unknown; then only the slide groups it).
       labels: class index of each item, -1 for unlabeled.
-      fractions: target shares of train, val, test (normalised; zero shares are allowed).
+      fractions: target shares of train, val, test and optionally unlabeled (labeled groups
+        stored without labels), normalised; zero shares are allowed.
       seed: the same seed and inputs give the same splits.
       given: per-item split from a manifest ("" = choose); non-empty values are kept.
       weights: tiles per item (slides count their tiles); default 1 each.
@@ -73,9 +76,10 @@ def assign_splits(
     """
     n = len(slide_ids)
     fr = np.asarray(fractions, np.float64)
-    if fr.shape != (3,) or (fr < 0).any() or fr.sum() <= 0:
+    if fr.shape not in ((3,), (4,)) or (fr < 0).any() or fr.sum() <= 0:
         raise ConversionError(
-            f"split fractions must be 3 non-negative numbers with a positive sum, got {fractions}"
+            "split fractions must be 3 (train,val,test) or 4 (...,unlabeled) non-negative numbers "
+            f"with a positive sum, got {fractions}"
         )
     fr = fr / fr.sum()
     weights = weights or [1] * n
@@ -108,19 +112,19 @@ def assign_splits(
         votes = collections.Counter(labels[i] for i in idx if labels[i] >= 0)
         free[min(votes, key=lambda c: (-votes[c], c))].append(g)
 
-    names = ("train", "val", "test")
+    names = ("train", "val", "test", "unlabeled")[: len(fr)]
     rng = np.random.default_rng(seed)
     for cls in sorted(free):
         gs = sorted(free[cls])
         rng_order = rng.permutation(len(gs))
-        filled = np.zeros(3)
+        filled = np.zeros(len(fr))
         total = sum(weights[i] for g in gs for i in members[g])
         for k in rng_order:
             g = gs[k]
             w = sum(weights[i] for i in members[g])
             # Every split with a positive share first gets one group of the class (so small sets
             # still have each class in each split); then the split furthest below its target.
-            empty = [j for j in range(3) if fr[j] > 0 and filled[j] == 0]
+            empty = [j for j in range(len(fr)) if fr[j] > 0 and filled[j] == 0]
             if empty and len(gs) >= int((fr > 0).sum()):
                 s = empty[0]
             else:
@@ -129,7 +133,7 @@ def assign_splits(
                 s = int(np.argmax(deficit))
             filled[s] += w
             for i in members[g]:
-                if labels[i] >= 0:
+                if labels[i] >= 0 or names[s] == "unlabeled":
                     out[i] = names[s]
                 elif names[s] == "train":
                     out[i] = "unlabeled"  # both are training data: no evaluation slide leaks

@@ -306,8 +306,15 @@ def test_flags_become_the_config(tmp_path):
         assert cfg.compression == "GZIP" and cfg.num_workers == 0
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["kd-histo-convert", f"--out_dir={tmp_path}", "--split_fractions=0.8,x"])
-        with pytest.raises(ConversionError, match="three numbers"):
+        with pytest.raises(ConversionError, match="must be numbers"):
             cli.config_from_flags()
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["kd-histo-convert", f"--out_dir={tmp_path}", "--split_fractions=0.8,0.2"])
+        with pytest.raises(ConversionError, match=r"train,val,test\[,unlabeled\] \(3 or 4 numbers\)"):
+            cli.config_from_flags()
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["kd-histo-convert", f"--out_dir={tmp_path}", "--split_fractions=.3,.2,.2,.3"])
+        assert cli.config_from_flags().fractions == (0.3, 0.2, 0.2, 0.3)
     finally:
         flags.FLAGS.unparse_flags()
 
@@ -323,3 +330,20 @@ def test_progress_bar_shows_rate_and_eta(tile_folder, tmp_path, capsys):
                 tmp_path / "q", manifest=manifest, encode=EncodeOptions(tile_px=32, jpeg_quality=0)
             )
         )
+
+
+def test_fourth_split_share_holds_labeled_groups_out_without_labels(tmp_path):
+    """A label-scarce set from a labeled one: the 4th share goes to 'unlabeled' with label -1."""
+    manifest = synthetic.write_tile_folder(str(tmp_path / "in"), 12, tile_px=16, slides_per_class=6)
+    info = convert(ConvertConfig(out_dir=str(tmp_path / "out"), manifest=manifest,
+                                 encode=EncodeOptions(tile_px=16), fractions=(0.4, 0.1, 0.1, 0.4)))  # fmt: skip
+    held = read_split(str(tmp_path / "out"), "unlabeled")
+    assert info.counts["unlabeled"] == {"unlabeled": len(held)} and 12 <= len(held) <= 24  # 40% of 48
+    assert {r["label"] for r in held} == {schema.UNLABELED}
+    slides = {split: {r["slide_id"] for r in read_split(str(tmp_path / "out"), split)}
+              for split in ("train", "val", "test", "unlabeled")}  # fmt: skip
+    for a in slides:
+        for b in slides:
+            assert a == b or not slides[a] & slides[b], (a, b)
+    assert sum(info.num_examples(s) for s in slides) == 48
+    assert any(f"{len(held)} labeled inputs held out as 'unlabeled'" in n for n in info.notes)

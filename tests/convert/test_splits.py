@@ -62,6 +62,21 @@ def test_small_sets_get_every_class_in_every_split():
         assert {s for s, lab in zip(out, labels) if lab == c} == {"train", "val", "test"}
 
 
+def test_fourth_share_holds_whole_labeled_groups_out():
+    slide_ids = [f"s{i // 5}" for i in range(400)]  # 80 slides of 5 tiles, 2 classes
+    labels = [(i // 5) % 2 for i in range(400)]
+    out = splits.assign_splits(slide_ids, [""] * 400, labels, fractions=(0.4, 0.1, 0.1, 0.4), seed=1)
+    shares = collections.Counter(out)
+    assert set(shares) == {"train", "val", "test", "unlabeled"}
+    assert abs(shares["unlabeled"] / 400 - 0.4) < 0.05 and abs(shares["train"] / 400 - 0.4) < 0.05
+    by_slide = collections.defaultdict(set)
+    for sid, s in zip(slide_ids, out):
+        by_slide[sid].add(s)
+    assert all(len(v) == 1 for v in by_slide.values())
+    with pytest.raises(ConversionError, match="3 \\(train,val,test\\) or 4"):
+        splits.assign_splits(["a"], [""], [0], fractions=(1, 0))
+
+
 def test_manifest_splits_are_kept_and_leaks_refused():
     out = splits.assign_splits(["a", "b"], ["", ""], [0, 1], given=["test", ""])
     assert out[0] == "test"

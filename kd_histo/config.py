@@ -69,6 +69,10 @@ class DistillConfig:
       ssl_weight: weight of the contrastive term between two LR views.
       at_weight: weight of attention transfer.
       accumulation_steps: gradient accumulation.
+      teacher_cache: folder of a teacher-output cache (``kd_histo.teacher_cache``): the teacher
+        runs once per tile and dihedral transform, and training reads its outputs instead of
+        running it; "auto" = ``<model_dir>/teacher_cache``; "" = off. Needs augment "flips" or
+        "none" and no random crop.
     """
 
     teacher: str = ""
@@ -81,6 +85,7 @@ class DistillConfig:
     ssl_weight: float = 0.0
     at_weight: float = 0.0
     accumulation_steps: int = 1
+    teacher_cache: str = ""
 
     def __post_init__(self):
         _choice("feature_mode", self.feature_mode, FEATURE_MODES)

@@ -105,6 +105,28 @@ def check_shards(data_dir: str, info: schema.DatasetInfo, split: str, count: boo
         )
 
 
+def check_teacher_cache(cfg: RunConfig, info: schema.DatasetInfo) -> None:
+    """A teacher cache only fits a distill run whose views are a finite set (no random crop)."""
+    from kd_histo.teacher_cache import CACHEABLE_AUGMENT
+
+    if not cfg.distill.teacher_cache:
+        return
+    if cfg.mode != "distill":
+        raise PreflightError(f"--teacher_cache is for distill runs, not {cfg.mode!r}; drop it")
+    if cfg.data.augment not in CACHEABLE_AUGMENT:
+        raise PreflightError(f"a teacher cache holds the flips/rotations only, not augment {cfg.data.augment!r}; "
+                             "use --augment=flips (or none), or drop --teacher_cache")
+    if (cfg.data.hr_px or info.tile_px) != info.tile_px:
+        raise PreflightError(f"--hr_px {cfg.data.hr_px} makes random crops of the {info.tile_px} px tiles, which "
+                             "a teacher cache cannot hold; drop --hr_px or --teacher_cache")
+
+
+def teacher_cache_dir(cfg: RunConfig) -> str:
+    """The cache folder of a run ("auto" = ``<model_dir>/teacher_cache``; "" = no cache)."""
+    path = cfg.distill.teacher_cache
+    return os.path.join(cfg.model_dir, "teacher_cache") if path == "auto" else path
+
+
 def _has_shards(data_dir: str, split: str) -> bool:
     try:
         return bool(schema.shard_paths(data_dir, split))

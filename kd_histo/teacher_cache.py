@@ -255,3 +255,104 @@ class TeacherCache:
 
         seeds = tf.data.Dataset.random(seed=seed).batch(2)
         return tf.data.Dataset.zip(batches, seeds).map(add, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# -- a cache for a training run --------------------------------------------------------------------
+BUILT_FOR = "built_for.json"
+IN_MEMORY_BYTES = 1 << 30  # smaller caches are gathered from memory, larger ones read from disk
+CACHEABLE_AUGMENT = ("none", "flips")  # flips = the 8 dihedral transforms the cache stores
+
+
+def training_sources(data) -> list[tuple[str, str]]:
+    """(data_dir, split) pairs the training stream of a PipelineConfig can read.
+
+    The labeled ``train`` split when labeled tiles are drawn, and the whole unlabeled pool (every
+    fraction of it is a subset) when unlabeled tiles are drawn.
+    """
+    from kd_histo.data.pipeline import unlabeled_sources
+
+    out = []
+    if data.labeled and data.unlabeled_ratio < 1.0:
+        out.append((os.path.abspath(data.data_dir), "train"))
+    if data.unlabeled_ratio > 0.0 or not data.labeled:
+        out += [(os.path.abspath(d), s) for d, splits in unlabeled_sources(data) for s in splits]
+    return out
+
+
+def _teacher_identity(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def for_training(
+    teacher: keras.Model,
+    teacher_path: str,
+    data,
+    cache_dir: str,
+    *,
+    map_size: tuple[int, int],
+    feature_mode: str,
+    bicubic_style: str = "torch",
+    log=print,
+) -> TeacherCache:
+    """The cache a distillation run reads: reused when it fits the run, else (re)built.
+
+    A cache fits when it was built from the same teacher file (path, size, mtime) for the same
+    views (HR crop, factor, LR method, augmentation, student map size, feature resize) and covers
+    every source the run reads (:func:`training_sources`), so runs that differ only in how much
+    of the unlabeled pool they draw share one cache. ``built_for.json`` is written last: a build
+    cut short is never mistaken for a finished cache.
+
+    Args:
+      teacher: the frozen teacher net.
+      teacher_path: its ``.keras`` file (identifies the teacher).
+      data: the run's PipelineConfig (augment "none" or "flips", no random crop).
+      cache_dir: where the cache lives.
+      map_size: (h, w) of the student's feature map at the LR input size.
+      feature_mode: how the teacher map is resized to ``map_size``.
+      bicubic_style: "torch" or "tf" bicubic kernel.
+      log: receives one line when the cache is built.
+
+    Returns:
+      The opened cache (in memory when its arrays take less than 1 GiB as float32).
+    """
+    import dataclasses as dc
+
+    from kd_histo.data.pipeline import PipelineConfig, make_dataset
+
+    if data.augment not in CACHEABLE_AUGMENT:
+        raise ValueError(f"a teacher cache holds the {CACHEABLE_AUGMENT} augmentations only, not "
+                         f"{data.augment!r}; use --augment=flips or drop --teacher_cache")
+    settings = {"teacher": _teacher_identity(teacher_path), "hr_px": data.hr_px, "factor": data.factor,
+                "lr_method": data.lr_method, "dihedral": data.augment == "flips",
+                "map_size": list(map_size), "feature_mode": feature_mode, "bicubic_style": bicubic_style}
+    need = training_sources(data)
+    meta_path = os.path.join(cache_dir, BUILT_FOR)
+    covered: list[tuple[str, str]] = []
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta["settings"] == settings:
+            covered = [tuple(s) for s in meta["sources"]]
+    if not set(need) <= set(covered):
+        sources = sorted(set(need) | set(covered))
+        if os.path.isfile(meta_path):
+            os.remove(meta_path)  # the files below are about to change
+        view = PipelineConfig(data.data_dir, batch_size=64, factor=data.factor, hr_px=data.hr_px,
+                              lr_method=data.lr_method, augment="none")
+        batches = None
+        for d, split in sources:
+            part = make_dataset(dc.replace(view, data_dir=d), split, training=False)
+            batches = part if batches is None else batches.concatenate(part)
+        n_t = NUM_DIHEDRAL if settings["dihedral"] else 1
+        log(f"teacher cache: running the teacher {n_t}x over {len(sources)} source(s) into {cache_dir}")
+        build_cache(teacher, batches, cache_dir, map_size=map_size, feature_mode=feature_mode,
+                    bicubic_style=bicubic_style, dihedral_transforms=settings["dihedral"])
+        tmp = meta_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"settings": settings, "sources": sources}, f, indent=2)
+        os.replace(tmp, meta_path)
+    cache = TeacherCache(cache_dir)
+    s = cache.spec
+    nbytes = s.num_examples * s.num_transforms * (s.num_classes + s.map_size[0] * s.map_size[1] * s.channels) * 4
+    return TeacherCache(cache_dir, in_memory=True) if nbytes < IN_MEMORY_BYTES else cache

@@ -78,6 +78,9 @@ def define_train_flags() -> None:
     _define("float", "ssl_weight", 0.0, "distill: weight of the contrastive (InfoNCE) term.")
     _define("float", "at_weight", 0.0, "distill: weight of attention transfer.")
     _define("integer", "accumulation_steps", 1, "Micro-batches per optimizer update.")
+    _define("string", "teacher_cache", "", "distill: folder of a teacher-output cache (built when missing; "
+            "auto = <model_dir>/teacher_cache): the teacher runs once per tile and flip/rotation, not every "
+            "epoch. Needs --augment=flips or none and no --hr_px crop.")
     _define("string", "optimizer", "adam", "adam, adamw or sgd.")
     _define("float", "learning_rate", 1e-3, "Peak learning rate (paper: 1e-3).")
     _define("float", "weight_decay", 1e-4, "Weight decay (paper: 1e-4).")

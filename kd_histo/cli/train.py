@@ -43,7 +43,7 @@ def config_from_flags(mode: str | None = None, model_dir: str | None = None) -> 
         teacher=FLAGS.teacher, temperature=FLAGS.temperature, kd_weight=FLAGS.kd_weight,
         feature_weight=FLAGS.feature_weight, feature_mode=FLAGS.feature_mode, feature_norm=FLAGS.feature_norm,
         ce_weight=FLAGS.ce_weight, ssl_weight=FLAGS.ssl_weight, at_weight=FLAGS.at_weight,
-        accumulation_steps=FLAGS.accumulation_steps)
+        accumulation_steps=FLAGS.accumulation_steps, teacher_cache=FLAGS.teacher_cache)
     optim = OptimConfig(name=FLAGS.optimizer, learning_rate=FLAGS.learning_rate, weight_decay=FLAGS.weight_decay,
                         schedule=FLAGS.schedule, decay_rate=FLAGS.decay_rate, warmup_epochs=FLAGS.warmup_epochs)
     profile = fc.int_list(FLAGS.profile_steps, "profile_steps")

@@ -34,6 +34,7 @@ __all__ = [
     "make_dataset",
     "steps_per_epoch",
     "unlabeled_pool_size",
+    "unlabeled_sources",
 ]
 
 _IMAGE_KEYS = ("hr", "lr", "lr2")
@@ -122,8 +123,9 @@ def _has_split(data_dir: str, split: str) -> bool:
         return False
 
 
-def _unlabeled_sources(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
-    """(data_dir, splits) of the unlabeled pool."""
+def unlabeled_sources(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
+    """(data_dir, splits) of the unlabeled pool: the data set's ``unlabeled`` split, and each of
+    ``unlabeled_dirs``' ``unlabeled`` split (or all its splits, read with label -1)."""
     sources = [(cfg.data_dir, ["unlabeled"])] if _has_split(cfg.data_dir, "unlabeled") else []
     for d in cfg.unlabeled_dirs:
         info = schema.DatasetInfo.read(d)
@@ -148,7 +150,7 @@ def unlabeled_pool_size(cfg: PipelineConfig) -> int:
     """Tiles in the whole unlabeled pool (the data set's ``unlabeled`` split + ``unlabeled_dirs``)."""
     return sum(
         schema.DatasetInfo.read(d).num_examples(s)
-        for d, splits in _unlabeled_sources(cfg)
+        for d, splits in unlabeled_sources(cfg)
         for s in splits
     )
 
@@ -183,7 +185,7 @@ def _read(cfg, data_dir, splits, tile_px, lr_tile_px, training, force_unlabeled=
 
 def _unlabeled_pool(cfg, tile_px, lr_tile_px):
     parts = []
-    for d, splits in _unlabeled_sources(cfg):
+    for d, splits in unlabeled_sources(cfg):
         parts.append(
             _read(
                 cfg, d, splits, tile_px, lr_tile_px, True, force_unlabeled=splits != ["unlabeled"]

@@ -1,0 +1,93 @@
+"""Distillation reading the teacher's outputs from a cache: built once, shared, rebuilt when stale."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from kd_histo import preflight, train
+from kd_histo.config import DistillConfig, NetConfig, RunConfig
+from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.teacher_cache import BUILT_FOR, TeacherCache
+
+TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
+
+
+def _cfg(data_dir, model_dir, mode="teacher", distill=DistillConfig(), **data_kw):
+    data = PipelineConfig(data_dir, batch_size=4, factor=2, augment=data_kw.pop("augment", "flips"), **data_kw)
+    return RunConfig(mode=mode, model_dir=str(model_dir), data=data, net=TINY_NET, distill=distill, epochs=2,
+                     steps_per_epoch=2, val_steps=1, verbose=0, profile_steps=(0, 0), image_grids=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_shards, tmp_path_factory):
+    return train.train(_cfg(tiny_shards, tmp_path_factory.mktemp("t") / "teacher")).model_dir
+
+
+def _student(data_dir, model_dir, teacher_dir, cache, mode="distill", **data_kw):
+    distill = DistillConfig(teacher=teacher_dir, teacher_cache=str(cache))
+    return _cfg(data_dir, model_dir, mode=mode, distill=distill, **data_kw)
+
+
+def test_cached_run_trains_the_student_from_the_cache(tiny_shards, teacher, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cfg = _student(tiny_shards, tmp_path / "s1", teacher, cache, unlabeled_ratio=0.5)
+    result = train.train(cfg)
+    assert "running the teacher 8x over 2 source(s)" in capsys.readouterr().out
+    meta = json.loads((cache / BUILT_FOR).read_text())
+    assert sorted(s[1] for s in meta["sources"]) == ["train", "unlabeled"]
+    spec = TeacherCache(str(cache)).spec
+    assert spec.num_examples == 16 + 8 and spec.num_transforms == 8  # train + unlabeled tiles
+    losses = result.history["kd_loss"] + result.history["feature_loss"]
+    assert all(np.isfinite(losses)) and max(losses) > 0
+    assert os.path.isfile(os.path.join(cfg.model_dir, "model.keras"))
+
+
+def test_cache_is_reused_grown_or_rebuilt_as_runs_need(tiny_shards, teacher, tmp_path):
+    from kd_histo.models import load_model
+    from kd_histo.teacher_cache import for_training
+
+    model = os.path.join(teacher, "model.keras")
+    net = load_model(model)
+    lines = []
+
+    def cache_for(**data_kw):
+        data = PipelineConfig(tiny_shards, factor=2, augment=data_kw.pop("augment", "flips"), **data_kw)
+        return for_training(net, model, data, str(tmp_path / "cache"), map_size=(2, 2),
+                            feature_mode="maxpool+bicubic", log=lines.append)  # fmt: skip
+
+    assert cache_for().spec.num_examples == 16 and len(lines) == 1  # train split only
+    assert cache_for(unlabeled_ratio=0.5).spec.num_examples == 24 and len(lines) == 2  # grown to the union
+    stamp = os.path.getmtime(tmp_path / "cache" / "features.float16")
+    # Inside the covered sources (train, or only the pool): reused as it is.
+    assert cache_for().spec.num_examples == 24 and cache_for(labeled=False).spec.num_examples == 24
+    assert len(lines) == 2 and os.path.getmtime(tmp_path / "cache" / "features.float16") == stamp
+    st = os.stat(model)
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a retrained teacher file
+    assert cache_for().spec.num_examples == 16 and "8x over 1 source(s)" in lines[-1]
+    assert json.loads((tmp_path / "cache" / BUILT_FOR).read_text())["settings"]["teacher"]["mtime_ns"] == (
+        st.st_mtime_ns + 10**9
+    )
+    assert cache_for(augment="none").spec.num_transforms == 1  # no flips: the identity only
+    with pytest.raises(ValueError, match="not 'paper'; use --augment=flips"):
+        cache_for(augment="paper")
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"augment": "paper"}, "holds the flips/rotations only, not augment 'paper'"),
+        ({"hr_px": 24}, "--hr_px 24 makes random crops of the 32 px tiles"),
+        ({"mode": "baseline"}, "--teacher_cache is for distill runs, not 'baseline'"),
+    ],
+)
+def test_what_a_cache_cannot_hold_is_refused_before_anything_is_written(tiny_shards, teacher, tmp_path,
+                                                                        change, match):  # fmt: skip
+    mode = change.pop("mode", "distill")
+    cfg = _student(tiny_shards, tmp_path / "run", teacher, "auto", mode=mode, **change)
+    with pytest.raises(preflight.PreflightError, match=match):
+        train.train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -25,7 +25,7 @@ import json
 import os
 from typing import Callable
 
-from kd_histo.config import NetConfig, OptimConfig, RunConfig
+from kd_histo.config import DistillConfig, NetConfig, OptimConfig, RunConfig
 from kd_histo.data.pipeline import PipelineConfig
 
 DEMO_JSON = "demo.json"
@@ -85,6 +85,8 @@ def base_config(data_dir: str, settings: DemoSettings, smoke: bool = False) -> R
             arch="resnet_gn", planes=planes, kwargs=(("stem", "small"), ("norm", "group"))
         ),
         optim=OptimConfig(name="adam", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine"),
+        # The students of each factor share one teacher-output cache (flips only: cacheable).
+        distill=DistillConfig(teacher_cache="auto"),
         epochs=settings.epochs,
         seed=settings.seed,
         profile_steps=(0, 0) if smoke else (2, 4),

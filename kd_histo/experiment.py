@@ -45,7 +45,8 @@ class ExperimentConfig:
       out_dir: the experiment folder (see the module docstring).
       base: template of every run: data folder and pipeline, network, optimizer, epochs,
         distillation weights, precision. Its mode, model_dir, factor, teacher and unlabeled
-        settings are set per run.
+        settings are set per run. ``base.distill.teacher_cache="auto"`` gives the students of
+        each seed and factor one shared teacher cache (``runs/s<seed>/teacher_cache_x<factor>``).
       factors: resolution factors of the baselines and students.
       unlabeled_fractions: fractions of the unlabeled pool (the data set's ``unlabeled`` split
         plus ``base.data.unlabeled_dirs``) added to the students' training tiles; 0 = the
@@ -86,6 +87,9 @@ class ExperimentConfig:
             raise ValueError("seeds is empty; give at least one seed")
         if self.eval_split not in ("val", "test"):
             raise ValueError(f"eval_split must be 'val' or 'test', got {self.eval_split!r}")
+        if self.base.distill.teacher_cache not in ("", "auto"):
+            raise ValueError("an experiment shares one teacher cache per seed and factor: give "
+                             f"teacher_cache 'auto' or '', not {self.base.distill.teacher_cache!r}")
         if not self.cost_batch_sizes or min(self.cost_batch_sizes) < 1:
             raise ValueError(f"cost_batch_sizes must be positive, got {self.cost_batch_sizes}")
 
@@ -154,9 +158,10 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
                 **changes,
             )
             mode = {"teacher": "teacher", "baseline": "baseline", "student": "distill"}[kind]
-            distill = cfg.base.distill
+            distill = dataclasses.replace(cfg.base.distill, teacher_cache="")  # students only
             if kind == "student":
-                distill = dataclasses.replace(distill, teacher=os.path.join(root, "teacher"))
+                cache = cfg.base.distill.teacher_cache and os.path.join(root, f"teacher_cache_x{_fmt(factor)}")
+                distill = dataclasses.replace(distill, teacher=os.path.join(root, "teacher"), teacher_cache=cache)
             run = dataclasses.replace(
                 cfg.base,
                 mode=mode,
@@ -172,7 +177,8 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
         for factor in cfg.factors:
             if cfg.baselines:
                 specs.append(make("baseline", factor, **no_extra))
-            for fraction in cfg.unlabeled_fractions:
+            # Largest pool first: a shared teacher cache built for it serves the smaller ones.
+            for fraction in sorted(cfg.unlabeled_fractions, reverse=True):
                 if fraction == 0:
                     specs.append(make("student", factor, **no_extra))
                 else:  # each train tile and each pool tile about once per epoch

@@ -104,6 +104,10 @@ def result_rows(
                 "train_s": state.get(key, {}).get("train_s"),
             }
         )
+    # Reading order: per seed, the teacher, then per factor the baseline and the students by
+    # growing unlabeled fraction (training order differs: the largest pool trains first).
+    rank = {"teacher": 0, "baseline": 1, "student": 2}
+    rows.sort(key=lambda r: (r["seed"], r["factor"], rank[r["kind"]], r["unlabeled_fraction"]))
     teacher = {r["seed"]: r["accuracy"] for r in rows if r["kind"] == "teacher"}
     for r in rows:
         if r["seed"] in teacher:

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from kd_histo import report
-from kd_histo.config import NetConfig, RunConfig
+from kd_histo.config import DistillConfig, NetConfig, RunConfig
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.experiment import ExperimentConfig, plan, run_experiment, run_name
 
@@ -39,9 +39,9 @@ def test_run_names():
 def test_plan_follows_the_protocol(tiny_shards, tmp_path):
     cfg = _cfg(tiny_shards, tmp_path, factors=(2.0, 4.0), unlabeled_fractions=(0.0, 0.5, 1.0), seeds=(0, 3))
     specs = plan(cfg)
-    names = [s.name for s in specs if s.seed == 0]
-    assert names == ["teacher", "baseline_x2", "student_x2", "student_x2_unl50", "student_x2_unl100",
-                     "baseline_x4", "student_x4", "student_x4_unl50", "student_x4_unl100"]  # fmt: skip
+    names = [s.name for s in specs if s.seed == 0]  # largest unlabeled pool first (cache reuse)
+    assert names == ["teacher", "baseline_x2", "student_x2_unl100", "student_x2_unl50", "student_x2",
+                     "baseline_x4", "student_x4_unl100", "student_x4_unl50", "student_x4"]  # fmt: skip
     assert len(specs) == 2 * len(names)
     by = {(s.seed, s.name): s for s in specs}
     teacher = by[3, "teacher"].config
@@ -57,6 +57,16 @@ def test_plan_follows_the_protocol(tiny_shards, tmp_path):
     assert half.unlabeled_fraction == 0.5 and half.unlabeled_ratio == pytest.approx(4 / 20)
     full = by[0, "student_x2_unl100"].config.data
     assert full.unlabeled_fraction == 1.0 and full.unlabeled_ratio == pytest.approx(8 / 24)
+
+
+def test_plan_shares_one_teacher_cache_per_seed_and_factor(tiny_shards, tmp_path):
+    cfg = _cfg(tiny_shards, tmp_path, factors=(2.0, 4.0), seeds=(0, 1))
+    cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, distill=DistillConfig(teacher_cache="auto")))
+    for s in plan(cfg):
+        want = os.path.join(str(tmp_path), "runs", f"s{s.seed}", f"teacher_cache_x{s.factor:g}")
+        assert s.config.distill.teacher_cache == (want if s.kind == "student" else ""), s.name
+    with pytest.raises(ValueError, match="give teacher_cache 'auto' or ''"):
+        dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, distill=DistillConfig(teacher_cache="/x")))
 
 
 def test_plan_without_baselines(tiny_shards, tmp_path):

@@ -15,8 +15,10 @@ Not here: flags (``kd_histo.cli.train``), the losses and train step (``kd_histo.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
+import math
 import os
 import shutil
 from typing import Sequence
@@ -30,6 +32,10 @@ from kd_histo.config import RunConfig
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
 from kd_histo.distiller import ResolutionDistiller
 from kd_histo.models import build_model
+
+
+class TrainingError(ValueError):
+    """A run ended without a network worth saving; the message says what to change."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +120,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
       kd_histo.preflight.PreflightError: bad input, found before anything is written.
     """
     info = preflight.check_data(cfg)
+    preflight.check_teacher_cache(cfg, info)
     preflight.check_model_dir(cfg)
     model_dir = os.path.abspath(cfg.model_dir)
     created = not os.path.exists(model_dir)
@@ -136,6 +143,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         # fit() asks for exactly `steps` batches per epoch; repeating (each pass redraws its random
         # crops and mixing) means the stream never runs dry mid-epoch whatever the batch rounding.
         train_ds = make_dataset(data_cfg, "train", training=True).repeat()
+        cache_dir = preflight.teacher_cache_dir(cfg) if cfg.mode == "distill" else ""
         has_val = preflight._has_shards(cfg.data.data_dir, "val")
         # One exact pass per epoch: Keras keeps one validation iterator across epochs when the
         # step count is given, so the stream repeats and the count comes from dataset.json (an
@@ -145,6 +153,8 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         try:
             os.makedirs(model_dir, exist_ok=True)
             _write_json(os.path.join(model_dir, preflight.CONFIG_JSON), cfg.to_dict())
+            if cache_dir:
+                train_ds = _cached_stream(cfg, cache_dir, teacher, net, input_px)
             callbacks = _callbacks(cfg, model_dir, net, train_ds, has_val) + [counter, *extra_callbacks]
             history = model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=val_ds,
                                 validation_steps=val_steps, callbacks=callbacks, verbose=cfg.verbose)
@@ -153,6 +163,23 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
                 shutil.rmtree(model_dir, ignore_errors=True)
             raise
         return _finish(cfg, model_dir, net, history.history, counter.finished, has_val, input_px, info)
+
+
+def _cached_stream(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int):
+    """The training stream with the teacher's outputs read from a cache (built when needed).
+
+    The pipeline runs without augmentation; the cache draws one dihedral transform per example
+    for both views (the "flips" preset), so the teacher is never run during training.
+    """
+    from kd_histo import teacher_cache
+
+    spec = net.compute_output_spec(keras.KerasTensor((1, input_px, input_px, 3)))
+    cache = teacher_cache.for_training(
+        teacher, preflight.resolve_teacher_path(cfg.distill.teacher), cfg.data, cache_dir,
+        map_size=tuple(int(v) for v in spec["features"].shape[1:3]), feature_mode=cfg.distill.feature_mode,
+        log=lambda line: print(f"kd_histo: {line}", flush=True))
+    plain = make_dataset(dataclasses.replace(cfg.data, augment="none"), "train", training=True).repeat()
+    return cache.attach(plain, training=True, seed=cfg.seed)
 
 
 def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_val: bool) -> list:
@@ -173,9 +200,30 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
     return out
 
 
+def _diverged_epoch(model_dir: str) -> int | None:
+    """First epoch (over all resumed attempts) whose training loss was NaN/inf, from history.csv."""
+    path = os.path.join(model_dir, "history.csv")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if not math.isfinite(float(row.get("loss") or "nan")):
+                return int(row["epoch"])
+    return None
+
+
 def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -> TrainResult:
     best_path = os.path.join(model_dir, "checkpoints", "best.keras")
     best = None
+    diverged = _diverged_epoch(model_dir)
+    if diverged is not None and not (has_val and os.path.isfile(best_path)):
+        raise TrainingError(
+            f"the training loss became NaN/inf in epoch {diverged} and no earlier network was kept (no val "
+            f"split to pick one); nothing was saved as the model in {model_dir}: lower --learning_rate or "
+            "check the inputs, then train into a new --model_dir")
+    if diverged is not None:
+        print(f"kd_histo: the training loss became NaN/inf in epoch {diverged}; keeping the best network "
+              "before it", flush=True)
     if has_val and os.path.isfile(best_path):
         with open(best_path + ".json") as f:
             best = json.load(f)["best"]
@@ -190,6 +238,6 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
         "input_px": input_px, "hr_px": cfg.data.hr_px or info.tile_px, "class_names": info.class_names,
         "arch": cfg.net.arch, "monitor": cfg.monitor if has_val else None, "best": best,
         "epochs": cfg.epochs, "epochs_run_this_process": epochs_run, "data_dir": cfg.data.data_dir,
-        "model": preflight.MODEL_FILE, "savedmodel": "savedmodel",
+        "model": preflight.MODEL_FILE, "savedmodel": "savedmodel", "diverged_at_epoch": diverged,
     })
     return TrainResult(model_dir, model_path, history, epochs_run, best)

@@ -109,6 +109,34 @@ def test_nan_inputs_stop_training_and_the_last_good_network_survives(
     for path in (best, os.path.join(cfg.model_dir, "model.keras")):
         for a, b in zip(_weights(path), good, strict=True):
             np.testing.assert_array_equal(a, b)
+    with open(os.path.join(cfg.model_dir, "run.json")) as f:
+        assert json.load(f)["diverged_at_epoch"] == 1
+
+
+def test_nan_without_a_val_split_saves_no_model_and_says_so(tiny_shards, tmp_path, monkeypatch):
+    """No val split: no earlier network was kept, so the NaN net must not become model.keras."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shards, data)
+    for p in data.glob("val-*"):
+        p.unlink()
+    info = json.loads((data / "dataset.json").read_text())
+    del info["counts"]["val"], info["shards"]["val"]
+    (data / "dataset.json").write_text(json.dumps(info))
+    real = train.make_dataset
+
+    def all_nan(cfg, split="train", training=True):
+        ds = real(cfg, split, training)
+        nan = {"hr", "lr"}
+        return ds.map(lambda b: {k: v * math.nan if k in nan else v for k, v in b.items()}) if training else ds
+
+    monkeypatch.setattr(train, "make_dataset", all_nan)
+    cfg = _cfg(str(data), tmp_path / "run", allow_no_val=True)
+    with pytest.raises(train.TrainingError, match=r"loss became NaN/inf in epoch 0 and no earlier network was kept"):
+        train.train(cfg)
+    assert not os.path.exists(os.path.join(cfg.model_dir, "model.keras"))
+    assert not os.path.exists(os.path.join(cfg.model_dir, "run.json"))
 
 
 def test_an_epoch_with_a_nan_loss_is_never_saved_as_the_best(tmp_path):

@@ -200,3 +200,41 @@ def class_names_of(entries: list[Entry], given: list[str] | None = None) -> list
             )
         return list(given)
     return present
+
+
+def write_manifest(folders: list[tuple[str, str]], path: str) -> dict[str, int]:
+    """Writes one CSV manifest for several class-folder trees, each with a fixed split or none.
+
+    Made for public sets that come as separate folders, e.g. NCT-CRC-HE-100K (train/val, split
+    chosen by kd-histo-convert) beside CRC-VAL-HE-7K (the test set of other patients). Paths
+    are written relative to the manifest's folder, which is how :func:`read_manifest` reads them.
+
+    Args:
+      folders: (class-folder tree, split) pairs; split "" lets the conversion choose, else one of
+        :data:`SPLITS`.
+      path: the CSV to write (its folder is created).
+
+    Returns:
+      Rows written per folder.
+
+    Raises:
+      ManifestError: a missing or empty folder, or an unknown split.
+    """
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    rows, counts = [], {}
+    for folder, split in folders:
+        if split and split not in SPLITS:
+            raise ManifestError(f"split {split!r} for {folder} unknown; choose one of {SPLITS} or ''")
+        entries, _ = scan_folder(folder)
+        counts[folder] = len(entries)
+        for e in entries:
+            rel = os.path.relpath(os.path.abspath(e.path), out_dir)
+            rows.append([rel, e.label or "", e.slide_id, e.patient_id, split])
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "slide_id", "patient_id", "split"])
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return counts

@@ -78,3 +78,37 @@ def test_class_names_given_must_cover_labels():
     assert manifest.class_names_of(entries, ["y", "x", "z"]) == ["y", "x", "z"]
     with pytest.raises(ManifestError, match=r"labels \['y'\] are not in --class_names=x"):
         manifest.class_names_of(entries, ["x"])
+
+
+def test_write_manifest_of_two_folders_round_trips_with_their_splits(tmp_path):
+    write_image(tmp_path / "big" / "ADI" / "a1.tif", random_rgb(0))
+    write_image(tmp_path / "big" / "TUM" / "t1.tif", random_rgb(1))
+    write_image(tmp_path / "val7k" / "ADI" / "a2.tif", random_rgb(2))
+    out = tmp_path / "lists" / "nct.csv"
+    counts = manifest.write_manifest([(str(tmp_path / "big"), ""), (str(tmp_path / "val7k"), "test")], str(out))
+    assert counts == {str(tmp_path / "big"): 2, str(tmp_path / "val7k"): 1}
+    assert "../big/ADI/a1.tif" in out.read_text()  # relative to the manifest's folder
+    entries = manifest.read_manifest(str(out))
+    assert [(e.path, e.label, e.split) for e in entries] == [
+        (str(tmp_path / "big" / "ADI" / "a1.tif"), "ADI", ""),
+        (str(tmp_path / "big" / "TUM" / "t1.tif"), "TUM", ""),
+        (str(tmp_path / "val7k" / "ADI" / "a2.tif"), "ADI", "test"),
+    ]
+    with pytest.raises(ManifestError, match="split 'holdout' for"):
+        manifest.write_manifest([(str(tmp_path / "big"), "holdout")], str(out))
+
+
+def test_make_manifest_tool_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    write_image(tmp_path / "set" / "A" / "1.png", random_rgb(0))
+    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "make_manifest.py")
+    ok = subprocess.run([sys.executable, tool, f"--folders={tmp_path / 'set'}", "--splits=test",
+                         f"--out={tmp_path / 'm.csv'}"], capture_output=True, text=True)  # fmt: skip
+    assert ok.returncode == 0 and "1 tiles from" in ok.stdout, ok.stderr
+    assert manifest.read_manifest(str(tmp_path / "m.csv"))[0].split == "test"
+    bad = subprocess.run([sys.executable, tool, f"--folders={tmp_path / 'nope'}", f"--out={tmp_path / 'x.csv'}"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "input folder" in bad.stderr and "Traceback" not in bad.stderr

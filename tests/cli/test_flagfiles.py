@@ -8,7 +8,9 @@ from cli_helpers import BINARIES
 from kd_histo.cli import flags_common as fc
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FLAGFILES = sorted(p for p in (ROOT / "flags").rglob("*.flags") if p.name != "common.flags")
+ALL = sorted((ROOT / "flags").rglob("*.flags"))
+FLAGFILES = [p for p in ALL if p.name not in ("common.flags", "experiment.flags")]  # kd-histo-train runs
+EXPERIMENTS = [p for p in ALL if p.name == "experiment.flags"]  # kd-histo-experiment
 
 
 def _config(flagfile):
@@ -45,3 +47,22 @@ def test_flagfile_resolves(flagfile, monkeypatch):
             assert cfg.mode == "baseline"
     if stem.endswith("unlabeled"):  # the demo's pool is its own 'unlabeled' split
         assert cfg.data.unlabeled_ratio > 0 and (cfg.data.unlabeled_dirs or "demo" in str(flagfile))
+
+
+@pytest.mark.parametrize("flagfile", EXPERIMENTS, ids=lambda p: p.parent.name)
+def test_experiment_flagfile_resolves(flagfile, monkeypatch, tmp_path):
+    """An experiment flagfile gives the paper's protocol; its data folders need not exist yet."""
+    from kd_histo.cli import experiment as experiment_cli
+
+    monkeypatch.chdir(ROOT)
+    fc.FLAGS.unparse_flags()
+    try:
+        fc.FLAGS(["kd-histo-experiment", f"--flagfile={flagfile.relative_to(ROOT)}"])
+        assert not any(fc.FLAGS[n].present for n in experiment_cli.PER_RUN)
+        assert fc.FLAGS.data_dir and fc.FLAGS.out_dir and fc.FLAGS.factors == ["2", "4", "8"]
+        assert fc.FLAGS.learning_rate == 1e-3 and fc.FLAGS.weight_decay == 1e-4 and fc.FLAGS.optimizer == "adam"
+        assert fc.FLAGS.feature_mode == "maxpool+bicubic" and fc.FLAGS.ce_weight == 0
+        text = flagfile.read_text()
+        assert f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in text  # says how to run it
+    finally:
+        fc.FLAGS.unparse_flags()

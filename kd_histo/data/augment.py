@@ -11,15 +11,24 @@ symmetries of the square); ``paper`` (flips + colour jitter brightness/contrast/
 (paper + HED stain jitter, :mod:`kd_histo.data.stain`); ``randaugment`` (flips + 2 random ops
 from a colour/stain list at a fixed magnitude).
 
-Why not keras-cv layers here: keras-cv 0.9 layers draw from a stateful ``SeedGenerator``; two
-fresh ``RandAugment(seed=7)`` layers give different outputs on the same batch (measured), so
-they cannot meet "deterministic under a seed". The ops below follow the same definitions with
-stateless draws. Geometric ops other than the square's symmetries (free rotation, shear,
-translate) are left out: they would need padding that histology tiles do not have.
+keras-cv where it fits: the RandAugment-style ops solarize, posterize, sharpness and
+autocontrast are keras-cv 0.9's own layers, called through their ``augment_images(images,
+transformations)`` with parameters drawn here statelessly (its ``Equalization`` is left out: its
+step uses the smallest non-empty histogram bin where PIL and AutoAugment use the last one, so it
+is not histogram equalisation; measured against Pillow in the tests). Calling the layers themselves would
+not do: they draw from a stateful ``SeedGenerator``, and two fresh ``RandAugment(seed=7)`` layers
+give different outputs on the same batch (measured), which breaks "deterministic under a seed".
+The colour jitter keeps torchvision's ``ColorJitter`` arithmetic (the paper's), which keras-cv's
+``RandomColorJitter`` does not follow (additive brightness, other factor ranges). Geometric ops
+other than the square's symmetries (free rotation, shear, translate) are left out: they would
+need padding that histology tiles do not have.
 """
 
 from __future__ import annotations
 
+import functools
+
+import keras_cv
 import tensorflow as tf
 
 from kd_histo.data import stain
@@ -94,27 +103,43 @@ def random_color_jitter(
     )
 
 
-def _solarize(x, m):
-    return tf.where(x < 1.0 - 0.5 * m, x, 1.0 - x)
+@functools.cache
+def _kcv(name: str, **kwargs):
+    """One keras-cv preprocessing layer, made once, float32 whatever the global dtype policy."""
+    return getattr(keras_cv.layers, name)(value_range=(0.0, 1.0), dtype="float32", **kwargs)
 
 
-def _posterize(x, m):
-    levels = tf.round(256.0 / tf.pow(2.0, tf.round(4.0 * m)))  # 8 bits down to 4 bits at m = 1
-    return tf.floor(x * (levels - 1) + 0.5) / (levels - 1)
+def solarize(x: tf.Tensor, m: float) -> tf.Tensor:
+    """Inverts pixels above ``1 - m/2`` (keras-cv ``Solarization``; m in [0, 1])."""
+    t = {"additions": tf.zeros([1, 1, 1, 1]), "thresholds": tf.fill([1, 1, 1, 1], 255.0 * (1.0 - 0.5 * m))}
+    return _kcv("Solarization").augment_images(x[None], t)[0]
 
 
-def _sharpness(x, m):
-    # Blend with a 3x3 smoothed copy (PIL's ImageEnhance.Sharpness kernel); factor > 1 sharpens.
-    k = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
-    kernel = tf.tile(k[:, :, None, None], [1, 1, 3, 1])
-    smooth = tf.nn.depthwise_conv2d(x[None], kernel, [1, 1, 1, 1], "SAME")[0]
-    return tf.clip_by_value(smooth + (1.0 + m) * (x - smooth), 0.0, 1.0)
+def posterize(x: tf.Tensor, m: float) -> tf.Tensor:
+    """Keeps ``8 - round(4 m)`` bits per channel (keras-cv ``Posterization``)."""
+    bits = 8 - round(4.0 * m)
+    return _kcv("Posterization", bits=bits).augment_image(x)
+
+
+def sharpness(x: tf.Tensor, enhance: tf.Tensor) -> tf.Tensor:
+    """PIL-style sharpness: ``enhance`` > 1 sharpens, < 1 blurs (keras-cv ``RandomSharpness``).
+
+    keras-cv blends ``x + t (smooth - x)`` with its 3x3 kernel; enhancement ``e`` is ``t = 1 - e``.
+    """
+    t = tf.reshape(1.0 - tf.cast(enhance, tf.float32), [1, 1, 1, 1])
+    return _kcv("RandomSharpness", factor=1.0).augment_images(x[None], t)[0]
+
+
+def autocontrast(x: tf.Tensor) -> tf.Tensor:
+    """Stretches each channel to the full range (keras-cv ``AutoContrast``)."""
+    return _kcv("AutoContrast").augment_images(x[None])[0]
+
 
 
 def _rand_op(image: tf.Tensor, seed: tf.Tensor, m: float) -> tf.Tensor:
     """One RandAugment op, chosen and signed by ``seed``, at magnitude ``m``."""
     s_op, s_sign, s_hed = _seeds(seed, 3)
-    op = tf.random.stateless_uniform([], s_op, 0, 9, dtype=tf.int32)
+    op = tf.random.stateless_uniform([], s_op, 0, 10, dtype=tf.int32)
     sign = tf.where(tf.random.stateless_uniform([], s_sign) < 0.5, -1.0, 1.0)
     one = tf.constant(1.0)
     branches = [
@@ -123,9 +148,10 @@ def _rand_op(image: tf.Tensor, seed: tf.Tensor, m: float) -> tf.Tensor:
         lambda: adjust_color(image, one, one + sign * m, one, 0.0),
         lambda: adjust_color(image, one, one, one + sign * m, 0.0),
         lambda: adjust_color(image, one, one, one, sign * 0.5 * m),
-        lambda: _solarize(image, m),
-        lambda: _posterize(image, m),
-        lambda: _sharpness(image, sign * m),
+        lambda: solarize(image, m),
+        lambda: posterize(image, m),
+        lambda: sharpness(image, one + sign * m),
+        lambda: autocontrast(image),
         lambda: stain.random_hed(image, s_hed, sigma=0.1 * m, bias=0.1 * m),
     ]
     return tf.ensure_shape(tf.switch_case(op, branches), image.shape)
@@ -136,9 +162,10 @@ def random_augment(
 ) -> tf.Tensor:
     """RandAugment-style: ``num_ops`` ops drawn uniformly (with replacement), sign of each random.
 
-    Ops: identity, brightness, contrast, saturation, hue, solarize, posterize, sharpness, HED.
-    ``magnitude`` in [0, 1] scales all of them (1 = brightness/contrast/saturation x[0, 2],
-    hue +-0.5 turn, solarize threshold 0.5, posterize to 4 bits, HED +-0.1).
+    Ops: identity, brightness, contrast, saturation, hue, solarize, posterize, sharpness,
+    autocontrast (these four from keras-cv), HED. ``magnitude`` in [0, 1] scales them
+    (1 = brightness/contrast/saturation/sharpness x[0, 2], hue +-0.5 turn, solarize threshold
+    0.5, posterize to 4 bits, HED +-0.1).
     """
     image = tf.convert_to_tensor(image, tf.float32)
     for s in _seeds(seed, num_ops):

@@ -112,3 +112,35 @@ def test_randaugment_uses_several_ops():
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="choose one of"):
         augment.augment(random_tile(4), tf.constant([0, 0], tf.int64), "heavy")
+
+
+def test_randaugment_ops_are_keras_cv_layers_and_match_numpy():
+    import keras_cv
+
+    x = random_tile(8, seed=2)
+    assert isinstance(augment._kcv("Solarization"), keras_cv.layers.Solarization)
+    np.testing.assert_allclose(augment.solarize(x, 0.5).numpy(), np.where(x < 0.75, x, 1 - x), atol=1e-5)
+    lo, hi = x.min((0, 1)), x.max((0, 1))
+    np.testing.assert_allclose(augment.autocontrast(x).numpy(), (x - lo) / (hi - lo), atol=1e-5)
+    six_bits = (np.floor(x * 255).astype(np.uint8) >> 2 << 2) / 255.0
+    np.testing.assert_allclose(augment.posterize(x, 0.5).numpy(), six_bits, atol=1e-6)
+    np.testing.assert_allclose(augment.sharpness(x, 1.0).numpy(), x, atol=1e-6)  # enhance 1 = identity
+    k = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13.0
+    smooth = np.stack([[[(x[i - 1:i + 2, j - 1:j + 2, c] * k).sum() for c in range(3)] for j in range(1, 7)]
+                       for i in range(1, 7)])  # fmt: skip
+    want = np.clip(x[1:7, 1:7] + 1.5 * (x[1:7, 1:7] - smooth), 0, 1)  # enhance 2.5 sharpens
+    got = augment.sharpness(x, 2.5).numpy()
+    np.testing.assert_allclose(got[1:7, 1:7], want, atol=1e-5)
+    np.testing.assert_allclose(got[0], x[0], atol=1e-6)  # borders keep the original
+
+
+def test_keras_cv_equalization_is_not_pillows_so_it_is_left_out():
+    """Why random_augment has no equalize: keras-cv 0.9's step uses the smallest non-empty bin."""
+    import keras_cv
+    from PIL import Image, ImageOps
+
+    rgb = (random_tile(16, seed=4) * 0.5 * 255).astype(np.uint8)  # a low-contrast tile
+    want = np.asarray(ImageOps.equalize(Image.fromarray(rgb)))
+    layer = keras_cv.layers.Equalization(value_range=(0, 255))
+    got = layer(tf.constant(rgb[None], tf.float32)).numpy()[0]
+    assert np.abs(got - want).max() > 50  # not a rounding difference

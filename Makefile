@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-reliability lint clean-venv
+.PHONY: venv demo test test-reliability clean-venv
 
 venv: $(STAMP)
 
@@ -11,7 +11,7 @@ $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"
 	$(VENV)/bin/python -m pip install --quiet -c requirements/constraints.txt -e ".[test]"
-	$(VENV)/bin/python -c "import kd_histo, tensorflow_io, keras_cv; print('kd_histo environment ready')"
+	$(VENV)/bin/python tools/check_env.py
 	touch $(STAMP)
 
 # The main job: synthetic H&E-like data -> shards -> teacher, baselines, students -> report.
@@ -22,7 +22,7 @@ test: venv
 	$(VENV)/bin/python -m pytest -n 2 --durations=15
 
 test-reliability: venv
-	$(VENV)/bin/python -m pytest -m reliability
+	$(VENV)/bin/python -m pytest -m reliability -n 2
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,57 @@
+"""python tools/check_env.py -- the environment works, not just installs (`make venv` runs it).
+
+Imports every package of the design card, decodes a TIFF inside TensorFlow with tensorflow-io
+(the op that breaks on TensorFlow >= 2.17), runs one keras-cv op and opens OpenSlide's library,
+then prints the versions. Exits non-zero with the failing package named.
+"""
+
+import io
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main() -> int:
+    import numpy as np
+    from PIL import Image
+
+    checks = []
+    try:
+        import absl
+        import keras
+        import keras_cv
+        import openslide
+        import tensorboard
+        import tensorflow as tf
+        import tensorflow_io as tfio
+
+        import kd_histo
+
+        rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="TIFF")
+        decoded = tfio.experimental.image.decode_tiff(tf.constant(buf.getvalue())).numpy()
+        checks.append(("tensorflow-io decode_tiff", bool((decoded[..., :3] == rgb).all())))
+        solarized = keras_cv.layers.Solarization(value_range=(0, 255))(tf.zeros([1, 2, 2, 3]))
+        checks.append(("keras-cv Solarization", solarized.shape == (1, 2, 2, 3)))
+        checks.append(("openslide library", bool(openslide.__library_version__)))
+        checks.append(("keras.distillation", hasattr(keras, "distillation")))
+    except Exception as e:  # the point is to name what failed, whatever it is
+        print(f"check_env: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    failed = [name for name, ok in checks if not ok]
+    if failed:
+        print(f"check_env: FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    versions = {"kd_histo": kd_histo.__version__ if hasattr(kd_histo, "__version__") else "dev",
+                "tensorflow": tf.__version__, "keras": keras.__version__, "keras-cv": keras_cv.__version__,
+                "tensorflow-io": tfio.__version__, "numpy": np.__version__, "absl-py": absl.__version__
+                if hasattr(absl, "__version__") else "?", "tensorboard": tensorboard.__version__,
+                "openslide": openslide.__library_version__}  # fmt: skip
+    print("kd_histo environment ready: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

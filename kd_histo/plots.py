@@ -19,26 +19,27 @@ import numpy as np  # noqa: E402
 from kd_histo import metrics  # noqa: E402
 
 
+def _confusion_cells(ax, cm: np.ndarray, fontsize: float | None = None, counts: bool = True) -> None:
+    """Draws a row-normalised confusion matrix into ``ax``, with the counts in the cells."""
+    rows = cm.sum(1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    if not counts:
+        return
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            colour = "white" if frac[i, j] > 0.5 else "black"
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=fontsize, color=colour)
+
+
 def confusion_matrix_png(
     cm: np.ndarray, class_names: Sequence[str], path: str, title: str = ""
 ) -> str:
     """Row-normalised confusion matrix with counts in the cells; returns ``path``."""
     cm = np.asarray(cm)
-    rows = cm.sum(1, keepdims=True)
-    frac = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(1.2 * n + 2, 1.2 * n + 1.5))
-    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-    for i in range(n):
-        for j in range(n):
-            ax.text(
-                j,
-                i,
-                str(cm[i, j]),
-                ha="center",
-                va="center",
-                color="white" if frac[i, j] > 0.5 else "black",
-            )
+    _confusion_cells(ax, cm)
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
     ax.set_xlabel("predicted")
@@ -220,21 +221,7 @@ def confusion_grid_png(
         ax.set_axis_off()
     for ax, (name, cm) in zip(axes.ravel(), matrices):
         cm = np.asarray(cm)
-        tot = cm.sum(1, keepdims=True)
-        frac = np.divide(cm, tot, out=np.zeros(cm.shape, float), where=tot > 0)
-        ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-        if k <= 10:
-            for i in range(k):
-                for j in range(k):
-                    ax.text(
-                        j,
-                        i,
-                        str(cm[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if frac[i, j] > 0.5 else "black",
-                    )
+        _confusion_cells(ax, cm, fontsize=7, counts=k <= 10)  # counts stay legible up to 10 classes
         ax.set_xticks(range(k), class_names, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(k), class_names, fontsize=7)
         ax.set_title(f"{name}\naccuracy {np.trace(cm) / max(1, cm.sum()):.3f}", fontsize=9)

@@ -20,9 +20,8 @@ from typing import Iterator
 
 import numpy as np
 
+from kd_histo.convert.manifest import SLIDE_EXTENSIONS  # the slide types conversion reads, too
 from kd_histo.convert.tiles import TILE_EXTENSIONS
-
-SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".svslide")
 
 
 @dataclasses.dataclass(frozen=True)

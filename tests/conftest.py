@@ -80,6 +80,26 @@ def tiny_shards(tmp_path_factory):
 
 
 @pytest.fixture
+def tiny_shards_without(tiny_shards, tmp_path):
+    """``tiny_shards_without("val")``: a copy of ``tiny_shards`` without that split (shards and
+    its dataset.json entries), for the cases where a split is missing."""
+    import json
+    import shutil
+
+    def make(split: str) -> str:
+        data = tmp_path / f"without_{split}"
+        shutil.copytree(tiny_shards, data)
+        for p in data.glob(f"{split}-*"):
+            p.unlink()
+        info = json.loads((data / "dataset.json").read_text())
+        del info["counts"][split], info["shards"][split]
+        (data / "dataset.json").write_text(json.dumps(info))
+        return str(data)
+
+    return make
+
+
+@pytest.fixture
 def shared_data():
     """``../shared/data`` beside the checkout; skips the test with a reason when it is absent."""
     if not SHARED_DATA.is_dir():

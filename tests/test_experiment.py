@@ -89,18 +89,9 @@ def test_bad_experiment_config_is_a_clear_error(tiny_shards, tmp_path, changes, 
         _cfg(tiny_shards, changes.pop("out_dir", tmp_path), **changes)
 
 
-def test_unlabeled_fraction_without_unlabeled_data_is_a_clear_error(tiny_shards, tmp_path):
-    import shutil
-
-    data = tmp_path / "data"
-    shutil.copytree(tiny_shards, data)
-    for p in data.glob("unlabeled-*"):
-        p.unlink()
-    info = json.loads((data / "dataset.json").read_text())
-    del info["counts"]["unlabeled"], info["shards"]["unlabeled"]
-    (data / "dataset.json").write_text(json.dumps(info))
+def test_unlabeled_fraction_without_unlabeled_data_is_a_clear_error(tiny_shards_without, tmp_path):
     with pytest.raises(ValueError, match="need unlabeled data"):
-        plan(_cfg(str(data), tmp_path / "exp"))
+        plan(_cfg(tiny_shards_without("unlabeled"), tmp_path / "exp"))
 
 
 @pytest.fixture(scope="module")

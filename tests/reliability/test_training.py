@@ -113,17 +113,9 @@ def test_nan_inputs_stop_training_and_the_last_good_network_survives(
         assert json.load(f)["diverged_at_epoch"] == 1
 
 
-def test_nan_without_a_val_split_saves_no_model_and_says_so(tiny_shards, tmp_path, monkeypatch):
+def test_nan_without_a_val_split_saves_no_model_and_says_so(tiny_shards_without, tmp_path, monkeypatch):
     """No val split: no earlier network was kept, so the NaN net must not become model.keras."""
-    import shutil
-
-    data = tmp_path / "data"
-    shutil.copytree(tiny_shards, data)
-    for p in data.glob("val-*"):
-        p.unlink()
-    info = json.loads((data / "dataset.json").read_text())
-    del info["counts"]["val"], info["shards"]["val"]
-    (data / "dataset.json").write_text(json.dumps(info))
+    data = tiny_shards_without("val")
     real = train.make_dataset
 
     def all_nan(cfg, split="train", training=True):
@@ -132,7 +124,7 @@ def test_nan_without_a_val_split_saves_no_model_and_says_so(tiny_shards, tmp_pat
         return ds.map(lambda b: {k: v * math.nan if k in nan else v for k, v in b.items()}) if training else ds
 
     monkeypatch.setattr(train, "make_dataset", all_nan)
-    cfg = _cfg(str(data), tmp_path / "run", allow_no_val=True)
+    cfg = _cfg(data, tmp_path / "run", allow_no_val=True)
     with pytest.raises(train.TrainingError, match=r"loss became NaN/inf in epoch 0 and no earlier network was kept"):
         train.train(cfg)
     assert not os.path.exists(os.path.join(cfg.model_dir, "model.keras"))

@@ -52,6 +52,8 @@ class ExperimentConfig:
         plus ``base.data.unlabeled_dirs``) added to the students' training tiles; 0 = the
         labeled train split's tiles only (their labels unused).
       seeds: one full protocol per seed.
+      teacher_epochs: epochs of the teacher (0 = ``base.epochs``): a teacher is trained once and
+        may get a longer schedule; baselines and students keep ``base.epochs`` (a fair pair).
       baselines: train the LR baselines.
       eval_split: the split every run is evaluated on.
       n_boot: bootstrap replicates of the 95% intervals.
@@ -65,6 +67,7 @@ class ExperimentConfig:
     factors: tuple[float, ...] = (2.0, 4.0, 8.0)
     unlabeled_fractions: tuple[float, ...] = (0.0,)
     seeds: tuple[int, ...] = (0,)
+    teacher_epochs: int = 0
     baselines: bool = True
     eval_split: str = "test"
     n_boot: int = 1000
@@ -85,11 +88,15 @@ class ExperimentConfig:
             )
         if not self.seeds:
             raise ValueError("seeds is empty; give at least one seed")
+        if self.teacher_epochs < 0:
+            raise ValueError(f"teacher_epochs must be >= 0 (0 = epochs), got {self.teacher_epochs}")
         if self.eval_split not in ("val", "test"):
             raise ValueError(f"eval_split must be 'val' or 'test', got {self.eval_split!r}")
         if self.base.distill.teacher_cache not in ("", "auto"):
-            raise ValueError("an experiment shares one teacher cache per seed and factor: give "
-                             f"teacher_cache 'auto' or '', not {self.base.distill.teacher_cache!r}")
+            raise ValueError(
+                "an experiment shares one teacher cache per seed and factor: give "
+                f"teacher_cache 'auto' or '', not {self.base.distill.teacher_cache!r}"
+            )
         if not self.cost_batch_sizes or min(self.cost_batch_sizes) < 1:
             raise ValueError(f"cost_batch_sizes must be positive, got {self.cost_batch_sizes}")
 
@@ -160,8 +167,15 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
             mode = {"teacher": "teacher", "baseline": "baseline", "student": "distill"}[kind]
             distill = dataclasses.replace(cfg.base.distill, teacher_cache="")  # students only
             if kind == "student":
-                cache = cfg.base.distill.teacher_cache and os.path.join(root, f"teacher_cache_x{_fmt(factor)}")
-                distill = dataclasses.replace(distill, teacher=os.path.join(root, "teacher"), teacher_cache=cache)
+                cache = cfg.base.distill.teacher_cache and os.path.join(
+                    root, f"teacher_cache_x{_fmt(factor)}"
+                )
+                distill = dataclasses.replace(
+                    distill, teacher=os.path.join(root, "teacher"), teacher_cache=cache
+                )
+            epochs = (
+                (cfg.teacher_epochs or cfg.base.epochs) if kind == "teacher" else cfg.base.epochs
+            )
             run = dataclasses.replace(
                 cfg.base,
                 mode=mode,
@@ -169,6 +183,7 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
                 data=data,
                 distill=distill,
                 seed=seed,
+                epochs=epochs,
             )
             return RunSpec(name, kind, factor, fraction, seed, run)
 

@@ -264,6 +264,7 @@ def report_markdown(
         if s in info.shards
     )
     planes = "-".join(str(p) for p in b.net.planes) or "default"
+    teacher_epochs = f" (the teacher {cfg.teacher_epochs})" if cfg.teacher_epochs else ""
     lines = [
         f"# {cfg.title}",
         "",
@@ -275,7 +276,7 @@ def report_markdown(
             else ""
         ),
         "",
-        f"Every net: {b.net.arch} (planes {planes}), {b.epochs} epochs, batch {b.data.batch_size}, "
+        f"Every net: {b.net.arch} (planes {planes}), {b.epochs} epochs{teacher_epochs}, batch {b.data.batch_size}, "
         f"{b.optim.name} lr {b.optim.learning_rate:g} weight decay {b.optim.weight_decay:g} ({b.optim.schedule}), "
         f"augmentation `{b.data.augment}`, LR views by `{b.data.lr_method}`, precision {b.precision}, "
         f"seeds {', '.join(str(s) for s in cfg.seeds)}. Students: no labels, KD at T={b.distill.temperature:g} "

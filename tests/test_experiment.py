@@ -69,6 +69,13 @@ def test_plan_shares_one_teacher_cache_per_seed_and_factor(tiny_shards, tmp_path
         dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, distill=DistillConfig(teacher_cache="/x")))
 
 
+def test_teacher_may_train_longer_than_the_pair_it_is_compared_with(tiny_shards, tmp_path):
+    specs = plan(_cfg(tiny_shards, tmp_path, teacher_epochs=5))
+    assert {s.name: s.config.epochs for s in specs} == {
+        "teacher": 5, "baseline_x2": 1, "student_x2_unl100": 1, "student_x2": 1}  # fmt: skip
+    assert all(s.config.epochs == 1 for s in plan(_cfg(tiny_shards, tmp_path)))  # 0 = base epochs
+
+
 def test_plan_without_baselines(tiny_shards, tmp_path):
     names = [s.name for s in plan(_cfg(tiny_shards, tmp_path, baselines=False, unlabeled_fractions=(0.0,)))]
     assert names == ["teacher", "student_x2"]

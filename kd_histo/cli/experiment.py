@@ -55,6 +55,7 @@ def config_from_flags() -> "ExperimentConfig":
         factors=fc.float_list(FLAGS.factors, "factors"),
         unlabeled_fractions=fractions,
         seeds=fc.int_list(FLAGS.seeds, "seeds"),
+        teacher_epochs=FLAGS.teacher_epochs,
         baselines=FLAGS.baselines,
         eval_split=FLAGS.eval_split,
         n_boot=FLAGS.n_boot,

@@ -144,6 +144,8 @@ def define_experiment_flags() -> None:
     _define("list", "unlabeled_fractions", ["auto"], "Fractions of the unlabeled pool added to the students' "
             "tiles, e.g. 0,0.25,0.5,1; auto = 0,0.25,0.5,1 when there is unlabeled data, else 0.")
     _define("list", "seeds", ["0"], "One whole protocol per seed.")
+    _define("integer", "teacher_epochs", 0, "Epochs of the teacher (0 = --epochs); baselines and students "
+            "keep --epochs.")
     _define("bool", "baselines", True, "Train the LR baselines (labels, LR view).")
     _define("string", "eval_split", "test", "Split every run is evaluated on: test or val.")
     _define("integer", "n_boot", 1000, "Bootstrap replicates of the 95% intervals.")

@@ -1,6 +1,5 @@
 """Distillation reading the teacher's outputs from a cache: built once, shared, rebuilt when stale."""
 
-import dataclasses
 import json
 import os
 

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+from tensorflow.python.util import deprecation
 
 
 def _logits_fn(model: keras.Model):
@@ -42,7 +43,10 @@ def count_flops(model: keras.Model, input_px: int) -> int:
     graph = convert_variables_to_constants_v2(concrete).graph
     opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     opts["output"] = "none"
-    info = tf.compat.v1.profiler.profile(graph=graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op", options=opts)
+    # The v1 profiler is the only FLOPs counter TF ships; silence its own deprecation notice.
+    with deprecation.silence():
+        info = tf.compat.v1.profiler.profile(graph=graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op",
+                                             options=opts)
     return int(info.total_float_ops)
 
 

@@ -179,6 +179,15 @@ class ResolutionDistiller(keras.Model):
                 )
             inner.gradient_accumulation_steps = self.accumulation_steps
 
+    def compile_from_config(self, config):
+        """Recompiles a loaded distiller with its saved optimizer (Keras skips custom compiles)."""
+        config = keras.saving.deserialize_keras_object(config)
+        config.pop("loss", None)  # the distiller's losses are its own
+        config.pop("loss_weights", None)
+        self.compile(**config)
+        if self.optimizer is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras (TF trainer) all-reduces a sample batch here under a distribution strategy; that
         # fails for dict batches under MultiWorkerMirroredStrategy and for string fields

@@ -231,6 +231,11 @@ def test_save_load_round_trips(tmp_path):
     d2 = keras.saving.load_model(str(tmp_path / "distiller.keras"), safe_mode=True)
     assert d2.get_config()["ce_weight"] == 0.5 and d2.teacher.trainable is False
     np.testing.assert_array_equal(d2.predict(b, verbose=0)["logits"], expected)
+    # ... compiled again with its optimizer and that optimizer's state, ready to go on training.
+    assert d2.compiled and isinstance(d2.optimizer, keras.optimizers.Adam)
+    assert float(d2.optimizer.learning_rate) == pytest.approx(1e-2)
+    assert int(d2.optimizer.iterations) == int(d.optimizer.iterations) > 0
+    d2.fit(dataset(), epochs=1, verbose=0)
 
 
 _MIRRORED = textwrap.dedent("""

@@ -81,7 +81,8 @@ def test_attach_transforms_views_consistently_and_trains(setup):
         )
     d = ResolutionDistiller(student, None)
     d.compile(keras.optimizers.Adam(1e-2))
-    hist = d.fit(attached, epochs=1, verbose=0).history
+    n_batches = sum(1 for _ in plain)  # the stream's cardinality is unknown to Keras
+    hist = d.fit(attached, epochs=1, steps_per_epoch=n_batches, verbose=0).history
     assert hist["kd_loss"][0] > 0 and hist["feature_loss"][0] > 0 and np.isfinite(hist["loss"][0])
 
 

@@ -87,20 +87,13 @@ def test_eval_keeps_slide_ids_and_coordinates_in_file_order(tiny_shards):
     assert ids == expected_ids and xs == expected_xs
 
 
-def test_extra_unlabeled_dirs_force_minus_one_and_fraction_subsets(tiny_shards, tmp_path):
-    extra = tmp_path / "extra"
-    shutil.copytree(tiny_shards, extra)
-    for p in extra.glob("unlabeled-*"):
-        p.unlink()  # no unlabeled split: all its labeled splits join the pool with label -1
-    info = schema.DatasetInfo.read(str(extra))
-    info.counts.pop("unlabeled")
-    info.shards.pop("unlabeled")
-    info.write(str(extra))
+def test_extra_unlabeled_dirs_force_minus_one_and_fraction_subsets(tiny_shards, tiny_shards_without):
+    extra = tiny_shards_without("unlabeled")  # no unlabeled split: its labeled splits join the pool, label -1
     cfg = PipelineConfig(
         tiny_shards,
         batch_size=1,
         labeled=False,
-        unlabeled_dirs=(str(extra),),
+        unlabeled_dirs=(extra,),
         augment="none",
         drop_remainder=False,
     )

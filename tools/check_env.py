@@ -37,17 +37,16 @@ def main() -> int:
         checks.append(("keras-cv Solarization", solarized.shape == (1, 2, 2, 3)))
         checks.append(("openslide library", bool(openslide.__library_version__)))
         checks.append(("keras.distillation", hasattr(keras, "distillation")))
-    except Exception as e:  # the point is to name what failed, whatever it is
+    except Exception as e:  # noqa: BLE001 -- the point is to name what failed, whatever it is
         print(f"check_env: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     failed = [name for name, ok in checks if not ok]
     if failed:
         print(f"check_env: FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
-    versions = {"kd_histo": kd_histo.__version__ if hasattr(kd_histo, "__version__") else "dev",
-                "tensorflow": tf.__version__, "keras": keras.__version__, "keras-cv": keras_cv.__version__,
-                "tensorflow-io": tfio.__version__, "numpy": np.__version__, "absl-py": absl.__version__
-                if hasattr(absl, "__version__") else "?", "tensorboard": tensorboard.__version__,
+    versions = {"kd_histo": kd_histo.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+                "keras-cv": keras_cv.__version__, "tensorflow-io": tfio.__version__, "numpy": np.__version__,
+                "absl-py": absl.__version__, "tensorboard": tensorboard.__version__,
                 "openslide": openslide.__library_version__}  # fmt: skip
     print("kd_histo environment ready: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     return 0

@@ -16,6 +16,7 @@ import json
 from typing import Any, Mapping
 
 from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.numbers import require_finite
 
 MODES = ("teacher", "baseline", "distill")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -88,6 +89,7 @@ class DistillConfig:
     teacher_cache: str = ""
 
     def __post_init__(self):
+        require_finite(self)
         _choice("feature_mode", self.feature_mode, FEATURE_MODES)
         _choice("feature_norm", self.feature_norm, FEATURE_NORMS)
         if self.temperature <= 0:
@@ -119,6 +121,7 @@ class OptimConfig:
     clipnorm: float = 0.0
 
     def __post_init__(self):
+        require_finite(self)
         _choice("optimizer", self.name, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         if self.learning_rate <= 0:
@@ -173,6 +176,7 @@ class RunConfig:
     verbose: int = 2
 
     def __post_init__(self):
+        require_finite(self)
         _choice("mode", self.mode, MODES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("strategy", self.strategy, STRATEGIES)

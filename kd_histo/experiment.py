@@ -31,6 +31,7 @@ from typing import Any, Callable
 from kd_histo import schema
 from kd_histo.config import RunConfig
 from kd_histo.data.pipeline import unlabeled_pool_size
+from kd_histo.numbers import require_finite
 
 EXPERIMENT_JSON = "experiment.json"
 STATE_JSON = "state.json"
@@ -76,6 +77,7 @@ class ExperimentConfig:
     title: str = "kd_histo experiment"
 
     def __post_init__(self):
+        require_finite(self)
         if not self.out_dir:
             raise ValueError("out_dir is empty; pass --out_dir=<experiment folder>")
         if not self.factors or min(self.factors) <= 1.0:

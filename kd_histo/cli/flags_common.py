@@ -11,6 +11,7 @@ Not here: turning flags into configs (each binary's ``main``).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -162,9 +163,12 @@ def define_demo_flags() -> None:
 def float_list(values: Sequence[str], name: str) -> tuple[float, ...]:
     """A list flag of numbers, with a one-line error naming the flag."""
     try:
-        return tuple(float(v) for v in values)
+        numbers = tuple(float(v) for v in values)
     except ValueError:
         raise ValueError(f"--{name} takes numbers separated by commas, got {','.join(values)}") from None
+    if not all(math.isfinite(v) for v in numbers):
+        raise ValueError(f"--{name} takes finite numbers, got {','.join(values)}")
+    return numbers
 
 
 def int_list(values: Sequence[str], name: str) -> tuple[int, ...]:
@@ -193,6 +197,13 @@ def _parser(prog: str) -> Callable[[list[str]], list[str]]:
         # with TensorFlow's SavedModel chatter; warnings and errors still show (--verbosity=0: all).
         if FLAGS["verbosity"].using_default_value:
             FLAGS.verbosity = -1
+        # NaN passes every range check (comparisons with it are false) and inf slips through
+        # divisions, so refuse both in any number flag before a run starts.
+        for name in FLAGS:
+            value = FLAGS[name].value
+            if isinstance(value, float) and not math.isfinite(value):
+                print(f"{prog}: error: --{name} must be a finite number, got {value}", file=sys.stderr)
+                sys.exit(EXIT_BAD_INPUT)
         return rest
 
     return parse

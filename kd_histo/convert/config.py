@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from kd_histo.convert.records import EncodeOptions
+from kd_histo.numbers import require_finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,9 @@ class ConvertConfig:
     keep_parts: bool = False
     progress: bool = False
     command: str = ""
+
+    def __post_init__(self):
+        require_finite(self)  # also the nested EncodeOptions (µm/px, tissue fraction)
 
     def fingerprint(self) -> dict:
         """The fields that change the output (a resumed run must match them)."""

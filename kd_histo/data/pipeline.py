@@ -26,6 +26,7 @@ import tensorflow as tf
 from kd_histo import schema
 from kd_histo.data import augment, decode, mixing, views
 from kd_histo.data.views import lr_size
+from kd_histo.numbers import require_finite
 
 __all__ = [
     "PipelineConfig",
@@ -91,6 +92,7 @@ class PipelineConfig:
     cycle_length: int = 4
 
     def __post_init__(self):
+        require_finite(self)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.factor <= 0:

@@ -5,8 +5,8 @@ FLOPs per image are counted by the TensorFlow profiler (``tf.compat.v1.profiler`
 1 and the given square input size, so they are the graph's own count (a multiply-add is 2 FLOPs),
 not a formula. Latency and throughput are measured wall-clock on this machine at a few batch
 sizes after warm-up; peak memory is TF's allocator peak where the device reports it (GPU), else
-the process's resident-set growth. ``profile_training_steps`` writes a TensorBoard trace of a few
-training steps.
+not reported (null: a figure not measured is not written as 0). ``profile_training_steps``
+writes a TensorBoard trace of a few training steps.
 
 Not here: which runs to compare (``kd_histo.cli.cost``), evaluation metrics (``kd_histo.evaluate``).
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import time
 from typing import Any, Sequence
 
@@ -55,20 +54,18 @@ def count_params(model: keras.Model) -> int:
     return int(sum(np.prod(v.shape) for v in model.weights))
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
 def measure_latency(model: keras.Model, input_px: int, batch_sizes: Sequence[int] = (1, 8, 32),
                     repeats: int = 5, warmup: int = 2) -> list[dict[str, float]]:
     """Median wall-clock time per batch, throughput and peak memory at each batch size.
 
     Peak memory is the GPU allocator's peak when a GPU runs the net. On CPU TensorFlow keeps no
-    allocator statistics, so it is the growth of the process's resident-set high-water mark during
-    the measurement: an upper bound on nothing, 0 when earlier work already reached that mark.
+    allocator statistics, and the process's resident-set high-water mark mostly reflects earlier
+    work (loading, other nets), so it is not reported: ``None`` (null in cost.json, "n/a" in
+    cost.md), never a 0.0 that was not measured.
 
     Returns:
-      [{"batch_size", "latency_ms" (per batch, median), "images_per_s", "peak_memory_mb"}].
+      [{"batch_size", "latency_ms" (per batch, median), "images_per_s", "peak_memory_mb" (None on
+      CPU)}].
     """
     fn = tf.function(_logits_fn(model), reduce_retracing=True)
     gpu = bool(tf.config.list_logical_devices("GPU"))
@@ -77,7 +74,6 @@ def measure_latency(model: keras.Model, input_px: int, batch_sizes: Sequence[int
         x = tf.random.uniform([bs, input_px, input_px, 3], seed=0)
         if gpu:
             tf.config.experimental.reset_memory_stats("GPU:0")
-        rss0 = _rss_mb()
         for _ in range(warmup):
             fn(x).numpy()  # .numpy() waits for the device, so timings include the work
         times = []
@@ -86,9 +82,9 @@ def measure_latency(model: keras.Model, input_px: int, batch_sizes: Sequence[int
             fn(x).numpy()
             times.append(time.perf_counter() - t0)
         med = float(np.median(times))
-        peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20) if gpu else max(0.0, _rss_mb() - rss0)
+        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20 if gpu else None
         rows.append({"batch_size": int(bs), "latency_ms": med * 1e3, "images_per_s": bs / med,
-                     "peak_memory_mb": float(peak)})
+                     "peak_memory_mb": None if peak is None else float(peak)})
     return rows
 
 
@@ -134,12 +130,12 @@ def cost_table(entries: Sequence[CostEntry], reference: str | None = None) -> li
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The cost rows as a markdown table (latency/throughput at the largest measured batch)."""
     lines = ["| net | input px | GFLOPs/image | teacher/net FLOPs | params | latency ms (batch) | images/s "
-             "| peak MB (GPU; CPU: RSS growth) |",
+             "| peak MB (GPU; n/a on CPU) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["timings"][-1] if r["timings"] else None
-        timing = (f"{t['latency_ms']:.2f} ({t['batch_size']}) | {t['images_per_s']:.1f} | {t['peak_memory_mb']:.1f}"
-                  if t else "- | - | -")
+        peak = "n/a" if t is None or t["peak_memory_mb"] is None else f"{t['peak_memory_mb']:.1f}"
+        timing = f"{t['latency_ms']:.2f} ({t['batch_size']}) | {t['images_per_s']:.1f} | {peak}" if t else "- | - | -"
         lines.append(f"| {r['name']} | {r['input_px']} | {r['gflops']:.4f} | {r['flops_ratio_to_ref']:.2f} | "
                      f"{r['params']:,} | {timing} |")
     return "\n".join(lines) + "\n"
@@ -215,6 +211,15 @@ class CostConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     repeats: int = 5
     profile_steps: int = 3
+
+    def __post_init__(self):
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be >= 1, got {','.join(map(str, self.batch_sizes))}; "
+                             "pass e.g. --batch_sizes=1,8,32")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}; pass --repeats=5")
+        if self.profile_steps < 0:
+            raise ValueError(f"profile steps must be >= 0 (0 = no trace), got {self.profile_steps}")
 
 
 def cost_of_runs(cfg: CostConfig) -> dict[str, Any]:

@@ -238,6 +238,9 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
         raise ValueError(f"{data_dir} has classes {info.class_names} but the model was trained on "
                          f"{run['class_names']}; evaluate on data converted with the same classes")
     schema.shard_paths(data_dir, cfg.split)  # a missing split fails here with the folder's name
+    if int(run["hr_px"]) > info.tile_px:  # the pipeline's own message names a training flag
+        raise ValueError(f"{data_dir} has {info.tile_px} px tiles but the model was trained on {run['hr_px']} px "
+                         f"tiles; evaluate on data converted with kd-histo-convert --tile_px={run['hr_px']} (or more)")
     model = load_model(os.path.join(cfg.model_dir, run["model"]), expected_num_classes=info.num_classes)
     pipe = PipelineConfig(data_dir=data_dir, batch_size=cfg.batch_size, factor=run["factor"] if run["view"] == "lr"
                           else 1.0, hr_px=run["hr_px"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import os
 
 from kd_histo.convert.errors import ConversionError
@@ -20,6 +21,9 @@ from kd_histo.convert.tiles import TILE_EXTENSIONS
 SPLITS = ("train", "val", "test", "unlabeled")
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif")
 UNLABELED_FOLDER = "unlabeled"
+# The header names a manifest may use; any other column is refused (a misspelt "Label" once
+# dropped every label, silently).
+COLUMNS = ("path", "label", "slide_id", "patient_id", "split")
 
 
 class ManifestError(ConversionError):
@@ -77,6 +81,17 @@ def _read_rows(path, reader, base, root, root_abs, slides) -> list[Entry]:
     if "path" not in columns:
         raise ManifestError(
             f"{path}: needs a header row with a 'path' column (got {columns or 'no header'})"
+        )
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown:
+        hints = [
+            f"{c!r} (did you mean {close[0]!r}?)" if close else repr(c)
+            for c in unknown
+            for close in [difflib.get_close_matches(c.lower(), COLUMNS, n=1, cutoff=0.6)]
+        ]
+        raise ManifestError(
+            f"{path}: unknown column{'s' if len(unknown) > 1 else ''} {', '.join(hints)} in the "
+            f"header; the columns are {','.join(COLUMNS)} (lower case)"
         )
     entries, seen = [], {}
     for row in reader:
@@ -149,6 +164,10 @@ def scan_folder(input_dir: str) -> tuple[list[Entry], list[dict[str, str]]]:
     entries, skipped = [], []
     for name in classes:
         folder = os.path.join(input_dir, name)
+        if not is_utf8(name):  # class names go into dataset.json and every record
+            raise ManifestError(
+                f"class folder {printable(folder)} has a name that is not UTF-8; rename it"
+            )
         n_before = len(entries)
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -157,7 +176,9 @@ def scan_folder(input_dir: str) -> tuple[list[Entry], list[dict[str, str]]]:
                     continue
                 full = os.path.join(dirpath, fn)
                 ext = os.path.splitext(fn)[1].lower()
-                if ext in TILE_EXTENSIONS:
+                if not is_utf8(full):
+                    skipped.append({"path": printable(full), "reason": NOT_UTF8})
+                elif ext in TILE_EXTENSIONS:
                     entries.append(
                         Entry(
                             full,
@@ -176,6 +197,23 @@ def scan_folder(input_dir: str) -> tuple[list[Entry], list[dict[str, str]]]:
         if len(entries) == n_before:
             raise ManifestError(f"class folder {folder} holds no images; remove it or add tiles")
     return entries, skipped
+
+
+NOT_UTF8 = "file name is not UTF-8 (its bytes shown as \\xNN); rename the file to convert it"
+
+
+def is_utf8(path: str) -> bool:
+    """False for a name Python decoded with surrogate escapes (bytes that are not UTF-8)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: str) -> str:
+    """``path`` as text that can be printed and stored: undecodable bytes as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def class_names_of(entries: list[Entry], given: list[str] | None = None) -> list[str]:

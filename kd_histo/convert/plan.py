@@ -61,7 +61,9 @@ def list_entries(cfg: ConvertConfig) -> tuple[list[manifest.Entry], list[dict[st
             )
         for p in paths:
             p = os.path.normpath(p)
-            if p not in listed and os.path.isfile(p):
+            if not manifest.is_utf8(p):
+                skipped.append({"path": manifest.printable(p), "reason": manifest.NOT_UTF8})
+            elif p not in listed and os.path.isfile(p):
                 listed.add(p)
                 entries.append(
                     manifest.Entry(p, None, os.path.splitext(os.path.basename(p))[0], is_slide=True)

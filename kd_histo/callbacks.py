@@ -18,6 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kd_histo.atomic import replacing
+
 
 class SaveBestNet(keras.callbacks.Callback):
     """Saves ``net`` to ``path`` whenever ``monitor`` improves; the best value survives restarts.
@@ -52,9 +54,8 @@ class SaveBestNet(keras.callbacks.Callback):
             return
         if (value > self.best) if self.higher else (value < self.best):
             self.best = float(value)
-            tmp = self.path + ".tmp.keras"
-            self.net.save(tmp)
-            os.replace(tmp, self.path)  # a kill mid-save leaves the previous best intact
+            with replacing(self.path, ".tmp.keras") as tmp:
+                self.net.save(tmp)  # a kill mid-save leaves the previous best intact
             with open(self.state_path, "w") as f:
                 json.dump({"best": self.best, "epoch": int(epoch), "monitor": self.monitor}, f)
 

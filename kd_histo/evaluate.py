@@ -205,6 +205,8 @@ class EvalConfig:
       batch_size: tiles per batch.
       n_boot: bootstrap replicates.
       seed: bootstrap seed.
+      skip_corrupt: skip corrupt records of the split; metrics.json counts them
+        (``n_corrupt_skipped``).
     """
 
     model_dir: str
@@ -214,6 +216,7 @@ class EvalConfig:
     batch_size: int = 64
     n_boot: int = 1000
     seed: int = 0
+    skip_corrupt: bool = False
 
 
 def read_run(model_dir: str) -> dict[str, Any]:
@@ -243,9 +246,11 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
                          f"tiles; evaluate on data converted with kd-histo-convert --tile_px={run['hr_px']} (or more)")
     model = load_model(os.path.join(cfg.model_dir, run["model"]), expected_num_classes=info.num_classes)
     pipe = PipelineConfig(data_dir=data_dir, batch_size=cfg.batch_size, factor=run["factor"] if run["view"] == "lr"
-                          else 1.0, hr_px=run["hr_px"])
+                          else 1.0, hr_px=run["hr_px"], skip_corrupt=cfg.skip_corrupt)
     preds = predict_split(model, make_dataset(pipe, cfg.split, training=False), run["view"])
     result = evaluate_predictions(preds, info.class_names, n_boot=cfg.n_boot, seed=cfg.seed)
+    if cfg.skip_corrupt:  # every record not read back was skipped (dataset.json counts them all)
+        result["n_corrupt_skipped"] = info.num_examples(cfg.split) - len(preds.probs)
     result["run"] = {"model_dir": os.path.abspath(cfg.model_dir), "mode": run["mode"], "view": run["view"],
                      "factor": run["factor"], "input_px": run["input_px"], "data_dir": data_dir, "split": cfg.split}
     out_dir = cfg.out_dir or os.path.join(cfg.model_dir, f"eval_{cfg.split}")

@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable
 
 from kd_histo import schema
+from kd_histo.atomic import replacing
 from kd_histo.config import RunConfig
 from kd_histo.data.pipeline import unlabeled_pool_size
 from kd_histo.numbers import require_finite
@@ -235,10 +236,8 @@ class _State:
 
     def record(self, key: str, step: str, seconds: float) -> None:
         self.data.setdefault(key, {})[step] = round(seconds, 2)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        with replacing(self.path) as tmp, open(tmp, "w") as f:
             json.dump(self.data, f, indent=2, sort_keys=True)
-        os.replace(tmp, self.path)
 
 
 def _check_same_experiment(cfg: ExperimentConfig) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -39,6 +39,7 @@ class PredictConfig:
       min_tissue: fraction of a slide tile that must be tissue.
       max_tiles: at most this many tiles per slide (evenly spaced); 0 = all.
       heatmap: write a heatmap per slide.
+      skip_corrupt: converted data folders: skip corrupt records (and log how many).
     """
 
     model_dir: str
@@ -50,6 +51,7 @@ class PredictConfig:
     min_tissue: float = 0.5
     max_tiles: int = 0
     heatmap: bool = False
+    skip_corrupt: bool = False
 
 
 @dataclasses.dataclass
@@ -153,11 +155,16 @@ def _probs(model, tiles: _Tiles, run: dict, batch_size: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def predict(cfg: PredictConfig) -> dict[str, str]:
-    """Predicts every input; writes predictions.csv, slides.csv (and heatmaps); returns paths."""
+def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) -> dict[str, str]:
+    """Predicts every input; writes predictions.csv, slides.csv (and heatmaps); returns paths.
+
+    ``log`` receives one line per converted data folder read with ``skip_corrupt``: how many
+    corrupt records were skipped.
+    """
     from kd_histo import evaluate
     from kd_histo.data.pipeline import PipelineConfig, make_dataset
     from kd_histo.models import load_model
+    from kd_histo.schema import DatasetInfo
 
     if not cfg.inputs:
         raise ValueError("no inputs; pass --inputs=<tile folder | data folder | slide file>,...")
@@ -170,8 +177,11 @@ def predict(cfg: PredictConfig) -> dict[str, str]:
     for path, kind in kinds:
         if kind == "shards":
             pipe = PipelineConfig(path, batch_size=cfg.batch_size, factor=run["factor"] if run["view"] == "lr" else 1.0,
-                                  hr_px=run["hr_px"])
+                                  hr_px=run["hr_px"], skip_corrupt=cfg.skip_corrupt)
             p = evaluate.predict_split(model, make_dataset(pipe, cfg.split, training=False), run["view"])
+            if cfg.skip_corrupt:
+                stated = DatasetInfo.read(path).num_examples(cfg.split)
+                log(f"--skip_corrupt: {stated - len(p.probs)} corrupt records skipped in {path} ({cfg.split})")
             rows += [(p.slide_ids[i], p.sources[i], int(p.x[i]), int(p.y[i]), p.probs[i]) for i in range(len(p.probs))]
             continue
         groups = _folder_tiles(path, run["hr_px"]) if kind == "folder" else [_slide_tiles(path, run["hr_px"], cfg)]

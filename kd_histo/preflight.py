@@ -105,6 +105,24 @@ def check_shards(data_dir: str, info: schema.DatasetInfo, split: str, count: boo
         )
 
 
+def count_corrupt(cfg: RunConfig, info: schema.DatasetInfo) -> dict[str, int]:
+    """With ``skip_corrupt``: per split, the records training will skip (one read of the data).
+
+    A record is skipped when it does not parse or decode, or lies after the damage in a damaged
+    shard; the count is what dataset.json states minus what reads back.
+    """
+    lr_px = lr_size(info.tile_px, info.lr_factor) if cfg.data.lr_method == "pyramid" and info.lr_factor else 0
+    out = {}
+    for split in ("train", "val", "unlabeled"):
+        if not _has_shards(cfg.data.data_dir, split):
+            continue
+        ds = decode.read_shards(schema.shard_paths(cfg.data.data_dir, split), tile_px=info.tile_px, lr_tile_px=lr_px,
+                                compression=info.compression, skip_corrupt=True)
+        readable = int(ds.reduce(0, lambda n, _: n + 1))
+        out[split] = max(0, info.num_examples(split) - readable)
+    return out
+
+
 def check_teacher_cache(cfg: RunConfig, info: schema.DatasetInfo) -> None:
     """A teacher cache only fits a distill run whose views are a finite set (no random crop)."""
     from kd_histo.teacher_cache import CACHEABLE_AUGMENT

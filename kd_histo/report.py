@@ -19,6 +19,7 @@ import statistics
 from typing import Any, Mapping, Sequence
 
 from kd_histo import plots, schema
+from kd_histo.atomic import replacing
 
 REPORT_DIR = "report"
 CSV_COLUMNS = (
@@ -195,10 +196,8 @@ def _csv_text(rows) -> str:
 
 
 def _atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with replacing(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def write_report(

@@ -24,6 +24,8 @@ from typing import Any, Mapping
 import tensorflow as tf
 from google.protobuf.message import DecodeError
 
+from kd_histo.atomic import replacing
+
 SCHEMA_VERSION = 1
 UNLABELED = -1
 DATASET_JSON = "dataset.json"
@@ -292,10 +294,8 @@ class DatasetInfo:
     def write(self, data_dir: str) -> str:
         """Writes ``dataset.json`` atomically (temporary file, then rename)."""
         path = os.path.join(data_dir, DATASET_JSON)
-        tmp = path + ".tmp"
-        with tf.io.gfile.GFile(tmp, "w") as f:
+        with replacing(path) as tmp, tf.io.gfile.GFile(tmp, "w") as f:
             f.write(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        tf.io.gfile.rename(tmp, path, overwrite=True)
         return path
 
     @classmethod

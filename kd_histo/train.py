@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from kd_histo import callbacks as cbs
 from kd_histo import preflight
+from kd_histo.atomic import replacing
 from kd_histo.config import RunConfig
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
 from kd_histo.distiller import ResolutionDistiller
@@ -100,10 +101,8 @@ def _distiller(cfg: RunConfig, net: keras.Model, teacher: keras.Model | None) ->
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with replacing(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
@@ -120,6 +119,10 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
       kd_histo.preflight.PreflightError: bad input, found before anything is written.
     """
     info = preflight.check_data(cfg)
+    if cfg.data.skip_corrupt:
+        skipped = preflight.count_corrupt(cfg, info)
+        print(f"kd_histo: --skip_corrupt: {sum(skipped.values())} corrupt records skipped ("
+              + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")", flush=True)
     preflight.check_teacher_cache(cfg, info)
     preflight.check_model_dir(cfg)
     model_dir = os.path.abspath(cfg.model_dir)

@@ -28,11 +28,15 @@ def main(argv: list[str]) -> None:
         return
     fc.require(model_dir=FLAGS.model_dir)
     cfg = evaluate.EvalConfig(model_dir=FLAGS.model_dir, split=FLAGS.split, data_dir=FLAGS.data_dir or "",
-                              out_dir=FLAGS.out_dir, batch_size=FLAGS.batch_size, n_boot=FLAGS.n_boot)
+                              out_dir=FLAGS.out_dir, batch_size=FLAGS.batch_size, n_boot=FLAGS.n_boot,
+                              skip_corrupt=FLAGS.skip_corrupt)
     paths = evaluate.evaluate_run(cfg)
     import json
 
-    m = json.load(open(paths["metrics"]))["tile"]
+    metrics = json.load(open(paths["metrics"]))
+    m = metrics["tile"]
+    if cfg.skip_corrupt:
+        print(f"{PROG}: --skip_corrupt: {metrics['n_corrupt_skipped']} corrupt records skipped in {cfg.split}")
     print(f"{PROG}: {cfg.split} tiles {m['n']}: accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
           f"macro F1 {m['macro_f1']:.4f}; written to {paths['metrics']}")
 

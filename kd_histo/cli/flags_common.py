@@ -11,8 +11,10 @@ Not here: turning flags into configs (each binary's ``main``).
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import re
 import sys
 
 # Before TensorFlow loads (the binaries import it lazily, in main): TF 2.16's CPU oneDNN kernels
@@ -29,6 +31,8 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 EXIT_BAD_INPUT = 2
+SKIP_CORRUPT_HELP = ("Converted data: skip corrupt records (bad bytes, a wrong tile size, a damaged shard's "
+                     "tail) and say how many, instead of stopping at the first with the shard's name.")
 
 
 def _define(kind: str, name: str, default, help_text: str, **kwargs) -> None:
@@ -97,6 +101,7 @@ def define_train_flags() -> None:
     _define("bool", "resume", True, "Continue an unfinished run found in model_dir.")
     _define("string", "monitor", "val_accuracy", "Metric picking the best epoch: val_accuracy or val_loss.")
     _define("bool", "allow_no_val", False, "Train without a val split (keeps the last epoch).")
+    _define("bool", "skip_corrupt", False, SKIP_CORRUPT_HELP)
     _define("list", "profile_steps", ["2", "4"], "TensorBoard profile window first,last step; 0,0 = off.")
     _define("bool", "smoke", False, "Shrink everything to run in seconds (tiny net, 2 epochs of 2 steps).")
     _define("integer", "verbose", 2, "Keras progress: 0 silent, 1 bar, 2 one line per epoch.")
@@ -110,6 +115,7 @@ def define_evaluate_flags() -> None:
     _define("string", "out_dir", "", "Where to write results; default <model_dir>/eval_<split>.")
     _define("integer", "batch_size", 32, "Tiles per batch.")
     _define("integer", "n_boot", 1000, "Bootstrap replicates of the 95% intervals.")
+    _define("bool", "skip_corrupt", False, SKIP_CORRUPT_HELP)
     _define("list", "compare", [], "Evaluation folders (with metrics.json) to put in one table.")
     _define("list", "names", [], "Row names of --compare (default the folder names).")
     _define("string", "compare_out", "comparison", "Path prefix of the comparison table (.md and .csv).")
@@ -136,6 +142,7 @@ def define_predict_flags() -> None:
     _define("float", "min_tissue", 0.5, "Slides: fraction of tissue a tile needs.")
     _define("integer", "max_tiles", 0, "Slides: at most this many tiles per slide (0 = all).")
     _define("bool", "heatmap", False, "Slides: write a probability heatmap over the thumbnail.")
+    _define("bool", "skip_corrupt", False, SKIP_CORRUPT_HELP)
 
 
 def define_experiment_flags() -> None:
@@ -211,20 +218,76 @@ def _parser(prog: str) -> Callable[[list[str]], list[str]]:
 
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
+# What to do about an OSError of the environment rather than of a flag (by errno).
+_OS_HINTS = {
+    errno.EEXIST: "a file is in the way of a folder: choose another path or move the file",
+    errno.ENOTDIR: "a file is in the way of a folder: choose another path or move the file",
+    errno.EISDIR: "a folder is in the way of a file: choose another path",
+    errno.ENOSPC: "the disk is full: free space and rerun the same command (finished work is kept)",
+    errno.EDQUOT: "the disk quota is used up: free space and rerun the same command",
+    errno.EFBIG: "a file size limit was reached (ulimit -f, or the file system's): raise it or free "
+                 "space and rerun the same command (finished work is kept)",
+    errno.EROFS: "the file system is read-only: choose another path",
+}
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line for an OSError: the file, the system's words, what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
+    hint = _OS_HINTS.get(e.errno, "")
+    return f"{where}{what}" + (f"; {hint}" if hint else "")
+
+
+def _tf_error_line(e: BaseException) -> str:
+    """One line for a TensorFlow runtime error: kd_histo's own assertion text when it is one
+    (a corrupt shard names itself), else the first line TensorFlow gives, without node names."""
+    message = getattr(e, "message", "") or str(e)
+    own = re.search(r"kd_histo: (.*?)\]", message)
+    if own:
+        return own.group(1)
+    lines = [re.sub(r"\{\{[^}]*\}\}\s*", "", line).strip() for line in message.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("[[")]
+    line = f"TensorFlow: {lines[0] if lines else type(e).__name__}"
+    for code, words in ((errno.ENOSPC, "No space left"), (errno.EFBIG, "File too large")):
+        if words in message:  # TensorFlow's file system reports errno's words, not the errno
+            return f"{line}; {_OS_HINTS[code]}"
+    return line
+
+
+def _tf_op_error() -> tuple[type, ...]:
+    """TensorFlow's runtime error class, if TensorFlow is loaded (the binaries load it lazily)."""
+    tf = sys.modules.get("tensorflow")
+    op_error = getattr(getattr(tf, "errors", None), "OpError", None)
+    return (op_error,) if isinstance(op_error, type) else ()
+
 
 def guarded(prog: str, main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-    """Wraps ``main`` so bad input ends in ``<prog>: error: ...`` and exit code 2."""
+    """Wraps ``main`` so bad input ends in ``<prog>: error: ...`` and exit code 2.
+
+    Bad input is a ``ValueError`` (the library's refusals), a file that is missing or not
+    readable, any other ``OSError`` (a file in the way of a folder, a full disk, a file size
+    limit) and TensorFlow's runtime errors (``tf.errors.OpError``: a corrupt shard, a failed
+    write): each is one line, never a traceback.
+    """
+
+    def fail(message: str) -> None:
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
     def wrapped(argv: list[str]) -> None:
         if len(argv) > 1:
-            print(f"{prog}: error: unexpected arguments {argv[1:]}; all options are --flags", file=sys.stderr)
-            sys.exit(EXIT_BAD_INPUT)
+            fail(f"unexpected arguments {argv[1:]}; all options are --flags")
         try:
             main(argv)
         except BAD_INPUT as e:
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(f"{prog}: error: {message}", file=sys.stderr)
-            sys.exit(EXIT_BAD_INPUT)
+            fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except OSError as e:
+            fail(_os_error_line(e))
+        except Exception as e:
+            if isinstance(e, _tf_op_error()):
+                fail(_tf_error_line(e))
+            raise
 
     return wrapped
 

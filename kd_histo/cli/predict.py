@@ -24,8 +24,9 @@ def main(argv: list[str]) -> None:
     cfg = predict.PredictConfig(model_dir=FLAGS.model_dir, inputs=tuple(FLAGS.inputs),
                                 out_dir=FLAGS.out_dir or "predictions",
                                 split=FLAGS.split, batch_size=FLAGS.batch_size, target_mpp=FLAGS.target_mpp,
-                                min_tissue=FLAGS.min_tissue, max_tiles=FLAGS.max_tiles, heatmap=FLAGS.heatmap)
-    paths = predict.predict(cfg)
+                                min_tissue=FLAGS.min_tissue, max_tiles=FLAGS.max_tiles, heatmap=FLAGS.heatmap,
+                                skip_corrupt=FLAGS.skip_corrupt)
+    paths = predict.predict(cfg, log=lambda line: print(f"{PROG}: {line}", flush=True))
     for name, path in paths.items():
         print(f"{PROG}: {name} -> {path}")
 

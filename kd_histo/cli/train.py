@@ -36,7 +36,8 @@ def config_from_flags(mode: str | None = None, model_dir: str | None = None) -> 
     data = PipelineConfig(
         data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size, factor=FLAGS.factor, hr_px=FLAGS.hr_px,
         lr_method=FLAGS.lr_method, augment=FLAGS.augment, unlabeled_ratio=FLAGS.unlabeled_ratio,
-        labeled=FLAGS.labeled, cache=FLAGS.cache, unlabeled_dirs=tuple(FLAGS.unlabeled_dirs), seed=FLAGS.seed)
+        labeled=FLAGS.labeled, cache=FLAGS.cache, unlabeled_dirs=tuple(FLAGS.unlabeled_dirs), seed=FLAGS.seed,
+        skip_corrupt=FLAGS.skip_corrupt)
     net_kwargs = (("stem", FLAGS.stem), ("norm", FLAGS.norm)) if FLAGS.arch == "resnet_gn" else (("norm", FLAGS.norm),)
     net = NetConfig(arch=FLAGS.arch, planes=fc.int_list(FLAGS.planes, "planes"), kwargs=net_kwargs)
     distill = DistillConfig(

@@ -16,6 +16,7 @@ import difflib
 import os
 
 from kd_histo.convert.errors import ConversionError
+from kd_histo.atomic import replacing
 from kd_histo.convert.tiles import TILE_EXTENSIONS
 
 SPLITS = ("train", "val", "test", "unlabeled")
@@ -269,10 +270,8 @@ def write_manifest(folders: list[tuple[str, str]], path: str) -> dict[str, int]:
         for e in entries:
             rel = os.path.relpath(os.path.abspath(e.path), out_dir)
             rows.append([rel, e.label or "", e.slide_id, e.patient_id, split])
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "slide_id", "patient_id", "split"])
         w.writerows(rows)
-    os.replace(tmp, path)
     return counts

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 import tensorflow as tf
 
 from kd_histo import schema
+from kd_histo.atomic import replacing
 from kd_histo.convert.errors import ConversionError
 
 
@@ -73,23 +74,20 @@ class DirLock:
 
 def write_json_atomic(path: str, obj) -> None:
     """Writes JSON via a temporary file and a rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with replacing(path, f".tmp-{os.getpid()}") as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def write_records_atomic(path: str, records: Iterable[bytes], compression: str = "") -> int:
     """Writes serialized records to ``path`` atomically; returns how many were written."""
-    tmp = f"{path}.tmp-{os.getpid()}"
     n = 0
-    with tf.io.TFRecordWriter(
-        tmp, options=tf.io.TFRecordOptions(compression_type=compression or None)
-    ) as w:
-        for rec in records:
-            w.write(rec)
-            n += 1
-    os.replace(tmp, path)
+    with replacing(path, f".tmp-{os.getpid()}") as tmp:
+        with tf.io.TFRecordWriter(
+            tmp, options=tf.io.TFRecordOptions(compression_type=compression or None)
+        ) as w:
+            for rec in records:
+                w.write(rec)
+                n += 1
     return n
 
 

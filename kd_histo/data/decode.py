@@ -88,7 +88,7 @@ def check_shard_files(paths: list[str], compression: str = "", allow_empty: bool
         if not allow_empty and tf.io.gfile.stat(path).length == 0:
             raise schema.SchemaError(
                 f"shard {path} is empty (0 bytes; kd-histo-convert never writes an empty shard): "
-                "re-convert the data, or set skip_corrupt"
+                "re-convert the data, or pass --skip_corrupt"
             )
         version = first_record_version(path, compression)
         if version is not None and version != schema.SCHEMA_VERSION:
@@ -249,7 +249,7 @@ def _checked_shard(records, path, size, end, decode, calls):
                         " in shard ",
                         path,
                         " (does not parse as this schema, or does not decode to the tile size of "
-                        "dataset.json); re-convert it or set skip_corrupt",
+                        "dataset.json); re-convert it or pass --skip_corrupt",
                     ]
                 )
             ],
@@ -263,7 +263,7 @@ def _checked_shard(records, path, size, end, decode, calls):
                         path,
                         " is damaged after record ",
                         tf.strings.as_string(index),
-                        " (bad CRC or truncated file); re-convert it or set skip_corrupt",
+                        " (bad CRC or truncated file); re-convert it or pass --skip_corrupt",
                     ]
                 )
             ],

@@ -91,7 +91,7 @@ def test_record_with_a_missing_or_wrong_typed_feature(tiny_shards, tmp_path, edi
         _count(d)
     assert (
         f"[kd_histo: corrupt record 1 in shard {shard} (does not parse as this schema, or does not "
-        "decode to the tile size of dataset.json); re-convert it or set skip_corrupt]"
+        "decode to the tile size of dataset.json); re-convert it or pass --skip_corrupt]"
     ) in str(err.value)
     assert _count(d, skip_corrupt=True) == n_total - 1  # only the bad record is dropped
 
@@ -144,7 +144,7 @@ def test_empty_shard_is_refused_or_skipped(tiny_shards, tmp_path):
         _count(d)
     assert str(err.value) == (
         f"shard {empty} is empty (0 bytes; kd-histo-convert never writes an empty shard): "
-        "re-convert the data, or set skip_corrupt"
+        "re-convert the data, or pass --skip_corrupt"
     )
     assert _count(d, skip_corrupt=True) == n_other
 

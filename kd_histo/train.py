@@ -30,9 +30,13 @@ from kd_histo import callbacks as cbs
 from kd_histo import preflight
 from kd_histo.atomic import replacing
 from kd_histo.config import RunConfig
+from kd_histo.convert.writer import DirLock
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
 from kd_histo.distiller import ResolutionDistiller
 from kd_histo.models import build_model
+
+
+LOCK_FILE = ".lock-train"  # what DirLock(model_dir, "train") holds
 
 
 class TrainingError(ValueError):
@@ -127,6 +131,21 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     preflight.check_model_dir(cfg)
     model_dir = os.path.abspath(cfg.model_dir)
     created = not os.path.exists(model_dir)
+    os.makedirs(model_dir, exist_ok=True)
+    # One writer per run folder: two runs into one folder mixed their history.csv and checkpoints
+    # for good. A lock left by a dead process on this host is taken over (as conversion does).
+    with DirLock(model_dir, "train", tool="kd-histo-train"):
+        try:
+            preflight.check_model_dir(cfg)  # again, under the lock: another run may have finished meanwhile
+            return _train(cfg, extra_callbacks, info, model_dir, created)
+        except BaseException:
+            if created and set(os.listdir(model_dir)) <= {LOCK_FILE}:  # refused before writing anything
+                shutil.rmtree(model_dir, ignore_errors=True)
+            raise
+
+
+def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool) -> TrainResult:
+    """``train`` once the run folder is checked and locked."""
     counter = cbs.EpochCounter()
     keras.utils.set_random_seed(cfg.seed)
     with precision_policy(cfg.precision):
@@ -154,7 +173,6 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         val_ds = make_dataset(cfg.data, "val", training=False).repeat() if has_val else None
         val_steps = cfg.val_steps or (steps_per_epoch(cfg.data, "val", training=False) if has_val else None)
         try:
-            os.makedirs(model_dir, exist_ok=True)
             _write_json(os.path.join(model_dir, preflight.CONFIG_JSON), cfg.to_dict())
             if cache_dir:
                 train_ds = _cached_stream(cfg, cache_dir, teacher, net, input_px)
@@ -163,7 +181,13 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
                                 validation_steps=val_steps, callbacks=callbacks, verbose=cfg.verbose)
         except BaseException:
             if created and counter.finished == 0:  # a failed start leaves no half-written run folder
-                shutil.rmtree(model_dir, ignore_errors=True)
+                for name in os.listdir(model_dir):  # all but the lock, which its owner removes
+                    if name != LOCK_FILE:
+                        path = os.path.join(model_dir, name)
+                        if os.path.isdir(path):
+                            shutil.rmtree(path, ignore_errors=True)
+                        else:
+                            os.remove(path)
             raise
         return _finish(cfg, model_dir, net, history.history, counter.finished, has_val, input_px, info)
 

@@ -156,7 +156,9 @@ class _LazyPool:
         """The executor, or None to run ``jobs`` jobs in this process."""
         if self.executor is None and self.num_workers > 0 and jobs > 1:
             ctx = multiprocessing.get_context("spawn")
-            self.executor = cf.ProcessPoolExecutor(self.num_workers, mp_context=ctx)
+            self.executor = cf.ProcessPoolExecutor(
+                self.num_workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+            )
         return self.executor
 
     def map_chunks(self, fn, items: list, chunk: int = 64) -> list:
@@ -174,6 +176,33 @@ class _LazyPool:
         if self.executor is not None:
             self.executor.shutdown(cancel_futures=True)
         return False
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: the worker ends when the conversion does, even under ``kill -9``.
+
+    A killed parent cannot shut its pool down; its workers (hundreds of MB each) would be
+    reparented to PID 1 and run on. On Linux the kernel sends them SIGKILL when the parent dies
+    (``prctl(PR_SET_PDEATHSIG)``); elsewhere a thread watches the parent id.
+    """
+    import signal
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    else:
+
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _run_units(units, cfg, parts, class_names, lazy: _LazyPool) -> list[dict]:

@@ -35,10 +35,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 class DirLock:
-    """``with DirLock(folder, name):`` holds ``<folder>/.lock-<name>`` or raises ConversionError."""
+    """``with DirLock(folder, name):`` holds ``<folder>/.lock-<name>`` or raises ConversionError.
 
-    def __init__(self, folder: str, name: str):
+    ``tool`` names the writer in the refusal (kd-histo-train locks its run folder the same way).
+    """
+
+    def __init__(self, folder: str, name: str, tool: str = "kd-histo-convert"):
         self.path = os.path.join(folder, f".lock-{name}")
+        self.tool = tool
 
     def __enter__(self) -> "DirLock":
         me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
@@ -55,7 +59,7 @@ class DirLock:
                     os.remove(self.path)  # stale: its writer died (e.g. kill -9); resume
                     continue
                 raise ConversionError(
-                    f"another kd-histo-convert (pid {owner.get('pid', '?')} on "
+                    f"another {self.tool} (pid {owner.get('pid', '?')} on "
                     f"{owner.get('host', '?')}) is writing "
                     f"{os.path.dirname(self.path)}; wait for it, "
                     f"or delete {self.path} if it is dead"

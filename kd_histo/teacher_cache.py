@@ -22,6 +22,7 @@ is passed through untouched.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -280,9 +281,48 @@ def training_sources(data) -> list[tuple[str, str]]:
     return out
 
 
+def _sha256(path: str, limit: int | None = None) -> str:
+    """SHA-256 of a file, or of its first and last ``limit`` bytes when it is larger than 2x that."""
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if limit is None or size <= 2 * limit:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(f.read(limit))
+            f.seek(size - limit)
+            h.update(f.read(limit))
+    return h.hexdigest()
+
+
 def _teacher_identity(path: str) -> dict:
+    """The teacher file by path, size, mtime and its bytes' SHA-256 (another teacher saved over
+    the same path, even keeping size and mtime, is another teacher)."""
     st = os.stat(path)
-    return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": _sha256(path)}
+
+
+def _source_identity(data_dir: str, split: str) -> tuple[str, str, str]:
+    """(data_dir, split, fingerprint): the fingerprint changes whenever the split's shards or the
+    folder's dataset.json do (a reconversion with other settings keeps the paths and the record
+    keys but not the pixels). Each shard counts by name, size, mtime and the SHA-256 of its first
+    and last MiB; dataset.json by its SHA-256."""
+    from kd_histo import schema
+
+    h = hashlib.sha256(_sha256(os.path.join(data_dir, schema.DATASET_JSON)).encode())
+    for p in schema.shard_paths(data_dir, split):
+        st = os.stat(p)
+        h.update(f"{os.path.basename(p)} {st.st_size} {st.st_mtime_ns} {_sha256(p, 1 << 20)}\n".encode())
+    return os.path.abspath(data_dir), split, h.hexdigest()
+
+
+def _is_current(source: tuple[str, str, str]) -> bool:
+    try:
+        return _source_identity(source[0], source[1]) == tuple(source)
+    except (OSError, ValueError):  # the folder or split is gone
+        return False
 
 
 def for_training(
@@ -298,11 +338,13 @@ def for_training(
 ) -> TeacherCache:
     """The cache a distillation run reads: reused when it fits the run, else (re)built.
 
-    A cache fits when it was built from the same teacher file (path, size, mtime) for the same
-    views (HR crop, factor, LR method, augmentation, student map size, feature resize) and covers
-    every source the run reads (:func:`training_sources`), so runs that differ only in how much
-    of the unlabeled pool they draw share one cache. ``built_for.json`` is written last: a build
-    cut short is never mistaken for a finished cache.
+    A cache fits when it was built from the same teacher file (path, size, mtime, SHA-256) for the
+    same views (HR crop, factor, LR method, augmentation, student map size, feature resize) and
+    covers every source the run reads (:func:`training_sources`) as it is now (shards and
+    dataset.json fingerprinted, :func:`_source_identity`: a reconverted folder is another
+    source), so runs that differ only in how much of the unlabeled pool they draw share one
+    cache. ``built_for.json`` is written last: a build cut short is never mistaken for a finished
+    cache.
 
     Args:
       teacher: the frozen teacher net.
@@ -327,22 +369,23 @@ def for_training(
     settings = {"teacher": _teacher_identity(teacher_path), "hr_px": data.hr_px, "factor": data.factor,
                 "lr_method": data.lr_method, "dihedral": data.augment == "flips",
                 "map_size": list(map_size), "feature_mode": feature_mode, "bicubic_style": bicubic_style}
-    need = training_sources(data)
+    need = [_source_identity(d, split) for d, split in training_sources(data)]
     meta_path = os.path.join(cache_dir, BUILT_FOR)
-    covered: list[tuple[str, str]] = []
+    covered: list[tuple[str, str, str]] = []
     if os.path.isfile(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
         if meta["settings"] == settings:
-            covered = [tuple(s) for s in meta["sources"]]
+            covered = [tuple(s) for s in meta["sources"] if len(s) == 3]  # older caches: no fingerprints
     if not set(need) <= set(covered):
-        sources = sorted(set(need) | set(covered))
+        # keep what the cache covers of other sources only while those are unchanged
+        sources = sorted(set(need) | {c for c in covered if _is_current(c)})
         if os.path.isfile(meta_path):
             os.remove(meta_path)  # the files below are about to change
         view = PipelineConfig(data.data_dir, batch_size=64, factor=data.factor, hr_px=data.hr_px,
                               lr_method=data.lr_method, augment="none")
         batches = None
-        for d, split in sources:
+        for d, split, _ in sources:
             part = make_dataset(dc.replace(view, data_dir=d), split, training=False)
             batches = part if batches is None else batches.concatenate(part)
         n_t = NUM_DIHEDRAL if settings["dihedral"] else 1

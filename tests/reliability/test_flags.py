@@ -3,9 +3,9 @@ batch size of kd-histo-cost, evaluate's tile-size error, and cost.json's unmeasu
 
 import json
 import math
-import os
 
 import pytest
+from conftest import write_tiny_shards  # tests/conftest.py
 
 from kd_histo import cost
 from kd_histo.cli import convert as convert_cli
@@ -73,11 +73,6 @@ def test_cost_refuses_a_zero_batch_size(teacher_run, tmp_path, capsys):
 
 
 def test_evaluate_tile_size_error_names_a_flag_it_has(teacher_run, tmp_path, capsys):
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-    from conftest import write_tiny_shards
-
     small = write_tiny_shards(tmp_path / "d16", tile_px=16, per_class=1, num_shards=1, unlabeled=0)
     code = fc.invoke(evaluate_cli.PROG, evaluate_cli.main, [f"--model_dir={teacher_run}", f"--data_dir={small}",
                                                             f"--out_dir={tmp_path / 'e'}", "--n_boot=5"])

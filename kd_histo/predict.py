@@ -8,6 +8,8 @@ the network's class probabilities are written per tile (``predictions.csv``) and
 (``slides.csv``: tile count, mean probability per class, majority class). With ``heatmap`` each
 slide also gets ``heatmaps/<slide>.png``: the probability of its top class over its thumbnail.
 Tiles from a folder are grouped into "slides" by their parent folder.
+With a cascade teacher (``cascade_teacher``) the teacher re-scores the student's least confident
+tiles of each group (a slide, a folder group, a shards input) from their HR tiles, read again.
 
 Not here: metrics against labels (``kd_histo.evaluate``), training (``kd_histo.train``).
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -42,6 +44,10 @@ class PredictConfig:
       min_tissue: fraction of a slide tile that must be tissue.
       max_tiles: at most this many tiles per slide (evenly spaced); 0 = all.
       heatmap: write a heatmap per slide.
+      cascade_teacher: a teacher run folder: the teacher re-scores the student's least confident
+        tiles of each slide (tile folder group, shards input) from their HR tiles; "" = off.
+      cascade_fraction: share of each group's tiles the teacher re-scores (``kd_histo.cascade.select``).
+      cascade_threshold: instead, the teacher re-scores tiles whose top probability is below this.
     """
 
     model_dir: str
@@ -53,6 +59,16 @@ class PredictConfig:
     min_tissue: float = 0.5
     max_tiles: int = 0
     heatmap: bool = False
+    cascade_teacher: str = ""
+    cascade_fraction: float | None = None
+    cascade_threshold: float | None = None
+
+    def __post_init__(self):
+        given = (self.cascade_fraction is not None) + (self.cascade_threshold is not None)
+        if self.cascade_teacher and given != 1:
+            raise ValueError("--cascade_teacher needs one of --cascade_fraction=F or --cascade_threshold=P")
+        if not self.cascade_teacher and given:
+            raise ValueError("--cascade_fraction/--cascade_threshold need --cascade_teacher=<teacher run folder>")
 
 
 @dataclasses.dataclass
@@ -62,6 +78,7 @@ class _Tiles:
     xy: list[tuple[int, int]]
     images: Iterator[np.ndarray]  # uint8 [hr_px, hr_px, 3], lazily read
     heat: dict | None = None  # slides: {"path", "size_l0"} to place tiles on the thumbnail
+    reread: Callable[[np.ndarray], Iterator[np.ndarray]] | None = None  # HR tiles by index (the cascade)
 
 
 def _kind(path: str) -> str:
@@ -89,7 +106,8 @@ def _folder_tiles(path: str, hr_px: int) -> list[_Tiles]:
     for group, files in groups.items():
         slide_id = os.path.basename(os.path.normpath(path)) if group == "." else group
         images = (fit_tile(_read(f), hr_px, mode="resize") for f in files)
-        out.append(_Tiles(slide_id, files, [(0, 0)] * len(files), images))
+        reread = (lambda idx, files=files: (fit_tile(_read(files[i]), hr_px, mode="resize") for i in idx))
+        out.append(_Tiles(slide_id, files, [(0, 0)] * len(files), images, reread=reread))
     return out
 
 
@@ -130,16 +148,16 @@ def _slide_tiles(path: str, hr_px: int, cfg: PredictConfig, mpp: float) -> _Tile
     if cfg.max_tiles and len(coords) > cfg.max_tiles:
         coords = [coords[i] for i in np.linspace(0, len(coords) - 1, cfg.max_tiles).round().astype(int)]
 
-    def read() -> Iterator[np.ndarray]:
+    def read(idx=range(len(coords))) -> Iterator[np.ndarray]:
         slide = slides.open_slide(path)
         try:
-            for x, y in coords:
-                yield slides.read_region_rgb(slide, x, y, plan.size_l0, hr_px)
+            for i in idx:
+                yield slides.read_region_rgb(slide, *coords[i], plan.size_l0, hr_px)
         finally:
             slide.close()
 
     sid = os.path.splitext(os.path.basename(path))[0]
-    return _Tiles(sid, [path] * len(coords), coords, read(), {"path": path, "size_l0": plan.size_l0})
+    return _Tiles(sid, [path] * len(coords), coords, read(), {"path": path, "size_l0": plan.size_l0}, reread=read)
 
 
 def _batched(images: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
@@ -191,34 +209,71 @@ def predict(cfg: PredictConfig) -> dict[str, str]:
         print(f"kd_histo: {cfg.model_dir} was trained on pyramid LR tiles; tiles and slides here get an antialiased "
               "area resize of the HR tile instead", flush=True)
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=len(names))
+    cascade = _load_cascade_teacher(cfg, run)  # None, or (teacher net, its record)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    rows, heat = [], []
+    rows, heat, scored_by = [], [], []
     for path, kind in kinds:
         if kind == "shards":
             ds = make_dataset(run.pipeline_config(path, cfg.batch_size), cfg.split, training=False)
-            p = evaluate.predict_split(model, ds, run.view)
-            rows += [(p.slide_ids[i], p.sources[i], int(p.x[i]), int(p.y[i]), p.probs[i]) for i in range(len(p.probs))]
+            p, kept = evaluate.predict_split_keeping(model, ds, run.view, keep=("hr",) if cascade else ())
+            probs, mask = _cascade(p.probs, lambda idx: iter(kept["hr"][idx]), cascade, cfg, path)
+            rows += [(p.slide_ids[i], p.sources[i], int(p.x[i]), int(p.y[i]), probs[i]) for i in range(len(probs))]
+            scored_by += [mask]
             continue
         groups = _folder_tiles(path, run.hr_px) if kind == "folder" else [_slide_tiles(path, run.hr_px, cfg, mpp)]
         for t in groups:
             probs = _probs(model, t.images, run, cfg.batch_size)
+            probs, mask = _cascade(probs, t.reread, cascade, cfg, t.slide_id)
             rows += [(t.slide_id, t.sources[i], t.xy[i][0], t.xy[i][1], probs[i]) for i in range(len(probs))]
+            scored_by += [mask]
             if cfg.heatmap and t.heat:
                 heat.append((t, probs))
-    paths = {"predictions": _write_tiles(rows, names, os.path.join(cfg.out_dir, "predictions.csv")),
+    by = ["teacher" if m else "student" for m in np.concatenate(scored_by)] if cascade else None
+    paths = {"predictions": _write_tiles(rows, names, os.path.join(cfg.out_dir, "predictions.csv"), by),
              "slides": _write_slides(rows, names, os.path.join(cfg.out_dir, "slides.csv"))}
     for t, probs in heat:
         paths[f"heatmap:{t.slide_id}"] = _heatmap(t, probs, names, os.path.join(cfg.out_dir, "heatmaps"))
     return paths
 
 
-def _write_tiles(rows, names, path) -> str:
+def _load_cascade_teacher(cfg: PredictConfig, run: RunRecord):
+    """(teacher net, teacher record) for ``cfg.cascade_teacher`` after checking it fits the student."""
+    if not cfg.cascade_teacher:
+        return None
+    from kd_histo.cascade import check_pair
+    from kd_histo.models import load_model
+
+    teacher_run = read_run_record(cfg.cascade_teacher)
+    check_pair(run, teacher_run)
+    return load_model(teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=run.num_classes), teacher_run
+
+
+def _cascade(probs: np.ndarray, hr_tiles: Callable[[np.ndarray], Iterator[np.ndarray]], cascade, cfg: PredictConfig,
+             name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's probabilities replace the student's on the selected tiles of one group; returns
+    (probabilities, mask of the tiles the teacher scored)."""
+    if cascade is None:
+        return probs, np.zeros(len(probs), bool)
+    from kd_histo.cascade import combine, select
+
+    teacher, teacher_run = cascade
+    mask = select(probs, fraction=cfg.cascade_fraction, threshold=cfg.cascade_threshold)
+    idx = np.flatnonzero(mask)
+    print(f"kd_histo: cascade: the teacher re-scores {len(idx)} of {len(probs)} tiles of {name}", flush=True)
+    if not len(idx):
+        return probs, mask
+    return combine(probs, _probs(teacher, hr_tiles(idx), teacher_run, cfg.batch_size), mask), mask
+
+
+def _write_tiles(rows, names, path, scored_by: list[str] | None = None) -> str:
+    """predictions.csv; with the cascade a last column says which net scored each tile."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["slide_id", "source", "x", "y", "pred", "pred_name"] + [f"prob_{c}" for c in names])
-        for sid, src, x, y, p in rows:
+        w.writerow(["slide_id", "source", "x", "y", "pred", "pred_name"] + [f"prob_{c}" for c in names]
+                   + (["scored_by"] if scored_by else []))
+        for i, (sid, src, x, y, p) in enumerate(rows):
             k = int(np.argmax(p))
-            w.writerow([sid, src, x, y, k, names[k]] + [f"{v:.6f}" for v in p])
+            w.writerow([sid, src, x, y, k, names[k]] + [f"{v:.6f}" for v in p] + ([scored_by[i]] if scored_by else []))
     return path
 
 

@@ -112,6 +112,10 @@ def define_evaluate_flags() -> None:
     _define("list", "compare", [], "Evaluation folders (with metrics.json) to put in one table.")
     _define("list", "names", [], "Row names of --compare (default the folder names).")
     _define("string", "compare_out", "comparison", "Path prefix of the comparison table (.md and .csv).")
+    _define("string", "cascade_teacher", "", "Teacher run folder: also measure the cascade (the teacher "
+            "re-scores the student's least confident tiles at high resolution).")
+    _define("list", "cascade_fractions", ["0", "0.05", "0.1", "0.2", "0.5"], "Teacher shares of the cascade's "
+            "accuracy-vs-cost curve (cascade.csv, cascade.png).")
 
 
 def define_cost_flags() -> None:
@@ -137,6 +141,12 @@ def define_predict_flags() -> None:
     _define("float", "min_tissue", 0.5, "Slides: fraction of tissue a tile needs.")
     _define("integer", "max_tiles", 0, "Slides: at most this many tiles per slide (0 = all).")
     _define("bool", "heatmap", False, "Slides: write a probability heatmap over the thumbnail.")
+    _define("string", "cascade_teacher", "", "Teacher run folder: it re-scores the student's least confident "
+            "tiles at high resolution (with --cascade_fraction or --cascade_threshold).")
+    _define("float", "cascade_fraction", None, "Cascade: share of each slide's (or folder's) tiles the teacher "
+            "re-scores, the least confident first.")
+    _define("float", "cascade_threshold", None, "Cascade: instead, the teacher re-scores every tile whose top "
+            "class probability is below this.")
 
 
 def define_experiment_flags() -> None:

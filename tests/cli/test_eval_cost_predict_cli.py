@@ -128,3 +128,23 @@ def test_predict_a_slide_at_the_runs_own_mpp_without_target_mpp(runs, shared_dat
         assert xy and all(x % step == 0 and y % step == 0 for x, y in xy)
         if mpp == 0.5:  # off the 2 µm/px grid: the run's own µm/px was used, not the old 2.0 / 0.5 default
             assert any(x % (4 * step) or y % (4 * step) for x, y in xy)
+
+
+def test_evaluate_cascade_curve_and_predict_cascade_flags(runs, tmp_path, capsys):
+    out = tmp_path / "cascade_eval"
+    assert invoke("evaluate", f"--model_dir={runs / 'student_x2'}", f"--cascade_teacher={runs / 'teacher'}",
+                  "--cascade_fractions=0,0.5", f"--out_dir={out}", "--n_boot=10") == 0
+    printed = capsys.readouterr().out
+    assert "cascade, teacher on 0.0%" in printed and "cascade, teacher alone" in printed
+    rows = list(csv.DictReader(open(out / "cascade.csv")))
+    assert [r["scored_by"] for r in rows] == ["cascade", "cascade", "teacher"]
+    assert (out / "cascade.png").stat().st_size > 0
+    # a baseline reads LR tiles: it cannot be the cascade's teacher; a bad fraction is one line too
+    for bad, words in (((f"--cascade_teacher={runs / 'baseline_x2'}",), "HR tiles"),
+                       ((f"--cascade_teacher={runs / 'teacher'}", "--cascade_fractions=0,2"), "[0, 1]")):
+        assert invoke("evaluate", f"--model_dir={runs / 'student_x2'}", f"--out_dir={tmp_path / 'x'}", *bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err
+    for bad in ((f"--cascade_teacher={runs / 'teacher'}",), ("--cascade_fraction=0.1",)):
+        assert invoke("predict", f"--model_dir={runs / 'student_x2'}", f"--inputs={tmp_path}", *bad) == 2
+        assert "cascade" in capsys.readouterr().err

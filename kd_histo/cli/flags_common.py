@@ -162,6 +162,8 @@ def define_experiment_flags() -> None:
     _define("string", "eval_split", "test", "Split every run is evaluated on: test or val.")
     _define("integer", "n_boot", 1000, "Bootstrap replicates of the 95% intervals.")
     _define("list", "cost_batch_sizes", ["1", "32"], "Latency batch sizes; the last gives the speedup.")
+    _define("list", "cascade_fractions", ["0", "0.05", "0.1", "0.2", "0.5"], "Teacher shares of the cascade "
+            "measured for each factor's student (report: cascade rows); empty = none.")
     _define("string", "title", "kd_histo experiment", "Title of the report.")
 
 

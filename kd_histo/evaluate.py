@@ -269,7 +269,8 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     schema.shard_paths(data_dir, cfg.split)  # a missing split fails here with the folder's name
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=info.num_classes)
     ds = make_dataset(run.pipeline_config(data_dir, cfg.batch_size), cfg.split, training=False)
-    preds, kept = predict_split_keeping(model, ds, run.view, keep=(run.view, "hr") if teacher_run else ())
+    keep = tuple(dict.fromkeys((run.view, "hr"))) if teacher_run else ()
+    preds, kept = predict_split_keeping(model, ds, run.view, keep=keep)
     result = evaluate_predictions(preds, info.class_names, n_boot=cfg.n_boot, seed=cfg.seed)
     result["run"] = {"model_dir": os.path.abspath(cfg.model_dir), "mode": run.mode, "view": run.view,
                      "factor": run.factor, "lr_method": run.lr_method, "input_px": run.input_px,
@@ -281,7 +282,8 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
         from kd_histo.cost import count_flops
 
         teacher = load_model(teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=info.num_classes)
-        rows = measure_curve(probs_function(model), probs_function(teacher, "uint8"), kept[run.view], kept["hr"],
+        student_fn = probs_function(model, "uint8" if run.view == "hr" else "float32")  # kept "hr" is uint8
+        rows = measure_curve(student_fn, probs_function(teacher, "uint8"), kept[run.view], kept["hr"],
                              preds.labels, student_gflops=count_flops(model, run.input_px) / 1e9,
                              teacher_gflops=count_flops(teacher, teacher_run.input_px) / 1e9,
                              fractions=cfg.cascade_fractions, batch_size=cfg.batch_size)

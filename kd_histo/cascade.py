@@ -170,6 +170,14 @@ def measure_curve(student_fn: Callable[[np.ndarray], np.ndarray], teacher_fn: Ca
     return rows
 
 
+def cheapest_within(rows: Sequence[dict[str, Any]], points: float = 1.0) -> dict[str, Any] | None:
+    """The cascade row with the smallest teacher share whose accuracy is within ``points``
+    percentage points of the teacher alone's (rows of :func:`measure_curve`); None if none is."""
+    teacher = next(r for r in rows if r["scored_by"] == "teacher")
+    ok = [r for r in rows if r["scored_by"] == "cascade" and r["accuracy"] >= teacher["accuracy"] - points / 100 - 1e-12]
+    return min(ok, key=lambda r: r["teacher_share"], default=None)
+
+
 def _row(by, fraction, n, k, share, acc, gflops, seconds, teacher_seconds) -> dict[str, Any]:
     return {"scored_by": by, "fraction": float(fraction), "n_tiles": n, "n_teacher": k, "teacher_share": share,
             "accuracy": acc, "gflops_per_tile": gflops, "seconds": seconds, "tiles_per_s": n / seconds,

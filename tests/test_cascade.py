@@ -107,6 +107,15 @@ def test_measure_curve_accounts_cost_and_accuracy():
     assert sum(calls) == (8 + 40) + (4 + 4) + (8 + 20) + (8 + 40)
 
 
+def test_cheapest_share_within_a_point_of_the_teacher():
+    rows = [{"scored_by": "cascade", "teacher_share": f, "accuracy": a}
+            for f, a in ((0.0, 0.90), (0.1, 0.935), (0.2, 0.945), (0.5, 0.95))]
+    teacher = {"scored_by": "teacher", "teacher_share": 1.0, "accuracy": 0.95}
+    assert cascade.cheapest_within(rows + [teacher], points=1.0)["teacher_share"] == 0.2
+    assert cascade.cheapest_within(rows + [teacher], points=2.0)["teacher_share"] == 0.1
+    assert cascade.cheapest_within(rows[:2] + [teacher], points=1.0) is None
+
+
 def rec(**changes) -> RunRecord:
     base = dict(mode="distill", view="lr", factor=2.0, lr_method="area", hr_px=32, input_px=16, mpp=0.5,
                 class_names=NAMES, mean=(0.6, 0.4, 0.7), std=(0.2, 0.25, 0.15))

@@ -45,6 +45,12 @@ def main(argv: list[str]) -> None:
             who = "teacher alone" if r["scored_by"] == "teacher" else f"teacher on {100 * r['teacher_share']:.1f}%"
             print(f"{PROG}: cascade, {who}: accuracy {r['accuracy']:.4f}, {r['gflops_per_tile']:.4f} GFLOPs/tile, "
                   f"{r['tiles_per_s']:.0f} tiles/s ({r['speedup_vs_teacher']:.1f}x the teacher)")
+        from kd_histo.cascade import cheapest_within
+
+        best = cheapest_within(json.load(open(paths["cascade_json"]))["rows"], points=1.0)
+        print(f"{PROG}: cascade: " + ("no measured share is within 1 pt of the teacher alone" if best is None else
+              f"the teacher on {100 * best['teacher_share']:.1f}% of the tiles is within 1 pt of the teacher alone, "
+              f"at {best['speedup_vs_teacher']:.1f}x its tiles/s"))
         print(f"{PROG}: cascade curve written to {paths['cascade_csv']} and {paths['cascade_png']}")
 
 

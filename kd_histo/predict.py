@@ -1,12 +1,15 @@
 """A trained network on new data: tile folders, converted shards, or whole-slide images.
 
-Each input becomes tiles at the run's HR size (``run.json``: ``hr_px``; slides are tiled at
-``target_mpp`` with ``kd_histo.convert.slides``, tissue tiles only, one tile in memory per read),
-the LR view is made exactly as in training (antialiased area resize by the run's factor), and
+Each input becomes tiles at the run's HR size (the run record's ``hr_px``; slides are tiled at the
+record's µm/px of the training tiles, or ``target_mpp`` when given, with
+``kd_histo.convert.slides``, tissue tiles only, one tile in memory per read), the LR view is made
+as in training (the record's factor and ``lr_method``, antialiased), and
 the network's class probabilities are written per tile (``predictions.csv``) and per slide
 (``slides.csv``: tile count, mean probability per class, majority class). With ``heatmap`` each
 slide also gets ``heatmaps/<slide>.png``: the probability of its top class over its thumbnail.
 Tiles from a folder are grouped into "slides" by their parent folder.
+With a cascade teacher (``cascade_teacher``) the teacher re-scores the student's least confident
+tiles of each group (a slide, a folder group, a shards input) from their HR tiles, read again.
 
 Not here: metrics against labels (``kd_histo.evaluate``), training (``kd_histo.train``).
 """
@@ -22,6 +25,7 @@ import numpy as np
 
 from kd_histo.convert.manifest import SLIDE_EXTENSIONS  # the slide types conversion reads, too
 from kd_histo.convert.tiles import TILE_EXTENSIONS
+from kd_histo.run_record import RunRecord, read_run_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +39,15 @@ class PredictConfig:
       out_dir: output folder.
       split: split read from a converted data folder.
       batch_size: tiles per forward pass.
-      target_mpp: µm/px of the HR tiles on slides (the training data's).
+      target_mpp: µm/px of the HR tiles read from slides; 0 = the run record's ``mpp`` (the
+        training tiles'), which must then be known.
       min_tissue: fraction of a slide tile that must be tissue.
       max_tiles: at most this many tiles per slide (evenly spaced); 0 = all.
       heatmap: write a heatmap per slide.
+      cascade_teacher: a teacher run folder: the teacher re-scores the student's least confident
+        tiles of each slide (tile folder group, shards input) from their HR tiles; "" = off.
+      cascade_fraction: share of each group's tiles the teacher re-scores (``kd_histo.cascade.select``).
+      cascade_threshold: instead, the teacher re-scores tiles whose top probability is below this.
       skip_corrupt: converted data folders: skip corrupt records (and log how many).
     """
 
@@ -47,11 +56,21 @@ class PredictConfig:
     out_dir: str = "predictions"
     split: str = "test"
     batch_size: int = 64
-    target_mpp: float = 0.5
+    target_mpp: float = 0.0
     min_tissue: float = 0.5
     max_tiles: int = 0
     heatmap: bool = False
     skip_corrupt: bool = False
+    cascade_teacher: str = ""
+    cascade_fraction: float | None = None
+    cascade_threshold: float | None = None
+
+    def __post_init__(self):
+        given = (self.cascade_fraction is not None) + (self.cascade_threshold is not None)
+        if self.cascade_teacher and given != 1:
+            raise ValueError("--cascade_teacher needs one of --cascade_fraction=F or --cascade_threshold=P")
+        if not self.cascade_teacher and given:
+            raise ValueError("--cascade_fraction/--cascade_threshold need --cascade_teacher=<teacher run folder>")
 
 
 @dataclasses.dataclass
@@ -61,6 +80,7 @@ class _Tiles:
     xy: list[tuple[int, int]]
     images: Iterator[np.ndarray]  # uint8 [hr_px, hr_px, 3], lazily read
     heat: dict | None = None  # slides: {"path", "size_l0"} to place tiles on the thumbnail
+    reread: Callable[[np.ndarray], Iterator[np.ndarray]] | None = None  # HR tiles by index (the cascade)
 
 
 def _kind(path: str) -> str:
@@ -88,7 +108,8 @@ def _folder_tiles(path: str, hr_px: int) -> list[_Tiles]:
     for group, files in groups.items():
         slide_id = os.path.basename(os.path.normpath(path)) if group == "." else group
         images = (fit_tile(_read(f), hr_px, mode="resize") for f in files)
-        out.append(_Tiles(slide_id, files, [(0, 0)] * len(files), images))
+        reread = (lambda idx, files=files: (fit_tile(_read(files[i]), hr_px, mode="resize") for i in idx))
+        out.append(_Tiles(slide_id, files, [(0, 0)] * len(files), images, reread=reread))
     return out
 
 
@@ -102,13 +123,25 @@ def _read(path: str) -> np.ndarray:
         raise ValueError(f"{path}: {e}; remove or fix the file") from None
 
 
-def _slide_tiles(path: str, hr_px: int, cfg: PredictConfig) -> _Tiles:
+def tile_mpp(run: RunRecord, target_mpp: float) -> float:
+    """µm/px at which slides are tiled into HR tiles: ``target_mpp`` if given, else the run's."""
+    if target_mpp < 0 or not np.isfinite(target_mpp):
+        raise ValueError(f"--target_mpp must be > 0 (or 0 = the run's), got {target_mpp}")
+    if target_mpp:
+        return target_mpp
+    if run.mpp is None:
+        raise ValueError("the run's training tiles have no known µm/px (their dataset.json says 0); pass "
+                         "--target_mpp=<µm/px of the training tiles>")
+    return run.mpp
+
+
+def _slide_tiles(path: str, hr_px: int, cfg: PredictConfig, mpp: float) -> _Tiles:
     from kd_histo.convert import slides
 
     from kd_histo.convert.errors import SkipInput
 
     try:
-        plan = slides.plan_slide(path, hr_px, cfg.target_mpp, min_tissue=cfg.min_tissue)
+        plan = slides.plan_slide(path, hr_px, mpp, min_tissue=cfg.min_tissue)
     except SkipInput as e:  # SkipInput is not a ValueError: the binary's one-line error needs one
         raise ValueError(f"{path}: {e}") from None
     coords = list(plan.coords)
@@ -117,16 +150,16 @@ def _slide_tiles(path: str, hr_px: int, cfg: PredictConfig) -> _Tiles:
     if cfg.max_tiles and len(coords) > cfg.max_tiles:
         coords = [coords[i] for i in np.linspace(0, len(coords) - 1, cfg.max_tiles).round().astype(int)]
 
-    def read() -> Iterator[np.ndarray]:
+    def read(idx=range(len(coords))) -> Iterator[np.ndarray]:
         slide = slides.open_slide(path)
         try:
-            for x, y in coords:
-                yield slides.read_region_rgb(slide, x, y, plan.size_l0, hr_px)
+            for i in idx:
+                yield slides.read_region_rgb(slide, *coords[i], plan.size_l0, hr_px)
         finally:
             slide.close()
 
     sid = os.path.splitext(os.path.basename(path))[0]
-    return _Tiles(sid, [path] * len(coords), coords, read(), {"path": path, "size_l0": plan.size_l0})
+    return _Tiles(sid, [path] * len(coords), coords, read(), {"path": path, "size_l0": plan.size_l0}, reread=read)
 
 
 def _batched(images: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
@@ -140,16 +173,23 @@ def _batched(images: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
         yield np.stack(batch)
 
 
-def _probs(model, tiles: _Tiles, run: dict, batch_size: int) -> np.ndarray:
+def memory_lr_method(run: RunRecord) -> str:
+    """How an LR view is made from HR tiles in memory: the run's ``lr_method``; "area" for a
+    "pyramid" run (no stored pyramid tile here: the nearest antialiased resize, as conversion's
+    pyramid-free fallback)."""
+    return "area" if run.lr_method == "pyramid" else run.lr_method
+
+
+def _probs(model, images: Iterator[np.ndarray], run: RunRecord, batch_size: int) -> np.ndarray:
     import tensorflow as tf
 
-    from kd_histo.data.views import lr_size, resize
+    from kd_histo.data.views import resize
 
     out = []
-    for b in _batched(tiles.images, batch_size):
+    for b in _batched(images, batch_size):
         x = tf.convert_to_tensor(b, tf.float32) / 255.0
-        if run["view"] == "lr":  # the LR view as training made it (antialiased area resize)
-            x = resize(x, lr_size(run["hr_px"], run["factor"]), "area")
+        if run.view == "lr":  # the LR view as training made it (the run's factor and method)
+            x = resize(x, run.input_px, memory_lr_method(run))
         logits = model(x, training=False)["logits"]
         out.append(tf.nn.softmax(tf.cast(logits, tf.float32)).numpy())
     return np.concatenate(out)
@@ -162,48 +202,89 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     corrupt records were skipped.
     """
     from kd_histo import evaluate
-    from kd_histo.data.pipeline import PipelineConfig, make_dataset
+    from kd_histo.data.pipeline import make_dataset
     from kd_histo.models import load_model
     from kd_histo.schema import DatasetInfo
 
     if not cfg.inputs:
         raise ValueError("no inputs; pass --inputs=<tile folder | data folder | slide file>,...")
-    run = evaluate.read_run(cfg.model_dir)
-    names = run["class_names"]
-    model = load_model(os.path.join(cfg.model_dir, run["model"]), expected_num_classes=len(names))
+    run = read_run_record(cfg.model_dir)
+    names = list(run.class_names)
     kinds = [(p, _kind(p)) for p in cfg.inputs]  # all inputs checked before any work
+    mpp = tile_mpp(run, cfg.target_mpp) if any(k == "slide" for _, k in kinds) else 0.0
+    if run.lr_method == "pyramid" and any(k != "shards" for _, k in kinds):
+        print(f"kd_histo: {cfg.model_dir} was trained on pyramid LR tiles; tiles and slides here get an antialiased "
+              "area resize of the HR tile instead", flush=True)
+    model = load_model(run.model_path(cfg.model_dir), expected_num_classes=len(names))
+    cascade = _load_cascade_teacher(cfg, run)  # None, or (teacher net, its record)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    rows, heat = [], []
+    rows, heat, scored_by = [], [], []
     for path, kind in kinds:
         if kind == "shards":
-            pipe = PipelineConfig(path, batch_size=cfg.batch_size, factor=run["factor"] if run["view"] == "lr" else 1.0,
-                                  hr_px=run["hr_px"], skip_corrupt=cfg.skip_corrupt)
-            p = evaluate.predict_split(model, make_dataset(pipe, cfg.split, training=False), run["view"])
+            pipe = dataclasses.replace(run.pipeline_config(path, cfg.batch_size), skip_corrupt=cfg.skip_corrupt)
+            ds = make_dataset(pipe, cfg.split, training=False)
+            p, kept = evaluate.predict_split_keeping(model, ds, run.view, keep=("hr",) if cascade else ())
             if cfg.skip_corrupt:
                 stated = DatasetInfo.read(path).num_examples(cfg.split)
                 log(f"--skip_corrupt: {stated - len(p.probs)} corrupt records skipped in {path} ({cfg.split})")
-            rows += [(p.slide_ids[i], p.sources[i], int(p.x[i]), int(p.y[i]), p.probs[i]) for i in range(len(p.probs))]
+            probs, mask = _cascade(p.probs, lambda idx: iter(kept["hr"][idx]), cascade, cfg, path)
+            rows += [(p.slide_ids[i], p.sources[i], int(p.x[i]), int(p.y[i]), probs[i]) for i in range(len(probs))]
+            scored_by += [mask]
             continue
-        groups = _folder_tiles(path, run["hr_px"]) if kind == "folder" else [_slide_tiles(path, run["hr_px"], cfg)]
+        groups = _folder_tiles(path, run.hr_px) if kind == "folder" else [_slide_tiles(path, run.hr_px, cfg, mpp)]
         for t in groups:
-            probs = _probs(model, t, run, cfg.batch_size)
+            probs = _probs(model, t.images, run, cfg.batch_size)
+            probs, mask = _cascade(probs, t.reread, cascade, cfg, t.slide_id)
             rows += [(t.slide_id, t.sources[i], t.xy[i][0], t.xy[i][1], probs[i]) for i in range(len(probs))]
+            scored_by += [mask]
             if cfg.heatmap and t.heat:
                 heat.append((t, probs))
-    paths = {"predictions": _write_tiles(rows, names, os.path.join(cfg.out_dir, "predictions.csv")),
+    by = ["teacher" if m else "student" for m in np.concatenate(scored_by)] if cascade else None
+    paths = {"predictions": _write_tiles(rows, names, os.path.join(cfg.out_dir, "predictions.csv"), by),
              "slides": _write_slides(rows, names, os.path.join(cfg.out_dir, "slides.csv"))}
     for t, probs in heat:
         paths[f"heatmap:{t.slide_id}"] = _heatmap(t, probs, names, os.path.join(cfg.out_dir, "heatmaps"))
     return paths
 
 
-def _write_tiles(rows, names, path) -> str:
+def _load_cascade_teacher(cfg: PredictConfig, run: RunRecord):
+    """(teacher net, teacher record) for ``cfg.cascade_teacher`` after checking it fits the student."""
+    if not cfg.cascade_teacher:
+        return None
+    from kd_histo.cascade import check_pair
+    from kd_histo.models import load_model
+
+    teacher_run = read_run_record(cfg.cascade_teacher)
+    check_pair(run, teacher_run)
+    return load_model(teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=run.num_classes), teacher_run
+
+
+def _cascade(probs: np.ndarray, hr_tiles: Callable[[np.ndarray], Iterator[np.ndarray]], cascade, cfg: PredictConfig,
+             name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's probabilities replace the student's on the selected tiles of one group; returns
+    (probabilities, mask of the tiles the teacher scored)."""
+    if cascade is None:
+        return probs, np.zeros(len(probs), bool)
+    from kd_histo.cascade import combine, select
+
+    teacher, teacher_run = cascade
+    mask = select(probs, fraction=cfg.cascade_fraction, threshold=cfg.cascade_threshold)
+    idx = np.flatnonzero(mask)
+    print(f"kd_histo: cascade: the teacher re-scores {len(idx)} of {len(probs)} tiles of {name}", flush=True)
+    if not len(idx):
+        return probs, mask
+    return combine(probs, _probs(teacher, hr_tiles(idx), teacher_run, cfg.batch_size), mask), mask
+
+
+def _write_tiles(rows, names, path, scored_by: list[str] | None = None) -> str:
+    """predictions.csv; with the cascade a last column says which net scored each tile."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["slide_id", "source", "x", "y", "pred", "pred_name"] + [f"prob_{c}" for c in names])
-        for sid, src, x, y, p in rows:
+        w.writerow(["slide_id", "source", "x", "y", "pred", "pred_name"] + [f"prob_{c}" for c in names]
+                   + (["scored_by"] if scored_by else []))
+        for i, (sid, src, x, y, p) in enumerate(rows):
             k = int(np.argmax(p))
-            w.writerow([sid, src, x, y, k, names[k]] + [f"{v:.6f}" for v in p])
+            w.writerow([sid, src, x, y, k, names[k]] + [f"{v:.6f}" for v in p] + ([scored_by[i]] if scored_by else []))
     return path
 
 

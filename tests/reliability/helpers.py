@@ -68,3 +68,14 @@ def giant_tiff(width: int, height: int) -> bytes:
             value = width if tag == 256 else height
             data[at + 2 : at + 12] = struct.pack("<HII", 4, 1, value)
     return bytes(data)
+
+
+def write_tiny_shards(*args, **kwargs) -> str:
+    """``tests/conftest.py``'s ``write_tiny_shards``, loaded by its path: a bare ``import
+    conftest`` finds whichever conftest module pytest registered first (tests/cli has one too)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_kd_histo_root_conftest", os.path.join(REPO, "tests", "conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_tiny_shards(*args, **kwargs)

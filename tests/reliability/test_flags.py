@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-from conftest import write_tiny_shards  # tests/conftest.py
 
 from kd_histo import cost
 from kd_histo.cli import convert as convert_cli
@@ -17,6 +16,8 @@ from kd_histo.cli import predict as predict_cli
 from kd_histo.cli import train as train_cli
 from kd_histo.config import DistillConfig, OptimConfig
 from kd_histo.data.pipeline import PipelineConfig
+
+from .helpers import write_tiny_shards
 
 pytestmark = pytest.mark.reliability
 

@@ -12,7 +12,7 @@ from kd_histo import teacher_cache as TC
 from kd_histo.data.pipeline import PipelineConfig, make_dataset
 from kd_histo.models import build_model
 
-from conftest import write_tiny_shards
+from .helpers import write_tiny_shards
 
 pytestmark = pytest.mark.reliability
 

@@ -129,6 +129,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         print(f"kd_histo: --skip_corrupt: {sum(skipped.values())} corrupt records skipped ("
               + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")", flush=True)
     preflight.check_teacher_cache(cfg, info)
+    preflight.check_teacher(cfg, info)
     preflight.check_model_dir(cfg)
     model_dir = os.path.abspath(cfg.model_dir)
     created = not os.path.exists(model_dir)

@@ -2,6 +2,7 @@
 folder is reconverted or the teacher file replaced, and a teacher trained on other classes (or
 another order of them), another tile size or µm/px, or at low resolution, which training refuses."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,8 +19,8 @@ from kd_histo.cli import train as train_cli
 from kd_histo.config import DistillConfig, RunConfig
 from kd_histo.data.pipeline import PipelineConfig, make_dataset
 from kd_histo.models import build_model
+from kd_histo.run_record import read_run_record, write_run_record
 
-from .conftest import tiny_run
 from .helpers import write_tiny_shards
 
 pytestmark = pytest.mark.reliability
@@ -111,8 +112,12 @@ def test_teacher_of_another_tile_size_or_resolution_is_refused(tiny_shards, teac
     assert not (tmp_path / "m").exists()
 
 
-def test_low_resolution_student_as_teacher_is_refused(tiny_shards, tmp_path, capsys):
-    baseline = tiny_run(tiny_shards, tmp_path / "baseline", mode="baseline")
+def test_low_resolution_student_as_teacher_is_refused(tiny_shards, teacher_run, tmp_path, capsys):
+    # a baseline x2 run folder: the teacher's files with the record an LR run gets from training
+    baseline = tmp_path / "baseline"
+    shutil.copytree(teacher_run, baseline)
+    record = dataclasses.replace(read_run_record(teacher_run), mode="baseline", view="lr", factor=2.0, input_px=16)
+    write_run_record(str(baseline), record)
     _refused(*_distill(capsys, tiny_shards, baseline, tmp_path / "m"), "low-resolution", "view lr")
     assert not (tmp_path / "m").exists()
 

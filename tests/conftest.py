@@ -105,3 +105,19 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real H&E data folder {SHARED_DATA} is absent (it sits beside the checkout in CI)")
     return SHARED_DATA
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One count line for the reliability cases (``make test-reliability``), beside pytest's own.
+
+    Here, not in tests/reliability/: under xdist only this conftest is loaded in the controller.
+    """
+    outcomes = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if "reliability" in getattr(report, "keywords", {}) and (report.when == "call" or outcome != "passed"):
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    if outcomes:
+        ran = sum(outcomes.values())
+        detail = ", ".join(f"{n} {k}" for k, n in outcomes.items())
+        terminalreporter.write_line(f"reliability cases: {ran} ({detail})")

@@ -25,15 +25,3 @@ def teacher_run(tiny_shards, tmp_path_factory) -> str:
     """A finished teacher run folder on ``tiny_shards`` (32 px, 4 classes). Read-only."""
     return tiny_run(tiny_shards, tmp_path_factory.mktemp("rel_runs") / "teacher")
 
-
-def pytest_terminal_summary(terminalreporter):
-    """One count line for the reliability cases (``make test-reliability``), beside pytest's own."""
-    outcomes = {}
-    for outcome in ("passed", "failed", "skipped", "error"):
-        for report in terminalreporter.stats.get(outcome, []):
-            if "reliability" in getattr(report, "keywords", {}) and (report.when == "call" or outcome != "passed"):
-                outcomes[outcome] = outcomes.get(outcome, 0) + 1
-    if outcomes:
-        ran = sum(outcomes.values())
-        detail = ", ".join(f"{n} {k}" for k, n in outcomes.items())
-        terminalreporter.write_line(f"reliability cases: {ran} ({detail})")

@@ -213,25 +213,22 @@ def link(n: int, pairs: list[tuple[int, int]], cap: int) -> np.ndarray:
     return np.array([order[r] for r in roots], np.int64)
 
 
-def group_near_duplicates(
+def near_pairs(
     sigs: list[TileSignature],
     labels: list[int] | None = None,
     opts: NearDupOptions = NearDupOptions(),
-) -> np.ndarray:
-    """Group index per tile: augmented copies of one original share a group.
+) -> list[tuple[int, int]]:
+    """The near-copy links between tiles, strongest first (structure links, then colour links).
 
     Args:
       sigs: one :func:`signature` per tile.
       labels: class index per tile (-1 = unknown); tiles with different known labels are never
-        linked directly. None = all unknown.
+        linked (copies of one original share its label). None = all unknown.
       opts: thresholds and sizes.
-
-    Returns:
-      int64 [N] group indices, numbered by first member.
     """
     n = len(sigs)
     if n < 2:
-        return np.zeros(n, np.int64)
+        return []
     lab = np.asarray(labels if labels is not None else [-1] * n)
     polar = np.stack([s.polar for s in sigs])
     cand, _ = nearest(ring_descriptor(polar), opts.candidates)
@@ -242,18 +239,45 @@ def group_near_duplicates(
         colour_histograms(np.stack([s.chroma for s in sigs]), opts.colour_bins),
         opts.colour_neighbours,
     )
-    ok = lambda a, b: (lab[a] < 0) | (lab[b] < 0) | (lab[a] == lab[b])  # noqa: E731
-    keep = (st >= opts.structure_threshold) & ok(i, j)
+
+    def same_label(a, b):
+        return (lab[a] < 0) | (lab[b] < 0) | (lab[a] == lab[b])
+
+    keep = (st >= opts.structure_threshold) & same_label(i, j)
     # Structure links first (they also hold under colour shifts), strongest first; then colour.
     order = np.argsort(-st[keep], kind="stable")
     pairs = list(zip(i[keep][order].tolist(), j[keep][order].tolist()))
     ci_i = np.repeat(np.arange(n), ci.shape[1])
     ci_j, cs = ci.ravel(), cs.ravel()
-    keep = (cs >= opts.colour_threshold) & ok(ci_i, ci_j)
+    keep = (cs >= opts.colour_threshold) & same_label(ci_i, ci_j)
     ci_i, ci_j, cs = ci_i[keep], ci_j[keep], cs[keep]
     keep = structure_scores(polar, ci_i, ci_j, opts.max_zoom_shift) >= opts.colour_min_structure
     order = np.argsort(-cs[keep], kind="stable")
     pairs += list(zip(ci_i[keep][order].tolist(), ci_j[keep][order].tolist()))
+    return pairs
+
+
+def group_near_duplicates(
+    sigs: list[TileSignature],
+    labels: list[int] | None = None,
+    opts: NearDupOptions = NearDupOptions(),
+    pairs: list[tuple[int, int]] | None = None,
+) -> np.ndarray:
+    """Group index per tile: augmented copies of one original share a group.
+
+    Args:
+      sigs: one :func:`signature` per tile.
+      labels: class index per tile (-1 = unknown), see :func:`near_pairs`.
+      opts: thresholds and sizes.
+      pairs: the links of :func:`near_pairs`, when already computed.
+
+    Returns:
+      int64 [N] group indices, numbered by first member; no group larger than
+      ``max(min_group_cap, max_group_share * N)``.
+    """
+    n = len(sigs)
+    if pairs is None:
+        pairs = near_pairs(sigs, labels, opts)
     cap = max(opts.min_group_cap, int(opts.max_group_share * n))
     return link(n, pairs, cap)
 

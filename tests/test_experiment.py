@@ -185,3 +185,15 @@ def test_result_rows_join_metrics_cost_and_time():
     assert summary["student_x2"]["accuracy_sd"] == pytest.approx(0.0353553, rel=1e-4)
     # Before the cost is measured, the cost columns are empty, not wrong.
     assert report.result_rows(specs, m, {}, None)[1]["gflops"] is None
+
+
+def test_report_has_the_paired_difference_to_the_baseline(finished):
+    _, paths, _ = finished
+    data = json.loads(open(paths["json"]).read())
+    by_run = {r["run"]: r for r in data["rows"]}
+    assert [p["student"] for p in data["paired"]] == ["student_x2", "student_x2_unl100"]
+    for p in data["paired"]:  # one seed: the paired mean is the difference of the accuracies
+        diff = by_run[p["student"]]["accuracy"] - by_run["baseline_x2"]["accuracy"]
+        assert p["difference"] == pytest.approx(diff) and p["seeds"] == 1 and p["n_tiles"] == 8
+        assert p["low"] <= p["difference"] <= p["high"]
+    assert "Student − baseline of the same factor" in open(paths["report"]).read()

@@ -33,7 +33,8 @@ def seed_stats(values: Sequence[float]) -> SeedStats:
     v = [float(x) for x in values]
     if not v:
         raise ValueError("no values: need at least one seed")
-    return SeedStats(len(v), statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, tuple(v))
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return SeedStats(len(v), statistics.fmean(v), sd, tuple(v))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,9 @@ def paired_bootstrap(
     """
     a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
     if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"need two equal, non-empty [seeds, tiles] arrays, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"need two equal, non-empty [seeds, tiles] arrays, got {a.shape} and {b.shape}"
+        )
     d = a - b  # [S, T]
     s, t = d.shape
     if groups is None:

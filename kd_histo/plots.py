@@ -105,6 +105,9 @@ _KIND_STYLE = {
 }
 
 
+_Y_SEEDS = "accuracy (mean ± sd over seeds; dots: seeds)"
+
+
 def _seed_dots(ax, seed_rows, rows, x_of) -> None:
     """Small dots for every seed of each plotted run (``x_of(row)`` = its x, or None to skip)."""
     xs = {r["run"]: x_of(r) for r in rows}
@@ -170,7 +173,7 @@ def accuracy_vs_gflops_png(
         _seed_dots(ax, seed_rows, rows, lambda r: placed.get(r["run"]))
     ax.set_xscale("log")
     ax.set_xlabel("GFLOPs per image (log scale)")
-    ax.set_ylabel("accuracy (mean ± sd over seeds; dots: seeds)" if seed_rows else "accuracy (95% CI)")
+    ax.set_ylabel(_Y_SEEDS if seed_rows else "accuracy (95% CI)")
     ax.set_title(title or "accuracy vs compute")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -222,7 +225,7 @@ def accuracy_vs_unlabeled_png(
             lambda r: 100 * r["unlabeled_fraction"] if r["kind"] == "student" else None,
         )
     ax.set_xlabel("extra unlabeled data (% of the unlabeled pool)")
-    ax.set_ylabel("accuracy (mean ± sd over seeds; dots: seeds)" if seed_rows else "accuracy (95% CI)")
+    ax.set_ylabel(_Y_SEEDS if seed_rows else "accuracy (95% CI)")
     ax.set_title(title or "label-free distillation: more unlabeled data")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")

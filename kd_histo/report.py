@@ -205,13 +205,19 @@ def paired_table(
       only over tiles both evaluated. Slides (or near-duplicate groups) are resampled whole.
     """
     out = []
-    students = dict.fromkeys((s.name, s.factor) for s in specs if s.kind == "student")
-    for name, factor in students:
+    students = sorted(  # reading order: by factor, then by growing unlabeled fraction
+        {(s.factor, s.unlabeled_fraction, s.name) for s in specs if s.kind == "student"}
+    )
+    for factor, _, name in students:
         base = next((s.name for s in specs if s.kind == "baseline" and s.factor == factor), None)
         if base is None:
             continue
         seeds = sorted(
-            {s.seed for s in specs if f"s{s.seed}/{name}" in correct and f"s{s.seed}/{base}" in correct}
+            {
+                s.seed
+                for s in specs
+                if f"s{s.seed}/{name}" in correct and f"s{s.seed}/{base}" in correct
+            }
         )
         if not seeds:
             continue
@@ -247,15 +253,16 @@ def paired_markdown(prows: Sequence[dict[str, Any]]) -> str:
     ]
     for r in prows:
         per = ", ".join(f"{100 * d:+.1f}" for d in r["per_seed"])
+        ci = f"[{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]"
         lines.append(
-            f"| x{r['factor']:g} | {r['student']} | {r['baseline']} | {r['seeds']} | {r['n_tiles']} | "
-            f"{100 * r['difference']:+.1f} [{100 * r['low']:+.1f}, {100 * r['high']:+.1f}] pts | {per} |"
+            f"| x{r['factor']:g} | {r['student']} | {r['baseline']} | {r['seeds']} | "
+            f"{r['n_tiles']} | {100 * r['difference']:+.1f} {ci} pts | {per} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def read_correct(spec, split: str) -> dict[tuple, tuple[int, str]] | None:
-    """{(source, x, y): (correct, slide id)} of a run's labeled predictions; None if not evaluated."""
+    """{(source, x, y): (correct, slide id)} of a run's labeled tiles; None if not evaluated."""
     from kd_histo.evaluate import PREDICTIONS_CSV
     from kd_histo.experiment import eval_dir
 

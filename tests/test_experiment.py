@@ -197,3 +197,21 @@ def test_report_has_the_paired_difference_to_the_baseline(finished):
         assert p["difference"] == pytest.approx(diff) and p["seeds"] == 1 and p["n_tiles"] == 8
         assert p["low"] <= p["difference"] <= p["high"]
     assert "Student − baseline of the same factor" in open(paths["report"]).read()
+
+
+def test_rerun_on_a_reconverted_data_set_is_refused(finished):
+    cfg, _, _ = finished
+    assert os.path.isfile(os.path.join(cfg.out_dir, "dataset.json"))  # kept when it started
+    path = os.path.join(cfg.base.data.data_dir, "dataset.json")
+    keep = open(path).read()
+    info = json.loads(keep)
+    info["notes"].append("group_by=near_duplicates: ...")  # converted again with other groups
+    try:
+        with open(path, "w") as f:
+            json.dump(info, f)
+        with pytest.raises(ValueError, match="changed since the experiment"):
+            run_experiment(cfg, log=lambda _: None)
+    finally:
+        with open(path, "w") as f:
+            f.write(keep)
+    assert run_experiment(cfg, log=lambda _: None)["report"]  # the same data set resumes

@@ -78,7 +78,9 @@ def apply_groups(entries: list, groups: dict[str, str], source: str) -> list:
             "list every tile with its group"
         )
     return [
-        e if e.is_slide else dataclasses.replace(e, slide_id="group:" + groups[os.path.normpath(e.path)])
+        e
+        if e.is_slide
+        else dataclasses.replace(e, slide_id="group:" + groups[os.path.normpath(e.path)])
         for e in entries
     ]
 

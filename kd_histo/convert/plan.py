@@ -115,7 +115,9 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
     index = {n: i for i, n in enumerate(class_names)}
 
     if cfg.group_by not in GROUP_BY:
-        raise ConversionError(f"group_by must be one of {', '.join(GROUP_BY)}, got {cfg.group_by!r}")
+        raise ConversionError(
+            f"group_by must be one of {', '.join(GROUP_BY)}, got {cfg.group_by!r}"
+        )
     if cfg.groups and cfg.group_by != "slide":
         raise ConversionError(
             f"--groups gives the groups; drop --group_by={cfg.group_by} (or drop --groups)"

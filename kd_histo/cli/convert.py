@@ -82,7 +82,8 @@ def define_flags() -> None:
         "bool",
         "leakage_check",
         True,
-        "Count val/test tiles with a near-copy in train (printed, and a note in dataset.json).",
+        "Count val/test tiles with a near-copy in train (printed, and a note in dataset.json); "
+        "free with --group_by=near_duplicates, which always reports it.",
     )
     d("integer", "phash_distance", 8, "Bits (of 64) within which two tiles count as near-copies.")
     d(

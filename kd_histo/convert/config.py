@@ -30,7 +30,8 @@ class ConvertConfig:
       phash_distance: link threshold in bits for ``group_by="phash"``.
       groups: CSV (path,group_id) of tile groups (slides, patients, originals); "" = none.
       neardup: settings of the near-duplicate detection (grouping and leakage check).
-      leakage_check: count val/test tiles with a near-copy in train (a note in dataset.json).
+      leakage_check: count val/test tiles with a near-copy in train (a note in dataset.json);
+        ``group_by="near_duplicates"`` reports it regardless (its links are computed anyway).
       fractions: train/val/test shares for inputs without a manifest split, and optionally a
         4th share of labeled groups stored without labels in ``unlabeled``.
       seed: split seed.

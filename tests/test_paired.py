@@ -115,3 +115,4 @@ def test_mean_rows_and_multi_seed_figures(tmp_path):
         path = fn(list(means.values()), str(tmp_path / f"{fn.__name__}.png"), seed_rows=rows)
         assert os.path.getsize(path) > 0
 
+

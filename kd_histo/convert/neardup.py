@@ -63,8 +63,8 @@ class NearDupOptions:
     candidates: int = 10
     structure_threshold: float = 0.7
     colour_neighbours: int = 5
-    colour_threshold: float = 0.98
-    colour_min_structure: float = 0.45
+    colour_threshold: float = 0.975
+    colour_min_structure: float = 0.4
     colour_bins: int = 16
     max_group_share: float = 0.03
     min_group_cap: int = 32

@@ -26,7 +26,9 @@ flags.DEFINE_string("tile_dir", "", "Folder of class subfolders ('' = skip).")
 flags.DEFINE_string("slide", "", "A whole-slide image ('' = skip).")
 flags.DEFINE_list("slide_mpp", ["0.5", "1.0"], "Target µm/px values for the slide.")
 flags.DEFINE_integer("tile_px", 224, "Tile side.")
-flags.DEFINE_enum("group_by", "phash", ["slide", "phash"], "Grouping for the tile folder.")
+flags.DEFINE_enum(
+    "group_by", "phash", ["slide", "phash", "near_duplicates"], "Grouping for the tile folder."
+)
 flags.DEFINE_integer("num_workers", 2, "Worker processes.")
 flags.DEFINE_string("work_dir", "", "Scratch folder (default: a temporary one, removed after).")
 

@@ -12,6 +12,8 @@ last epoch through ``kd_histo.train``). The results table, plots and report are 
 Layout of ``out_dir``::
 
     experiment.json      the resolved ExperimentConfig
+    dataset.json         the data set's description when the experiment started (a rerun on a
+                         re-converted data set, e.g. another split, is refused)
     runs/s<seed>/<name>  run folders (config.json, model.keras, logs/, eval_<split>/)
     cost/                cost.json, cost.md (one measurement per input size)
     state.json           wall time of every finished step
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -285,6 +288,23 @@ def _check_same_experiment(cfg: ExperimentConfig) -> None:
             f"{cfg.out_dir} holds an experiment with other settings ({', '.join(differ)}); "
             "rerun with the same flags to resume, or choose a new --out_dir"
         )
+    started_on = os.path.join(cfg.out_dir, schema.DATASET_JSON)
+    if os.path.isfile(started_on) and _data_identity(started_on) != _data_identity(
+        os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON)
+    ):
+        raise ValueError(
+            f"{cfg.base.data.data_dir} changed since the experiment in {cfg.out_dir} started "
+            "(re-converted: other split, grouping or tiles); its finished runs would be mixed "
+            "with the new data: choose a new --out_dir"
+        )
+
+
+def _data_identity(path: str) -> dict:
+    """What makes a data set the same for an experiment: dataset.json less its command line."""
+    with open(path) as f:
+        d = json.load(f)
+    d.pop("command", None)
+    return d
 
 
 def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict[str, str]:
@@ -306,6 +326,9 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, EXPERIMENT_JSON), "w") as f:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    started_on = os.path.join(cfg.out_dir, schema.DATASET_JSON)
+    if not os.path.isfile(started_on):
+        shutil.copyfile(os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON), started_on)
     state = _State(cfg.out_dir)
     start = time.perf_counter()
     for i, spec in enumerate(specs, 1):

@@ -105,16 +105,32 @@ _KIND_STYLE = {
 }
 
 
-def accuracy_vs_gflops_png(rows: Sequence[dict], path: str, title: str = "") -> str:
+_Y_SEEDS = "accuracy (mean ± sd over seeds; dots: seeds)"
+
+
+def _seed_dots(ax, seed_rows, rows, x_of) -> None:
+    """Small dots for every seed of each plotted run (``x_of(row)`` = its x, or None to skip)."""
+    xs = {r["run"]: x_of(r) for r in rows}
+    for r in seed_rows:
+        x = xs.get(r["run"])
+        if x is not None:
+            ax.plot(x, r["accuracy"], ".", color="black", ms=3, alpha=0.5, zorder=3)
+
+
+def accuracy_vs_gflops_png(
+    rows: Sequence[dict], path: str, title: str = "", seed_rows: Sequence[dict] | None = None
+) -> str:
     """Accuracy (with its 95% interval) against GFLOPs per image, one point per model.
 
     ``rows`` are result rows (``kd_histo.report.result_rows``) with ``run``, ``kind``, ``gflops``,
     ``accuracy``, ``accuracy_low``, ``accuracy_high``, ``unlabeled_fraction``; students with
     extra unlabeled data are drawn hollow. Nets of one input size share their GFLOPs, so each kind
     is nudged sideways a little (a few percent on the log axis) to keep the points apart.
-    Returns ``path``.
+    With ``seed_rows`` (the single seeds' rows), ``rows`` are the seeds' means with low/high =
+    mean ∓ sd, and each seed is drawn as a small dot. Returns ``path``.
     """
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    placed: dict[str, float] = {}
     for kind, (marker, colour, size) in _KIND_STYLE.items():
         pts = sorted(
             (r for r in rows if r["kind"] == kind and r.get("gflops")), key=lambda r: r["gflops"]
@@ -144,6 +160,7 @@ def accuracy_vs_gflops_png(rows: Sequence[dict], path: str, title: str = "") -> 
                 alpha=0.9,
             )
             for r, xi in zip(sel, x):
+                placed[r["run"]] = xi
                 ax.annotate(
                     r["run"],
                     (xi, r["accuracy"]),
@@ -152,9 +169,11 @@ def accuracy_vs_gflops_png(rows: Sequence[dict], path: str, title: str = "") -> 
                     ha="right" if kind == "baseline" else "left",
                     fontsize=7,
                 )
+    if seed_rows:
+        _seed_dots(ax, seed_rows, rows, lambda r: placed.get(r["run"]))
     ax.set_xscale("log")
     ax.set_xlabel("GFLOPs per image (log scale)")
-    ax.set_ylabel("accuracy (95% CI)")
+    ax.set_ylabel(_Y_SEEDS if seed_rows else "accuracy (95% CI)")
     ax.set_title(title or "accuracy vs compute")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -164,11 +183,14 @@ def accuracy_vs_gflops_png(rows: Sequence[dict], path: str, title: str = "") -> 
     return path
 
 
-def accuracy_vs_unlabeled_png(rows: Sequence[dict], path: str, title: str = "") -> str:
+def accuracy_vs_unlabeled_png(
+    rows: Sequence[dict], path: str, title: str = "", seed_rows: Sequence[dict] | None = None
+) -> str:
     """Student accuracy against the fraction of extra unlabeled data, one line per factor.
 
     The baseline of each factor (LR + labels) is a dashed line of the same colour, the teacher a
-    dotted black line. Returns ``path``.
+    dotted black line. With ``seed_rows``, ``rows`` are the seeds' means (bars ± sd) and each
+    seed's student is a small dot. Returns ``path``.
     """
     fig, ax = plt.subplots(figsize=(7, 5))
     factors = sorted({r["factor"] for r in rows if r["kind"] == "student"})
@@ -195,8 +217,15 @@ def accuracy_vs_unlabeled_png(rows: Sequence[dict], path: str, title: str = "") 
             ax.axhline(b["accuracy"], color=colour, ls="--", lw=1, label=f"baseline x{factor:g}")
     for t in (r for r in rows if r["kind"] == "teacher"):
         ax.axhline(t["accuracy"], color="black", ls=":", lw=1.2, label="teacher (HR)")
+    if seed_rows:
+        _seed_dots(
+            ax,
+            seed_rows,
+            rows,
+            lambda r: 100 * r["unlabeled_fraction"] if r["kind"] == "student" else None,
+        )
     ax.set_xlabel("extra unlabeled data (% of the unlabeled pool)")
-    ax.set_ylabel("accuracy (95% CI)")
+    ax.set_ylabel(_Y_SEEDS if seed_rows else "accuracy (95% CI)")
     ax.set_title(title or "label-free distillation: more unlabeled data")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")

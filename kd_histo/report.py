@@ -6,7 +6,9 @@ that input size and the wall time into one row, with the gap to the teacher of t
 ``write_report`` adds the figures (accuracy vs GFLOPs, accuracy vs unlabeled fraction, confusion
 matrices), copies of every metrics.json and TensorBoard log folder, the cascade rows
 (``cascade_rows``: each student + its teacher on the least confident tiles; cascade.csv), and
-report.md.
+report.md. With several seeds it reports mean ± sd per model (``seed_summary``), the figures show the seeds' means with
+their spread, and ``paired_table`` gives each student's paired difference to the baseline of its
+factor (same seed and split) with a 95% interval over seeds and tiles (``kd_histo.paired``).
 
 Not here: running anything (``kd_histo.experiment``), metric formulas (``kd_histo.metrics``).
 """
@@ -20,7 +22,9 @@ import shutil
 import statistics
 from typing import Any, Mapping, Sequence
 
-from kd_histo import plots, schema
+import numpy as np
+
+from kd_histo import paired, plots, schema
 from kd_histo.atomic import replacing
 
 REPORT_DIR = "report"
@@ -187,17 +191,128 @@ def seed_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for name in dict.fromkeys(r["run"] for r in rows):
         sel = [r for r in rows if r["run"] == name]
-        acc = [r["accuracy"] for r in sel]
+        acc = paired.seed_stats([r["accuracy"] for r in sel])
         gaps = [r["gap_to_teacher"] for r in sel if r["gap_to_teacher"] is not None]
         out.append(
             {
                 "run": name,
-                "seeds": len(sel),
-                "accuracy_mean": statistics.fmean(acc),
-                "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                "kind": sel[0]["kind"],
+                "factor": sel[0]["factor"],
+                "unlabeled_fraction": sel[0]["unlabeled_fraction"],
+                "seeds": acc.n,
+                "accuracy_mean": acc.mean,
+                "accuracy_sd": acc.sd,
+                "accuracy_values": list(acc.values),
                 "gap_mean": statistics.fmean(gaps) if gaps else None,
             }
         )
+    return out
+
+
+def mean_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run for the figures: accuracy = the seeds' mean, low/high = mean ∓ sd.
+
+    The other fields (kind, factor, input px, GFLOPs, unlabeled fraction) are the first seed's.
+    """
+    out = []
+    for s in seed_summary(rows):
+        first = next(r for r in rows if r["run"] == s["run"])
+        m, sd = s["accuracy_mean"], s["accuracy_sd"]
+        out.append(
+            dict(first, accuracy=m, accuracy_low=m - sd, accuracy_high=m + sd, seeds=s["seeds"])
+        )
+    return out
+
+
+def paired_table(
+    specs: Sequence,
+    correct: Mapping[str, Mapping[tuple, tuple[int, str]]],
+    n_boot: int = 2000,
+) -> list[dict[str, Any]]:
+    """Each student against the baseline of its factor: paired accuracy difference over seeds.
+
+    Args:
+      specs: the experiment's RunSpecs.
+      correct: ``"s<seed>/<name>"`` -> {tile key: (1 if correct else 0, slide id)} (see
+        :func:`read_correct`); runs without predictions are left out.
+      n_boot: bootstrap replicates.
+
+    Returns:
+      Rows ``factor, student, baseline, seeds, n_tiles, difference, low, high, per_seed``;
+      differences are student minus baseline (accuracy, 0-1), only over seeds where both ran, and
+      only over tiles both evaluated. Slides (or near-duplicate groups) are resampled whole.
+    """
+    out = []
+    students = sorted(  # reading order: by factor, then by growing unlabeled fraction
+        {(s.factor, s.unlabeled_fraction, s.name) for s in specs if s.kind == "student"}
+    )
+    for factor, _, name in students:
+        base = next((s.name for s in specs if s.kind == "baseline" and s.factor == factor), None)
+        if base is None:
+            continue
+        seeds = sorted(
+            {
+                s.seed
+                for s in specs
+                if f"s{s.seed}/{name}" in correct and f"s{s.seed}/{base}" in correct
+            }
+        )
+        if not seeds:
+            continue
+        tables = [(correct[f"s{sd}/{name}"], correct[f"s{sd}/{base}"]) for sd in seeds]
+        keys = sorted(set.intersection(*(set(a) & set(b) for a, b in tables)))
+        if not keys:
+            continue
+        a = np.array([[t[0][k][0] for k in keys] for t in tables])
+        b = np.array([[t[1][k][0] for k in keys] for t in tables])
+        groups = [tables[0][0][k][1] for k in keys]
+        diff = paired.paired_bootstrap(a, b, groups, n_boot=n_boot, seed=0)
+        out.append(
+            {
+                "factor": factor,
+                "student": name,
+                "baseline": base,
+                "seeds": diff.n_seeds,
+                "n_tiles": diff.n_tiles,
+                "difference": diff.mean,
+                "low": diff.low,
+                "high": diff.high,
+                "per_seed": list(diff.per_seed),
+            }
+        )
+    return out
+
+
+def paired_markdown(prows: Sequence[dict[str, Any]]) -> str:
+    """The paired comparisons as a markdown table (points of accuracy)."""
+    lines = [
+        "| factor | student | − baseline | seeds | tiles | difference [95% CI] | per seed |",
+        "|---:|---|---|---:|---:|---|---|",
+    ]
+    for r in prows:
+        per = ", ".join(f"{100 * d:+.1f}" for d in r["per_seed"])
+        ci = f"[{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]"
+        lines.append(
+            f"| x{r['factor']:g} | {r['student']} | {r['baseline']} | {r['seeds']} | "
+            f"{r['n_tiles']} | {100 * r['difference']:+.1f} {ci} pts | {per} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def read_correct(spec, split: str) -> dict[tuple, tuple[int, str]] | None:
+    """{(source, x, y): (correct, slide id)} of a run's labeled tiles; None if not evaluated."""
+    from kd_histo.evaluate import PREDICTIONS_CSV
+    from kd_histo.experiment import eval_dir
+
+    path = os.path.join(eval_dir(spec, split), PREDICTIONS_CSV)
+    if not os.path.isfile(path):
+        return None
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if int(row["label"]) >= 0:
+                key = (row["source"], int(row["x"]), int(row["y"]))
+                out[key] = (int(row["label"] == row["pred"]), row["slide_id"])
     return out
 
 
@@ -214,13 +329,26 @@ def write_tables(cfg, specs: Sequence, state: Mapping[str, dict], costs) -> dict
     out = os.path.join(cfg.out_dir, REPORT_DIR)
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, f"results.{k}") for k in ("csv", "md", "json")}
+    prows = _paired(cfg, specs)
     _atomic(paths["csv"], _csv_text(rows))
-    _atomic(paths["md"], markdown_table(rows))
+    _atomic(paths["md"], markdown_table(rows) + (("\n" + paired_markdown(prows)) if prows else ""))
     _atomic(
         paths["json"],
-        json.dumps({"rows": rows, "summary": seed_summary(rows) if rows else []}, indent=2),
+        json.dumps(
+            {"rows": rows, "summary": seed_summary(rows) if rows else [], "paired": prows},
+            indent=2,
+        ),
     )
     return paths
+
+
+def _paired(cfg, specs) -> list[dict[str, Any]]:
+    correct = {
+        f"s{s.seed}/{s.name}": c
+        for s in specs
+        if s.kind != "teacher" and (c := read_correct(s, cfg.eval_split)) is not None
+    }
+    return paired_table(specs, correct, n_boot=max(cfg.n_boot, 1000))
 
 
 def _csv_text(rows, columns: Sequence[str] = CSV_COLUMNS) -> str:
@@ -251,14 +379,21 @@ def write_report(
     out = os.path.join(cfg.out_dir, REPORT_DIR)
     first_seed = min(r["seed"] for r in rows)
     shown = [r for r in rows if r["seed"] == first_seed]
+    several = len({r["seed"] for r in rows}) > 1
+    # Several seeds: the seeds' means, bars = ± sd, and every seed as a small dot.
+    plotted, dots = (mean_rows(rows), rows) if several else (shown, None)
     paths["accuracy_vs_gflops"] = plots.accuracy_vs_gflops_png(
-        shown, os.path.join(out, "accuracy_vs_gflops.png"), f"{cfg.title}: accuracy vs compute"
+        plotted,
+        os.path.join(out, "accuracy_vs_gflops.png"),
+        f"{cfg.title}: accuracy vs compute",
+        seed_rows=dots,
     )
     if any(r["unlabeled_fraction"] > 0 for r in rows):
         paths["accuracy_vs_unlabeled"] = plots.accuracy_vs_unlabeled_png(
-            shown,
+            plotted,
             os.path.join(out, "accuracy_vs_unlabeled.png"),
             f"{cfg.title}: more unlabeled data",
+            seed_rows=dots,
         )
     info = schema.DatasetInfo.read(cfg.base.data.data_dir)
     cms = [
@@ -285,7 +420,10 @@ def write_report(
         paths["cascade_csv"] = os.path.join(out, "cascade.csv")
         _atomic(paths["cascade_csv"], _csv_text(crows, CASCADE_COLUMNS))
     paths["report"] = os.path.join(out, "report.md")
-    _atomic(paths["report"], report_markdown(cfg, rows, info, wall_s, paths, command, cascade=crows))
+    _atomic(
+        paths["report"],
+        report_markdown(cfg, rows, info, wall_s, paths, command, _paired(cfg, specs), cascade=crows),
+    )
     return paths
 
 
@@ -296,9 +434,10 @@ def report_markdown(
     wall_s: float,
     paths: Mapping[str, str],
     command: str = "",
+    prows: Sequence[dict] = (),
     cascade: Sequence[dict] = (),
 ) -> str:
-    """report.md: what was run on what, the table, the figures, how to look further."""
+    """report.md: what was run on what, the table, the paired differences, the figures."""
     b = cfg.base
     counts = ", ".join(
         f"{s} {info.num_examples(s)}"
@@ -347,6 +486,16 @@ def report_markdown(
             for s in seed_summary(rows)
         ]
         lines.append("")
+    if prows:
+        lines += [
+            "Student − baseline of the same factor, paired (same seed, split and tiles): mean over "
+            "seeds and tiles, 95% CI by bootstrap resampling seeds and slides (near-duplicate "
+            "groups when the split was made with them) together:",
+            "",
+            paired_markdown(prows),
+        ]
+        if len(cfg.seeds) > 1:
+            lines += ["Figures: seeds' means, bars ± 1 sd, dots = single seeds.", ""]
     for key, caption in (
         ("accuracy_vs_gflops", "Accuracy vs compute"),
         ("accuracy_vs_unlabeled", "More unlabeled data"),

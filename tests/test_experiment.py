@@ -205,3 +205,86 @@ def test_result_rows_join_metrics_cost_and_time():
     assert summary["student_x2"]["accuracy_sd"] == pytest.approx(0.0353553, rel=1e-4)
     # Before the cost is measured, the cost columns are empty, not wrong.
     assert report.result_rows(specs, m, {}, None)[1]["gflops"] is None
+
+
+def test_report_has_the_paired_difference_to_the_baseline(finished):
+    _, paths, _ = finished
+    data = json.loads(open(paths["json"]).read())
+    by_run = {r["run"]: r for r in data["rows"]}
+    assert [p["student"] for p in data["paired"]] == ["student_x2", "student_x2_unl100"]
+    for p in data["paired"]:  # one seed: the paired mean is the difference of the accuracies
+        diff = by_run[p["student"]]["accuracy"] - by_run["baseline_x2"]["accuracy"]
+        assert p["difference"] == pytest.approx(diff) and p["seeds"] == 1 and p["n_tiles"] == 8
+        assert p["low"] <= p["difference"] <= p["high"]
+    assert "Student − baseline of the same factor" in open(paths["report"]).read()
+
+
+def test_rerun_on_a_reconverted_data_set_is_refused(finished, tmp_path):
+    from kd_histo import experiment
+
+    cfg, _, _ = finished
+    assert os.path.isfile(os.path.join(cfg.out_dir, "dataset.json"))  # kept when it started
+    # The same experiment in another folder, started on the data set before it was re-converted
+    # (the shared tiny data set itself stays read-only).
+    other = dataclasses.replace(cfg, out_dir=str(tmp_path))
+    (tmp_path / "experiment.json").write_text(json.dumps(other.to_dict()))
+    info = json.loads(open(os.path.join(cfg.base.data.data_dir, "dataset.json")).read())
+    info["notes"].append("group_by=phash: ...")  # converted with other groups since
+    (tmp_path / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="changed since the experiment"):
+        experiment._check_same_experiment(other)
+    info["notes"].pop()
+    info["command"] = "kd-histo-convert ... --overwrite"  # the command line alone does not count
+    (tmp_path / "dataset.json").write_text(json.dumps(info))
+    experiment._check_same_experiment(other)
+
+
+def test_multi_seed_report_from_run_folders(tiny_shards, tmp_path):
+    """write_report over two seeds' evaluations (written here, no training): mean ± sd, the
+    paired table over both seeds, and the figures."""
+    import csv
+
+    import numpy as np
+
+    from kd_histo.evaluate import METRICS_JSON, PREDICTIONS_CSV
+    from kd_histo.experiment import eval_dir
+
+    cfg = ExperimentConfig(out_dir=str(tmp_path), base=_base(tiny_shards), factors=(2.0,),
+                           unlabeled_fractions=(0.0, 1.0), seeds=(0, 1), n_boot=200)  # fmt: skip
+    specs = plan(cfg)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 40)
+    for spec in specs:
+        skill = {"teacher": 0.9, "baseline": 0.6, "student": 0.75}[spec.kind] + 0.05 * spec.seed
+        pred = np.where(rng.random(40) < skill, labels, (labels + 1) % 4)
+        out = eval_dir(spec, "test")
+        os.makedirs(out)
+        with open(os.path.join(out, PREDICTIONS_CSV), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["source", "slide_id", "x", "y", "label", "pred", "pred_name"])
+            w.writerows([f"t{i}.png", f"s{i // 2}", 0, 0, labels[i], pred[i], "c"] for i in range(40))
+        acc = float(np.mean(pred == labels))
+        cm = np.zeros((4, 4), int)
+        np.add.at(cm, (labels, pred), 1)
+        tile = {"n": 40, "accuracy": acc, "balanced_accuracy": acc, "macro_f1": acc, "macro_auc": acc,
+                "ci95": {"accuracy": {"low": acc - 0.1, "high": acc + 0.1}}, "confusion_matrix": cm.tolist()}  # fmt: skip
+        with open(os.path.join(out, METRICS_JSON), "w") as f:
+            json.dump({"tile": tile, "run": {"input_px": 32 if spec.kind == "teacher" else 16}}, f)
+    costs = {32: {"gflops": 0.4, "flops_ratio_to_ref": 1.0, "speedup": 1.0},
+             16: {"gflops": 0.1, "flops_ratio_to_ref": 4.0, "speedup": 3.0}}  # fmt: skip
+    paths = report.write_report(cfg, specs, {}, costs, wall_s=1.0)
+    data = json.loads(open(paths["json"]).read())
+    summary = {s["run"]: s for s in data["summary"]}
+    accs = [r["accuracy"] for r in data["rows"] if r["run"] == "student_x2"]
+    assert summary["student_x2"]["seeds"] == 2
+    assert summary["student_x2"]["accuracy_mean"] == pytest.approx(np.mean(accs))
+    assert summary["student_x2"]["accuracy_sd"] == pytest.approx(np.std(accs, ddof=1))
+    assert [(p["student"], p["seeds"], p["n_tiles"]) for p in data["paired"]] == [
+        ("student_x2", 2, 40), ("student_x2_unl100", 2, 40)]  # fmt: skip
+    base = [r["accuracy"] for r in data["rows"] if r["run"] == "baseline_x2"]
+    assert data["paired"][0]["difference"] == pytest.approx(np.mean(accs) - np.mean(base))
+    text = open(paths["report"]).read()
+    assert "student_x2: " in text and "± " in text and "| x2 | student_x2 | baseline_x2 | 2 | 40 |" in text
+    assert "dots = single seeds" in text
+    for key in ("accuracy_vs_gflops", "accuracy_vs_unlabeled", "confusion_matrices"):
+        assert os.path.getsize(paths[key]) > 0

@@ -3,7 +3,8 @@
 Converts tile folders, CSV manifests and whole-slide images into sharded TFRecords + dataset.json.
 
   kd-histo-convert --manifest=tiles/manifest.csv --out_dir=data --tile_px=64
-  kd-histo-convert --input_dir=lc25000_lung --group_by=phash --out_dir=data --num_workers=2
+  kd-histo-convert --input_dir=lc25000_lung --group_by=near_duplicates --out_dir=data
+  kd-histo-convert --input_dir=tiles --groups=tiles/groups.csv --out_dir=data  # path,group_id
   kd-histo-convert --slides=slides/ --slide_labels=labels.csv --target_mpp=0.5 --lr_factor=4 \\
       --out_dir=data
   # many machines: each runs its task, then one merges
@@ -66,8 +67,23 @@ def define_flags() -> None:
         "enum",
         "group_by",
         "slide",
-        "Pseudo-slides: ids as given, or near-duplicate groups (phash).",
-        enum_values=["slide", "phash"],
+        "Groups kept in one split: slide ids as given (manifest slide_id, --groups), augmented "
+        "copies of one original (near_duplicates: rotations, flips, zooms, crops, colour shifts), "
+        "or a cheaper perceptual hash that misses arbitrary rotations and crops (phash).",
+        enum_values=["slide", "near_duplicates", "phash"],
+    )
+    d(
+        "string",
+        "groups",
+        "",
+        "CSV path,group_id: tiles of one group (original image, slide, patient) share a split.",
+    )
+    d(
+        "bool",
+        "leakage_check",
+        True,
+        "Count val/test tiles with a near-copy in train (printed, and a note in dataset.json); "
+        "free with --group_by=near_duplicates, which always reports it.",
     )
     d("integer", "phash_distance", 8, "Bits (of 64) within which two tiles count as near-copies.")
     d(
@@ -169,6 +185,8 @@ def config_from_flags() -> ConvertConfig:
         class_names=tuple(FLAGS.class_names),
         group_by=FLAGS.group_by,
         phash_distance=FLAGS.phash_distance,
+        groups=FLAGS.groups,
+        leakage_check=FLAGS.leakage_check,
         fractions=fractions,
         seed=FLAGS.seed,
         encode=encode,
@@ -203,6 +221,9 @@ def main(argv: list[str]) -> None:
     else:
         info = convert(cfg)
     counts = {split: sum(c.values()) for split, c in info.counts.items()}
+    for note in info.notes:
+        if note.startswith(("leakage check", "group_by=", "groups from")):
+            print(f"{PROG}: {note}")
     print(
         f"{PROG}: wrote {cfg.out_dir}: {counts}, {len(info.skipped)} inputs skipped (dataset.json)"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from kd_histo.convert.neardup import NearDupOptions
 from kd_histo.convert.records import EncodeOptions
 from kd_histo.numbers import require_finite
 
@@ -24,8 +25,14 @@ class ConvertConfig:
       h5_labels: HDF5 file of their labels ("" = unlabeled); label names are the integer values.
       h5_labels_key: dataset name of the labels (the images' is ``encode.h5_key``).
       class_names: fixed class order (default: sorted label names).
-      group_by: "slide" (ids as given) or "phash" (near-duplicate tiles share a pseudo-slide).
+      group_by: "slide" (ids as given), "near_duplicates" (augmented copies of one original
+        share a pseudo-slide: rotations, flips, zooms, crops, colour shifts) or "phash" (a cheaper
+        hash that misses rotations by arbitrary angles and crops).
       phash_distance: link threshold in bits for ``group_by="phash"``.
+      groups: CSV (path,group_id) of tile groups (slides, patients, originals); "" = none.
+      neardup: settings of the near-duplicate detection (grouping and leakage check).
+      leakage_check: count val/test tiles with a near-copy in train (a note in dataset.json);
+        ``group_by="near_duplicates"`` reports it regardless (its links are computed anyway).
       fractions: train/val/test shares for inputs without a manifest split, and optionally a
         4th share of labeled groups stored without labels in ``unlabeled``.
       seed: split seed.
@@ -56,6 +63,9 @@ class ConvertConfig:
     class_names: tuple[str, ...] = ()
     group_by: str = "slide"
     phash_distance: int = 8
+    groups: str = ""
+    neardup: NearDupOptions = NearDupOptions()
+    leakage_check: bool = True
     fractions: tuple[float, ...] = (0.7, 0.15, 0.15)
     seed: int = 0
     encode: EncodeOptions = EncodeOptions()

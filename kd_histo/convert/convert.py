@@ -115,9 +115,7 @@ def run_task(cfg: ConvertConfig) -> dict:
         parts = _prepare(cfg)
         with _LazyPool(cfg.num_workers) as pool:
             try:
-                plan = plan_lib.make_plan(
-                    cfg, lambda paths: pool.map_chunks(plan_lib.hash_paths, paths)
-                )
+                plan = plan_lib.make_plan(cfg, pool.map_chunks)
             except BaseException:
                 # A bad listing (missing file, path outside --root...) wrote no unit: leave no
                 # parts folder, whose fingerprint would refuse the corrected rerun.

@@ -3,19 +3,28 @@
 Every task of a multi-machine run computes the same plan from the same inputs and config, then
 takes the units whose slide hashes to its ``task_index``; the plan is a pure function of the input
 listing and the config, which is what makes resume and merging safe. (With ``group_by="phash"``
-every task hashes every tile: the groups, and so the splits, need all of them.)
+every task hashes every tile: the groups, and so the splits, need all of them; the same holds
+for ``near_duplicates`` and the leakage check.)
 
-This module reads images only for ``group_by="phash"`` and slides only for their thumbnails.
+Tile groups come from the inputs' slide ids (a manifest's ``slide_id`` column), from a groups CSV
+(``--groups``), or from near-duplicate detection (``phash``, ``near_duplicates``). After the split,
+a leakage check counts the val/test tiles with a near-copy in train (a note in dataset.json).
+
+This module reads images only for the grouping and the leakage check, and slides only for their
+thumbnails.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import glob
 import os
 import zlib
 
-from kd_histo.convert import h5, manifest, phash, slides, splits, tiles
+from kd_histo.convert import groups as groups_lib
+from kd_histo.convert import h5, manifest, neardup, phash, slides, splits, tiles
 from kd_histo.convert.config import ConvertConfig
 from kd_histo.convert.errors import ConversionError, SkipInput
 from kd_histo.convert.records import Item, Unit
@@ -82,14 +91,20 @@ def list_entries(cfg: ConvertConfig) -> tuple[list[manifest.Entry], list[dict[st
     return entries, skipped
 
 
-def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
+GROUP_BY = ("slide", "phash", "near_duplicates")
+LEAKAGE_CHECK_MAX_TILES = 50_000  # the check compares all pairs of tiles: O(N^2)
+
+
+def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
     """Builds the plan of ``cfg``.
 
     Args:
       cfg: the conversion config.
-      hash_fn: maps a list of paths to ``[uint64[8] or SkipInput]`` (lets the caller parallelise
-        phash); default reads them here.
+      map_fn: ``map_fn(fn, paths)`` applies a picklable per-chunk function to a list of paths and
+        returns the concatenated results (lets the caller read tiles in worker processes);
+        default reads them here.
     """
+    map_fn = map_fn or (lambda fn, paths: fn(paths))
     entries, skipped = list_entries(cfg)
     num_inputs = len(entries) + len(skipped)  # listed inputs, including unsupported files
     notes: list[str] = []
@@ -101,22 +116,74 @@ def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
         )
     index = {n: i for i, n in enumerate(class_names)}
 
-    tile_entries = [e for e in entries if not e.is_slide]
-    if cfg.group_by == "phash" and any(h5.is_h5_item(e.path) for e in tile_entries):
+    if cfg.group_by not in GROUP_BY:
         raise ConversionError(
-            "--group_by=phash reads files by path; use --group_by=slide with --h5_images"
+            f"group_by must be one of {', '.join(GROUP_BY)}, got {cfg.group_by!r}"
+        )
+    if cfg.groups and cfg.group_by != "slide":
+        raise ConversionError(
+            f"--groups gives the groups; drop --group_by={cfg.group_by} (or drop --groups)"
+        )
+    tile_entries = [e for e in entries if not e.is_slide]
+    if cfg.groups:
+        table = groups_lib.read_groups(cfg.groups, [cfg.input_dir] if cfg.input_dir else [])
+        tile_entries = groups_lib.apply_groups(tile_entries, table, cfg.groups)
+        notes.append(
+            f"groups from {cfg.groups}: {len(tile_entries)} tiles in "
+            f"{len({e.slide_id for e in tile_entries})} groups"
+        )
+    if cfg.group_by != "slide" and any(h5.is_h5_item(e.path) for e in tile_entries):
+        raise ConversionError(
+            f"--group_by={cfg.group_by} reads files by path; use --group_by=slide with --h5_images"
         )
     if cfg.group_by == "phash" and tile_entries:
         tile_entries, hash_skips, n_groups = _group_by_phash(
-            tile_entries, cfg.phash_distance, hash_fn
+            tile_entries, cfg.phash_distance, functools.partial(map_fn, hash_paths)
         )
         skipped += hash_skips
         notes.append(
             f"group_by=phash: {len(tile_entries)} tiles in {n_groups} near-duplicate groups "
             f"(max distance {cfg.phash_distance} bits of 64)"
         )
-    elif cfg.group_by not in ("slide", "phash"):
-        raise ConversionError(f"group_by must be 'slide' or 'phash', got {cfg.group_by!r}")
+    check = (
+        cfg.leakage_check
+        and 1 < len(tile_entries) <= LEAKAGE_CHECK_MAX_TILES
+        and not any(h5.is_h5_item(e.path) for e in tile_entries)
+    )
+    near = None  # (tile entries, their near-copy links) for the leakage check
+    if cfg.group_by == "near_duplicates" or check:
+        sig_results = map_fn(
+            functools.partial(signature_paths, opts=cfg.neardup, max_pixels=cfg.encode.max_pixels),
+            [e.path for e in tile_entries],
+        )
+        kept, sigs = [], []
+        for e, r in zip(tile_entries, sig_results):
+            if not isinstance(r, SkipInput):
+                kept.append(e)
+                sigs.append(r)
+            elif cfg.group_by == "near_duplicates":  # else the tile's unit reports it
+                skipped.append({"path": e.path, "reason": str(r)})
+        if cfg.group_by == "near_duplicates":
+            tile_entries = kept
+        tile_labels = [index[e.label] if e.label is not None else UNLABELED for e in kept]
+        links = neardup.near_pairs(sigs, tile_labels, cfg.neardup)
+        near = (kept, links)
+        if cfg.group_by == "near_duplicates" and kept:
+            found = neardup.group_near_duplicates(sigs, tile_labels, cfg.neardup, links)
+            # The pseudo-slide is the group; the patient keeps any id the manifest gave.
+            tile_entries = [
+                dataclasses.replace(e, slide_id=f"neardup-{g:05d}") for e, g in zip(kept, found)
+            ]
+            near = (tile_entries, links)
+            largest = int(max(collections.Counter(found.tolist()).values()))
+            notes.append(
+                f"group_by=near_duplicates: {len(kept)} tiles in {int(found.max()) + 1} "
+                f"near-duplicate groups (largest {largest} tiles)"
+            )
+    elif cfg.leakage_check and len(tile_entries) > LEAKAGE_CHECK_MAX_TILES:
+        notes.append(
+            f"leakage check skipped: {len(tile_entries)} tiles > {LEAKAGE_CHECK_MAX_TILES}"
+        )
 
     slide_plans = {}
     for e in entries:
@@ -154,6 +221,10 @@ def make_plan(cfg: ConvertConfig, hash_fn=None) -> Plan:
         [e.split for e in items],
         weights,
     )
+    if near is not None:
+        split_of = {e.path: s for e, s in zip(items, chosen)}
+        leak = groups_lib.leakage([split_of.get(e.path, "") for e in near[0]], near[1])
+        notes.append(leak.line() + f" (near_duplicates links, group_by={cfg.group_by})")
     for e, s in zip(items, chosen):
         if not s:
             skipped.append(
@@ -223,10 +294,23 @@ def hash_paths(paths: list[str], max_pixels: int = tiles.DEFAULT_MAX_PIXELS) -> 
     return out
 
 
+def signature_paths(
+    paths: list[str], opts: neardup.NearDupOptions, max_pixels: int = tiles.DEFAULT_MAX_PIXELS
+) -> list:
+    """Near-duplicate signatures of each file, or the SkipInput that stopped reading it."""
+    out = []
+    for p in paths:
+        try:
+            out.append(neardup.signature(tiles.read_tile(p, max_pixels=max_pixels)[0], opts))
+        except SkipInput as e:
+            out.append(e)
+    return out
+
+
 def _group_by_phash(entries, distance, hash_fn):
     import numpy as np
 
-    results = (hash_fn or hash_paths)([e.path for e in entries])
+    results = hash_fn([e.path for e in entries])
     kept, hashes, skipped = [], [], []
     for e, h in zip(entries, results):
         if isinstance(h, SkipInput):

@@ -219,8 +219,8 @@ class CostConfig:
 
 def cost_of_runs(cfg: CostConfig) -> dict[str, Any]:
     """Measures every run at its input size and writes the table; returns paths and rows."""
-    from kd_histo.evaluate import read_run  # one reader of run.json
     from kd_histo.models import load_model
+    from kd_histo.run_record import read_run_record  # one reader of run.json
 
     if not cfg.runs:
         raise ValueError("no runs given; pass --runs=<teacher run>,<student run>,...")
@@ -229,11 +229,11 @@ def cost_of_runs(cfg: CostConfig) -> dict[str, Any]:
         raise ValueError(f"{len(names)} names for {len(cfg.runs)} runs; give one name per run")
     entries = []
     for name, run_dir in zip(names, cfg.runs):
-        run = read_run(run_dir)
-        model = load_model(os.path.join(run_dir, run["model"]))
-        entries.append(model_cost(name, model, int(run["input_px"]), cfg.batch_sizes, cfg.repeats))
+        run = read_run_record(run_dir)
+        model = load_model(run.model_path(run_dir), expected_num_classes=run.num_classes)
+        entries.append(model_cost(name, model, run.input_px, cfg.batch_sizes, cfg.repeats))
         if cfg.profile_steps:
-            profile_training_steps(model, int(run["input_px"]), os.path.join(cfg.out_dir, "trace", name),
+            profile_training_steps(model, run.input_px, os.path.join(cfg.out_dir, "trace", name),
                                    steps=cfg.profile_steps, batch_size=max(cfg.batch_sizes or (8,)))
     rows = cost_table(entries, reference=names[0])
     return {"rows": rows, **write_cost(rows, cfg.out_dir)}

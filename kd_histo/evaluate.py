@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kd_histo import metrics, plots
+from kd_histo.run_record import RunRecord, read_run_record
 
 METRICS_JSON = "metrics.json"
 PREDICTIONS_CSV = "predictions.csv"
@@ -216,35 +217,35 @@ class EvalConfig:
     seed: int = 0
 
 
-def read_run(model_dir: str) -> dict[str, Any]:
-    """A finished run's run.json, with a clear error when the folder is not one."""
-    path = os.path.join(model_dir, "run.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: --model_dir must be a finished kd-histo-train run folder")
-    with open(path) as f:
-        return json.load(f)
-
-
 def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
-    """Predicts a split with a run's network, computes the metrics, writes the files; returns paths."""
+    """Predicts a split with a run's network, computes the metrics, writes the files; returns paths.
+
+    The network's input view is made as its training made it (the run record's factor, HR size
+    and ``lr_method``).
+    """
     from kd_histo import schema
-    from kd_histo.data.pipeline import PipelineConfig, make_dataset
+    from kd_histo.data.pipeline import make_dataset
     from kd_histo.models import load_model
 
-    run = read_run(cfg.model_dir)
-    data_dir = cfg.data_dir or run["data_dir"]
+    run = read_run_record(cfg.model_dir)
+    data_dir = cfg.data_dir or run.data_dir
     info = schema.DatasetInfo.read(data_dir)
-    if list(info.class_names) != list(run["class_names"]):
-        raise ValueError(f"{data_dir} has classes {info.class_names} but the model was trained on "
-                         f"{run['class_names']}; evaluate on data converted with the same classes")
+    check_classes(run, info.class_names, data_dir)
     schema.shard_paths(data_dir, cfg.split)  # a missing split fails here with the folder's name
-    model = load_model(os.path.join(cfg.model_dir, run["model"]), expected_num_classes=info.num_classes)
-    pipe = PipelineConfig(data_dir=data_dir, batch_size=cfg.batch_size, factor=run["factor"] if run["view"] == "lr"
-                          else 1.0, hr_px=run["hr_px"])
-    preds = predict_split(model, make_dataset(pipe, cfg.split, training=False), run["view"])
+    model = load_model(run.model_path(cfg.model_dir), expected_num_classes=info.num_classes)
+    preds = predict_split(model, make_dataset(run.pipeline_config(data_dir, cfg.batch_size), cfg.split,
+                                              training=False), run.view)
     result = evaluate_predictions(preds, info.class_names, n_boot=cfg.n_boot, seed=cfg.seed)
-    result["run"] = {"model_dir": os.path.abspath(cfg.model_dir), "mode": run["mode"], "view": run["view"],
-                     "factor": run["factor"], "input_px": run["input_px"], "data_dir": data_dir, "split": cfg.split}
+    result["run"] = {"model_dir": os.path.abspath(cfg.model_dir), "mode": run.mode, "view": run.view,
+                     "factor": run.factor, "lr_method": run.lr_method, "input_px": run.input_px,
+                     "data_dir": data_dir, "split": cfg.split}
     out_dir = cfg.out_dir or os.path.join(cfg.model_dir, f"eval_{cfg.split}")
     title = f"{os.path.basename(os.path.normpath(cfg.model_dir))} ({cfg.split})"
     return write_evaluation(result, preds, out_dir, title)
+
+
+def check_classes(run: RunRecord, class_names: Sequence[str], data_dir: str) -> None:
+    """The data's classes are the network's, in the same order; else one line saying so."""
+    if tuple(class_names) != run.class_names:
+        raise ValueError(f"{data_dir} has classes {list(class_names)} but the model was trained on "
+                         f"{list(run.class_names)}; evaluate on data converted with the same classes")

@@ -340,17 +340,16 @@ def measure_costs(
     """
     import keras
 
-    from kd_histo.evaluate import read_run
     from kd_histo.models import load_model
+    from kd_histo.run_record import read_run_record
 
     by_px: dict[int, RunSpec] = {}
     for spec in specs:
-        px = int(read_run(spec.model_dir)["input_px"])
-        by_px.setdefault(px, spec)
-    teacher_px = int(read_run(next(s for s in specs if s.kind == "teacher").model_dir)["input_px"])
+        by_px.setdefault(read_run_record(spec.model_dir).input_px, spec)
+    teacher_px = read_run_record(next(s for s in specs if s.kind == "teacher").model_dir).input_px
     entries = []
     for px, spec in sorted(by_px.items(), reverse=True):
-        model = load_model(os.path.join(spec.model_dir, read_run(spec.model_dir)["model"]))
+        model = load_model(read_run_record(spec.model_dir).model_path(spec.model_dir))
         entries.append(
             cost_module.model_cost(f"{px}px", model, px, cfg.cost_batch_sizes, cfg.cost_repeats)
         )

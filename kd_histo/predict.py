@@ -1,8 +1,9 @@
 """A trained network on new data: tile folders, converted shards, or whole-slide images.
 
-Each input becomes tiles at the run's HR size (``run.json``: ``hr_px``; slides are tiled at
-``target_mpp`` with ``kd_histo.convert.slides``, tissue tiles only, one tile in memory per read),
-the LR view is made exactly as in training (antialiased area resize by the run's factor), and
+Each input becomes tiles at the run's HR size (the run record's ``hr_px``; slides are tiled at the
+record's µm/px of the training tiles, or ``target_mpp`` when given, with
+``kd_histo.convert.slides``, tissue tiles only, one tile in memory per read), the LR view is made
+as in training (the record's factor and ``lr_method``, antialiased), and
 the network's class probabilities are written per tile (``predictions.csv``) and per slide
 (``slides.csv``: tile count, mean probability per class, majority class). With ``heatmap`` each
 slide also gets ``heatmaps/<slide>.png``: the probability of its top class over its thumbnail.
@@ -22,6 +23,7 @@ import numpy as np
 
 from kd_histo.convert.manifest import SLIDE_EXTENSIONS  # the slide types conversion reads, too
 from kd_histo.convert.tiles import TILE_EXTENSIONS
+from kd_histo.run_record import RunRecord, read_run_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +37,8 @@ class PredictConfig:
       out_dir: output folder.
       split: split read from a converted data folder.
       batch_size: tiles per forward pass.
-      target_mpp: µm/px of the HR tiles on slides (the training data's).
+      target_mpp: µm/px of the HR tiles read from slides; 0 = the run record's ``mpp`` (the
+        training tiles'), which must then be known.
       min_tissue: fraction of a slide tile that must be tissue.
       max_tiles: at most this many tiles per slide (evenly spaced); 0 = all.
       heatmap: write a heatmap per slide.
@@ -46,7 +49,7 @@ class PredictConfig:
     out_dir: str = "predictions"
     split: str = "test"
     batch_size: int = 64
-    target_mpp: float = 0.5
+    target_mpp: float = 0.0
     min_tissue: float = 0.5
     max_tiles: int = 0
     heatmap: bool = False
@@ -100,13 +103,25 @@ def _read(path: str) -> np.ndarray:
         raise ValueError(f"{path}: {e}; remove or fix the file") from None
 
 
-def _slide_tiles(path: str, hr_px: int, cfg: PredictConfig) -> _Tiles:
+def tile_mpp(run: RunRecord, target_mpp: float) -> float:
+    """µm/px at which slides are tiled into HR tiles: ``target_mpp`` if given, else the run's."""
+    if target_mpp < 0 or not np.isfinite(target_mpp):
+        raise ValueError(f"--target_mpp must be > 0 (or 0 = the run's), got {target_mpp}")
+    if target_mpp:
+        return target_mpp
+    if run.mpp is None:
+        raise ValueError("the run's training tiles have no known µm/px (their dataset.json says 0); pass "
+                         "--target_mpp=<µm/px of the training tiles>")
+    return run.mpp
+
+
+def _slide_tiles(path: str, hr_px: int, cfg: PredictConfig, mpp: float) -> _Tiles:
     from kd_histo.convert import slides
 
     from kd_histo.convert.errors import SkipInput
 
     try:
-        plan = slides.plan_slide(path, hr_px, cfg.target_mpp, min_tissue=cfg.min_tissue)
+        plan = slides.plan_slide(path, hr_px, mpp, min_tissue=cfg.min_tissue)
     except SkipInput as e:  # SkipInput is not a ValueError: the binary's one-line error needs one
         raise ValueError(f"{path}: {e}") from None
     coords = list(plan.coords)
@@ -138,16 +153,23 @@ def _batched(images: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
         yield np.stack(batch)
 
 
-def _probs(model, tiles: _Tiles, run: dict, batch_size: int) -> np.ndarray:
+def memory_lr_method(run: RunRecord) -> str:
+    """How an LR view is made from HR tiles in memory: the run's ``lr_method``; "area" for a
+    "pyramid" run (no stored pyramid tile here: the nearest antialiased resize, as conversion's
+    pyramid-free fallback)."""
+    return "area" if run.lr_method == "pyramid" else run.lr_method
+
+
+def _probs(model, images: Iterator[np.ndarray], run: RunRecord, batch_size: int) -> np.ndarray:
     import tensorflow as tf
 
-    from kd_histo.data.views import lr_size, resize
+    from kd_histo.data.views import resize
 
     out = []
-    for b in _batched(tiles.images, batch_size):
+    for b in _batched(images, batch_size):
         x = tf.convert_to_tensor(b, tf.float32) / 255.0
-        if run["view"] == "lr":  # the LR view as training made it (antialiased area resize)
-            x = resize(x, lr_size(run["hr_px"], run["factor"]), "area")
+        if run.view == "lr":  # the LR view as training made it (the run's factor and method)
+            x = resize(x, run.input_px, memory_lr_method(run))
         logits = model(x, training=False)["logits"]
         out.append(tf.nn.softmax(tf.cast(logits, tf.float32)).numpy())
     return np.concatenate(out)
@@ -156,27 +178,30 @@ def _probs(model, tiles: _Tiles, run: dict, batch_size: int) -> np.ndarray:
 def predict(cfg: PredictConfig) -> dict[str, str]:
     """Predicts every input; writes predictions.csv, slides.csv (and heatmaps); returns paths."""
     from kd_histo import evaluate
-    from kd_histo.data.pipeline import PipelineConfig, make_dataset
+    from kd_histo.data.pipeline import make_dataset
     from kd_histo.models import load_model
 
     if not cfg.inputs:
         raise ValueError("no inputs; pass --inputs=<tile folder | data folder | slide file>,...")
-    run = evaluate.read_run(cfg.model_dir)
-    names = run["class_names"]
-    model = load_model(os.path.join(cfg.model_dir, run["model"]), expected_num_classes=len(names))
+    run = read_run_record(cfg.model_dir)
+    names = list(run.class_names)
     kinds = [(p, _kind(p)) for p in cfg.inputs]  # all inputs checked before any work
+    mpp = tile_mpp(run, cfg.target_mpp) if any(k == "slide" for _, k in kinds) else 0.0
+    if run.lr_method == "pyramid" and any(k != "shards" for _, k in kinds):
+        print(f"kd_histo: {cfg.model_dir} was trained on pyramid LR tiles; tiles and slides here get an antialiased "
+              "area resize of the HR tile instead", flush=True)
+    model = load_model(run.model_path(cfg.model_dir), expected_num_classes=len(names))
     os.makedirs(cfg.out_dir, exist_ok=True)
     rows, heat = [], []
     for path, kind in kinds:
         if kind == "shards":
-            pipe = PipelineConfig(path, batch_size=cfg.batch_size, factor=run["factor"] if run["view"] == "lr" else 1.0,
-                                  hr_px=run["hr_px"])
-            p = evaluate.predict_split(model, make_dataset(pipe, cfg.split, training=False), run["view"])
+            ds = make_dataset(run.pipeline_config(path, cfg.batch_size), cfg.split, training=False)
+            p = evaluate.predict_split(model, ds, run.view)
             rows += [(p.slide_ids[i], p.sources[i], int(p.x[i]), int(p.y[i]), p.probs[i]) for i in range(len(p.probs))]
             continue
-        groups = _folder_tiles(path, run["hr_px"]) if kind == "folder" else [_slide_tiles(path, run["hr_px"], cfg)]
+        groups = _folder_tiles(path, run.hr_px) if kind == "folder" else [_slide_tiles(path, run.hr_px, cfg, mpp)]
         for t in groups:
-            probs = _probs(model, t, run, cfg.batch_size)
+            probs = _probs(model, t.images, run, cfg.batch_size)
             rows += [(t.slide_id, t.sources[i], t.xy[i][0], t.xy[i][1], probs[i]) for i in range(len(probs))]
             if cfg.heatmap and t.heat:
                 heat.append((t, probs))

@@ -22,11 +22,9 @@ from kd_histo import schema
 from kd_histo.config import RunConfig
 from kd_histo.data import decode
 from kd_histo.data.pipeline import lr_size
+from kd_histo.run_record import CONFIG_JSON, MODEL_FILE, RUN_JSON  # noqa: F401 (re-exported names)
 
 MIN_FREE_MB = 50  # a run folder needs room for a few checkpoints of the nets we train
-RUN_JSON = "run.json"
-CONFIG_JSON = "config.json"
-MODEL_FILE = "model.keras"
 
 
 class PreflightError(ValueError):

@@ -32,6 +32,7 @@ from kd_histo.config import RunConfig
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
 from kd_histo.distiller import ResolutionDistiller
 from kd_histo.models import build_model
+from kd_histo.run_record import RunRecord, write_run_record
 
 
 class TrainingError(ValueError):
@@ -233,11 +234,11 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
     saved = os.path.join(model_dir, "savedmodel")
     shutil.rmtree(saved, ignore_errors=True)
     net.export(saved, verbose=False)
-    _write_json(os.path.join(model_dir, preflight.RUN_JSON), {
-        "mode": cfg.mode, "view": cfg.view, "factor": cfg.data.factor if cfg.view == "lr" else 1.0,
-        "input_px": input_px, "hr_px": cfg.data.hr_px or info.tile_px, "class_names": info.class_names,
-        "arch": cfg.net.arch, "monitor": cfg.monitor if has_val else None, "best": best,
-        "epochs": cfg.epochs, "epochs_run_this_process": epochs_run, "data_dir": cfg.data.data_dir,
-        "model": preflight.MODEL_FILE, "savedmodel": "savedmodel", "diverged_at_epoch": diverged,
-    })
+    write_run_record(model_dir, RunRecord(
+        mode=cfg.mode, view=cfg.view, factor=cfg.data.factor if cfg.view == "lr" else 1.0,
+        lr_method=cfg.data.lr_method, hr_px=cfg.data.hr_px or info.tile_px, input_px=input_px,
+        mpp=info.mpp if info.mpp > 0 else None, class_names=tuple(info.class_names), mean=tuple(info.mean),
+        std=tuple(info.std), arch=cfg.net.arch, monitor=cfg.monitor if has_val else None, best=best,
+        epochs=cfg.epochs, epochs_run_this_process=epochs_run, data_dir=cfg.data.data_dir,
+        model=preflight.MODEL_FILE, savedmodel="savedmodel", diverged_at_epoch=diverged))
     return TrainResult(model_dir, model_path, history, epochs_run, best)

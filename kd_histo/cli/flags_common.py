@@ -131,7 +131,9 @@ def define_predict_flags() -> None:
     _define("string", "out_dir", "", "Where the CSVs and heatmaps go (default ./predictions).")
     _define("string", "split", "test", "Split read from a converted data folder.")
     _define("integer", "batch_size", 32, "Tiles per batch.")
-    _define("float", "target_mpp", 0.5, "Slides: µm/px of the HR tiles the model was trained on.")
+    # Shared with kd-histo-convert (same default); predict uses it only when given (FLAGS[..].present).
+    _define("float", "target_mpp", 0.5, "Slides: µm/px of the HR tiles. kd-histo-predict: only when given, "
+            "to override the run's training tiles' µm/px (run.json), or when that is unknown.")
     _define("float", "min_tissue", 0.5, "Slides: fraction of tissue a tile needs.")
     _define("integer", "max_tiles", 0, "Slides: at most this many tiles per slide (0 = all).")
     _define("bool", "heatmap", False, "Slides: write a probability heatmap over the thumbnail.")

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
     fc.require(model_dir=FLAGS.model_dir, inputs=FLAGS.inputs)
     cfg = predict.PredictConfig(model_dir=FLAGS.model_dir, inputs=tuple(FLAGS.inputs),
                                 out_dir=FLAGS.out_dir or "predictions",
-                                split=FLAGS.split, batch_size=FLAGS.batch_size, target_mpp=FLAGS.target_mpp,
+                                split=FLAGS.split, batch_size=FLAGS.batch_size, target_mpp=FLAGS.target_mpp if FLAGS["target_mpp"].present else 0.0,
                                 min_tissue=FLAGS.min_tissue, max_tiles=FLAGS.max_tiles, heatmap=FLAGS.heatmap)
     paths = predict.predict(cfg)
     for name, path in paths.items():

@@ -1,0 +1,282 @@
+"""The typed record of a finished run (``run.json``): one writer, one reader.
+
+A :class:`RunRecord` says everything a reader needs to use a trained network correctly: its job
+(mode) and input view, the resolution factor and how the LR view was made (``lr_method``), the
+HR tile size and the model's input size, the µm/px of the training HR tiles, the class names in
+order, the normalisation, and where the network files are. ``kd_histo.train`` writes it with
+:func:`write_run_record`; evaluation, cost, prediction and the experiment read it with
+:func:`read_run_record` and build their inputs from it, never from a hand-read dict.
+
+Run folders written before the record (``run.json`` without ``record_version``: no
+``lr_method``, ``mpp``, ``mean``, ``std``) still load: ``lr_method`` comes from the run's own
+``config.json`` (what training used), ``mean``/``std`` from the saved network's normalisation
+layer (else the data set's ``dataset.json``), ``mpp`` from ``dataset.json`` (else unknown). Where
+the truth cannot be found the reader fails in one line that says which field to add.
+Fields this version does not know (a newer kd_histo wrote the file) are refused, not ignored: a
+field that changes how inputs are made must never be silently dropped.
+
+Not here: training (``kd_histo.train``), what the network computes (``kd_histo.models``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import zipfile
+from typing import Any, Mapping
+
+from kd_histo.config import MODES
+
+RUN_JSON = "run.json"
+CONFIG_JSON = "config.json"
+MODEL_FILE = "model.keras"
+RECORD_VERSION = 2  # 1 = the untyped run.json of before (no lr_method, mpp, mean, std)
+VIEWS = ("hr", "lr")
+
+
+class RunRecordError(ValueError):
+    """run.json is missing a fact or holds a wrong one; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What a reader needs to use a trained network (``<model_dir>/run.json``).
+
+    Attributes:
+      mode: "teacher", "baseline" or "distill".
+      view: the network's input view, "hr" (teacher) or "lr".
+      factor: resolution factor of the input view; 1.0 for HR views.
+      lr_method: how the LR view was made in training ("area", "bicubic", "bilinear",
+        "pyramid"); evaluation and prediction make it the same way.
+      hr_px: side of the HR tiles the views are made from.
+      input_px: side of the network's input (``hr_px`` for HR views, else ``lr_size(hr_px, factor)``).
+      mpp: µm per pixel of the training HR tiles (``dataset.json``); None when unknown.
+      class_names: the classes, in the order of the network's logits.
+      mean: per-channel RGB mean of the normalisation (the network's first layer).
+      std: per-channel RGB standard deviation of the normalisation.
+      arch: the network's architecture name.
+      monitor: validation metric that picked the best epoch (None without a val split).
+      best: that metric's best value (None without a val split).
+      epochs: epochs the run was configured for.
+      epochs_run_this_process: epochs the finishing process ran (less after a resume).
+      data_dir: the converted data folder of training.
+      model: the network file, relative to the run folder (see :meth:`model_path`).
+      savedmodel: the SavedModel folder, relative to the run folder.
+      diverged_at_epoch: first epoch whose training loss was NaN/inf, or None.
+      record_version: format version of the record (:data:`RECORD_VERSION`).
+    """
+
+    mode: str
+    view: str
+    factor: float
+    lr_method: str
+    hr_px: int
+    input_px: int
+    mpp: float | None
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    arch: str = "resnet_gn"
+    monitor: str | None = None
+    best: float | None = None
+    epochs: int = 0
+    epochs_run_this_process: int = 0
+    data_dir: str = ""
+    model: str = MODEL_FILE
+    savedmodel: str = "savedmodel"
+    diverged_at_epoch: int | None = None
+    record_version: int = RECORD_VERSION
+
+    def __post_init__(self):
+        from kd_histo.data.views import LR_METHODS
+
+        # JSON gives lists and ints; keep the record hashable and typed.
+        for name in ("class_names", "mean", "std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "factor", float(self.factor))
+        if self.mpp is not None:
+            object.__setattr__(self, "mpp", float(self.mpp))
+        if self.mode not in MODES:
+            raise RunRecordError(f"run.json: mode {self.mode!r} unknown; one of {', '.join(MODES)}")
+        if self.view not in VIEWS or (self.view == "hr") != (self.mode == "teacher"):
+            raise RunRecordError(f"run.json: view {self.view!r} does not fit mode {self.mode!r} "
+                                 "(teacher = hr, baseline and distill = lr)")
+        if not math.isfinite(self.factor) or self.factor <= 0 or (self.view == "hr" and self.factor != 1.0):
+            raise RunRecordError(f"run.json: factor {self.factor} must be > 0, and 1.0 for an HR view")
+        if self.lr_method not in LR_METHODS:
+            raise RunRecordError(f"run.json: lr_method {self.lr_method!r} unknown; one of {', '.join(LR_METHODS)}")
+        if int(self.hr_px) < 1 or int(self.input_px) < 1:
+            raise RunRecordError(f"run.json: hr_px {self.hr_px} and input_px {self.input_px} must be >= 1")
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            raise RunRecordError(f"run.json: mpp {self.mpp} must be > 0 µm/px, or null when unknown")
+        if not self.class_names or len(set(self.class_names)) != len(self.class_names):
+            raise RunRecordError(f"run.json: class_names must be non-empty and unique, got {list(self.class_names)}")
+        if (len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(v) for v in self.mean + self.std)
+                or min(self.std) <= 0):
+            raise RunRecordError(f"run.json: mean and std must be 3 finite values each with std > 0, got "
+                                 f"{list(self.mean)}, {list(self.std)}")
+
+    @property
+    def input_mpp(self) -> float | None:
+        """µm per pixel of the network's input tiles (``mpp * factor``); None when mpp is unknown."""
+        return None if self.mpp is None else self.mpp * self.factor
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def model_path(self, model_dir: str) -> str:
+        """The network file, resolved inside ``model_dir``.
+
+        Raises:
+          RunRecordError: ``model`` is absolute, climbs out with ``..`` or is a symlink (or lies
+            under one) that leads out of the run folder.
+        """
+        return _inside(model_dir, self.model, "model")
+
+    def savedmodel_path(self, model_dir: str) -> str:
+        """The SavedModel folder, resolved inside ``model_dir`` (same checks as :meth:`model_path`)."""
+        return _inside(model_dir, self.savedmodel, "savedmodel")
+
+    def pipeline_config(self, data_dir: str, batch_size: int):
+        """The evaluation pipeline that makes this network's input view exactly as training did.
+
+        Returns:
+          A :class:`kd_histo.data.pipeline.PipelineConfig` (feed ``batch[self.view]`` to the net).
+        """
+        from kd_histo.data.pipeline import PipelineConfig
+
+        return PipelineConfig(data_dir=data_dir, batch_size=batch_size, factor=self.factor, hr_px=self.hr_px,
+                              lr_method=self.lr_method if self.view == "lr" else "area")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("class_names", "mean", "std"):
+            d[name] = list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunRecord":
+        """Inverse of :meth:`to_dict` for the current version (see :func:`read_run_record` for older ones)."""
+        d = dict(d)
+        version = d.get("record_version")
+        if not isinstance(version, int) or version > RECORD_VERSION:
+            raise RunRecordError(f"run.json has record_version {version!r}, this kd_histo reads up to "
+                                 f"{RECORD_VERSION}: upgrade kd_histo to read it")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise RunRecordError(f"run.json has fields this kd_histo does not know ({', '.join(unknown)}): "
+                                 "a newer kd_histo wrote it; upgrade kd_histo")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise RunRecordError(f"run.json lacks {', '.join(missing)}; retrain, or add them to run.json")
+        return cls(**d)
+
+
+def _inside(model_dir: str, rel: str, what: str) -> str:
+    if not isinstance(rel, str) or not rel:
+        raise RunRecordError(f"run.json: {what} must be a path inside the run folder, got {rel!r}")
+    if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+        raise RunRecordError(f"run.json: {what} {rel!r} points outside the run folder {model_dir}; "
+                             "it must be a path inside it (e.g. model.keras)")
+    path = os.path.join(model_dir, rel)
+    root = os.path.realpath(model_dir)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise RunRecordError(f"run.json: {what} {rel!r} is a link leading outside the run folder {model_dir}; "
+                             "replace it with the file itself")
+    return path
+
+
+def write_run_record(model_dir: str, record: RunRecord) -> str:
+    """Writes ``<model_dir>/run.json`` atomically (temporary file, then rename); returns its path."""
+    from kd_histo.convert.writer import write_json_atomic
+
+    path = os.path.join(model_dir, RUN_JSON)
+    write_json_atomic(path, record.to_dict())
+    return path
+
+
+def read_run_record(model_dir: str) -> RunRecord:
+    """The record of a finished run, also from run folders written before the typed record.
+
+    Raises:
+      FileNotFoundError: no run.json (not a finished kd-histo-train run folder).
+      RunRecordError: run.json is damaged, newer than this kd_histo, or an old one whose missing
+        facts cannot be recovered (the message names them).
+    """
+    path = os.path.join(model_dir, RUN_JSON)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --model_dir must be a finished kd-histo-train run folder")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunRecordError(f"{path} is not valid JSON ({e}); retrain into a new --model_dir") from None
+    if not isinstance(d, dict):
+        raise RunRecordError(f"{path} is not a JSON object; retrain into a new --model_dir")
+    if "record_version" not in d:
+        d = upgrade_v1(model_dir, d)
+    try:
+        return RunRecord.from_dict(d)
+    except TypeError as e:  # a field of the wrong JSON type
+        raise RunRecordError(f"{path}: {e}") from None
+
+
+def upgrade_v1(model_dir: str, d: Mapping[str, Any]) -> dict[str, Any]:
+    """Fills the facts a run.json from before the typed record lacks, from the run's own files.
+
+    ``lr_method`` from ``config.json`` (the training run's setting); ``mean``/``std`` from the
+    saved network's ``normalize`` layer, else ``dataset.json``; ``mpp`` from ``dataset.json``
+    (None when it is not there or says 0).
+    """
+    d = dict(d)
+    info = _dataset_info(d.get("data_dir", ""))
+    if "lr_method" not in d:
+        try:
+            with open(os.path.join(model_dir, CONFIG_JSON)) as f:
+                d["lr_method"] = json.load(f)["data"]["lr_method"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise RunRecordError(
+                f"{os.path.join(model_dir, RUN_JSON)} predates lr_method and the run's config.json is missing or "
+                'unreadable: add "lr_method": "<the --lr_method used in training, e.g. area>" to run.json') from None
+    if "mean" not in d or "std" not in d:
+        norm = _normalisation_of_model(model_dir, d.get("model", MODEL_FILE))
+        if norm is None and info is not None:
+            norm = (list(info.mean), list(info.std))
+        if norm is None:
+            raise RunRecordError(
+                f"{os.path.join(model_dir, RUN_JSON)} predates mean/std and neither the model file nor the data "
+                f"folder {d.get('data_dir')!r} gives them: add \"mean\": [r, g, b], \"std\": [r, g, b] to run.json")
+        d["mean"], d["std"] = norm
+    if "mpp" not in d:
+        d["mpp"] = info.mpp if info is not None and info.mpp > 0 else None
+    d["record_version"] = RECORD_VERSION
+    return d
+
+
+def _dataset_info(data_dir: str):
+    from kd_histo import schema
+
+    if not data_dir:
+        return None
+    try:
+        return schema.DatasetInfo.read(data_dir)
+    except (OSError, ValueError):
+        return None
+
+
+def _normalisation_of_model(model_dir: str, rel: str) -> tuple[list[float], list[float]] | None:
+    """(mean, std) of a saved ``.keras`` network's ``normalize`` layer, read from its config."""
+    try:
+        path = _inside(model_dir, rel, "model")
+        with zipfile.ZipFile(path) as z:
+            cfg = json.loads(z.read("config.json"))
+        layer = next(layer["config"] for layer in cfg["config"]["layers"] if layer["config"].get("name") == "normalize")
+        return list(layer["mean"]), [math.sqrt(v) for v in layer["variance"]]
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, zipfile.BadZipFile):
+        return None

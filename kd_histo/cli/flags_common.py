@@ -137,6 +137,8 @@ def define_predict_flags() -> None:
     _define("float", "min_tissue", 0.5, "Slides: fraction of tissue a tile needs.")
     _define("integer", "max_tiles", 0, "Slides: at most this many tiles per slide (0 = all).")
     _define("bool", "heatmap", False, "Slides: write a probability heatmap over the thumbnail.")
+    _define("integer", "num_workers", 2, "Parallel workers: kd-histo-predict's slide reader threads "
+            "(0 = in this process).")
 
 
 def define_experiment_flags() -> None:

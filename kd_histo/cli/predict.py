@@ -24,7 +24,8 @@ def main(argv: list[str]) -> None:
     cfg = predict.PredictConfig(model_dir=FLAGS.model_dir, inputs=tuple(FLAGS.inputs),
                                 out_dir=FLAGS.out_dir or "predictions",
                                 split=FLAGS.split, batch_size=FLAGS.batch_size, target_mpp=FLAGS.target_mpp if FLAGS["target_mpp"].present else 0.0,
-                                min_tissue=FLAGS.min_tissue, max_tiles=FLAGS.max_tiles, heatmap=FLAGS.heatmap)
+                                min_tissue=FLAGS.min_tissue, max_tiles=FLAGS.max_tiles, heatmap=FLAGS.heatmap,
+                                num_workers=FLAGS.num_workers)
     paths = predict.predict(cfg)
     for name, path in paths.items():
         print(f"{PROG}: {name} -> {path}")

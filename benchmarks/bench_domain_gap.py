@@ -20,6 +20,7 @@ the top class between the two reads, the mean absolute difference of the probabi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -93,8 +94,10 @@ def main(argv):
         kw = dict(hr_px=run.hr_px, hr_mpp=mpp, method=run.lr_method, min_tissue=FLAGS.min_tissue)
         hr_plan = slide_reader.plan_read(FLAGS.slide, input_px=run.hr_px, **kw)
         pyr_plan = slide_reader.plan_read(pyramid, input_px=run.input_px, **kw)
-        if hr_plan.coords != pyr_plan.coords:
-            raise SystemExit("the pyramid copy's tissue grid differs from the slide's; check its µm/px")
+        if pyr_plan.size_l0 != hr_plan.size_l0 or abs(pyr_plan.base_mpp / hr_plan.base_mpp - 1) > 1e-6:
+            raise SystemExit("the pyramid copy's grid differs from the slide's; check its µm/px")
+        # the same tiles both ways (the masks of the two thumbnails may differ at the threshold)
+        pyr_plan = dataclasses.replace(pyr_plan, coords=hr_plan.coords)
         from_hr = _probs(model_dir, _hr_shrunk(hr_plan, run))
         from_pyr = _probs(model_dir, _read(pyr_plan))
         row = {"run": model_dir, "factor": run.factor, "input_px": run.input_px, "input_mpp": round(pyr_plan.mpp_in, 3),

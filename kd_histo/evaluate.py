@@ -6,6 +6,8 @@ metrics (tile probabilities per slide aggregated by their mean, and by majority 
 predictions), each with bootstrap 95% intervals (resampling slides when slide ids exist);
 ``write_evaluation`` writes metrics.json, predictions.csv, confusion_matrix.png and roc.png;
 ``compare_runs`` gathers several runs' metrics.json into one markdown and one CSV table.
+With a cascade teacher, ``evaluate_run`` also measures the cascade curve on the same tiles
+(``kd_histo.cascade.measure_curve``) and ``write_cascade`` writes cascade.json/.csv/.png.
 
 Not here: the metric formulas (``kd_histo.metrics``), figures (``kd_histo.plots``), flags
 (``kd_histo.cli.evaluate``).
@@ -22,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kd_histo import metrics, plots
+from kd_histo.cascade import DEFAULT_FRACTIONS, check_pair, measure_curve, n_for_teacher
 from kd_histo.run_record import RunRecord, read_run_record
 
 METRICS_JSON = "metrics.json"
@@ -110,28 +113,45 @@ def write_predictions_csv(preds: Predictions, class_names: Sequence[str], path: 
     return path
 
 
-def predict_split(model, ds, view: str) -> Predictions:
-    """Runs ``model`` over a dataset of contract batches, feeding ``batch[view]``."""
-    import tensorflow as tf  # heavy; only this function needs it
+def probs_function(model, dtype: str = "float32"):
+    """numpy batch [B, H, W, 3] -> softmax probabilities [B, C] of ``model``, traced once for every
+    batch and tile size. ``dtype`` "uint8" takes 0-255 tiles and scales them as the pipeline does."""
+    import tensorflow as tf  # heavy; only the functions that run a net need it
 
     def softmax_probs(x):
+        x = tf.image.convert_image_dtype(x, tf.float32)  # uint8 -> [0, 1]; float32 unchanged
         out = model(x, training=False)
         return tf.nn.softmax(tf.cast(out["logits"] if isinstance(out, dict) else out, tf.float32))
 
-    # One trace per model for every batch size and tile size (the last batch is partial).
-    probs_of = tf.function(softmax_probs).get_concrete_function(tf.TensorSpec([None, None, None, 3], tf.float32))
+    fn = tf.function(softmax_probs).get_concrete_function(tf.TensorSpec([None, None, None, 3], tf.as_dtype(dtype)))
+    return lambda x: fn(tf.convert_to_tensor(x)).numpy()
 
+
+def predict_split(model, ds, view: str) -> Predictions:
+    """Runs ``model`` over a dataset of contract batches, feeding ``batch[view]``."""
+    return predict_split_keeping(model, ds, view, keep=())[0]
+
+
+def predict_split_keeping(model, ds, view: str, keep: Sequence[str]) -> tuple[Predictions, dict[str, np.ndarray]]:
+    """:func:`predict_split`, also returning the batches' ``keep`` views stacked in tile order
+    ("hr" as uint8 0-255, exactly the decoded pixels; other views float32)."""
+    probs_of = probs_function(model)
     cols: dict[str, list] = {k: [] for k in ("probs", "labels", "slide_ids", "sources", "x", "y")}
+    kept: dict[str, list] = {k: [] for k in keep}
     for b in ds:
-        cols["probs"].append(probs_of(b[view]).numpy())
+        cols["probs"].append(probs_of(b[view]))
         cols["labels"].append(b["label"].numpy())
         cols["slide_ids"].append(b["slide_id"].numpy().astype(str))
         cols["sources"].append(b["source"].numpy().astype(str))
         cols["x"].append(b["x"].numpy())
         cols["y"].append(b["y"].numpy())
+        for k in keep:
+            v = b[k].numpy()
+            kept[k].append(np.round(v * 255).astype(np.uint8) if k == "hr" else v)
     if not cols["probs"]:
         raise ValueError("the split is empty; nothing to evaluate")
-    return Predictions(*(np.concatenate(cols[k]) for k in ("probs", "labels", "slide_ids", "sources", "x", "y")))
+    preds = Predictions(*(np.concatenate(cols[k]) for k in ("probs", "labels", "slide_ids", "sources", "x", "y")))
+    return preds, {k: np.concatenate(v) for k, v in kept.items()}
 
 
 COMPARE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
@@ -206,6 +226,9 @@ class EvalConfig:
       batch_size: tiles per batch.
       n_boot: bootstrap replicates.
       seed: bootstrap seed.
+      cascade_teacher: a teacher run folder: also measure the cascade (the teacher re-scores the
+        student's least confident tiles) at ``cascade_fractions``; "" = no cascade.
+      cascade_fractions: teacher shares of the cascade curve.
     """
 
     model_dir: str
@@ -215,33 +238,81 @@ class EvalConfig:
     batch_size: int = 64
     n_boot: int = 1000
     seed: int = 0
+    cascade_teacher: str = ""
+    cascade_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+
+    def __post_init__(self):
+        for f in self.cascade_fractions:
+            n_for_teacher(1, f)  # one line for a fraction outside [0, 1]
+        if self.cascade_teacher and not self.cascade_fractions:
+            raise ValueError("the cascade needs at least one fraction, e.g. --cascade_fractions=0,0.1")
 
 
 def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     """Predicts a split with a run's network, computes the metrics, writes the files; returns paths.
 
     The network's input view is made as its training made it (the run record's factor, HR size
-    and ``lr_method``).
+    and ``lr_method``). With ``cfg.cascade_teacher`` the cascade curve is measured on the same
+    tiles and written too (:func:`write_cascade`).
     """
     from kd_histo import schema
     from kd_histo.data.pipeline import make_dataset
     from kd_histo.models import load_model
 
     run = read_run_record(cfg.model_dir)
+    teacher_run = read_run_record(cfg.cascade_teacher) if cfg.cascade_teacher else None
+    if teacher_run is not None:
+        check_pair(run, teacher_run)
     data_dir = cfg.data_dir or run.data_dir
     info = schema.DatasetInfo.read(data_dir)
     check_classes(run, info.class_names, data_dir)
     schema.shard_paths(data_dir, cfg.split)  # a missing split fails here with the folder's name
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=info.num_classes)
-    preds = predict_split(model, make_dataset(run.pipeline_config(data_dir, cfg.batch_size), cfg.split,
-                                              training=False), run.view)
+    ds = make_dataset(run.pipeline_config(data_dir, cfg.batch_size), cfg.split, training=False)
+    keep = tuple(dict.fromkeys((run.view, "hr"))) if teacher_run else ()
+    preds, kept = predict_split_keeping(model, ds, run.view, keep=keep)
     result = evaluate_predictions(preds, info.class_names, n_boot=cfg.n_boot, seed=cfg.seed)
     result["run"] = {"model_dir": os.path.abspath(cfg.model_dir), "mode": run.mode, "view": run.view,
                      "factor": run.factor, "lr_method": run.lr_method, "input_px": run.input_px,
                      "data_dir": data_dir, "split": cfg.split}
     out_dir = cfg.out_dir or os.path.join(cfg.model_dir, f"eval_{cfg.split}")
     title = f"{os.path.basename(os.path.normpath(cfg.model_dir))} ({cfg.split})"
-    return write_evaluation(result, preds, out_dir, title)
+    paths = write_evaluation(result, preds, out_dir, title)
+    if teacher_run is not None:
+        from kd_histo.cost import count_flops
+
+        teacher = load_model(teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=info.num_classes)
+        student_fn = probs_function(model, "uint8" if run.view == "hr" else "float32")  # kept "hr" is uint8
+        rows = measure_curve(student_fn, probs_function(teacher, "uint8"), kept[run.view], kept["hr"],
+                             preds.labels, student_gflops=count_flops(model, run.input_px) / 1e9,
+                             teacher_gflops=count_flops(teacher, teacher_run.input_px) / 1e9,
+                             fractions=cfg.cascade_fractions, batch_size=cfg.batch_size)
+        about = {"student": os.path.abspath(cfg.model_dir), "teacher": os.path.abspath(cfg.cascade_teacher),
+                 "split": cfg.split, "data_dir": data_dir, "timing": "both nets on tiles held in memory "
+                 "(reading not timed), batch %d, this machine" % cfg.batch_size}
+        paths.update(write_cascade(rows, about, out_dir, f"{title}: cascade to the teacher"))
+    return paths
+
+
+CASCADE_JSON, CASCADE_CSV, CASCADE_PNG = "cascade.json", "cascade.csv", "cascade.png"
+
+
+def write_cascade(rows: Sequence[dict[str, Any]], about: dict[str, Any], out_dir: str, title: str = "") -> dict[str, str]:
+    """cascade.json (rows + what was measured), cascade.csv and cascade.png (accuracy against
+    effective GFLOPs per tile) in ``out_dir``; returns their paths."""
+    from kd_histo.cascade import CSV_COLUMNS
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"cascade_json": os.path.join(out_dir, CASCADE_JSON), "cascade_csv": os.path.join(out_dir, CASCADE_CSV),
+             "cascade_png": os.path.join(out_dir, CASCADE_PNG)}
+    with open(paths["cascade_json"], "w") as f:
+        json.dump({**about, "rows": list(rows)}, f, indent=2)
+    with open(paths["cascade_csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    plots.cascade_png(rows, paths["cascade_png"], title)
+    return paths
 
 
 def check_classes(run: RunRecord, class_names: Sequence[str], data_dir: str) -> None:

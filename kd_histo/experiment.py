@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable
 
 from kd_histo import schema
+from kd_histo.cascade import DEFAULT_FRACTIONS
 from kd_histo.config import RunConfig
 from kd_histo.data.pipeline import unlabeled_pool_size
 
@@ -59,6 +60,8 @@ class ExperimentConfig:
       n_boot: bootstrap replicates of the 95% intervals.
       cost_batch_sizes: batch sizes of the latency measurement (the last gives the speedup).
       cost_repeats: timed repeats per batch size.
+      cascade_fractions: teacher shares of the cascade measured for each factor's student (no extra
+        unlabeled data) with its seed's teacher (``kd_histo.cascade``); empty = no cascade.
       title: a name for the report.
     """
 
@@ -73,6 +76,7 @@ class ExperimentConfig:
     n_boot: int = 1000
     cost_batch_sizes: tuple[int, ...] = (1, 32)
     cost_repeats: int = 5
+    cascade_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     title: str = "kd_histo experiment"
 
     def __post_init__(self):
@@ -97,6 +101,8 @@ class ExperimentConfig:
                 "an experiment shares one teacher cache per seed and factor: give "
                 f"teacher_cache 'auto' or '', not {self.base.distill.teacher_cache!r}"
             )
+        if not all(0.0 <= f <= 1.0 for f in self.cascade_fractions):
+            raise ValueError(f"cascade_fractions must lie in [0, 1], got {self.cascade_fractions}")
         if not self.cost_batch_sizes or min(self.cost_batch_sizes) < 1:
             raise ValueError(f"cost_batch_sizes must be positive, got {self.cost_batch_sizes}")
 
@@ -221,6 +227,16 @@ def eval_dir(spec: RunSpec, split: str) -> str:
     return os.path.join(spec.model_dir, f"eval_{split}")
 
 
+def cascade_dir(spec: RunSpec, split: str) -> str:
+    """Where a student's cascade with its seed's teacher is measured (cascade.json ...)."""
+    return os.path.join(spec.model_dir, f"cascade_{split}")
+
+
+def has_cascade(cfg: ExperimentConfig, spec: RunSpec) -> bool:
+    """The cascade is measured for each factor's student without extra unlabeled data."""
+    return bool(cfg.cascade_fractions) and spec.kind == "student" and spec.unlabeled_fraction == 0
+
+
 class _State:
     """Wall times of finished steps, kept in ``state.json`` (atomic writes)."""
 
@@ -255,6 +271,7 @@ def _check_same_experiment(cfg: ExperimentConfig) -> None:
         "title",
         "cost_batch_sizes",
         "cost_repeats",
+        "cascade_fractions",
         "n_boot",
     }
     base_now, base_before = dict(now["base"]), dict(before.get("base", {}))
@@ -319,6 +336,21 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         log(
             f"{prefix}: {cfg.eval_split} accuracy {acc:.4f} ({time.perf_counter() - start:.0f} s so far)"
         )
+        if has_cascade(cfg, spec) and not os.path.isfile(
+            os.path.join(cascade_dir(spec, cfg.eval_split), evaluate.CASCADE_JSON)
+        ):
+            t0 = time.perf_counter()
+            teacher = next(s for s in specs if s.kind == "teacher" and s.seed == spec.seed)
+            evaluate.evaluate_run(
+                evaluate.EvalConfig(
+                    spec.model_dir, cfg.eval_split, out_dir=cascade_dir(spec, cfg.eval_split),
+                    n_boot=cfg.n_boot, seed=spec.seed, cascade_teacher=teacher.model_dir,
+                    cascade_fractions=cfg.cascade_fractions,
+                )
+            )
+            state.record(key, "cascade_s", time.perf_counter() - t0)
+            keras.backend.clear_session()
+            log(f"{prefix}: cascade with the teacher measured at shares {list(cfg.cascade_fractions)}")
         report.write_tables(
             cfg, specs[:i], state.data, costs=None
         )  # partial results survive a crash

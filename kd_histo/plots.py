@@ -2,7 +2,7 @@
 
 Confusion matrices (one model, or several side by side), one-vs-rest ROC curves, a probability
 heatmap over a slide thumbnail, and the experiment figures: accuracy vs GFLOPs per image and
-accuracy vs the fraction of extra unlabeled data.
+accuracy vs the fraction of extra unlabeled data; the cascade's accuracy vs effective GFLOPs.
 Not here: computing the numbers (``kd_histo.metrics``) or reading slides (``kd_histo.predict``).
 """
 
@@ -229,5 +229,30 @@ def confusion_grid_png(
     fig.supylabel("true", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def cascade_png(rows: Sequence[dict], path: str, title: str = "") -> str:
+    """The cascade's accuracy against its effective GFLOPs per tile, one point per teacher share,
+    with the teacher alone as a reference; rows from ``kd_histo.cascade.measure_curve``. Returns ``path``."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    pts = sorted((r for r in rows if r["scored_by"] == "cascade"), key=lambda r: r["gflops_per_tile"])
+    ax.plot([r["gflops_per_tile"] for r in pts], [r["accuracy"] for r in pts], "o-", color="tab:blue",
+            label="student + teacher on the least confident tiles")
+    for r in pts:
+        ax.annotate(f"{100 * r['teacher_share']:.0f}%  ({r['speedup_vs_teacher']:.1f}x)",
+                    (r["gflops_per_tile"], r["accuracy"]), textcoords="offset points", xytext=(5, -12), fontsize=8)
+    for r in (r for r in rows if r["scored_by"] == "teacher"):
+        ax.plot([r["gflops_per_tile"]], [r["accuracy"]], "*", ms=14, color="tab:red", label="teacher alone")
+        ax.axhline(r["accuracy"], color="tab:red", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("effective GFLOPs per tile (log scale)")
+    ax.set_ylabel("tile accuracy")
+    ax.set_title(title or "cascade: accuracy vs cost (labels: teacher share, measured speedup)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -11,6 +11,9 @@ written per tile (``predictions.csv``) and per slide (``slides.csv``: tile count
 per class, majority class). With ``heatmap`` each slide also gets ``heatmaps/<slide>.png``: the
 probability of its top class over its thumbnail. Tiles from a folder are grouped into "slides" by
 their parent folder; unreadable images are skipped and listed in ``skipped.csv``, as conversion does.
+With a cascade teacher (``cascade_teacher``) the teacher re-scores the student's least confident
+tiles of each group (a slide, a folder group, a shards input) from their HR tiles, read again (from
+a slide at the teacher's own level).
 
 Not here: metrics against labels (``kd_histo.evaluate``), training (``kd_histo.train``).
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -47,6 +50,10 @@ class PredictConfig:
       heatmap: write a heatmap per slide.
       num_workers: slides: reader threads, each with its own OpenSlide handle (0 = read in the
         thread that runs the model).
+      cascade_teacher: a teacher run folder: the teacher re-scores the student's least confident
+        tiles of each slide (tile folder group, shards input) from their HR tiles; "" = off.
+      cascade_fraction: share of each group's tiles the teacher re-scores (``kd_histo.cascade.select``).
+      cascade_threshold: instead, the teacher re-scores tiles whose top probability is below this.
     """
 
     model_dir: str
@@ -59,6 +66,16 @@ class PredictConfig:
     max_tiles: int = 0
     heatmap: bool = False
     num_workers: int = 2
+    cascade_teacher: str = ""
+    cascade_fraction: float | None = None
+    cascade_threshold: float | None = None
+
+    def __post_init__(self):
+        given = (self.cascade_fraction is not None) + (self.cascade_threshold is not None)
+        if self.cascade_teacher and given != 1:
+            raise ValueError("--cascade_teacher needs one of --cascade_fraction=F or --cascade_threshold=P")
+        if not self.cascade_teacher and given:
+            raise ValueError("--cascade_fraction/--cascade_threshold need --cascade_teacher=<teacher run folder>")
 
 
 @dataclasses.dataclass
@@ -68,6 +85,7 @@ class _Tiles:
     xy: list[tuple[int, int]]  # folders: empty (every tile is (0, 0))
     images: Iterator[np.ndarray] | None  # uint8 [hr_px, hr_px, 3], lazily read; None for slides
     heat: dict | None = None  # slides: {"path", "size_l0"} to place tiles on the thumbnail
+    reread: Callable[[np.ndarray], Iterator[np.ndarray]] | None = None  # HR tiles by index (the cascade)
 
 
 def _kind(path: str) -> str:
@@ -83,7 +101,6 @@ def _kind(path: str) -> str:
 
 def _folder_tiles(path: str, hr_px: int, skipped: list[tuple[str, str]]) -> list[_Tiles]:
     """Tiles of a folder, grouped by parent folder; unreadable images go to ``skipped`` as read."""
-
     groups: dict[str, list[str]] = {}
     for root, _, files in sorted(os.walk(path)):
         for f in sorted(files):
@@ -95,7 +112,8 @@ def _folder_tiles(path: str, hr_px: int, skipped: list[tuple[str, str]]) -> list
     for group, files in groups.items():
         slide_id = os.path.basename(os.path.normpath(path)) if group == "." else group
         kept: list[str] = []
-        out.append(_Tiles(slide_id, kept, [], _read_all(files, hr_px, kept, skipped)))
+        reread = (lambda idx, kept=kept: (_reread(kept[i], hr_px) for i in idx))
+        out.append(_Tiles(slide_id, kept, [], _read_all(files, hr_px, kept, skipped), reread=reread))
     return out
 
 
@@ -112,6 +130,17 @@ def _read_all(files: list[str], hr_px: int, kept: list[str], skipped: list[tuple
             continue
         kept.append(f)
         yield image
+
+
+def _reread(path: str, hr_px: int) -> np.ndarray:
+    """An image read before, again (the cascade's teacher); one line if it changed since."""
+    from kd_histo.convert.errors import SkipInput
+    from kd_histo.convert.tiles import fit_tile, read_tile
+
+    try:
+        return fit_tile(read_tile(path)[0], hr_px, mode="resize")
+    except SkipInput as e:
+        raise ValueError(f"{path}: {e} (it was readable a moment ago); rerun") from None
 
 
 def tile_mpp(run: RunRecord, target_mpp: float) -> float:
@@ -143,7 +172,14 @@ def _predict_slide(classify, path: str, run: RunRecord, cfg: PredictConfig, mpp:
         progress.update(len(batch))
     progress.close(f" (level {plan.level} at {plan.level_mpp:.3g} µm/px, {plan.read_px} px reads, "
                    f"{plan.input_px} px model input)")
-    tiles = _Tiles(sid, [path] * len(plan.coords), list(plan.coords), None, {"path": path, "size_l0": plan.size_l0})
+
+    def reread(idx) -> Iterator[np.ndarray]:  # HR tiles for the cascade's teacher, at its own level
+        hr = slide_reader.for_input(plan, run.hr_px, coords=[plan.coords[i] for i in idx])
+        for batch in slide_reader.stream_batches(hr, cfg.batch_size, num_workers=cfg.num_workers):
+            yield from batch
+
+    tiles = _Tiles(sid, [path] * len(plan.coords), list(plan.coords), None, {"path": path, "size_l0": plan.size_l0},
+                   reread=reread)
     return tiles, np.concatenate(out)
 
 
@@ -208,22 +244,27 @@ def predict(cfg: PredictConfig) -> dict[str, str]:
         print(f"kd_histo: {cfg.model_dir} was trained on pyramid LR tiles; tile folders get an antialiased "
               "area resize of the HR tile instead (slides are read from their own pyramid level)", flush=True)
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=len(names))
+    cascade = _load_cascade_teacher(cfg, run)  # None, or (teacher net, its record)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    rows, heat, skipped = [], [], []
+    rows, heat, skipped, scored_by = [], [], [], []
     classify = _classifier(model)
     for path, kind in kinds:
         if kind == "shards":
             ds = make_dataset(run.pipeline_config(path, cfg.batch_size), cfg.split, training=False)
-            p = evaluate.predict_split(model, ds, run.view)
-            rows += [(p.slide_ids[i], p.sources[i], int(p.x[i]), int(p.y[i]), p.probs[i]) for i in range(len(p.probs))]
+            p, kept = evaluate.predict_split_keeping(model, ds, run.view, keep=("hr",) if cascade else ())
+            probs, mask = _cascade(p.probs, lambda idx: iter(kept["hr"][idx]), cascade, cfg, path)
+            rows += [(p.slide_ids[i], p.sources[i], int(p.x[i]), int(p.y[i]), probs[i]) for i in range(len(probs))]
+            scored_by += [mask]
             continue
         if kind == "slide":
             groups = [_predict_slide(classify, path, run, cfg, mpp)]
         else:
             groups = ((t, _probs(model, t.images, run, cfg.batch_size)) for t in _folder_tiles(path, run.hr_px, skipped))
         for t, probs in groups:
+            probs, mask = _cascade(probs, t.reread, cascade, cfg, t.slide_id)
             xy = t.xy or [(0, 0)] * len(probs)
             rows += [(t.slide_id, t.sources[i], xy[i][0], xy[i][1], probs[i]) for i in range(len(probs))]
+            scored_by += [mask]
             if cfg.heatmap and t.heat:
                 heat.append((t, probs))
     paths = {}
@@ -233,7 +274,8 @@ def predict(cfg: PredictConfig) -> dict[str, str]:
               f"(first: {skipped[0][0]}: {skipped[0][1]})", flush=True)
     if not rows:
         raise ValueError(f"no readable tile in {', '.join(cfg.inputs)}; see {paths.get('skipped', 'the inputs')}")
-    paths |= {"predictions": _write_tiles(rows, names, os.path.join(cfg.out_dir, "predictions.csv")),
+    by = ["teacher" if m else "student" for m in np.concatenate(scored_by)] if cascade else None
+    paths |= {"predictions": _write_tiles(rows, names, os.path.join(cfg.out_dir, "predictions.csv"), by),
              "slides": _write_slides(rows, names, os.path.join(cfg.out_dir, "slides.csv"))}
     for t, probs in heat:
         paths[f"heatmap:{t.slide_id}"] = _heatmap(t, probs, names, os.path.join(cfg.out_dir, "heatmaps"))
@@ -248,13 +290,44 @@ def _write_skipped(skipped: list[tuple[str, str]], path: str) -> str:
     return path
 
 
-def _write_tiles(rows, names, path) -> str:
+def _load_cascade_teacher(cfg: PredictConfig, run: RunRecord):
+    """(teacher net, teacher record) for ``cfg.cascade_teacher`` after checking it fits the student."""
+    if not cfg.cascade_teacher:
+        return None
+    from kd_histo.cascade import check_pair
+    from kd_histo.models import load_model
+
+    teacher_run = read_run_record(cfg.cascade_teacher)
+    check_pair(run, teacher_run)
+    return load_model(teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=run.num_classes), teacher_run
+
+
+def _cascade(probs: np.ndarray, hr_tiles: Callable[[np.ndarray], Iterator[np.ndarray]], cascade, cfg: PredictConfig,
+             name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's probabilities replace the student's on the selected tiles of one group; returns
+    (probabilities, mask of the tiles the teacher scored)."""
+    if cascade is None:
+        return probs, np.zeros(len(probs), bool)
+    from kd_histo.cascade import combine, select
+
+    teacher, teacher_run = cascade
+    mask = select(probs, fraction=cfg.cascade_fraction, threshold=cfg.cascade_threshold)
+    idx = np.flatnonzero(mask)
+    print(f"kd_histo: cascade: the teacher re-scores {len(idx)} of {len(probs)} tiles of {name}", flush=True)
+    if not len(idx):
+        return probs, mask
+    return combine(probs, _probs(teacher, hr_tiles(idx), teacher_run, cfg.batch_size), mask), mask
+
+
+def _write_tiles(rows, names, path, scored_by: list[str] | None = None) -> str:
+    """predictions.csv; with the cascade a last column says which net scored each tile."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["slide_id", "source", "x", "y", "pred", "pred_name"] + [f"prob_{c}" for c in names])
-        for sid, src, x, y, p in rows:
+        w.writerow(["slide_id", "source", "x", "y", "pred", "pred_name"] + [f"prob_{c}" for c in names]
+                   + (["scored_by"] if scored_by else []))
+        for i, (sid, src, x, y, p) in enumerate(rows):
             k = int(np.argmax(p))
-            w.writerow([sid, src, x, y, k, names[k]] + [f"{v:.6f}" for v in p])
+            w.writerow([sid, src, x, y, k, names[k]] + [f"{v:.6f}" for v in p] + ([scored_by[i]] if scored_by else []))
     return path
 
 

@@ -4,7 +4,9 @@
 that input size and the wall time into one row, with the gap to the teacher of the same seed.
 ``write_tables`` writes results.csv / results.md / results.json into ``<out_dir>/report``;
 ``write_report`` adds the figures (accuracy vs GFLOPs, accuracy vs unlabeled fraction, confusion
-matrices), copies of every metrics.json and TensorBoard log folder, and report.md.
+matrices), copies of every metrics.json and TensorBoard log folder, the cascade rows
+(``cascade_rows``: each student + its teacher on the least confident tiles; cascade.csv), and
+report.md.
 
 Not here: running anything (``kd_histo.experiment``), metric formulas (``kd_histo.metrics``).
 """
@@ -115,6 +117,42 @@ def result_rows(
     return rows
 
 
+CASCADE_COLUMNS = ("seed", "run", "factor", "teacher_share", "n_teacher", "n_tiles", "accuracy", "gap_to_teacher",
+                   "gflops_per_tile", "tiles_per_s", "speedup_vs_teacher")
+
+
+def cascade_rows(specs: Sequence, split: str) -> list[dict[str, Any]]:
+    """One row per measured teacher share of each student's cascade (``cascade_<split>/cascade.json``),
+    with the gap to the teacher alone measured on the same tiles."""
+    from kd_histo.experiment import cascade_dir  # one definition of the layout
+
+    out = []
+    for spec in specs:
+        path = os.path.join(cascade_dir(spec, split), "cascade.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        teacher = next(r for r in rows if r["scored_by"] == "teacher")
+        for r in rows:
+            if r["scored_by"] == "cascade":
+                out.append({"seed": spec.seed, "run": spec.name, "factor": spec.factor,
+                            **{k: r[k] for k in CASCADE_COLUMNS[3:] if k in r},
+                            "gap_to_teacher": r["accuracy"] - teacher["accuracy"]})
+    return out
+
+
+def cascade_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The cascade table: student + teacher on the least confident share of the tiles."""
+    lines = ["| student | teacher share | accuracy | gap to teacher | effective GFLOPs/tile | tiles/s | "
+             "measured speedup | seed |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {100 * r['teacher_share']:.1f}% | {r['accuracy']:.3f} | "
+                     f"{100 * r['gap_to_teacher']:+.1f} pts | {r['gflops_per_tile']:.4f} | {r['tiles_per_s']:.0f} | "
+                     f"{r['speedup_vs_teacher']:.1f}x | {r['seed']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -184,11 +222,11 @@ def write_tables(cfg, specs: Sequence, state: Mapping[str, dict], costs) -> dict
     return paths
 
 
-def _csv_text(rows) -> str:
+def _csv_text(rows, columns: Sequence[str] = CSV_COLUMNS) -> str:
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
@@ -243,8 +281,12 @@ def write_report(
             shutil.copytree(
                 logs, os.path.join(out, "tensorboard", f"s{s.seed}", s.name), dirs_exist_ok=True
             )
+    crows = cascade_rows(specs, cfg.eval_split)
+    if crows:
+        paths["cascade_csv"] = os.path.join(out, "cascade.csv")
+        _atomic(paths["cascade_csv"], _csv_text(crows, CASCADE_COLUMNS))
     paths["report"] = os.path.join(out, "report.md")
-    _atomic(paths["report"], report_markdown(cfg, rows, info, wall_s, paths, command))
+    _atomic(paths["report"], report_markdown(cfg, rows, info, wall_s, paths, command, cascade=crows))
     return paths
 
 
@@ -255,6 +297,7 @@ def report_markdown(
     wall_s: float,
     paths: Mapping[str, str],
     command: str = "",
+    cascade: Sequence[dict] = (),
 ) -> str:
     """report.md: what was run on what, the table, the figures, how to look further."""
     b = cfg.base
@@ -289,6 +332,15 @@ def report_markdown(
         "",
         markdown_table(rows),
     ]
+    if cascade:
+        lines += [
+            "Cascade: each student scores every tile, its seed's teacher re-scores the least confident "
+            "share of them at high resolution (`kd_histo.cascade`). Effective GFLOPs per tile = student + "
+            "share x teacher; tiles/s measured with both nets on the split's tiles held in memory (reading "
+            "not timed), the speedup relative to the teacher alone on the same tiles (`cascade.csv`).",
+            "",
+            cascade_markdown(cascade),
+        ]
     if len(cfg.seeds) > 1:
         lines += ["Over seeds (mean ± sd of accuracy):", ""]
         lines += [

@@ -117,35 +117,53 @@ def plan_read(path: str, *, hr_px: int, hr_mpp: float, input_px: int, method: st
     Raises:
       ValueError: unreadable slide, no µm/px, a tile larger than the slide, or no tissue tile.
     """
-    if method not in _FILTERS:
+    if method not in _FILTERS:  # before the tissue mask is computed
         raise ValueError(f"lr_method {method!r} unknown; choose one of {sorted(_FILTERS)}")
     try:
         grid = slides.plan_slide(path, hr_px, hr_mpp, min_tissue=min_tissue, slide_mpp=slide_mpp)
-        slide = slides.open_slide(path)
     except (SkipInput, ConversionError) as e:  # neither is a ValueError: binaries need one line
         raise ValueError(f"{path}: {e}") from None
-    try:
-        downsamples = tuple(slide.level_downsamples)
-        dims = tuple(slide.level_dimensions)
-    finally:
-        slide.close()
     coords = list(grid.coords)
     if not coords:
         raise ValueError(f"{path}: no tile has {min_tissue:.0%} tissue; lower --min_tissue")
     if max_tiles and len(coords) > max_tiles:
         coords = [coords[i] for i in np.linspace(0, len(coords) - 1, max_tiles).round().astype(int)]
-    mpp_in = hr_px * hr_mpp / input_px
-    level = choose_level(grid.base_mpp, downsamples, mpp_in)
-    ds = downsamples[level]
-    read_px = max(1, int(round(grid.size_l0 / ds)))
+    return _at_input(path, grid.base_mpp, grid.size_l0, tuple(coords), grid.grid_tiles, input_px,
+                     hr_px * hr_mpp / input_px, method)
+
+
+def for_input(plan: SlideRead, input_px: int, *, method: str = "area",
+              coords: Sequence[tuple[int, int]] | None = None) -> SlideRead:
+    """The same grid's tiles (or ``coords`` of them) read for another model's ``input_px``.
+
+    For the cascade: the teacher re-reads the student's least confident tiles at its own level.
+    """
+    mpp_in = plan.mpp_in * plan.input_px / input_px  # the tile's µm over the new side
+    return _at_input(plan.path, plan.base_mpp, plan.size_l0, tuple(plan.coords if coords is None else coords),
+                     plan.grid_tiles, input_px, mpp_in, method)
+
+
+def _at_input(path, base_mpp, size_l0, coords, grid_tiles, input_px, mpp_in, method) -> SlideRead:
+    if method not in _FILTERS:
+        raise ValueError(f"lr_method {method!r} unknown; choose one of {sorted(_FILTERS)}")
+    try:
+        slide = slides.open_slide(path)
+    except SkipInput as e:
+        raise ValueError(f"{path}: {e}") from None
+    try:
+        downsamples = tuple(slide.level_downsamples)
+    finally:
+        slide.close()
+    level = choose_level(base_mpp, downsamples, mpp_in)
+    read_px = max(1, int(round(size_l0 / downsamples[level])))
     note = ""
     if read_px > input_px * (1 + LEVEL_TOLERANCE):
-        levels = ", ".join(f"{grid.base_mpp * d:.3g}" for d in downsamples)
-        note = (f"{path}: no pyramid level near {mpp_in:.3g} µm/px (levels at {levels} µm/px, "
-                f"{len(dims)} in all); reading level {level} and shrinking {read_px / input_px:.3g}x")
-    return SlideRead(path=path, base_mpp=grid.base_mpp, size_l0=grid.size_l0, coords=tuple(coords),
-                     grid_tiles=grid.grid_tiles, input_px=input_px, mpp_in=mpp_in, level=level,
-                     level_mpp=grid.base_mpp * ds, read_px=read_px, method=method, note=note)
+        levels = ", ".join(f"{base_mpp * d:.3g}" for d in downsamples)
+        note = (f"{path}: no pyramid level near {mpp_in:.3g} µm/px (levels at {levels} µm/px); "
+                f"reading level {level} and shrinking {read_px / input_px:.3g}x")
+    return SlideRead(path=path, base_mpp=base_mpp, size_l0=size_l0, coords=coords, grid_tiles=grid_tiles,
+                     input_px=input_px, mpp_in=mpp_in, level=level, level_mpp=base_mpp * downsamples[level],
+                     read_px=read_px, method=method, note=note)
 
 
 def read_tile(slide, plan: SlideRead, x: int, y: int) -> np.ndarray:

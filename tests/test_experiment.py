@@ -133,6 +133,26 @@ def test_experiment_writes_results_and_report(finished):
     assert sum("training" in line for line in lines) == 4
 
 
+def test_experiment_report_has_cascade_rows(finished):
+    """The student without extra data gets the cascade with its teacher; the report shows its rows."""
+    import csv
+
+    cfg, paths, lines = finished
+    rows = list(csv.DictReader(open(paths["cascade_csv"])))
+    assert [r["run"] for r in rows] == ["student_x2"] * 5
+    # 8 test tiles: floor(F * 8) of them go to the teacher at F = 0, 0.05, 0.1, 0.2, 0.5
+    assert [int(r["n_teacher"]) for r in rows] == [0, 0, 0, 1, 4]
+    results = {r["run"]: r for r in json.loads(open(paths["json"]).read())["rows"]}
+    # F = 0 is the student alone, and the gap is to the teacher alone on the same tiles
+    assert float(rows[0]["accuracy"]) == pytest.approx(results["student_x2"]["accuracy"])
+    assert float(rows[0]["gap_to_teacher"]) == pytest.approx(results["student_x2"]["gap_to_teacher"])
+    text = open(paths["report"]).read()
+    assert "Cascade: each student" in text and "| student_x2 | 50.0% |" in text
+    state = json.load(open(os.path.join(cfg.out_dir, "state.json")))
+    assert [k for k, v in state.items() if "cascade_s" in v] == ["s0/student_x2"]
+    assert sum("cascade with the teacher measured" in line for line in lines) == 1
+
+
 def test_rerun_skips_finished_runs(finished):
     cfg, _, _ = finished
     model = os.path.join(cfg.out_dir, "runs", "s0", "teacher", "model.keras")

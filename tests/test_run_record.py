@@ -120,6 +120,7 @@ def test_old_run_json_without_data_folder_has_unknown_mpp(tmp_path):
     assert old.mpp is None and old.input_mpp is None and old.lr_method == "area"
 
 
+@pytest.mark.reliability
 def test_model_path_stays_inside_the_run_folder(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -138,6 +139,17 @@ def test_model_path_stays_inside_the_run_folder(tmp_path):
         record(model="up/elsewhere.keras").model_path(str(run))
     with pytest.raises(RunRecordError, match="outside"):
         record(savedmodel="/tmp").savedmodel_path(str(run))
+
+
+@pytest.mark.reliability
+def test_evaluation_refuses_a_run_json_pointing_outside(tmp_path, tiny_shards):
+    from kd_histo import evaluate
+
+    d = make_run(tmp_path, data_dir=tiny_shards)
+    write_run_record(d, dataclasses.replace(read_run_record(d), model=os.path.join(d, "model.keras")))
+    with pytest.raises(RunRecordError, match="outside the run folder"):
+        evaluate.evaluate_run(evaluate.EvalConfig(d, out_dir=str(tmp_path / "out")))
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_evaluation_makes_the_lr_view_with_the_runs_lr_method(tmp_path, tiny_shards):

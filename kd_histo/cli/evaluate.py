@@ -1,11 +1,14 @@
 """kd-histo-evaluate: metrics of a trained run on a split, or one table comparing several runs.
 
     kd-histo-evaluate --model_dir=runs/demo/student_x4 --split=test
+    kd-histo-evaluate --model_dir=runs/demo/student_x4 --split=test --cascade_teacher=runs/demo/teacher
     kd-histo-evaluate --compare=runs/demo/teacher/eval_test,runs/demo/student_x4/eval_test \
         --compare_out=runs/demo/comparison
 
 Flags -> ``kd_histo.evaluate.EvalConfig`` -> ``evaluate_run`` (metrics.json, predictions.csv,
-confusion_matrix.png, roc.png), or ``compare_runs`` (markdown + CSV).
+confusion_matrix.png, roc.png; with --cascade_teacher also cascade.csv/.json/.png: accuracy,
+effective GFLOPs per tile and measured tiles/s at each --cascade_fractions), or ``compare_runs``
+(markdown + CSV).
 """
 
 from __future__ import annotations
@@ -28,13 +31,27 @@ def main(argv: list[str]) -> None:
         return
     fc.require(model_dir=FLAGS.model_dir)
     cfg = evaluate.EvalConfig(model_dir=FLAGS.model_dir, split=FLAGS.split, data_dir=FLAGS.data_dir or "",
-                              out_dir=FLAGS.out_dir, batch_size=FLAGS.batch_size, n_boot=FLAGS.n_boot)
+                              out_dir=FLAGS.out_dir, batch_size=FLAGS.batch_size, n_boot=FLAGS.n_boot,
+                              cascade_teacher=FLAGS.cascade_teacher,
+                              cascade_fractions=fc.float_list(FLAGS.cascade_fractions, "cascade_fractions"))
     paths = evaluate.evaluate_run(cfg)
     import json
 
     m = json.load(open(paths["metrics"]))["tile"]
     print(f"{PROG}: {cfg.split} tiles {m['n']}: accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
           f"macro F1 {m['macro_f1']:.4f}; written to {paths['metrics']}")
+    if "cascade_csv" in paths:
+        for r in json.load(open(paths["cascade_json"]))["rows"]:
+            who = "teacher alone" if r["scored_by"] == "teacher" else f"teacher on {100 * r['teacher_share']:.1f}%"
+            print(f"{PROG}: cascade, {who}: accuracy {r['accuracy']:.4f}, {r['gflops_per_tile']:.4f} GFLOPs/tile, "
+                  f"{r['tiles_per_s']:.0f} tiles/s ({r['speedup_vs_teacher']:.1f}x the teacher)")
+        from kd_histo.cascade import cheapest_within
+
+        best = cheapest_within(json.load(open(paths["cascade_json"]))["rows"], points=1.0)
+        print(f"{PROG}: cascade: " + ("no measured share is within 1 pt of the teacher alone" if best is None else
+              f"the teacher on {100 * best['teacher_share']:.1f}% of the tiles is within 1 pt of the teacher alone, "
+              f"at {best['speedup_vs_teacher']:.1f}x its tiles/s"))
+        print(f"{PROG}: cascade curve written to {paths['cascade_csv']} and {paths['cascade_png']}")
 
 
 def run() -> None:

@@ -60,6 +60,7 @@ def config_from_flags() -> "ExperimentConfig":
         eval_split=FLAGS.eval_split,
         n_boot=FLAGS.n_boot,
         cost_batch_sizes=fc.int_list(FLAGS.cost_batch_sizes, "cost_batch_sizes"),
+        cascade_fractions=fc.float_list(FLAGS.cascade_fractions, "cascade_fractions"),
         title=FLAGS.title,
     )
 

@@ -112,6 +112,10 @@ def define_evaluate_flags() -> None:
     _define("list", "compare", [], "Evaluation folders (with metrics.json) to put in one table.")
     _define("list", "names", [], "Row names of --compare (default the folder names).")
     _define("string", "compare_out", "comparison", "Path prefix of the comparison table (.md and .csv).")
+    _define("string", "cascade_teacher", "", "Teacher run folder: also measure the cascade (the teacher "
+            "re-scores the student's least confident tiles at high resolution).")
+    _define("list", "cascade_fractions", ["0", "0.05", "0.1", "0.2", "0.5"], "Teacher shares of the cascade's "
+            "accuracy-vs-cost curve (cascade.csv, cascade.png).")
 
 
 def define_cost_flags() -> None:
@@ -139,6 +143,12 @@ def define_predict_flags() -> None:
     _define("bool", "heatmap", False, "Slides: write a probability heatmap over the thumbnail.")
     _define("integer", "num_workers", 2, "Parallel workers: kd-histo-predict's slide reader threads "
             "(0 = in this process).")
+    _define("string", "cascade_teacher", "", "Teacher run folder: it re-scores the student's least confident "
+            "tiles at high resolution (with --cascade_fraction or --cascade_threshold).")
+    _define("float", "cascade_fraction", None, "Cascade: share of each slide's (or folder's) tiles the teacher "
+            "re-scores, the least confident first.")
+    _define("float", "cascade_threshold", None, "Cascade: instead, the teacher re-scores every tile whose top "
+            "class probability is below this.")
 
 
 def define_experiment_flags() -> None:
@@ -154,6 +164,8 @@ def define_experiment_flags() -> None:
     _define("string", "eval_split", "test", "Split every run is evaluated on: test or val.")
     _define("integer", "n_boot", 1000, "Bootstrap replicates of the 95% intervals.")
     _define("list", "cost_batch_sizes", ["1", "32"], "Latency batch sizes; the last gives the speedup.")
+    _define("list", "cascade_fractions", ["0", "0.05", "0.1", "0.2", "0.5"], "Teacher shares of the cascade "
+            "measured for each factor's student (report: cascade rows); empty = none.")
     _define("string", "title", "kd_histo experiment", "Title of the report.")
 
 

@@ -106,3 +106,45 @@ def test_predict_on_the_real_slide_with_heatmap(runs, shared_data, tmp_path):
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert 0 < len(rows) <= 12 and len({(r["x"], r["y"]) for r in rows}) == len(rows)
     assert (out / "heatmaps" / f"{slides[0].stem}.png").stat().st_size > 0
+
+
+@pytest.mark.realdata
+def test_predict_a_slide_at_the_runs_own_mpp_without_target_mpp(runs, shared_data, tmp_path):
+    """The tile µm/px comes from run.json (tiny_shards: 0.5); --target_mpp only overrides it."""
+    from kd_histo.convert import slides as slides_mod
+
+    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    if not slide.is_file():
+        pytest.skip(f"{slide} is absent")
+    s = slides_mod.open_slide(str(slide))
+    base = float(s.properties["openslide.mpp-x"])
+    s.close()
+    for extra, mpp in (((), 0.5), (("--target_mpp=2.0",), 2.0)):
+        out = tmp_path / f"pred_{mpp:g}"
+        assert invoke("predict", f"--model_dir={runs / 'student_x2'}", f"--inputs={slide}", f"--out_dir={out}",
+                      "--max_tiles=6", *extra) == 0
+        step = round(32 * mpp / base)  # level-0 px of one 32 px tile at that µm/px
+        xy = [(int(r["x"]), int(r["y"])) for r in csv.DictReader(open(out / "predictions.csv"))]
+        assert xy and all(x % step == 0 and y % step == 0 for x, y in xy)
+        if mpp == 0.5:  # off the 2 µm/px grid: the run's own µm/px was used, not the old 2.0 / 0.5 default
+            assert any(x % (4 * step) or y % (4 * step) for x, y in xy)
+
+
+def test_evaluate_cascade_curve_and_predict_cascade_flags(runs, tmp_path, capsys):
+    out = tmp_path / "cascade_eval"
+    assert invoke("evaluate", f"--model_dir={runs / 'student_x2'}", f"--cascade_teacher={runs / 'teacher'}",
+                  "--cascade_fractions=0,0.5", f"--out_dir={out}", "--n_boot=10") == 0
+    printed = capsys.readouterr().out
+    assert "cascade, teacher on 0.0%" in printed and "cascade, teacher alone" in printed
+    rows = list(csv.DictReader(open(out / "cascade.csv")))
+    assert [r["scored_by"] for r in rows] == ["cascade", "cascade", "teacher"]
+    assert (out / "cascade.png").stat().st_size > 0
+    # a baseline reads LR tiles: it cannot be the cascade's teacher; a bad fraction is one line too
+    for bad, words in (((f"--cascade_teacher={runs / 'baseline_x2'}",), "HR tiles"),
+                       ((f"--cascade_teacher={runs / 'teacher'}", "--cascade_fractions=0,2"), "[0, 1]")):
+        assert invoke("evaluate", f"--model_dir={runs / 'student_x2'}", f"--out_dir={tmp_path / 'x'}", *bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err
+    for bad in ((f"--cascade_teacher={runs / 'teacher'}",), ("--cascade_fraction=0.1",)):
+        assert invoke("predict", f"--model_dir={runs / 'student_x2'}", f"--inputs={tmp_path}", *bad) == 2
+        assert "cascade" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import numpy as np
 from cli_helpers import invoke
 from PIL import Image
 
-from kd_histo import slide_reader, synthetic
+from kd_histo import cascade, slide_reader, synthetic
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: the slide writer
 from convert.pyramid_tiff import write_pyramid_tiff  # noqa: E402
@@ -76,3 +76,19 @@ def test_folder_with_unreadable_images_skips_and_lists_them(runs, tmp_path, caps
                   f"--out_dir={tmp_path / 'pred2'}") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kd-histo-predict: error: no readable tile") and "\n" not in err
+
+
+def test_cascade_teacher_rereads_the_slide_tiles_at_its_own_level(runs, tmp_path):
+    slide = _slide(tmp_path / "pyr.tif", levels=3)
+    common = [f"--inputs={slide}", "--target_mpp=0.5"]
+    assert invoke("predict", f"--model_dir={runs / 'student_x2'}", f"--cascade_teacher={runs / 'teacher'}",
+                  "--cascade_fraction=0.5", f"--out_dir={tmp_path / 'cascade'}", *common) == 0
+    assert invoke("predict", f"--model_dir={runs / 'teacher'}", f"--out_dir={tmp_path / 'teacher'}", *common) == 0
+    rows = list(csv.DictReader(open(tmp_path / "cascade" / "predictions.csv")))
+    alone = {(r["x"], r["y"]): r for r in csv.DictReader(open(tmp_path / "teacher" / "predictions.csv"))}
+    by_teacher = [r for r in rows if r["scored_by"] == "teacher"]
+    assert len(by_teacher) == cascade.n_for_teacher(len(rows), 0.5) > 0 and len(alone) == len(rows)
+    for r in by_teacher:  # the teacher's own reading of the same tile (level 1, 32 px)
+        want = alone[(r["x"], r["y"])]
+        got = [float(r[k]) for k in r if k.startswith("prob_")]
+        np.testing.assert_allclose(got, [float(want[k]) for k in want if k.startswith("prob_")], atol=1e-4)

@@ -39,6 +39,9 @@ flags.DEFINE_string("work_dir", "/tmp/kd_histo_domain_gap", "Where the pyramid c
 flags.DEFINE_integer("jpeg_quality", 75, "JPEG quality of the pyramid's tiles (libvips' default).")
 flags.DEFINE_float("min_tissue", 0.5, "Fraction of tissue a tile needs.")
 flags.DEFINE_float("target_mpp", 0.0, "µm/px of the HR tiles (0 = each run's record).")
+flags.DEFINE_string("mosaic_data", "", "Also a labeled check: a converted data folder whose --mosaic_split tiles "
+                    "are stitched into a pyramidal slide at the run's µm/px ('' = skip).")
+flags.DEFINE_string("mosaic_split", "test", "Split of --mosaic_data stitched into the mosaic.")
 
 
 def _probs(model_dir: str, batches) -> np.ndarray:
@@ -73,6 +76,59 @@ def _read(plan, batch_size=64):
         yield b.astype(np.float32) / 255.0
 
 
+def _mosaic(data_dir: str, split: str, hr_px: int, mpp: float, work: str):
+    """The split's HR tiles (uint8) and labels, and a pyramidal JPEG slide made of them (32 a row)."""
+    from PIL import Image
+
+    from kd_histo.data.pipeline import PipelineConfig, make_dataset
+
+    tiles, labels = [], []
+    ds = make_dataset(PipelineConfig(data_dir=data_dir, batch_size=64, factor=1.0, hr_px=hr_px), split, training=False)
+    for b in ds:
+        tiles.append(np.round(b["hr"].numpy() * 255).astype(np.uint8))
+        labels.append(b["label"].numpy())
+    tiles, labels = np.concatenate(tiles), np.concatenate(labels)
+    cols = 32
+    rows = -(-len(tiles) // cols)
+    canvas = np.full((rows * hr_px, cols * hr_px, 3), 255, np.uint8)
+    coords = []
+    for i, t in enumerate(tiles):
+        y, x = (i // cols) * hr_px, (i % cols) * hr_px
+        canvas[y : y + hr_px, x : x + hr_px] = t
+        coords.append((x, y))
+    png = os.path.join(work, f"mosaic_{split}_{hr_px}.png")
+    Image.fromarray(canvas).save(png)
+    tif = os.path.join(work, f"mosaic_{split}_{hr_px}_q{FLAGS.jpeg_quality}.tif")
+    if os.path.exists(tif):
+        os.remove(tif)
+    pyramid_slide.pyramid_tiff(png, tif, mpp=mpp, quality=FLAGS.jpeg_quality)
+    return tiles, labels, tif, tuple(coords)
+
+
+def _mosaic_row(model_dir: str, run, mpp: float) -> dict:
+    """On stitched labeled tiles: the student's accuracy from training's LR views and from the pyramid."""
+    import tensorflow as tf
+
+    from kd_histo import slide_reader
+    from kd_histo.data.views import resize
+
+    tiles, labels, tif, coords = _mosaic(FLAGS.mosaic_data, FLAGS.mosaic_split, run.hr_px, mpp, FLAGS.work_dir)
+    method = "area" if run.lr_method == "pyramid" else run.lr_method
+    views = (resize(tf.convert_to_tensor(tiles[i : i + 64], tf.float32) / 255.0, run.input_px, method)
+             for i in range(0, len(tiles), 64))
+    from_hr = _probs(model_dir, views)
+    grid = slide_reader.plan_read(tif, hr_px=run.hr_px, hr_mpp=mpp, input_px=run.input_px, method=run.lr_method,
+                                  min_tissue=0.0)
+    plan = dataclasses.replace(grid, coords=coords)
+    from_pyr = _probs(model_dir, _read(plan))
+    return {"run": model_dir, "data": f"{FLAGS.mosaic_data}:{FLAGS.mosaic_split}", "tiles": len(tiles),
+            "level": plan.level, "level_mpp": round(plan.level_mpp, 3), "remainder": round(plan.shrink, 3),
+            "agreement": round(float(np.mean(from_hr.argmax(1) == from_pyr.argmax(1))), 4),
+            "accuracy_hr_shrunk": round(float(np.mean(from_hr.argmax(1) == labels)), 4),
+            "accuracy_pyramid": round(float(np.mean(from_pyr.argmax(1) == labels)), 4),
+            "mean_abs_prob_diff": round(float(np.abs(from_hr - from_pyr).mean()), 4)}
+
+
 def main(argv):
     del argv
     from kd_histo import slide_reader
@@ -100,11 +156,15 @@ def main(argv):
         pyr_plan = dataclasses.replace(pyr_plan, coords=hr_plan.coords)
         from_hr = _probs(model_dir, _hr_shrunk(hr_plan, run))
         from_pyr = _probs(model_dir, _read(pyr_plan))
+        pixel_gap = float(np.mean([np.abs(np.asarray(a) - b).mean() for a, b in
+                                   zip(_hr_shrunk(hr_plan, run), _read(pyr_plan))])) * 255
         row = {"run": model_dir, "factor": run.factor, "input_px": run.input_px, "input_mpp": round(pyr_plan.mpp_in, 3),
                "level": pyr_plan.level, "level_mpp": round(pyr_plan.level_mpp, 3), "remainder": round(pyr_plan.shrink, 3),
                "tiles": len(hr_plan.coords),
                "agreement": round(float(np.mean(from_hr.argmax(1) == from_pyr.argmax(1))), 4),
-               "mean_abs_prob_diff": round(float(np.abs(from_hr - from_pyr).mean()), 4)}
+               "mean_abs_prob_diff": round(float(np.abs(from_hr - from_pyr).mean()), 4),
+               "mean_abs_pixel_diff_of_255": round(pixel_gap, 2),
+               "classes_predicted": {int(k): int(v) for k, v in zip(*np.unique(from_hr.argmax(1), return_counts=True))}}
         if FLAGS.teacher:
             key = (run.hr_px, mpp)
             if key not in teacher_cache:
@@ -124,7 +184,20 @@ def main(argv):
         if FLAGS.teacher:
             line += f" {r['teacher_agreement_hr_shrunk']:.1%} / {r['teacher_agreement_pyramid']:.1%} |"
         print(line)
-    print(json.dumps({"slide": FLAGS.slide, "pyramid": pyramid, "jpeg_quality": FLAGS.jpeg_quality, "rows": rows}))
+    mosaic = []
+    if FLAGS.mosaic_data:
+        print("\n| run | labeled tiles (stitched, pyramid rebuilt) | level read | agreement | accuracy: HR-shrunk "
+              "/ pyramid | mean abs Δp |\n|---|---|---|---:|---:|---:|")
+        for model_dir in FLAGS.runs:
+            run = read_run_record(model_dir)
+            r = _mosaic_row(model_dir, run, FLAGS.target_mpp or run.mpp)
+            mosaic.append(r)
+            print(f"| {os.path.basename(os.path.normpath(model_dir))} | {r['tiles']} of {r['data']} | {r['level']} "
+                  f"({r['level_mpp']} µm/px, then {r['remainder']}x) | {r['agreement']:.1%} | "
+                  f"{r['accuracy_hr_shrunk']:.1%} / {r['accuracy_pyramid']:.1%} | {r['mean_abs_prob_diff']:.4f} |",
+                  flush=True)
+    print(json.dumps({"slide": FLAGS.slide, "pyramid": pyramid, "jpeg_quality": FLAGS.jpeg_quality, "rows": rows,
+                      "mosaic": mosaic}))
 
 
 if __name__ == "__main__":

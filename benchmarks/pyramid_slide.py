@@ -40,7 +40,8 @@ def pyramid_tiff(slide_path: str, out_path: str, *, mpp: float = 0.0, blocks: tu
     """A pyramidal JPEG TIFF of a slide's level 0 (kept if ``out_path`` exists).
 
     Args:
-      slide_path: a slide OpenSlide reads (level 0 is exported, so keep it small).
+      slide_path: a slide OpenSlide reads (level 0 is exported, so keep it small), or a .png
+        (then ``mpp`` is required).
       out_path: the ``.tif`` to write.
       mpp: µm/px to record (0 = the slide's own).
       blocks: (across, down) copies of a 2 x 2 mirrored block of the slide (so seams match);
@@ -51,8 +52,11 @@ def pyramid_tiff(slide_path: str, out_path: str, *, mpp: float = 0.0, blocks: tu
         return out_path
     tmp = tempfile.mkdtemp(prefix="pyramid_", dir=os.path.dirname(os.path.abspath(out_path)))
     try:
-        png = os.path.join(tmp, "level0.png")
-        *_, base_mpp = export_level0(slide_path, png)
+        if slide_path.lower().endswith(".png"):  # an image already: its µm/px is ``mpp``
+            png, base_mpp = slide_path, mpp
+        else:
+            png = os.path.join(tmp, "level0.png")
+            *_, base_mpp = export_level0(slide_path, png)
         px_per_mm = 1000.0 / (mpp or base_mpp)
         opts = (f"[tile,pyramid,compression=jpeg,Q={quality},tile-width=256,tile-height=256,"
                 f"xres={px_per_mm},yres={px_per_mm},resunit=cm]")

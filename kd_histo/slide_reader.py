@@ -119,9 +119,11 @@ def plan_read(path: str, *, hr_px: int, hr_mpp: float, input_px: int, method: st
     """
     if method not in _FILTERS:  # before the tissue mask is computed
         raise ValueError(f"lr_method {method!r} unknown; choose one of {sorted(_FILTERS)}")
+    import openslide
+
     try:
         grid = slides.plan_slide(path, hr_px, hr_mpp, min_tissue=min_tissue, slide_mpp=slide_mpp)
-    except (SkipInput, ConversionError) as e:  # neither is a ValueError: binaries need one line
+    except (SkipInput, ConversionError, openslide.OpenSlideError) as e:  # binaries need a ValueError
         raise ValueError(f"{path}: {e}") from None
     coords = list(grid.coords)
     if not coords:
@@ -197,6 +199,8 @@ def stream_batches(plan: SlideRead, batch_size: int, *, num_workers: int = 2, wi
       window: batches read ahead at most (0 = 2 per worker); memory is bounded by it.
       stats: filled in as the stream runs (tests, benchmarks).
     """
+    import openslide
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     stats = stats if stats is not None else StreamStats()
@@ -218,7 +222,10 @@ def stream_batches(plan: SlideRead, batch_size: int, *, num_workers: int = 2, wi
                 stats.handles_opened += 1
         out = np.empty((len(chunk), plan.input_px, plan.input_px, 3), np.uint8)
         for i, (x, y) in enumerate(chunk):
-            out[i] = read_tile(slide, plan, x, y)
+            try:
+                out[i] = read_tile(slide, plan, x, y)
+            except openslide.OpenSlideError as e:  # a damaged tile: one line naming it
+                raise ValueError(f"{plan.path}: cannot read the tile at level-0 ({x}, {y}): {e}") from None
         return out
 
     def done(batch: np.ndarray) -> np.ndarray:

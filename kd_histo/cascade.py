@@ -131,13 +131,13 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 def measure_curve(student_fn: Callable[[np.ndarray], np.ndarray], teacher_fn: Callable[[np.ndarray], np.ndarray],
                   student_inputs: np.ndarray, teacher_inputs: np.ndarray, labels: np.ndarray, *,
                   student_gflops: float, teacher_gflops: float, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                  batch_size: int = 64) -> list[dict[str, Any]]:
+                  batch_size: int = 64, repeats: int = 3) -> list[dict[str, Any]]:
     """Accuracy, effective GFLOPs per tile and measured tiles/s of the cascade at each fraction.
 
     The student runs over every tile once (timed); for each fraction the teacher runs over the
     selected tiles only (timed), and its outputs replace the student's there. The teacher alone
     over every tile is the last row and the reference of the speedup. Each net is run once on one
-    batch before timing, so tracing is not timed.
+    batch before timing, so tracing is not timed; each timed pass is the median of ``repeats``.
 
     Args:
       student_fn / teacher_fn: a batch of inputs -> class probabilities [B, C] (numpy).
@@ -147,6 +147,7 @@ def measure_curve(student_fn: Callable[[np.ndarray], np.ndarray], teacher_fn: Ca
       student_gflops / teacher_gflops: per tile, from ``kd_histo.cost.count_flops``.
       fractions: teacher shares to measure.
       batch_size: tiles per forward pass.
+      repeats: timed passes per measurement (the median is kept; a shared machine is noisy).
 
     Returns:
       Rows with the keys of :data:`CSV_COLUMNS`.
@@ -155,12 +156,12 @@ def measure_curve(student_fn: Callable[[np.ndarray], np.ndarray], teacher_fn: Ca
     if n == 0 or len(teacher_inputs) != n or len(labels) != n:
         raise ValueError(f"the cascade needs the same tiles for both nets, got {len(student_inputs)} student, "
                          f"{len(teacher_inputs)} teacher inputs and {len(labels)} labels")
-    student_probs, t_student = _timed(student_fn, student_inputs, batch_size)
-    teacher_all, t_teacher = _timed(teacher_fn, teacher_inputs, batch_size)
+    student_probs, t_student = _timed(student_fn, student_inputs, batch_size, repeats)
+    teacher_all, t_teacher = _timed(teacher_fn, teacher_inputs, batch_size, repeats)
     rows = []
     for f in fractions:
         mask = select(student_probs, fraction=f)
-        teacher_part, t_part = _timed(teacher_fn, teacher_inputs[mask], batch_size)
+        teacher_part, t_part = _timed(teacher_fn, teacher_inputs[mask], batch_size, repeats)
         seconds = t_student + t_part
         share = float(mask.mean())
         rows.append(_row("cascade", f, n, int(mask.sum()), share,
@@ -184,11 +185,16 @@ def _row(by, fraction, n, k, share, acc, gflops, seconds, teacher_seconds) -> di
             "speedup_vs_teacher": teacher_seconds / seconds}
 
 
-def _timed(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
-    """fn over ``inputs`` in batches: (probabilities [N, C], seconds). One untimed batch first."""
+def _timed(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_size: int,
+           repeats: int = 1) -> tuple[np.ndarray, float]:
+    """fn over ``inputs`` in batches: (probabilities [N, C], median seconds of ``repeats`` passes).
+    One untimed batch first."""
     if len(inputs) == 0:
         return np.zeros((0, 0)), 0.0
     fn(inputs[:batch_size])  # warm-up: tracing and first-call allocations are not the cascade's cost
-    t0 = time.perf_counter()
-    out = np.concatenate([np.asarray(fn(inputs[i:i + batch_size])) for i in range(0, len(inputs), batch_size)])
-    return out, time.perf_counter() - t0
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        out = np.concatenate([np.asarray(fn(inputs[i:i + batch_size])) for i in range(0, len(inputs), batch_size)])
+        times.append(time.perf_counter() - t0)
+    return out, float(np.median(times))

@@ -132,10 +132,12 @@ def predict_split(model, ds, view: str) -> Predictions:
     return predict_split_keeping(model, ds, view, keep=())[0]
 
 
-def predict_split_keeping(model, ds, view: str, keep: Sequence[str]) -> tuple[Predictions, dict[str, np.ndarray]]:
+def predict_split_keeping(model, ds, view: str, keep: Sequence[str],
+                          probs_of=None) -> tuple[Predictions, dict[str, np.ndarray]]:
     """:func:`predict_split`, also returning the batches' ``keep`` views stacked in tile order
-    ("hr" as uint8 0-255, exactly the decoded pixels; other views float32)."""
-    probs_of = probs_function(model)
+    ("hr" as uint8 0-255, exactly the decoded pixels; other views float32). ``probs_of``: the
+    model's :func:`probs_function` when the caller has one (one trace fewer)."""
+    probs_of = probs_of or probs_function(model)
     cols: dict[str, list] = {k: [] for k in ("probs", "labels", "slide_ids", "sources", "x", "y")}
     kept: dict[str, list] = {k: [] for k in keep}
     for b in ds:
@@ -270,7 +272,8 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=info.num_classes)
     ds = make_dataset(run.pipeline_config(data_dir, cfg.batch_size), cfg.split, training=False)
     keep = tuple(dict.fromkeys((run.view, "hr"))) if teacher_run else ()
-    preds, kept = predict_split_keeping(model, ds, run.view, keep=keep)
+    student_fn = probs_function(model)
+    preds, kept = predict_split_keeping(model, ds, run.view, keep=keep, probs_of=student_fn)
     result = evaluate_predictions(preds, info.class_names, n_boot=cfg.n_boot, seed=cfg.seed)
     result["run"] = {"model_dir": os.path.abspath(cfg.model_dir), "mode": run.mode, "view": run.view,
                      "factor": run.factor, "lr_method": run.lr_method, "input_px": run.input_px,
@@ -282,7 +285,8 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
         from kd_histo.cost import count_flops
 
         teacher = load_model(teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=info.num_classes)
-        student_fn = probs_function(model, "uint8" if run.view == "hr" else "float32")  # kept "hr" is uint8
+        if run.view == "hr":  # the kept "hr" tiles are uint8
+            student_fn = probs_function(model, "uint8")
         rows = measure_curve(student_fn, probs_function(teacher, "uint8"), kept[run.view], kept["hr"],
                              preds.labels, student_gflops=count_flops(model, run.input_px) / 1e9,
                              teacher_gflops=count_flops(teacher, teacher_run.input_px) / 1e9,

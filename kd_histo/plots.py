@@ -240,9 +240,10 @@ def cascade_png(rows: Sequence[dict], path: str, title: str = "") -> str:
     pts = sorted((r for r in rows if r["scored_by"] == "cascade"), key=lambda r: r["gflops_per_tile"])
     ax.plot([r["gflops_per_tile"] for r in pts], [r["accuracy"] for r in pts], "o-", color="tab:blue",
             label="student + teacher on the least confident tiles")
-    for r in pts:
-        ax.annotate(f"{100 * r['teacher_share']:.0f}%  ({r['speedup_vs_teacher']:.1f}x)",
-                    (r["gflops_per_tile"], r["accuracy"]), textcoords="offset points", xytext=(5, -12), fontsize=8)
+    for i, r in enumerate(pts):  # labels alternate below/above so neighbouring points stay readable
+        ax.annotate(f"{100 * r['teacher_share']:.0f}% ({r['speedup_vs_teacher']:.1f}x)",
+                    (r["gflops_per_tile"], r["accuracy"]), textcoords="offset points",
+                    xytext=(4, -13) if i % 2 == 0 else (-10, 8), fontsize=8)
     for r in (r for r in rows if r["scored_by"] == "teacher"):
         ax.plot([r["gflops_per_tile"]], [r["accuracy"]], "*", ms=14, color="tab:red", label="teacher alone")
         ax.axhline(r["accuracy"], color="tab:red", lw=0.8, ls=":")

@@ -90,7 +90,7 @@ def test_measure_curve_accounts_cost_and_accuracy():
 
     idx = np.arange(n, dtype=float)[:, None]
     rows = cascade.measure_curve(student_fn, teacher_fn, idx, idx, labels, student_gflops=0.1, teacher_gflops=2.0,
-                                 fractions=(0.0, 0.1, 0.5, 1.0), batch_size=8)
+                                 fractions=(0.0, 0.1, 0.5, 1.0), batch_size=8, repeats=2)
     assert [r["scored_by"] for r in rows] == ["cascade"] * 4 + ["teacher"]
     assert [r["n_teacher"] for r in rows] == [0, 4, 20, 40, 40]
     for r in rows[:4]:
@@ -103,8 +103,8 @@ def test_measure_curve_accounts_cost_and_accuracy():
     assert rows[0]["accuracy"] == pytest.approx((student_out[keep].argmax(1) == labels[keep]).mean())
     assert rows[3]["accuracy"] == rows[4]["accuracy"] == 1.0
     assert rows[4]["gflops_per_tile"] == 2.0 and rows[4]["speedup_vs_teacher"] == pytest.approx(1.0)
-    # the teacher ran on the selected tiles only (plus one warm-up batch per pass, never timed)
-    assert sum(calls) == (8 + 40) + (4 + 4) + (8 + 20) + (8 + 40)
+    # the teacher ran on the selected tiles only: one untimed warm-up batch, then 2 timed passes
+    assert sum(calls) == (8 + 2 * 40) + (4 + 2 * 4) + (8 + 2 * 20) + (8 + 2 * 40)
 
 
 def test_cheapest_share_within_a_point_of_the_teacher():

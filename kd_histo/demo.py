@@ -29,6 +29,9 @@ from kd_histo.config import DistillConfig, NetConfig, OptimConfig, RunConfig
 from kd_histo.data.pipeline import PipelineConfig
 
 DEMO_JSON = "demo.json"
+# The synthetic tiles stand for 2 µm/px (a 64 px tile = 128 µm, as the README's slide tiles): recorded
+# in dataset.json, so the demo's runs read slides at their own resolution without --target_mpp.
+DEMO_TILE_MPP = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +147,7 @@ def _prepare_data(out_dir: str, s: DemoSettings, log: Callable[[str], None]) -> 
                 out_dir=data,
                 manifest=manifest,
                 class_names=tuple(synthetic.CLASS_NAMES),
-                encode=EncodeOptions(tile_px=s.tile_px),
+                encode=EncodeOptions(tile_px=s.tile_px, tile_mpp=DEMO_TILE_MPP),
                 seed=s.seed,
                 examples_per_shard=256,
                 progress=True,

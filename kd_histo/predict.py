@@ -1,15 +1,19 @@
 """A trained network on new data: tile folders, converted shards, or whole-slide images.
 
-Each input becomes tiles at the run's HR size (the run record's ``hr_px``; slides are tiled at the
-record's µm/px of the training tiles, or ``target_mpp`` when given, with
-``kd_histo.convert.slides``, tissue tiles only, one tile in memory per read), the LR view is made
-as in training (the record's factor and ``lr_method``, antialiased), and
-the network's class probabilities are written per tile (``predictions.csv``) and per slide
-(``slides.csv``: tile count, mean probability per class, majority class). With ``heatmap`` each
-slide also gets ``heatmaps/<slide>.png``: the probability of its top class over its thumbnail.
-Tiles from a folder are grouped into "slides" by their parent folder.
+Tile folders and shards become tiles at the run's HR size (the run record's ``hr_px``) and the LR
+view is made as in training (the record's factor and ``lr_method``, antialiased). Slides are tiled
+on the grid of HR tiles at the record's µm/px of the training tiles (or ``target_mpp`` when given),
+tissue tiles only, and each tile is read at the model's own resolution from the slide's pyramid
+(``kd_histo.slide_reader``: a student x8 reads the level at 8x the µm/px, never level 0; a slide
+without that level is shrunk from a finer one, with a note) by parallel reader threads, while the
+model, one compiled graph, runs on the previous batch. The network's class probabilities are
+written per tile (``predictions.csv``) and per slide (``slides.csv``: tile count, mean probability
+per class, majority class). With ``heatmap`` each slide also gets ``heatmaps/<slide>.png``: the
+probability of its top class over its thumbnail. Tiles from a folder are grouped into "slides" by
+their parent folder; unreadable images are skipped and listed in ``skipped.csv``, as conversion does.
 With a cascade teacher (``cascade_teacher``) the teacher re-scores the student's least confident
-tiles of each group (a slide, a folder group, a shards input) from their HR tiles, read again.
+tiles of each group (a slide, a folder group, a shards input) from their HR tiles, read again (from
+a slide at the teacher's own level).
 
 Not here: metrics against labels (``kd_histo.evaluate``), training (``kd_histo.train``).
 """
@@ -44,6 +48,8 @@ class PredictConfig:
       min_tissue: fraction of a slide tile that must be tissue.
       max_tiles: at most this many tiles per slide (evenly spaced); 0 = all.
       heatmap: write a heatmap per slide.
+      num_workers: slides: reader threads, each with its own OpenSlide handle (0 = read in the
+        thread that runs the model).
       cascade_teacher: a teacher run folder: the teacher re-scores the student's least confident
         tiles of each slide (tile folder group, shards input) from their HR tiles; "" = off.
       cascade_fraction: share of each group's tiles the teacher re-scores (``kd_histo.cascade.select``).
@@ -61,6 +67,7 @@ class PredictConfig:
     max_tiles: int = 0
     heatmap: bool = False
     skip_corrupt: bool = False
+    num_workers: int = 2
     cascade_teacher: str = ""
     cascade_fraction: float | None = None
     cascade_threshold: float | None = None
@@ -76,9 +83,9 @@ class PredictConfig:
 @dataclasses.dataclass
 class _Tiles:
     slide_id: str
-    sources: list[str]
-    xy: list[tuple[int, int]]
-    images: Iterator[np.ndarray]  # uint8 [hr_px, hr_px, 3], lazily read
+    sources: list[str]  # folders: filled as the images are read (unreadable ones are skipped)
+    xy: list[tuple[int, int]]  # folders: empty (every tile is (0, 0))
+    images: Iterator[np.ndarray] | None  # uint8 [hr_px, hr_px, 3], lazily read; None for slides
     heat: dict | None = None  # slides: {"path", "size_l0"} to place tiles on the thumbnail
     reread: Callable[[np.ndarray], Iterator[np.ndarray]] | None = None  # HR tiles by index (the cascade)
 
@@ -94,9 +101,8 @@ def _kind(path: str) -> str:
     raise ValueError(f"{path}: not a folder or a whole-slide image ({', '.join(SLIDE_EXTENSIONS)}, .tif)")
 
 
-def _folder_tiles(path: str, hr_px: int) -> list[_Tiles]:
-    from kd_histo.convert.tiles import fit_tile
-
+def _folder_tiles(path: str, hr_px: int, skipped: list[tuple[str, str]]) -> list[_Tiles]:
+    """Tiles of a folder, grouped by parent folder; unreadable images go to ``skipped`` as read."""
     groups: dict[str, list[str]] = {}
     for root, _, files in sorted(os.walk(path)):
         for f in sorted(files):
@@ -107,20 +113,36 @@ def _folder_tiles(path: str, hr_px: int) -> list[_Tiles]:
     out = []
     for group, files in groups.items():
         slide_id = os.path.basename(os.path.normpath(path)) if group == "." else group
-        images = (fit_tile(_read(f), hr_px, mode="resize") for f in files)
-        reread = (lambda idx, files=files: (fit_tile(_read(files[i]), hr_px, mode="resize") for i in idx))
-        out.append(_Tiles(slide_id, files, [(0, 0)] * len(files), images, reread=reread))
+        kept: list[str] = []
+        reread = (lambda idx, kept=kept: (_reread(kept[i], hr_px) for i in idx))
+        out.append(_Tiles(slide_id, kept, [], _read_all(files, hr_px, kept, skipped), reread=reread))
     return out
 
 
-def _read(path: str) -> np.ndarray:
+def _read_all(files: list[str], hr_px: int, kept: list[str], skipped: list[tuple[str, str]]) -> Iterator[np.ndarray]:
+    """The readable images of ``files`` at ``hr_px``, as conversion reads them; the others are skipped."""
     from kd_histo.convert.errors import SkipInput
-    from kd_histo.convert.tiles import read_tile
+    from kd_histo.convert.tiles import fit_tile, read_tile
+
+    for f in files:
+        try:
+            image = fit_tile(read_tile(f)[0], hr_px, mode="resize")
+        except SkipInput as e:
+            skipped.append((f, str(e)))
+            continue
+        kept.append(f)
+        yield image
+
+
+def _reread(path: str, hr_px: int) -> np.ndarray:
+    """An image read before, again (the cascade's teacher); one line if it changed since."""
+    from kd_histo.convert.errors import SkipInput
+    from kd_histo.convert.tiles import fit_tile, read_tile
 
     try:
-        return read_tile(path)[0]
+        return fit_tile(read_tile(path)[0], hr_px, mode="resize")
     except SkipInput as e:
-        raise ValueError(f"{path}: {e}; remove or fix the file") from None
+        raise ValueError(f"{path}: {e} (it was readable a moment ago); rerun") from None
 
 
 def tile_mpp(run: RunRecord, target_mpp: float) -> float:
@@ -135,31 +157,44 @@ def tile_mpp(run: RunRecord, target_mpp: float) -> float:
     return run.mpp
 
 
-def _slide_tiles(path: str, hr_px: int, cfg: PredictConfig, mpp: float) -> _Tiles:
-    from kd_histo.convert import slides
+def _predict_slide(classify, path: str, run: RunRecord, cfg: PredictConfig, mpp: float) -> tuple[_Tiles, np.ndarray]:
+    """A slide's tissue tiles read at the model's own µm/px (``kd_histo.slide_reader``), classified."""
+    from kd_histo import slide_reader
 
-    from kd_histo.convert.errors import SkipInput
-
-    try:
-        plan = slides.plan_slide(path, hr_px, mpp, min_tissue=cfg.min_tissue)
-    except SkipInput as e:  # SkipInput is not a ValueError: the binary's one-line error needs one
-        raise ValueError(f"{path}: {e}") from None
-    coords = list(plan.coords)
-    if not coords:
-        raise ValueError(f"{path}: no tile has {cfg.min_tissue:.0%} tissue; lower --min_tissue")
-    if cfg.max_tiles and len(coords) > cfg.max_tiles:
-        coords = [coords[i] for i in np.linspace(0, len(coords) - 1, cfg.max_tiles).round().astype(int)]
-
-    def read(idx=range(len(coords))) -> Iterator[np.ndarray]:
-        slide = slides.open_slide(path)
-        try:
-            for i in idx:
-                yield slides.read_region_rgb(slide, *coords[i], plan.size_l0, hr_px)
-        finally:
-            slide.close()
-
+    plan = slide_reader.plan_read(path, hr_px=run.hr_px, hr_mpp=mpp, input_px=run.input_px,
+                                  method=memory_lr_method(run), min_tissue=cfg.min_tissue, max_tiles=cfg.max_tiles)
+    if plan.note:
+        print(f"kd_histo: {plan.note}", flush=True)
     sid = os.path.splitext(os.path.basename(path))[0]
-    return _Tiles(sid, [path] * len(coords), coords, read(), {"path": path, "size_l0": plan.size_l0}, reread=read)
+    progress = slide_reader.Progress(sid, len(plan.coords))
+    out = []
+    # the readers fill the next batches while the model runs on this one
+    for batch in slide_reader.stream_batches(plan, cfg.batch_size, num_workers=cfg.num_workers):
+        out.append(classify(batch).numpy())
+        progress.update(len(batch))
+    progress.close(f" (level {plan.level} at {plan.level_mpp:.3g} µm/px, {plan.read_px} px reads, "
+                   f"{plan.input_px} px model input)")
+
+    def reread(idx) -> Iterator[np.ndarray]:  # HR tiles for the cascade's teacher, at its own level
+        hr = slide_reader.for_input(plan, run.hr_px, coords=[plan.coords[i] for i in idx])
+        for batch in slide_reader.stream_batches(hr, cfg.batch_size, num_workers=cfg.num_workers):
+            yield from batch
+
+    tiles = _Tiles(sid, [path] * len(plan.coords), list(plan.coords), None, {"path": path, "size_l0": plan.size_l0},
+                   reread=reread)
+    return tiles, np.concatenate(out)
+
+
+def _classifier(model):
+    """Class probabilities of uint8 tiles already at the model's input size, as one compiled graph."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def classify(images):
+        logits = model(tf.cast(images, tf.float32) / 255.0, training=False)["logits"]
+        return tf.nn.softmax(tf.cast(logits, tf.float32))
+
+    return classify
 
 
 def _batched(images: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
@@ -192,7 +227,7 @@ def _probs(model, images: Iterator[np.ndarray], run: RunRecord, batch_size: int)
             x = resize(x, run.input_px, memory_lr_method(run))
         logits = model(x, training=False)["logits"]
         out.append(tf.nn.softmax(tf.cast(logits, tf.float32)).numpy())
-    return np.concatenate(out)
+    return np.concatenate(out) if out else np.zeros((0, run.num_classes), np.float32)
 
 
 def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) -> dict[str, str]:
@@ -212,13 +247,14 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     names = list(run.class_names)
     kinds = [(p, _kind(p)) for p in cfg.inputs]  # all inputs checked before any work
     mpp = tile_mpp(run, cfg.target_mpp) if any(k == "slide" for _, k in kinds) else 0.0
-    if run.lr_method == "pyramid" and any(k != "shards" for _, k in kinds):
-        print(f"kd_histo: {cfg.model_dir} was trained on pyramid LR tiles; tiles and slides here get an antialiased "
-              "area resize of the HR tile instead", flush=True)
+    if run.lr_method == "pyramid" and any(k == "folder" for _, k in kinds):
+        print(f"kd_histo: {cfg.model_dir} was trained on pyramid LR tiles; tile folders get an antialiased "
+              "area resize of the HR tile instead (slides are read from their own pyramid level)", flush=True)
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=len(names))
     cascade = _load_cascade_teacher(cfg, run)  # None, or (teacher net, its record)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    rows, heat, scored_by = [], [], []
+    rows, heat, skipped, scored_by = [], [], [], []
+    classify = _classifier(model)
     for path, kind in kinds:
         if kind == "shards":
             pipe = dataclasses.replace(run.pipeline_config(path, cfg.batch_size), skip_corrupt=cfg.skip_corrupt)
@@ -231,20 +267,38 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
             rows += [(p.slide_ids[i], p.sources[i], int(p.x[i]), int(p.y[i]), probs[i]) for i in range(len(probs))]
             scored_by += [mask]
             continue
-        groups = _folder_tiles(path, run.hr_px) if kind == "folder" else [_slide_tiles(path, run.hr_px, cfg, mpp)]
-        for t in groups:
-            probs = _probs(model, t.images, run, cfg.batch_size)
+        if kind == "slide":
+            groups = [_predict_slide(classify, path, run, cfg, mpp)]
+        else:
+            groups = ((t, _probs(model, t.images, run, cfg.batch_size)) for t in _folder_tiles(path, run.hr_px, skipped))
+        for t, probs in groups:
             probs, mask = _cascade(probs, t.reread, cascade, cfg, t.slide_id)
-            rows += [(t.slide_id, t.sources[i], t.xy[i][0], t.xy[i][1], probs[i]) for i in range(len(probs))]
+            xy = t.xy or [(0, 0)] * len(probs)
+            rows += [(t.slide_id, t.sources[i], xy[i][0], xy[i][1], probs[i]) for i in range(len(probs))]
             scored_by += [mask]
             if cfg.heatmap and t.heat:
                 heat.append((t, probs))
+    paths = {}
+    if skipped:  # as conversion does: skip unreadable images, list them with the reason
+        paths["skipped"] = _write_skipped(skipped, os.path.join(cfg.out_dir, "skipped.csv"))
+        print(f"kd_histo: skipped {len(skipped)} unreadable image(s), listed in {paths['skipped']} "
+              f"(first: {skipped[0][0]}: {skipped[0][1]})", flush=True)
+    if not rows:
+        raise ValueError(f"no readable tile in {', '.join(cfg.inputs)}; see {paths.get('skipped', 'the inputs')}")
     by = ["teacher" if m else "student" for m in np.concatenate(scored_by)] if cascade else None
-    paths = {"predictions": _write_tiles(rows, names, os.path.join(cfg.out_dir, "predictions.csv"), by),
+    paths |= {"predictions": _write_tiles(rows, names, os.path.join(cfg.out_dir, "predictions.csv"), by),
              "slides": _write_slides(rows, names, os.path.join(cfg.out_dir, "slides.csv"))}
     for t, probs in heat:
         paths[f"heatmap:{t.slide_id}"] = _heatmap(t, probs, names, os.path.join(cfg.out_dir, "heatmaps"))
     return paths
+
+
+def _write_skipped(skipped: list[tuple[str, str]], path: str) -> str:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        w.writerows(skipped)
+    return path
 
 
 def _load_cascade_teacher(cfg: PredictConfig, run: RunRecord):

@@ -149,6 +149,8 @@ def define_predict_flags() -> None:
     _define("integer", "max_tiles", 0, "Slides: at most this many tiles per slide (0 = all).")
     _define("bool", "heatmap", False, "Slides: write a probability heatmap over the thumbnail.")
     _define("bool", "skip_corrupt", False, SKIP_CORRUPT_HELP)
+    _define("integer", "num_workers", 2, "Parallel workers: kd-histo-predict's slide reader threads "
+            "(0 = in this process).")
     _define("string", "cascade_teacher", "", "Teacher run folder: it re-scores the student's least confident "
             "tiles at high resolution (with --cascade_fraction or --cascade_threshold).")
     _define("float", "cascade_fraction", None, "Cascade: share of each slide's (or folder's) tiles the teacher "

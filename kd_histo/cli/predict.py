@@ -28,6 +28,7 @@ def main(argv: list[str]) -> None:
                                 out_dir=FLAGS.out_dir or "predictions",
                                 split=FLAGS.split, batch_size=FLAGS.batch_size, target_mpp=FLAGS.target_mpp if FLAGS["target_mpp"].present else 0.0,
                                 min_tissue=FLAGS.min_tissue, max_tiles=FLAGS.max_tiles, heatmap=FLAGS.heatmap,
+                                num_workers=FLAGS.num_workers,
                                 cascade_teacher=FLAGS.cascade_teacher, cascade_fraction=FLAGS.cascade_fraction,
                                 cascade_threshold=FLAGS.cascade_threshold, skip_corrupt=FLAGS.skip_corrupt)
     paths = predict.predict(cfg, log=lambda line: print(f"{PROG}: {line}", flush=True))

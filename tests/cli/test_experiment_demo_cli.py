@@ -84,6 +84,11 @@ def test_smoke_demo_end_to_end_then_rerun(tmp_path, capsys):
     assert [r["run"] for r in rows] == ["teacher", "baseline_x2", "student_x2", "student_x2_unl100"]
     info = json.loads((out / "data" / "dataset.json").read_text())
     assert info["counts"]["unlabeled"] == {"unlabeled": 8} and info["class_names"][0] == "lymphocytes"
+    # the tiles' µm/px reaches the run record: predict reads slides at the student's own 2 x 2 µm/px
+    from kd_histo.run_record import read_run_record
+
+    assert info["mpp"] == demo.DEMO_TILE_MPP
+    assert read_run_record(str(out / "runs" / "s0" / "student_x2")).input_mpp == 2 * demo.DEMO_TILE_MPP
     for name in ("report.md", "accuracy_vs_gflops.png", "confusion_matrices.png", "results.csv"):
         assert (out / "report" / name).stat().st_size > 0
     # A rerun trains nothing and gives the same table.

@@ -1,0 +1,311 @@
+"""Whole-slide tiles at a model's own resolution, read in parallel and streamed in batches.
+
+:func:`plan_read` lays the tissue grid of :func:`kd_histo.convert.slides.plan_slide` (tissue found
+on a thumbnail read from a low level, never on high-resolution tiles) at the area of the training
+HR tile (``hr_px`` at ``hr_mpp``), then picks where a model reading ``input_px`` at ``mpp_in``
+reads its pixels: the coarsest pyramid level whose µm/px is not coarser than ``mpp_in`` (so a
+student x8 never decodes level 0 when the slide has a lower level), resizing only the remainder,
+antialiased, with the run's LR method. A slide without such a level (a single-level file) is read
+at level 0 and shrunk; the plan's ``note`` says so in one line.
+
+:func:`stream_batches` reads the planned tiles with ``num_workers`` threads, each holding its own
+OpenSlide handle (OpenSlide's C reads and Pillow's resize release the GIL, so threads decode in
+parallel; unlike worker processes they cannot outlive their process, whatever kills it). At most
+``window`` batches are in flight, in order, while the caller runs the model on the previous one:
+pixel memory is bounded by ``window x batch_size`` tiles whatever the slide's size.
+
+Not here: the model and the output files (:mod:`kd_histo.predict`), converting slides to shards
+(:mod:`kd_histo.convert.slides`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence, TextIO
+
+import numpy as np
+from PIL import Image
+
+from kd_histo.convert import slides
+from kd_histo.convert.errors import ConversionError, SkipInput
+
+# A level counts as "at" a resolution within this relative tolerance: scanners store downsamples
+# such as 4.0003, and resizing by 1.0003 is not worth a resample.
+LEVEL_TOLERANCE = 0.02
+# The remainder resize per LR method of training (Pillow's filters widen with the shrink factor,
+# i.e. they are antialiased as tf.image.resize(..., antialias=True) is in training).
+_FILTERS = {"area": Image.BOX, "pyramid": Image.BOX, "bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideRead:
+    """Where and how one slide's tiles are read for one model.
+
+    Attributes:
+      path: the slide file.
+      base_mpp: level-0 µm/px.
+      size_l0: tile side in level-0 pixels (the area of one HR training tile).
+      coords: level-0 (x, y) corner of each tissue tile, row-major.
+      grid_tiles: tiles in the grid before background was dropped.
+      input_px: side of the tiles handed to the model.
+      mpp_in: µm/px of those tiles.
+      level: pyramid level read.
+      level_mpp: µm/px of that level.
+      read_px: pixels read per tile side at that level (== input_px: no resize).
+      method: resize of the remainder ("area", "bicubic", "bilinear"; "pyramid" reads as area).
+      note: one line when the slide lacks a level near ``mpp_in`` and is shrunk from a finer one.
+    """
+
+    path: str
+    base_mpp: float
+    size_l0: int
+    coords: tuple[tuple[int, int], ...]
+    grid_tiles: int
+    input_px: int
+    mpp_in: float
+    level: int
+    level_mpp: float
+    read_px: int
+    method: str = "area"
+    note: str = ""
+
+    @property
+    def shrink(self) -> float:
+        """Resize factor of the remainder (1 = the level's pixels as read)."""
+        return self.read_px / self.input_px
+
+
+def choose_level(base_mpp: float, downsamples: Sequence[float], mpp_in: float,
+                 tolerance: float = LEVEL_TOLERANCE) -> int:
+    """The coarsest level whose µm/px is at most ``mpp_in`` (within ``tolerance``); 0 if none is.
+
+    Args:
+      base_mpp: level-0 µm/px.
+      downsamples: each level's downsample relative to level 0 (OpenSlide's ``level_downsamples``).
+      mpp_in: µm/px the model reads.
+      tolerance: relative slack, so a level at 2.0006 µm/px serves a 2.0 µm/px model.
+    """
+    best = 0
+    for k, ds in enumerate(downsamples):
+        if base_mpp * ds <= mpp_in * (1 + tolerance) and ds > downsamples[best]:
+            best = k
+    return best
+
+
+def plan_read(path: str, *, hr_px: int, hr_mpp: float, input_px: int, method: str = "area",
+              min_tissue: float = 0.5, max_tiles: int = 0, slide_mpp: float = 0.0) -> SlideRead:
+    """Plans reading a slide's tissue tiles for a model reading ``input_px`` px per HR tile.
+
+    Args:
+      path: slide file (anything OpenSlide opens, pyramidal TIFF included).
+      hr_px: side of the training HR tiles.
+      hr_mpp: their µm/px; a tile covers ``hr_px * hr_mpp`` µm, whatever the model's resolution.
+      input_px: side of the model's input (``hr_px`` for a teacher, ``hr_px / factor`` for a
+        student); it is read at ``mpp_in = hr_px * hr_mpp / input_px``.
+      method: the run's LR method; the remainder resize uses the same filter. (HR tiles shrunk in
+        memory, training's way: plan with ``input_px=hr_px`` and resize the batches.)
+      min_tissue: fraction of a tile that must be tissue.
+      max_tiles: at most this many tiles, evenly spaced (0 = all).
+      slide_mpp: level-0 µm/px for slides whose metadata lacks it (0 = from the metadata).
+
+    Raises:
+      ValueError: unreadable slide, no µm/px, a tile larger than the slide, or no tissue tile.
+    """
+    if method not in _FILTERS:  # before the tissue mask is computed
+        raise ValueError(f"lr_method {method!r} unknown; choose one of {sorted(_FILTERS)}")
+    import openslide
+
+    try:
+        grid = slides.plan_slide(path, hr_px, hr_mpp, min_tissue=min_tissue, slide_mpp=slide_mpp)
+    except (SkipInput, ConversionError, openslide.OpenSlideError) as e:  # binaries need a ValueError
+        raise ValueError(f"{path}: {e}") from None
+    coords = list(grid.coords)
+    if not coords:
+        raise ValueError(f"{path}: no tile has {min_tissue:.0%} tissue; lower --min_tissue")
+    if max_tiles and len(coords) > max_tiles:
+        coords = [coords[i] for i in np.linspace(0, len(coords) - 1, max_tiles).round().astype(int)]
+    return _at_input(path, grid.base_mpp, grid.size_l0, tuple(coords), grid.grid_tiles, input_px,
+                     hr_px * hr_mpp / input_px, method)
+
+
+def for_input(plan: SlideRead, input_px: int, *, method: str = "area",
+              coords: Sequence[tuple[int, int]] | None = None) -> SlideRead:
+    """The same grid's tiles (or ``coords`` of them) read for another model's ``input_px``.
+
+    For the cascade: the teacher re-reads the student's least confident tiles at its own level.
+    """
+    mpp_in = plan.mpp_in * plan.input_px / input_px  # the tile's µm over the new side
+    return _at_input(plan.path, plan.base_mpp, plan.size_l0, tuple(plan.coords if coords is None else coords),
+                     plan.grid_tiles, input_px, mpp_in, method)
+
+
+def _at_input(path, base_mpp, size_l0, coords, grid_tiles, input_px, mpp_in, method) -> SlideRead:
+    if method not in _FILTERS:
+        raise ValueError(f"lr_method {method!r} unknown; choose one of {sorted(_FILTERS)}")
+    try:
+        slide = slides.open_slide(path)
+    except SkipInput as e:
+        raise ValueError(f"{path}: {e}") from None
+    try:
+        downsamples = tuple(slide.level_downsamples)
+    finally:
+        slide.close()
+    level = choose_level(base_mpp, downsamples, mpp_in)
+    read_px = max(1, int(round(size_l0 / downsamples[level])))
+    note = ""
+    if read_px > input_px * (1 + LEVEL_TOLERANCE):
+        levels = ", ".join(f"{base_mpp * d:.3g}" for d in downsamples)
+        note = (f"{path}: no pyramid level near {mpp_in:.3g} µm/px (levels at {levels} µm/px); "
+                f"reading level {level} and shrinking {read_px / input_px:.3g}x")
+    return SlideRead(path=path, base_mpp=base_mpp, size_l0=size_l0, coords=coords, grid_tiles=grid_tiles,
+                     input_px=input_px, mpp_in=mpp_in, level=level, level_mpp=base_mpp * downsamples[level],
+                     read_px=read_px, method=method, note=note)
+
+
+def read_tile(slide, plan: SlideRead, x: int, y: int) -> np.ndarray:
+    """One planned tile, uint8 RGB ``[input_px, input_px, 3]``; glass outside the scan is white."""
+    region = slide.read_region((x, y), plan.level, (plan.read_px, plan.read_px))
+    rgb = slides._flatten(region)
+    if plan.read_px == plan.input_px:
+        return rgb
+    # From uint8: one rounding, where training rounds never (its float views); below 1/255.
+    return np.asarray(Image.fromarray(rgb).resize((plan.input_px, plan.input_px), _FILTERS[plan.method]))
+
+
+@dataclasses.dataclass
+class StreamStats:
+    """What a stream did: batches and tiles read, and the most batches it ever held at once."""
+
+    batches: int = 0
+    tiles: int = 0
+    max_in_flight: int = 0
+    handles_opened: int = 0
+
+
+def stream_batches(plan: SlideRead, batch_size: int, *, num_workers: int = 2, window: int = 0,
+                   stats: StreamStats | None = None) -> Iterator[np.ndarray]:
+    """Yields the planned tiles in order as uint8 batches ``[<=batch_size, input_px, input_px, 3]``.
+
+    Args:
+      plan: from :func:`plan_read`.
+      batch_size: tiles per batch.
+      num_workers: reader threads, each with its own OpenSlide handle; 0 reads in the caller.
+      window: batches read ahead at most (0 = 2 per worker); memory is bounded by it.
+      stats: filled in as the stream runs (tests, benchmarks).
+    """
+    import openslide
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    stats = stats if stats is not None else StreamStats()
+    chunks = (plan.coords[i : i + batch_size] for i in range(0, len(plan.coords), batch_size))
+    handles, lock, local = [], threading.Lock(), threading.local()
+    cache = _shared_cache()
+
+    def read_batch(chunk) -> np.ndarray:
+        slide = getattr(local, "slide", None)
+        if slide is None:
+            try:
+                slide = local.slide = slides.open_slide(plan.path)
+            except SkipInput as e:
+                raise ValueError(f"{plan.path}: {e}") from None
+            if cache is not None:
+                slide.set_cache(cache)
+            with lock:
+                handles.append(slide)
+                stats.handles_opened += 1
+        out = np.empty((len(chunk), plan.input_px, plan.input_px, 3), np.uint8)
+        for i, (x, y) in enumerate(chunk):
+            try:
+                out[i] = read_tile(slide, plan, x, y)
+            except openslide.OpenSlideError as e:  # a damaged tile: one line naming it
+                raise ValueError(f"{plan.path}: cannot read the tile at level-0 ({x}, {y}): {e}") from None
+        return out
+
+    def done(batch: np.ndarray) -> np.ndarray:
+        stats.batches += 1
+        stats.tiles += len(batch)
+        return batch
+
+    try:
+        if num_workers <= 0:
+            for chunk in chunks:
+                stats.max_in_flight = max(stats.max_in_flight, 1)
+                yield done(read_batch(chunk))
+            return
+        window = window or 2 * num_workers
+        with ThreadPoolExecutor(num_workers, thread_name_prefix="kd_histo-slide-reader") as pool:
+            pending = collections.deque(pool.submit(read_batch, c) for c in itertools.islice(chunks, window))
+            try:
+                while pending:
+                    stats.max_in_flight = max(stats.max_in_flight, len(pending))
+                    batch = pending.popleft().result()
+                    nxt = next(chunks, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(read_batch, nxt))
+                    yield done(batch)
+            finally:  # the consumer stopped early or failed: drop what was not started
+                for f in pending:
+                    f.cancel()
+    finally:
+        for h in handles:
+            h.close()
+
+
+def _shared_cache(capacity: int = 64 << 20):
+    """One decoded-tile cache for all reader handles (neighbouring tiles share JPEG tiles)."""
+    import openslide
+
+    try:
+        return openslide.OpenSlideCache(capacity)
+    except (AttributeError, openslide.OpenSlideError):  # OpenSlide < 4.0 has no shared caches
+        return None
+
+
+class Progress:
+    """Tiles done and tiles/s: a bar redrawn in place on a terminal, one summary line at the end.
+
+    The bar goes to ``bar_stream`` (stderr) only when it is a terminal, so logs and captured
+    output get the summary line alone (on ``stream``, stdout).
+    """
+
+    def __init__(self, label: str, total: int, *, stream: TextIO | None = None,
+                 bar_stream: TextIO | None = None, every_s: float = 0.25):
+        self.label, self.total, self.done = label, total, 0
+        self.stream = stream or sys.stdout
+        bar = bar_stream or sys.stderr
+        self.bar = bar if getattr(bar, "isatty", lambda: False)() else None
+        self.every_s = every_s
+        self.start = self._last = time.perf_counter()
+
+    @property
+    def rate(self) -> float:
+        """Tiles per second so far."""
+        return self.done / max(1e-9, time.perf_counter() - self.start)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.bar is not None and (now - self._last >= self.every_s or self.done >= self.total):
+            self._last = now
+            width = 30
+            filled = int(width * self.done / max(1, self.total))
+            self.bar.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                           f"{self.done}/{self.total} tiles, {self.rate:.0f} tiles/s")
+            self.bar.flush()
+
+    def close(self, extra: str = "") -> str:
+        """Ends the bar and prints (and returns) the summary line."""
+        if self.bar is not None:
+            self.bar.write("\n")
+            self.bar.flush()
+        line = (f"{self.label}: {self.done} tiles in {time.perf_counter() - self.start:.1f} s, "
+                f"{self.rate:.0f} tiles/s{extra}")
+        print(line, file=self.stream, flush=True)
+        return line

@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 from cli_helpers import invoke
 from PIL import Image
 
@@ -51,6 +52,7 @@ def test_a_single_level_slide_is_shrunk_with_a_note(runs, tmp_path, capsys):
     assert plan.level == 0 and len(list(csv.DictReader(open(out / "predictions.csv")))) == len(plan.coords)
 
 
+@pytest.mark.reliability  # issue 15 case 10: make test-reliability runs and counts it
 def test_folder_with_unreadable_images_skips_and_lists_them(runs, tmp_path, capsys):
     folder = tmp_path / "tiles" / "caseA"
     folder.mkdir(parents=True)

@@ -43,6 +43,22 @@ def conv(filters: int, kernel: int, stride: int, name: str) -> layers.Layer:
     )
 
 
+def projection_conv(x, filters: int, stride: int, name: str):
+    """1x1 projection shortcut with ``stride``, written as a subsample then a 1x1/1 conv.
+
+    Equal to ``Conv2D(filters, 1, strides=stride)`` (a strided 1x1 conv reads exactly the pixels
+    ``x[:, ::stride, ::stride]``; the kernel keeps its name and shape), but its gradient never
+    runs oneDNN's strided 1x1 backward-weights kernel: in TF 2.16 (oneDNN 3.3.4, AVX-512) that
+    kernel writes past its buffer when the input has fewer than 16 channels, which aborts
+    training ("malloc(): corrupted top size", a segfault) -- see BUILD_NOTES.md, "oneDNN".
+    """
+    if stride > 1:
+        # A 1x1 pooling window at stride s is the subsample x[:, ::s, ::s] (ceil(n/s) outputs,
+        # as the strided conv); average over one pixel is that pixel, bit for bit.
+        x = layers.AveragePooling2D(1, strides=stride, name=f"{name}_subsample")(x)
+    return conv(filters, 1, 1, name)(x)
+
+
 def padded_conv(x, filters: int, kernel: int, stride: int, name: str):
     """Conv with PyTorch's symmetric ``padding=kernel//2``."""
     if kernel > 1:
@@ -59,7 +75,7 @@ def basic_block(x, planes: int, stride: int, norm: str, groups: int, name: str):
     y = padded_conv(y, planes, 3, 1, f"{name}_conv2")
     y = norm_layer(norm, planes, groups, f"{name}_norm2")(y)
     if stride != 1 or x.shape[-1] != planes:
-        shortcut = conv(planes, 1, stride, f"{name}_down_conv")(x)
+        shortcut = projection_conv(x, planes, stride, f"{name}_down_conv")
         shortcut = norm_layer(norm, planes, groups, f"{name}_down_norm")(shortcut)
     y = layers.Add(name=f"{name}_add")([y, shortcut])
     return layers.ReLU(name=f"{name}_out")(y)

@@ -161,3 +161,79 @@ def test_binaries_turn_onednn_on_unless_the_user_set_it(preset, expected):
                           timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == expected
+
+
+# -- formulations for speed (BUILD_NOTES.md, "oneDNN and step speed"): equal to what they replace --
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape, groups", [((2, 9, 7, 16), 8), ((3, 4, 4, 6), 3), ((2, 1, 1, 32), 8)])
+def test_group_norm_equals_keras_group_normalization(shape, groups, dtype):
+    from kd_histo.models.resnet_gn import GroupNormalization
+
+    rng = np.random.default_rng(sum(shape))
+    x = tf.constant((rng.standard_normal(shape) * 3 + 2).astype(dtype))  # mean far from 0
+    ours = GroupNormalization(groups=groups, epsilon=1e-5, dtype=dtype)
+    ref = keras.layers.GroupNormalization(groups=groups, epsilon=1e-5, dtype=dtype)
+    ours.build(shape)
+    ref.build(shape)
+    for a, b in ((ours.gamma, ref.gamma), (ours.beta, ref.beta)):
+        v = rng.standard_normal(shape[-1]).astype(np.float32) * 0.5 + 1
+        a.assign(v)
+        b.assign(v)
+    w = tf.constant(rng.standard_normal(shape).astype(dtype))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y_ours, y_ref = ours(x), ref(x)
+        l_ours = tf.reduce_sum(tf.cast(w * y_ours, tf.float32))
+        l_ref = tf.reduce_sum(tf.cast(w * y_ref, tf.float32))
+    assert y_ours.dtype == y_ref.dtype == dtype
+    tol = 1e-5 if dtype == "float32" else 2e-3
+    np.testing.assert_allclose(y_ours.numpy(), y_ref.numpy(), rtol=tol, atol=tol)
+    g_ours = tape.gradient(l_ours, [x, ours.gamma.value, ours.beta.value])
+    g_ref = tape.gradient(l_ref, [x, ref.gamma.value, ref.beta.value])
+    for a, b in zip(g_ours, g_ref):
+        scale = float(np.max(np.abs(b.numpy().astype(np.float32))))
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=tol, atol=tol * scale)
+
+
+def test_group_norm_keeps_keras_weight_paths(tmp_path):
+    # Keras files weights under the snake-cased class name: a net built with the Keras layer
+    # (as before) and one built with ours read each other's .weights.h5 files.
+    m = build_model("resnet_gn", 3, mean=MEAN, std=STD, **DEMO_NET)
+    gns = [la for la in m.layers if isinstance(la, keras.layers.GroupNormalization)]
+    assert len(gns) == 12 and all(type(la).__module__.startswith("kd_histo") for la in gns)
+    keras_twin = keras.models.clone_model(
+        m, clone_function=lambda la: keras.layers.GroupNormalization.from_config(la.get_config())
+        if isinstance(la, keras.layers.GroupNormalization) else la.__class__.from_config(la.get_config())
+    )
+    assert {type(la) for la in keras_twin.layers} >= {keras.layers.GroupNormalization}
+    rng = np.random.default_rng(0)
+    for v in keras_twin.weights:
+        v.assign(rng.standard_normal(v.shape).astype(np.float32) * 0.2 + (1 if "gamma" in v.path else 0))
+    path = str(tmp_path / "keras_layers.weights.h5")
+    keras_twin.save_weights(path)
+    m.load_weights(path)
+    x = np.random.default_rng(1).random((2, 33, 33, 3), dtype=np.float32)
+    np.testing.assert_allclose(m(x)["features"].numpy(), keras_twin(x)["features"].numpy(),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("px", [1, 2, 7])
+def test_stride_one_same_conv_equals_zero_padding_then_valid(px):
+    from kd_histo.models.resnet_gn import padded_conv
+
+    inp = keras.Input((None, None, 8))
+    new = keras.Model(inp, padded_conv(inp, 16, 3, 1, "c"))
+    assert not any(isinstance(la, keras.layers.ZeroPadding2D) for la in new.layers)
+    old = keras.Sequential([keras.Input((None, None, 8)), keras.layers.ZeroPadding2D(1),
+                            keras.layers.Conv2D(16, 3, padding="valid", use_bias=False)])
+    old.layers[-1].kernel.assign(new.get_layer("c").kernel)
+    x = tf.constant(np.random.default_rng(px).standard_normal((2, px, px, 8)).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y_new, y_old = new(x), old(x)
+        l_new, l_old = tf.reduce_sum(y_new * y_new), tf.reduce_sum(y_old * y_old)
+    np.testing.assert_allclose(y_new.numpy(), y_old.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tape.gradient(l_new, x).numpy(), tape.gradient(l_old, x).numpy(),
+                               rtol=1e-5, atol=1e-4)

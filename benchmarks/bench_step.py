@@ -55,6 +55,10 @@ def define_flags():
     flags.DEFINE_string(
         "torch_python", sys.executable, "interpreter with torch installed, for --compare_torch"
     )
+    flags.DEFINE_list(
+        "torch_layouts", ["nchw", "channels_last"],
+        "PyTorch memory layouts to time: nchw (its default), channels_last (NHWC, as TF's)",
+    )
 
 
 def bench_one(
@@ -149,31 +153,41 @@ def bench_infer(px: int, *, batch: int, steps: int, warmup: int, repeats: int,
 
 
 def run_torch(f, *, factors: str = "", modes: str = "", infer_px: str = "") -> list[dict]:
-    """Runs benchmarks/torch_step.py under --torch_python; returns its JSON records."""
-    cmd = [f.torch_python, str(TORCH_STEP), f"--factors={factors}", f"--modes={modes}",
-           f"--infer_px={infer_px}", f"--batch={f.batch}", f"--hr_px={f.hr_px}",
-           f"--steps={f.steps}", f"--warmup={f.warmup}", f"--repeats={f.repeats}",
-           f"--planes={f.arch_planes}", f"--threads={os.cpu_count()}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise SystemExit(f"bench_step: error: {' '.join(cmd[:2])} failed: {tail[0]}")
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    """Runs benchmarks/torch_step.py under --torch_python per layout; returns its JSON records."""
+    records = []
+    for layout in f.torch_layouts:
+        if layout not in ("nchw", "channels_last"):
+            raise SystemExit(f"bench_step: error: --torch_layouts: unknown layout {layout!r}")
+        cmd = [f.torch_python, str(TORCH_STEP), f"--factors={factors}", f"--modes={modes}",
+               f"--infer_px={infer_px}", f"--batch={f.batch}", f"--hr_px={f.hr_px}",
+               f"--steps={f.steps}", f"--warmup={f.warmup}", f"--repeats={f.repeats}",
+               f"--planes={f.arch_planes}", f"--threads={os.cpu_count()}"]
+        cmd += ["--channels_last"] if layout == "channels_last" else []
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise SystemExit(f"bench_step: error: {' '.join(cmd[:2])} failed: {tail[0]}")
+        records += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return records
 
 
-def markdown(results: list[dict], torch_results: list[dict]) -> str:
-    """Images/s of kd_histo and PyTorch and their ratio, one row per step kind and input."""
+def markdown(results: list[dict], torch_results: list[dict], layouts: list[str]) -> str:
+    """Images/s of kd_histo and PyTorch (per layout) and their ratio, one row per step and input."""
     def key(r):
-        return (r["mode"], r.get("factor", r.get("px")))
+        return (r["mode"], r.get("factor", r.get("px")), r.get("layout"))
 
     theirs = {key(r): r["images_per_s"] for r in torch_results}
-    lines = ["| step | input | kd_histo img/s | PyTorch img/s | kd_histo / PyTorch |",
-             "|---|---|---:|---:|---:|"]
+    head = ["step", "input", "kd_histo img/s"]
+    for lay in layouts:
+        head += [f"PyTorch {lay} img/s", f"kd_histo / PyTorch {lay}"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in results:
-        t = theirs.get(key(r))
         what = f"x{r['factor']} ({r['student_px']} px)" if "factor" in r else f"{r['px']} px"
-        ratio = f"{r['images_per_s'] / t:.2f}" if t else "n/a"
-        lines.append(f"| {r['mode']} | {what} | {r['images_per_s']} | {t or 'n/a'} | {ratio} |")
+        cells = [r["mode"], what, str(r["images_per_s"])]
+        for lay in layouts:
+            t = theirs.get((r["mode"], r.get("factor", r.get("px")), lay))
+            cells += [str(t or "n/a"), f"{r['images_per_s'] / t:.2f}" if t else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -202,7 +216,7 @@ def main(argv):
         r = bench_infer(int(px), **timing)
         done(r, run_torch(f, infer_px=px) if f.compare_torch else ())
     if f.compare_torch:
-        print(markdown(results, torch_results))
+        print(markdown(results, torch_results, f.torch_layouts))
     print(
         json.dumps(
             {
@@ -217,6 +231,9 @@ def main(argv):
                 "machine": platform.processor() or platform.machine(),
                 "load_avg_1m": os.getloadavg()[0],
                 "TF_ENABLE_ONEDNN_OPTS": os.environ["TF_ENABLE_ONEDNN_OPTS"],
+                # PyTorch's OpenMP threads spin while they wait: on a busy machine that costs it
+                # a lot; OMP_WAIT_POLICY=PASSIVE (read by torch only) makes them sleep instead.
+                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "default"),
                 "results": results,
                 "torch_results": torch_results,
             },

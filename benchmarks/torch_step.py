@@ -11,8 +11,10 @@ GroupNorm with gcd(C, 8) groups, input normalised by mean/std in the net), a fro
 L2 between the student's map and the mean of the adaptive max-pool and the bicubic resize
 (``align_corners=False``) of the teacher's map; Adam 1e-3. "cached" feeds the teacher logits and
 resized map computed once; "infer" times the net's forward pass (``inference_mode``) at each of
-``--infer_px``. Default PyTorch layout (NCHW) and float32; random inputs already in memory. Prints
-one JSON object per configuration, with the median images/s of ``--repeats`` timings.
+``--infer_px``. float32, PyTorch's default NCHW layout, or with ``--channels_last`` nets and inputs
+in ``torch.channels_last`` (NHWC in memory, as TensorFlow's; faster for oneDNN's CPU convs); random
+inputs already in memory. Prints one JSON object per configuration, with the median images/s of
+``--repeats`` timings.
 """
 
 from __future__ import annotations
@@ -103,17 +105,22 @@ def _time(fn, *, steps: int, warmup: int, repeats: int, batch: int) -> list[floa
     return rates
 
 
+def _layout(t, a):
+    return t.to(memory_format=torch.channels_last) if a.channels_last else t
+
+
 def bench_step(factor: int, mode: str, a) -> dict:
     torch.manual_seed(0)
     planes = tuple(int(p) for p in a.planes.split(","))
-    teacher, student = ResNetGN(planes).eval(), ResNetGN(planes).train()
+    teacher = _layout(ResNetGN(planes).eval(), a)
+    student = _layout(ResNetGN(planes).train(), a)
     for p in teacher.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     lr_px = a.hr_px // factor
     gen = torch.Generator().manual_seed(0)
-    hr = torch.rand(a.batch, 3, a.hr_px, a.hr_px, generator=gen)
-    lr = torch.rand(a.batch, 3, lr_px, lr_px, generator=gen)
+    hr = _layout(torch.rand(a.batch, 3, a.hr_px, a.hr_px, generator=gen), a)
+    lr = _layout(torch.rand(a.batch, 3, lr_px, lr_px, generator=gen), a)
     size = student(lr[:1])[1].shape[-2:]
     with torch.no_grad():
         cached_logits, t_feat = teacher(hr)
@@ -139,8 +146,8 @@ def bench_step(factor: int, mode: str, a) -> dict:
 
 def bench_infer(px: int, a) -> dict:
     torch.manual_seed(0)
-    net = ResNetGN(tuple(int(p) for p in a.planes.split(","))).eval()
-    x = torch.rand(a.batch, 3, px, px, generator=torch.Generator().manual_seed(0))
+    net = _layout(ResNetGN(tuple(int(p) for p in a.planes.split(","))).eval(), a)
+    x = _layout(torch.rand(a.batch, 3, px, px, generator=torch.Generator().manual_seed(0)), a)
 
     def run():
         with torch.inference_mode():
@@ -163,9 +170,11 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--planes", default="32,64,128,256")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--channels_last", action="store_true", help="NHWC memory layout")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "layout": "channels_last" if a.channels_last else "nchw"}
     for f in [int(v) for v in a.factors.split(",") if v]:
         for mode in [m for m in a.modes.split(",") if m]:
             print(json.dumps({**bench_step(f, mode, a), **meta}), flush=True)

@@ -36,6 +36,7 @@ import kd_histo.cli.flags_common  # noqa: E402,F401
 from absl import app, flags  # noqa: E402
 
 TORCH_STEP = pathlib.Path(__file__).resolve().parent / "torch_step.py"
+CLOCK = time.perf_counter  # --clock=process: time.process_time
 
 
 def define_flags():
@@ -54,6 +55,14 @@ def define_flags():
     flags.DEFINE_bool("compare_torch", False, "also time benchmarks/torch_step.py (PyTorch)")
     flags.DEFINE_string(
         "torch_python", sys.executable, "interpreter with torch installed, for --compare_torch"
+    )
+    flags.DEFINE_integer(
+        "threads", 0, "intra-op threads of TensorFlow and PyTorch (0: TF's default, one per core)"
+    )
+    flags.DEFINE_enum(
+        "clock", "wall", ["wall", "process"],
+        "wall: images per wall-clock second; process: per second of the process's CPU time "
+        "(with --threads=1, a measure of work that a busy machine disturbs less)",
     )
     flags.DEFINE_list(
         "torch_layouts", ["nchw", "channels_last"],
@@ -112,11 +121,11 @@ def bench_one(
         float(step(data)["loss"])
     rates = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         for _ in range(steps):
             out = step(data)
         float(out["loss"])  # wait for the last step
-        rates.append(steps * batch / (time.perf_counter() - start))
+        rates.append(steps * batch / (CLOCK() - start))
     return {
         "factor": factor,
         "mode": mode,
@@ -143,11 +152,11 @@ def bench_infer(px: int, *, batch: int, steps: int, warmup: int, repeats: int,
         fn(x).numpy()
     rates = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         for _ in range(steps):
             out = fn(x)
         out.numpy()
-        rates.append(steps * batch / (time.perf_counter() - start))
+        rates.append(steps * batch / (CLOCK() - start))
     return {"px": px, "mode": "infer", "images_per_s": round(statistics.median(rates), 1),
             "runs": [round(r, 1) for r in rates]}
 
@@ -161,7 +170,8 @@ def run_torch(f, *, factors: str = "", modes: str = "", infer_px: str = "") -> l
         cmd = [f.torch_python, str(TORCH_STEP), f"--factors={factors}", f"--modes={modes}",
                f"--infer_px={infer_px}", f"--batch={f.batch}", f"--hr_px={f.hr_px}",
                f"--steps={f.steps}", f"--warmup={f.warmup}", f"--repeats={f.repeats}",
-               f"--planes={f.arch_planes}", f"--threads={os.cpu_count()}"]
+               f"--planes={f.arch_planes}", f"--threads={f.threads or os.cpu_count()}",
+               f"--clock={f.clock}"]
         cmd += ["--channels_last"] if layout == "channels_last" else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -193,9 +203,14 @@ def markdown(results: list[dict], torch_results: list[dict], layouts: list[str])
 
 def main(argv):
     del argv
+    global CLOCK
     import tensorflow as tf
 
     f = flags.FLAGS
+    if f.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(f.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(f.threads)
+    CLOCK = time.process_time if f.clock == "process" else time.perf_counter
     planes = tuple(int(p) for p in f.arch_planes.split(","))
     results, torch_results = [], []
 
@@ -228,6 +243,8 @@ def main(argv):
                 "planes": planes,
                 "tf": tf.__version__,
                 "cpus": os.cpu_count(),
+                "threads": f.threads or "default",
+                "clock": f.clock,
                 "machine": platform.processor() or platform.machine(),
                 "load_avg_1m": os.getloadavg()[0],
                 "TF_ENABLE_ONEDNN_OPTS": os.environ["TF_ENABLE_ONEDNN_OPTS"],

@@ -1,7 +1,8 @@
-"""Images/s of one distillation training step and of inference, optionally side by side with PyTorch.
+"""Images/s of a distillation training step and of inference, optionally side by side with PyTorch.
 
     .venv/bin/python benchmarks/bench_step.py --factors=1,2,4,8 --batch=32 --hr_px=224
-    .venv/bin/python benchmarks/bench_step.py --compare_torch --torch_python=/tmp/torchvenv/bin/python
+    .venv/bin/python benchmarks/bench_step.py --compare_torch \
+        --torch_python=/tmp/torchvenv/bin/python
 
 For each factor the student reads a ``hr_px / factor`` view; "uncached" runs the frozen teacher on
 the ``hr_px`` view plus the resize of its feature map, "cached" feeds precomputed

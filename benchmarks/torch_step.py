@@ -142,7 +142,8 @@ def bench_step(factor: int, mode: str, a) -> dict:
 
     rates = _time(step, steps=a.steps, warmup=a.warmup, repeats=a.repeats, batch=a.batch)
     return {"factor": factor, "mode": mode, "student_px": lr_px,
-            "images_per_s": round(statistics.median(rates), 1), "runs": [round(r, 1) for r in rates]}
+            "images_per_s": round(statistics.median(rates), 1),
+            "runs": [round(r, 1) for r in rates]}
 
 
 def bench_infer(px: int, a) -> dict:

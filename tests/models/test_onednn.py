@@ -167,7 +167,9 @@ def test_binaries_turn_onednn_on_unless_the_user_set_it(preset, expected):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("shape, groups", [((2, 9, 7, 16), 8), ((3, 4, 4, 6), 3), ((2, 1, 1, 32), 8)])
+@pytest.mark.parametrize(
+    "shape, groups", [((2, 9, 7, 16), 8), ((3, 4, 4, 6), 3), ((2, 1, 1, 32), 8)]
+)
 def test_group_norm_equals_keras_group_normalization(shape, groups, dtype):
     from kd_histo.models.resnet_gn import GroupNormalization
 
@@ -203,14 +205,16 @@ def test_group_norm_keeps_keras_weight_paths(tmp_path):
     m = build_model("resnet_gn", 3, mean=MEAN, std=STD, **DEMO_NET)
     gns = [la for la in m.layers if isinstance(la, keras.layers.GroupNormalization)]
     assert len(gns) == 12 and all(type(la).__module__.startswith("kd_histo") for la in gns)
-    keras_twin = keras.models.clone_model(
-        m, clone_function=lambda la: keras.layers.GroupNormalization.from_config(la.get_config())
-        if isinstance(la, keras.layers.GroupNormalization) else la.__class__.from_config(la.get_config())
-    )
+    def keras_layers(la):
+        keras_gn = keras.layers.GroupNormalization
+        return (keras_gn if isinstance(la, keras_gn) else la.__class__).from_config(la.get_config())
+
+    keras_twin = keras.models.clone_model(m, clone_function=keras_layers)
     assert {type(la) for la in keras_twin.layers} >= {keras.layers.GroupNormalization}
     rng = np.random.default_rng(0)
     for v in keras_twin.weights:
-        v.assign(rng.standard_normal(v.shape).astype(np.float32) * 0.2 + (1 if "gamma" in v.path else 0))
+        gamma = "gamma" in v.path
+        v.assign(rng.standard_normal(v.shape).astype(np.float32) * 0.2 + (1 if gamma else 0))
     path = str(tmp_path / "keras_layers.weights.h5")
     keras_twin.save_weights(path)
     m.load_weights(path)

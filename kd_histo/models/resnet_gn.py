@@ -35,7 +35,7 @@ class GroupNormalization(layers.GroupNormalization):
     [B, H, W, G, C/G] tensor over (H, W, C/G) at once, a strided reduction that TensorFlow's CPU
     kernels run slowly, and its gradient tiles the statistics back; here each statistic is first
     a mean over (H, W) per channel (a contiguous reduction to [B, C]), then over the channels of a
-    group on that small tensor, and broadcasts back as [B, 1, 1, C]. Forward + backward took
+    group on that small tensor, and broadcasts back as [B, 1, C] over a [B, H*W, C] view. Forward + backward took
     25-31% less CPU time on the paper's 56 and 112 px maps, 9% less on 7 px ones (one thread,
     oneDNN on). Any other input rank or axis runs Keras' own code.
     """
@@ -45,21 +45,25 @@ class GroupNormalization(layers.GroupNormalization):
             return super().call(inputs)
         channels = inputs.shape[-1]
         per_group = channels // self.groups
-        x = ops.cast(inputs, "float32")  # as Keras: statistics in float32 under mixed precision
+        shape = ops.shape(inputs)
+        # [B, H*W, C] view, in float32 as Keras does under mixed precision. Ending in a reshape
+        # back to 4-D, as Keras' layer does, also keeps grappler from merging the final "+ beta"
+        # with a following residual Add into an AddN (which rounds differently from eager mode).
+        x = ops.reshape(ops.cast(inputs, "float32"), (shape[0], -1, channels))
 
-        def group_mean(v):  # [B, C] -> mean over each group's channels, as [B, 1, 1, C]
+        def group_mean(v):  # [B, C] -> mean over each group's channels, as [B, 1, C]
             g = ops.mean(ops.reshape(v, (-1, self.groups, per_group)), axis=2, keepdims=True)
             g = ops.broadcast_to(g, (ops.shape(v)[0], self.groups, per_group))
-            return ops.reshape(g, (-1, 1, 1, channels))
+            return ops.reshape(g, (-1, 1, channels))
 
-        centred = x - group_mean(ops.mean(x, axis=(1, 2)))
-        inv = ops.rsqrt(group_mean(ops.mean(ops.square(centred), axis=(1, 2))) + self.epsilon)
+        centred = x - group_mean(ops.mean(x, axis=1))
+        inv = ops.rsqrt(group_mean(ops.mean(ops.square(centred), axis=1)) + self.epsilon)
         if self.scale:
             inv = inv * ops.cast(self.gamma, "float32")
         y = centred * inv
         if self.center:
             y = y + ops.cast(self.beta, "float32")
-        return ops.cast(y, inputs.dtype)
+        return ops.cast(ops.reshape(y, shape), inputs.dtype)
 
 
 def group_norm(channels: int, groups: int, name: str) -> layers.Layer:

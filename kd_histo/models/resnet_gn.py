@@ -35,9 +35,9 @@ class GroupNormalization(layers.GroupNormalization):
     [B, H, W, G, C/G] tensor over (H, W, C/G) at once, a strided reduction that TensorFlow's CPU
     kernels run slowly, and its gradient tiles the statistics back; here each statistic is first
     a mean over (H, W) per channel (a contiguous reduction to [B, C]), then over the channels of a
-    group on that small tensor, and broadcasts back as [B, 1, C] over a [B, H*W, C] view. Forward + backward took
-    25-31% less CPU time on the paper's 56 and 112 px maps, 9% less on 7 px ones (one thread,
-    oneDNN on). Any other input rank or axis runs Keras' own code.
+    group on that small tensor, and broadcasts back as [B, 1, C] over a [B, H*W, C] view.
+    Forward + backward took 31-40% less CPU time on the paper's 56 and 112 px maps, 7% less on
+    7 px ones (one thread, oneDNN on). Any other input rank or axis runs Keras' own code.
     """
 
     def call(self, inputs):

@@ -1,33 +1,43 @@
-"""Images/s of one distillation training step, uncached vs with cached teacher outputs.
+"""Images/s of a distillation training step and of inference, optionally side by side with PyTorch.
 
     .venv/bin/python benchmarks/bench_step.py --factors=1,2,4,8 --batch=32 --hr_px=224
+    .venv/bin/python benchmarks/bench_step.py --compare_torch \
+        --torch_python=/tmp/torchvenv/bin/python
 
 For each factor the student reads a ``hr_px / factor`` view; "uncached" runs the frozen teacher on
 the ``hr_px`` view plus the resize of its feature map, "cached" feeds precomputed
 ``teacher_logits``/``teacher_features`` (see kd_histo.teacher_cache) so the step is the student's
 forward/backward only. Both use the paper's ResNet-GN (planes 32-64-128-256), KD + maxpool+bicubic
-feature loss, Adam. Each configuration is timed ``--repeats`` times over ``--steps`` steps after
-warm-up; the median is reported. Prints one JSON object; never asserts a time (the machine may be
-shared). Data loading is excluded (random tensors already in memory).
+feature loss, Adam. "infer" times the net's forward pass (``model(x, training=False)`` in a
+``tf.function``, as kd-histo-cost does) at each ``--infer_px``. Each configuration is timed
+``--repeats`` times over ``--steps`` steps after warm-up; the median is reported. Data loading is
+excluded (random tensors already in memory). Never asserts a time (the machine may be shared).
 
-TF's oneDNN CPU kernels are on unless ``TF_ENABLE_ONEDNN_OPTS=0``; the kd_histo binaries and the
-test session turn them off (a TF 2.16 heap corruption in small-stem conv backprop), so time both:
-
-    TF_ENABLE_ONEDNN_OPTS=0 .venv/bin/python benchmarks/bench_step.py
+TensorFlow's kernels are the binaries' (oneDNN on unless ``TF_ENABLE_ONEDNN_OPTS=0`` is set;
+kd_histo.cli.flags_common). ``--compare_torch`` also runs ``benchmarks/torch_step.py`` (the same
+step and net in plain PyTorch) under ``--torch_python``, an interpreter with torch installed (an
+optional benchmark dependency, kept out of the project's environment), one factor at a time right
+after kd_histo's, so both see the same machine load; it prints a markdown table of images/s and
+the ratio kd_histo / PyTorch per factor and input size, then the JSON of every timing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+# The binaries' TensorFlow environment (oneDNN, log level), set before TensorFlow loads.
+import kd_histo.cli.flags_common  # noqa: E402,F401
 from absl import app, flags  # noqa: E402
+
+TORCH_STEP = pathlib.Path(__file__).resolve().parent / "torch_step.py"
+CLOCK = time.perf_counter  # --clock=process: time.process_time
 
 
 def define_flags():
@@ -42,6 +52,23 @@ def define_flags():
         "jit_compile", False, "XLA-compile the step (works: bicubic is a matmul; slower on CPU)"
     )
     flags.DEFINE_string("arch_planes", "32,64,128,256", "planes of the paper's ResNet-GN")
+    flags.DEFINE_list("infer_px", ["224", "112", "56", "28"], "input sizes to time inference at")
+    flags.DEFINE_bool("compare_torch", False, "also time benchmarks/torch_step.py (PyTorch)")
+    flags.DEFINE_string(
+        "torch_python", sys.executable, "interpreter with torch installed, for --compare_torch"
+    )
+    flags.DEFINE_integer(
+        "threads", 0, "intra-op threads of TensorFlow and PyTorch (0: TF's default, one per core)"
+    )
+    flags.DEFINE_enum(
+        "clock", "wall", ["wall", "process"],
+        "wall: images per wall-clock second; process: per second of the process's CPU time "
+        "(with --threads=1, a measure of work that a busy machine disturbs less)",
+    )
+    flags.DEFINE_list(
+        "torch_layouts", ["nchw", "channels_last"],
+        "PyTorch memory layouts to time: nchw (its default), channels_last (NHWC, as TF's)",
+    )
 
 
 def bench_one(
@@ -95,11 +122,11 @@ def bench_one(
         float(step(data)["loss"])
     rates = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         for _ in range(steps):
             out = step(data)
         float(out["loss"])  # wait for the last step
-        rates.append(steps * batch / (time.perf_counter() - start))
+        rates.append(steps * batch / (CLOCK() - start))
     return {
         "factor": factor,
         "mode": mode,
@@ -109,41 +136,124 @@ def bench_one(
     }
 
 
+def bench_infer(px: int, *, batch: int, steps: int, warmup: int, repeats: int,
+                planes: tuple[int, ...]) -> dict:
+    """Times the net's forward pass on ``batch`` images of ``px`` (as kd_histo.cost does)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from kd_histo.models import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model("resnet_gn", 3, mean=[0.7, 0.5, 0.7], std=[0.15, 0.2, 0.15], planes=planes)
+    x = tf.constant(np.random.default_rng(0).random((batch, px, px, 3), dtype=np.float32))
+    fn = tf.function(lambda x: model(x, training=False)["logits"], reduce_retracing=True)
+    for _ in range(warmup):
+        fn(x).numpy()
+    rates = []
+    for _ in range(repeats):
+        start = CLOCK()
+        for _ in range(steps):
+            out = fn(x)
+        out.numpy()
+        rates.append(steps * batch / (CLOCK() - start))
+    return {"px": px, "mode": "infer", "images_per_s": round(statistics.median(rates), 1),
+            "runs": [round(r, 1) for r in rates]}
+
+
+def run_torch(f, *, factors: str = "", modes: str = "", infer_px: str = "") -> list[dict]:
+    """Runs benchmarks/torch_step.py under --torch_python per layout; returns its JSON records."""
+    records = []
+    for layout in f.torch_layouts:
+        if layout not in ("nchw", "channels_last"):
+            raise SystemExit(f"bench_step: error: --torch_layouts: unknown layout {layout!r}")
+        cmd = [f.torch_python, str(TORCH_STEP), f"--factors={factors}", f"--modes={modes}",
+               f"--infer_px={infer_px}", f"--batch={f.batch}", f"--hr_px={f.hr_px}",
+               f"--steps={f.steps}", f"--warmup={f.warmup}", f"--repeats={f.repeats}",
+               f"--planes={f.arch_planes}", f"--threads={f.threads or os.cpu_count()}",
+               f"--clock={f.clock}"]
+        cmd += ["--channels_last"] if layout == "channels_last" else []
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise SystemExit(f"bench_step: error: {' '.join(cmd[:2])} failed: {tail[0]}")
+        records += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return records
+
+
+def markdown(results: list[dict], torch_results: list[dict], layouts: list[str]) -> str:
+    """Images/s of kd_histo and PyTorch (per layout) and their ratio, one row per step and input."""
+    def key(r):
+        return (r["mode"], r.get("factor", r.get("px")), r.get("layout"))
+
+    theirs = {key(r): r["images_per_s"] for r in torch_results}
+    head = ["step", "input", "kd_histo img/s"]
+    for lay in layouts:
+        head += [f"PyTorch {lay} img/s", f"kd_histo / PyTorch {lay}"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for r in results:
+        what = f"x{r['factor']} ({r['student_px']} px)" if "factor" in r else f"{r['px']} px"
+        cells = [r["mode"], what, str(r["images_per_s"])]
+        for lay in layouts:
+            t = theirs.get((r["mode"], r.get("factor", r.get("px")), lay))
+            cells += [str(t or "n/a"), f"{r['images_per_s'] / t:.2f}" if t else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
+    global CLOCK
     import tensorflow as tf
 
     f = flags.FLAGS
+    if f.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(f.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(f.threads)
+    CLOCK = time.process_time if f.clock == "process" else time.perf_counter
     planes = tuple(int(p) for p in f.arch_planes.split(","))
-    results = []
+    results, torch_results = [], []
+
+    def done(r, theirs=()):
+        for rec in (r, *theirs):  # progress on stderr; survives a cut-off run
+            print(json.dumps(rec), file=sys.stderr, flush=True)
+        results.append(r)
+        torch_results.extend(theirs)
+
+    timing = dict(batch=f.batch, steps=f.steps, warmup=f.warmup, repeats=f.repeats, planes=planes)
     for fac in f.factors:
-        for mode in f.modes:
-            r = bench_one(
-                int(fac),
-                mode,
-                batch=f.batch,
-                hr_px=f.hr_px,
-                steps=f.steps,
-                warmup=f.warmup,
-                repeats=f.repeats,
-                jit_compile=f.jit_compile,
-                planes=planes,
-            )
-            print(json.dumps(r), file=sys.stderr, flush=True)  # progress; survives a cut-off run
-            results.append(r)
+        ours = [bench_one(int(fac), mode, hr_px=f.hr_px, jit_compile=f.jit_compile, **timing)
+                for mode in f.modes]
+        theirs = run_torch(f, factors=fac, modes=",".join(f.modes)) if f.compare_torch else []
+        for i, r in enumerate(ours):
+            done(r, theirs if i == len(ours) - 1 else ())
+    for px in f.infer_px:
+        r = bench_infer(int(px), **timing)
+        done(r, run_torch(f, infer_px=px) if f.compare_torch else ())
+    if f.compare_torch:
+        print(markdown(results, torch_results, f.torch_layouts))
     print(
         json.dumps(
             {
+                "command": " ".join(sys.argv),
+                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                 "batch": f.batch,
                 "hr_px": f.hr_px,
                 "jit_compile": f.jit_compile,
                 "planes": planes,
                 "tf": tf.__version__,
                 "cpus": os.cpu_count(),
+                "threads": f.threads or "default",
+                "clock": f.clock,
                 "machine": platform.processor() or platform.machine(),
                 "load_avg_1m": os.getloadavg()[0],
-                "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
+                "TF_ENABLE_ONEDNN_OPTS": os.environ["TF_ENABLE_ONEDNN_OPTS"],
+                # PyTorch's OpenMP threads spin while they wait: on a busy machine that costs it
+                # a lot; OMP_WAIT_POLICY=PASSIVE (read by torch only) makes them sleep instead.
+                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "default"),
                 "results": results,
+                "torch_results": torch_results,
             },
             indent=1,
         )

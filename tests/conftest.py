@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TF 2.16 CPU with oneDNN corrupts the heap in conv backprop of small-stem nets at >= 48 px
-# ("double free or corruption"); the binaries turn it off the same way (kd_histo/cli/flags_common.py).
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# The kernels the binaries run (kd_histo/cli/flags_common.py): oneDNN on unless set otherwise.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import pathlib  # noqa: E402
 

@@ -17,10 +17,12 @@ import os
 import re
 import sys
 
-# Before TensorFlow loads (the binaries import it lazily, in main): TF 2.16's CPU oneDNN kernels
-# corrupt the heap in the conv backward pass of small-stem nets at >= 48 px ("double free or
-# corruption", reproducible on 64 px demo tiles); the plain Eigen kernels are correct.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# Before TensorFlow loads (the binaries import it lazily, in main), the one place the binaries
+# choose TF's CPU kernels: oneDNN, for training and inference alike (1.4-1.9x the plain Eigen
+# kernels' images/s, BUILD_NOTES.md "oneDNN"). TF_ENABLE_ONEDNN_OPTS=0 in the environment wins.
+# The nets avoid the one oneDNN kernel of TF 2.16 that corrupts the heap (strided 1x1 backward
+# weights with < 16 input channels; kd_histo.models.resnet_gn.projection_conv).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # TensorFlow's C++ INFO and WARNING lines (grappler sessions, "TensorRT not found", the benign
 # "OUT_OF_RANGE: End of sequence" at the end of every evaluation pass) would bury the binaries'
 # own output; errors still show. TF_CPP_MIN_LOG_LEVEL=0 in the environment shows everything.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from keras import layers
 
-from kd_histo.models.resnet_gn import basic_block, norm_layer, padded_conv, stem
+from kd_histo.models.resnet_gn import basic_block, norm_layer, padded_conv, projection_conv, stem
 
 LAYOUTS = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -33,7 +33,7 @@ def bottleneck_block(x, planes: int, stride: int, norm: str, groups: int, name: 
     y = norm_layer(norm, out, groups, f"{name}_norm3")(y)
     shortcut = x
     if stride != 1 or x.shape[-1] != out:
-        shortcut = padded_conv(x, out, 1, stride, f"{name}_down_conv")
+        shortcut = projection_conv(x, out, stride, f"{name}_down_conv")
         shortcut = norm_layer(norm, out, groups, f"{name}_down_norm")(shortcut)
     y = layers.Add(name=f"{name}_add")([y, shortcut])
     return layers.ReLU(name=f"{name}_out")(y)

@@ -103,9 +103,12 @@ def test_stream_keeps_order_bounds_memory_and_spawns_no_process(pyramid):
     plan = slide_reader.plan_read(path, hr_px=HR_PX, hr_mpp=HR_MPP, input_px=16)
     inline = np.concatenate(list(slide_reader.stream_batches(plan, 3, num_workers=0)))
     stats = slide_reader.StreamStats()
+    # Children this worker process already had (a multiprocessing resource tracker or a subprocess
+    # left by an earlier test in the same pytest-xdist worker) are not the stream's.
+    before = _child_processes()
     batches, children = [], set()
     for b in slide_reader.stream_batches(plan, 3, num_workers=2, window=2, stats=stats):
-        children |= _child_processes()
+        children |= _child_processes() - before
         batches.append(b)
     np.testing.assert_array_equal(np.concatenate(batches), inline)  # same tiles, same order
     assert [len(b) for b in batches] == [3, 3, 3, 3]

@@ -326,10 +326,13 @@ def _collect(cfg, specs, state, costs):
 def write_tables(cfg, specs: Sequence, state: Mapping[str, dict], costs) -> dict[str, str]:
     """results.csv, results.md and results.json in ``<out_dir>/report``; returns their paths."""
     _, rows = _collect(cfg, specs, state, costs)
+    return _write_tables(cfg, rows, _paired(cfg, specs))
+
+
+def _write_tables(cfg, rows: Sequence[dict], prows: Sequence[dict]) -> dict[str, str]:
     out = os.path.join(cfg.out_dir, REPORT_DIR)
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, f"results.{k}") for k in ("csv", "md", "json")}
-    prows = _paired(cfg, specs)
     _atomic(paths["csv"], _csv_text(rows))
     _atomic(paths["md"], markdown_table(rows) + (("\n" + paired_markdown(prows)) if prows else ""))
     _atomic(
@@ -374,8 +377,9 @@ def write_report(
     Returns:
       Paths: ``report`` (report.md), ``csv``, ``md``, ``json`` and the figures that were drawn.
     """
-    paths = write_tables(cfg, specs, state, costs)
     metrics, rows = _collect(cfg, specs, state, costs)
+    prows = _paired(cfg, specs)  # the bootstrap runs once, for the tables and report.md
+    paths = _write_tables(cfg, rows, prows)
     out = os.path.join(cfg.out_dir, REPORT_DIR)
     first_seed = min(r["seed"] for r in rows)
     shown = [r for r in rows if r["seed"] == first_seed]
@@ -422,7 +426,7 @@ def write_report(
     paths["report"] = os.path.join(out, "report.md")
     _atomic(
         paths["report"],
-        report_markdown(cfg, rows, info, wall_s, paths, command, _paired(cfg, specs), cascade=crows),
+        report_markdown(cfg, rows, info, wall_s, paths, command, prows, cascade=crows),
     )
     return paths
 

@@ -5,12 +5,15 @@ onto ``path``, and when it fails (a full disk, a file size limit, an interrupt) 
 file is removed, so a failed run leaves no ``*.tmp`` file behind and the previous ``path`` (if
 any) intact. Works for local paths and for ``tf.io.gfile`` ones (``gs://...``) alike.
 
-Not here: what is written (each caller opens the temporary path itself).
+``write_text`` and ``write_json`` are the common cases: a whole text or JSON file.
+
+Not here: what is written (other callers open the temporary path themselves).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Iterator
 
@@ -46,3 +49,14 @@ def replacing(path: str, suffix: str = ".tmp") -> Iterator[str]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def write_text(path: str, text: str, suffix: str = ".tmp") -> None:
+    """Writes ``text`` to ``path`` whole or not at all (see :func:`replacing`)."""
+    with replacing(path, suffix) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_json(path: str, obj, *, indent: int = 2, sort_keys: bool = True, suffix: str = ".tmp") -> None:
+    """Writes ``obj`` as JSON to ``path`` whole or not at all (see :func:`replacing`)."""
+    write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys), suffix)

@@ -32,7 +32,7 @@ import time
 from typing import Any, Callable
 
 from kd_histo import schema
-from kd_histo.atomic import replacing
+from kd_histo.atomic import write_json
 from kd_histo.cascade import DEFAULT_FRACTIONS
 from kd_histo.config import RunConfig
 from kd_histo.data.pipeline import unlabeled_pool_size
@@ -255,8 +255,7 @@ class _State:
 
     def record(self, key: str, step: str, seconds: float) -> None:
         self.data.setdefault(key, {})[step] = round(seconds, 2)
-        with replacing(self.path) as tmp, open(tmp, "w") as f:
-            json.dump(self.data, f, indent=2, sort_keys=True)
+        write_json(self.path, self.data)
 
 
 def _check_same_experiment(cfg: ExperimentConfig) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from kd_histo import paired, plots, schema
-from kd_histo.atomic import replacing
+from kd_histo.atomic import write_text
 
 REPORT_DIR = "report"
 CSV_COLUMNS = (
@@ -333,9 +333,9 @@ def _write_tables(cfg, rows: Sequence[dict], prows: Sequence[dict]) -> dict[str,
     out = os.path.join(cfg.out_dir, REPORT_DIR)
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, f"results.{k}") for k in ("csv", "md", "json")}
-    _atomic(paths["csv"], _csv_text(rows))
-    _atomic(paths["md"], markdown_table(rows) + (("\n" + paired_markdown(prows)) if prows else ""))
-    _atomic(
+    write_text(paths["csv"], _csv_text(rows))
+    write_text(paths["md"], markdown_table(rows) + (("\n" + paired_markdown(prows)) if prows else ""))
+    write_text(
         paths["json"],
         json.dumps(
             {"rows": rows, "summary": seed_summary(rows) if rows else [], "paired": prows},
@@ -362,11 +362,6 @@ def _csv_text(rows, columns: Sequence[str] = CSV_COLUMNS) -> str:
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
-
-
-def _atomic(path: str, text: str) -> None:
-    with replacing(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
 
 
 def write_report(
@@ -410,7 +405,7 @@ def write_report(
         key = f"s{s.seed}/{s.name}"
         if key in metrics:
             os.makedirs(os.path.join(out, "metrics"), exist_ok=True)
-            _atomic(
+            write_text(
                 os.path.join(out, "metrics", f"s{s.seed}_{s.name}.json"),
                 json.dumps(metrics[key], indent=2),
             )
@@ -422,9 +417,9 @@ def write_report(
     crows = cascade_rows(specs, cfg.eval_split)
     if crows:
         paths["cascade_csv"] = os.path.join(out, "cascade.csv")
-        _atomic(paths["cascade_csv"], _csv_text(crows, CASCADE_COLUMNS))
+        write_text(paths["cascade_csv"], _csv_text(crows, CASCADE_COLUMNS))
     paths["report"] = os.path.join(out, "report.md")
-    _atomic(
+    write_text(
         paths["report"],
         report_markdown(cfg, rows, info, wall_s, paths, command, prows, cascade=crows),
     )

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from kd_histo import losses as L
-from kd_histo.atomic import replacing
+from kd_histo.atomic import write_json
 from kd_histo.data.mixing import example_key
 
 META = "cache.json"
@@ -392,8 +392,7 @@ def for_training(
         log(f"teacher cache: running the teacher {n_t}x over {len(sources)} source(s) into {cache_dir}")
         build_cache(teacher, batches, cache_dir, map_size=map_size, feature_mode=feature_mode,
                     bicubic_style=bicubic_style, dihedral_transforms=settings["dihedral"])
-        with replacing(meta_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"settings": settings, "sources": sources}, f, indent=2)
+        write_json(meta_path, {"settings": settings, "sources": sources}, sort_keys=False)
     cache = TeacherCache(cache_dir)
     s = cache.spec
     nbytes = s.num_examples * s.num_transforms * (s.num_classes + s.map_size[0] * s.map_size[1] * s.channels) * 4

@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from kd_histo import callbacks as cbs
 from kd_histo import preflight
-from kd_histo.atomic import replacing
+from kd_histo.atomic import write_json
 from kd_histo.config import RunConfig
 from kd_histo.convert.writer import DirLock
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
@@ -105,11 +105,6 @@ def _distiller(cfg: RunConfig, net: keras.Model, teacher: keras.Model | None) ->
                                at_weight=d.at_weight, accumulation_steps=d.accumulation_steps)
 
 
-def _write_json(path: str, obj) -> None:
-    with replacing(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-
-
 def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
     """Trains one network as ``cfg`` says and fills ``cfg.model_dir``.
 
@@ -175,7 +170,7 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
         val_ds = make_dataset(cfg.data, "val", training=False).repeat() if has_val else None
         val_steps = cfg.val_steps or (steps_per_epoch(cfg.data, "val", training=False) if has_val else None)
         try:
-            _write_json(os.path.join(model_dir, preflight.CONFIG_JSON), cfg.to_dict())
+            write_json(os.path.join(model_dir, preflight.CONFIG_JSON), cfg.to_dict())
             if cache_dir:
                 train_ds = _cached_stream(cfg, cache_dir, teacher, net, input_px)
             callbacks = _callbacks(cfg, model_dir, net, train_ds, has_val) + [counter, *extra_callbacks]

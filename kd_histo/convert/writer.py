@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import tensorflow as tf
 
 from kd_histo import schema
-from kd_histo.atomic import replacing
+from kd_histo.atomic import replacing, write_json
 from kd_histo.convert.errors import ConversionError
 
 
@@ -78,8 +78,7 @@ class DirLock:
 
 def write_json_atomic(path: str, obj) -> None:
     """Writes JSON via a temporary file and a rename."""
-    with replacing(path, f".tmp-{os.getpid()}") as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+    write_json(path, obj, indent=1, suffix=f".tmp-{os.getpid()}")
 
 
 def write_records_atomic(path: str, records: Iterable[bytes], compression: str = "") -> int:

@@ -3,7 +3,8 @@
 ``plan(cfg)`` turns an :class:`ExperimentConfig` into named runs (pure; no I/O beyond reading
 ``dataset.json``): for each seed, a teacher on the HR view, and for each factor a baseline (LR
 view, labels), a KD student (LR view, frozen teacher, no labels) and, for each extra unlabeled
-fraction > 0, a KD student that also reads that fraction of the unlabeled pool.
+fraction > 0, a KD student that also reads that fraction of the unlabeled pool; optionally
+(``labeled_student_ce > 0``) a student that also learns from the labels where they exist.
 ``run_experiment(cfg)`` trains, evaluates and measures them in order; finished steps are skipped
 on a rerun, so a killed experiment resumes where it stopped (an unfinished run resumes from its
 last epoch through ``kd_histo.train``). The results table, plots and report are written by
@@ -40,7 +41,7 @@ from kd_histo.numbers import require_finite
 
 EXPERIMENT_JSON = "experiment.json"
 STATE_JSON = "state.json"
-KINDS = ("teacher", "baseline", "student")
+KINDS = ("teacher", "baseline", "student", "student_ce")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,14 @@ class ExperimentConfig:
       seeds: one full protocol per seed.
       teacher_epochs: epochs of the teacher (0 = ``base.epochs``): a teacher is trained once and
         may get a longer schedule; baselines and students keep ``base.epochs`` (a fair pair).
+      student_epochs: epochs of the students (0 = ``base.epochs``). Distillation students keep
+        improving long after supervised nets stop ("patient" teachers); the report's ``train_s``
+        column gives each run's wall time, so pairs can be compared at equal epochs or equal time.
+      baseline_epochs: epochs of the LR baselines (0 = ``base.epochs``).
+      labeled_student_ce: > 0 adds, per factor, a ``student_ce`` run: the KD student that also
+        learns from the labels where they exist (cross-entropy with this weight on the labeled
+        train tiles) and reads the largest unlabeled fraction; what most users with some labels
+        would run. 0 = no such run.
       baselines: train the LR baselines.
       eval_split: the split every run is evaluated on.
       n_boot: bootstrap replicates of the 95% intervals.
@@ -76,6 +85,9 @@ class ExperimentConfig:
     unlabeled_fractions: tuple[float, ...] = (0.0,)
     seeds: tuple[int, ...] = (0,)
     teacher_epochs: int = 0
+    student_epochs: int = 0
+    baseline_epochs: int = 0
+    labeled_student_ce: float = 0.0
     baselines: bool = True
     eval_split: str = "test"
     n_boot: int = 1000
@@ -98,8 +110,13 @@ class ExperimentConfig:
             )
         if not self.seeds:
             raise ValueError("seeds is empty; give at least one seed")
-        if self.teacher_epochs < 0:
-            raise ValueError(f"teacher_epochs must be >= 0 (0 = epochs), got {self.teacher_epochs}")
+        for name in ("teacher_epochs", "student_epochs", "baseline_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = epochs), got {getattr(self, name)}")
+        if self.labeled_student_ce < 0:
+            raise ValueError(
+                f"labeled_student_ce must be >= 0 (0 = no such run), got {self.labeled_student_ce}"
+            )
         if self.eval_split not in ("val", "test"):
             raise ValueError(f"eval_split must be 'val' or 'test', got {self.eval_split!r}")
         if self.base.distill.teacher_cache not in ("", "auto"):
@@ -120,7 +137,7 @@ class ExperimentConfig:
 class RunSpec:
     """One run of the protocol."""
 
-    name: str  # teacher, baseline_x4, student_x4, student_x4_unl50
+    name: str  # teacher, baseline_x4, student_x4, student_x4_unl50, student_ce_x4_unl100
     kind: str  # one of KINDS
     factor: float  # 1.0 for the teacher
     unlabeled_fraction: float
@@ -137,7 +154,8 @@ def _fmt(factor: float) -> str:
 
 
 def run_name(kind: str, factor: float = 1.0, unlabeled_fraction: float = 0.0) -> str:
-    """``teacher``, ``baseline_x4``, ``student_x4``, ``student_x4_unl50`` (50% of the pool)."""
+    """``teacher``, ``baseline_x4``, ``student_x4``, ``student_x4_unl50`` (50% of the pool),
+    ``student_ce_x4_unl100``."""
     if kind == "teacher":
         return "teacher"
     name = f"{kind}_x{_fmt(factor)}"
@@ -176,18 +194,21 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
                 factor=factor if kind != "teacher" else cfg.base.data.factor,
                 **changes,
             )
-            mode = {"teacher": "teacher", "baseline": "baseline", "student": "distill"}[kind]
+            mode = {"teacher": "teacher", "baseline": "baseline"}.get(kind, "distill")
             distill = dataclasses.replace(cfg.base.distill, teacher_cache="")  # students only
-            if kind == "student":
+            if kind == "student_ce":
+                distill = dataclasses.replace(distill, ce_weight=cfg.labeled_student_ce)
+            if kind in ("student", "student_ce"):
                 cache = cfg.base.distill.teacher_cache and os.path.join(
                     root, f"teacher_cache_x{_fmt(factor)}"
                 )
                 distill = dataclasses.replace(
                     distill, teacher=os.path.join(root, "teacher"), teacher_cache=cache
                 )
-            epochs = (
-                (cfg.teacher_epochs or cfg.base.epochs) if kind == "teacher" else cfg.base.epochs
-            )
+            epochs = {
+                "teacher": cfg.teacher_epochs,
+                "baseline": cfg.baseline_epochs,
+            }.get(kind, cfg.student_epochs) or cfg.base.epochs
             run = dataclasses.replace(
                 cfg.base,
                 mode=mode,
@@ -201,25 +222,27 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
 
         no_extra = {"unlabeled_ratio": 0.0, "unlabeled_fraction": 1.0, "labeled": True}
         specs.append(make("teacher", **no_extra))
+        def student(kind, factor, fraction):
+            if fraction == 0:
+                return make(kind, factor, **no_extra)
+            ratio = fraction * pool / (n_train + fraction * pool)  # each tile ~once per epoch
+            return make(
+                kind,
+                factor,
+                fraction,
+                unlabeled_ratio=ratio,
+                unlabeled_fraction=fraction,
+                labeled=True,
+            )
+
         for factor in cfg.factors:
             if cfg.baselines:
                 specs.append(make("baseline", factor, **no_extra))
             # Largest pool first: a shared teacher cache built for it serves the smaller ones.
-            for fraction in sorted(cfg.unlabeled_fractions, reverse=True):
-                if fraction == 0:
-                    specs.append(make("student", factor, **no_extra))
-                else:  # each train tile and each pool tile about once per epoch
-                    ratio = fraction * pool / (n_train + fraction * pool)
-                    specs.append(
-                        make(
-                            "student",
-                            factor,
-                            fraction,
-                            unlabeled_ratio=ratio,
-                            unlabeled_fraction=fraction,
-                            labeled=True,
-                        )
-                    )
+            fractions = sorted(cfg.unlabeled_fractions, reverse=True)
+            if cfg.labeled_student_ce > 0:
+                specs.append(student("student_ce", factor, fractions[0]))
+            specs.extend(student("student", factor, f) for f in fractions)
     return specs
 
 
@@ -280,7 +303,22 @@ def _check_same_experiment(cfg: ExperimentConfig) -> None:
     base_now, base_before = dict(now["base"]), dict(before.get("base", {}))
     for d in (base_now, base_before):
         d.pop("verbose", None)
-    differ = sorted(k for k in now if k not in grid | {"base"} and before.get(k) != now[k])
+    # Settings added after an experiment started are absent from its experiment.json: they had
+    # their defaults then.
+    defaults = json.loads(
+        json.dumps(
+            {
+                f.name: f.default
+                for f in dataclasses.fields(ExperimentConfig)
+                if f.default is not dataclasses.MISSING
+            }
+        )
+    )
+    differ = sorted(
+        k
+        for k in now
+        if k not in grid | {"base"} and before.get(k, defaults.get(k)) != now[k]
+    )
     differ += sorted(f"base.{k}" for k in base_now if base_before.get(k) != base_now[k])
     if differ:
         raise ValueError(

@@ -102,6 +102,7 @@ _KIND_STYLE = {
     "teacher": ("*", "tab:red", 14),
     "baseline": ("s", "tab:grey", 8),
     "student": ("o", "tab:blue", 8),
+    "student_ce": ("D", "tab:green", 7),
 }
 
 
@@ -139,12 +140,18 @@ def accuracy_vs_gflops_png(
             sel = [r for r in pts if (r.get("unlabeled_fraction", 0) > 0) == extra]
             if not sel:
                 continue
-            nudge = {"baseline": 0.94, "student": 1.0 if not extra else 1.06}.get(kind, 1.0)
+            nudge = {
+                "baseline": 0.94,
+                "student": 1.0 if not extra else 1.06,
+                "student_ce": 1.12,
+            }.get(kind, 1.0)
             x = np.array([r["gflops"] * nudge for r in sel])
             y = np.array([r["accuracy"] for r in sel])
             lo = np.array([r.get("accuracy_low", r["accuracy"]) for r in sel])
             hi = np.array([r.get("accuracy_high", r["accuracy"]) for r in sel])
-            label = kind + (" + unlabeled" if extra else "")
+            label = {"student_ce": "student + labels"}.get(kind, kind) + (
+                " + unlabeled" if extra else ""
+            )
             ax.errorbar(
                 x,
                 y,

@@ -113,7 +113,7 @@ def result_rows(
         )
     # Reading order: per seed, the teacher, then per factor the baseline and the students by
     # growing unlabeled fraction (training order differs: the largest pool trains first).
-    rank = {"teacher": 0, "baseline": 1, "student": 2}
+    rank = {"teacher": 0, "baseline": 1, "student": 2, "student_ce": 3}
     rows.sort(key=lambda r: (r["seed"], r["factor"], rank[r["kind"]], r["unlabeled_fraction"]))
     teacher = {r["seed"]: r["accuracy"] for r in rows if r["kind"] == "teacher"}
     for r in rows:
@@ -244,9 +244,13 @@ def paired_table(
     """
     out = []
     students = sorted(  # reading order: by factor, then by growing unlabeled fraction
-        {(s.factor, s.unlabeled_fraction, s.name) for s in specs if s.kind == "student"}
+        {
+            (s.factor, s.kind == "student_ce", s.unlabeled_fraction, s.name)
+            for s in specs
+            if s.kind in ("student", "student_ce")
+        }
     )
-    for factor, _, name in students:
+    for factor, _, _, name in students:
         base = next((s.name for s in specs if s.kind == "baseline" and s.factor == factor), None)
         if base is None:
             continue
@@ -444,7 +448,22 @@ def report_markdown(
         if s in info.shards
     )
     planes = "-".join(str(p) for p in b.net.planes) or "default"
-    teacher_epochs = f" (the teacher {cfg.teacher_epochs})" if cfg.teacher_epochs else ""
+    other_epochs = [
+        f"the {kind} {n}"
+        for kind, n in (
+            ("teacher", cfg.teacher_epochs),
+            ("baselines", cfg.baseline_epochs),
+            ("students", cfg.student_epochs),
+        )
+        if n
+    ]
+    teacher_epochs = f" ({', '.join(other_epochs)})" if other_epochs else ""
+    labeled_ce = (
+        f" Runs `student_ce_*`: the same student that also learns from the labels where they exist "
+        f"(cross-entropy weight {cfg.labeled_student_ce:g})."
+        if cfg.labeled_student_ce
+        else ""
+    )
     lines = [
         f"# {cfg.title}",
         "",
@@ -461,7 +480,8 @@ def report_markdown(
         f"augmentation `{b.data.augment}`, LR views by `{b.data.lr_method}`, precision {b.precision}, "
         f"seeds {', '.join(str(s) for s in cfg.seeds)}. Students: no labels, KD at T={b.distill.temperature:g} "
         f"(weight {b.distill.kd_weight:g}) + feature-map {b.distill.feature_norm.upper()} "
-        f"(weight {b.distill.feature_weight:g}, teacher map resized by {b.distill.feature_mode}).",
+        f"(weight {b.distill.feature_weight:g}, teacher map resized by {b.distill.feature_mode})."
+        + labeled_ce,
         "",
         f"Evaluated on the `{cfg.eval_split}` split (tile level; 95% CI by bootstrap, resampling slides). "
         f"FLOPs are counted from each net's TensorFlow graph; the speedup is measured images/s at batch "

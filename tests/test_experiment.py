@@ -76,6 +76,44 @@ def test_teacher_may_train_longer_than_the_pair_it_is_compared_with(tiny_shards,
     assert all(s.config.epochs == 1 for s in plan(_cfg(tiny_shards, tmp_path)))  # 0 = base epochs
 
 
+def test_students_and_baselines_may_get_their_own_schedules(tiny_shards, tmp_path):
+    specs = plan(_cfg(tiny_shards, tmp_path, student_epochs=7, baseline_epochs=3))
+    assert {s.name: s.config.epochs for s in specs} == {
+        "teacher": 1, "baseline_x2": 3, "student_x2_unl100": 7, "student_x2": 7}  # fmt: skip
+    with pytest.raises(ValueError, match="student_epochs must be >= 0"):
+        _cfg(tiny_shards, tmp_path, student_epochs=-1)
+
+
+def test_plan_adds_a_student_that_also_learns_from_labels(tiny_shards, tmp_path):
+    cfg = _cfg(tiny_shards, tmp_path, factors=(2.0, 4.0), unlabeled_fractions=(0.0, 0.5), labeled_student_ce=0.5)
+    cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, distill=DistillConfig(teacher_cache="auto")))
+    by = {s.name: s for s in plan(cfg)}
+    assert [n for n in by if n.startswith("student_ce")] == ["student_ce_x2_unl50", "student_ce_x4_unl50"]
+    ce, plain = by["student_ce_x4_unl50"], by["student_x4_unl50"]
+    assert ce.kind == "student_ce" and ce.config.mode == "distill" and ce.config.distill.ce_weight == 0.5
+    assert plain.config.distill.ce_weight == 0.0
+    # the same data, teacher and teacher cache as the label-free student of that factor and pool
+    assert ce.config.data == plain.config.data and ce.config.data.labeled
+    assert ce.config.distill.teacher == plain.config.distill.teacher
+    assert ce.config.distill.teacher_cache == plain.config.distill.teacher_cache
+    assert not any(s.kind == "student_ce" for s in plan(_cfg(tiny_shards, tmp_path)))  # 0 = none
+    with pytest.raises(ValueError, match="labeled_student_ce must be >= 0"):
+        _cfg(tiny_shards, tmp_path, labeled_student_ce=-1.0)
+
+
+def test_experiment_started_before_a_setting_existed_resumes(tiny_shards, tmp_path):
+    from kd_histo import experiment
+
+    cfg = _cfg(tiny_shards, tmp_path)
+    old = cfg.to_dict()
+    for key in ("student_epochs", "baseline_epochs", "labeled_student_ce"):
+        del old[key]  # an experiment.json written before these settings were added
+    (tmp_path / "experiment.json").write_text(json.dumps(old))
+    experiment._check_same_experiment(cfg)  # their defaults are what it ran with
+    with pytest.raises(ValueError, match=r"other settings \(student_epochs\)"):
+        experiment._check_same_experiment(dataclasses.replace(cfg, student_epochs=30))
+
+
 def test_plan_without_baselines(tiny_shards, tmp_path):
     names = [s.name for s in plan(_cfg(tiny_shards, tmp_path, baselines=False, unlabeled_fractions=(0.0,)))]
     assert names == ["teacher", "student_x2"]
@@ -250,12 +288,13 @@ def test_multi_seed_report_from_run_folders(tiny_shards, tmp_path):
     from kd_histo.experiment import eval_dir
 
     cfg = ExperimentConfig(out_dir=str(tmp_path), base=_base(tiny_shards), factors=(2.0,),
-                           unlabeled_fractions=(0.0, 1.0), seeds=(0, 1), n_boot=200)  # fmt: skip
+                           unlabeled_fractions=(0.0, 1.0), seeds=(0, 1), n_boot=200,
+                           labeled_student_ce=1.0)  # fmt: skip
     specs = plan(cfg)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 40)
     for spec in specs:
-        skill = {"teacher": 0.9, "baseline": 0.6, "student": 0.75}[spec.kind] + 0.05 * spec.seed
+        skill = {"teacher": 0.9, "baseline": 0.6, "student": 0.75, "student_ce": 0.8}[spec.kind] + 0.05 * spec.seed
         pred = np.where(rng.random(40) < skill, labels, (labels + 1) % 4)
         out = eval_dir(spec, "test")
         os.makedirs(out)
@@ -280,11 +319,13 @@ def test_multi_seed_report_from_run_folders(tiny_shards, tmp_path):
     assert summary["student_x2"]["accuracy_mean"] == pytest.approx(np.mean(accs))
     assert summary["student_x2"]["accuracy_sd"] == pytest.approx(np.std(accs, ddof=1))
     assert [(p["student"], p["seeds"], p["n_tiles"]) for p in data["paired"]] == [
-        ("student_x2", 2, 40), ("student_x2_unl100", 2, 40)]  # fmt: skip
+        ("student_x2", 2, 40), ("student_x2_unl100", 2, 40), ("student_ce_x2_unl100", 2, 40)]  # fmt: skip
     base = [r["accuracy"] for r in data["rows"] if r["run"] == "baseline_x2"]
     assert data["paired"][0]["difference"] == pytest.approx(np.mean(accs) - np.mean(base))
     text = open(paths["report"]).read()
     assert "student_x2: " in text and "± " in text and "| x2 | student_x2 | baseline_x2 | 2 | 40 |" in text
     assert "dots = single seeds" in text
+    assert "Runs `student_ce_*`: the same student that also learns from the labels" in text
+    assert [r["run"] for r in data["rows"] if r["seed"] == 0][-1] == "student_ce_x2_unl100"
     for key in ("accuracy_vs_gflops", "accuracy_vs_unlabeled", "confusion_matrices"):
         assert os.path.getsize(paths[key]) > 0

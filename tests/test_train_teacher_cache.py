@@ -44,6 +44,15 @@ def test_cached_run_trains_the_student_from_the_cache(tiny_shards, teacher, tmp_
     assert os.path.isfile(os.path.join(cfg.model_dir, "model.keras"))
 
 
+def test_cached_student_also_learns_from_labels_where_they_exist(tiny_shards, teacher, tmp_path):
+    """The protocol's student_ce run: KD from the cache plus cross-entropy on the labeled tiles."""
+    distill = DistillConfig(teacher=teacher, teacher_cache=str(tmp_path / "cache"), ce_weight=0.5)
+    cfg = _cfg(tiny_shards, tmp_path / "s", mode="distill", distill=distill, unlabeled_ratio=0.5)
+    history = train.train(cfg).history
+    assert all(np.isfinite(history["ce_loss"])) and min(history["ce_loss"]) > 0
+    assert max(history["kd_loss"]) > 0
+
+
 def test_cache_is_reused_grown_or_rebuilt_as_runs_need(tiny_shards, teacher, tmp_path):
     from kd_histo.models import load_model
     from kd_histo.teacher_cache import for_training

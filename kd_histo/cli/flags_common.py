@@ -170,6 +170,13 @@ def define_experiment_flags() -> None:
     _define("list", "seeds", ["0"], "One whole protocol per seed.")
     _define("integer", "teacher_epochs", 0, "Epochs of the teacher (0 = --epochs); baselines and students "
             "keep --epochs.")
+    _define("integer", "student_epochs", 0, "Epochs of the students (0 = --epochs): distillation "
+            "students keep improving long after supervised nets stop; train_s in the report gives "
+            "each run's wall time for an equal-time comparison.")
+    _define("integer", "baseline_epochs", 0, "Epochs of the LR baselines (0 = --epochs).")
+    _define("float", "labeled_student_ce", 0.0, "> 0 adds, per factor, a student that also learns "
+            "from the labels where they exist (cross-entropy with this weight beside KD) and reads "
+            "the largest unlabeled fraction: run student_ce_x<factor>. 0 = none.")
     _define("bool", "baselines", True, "Train the LR baselines (labels, LR view).")
     _define("string", "eval_split", "test", "Split every run is evaluated on: test or val.")
     _define("integer", "n_boot", 1000, "Bootstrap replicates of the 95% intervals.")

@@ -48,7 +48,7 @@ def _probs(model_dir: str, batches) -> np.ndarray:
     import tensorflow as tf
 
     from kd_histo.models import load_model
-    from kd_histo.run_record import read_run_record
+    from kd_histo.training.run_record import read_run_record
 
     run = read_run_record(model_dir)
     net = load_model(run.model_path(model_dir), expected_num_classes=run.num_classes)
@@ -60,8 +60,8 @@ def _hr_shrunk(plan, run, batch_size=64):
     """Training's LR views: HR uint8 tiles -> float [0, 1] -> the run's antialiased resize."""
     import tensorflow as tf
 
-    from kd_histo import slide_reader
     from kd_histo.data.views import resize
+    from kd_histo.evaluation import slide_reader
 
     method = "area" if run.lr_method == "pyramid" else run.lr_method
     for b in slide_reader.stream_batches(plan, batch_size):
@@ -70,8 +70,7 @@ def _hr_shrunk(plan, run, batch_size=64):
 
 
 def _read(plan, batch_size=64):
-    from kd_histo import slide_reader
-
+    from kd_histo.evaluation import slide_reader
     for b in slide_reader.stream_batches(plan, batch_size):
         yield b.astype(np.float32) / 255.0
 
@@ -109,8 +108,8 @@ def _mosaic_row(model_dir: str, run, mpp: float) -> dict:
     """On stitched labeled tiles: the student's accuracy from training's LR views and from the pyramid."""
     import tensorflow as tf
 
-    from kd_histo import slide_reader
     from kd_histo.data.views import resize
+    from kd_histo.evaluation import slide_reader
 
     tiles, labels, tif, coords = _mosaic(FLAGS.mosaic_data, FLAGS.mosaic_split, run.hr_px, mpp, FLAGS.work_dir)
     method = "area" if run.lr_method == "pyramid" else run.lr_method
@@ -131,8 +130,8 @@ def _mosaic_row(model_dir: str, run, mpp: float) -> dict:
 
 def main(argv):
     del argv
-    from kd_histo import slide_reader
-    from kd_histo.run_record import read_run_record
+    from kd_histo.evaluation import slide_reader
+    from kd_histo.training.run_record import read_run_record
 
     if not FLAGS.runs:
         raise SystemExit("--runs is required")

@@ -60,9 +60,9 @@ def make_runs(root: str, models: list[str]) -> dict[str, str]:
     """Run folders of untrained paper nets with their run records; returns name -> folder."""
     import keras
 
-    from kd_histo import run_record
     from kd_histo.data.views import lr_size
     from kd_histo.models import build_model
+    from kd_histo.training import run_record
 
     out = {}
     for name in models:

@@ -6,7 +6,7 @@
 
 For each factor the student reads a ``hr_px / factor`` view; "uncached" runs the frozen teacher on
 the ``hr_px`` view plus the resize of its feature map, "cached" feeds precomputed
-``teacher_logits``/``teacher_features`` (see kd_histo.teacher_cache) so the step is the student's
+``teacher_logits``/``teacher_features`` (see kd_histo.training.teacher_cache) so the step is the student's
 forward/backward only. Both use the paper's ResNet-GN (planes 32-64-128-256), KD + maxpool+bicubic
 feature loss, Adam. "infer" times the net's forward pass (``model(x, training=False)`` in a
 ``tf.function``, as kd-histo-cost does) at each ``--infer_px``. Each configuration is timed
@@ -32,9 +32,10 @@ import subprocess
 import sys
 import time
 
+from absl import app, flags  # noqa: E402
+
 # The binaries' TensorFlow environment (oneDNN, log level), set before TensorFlow loads.
 import kd_histo.cli.flags_common  # noqa: E402,F401
-from absl import app, flags  # noqa: E402
 
 TORCH_STEP = pathlib.Path(__file__).resolve().parent / "torch_step.py"
 CLOCK = time.perf_counter  # --clock=process: time.process_time
@@ -88,9 +89,9 @@ def bench_one(
     import numpy as np
     import tensorflow as tf
 
-    from kd_histo import losses as L
-    from kd_histo.distiller import ResolutionDistiller
     from kd_histo.models import build_model
+    from kd_histo.training import losses as L
+    from kd_histo.training.distiller import ResolutionDistiller
 
     keras.utils.set_random_seed(0)
     opts = dict(mean=[0.7, 0.5, 0.7], std=[0.15, 0.2, 0.15], planes=planes)
@@ -138,7 +139,7 @@ def bench_one(
 
 def bench_infer(px: int, *, batch: int, steps: int, warmup: int, repeats: int,
                 planes: tuple[int, ...]) -> dict:
-    """Times the net's forward pass on ``batch`` images of ``px`` (as kd_histo.cost does)."""
+    """Times the net's forward pass on ``batch`` images of ``px`` (as kd_histo.evaluation.cost does)."""
     import keras
     import numpy as np
     import tensorflow as tf

@@ -28,8 +28,8 @@ def write_tiny_shards(out_dir, tile_px=32, per_class=4, num_shards=2, seed=0, un
     """
     import tensorflow as tf
 
-    from kd_histo import schema, synthetic
-
+    from kd_histo import schema
+    from kd_histo.data import synthetic
     os.makedirs(out_dir, exist_ok=True)
     n_classes = len(synthetic.CLASS_NAMES)
     plan = {"train": per_class, "val": max(1, per_class // 2), "test": max(1, per_class // 2)}

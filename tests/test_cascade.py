@@ -11,10 +11,10 @@ import os
 import numpy as np
 import pytest
 
-from kd_histo import cascade
-from kd_histo.run_record import RunRecord, write_run_record
+from kd_histo.evaluation import cascade
+from kd_histo.training.run_record import RunRecord, write_run_record
 
-NAMES = ("lymphocytes", "tumour", "stroma", "debris")  # kd_histo.synthetic.CLASS_NAMES
+NAMES = ("lymphocytes", "tumour", "stroma", "debris")  # kd_histo.data.synthetic.CLASS_NAMES
 
 
 def random_probs(n, c=4, seed=0):
@@ -159,8 +159,7 @@ def _probs_csv(path):
 
 
 def test_evaluate_with_cascade_writes_the_curve_whose_ends_are_student_and_teacher(tmp_path, tiny_shards):
-    from kd_histo import evaluate
-
+    from kd_histo.evaluation import evaluate
     student = make_run(tmp_path, "student", data_dir=tiny_shards)
     teacher = make_run(tmp_path, "teacher", data_dir=tiny_shards, **TEACHER)
     out = evaluate.evaluate_run(evaluate.EvalConfig(student, n_boot=10, cascade_teacher=teacher,
@@ -189,7 +188,8 @@ def test_predict_with_cascade_rescores_the_least_confident_tiles_with_the_teache
     import tensorflow as tf
     from PIL import Image
 
-    from kd_histo import predict, synthetic
+    from kd_histo.data import synthetic
+    from kd_histo.evaluation import predict
     from kd_histo.models import load_model
 
     student = make_run(tmp_path, "student")

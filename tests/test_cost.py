@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from kd_histo import cost
+from kd_histo.evaluation import cost
 from kd_histo.models import build_model
 
 

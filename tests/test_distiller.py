@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_histo import losses as L
-from kd_histo.distiller import LOSS_NAMES, ResolutionDistiller
 from kd_histo.models import build_model, load_model
+from kd_histo.training import losses as L
+from kd_histo.training.distiller import LOSS_NAMES, ResolutionDistiller
 
 KW = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], planes=(4, 8, 8, 16), stem="small")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,7 +246,7 @@ _MIRRORED = textwrap.dedent("""
     import keras
     sys.path.insert(0, "tests")
     from test_distiller import nets, batch_dict, snapshot
-    from kd_histo.distiller import ResolutionDistiller
+    from kd_histo.training.distiller import ResolutionDistiller
 
     def run(strategy):
         with strategy.scope():
@@ -295,7 +295,7 @@ _WORKER = textwrap.dedent("""
     import keras
     sys.path.insert(0, "tests")
     from test_distiller import nets, batch_dict
-    from kd_histo.distiller import ResolutionDistiller
+    from kd_histo.training.distiller import ResolutionDistiller
     with strategy.scope():
         student, teacher = nets(seed=5)
         d = ResolutionDistiller(student, teacher)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from kd_histo import evaluate
+from kd_histo.evaluation import evaluate
 
 NAMES = ["a", "b"]
 

@@ -6,10 +6,11 @@ import os
 
 import pytest
 
-from kd_histo import report
-from kd_histo.config import DistillConfig, NetConfig, RunConfig
 from kd_histo.data.pipeline import PipelineConfig
-from kd_histo.experiment import ExperimentConfig, plan, run_experiment, run_name
+from kd_histo.protocol import report
+from kd_histo.protocol.experiment import run_experiment
+from kd_histo.protocol.plan import ExperimentConfig, plan, run_name
+from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
 
 
 def _base(data_dir, **changes):
@@ -102,8 +103,7 @@ def test_plan_adds_a_student_that_also_learns_from_labels(tiny_shards, tmp_path)
 
 
 def test_experiment_started_before_a_setting_existed_resumes(tiny_shards, tmp_path):
-    from kd_histo import experiment
-
+    from kd_histo.protocol import experiment
     cfg = _cfg(tiny_shards, tmp_path)
     old = cfg.to_dict()
     for key in ("student_epochs", "baseline_epochs", "labeled_student_ce"):
@@ -258,8 +258,7 @@ def test_report_has_the_paired_difference_to_the_baseline(finished):
 
 
 def test_rerun_on_a_reconverted_data_set_is_refused(finished, tmp_path):
-    from kd_histo import experiment
-
+    from kd_histo.protocol import experiment
     cfg, _, _ = finished
     assert os.path.isfile(os.path.join(cfg.out_dir, "dataset.json"))  # kept when it started
     # The same experiment in another folder, started on the data set before it was re-converted
@@ -284,8 +283,8 @@ def test_multi_seed_report_from_run_folders(tiny_shards, tmp_path):
 
     import numpy as np
 
-    from kd_histo.evaluate import METRICS_JSON, PREDICTIONS_CSV
-    from kd_histo.experiment import eval_dir
+    from kd_histo.evaluation.evaluate import METRICS_JSON, PREDICTIONS_CSV
+    from kd_histo.protocol.plan import eval_dir
 
     cfg = ExperimentConfig(out_dir=str(tmp_path), base=_base(tiny_shards), factors=(2.0,),
                            unlabeled_fractions=(0.0, 1.0), seeds=(0, 1), n_boot=200,

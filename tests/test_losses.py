@@ -1,4 +1,4 @@
-"""kd_histo.losses against NumPy references and invariants (eager, tf.function and XLA)."""
+"""kd_histo.training.losses against NumPy references and invariants (eager, tf.function and XLA)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_histo import losses as L
+from kd_histo.training import losses as L
 
 
 def _softmax(z):

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from kd_histo import metrics
+from kd_histo.evaluation import metrics  # 3 classes, 6 tiles. y_pred = [0, 1, 1, 2, 2, 0].
 
-# 3 classes, 6 tiles. y_pred = [0, 1, 1, 2, 2, 0].
 Y = np.array([0, 0, 1, 1, 2, 2])
 P = np.array([
     [0.7, 0.2, 0.1],

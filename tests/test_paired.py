@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from kd_histo import paired, plots, report
+from kd_histo.evaluation import plots
+from kd_histo.protocol import paired, report
 
 
 def test_seed_stats_match_numpy():

@@ -11,10 +11,15 @@ import os
 import numpy as np
 import pytest
 
-from kd_histo import run_record as rr
-from kd_histo.run_record import RunRecord, RunRecordError, read_run_record, write_run_record
+from kd_histo.training import run_record as rr
+from kd_histo.training.run_record import (
+    RunRecord,
+    RunRecordError,
+    read_run_record,
+    write_run_record,
+)
 
-NAMES = ("lymphocytes", "tumour", "stroma", "debris")  # kd_histo.synthetic.CLASS_NAMES
+NAMES = ("lymphocytes", "tumour", "stroma", "debris")  # kd_histo.data.synthetic.CLASS_NAMES
 
 
 def record(**changes) -> RunRecord:
@@ -82,7 +87,7 @@ def test_unknown_fields_and_newer_versions_are_refused(tmp_path):
 
 
 def _old_run_json(rec: RunRecord) -> dict:
-    """run.json as kd_histo.train wrote it before the typed record."""
+    """run.json as kd_histo.training.train wrote it before the typed record."""
     d = rec.to_dict()
     for k in ("lr_method", "mpp", "mean", "std", "record_version"):
         del d[k]
@@ -143,8 +148,7 @@ def test_model_path_stays_inside_the_run_folder(tmp_path):
 
 @pytest.mark.reliability
 def test_evaluation_refuses_a_run_json_pointing_outside(tmp_path, tiny_shards):
-    from kd_histo import evaluate
-
+    from kd_histo.evaluation import evaluate
     d = make_run(tmp_path, data_dir=tiny_shards)
     write_run_record(d, dataclasses.replace(read_run_record(d), model=os.path.join(d, "model.keras")))
     with pytest.raises(RunRecordError, match="outside the run folder"):
@@ -156,9 +160,9 @@ def test_evaluation_makes_the_lr_view_with_the_runs_lr_method(tmp_path, tiny_sha
     """A bicubic student is evaluated on bicubic views (it used to get area views)."""
     import tensorflow as tf
 
-    from kd_histo import evaluate
     from kd_histo.data.pipeline import PipelineConfig, make_dataset
     from kd_histo.data.views import resize
+    from kd_histo.evaluation import evaluate
     from kd_histo.models import load_model
 
     d = make_run(tmp_path, lr_method="bicubic", data_dir=tiny_shards)
@@ -183,8 +187,9 @@ def test_predict_on_tiles_uses_the_runs_lr_method_and_mpp(tmp_path):
     import tensorflow as tf
     from PIL import Image
 
-    from kd_histo import predict, synthetic
+    from kd_histo.data import synthetic
     from kd_histo.data.views import resize
+    from kd_histo.evaluation import predict
     from kd_histo.models import load_model
 
     d = make_run(tmp_path, lr_method="bicubic", mpp=None)

@@ -8,7 +8,8 @@ import pytest
 from convert.pyramid_tiff import write_pyramid_tiff
 from PIL import Image
 
-from kd_histo import slide_reader, synthetic
+from kd_histo.data import synthetic
+from kd_histo.evaluation import slide_reader
 
 BASE_MPP = 0.25  # levels at 0.25, 0.5, 1.0, 2.0 µm/px
 HR_PX, HR_MPP = 32, 0.5  # a training HR tile: 32 px at 0.5 µm/px = 64 level-0 px

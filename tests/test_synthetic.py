@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kd_histo import synthetic
+from kd_histo.data import synthetic
 
 
 def test_deterministic_and_shapes():

@@ -1,4 +1,4 @@
-"""kd_histo.train: one loop for three jobs, resume after a kill, precision restored, no half-written runs."""
+"""kd_histo.training.train: one loop for three jobs, resume after a kill, precision restored, no half-written runs."""
 
 import csv
 import os
@@ -11,9 +11,9 @@ import keras
 import numpy as np
 import pytest
 
-from kd_histo import train
-from kd_histo.config import DistillConfig, NetConfig, OptimConfig, RunConfig
 from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.training import train
+from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig
 
 TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
 

@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from kd_histo import preflight, train
-from kd_histo.config import DistillConfig, NetConfig, RunConfig
 from kd_histo.data.pipeline import PipelineConfig
-from kd_histo.teacher_cache import BUILT_FOR, TeacherCache
+from kd_histo.training import preflight, train
+from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
+from kd_histo.training.teacher_cache import BUILT_FOR, TeacherCache
 
 TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
 
@@ -55,7 +55,7 @@ def test_cached_student_also_learns_from_labels_where_they_exist(tiny_shards, te
 
 def test_cache_is_reused_grown_or_rebuilt_as_runs_need(tiny_shards, teacher, tmp_path):
     from kd_histo.models import load_model
-    from kd_histo.teacher_cache import for_training
+    from kd_histo.training.teacher_cache import for_training
 
     model = os.path.join(teacher, "model.keras")
     net = load_model(model)

@@ -19,8 +19,7 @@ FLAGS = fc.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
-    from kd_histo import cost
-
+    from kd_histo.evaluation import cost
     fc.require(runs=FLAGS.runs)
     cfg = cost.CostConfig(runs=tuple(FLAGS.runs), out_dir=FLAGS.out_dir or "cost", names=tuple(FLAGS.names),
                           batch_sizes=fc.int_list(FLAGS.batch_sizes, "batch_sizes"), repeats=FLAGS.repeats,

@@ -6,7 +6,7 @@
 Renders synthetic H&E-like tiles, converts them to shards, trains the teacher, the LR baselines
 and the label-free students at 2x, 4x and 8x, evaluates them, measures their compute cost, prints
 the results table and writes <out_dir>/report/. A rerun skips what is finished.
-Flags -> ``kd_histo.demo.run_demo``.
+Flags -> ``kd_histo.protocol.demo.run_demo``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ def main(argv: list[str]) -> None:
     del argv
     import time
 
-    from kd_histo import demo
-
+    from kd_histo.protocol import demo
     start = time.perf_counter()
     paths = demo.run_demo(
         FLAGS.out_dir or DEFAULT_OUT,

@@ -5,7 +5,7 @@
     kd-histo-evaluate --compare=runs/demo/teacher/eval_test,runs/demo/student_x4/eval_test \
         --compare_out=runs/demo/comparison
 
-Flags -> ``kd_histo.evaluate.EvalConfig`` -> ``evaluate_run`` (metrics.json, predictions.csv,
+Flags -> ``kd_histo.evaluation.evaluate.EvalConfig`` -> ``evaluate_run`` (metrics.json, predictions.csv,
 confusion_matrix.png, roc.png; with --cascade_teacher also cascade.csv/.json/.png: accuracy,
 effective GFLOPs per tile and measured tiles/s at each --cascade_fractions), or ``compare_runs``
 (markdown + CSV).
@@ -22,8 +22,7 @@ FLAGS = fc.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
-    from kd_histo import evaluate
-
+    from kd_histo.evaluation import evaluate
     if FLAGS.compare:
         out = evaluate.compare_runs(FLAGS.compare, FLAGS.compare_out, FLAGS.names or None)
         print(f"{PROG}: comparison written to {out['markdown']} and {out['csv']}")
@@ -49,7 +48,7 @@ def main(argv: list[str]) -> None:
             who = "teacher alone" if r["scored_by"] == "teacher" else f"teacher on {100 * r['teacher_share']:.1f}%"
             print(f"{PROG}: cascade, {who}: accuracy {r['accuracy']:.4f}, {r['gflops_per_tile']:.4f} GFLOPs/tile, "
                   f"{r['tiles_per_s']:.0f} tiles/s ({r['speedup_vs_teacher']:.1f}x the teacher)")
-        from kd_histo.cascade import cheapest_within
+        from kd_histo.evaluation.cascade import cheapest_within
 
         best = cheapest_within(json.load(open(paths["cascade_json"]))["rows"], points=1.0)
         print(f"{PROG}: cascade: " + ("no measured share is within 1 pt of the teacher alone" if best is None else

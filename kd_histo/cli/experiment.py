@@ -8,7 +8,7 @@ The training flags (those of kd-histo-train: network, optimizer, epochs, distill
 precision) set the template of every run; the experiment sets mode, run folder, factor, teacher
 and unlabeled data per run, so --mode, --model_dir, --teacher and --factor are refused here.
 Finished runs are skipped on a rerun. Writes <out_dir>/report/ (results.csv, results.md,
-report.md, plots). Flags -> ``kd_histo.experiment.ExperimentConfig`` -> ``run_experiment``.
+report.md, plots). Flags -> ``kd_histo.protocol.plan.ExperimentConfig`` -> ``run_experiment``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from kd_histo.cli import flags_common as fc
 from kd_histo.cli import train as train_cli
 
 if TYPE_CHECKING:  # the binary imports TensorFlow only once the flags are parsed
-    from kd_histo.experiment import ExperimentConfig
+    from kd_histo.protocol.plan import ExperimentConfig
 
 PROG = "kd-histo-experiment"
 fc.define_experiment_flags()
@@ -34,7 +34,7 @@ def config_from_flags() -> "ExperimentConfig":
     import dataclasses
 
     from kd_histo.data.pipeline import unlabeled_pool_size
-    from kd_histo.experiment import ExperimentConfig
+    from kd_histo.protocol.plan import ExperimentConfig
 
     given = [f"--{n}" for n in PER_RUN if FLAGS[n].present]
     if given:
@@ -70,8 +70,7 @@ def config_from_flags() -> "ExperimentConfig":
 
 def main(argv: list[str]) -> None:
     del argv
-    from kd_histo import experiment
-
+    from kd_histo.protocol import experiment
     cfg = config_from_flags()
     paths = experiment.run_experiment(cfg, log=lambda line: print(f"{PROG}: {line}", flush=True))
     print(open(paths["md"]).read(), end="")

@@ -6,7 +6,7 @@
         --cascade_teacher=runs/demo/teacher --cascade_fraction=0.1 --out_dir=runs/demo/predict_cascade
 
 Writes predictions.csv (per tile), slides.csv (per slide) and, with --heatmap, one heatmap PNG
-per slide over its thumbnail (``kd_histo.predict``). With --cascade_teacher the teacher re-scores
+per slide over its thumbnail (``kd_histo.evaluation.predict``). With --cascade_teacher the teacher re-scores
 the least confident tiles of each slide from their HR tiles (predictions.csv says which net scored each).
 """
 
@@ -21,8 +21,7 @@ FLAGS = fc.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
-    from kd_histo import predict
-
+    from kd_histo.evaluation import predict
     fc.require(model_dir=FLAGS.model_dir, inputs=FLAGS.inputs)
     cfg = predict.PredictConfig(model_dir=FLAGS.model_dir, inputs=tuple(FLAGS.inputs),
                                 out_dir=FLAGS.out_dir or "predictions",

@@ -3,7 +3,7 @@
     kd-histo-train --flagfile=flags/demo/teacher.flags
     kd-histo-train --flagfile=flags/demo/student_x4.flags --teacher=runs/demo/teacher
 
-Flags -> a frozen ``kd_histo.config.RunConfig`` -> ``kd_histo.train.train``. Bad input ends in
+Flags -> a frozen ``kd_histo.training.config.RunConfig`` -> ``kd_histo.training.train.train``. Bad input ends in
 one line, ``kd-histo-train: error: <what to fix>``, exit code 2, and nothing written.
 """
 
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from kd_histo.cli import flags_common as fc
 
 if TYPE_CHECKING:  # the binary imports TensorFlow only once the flags are parsed
-    from kd_histo.config import RunConfig
+    from kd_histo.training.config import RunConfig
 
 PROG = "kd-histo-train"
 fc.define_train_flags()
@@ -28,8 +28,8 @@ def config_from_flags(mode: str | None = None, model_dir: str | None = None) -> 
       mode: overrides --mode (kd-histo-experiment builds its run template this way).
       model_dir: overrides --model_dir.
     """
-    from kd_histo.config import DistillConfig, NetConfig, OptimConfig, RunConfig, smoke
     from kd_histo.data.pipeline import PipelineConfig
+    from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig, smoke
 
     mode, model_dir = mode or FLAGS.mode, model_dir or FLAGS.model_dir
     fc.require(mode=mode, data_dir=FLAGS.data_dir, model_dir=model_dir)
@@ -60,8 +60,7 @@ def config_from_flags(mode: str | None = None, model_dir: str | None = None) -> 
 
 def main(argv: list[str]) -> None:
     del argv
-    from kd_histo import train
-
+    from kd_histo.training import train
     cfg = config_from_flags()
     result = train.train(cfg)
     best = f", best {cfg.monitor} {result.best:.4f}" if result.best is not None else ""

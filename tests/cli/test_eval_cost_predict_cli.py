@@ -68,8 +68,7 @@ def test_cost_needs_runs(capsys):
 def test_predict_on_shards_and_tile_folder(runs, tiny_shards, tmp_path):
     from PIL import Image
 
-    from kd_histo import synthetic
-
+    from kd_histo.data import synthetic
     folder = tmp_path / "tiles" / "caseA"
     folder.mkdir(parents=True)
     images, _, _ = synthetic.generate(1, 40, seed=3, slides_per_class=1)  # 40 px: resized to the run's 32

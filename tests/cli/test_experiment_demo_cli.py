@@ -6,11 +6,11 @@ import pathlib
 
 import pytest
 
-from kd_histo import demo
 from kd_histo.cli import demo as demo_cli
 from kd_histo.cli import experiment as experiment_cli
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import train as train_cli
+from kd_histo.protocol import demo
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def test_smoke_demo_end_to_end_then_rerun(tmp_path, capsys):
     info = json.loads((out / "data" / "dataset.json").read_text())
     assert info["counts"]["unlabeled"] == {"unlabeled": 8} and info["class_names"][0] == "lymphocytes"
     # the tiles' µm/px reaches the run record: predict reads slides at the student's own 2 x 2 µm/px
-    from kd_histo.run_record import read_run_record
+    from kd_histo.training.run_record import read_run_record
 
     assert info["mpp"] == demo.DEMO_TILE_MPP
     assert read_run_record(str(out / "runs" / "s0" / "student_x2")).input_mpp == 2 * demo.DEMO_TILE_MPP

@@ -9,7 +9,8 @@ import pytest
 from cli_helpers import invoke
 from PIL import Image
 
-from kd_histo import cascade, slide_reader, synthetic
+from kd_histo.data import synthetic
+from kd_histo.evaluation import cascade, slide_reader
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: the slide writer
 from convert.pyramid_tiff import write_pyramid_tiff  # noqa: E402

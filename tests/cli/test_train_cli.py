@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-
 from cli_helpers import copy_data, invoke, train_run
 
 
@@ -14,8 +13,7 @@ def test_run_folders_hold_the_contract_files(runs):
         for f in ("config.json", "run.json", "model.keras", "history.csv", "savedmodel/saved_model.pb"):
             assert (d / f).exists(), f"{name}/{f} missing"
         run = json.load(open(d / "run.json"))
-        from kd_histo import synthetic
-
+        from kd_histo.data import synthetic
         assert run["class_names"] == list(synthetic.CLASS_NAMES)
     assert json.load(open(runs / "teacher" / "run.json"))["input_px"] == 32
     assert json.load(open(runs / "student_x2" / "run.json"))["input_px"] == 16
@@ -33,7 +31,7 @@ def test_distill_logs_kd_and_feature_losses(runs):
 
 
 def test_config_json_round_trips(runs):
-    from kd_histo.config import RunConfig
+    from kd_histo.training.config import RunConfig
 
     text = open(runs / "student_x2" / "config.json").read()
     cfg = RunConfig.from_json(text)

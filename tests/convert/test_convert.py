@@ -10,9 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from kd_histo import schema, synthetic
+from kd_histo import schema
 from kd_histo.convert import ConversionError, ConvertConfig, EncodeOptions, convert, merge, run_task
 from kd_histo.convert.writer import DirLock
+from kd_histo.data import synthetic
 
 from .helpers import decode, random_rgb, read_split, shard_bytes, write_image
 

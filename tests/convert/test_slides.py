@@ -4,8 +4,9 @@ import numpy as np
 import openslide
 import pytest
 
-from kd_histo import schema, synthetic
+from kd_histo import schema
 from kd_histo.convert import ConvertConfig, EncodeOptions, convert, slides
+from kd_histo.data import synthetic
 
 from .helpers import decode, read_split
 from .pyramid_tiff import write_pyramid_tiff

@@ -77,7 +77,7 @@ _TRAIN_PREDICT = textwrap.dedent("""
     import json, sys
     import numpy as np, keras, tensorflow as tf
     from tensorflow.python.util import _pywrap_util_port
-    from kd_histo.distiller import ResolutionDistiller
+    from kd_histo.training.distiller import ResolutionDistiller
     from kd_histo.models import build_model
     sys.path.insert(0, "tests/models")
     from test_onednn import predict

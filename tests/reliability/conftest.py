@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kd_histo import train
-from kd_histo.config import NetConfig, RunConfig
 from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.training import train
+from kd_histo.training.config import NetConfig, RunConfig
 
 TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
 

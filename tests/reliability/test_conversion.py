@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from kd_histo import schema, synthetic
+from kd_histo import schema
 from kd_histo.convert import ConversionError, ConvertConfig, EncodeOptions, convert, writer
+from kd_histo.data import synthetic
 
 from .helpers import REPO
 

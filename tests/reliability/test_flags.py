@@ -6,7 +6,6 @@ import math
 
 import pytest
 
-from kd_histo import cost
 from kd_histo.cli import convert as convert_cli
 from kd_histo.cli import cost as cost_cli
 from kd_histo.cli import evaluate as evaluate_cli
@@ -14,8 +13,9 @@ from kd_histo.cli import experiment as experiment_cli
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import predict as predict_cli
 from kd_histo.cli import train as train_cli
-from kd_histo.config import DistillConfig, OptimConfig
 from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.evaluation import cost
+from kd_histo.training.config import DistillConfig, OptimConfig
 
 from .helpers import write_tiny_shards
 

@@ -16,12 +16,13 @@ import keras
 import pytest
 import tensorflow as tf
 
-from kd_histo import preflight, schema, train
-from kd_histo.config import DistillConfig, NetConfig, RunConfig
+from kd_histo import schema
 from kd_histo.convert import ConvertConfig, EncodeOptions, convert
 from kd_histo.convert.manifest import ManifestError, read_manifest
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.models import build_model, load_model
+from kd_histo.training import preflight, train
+from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
 
 from .helpers import REPO, encoded, rgb, write
 

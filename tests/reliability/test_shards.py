@@ -14,9 +14,10 @@ import shutil
 import pytest
 import tensorflow as tf
 
-from kd_histo import preflight, schema, train
-from kd_histo.config import NetConfig, RunConfig
+from kd_histo import schema
 from kd_histo.data.pipeline import PipelineConfig, make_dataset
+from kd_histo.training import preflight, train
+from kd_histo.training.config import NetConfig, RunConfig
 
 pytestmark = pytest.mark.reliability
 

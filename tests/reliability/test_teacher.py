@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_histo import preflight
-from kd_histo import teacher_cache as TC
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import train as train_cli
-from kd_histo.config import DistillConfig, RunConfig
 from kd_histo.data.pipeline import PipelineConfig, make_dataset
 from kd_histo.models import build_model
-from kd_histo.run_record import read_run_record, write_run_record
+from kd_histo.training import preflight
+from kd_histo.training import teacher_cache as TC
+from kd_histo.training.config import DistillConfig, RunConfig
+from kd_histo.training.run_record import read_run_record, write_run_record
 
 from .helpers import write_tiny_shards
 

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_histo import callbacks, preflight, train
-from kd_histo.config import DistillConfig, NetConfig, RunConfig
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.models import build_model
+from kd_histo.training import callbacks, preflight, train
+from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
 
 from . import train_child
 

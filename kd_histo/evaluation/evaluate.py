@@ -7,9 +7,9 @@ predictions), each with bootstrap 95% intervals (resampling slides when slide id
 ``write_evaluation`` writes metrics.json, predictions.csv, confusion_matrix.png and roc.png;
 ``compare_runs`` gathers several runs' metrics.json into one markdown and one CSV table.
 With a cascade teacher, ``evaluate_run`` also measures the cascade curve on the same tiles
-(``kd_histo.cascade.measure_curve``) and ``write_cascade`` writes cascade.json/.csv/.png.
+(``kd_histo.evaluation.cascade.measure_curve``) and ``write_cascade`` writes cascade.json/.csv/.png.
 
-Not here: the metric formulas (``kd_histo.metrics``), figures (``kd_histo.plots``), flags
+Not here: the metric formulas (``kd_histo.evaluation.metrics``), figures (``kd_histo.evaluation.plots``), flags
 (``kd_histo.cli.evaluate``).
 """
 
@@ -23,9 +23,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kd_histo import metrics, plots
-from kd_histo.cascade import DEFAULT_FRACTIONS, check_pair, measure_curve, n_for_teacher
-from kd_histo.run_record import RunRecord, read_run_record
+from kd_histo.evaluation import metrics, plots
+from kd_histo.evaluation.cascade import DEFAULT_FRACTIONS, check_pair, measure_curve, n_for_teacher
+from kd_histo.training.run_record import RunRecord, read_run_record
 
 METRICS_JSON = "metrics.json"
 PREDICTIONS_CSV = "predictions.csv"
@@ -221,7 +221,7 @@ class EvalConfig:
     """One evaluation of a run folder on a split.
 
     Attributes:
-      model_dir: run folder with run.json and model.keras (from ``kd_histo.train``).
+      model_dir: run folder with run.json and model.keras (from ``kd_histo.training.train``).
       split: "test" or "val".
       data_dir: converted data folder; "" = the run's own (run.json).
       out_dir: results folder; "" = ``<model_dir>/eval_<split>``.
@@ -291,7 +291,7 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     title = f"{os.path.basename(os.path.normpath(cfg.model_dir))} ({cfg.split})"
     paths = write_evaluation(result, preds, out_dir, title)
     if teacher_run is not None:
-        from kd_histo.cost import count_flops
+        from kd_histo.evaluation.cost import count_flops
 
         teacher = load_model(teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=info.num_classes)
         if run.view == "hr":  # the kept "hr" tiles are uint8
@@ -313,7 +313,7 @@ CASCADE_JSON, CASCADE_CSV, CASCADE_PNG = "cascade.json", "cascade.csv", "cascade
 def write_cascade(rows: Sequence[dict[str, Any]], about: dict[str, Any], out_dir: str, title: str = "") -> dict[str, str]:
     """cascade.json (rows + what was measured), cascade.csv and cascade.png (accuracy against
     effective GFLOPs per tile) in ``out_dir``; returns their paths."""
-    from kd_histo.cascade import CSV_COLUMNS
+    from kd_histo.evaluation.cascade import CSV_COLUMNS
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {"cascade_json": os.path.join(out_dir, CASCADE_JSON), "cascade_csv": os.path.join(out_dir, CASCADE_CSV),

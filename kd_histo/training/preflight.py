@@ -7,7 +7,7 @@ finished or different run), the teacher (a run folder with a run record: an HR r
 data's class names in the data's order, tile size and µm/px; the file exists, loads, same class
 count, RGB input), and the LR tile against the network's minimum input (its total stride).
 
-Not here: building or training anything (``kd_histo.train``).
+Not here: building or training anything (``kd_histo.training.train``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,16 @@ import tempfile
 import keras
 
 from kd_histo import schema
-from kd_histo.config import RunConfig
 from kd_histo.data import decode
 from kd_histo.data.pipeline import lr_size
-from kd_histo.run_record import CONFIG_JSON, MODEL_FILE, RUN_JSON, RunRecord, read_run_record  # noqa: F401
+from kd_histo.training.config import RunConfig
+from kd_histo.training.run_record import (  # noqa: F401
+    CONFIG_JSON,
+    MODEL_FILE,
+    RUN_JSON,
+    RunRecord,
+    read_run_record,
+)
 
 MIN_FREE_MB = 50  # a run folder needs room for a few checkpoints of the nets we train
 
@@ -124,7 +130,7 @@ def count_corrupt(cfg: RunConfig, info: schema.DatasetInfo) -> dict[str, int]:
 
 def check_teacher_cache(cfg: RunConfig, info: schema.DatasetInfo) -> None:
     """A teacher cache only fits a distill run whose views are a finite set (no random crop)."""
-    from kd_histo.teacher_cache import CACHEABLE_AUGMENT
+    from kd_histo.training.teacher_cache import CACHEABLE_AUGMENT
 
     if not cfg.distill.teacher_cache:
         return

@@ -14,7 +14,7 @@ size (so later epochs skip the resize as well), and stores both as raw ``np.memm
 :meth:`TeacherCache.attach` turns un-augmented pipeline batches (``augment="none"``) into
 distillation batches: it draws one dihedral transform per example, applies it to the ``hr``/``lr``
 views (area/bicubic downsampling commutes with these transforms) and adds ``teacher_logits``/
-``teacher_features`` from the cache, which :class:`kd_histo.distiller.ResolutionDistiller` uses
+``teacher_features`` from the cache, which :class:`kd_histo.training.distiller.ResolutionDistiller` uses
 instead of running the teacher. Colour augmentations are not cacheable and are left out; ``lr2``
 is passed through untouched.
 """
@@ -31,9 +31,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kd_histo import losses as L
 from kd_histo.atomic import write_json
 from kd_histo.data.mixing import example_key
+from kd_histo.training import losses as L
 
 META = "cache.json"
 NUM_DIHEDRAL = 8
@@ -90,7 +90,7 @@ def build_cache(
       cache_dir: output folder (created; existing cache files are replaced).
       map_size: (h, w) of the student's feature map for its input size.
       feature_mode: how the teacher map is resized ("maxpool", "bicubic", "maxpool+bicubic").
-      bicubic_style: "torch" or "tf" (see :func:`kd_histo.losses.bicubic_resize`).
+      bicubic_style: "torch" or "tf" (see :func:`kd_histo.training.losses.bicubic_resize`).
       teacher_view: batch key of the teacher's input.
       dihedral_transforms: cache all 8 dihedral transforms (else only the identity).
       feature_dtype: "float16" or "float32" storage of the feature targets.
@@ -165,7 +165,7 @@ class TeacherCache:
         meta = os.path.join(cache_dir, META)
         if not os.path.isfile(meta):
             raise FileNotFoundError(
-                f"{meta} not found: build the cache first (kd_histo.teacher_cache.build_cache)"
+                f"{meta} not found: build the cache first (kd_histo.training.teacher_cache.build_cache)"
             )
         with open(meta, encoding="utf-8") as f:
             d = json.load(f)
@@ -310,7 +310,6 @@ def _source_identity(data_dir: str, split: str) -> tuple[str, str, str]:
     keys but not the pixels). Each shard counts by name, size, mtime and the SHA-256 of its first
     and last MiB; dataset.json by its SHA-256."""
     from kd_histo import schema
-
     h = hashlib.sha256(_sha256(os.path.join(data_dir, schema.DATASET_JSON)).encode())
     for p in schema.shard_paths(data_dir, split):
         st = os.stat(p)

@@ -9,7 +9,7 @@ with per-loss scalars, HR/LR grids and an early profile window, CSV log, Termina
 bar) and ``fit``. The run folder receives config.json at the start and run.json, model.keras (the
 best network alone) and savedmodel/ at the end.
 
-Not here: flags (``kd_histo.cli.train``), the losses and train step (``kd_histo.distiller``).
+Not here: flags (``kd_histo.cli.train``), the losses and train step (``kd_histo.training.distiller``).
 """
 
 from __future__ import annotations
@@ -26,16 +26,15 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from kd_histo import callbacks as cbs
-from kd_histo import preflight
 from kd_histo.atomic import write_json
-from kd_histo.config import RunConfig
 from kd_histo.convert.writer import DirLock
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
-from kd_histo.distiller import ResolutionDistiller
 from kd_histo.models import build_model
-from kd_histo.run_record import RunRecord, write_run_record
-
+from kd_histo.training import callbacks as cbs
+from kd_histo.training import preflight
+from kd_histo.training.config import RunConfig
+from kd_histo.training.distiller import ResolutionDistiller
+from kd_histo.training.run_record import RunRecord, write_run_record
 
 LOCK_FILE = ".lock-train"  # what DirLock(model_dir, "train") holds
 
@@ -116,7 +115,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
       A :class:`TrainResult`.
 
     Raises:
-      kd_histo.preflight.PreflightError: bad input, found before anything is written.
+      kd_histo.training.preflight.PreflightError: bad input, found before anything is written.
     """
     info = preflight.check_data(cfg)
     if cfg.data.skip_corrupt:
@@ -195,8 +194,7 @@ def _cached_stream(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int):
     The pipeline runs without augmentation; the cache draws one dihedral transform per example
     for both views (the "flips" preset), so the teacher is never run during training.
     """
-    from kd_histo import teacher_cache
-
+    from kd_histo.training import teacher_cache
     spec = net.compute_output_spec(keras.KerasTensor((1, input_px, input_px, 3)))
     cache = teacher_cache.for_training(
         teacher, preflight.resolve_teacher_path(cfg.distill.teacher), cfg.data, cache_dir,

@@ -5,8 +5,8 @@ Metrics: accuracy, balanced accuracy, macro F1, per-class precision/recall/F1, o
 per class and macro, confusion matrix, and percentile-bootstrap 95% intervals that resample whole
 slides when slide ids are given (tiles of one slide are not independent).
 
-Not here: aggregation of tiles into slides and file output (``kd_histo.evaluate``), plots
-(``kd_histo.plots``).
+Not here: aggregation of tiles into slides and file output (``kd_histo.evaluation.evaluate``), plots
+(``kd_histo.evaluation.plots``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ needed (it has none under XLA).
 
 The module also provides small ``keras.distillation.DistillationLoss`` wrappers so these functions
 plug into Keras' distillation interfaces. It does not hold weights: projection heads of the
-contrastive term live in :mod:`kd_histo.distiller`.
+contrastive term live in :mod:`kd_histo.training.distiller`.
 """
 
 from __future__ import annotations

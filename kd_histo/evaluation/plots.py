@@ -3,7 +3,7 @@
 Confusion matrices (one model, or several side by side), one-vs-rest ROC curves, a probability
 heatmap over a slide thumbnail, and the experiment figures: accuracy vs GFLOPs per image and
 accuracy vs the fraction of extra unlabeled data; the cascade's accuracy vs effective GFLOPs.
-Not here: computing the numbers (``kd_histo.metrics``) or reading slides (``kd_histo.predict``).
+Not here: computing the numbers (``kd_histo.evaluation.metrics``) or reading slides (``kd_histo.evaluation.predict``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # before pyplot: binaries run headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kd_histo import metrics  # noqa: E402
+from kd_histo.evaluation import metrics  # noqa: E402
 
 
 def _confusion_cells(ax, cm: np.ndarray, fontsize: float | None = None, counts: bool = True) -> None:
@@ -123,7 +123,7 @@ def accuracy_vs_gflops_png(
 ) -> str:
     """Accuracy (with its 95% interval) against GFLOPs per image, one point per model.
 
-    ``rows`` are result rows (``kd_histo.report.result_rows``) with ``run``, ``kind``, ``gflops``,
+    ``rows`` are result rows (``kd_histo.protocol.report.result_rows``) with ``run``, ``kind``, ``gflops``,
     ``accuracy``, ``accuracy_low``, ``accuracy_high``, ``unlabeled_fraction``; students with
     extra unlabeled data are drawn hollow. Nets of one input size share their GFLOPs, so each kind
     is nudged sideways a little (a few percent on the log axis) to keep the points apart.
@@ -271,7 +271,7 @@ def confusion_grid_png(
 
 def cascade_png(rows: Sequence[dict], path: str, title: str = "") -> str:
     """The cascade's accuracy against its effective GFLOPs per tile, one point per teacher share,
-    with the teacher alone as a reference; rows from ``kd_histo.cascade.measure_curve``. Returns ``path``."""
+    with the teacher alone as a reference; rows from ``kd_histo.evaluation.cascade.measure_curve``. Returns ``path``."""
     fig, ax = plt.subplots(figsize=(7, 5))
     pts = sorted((r for r in rows if r["scored_by"] == "cascade"), key=lambda r: r["gflops_per_tile"])
     ax.plot([r["gflops_per_tile"] for r in pts], [r["accuracy"] for r in pts], "o-", color="tab:blue",

@@ -6,7 +6,7 @@ distillation weights (:class:`DistillConfig`), the optimizer and schedule (:clas
 and the run itself (mode, precision, strategy, seed, epochs, model_dir, resume). ``smoke()``
 shrinks any config so it runs in seconds on a laptop (big_vision's "runlocal" switch).
 
-Not here: flag parsing (``kd_histo.cli``), building anything from the config (``kd_histo.train``).
+Not here: flag parsing (``kd_histo.cli``), building anything from the config (``kd_histo.training.train``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class DistillConfig:
       ssl_weight: weight of the contrastive term between two LR views.
       at_weight: weight of attention transfer.
       accumulation_steps: gradient accumulation.
-      teacher_cache: folder of a teacher-output cache (``kd_histo.teacher_cache``): the teacher
+      teacher_cache: folder of a teacher-output cache (``kd_histo.training.teacher_cache``): the teacher
         runs once per tile and dihedral transform, and training reads its outputs instead of
         running it; "auto" = ``<model_dir>/teacher_cache``; "" = off. Needs augment "flips" or
         "none" and no random crop.
@@ -132,7 +132,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything one ``kd_histo.train.train`` call needs.
+    """Everything one ``kd_histo.training.train.train`` call needs.
 
     Attributes:
       mode: "teacher" (labels, HR view), "baseline" (labels, LR view) or "distill" (frozen

@@ -1,46 +1,27 @@
-"""The paper's protocol on one converted data set: teacher, LR baselines, label-free students.
+"""The protocol's grid: an :class:`ExperimentConfig` and the runs it names (pure; no training).
 
-``plan(cfg)`` turns an :class:`ExperimentConfig` into named runs (pure; no I/O beyond reading
+``plan(cfg)`` turns an experiment into named :class:`RunSpec` runs (no I/O beyond reading
 ``dataset.json``): for each seed, a teacher on the HR view, and for each factor a baseline (LR
-view, labels), a KD student (LR view, frozen teacher, no labels) and, for each extra unlabeled
-fraction > 0, a KD student that also reads that fraction of the unlabeled pool; optionally
+view, labels), a KD student (LR view, frozen teacher, no labels), for each extra unlabeled
+fraction > 0 a KD student that also reads that fraction of the unlabeled pool, and optionally
 (``labeled_student_ce > 0``) a student that also learns from the labels where they exist.
-``run_experiment(cfg)`` trains, evaluates and measures them in order; finished steps are skipped
-on a rerun, so a killed experiment resumes where it stopped (an unfinished run resumes from its
-last epoch through ``kd_histo.train``). The results table, plots and report are written by
-:mod:`kd_histo.report` after every run, so a crash loses nothing that was finished.
-
-Layout of ``out_dir``::
-
-    experiment.json      the resolved ExperimentConfig
-    dataset.json         the data set's description when the experiment started (a rerun on a
-                         re-converted data set, e.g. another split, is refused)
-    runs/s<seed>/<name>  run folders (config.json, model.keras, logs/, eval_<split>/)
-    cost/                cost.json, cost.md (one measurement per input size)
-    state.json           wall time of every finished step
-    report/              results.{csv,md,json}, plots, report.md, metrics/, tensorboard/
-
-Not here: flags (``kd_histo.cli.experiment``), tables and figures (``kd_histo.report``).
+Where each run's folders lie (``eval_dir``, ``cascade_dir``) is defined here once, for the runner
+(:mod:`kd_histo.protocol.experiment`) and the report (:mod:`kd_histo.protocol.report`) alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
-import time
-from typing import Any, Callable
+from typing import Any
 
 from kd_histo import schema
-from kd_histo.atomic import write_json
-from kd_histo.cascade import DEFAULT_FRACTIONS
-from kd_histo.config import RunConfig
 from kd_histo.data.pipeline import unlabeled_pool_size
+from kd_histo.evaluation.cascade import DEFAULT_FRACTIONS
 from kd_histo.numbers import require_finite
+from kd_histo.training.config import RunConfig
 
 EXPERIMENT_JSON = "experiment.json"
-STATE_JSON = "state.json"
 KINDS = ("teacher", "baseline", "student", "student_ce")
 
 
@@ -75,7 +56,7 @@ class ExperimentConfig:
       cost_batch_sizes: batch sizes of the latency measurement (the last gives the speedup).
       cost_repeats: timed repeats per batch size.
       cascade_fractions: teacher shares of the cascade measured for each factor's student (no extra
-        unlabeled data) with its seed's teacher (``kd_histo.cascade``); empty = no cascade.
+        unlabeled data) with its seed's teacher (``kd_histo.evaluation.cascade``); empty = no cascade.
       title: a name for the report.
     """
 
@@ -246,12 +227,6 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
     return specs
 
 
-def _finished(spec: RunSpec) -> bool:
-    from kd_histo.preflight import RUN_JSON
-
-    return os.path.isfile(os.path.join(spec.model_dir, RUN_JSON))
-
-
 def eval_dir(spec: RunSpec, split: str) -> str:
     return os.path.join(spec.model_dir, f"eval_{split}")
 
@@ -264,192 +239,3 @@ def cascade_dir(spec: RunSpec, split: str) -> str:
 def has_cascade(cfg: ExperimentConfig, spec: RunSpec) -> bool:
     """The cascade is measured for each factor's student without extra unlabeled data."""
     return bool(cfg.cascade_fractions) and spec.kind == "student" and spec.unlabeled_fraction == 0
-
-
-class _State:
-    """Wall times of finished steps, kept in ``state.json`` (atomic writes)."""
-
-    def __init__(self, out_dir: str):
-        self.path = os.path.join(out_dir, STATE_JSON)
-        self.data: dict[str, dict[str, float]] = {}
-        if os.path.isfile(self.path):
-            with open(self.path) as f:
-                self.data = json.load(f)
-
-    def record(self, key: str, step: str, seconds: float) -> None:
-        self.data.setdefault(key, {})[step] = round(seconds, 2)
-        write_json(self.path, self.data)
-
-
-def _check_same_experiment(cfg: ExperimentConfig) -> None:
-    """A rerun in the same folder must be the same experiment (or a larger grid of it)."""
-    path = os.path.join(cfg.out_dir, EXPERIMENT_JSON)
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        before = json.load(f)
-    now = json.loads(json.dumps(cfg.to_dict()))
-    grid = {
-        "factors",
-        "unlabeled_fractions",
-        "seeds",
-        "baselines",
-        "title",
-        "cost_batch_sizes",
-        "cost_repeats",
-        "cascade_fractions",
-        "n_boot",
-    }
-    base_now, base_before = dict(now["base"]), dict(before.get("base", {}))
-    for d in (base_now, base_before):
-        d.pop("verbose", None)
-    # Settings added after an experiment started are absent from its experiment.json: they had
-    # their defaults then.
-    defaults = json.loads(
-        json.dumps(
-            {
-                f.name: f.default
-                for f in dataclasses.fields(ExperimentConfig)
-                if f.default is not dataclasses.MISSING
-            }
-        )
-    )
-    differ = sorted(
-        k
-        for k in now
-        if k not in grid | {"base"} and before.get(k, defaults.get(k)) != now[k]
-    )
-    differ += sorted(f"base.{k}" for k in base_now if base_before.get(k) != base_now[k])
-    if differ:
-        raise ValueError(
-            f"{cfg.out_dir} holds an experiment with other settings ({', '.join(differ)}); "
-            "rerun with the same flags to resume, or choose a new --out_dir"
-        )
-    started_on = os.path.join(cfg.out_dir, schema.DATASET_JSON)
-    if os.path.isfile(started_on) and _data_identity(started_on) != _data_identity(
-        os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON)
-    ):
-        raise ValueError(
-            f"{cfg.base.data.data_dir} changed since the experiment in {cfg.out_dir} started "
-            "(re-converted: other split, grouping or tiles); its finished runs would be mixed "
-            "with the new data: choose a new --out_dir"
-        )
-
-
-def _data_identity(path: str) -> dict:
-    """What makes a data set the same for an experiment: dataset.json less its command line."""
-    with open(path) as f:
-        d = json.load(f)
-    d.pop("command", None)
-    return d
-
-
-def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict[str, str]:
-    """Runs the whole protocol (resuming a previous attempt) and writes the report.
-
-    Args:
-      cfg: the experiment.
-      log: receives one line per step (the binary prints them).
-
-    Returns:
-      Paths of the report files (see :func:`kd_histo.report.write_report`).
-    """
-    import keras
-
-    from kd_histo import cost, evaluate, report, train
-
-    specs = plan(cfg)
-    _check_same_experiment(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, EXPERIMENT_JSON), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-    started_on = os.path.join(cfg.out_dir, schema.DATASET_JSON)
-    if not os.path.isfile(started_on):
-        shutil.copyfile(os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON), started_on)
-    state = _State(cfg.out_dir)
-    start = time.perf_counter()
-    for i, spec in enumerate(specs, 1):
-        key = f"s{spec.seed}/{spec.name}"
-        prefix = f"[{i}/{len(specs)}] {key}"
-        if _finished(spec):
-            log(f"{prefix}: trained already, skipped")
-        else:
-            log(
-                f"{prefix}: training ({spec.config.mode}, input {'HR' if spec.kind == 'teacher' else 'LR x' + _fmt(spec.factor)}"
-                f", {spec.config.epochs} epochs)"
-            )
-            t0 = time.perf_counter()
-            train.train(spec.config)
-            state.record(key, "train_s", time.perf_counter() - t0)
-            keras.backend.clear_session()
-        out = eval_dir(spec, cfg.eval_split)
-        if not os.path.isfile(os.path.join(out, evaluate.METRICS_JSON)):
-            t0 = time.perf_counter()
-            evaluate.evaluate_run(
-                evaluate.EvalConfig(
-                    spec.model_dir, cfg.eval_split, out_dir=out, n_boot=cfg.n_boot, seed=spec.seed
-                )
-            )
-            state.record(key, "eval_s", time.perf_counter() - t0)
-            keras.backend.clear_session()
-        with open(os.path.join(out, evaluate.METRICS_JSON)) as f:
-            acc = json.load(f)["tile"]["accuracy"]
-        log(
-            f"{prefix}: {cfg.eval_split} accuracy {acc:.4f} ({time.perf_counter() - start:.0f} s so far)"
-        )
-        if has_cascade(cfg, spec) and not os.path.isfile(
-            os.path.join(cascade_dir(spec, cfg.eval_split), evaluate.CASCADE_JSON)
-        ):
-            t0 = time.perf_counter()
-            teacher = next(s for s in specs if s.kind == "teacher" and s.seed == spec.seed)
-            evaluate.evaluate_run(
-                evaluate.EvalConfig(
-                    spec.model_dir, cfg.eval_split, out_dir=cascade_dir(spec, cfg.eval_split),
-                    n_boot=cfg.n_boot, seed=spec.seed, cascade_teacher=teacher.model_dir,
-                    cascade_fractions=cfg.cascade_fractions,
-                )
-            )
-            state.record(key, "cascade_s", time.perf_counter() - t0)
-            keras.backend.clear_session()
-            log(f"{prefix}: cascade with the teacher measured at shares {list(cfg.cascade_fractions)}")
-        report.write_tables(
-            cfg, specs[:i], state.data, costs=None
-        )  # partial results survive a crash
-    log("cost: FLOPs, parameters and latency per input size")
-    costs = measure_costs(cfg, specs, cost)
-    paths = report.write_report(cfg, specs, state.data, costs, wall_s=time.perf_counter() - start)
-    log(f"report: {paths['report']}")
-    return paths
-
-
-def measure_costs(
-    cfg: ExperimentConfig, specs: list[RunSpec], cost_module
-) -> dict[float, dict[str, Any]]:
-    """Cost of one network per input size (nets of one size share the architecture).
-
-    Returns:
-      {input_px: cost row} with ``gflops``, ``params``, ``timings``, ``flops_ratio_to_ref`` and
-      ``speedup`` (images/s relative to the teacher at the largest batch size).
-    """
-    import keras
-
-    from kd_histo.models import load_model
-    from kd_histo.run_record import read_run_record
-
-    by_px: dict[int, RunSpec] = {}
-    for spec in specs:
-        by_px.setdefault(read_run_record(spec.model_dir).input_px, spec)
-    teacher_px = read_run_record(next(s for s in specs if s.kind == "teacher").model_dir).input_px
-    entries = []
-    for px, spec in sorted(by_px.items(), reverse=True):
-        model = load_model(read_run_record(spec.model_dir).model_path(spec.model_dir))
-        entries.append(
-            cost_module.model_cost(f"{px}px", model, px, cfg.cost_batch_sizes, cfg.cost_repeats)
-        )
-        keras.backend.clear_session()
-    rows = cost_module.cost_table(entries, reference=f"{teacher_px}px")
-    ref = next(r for r in rows if r["name"] == f"{teacher_px}px")
-    for r in rows:
-        r["speedup"] = r["timings"][-1]["images_per_s"] / ref["timings"][-1]["images_per_s"]
-    cost_module.write_cost(rows, os.path.join(cfg.out_dir, "cost"))
-    return {r["input_px"]: r for r in rows}

@@ -11,8 +11,8 @@ size and µm/px). :func:`measure_curve` runs a labeled split through the cascade
 fractions and measures accuracy, effective GFLOPs per tile and tiles/s (the two nets on tiles held
 in memory, so reading is not timed; the teacher alone is the reference of the speedup).
 
-Not here: reading tiles or slides (``kd_histo.evaluate``, ``kd_histo.predict``), FLOPs counting
-(``kd_histo.cost``), files and figures (``kd_histo.evaluate.write_cascade``).
+Not here: reading tiles or slides (``kd_histo.evaluation.evaluate``, ``kd_histo.evaluation.predict``), FLOPs counting
+(``kd_histo.evaluation.cost``), files and figures (``kd_histo.evaluation.evaluate.write_cascade``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from kd_histo.run_record import RunRecord
+from kd_histo.training.run_record import RunRecord
 
 DEFAULT_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.5)
 CSV_COLUMNS = ("scored_by", "fraction", "n_tiles", "n_teacher", "teacher_share", "accuracy", "gflops_per_tile",
@@ -144,7 +144,7 @@ def measure_curve(student_fn: Callable[[np.ndarray], np.ndarray], teacher_fn: Ca
       student_inputs: the student's input tiles, [N, ...] in tile order.
       teacher_inputs: the teacher's HR tiles, [N, ...] in the same order.
       labels: [N] int, -1 = unlabeled (selected like any tile, left out of the accuracy).
-      student_gflops / teacher_gflops: per tile, from ``kd_histo.cost.count_flops``.
+      student_gflops / teacher_gflops: per tile, from ``kd_histo.evaluation.cost.count_flops``.
       fractions: teacher shares to measure.
       batch_size: tiles per forward pass.
       repeats: timed passes per measurement (the median is kept; a shared machine is noisy).

@@ -1,8 +1,8 @@
 """The main job on the embedded default data: synthetic tiles -> shards -> protocol -> report.
 
-``run_demo(out_dir)`` renders the synthetic H&E-like tiles (``kd_histo.synthetic``), converts them
+``run_demo(out_dir)`` renders the synthetic H&E-like tiles (``kd_histo.data.synthetic``), converts them
 with the real conversion tool (``kd_histo.convert``), and runs the paper's protocol
-(``kd_histo.experiment``): teacher on HR, LR baselines and label-free students at 2x, 4x and 8x,
+(``kd_histo.protocol.experiment``): teacher on HR, LR baselines and label-free students at 2x, 4x and 8x,
 evaluation with bootstrap intervals, compute cost, and the report folder. Every step is skipped
 when its output is already there, so a rerun finishes an interrupted demo.
 
@@ -25,8 +25,8 @@ import json
 import os
 from typing import Callable
 
-from kd_histo.config import DistillConfig, NetConfig, OptimConfig, RunConfig
 from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig
 
 DEMO_JSON = "demo.json"
 # The synthetic tiles stand for 2 µm/px (a 64 px tile = 128 µm, as the README's slide tiles): recorded
@@ -100,9 +100,10 @@ def base_config(data_dir: str, settings: DemoSettings, smoke: bool = False) -> R
 
 def _prepare_data(out_dir: str, s: DemoSettings, log: Callable[[str], None]) -> str:
     """Synthetic tiles -> shards (each step skipped when done); returns the data folder."""
-    from kd_histo import schema, synthetic
+    from kd_histo import schema
     from kd_histo.convert import ConvertConfig, EncodeOptions, convert
     from kd_histo.convert.convert import PARTS
+    from kd_histo.data import synthetic
 
     record = os.path.join(out_dir, DEMO_JSON)
     wanted = {
@@ -151,7 +152,7 @@ def _prepare_data(out_dir: str, s: DemoSettings, log: Callable[[str], None]) -> 
                 seed=s.seed,
                 examples_per_shard=256,
                 progress=True,
-                command="kd-histo-demo (kd_histo.demo)",
+                command="kd-histo-demo (kd_histo.protocol.demo)",
             )
         )
     return data
@@ -161,7 +162,8 @@ def run_demo(
     out_dir: str = "runs/demo", smoke: bool = False, log: Callable[[str], None] = print
 ) -> dict:
     """Runs the whole main job; returns the report paths (``report`` = report.md)."""
-    from kd_histo.experiment import ExperimentConfig, run_experiment
+    from kd_histo.protocol.experiment import run_experiment
+    from kd_histo.protocol.plan import ExperimentConfig
 
     s = demo_settings(smoke)
     data = _prepare_data(out_dir, s, log)

@@ -5,7 +5,7 @@ a validation metric and remembers the best value across a resumed run; ``ImageGr
 and LR sample grids to TensorBoard once; ``EpochCounter`` records how many epochs finished, so a
 failed start can be told from a failed run.
 
-Not here: which callbacks a run uses (``kd_histo.train``).
+Not here: which callbacks a run uses (``kd_histo.training.train``).
 """
 
 from __future__ import annotations

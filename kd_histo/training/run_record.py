@@ -3,7 +3,7 @@
 A :class:`RunRecord` says everything a reader needs to use a trained network correctly: its job
 (mode) and input view, the resolution factor and how the LR view was made (``lr_method``), the
 HR tile size and the model's input size, the µm/px of the training HR tiles, the class names in
-order, the normalisation, and where the network files are. ``kd_histo.train`` writes it with
+order, the normalisation, and where the network files are. ``kd_histo.training.train`` writes it with
 :func:`write_run_record`; evaluation, cost, prediction and the experiment read it with
 :func:`read_run_record` and build their inputs from it, never from a hand-read dict.
 
@@ -15,7 +15,7 @@ the truth cannot be found the reader fails in one line that says which field to 
 Fields this version does not know (a newer kd_histo wrote the file) are refused, not ignored: a
 field that changes how inputs are made must never be silently dropped.
 
-Not here: training (``kd_histo.train``), what the network computes (``kd_histo.models``).
+Not here: training (``kd_histo.training.train``), what the network computes (``kd_histo.models``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 import zipfile
 from typing import Any, Mapping
 
-from kd_histo.config import MODES
+from kd_histo.training.config import MODES
 
 RUN_JSON = "run.json"
 CONFIG_JSON = "config.json"
@@ -261,7 +261,6 @@ def upgrade_v1(model_dir: str, d: Mapping[str, Any]) -> dict[str, Any]:
 
 def _dataset_info(data_dir: str):
     from kd_histo import schema
-
     if not data_dir:
         return None
     try:

@@ -8,7 +8,7 @@ sizes after warm-up; peak memory is TF's allocator peak where the device reports
 not reported (null: a figure not measured is not written as 0). ``profile_training_steps``
 writes a TensorBoard trace of a few training steps.
 
-Not here: which runs to compare (``kd_histo.cli.cost``), evaluation metrics (``kd_histo.evaluate``).
+Not here: which runs to compare (``kd_histo.cli.cost``), evaluation metrics (``kd_histo.evaluation.evaluate``).
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ class CostConfig:
 def cost_of_runs(cfg: CostConfig) -> dict[str, Any]:
     """Measures every run at its input size and writes the table; returns paths and rows."""
     from kd_histo.models import load_model
-    from kd_histo.run_record import read_run_record  # one reader of run.json
+    from kd_histo.training.run_record import read_run_record  # one reader of run.json
 
     if not cfg.runs:
         raise ValueError("no runs given; pass --runs=<teacher run>,<student run>,...")

@@ -8,9 +8,9 @@ matrices), copies of every metrics.json and TensorBoard log folder, the cascade 
 (``cascade_rows``: each student + its teacher on the least confident tiles; cascade.csv), and
 report.md. With several seeds it reports mean ± sd per model (``seed_summary``), the figures show the seeds' means with
 their spread, and ``paired_table`` gives each student's paired difference to the baseline of its
-factor (same seed and split) with a 95% interval over seeds and tiles (``kd_histo.paired``).
+factor (same seed and split) with a 95% interval over seeds and tiles (``kd_histo.protocol.paired``).
 
-Not here: running anything (``kd_histo.experiment``), metric formulas (``kd_histo.metrics``).
+Not here: running anything (``kd_histo.protocol.experiment``), metric formulas (``kd_histo.evaluation.metrics``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from kd_histo import paired, plots, schema
+from kd_histo import schema
 from kd_histo.atomic import write_text
+from kd_histo.evaluation import plots
+from kd_histo.protocol import paired
+from kd_histo.protocol.plan import cascade_dir, eval_dir
 
 REPORT_DIR = "report"
 CSV_COLUMNS = (
@@ -52,7 +55,6 @@ CSV_COLUMNS = (
 
 
 def _metrics(spec, split: str) -> dict[str, Any] | None:
-    from kd_histo.experiment import eval_dir  # one definition of the layout
 
     path = os.path.join(eval_dir(spec, split), "metrics.json")
     if not os.path.isfile(path):
@@ -129,7 +131,6 @@ CASCADE_COLUMNS = ("seed", "run", "factor", "teacher_share", "n_teacher", "n_til
 def cascade_rows(specs: Sequence, split: str) -> list[dict[str, Any]]:
     """One row per measured teacher share of each student's cascade (``cascade_<split>/cascade.json``),
     with the gap to the teacher alone measured on the same tiles."""
-    from kd_histo.experiment import cascade_dir  # one definition of the layout
 
     out = []
     for spec in specs:
@@ -305,8 +306,7 @@ def paired_markdown(prows: Sequence[dict[str, Any]]) -> str:
 
 def read_correct(spec, split: str) -> dict[tuple, tuple[int, str]] | None:
     """{(source, x, y): (correct, slide id)} of a run's labeled tiles; None if not evaluated."""
-    from kd_histo.evaluate import PREDICTIONS_CSV
-    from kd_histo.experiment import eval_dir
+    from kd_histo.evaluation.evaluate import PREDICTIONS_CSV
 
     path = os.path.join(eval_dir(spec, split), PREDICTIONS_CSV)
     if not os.path.isfile(path):
@@ -492,7 +492,7 @@ def report_markdown(
     if cascade:
         lines += [
             "Cascade: each student scores every tile, its seed's teacher re-scores the least confident "
-            "share of them at high resolution (`kd_histo.cascade`). Effective GFLOPs per tile = student + "
+            "share of them at high resolution (`kd_histo.evaluation.cascade`). Effective GFLOPs per tile = student + "
             "share x teacher; tiles/s measured with both nets on the split's tiles held in memory (reading "
             "not timed), the speedup relative to the teacher alone on the same tiles (`cascade.csv`).",
             "",

@@ -14,7 +14,7 @@ parallel; unlike worker processes they cannot outlive their process, whatever ki
 ``window`` batches are in flight, in order, while the caller runs the model on the previous one:
 pixel memory is bounded by ``window x batch_size`` tiles whatever the slide's size.
 
-Not here: the model and the output files (:mod:`kd_histo.predict`), converting slides to shards
+Not here: the model and the output files (:mod:`kd_histo.evaluation.predict`), converting slides to shards
 (:mod:`kd_histo.convert.slides`).
 """
 

@@ -4,7 +4,7 @@ Tile folders and shards become tiles at the run's HR size (the run record's ``hr
 view is made as in training (the record's factor and ``lr_method``, antialiased). Slides are tiled
 on the grid of HR tiles at the record's µm/px of the training tiles (or ``target_mpp`` when given),
 tissue tiles only, and each tile is read at the model's own resolution from the slide's pyramid
-(``kd_histo.slide_reader``: a student x8 reads the level at 8x the µm/px, never level 0; a slide
+(``kd_histo.evaluation.slide_reader``: a student x8 reads the level at 8x the µm/px, never level 0; a slide
 without that level is shrunk from a finer one, with a note) by parallel reader threads, while the
 model, one compiled graph, runs on the previous batch. The network's class probabilities are
 written per tile (``predictions.csv``) and per slide (``slides.csv``: tile count, mean probability
@@ -15,7 +15,7 @@ With a cascade teacher (``cascade_teacher``) the teacher re-scores the student's
 tiles of each group (a slide, a folder group, a shards input) from their HR tiles, read again (from
 a slide at the teacher's own level).
 
-Not here: metrics against labels (``kd_histo.evaluate``), training (``kd_histo.train``).
+Not here: metrics against labels (``kd_histo.evaluation.evaluate``), training (``kd_histo.training.train``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 
 from kd_histo.convert.manifest import SLIDE_EXTENSIONS  # the slide types conversion reads, too
 from kd_histo.convert.tiles import TILE_EXTENSIONS
-from kd_histo.run_record import RunRecord, read_run_record
+from kd_histo.training.run_record import RunRecord, read_run_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class PredictConfig:
         thread that runs the model).
       cascade_teacher: a teacher run folder: the teacher re-scores the student's least confident
         tiles of each slide (tile folder group, shards input) from their HR tiles; "" = off.
-      cascade_fraction: share of each group's tiles the teacher re-scores (``kd_histo.cascade.select``).
+      cascade_fraction: share of each group's tiles the teacher re-scores (``kd_histo.evaluation.cascade.select``).
       cascade_threshold: instead, the teacher re-scores tiles whose top probability is below this.
       skip_corrupt: converted data folders: skip corrupt records (and log how many).
     """
@@ -158,9 +158,8 @@ def tile_mpp(run: RunRecord, target_mpp: float) -> float:
 
 
 def _predict_slide(classify, path: str, run: RunRecord, cfg: PredictConfig, mpp: float) -> tuple[_Tiles, np.ndarray]:
-    """A slide's tissue tiles read at the model's own µm/px (``kd_histo.slide_reader``), classified."""
-    from kd_histo import slide_reader
-
+    """A slide's tissue tiles read at the model's own µm/px (``kd_histo.evaluation.slide_reader``), classified."""
+    from kd_histo.evaluation import slide_reader
     plan = slide_reader.plan_read(path, hr_px=run.hr_px, hr_mpp=mpp, input_px=run.input_px,
                                   method=memory_lr_method(run), min_tissue=cfg.min_tissue, max_tiles=cfg.max_tiles)
     if plan.note:
@@ -236,8 +235,8 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     ``log`` receives one line per converted data folder read with ``skip_corrupt``: how many
     corrupt records were skipped.
     """
-    from kd_histo import evaluate
     from kd_histo.data.pipeline import make_dataset
+    from kd_histo.evaluation import evaluate
     from kd_histo.models import load_model
     from kd_histo.schema import DatasetInfo
 
@@ -305,7 +304,7 @@ def _load_cascade_teacher(cfg: PredictConfig, run: RunRecord):
     """(teacher net, teacher record) for ``cfg.cascade_teacher`` after checking it fits the student."""
     if not cfg.cascade_teacher:
         return None
-    from kd_histo.cascade import check_pair
+    from kd_histo.evaluation.cascade import check_pair
     from kd_histo.models import load_model
 
     teacher_run = read_run_record(cfg.cascade_teacher)
@@ -319,7 +318,7 @@ def _cascade(probs: np.ndarray, hr_tiles: Callable[[np.ndarray], Iterator[np.nda
     (probabilities, mask of the tiles the teacher scored)."""
     if cascade is None:
         return probs, np.zeros(len(probs), bool)
-    from kd_histo.cascade import combine, select
+    from kd_histo.evaluation.cascade import combine, select
 
     teacher, teacher_run = cascade
     mask = select(probs, fraction=cfg.cascade_fraction, threshold=cfg.cascade_threshold)
@@ -360,8 +359,8 @@ def _write_slides(rows, names, path) -> str:
 
 
 def _heatmap(t: _Tiles, probs: np.ndarray, names, out_dir: str) -> str:
-    from kd_histo import plots
     from kd_histo.convert import slides
+    from kd_histo.evaluation import plots
 
     os.makedirs(out_dir, exist_ok=True)
     slide = slides.open_slide(t.heat["path"])

@@ -5,7 +5,7 @@ reads ``batch[student_view]``; a frozen teacher (``trainable = False``, always c
 ``training=False``) reads ``batch[teacher_view]``. Without a teacher the model is plain supervised
 training on ``student_view`` (teacher training on "hr", baseline training on "lr"); with one it
 distils (KD on logits + feature-map loss, optional CE, InfoNCE and attention transfer). A batch
-that carries ``"teacher_logits"``/``"teacher_features"`` (from :mod:`kd_histo.teacher_cache`; the
+that carries ``"teacher_logits"``/``"teacher_features"`` (from :mod:`kd_histo.training.teacher_cache`; the
 features already resized to the student's map) skips the teacher forward pass and the resize; then
 no teacher model is needed at all.
 
@@ -32,8 +32,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from kd_histo import losses as L
 from kd_histo.models import num_classes_of
+from kd_histo.training import losses as L
 
 LOSS_NAMES = ("loss", "kd_loss", "feature_loss", "ce_loss", "ssl_loss", "at_loss")
 CACHE_KEYS = ("teacher_logits", "teacher_features")

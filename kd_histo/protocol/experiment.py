@@ -1,0 +1,239 @@
+"""The paper's protocol on one converted data set: teacher, LR baselines, label-free students.
+
+The runs come from :func:`kd_histo.protocol.plan.plan`.
+``run_experiment(cfg)`` trains, evaluates and measures them in order; finished steps are skipped
+on a rerun, so a killed experiment resumes where it stopped (an unfinished run resumes from its
+last epoch through ``kd_histo.training.train``). The results table, plots and report are written by
+:mod:`kd_histo.protocol.report` after every run, so a crash loses nothing that was finished.
+
+Layout of ``out_dir``::
+
+    experiment.json      the resolved ExperimentConfig
+    dataset.json         the data set's description when the experiment started (a rerun on a
+                         re-converted data set, e.g. another split, is refused)
+    runs/s<seed>/<name>  run folders (config.json, model.keras, logs/, eval_<split>/)
+    cost/                cost.json, cost.md (one measurement per input size)
+    state.json           wall time of every finished step
+    report/              results.{csv,md,json}, plots, report.md, metrics/, tensorboard/
+
+Not here: flags (``kd_histo.cli.experiment``), tables and figures (``kd_histo.protocol.report``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+from kd_histo import schema
+from kd_histo.atomic import write_json
+from kd_histo.protocol.plan import (
+    EXPERIMENT_JSON,
+    ExperimentConfig,
+    RunSpec,
+    cascade_dir,
+    eval_dir,
+    has_cascade,
+    plan,
+)
+
+STATE_JSON = "state.json"
+
+
+def _finished(spec: RunSpec) -> bool:
+    from kd_histo.training.preflight import RUN_JSON
+
+    return os.path.isfile(os.path.join(spec.model_dir, RUN_JSON))
+
+
+class _State:
+    """Wall times of finished steps, kept in ``state.json`` (atomic writes)."""
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, STATE_JSON)
+        self.data: dict[str, dict[str, float]] = {}
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                self.data = json.load(f)
+
+    def record(self, key: str, step: str, seconds: float) -> None:
+        self.data.setdefault(key, {})[step] = round(seconds, 2)
+        write_json(self.path, self.data)
+
+
+def _check_same_experiment(cfg: ExperimentConfig) -> None:
+    """A rerun in the same folder must be the same experiment (or a larger grid of it)."""
+    path = os.path.join(cfg.out_dir, EXPERIMENT_JSON)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        before = json.load(f)
+    now = json.loads(json.dumps(cfg.to_dict()))
+    grid = {
+        "factors",
+        "unlabeled_fractions",
+        "seeds",
+        "baselines",
+        "title",
+        "cost_batch_sizes",
+        "cost_repeats",
+        "cascade_fractions",
+        "n_boot",
+    }
+    base_now, base_before = dict(now["base"]), dict(before.get("base", {}))
+    for d in (base_now, base_before):
+        d.pop("verbose", None)
+    # Settings added after an experiment started are absent from its experiment.json: they had
+    # their defaults then.
+    defaults = json.loads(
+        json.dumps(
+            {
+                f.name: f.default
+                for f in dataclasses.fields(ExperimentConfig)
+                if f.default is not dataclasses.MISSING
+            }
+        )
+    )
+    differ = sorted(
+        k
+        for k in now
+        if k not in grid | {"base"} and before.get(k, defaults.get(k)) != now[k]
+    )
+    differ += sorted(f"base.{k}" for k in base_now if base_before.get(k) != base_now[k])
+    if differ:
+        raise ValueError(
+            f"{cfg.out_dir} holds an experiment with other settings ({', '.join(differ)}); "
+            "rerun with the same flags to resume, or choose a new --out_dir"
+        )
+    started_on = os.path.join(cfg.out_dir, schema.DATASET_JSON)
+    if os.path.isfile(started_on) and _data_identity(started_on) != _data_identity(
+        os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON)
+    ):
+        raise ValueError(
+            f"{cfg.base.data.data_dir} changed since the experiment in {cfg.out_dir} started "
+            "(re-converted: other split, grouping or tiles); its finished runs would be mixed "
+            "with the new data: choose a new --out_dir"
+        )
+
+
+def _data_identity(path: str) -> dict:
+    """What makes a data set the same for an experiment: dataset.json less its command line."""
+    with open(path) as f:
+        d = json.load(f)
+    d.pop("command", None)
+    return d
+
+
+def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict[str, str]:
+    """Runs the whole protocol (resuming a previous attempt) and writes the report.
+
+    Args:
+      cfg: the experiment.
+      log: receives one line per step (the binary prints them).
+
+    Returns:
+      Paths of the report files (see :func:`kd_histo.protocol.report.write_report`).
+    """
+    import keras
+
+    from kd_histo.evaluation import cost, evaluate
+    from kd_histo.protocol import report
+    from kd_histo.training import train
+    specs = plan(cfg)
+    _check_same_experiment(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, EXPERIMENT_JSON), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    started_on = os.path.join(cfg.out_dir, schema.DATASET_JSON)
+    if not os.path.isfile(started_on):
+        shutil.copyfile(os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON), started_on)
+    state = _State(cfg.out_dir)
+    start = time.perf_counter()
+    for i, spec in enumerate(specs, 1):
+        key = f"s{spec.seed}/{spec.name}"
+        prefix = f"[{i}/{len(specs)}] {key}"
+        if _finished(spec):
+            log(f"{prefix}: trained already, skipped")
+        else:
+            log(
+                f"{prefix}: training ({spec.config.mode}, input {'HR' if spec.kind == 'teacher' else f'LR x{spec.factor:g}'}"
+                f", {spec.config.epochs} epochs)"
+            )
+            t0 = time.perf_counter()
+            train.train(spec.config)
+            state.record(key, "train_s", time.perf_counter() - t0)
+            keras.backend.clear_session()
+        out = eval_dir(spec, cfg.eval_split)
+        if not os.path.isfile(os.path.join(out, evaluate.METRICS_JSON)):
+            t0 = time.perf_counter()
+            evaluate.evaluate_run(
+                evaluate.EvalConfig(
+                    spec.model_dir, cfg.eval_split, out_dir=out, n_boot=cfg.n_boot, seed=spec.seed
+                )
+            )
+            state.record(key, "eval_s", time.perf_counter() - t0)
+            keras.backend.clear_session()
+        with open(os.path.join(out, evaluate.METRICS_JSON)) as f:
+            acc = json.load(f)["tile"]["accuracy"]
+        log(
+            f"{prefix}: {cfg.eval_split} accuracy {acc:.4f} ({time.perf_counter() - start:.0f} s so far)"
+        )
+        if has_cascade(cfg, spec) and not os.path.isfile(
+            os.path.join(cascade_dir(spec, cfg.eval_split), evaluate.CASCADE_JSON)
+        ):
+            t0 = time.perf_counter()
+            teacher = next(s for s in specs if s.kind == "teacher" and s.seed == spec.seed)
+            evaluate.evaluate_run(
+                evaluate.EvalConfig(
+                    spec.model_dir, cfg.eval_split, out_dir=cascade_dir(spec, cfg.eval_split),
+                    n_boot=cfg.n_boot, seed=spec.seed, cascade_teacher=teacher.model_dir,
+                    cascade_fractions=cfg.cascade_fractions,
+                )
+            )
+            state.record(key, "cascade_s", time.perf_counter() - t0)
+            keras.backend.clear_session()
+            log(f"{prefix}: cascade with the teacher measured at shares {list(cfg.cascade_fractions)}")
+        report.write_tables(
+            cfg, specs[:i], state.data, costs=None
+        )  # partial results survive a crash
+    log("cost: FLOPs, parameters and latency per input size")
+    costs = measure_costs(cfg, specs, cost)
+    paths = report.write_report(cfg, specs, state.data, costs, wall_s=time.perf_counter() - start)
+    log(f"report: {paths['report']}")
+    return paths
+
+
+def measure_costs(
+    cfg: ExperimentConfig, specs: list[RunSpec], cost_module
+) -> dict[float, dict[str, Any]]:
+    """Cost of one network per input size (nets of one size share the architecture).
+
+    Returns:
+      {input_px: cost row} with ``gflops``, ``params``, ``timings``, ``flops_ratio_to_ref`` and
+      ``speedup`` (images/s relative to the teacher at the largest batch size).
+    """
+    import keras
+
+    from kd_histo.models import load_model
+    from kd_histo.training.run_record import read_run_record
+
+    by_px: dict[int, RunSpec] = {}
+    for spec in specs:
+        by_px.setdefault(read_run_record(spec.model_dir).input_px, spec)
+    teacher_px = read_run_record(next(s for s in specs if s.kind == "teacher").model_dir).input_px
+    entries = []
+    for px, spec in sorted(by_px.items(), reverse=True):
+        model = load_model(read_run_record(spec.model_dir).model_path(spec.model_dir))
+        entries.append(
+            cost_module.model_cost(f"{px}px", model, px, cfg.cost_batch_sizes, cfg.cost_repeats)
+        )
+        keras.backend.clear_session()
+    rows = cost_module.cost_table(entries, reference=f"{teacher_px}px")
+    ref = next(r for r in rows if r["name"] == f"{teacher_px}px")
+    for r in rows:
+        r["speedup"] = r["timings"][-1]["images_per_s"] / ref["timings"][-1]["images_per_s"]
+    cost_module.write_cost(rows, os.path.join(cfg.out_dir, "cost"))
+    return {r["input_px"]: r for r in rows}

@@ -92,6 +92,7 @@ def bench_one(
     from kd_histo.models import build_model
     from kd_histo.training import losses as L
     from kd_histo.training.distiller import ResolutionDistiller
+    from kd_histo.training.optimizers import FusedAdam
 
     keras.utils.set_random_seed(0)
     opts = dict(mean=[0.7, 0.5, 0.7], std=[0.15, 0.2, 0.15], planes=planes)
@@ -116,7 +117,7 @@ def bench_one(
         distiller = ResolutionDistiller(student, None)
     else:
         distiller = ResolutionDistiller(student, teacher)
-    distiller.compile(keras.optimizers.Adam(1e-3))
+    distiller.compile(FusedAdam(1e-3))  # the binaries' Adam (kd_histo.training.train.make_optimizer)
     distiller.optimizer.build(distiller.trainable_variables)
     step = tf.function(distiller.train_step, jit_compile=jit_compile, reduce_retracing=True)
     for _ in range(warmup):

@@ -34,6 +34,7 @@ from kd_histo.training import callbacks as cbs
 from kd_histo.training import preflight
 from kd_histo.training.config import RunConfig
 from kd_histo.training.distiller import ResolutionDistiller
+from kd_histo.training.optimizers import FusedAdam
 from kd_histo.training.run_record import RunRecord, write_run_record
 
 LOCK_FILE = ".lock-train"  # what DirLock(model_dir, "train") holds
@@ -89,8 +90,9 @@ def make_optimizer(cfg: RunConfig, steps: int) -> keras.optimizers.Optimizer:
     extra = {"clipnorm": o.clipnorm} if o.clipnorm else {}
     if o.name == "sgd":
         return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=o.weight_decay or None, **extra)
-    cls = keras.optimizers.AdamW if o.name == "adamw" else keras.optimizers.Adam
-    return cls(lr, weight_decay=o.weight_decay or None, **extra)
+    # Keras 3's Adam and AdamW are one update (decoupled weight decay); FusedAdam runs it on TF's
+    # fused kernel (kd_histo.training.optimizers).
+    return FusedAdam(lr, weight_decay=o.weight_decay or None, **extra)
 
 
 def _distiller(cfg: RunConfig, net: keras.Model, teacher: keras.Model | None) -> ResolutionDistiller:

@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"
 	if $(VENV)/bin/python -m pip show --quiet $(TF_OTHER) >/dev/null 2>&1; then \
-	  $(VENV)/bin/python -m pip uninstall --quiet --yes tensorflow tensorflow-cpu; fi
+	  $(VENV)/bin/python -m pip uninstall -qq --yes tensorflow tensorflow-cpu; fi
 	$(VENV)/bin/python -m pip install --quiet -c requirements/constraints.txt -e ".[$(TF_BUILD),test]"
 	$(VENV)/bin/python tools/check_env.py --tf_build=$(TF_BUILD)
 	echo $(TF_BUILD) > $(VENV)/.tf-build

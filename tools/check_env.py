@@ -1,10 +1,14 @@
-"""python tools/check_env.py -- the environment works, not just installs (`make venv` runs it).
+"""python tools/check_env.py [--tf_build=cpu|gpu] -- the environment works, not just installs.
 
-Imports every package of the design card, decodes a TIFF inside TensorFlow with tensorflow-io
-(the op that breaks on TensorFlow >= 2.17), runs one keras-cv op and opens OpenSlide's library,
-then prints the versions. Exits non-zero with the failing package named.
+`make venv` runs it. Imports every package of the design card, decodes a TIFF inside TensorFlow with
+tensorflow-io (the op that breaks on TensorFlow >= 2.17), runs one keras-cv op and opens OpenSlide's
+library, then prints the versions. Checks that exactly one TensorFlow distribution is installed
+(`tensorflow` and `tensorflow-cpu` write the same files) and, with --tf_build, that it is the build
+asked for: `cpu` without CUDA, `gpu` with it. Exits non-zero with the failing package named.
 """
 
+import argparse
+import importlib.metadata
 import io
 import os
 import sys
@@ -12,7 +16,31 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def main() -> int:
+TF_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu")
+
+
+def installed_tf_distributions() -> list[str]:
+    """The TensorFlow distributions installed here, e.g. ``["tensorflow-cpu"]``."""
+    found = []
+    for name in TF_DISTRIBUTIONS:
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tf_build", choices=("cpu", "gpu"), help="the TensorFlow build expected")
+    args = parser.parse_args(argv)
+    dists = installed_tf_distributions()
+    if len(dists) != 1:
+        print(f"check_env: FAILED: expected one TensorFlow distribution, found {dists or 'none'}"
+              " (reinstall with `make clean-venv venv`)", file=sys.stderr)  # fmt: skip
+        return 1
+
     import numpy as np
     from PIL import Image
 
@@ -37,6 +65,9 @@ def main() -> int:
         checks.append(("keras-cv Solarization", solarized.shape == (1, 2, 2, 3)))
         checks.append(("openslide library", bool(openslide.__library_version__)))
         checks.append(("keras.distillation", hasattr(keras, "distillation")))
+        if args.tf_build:
+            cuda = tf.test.is_built_with_cuda()
+            checks.append((f"{dists[0]} is the {args.tf_build} build", cuda == (args.tf_build == "gpu")))  # fmt: skip
     except Exception as e:  # noqa: BLE001 -- the point is to name what failed, whatever it is
         print(f"check_env: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -44,7 +75,7 @@ def main() -> int:
     if failed:
         print(f"check_env: FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
-    versions = {"kd_histo": kd_histo.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+    versions = {"kd_histo": kd_histo.__version__, dists[0]: tf.__version__, "keras": keras.__version__,
                 "keras-cv": keras_cv.__version__, "tensorflow-io": tfio.__version__, "numpy": np.__version__,
                 "absl-py": absl.__version__, "tensorboard": tensorboard.__version__,
                 "openslide": openslide.__library_version__}  # fmt: skip

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from kd_histo.models import build_model, load_model
 from kd_histo.training import losses as L
-from kd_histo.training.distiller import LOSS_NAMES, ResolutionDistiller
+from kd_histo.training.distiller import ResolutionDistiller
 
 KW = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], planes=(4, 8, 8, 16), stem="small")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,8 +59,9 @@ def test_distillation_fit_freezes_teacher_and_trains_student():
     assert any(not np.array_equal(a, w.numpy()) for a, w in zip(s0, student.weights)), (
         "student did not learn"
     )
-    assert set(hist) == set(LOSS_NAMES) | {"accuracy"}
-    for name in LOSS_NAMES:
+    names = ("loss", "kd_loss", "feature_loss", "ce_loss", "ssl_loss", "at_loss")
+    assert d.loss_names == names and set(hist) == set(names) | {"accuracy"}
+    for name in names:
         assert np.all(np.isfinite(hist[name])), name
         assert hist[name][-1] > 0, f"{name} inactive although its weight is > 0"
     assert not any(id(w) in {id(t) for t in teacher.weights} for w in d.trainable_weights)
@@ -111,10 +112,10 @@ def test_cached_teacher_outputs_replace_the_teacher():
 @pytest.mark.parametrize("view", ["hr", "lr"])
 def test_supervised_without_teacher_is_the_same_loop(view):
     student, _ = nets()
-    d = ResolutionDistiller(student, None, student_view=view, ce_weight=1.0)
+    d = ResolutionDistiller(student, None, [(1.0, L.MaskedCE())], student_view=view)
     d.compile(keras.optimizers.Adam(1e-2))
     hist = d.fit(dataset(), epochs=3, verbose=0).history
-    assert hist["kd_loss"] == [0.0] * 3 and hist["feature_loss"] == [0.0] * 3
+    assert set(hist) == {"loss", "ce_loss", "accuracy"}  # no columns for the inactive losses
     np.testing.assert_allclose(hist["loss"], hist["ce_loss"])
     assert hist["ce_loss"][-1] < hist["ce_loss"][0]
     preds = d.predict(batch_dict(), verbose=0)
@@ -123,7 +124,7 @@ def test_supervised_without_teacher_is_the_same_loop(view):
 
 def test_accuracy_counts_labeled_examples_only():
     student, _ = nets()
-    d = ResolutionDistiller(student, None, ce_weight=1.0)
+    d = ResolutionDistiller(student, None, [(1.0, L.MaskedCE())])
     d.compile("adam")
     b = batch_dict()
     metrics = d.evaluate(tf.data.Dataset.from_tensors(b), verbose=0, return_dict=True)
@@ -202,7 +203,7 @@ def test_mixed_precision(policy, compute, restore_policy):
         assert isinstance(d.optimizer, keras.optimizers.LossScaleOptimizer)
     t0, s0 = snapshot(teacher), snapshot(student)
     hist = d.fit(dataset(), epochs=1, verbose=0).history
-    assert all(np.isfinite(hist[n][0]) for n in LOSS_NAMES)
+    assert all(np.isfinite(hist[n][0]) for n in d.loss_names) and len(d.loss_names) == 6
     assert all(np.array_equal(a, w.numpy()) for a, w in zip(t0, teacher.weights))
     assert any(not np.array_equal(a, w.numpy()) for a, w in zip(s0, student.weights))
 
@@ -229,7 +230,10 @@ def test_save_load_round_trips(tmp_path):
     # ... and the whole distiller with its config.
     d.save(str(tmp_path / "distiller.keras"))
     d2 = keras.saving.load_model(str(tmp_path / "distiller.keras"), safe_mode=True)
-    assert d2.get_config()["ce_weight"] == 0.5 and d2.teacher.trainable is False
+    assert [(w, loss.name) for w, loss in d2.loss_terms] == [
+        (1.0, "kd_loss"), (1.0, "feature_loss"), (0.5, "ce_loss")
+    ]
+    assert d2.teacher.trainable is False
     np.testing.assert_array_equal(d2.predict(b, verbose=0)["logits"], expected)
     # ... compiled again with its optimizer and that optimizer's state, ready to go on training.
     assert d2.compiled and isinstance(d2.optimizer, keras.optimizers.Adam)

@@ -95,6 +95,79 @@ def test_losses_match_pure_functions_and_total_is_weighted_sum():
     np.testing.assert_allclose(parts["loss"], expected, rtol=1e-6)
 
 
+def test_cached_and_live_teacher_feed_the_same_loss_objects():
+    student, teacher = nets()
+    seen = []
+
+    class Spy(L.FeatureMapKD):
+        def compute_loss(self, teacher_outputs, student_outputs, **kw):
+            seen.append((id(self), tuple(teacher_outputs["features"].shape[1:3])))
+            return super().compute_loss(teacher_outputs, student_outputs, **kw)
+
+    feature = Spy("bicubic", "l1")
+    d = ResolutionDistiller(student, teacher, [(0.7, L.LogitsKD(3.0)), (2.0, feature)])
+    b = batch_dict()
+    t = teacher(b["hr"], training=False)
+    size = student(b["lr"])["features"].shape[1:3]
+    cached = dict(b, teacher_logits=t["logits"], teacher_features=feature.target(t["features"], size))
+    live, _ = d.compute_losses(b)
+    from_cache, _ = d.compute_losses(cached)
+    assert seen == [(id(feature), tuple(t["features"].shape[1:3])), (id(feature), tuple(size))]
+    assert set(live) == set(from_cache) == {"loss", "kd_loss", "feature_loss"}
+    for name in live:
+        np.testing.assert_allclose(from_cache[name], live[name], rtol=1e-5)
+
+
+def test_losses_are_validated_when_the_distiller_is_built():
+    student, _ = nets(planes=(4, 8, 8, 16))
+    _, wide = nets(planes=(4, 8, 8, 32))
+    with pytest.raises(ValueError, match="channels: student 16, teacher 32"):
+        ResolutionDistiller(student, wide, [(1.0, L.FeatureMapKD())])
+    d = ResolutionDistiller(student, wide, [(1.0, L.LogitsKD()), (0.0, L.FeatureMapKD())])
+    assert d.loss_names == ("loss", "kd_loss")  # weight 0: neither checked nor tracked
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        ResolutionDistiller(student, wide, [(-1.0, L.LogitsKD())])
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        ResolutionDistiller(student, wide, [(0.0, L.LogitsKD())])
+    with pytest.raises(ValueError, match="not both"):
+        ResolutionDistiller(student, wide, [(1.0, L.LogitsKD())], kd_weight=1.0)
+
+
+def test_distiller_saved_with_the_old_weight_keywords_loads_and_resumes(tmp_path):
+    """A .keras distiller written before the losses were a list (config: weight keywords)."""
+    import zipfile
+
+    student, teacher = nets()
+    d = ResolutionDistiller(student, teacher, [(1.0, L.LogitsKD(2.0)), (1.0, L.FeatureMapKD()),
+                                               (0.5, L.MaskedCE())])  # fmt: skip
+    d.compile(keras.optimizers.Adam(1e-2))
+    d.fit(dataset(), epochs=1, verbose=0)
+    path = tmp_path / "old.keras"
+    d.save(str(path))
+    with zipfile.ZipFile(path) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    cfg = json.loads(files["config.json"])
+    inner = cfg["config"]
+    inner.pop("losses")  # the config exactly as ResolutionDistiller.get_config wrote it on main
+    inner.update(temperature=2.0, kd_weight=1.0, feature_weight=1.0, feature_mode="maxpool+bicubic",
+                 feature_norm="l2", ce_weight=0.5, ssl_weight=0.0, at_weight=0.0, ssl_temperature=0.1,
+                 projection_dim=128, bicubic_style="torch")  # fmt: skip
+    files["config.json"] = json.dumps(cfg).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    d2 = keras.saving.load_model(str(path), safe_mode=True)
+    assert d2.loss_names == ("loss", "kd_loss", "feature_loss", "ce_loss")
+    assert d2.loss_terms[0][1].temperature == 2.0 and d2.loss_terms[2][0] == 0.5
+    b = batch_dict()
+    for name, value in d.compute_losses(b)[0].items():
+        np.testing.assert_allclose(d2.compute_losses(b)[0][name], value, rtol=1e-6)
+    steps = int(d2.optimizer.iterations)
+    assert steps == int(d.optimizer.iterations) > 0
+    d2.fit(dataset(), epochs=1, verbose=0)
+    assert int(d2.optimizer.iterations) > steps
+
+
 def test_cached_teacher_outputs_replace_the_teacher():
     student, teacher = nets()
     b = batch_dict()

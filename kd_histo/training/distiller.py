@@ -12,7 +12,8 @@ features already resized to the student's map) skips the teacher forward pass an
 no teacher model is needed at all.
 
 Design follows ``keras.distillation.Distiller`` (frozen teacher, losses as objects validated
-against both nets' outputs at construction, one Mean tracker per active loss) without its assumption that teacher and student share one input. Losses are
+against both nets' outputs at construction, one Mean tracker per active loss) without its
+assumption that teacher and student share one input. Losses are
 float32; the total is divided by the number of replicas (tf.distribute sums gradients) and passed
 through ``optimizer.scale_loss`` (LossScaleOptimizer under ``mixed_float16``). Gradient
 accumulation uses the Keras optimizer's own ``gradient_accumulation_steps``, set in ``compile``.
@@ -30,7 +31,8 @@ This module does no I/O and reads no flags.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -53,11 +55,12 @@ def losses_for(distill, **extra) -> list[tuple[float, L.ResolutionLoss]]:
     ``ssl_temperature``, ``projection_dim``); left out, the loss classes' defaults apply.
     """
     feature = {k: extra[k] for k in ("bicubic_style",) if k in extra}
-    ssl = {k2: extra[k] for k, k2 in (("ssl_temperature", "temperature"), ("projection_dim", "projection_dim"))
-           if k in extra}
+    renamed = (("ssl_temperature", "temperature"), ("projection_dim", "projection_dim"))
+    ssl = {k2: extra[k] for k, k2 in renamed if k in extra}
     return [
         (distill.kd_weight, L.LogitsKD(distill.temperature)),
-        (distill.feature_weight, L.FeatureMapKD(distill.feature_mode, distill.feature_norm, **feature)),
+        (distill.feature_weight,
+         L.FeatureMapKD(distill.feature_mode, distill.feature_norm, **feature)),
         (distill.ce_weight, L.MaskedCE()),
         (distill.ssl_weight, L.InfoNCE(**ssl)),
         (distill.at_weight, L.AttentionTransfer()),
@@ -79,7 +82,7 @@ def _output_spec(net: keras.Model | None):
         return None
     try:
         return net.output
-    except (AttributeError, ValueError):  # a subclassed net: its losses are checked at the first step
+    except (AttributeError, ValueError):  # a subclassed net: losses are checked at the first step
         return None
 
 
@@ -122,7 +125,9 @@ class ResolutionDistiller(keras.Model):
         if losses is None:
             losses = _legacy_losses(legacy)
         elif legacy:
-            raise ValueError(f"pass losses=[(weight, loss), ...] or the keywords {sorted(legacy)}, not both")
+            raise ValueError(
+                f"pass losses=[(weight, loss), ...] or the keywords {sorted(legacy)}, not both"
+            )
         if any(w < 0 for w, _ in losses):
             raise ValueError("loss weights must be >= 0")
         terms = [(float(w), loss) for w, loss in losses if w > 0]
@@ -145,7 +150,7 @@ class ResolutionDistiller(keras.Model):
         for _, loss in terms:
             if s_spec is not None:
                 loss.validate_outputs(t_spec, s_spec)
-            for attr, layer in loss.build(t_spec, s_spec).items():  # e.g. InfoNCE's projection heads
+            for attr, layer in loss.build(t_spec, s_spec).items():  # e.g. InfoNCE's heads
                 setattr(self, attr, layer)
         self.loss_terms = terms
         self.trackers = {n: keras.metrics.Mean(name=n) for n in ("loss", *names)}
@@ -220,7 +225,7 @@ class ResolutionDistiller(keras.Model):
         return self.teacher(batch[self.teacher_view], training=False)
 
     def compute_losses(self, batch: dict, training: bool = False):
-        """The active losses of one batch (float32 scalars), their weighted sum, the student's outputs.
+        """The active losses of one batch (float32 scalars), their weighted sum, the student's output.
 
         Args:
           batch: a pipeline batch dict; may carry cached teacher outputs.
@@ -243,9 +248,8 @@ class ResolutionDistiller(keras.Model):
         for _, loss in self.loss_terms:
             if teacher_out is not None:
                 loss.validate_outputs(teacher_out, student_out)  # static shapes, at trace time
-            parts[loss.name] = tf.cast(
-                loss.compute_loss(teacher_out, student_out, batch=batch, training=training), tf.float32
-            )
+            value = loss.compute_loss(teacher_out, student_out, batch=batch, training=training)
+            parts[loss.name] = tf.cast(value, tf.float32)
         parts["loss"] = tf.add_n([w * parts[loss.name] for w, loss in self.loss_terms])
         return parts, student_out
 
@@ -320,5 +324,7 @@ class ResolutionDistiller(keras.Model):
         teacher = keras.saving.deserialize_keras_object(teacher) if teacher is not None else None
         losses = config.pop("losses", None)
         if losses is not None:
-            losses = [(e["weight"], keras.saving.deserialize_keras_object(e["loss"])) for e in losses]
+            losses = [
+                (e["weight"], keras.saving.deserialize_keras_object(e["loss"])) for e in losses
+            ]
         return cls(student, teacher, losses, **config)

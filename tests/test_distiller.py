@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from kd_histo.models import build_model, load_model
 from kd_histo.training import losses as L
-from kd_histo.training.distiller import LOSS_NAMES, ResolutionDistiller
+from kd_histo.training.distiller import ResolutionDistiller
 
 KW = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], planes=(4, 8, 8, 16), stem="small")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,8 +59,9 @@ def test_distillation_fit_freezes_teacher_and_trains_student():
     assert any(not np.array_equal(a, w.numpy()) for a, w in zip(s0, student.weights)), (
         "student did not learn"
     )
-    assert set(hist) == set(LOSS_NAMES) | {"accuracy"}
-    for name in LOSS_NAMES:
+    names = ("loss", "kd_loss", "feature_loss", "ce_loss", "ssl_loss", "at_loss")
+    assert d.loss_names == names and set(hist) == set(names) | {"accuracy"}
+    for name in names:
         assert np.all(np.isfinite(hist[name])), name
         assert hist[name][-1] > 0, f"{name} inactive although its weight is > 0"
     assert not any(id(w) in {id(t) for t in teacher.weights} for w in d.trainable_weights)
@@ -94,6 +95,79 @@ def test_losses_match_pure_functions_and_total_is_weighted_sum():
     np.testing.assert_allclose(parts["loss"], expected, rtol=1e-6)
 
 
+def test_cached_and_live_teacher_feed_the_same_loss_objects():
+    student, teacher = nets()
+    seen = []
+
+    class Spy(L.FeatureMapKD):
+        def compute_loss(self, teacher_outputs, student_outputs, **kw):
+            seen.append((id(self), tuple(teacher_outputs["features"].shape[1:3])))
+            return super().compute_loss(teacher_outputs, student_outputs, **kw)
+
+    feature = Spy("bicubic", "l1")
+    d = ResolutionDistiller(student, teacher, [(0.7, L.LogitsKD(3.0)), (2.0, feature)])
+    b = batch_dict()
+    t = teacher(b["hr"], training=False)
+    size = student(b["lr"])["features"].shape[1:3]
+    cached = dict(b, teacher_logits=t["logits"], teacher_features=feature.target(t["features"], size))
+    live, _ = d.compute_losses(b)
+    from_cache, _ = d.compute_losses(cached)
+    assert seen == [(id(feature), tuple(t["features"].shape[1:3])), (id(feature), tuple(size))]
+    assert set(live) == set(from_cache) == {"loss", "kd_loss", "feature_loss"}
+    for name in live:
+        np.testing.assert_allclose(from_cache[name], live[name], rtol=1e-5)
+
+
+def test_losses_are_validated_when_the_distiller_is_built():
+    student, _ = nets(planes=(4, 8, 8, 16))
+    _, wide = nets(planes=(4, 8, 8, 32))
+    with pytest.raises(ValueError, match="channels: student 16, teacher 32"):
+        ResolutionDistiller(student, wide, [(1.0, L.FeatureMapKD())])
+    d = ResolutionDistiller(student, wide, [(1.0, L.LogitsKD()), (0.0, L.FeatureMapKD())])
+    assert d.loss_names == ("loss", "kd_loss")  # weight 0: neither checked nor tracked
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        ResolutionDistiller(student, wide, [(-1.0, L.LogitsKD())])
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        ResolutionDistiller(student, wide, [(0.0, L.LogitsKD())])
+    with pytest.raises(ValueError, match="not both"):
+        ResolutionDistiller(student, wide, [(1.0, L.LogitsKD())], kd_weight=1.0)
+
+
+def test_distiller_saved_with_the_old_weight_keywords_loads_and_resumes(tmp_path):
+    """A .keras distiller written before the losses were a list (config: weight keywords)."""
+    import zipfile
+
+    student, teacher = nets()
+    d = ResolutionDistiller(student, teacher, [(1.0, L.LogitsKD(2.0)), (1.0, L.FeatureMapKD()),
+                                               (0.5, L.MaskedCE())])  # fmt: skip
+    d.compile(keras.optimizers.Adam(1e-2))
+    d.fit(dataset(), epochs=1, verbose=0)
+    path = tmp_path / "old.keras"
+    d.save(str(path))
+    with zipfile.ZipFile(path) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    cfg = json.loads(files["config.json"])
+    inner = cfg["config"]
+    inner.pop("losses")  # the config exactly as ResolutionDistiller.get_config wrote it on main
+    inner.update(temperature=2.0, kd_weight=1.0, feature_weight=1.0, feature_mode="maxpool+bicubic",
+                 feature_norm="l2", ce_weight=0.5, ssl_weight=0.0, at_weight=0.0, ssl_temperature=0.1,
+                 projection_dim=128, bicubic_style="torch")  # fmt: skip
+    files["config.json"] = json.dumps(cfg).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    d2 = keras.saving.load_model(str(path), safe_mode=True)
+    assert d2.loss_names == ("loss", "kd_loss", "feature_loss", "ce_loss")
+    assert d2.loss_terms[0][1].temperature == 2.0 and d2.loss_terms[2][0] == 0.5
+    b = batch_dict()
+    for name, value in d.compute_losses(b)[0].items():
+        np.testing.assert_allclose(d2.compute_losses(b)[0][name], value, rtol=1e-6)
+    steps = int(d2.optimizer.iterations)
+    assert steps == int(d.optimizer.iterations) > 0
+    d2.fit(dataset(), epochs=1, verbose=0)
+    assert int(d2.optimizer.iterations) > steps
+
+
 def test_cached_teacher_outputs_replace_the_teacher():
     student, teacher = nets()
     b = batch_dict()
@@ -111,10 +185,10 @@ def test_cached_teacher_outputs_replace_the_teacher():
 @pytest.mark.parametrize("view", ["hr", "lr"])
 def test_supervised_without_teacher_is_the_same_loop(view):
     student, _ = nets()
-    d = ResolutionDistiller(student, None, student_view=view, ce_weight=1.0)
+    d = ResolutionDistiller(student, None, [(1.0, L.MaskedCE())], student_view=view)
     d.compile(keras.optimizers.Adam(1e-2))
     hist = d.fit(dataset(), epochs=3, verbose=0).history
-    assert hist["kd_loss"] == [0.0] * 3 and hist["feature_loss"] == [0.0] * 3
+    assert set(hist) == {"loss", "ce_loss", "accuracy"}  # no columns for the inactive losses
     np.testing.assert_allclose(hist["loss"], hist["ce_loss"])
     assert hist["ce_loss"][-1] < hist["ce_loss"][0]
     preds = d.predict(batch_dict(), verbose=0)
@@ -123,7 +197,7 @@ def test_supervised_without_teacher_is_the_same_loop(view):
 
 def test_accuracy_counts_labeled_examples_only():
     student, _ = nets()
-    d = ResolutionDistiller(student, None, ce_weight=1.0)
+    d = ResolutionDistiller(student, None, [(1.0, L.MaskedCE())])
     d.compile("adam")
     b = batch_dict()
     metrics = d.evaluate(tf.data.Dataset.from_tensors(b), verbose=0, return_dict=True)
@@ -202,7 +276,7 @@ def test_mixed_precision(policy, compute, restore_policy):
         assert isinstance(d.optimizer, keras.optimizers.LossScaleOptimizer)
     t0, s0 = snapshot(teacher), snapshot(student)
     hist = d.fit(dataset(), epochs=1, verbose=0).history
-    assert all(np.isfinite(hist[n][0]) for n in LOSS_NAMES)
+    assert all(np.isfinite(hist[n][0]) for n in d.loss_names) and len(d.loss_names) == 6
     assert all(np.array_equal(a, w.numpy()) for a, w in zip(t0, teacher.weights))
     assert any(not np.array_equal(a, w.numpy()) for a, w in zip(s0, student.weights))
 
@@ -229,7 +303,10 @@ def test_save_load_round_trips(tmp_path):
     # ... and the whole distiller with its config.
     d.save(str(tmp_path / "distiller.keras"))
     d2 = keras.saving.load_model(str(tmp_path / "distiller.keras"), safe_mode=True)
-    assert d2.get_config()["ce_weight"] == 0.5 and d2.teacher.trainable is False
+    assert [(w, loss.name) for w, loss in d2.loss_terms] == [
+        (1.0, "kd_loss"), (1.0, "feature_loss"), (0.5, "ce_loss")
+    ]
+    assert d2.teacher.trainable is False
     np.testing.assert_array_equal(d2.predict(b, verbose=0)["logits"], expected)
     # ... compiled again with its optimizer and that optimizer's state, ready to go on training.
     assert d2.compiled and isinstance(d2.optimizer, keras.optimizers.Adam)

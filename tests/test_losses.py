@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -244,6 +245,13 @@ def test_keras_distillation_wrappers_equal_pure_functions():
     bad = {"logits": np.zeros((2, 5), "f4"), "features": np.zeros((2, 3, 3, 4), "f4")}
     with pytest.raises(ValueError, match="classes"):
         L.LogitsKD().validate_outputs(t, bad)
+    labels = np.array([1, -1])
+    assert float(L.MaskedCE().compute_loss(t, s, batch={"label": labels})) == float(
+        L.masked_ce(labels, s["logits"])
+    )
+    assert float(L.AttentionTransfer().compute_loss(t, s)) == float(
+        L.attention_transfer(s["features"], t["features"])
+    )
 
 
 def test_graph_xla_and_dynamic_shapes_agree_with_eager():
@@ -257,3 +265,28 @@ def test_graph_xla_and_dynamic_shapes_agree_with_eager():
     np.testing.assert_allclose(float(dynamic(s, t)), eager, rtol=1e-6)
     xla = tf.function(lambda a, b: L.feature_map_loss(a, b), jit_compile=True)
     np.testing.assert_allclose(float(xla(s, t)), eager, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", L.FEATURE_MODES)
+@pytest.mark.parametrize("style", L.BICUBIC_STYLES)
+def test_resizing_a_map_to_its_own_size_is_the_identity(mode, style):
+    # what lets the teacher cache store FeatureMapKD.target and the loss use it as is
+    x = np.random.default_rng(0).normal(size=(2, 5, 3, 4)).astype("f4")
+    np.testing.assert_allclose(L.resize_teacher_map(x, (5, 3), mode, style).numpy(), x, atol=1e-6)
+
+
+def test_loss_objects_check_their_parameters_and_round_trip_their_config():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        L.LogitsKD(0.0)
+    with pytest.raises(ValueError, match="ssl temperature must be > 0"):
+        L.InfoNCE(-1.0)
+    with pytest.raises(ValueError, match="feature mode"):
+        L.FeatureMapKD("avg")
+    with pytest.raises(ValueError, match="feature norm"):
+        L.FeatureMapKD(norm="l3")
+    with pytest.raises(ValueError, match="bicubic style"):
+        L.FeatureMapKD(bicubic_style="lanczos")
+    for loss in (L.LogitsKD(2.0), L.FeatureMapKD("bicubic", "l1", "tf"), L.MaskedCE(),
+                 L.InfoNCE(0.2, 16), L.AttentionTransfer(3.0)):
+        again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+        assert type(again) is type(loss) and again.get_config() == loss.get_config()

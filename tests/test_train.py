@@ -140,3 +140,25 @@ def test_sigkilled_binary_resumes(tiny_shards, tmp_path):
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     epochs = _epochs(model_dir)
     assert epochs == list(range(40)), "an epoch was lost or repeated"
+
+
+def test_history_csv_keeps_the_header_of_a_resumed_file(tmp_path):
+    """A run logged all five losses before; resumed, its rows still line up with that header."""
+    from kd_histo.training.callbacks import HistoryCSV
+
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,accuracy,at_loss,ce_loss,feature_loss,kd_loss,loss,ssl_loss\n"
+                    "0,0.5,0.0,0.0,0.2,0.1,0.3,0.0\n")
+    cb = HistoryCSV(str(path))
+    cb.on_train_begin()
+    cb.on_epoch_end(1, {"accuracy": 0.6, "feature_loss": 0.4, "kd_loss": 0.2, "loss": 0.6})
+    cb.on_train_end()
+    rows = list(csv.DictReader(open(path)))
+    assert rows[1] == {"epoch": "1", "accuracy": "0.6", "at_loss": "NA", "ce_loss": "NA",
+                       "feature_loss": "0.4", "kd_loss": "0.2", "loss": "0.6", "ssl_loss": "NA"}
+    fresh = tmp_path / "new.csv"  # a new file: the logged (active) losses alone
+    cb = HistoryCSV(str(fresh))
+    cb.on_train_begin()
+    cb.on_epoch_end(0, {"ce_loss": 1.0, "loss": 1.0})
+    cb.on_train_end()
+    assert fresh.read_text().splitlines()[0] == "epoch,ce_loss,loss,val_ce_loss,val_loss"

@@ -41,6 +41,8 @@ def test_cached_run_trains_the_student_from_the_cache(tiny_shards, teacher, tmp_
     assert spec.num_examples == 16 + 8 and spec.num_transforms == 8  # train + unlabeled tiles
     losses = result.history["kd_loss"] + result.history["feature_loss"]
     assert all(np.isfinite(losses)) and max(losses) > 0
+    assert {k for k in result.history if k.endswith("loss")} == {  # the active losses only
+        "loss", "kd_loss", "feature_loss", "val_loss", "val_kd_loss", "val_feature_loss"}
     assert os.path.isfile(os.path.join(cfg.model_dir, "model.keras"))
 
 
@@ -51,6 +53,7 @@ def test_cached_student_also_learns_from_labels_where_they_exist(tiny_shards, te
     history = train.train(cfg).history
     assert all(np.isfinite(history["ce_loss"])) and min(history["ce_loss"]) > 0
     assert max(history["kd_loss"]) > 0
+    assert not {"ssl_loss", "at_loss"} & set(history)  # ssl_weight = at_weight = 0: no columns
 
 
 def test_cache_is_reused_grown_or_rebuilt_as_runs_need(tiny_shards, teacher, tmp_path):

@@ -1,8 +1,9 @@
 """Keras callbacks of the training loop that Keras does not ship.
 
 ``SaveBestNet`` keeps the best *network* (not the distiller wrapping it with a frozen teacher) by
-a validation metric and remembers the best value across a resumed run; ``ImageGrids`` writes HR
-and LR sample grids to TensorBoard once; ``EpochCounter`` records how many epochs finished, so a
+a validation metric and remembers the best value across a resumed run; ``HistoryCSV`` appends
+each epoch's logs (the run's active losses) to history.csv under the header the file already has;
+``ImageGrids`` writes HR and LR sample grids to TensorBoard once; ``EpochCounter`` records how many epochs finished, so a
 failed start can be told from a failed run.
 
 Not here: which callbacks a run uses (``kd_histo.training.train``).
@@ -10,6 +11,7 @@ Not here: which callbacks a run uses (``kd_histo.training.train``).
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -58,6 +60,27 @@ class SaveBestNet(keras.callbacks.Callback):
                 self.net.save(tmp)  # a kill mid-save leaves the previous best intact
             with open(self.state_path, "w") as f:
                 json.dump({"best": self.best, "epoch": int(epoch), "monitor": self.monitor}, f)
+
+
+class HistoryCSV(keras.callbacks.CSVLogger):
+    """``CSVLogger(path, append=True)`` that keeps the columns of an existing file.
+
+    The logs hold the total and the active losses only. A run resumed into a history.csv written
+    with other columns (e.g. by a version that logged every loss) keeps that header: its rows
+    fill the header's columns ("NA" where a value is missing), so no row shifts.
+    """
+
+    def __init__(self, path: str):
+        super().__init__(path, append=True)
+
+    def on_train_begin(self, logs=None):
+        header = None
+        if os.path.isfile(self.filename):
+            with open(self.filename, newline="") as f:
+                header = next(csv.reader(f), None)
+        super().on_train_begin(logs)
+        if header and header[0] == "epoch":
+            self.keys = header[1:]
 
 
 class ImageGrids(keras.callbacks.Callback):

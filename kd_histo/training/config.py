@@ -17,14 +17,15 @@ from typing import Any, Mapping
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.numbers import require_finite
+from kd_histo.training import losses as L
 
 MODES = ("teacher", "baseline", "distill")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 SCHEDULES = ("constant", "cosine", "exponential")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-FEATURE_MODES = ("maxpool", "bicubic", "maxpool+bicubic")
-FEATURE_NORMS = ("l2", "l1")
+FEATURE_MODES = L.FEATURE_MODES  # the loss module defines them (and checks them, once)
+FEATURE_NORMS = L.FEATURE_NORMS
 MONITORS = ("val_accuracy", "val_loss")
 
 
@@ -77,11 +78,11 @@ class DistillConfig:
     """
 
     teacher: str = ""
-    temperature: float = 4.0
+    temperature: float = L.KD_TEMPERATURE
     kd_weight: float = 1.0
     feature_weight: float = 1.0
-    feature_mode: str = "maxpool+bicubic"
-    feature_norm: str = "l2"
+    feature_mode: str = L.FEATURE_MODE
+    feature_norm: str = L.FEATURE_NORM
     ce_weight: float = 0.0
     ssl_weight: float = 0.0
     at_weight: float = 0.0
@@ -90,10 +91,9 @@ class DistillConfig:
 
     def __post_init__(self):
         require_finite(self)
-        _choice("feature_mode", self.feature_mode, FEATURE_MODES)
-        _choice("feature_norm", self.feature_norm, FEATURE_NORMS)
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        # the loss objects check their own parameters; building them here fails early, in one place
+        L.LogitsKD(self.temperature)
+        L.FeatureMapKD(self.feature_mode, self.feature_norm)
         if self.accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
 

@@ -4,13 +4,16 @@ Batches are the pipeline's dicts (``"hr"``, ``"lr"``, ``"label"``, maybe ``"lr2"
 reads ``batch[student_view]``; a frozen teacher (``trainable = False``, always called with
 ``training=False``) reads ``batch[teacher_view]``. Without a teacher the model is plain supervised
 training on ``student_view`` (teacher training on "hr", baseline training on "lr"); with one it
-distils (KD on logits + feature-map loss, optional CE, InfoNCE and attention transfer). A batch
+distils. The losses are a list of ``(weight, loss)`` pairs of
+:class:`kd_histo.training.losses.ResolutionLoss` objects (KD on logits, feature map, CE, InfoNCE,
+attention transfer); only those of weight > 0 are computed and logged. A batch
 that carries ``"teacher_logits"``/``"teacher_features"`` (from :mod:`kd_histo.training.teacher_cache`; the
 features already resized to the student's map) skips the teacher forward pass and the resize; then
 no teacher model is needed at all.
 
-Design follows ``keras.distillation.Distiller`` (frozen teacher, losses as small objects, one Mean
-tracker per loss) without its assumption that teacher and student share one input. Losses are
+Design follows ``keras.distillation.Distiller`` (frozen teacher, losses as objects validated
+against both nets' outputs at construction, one Mean tracker per active loss) without its
+assumption that teacher and student share one input. Losses are
 float32; the total is divided by the number of replicas (tf.distribute sums gradients) and passed
 through ``optimizer.scale_loss`` (LossScaleOptimizer under ``mixed_float16``). Gradient
 accumulation uses the Keras optimizer's own ``gradient_accumulation_steps``, set in ``compile``.
@@ -27,28 +30,60 @@ This module does no I/O and reads no flags.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-from kd_histo.models import num_classes_of
 from kd_histo.training import losses as L
 
-LOSS_NAMES = ("loss", "kd_loss", "feature_loss", "ce_loss", "ssl_loss", "at_loss")
 CACHE_KEYS = ("teacher_logits", "teacher_features")
+# The constructor keywords (and saved configs) of distillers before the losses became a list.
+LEGACY_KWARGS = ("temperature", "kd_weight", "feature_weight", "feature_mode", "feature_norm",
+                 "ce_weight", "ssl_weight", "at_weight", "ssl_temperature", "projection_dim",
+                 "bicubic_style")
+
+Losses = Sequence[tuple[float, L.ResolutionLoss]]
 
 
-def _projection_head(dim: int, name: str) -> keras.Sequential:
-    """SimCLR-style MLP head (Dense-ReLU-Dense) whose float32 output feeds InfoNCE."""
-    return keras.Sequential(
-        [
-            keras.layers.Dense(dim, activation="relu", name=f"{name}_1"),
-            keras.layers.Dense(dim, name=f"{name}_2"),
-            keras.layers.Activation("linear", dtype="float32", name=f"{name}_f32"),
-        ],
-        name=name,
-    )
+def losses_for(distill, **extra) -> list[tuple[float, L.ResolutionLoss]]:
+    """The weighted losses of a :class:`kd_histo.training.config.DistillConfig`, weight 0 included.
+
+    ``extra`` sets loss parameters that the config does not hold (``bicubic_style``,
+    ``ssl_temperature``, ``projection_dim``); left out, the loss classes' defaults apply.
+    """
+    feature = {k: extra[k] for k in ("bicubic_style",) if k in extra}
+    renamed = (("ssl_temperature", "temperature"), ("projection_dim", "projection_dim"))
+    ssl = {k2: extra[k] for k, k2 in renamed if k in extra}
+    return [
+        (distill.kd_weight, L.LogitsKD(distill.temperature)),
+        (distill.feature_weight,
+         L.FeatureMapKD(distill.feature_mode, distill.feature_norm, **feature)),
+        (distill.ce_weight, L.MaskedCE()),
+        (distill.ssl_weight, L.InfoNCE(**ssl)),
+        (distill.at_weight, L.AttentionTransfer()),
+    ]
+
+
+def _legacy_losses(kwargs: dict) -> list[tuple[float, L.ResolutionLoss]]:
+    """The losses the old weight keywords describe (defaults: the run config's, KD + feature)."""
+    from kd_histo.training.config import DistillConfig
+
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    distill = DistillConfig(**{k: v for k, v in kwargs.items() if k in fields})
+    return losses_for(distill, **{k: v for k, v in kwargs.items() if k not in fields})
+
+
+def _output_spec(net: keras.Model | None):
+    """A net's symbolic outputs (shapes to validate losses against), None when it has none."""
+    if net is None:
+        return None
+    try:
+        return net.output
+    except (AttributeError, ValueError):  # a subclassed net: losses are checked at the first step
+        return None
 
 
 def _replicas() -> int:
@@ -58,101 +93,74 @@ def _replicas() -> int:
 # Registered so a saved distiller (not only its student) reloads with safe_mode on.
 @keras.saving.register_keras_serializable(package="kd_histo")
 class ResolutionDistiller(keras.Model):
-    """Trains ``student`` on one view, optionally distilling a frozen ``teacher`` on another.
+    """Trains ``student`` on one view with weighted losses, maybe against a frozen ``teacher``.
 
     Args:
       student: a kd_histo net (dict outputs ``logits``/``features``); the one that learns.
-      teacher: a kd_histo net or None (supervised training only).
+      teacher: a kd_histo net or None (supervised training, or teacher outputs from a cache).
+      losses: ``[(weight, loss), ...]`` with :class:`kd_histo.training.losses.ResolutionLoss`
+        objects (as ``keras.distillation.Distiller``'s losses and weights); those of weight 0 are
+        dropped, the others are validated against both nets' outputs here and logged under their
+        ``name``, with their weighted sum as ``loss``. None: the losses the legacy keywords
+        (``kd_weight=``, ``temperature=``, ... as :data:`LEGACY_KWARGS`) describe, by
+        :func:`losses_for` (KD + feature loss when none is given).
       student_view: batch key the student reads ("lr", "hr", "lr2").
       teacher_view: batch key the teacher reads.
-      temperature: KD temperature T.
-      kd_weight: weight of KL(teacher || student) * T^2.
-      feature_weight: weight of the feature-map loss.
-      feature_mode: "maxpool", "bicubic" or "maxpool+bicubic".
-      feature_norm: "l2" or "l1".
-      ce_weight: weight of cross-entropy on labeled examples (label -1 ignored).
-      ssl_weight: weight of InfoNCE between projected student and teacher embeddings.
-      at_weight: weight of attention transfer between the feature maps.
-      ssl_temperature: InfoNCE temperature.
       accumulation_steps: micro-batches per optimizer update (>= 1).
-      projection_dim: width of the InfoNCE projection heads.
-      bicubic_style: "torch" (a=-0.75, the paper's code) or "tf" (a=-0.5).
     """
 
     def __init__(
         self,
         student: keras.Model,
         teacher: keras.Model | None = None,
+        losses: Losses | None = None,
         *,
         student_view: str = "lr",
         teacher_view: str = "hr",
-        temperature: float = 4.0,
-        kd_weight: float = 1.0,
-        feature_weight: float = 1.0,
-        feature_mode: str = "maxpool+bicubic",
-        feature_norm: str = "l2",
-        ce_weight: float = 0.0,
-        ssl_weight: float = 0.0,
-        at_weight: float = 0.0,
-        ssl_temperature: float = 0.1,
         accumulation_steps: int = 1,
-        projection_dim: int = 128,
-        bicubic_style: str = "torch",
         **kwargs: Any,
     ):
+        legacy = {k: kwargs.pop(k) for k in LEGACY_KWARGS if k in kwargs}
         super().__init__(**kwargs)
-        if temperature <= 0 or ssl_temperature <= 0:
-            raise ValueError(f"temperatures must be > 0, got {temperature}, {ssl_temperature}")
-        if min(kd_weight, feature_weight, ce_weight, ssl_weight, at_weight) < 0:
+        if losses is None:
+            losses = _legacy_losses(legacy)
+        elif legacy:
+            raise ValueError(
+                f"pass losses=[(weight, loss), ...] or the keywords {sorted(legacy)}, not both"
+            )
+        if any(w < 0 for w, _ in losses):
             raise ValueError("loss weights must be >= 0")
+        terms = [(float(w), loss) for w, loss in losses if w > 0]
+        names = [loss.name for _, loss in terms]
+        if not terms:
+            raise ValueError("nothing to learn: every loss weight is 0")
+        if len(set(names)) != len(names) or "loss" in names:
+            raise ValueError(f"loss names must be unique and not 'loss', got {names}")
         if int(accumulation_steps) < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
-        if feature_mode not in L.FEATURE_MODES or feature_norm not in L.FEATURE_NORMS:
-            raise ValueError(
-                f"feature_mode must be one of {L.FEATURE_MODES} and feature_norm one of "
-                f"{L.FEATURE_NORMS}; got {feature_mode!r}, {feature_norm!r}"
-            )
         self.student = student
         self.teacher = teacher
         self.student_view = student_view
         self.teacher_view = teacher_view
-        self.temperature = float(temperature)
-        self.ssl_temperature = float(ssl_temperature)
-        self.kd_weight = float(kd_weight)
-        self.feature_weight = float(feature_weight)
-        self.ce_weight = float(ce_weight)
-        self.ssl_weight = float(ssl_weight)
-        self.at_weight = float(at_weight)
-        self.feature_mode = feature_mode
-        self.feature_norm = feature_norm
-        self.bicubic_style = bicubic_style
         self.accumulation_steps = int(accumulation_steps)
-        self.projection_dim = int(projection_dim)
-        self.logits_kd = L.LogitsKD(temperature)
-        self.feature_kd = L.FeatureMapKD(feature_mode, feature_norm, bicubic_style)
         if teacher is not None:
-            self._check_teacher(student, teacher)
             teacher.trainable = False
+        t_spec, s_spec = _output_spec(teacher), _output_spec(student)
         self.student_head = self.teacher_head = None
-        if ssl_weight > 0:
-            s_dim = student.output["features"].shape[-1]
-            self.student_head = _projection_head(projection_dim, "student_proj")
-            self.student_head.build((None, s_dim))
-            self.teacher_head = _projection_head(projection_dim, "teacher_proj")
-            t_dim = teacher.output["features"].shape[-1] if teacher is not None else s_dim
-            self.teacher_head.build((None, t_dim))
-        self.trackers = {n: keras.metrics.Mean(name=n) for n in LOSS_NAMES}
+        for _, loss in terms:
+            if s_spec is not None:
+                loss.validate_outputs(t_spec, s_spec)
+            for attr, layer in loss.build(t_spec, s_spec).items():  # e.g. InfoNCE's heads
+                setattr(self, attr, layer)
+        self.loss_terms = terms
+        self.trackers = {n: keras.metrics.Mean(name=n) for n in ("loss", *names)}
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
         self.built = True
 
-    def _check_teacher(self, student, teacher):
-        ns, nt = num_classes_of(student), num_classes_of(teacher)
-        if ns != nt:
-            raise ValueError(
-                f"teacher has {nt} classes but student has {ns}: build both for the same class list"
-            )
-        if self.feature_weight > 0:
-            L.check_channels(student.output["features"], teacher.output["features"])
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """The logged losses: the total ``loss`` and each active one."""
+        return tuple(self.trackers)
 
     # -- Keras plumbing -----------------------------------------------------------------------
     def compile(self, optimizer="adam", jit_compile="auto", **kwargs):
@@ -210,67 +218,43 @@ class ResolutionDistiller(keras.Model):
 
     # -- losses -------------------------------------------------------------------------------
     def _teacher_outputs(self, batch):
-        if all(k in batch for k in CACHE_KEYS):
-            return {"logits": batch["teacher_logits"], "features": batch["teacher_features"]}, True
+        if all(k in batch for k in CACHE_KEYS):  # the cache holds each loss's teacher target
+            return {"logits": batch["teacher_logits"], "features": batch["teacher_features"]}
         if self.teacher is None:
-            return None, False
-        return self.teacher(batch[self.teacher_view], training=False), False
+            return None
+        return self.teacher(batch[self.teacher_view], training=False)
 
     def compute_losses(self, batch: dict, training: bool = False):
-        """All losses of one batch (float32 scalars) and the student's outputs.
+        """The active losses of one batch (float32 scalars), their weighted sum, the student's output.
 
         Args:
           batch: a pipeline batch dict; may carry cached teacher outputs.
-          training: passed to the student.
+          training: passed to the student (and to the losses' own layers).
 
         Returns:
-          (dict of LOSS_NAMES -> scalar, student outputs dict).
+          (dict of :attr:`loss_names` -> scalar, student outputs dict).
         """
         student_out = self.student(batch[self.student_view], training=training)
-        zero = tf.constant(0.0, tf.float32)
-        parts = dict.fromkeys(LOSS_NAMES[1:], zero)
-        teacher_out, cached = self._teacher_outputs(batch)
-        if teacher_out is None and self.ce_weight == 0:
-            # Raised while tracing, so the user sees it before any step runs.
-            raise ValueError(
-                "nothing to learn: no teacher and no cached teacher outputs in the batch, and "
-                "ce_weight is 0; set ce_weight > 0 for supervised training or pass a teacher"
-            )
-        s_feat = student_out["features"]
-        if teacher_out is not None:
-            t_feat = teacher_out["features"]
-            if self.kd_weight > 0:
-                parts["kd_loss"] = self.logits_kd.compute_loss(teacher_out, student_out)
-            if self.feature_weight > 0:
-                # Cached features were resized to the student's map when the cache was written.
-                parts["feature_loss"] = (
-                    L.map_distance(s_feat, t_feat, self.feature_norm)
-                    if cached
-                    else self.feature_kd.compute_loss(teacher_out, student_out)
+        teacher_out = self._teacher_outputs(batch)
+        if teacher_out is None:
+            missing = [loss.name for _, loss in self.loss_terms if loss.needs_teacher]
+            if missing:  # raised while tracing, so the user sees it before any step runs
+                raise ValueError(
+                    f"nothing to learn from {', '.join(missing)}: no teacher and no cached teacher "
+                    "outputs in the batch; pass a teacher, or train supervised with cross-entropy "
+                    "alone (ce_weight > 0, the other weights 0)"
                 )
-            if self.at_weight > 0:
-                parts["at_loss"] = L.attention_transfer(s_feat, t_feat)
-            if self.ssl_weight > 0:
-                # From a cache, t_feat is the resized map: its mean approximates the full map's.
-                s_emb = self.student_head(tf.reduce_mean(s_feat, axis=[1, 2]), training=training)
-                t_emb = self.teacher_head(
-                    tf.reduce_mean(tf.cast(t_feat, s_feat.dtype), axis=[1, 2]), training=training
-                )
-                parts["ssl_loss"] = L.info_nce(s_emb, t_emb, self.ssl_temperature)
-        if self.ce_weight > 0 and "label" in batch:
-            parts["ce_loss"] = L.masked_ce(batch["label"], student_out["logits"])
-        weights = {
-            "kd_loss": self.kd_weight,
-            "feature_loss": self.feature_weight,
-            "ce_loss": self.ce_weight,
-            "ssl_loss": self.ssl_weight,
-            "at_loss": self.at_weight,
-        }
-        parts["loss"] = tf.add_n([weights[k] * v for k, v in parts.items()])
+        parts = {}
+        for _, loss in self.loss_terms:
+            if teacher_out is not None:
+                loss.validate_outputs(teacher_out, student_out)  # static shapes, at trace time
+            value = loss.compute_loss(teacher_out, student_out, batch=batch, training=training)
+            parts[loss.name] = tf.cast(value, tf.float32)
+        parts["loss"] = tf.add_n([w * parts[loss.name] for w, loss in self.loss_terms])
         return parts, student_out
 
     def _update_metrics(self, parts, batch, student_out):
-        for name, tracker in self.trackers.items():
+        for name, tracker in self.trackers.items():  # the total and the active losses only
             tracker.update_state(parts[name])
         if "label" in batch:
             labels = tf.cast(tf.reshape(batch["label"], [-1]), tf.int32)
@@ -322,26 +306,25 @@ class ResolutionDistiller(keras.Model):
             "teacher": keras.saving.serialize_keras_object(self.teacher)
             if self.teacher is not None
             else None,
+            "losses": [
+                {"weight": w, "loss": keras.saving.serialize_keras_object(loss)}
+                for w, loss in self.loss_terms
+            ],
             "student_view": self.student_view,
             "teacher_view": self.teacher_view,
-            "temperature": self.temperature,
-            "kd_weight": self.kd_weight,
-            "feature_weight": self.feature_weight,
-            "feature_mode": self.feature_mode,
-            "feature_norm": self.feature_norm,
-            "ce_weight": self.ce_weight,
-            "ssl_weight": self.ssl_weight,
-            "at_weight": self.at_weight,
-            "ssl_temperature": self.ssl_temperature,
             "accumulation_steps": self.accumulation_steps,
-            "projection_dim": self.projection_dim,
-            "bicubic_style": self.bicubic_style,
         }
 
     @classmethod
     def from_config(cls, config):
+        """Also reads configs saved before the losses were a list (their weight keywords)."""
         config = dict(config)
         student = keras.saving.deserialize_keras_object(config.pop("student"))
         teacher = config.pop("teacher")
         teacher = keras.saving.deserialize_keras_object(teacher) if teacher is not None else None
-        return cls(student, teacher, **config)
+        losses = config.pop("losses", None)
+        if losses is not None:
+            losses = [
+                (e["weight"], keras.saving.deserialize_keras_object(e["loss"])) for e in losses
+            ]
+        return cls(student, teacher, losses, **config)

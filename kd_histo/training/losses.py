@@ -12,9 +12,14 @@ with ``a = -0.5`` and drops (renormalising) taps that fall outside the image, wh
 is the default, matching the paper); both are separable matmuls, so no ``ResizeBicubic`` kernel is
 needed (it has none under XLA).
 
-The module also provides small ``keras.distillation.DistillationLoss`` wrappers so these functions
-plug into Keras' distillation interfaces. It does not hold weights: projection heads of the
-contrastive term live in :mod:`kd_histo.training.distiller`.
+Every term is also a loss object with ``keras.distillation.DistillationLoss``'s interface
+(:class:`ResolutionLoss`): ``validate_model_compatibility``/``validate_outputs`` check the teacher
+and student outputs when the distiller is built, ``compute_loss(teacher_outputs, student_outputs,
+batch=..., training=...)`` returns a float32 scalar, ``name`` is its column in the logs. The
+distiller takes a list of ``(weight, loss)`` pairs. Each loss parameter's default and check are
+defined here, once (the run config takes its defaults from these constants and checks its values by
+building the loss objects). Adding a loss: one subclass here plus its weight field in
+``DistillConfig`` and one line in :func:`kd_histo.training.distiller.losses_for`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ import tensorflow as tf
 FEATURE_MODES = ("maxpool", "bicubic", "maxpool+bicubic")
 FEATURE_NORMS = ("l2", "l1")
 BICUBIC_STYLES = ("torch", "tf")
+KD_TEMPERATURE = 4.0  # the paper's T
+FEATURE_MODE = "maxpool+bicubic"  # the authors' intent: mean of both resized targets
+FEATURE_NORM = "l2"
+BICUBIC_STYLE = "torch"  # PyTorch's kernel, as the paper's code
+SSL_TEMPERATURE = 0.1
+PROJECTION_DIM = 128
+AT_POWER = 2.0
 _NEG = -3.0e38  # fills masked-out positions before a max; finite so 0 * _NEG never makes NaN
 
 
@@ -32,7 +44,19 @@ def _f32(x) -> tf.Tensor:
     return tf.cast(x, tf.float32)
 
 
-def kd_kl(teacher_logits, student_logits, temperature: float = 4.0) -> tf.Tensor:
+def check_temperature(name: str, value: float) -> None:
+    """Raises ValueError unless a softmax temperature is > 0."""
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    """Raises ValueError unless ``value`` is one of ``options``."""
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def kd_kl(teacher_logits, student_logits, temperature: float = KD_TEMPERATURE) -> tf.Tensor:
     """Soft-target distillation loss ``KL(softmax(z_t/T) || softmax(z_s/T)) * T^2``.
 
     Computed in log space (``log_softmax``) so large logits do not overflow; averaged over the
@@ -46,8 +70,7 @@ def kd_kl(teacher_logits, student_logits, temperature: float = 4.0) -> tf.Tensor
     Returns:
       A float32 scalar.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature("temperature", temperature)
     t = _f32(teacher_logits) / temperature
     s = _f32(student_logits) / temperature
     log_p_t = tf.nn.log_softmax(t, axis=-1)
@@ -97,7 +120,7 @@ def _cubic(t: tf.Tensor, a: float) -> tf.Tensor:
     return tf.where(t <= 1.0, near, tf.where(t < 2.0, far, tf.zeros_like(t)))
 
 
-def bicubic_matrix(in_size, out_size, style: str = "torch") -> tf.Tensor:
+def bicubic_matrix(in_size, out_size, style: str = BICUBIC_STYLE) -> tf.Tensor:
     """[out, in] float32 interpolation matrix of a 1-D bicubic resize with half-pixel centres.
 
     Args:
@@ -106,8 +129,7 @@ def bicubic_matrix(in_size, out_size, style: str = "torch") -> tf.Tensor:
       style: "torch" (a=-0.75, border replicated, as ``F.interpolate(align_corners=False)``) or
         "tf" (a=-0.5, outside taps dropped and weights renormalised, as ``tf.image.resize``).
     """
-    if style not in BICUBIC_STYLES:
-        raise ValueError(f"bicubic style must be one of {BICUBIC_STYLES}, got {style!r}")
+    check_choice("bicubic style", style, BICUBIC_STYLES)
     in_size = tf.cast(in_size, tf.int32)
     out_size = tf.cast(out_size, tf.int32)
     a = -0.75 if style == "torch" else -0.5
@@ -127,7 +149,7 @@ def bicubic_matrix(in_size, out_size, style: str = "torch") -> tf.Tensor:
     return tf.reduce_sum(tf.one_hot(idx, in_size, dtype=tf.float32) * weights[..., None], axis=1)
 
 
-def bicubic_resize(x, size, style: str = "torch") -> tf.Tensor:
+def bicubic_resize(x, size, style: str = BICUBIC_STYLE) -> tf.Tensor:
     """Bicubic resize of a [B, H, W, C] map to ``size`` = (h, w) as two matmuls (XLA-friendly).
 
     Args:
@@ -148,14 +170,15 @@ def bicubic_resize(x, size, style: str = "torch") -> tf.Tensor:
 
 
 def resize_teacher_map(
-    teacher_map, size, mode: str = "maxpool+bicubic", bicubic_style: str = "torch"
+    teacher_map, size, mode: str = FEATURE_MODE, bicubic_style: str = BICUBIC_STYLE
 ) -> tf.Tensor:
     """The feature target: the teacher's map brought to the student's spatial ``size``.
 
-    ``"maxpool+bicubic"`` is the mean of the two resized targets (the authors' intent).
+    ``"maxpool+bicubic"`` is the mean of the two resized targets (the authors' intent). Every
+    mode maps a map already of ``size`` to itself (one-cell max-pool bins; the cubic kernel is
+    1 at distance 0 and 0 at distances 1 and 2), so a target resized once stays the target.
     """
-    if mode not in FEATURE_MODES:
-        raise ValueError(f"feature mode must be one of {FEATURE_MODES}, got {mode!r}")
+    check_choice("feature mode", mode, FEATURE_MODES)
     if mode == "maxpool":
         return adaptive_max_pool2d(teacher_map, size)
     if mode == "bicubic":
@@ -165,10 +188,9 @@ def resize_teacher_map(
     )
 
 
-def map_distance(student_map, target, norm: str = "l2") -> tf.Tensor:
+def map_distance(student_map, target, norm: str = FEATURE_NORM) -> tf.Tensor:
     """Mean squared ("l2") or mean absolute ("l1") difference of two same-shaped maps, float32."""
-    if norm not in FEATURE_NORMS:
-        raise ValueError(f"feature norm must be one of {FEATURE_NORMS}, got {norm!r}")
+    check_choice("feature norm", norm, FEATURE_NORMS)
     diff = _f32(student_map) - _f32(target)
     return tf.reduce_mean(tf.square(diff)) if norm == "l2" else tf.reduce_mean(tf.abs(diff))
 
@@ -187,9 +209,9 @@ def check_channels(student_map, teacher_map) -> None:
 def feature_map_loss(
     student_map,
     teacher_map,
-    mode: str = "maxpool+bicubic",
-    norm: str = "l2",
-    bicubic_style: str = "torch",
+    mode: str = FEATURE_MODE,
+    norm: str = FEATURE_NORM,
+    bicubic_style: str = BICUBIC_STYLE,
 ) -> tf.Tensor:
     """L2/L1 loss between the student's map and the teacher's map resized to the student's size.
 
@@ -228,7 +250,7 @@ def masked_ce(labels, logits) -> tf.Tensor:
     return tf.math.divide_no_nan(tf.reduce_sum(ce), tf.reduce_sum(tf.cast(mask, tf.float32)))
 
 
-def info_nce(student_emb, teacher_emb, temperature: float = 0.1) -> tf.Tensor:
+def info_nce(student_emb, teacher_emb, temperature: float = SSL_TEMPERATURE) -> tf.Tensor:
     """Contrastive InfoNCE: each student embedding must pick its own tile's teacher embedding.
 
     Embeddings are L2-normalised; the positives are the diagonal of the [B, B] cosine-similarity
@@ -249,14 +271,14 @@ def info_nce(student_emb, teacher_emb, temperature: float = 0.1) -> tf.Tensor:
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=sim))
 
 
-def attention_map(feature_map, p: float = 2.0) -> tf.Tensor:
+def attention_map(feature_map, p: float = AT_POWER) -> tf.Tensor:
     """Zagoruyko & Komodakis attention: channel mean of |A|^p, flattened, L2-normalised."""
     a = tf.reduce_mean(tf.pow(tf.abs(_f32(feature_map)), p), axis=-1)
     a = tf.reshape(a, [tf.shape(a)[0], -1])
     return tf.math.l2_normalize(a, axis=-1)
 
 
-def attention_transfer(student_map, teacher_map, p: float = 2.0) -> tf.Tensor:
+def attention_transfer(student_map, teacher_map, p: float = AT_POWER) -> tf.Tensor:
     """Attention-transfer loss: mean squared distance of normalised attention maps.
 
     The teacher's map is first brought to the student's size by adaptive max-pool (channel counts
@@ -267,49 +289,183 @@ def attention_transfer(student_map, teacher_map, p: float = 2.0) -> tf.Tensor:
     return tf.reduce_mean(tf.square(attention_map(student_map, p) - attention_map(teacher_map, p)))
 
 
-class LogitsKD(keras.distillation.DistillationLoss):
-    """``keras.distillation`` interface over :func:`kd_kl` (outputs are the models' dicts)."""
+# -- loss objects ----------------------------------------------------------------------------------
+class ResolutionLoss(keras.distillation.DistillationLoss):
+    """One weighted term of the distiller, with ``keras.distillation.DistillationLoss``'s interface.
 
-    def __init__(self, temperature: float = 4.0):
-        self.temperature = temperature
+    Outputs are the nets' dicts (``logits`` [B, C], ``features`` [B, h, w, F]). The teacher's may
+    come from a cache (:mod:`kd_histo.training.teacher_cache`) whose features are already this
+    loss's target at the student's map size. Subclasses set ``name`` (the column in the logs) and
+    ``needs_teacher``, and implement ``compute_loss``; ``validate_outputs`` gets the nets' symbolic
+    outputs when the distiller is built (teacher outputs are None without a teacher), so a
+    mismatch is a ValueError before any step. ``build`` returns layers the distiller must own
+    and train (attribute name -> layer), e.g. projection heads.
+    """
 
-    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
-        return kd_kl(teacher_outputs["logits"], student_outputs["logits"], self.temperature)
+    name = "loss"
+    needs_teacher = True
+
+    def validate_model_compatibility(self, teacher, student):
+        self.validate_outputs(teacher.output if teacher is not None else None, student.output)
 
     def validate_outputs(self, teacher_outputs, student_outputs):
-        if teacher_outputs["logits"].shape[-1] != student_outputs["logits"].shape[-1]:
+        """Raises ValueError when the outputs cannot feed this loss (shapes are static ones)."""
+
+    def build(self, teacher_outputs, student_outputs) -> dict[str, keras.layers.Layer]:
+        return {}
+
+    def compute_loss(self, teacher_outputs, student_outputs, batch=None, training=False, **kwargs):
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def _register(cls):
+    return keras.saving.register_keras_serializable(package="kd_histo")(cls)
+
+
+@_register
+class LogitsKD(ResolutionLoss):
+    """Soft-target KD on logits, :func:`kd_kl` at ``temperature``."""
+
+    name = "kd_loss"
+
+    def __init__(self, temperature: float = KD_TEMPERATURE):
+        check_temperature("temperature", temperature)
+        self.temperature = float(temperature)
+
+    def validate_outputs(self, teacher_outputs, student_outputs):
+        if teacher_outputs is None:
+            return
+        nt, ns = teacher_outputs["logits"].shape[-1], student_outputs["logits"].shape[-1]
+        if nt is not None and ns is not None and nt != ns:
             raise ValueError(
-                f"teacher has {teacher_outputs['logits'].shape[-1]} classes, student "
-                f"{student_outputs['logits'].shape[-1]}: build both for the same class list"
+                f"teacher has {nt} classes but student has {ns}: build both for the same class list"
             )
+
+    def compute_loss(self, teacher_outputs, student_outputs, batch=None, training=False, **kwargs):
+        return kd_kl(teacher_outputs["logits"], student_outputs["logits"], self.temperature)
 
     def get_config(self):
         return {"temperature": self.temperature}
 
 
-class FeatureMapKD(keras.distillation.DistillationLoss):
-    """``keras.distillation`` interface over :func:`feature_map_loss` (across resolutions)."""
+@_register
+class FeatureMapKD(ResolutionLoss):
+    """Feature-map loss across resolutions: :func:`map_distance` to :meth:`target`.
+
+    The teacher cache stores :meth:`target` of the teacher's map; as the resize maps a map of the
+    student's size to itself, ``compute_loss`` skips it when the sizes already agree (statically).
+    """
+
+    name = "feature_loss"
 
     def __init__(
-        self, mode: str = "maxpool+bicubic", norm: str = "l2", bicubic_style: str = "torch"
+        self, mode: str = FEATURE_MODE, norm: str = FEATURE_NORM, bicubic_style: str = BICUBIC_STYLE
     ):
-        if mode not in FEATURE_MODES:
-            raise ValueError(f"feature mode must be one of {FEATURE_MODES}, got {mode!r}")
-        if norm not in FEATURE_NORMS:
-            raise ValueError(f"feature norm must be one of {FEATURE_NORMS}, got {norm!r}")
+        check_choice("feature mode", mode, FEATURE_MODES)
+        check_choice("feature norm", norm, FEATURE_NORMS)
+        check_choice("bicubic style", bicubic_style, BICUBIC_STYLES)
         self.mode, self.norm, self.bicubic_style = mode, norm, bicubic_style
 
-    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
-        return feature_map_loss(
-            student_outputs["features"],
-            teacher_outputs["features"],
-            self.mode,
-            self.norm,
-            self.bicubic_style,
-        )
+    def target(self, teacher_map, size) -> tf.Tensor:
+        """The teacher's map resized to the student's map ``size`` (h, w), float32."""
+        return resize_teacher_map(teacher_map, size, self.mode, self.bicubic_style)
 
     def validate_outputs(self, teacher_outputs, student_outputs):
-        check_channels(student_outputs["features"], teacher_outputs["features"])
+        if teacher_outputs is not None:
+            check_channels(student_outputs["features"], teacher_outputs["features"])
+
+    def compute_loss(self, teacher_outputs, student_outputs, batch=None, training=False, **kwargs):
+        s, t = student_outputs["features"], teacher_outputs["features"]
+        check_channels(s, t)
+        hw_s, hw_t = tf.TensorShape(s.shape[1:3]), tf.TensorShape(t.shape[1:3])
+        if not (hw_s.is_fully_defined() and hw_s == hw_t):
+            size = tf.shape(s)[1:3]
+            t = self.target(t, (size[0], size[1]))
+        return map_distance(s, t, self.norm)
 
     def get_config(self):
         return {"mode": self.mode, "norm": self.norm, "bicubic_style": self.bicubic_style}
+
+
+@_register
+class MaskedCE(ResolutionLoss):
+    """Cross-entropy on the batch's labeled examples (:func:`masked_ce`); 0 when it has none."""
+
+    name = "ce_loss"
+    needs_teacher = False
+
+    def compute_loss(self, teacher_outputs, student_outputs, batch=None, training=False, **kwargs):
+        if batch is None or "label" not in batch:
+            return tf.constant(0.0, tf.float32)
+        return masked_ce(batch["label"], student_outputs["logits"])
+
+
+def _projection_head(dim: int, name: str) -> keras.Sequential:
+    """SimCLR-style MLP head (Dense-ReLU-Dense) whose float32 output feeds InfoNCE."""
+    return keras.Sequential(
+        [
+            keras.layers.Dense(dim, activation="relu", name=f"{name}_1"),
+            keras.layers.Dense(dim, name=f"{name}_2"),
+            keras.layers.Activation("linear", dtype="float32", name=f"{name}_f32"),
+        ],
+        name=name,
+    )
+
+
+@_register
+class InfoNCE(ResolutionLoss):
+    """Contrastive :func:`info_nce` between projected, pooled student and teacher features.
+
+    Its projection heads are built by :meth:`build` and owned (tracked, trained, saved) by the
+    distiller as ``student_head``/``teacher_head``. From a cache the teacher's map is the resized
+    target: its mean approximates the full map's.
+    """
+
+    name = "ssl_loss"
+
+    def __init__(self, temperature: float = SSL_TEMPERATURE, projection_dim: int = PROJECTION_DIM):
+        check_temperature("ssl temperature", temperature)
+        self.temperature, self.projection_dim = float(temperature), int(projection_dim)
+        self.student_head = self.teacher_head = None
+
+    def build(self, teacher_outputs, student_outputs):
+        s_dim = student_outputs["features"].shape[-1]
+        t_dim = teacher_outputs["features"].shape[-1] if teacher_outputs is not None else s_dim
+        self.student_head = _projection_head(self.projection_dim, "student_proj")
+        self.student_head.build((None, s_dim))
+        self.teacher_head = _projection_head(self.projection_dim, "teacher_proj")
+        self.teacher_head.build((None, t_dim))
+        return {"student_head": self.student_head, "teacher_head": self.teacher_head}
+
+    def compute_loss(self, teacher_outputs, student_outputs, batch=None, training=False, **kwargs):
+        s_feat = student_outputs["features"]
+        t_feat = tf.cast(teacher_outputs["features"], s_feat.dtype)
+        s_emb = self.student_head(tf.reduce_mean(s_feat, axis=[1, 2]), training=training)
+        t_emb = self.teacher_head(tf.reduce_mean(t_feat, axis=[1, 2]), training=training)
+        return info_nce(s_emb, t_emb, self.temperature)
+
+    def get_config(self):
+        return {"temperature": self.temperature, "projection_dim": self.projection_dim}
+
+
+@_register
+class AttentionTransfer(ResolutionLoss):
+    """Attention transfer between the feature maps (:func:`attention_transfer`)."""
+
+    name = "at_loss"
+
+    def __init__(self, p: float = AT_POWER):
+        self.p = float(p)
+
+    def compute_loss(self, teacher_outputs, student_outputs, batch=None, training=False, **kwargs):
+        return attention_transfer(student_outputs["features"], teacher_outputs["features"], self.p)
+
+    def get_config(self):
+        return {"p": self.p}

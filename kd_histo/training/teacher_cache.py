@@ -74,8 +74,8 @@ def build_cache(
     cache_dir: str,
     *,
     map_size: tuple[int, int],
-    feature_mode: str = "maxpool+bicubic",
-    bicubic_style: str = "torch",
+    feature_mode: str = L.FEATURE_MODE,
+    bicubic_style: str = L.BICUBIC_STYLE,
     teacher_view: str = "hr",
     dihedral_transforms: bool = True,
     feature_dtype: str = "float16",
@@ -89,7 +89,9 @@ def build_cache(
         ``source``, ``slide_id``, ``x``, ``y``.
       cache_dir: output folder (created; existing cache files are replaced).
       map_size: (h, w) of the student's feature map for its input size.
-      feature_mode: how the teacher map is resized ("maxpool", "bicubic", "maxpool+bicubic").
+      feature_mode: how the teacher map is resized ("maxpool", "bicubic", "maxpool+bicubic"): the
+        features stored are ``FeatureMapKD(feature_mode, bicubic_style=...).target``, the feature
+        loss's own target, which that loss then uses as is.
       bicubic_style: "torch" or "tf" (see :func:`kd_histo.training.losses.bicubic_resize`).
       teacher_view: batch key of the teacher's input.
       dihedral_transforms: cache all 8 dihedral transforms (else only the identity).
@@ -103,6 +105,7 @@ def build_cache(
     os.makedirs(cache_dir, exist_ok=True)
     n_t = NUM_DIHEDRAL if dihedral_transforms else 1
     size = (int(map_size[0]), int(map_size[1]))
+    target = L.FeatureMapKD(feature_mode, bicubic_style=bicubic_style).target
 
     @tf.function(reduce_retracing=True)
     def outputs(images):
@@ -110,7 +113,7 @@ def build_cache(
         for k in range(n_t):
             out = teacher(dihedral(images, k), training=False)
             logits.append(tf.cast(out["logits"], tf.float32))
-            feats.append(L.resize_teacher_map(out["features"], size, feature_mode, bicubic_style))
+            feats.append(target(out["features"], size))
         return tf.stack(logits, axis=1), tf.stack(feats, axis=1)  # [B, T, C], [B, T, h, w, F]
 
     n, keys, shapes = 0, [], None
@@ -332,7 +335,7 @@ def for_training(
     *,
     map_size: tuple[int, int],
     feature_mode: str,
-    bicubic_style: str = "torch",
+    bicubic_style: str = L.BICUBIC_STYLE,
     log=print,
 ) -> TeacherCache:
     """The cache a distillation run reads: reused when it fits the run, else (re)built.

@@ -31,9 +31,10 @@ from kd_histo.convert.writer import DirLock
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
 from kd_histo.models import build_model
 from kd_histo.training import callbacks as cbs
+from kd_histo.training import losses as L
 from kd_histo.training import preflight
 from kd_histo.training.config import RunConfig
-from kd_histo.training.distiller import ResolutionDistiller
+from kd_histo.training.distiller import ResolutionDistiller, losses_for
 from kd_histo.training.optimizers import FusedAdam
 from kd_histo.training.run_record import RunRecord, write_run_record
 
@@ -98,12 +99,10 @@ def make_optimizer(cfg: RunConfig, steps: int) -> keras.optimizers.Optimizer:
 def _distiller(cfg: RunConfig, net: keras.Model, teacher: keras.Model | None) -> ResolutionDistiller:
     d = cfg.distill
     if cfg.mode != "distill":  # teacher and baseline: plain supervised training on one view
-        return ResolutionDistiller(net, None, student_view=cfg.view, ce_weight=1.0, kd_weight=0.0,
-                                   feature_weight=0.0, accumulation_steps=d.accumulation_steps)
-    return ResolutionDistiller(net, teacher, student_view="lr", teacher_view="hr", temperature=d.temperature,
-                               kd_weight=d.kd_weight, feature_weight=d.feature_weight, feature_mode=d.feature_mode,
-                               feature_norm=d.feature_norm, ce_weight=d.ce_weight, ssl_weight=d.ssl_weight,
-                               at_weight=d.at_weight, accumulation_steps=d.accumulation_steps)
+        return ResolutionDistiller(net, None, [(1.0, L.MaskedCE())], student_view=cfg.view,
+                                   accumulation_steps=d.accumulation_steps)
+    return ResolutionDistiller(net, teacher, losses_for(d), student_view="lr", teacher_view="hr",
+                               accumulation_steps=d.accumulation_steps)
 
 
 def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
@@ -213,7 +212,7 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
         # First, so that when a later callback (or a kill) stops the run the epoch is already saved.
         keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv"), append=True),
+        cbs.HistoryCSV(os.path.join(model_dir, "history.csv")),
         keras.callbacks.TensorBoard(logs, profile_batch=(first, last) if last > 0 else 0, update_freq="epoch"),
     ]
     if has_val:

@@ -26,8 +26,11 @@ def test_distill_logs_kd_and_feature_losses(runs):
     assert len(rows) == 2
     kd, feat = (float(rows[-1].split(",")[cols.index(c)]) for c in ("kd_loss", "feature_loss"))
     assert kd > 0 and feat > 0
-    ce = float(rows[-1].split(",")[cols.index("ce_loss")])
-    assert ce == 0.0  # label-free by default
+    # label-free by default: only the active losses (kd + feature) and their total are logged
+    assert [c for c in cols if c.endswith("loss")] == [
+        "feature_loss", "kd_loss", "loss", "val_feature_loss", "val_kd_loss", "val_loss"]
+    teacher_cols = open(runs / "teacher" / "history.csv").readline().strip().split(",")
+    assert [c for c in teacher_cols if c.endswith("loss")] == ["ce_loss", "loss", "val_ce_loss", "val_loss"]
 
 
 def test_config_json_round_trips(runs):
@@ -48,6 +51,7 @@ def test_tensorboard_has_per_loss_scalars_and_image_grids(runs):
     acc.Reload()
     tags = set(acc.Tags()["tensors"])
     assert {"epoch_kd_loss", "epoch_feature_loss", "epoch_loss"} <= tags
+    assert not {"epoch_ce_loss", "epoch_ssl_loss", "epoch_at_loss"} & tags  # weight 0: no scalars
     assert {"samples/hr", "samples/lr"} <= tags
 
 

@@ -27,6 +27,7 @@ import os
 import zipfile
 from typing import Any, Mapping
 
+from kd_histo.atomic import write_json
 from kd_histo.training.config import MODES
 
 RUN_JSON = "run.json"
@@ -194,10 +195,8 @@ def _inside(model_dir: str, rel: str, what: str) -> str:
 
 def write_run_record(model_dir: str, record: RunRecord) -> str:
     """Writes ``<model_dir>/run.json`` atomically (temporary file, then rename); returns its path."""
-    from kd_histo.convert.writer import write_json_atomic
-
     path = os.path.join(model_dir, RUN_JSON)
-    write_json_atomic(path, record.to_dict())
+    write_json(path, record.to_dict())
     return path
 
 

@@ -6,7 +6,8 @@ and the random draws never depend on the image size, so applying an op with one 
 and to its low-resolution twin gives the *same* flip, rotation and colour change on both.
 
 Presets (``PRESETS``): ``none``; ``flips`` (horizontal/vertical flip + rot90, i.e. the 8
-symmetries of the square); ``paper`` (flips + colour jitter brightness/contrast/saturation/hue
+symmetries of the square, numbered 0..7 by :func:`dihedral`, the one definition the teacher
+cache uses too); ``paper`` (flips + colour jitter brightness/contrast/saturation/hue
 = 0.5/0.5/0.5/0.2, DiPalma et al. 2021, torchvision ``ColorJitter`` semantics); ``paper+hed``
 (paper + HED stain jitter, :mod:`kd_histo.data.stain`); ``randaugment`` (flips + 2 random ops
 from a colour/stain list at a fixed magnitude).

@@ -1,9 +1,10 @@
 """Whole files or none: write under a temporary name beside the target, rename when complete.
 
-``replacing(path)`` yields the temporary path; when the block ends normally the file is renamed
-onto ``path``, and when it fails (a full disk, a file size limit, an interrupt) the temporary
-file is removed, so a failed run leaves no ``*.tmp`` file behind and the previous ``path`` (if
-any) intact. Works for local paths and for ``tf.io.gfile`` ones (``gs://...``) alike.
+``replacing(path)`` yields the temporary path (``<path>.tmp-<pid>``: two processes writing one
+file never share a temporary file); when the block ends normally the file is renamed onto
+``path``, and when it fails (a full disk, a file size limit, an interrupt) the temporary file is
+removed, so a failed run leaves no ``*.tmp-*`` file behind and the previous ``path`` (if any)
+intact. Works for local paths and for ``tf.io.gfile`` ones (``gs://...``) alike.
 
 ``write_text`` and ``write_json`` are the common cases: a whole text or JSON file.
 
@@ -35,9 +36,10 @@ def _remove(path: str) -> None:
 
 
 @contextlib.contextmanager
-def replacing(path: str, suffix: str = ".tmp") -> Iterator[str]:
-    """Yields ``path + suffix`` to write; renames it onto ``path`` on success, removes it on failure."""
-    tmp = path + suffix
+def replacing(path: str, suffix: str = "") -> Iterator[str]:
+    """Yields ``path + suffix`` to write (``suffix`` "" = ``.tmp-<pid>``); renames it onto ``path``
+    on success, removes it on failure."""
+    tmp = path + (suffix or f".tmp-{os.getpid()}")
     try:
         yield tmp
         if _is_remote(path):
@@ -51,12 +53,12 @@ def replacing(path: str, suffix: str = ".tmp") -> Iterator[str]:
         raise
 
 
-def write_text(path: str, text: str, suffix: str = ".tmp") -> None:
+def write_text(path: str, text: str, suffix: str = "") -> None:
     """Writes ``text`` to ``path`` whole or not at all (see :func:`replacing`)."""
     with replacing(path, suffix) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
 
 
-def write_json(path: str, obj, *, indent: int = 2, sort_keys: bool = True, suffix: str = ".tmp") -> None:
+def write_json(path: str, obj, *, indent: int = 2, sort_keys: bool = True, suffix: str = "") -> None:
     """Writes ``obj`` as JSON to ``path`` whole or not at all (see :func:`replacing`)."""
     write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys), suffix)

@@ -211,3 +211,33 @@ def test_predict_on_tiles_uses_the_runs_lr_method_and_mpp(tmp_path):
         predict.tile_mpp(run, 0.0)
     assert predict.tile_mpp(run, 1.0) == 1.0
     assert predict.tile_mpp(dataclasses.replace(run, mpp=0.25), 0.0) == 0.25
+
+
+def test_teacher_misfit_is_one_check_with_one_tolerance_for_training_and_the_cascade():
+    from kd_histo.evaluation import cascade
+
+    teacher = record(mode="teacher", view="hr", factor=1.0, input_px=32)
+    fits = dict(class_names=NAMES, hr_px=32, mpp=0.5)
+    assert rr.teacher_misfit(teacher, **fits) == ""
+    assert rr.teacher_misfit(teacher, **{**fits, "mpp": None}) == ""  # unknown: nothing to compare
+    assert rr.teacher_misfit(record(), **fits) == "view"
+    assert rr.teacher_misfit(teacher, **{**fits, "class_names": NAMES[::-1]}) == "classes"
+    assert rr.teacher_misfit(teacher, **{**fits, "hr_px": 64}) == "hr_px"
+    near = 0.5 * (1 + rr.MPP_REL_TOL / 2)  # within the tolerance: one resolution
+    far = 0.5 * (1 + rr.MPP_REL_TOL * 2)
+    assert rr.teacher_misfit(teacher, **{**fits, "mpp": near}) == ""
+    assert rr.teacher_misfit(teacher, **{**fits, "mpp": far}) == "mpp"
+    cascade.check_pair(record(mpp=near), teacher)  # the cascade accepts what training accepts
+    with pytest.raises(ValueError, match="µm/px"):
+        cascade.check_pair(record(mpp=far), teacher)
+
+
+def test_record_of_model_is_the_folders_record_only_for_its_own_model(tmp_path):
+    d = make_run(tmp_path)
+    assert rr.record_of_model(d) == read_run_record(d)
+    assert rr.model_file(d) == os.path.join(d, rr.MODEL_FILE)
+    assert rr.record_of_model(os.path.join(d, rr.MODEL_FILE)) == read_run_record(d)
+    other = os.path.join(d, "checkpoint.keras")
+    open(other, "wb").close()
+    assert rr.record_of_model(other) is None  # not the network run.json describes
+    assert rr.record_of_model(str(tmp_path / "bare.keras")) is None  # no run.json beside it

@@ -20,6 +20,7 @@ import sys
 import time
 
 from kd_histo import schema
+from kd_histo.atomic import write_json
 from kd_histo.convert import plan as plan_lib
 from kd_histo.convert import records, writer
 from kd_histo.convert.config import ConvertConfig
@@ -88,7 +89,7 @@ def _prepare(cfg: ConvertConfig) -> str:
                 )
             _clear(cfg.out_dir)
             os.makedirs(parts, exist_ok=True)
-    writer.write_json_atomic(fp_path, fp)
+    write_json(fp_path, fp)
     return parts
 
 
@@ -134,7 +135,7 @@ def run_task(cfg: ConvertConfig) -> dict:
             "has_tiles": plan.has_tiles,
             "all_units": [u.unit_id for u in plan.units],
         }
-        writer.write_json_atomic(
+        write_json(
             os.path.join(parts, f"task-{cfg.task_index:05d}-of-{cfg.num_tasks:05d}.json"), done
         )
         return done

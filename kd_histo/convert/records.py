@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from kd_histo import schema
+from kd_histo.atomic import write_json
 from kd_histo.convert import h5, slides, tiles, writer
 from kd_histo.convert.errors import ConversionError, SkipInput
 from kd_histo.convert.stats import PixelStats
@@ -171,7 +172,7 @@ def process_unit(
         "background": background,
         "stats": dataclasses.asdict(stats),
     }
-    writer.write_json_atomic(done, summary)
+    write_json(done, summary)
     return summary
 
 

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import tensorflow as tf
 
 from kd_histo import schema
-from kd_histo.atomic import replacing, write_json
+from kd_histo.atomic import replacing
 from kd_histo.convert.errors import ConversionError
 
 
@@ -76,15 +76,10 @@ class DirLock:
             pass
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Writes JSON via a temporary file and a rename."""
-    write_json(path, obj, indent=1, suffix=f".tmp-{os.getpid()}")
-
-
 def write_records_atomic(path: str, records: Iterable[bytes], compression: str = "") -> int:
     """Writes serialized records to ``path`` atomically; returns how many were written."""
     n = 0
-    with replacing(path, f".tmp-{os.getpid()}") as tmp:
+    with replacing(path) as tmp:
         with tf.io.TFRecordWriter(
             tmp, options=tf.io.TFRecordOptions(compression_type=compression or None)
         ) as w:

@@ -6,7 +6,8 @@ and the random draws never depend on the image size, so applying an op with one 
 and to its low-resolution twin gives the *same* flip, rotation and colour change on both.
 
 Presets (``PRESETS``): ``none``; ``flips`` (horizontal/vertical flip + rot90, i.e. the 8
-symmetries of the square); ``paper`` (flips + colour jitter brightness/contrast/saturation/hue
+symmetries of the square, numbered 0..7 by :func:`dihedral`, the one definition the teacher
+cache uses too); ``paper`` (flips + colour jitter brightness/contrast/saturation/hue
 = 0.5/0.5/0.5/0.2, DiPalma et al. 2021, torchvision ``ColorJitter`` semantics); ``paper+hed``
 (paper + HED stain jitter, :mod:`kd_histo.data.stain`); ``randaugment`` (flips + 2 random ops
 from a colour/stain list at a fixed magnitude).
@@ -50,13 +51,29 @@ def _grayscale(image: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(image * tf.constant(_GRAY, image.dtype), axis=-1, keepdims=True)
 
 
+NUM_DIHEDRAL = 8  # the symmetries of the square: 4 rotations, each with or without a flip
+
+
+def dihedral(images: tf.Tensor, k) -> tf.Tensor:
+    """Transform ``k`` in 0..7 of [..., H, W, C] images: k >= 4 flips left-right, then rot90 by k % 4."""
+    k = tf.convert_to_tensor(k, tf.int32)
+    flipped = tf.cond(k >= 4, lambda: tf.reverse(images, axis=[-2]), lambda: images)
+    return tf.image.rot90(flipped, k % 4)
+
+
+def dihedral_per_example(images: tf.Tensor, ks: tf.Tensor) -> tf.Tensor:
+    """Applies transform ``ks[i]`` to ``images[i]`` of a [B, H, W, C] batch (square images)."""
+    all8 = tf.stack([dihedral(images, k) for k in range(NUM_DIHEDRAL)])  # [8, B, H, W, C]
+    idx = tf.stack([tf.cast(ks, tf.int32), tf.range(tf.shape(images)[0])], axis=1)
+    return tf.gather_nd(all8, idx)
+
+
 def random_flip_rot(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """One of the 8 symmetries of the square: random left-right flip, then rot90 by k in 0..3."""
+    """One of the 8 symmetries of the square (:func:`dihedral`): random flip, rot90 by k in 0..3."""
     s_flip, s_rot = _seeds(seed, 2)
     flip = tf.random.stateless_uniform([], s_flip) < 0.5
     k = tf.random.stateless_uniform([], s_rot, 0, 4, dtype=tf.int32)
-    image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
-    return tf.image.rot90(image, k)
+    return dihedral(image, tf.where(flip, 4, 0) + k)
 
 
 def adjust_color(

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from kd_histo.training.run_record import RunRecord
+from kd_histo.training.run_record import RunRecord, teacher_misfit
 
 DEFAULT_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.5)
 CSV_COLUMNS = ("scored_by", "fraction", "n_tiles", "n_teacher", "teacher_share", "accuracy", "gflops_per_tile",
@@ -102,19 +102,20 @@ def check_pair(student: RunRecord, teacher: RunRecord) -> None:
 
     Raises:
       ValueError: the teacher does not read HR tiles, its classes differ in names or order, or
-        its HR tiles are another size or µm/px (when both are known).
+        its HR tiles are another size or µm/px (beyond ``run_record.MPP_REL_TOL``, when both are
+        known): :func:`kd_histo.training.run_record.teacher_misfit`, as training checks its teacher.
     """
-    if teacher.view != "hr":
+    misfit = teacher_misfit(teacher, student.class_names, student.hr_px, student.mpp)
+    if misfit == "view":
         raise ValueError(f"the cascade teacher must read HR tiles (a teacher run), got a {teacher.mode} run "
                          f"on the {teacher.view.upper()} view x{teacher.factor:g}")
-    if teacher.class_names != student.class_names:
+    if misfit == "classes":
         raise ValueError(f"cascade teacher classes {list(teacher.class_names)} differ from the student's "
                          f"{list(student.class_names)} (names and order must match); use the student's own teacher")
-    if teacher.hr_px != student.hr_px:
+    if misfit == "hr_px":
         raise ValueError(f"cascade teacher reads {teacher.hr_px} px HR tiles, the student's are {student.hr_px} px; "
                          "use a teacher trained on the same tiles")
-    if teacher.mpp is not None and student.mpp is not None and not math.isclose(teacher.mpp, student.mpp,
-                                                                                 rel_tol=1e-3):
+    if misfit == "mpp":
         raise ValueError(f"cascade teacher was trained at {teacher.mpp:g} µm/px, the student at {student.mpp:g}; "
                          "use a teacher trained on the same tiles")
 

@@ -19,6 +19,14 @@ import numpy as np  # noqa: E402
 from kd_histo.evaluation import metrics  # noqa: E402
 
 
+def _save(fig, path: str, dpi: int = 100) -> str:
+    """Lays ``fig`` out, writes it to ``path`` and frees it; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _confusion_cells(ax, cm: np.ndarray, fontsize: float | None = None, counts: bool = True) -> None:
     """Draws a row-normalised confusion matrix into ``ax``, with the counts in the cells."""
     rows = cm.sum(1, keepdims=True)
@@ -42,13 +50,8 @@ def confusion_matrix_png(
     _confusion_cells(ax, cm)
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title or "confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+    return _save(fig, path)
 
 
 def roc_png(
@@ -63,14 +66,9 @@ def roc_png(
         fpr, tpr = metrics.roc_curve(pos, probs[:, c])
         ax.plot(fpr, tpr, label=f"{name} (AUC {metrics.roc_auc_binary(pos, probs[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title or "ROC (one vs rest)")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "ROC (one vs rest)")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def heatmap_png(
@@ -92,10 +90,7 @@ def heatmap_png(
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_axis_off()
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 _KIND_STYLE = {
@@ -179,15 +174,11 @@ def accuracy_vs_gflops_png(
     if seed_rows:
         _seed_dots(ax, seed_rows, rows, lambda r: placed.get(r["run"]))
     ax.set_xscale("log")
-    ax.set_xlabel("GFLOPs per image (log scale)")
-    ax.set_ylabel(_Y_SEEDS if seed_rows else "accuracy (95% CI)")
-    ax.set_title(title or "accuracy vs compute")
+    ax.set(xlabel="GFLOPs per image (log scale)", ylabel=_Y_SEEDS if seed_rows else "accuracy (95% CI)",
+           title=title or "accuracy vs compute")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def accuracy_vs_unlabeled_png(
@@ -231,15 +222,12 @@ def accuracy_vs_unlabeled_png(
             rows,
             lambda r: 100 * r["unlabeled_fraction"] if r["kind"] == "student" else None,
         )
-    ax.set_xlabel("extra unlabeled data (% of the unlabeled pool)")
-    ax.set_ylabel(_Y_SEEDS if seed_rows else "accuracy (95% CI)")
-    ax.set_title(title or "label-free distillation: more unlabeled data")
+    ax.set(xlabel="extra unlabeled data (% of the unlabeled pool)",
+           ylabel=_Y_SEEDS if seed_rows else "accuracy (95% CI)",
+           title=title or "label-free distillation: more unlabeled data")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def confusion_grid_png(
@@ -263,10 +251,7 @@ def confusion_grid_png(
         ax.set_title(f"{name}\naccuracy {np.trace(cm) / max(1, cm.sum()):.3f}", fontsize=9)
     fig.supxlabel("predicted", fontsize=9)
     fig.supylabel("true", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def cascade_png(rows: Sequence[dict], path: str, title: str = "") -> str:
@@ -284,12 +269,8 @@ def cascade_png(rows: Sequence[dict], path: str, title: str = "") -> str:
         ax.plot([r["gflops_per_tile"]], [r["accuracy"]], "*", ms=14, color="tab:red", label="teacher alone")
         ax.axhline(r["accuracy"], color="tab:red", lw=0.8, ls=":")
     ax.set_xscale("log")
-    ax.set_xlabel("effective GFLOPs per tile (log scale)")
-    ax.set_ylabel("tile accuracy")
-    ax.set_title(title or "cascade: accuracy vs cost (labels: teacher share, measured speedup)")
+    ax.set(xlabel="effective GFLOPs per tile (log scale)", ylabel="tile accuracy",
+           title=title or "cascade: accuracy vs cost (labels: teacher share, measured speedup)")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)

@@ -44,7 +44,7 @@ STATE_JSON = "state.json"
 
 
 def _finished(spec: RunSpec) -> bool:
-    from kd_histo.training.preflight import RUN_JSON
+    from kd_histo.training.run_record import RUN_JSON
 
     return os.path.isfile(os.path.join(spec.model_dir, RUN_JSON))
 

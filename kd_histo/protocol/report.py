@@ -430,6 +430,20 @@ def write_report(
     return paths
 
 
+# Paragraphs of report.md that say how a table was made (each comes before its table).
+_CASCADE_NOTE = (
+    "Cascade: each student scores every tile, its seed's teacher re-scores the least confident "
+    "share of them at high resolution (`kd_histo.evaluation.cascade`). Effective GFLOPs per tile = student + "
+    "share x teacher; tiles/s measured with both nets on the split's tiles held in memory (reading "
+    "not timed), the speedup relative to the teacher alone on the same tiles (`cascade.csv`)."
+)
+_PAIRED_NOTE = (
+    "Student − baseline of the same factor, paired (same seed, split and tiles): mean over "
+    "seeds and tiles, 95% CI by bootstrap resampling seeds and slides (near-duplicate "
+    "groups when the split was made with them) together:"
+)
+
+
 def report_markdown(
     cfg,
     rows: Sequence[dict],
@@ -490,14 +504,7 @@ def report_markdown(
         markdown_table(rows),
     ]
     if cascade:
-        lines += [
-            "Cascade: each student scores every tile, its seed's teacher re-scores the least confident "
-            "share of them at high resolution (`kd_histo.evaluation.cascade`). Effective GFLOPs per tile = student + "
-            "share x teacher; tiles/s measured with both nets on the split's tiles held in memory (reading "
-            "not timed), the speedup relative to the teacher alone on the same tiles (`cascade.csv`).",
-            "",
-            cascade_markdown(cascade),
-        ]
+        lines += [_CASCADE_NOTE, "", cascade_markdown(cascade)]
     if len(cfg.seeds) > 1:
         lines += ["Over seeds (mean ± sd of accuracy):", ""]
         lines += [
@@ -506,13 +513,7 @@ def report_markdown(
         ]
         lines.append("")
     if prows:
-        lines += [
-            "Student − baseline of the same factor, paired (same seed, split and tiles): mean over "
-            "seeds and tiles, 95% CI by bootstrap resampling seeds and slides (near-duplicate "
-            "groups when the split was made with them) together:",
-            "",
-            paired_markdown(prows),
-        ]
+        lines += [_PAIRED_NOTE, "", paired_markdown(prows)]
         if len(cfg.seeds) > 1:
             lines += ["Figures: seeds' means, bars ± 1 sd, dots = single seeds.", ""]
     for key, caption in (

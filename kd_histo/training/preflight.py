@@ -3,11 +3,12 @@
 Each check raises :class:`PreflightError` (a ``ValueError``) whose message says what to fix:
 data folder and splits (the shards are the ones ``dataset.json`` describes: no shard missing, no
 empty or damaged shard, the record counts it states), the run folder (writable, free space, not a
-finished or different run), the teacher (a run folder with a run record: an HR run with the
-data's class names in the data's order, tile size and µm/px; the file exists, loads, same class
+finished or different run), the teacher (a run folder with a run record that fits the data:
+``run_record.teacher_misfit``, the check the cascade makes too; the file exists, loads, same class
 count, RGB input), and the LR tile against the network's minimum input (its total stride).
 
-Not here: building or training anything (``kd_histo.training.train``).
+Not here: building or training anything (``kd_histo.training.train``); the run folder's file
+names and finding a network's run record (``kd_histo.training.run_record``).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from kd_histo import schema
 from kd_histo.data import decode
 from kd_histo.data.pipeline import lr_size
 from kd_histo.training.config import RunConfig
-from kd_histo.training.run_record import (  # noqa: F401
+from kd_histo.training.run_record import (
     CONFIG_JSON,
-    MODEL_FILE,
+    MODEL_FILE,  # noqa: F401 - train.py reads it here until it imports it from run_record
     RUN_JSON,
     RunRecord,
-    read_run_record,
+    model_file,
+    record_of_model,
+    teacher_misfit,
 )
 
 MIN_FREE_MB = 50  # a run folder needs room for a few checkpoints of the nets we train
@@ -194,31 +197,22 @@ def check_model_dir(cfg: RunConfig) -> None:
                                  "use the same flags to resume or a new --model_dir")
 
 
-def resolve_teacher_path(path: str) -> str:
-    """A teacher given as its run folder means the folder's model.keras."""
-    return os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
+resolve_teacher_path = model_file  # train.py calls it here until it imports model_file from run_record
 
 
 def teacher_record(cfg: RunConfig) -> RunRecord | None:
-    """The teacher's run record (``run.json`` of its run folder), or None for a model file that is
-    not its run folder's model (a bare ``.keras`` file: nothing says what it was trained on)."""
-    given = cfg.distill.teacher
-    folder = given if os.path.isdir(given) else os.path.dirname(os.path.abspath(given))
-    if not os.path.isfile(os.path.join(folder, RUN_JSON)):
-        return None
+    """The teacher's run record, or None for a model file that is not its run folder's model
+    (:func:`kd_histo.training.run_record.record_of_model`)."""
     try:
-        record = read_run_record(folder)
-        model = record.model_path(folder)
+        return record_of_model(cfg.distill.teacher)
     except (FileNotFoundError, ValueError) as e:
         raise PreflightError(f"teacher: {e}") from None
-    if not os.path.isdir(given) and os.path.realpath(model) != os.path.realpath(given):
-        return None  # e.g. a checkpoint of the folder: not the network run.json describes
-    return record
 
 
 def check_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> None:
-    """The teacher fits the data of a distill run: an HR run, the data's class names in the data's
-    order, the HR view's tile size and (where both are known) its µm per pixel.
+    """The teacher fits the data of a distill run (:func:`kd_histo.training.run_record.teacher_misfit`):
+    an HR run, the data's class names in the data's order, the HR view's tile size and (where both
+    are known) its µm per pixel.
 
     A teacher without a run record is refused by :func:`load_teacher`, after the checks a load
     makes (class count, RGB input, safe mode), so their messages come first.
@@ -229,20 +223,21 @@ def check_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> None:
     if record is None:
         return
     name, data_dir = cfg.distill.teacher, cfg.data.data_dir
-    if record.view != "hr":
+    hr_px = cfg.data.hr_px or info.tile_px
+    misfit = teacher_misfit(record, info.class_names, hr_px, info.mpp)
+    if misfit == "view":
         raise PreflightError(f"teacher {name} is a low-resolution {record.mode} run (view {record.view}, factor "
                              f"{record.factor:g}); a teacher must see HR tiles: train one with --mode=teacher")
-    if record.class_names != tuple(info.class_names):
+    if misfit == "classes":
         order = " (the same names in another order)" if sorted(record.class_names) == sorted(info.class_names) else ""
         raise PreflightError(f"teacher {name} has classes {list(record.class_names)} but {data_dir} has "
                              f"{list(info.class_names)}{order}; convert the data with --class_names="
                              f"{','.join(record.class_names)} or train a teacher on this data")
-    hr_px = cfg.data.hr_px or info.tile_px
-    if record.input_px != hr_px:
-        raise PreflightError(f"teacher {name} was trained on {record.input_px} px HR tiles but this run's HR view is "
+    if misfit == "hr_px":
+        raise PreflightError(f"teacher {name} was trained on {record.hr_px} px HR tiles but this run's HR view is "
                              f"{hr_px} px ({data_dir}); use data converted like the teacher's (--tile_px, or "
                              "--hr_px to crop larger tiles) or train a teacher on this data")
-    if record.mpp and info.mpp > 0 and abs(record.mpp - info.mpp) > 0.02 * record.mpp:
+    if misfit == "mpp":
         raise PreflightError(f"teacher {name} was trained on {record.mpp:g} µm/px tiles but {data_dir} has "
                              f"{info.mpp:g} µm/px; convert the data at the teacher's resolution")
 
@@ -252,7 +247,7 @@ def load_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> keras.Model:
     a run record (see :func:`check_teacher`)."""
     from kd_histo.models import load_model  # the models package pulls in Keras layers
 
-    path = resolve_teacher_path(cfg.distill.teacher)
+    path = model_file(cfg.distill.teacher)
     try:
         teacher = load_model(path, expected_num_classes=info.num_classes)
     except (FileNotFoundError, ValueError) as e:

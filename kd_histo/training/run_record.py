@@ -27,6 +27,7 @@ import os
 import zipfile
 from typing import Any, Mapping
 
+from kd_histo.atomic import write_json
 from kd_histo.training.config import MODES
 
 RUN_JSON = "run.json"
@@ -34,6 +35,9 @@ CONFIG_JSON = "config.json"
 MODEL_FILE = "model.keras"
 RECORD_VERSION = 2  # 1 = the untyped run.json of before (no lr_method, mpp, mean, std)
 VIEWS = ("hr", "lr")
+# Two µm/px closer than this (relative) are one resolution: scanners report the same objective
+# magnification with a percent or so of difference (e.g. 0.2498 vs 0.2520).
+MPP_REL_TOL = 0.02
 
 
 class RunRecordError(ValueError):
@@ -192,12 +196,52 @@ def _inside(model_dir: str, rel: str, what: str) -> str:
     return path
 
 
+def model_file(path: str) -> str:
+    """A network given as its run folder means the folder's ``model.keras``; a file is itself."""
+    return os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
+
+
+def record_of_model(path: str) -> RunRecord | None:
+    """The run record of a network given as its run folder or as its folder's model file; None
+    for a file that is not the model its folder's run.json names (a bare ``.keras`` file, a
+    checkpoint): nothing says what it was trained on.
+
+    Raises:
+      FileNotFoundError, RunRecordError: the folder's run.json or its model entry is bad.
+    """
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if not os.path.isfile(os.path.join(folder, RUN_JSON)):
+        return None
+    record = read_run_record(folder)
+    model = record.model_path(folder)
+    if not os.path.isdir(path) and os.path.realpath(model) != os.path.realpath(path):
+        return None
+    return record
+
+
+def teacher_misfit(teacher: RunRecord, class_names, hr_px: int, mpp: float | None) -> str:
+    """What keeps ``teacher`` from scoring HR tiles of ``class_names`` (in that order), ``hr_px``
+    and ``mpp`` µm/px; "" when it fits.
+
+    Returns:
+      "view" (not an HR run), "classes" (other names or order), "hr_px" (another tile size) or
+      "mpp" (another resolution, beyond :data:`MPP_REL_TOL`; unknown on either side is no misfit).
+    """
+    if teacher.view != "hr":
+        return "view"
+    if tuple(teacher.class_names) != tuple(class_names):
+        return "classes"
+    if teacher.hr_px != hr_px:
+        return "hr_px"
+    if teacher.mpp and mpp and not math.isclose(teacher.mpp, mpp, rel_tol=MPP_REL_TOL):
+        return "mpp"
+    return ""
+
+
 def write_run_record(model_dir: str, record: RunRecord) -> str:
     """Writes ``<model_dir>/run.json`` atomically (temporary file, then rename); returns its path."""
-    from kd_histo.convert.writer import write_json_atomic
-
     path = os.path.join(model_dir, RUN_JSON)
-    write_json_atomic(path, record.to_dict())
+    write_json(path, record.to_dict())
     return path
 
 

@@ -32,25 +32,11 @@ import numpy as np
 import tensorflow as tf
 
 from kd_histo.atomic import write_json
+from kd_histo.data.augment import NUM_DIHEDRAL, dihedral, dihedral_per_example
 from kd_histo.data.mixing import example_key
 from kd_histo.training import losses as L
 
 META = "cache.json"
-NUM_DIHEDRAL = 8
-
-
-def dihedral(images: tf.Tensor, k) -> tf.Tensor:
-    """Transform ``k`` in 0..7 of [..., H, W, C] images: k >= 4 flips, then rot90 by k % 4."""
-    k = tf.convert_to_tensor(k, tf.int32)
-    flipped = tf.cond(k >= 4, lambda: tf.reverse(images, axis=[-2]), lambda: images)
-    return tf.image.rot90(flipped, k % 4)
-
-
-def dihedral_per_example(images: tf.Tensor, ks: tf.Tensor) -> tf.Tensor:
-    """Applies transform ``ks[i]`` to ``images[i]`` of a [B, H, W, C] batch (square images)."""
-    all8 = tf.stack([dihedral(images, k) for k in range(NUM_DIHEDRAL)])  # [8, B, H, W, C]
-    idx = tf.stack([tf.cast(ks, tf.int32), tf.range(tf.shape(images)[0])], axis=1)
-    return tf.gather_nd(all8, idx)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,18 @@ def read_split(data_dir: str, split: str, compression: str = "") -> list[dict]:
     return out
 
 
+def check_split_counts(data_dir: str, info) -> int:
+    """Asserts each split's records hold the class counts ``info`` (the DatasetInfo) states;
+    returns how many records all splits hold."""
+    total = 0
+    for split, counts in info.counts.items():
+        recs = read_split(data_dir, split)
+        total += len(recs)
+        names = [info.class_names[r["label"]] if r["label"] >= 0 else "unlabeled" for r in recs]
+        assert {n: names.count(n) for n in set(names)} == counts, split
+    return total
+
+
 def decode(png: bytes) -> np.ndarray:
     import io
 

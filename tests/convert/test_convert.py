@@ -9,13 +9,14 @@ import time
 
 import numpy as np
 import pytest
+from support import small_units_command, small_units_config
 
 from kd_histo import schema
 from kd_histo.convert import ConversionError, ConvertConfig, EncodeOptions, convert, merge, run_task
 from kd_histo.convert.writer import DirLock
 from kd_histo.data import synthetic
 
-from .helpers import decode, random_rgb, read_split, shard_bytes, write_image
+from .helpers import check_split_counts, decode, random_rgb, read_split, shard_bytes, write_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,12 +65,8 @@ def test_demo_manifest_counts_match_shards(tile_folder, tmp_path):
     info = convert(_cfg(tmp_path, manifest=manifest, num_shards=2))
     on_disk = schema.DatasetInfo.read(str(tmp_path))
     assert on_disk.to_dict() == info.to_dict()
-    total = 0
-    for split, counts in info.counts.items():
-        recs = read_split(str(tmp_path), split)
-        total += len(recs)
-        names = [info.class_names[r["label"]] if r["label"] >= 0 else "unlabeled" for r in recs]
-        assert {n: names.count(n) for n in set(names)} == counts
+    total = check_split_counts(str(tmp_path), info)
+    for split in info.counts:
         assert len(schema.shard_paths(str(tmp_path), split)) == info.shards[split]
     assert total == 16 and info.counts["unlabeled"] == {"unlabeled": 4}
     slides_of = {s: {r["slide_id"] for r in read_split(str(tmp_path), s)} for s in info.counts}
@@ -153,29 +150,9 @@ def test_kill_9_midway_then_rerun_gives_identical_output(tmp_path):
     src = tmp_path / "src"
     manifest = synthetic.write_tile_folder(str(src), 40, tile_px=32, slides_per_class=20)
     ref = tmp_path / "ref"
-    convert(
-        _cfg(
-            ref,
-            manifest=manifest,
-            unit_size=4,
-            num_shards=3,
-            encode=EncodeOptions(tile_px=32, png_level=9),
-        )
-    )
+    convert(small_units_config(ref, manifest))
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "kd_histo.cli.convert",
-        f"--manifest={manifest}",
-        f"--out_dir={out}",
-        "--tile_px=32",
-        "--unit_size=4",
-        "--num_shards=3",
-        "--num_workers=0",
-        "--progress=false",
-        "--png_level=9",
-    ]
+    cmd = small_units_command(manifest, out)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out / ".parts"
     deadline = time.time() + 120

@@ -7,17 +7,11 @@ import pytest
 
 from kd_histo.convert import ConvertConfig, EncodeOptions, convert
 
-from .helpers import read_split
+from .helpers import check_split_counts, read_split
 
 
 def _check_complete(out, info, n_inputs):
-    seen = 0
-    for split, counts in info.counts.items():
-        recs = read_split(str(out), split)
-        seen += len(recs)
-        names = [info.class_names[r["label"]] if r["label"] >= 0 else "unlabeled" for r in recs]
-        assert {n: names.count(n) for n in set(names)} == counts
-    assert seen == n_inputs - len(info.skipped)
+    assert check_split_counts(str(out), info) == n_inputs - len(info.skipped)
 
 
 @pytest.mark.realdata

@@ -74,6 +74,22 @@ def test_flip_rot_gives_all_eight_square_symmetries_and_nothing_else():
     assert seen == set(range(8))
 
 
+def test_dihedral_matches_numpy_and_is_the_teacher_caches_one():
+    from kd_histo.training import teacher_cache
+
+    tile = random_tile(6, seed=4)
+    syms = _symmetries(tile)  # index 4 * flipped + quarter turns, as ``dihedral`` numbers them
+    for k in range(augment.NUM_DIHEDRAL):
+        np.testing.assert_array_equal(augment.dihedral(tile, k).numpy(), syms[k], err_msg=f"k={k}")
+    batch = np.stack([tile, tile[::-1], tile * 0.5])
+    ks = [6, 1, 4]
+    per = augment.dihedral_per_example(tf.constant(batch), tf.constant(ks)).numpy()
+    for i, k in enumerate(ks):
+        np.testing.assert_array_equal(per[i], _symmetries(batch[i])[k])
+    assert teacher_cache.dihedral is augment.dihedral  # one definition of the group
+    assert teacher_cache.dihedral_per_example is augment.dihedral_per_example
+
+
 def test_color_jitter_factors_stay_in_range():
     # A flat grey tile: contrast and saturation do nothing, so out / in = the brightness factor.
     grey = np.full((4, 4, 3), 0.4, np.float32)

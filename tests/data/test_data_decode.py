@@ -1,37 +1,17 @@
 """Reading shards: decoding, and corrupt data giving a clear error naming the shard (or a skip)."""
 
 import os
-import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import copy_data, count_tiles, records, rewrite
 
 from kd_histo import schema
 from kd_histo.data import decode
 from kd_histo.data.pipeline import PipelineConfig, make_dataset
 
 pytestmark = pytest.mark.reliability
-
-
-def _copy(tiny_shards, tmp_path):
-    d = tmp_path / "data"
-    shutil.copytree(tiny_shards, d)
-    return str(d)
-
-
-def _records(path):
-    return [r.numpy() for r in tf.data.TFRecordDataset(path)]
-
-
-def _rewrite(path, records):
-    with tf.io.TFRecordWriter(path) as w:
-        for r in records:
-            w.write(r)
-
-
-def _count(cfg, split="val"):
-    return sum(int(b["hr"].shape[0]) for b in make_dataset(cfg, split, training=False))
 
 
 def test_decode_record_round_trips_a_tile():
@@ -52,10 +32,10 @@ def test_decode_record_round_trips_a_tile():
 
 @pytest.mark.parametrize("bad", ["garbage_image", "wrong_size", "not_an_example"])
 def test_corrupt_record_names_the_shard_or_is_skipped(tiny_shards, tmp_path, bad):
-    d = _copy(tiny_shards, tmp_path)
+    d = copy_data(tiny_shards, tmp_path)
     shard = schema.shard_paths(d, "val")[1]
-    records = _records(shard)
-    n_total = sum(len(_records(p)) for p in schema.shard_paths(d, "val"))
+    recs = records(shard)
+    n_total = sum(len(records(p)) for p in schema.shard_paths(d, "val"))
     junk = {
         "garbage_image": schema.make_example(b"not a png", 32, 32).SerializeToString(),
         "wrong_size": schema.make_example(
@@ -63,18 +43,18 @@ def test_corrupt_record_names_the_shard_or_is_skipped(tiny_shards, tmp_path, bad
         ).SerializeToString(),
         "not_an_example": b"\x00\x01 definitely not a protobuf",
     }[bad]
-    _rewrite(shard, records[:1] + [junk] + records[1:])
+    rewrite(shard, recs[:1] + [junk] + recs[1:])
     with pytest.raises(tf.errors.InvalidArgumentError, match=os.path.basename(shard)) as err:
-        _count(PipelineConfig(d, batch_size=2))
+        count_tiles(d)
     assert "corrupt record" in str(err.value) and "skip_corrupt" in str(err.value)
-    assert _count(PipelineConfig(d, batch_size=2, skip_corrupt=True)) == n_total
+    assert count_tiles(d, skip_corrupt=True) == n_total
 
 
 @pytest.mark.parametrize("damage", ["bit_flip", "truncated"])
 def test_damaged_shard_file_names_the_shard_or_is_read_up_to_the_damage(
     tiny_shards, tmp_path, damage
 ):
-    d = _copy(tiny_shards, tmp_path)
+    d = copy_data(tiny_shards, tmp_path)
     shard = schema.shard_paths(d, "val")[0]
     with open(shard, "rb") as f:
         data = bytearray(f.read())
@@ -85,17 +65,17 @@ def test_damaged_shard_file_names_the_shard_or_is_read_up_to_the_damage(
     with open(shard, "wb") as f:
         f.write(bytes(data))
     with pytest.raises(tf.errors.InvalidArgumentError, match=os.path.basename(shard)) as err:
-        _count(PipelineConfig(d, batch_size=2))
+        count_tiles(d)
     assert "damaged" in str(err.value)
-    n_other = len(_records(schema.shard_paths(d, "val")[1]))
-    n_kept = _count(PipelineConfig(d, batch_size=2, skip_corrupt=True))
+    n_other = len(records(schema.shard_paths(d, "val")[1]))
+    n_kept = count_tiles(d, skip_corrupt=True)
     assert n_other <= n_kept < n_other + 4  # the damaged shard is read up to the damage
 
 
 def test_corrupt_record_in_training_fails_too_not_hangs(tiny_shards, tmp_path):
-    d = _copy(tiny_shards, tmp_path)
+    d = copy_data(tiny_shards, tmp_path)
     shard = schema.shard_paths(d, "train")[0]
-    _rewrite(shard, [b"junk"] + _records(shard))
+    rewrite(shard, [b"junk"] + records(shard))
     with pytest.raises(tf.errors.InvalidArgumentError, match=os.path.basename(shard)):
         for _ in make_dataset(PipelineConfig(d, batch_size=4, cycle_length=1)):
             pass

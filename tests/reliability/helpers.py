@@ -10,7 +10,21 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.training.config import NetConfig, RunConfig
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
+# A binary run as a child process: the checkout's kd_histo, without TF's C++ import chatter.
+CHILD_ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def tiny_config(data_dir, model_dir, mode: str = "teacher", **kw) -> RunConfig:
+    """A tiny run: the tiny net, batches of 4, 1 epoch of 2 steps and 1 val step, quiet, no
+    profile or image grids; ``kw`` overrides any of these (e.g. ``epochs=3``, ``data=...``)."""
+    settings = dict(data=PipelineConfig(str(data_dir), batch_size=4), net=TINY_NET, epochs=1, steps_per_epoch=2,
+                    val_steps=1, verbose=0, profile_steps=(0, 0), image_grids=False)
+    return RunConfig(mode=mode, model_dir=str(model_dir), **{**settings, **kw})
 
 
 def rgb(seed: int, px: int = 16) -> np.ndarray:
@@ -21,6 +35,13 @@ def encoded(arr: np.ndarray, fmt: str, **save_kwargs) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format=fmt, **save_kwargs)
     return buf.getvalue()
+
+
+def write_class_tree(root, per_class: int, px: int, seed: int) -> None:
+    """PNG tiles ``<root>/{a,b}/t<i>.png`` (random RGB; tile i of class c from seed + i + ord(c))."""
+    for c in ("a", "b"):
+        for i in range(per_class):
+            write(os.path.join(root, c, f"t{i}.png"), encoded(rgb(seed + i + ord(c), px), "PNG"))
 
 
 def write(path, data: bytes) -> str:
@@ -68,14 +89,3 @@ def giant_tiff(width: int, height: int) -> bytes:
             value = width if tag == 256 else height
             data[at + 2 : at + 12] = struct.pack("<HII", 4, 1, value)
     return bytes(data)
-
-
-def write_tiny_shards(*args, **kwargs) -> str:
-    """``tests/conftest.py``'s ``write_tiny_shards``, loaded by its path: a bare ``import
-    conftest`` finds whichever conftest module pytest registered first (tests/cli has one too)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_kd_histo_root_conftest", os.path.join(REPO, "tests", "conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_tiny_shards(*args, **kwargs)

@@ -14,9 +14,11 @@ import sys
 import time
 
 import pytest
+from support import small_units_command as _cli
+from support import small_units_config as _cfg
 
 from kd_histo import schema
-from kd_histo.convert import ConversionError, ConvertConfig, EncodeOptions, convert, writer
+from kd_histo.convert import ConversionError, convert, writer
 from kd_histo.data import synthetic
 
 from .helpers import REPO
@@ -44,33 +46,6 @@ def tiles(tmp_path_factory):
     manifest = synthetic.write_tile_folder(str(root / "src"), 40, tile_px=32, slides_per_class=20)
     convert(_cfg(root / "ref", manifest))
     return manifest, _shards(root / "ref")
-
-
-def _cfg(out, manifest, **kw):
-    return ConvertConfig(
-        out_dir=str(out),
-        manifest=manifest,
-        unit_size=4,
-        num_shards=3,
-        encode=EncodeOptions(tile_px=32, png_level=9),
-        **kw,
-    )
-
-
-def _cli(manifest, out):
-    return [
-        sys.executable,
-        "-m",
-        "kd_histo.cli.convert",
-        f"--manifest={manifest}",
-        f"--out_dir={out}",
-        "--tile_px=32",
-        "--unit_size=4",
-        "--num_shards=3",
-        "--num_workers=0",
-        "--progress=false",
-        "--png_level=9",
-    ]
 
 
 def _refusal(pid, out):

@@ -8,9 +8,9 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
+from support import CONVERT
 
 from kd_histo.cli import convert as convert_cli
 from kd_histo.cli import cost as cost_cli
@@ -21,7 +21,7 @@ from kd_histo.cli import flags_common as fc
 from kd_histo.cli import predict as predict_cli
 from kd_histo.cli import train as train_cli
 
-from .helpers import REPO, encoded, rgb, write
+from .helpers import CHILD_ENV, encoded, rgb, write, write_class_tree
 
 pytestmark = pytest.mark.reliability
 
@@ -118,19 +118,16 @@ def test_convert_on_a_full_disk_is_one_line_and_leaves_no_tmp_file(tmp_path):
     """``ulimit -f`` (a file size limit: writes fail with EFBIG, as on a full disk) in a real
     process; then the same command without the limit finishes the data set."""
     src = tmp_path / "src"
-    for c in ("a", "b"):
-        for i in range(12):
-            write(os.path.join(src, c, f"t{i}.png"), encoded(rgb(i + 100 * len(c) + ord(c), 64), "PNG"))
+    write_class_tree(src, 12, 64, seed=100)
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "kd_histo.cli.convert", f"--input_dir={src}", f"--out_dir={out}",
-            "--tile_px=64", "--num_workers=0", "--progress=false", "--png_level=0", "--num_shards=1"]
-    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}  # TF's C++ import chatter off
+    argv = [*CONVERT, f"--input_dir={src}", f"--out_dir={out}", "--tile_px=64", "--num_workers=0", "--progress=false",
+            "--png_level=0", "--num_shards=1"]
     limited = ["bash", "-c", 'ulimit -f 40 && exec "$@"', "bash", *argv]  # 40 KiB per file
-    proc = subprocess.run(limited, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(limited, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
     _assert_one_line(proc.returncode, proc.stderr, "kd-histo-convert", "File too large")
     left = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if ".tmp" in f]
     assert not left, left
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(argv, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.load(open(out / "dataset.json"))
     assert sum(sum(c.values()) for c in info["counts"].values()) == 24

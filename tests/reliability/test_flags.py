@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+from support import write_tiny_shards
 
 from kd_histo.cli import convert as convert_cli
 from kd_histo.cli import cost as cost_cli
@@ -16,8 +17,6 @@ from kd_histo.cli import train as train_cli
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.evaluation import cost
 from kd_histo.training.config import DistillConfig, OptimConfig
-
-from .helpers import write_tiny_shards
 
 pytestmark = pytest.mark.reliability
 

@@ -10,11 +10,12 @@ import sys
 import time
 
 import pytest
+from support import CONVERT
 
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import train as train_cli
 
-from .helpers import REPO, encoded, rgb, write
+from .helpers import CHILD_ENV, write_class_tree
 
 pytestmark = pytest.mark.reliability
 
@@ -76,14 +77,11 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_kill_9_of_convert_takes_its_workers_with_it(tmp_path):
     src = tmp_path / "src"
-    for c in ("a", "b"):
-        for i in range(40):
-            write(os.path.join(src, c, f"t{i}.png"), encoded(rgb(i + 1000 * len(c) + ord(c), 32), "PNG"))
+    write_class_tree(src, 40, 32, seed=1000)
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "kd_histo.cli.convert", f"--input_dir={src}", f"--out_dir={out}",
-            "--tile_px=32", "--num_workers=2", "--unit_size=1", "--progress=false"]
-    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [*CONVERT, f"--input_dir={src}", f"--out_dir={out}", "--tile_px=32", "--num_workers=2", "--unit_size=1",
+            "--progress=false"]
+    proc = subprocess.Popen(argv, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 90
         workers = []
@@ -105,7 +103,7 @@ def test_kill_9_of_convert_takes_its_workers_with_it(tmp_path):
                 pass
     assert not left, f"worker processes {left} outlived their killed parent"
     # the same command afterwards resumes and completes
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(argv, env=CHILD_ENV, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     info = json.load(open(out / "dataset.json"))
     assert sum(sum(c.values()) for c in info["counts"].values()) == 80

@@ -13,34 +13,22 @@ import shutil
 
 import pytest
 import tensorflow as tf
+from support import copy_data, count_tiles, records, rewrite
 
 from kd_histo import schema
-from kd_histo.data.pipeline import PipelineConfig, make_dataset
 from kd_histo.training import preflight, train
-from kd_histo.training.config import NetConfig, RunConfig
+
+from .helpers import tiny_config
 
 pytestmark = pytest.mark.reliability
 
 
-def _copy(tiny_shards, tmp_path) -> str:
-    d = tmp_path / "data"
-    shutil.copytree(tiny_shards, d)
-    return str(d)
-
-
-def _records(path):
-    return [r.numpy() for r in tf.data.TFRecordDataset(path)]
-
-
-def _rewrite(path, records):
-    with tf.io.TFRecordWriter(path) as w:
-        for r in records:
-            w.write(r)
-
-
-def _count(data_dir, split="val", **kw):
-    cfg = PipelineConfig(data_dir, batch_size=2, **kw)
-    return sum(int(b["hr"].shape[0]) for b in make_dataset(cfg, split, training=False))
+def _corrupt_record(index: int, shard: str) -> str:
+    """The start of the error that names a record the pipeline cannot read."""
+    return (
+        f"[kd_histo: corrupt record {index} in shard {shard} (does not parse as this schema, or does not "
+        "decode to the tile size of dataset.json)"
+    )
 
 
 def _tweak(record: bytes, edit) -> bytes:
@@ -80,26 +68,23 @@ def _as_int(name):
     ids=["no_image", "no_height", "label_as_bytes", "image_as_int64"],
 )
 def test_record_with_a_missing_or_wrong_typed_feature(tiny_shards, tmp_path, edit, message):
-    d = _copy(tiny_shards, tmp_path)
+    d = copy_data(tiny_shards, tmp_path)
     shard = schema.shard_paths(d, "val")[1]
-    records = _records(shard)
-    bad = _tweak(records[1], edit)
+    recs = records(shard)
+    bad = _tweak(recs[1], edit)
     with pytest.raises(schema.SchemaError, match=f"^{message}$"):
         schema.parse_example_numpy(bad)
-    _rewrite(shard, records[:1] + [bad] + records[2:])
-    n_total = sum(len(_records(p)) for p in schema.shard_paths(d, "val"))
+    rewrite(shard, recs[:1] + [bad] + recs[2:])
+    n_total = sum(len(records(p)) for p in schema.shard_paths(d, "val"))
     with pytest.raises(tf.errors.InvalidArgumentError) as err:
-        _count(d)
-    assert (
-        f"[kd_histo: corrupt record 1 in shard {shard} (does not parse as this schema, or does not "
-        "decode to the tile size of dataset.json); re-convert it or pass --skip_corrupt]"
-    ) in str(err.value)
-    assert _count(d, skip_corrupt=True) == n_total - 1  # only the bad record is dropped
+        count_tiles(d)
+    assert _corrupt_record(1, shard) + "; re-convert it or pass --skip_corrupt]" in str(err.value)
+    assert count_tiles(d, skip_corrupt=True) == n_total - 1  # only the bad record is dropped
 
 
 @pytest.mark.parametrize("version", [0, None, 2])
 def test_shard_of_another_schema_version_is_refused_naming_it(tiny_shards, tmp_path, version):
-    d = _copy(tiny_shards, tmp_path)
+    d = copy_data(tiny_shards, tmp_path)
     shard = schema.shard_paths(d, "val")[0]
 
     def edit(f):
@@ -108,7 +93,7 @@ def test_shard_of_another_schema_version_is_refused_naming_it(tiny_shards, tmp_p
         else:
             f["schema_version"].int64_list.value[0] = version
 
-    _rewrite(shard, [_tweak(r, edit) for r in _records(shard)])
+    rewrite(shard, [_tweak(r, edit) for r in records(shard)])
     shown = 0 if version is None else version
     old = " (from before versioned records: an older kd_histo)" if shown == 0 else ""
     expected = (
@@ -117,19 +102,19 @@ def test_shard_of_another_schema_version_is_refused_naming_it(tiny_shards, tmp_p
     )
     for skip_corrupt in (False, True):  # another version is not "corrupt": never skipped silently
         with pytest.raises(schema.SchemaError) as err:
-            _count(d, skip_corrupt=skip_corrupt)
+            count_tiles(d, skip_corrupt=skip_corrupt)
         assert str(err.value) == expected
 
 
 def test_dataset_json_of_an_older_schema_version(tiny_shards, tmp_path):
-    d = _copy(tiny_shards, tmp_path)
+    d = copy_data(tiny_shards, tmp_path)
     with open(os.path.join(d, "dataset.json")) as f:
         info = json.load(f)
     del info["schema_version"]  # written before dataset.json had one
     with open(os.path.join(d, "dataset.json"), "w") as f:
         json.dump(info, f)
     with pytest.raises(schema.SchemaError) as err:
-        _count(d)
+        count_tiles(d)
     assert str(err.value) == (
         f"dataset.json has schema_version None, this kd_histo reads {schema.SCHEMA_VERSION}; "
         "reconvert the data with kd-histo-convert"
@@ -137,35 +122,17 @@ def test_dataset_json_of_an_older_schema_version(tiny_shards, tmp_path):
 
 
 def test_empty_shard_is_refused_or_skipped(tiny_shards, tmp_path):
-    d = _copy(tiny_shards, tmp_path)
+    d = copy_data(tiny_shards, tmp_path)
     empty, other = schema.shard_paths(d, "val")
-    n_other = len(_records(other))
+    n_other = len(records(other))
     open(empty, "wb").close()
     with pytest.raises(schema.SchemaError) as err:
-        _count(d)
+        count_tiles(d)
     assert str(err.value) == (
         f"shard {empty} is empty (0 bytes; kd-histo-convert never writes an empty shard): "
         "re-convert the data, or pass --skip_corrupt"
     )
-    assert _count(d, skip_corrupt=True) == n_other
-
-
-TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
-
-
-def _train_cfg(data_dir, model_dir, **data):
-    return RunConfig(
-        mode="teacher",
-        model_dir=str(model_dir),
-        data=PipelineConfig(data_dir, batch_size=4, **data),
-        net=TINY_NET,
-        epochs=1,
-        steps_per_epoch=1,
-        val_steps=1,
-        verbose=0,
-        profile_steps=(0, 0),
-        image_grids=False,
-    )
+    assert count_tiles(d, skip_corrupt=True) == n_other
 
 
 def _edit_info(d, **changes):
@@ -193,9 +160,9 @@ def _inc(split, cls):
 def test_training_refuses_a_dataset_json_that_disagrees_with_the_shards(
     tiny_shards, tmp_path, case
 ):
-    d = _copy(tiny_shards, tmp_path)
+    d = copy_data(tiny_shards, tmp_path)
     train_shards = schema.shard_paths(d, "train")
-    n_train = sum(len(_records(p)) for p in train_shards)
+    n_train = sum(len(records(p)) for p in train_shards)
     if case == "count":
         _edit_info(d, counts=_inc("train", "tumour"))
         message = (
@@ -229,18 +196,15 @@ def test_training_refuses_a_dataset_json_that_disagrees_with_the_shards(
             "dataset.json mean/std must be 3 finite values each, std > 0; got mean [nan, 0.5, 0.5]"
         )
     with pytest.raises(preflight.PreflightError) as err:
-        train.train(_train_cfg(d, tmp_path / "run"))
+        train.train(tiny_config(d, tmp_path / "run", steps_per_epoch=1))
     assert str(err.value).startswith(message), str(err.value)
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_dataset_json_with_another_tile_size_names_the_shard(tiny_shards, tmp_path):
-    d = _copy(tiny_shards, tmp_path)
+    d = copy_data(tiny_shards, tmp_path)
     _edit_info(d, tile_px=24)
     first = schema.shard_paths(d, "val")[0]
     with pytest.raises(tf.errors.InvalidArgumentError) as err:
-        _count(d)
-    assert (
-        f"[kd_histo: corrupt record 0 in shard {first} (does not parse as this schema, or does not "
-        "decode to the tile size of dataset.json)"
-    ) in str(err.value)
+        count_tiles(d)
+    assert _corrupt_record(0, first) in str(err.value)

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import write_tiny_shards
 
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import train as train_cli
@@ -20,8 +21,6 @@ from kd_histo.training import preflight
 from kd_histo.training import teacher_cache as TC
 from kd_histo.training.config import DistillConfig, RunConfig
 from kd_histo.training.run_record import read_run_record, write_run_record
-
-from .helpers import write_tiny_shards
 
 pytestmark = pytest.mark.reliability
 

@@ -25,33 +25,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.models import build_model
 from kd_histo.training import callbacks, preflight, train
-from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
+from kd_histo.training.config import DistillConfig, RunConfig
 
 from . import train_child
+from .helpers import tiny_config
 
 pytestmark = pytest.mark.reliability
 
-TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
-
 
 def _cfg(data_dir, model_dir, **kw) -> RunConfig:
-    base = dict(
-        mode="teacher",
-        model_dir=str(model_dir),
-        data=PipelineConfig(data_dir, batch_size=4),
-        net=TINY_NET,
-        epochs=3,
-        steps_per_epoch=2,
-        val_steps=1,
-        verbose=0,
-        profile_steps=(0, 0),
-        image_grids=False,
-    )
-    base.update(kw)
-    return RunConfig(**base)
+    return tiny_config(data_dir, model_dir, **{"epochs": 3, **kw})
 
 
 def _history(model_dir):

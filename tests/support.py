@@ -1,0 +1,114 @@
+"""Plain helpers shared by tests in several folders (fixtures live in conftest.py).
+
+Importable as ``support``: pytest puts ``tests/`` on ``sys.path`` for its conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import numpy as np
+
+CONVERT = [sys.executable, "-m", "kd_histo.cli.convert"]
+
+
+# The conversion the crash-and-resume tests repeat, in-process and as a command (same settings):
+# units of 4 tiles and 3 shards, so a kill lands between part files; PNG level 9 makes each unit
+# slow enough to catch. Input: ``synthetic.write_tile_folder(..., 40, tile_px=32, slides_per_class=20)``.
+def small_units_config(out, manifest, **kw):
+    from kd_histo.convert import ConvertConfig, EncodeOptions
+
+    return ConvertConfig(out_dir=str(out), manifest=manifest, unit_size=4, num_shards=3,
+                         encode=EncodeOptions(tile_px=32, png_level=9), **kw)
+
+
+def small_units_command(manifest, out) -> list[str]:
+    return [*CONVERT, f"--manifest={manifest}", f"--out_dir={out}", "--tile_px=32", "--unit_size=4", "--num_shards=3",
+            "--num_workers=0", "--progress=false", "--png_level=9"]
+
+
+# -- a copy of a data folder whose shards a test damages ------------------------------------------
+def copy_data(data_dir, tmp_path) -> str:
+    """A copy of ``data_dir`` (e.g. the read-only ``tiny_shards``) to damage; returns its path."""
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    return str(d)
+
+
+def records(path) -> list[bytes]:
+    """The serialized records of one shard."""
+    import tensorflow as tf
+
+    return [r.numpy() for r in tf.data.TFRecordDataset(path)]
+
+
+def rewrite(path, new_records) -> None:
+    """Writes ``new_records`` as the shard at ``path``."""
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(path) as w:
+        for r in new_records:
+            w.write(r)
+
+
+def count_tiles(data_dir, split="val", **pipeline) -> int:
+    """Tiles one evaluation pass over ``split`` yields (batches of 2; ``pipeline``: more settings)."""
+    from kd_histo.data.pipeline import PipelineConfig, make_dataset
+
+    cfg = PipelineConfig(data_dir, batch_size=2, **pipeline)
+    return sum(int(b["hr"].shape[0]) for b in make_dataset(cfg, split, training=False))
+
+
+# -- tiny data sets -----------------------------------------------------------------------------
+def write_tiny_shards(out_dir, tile_px=32, per_class=4, num_shards=2, seed=0, unlabeled=8):
+    """Writes a tiny data set with the project's schema; returns ``out_dir``.
+
+    Splits: train (``per_class`` per class), val and test (half as many), unlabeled (``unlabeled``
+    tiles with label -1). Slides are disjoint across splits.
+    """
+    import tensorflow as tf
+
+    from kd_histo import schema
+    from kd_histo.data import synthetic
+    os.makedirs(out_dir, exist_ok=True)
+    n_classes = len(synthetic.CLASS_NAMES)
+    plan = {"train": per_class, "val": max(1, per_class // 2), "test": max(1, per_class // 2)}
+    counts, shards = {}, {}
+    train_pixels = []
+    for s_idx, (split, n) in enumerate(plan.items()):
+        images, labels, _ = synthetic.generate(n, tile_px, seed=seed + 101 * s_idx, slides_per_class=2)
+        if split == "train":
+            train_pixels.append(images.reshape(-1, 3) / 255.0)
+        _write_split(tf, schema, out_dir, split, images, labels, [f"{split}-slide{i % 3}" for i in range(len(labels))], num_shards)
+        counts[split] = {synthetic.CLASS_NAMES[c]: int((labels == c).sum()) for c in range(n_classes)}
+        shards[split] = num_shards
+    if unlabeled:
+        images, _, _ = synthetic.generate(max(1, unlabeled // n_classes), tile_px, seed=seed + 999, slides_per_class=2)
+        images = images[:unlabeled]
+        labels = np.full(len(images), schema.UNLABELED)
+        _write_split(tf, schema, out_dir, "unlabeled", images, labels, [f"unl-slide{i % 2}" for i in range(len(labels))], 1)
+        counts["unlabeled"] = {"unlabeled": len(images)}
+        shards["unlabeled"] = 1
+    px = np.concatenate(train_pixels)
+    info = schema.DatasetInfo(
+        class_names=list(synthetic.CLASS_NAMES), tile_px=tile_px, mpp=0.5, counts=counts, shards=shards,
+        mean=px.mean(0).round(6).tolist(), std=px.std(0).round(6).tolist(), source="tests/support.py (synthetic)",
+        command="write_tiny_shards",
+    )
+    info.write(str(out_dir))
+    return str(out_dir)
+
+
+def _write_split(tf, schema, out_dir, split, images, labels, slide_ids, num_shards):
+    num_shards = min(num_shards, len(images))
+    for k in range(num_shards):
+        path = os.path.join(str(out_dir), schema.shard_name(split, k, num_shards))
+        with tf.io.TFRecordWriter(path) as w:
+            for i in range(k, len(images), num_shards):
+                png = tf.io.encode_png(images[i]).numpy()
+                ex = schema.make_example(png, images[i].shape[0], images[i].shape[1], label=int(labels[i]),
+                                         slide_id=slide_ids[i], patient_id=slide_ids[i], x=i, y=0, mpp=0.5,
+                                         source=f"synthetic:{split}:{i}")
+                w.write(ex.SerializeToString())

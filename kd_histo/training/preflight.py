@@ -26,7 +26,6 @@ from kd_histo.data.pipeline import lr_size
 from kd_histo.training.config import RunConfig
 from kd_histo.training.run_record import (
     CONFIG_JSON,
-    MODEL_FILE,  # noqa: F401 - train.py reads it here until it imports it from run_record
     RUN_JSON,
     RunRecord,
     model_file,
@@ -197,7 +196,6 @@ def check_model_dir(cfg: RunConfig) -> None:
                                  "use the same flags to resume or a new --model_dir")
 
 
-resolve_teacher_path = model_file  # train.py calls it here until it imports model_file from run_record
 
 
 def teacher_record(cfg: RunConfig) -> RunRecord | None:

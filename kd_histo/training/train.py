@@ -36,7 +36,13 @@ from kd_histo.training import preflight
 from kd_histo.training.config import RunConfig
 from kd_histo.training.distiller import ResolutionDistiller, losses_for
 from kd_histo.training.optimizers import FusedAdam
-from kd_histo.training.run_record import RunRecord, write_run_record
+from kd_histo.training.run_record import (
+    CONFIG_JSON,
+    MODEL_FILE,
+    RunRecord,
+    model_file,
+    write_run_record,
+)
 
 LOCK_FILE = ".lock-train"  # what DirLock(model_dir, "train") holds
 
@@ -170,7 +176,7 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
         val_ds = make_dataset(cfg.data, "val", training=False).repeat() if has_val else None
         val_steps = cfg.val_steps or (steps_per_epoch(cfg.data, "val", training=False) if has_val else None)
         try:
-            write_json(os.path.join(model_dir, preflight.CONFIG_JSON), cfg.to_dict())
+            write_json(os.path.join(model_dir, CONFIG_JSON), cfg.to_dict())
             if cache_dir:
                 train_ds = _cached_stream(cfg, cache_dir, teacher, net, input_px)
             callbacks = _callbacks(cfg, model_dir, net, train_ds, has_val) + [counter, *extra_callbacks]
@@ -198,7 +204,7 @@ def _cached_stream(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int):
     from kd_histo.training import teacher_cache
     spec = net.compute_output_spec(keras.KerasTensor((1, input_px, input_px, 3)))
     cache = teacher_cache.for_training(
-        teacher, preflight.resolve_teacher_path(cfg.distill.teacher), cfg.data, cache_dir,
+        teacher, model_file(cfg.distill.teacher), cfg.data, cache_dir,
         map_size=tuple(int(v) for v in spec["features"].shape[1:3]), feature_mode=cfg.distill.feature_mode,
         log=lambda line: print(f"kd_histo: {line}", flush=True))
     plain = make_dataset(dataclasses.replace(cfg.data, augment="none"), "train", training=True).repeat()
@@ -251,7 +257,7 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
         with open(best_path + ".json") as f:
             best = json.load(f)["best"]
         net = keras.saving.load_model(best_path, safe_mode=True)
-    model_path = os.path.join(model_dir, preflight.MODEL_FILE)
+    model_path = os.path.join(model_dir, MODEL_FILE)
     net.save(model_path)
     saved = os.path.join(model_dir, "savedmodel")
     shutil.rmtree(saved, ignore_errors=True)
@@ -262,5 +268,5 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
         mpp=info.mpp if info.mpp > 0 else None, class_names=tuple(info.class_names), mean=tuple(info.mean),
         std=tuple(info.std), arch=cfg.net.arch, monitor=cfg.monitor if has_val else None, best=best,
         epochs=cfg.epochs, epochs_run_this_process=epochs_run, data_dir=cfg.data.data_dir,
-        model=preflight.MODEL_FILE, savedmodel="savedmodel", diverged_at_epoch=diverged))
+        model=MODEL_FILE, savedmodel="savedmodel", diverged_at_epoch=diverged))
     return TrainResult(model_dir, model_path, history, epochs_run, best)

@@ -5,9 +5,10 @@
 
 Renders synthetic H&E-like tiles, converts them to shards, trains the teacher, the LR baselines
 and the label-free students at 2x, 4x and 8x, evaluates them, measures their compute cost, prints
-the results table and writes <out_dir>/report/. A rerun skips what is finished. The training settings are read from ``flags/demo/common.flags``
-(the flagfile of the single kd-histo-train steps, ``flags/demo/*.flags``), parsed by kd-histo-train's
-flags: flags + that flagfile -> ``kd_histo.protocol.demo.run_demo``.
+the results table and writes <out_dir>/report/. A rerun skips what is finished. The training
+settings are read from ``flags/demo/common.flags`` (the flagfile of the single kd-histo-train
+steps, ``flags/demo/*.flags``) with kd-histo-train's flags: flags + that flagfile ->
+``kd_histo.protocol.demo.run_demo``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from kd_histo.cli import train as train_cli
 PROG = "kd-histo-demo"
 DEFAULT_OUT = "runs/demo"
 # The demo's training settings: the flagfile in the source tree (kd_histo is installed editable).
-COMMON_FLAGS = os.path.join(os.path.dirname(os.path.dirname(kd_histo.__file__)), "flags", "demo", "common.flags")
+COMMON_FLAGS = os.path.join(os.path.dirname(os.path.dirname(kd_histo.__file__)), "flags", "demo",
+                            "common.flags")
 CONFIGS = ()
 OWN_FLAGS = ("out_dir", "smoke")  # kd_histo.protocol.demo.run_demo's arguments
 fc.define_binary_flags(CONFIGS, OWN_FLAGS)

@@ -8,7 +8,7 @@ import kd_histo
 
 ROOT = os.path.dirname(kd_histo.__file__)
 # Each stage may import from itself and from the stages listed before it.
-STAGES = ("atomic", "numbers", "schema", "convert", "data", "models", "training", "evaluation", "protocol", "cli")
+STAGES = ("atomic", "numbers", "settings", "schema", "convert", "data", "models", "training", "evaluation", "protocol", "cli")
 
 
 def _module_name(path: str) -> str:

@@ -31,112 +31,10 @@ from kd_histo.convert import (
 )
 
 PROG = "kd-histo-convert"
+CONFIGS = (ConvertConfig, EncodeOptions)
+OWN_FLAGS = ("target_mag", "merge")
+fc.define_binary_flags(CONFIGS, OWN_FLAGS)
 FLAGS = fc.FLAGS
-
-
-def define_flags() -> None:
-    """Defines this binary's flags (at import of this module; shared names keep one default)."""
-    d = fc._define  # the project's idempotent definer: several binaries may share one process
-    d("string", "out_dir", "", "Output folder for shards and dataset.json (required).")
-    d("string", "input_dir", "", "Folder of class subfolders (unlabeled/ = unlabeled tiles).")
-    d(
-        "string",
-        "manifest",
-        "",
-        "CSV: path,label[,slide_id][,patient_id][,split]; empty label = unlabeled.",
-    )
-    d(
-        "list",
-        "slides",
-        [],
-        "Whole-slide files, folders or globs (unlabeled unless in --slide_labels).",
-    )
-    d("string", "slide_labels", "", "CSV of slides: path,label[,slide_id][,patient_id][,split].")
-    d(
-        "string",
-        "h5_images",
-        "",
-        "HDF5 file of uint8 patches [N,H,W,3] (e.g. PatchCamelyon *_x.h5).",
-    )
-    d("string", "h5_labels", "", "HDF5 file of their labels (e.g. *_y.h5); '' = unlabeled.")
-    d("string", "h5_key", "x", "Dataset name of the patches in --h5_images.")
-    d("string", "h5_labels_key", "y", "Dataset name of the labels in --h5_labels.")
-    d("string", "root", "", "If set, manifest paths must lie inside this folder.")
-    d("list", "class_names", [], "Class order (default: sorted label names).")
-    d(
-        "enum",
-        "group_by",
-        "slide",
-        "Groups kept in one split: slide ids as given (manifest slide_id, --groups), augmented "
-        "copies of one original (near_duplicates: rotations, flips, zooms, crops, colour shifts), "
-        "or a cheaper perceptual hash that misses arbitrary rotations and crops (phash).",
-        enum_values=["slide", "near_duplicates", "phash"],
-    )
-    d(
-        "string",
-        "groups",
-        "",
-        "CSV path,group_id: tiles of one group (original image, slide, patient) share a split.",
-    )
-    d(
-        "bool",
-        "leakage_check",
-        True,
-        "Count val/test tiles with a near-copy in train (printed, and a note in dataset.json); "
-        "free with --group_by=near_duplicates, which always reports it.",
-    )
-    d("integer", "phash_distance", 8, "Bits (of 64) within which two tiles count as near-copies.")
-    d(
-        "list",
-        "split_fractions",
-        ["0.7", "0.15", "0.15"],
-        "train,val,test shares; a 4th share holds labeled groups out without labels in "
-        "'unlabeled' (a label-scarce setting for distillation experiments).",
-    )
-    d("integer", "seed", 0, "Split seed.")
-    d("integer", "tile_px", 224, "Side of the stored tiles in pixels.")
-    d(
-        "enum",
-        "fit",
-        "crop",
-        "Tile images of another size: centre-crop or resize.",
-        enum_values=["crop", "resize"],
-    )
-    d(
-        "enum",
-        "image_format",
-        "png",
-        "PNG is lossless; JPEG with --jpeg_quality.",
-        enum_values=["png", "jpeg"],
-    )
-    d("integer", "jpeg_quality", 95, "JPEG quality (1-100).")
-    d("integer", "png_level", 6, "PNG zlib level (0-9); lossless at every level.")
-    d("integer", "max_pixels", 100_000_000, "Larger tile images are refused (decompression bombs).")
-    d(
-        "enum",
-        "tiff_decoder",
-        "pil",
-        "Decode .tif tiles with Pillow or tensorflow-io.",
-        enum_values=["pil", "tfio"],
-    )
-    d("float", "tile_mpp", 0.0, "µm/px of tile images when known (recorded; 0 = unknown).")
-    d("float", "target_mpp", 0.5, "µm/px of slide tiles.")
-    d("float", "target_mag", 0.0, "Instead of --target_mpp: magnification, 10x = 1.0 µm/px.")
-    d("float", "slide_mpp", 0.0, "Level-0 µm/px for slides whose metadata lacks it.")
-    d("integer", "lr_factor", 0, "Also store the aligned LR slide tile, tile_px/lr_factor wide.")
-    d("float", "min_tissue", 0.5, "Fraction of tissue a slide tile needs to be kept.")
-    d("bool", "strict", False, "Fail on the first unreadable input instead of skipping it.")
-    d("enum", "compression", "", "Shard compression.", enum_values=["", "GZIP"])
-    d("integer", "examples_per_shard", 1000, "Target shard size (when --num_shards=0).")
-    d("integer", "num_shards", 0, "Shards per split (0 = from --examples_per_shard).")
-    d("integer", "unit_size", 64, "Tiles per work unit: the granularity of resume and progress.")
-    d("integer", "num_workers", 2, "Worker processes (0 = in this process).")
-    d("integer", "task_index", 0, "This task among --num_tasks (Slurm/Kubernetes array index).")
-    d("integer", "num_tasks", 1, "Independent tasks; with > 1, finish with --merge.")
-    d("bool", "merge", False, "Only merge the finished tasks' parts into shards + dataset.json.")
-    d("bool", "overwrite", False, "Replace a data set already in --out_dir.")
-    d("bool", "keep_parts", False, "Keep <out_dir>/.parts after the merge.")
-    d("bool", "progress", True, "Progress bar on stderr.")
 
 
 def config_from_flags() -> ConvertConfig:
@@ -157,52 +55,9 @@ def config_from_flags() -> ConvertConfig:
             f"got {FLAGS.split_fractions}"
         )
     target_mpp = 10.0 / FLAGS.target_mag if FLAGS.target_mag > 0 else FLAGS.target_mpp
-    encode = EncodeOptions(
-        tile_px=FLAGS.tile_px,
-        fit=FLAGS.fit,
-        image_format=FLAGS.image_format,
-        jpeg_quality=FLAGS.jpeg_quality,
-        png_level=FLAGS.png_level,
-        max_pixels=FLAGS.max_pixels,
-        tiff_decoder=FLAGS.tiff_decoder,
-        strict=FLAGS.strict,
-        tile_mpp=FLAGS.tile_mpp,
-        h5_key=FLAGS.h5_key,
-        target_mpp=target_mpp,
-        lr_factor=FLAGS.lr_factor,
-        min_tissue=FLAGS.min_tissue,
-    )
-    return ConvertConfig(
-        out_dir=FLAGS.out_dir,
-        input_dir=FLAGS.input_dir,
-        manifest=FLAGS.manifest,
-        slides=tuple(FLAGS.slides),
-        slide_labels=FLAGS.slide_labels,
-        root=FLAGS.root,
-        h5_images=FLAGS.h5_images,
-        h5_labels=FLAGS.h5_labels,
-        h5_labels_key=FLAGS.h5_labels_key,
-        class_names=tuple(FLAGS.class_names),
-        group_by=FLAGS.group_by,
-        phash_distance=FLAGS.phash_distance,
-        groups=FLAGS.groups,
-        leakage_check=FLAGS.leakage_check,
-        fractions=fractions,
-        seed=FLAGS.seed,
-        encode=encode,
-        slide_mpp=FLAGS.slide_mpp,
-        compression=FLAGS.compression,
-        examples_per_shard=FLAGS.examples_per_shard,
-        num_shards=FLAGS.num_shards,
-        num_workers=FLAGS.num_workers,
-        unit_size=FLAGS.unit_size,
-        task_index=FLAGS.task_index,
-        num_tasks=FLAGS.num_tasks,
-        overwrite=FLAGS.overwrite,
-        keep_parts=FLAGS.keep_parts,
-        progress=FLAGS.progress,
-        command=shlex.join([PROG, *sys.argv[1:]]),
-    )
+    encode = EncodeOptions(**fc.config_kwargs(EncodeOptions, target_mpp=target_mpp))
+    return ConvertConfig(**fc.config_kwargs(
+        ConvertConfig, fractions=fractions, encode=encode, command=shlex.join([PROG, *sys.argv[1:]])))
 
 
 def main(argv: list[str]) -> None:
@@ -229,12 +84,7 @@ def main(argv: list[str]) -> None:
     )
 
 
-def run() -> None:
-    """Console-script entry point (kd-histo-convert)."""
-    fc.run(PROG, main)
-
-
-define_flags()
+run = fc.entry_point(PROG, main)
 
 if __name__ == "__main__":
     run()

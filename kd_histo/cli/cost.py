@@ -11,27 +11,22 @@ few training steps per run (``<out_dir>/trace/<name>``).
 from __future__ import annotations
 
 from kd_histo.cli import flags_common as fc
+from kd_histo.evaluation.cost import CostConfig
 
 PROG = "kd-histo-cost"
-fc.define_cost_flags()
-FLAGS = fc.FLAGS
+CONFIGS = (CostConfig,)
+fc.define_binary_flags(CONFIGS)
 
 
 def main(argv: list[str]) -> None:
     del argv
     from kd_histo.evaluation import cost
-    fc.require(runs=FLAGS.runs)
-    cfg = cost.CostConfig(runs=tuple(FLAGS.runs), out_dir=FLAGS.out_dir or "cost", names=tuple(FLAGS.names),
-                          batch_sizes=fc.int_list(FLAGS.batch_sizes, "batch_sizes"), repeats=FLAGS.repeats,
-                          profile_steps=FLAGS.trace_steps)
-    out = cost.cost_of_runs(cfg)
-    print(open(out["markdown"]).read(), end="")
+    out = cost.cost_of_runs(CostConfig(**fc.config_kwargs(CostConfig)))
+    fc.print_file(out["markdown"])
     print(f"{PROG}: written to {out['json']} and {out['markdown']}")
 
 
-def run() -> None:
-    fc.run(PROG, main)
-
+run = fc.entry_point(PROG, main)
 
 if __name__ == "__main__":
     run()

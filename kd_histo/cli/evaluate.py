@@ -14,9 +14,12 @@ effective GFLOPs per tile and measured tiles/s at each --cascade_fractions), or 
 from __future__ import annotations
 
 from kd_histo.cli import flags_common as fc
+from kd_histo.evaluation.evaluate import EvalConfig
 
 PROG = "kd-histo-evaluate"
-fc.define_evaluate_flags()
+CONFIGS = (EvalConfig,)
+OWN_FLAGS = ("compare", "names", "compare_out")  # the comparison table of finished evaluations
+fc.define_binary_flags(CONFIGS, OWN_FLAGS)
 FLAGS = fc.FLAGS
 
 
@@ -26,14 +29,9 @@ def main(argv: list[str]) -> None:
     if FLAGS.compare:
         out = evaluate.compare_runs(FLAGS.compare, FLAGS.compare_out, FLAGS.names or None)
         print(f"{PROG}: comparison written to {out['markdown']} and {out['csv']}")
-        print(open(out["markdown"]).read(), end="")
+        fc.print_file(out["markdown"])
         return
-    fc.require(model_dir=FLAGS.model_dir)
-    cfg = evaluate.EvalConfig(model_dir=FLAGS.model_dir, split=FLAGS.split, data_dir=FLAGS.data_dir or "",
-                              out_dir=FLAGS.out_dir, batch_size=FLAGS.batch_size, n_boot=FLAGS.n_boot,
-                              skip_corrupt=FLAGS.skip_corrupt,
-                              cascade_teacher=FLAGS.cascade_teacher,
-                              cascade_fractions=fc.float_list(FLAGS.cascade_fractions, "cascade_fractions"))
+    cfg = EvalConfig(**fc.config_kwargs(EvalConfig))
     paths = evaluate.evaluate_run(cfg)
     import json
 
@@ -57,9 +55,7 @@ def main(argv: list[str]) -> None:
         print(f"{PROG}: cascade curve written to {paths['cascade_csv']} and {paths['cascade_png']}")
 
 
-def run() -> None:
-    fc.run(PROG, main)
-
+run = fc.entry_point(PROG, main)
 
 if __name__ == "__main__":
     run()

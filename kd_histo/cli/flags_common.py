@@ -1,21 +1,27 @@
-"""Flag definitions of the kd-histo binaries and the error handling they share.
+"""The kd-histo binaries' flags, generated from the config dataclasses, and their error handling.
 
-Each ``define_*_flags()`` is called by one binary's module at import; the library never reads
-``absl.flags.FLAGS``. Definitions are idempotent, so tests can import several binaries into one
-process. ``run(prog, main)`` starts a binary: flag errors and bad input end in one line,
-``<prog>: error: <what to fix>``, and a non-zero exit, never a traceback. ``invoke(module, argv)``
-runs a binary in-process (tests, notebooks) and returns its exit code.
-
-Not here: turning flags into configs (each binary's ``main``).
+A setting is declared once, as a config dataclass field (``kd_histo.settings.setting``: default,
+help, flag name, choices); ``define_config_flags(*configs)`` defines a flag per such field and
+``config_kwargs(config)`` turns the parsed flags back into that config's keyword arguments (list
+flags into typed tuples). ``OWN_FLAGS`` holds the few switches of the binaries that are no
+config field (``--smoke``, ``--merge``...). Each binary's module defines its flags at import; the
+library never reads ``absl.flags.FLAGS``. Definitions are idempotent, so tests can import several
+binaries into one process. ``run(prog, main)`` starts a binary: flag errors and bad input end in
+one line, ``<prog>: error: <what to fix>``, and a non-zero exit, never a traceback.
+``invoke(module, argv)`` runs a binary in-process (tests, notebooks) and returns its exit code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 import math
 import os
 import re
 import sys
+import types
+import typing
 
 # Before TensorFlow loads (the binaries import it lazily, in main), the one place the binaries
 # choose TF's CPU kernels: oneDNN, for training and inference alike (1.4-1.9x the plain Eigen
@@ -33,163 +39,132 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 EXIT_BAD_INPUT = 2
-SKIP_CORRUPT_HELP = ("Converted data: skip corrupt records (bad bytes, a wrong tile size, a damaged shard's "
-                     "tail) and say how many, instead of stopping at the first with the shard's name.")
 
 
-def _define(kind: str, name: str, default, help_text: str, **kwargs) -> None:
+def _define(kind: str, name: str, default, help_text: str, fv: flags.FlagValues = FLAGS,
+            **kwargs) -> None:
     # Binaries share flag names (model_dir, out_dir, batch_size...) with the SAME defaults, so
     # importing several binaries into one process (tests) changes nothing: the first definition wins.
-    if name in FLAGS:
-        if FLAGS[name].default != default:
+    if name in fv:
+        if fv[name].default != default:
             raise AssertionError(f"flag --{name} defined twice with different defaults")
         return
     if kind == "enum":
-        flags.DEFINE_enum(name, default, kwargs.pop("enum_values"), help_text, **kwargs)
+        flags.DEFINE_enum(name, default, kwargs.pop("enum_values"), help_text, flag_values=fv, **kwargs)
     else:
-        getattr(flags, f"DEFINE_{kind}")(name, default, help_text, **kwargs)
+        getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=fv, **kwargs)
 
 
-def define_data_flags() -> None:
-    """Flags of the input pipeline (kd_histo.data.pipeline.PipelineConfig)."""
-    _define("string", "data_dir", None, "Folder with shards + dataset.json (kd-histo-convert output).")
-    _define("float", "factor", 2.0, "Resolution factor of the LR view (2, 4, 8).")
-    _define("integer", "hr_px", None, "Side of the HR view; default the stored tile size (smaller: crop).")
-    _define("integer", "batch_size", 32, "Examples per batch.")
-    _define("string", "lr_method", "area", "How the LR view is made: area, bicubic, bilinear, pyramid.")
-    _define("string", "augment", "paper", "Training augmentation preset.")
-    _define("float", "unlabeled_ratio", 0.0, "Fraction of training examples from the unlabeled pool.")
-    _define("list", "unlabeled_dirs", [], "More converted folders for the unlabeled pool (comma separated).")
-    _define("bool", "labeled", True, "Read the labeled train split (distill uses its labels only with "
-            "--ce_weight > 0); --nolabeled trains a student on the unlabeled pool alone.")
-    _define("bool", "cache", False, "Keep decoded tiles in memory after the first pass.")
+@dataclasses.dataclass(frozen=True)
+class ConfigFlag:
+    """The flag of one config dataclass field (``kd_histo.settings.setting``)."""
+
+    field: dataclasses.Field
+    name: str  # the flag's name
+    kind: str  # absl's DEFINE_<kind>: string, enum, integer, float, bool, list
+    item: type | None  # list flags: the type of one item (str, int, float)
+
+    @property
+    def required(self) -> bool:
+        return self.field.default is dataclasses.MISSING
+
+    @property
+    def default(self):
+        """The flag's default, as absl holds it (lists as strings)."""
+        meta = self.field.metadata
+        value = meta.get("flag_default", self.field.default)
+        if value is dataclasses.MISSING:
+            return [] if self.kind == "list" else None
+        if self.kind == "list":
+            return [_item_text(v) for v in value]
+        return value
 
 
-def define_train_flags() -> None:
-    """Flags of kd-histo-train."""
-    define_data_flags()
-    _define("enum", "mode", None, "teacher (labels, HR), baseline (labels, LR), distill (teacher -> student).",
-            enum_values=["teacher", "baseline", "distill"])
-    _define("string", "model_dir", None, "Run folder to create (or resume).")
-    _define("string", "arch", "resnet_gn", "Network: resnet_gn (paper), resnet18, resnet34, resnet50.")
-    _define("list", "planes", [], "Stage widths of resnet_gn, e.g. 32,64,128,256 (default the builder's).")
-    _define("string", "stem", "imagenet", "resnet_gn stem: imagenet (stride 4) or small (stride 1).")
-    _define("string", "norm", "group", "Normalisation layers: group or batch.")
-    _define("string", "teacher", "", "distill: the teacher's run folder or model.keras.")
-    _define("float", "temperature", 4.0, "KD softmax temperature T (loss scaled by T^2).")
-    _define("float", "kd_weight", 1.0, "Weight of KL(teacher || student).")
-    _define("float", "feature_weight", 1.0, "Weight of the feature-map loss.")
-    _define("string", "feature_mode", "maxpool+bicubic", "Teacher map resize: maxpool, bicubic, maxpool+bicubic.")
-    _define("string", "feature_norm", "l2", "Feature loss norm: l2 or l1.")
-    _define("float", "ce_weight", 0.0, "distill: weight of cross-entropy on labeled tiles.")
-    _define("float", "ssl_weight", 0.0, "distill: weight of the contrastive (InfoNCE) term.")
-    _define("float", "at_weight", 0.0, "distill: weight of attention transfer.")
-    _define("integer", "accumulation_steps", 1, "Micro-batches per optimizer update.")
-    _define("string", "teacher_cache", "", "distill: folder of a teacher-output cache (built when missing; "
-            "auto = <model_dir>/teacher_cache): the teacher runs once per tile and flip/rotation, not every "
-            "epoch. Needs --augment=flips or none and no --hr_px crop.")
-    _define("string", "optimizer", "adam", "adam, adamw or sgd.")
-    _define("float", "learning_rate", 1e-3, "Peak learning rate (paper: 1e-3).")
-    _define("float", "weight_decay", 1e-4, "Weight decay (paper: 1e-4).")
-    _define("string", "schedule", "cosine", "Learning-rate schedule: constant, cosine, exponential.")
-    _define("float", "decay_rate", 0.9, "Exponential schedule: factor per epoch.")
-    _define("float", "warmup_epochs", 0.0, "Cosine schedule: linear warm-up length in epochs.")
-    _define("integer", "epochs", 30, "Training epochs.")
-    _define("integer", "steps_per_epoch", 0, "Batches per epoch; 0 = one pass over the train split.")
-    _define("integer", "val_steps", 0, "Validation batches; 0 = the whole val split.")
-    _define("string", "precision", "float32", "float32, mixed_float16 or mixed_bfloat16.")
-    _define("string", "strategy", "default", "default, mirrored or multi_worker (TF_CONFIG).")
-    _define("integer", "seed", 0, "Seed of weights, data order and augmentation.")
-    _define("bool", "resume", True, "Continue an unfinished run found in model_dir.")
-    _define("string", "monitor", "val_accuracy", "Metric picking the best epoch: val_accuracy or val_loss.")
-    _define("bool", "allow_no_val", False, "Train without a val split (keeps the last epoch).")
-    _define("bool", "skip_corrupt", False, SKIP_CORRUPT_HELP)
-    _define("list", "profile_steps", ["2", "4"], "TensorBoard profile window first,last step; 0,0 = off.")
-    _define("bool", "smoke", False, "Shrink everything to run in seconds (tiny net, 2 epochs of 2 steps).")
-    _define("integer", "verbose", 2, "Keras progress: 0 silent, 1 bar, 2 one line per epoch.")
+def _item_text(value) -> str:
+    """``2.0`` -> "2", ``0.05`` -> "0.05": list items as a user writes them."""
+    if isinstance(value, float) and float(f"{value:g}") == value:
+        return f"{value:g}"
+    return str(value)
 
 
-def define_evaluate_flags() -> None:
-    """Flags of kd-histo-evaluate."""
-    _define("string", "model_dir", None, "Run folder (holds run.json and model.keras).")
-    _define("string", "data_dir", None, "Folder with shards; default the run's own data set.")
-    _define("string", "split", "test", "Split to evaluate: test or val.")
-    _define("string", "out_dir", "", "Where to write results; default <model_dir>/eval_<split>.")
-    _define("integer", "batch_size", 32, "Tiles per batch.")
-    _define("integer", "n_boot", 1000, "Bootstrap replicates of the 95% intervals.")
-    _define("bool", "skip_corrupt", False, SKIP_CORRUPT_HELP)
-    _define("list", "compare", [], "Evaluation folders (with metrics.json) to put in one table.")
-    _define("list", "names", [], "Row names of --compare (default the folder names).")
-    _define("string", "compare_out", "comparison", "Path prefix of the comparison table (.md and .csv).")
-    _define("string", "cascade_teacher", "", "Teacher run folder: also measure the cascade (the teacher "
-            "re-scores the student's least confident tiles at high resolution).")
-    _define("list", "cascade_fractions", ["0", "0.05", "0.1", "0.2", "0.5"], "Teacher shares of the cascade's "
-            "accuracy-vs-cost curve (cascade.csv, cascade.png).")
+def config_flags(cls: type) -> list[ConfigFlag]:
+    """The flags of a config dataclass: its fields with a help text, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        kind, item = _kind(hints[f.name])
+        if "choices" in f.metadata:
+            kind = "enum"
+        out.append(ConfigFlag(f, f.metadata.get("flag", f.name), kind, item))
+    return out
 
 
-def define_cost_flags() -> None:
-    """Flags of kd-histo-cost."""
-    _define("list", "runs", [], "Run folders; the first (the teacher) is the reference of the ratios.")
-    _define("list", "names", [], "Row names (default the folder names).")
-    _define("string", "out_dir", "", "Where cost.json, cost.md and the profile trace go (default ./cost).")
-    _define("list", "batch_sizes", ["1", "8", "32"], "Batch sizes of the latency measurement.")
-    _define("integer", "repeats", 5, "Timed repeats per batch size (median reported).")
-    _define("integer", "trace_steps", 3, "Training steps in the TensorBoard trace; 0 = none.")
+def _kind(hint) -> tuple[str, type | None]:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # int | None: an optional int
+        hint = args[0]
+    if typing.get_origin(hint) is tuple:
+        return "list", args[0]
+    return {bool: "bool", int: "integer", float: "float", str: "string"}[hint], None
 
 
-def define_predict_flags() -> None:
-    """Flags of kd-histo-predict."""
-    _define("string", "model_dir", None, "Run folder of the model (run.json + model.keras).")
-    _define("list", "inputs", [], "Tile folders, converted data folders, or whole-slide image files.")
-    _define("string", "out_dir", "", "Where the CSVs and heatmaps go (default ./predictions).")
-    _define("string", "split", "test", "Split read from a converted data folder.")
-    _define("integer", "batch_size", 32, "Tiles per batch.")
-    # Shared with kd-histo-convert (same default); predict uses it only when given (FLAGS[..].present).
-    _define("float", "target_mpp", 0.5, "Slides: µm/px of the HR tiles. kd-histo-predict: only when given, "
-            "to override the run's training tiles' µm/px (run.json), or when that is unknown.")
-    _define("float", "min_tissue", 0.5, "Slides: fraction of tissue a tile needs.")
-    _define("integer", "max_tiles", 0, "Slides: at most this many tiles per slide (0 = all).")
-    _define("bool", "heatmap", False, "Slides: write a probability heatmap over the thumbnail.")
-    _define("bool", "skip_corrupt", False, SKIP_CORRUPT_HELP)
-    _define("integer", "num_workers", 2, "Parallel workers: kd-histo-predict's slide reader threads "
-            "(0 = in this process).")
-    _define("string", "cascade_teacher", "", "Teacher run folder: it re-scores the student's least confident "
-            "tiles at high resolution (with --cascade_fraction or --cascade_threshold).")
-    _define("float", "cascade_fraction", None, "Cascade: share of each slide's (or folder's) tiles the teacher "
-            "re-scores, the least confident first.")
-    _define("float", "cascade_threshold", None, "Cascade: instead, the teacher re-scores every tile whose top "
-            "class probability is below this.")
+def define_config_flags(*classes: type, fv: flags.FlagValues = FLAGS) -> None:
+    """Defines a flag per field of ``classes`` that has a help text (name, default, help, choices)."""
+    for cls in classes:
+        for flag in config_flags(cls):
+            meta = flag.field.metadata
+            choices = {"enum_values": list(meta["choices"])} if flag.kind == "enum" else {}
+            _define(flag.kind, flag.name, flag.default, meta["help"], fv, **choices)
 
 
-def define_experiment_flags() -> None:
-    """Flags of kd-histo-experiment (beside the training flags, which set every run's template)."""
-    _define("string", "out_dir", "", "Experiment folder: runs, cost, results and report.")
-    _define("list", "factors", ["2", "4", "8"], "Resolution factors of the baselines and students.")
-    _define("list", "unlabeled_fractions", ["auto"], "Fractions of the unlabeled pool added to the students' "
-            "tiles, e.g. 0,0.25,0.5,1; auto = 0,0.25,0.5,1 when there is unlabeled data, else 0.")
-    _define("list", "seeds", ["0"], "One whole protocol per seed.")
-    _define("integer", "teacher_epochs", 0, "Epochs of the teacher (0 = --epochs); baselines and students "
-            "keep --epochs.")
-    _define("integer", "student_epochs", 0, "Epochs of the students (0 = --epochs): distillation "
-            "students keep improving long after supervised nets stop; train_s in the report gives "
-            "each run's wall time for an equal-time comparison.")
-    _define("integer", "baseline_epochs", 0, "Epochs of the LR baselines (0 = --epochs).")
-    _define("float", "labeled_student_ce", 0.0, "> 0 adds, per factor, a student that also learns "
-            "from the labels where they exist (cross-entropy with this weight beside KD) and reads "
-            "the largest unlabeled fraction: run student_ce_x<factor>. 0 = none.")
-    _define("bool", "baselines", True, "Train the LR baselines (labels, LR view).")
-    _define("string", "eval_split", "test", "Split every run is evaluated on: test or val.")
-    _define("integer", "n_boot", 1000, "Bootstrap replicates of the 95% intervals.")
-    _define("list", "cost_batch_sizes", ["1", "32"], "Latency batch sizes; the last gives the speedup.")
-    _define("list", "cascade_fractions", ["0", "0.05", "0.1", "0.2", "0.5"], "Teacher shares of the cascade "
-            "measured for each factor's student (report: cascade rows); empty = none.")
-    _define("string", "title", "kd_histo experiment", "Title of the report.")
+def config_kwargs(cls: type, fv: flags.FlagValues = FLAGS, **given) -> dict:
+    """Keyword arguments of ``cls`` from the parsed flags of its fields, with ``given`` on top.
+
+    A required field's flag must be set (one line, ``--<flag> is required``); list flags become
+    tuples of the field's item type (one line naming the flag on a bad item); a field marked
+    ``unset_is_default`` is left out when its flag is not given.
+    """
+    out = {}
+    for flag in config_flags(cls):
+        if flag.field.name in given:
+            continue
+        if flag.field.metadata.get("unset_is_default") and not fv[flag.name].present:
+            continue
+        value = fv[flag.name].value
+        if flag.required:
+            require(**{flag.name: value})
+        if flag.kind == "list":
+            value = {int: int_list, float: float_list}.get(flag.item, lambda v, _: tuple(v))(value, flag.name)
+        out[flag.field.name] = value
+    return {**out, **given}
 
 
-def define_demo_flags() -> None:
-    """Flags of kd-histo-demo."""
-    _define("string", "out_dir", "", "Demo folder (default runs/demo, where flags/demo/*.flags point).")
-    _define("bool", "smoke", False, "Shrink everything to run in seconds (tiny data, nets and epochs).")
+def define_binary_flags(configs: Sequence[type], own: Sequence[str] = (),
+                        fv: flags.FlagValues = FLAGS) -> None:
+    """Defines a binary's flags: its configs' fields and its own switches (``OWN_FLAGS``)."""
+    define_config_flags(*configs, fv=fv)
+    define_flags(*own, fv=fv)
+
+
+def define_flags(*names: str, fv: flags.FlagValues = FLAGS) -> None:
+    """Defines the flags of the binaries that are no config field (``--smoke``, ``--merge``...)."""
+    for name in names:
+        kind, default, help_text = OWN_FLAGS[name]
+        _define(kind, name, default, help_text, fv)
+
+
+# The binaries' own switches: not settings of a library config (they choose what a binary does).
+OWN_FLAGS = {
+    "smoke": ("bool", False, "Shrink everything to run in seconds (tiny net and data, 2 epochs of 2 steps)."),
+    "compare": ("list", [], "Evaluation folders (with metrics.json) to put in one table."),
+    "names": ("list", [], "Row names of --compare (default the folder names)."),
+    "compare_out": ("string", "comparison", "Path prefix of the comparison table (.md and .csv)."),
+    "target_mag": ("float", 0.0, "Instead of --target_mpp: magnification, 10x = 1.0 µm/px."),
+    "merge": ("bool", False, "Only merge the finished tasks' parts into shards + dataset.json."),
+    "out_dir": ("string", "", "Demo folder (default runs/demo, where flags/demo/*.flags point)."),
+}
 
 
 def float_list(values: Sequence[str], name: str) -> tuple[float, ...]:
@@ -328,6 +303,17 @@ def run(prog: str, main: Callable[[list[str]], None]) -> None:
     """Console-script entry: parse flags (one-line errors), then the guarded ``main``."""
     _show_in_help()
     app.run(guarded(prog, main), flags_parser=_parser(prog))
+
+
+def entry_point(prog: str, main: Callable[[list[str]], None]) -> Callable[[], None]:
+    """The console-script entry of a binary (``setup.cfg``: ``kd_histo.cli.<binary>:run``)."""
+    return functools.partial(run, prog, main)
+
+
+def print_file(path: str) -> None:
+    """Prints a text file the binary wrote (a results table) as it stands."""
+    with open(path) as f:
+        print(f.read(), end="")
 
 
 def invoke(prog: str, main: Callable[[list[str]], None], argv: Sequence[str]) -> int:

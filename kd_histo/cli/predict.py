@@ -13,31 +13,23 @@ the least confident tiles of each slide from their HR tiles (predictions.csv say
 from __future__ import annotations
 
 from kd_histo.cli import flags_common as fc
+from kd_histo.evaluation.predict import PredictConfig
 
 PROG = "kd-histo-predict"
-fc.define_predict_flags()
-FLAGS = fc.FLAGS
+CONFIGS = (PredictConfig,)
+fc.define_binary_flags(CONFIGS)
 
 
 def main(argv: list[str]) -> None:
     del argv
     from kd_histo.evaluation import predict
-    fc.require(model_dir=FLAGS.model_dir, inputs=FLAGS.inputs)
-    cfg = predict.PredictConfig(model_dir=FLAGS.model_dir, inputs=tuple(FLAGS.inputs),
-                                out_dir=FLAGS.out_dir or "predictions",
-                                split=FLAGS.split, batch_size=FLAGS.batch_size, target_mpp=FLAGS.target_mpp if FLAGS["target_mpp"].present else 0.0,
-                                min_tissue=FLAGS.min_tissue, max_tiles=FLAGS.max_tiles, heatmap=FLAGS.heatmap,
-                                num_workers=FLAGS.num_workers,
-                                cascade_teacher=FLAGS.cascade_teacher, cascade_fraction=FLAGS.cascade_fraction,
-                                cascade_threshold=FLAGS.cascade_threshold, skip_corrupt=FLAGS.skip_corrupt)
+    cfg = PredictConfig(**fc.config_kwargs(PredictConfig))
     paths = predict.predict(cfg, log=lambda line: print(f"{PROG}: {line}", flush=True))
     for name, path in paths.items():
         print(f"{PROG}: {name} -> {path}")
 
 
-def run() -> None:
-    fc.run(PROG, main)
-
+run = fc.entry_point(PROG, main)
 
 if __name__ == "__main__":
     run()

@@ -9,53 +9,59 @@ one line, ``kd-histo-train: error: <what to fix>``, exit code 2, and nothing wri
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import errno
+import os
 
-from kd_histo.cli import flags_common as fc
+from absl import flags
 
-if TYPE_CHECKING:  # the binary imports TensorFlow only once the flags are parsed
-    from kd_histo.training.config import RunConfig
+from kd_histo.cli import flags_common as fc  # first: it sets TensorFlow's log level
+from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.models import ModelConfig
+from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig, smoke
 
 PROG = "kd-histo-train"
-fc.define_train_flags()
+# The configs whose fields are this binary's flags (ModelConfig: --stem and --norm, NetConfig.kwargs).
+CONFIGS = (PipelineConfig, RunConfig, NetConfig, ModelConfig, DistillConfig, OptimConfig)
+OWN_FLAGS = ("smoke",)
+fc.define_binary_flags(CONFIGS, OWN_FLAGS)
 FLAGS = fc.FLAGS
 
 
-def config_from_flags(mode: str | None = None, model_dir: str | None = None) -> "RunConfig":
+def config_from_flags(mode: str | None = None, model_dir: str | None = None,
+                      fv: flags.FlagValues = FLAGS) -> RunConfig:
     """The RunConfig the flags describe (``--smoke`` shrinks it).
 
     Args:
       mode: overrides --mode (kd-histo-experiment builds its run template this way).
       model_dir: overrides --model_dir.
+      fv: the parsed flags (default this process's; kd-histo-demo parses its flagfile apart).
     """
-    from kd_histo.data.pipeline import PipelineConfig
-    from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig, smoke
+    given = {k: v for k, v in (("mode", mode), ("model_dir", model_dir)) if v}
+    run = fc.config_kwargs(RunConfig, fv, **given)  # first: --mode and --model_dir are required
+    data = PipelineConfig(**fc.config_kwargs(PipelineConfig, fv, seed=run["seed"]))
+    net = fc.config_kwargs(NetConfig, fv)
+    model = fc.config_kwargs(ModelConfig, fv)
+    # --stem is resnet_gn's alone; the standard ResNets take --norm only.
+    kwargs = (("stem", model["stem"]), ("norm", model["norm"])) if net["arch"] == "resnet_gn" else (
+        ("norm", model["norm"]),)
+    cfg = RunConfig(**run, data=data, net=NetConfig(**net, kwargs=kwargs),
+                    distill=DistillConfig(**fc.config_kwargs(DistillConfig, fv)),
+                    optim=OptimConfig(**fc.config_kwargs(OptimConfig, fv)))
+    return smoke(cfg) if fv.smoke else cfg
 
-    mode, model_dir = mode or FLAGS.mode, model_dir or FLAGS.model_dir
-    fc.require(mode=mode, data_dir=FLAGS.data_dir, model_dir=model_dir)
-    data = PipelineConfig(
-        data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size, factor=FLAGS.factor, hr_px=FLAGS.hr_px,
-        lr_method=FLAGS.lr_method, augment=FLAGS.augment, unlabeled_ratio=FLAGS.unlabeled_ratio,
-        labeled=FLAGS.labeled, cache=FLAGS.cache, unlabeled_dirs=tuple(FLAGS.unlabeled_dirs), seed=FLAGS.seed,
-        skip_corrupt=FLAGS.skip_corrupt)
-    net_kwargs = (("stem", FLAGS.stem), ("norm", FLAGS.norm)) if FLAGS.arch == "resnet_gn" else (("norm", FLAGS.norm),)
-    net = NetConfig(arch=FLAGS.arch, planes=fc.int_list(FLAGS.planes, "planes"), kwargs=net_kwargs)
-    distill = DistillConfig(
-        teacher=FLAGS.teacher, temperature=FLAGS.temperature, kd_weight=FLAGS.kd_weight,
-        feature_weight=FLAGS.feature_weight, feature_mode=FLAGS.feature_mode, feature_norm=FLAGS.feature_norm,
-        ce_weight=FLAGS.ce_weight, ssl_weight=FLAGS.ssl_weight, at_weight=FLAGS.at_weight,
-        accumulation_steps=FLAGS.accumulation_steps, teacher_cache=FLAGS.teacher_cache)
-    optim = OptimConfig(name=FLAGS.optimizer, learning_rate=FLAGS.learning_rate, weight_decay=FLAGS.weight_decay,
-                        schedule=FLAGS.schedule, decay_rate=FLAGS.decay_rate, warmup_epochs=FLAGS.warmup_epochs)
-    profile = fc.int_list(FLAGS.profile_steps, "profile_steps")
-    if len(profile) != 2:
-        raise ValueError(f"--profile_steps takes two integers first,last; got {FLAGS.profile_steps}")
-    cfg = RunConfig(
-        mode=mode, model_dir=model_dir, data=data, net=net, distill=distill, optim=optim,
-        epochs=FLAGS.epochs, steps_per_epoch=FLAGS.steps_per_epoch, val_steps=FLAGS.val_steps,
-        precision=FLAGS.precision, strategy=FLAGS.strategy, seed=FLAGS.seed, resume=FLAGS.resume,
-        monitor=FLAGS.monitor, allow_no_val=FLAGS.allow_no_val, profile_steps=profile, verbose=FLAGS.verbose)
-    return smoke(cfg) if FLAGS.smoke else cfg
+
+def config_from_flagfile(path: str, *argv: str) -> RunConfig:
+    """The RunConfig of a flagfile and more ``--flags`` (later ones win), parsed apart from this
+    process's flags (kd-histo-demo reads flags/demo/common.flags this way)."""
+    fv = flags.FlagValues()
+    fc.define_binary_flags(CONFIGS, OWN_FLAGS, fv)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(errno.ENOENT, "flagfile not found", path)
+    try:
+        fv([PROG, f"--flagfile={path}", *argv])
+    except flags.Error as e:
+        raise ValueError(f"{path}: {e}") from None
+    return config_from_flags(fv=fv)
 
 
 def main(argv: list[str]) -> None:
@@ -67,9 +73,7 @@ def main(argv: list[str]) -> None:
     print(f"{PROG}: {cfg.mode} trained for {cfg.epochs} epochs{best}; model at {result.model_path}")
 
 
-def run() -> None:
-    fc.run(PROG, main)
-
+run = fc.entry_point(PROG, main)
 
 if __name__ == "__main__":
     run()

@@ -7,6 +7,7 @@ import dataclasses
 from kd_histo.convert.neardup import NearDupOptions
 from kd_histo.convert.records import EncodeOptions
 from kd_histo.numbers import require_finite
+from kd_histo.settings import setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,35 +52,45 @@ class ConvertConfig:
       command: the command line recorded in dataset.json.
     """
 
-    out_dir: str
-    input_dir: str = ""
-    manifest: str = ""
-    slides: tuple[str, ...] = ()
-    slide_labels: str = ""
-    root: str = ""
-    h5_images: str = ""
-    h5_labels: str = ""
-    h5_labels_key: str = "y"
-    class_names: tuple[str, ...] = ()
-    group_by: str = "slide"
-    phash_distance: int = 8
-    groups: str = ""
+    # --out_dir is shared by the binaries (one default per process, ""); here it is required.
+    out_dir: str = setting(help="Output folder for shards and dataset.json (required).", flag_default="")
+    input_dir: str = setting("", "Folder of class subfolders (unlabeled/ = unlabeled tiles).")
+    manifest: str = setting("", "CSV: path,label[,slide_id][,patient_id][,split]; empty label = unlabeled.")
+    slides: tuple[str, ...] = setting((), "Whole-slide files, folders or globs (unlabeled unless in --slide_labels).")
+    slide_labels: str = setting("", "CSV of slides: path,label[,slide_id][,patient_id][,split].")
+    root: str = setting("", "If set, manifest paths must lie inside this folder.")
+    h5_images: str = setting("", "HDF5 file of uint8 patches [N,H,W,3] (e.g. PatchCamelyon *_x.h5).")
+    h5_labels: str = setting("", "HDF5 file of their labels (e.g. *_y.h5); '' = unlabeled.")
+    h5_labels_key: str = setting("y", "Dataset name of the labels in --h5_labels.")
+    class_names: tuple[str, ...] = setting((), "Class order (default: sorted label names).")
+    group_by: str = setting(
+        "slide", "Groups kept in one split: slide ids as given (manifest slide_id, --groups), augmented "
+        "copies of one original (near_duplicates: rotations, flips, zooms, crops, colour shifts), "
+        "or a cheaper perceptual hash that misses arbitrary rotations and crops (phash).",
+        choices=("slide", "near_duplicates", "phash"))
+    phash_distance: int = setting(8, "Bits (of 64) within which two tiles count as near-copies.")
+    groups: str = setting("", "CSV path,group_id: tiles of one group (original image, slide, patient) share a split.")
     neardup: NearDupOptions = NearDupOptions()
-    leakage_check: bool = True
-    fractions: tuple[float, ...] = (0.7, 0.15, 0.15)
-    seed: int = 0
+    leakage_check: bool = setting(
+        True, "Count val/test tiles with a near-copy in train (printed, and a note in dataset.json); "
+        "free with --group_by=near_duplicates, which always reports it.")
+    fractions: tuple[float, ...] = setting(
+        (0.7, 0.15, 0.15), "train,val,test shares; a 4th share holds labeled groups out without labels in "
+        "'unlabeled' (a label-scarce setting for distillation experiments).", flag="split_fractions")
+    seed: int = setting(0, "Split seed.")
     encode: EncodeOptions = EncodeOptions()
-    slide_mpp: float = 0.0
-    compression: str = ""
-    examples_per_shard: int = 1000
-    num_shards: int = 0
-    num_workers: int = 0
-    unit_size: int = 64
-    task_index: int = 0
-    num_tasks: int = 1
-    overwrite: bool = False
-    keep_parts: bool = False
-    progress: bool = False
+    slide_mpp: float = setting(0.0, "Level-0 µm/px for slides whose metadata lacks it.")
+    compression: str = setting("", "Shard compression.", choices=("", "GZIP"))
+    examples_per_shard: int = setting(1000, "Target shard size (when --num_shards=0).")
+    num_shards: int = setting(0, "Shards per split (0 = from --examples_per_shard).")
+    # The binary converts in parallel with a progress bar; library calls (tests, the demo) in-process.
+    num_workers: int = setting(0, "Worker processes (0 = in this process).", flag_default=2)
+    unit_size: int = setting(64, "Tiles per work unit: the granularity of resume and progress.")
+    task_index: int = setting(0, "This task among --num_tasks (Slurm/Kubernetes array index).")
+    num_tasks: int = setting(1, "Independent tasks; with > 1, finish with --merge.")
+    overwrite: bool = setting(False, "Replace a data set already in --out_dir.")
+    keep_parts: bool = setting(False, "Keep <out_dir>/.parts after the merge.")
+    progress: bool = setting(False, "Progress bar on stderr.", flag_default=True)
     command: str = ""
 
     def __post_init__(self):

@@ -24,25 +24,27 @@ from kd_histo.atomic import write_json
 from kd_histo.convert import h5, slides, tiles, writer
 from kd_histo.convert.errors import ConversionError, SkipInput
 from kd_histo.convert.stats import PixelStats
+from kd_histo.settings import setting
 
 
 @dataclasses.dataclass(frozen=True)
 class EncodeOptions:
     """How tiles are read and stored (identical for every unit of a conversion)."""
 
-    tile_px: int = 224
-    fit: str = "crop"  # "crop" or "resize" for tile images of another size
-    image_format: str = "png"
-    jpeg_quality: int = 95
-    png_level: int = 6
-    max_pixels: int = tiles.DEFAULT_MAX_PIXELS
-    tiff_decoder: str = "pil"
-    strict: bool = False
-    tile_mpp: float = 0.0  # µm/px of tile images when known
-    h5_key: str = "x"  # dataset of image patches in HDF5 inputs
-    target_mpp: float = 0.5  # µm/px of slide tiles
-    lr_factor: int = 0  # > 0: also store the slide's LR view, tile_px // lr_factor wide
-    min_tissue: float = 0.5
+    tile_px: int = setting(224, "Side of the stored tiles in pixels.")
+    fit: str = setting("crop", "Tile images of another size: centre-crop or resize.", choices=("crop", "resize"))
+    image_format: str = setting("png", "PNG is lossless; JPEG with --jpeg_quality.", choices=("png", "jpeg"))
+    jpeg_quality: int = setting(95, "JPEG quality (1-100).")
+    png_level: int = setting(6, "PNG zlib level (0-9); lossless at every level.")
+    max_pixels: int = setting(tiles.DEFAULT_MAX_PIXELS, "Larger tile images are refused (decompression bombs).")
+    tiff_decoder: str = setting("pil", "Decode .tif tiles with Pillow or tensorflow-io.", choices=("pil", "tfio"))
+    strict: bool = setting(False, "Fail on the first unreadable input instead of skipping it.")
+    tile_mpp: float = setting(0.0, "µm/px of tile images when known (recorded; 0 = unknown).")
+    h5_key: str = setting("x", "Dataset name of the patches in --h5_images.")
+    # kd-histo-convert's --target_mag sets it too (10x = 1.0 µm/px).
+    target_mpp: float = setting(0.5, "µm/px of slide tiles.")
+    lr_factor: int = setting(0, "Also store the aligned LR slide tile, tile_px/lr_factor wide.")
+    min_tissue: float = setting(0.5, "Fraction of tissue a slide tile needs to be kept.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from kd_histo import schema
 from kd_histo.data import augment, decode, mixing, views
 from kd_histo.data.views import lr_size
 from kd_histo.numbers import require_finite
+from kd_histo.settings import SKIP_CORRUPT_HELP, setting
 
 __all__ = [
     "PipelineConfig",
@@ -71,23 +72,25 @@ class PipelineConfig:
       cycle_length: shards read at once in training.
     """
 
-    data_dir: str
-    batch_size: int = 32
-    factor: float = 2.0
-    hr_px: int | None = None
-    lr_method: str = "area"
-    augment: str = "paper"
-    unlabeled_ratio: float = 0.0
-    labeled: bool = True
+    data_dir: str = setting(help="Folder with shards + dataset.json (kd-histo-convert output).")
+    batch_size: int = setting(32, "Examples per batch.")
+    factor: float = setting(2.0, "Resolution factor of the LR view (2, 4, 8).")
+    hr_px: int | None = setting(None, "Side of the HR view; default the stored tile size (smaller: crop).")
+    lr_method: str = setting("area", "How the LR view is made: area, bicubic, bilinear, pyramid.")
+    augment: str = setting("paper", "Training augmentation preset.")
+    unlabeled_ratio: float = setting(0.0, "Fraction of training examples from the unlabeled pool.")
+    labeled: bool = setting(True, "Read the labeled train split (distill uses its labels only with "
+                            "--ce_weight > 0); --nolabeled trains a student on the unlabeled pool alone.")
     class_balanced: bool = False
     second_view: bool = False
-    cache: bool = False
+    cache: bool = setting(False, "Keep decoded tiles in memory after the first pass.")
     shuffle_buffer: int = 1024
-    seed: int = 0
-    skip_corrupt: bool = False
+    seed: int = 0  # kd-histo-train sets it to the run's seed (RunConfig.seed, --seed)
+    skip_corrupt: bool = setting(False, SKIP_CORRUPT_HELP)
     drop_remainder: bool = True
     normalize: bool = False
-    unlabeled_dirs: tuple[str, ...] = ()
+    unlabeled_dirs: tuple[str, ...] = setting(
+        (), "More converted folders for the unlabeled pool (comma separated).")
     unlabeled_fraction: float = 1.0
     cycle_length: int = 4
 

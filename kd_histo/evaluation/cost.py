@@ -25,6 +25,8 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 from tensorflow.python.util import deprecation
 
+from kd_histo.settings import setting
+
 
 def _logits_fn(model: keras.Model):
     def fn(x):
@@ -205,12 +207,14 @@ class CostConfig:
       profile_steps: training steps traced for TensorBoard per run (0 = no trace).
     """
 
-    runs: tuple[str, ...]
-    out_dir: str = "cost"
-    names: tuple[str, ...] = ()
-    batch_sizes: tuple[int, ...] = (1, 8, 32)
-    repeats: int = 5
-    profile_steps: int = 3
+    runs: tuple[str, ...] = setting(help="Run folders; the first (the teacher) is the reference of the ratios.")
+    # --out_dir is shared by the binaries (one default per process): unset here means ./cost.
+    out_dir: str = setting("cost", "Where cost.json, cost.md and the profile trace go (default ./cost).",
+                           flag_default="", unset_is_default=True)
+    names: tuple[str, ...] = setting((), "Row names (default the folder names).")
+    batch_sizes: tuple[int, ...] = setting((1, 8, 32), "Batch sizes of the latency measurement.")
+    repeats: int = setting(5, "Timed repeats per batch size (median reported).")
+    profile_steps: int = setting(3, "Training steps in the TensorBoard trace; 0 = none.", flag="trace_steps")
 
     def __post_init__(self):
         if any(b < 1 for b in self.batch_sizes):

@@ -25,6 +25,7 @@ import numpy as np
 
 from kd_histo.evaluation import metrics, plots
 from kd_histo.evaluation.cascade import DEFAULT_FRACTIONS, check_pair, measure_curve, n_for_teacher
+from kd_histo.settings import SKIP_CORRUPT_HELP, setting
 from kd_histo.training.run_record import RunRecord, read_run_record
 
 METRICS_JSON = "metrics.json"
@@ -235,16 +236,21 @@ class EvalConfig:
         (``n_corrupt_skipped``).
     """
 
-    model_dir: str
-    split: str = "test"
-    data_dir: str = ""
-    out_dir: str = ""
-    batch_size: int = 64
-    n_boot: int = 1000
+    model_dir: str = setting(help="Run folder (holds run.json and model.keras).")
+    split: str = setting("test", "Split to evaluate: test or val.")
+    # kd-histo-train's --data_dir is required (no default); here unset means the run's own data.
+    data_dir: str = setting("", "Folder with shards; default the run's own data set.", flag_default=None,
+                             unset_is_default=True)
+    out_dir: str = setting("", "Where to write results; default <model_dir>/eval_<split>.")
+    # The binaries share --batch_size (one default per process): kd-histo-evaluate gives 32.
+    batch_size: int = setting(64, "Tiles per batch.", flag_default=32)
+    n_boot: int = setting(1000, "Bootstrap replicates of the 95% intervals.")
     seed: int = 0
-    cascade_teacher: str = ""
-    cascade_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
-    skip_corrupt: bool = False
+    cascade_teacher: str = setting("", "Teacher run folder: also measure the cascade (the teacher "
+                                   "re-scores the student's least confident tiles at high resolution).")
+    cascade_fractions: tuple[float, ...] = setting(
+        DEFAULT_FRACTIONS, "Teacher shares of the cascade's accuracy-vs-cost curve (cascade.csv, cascade.png).")
+    skip_corrupt: bool = setting(False, SKIP_CORRUPT_HELP)
 
     def __post_init__(self):
         for f in self.cascade_fractions:

@@ -29,6 +29,7 @@ import numpy as np
 
 from kd_histo.convert.manifest import SLIDE_EXTENSIONS  # the slide types conversion reads, too
 from kd_histo.convert.tiles import TILE_EXTENSIONS
+from kd_histo.settings import SKIP_CORRUPT_HELP, setting
 from kd_histo.training.run_record import RunRecord, read_run_record
 
 
@@ -57,20 +58,30 @@ class PredictConfig:
       skip_corrupt: converted data folders: skip corrupt records (and log how many).
     """
 
-    model_dir: str
-    inputs: tuple[str, ...]
-    out_dir: str = "predictions"
-    split: str = "test"
-    batch_size: int = 64
-    target_mpp: float = 0.0
-    min_tissue: float = 0.5
-    max_tiles: int = 0
-    heatmap: bool = False
-    skip_corrupt: bool = False
-    num_workers: int = 2
-    cascade_teacher: str = ""
-    cascade_fraction: float | None = None
-    cascade_threshold: float | None = None
+    model_dir: str = setting(help="Run folder of the model (run.json + model.keras).")
+    inputs: tuple[str, ...] = setting(help="Tile folders, converted data folders, or whole-slide image files.")
+    # --out_dir is shared by the binaries (one default per process): unset here means ./predictions.
+    out_dir: str = setting("predictions", "Where the CSVs and heatmaps go (default ./predictions).",
+                           flag_default="", unset_is_default=True)
+    split: str = setting("test", "Split read from a converted data folder.")
+    # The binaries share --batch_size (one default per process): kd-histo-predict gives 32.
+    batch_size: int = setting(64, "Tiles per batch.", flag_default=32)
+    # Shared with kd-histo-convert (its default); here used only when given, else the run's µm/px.
+    target_mpp: float = setting(
+        0.0, "Slides: µm/px of the HR tiles. kd-histo-predict: only when given, to override the run's "
+        "training tiles' µm/px (run.json), or when that is unknown.", flag_default=0.5, unset_is_default=True)
+    min_tissue: float = setting(0.5, "Slides: fraction of tissue a tile needs.")
+    max_tiles: int = setting(0, "Slides: at most this many tiles per slide (0 = all).")
+    heatmap: bool = setting(False, "Slides: write a probability heatmap over the thumbnail.")
+    skip_corrupt: bool = setting(False, SKIP_CORRUPT_HELP)
+    num_workers: int = setting(2, "Parallel workers: kd-histo-predict's slide reader threads "
+                               "(0 = in this process).")
+    cascade_teacher: str = setting("", "Teacher run folder: it re-scores the student's least confident "
+                                   "tiles at high resolution (with --cascade_fraction or --cascade_threshold).")
+    cascade_fraction: float | None = setting(
+        None, "Cascade: share of each slide's (or folder's) tiles the teacher re-scores, the least confident first.")
+    cascade_threshold: float | None = setting(
+        None, "Cascade: instead, the teacher re-scores every tile whose top class probability is below this.")
 
     def __post_init__(self):
         given = (self.cascade_fraction is not None) + (self.cascade_threshold is not None)

@@ -23,6 +23,7 @@ from keras import layers
 
 from kd_histo.models.backbones import LAYOUTS, resnet_trunk
 from kd_histo.models.resnet_gn import STEMS, resnet_gn_trunk
+from kd_histo.settings import setting
 
 ARCHS = ("resnet_gn",) + tuple(LAYOUTS)
 
@@ -53,8 +54,8 @@ class ModelConfig:
     planes: tuple[int, ...] = (32, 64, 128, 256)
     blocks: int | tuple[int, ...] = 1
     groups: int | None = None
-    norm: str = "group"
-    stem: str = "imagenet"
+    norm: str = setting("group", "Normalisation layers: group or batch.")
+    stem: str = setting("imagenet", "resnet_gn stem: imagenet (stride 4) or small (stride 1).")
     width_scale: float = 1.0
     weights: str = ""
     name: str = "net"

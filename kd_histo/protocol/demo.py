@@ -6,9 +6,10 @@ with the real conversion tool (``kd_histo.convert``), and runs the paper's proto
 evaluation with bootstrap intervals, compute cost, and the report folder. Every step is skipped
 when its output is already there, so a rerun finishes an interrupted demo.
 
-The settings live in :func:`demo_settings` and :func:`base_config`; ``flags/demo/common.flags``
-holds the same training settings for running single steps with ``kd-histo-train`` (a test keeps
-the two equal). ``smoke=True`` shrinks everything to run in well under a minute (tests).
+The training template of every run comes from the caller (kd-histo-demo reads it from
+``flags/demo/common.flags``, the flagfile the single ``kd-histo-train`` steps use too); the
+synthetic data and the protocol's size live in :func:`demo_settings`. ``smoke=True`` shrinks
+everything to run in well under a minute (tests).
 
 Layout of ``out_dir`` (default ``runs/demo``, the folder the demo flagfiles point at)::
 
@@ -25,8 +26,7 @@ import json
 import os
 from typing import Callable
 
-from kd_histo.data.pipeline import PipelineConfig
-from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig
+from kd_histo.training.config import RunConfig
 
 DEMO_JSON = "demo.json"
 # The synthetic tiles stand for 2 µm/px (a 64 px tile = 128 µm, as the README's slide tiles): recorded
@@ -36,69 +36,46 @@ DEMO_TILE_MPP = 2.0
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    """The synthetic data and the size of the protocol."""
+    """The synthetic data (the protocol is ``ExperimentConfig``'s, smaller with ``smoke``)."""
 
     tile_px: int = 64
     tiles_per_class: int = 150
     slides_per_class: int = 20
     unlabeled_tiles: int = 400
-    factors: tuple[float, ...] = (2.0, 4.0, 8.0)
-    unlabeled_fractions: tuple[float, ...] = (0.0, 1.0)
-    epochs: int = 12
-    seed: int = 0
-    n_boot: int = 1000
 
 
 def demo_settings(smoke: bool = False) -> DemoSettings:
-    """The demo's data and protocol; ``smoke`` = tiny data, factor 2 only, 2 epochs."""
+    """The demo's synthetic data; ``smoke`` = tiny data."""
     if smoke:
-        return DemoSettings(
-            tile_px=32,
-            tiles_per_class=8,
-            slides_per_class=4,
-            unlabeled_tiles=8,
-            factors=(2.0,),
-            unlabeled_fractions=(0.0, 1.0),
-            epochs=2,
-            n_boot=50,
-        )
+        return DemoSettings(tile_px=32, tiles_per_class=8, slides_per_class=4, unlabeled_tiles=8)
     return DemoSettings()
 
 
-def base_config(data_dir: str, settings: DemoSettings, smoke: bool = False) -> RunConfig:
-    """The training template of every demo run (the same as ``flags/demo/common.flags``).
-
-    A small paper-style ResNet-GN (planes 8-16-32-64, the small stride-8 stem so that the x8 view
-    of a 64 px tile, 8 px, still fills the net) with the paper's optimizer: Adam, lr 1e-3,
-    weight decay 1e-4, here with a cosine schedule.
-    """
-    planes = (4, 8, 8, 16) if smoke else (8, 16, 32, 64)
-    data = PipelineConfig(
-        data_dir=data_dir,
-        batch_size=4 if smoke else 16,
-        augment="flips",
-        seed=settings.seed,
-        shuffle_buffer=1024,
-    )
-    return RunConfig(
+def demo_config(base: RunConfig, data_dir: str, smoke: bool = False) -> RunConfig:
+    """The training template of every demo run: ``base`` (``flags/demo/common.flags``) on the
+    demo's data, the students of each factor sharing one teacher-output cache (flips only:
+    cacheable); ``smoke`` = a tiny net, batches of 4, 2 epochs, no profile, grids or progress."""
+    cfg = dataclasses.replace(
+        base,
         mode="teacher",
         model_dir=os.path.join(os.path.dirname(data_dir), "runs"),
-        data=data,
-        net=NetConfig(
-            arch="resnet_gn", planes=planes, kwargs=(("stem", "small"), ("norm", "group"))
-        ),
-        optim=OptimConfig(name="adam", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine"),
-        # The students of each factor share one teacher-output cache (flips only: cacheable).
-        distill=DistillConfig(teacher_cache="auto"),
-        epochs=settings.epochs,
-        seed=settings.seed,
-        profile_steps=(0, 0) if smoke else (2, 4),
-        image_grids=not smoke,
-        verbose=0 if smoke else 2,
+        data=dataclasses.replace(base.data, data_dir=data_dir),
+        distill=dataclasses.replace(base.distill, teacher_cache="auto"),
+    )
+    if not smoke:
+        return cfg
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, batch_size=4),
+        net=dataclasses.replace(cfg.net, planes=(4, 8, 8, 16)),
+        epochs=min(cfg.epochs, 2),
+        profile_steps=(0, 0),
+        image_grids=False,
+        verbose=0,
     )
 
 
-def _prepare_data(out_dir: str, s: DemoSettings, log: Callable[[str], None]) -> str:
+def _prepare_data(out_dir: str, s: DemoSettings, seed: int, log: Callable[[str], None]) -> str:
     """Synthetic tiles -> shards (each step skipped when done); returns the data folder."""
     from kd_histo import schema
     from kd_histo.convert import ConvertConfig, EncodeOptions, convert
@@ -111,7 +88,7 @@ def _prepare_data(out_dir: str, s: DemoSettings, log: Callable[[str], None]) -> 
         "tiles_per_class": s.tiles_per_class,
         "slides_per_class": s.slides_per_class,
         "unlabeled_tiles": s.unlabeled_tiles,
-        "seed": s.seed,
+        "seed": seed,
     }
     if os.path.isfile(record):
         with open(record) as f:
@@ -133,7 +110,7 @@ def _prepare_data(out_dir: str, s: DemoSettings, log: Callable[[str], None]) -> 
             tiles,
             s.tiles_per_class,
             s.tile_px,
-            seed=s.seed,
+            seed=seed,
             slides_per_class=s.slides_per_class,
             n_unlabeled=s.unlabeled_tiles,
         )
@@ -149,7 +126,7 @@ def _prepare_data(out_dir: str, s: DemoSettings, log: Callable[[str], None]) -> 
                 manifest=manifest,
                 class_names=tuple(synthetic.CLASS_NAMES),
                 encode=EncodeOptions(tile_px=s.tile_px, tile_mpp=DEMO_TILE_MPP),
-                seed=s.seed,
+                seed=seed,
                 examples_per_shard=256,
                 progress=True,
                 command="kd-histo-demo (kd_histo.protocol.demo)",
@@ -159,23 +136,30 @@ def _prepare_data(out_dir: str, s: DemoSettings, log: Callable[[str], None]) -> 
 
 
 def run_demo(
-    out_dir: str = "runs/demo", smoke: bool = False, log: Callable[[str], None] = print
+    out_dir: str, base: RunConfig, smoke: bool = False, log: Callable[[str], None] = print
 ) -> dict:
-    """Runs the whole main job; returns the report paths (``report`` = report.md)."""
+    """Runs the whole main job; returns the report paths (``report`` = report.md).
+
+    Args:
+      out_dir: the demo folder (see the module docstring).
+      base: the training template (``flags/demo/common.flags``); its data folder, mode and run
+        folder are the demo's, its seed seeds the synthetic data too.
+      smoke: tiny data, nets and epochs (tests).
+      log: where progress lines go.
+    """
     from kd_histo.protocol.experiment import run_experiment
     from kd_histo.protocol.plan import ExperimentConfig
 
     s = demo_settings(smoke)
-    data = _prepare_data(out_dir, s, log)
+    data = _prepare_data(out_dir, s, base.seed, log)
+    # smoke: factor 2 only, fewer bootstrap replicates and timed repeats
+    small = {"factors": (2.0,), "n_boot": 50, "cost_batch_sizes": (1, 8), "cost_repeats": 2} if smoke else {}
     cfg = ExperimentConfig(
         out_dir=out_dir,
-        base=base_config(data, s, smoke),
-        factors=s.factors,
-        unlabeled_fractions=s.unlabeled_fractions,
-        seeds=(s.seed,),
-        n_boot=s.n_boot,
-        cost_batch_sizes=(1, 8) if smoke else (1, 32),
-        cost_repeats=2 if smoke else 5,
+        base=demo_config(base, data, smoke),
+        unlabeled_fractions=(0.0, 1.0),  # the students without and with the whole unlabeled pool
+        seeds=(base.seed,),
         title="kd_histo demo (synthetic H&E-like tiles)",
+        **small,
     )
     return run_experiment(cfg, log)

@@ -19,6 +19,7 @@ from kd_histo import schema
 from kd_histo.data.pipeline import unlabeled_pool_size
 from kd_histo.evaluation.cascade import DEFAULT_FRACTIONS
 from kd_histo.numbers import require_finite
+from kd_histo.settings import setting
 from kd_histo.training.config import RunConfig
 
 EXPERIMENT_JSON = "experiment.json"
@@ -60,22 +61,34 @@ class ExperimentConfig:
       title: a name for the report.
     """
 
-    out_dir: str
+    # --out_dir is shared by the binaries (one default per process, ""); here it is required.
+    out_dir: str = setting(help="Experiment folder: runs, cost, results and report.", flag_default="")
     base: RunConfig
-    factors: tuple[float, ...] = (2.0, 4.0, 8.0)
-    unlabeled_fractions: tuple[float, ...] = (0.0,)
-    seeds: tuple[int, ...] = (0,)
-    teacher_epochs: int = 0
-    student_epochs: int = 0
-    baseline_epochs: int = 0
-    labeled_student_ce: float = 0.0
-    baselines: bool = True
-    eval_split: str = "test"
-    n_boot: int = 1000
-    cost_batch_sizes: tuple[int, ...] = (1, 32)
+    factors: tuple[float, ...] = setting((2.0, 4.0, 8.0), "Resolution factors of the baselines and students.")
+    # The binary's "auto" is resolved against the data (kd_histo.cli.experiment).
+    unlabeled_fractions: tuple[float, ...] = setting(
+        (0.0,), "Fractions of the unlabeled pool added to the students' tiles, e.g. 0,0.25,0.5,1; "
+        "auto = 0,0.25,0.5,1 when there is unlabeled data, else 0.", flag_default=("auto",))
+    seeds: tuple[int, ...] = setting((0,), "One whole protocol per seed.")
+    teacher_epochs: int = setting(0, "Epochs of the teacher (0 = --epochs); baselines and students "
+                                  "keep --epochs.")
+    student_epochs: int = setting(0, "Epochs of the students (0 = --epochs): distillation students keep "
+                                  "improving long after supervised nets stop; train_s in the report gives "
+                                  "each run's wall time for an equal-time comparison.")
+    baseline_epochs: int = setting(0, "Epochs of the LR baselines (0 = --epochs).")
+    labeled_student_ce: float = setting(
+        0.0, "> 0 adds, per factor, a student that also learns from the labels where they exist "
+        "(cross-entropy with this weight beside KD) and reads the largest unlabeled fraction: run "
+        "student_ce_x<factor>. 0 = none.")
+    baselines: bool = setting(True, "Train the LR baselines (labels, LR view).")
+    eval_split: str = setting("test", "Split every run is evaluated on: test or val.")
+    n_boot: int = setting(1000, "Bootstrap replicates of the 95% intervals.")
+    cost_batch_sizes: tuple[int, ...] = setting((1, 32), "Latency batch sizes; the last gives the speedup.")
     cost_repeats: int = 5
-    cascade_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
-    title: str = "kd_histo experiment"
+    cascade_fractions: tuple[float, ...] = setting(
+        DEFAULT_FRACTIONS, "Teacher shares of the cascade measured for each factor's student (report: "
+        "cascade rows); empty = none.")
+    title: str = setting("kd_histo experiment", "Title of the report.")
 
     def __post_init__(self):
         require_finite(self)

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.numbers import require_finite
+from kd_histo.settings import setting
 from kd_histo.training import losses as L
 
 MODES = ("teacher", "baseline", "distill")
@@ -44,8 +45,9 @@ class NetConfig:
       kwargs: further builder keyword arguments as (name, value) pairs (kept hashable).
     """
 
-    arch: str = "resnet_gn"
-    planes: tuple[int, ...] = ()
+    arch: str = setting("resnet_gn", "Network: resnet_gn (paper), resnet18, resnet34, resnet50.")
+    planes: tuple[int, ...] = setting((), "Stage widths of resnet_gn, e.g. 32,64,128,256 (default the builder's).")
+    # The flags --stem (resnet_gn only) and --norm are ModelConfig's fields (kd_histo.models).
     kwargs: tuple[tuple[str, Any], ...] = ()
 
     def build_kwargs(self) -> dict[str, Any]:
@@ -77,17 +79,20 @@ class DistillConfig:
         "none" and no random crop.
     """
 
-    teacher: str = ""
-    temperature: float = L.KD_TEMPERATURE
-    kd_weight: float = 1.0
-    feature_weight: float = 1.0
-    feature_mode: str = L.FEATURE_MODE
-    feature_norm: str = L.FEATURE_NORM
-    ce_weight: float = 0.0
-    ssl_weight: float = 0.0
-    at_weight: float = 0.0
-    accumulation_steps: int = 1
-    teacher_cache: str = ""
+    teacher: str = setting("", "distill: the teacher's run folder or model.keras.")
+    temperature: float = setting(L.KD_TEMPERATURE, "KD softmax temperature T (loss scaled by T^2).")
+    kd_weight: float = setting(1.0, "Weight of KL(teacher || student).")
+    feature_weight: float = setting(1.0, "Weight of the feature-map loss.")
+    feature_mode: str = setting(L.FEATURE_MODE, "Teacher map resize: " + ", ".join(L.FEATURE_MODES) + ".")
+    feature_norm: str = setting(L.FEATURE_NORM, "Feature loss norm: " + " or ".join(L.FEATURE_NORMS) + ".")
+    ce_weight: float = setting(0.0, "distill: weight of cross-entropy on labeled tiles.")
+    ssl_weight: float = setting(0.0, "distill: weight of the contrastive (InfoNCE) term.")
+    at_weight: float = setting(0.0, "distill: weight of attention transfer.")
+    accumulation_steps: int = setting(1, "Micro-batches per optimizer update.")
+    teacher_cache: str = setting(
+        "", "distill: folder of a teacher-output cache (built when missing; auto = "
+        "<model_dir>/teacher_cache): the teacher runs once per tile and flip/rotation, not every "
+        "epoch. Needs --augment=flips or none and no --hr_px crop.")
 
     def __post_init__(self):
         require_finite(self)
@@ -112,12 +117,12 @@ class OptimConfig:
       clipnorm: global gradient-norm clip; 0 = off.
     """
 
-    name: str = "adam"
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    decay_rate: float = 0.9
-    warmup_epochs: float = 0.0
+    name: str = setting("adam", "adam, adamw or sgd.", flag="optimizer")
+    learning_rate: float = setting(1e-3, "Peak learning rate (paper: 1e-3).")
+    weight_decay: float = setting(1e-4, "Weight decay (paper: 1e-4).")
+    schedule: str = setting("cosine", "Learning-rate schedule: constant, cosine, exponential.")
+    decay_rate: float = setting(0.9, "Exponential schedule: factor per epoch.")
+    warmup_epochs: float = setting(0.0, "Cosine schedule: linear warm-up length in epochs.")
     clipnorm: float = 0.0
 
     def __post_init__(self):
@@ -156,24 +161,25 @@ class RunConfig:
       verbose: Keras progress bar (1), one line per epoch (2) or silent (0).
     """
 
-    mode: str
-    model_dir: str
+    mode: str = setting(help="teacher (labels, HR), baseline (labels, LR), distill (teacher -> student).",
+                        choices=MODES)
+    model_dir: str = setting(help="Run folder to create (or resume).")
     data: PipelineConfig
     net: NetConfig = NetConfig()
     distill: DistillConfig = DistillConfig()
     optim: OptimConfig = OptimConfig()
-    epochs: int = 30
-    steps_per_epoch: int = 0
-    val_steps: int = 0
-    precision: str = "float32"
-    strategy: str = "default"
-    seed: int = 0
-    resume: bool = True
-    monitor: str = "val_accuracy"
-    allow_no_val: bool = False
-    profile_steps: tuple[int, int] = (2, 4)
+    epochs: int = setting(30, "Training epochs.")
+    steps_per_epoch: int = setting(0, "Batches per epoch; 0 = one pass over the train split.")
+    val_steps: int = setting(0, "Validation batches; 0 = the whole val split.")
+    precision: str = setting("float32", "float32, mixed_float16 or mixed_bfloat16.")
+    strategy: str = setting("default", "default, mirrored or multi_worker (TF_CONFIG).")
+    seed: int = setting(0, "Seed of weights, data order and augmentation.")
+    resume: bool = setting(True, "Continue an unfinished run found in model_dir.")
+    monitor: str = setting("val_accuracy", "Metric picking the best epoch: val_accuracy or val_loss.")
+    allow_no_val: bool = setting(False, "Train without a val split (keeps the last epoch).")
+    profile_steps: tuple[int, int] = setting((2, 4), "TensorBoard profile window first,last step; 0,0 = off.")
     image_grids: bool = True
-    verbose: int = 2
+    verbose: int = setting(2, "Keras progress: 0 silent, 1 bar, 2 one line per epoch.")
 
     def __post_init__(self):
         require_finite(self)

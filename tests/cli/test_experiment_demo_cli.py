@@ -1,6 +1,5 @@
 """kd-histo-experiment and kd-histo-demo: flags -> configs, refusals, and the smoke demo end to end."""
 
-import dataclasses
 import json
 import pathlib
 
@@ -9,7 +8,6 @@ import pytest
 from kd_histo.cli import demo as demo_cli
 from kd_histo.cli import experiment as experiment_cli
 from kd_histo.cli import flags_common as fc
-from kd_histo.cli import train as train_cli
 from kd_histo.protocol import demo
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -48,31 +46,6 @@ def test_experiment_refuses_per_run_flags(tiny_shards, tmp_path, flag, capsys):
 def test_experiment_needs_its_folders(capsys):
     assert fc.invoke(experiment_cli.PROG, experiment_cli.main, ["--out_dir=x"]) == fc.EXIT_BAD_INPUT
     assert "--data_dir is required" in capsys.readouterr().err
-
-
-def test_demo_flagfile_holds_the_demo_settings(monkeypatch):
-    """flags/demo/common.flags (for single kd-histo-train steps) trains what kd-histo-demo trains."""
-    monkeypatch.chdir(ROOT)
-
-    def parse(flagfile):
-        fc.FLAGS.unparse_flags()
-        try:
-            fc.FLAGS(["kd-histo-train", f"--flagfile={flagfile}"])
-            return train_cli.config_from_flags()
-        finally:
-            fc.FLAGS.unparse_flags()
-
-    from_flags = parse("flags/demo/teacher.flags")
-    student = parse("flags/demo/student_x4.flags")
-    settings = demo.demo_settings()
-    ours = demo.base_config(str(pathlib.Path(demo_cli.DEFAULT_OUT) / "data"), settings)
-    assert from_flags.data.data_dir == ours.data.data_dir
-    assert from_flags.net == ours.net and from_flags.optim == ours.optim
-    assert from_flags.epochs == ours.epochs and from_flags.seed == ours.seed
-    for field in ("batch_size", "augment", "lr_method", "factor"):
-        assert getattr(from_flags.data, field) == getattr(ours.data, field), field
-    # The students distil with the demo's loss settings, from a teacher-output cache.
-    assert student.distill == dataclasses.replace(ours.distill, teacher=student.distill.teacher)
 
 
 def test_smoke_demo_end_to_end_then_rerun(tmp_path, capsys):

@@ -56,3 +56,11 @@ def test_readme_commands_name_real_flags_and_flagfiles():
 @pytest.mark.parametrize("binary", BINARIES)
 def test_every_binary_is_shown(binary):
     assert f"kd-histo-{binary}" in README
+
+
+def test_readme_python_blocks_run():
+    """The README's Python examples import what they name (the package layout they document)."""
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

@@ -328,3 +328,24 @@ def test_multi_seed_report_from_run_folders(tiny_shards, tmp_path):
     assert [r["run"] for r in data["rows"] if r["seed"] == 0][-1] == "student_ce_x2_unl100"
     for key in ("accuracy_vs_gflops", "accuracy_vs_unlabeled", "confusion_matrices"):
         assert os.path.getsize(paths[key]) > 0
+
+
+def test_an_ablation_borrows_the_main_runs_teachers(finished, tmp_path):
+    from kd_histo.protocol import experiment
+
+    cfg, _, _ = finished
+    ablation = dataclasses.replace(cfg, out_dir=str(tmp_path / "ablation"), teachers_from=cfg.out_dir,
+                                   student_epochs=2)  # fmt: skip
+    specs = plan(ablation)
+    teacher = os.path.join(cfg.out_dir, "runs", "s0", "teacher")
+    assert next(s for s in specs if s.kind == "teacher").model_dir == teacher
+    assert {s.config.distill.teacher for s in specs if s.kind == "student"} == {teacher}
+    assert all(s.model_dir.startswith(str(tmp_path / "ablation")) for s in specs if s.kind != "teacher")
+    experiment._check_borrowed_teachers(ablation, specs)  # trained there, with these settings
+    other = dataclasses.replace(ablation, teacher_epochs=3)
+    with pytest.raises(ValueError, match=r"trained with other settings \(epochs\)"):
+        experiment._check_borrowed_teachers(other, plan(other))
+    more = dataclasses.replace(ablation, seeds=(0, 1))
+    with pytest.raises(ValueError, match="holds no trained teacher for seed 1"):
+        run_experiment(more, log=lambda _: None)
+    assert not os.path.exists(os.path.join(cfg.out_dir, "runs", "s1"))  # nothing written there

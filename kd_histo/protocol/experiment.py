@@ -127,6 +127,42 @@ def _data_identity(path: str) -> dict:
     return d
 
 
+def _check_borrowed_teachers(cfg: ExperimentConfig, specs: list[RunSpec]) -> None:
+    """Teachers from ``cfg.teachers_from`` must be trained, with this experiment's teacher config.
+
+    Compared: the resolved RunConfig in the teacher's ``config.json`` against the planned one, less
+    the run folder's spelling and the verbosity.
+    """
+    from kd_histo.training.config import RunConfig
+    from kd_histo.training.run_record import CONFIG_JSON
+
+    if not cfg.teachers_from:
+        return
+
+    def comparable(run: RunConfig) -> dict:
+        d = run.to_dict()
+        d.pop("model_dir", None)
+        d.pop("verbose", None)
+        return json.loads(json.dumps(d))
+
+    for spec in (s for s in specs if s.kind == "teacher"):
+        if not _finished(spec):
+            raise ValueError(
+                f"--teachers_from: {spec.model_dir} holds no trained teacher for seed {spec.seed}; "
+                f"run the experiment in {cfg.teachers_from} with that seed first"
+            )
+        with open(os.path.join(spec.model_dir, CONFIG_JSON)) as f:
+            trained = RunConfig.from_dict(json.load(f))
+        a, b = comparable(trained), comparable(spec.config)
+        differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        if differ:
+            raise ValueError(
+                f"--teachers_from: the teacher in {spec.model_dir} was trained with other settings "
+                f"({', '.join(differ)}) than this experiment's teacher; drop --teachers_from to "
+                "train one here"
+            )
+
+
 def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict[str, str]:
     """Runs the whole protocol (resuming a previous attempt) and writes the report.
 
@@ -142,8 +178,10 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     from kd_histo.evaluation import cost, evaluate
     from kd_histo.protocol import report
     from kd_histo.training import train
+
     specs = plan(cfg)
     _check_same_experiment(cfg)
+    _check_borrowed_teachers(cfg, specs)
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, EXPERIMENT_JSON), "w") as f:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)

@@ -51,6 +51,10 @@ class ExperimentConfig:
         learns from the labels where they exist (cross-entropy with this weight on the labeled
         train tiles) and reads the largest unlabeled fraction; what most users with some labels
         would run. 0 = no such run.
+      teachers_from: another experiment folder whose teachers (``runs/s<seed>/teacher``) this one
+        uses instead of training its own: ablations that change only students or baselines then
+        share the main run's teachers (paired, and a teacher's training time saved per seed). The
+        runner refuses a teacher there that is missing or was trained with other settings.
       baselines: train the LR baselines.
       eval_split: the split every run is evaluated on.
       n_boot: bootstrap replicates of the 95% intervals.
@@ -80,6 +84,10 @@ class ExperimentConfig:
         0.0, "> 0 adds, per factor, a student that also learns from the labels where they exist "
         "(cross-entropy with this weight beside KD) and reads the largest unlabeled fraction: run "
         "student_ce_x<factor>. 0 = none.")
+    teachers_from: str = setting(
+        "", "Another experiment folder whose teachers (runs/s<seed>/teacher) this one uses instead of "
+        "training its own (ablations of students or baselines); they must be trained with this "
+        "experiment's teacher settings. Empty = train them here.")
     baselines: bool = setting(True, "Train the LR baselines (labels, LR view).")
     eval_split: str = setting("test", "Split every run is evaluated on: test or val.")
     n_boot: int = setting(1000, "Bootstrap replicates of the 95% intervals.")
@@ -179,6 +187,7 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
     specs = []
     for seed in cfg.seeds:
         root = os.path.join(cfg.out_dir, "runs", f"s{seed}")
+        teacher_dir = teacher_run_dir(cfg, seed)
 
         def make(kind, factor=1.0, fraction=0.0, **changes):
             name = run_name(kind, factor, fraction)
@@ -197,7 +206,7 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
                     root, f"teacher_cache_x{_fmt(factor)}"
                 )
                 distill = dataclasses.replace(
-                    distill, teacher=os.path.join(root, "teacher"), teacher_cache=cache
+                    distill, teacher=teacher_dir, teacher_cache=cache
                 )
             epochs = {
                 "teacher": cfg.teacher_epochs,
@@ -206,7 +215,7 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
             run = dataclasses.replace(
                 cfg.base,
                 mode=mode,
-                model_dir=os.path.join(root, name),
+                model_dir=teacher_dir if kind == "teacher" else os.path.join(root, name),
                 data=data,
                 distill=distill,
                 seed=seed,
@@ -216,6 +225,7 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
 
         no_extra = {"unlabeled_ratio": 0.0, "unlabeled_fraction": 1.0, "labeled": True}
         specs.append(make("teacher", **no_extra))
+
         def student(kind, factor, fraction):
             if fraction == 0:
                 return make(kind, factor, **no_extra)
@@ -238,6 +248,11 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
                 specs.append(student("student_ce", factor, fractions[0]))
             specs.extend(student("student", factor, f) for f in fractions)
     return specs
+
+
+def teacher_run_dir(cfg: ExperimentConfig, seed: int) -> str:
+    """The run folder of a seed's teacher: this experiment's, or ``teachers_from``'s."""
+    return os.path.join(cfg.teachers_from or cfg.out_dir, "runs", f"s{seed}", "teacher")
 
 
 def eval_dir(spec: RunSpec, split: str) -> str:

@@ -46,6 +46,42 @@ def test_cached_run_trains_the_student_from_the_cache(tiny_shards, teacher, tmp_
     assert os.path.isfile(os.path.join(cfg.model_dir, "model.keras"))
 
 
+def test_validation_reads_the_teachers_val_outputs_from_their_own_cache(tiny_shards, teacher, tmp_path):
+    """Validation runs no teacher: ``<cache>/val`` holds its outputs on the val tiles (identity
+    view only), equal to the live teacher's on the same batches."""
+    import tensorflow as tf
+
+    from kd_histo.data.pipeline import make_dataset
+    from kd_histo.models import load_model
+    from kd_histo.training import losses as L
+    from kd_histo.training.teacher_cache import VALIDATION_SUBDIR, for_validation
+
+    cache = tmp_path / "cache"
+    history = train.train(_student(tiny_shards, tmp_path / "s", teacher, cache)).history
+    assert all(np.isfinite(history["val_kd_loss"])) and all(np.isfinite(history["val_feature_loss"]))
+    meta = json.loads((cache / VALIDATION_SUBDIR / BUILT_FOR).read_text())
+    assert [s[1] for s in meta["sources"]] == ["val"] and meta["settings"]["dihedral"] is False
+    spec = TeacherCache(str(cache / VALIDATION_SUBDIR)).spec
+    assert (spec.num_examples, spec.num_transforms) == (8, 1)  # the 8 val tiles, identity only
+
+    model = os.path.join(teacher, "model.keras")
+    net = load_model(model)
+    data = PipelineConfig(tiny_shards, batch_size=4, factor=2, augment="flips")
+    lines = []
+    val_cache = for_validation(net, model, data, str(cache), map_size=spec.map_size,
+                               feature_mode="maxpool+bicubic", log=lines.append)  # fmt: skip
+    assert lines == []  # reused: it fits this teacher and these views
+    target = L.FeatureMapKD("maxpool+bicubic").target
+    seen = 0
+    for batch in val_cache.attach(make_dataset(data, "val", training=False), training=False):
+        live = net(batch["hr"], training=False)
+        np.testing.assert_allclose(batch["teacher_logits"], live["logits"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(batch["teacher_features"], target(live["features"], spec.map_size),
+                                   rtol=1e-2, atol=1e-2)  # stored as float16
+        seen += int(tf.shape(batch["lr"])[0])
+    assert seen == 8
+
+
 def test_cached_student_also_learns_from_labels_where_they_exist(tiny_shards, teacher, tmp_path):
     """The protocol's student_ce run: KD from the cache plus cross-entropy on the labeled tiles."""
     distill = DistillConfig(teacher=teacher, teacher_cache=str(tmp_path / "cache"), ce_weight=0.5)

@@ -178,7 +178,7 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
         try:
             write_json(os.path.join(model_dir, CONFIG_JSON), cfg.to_dict())
             if cache_dir:
-                train_ds = _cached_stream(cfg, cache_dir, teacher, net, input_px)
+                train_ds, val_ds = _cached_streams(cfg, cache_dir, teacher, net, input_px, has_val)
             callbacks = _callbacks(cfg, model_dir, net, train_ds, has_val) + [counter, *extra_callbacks]
             history = model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=val_ds,
                                 validation_steps=val_steps, callbacks=callbacks, verbose=cfg.verbose)
@@ -195,20 +195,28 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
         return _finish(cfg, model_dir, net, history.history, counter.finished, has_val, input_px, info)
 
 
-def _cached_stream(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int):
-    """The training stream with the teacher's outputs read from a cache (built when needed).
+def _cached_streams(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int, has_val: bool):
+    """The training and validation streams with the teacher's outputs read from caches (built
+    when needed).
 
-    The pipeline runs without augmentation; the cache draws one dihedral transform per example
-    for both views (the "flips" preset), so the teacher is never run during training.
+    The training pipeline runs without augmentation; its cache draws one dihedral transform per
+    example for both views (the "flips" preset), so the teacher is never run during training.
+    Validation reads the un-augmented val tiles, whose teacher outputs ``<cache_dir>/val`` holds,
+    so the teacher is not run there either (None when the data has no val split).
     """
     from kd_histo.training import teacher_cache
     spec = net.compute_output_spec(keras.KerasTensor((1, input_px, input_px, 3)))
-    cache = teacher_cache.for_training(
-        teacher, model_file(cfg.distill.teacher), cfg.data, cache_dir,
-        map_size=tuple(int(v) for v in spec["features"].shape[1:3]), feature_mode=cfg.distill.feature_mode,
-        log=lambda line: print(f"kd_histo: {line}", flush=True))
+    kwargs = dict(map_size=tuple(int(v) for v in spec["features"].shape[1:3]),
+                  feature_mode=cfg.distill.feature_mode, log=lambda line: print(f"kd_histo: {line}", flush=True))
+    teacher_file = model_file(cfg.distill.teacher)
+    cache = teacher_cache.for_training(teacher, teacher_file, cfg.data, cache_dir, **kwargs)
     plain = make_dataset(dataclasses.replace(cfg.data, augment="none"), "train", training=True).repeat()
-    return cache.attach(plain, training=True, seed=cfg.seed)
+    train_ds = cache.attach(plain, training=True, seed=cfg.seed)
+    if not has_val:
+        return train_ds, None
+    val_cache = teacher_cache.for_validation(teacher, teacher_file, cfg.data, cache_dir, **kwargs)
+    val_ds = val_cache.attach(make_dataset(cfg.data, "val", training=False), training=False).repeat()
+    return train_ds, val_ds
 
 
 def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_val: bool) -> list:

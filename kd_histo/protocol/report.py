@@ -306,9 +306,15 @@ def paired_markdown(prows: Sequence[dict[str, Any]]) -> str:
 
 def read_correct(spec, split: str) -> dict[tuple, tuple[int, str]] | None:
     """{(source, x, y): (correct, slide id)} of a run's labeled tiles; None if not evaluated."""
+    return read_correct_folder(eval_dir(spec, split))
+
+
+def read_correct_folder(eval_folder: str) -> dict[tuple, tuple[int, str]] | None:
+    """{(source, x, y): (correct, slide id)} of the labeled tiles in an evaluation folder's
+    ``predictions.csv``; None when it holds none."""
     from kd_histo.evaluation.evaluate import PREDICTIONS_CSV
 
-    path = os.path.join(eval_dir(spec, split), PREDICTIONS_CSV)
+    path = os.path.join(eval_folder, PREDICTIONS_CSV)
     if not os.path.isfile(path):
         return None
     out = {}

@@ -206,8 +206,9 @@ def _cached_streams(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int,
     """
     from kd_histo.training import teacher_cache
     spec = net.compute_output_spec(keras.KerasTensor((1, input_px, input_px, 3)))
-    kwargs = dict(map_size=tuple(int(v) for v in spec["features"].shape[1:3]),
-                  feature_mode=cfg.distill.feature_mode, log=lambda line: print(f"kd_histo: {line}", flush=True))
+    kwargs = {"map_size": tuple(int(v) for v in spec["features"].shape[1:3]),
+              "feature_mode": cfg.distill.feature_mode,
+              "log": lambda line: print(f"kd_histo: {line}", flush=True)}
     teacher_file = model_file(cfg.distill.teacher)
     cache = teacher_cache.for_training(teacher, teacher_file, cfg.data, cache_dir, **kwargs)
     plain = make_dataset(dataclasses.replace(cfg.data, augment="none"), "train", training=True).repeat()

@@ -324,6 +324,14 @@ def test_multi_seed_report_from_run_folders(tiny_shards, tmp_path):
     text = open(paths["report"]).read()
     assert "student_x2: " in text and "± " in text and "| x2 | student_x2 | baseline_x2 | 2 | 40 |" in text
     assert "dots = single seeds" in text
+    # The paper's claims: the best label-free student (not student_ce) against teacher and baseline.
+    best = max(("student_x2", "student_x2_unl100"), key=lambda n: summary[n]["accuracy_mean"])
+    best_paired = next(p for p in data["paired"] if p["student"] == best)
+    claim = (f"| x2 | {summary['teacher']['accuracy_mean']:.3f} | {summary['baseline_x2']['accuracy_mean']:.3f} | "
+             f"{best} {summary[best]['accuracy_mean']:.3f} | "
+             f"{100 * (summary[best]['accuracy_mean'] - summary['teacher']['accuracy_mean']):+.1f} pts | "
+             f"{100 * best_paired['difference']:+.1f} [")  # fmt: skip
+    assert claim in text and claim in open(paths["md"]).read()
     assert "Runs `student_ce_*`: the same student that also learns from the labels" in text
     assert [r["run"] for r in data["rows"] if r["seed"] == 0][-1] == "student_ce_x2_unl100"
     for key in ("accuracy_vs_gflops", "accuracy_vs_unlabeled", "confusion_matrices"):

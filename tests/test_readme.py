@@ -39,7 +39,9 @@ def test_readme_commands_name_real_flags_and_flagfiles():
         __import__(f"kd_histo.cli.{b}")
     commands = _commands()
     assert len(commands) >= 15, commands
-    tool_flags = {"folders", "splits", "out"}
+    tool_flags = {  # the flags tools/*.py define (each is its own absl program)
+        m for t in (ROOT / "tools").glob("*.py") for m in re.findall(r'DEFINE_\w+\(\s*"(\w+)"', t.read_text())}
+    assert {"folders", "splits", "out", "pair"} <= tool_flags
     for cmd in commands:
         for tok in shlex.split(cmd.replace("$run", "x")):
             if not tok.startswith("--"):

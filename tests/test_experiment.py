@@ -357,3 +357,52 @@ def test_an_ablation_borrows_the_main_runs_teachers(finished, tmp_path):
     with pytest.raises(ValueError, match="holds no trained teacher for seed 1"):
         run_experiment(more, log=lambda _: None)
     assert not os.path.exists(os.path.join(cfg.out_dir, "runs", "s1"))  # nothing written there
+
+
+def test_complete_seeds_move_through_a_results_folder(finished, tmp_path):
+    """A fresh checkout: seed 0 comes from the committed results folder (no weights; not
+    retrained), seed 1 trains here, and the report pairs both seeds."""
+    import csv
+
+    from kd_histo.protocol import bundle
+
+    cfg, paths, _ = finished
+    results = tmp_path / "results"
+    assert bundle.export_seeds(cfg, plan(cfg), str(results)) == [0]
+    files = [p for p in results.rglob("*") if p.is_file()]
+    assert not any(p.suffix in (".keras", ".pb", ".f32", ".float16") for p in files)  # no weights, no caches
+    assert {p.name for p in files} >= {"tile_predictions.csv", "metrics.json", "run.json", "cascade.json"}
+
+    fresh = dataclasses.replace(cfg, out_dir=str(tmp_path / "fresh"), seeds=(0, 1), results_dir=str(results))
+    lines = []
+    new = run_experiment(fresh, log=lines.append)
+    assert "seed 0: 4 finished runs imported" in "\n".join(lines)
+    assert sum("training" in line for line in lines) == 4  # seed 1's four runs only
+    data = json.loads(open(new["json"]).read())
+    before = json.loads(open(paths["json"]).read())["rows"]
+    assert [(r["run"], r["accuracy"]) for r in data["rows"] if r["seed"] == 0] == [
+        (r["run"], r["accuracy"]) for r in before]  # fmt: skip
+    assert {p["seeds"] for p in data["paired"]} == {2}
+    assert all(r["gflops"] for r in data["rows"])  # measured on seed 1's nets
+
+    def tiles(folder):
+        with open(os.path.join(folder, "runs", "s0", "student_x2", "eval_test", "predictions.csv")) as f:
+            return sorted((r["source"], r["x"], r["y"], r["label"], r["pred"]) for r in csv.DictReader(f))
+
+    assert tiles(cfg.out_dir) == tiles(fresh.out_dir)  # the per-tile predictions came back whole
+    header = (results / "bundle" / "tile_predictions.csv").read_text().splitlines()[0].split(",")
+    assert {"s0/student_x2", "s1/student_x2"} <= set(header)  # seed 1 exported once it was complete
+    assert (results / "results.md").read_text() == open(new["md"]).read()
+    assert (results / "report.md").is_file()
+
+
+def test_a_results_folder_of_another_experiment_is_refused(finished, tmp_path):
+    from kd_histo.protocol import bundle
+
+    cfg, _, _ = finished
+    bundle.export_seeds(cfg, plan(cfg), str(tmp_path / "results"))
+    other = dataclasses.replace(cfg, out_dir=str(tmp_path / "other"), results_dir=str(tmp_path / "results"),
+                                base=dataclasses.replace(cfg.base, epochs=2))  # fmt: skip
+    with pytest.raises(ValueError, match=r"bundle holds an experiment with other settings \(base.epochs\).*--results_dir"):
+        run_experiment(other, log=lambda line: None)
+    assert not (tmp_path / "other").exists()

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from kd_histo import schema
 from kd_histo.atomic import write_json
+from kd_histo.protocol import bundle
 from kd_histo.protocol.plan import (
     EXPERIMENT_JSON,
     ExperimentConfig,
@@ -64,9 +65,14 @@ class _State:
         write_json(self.path, self.data)
 
 
-def _check_same_experiment(cfg: ExperimentConfig) -> None:
-    """A rerun in the same folder must be the same experiment (or a larger grid of it)."""
-    path = os.path.join(cfg.out_dir, EXPERIMENT_JSON)
+def _check_same_experiment(cfg: ExperimentConfig, folder: str = "") -> None:
+    """A rerun in the same folder must be the same experiment (or a larger grid of it).
+
+    ``folder`` (default ``cfg.out_dir``) holds the ``experiment.json`` and ``dataset.json`` to
+    compare with: the experiment folder, or a results bundle about to be imported.
+    """
+    folder = folder or cfg.out_dir
+    path = os.path.join(folder, EXPERIMENT_JSON)
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -83,6 +89,7 @@ def _check_same_experiment(cfg: ExperimentConfig) -> None:
         "cascade_fractions",
         "n_boot",
     }
+    not_compared = grid | {"base", "out_dir", "results_dir"}  # where things lie, not what they are
     base_now, base_before = dict(now["base"]), dict(before.get("base", {}))
     for d in (base_now, base_before):
         d.pop("verbose", None)
@@ -100,22 +107,24 @@ def _check_same_experiment(cfg: ExperimentConfig) -> None:
     differ = sorted(
         k
         for k in now
-        if k not in grid | {"base"} and before.get(k, defaults.get(k)) != now[k]
+        if k not in not_compared and before.get(k, defaults.get(k)) != now[k]
     )
     differ += sorted(f"base.{k}" for k in base_now if base_before.get(k) != base_now[k])
     if differ:
         raise ValueError(
-            f"{cfg.out_dir} holds an experiment with other settings ({', '.join(differ)}); "
+            f"{folder} holds an experiment with other settings ({', '.join(differ)}); "
             "rerun with the same flags to resume, or choose a new --out_dir"
+            + (" (or another --results_dir)" if folder != cfg.out_dir else "")
         )
-    started_on = os.path.join(cfg.out_dir, schema.DATASET_JSON)
+    started_on = os.path.join(folder, schema.DATASET_JSON)
     if os.path.isfile(started_on) and _data_identity(started_on) != _data_identity(
         os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON)
     ):
         raise ValueError(
-            f"{cfg.base.data.data_dir} changed since the experiment in {cfg.out_dir} started "
+            f"{cfg.base.data.data_dir} is not the data set the experiment in {folder} started on "
             "(re-converted: other split, grouping or tiles); its finished runs would be mixed "
             "with the new data: choose a new --out_dir"
+            + (" (or another --results_dir)" if folder != cfg.out_dir else "")
         )
 
 
@@ -181,6 +190,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
 
     specs = plan(cfg)
     _check_same_experiment(cfg)
+    if cfg.results_dir:
+        _check_same_experiment(cfg, os.path.join(cfg.results_dir, bundle.BUNDLE_DIR))
     _check_borrowed_teachers(cfg, specs)
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, EXPERIMENT_JSON), "w") as f:
@@ -188,6 +199,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     started_on = os.path.join(cfg.out_dir, schema.DATASET_JSON)
     if not os.path.isfile(started_on):
         shutil.copyfile(os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON), started_on)
+    if cfg.results_dir:
+        bundle.import_seeds(cfg, specs, cfg.results_dir, log=log)
     state = _State(cfg.out_dir)
     start = time.perf_counter()
     for i, spec in enumerate(specs, 1):
@@ -234,24 +247,38 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
             state.record(key, "cascade_s", time.perf_counter() - t0)
             keras.backend.clear_session()
             log(f"{prefix}: cascade with the teacher measured at shares {list(cfg.cascade_fractions)}")
-        report.write_tables(
-            cfg, specs[:i], state.data, costs=None
-        )  # partial results survive a crash
+        tables = report.write_tables(cfg, specs[:i], state.data, costs=None)  # partial results survive a crash
+        last_of_seed = i == len(specs) or specs[i].seed != spec.seed
+        if cfg.results_dir and last_of_seed:
+            _export(cfg, specs, tables, log)
     log("cost: FLOPs, parameters and latency per input size")
-    costs = measure_costs(cfg, specs, cost)
+    costs = measure_costs(cfg, specs, cost, log)
     paths = report.write_report(cfg, specs, state.data, costs, wall_s=time.perf_counter() - start)
+    if cfg.results_dir:
+        _export(cfg, specs, paths, log)
     log(f"report: {paths['report']}")
     return paths
 
 
+def _export(cfg: ExperimentConfig, specs: list[RunSpec], paths: dict[str, str], log) -> None:
+    """The complete seeds' bundle and copies of the report's files in ``cfg.results_dir``."""
+    seeds = bundle.export_seeds(cfg, specs, cfg.results_dir)
+    for path in paths.values():
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(cfg.results_dir, os.path.basename(path)))
+    if seeds:
+        log(f"results: seeds {seeds} exported to {cfg.results_dir} (commit it to resume elsewhere)")
+
+
 def measure_costs(
-    cfg: ExperimentConfig, specs: list[RunSpec], cost_module
-) -> dict[float, dict[str, Any]]:
+    cfg: ExperimentConfig, specs: list[RunSpec], cost_module, log: Callable[[str], None] = print
+) -> dict[float, dict[str, Any]] | None:
     """Cost of one network per input size (nets of one size share the architecture).
 
     Returns:
       {input_px: cost row} with ``gflops``, ``params``, ``timings``, ``flops_ratio_to_ref`` and
-      ``speedup`` (images/s relative to the teacher at the largest batch size).
+      ``speedup`` (images/s relative to the teacher at the largest batch size); None when some
+      input size has no net with weights here (every such run imported from ``results_dir``).
     """
     import keras
 
@@ -259,8 +286,17 @@ def measure_costs(
     from kd_histo.training.run_record import read_run_record
 
     by_px: dict[int, RunSpec] = {}
+    sizes = set()
     for spec in specs:
-        by_px.setdefault(read_run_record(spec.model_dir).input_px, spec)
+        record = read_run_record(spec.model_dir)
+        sizes.add(record.input_px)
+        # Runs imported from a results bundle have no weights: a net of that size that has is measured.
+        if os.path.isfile(record.model_path(spec.model_dir)):
+            by_px.setdefault(record.input_px, spec)
+    if sizes - set(by_px):
+        log(f"cost: not measured: no run of input size {sorted(sizes - set(by_px))} px has its weights in "
+            f"{cfg.out_dir} (all imported from --results_dir); the tables keep the cost columns empty")
+        return None
     teacher_px = read_run_record(next(s for s in specs if s.kind == "teacher").model_dir).input_px
     entries = []
     for px, spec in sorted(by_px.items(), reverse=True):

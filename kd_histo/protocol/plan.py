@@ -55,6 +55,8 @@ class ExperimentConfig:
         uses instead of training its own: ablations that change only students or baselines then
         share the main run's teachers (paired, and a teacher's training time saved per seed). The
         runner refuses a teacher there that is missing or was trained with other settings.
+      results_dir: a results folder under version control (see :mod:`kd_histo.protocol.bundle`):
+        complete seeds are exported to it and, in a fresh checkout, imported from it.
       baselines: train the LR baselines.
       eval_split: the split every run is evaluated on.
       n_boot: bootstrap replicates of the 95% intervals.
@@ -88,6 +90,12 @@ class ExperimentConfig:
         "", "Another experiment folder whose teachers (runs/s<seed>/teacher) this one uses instead of "
         "training its own (ablations of students or baselines); they must be trained with this "
         "experiment's teacher settings. Empty = train them here.")
+    results_dir: str = setting(
+        "", "A folder kept under version control (e.g. results/<name>): every complete seed's results "
+        "(run records, metrics, per-tile predictions; no weights) are exported to its bundle/, and a "
+        "rerun in a fresh checkout imports them instead of retraining those seeds, so an experiment "
+        "longer than one machine's life resumes from a commit. The tables and the report are copied "
+        "there too. Empty = off.")
     baselines: bool = setting(True, "Train the LR baselines (labels, LR view).")
     eval_split: str = setting("test", "Split every run is evaluated on: test or val.")
     n_boot: int = setting(1000, "Bootstrap replicates of the 95% intervals.")

@@ -1,0 +1,177 @@
+"""An experiment's finished seeds as a small folder to commit, and back.
+
+A three-seed protocol outlives a session on a 2-core machine, and a fresh checkout has no
+``runs/``. What the report needs of a finished run is small: its record (``run.json``,
+``config.json``, ``history.csv``), its evaluation (``metrics.json`` and the per-tile predictions)
+and its cascade summary. :func:`export_seeds` writes those of every *complete* seed (each planned
+run trained and evaluated, cascades measured) into a results folder; the per-tile predictions of
+all runs go into one wide table, ``tile_predictions.csv`` (one row per evaluated tile, one column
+of predicted class indices per ``s<seed>/<run>``), instead of one ``predictions.csv`` per run.
+:func:`import_seeds` writes them back into an experiment folder, so the runner skips those seeds
+(their runs count as finished; no model is needed to report them) and the report pairs them with
+the seeds trained now. Only whole seeds move: a half-finished seed needs its teacher's weights,
+which are not exported.
+
+Layout of the results folder's ``bundle/``::
+
+    experiment.json, dataset.json   as in the experiment folder (checked on import)
+    state.json                      the exported seeds' wall times
+    runs/s<seed>/<run>/             run.json, config.json, history.csv,
+                                    eval_<split>/metrics.json, cascade_<split>/cascade.{json,csv}
+    tile_predictions.csv            source, slide_id, x, y, label, then one column per s<seed>/<run>
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+
+from kd_histo import schema
+from kd_histo.atomic import write_json, write_text
+from kd_histo.protocol.plan import EXPERIMENT_JSON, RunSpec, cascade_dir, eval_dir, has_cascade
+
+BUNDLE_DIR = "bundle"
+PREDICTIONS = "tile_predictions.csv"
+RUN_FILES = ("run.json", "config.json", "history.csv")
+_TILE_COLUMNS = ("source", "slide_id", "x", "y", "label")
+_STATE_JSON = "state.json"  # kd_histo.protocol.experiment.STATE_JSON (which imports this module)
+
+
+def _complete(cfg, spec: RunSpec) -> bool:
+    from kd_histo.evaluation.evaluate import CASCADE_JSON, METRICS_JSON, PREDICTIONS_CSV
+
+    out = eval_dir(spec, cfg.eval_split)
+    done = all(os.path.isfile(os.path.join(spec.model_dir, f)) for f in RUN_FILES[:2]) and all(
+        os.path.isfile(os.path.join(out, f)) for f in (METRICS_JSON, PREDICTIONS_CSV)
+    )
+    if done and has_cascade(cfg, spec):
+        done = os.path.isfile(os.path.join(cascade_dir(spec, cfg.eval_split), CASCADE_JSON))
+    return done
+
+
+def complete_seeds(cfg, specs: Sequence[RunSpec]) -> list[int]:
+    """Seeds whose every planned run is trained, evaluated and (where planned) cascaded."""
+    return [s for s in cfg.seeds if all(_complete(cfg, p) for p in specs if p.seed == s)]
+
+
+def _rel(cfg, path: str) -> str:
+    return os.path.relpath(path, cfg.out_dir)
+
+
+def _borrowed(cfg, spec: RunSpec) -> bool:
+    """A teacher of ``teachers_from``: it belongs to the other experiment's results."""
+    return not os.path.abspath(spec.model_dir).startswith(os.path.abspath(cfg.out_dir) + os.sep)
+
+
+def export_seeds(cfg, specs: Sequence[RunSpec], results_dir: str) -> list[int]:
+    """Writes the complete seeds' results into ``<results_dir>/bundle`` (replacing their files).
+
+    Returns:
+      The seeds exported.
+    """
+    from kd_histo.evaluation.evaluate import CASCADE_CSV, CASCADE_JSON, PREDICTIONS_CSV
+
+    seeds = complete_seeds(cfg, specs)
+    if not seeds:
+        return []
+    bundle = os.path.join(results_dir, BUNDLE_DIR)
+    os.makedirs(bundle, exist_ok=True)
+    for name in (EXPERIMENT_JSON, schema.DATASET_JSON):
+        shutil.copyfile(os.path.join(cfg.out_dir, name), os.path.join(bundle, name))
+    with open(os.path.join(cfg.out_dir, _STATE_JSON)) as f:
+        state = json.load(f)
+    write_json(os.path.join(bundle, _STATE_JSON),
+               {k: v for k, v in state.items() if int(k.split("/")[0][1:]) in seeds})
+    tiles: dict[tuple, dict[str, str]] = {}
+    columns = []
+    for spec in (p for p in specs if p.seed in seeds and not _borrowed(cfg, p)):
+        dest = os.path.join(bundle, _rel(cfg, spec.model_dir))
+        files = [os.path.join(spec.model_dir, f) for f in RUN_FILES]
+        files.append(os.path.join(eval_dir(spec, cfg.eval_split), "metrics.json"))
+        if has_cascade(cfg, spec):
+            files += [os.path.join(cascade_dir(spec, cfg.eval_split), f) for f in (CASCADE_JSON, CASCADE_CSV)]
+        for src in files:
+            if os.path.isfile(src):
+                out = os.path.join(dest, os.path.relpath(src, spec.model_dir))
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                shutil.copyfile(src, out)
+        column = f"s{spec.seed}/{spec.name}"
+        columns.append(column)
+        with open(os.path.join(eval_dir(spec, cfg.eval_split), PREDICTIONS_CSV), newline="") as f:
+            for row in csv.DictReader(f):
+                key = tuple(row[c] for c in _TILE_COLUMNS)
+                tiles.setdefault(key, {})[column] = row["pred"]
+    lines = [",".join((*_TILE_COLUMNS, *columns))]
+    w = csv.writer(_Lines(lines), lineterminator="")
+    for key in sorted(tiles, key=lambda k: (k[0], int(k[2]), int(k[3]))):
+        w.writerow([*key, *(tiles[key].get(c, "") for c in columns)])
+    write_text(os.path.join(bundle, PREDICTIONS), "\n".join(lines) + "\n")
+    return seeds
+
+
+class _Lines:
+    """csv.writer target that appends each written row to a list."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+
+    def write(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def import_seeds(
+    cfg, specs: Sequence[RunSpec], results_dir: str, log: Callable[[str], None] = print
+) -> list[int]:
+    """Writes the bundle's seeds back into ``cfg.out_dir`` where their runs are absent.
+
+    A seed is imported only when the bundle holds every planned run of it and the experiment
+    folder holds none of its runs yet (a seed trained here is never overwritten). Call it after
+    the bundle's ``experiment.json`` and ``dataset.json`` were checked against ``cfg``.
+
+    Returns:
+      The seeds imported.
+    """
+    from kd_histo.evaluation.evaluate import PREDICTIONS_CSV
+
+    bundle = os.path.join(results_dir, BUNDLE_DIR)
+    table = os.path.join(bundle, PREDICTIONS)
+    if not os.path.isfile(table):
+        return []
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0]) - set(_TILE_COLUMNS) if rows else set()
+    info = schema.DatasetInfo.read(os.path.join(bundle))
+    state_path = os.path.join(cfg.out_dir, _STATE_JSON)
+    state = {}
+    if os.path.isfile(state_path):
+        with open(state_path) as f:
+            state = json.load(f)
+    with open(os.path.join(bundle, _STATE_JSON)) as f:
+        bundle_state = json.load(f)
+    imported = []
+    for seed in cfg.seeds:
+        own = [p for p in specs if p.seed == seed and not _borrowed(cfg, p)]
+        if not own or not all(f"s{seed}/{p.name}" in columns for p in own):
+            continue
+        if any(os.path.exists(os.path.join(p.model_dir, "run.json")) for p in own):
+            continue
+        for spec in own:
+            src = os.path.join(bundle, _rel(cfg, spec.model_dir))
+            shutil.copytree(src, spec.model_dir, dirs_exist_ok=True)
+            column = f"s{seed}/{spec.name}"
+            out = [",".join((*_TILE_COLUMNS, "pred", "pred_name"))]
+            w = csv.writer(_Lines(out), lineterminator="")
+            for r in rows:
+                if r[column] != "":
+                    pred = int(r[column])
+                    w.writerow([*(r[c] for c in _TILE_COLUMNS), pred, info.class_names[pred]])
+            write_text(os.path.join(eval_dir(spec, cfg.eval_split), PREDICTIONS_CSV), "\n".join(out) + "\n")
+        state.update({k: v for k, v in bundle_state.items() if k.startswith(f"s{seed}/")})
+        imported.append(seed)
+        log(f"seed {seed}: {len(own)} finished runs imported from {bundle} (not retrained)")
+    if imported:
+        write_json(state_path, state)
+    return imported

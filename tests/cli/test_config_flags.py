@@ -179,6 +179,7 @@ def _lc25000_expected() -> ExperimentConfig:
         monitor="val_accuracy", allow_no_val=False, profile_steps=(2, 4), verbose=2)
     return ExperimentConfig(
         out_dir="runs/lc25000", base=base, factors=(2.0, 4.0, 8.0), unlabeled_fractions=(0.0, 0.25, 0.5, 1.0),
+        results_dir="results/lc25000_3seeds",
         seeds=(0, 1, 2), teacher_epochs=0, student_epochs=0, baseline_epochs=0, labeled_student_ce=1.0,
         baselines=True, eval_split="test", n_boot=1000, cost_batch_sizes=(1, 32),
         cascade_fractions=(0.0, 0.05, 0.1, 0.2, 0.5), title="LC25000 lung (112 px tiles, real H&E)")

@@ -394,6 +394,10 @@ def test_complete_seeds_move_through_a_results_folder(finished, tmp_path):
     assert {"s0/student_x2", "s1/student_x2"} <= set(header)  # seed 1 exported once it was complete
     assert (results / "results.md").read_text() == open(new["md"]).read()
     assert (results / "report.md").is_file()
+    # An ablation cannot borrow an imported teacher (no weights) for a seed it still has to train.
+    ablation = dataclasses.replace(cfg, out_dir=str(tmp_path / "abl"), teachers_from=fresh.out_dir, student_epochs=2)
+    with pytest.raises(ValueError, match="has its record but not its weights"):
+        run_experiment(ablation, log=lambda _: None)
 
 
 def test_a_results_folder_of_another_experiment_is_refused(finished, tmp_path):

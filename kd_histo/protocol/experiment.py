@@ -143,7 +143,7 @@ def _check_borrowed_teachers(cfg: ExperimentConfig, specs: list[RunSpec]) -> Non
     the run folder's spelling and the verbosity.
     """
     from kd_histo.training.config import RunConfig
-    from kd_histo.training.run_record import CONFIG_JSON
+    from kd_histo.training.run_record import CONFIG_JSON, read_run_record
 
     if not cfg.teachers_from:
         return
@@ -159,6 +159,13 @@ def _check_borrowed_teachers(cfg: ExperimentConfig, specs: list[RunSpec]) -> Non
             raise ValueError(
                 f"--teachers_from: {spec.model_dir} holds no trained teacher for seed {spec.seed}; "
                 f"run the experiment in {cfg.teachers_from} with that seed first"
+            )
+        pending = [s for s in specs if s.seed == spec.seed and s.kind != "teacher" and not _finished(s)]
+        if pending and not os.path.isfile(read_run_record(spec.model_dir).model_path(spec.model_dir)):
+            raise ValueError(
+                f"--teachers_from: the teacher in {spec.model_dir} has its record but not its weights "
+                f"(imported from a results folder), and seed {spec.seed} still has runs to train here; "
+                "drop --teachers_from to train the teacher here (training is deterministic per seed)"
             )
         with open(os.path.join(spec.model_dir, CONFIG_JSON)) as f:
             trained = RunConfig.from_dict(json.load(f))

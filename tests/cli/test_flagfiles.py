@@ -9,8 +9,9 @@ from kd_histo.cli import flags_common as fc
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ALL = sorted((ROOT / "flags").rglob("*.flags"))
-FLAGFILES = [p for p in ALL if p.name not in ("common.flags", "experiment.flags")]  # kd-histo-train runs
+ABLATIONS = [p for p in ALL if p.name.startswith("ablation_")]  # kd-histo-experiment, a main run's ablation
 EXPERIMENTS = [p for p in ALL if p.name == "experiment.flags"]  # kd-histo-experiment
+FLAGFILES = [p for p in ALL if p.name != "common.flags" and p not in EXPERIMENTS + ABLATIONS]  # kd-histo-train
 
 
 def _config(flagfile):
@@ -66,3 +67,33 @@ def test_experiment_flagfile_resolves(flagfile, monkeypatch, tmp_path):
         assert f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in text  # says how to run it
     finally:
         fc.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("flagfile", ABLATIONS, ids=lambda p: p.stem)
+def test_ablation_flagfile_changes_what_it_says_and_borrows_the_main_teachers(flagfile, monkeypatch):
+    """An ablation is its experiment.flags with the schedule changed and the grid narrowed; its
+    teachers are the main run's, so each row pairs with the main run's row of the same seed."""
+    import dataclasses
+
+    from kd_histo.cli import experiment as experiment_cli
+
+    monkeypatch.chdir(ROOT)
+
+    def parse(path):
+        fc.FLAGS.unparse_flags()
+        try:
+            fc.FLAGS(["kd-histo-experiment", f"--flagfile={path.relative_to(ROOT)}"])
+            return experiment_cli.config_from_flags()
+        finally:
+            fc.FLAGS.unparse_flags()
+
+    main, abl = parse(flagfile.parent / "experiment.flags"), parse(flagfile)
+    assert abl.teachers_from == main.out_dir and abl.out_dir != main.out_dir
+    assert abl.results_dir and abl.results_dir != main.results_dir
+    assert dataclasses.replace(abl.base, model_dir=main.base.model_dir) == main.base and abl.seeds == main.seeds
+    changed = {f.name for f in dataclasses.fields(abl) if getattr(abl, f.name) != getattr(main, f.name)}
+    assert changed <= {"base", "out_dir", "results_dir", "teachers_from", "title", "factors", "unlabeled_fractions",
+                       "labeled_student_ce", "cascade_fractions", "student_epochs", "baseline_epochs",
+                       "teacher_epochs"}  # fmt: skip
+    assert set(abl.factors) <= set(main.factors) and set(abl.unlabeled_fractions) <= set(main.unlabeled_fractions)
+    assert f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in flagfile.read_text()

@@ -120,10 +120,11 @@ def _check_same_experiment(cfg: ExperimentConfig, folder: str = "") -> None:
     if os.path.isfile(started_on) and _data_identity(started_on) != _data_identity(
         os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON)
     ):
+        where = (f"changed since the experiment in {folder} started" if folder == cfg.out_dir
+                 else f"is not the data set the experiment in {folder} ran on")
         raise ValueError(
-            f"{cfg.base.data.data_dir} is not the data set the experiment in {folder} started on "
-            "(re-converted: other split, grouping or tiles); its finished runs would be mixed "
-            "with the new data: choose a new --out_dir"
+            f"{cfg.base.data.data_dir} {where} (re-converted: other split, grouping or tiles); its "
+            "finished runs would be mixed with the new data: choose a new --out_dir"
             + (" (or another --results_dir)" if folder != cfg.out_dir else "")
         )
 

@@ -112,7 +112,7 @@ def claims_markdown(claims: Sequence[FactorClaims]) -> str:
         p = c.vs_baseline
         vs_base = "-" if p is None else (
             f"{100 * p['difference']:+.1f} [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}] pts "
-            f"({p['seeds']} seeds)"
+            f"({p['seeds']} seed{'' if p['seeds'] == 1 else 's'})"
         )
         fractions = ", ".join(f"{100 * f:g}%: {a:.3f}" for f, a in c.by_fraction)
         lines.append(

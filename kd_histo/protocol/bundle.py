@@ -31,13 +31,12 @@ from collections.abc import Callable, Sequence
 
 from kd_histo import schema
 from kd_histo.atomic import write_json, write_text
-from kd_histo.protocol.plan import EXPERIMENT_JSON, RunSpec, cascade_dir, eval_dir, has_cascade
+from kd_histo.protocol.plan import EXPERIMENT_JSON, STATE_JSON, RunSpec, cascade_dir, eval_dir, has_cascade
 
 BUNDLE_DIR = "bundle"
 PREDICTIONS = "tile_predictions.csv"
 RUN_FILES = ("run.json", "config.json", "history.csv")
 _TILE_COLUMNS = ("source", "slide_id", "x", "y", "label")
-_STATE_JSON = "state.json"  # kd_histo.protocol.experiment.STATE_JSON (which imports this module)
 
 
 def _complete(cfg, spec: RunSpec) -> bool:
@@ -81,9 +80,9 @@ def export_seeds(cfg, specs: Sequence[RunSpec], results_dir: str) -> list[int]:
     os.makedirs(bundle, exist_ok=True)
     for name in (EXPERIMENT_JSON, schema.DATASET_JSON):
         shutil.copyfile(os.path.join(cfg.out_dir, name), os.path.join(bundle, name))
-    with open(os.path.join(cfg.out_dir, _STATE_JSON)) as f:
+    with open(os.path.join(cfg.out_dir, STATE_JSON)) as f:
         state = json.load(f)
-    write_json(os.path.join(bundle, _STATE_JSON),
+    write_json(os.path.join(bundle, STATE_JSON),
                {k: v for k, v in state.items() if int(k.split("/")[0][1:]) in seeds})
     tiles: dict[tuple, dict[str, str]] = {}
     columns = []
@@ -144,12 +143,12 @@ def import_seeds(
         rows = list(csv.DictReader(f))
     columns = set(rows[0]) - set(_TILE_COLUMNS) if rows else set()
     info = schema.DatasetInfo.read(os.path.join(bundle))
-    state_path = os.path.join(cfg.out_dir, _STATE_JSON)
+    state_path = os.path.join(cfg.out_dir, STATE_JSON)
     state = {}
     if os.path.isfile(state_path):
         with open(state_path) as f:
             state = json.load(f)
-    with open(os.path.join(bundle, _STATE_JSON)) as f:
+    with open(os.path.join(bundle, STATE_JSON)) as f:
         bundle_state = json.load(f)
     imported = []
     for seed in cfg.seeds:

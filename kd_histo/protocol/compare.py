@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kd_histo.protocol import paired
-from kd_histo.protocol.experiment import STATE_JSON
+from kd_histo.protocol.plan import STATE_JSON
 from kd_histo.protocol.report import read_correct_folder
 
 _SEED_DIR = re.compile(r"^s(\d+)$")

@@ -33,6 +33,7 @@ from kd_histo.atomic import write_json
 from kd_histo.protocol import bundle
 from kd_histo.protocol.plan import (
     EXPERIMENT_JSON,
+    STATE_JSON,
     ExperimentConfig,
     RunSpec,
     cascade_dir,
@@ -41,7 +42,6 @@ from kd_histo.protocol.plan import (
     plan,
 )
 
-STATE_JSON = "state.json"
 
 
 def _finished(spec: RunSpec) -> bool:

@@ -23,6 +23,7 @@ from kd_histo.settings import setting
 from kd_histo.training.config import RunConfig
 
 EXPERIMENT_JSON = "experiment.json"
+STATE_JSON = "state.json"  # wall time of every finished step (kd_histo.protocol.experiment)
 KINDS = ("teacher", "baseline", "student", "student_ce")
 
 

@@ -410,3 +410,40 @@ def test_a_results_folder_of_another_experiment_is_refused(finished, tmp_path):
     with pytest.raises(ValueError, match=r"bundle holds an experiment with other settings \(base.epochs\).*--results_dir"):
         run_experiment(other, log=lambda line: None)
     assert not (tmp_path / "other").exists()
+
+
+def test_the_bundle_layout_is_not_git_ignored(finished, tmp_path):
+    """Every file export writes must reach a commit: an unanchored ``runs/`` in .gitignore once
+    dropped the bundle's run records and left a table no fresh checkout could import."""
+    import shutil
+    import subprocess
+
+    from kd_histo.protocol import bundle
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if shutil.which("git") is None or not os.path.exists(os.path.join(root, ".git")):
+        pytest.skip("needs the repository's git checkout")
+    cfg, _, _ = finished
+    results = tmp_path / "results"
+    bundle.export_seeds(cfg, plan(cfg), str(results))
+    names = sorted(os.path.join("results", "lc25000_3seeds", str(p.relative_to(results)))
+                   for p in results.rglob("*") if p.is_file())  # fmt: skip
+    assert any("/runs/" in n for n in names) and len(names) > 10
+    check = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=root, input="\n".join(names),
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    assert check.returncode == 1, f"ignored by .gitignore: {check.stdout}"  # 1: none of them is ignored
+
+
+def test_a_bundle_without_its_run_records_is_refused(finished, tmp_path):
+    import shutil
+
+    from kd_histo.protocol import bundle
+
+    cfg, _, _ = finished
+    results = tmp_path / "results"
+    bundle.export_seeds(cfg, plan(cfg), str(results))
+    shutil.rmtree(results / "bundle" / "runs" / "s0" / "student_x2")
+    fresh = dataclasses.replace(cfg, out_dir=str(tmp_path / "fresh"), results_dir=str(results))
+    with pytest.raises(ValueError, match=r"holds run s0/student_x2 but .*run.json is missing.*git status --ignored"):
+        run_experiment(fresh, log=lambda _: None)
+    assert not (tmp_path / "fresh" / "runs").exists()  # nothing half-imported

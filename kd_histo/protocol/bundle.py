@@ -111,6 +111,24 @@ def export_seeds(cfg, specs: Sequence[RunSpec], results_dir: str) -> list[int]:
     return seeds
 
 
+def _check_records(cfg, bundle: str, specs: Sequence[RunSpec]) -> None:
+    """Refuses a bundle whose table names a run whose record files are absent."""
+    from kd_histo.evaluation.evaluate import METRICS_JSON
+
+    for spec in specs:
+        src = os.path.join(bundle, _rel(cfg, spec.model_dir))
+        needed = [*RUN_FILES[:2], os.path.relpath(os.path.join(eval_dir(spec, cfg.eval_split), METRICS_JSON),
+                                                  spec.model_dir)]  # fmt: skip
+        missing = [f for f in needed if not os.path.isfile(os.path.join(src, f))]
+        if missing:
+            raise ValueError(
+                f"{bundle}: {PREDICTIONS} holds run s{spec.seed}/{spec.name} but "
+                f"{os.path.join(src, missing[0])} is missing, so the seed cannot be imported; were the "
+                f"bundle's files all committed (`git status --ignored {bundle}`)? Delete the bundle "
+                f"to retrain its seeds"
+            )
+
+
 class _Lines:
     """csv.writer target that appends each written row to a list."""
 
@@ -150,13 +168,17 @@ def import_seeds(
             state = json.load(f)
     with open(os.path.join(bundle, STATE_JSON)) as f:
         bundle_state = json.load(f)
-    imported = []
+    ready = {}
     for seed in cfg.seeds:
         own = [p for p in specs if p.seed == seed and not _borrowed(cfg, p)]
         if not own or not all(f"s{seed}/{p.name}" in columns for p in own):
             continue
         if any(os.path.exists(os.path.join(p.model_dir, "run.json")) for p in own):
             continue
+        _check_records(cfg, bundle, own)
+        ready[seed] = own
+    imported = []
+    for seed, own in ready.items():
         for spec in own:
             src = os.path.join(bundle, _rel(cfg, spec.model_dir))
             shutil.copytree(src, spec.model_dir, dirs_exist_ok=True)

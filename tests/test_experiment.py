@@ -322,7 +322,16 @@ def test_multi_seed_report_from_run_folders(tiny_shards, tmp_path):
     base = [r["accuracy"] for r in data["rows"] if r["run"] == "baseline_x2"]
     assert data["paired"][0]["difference"] == pytest.approx(np.mean(accs) - np.mean(base))
     text = open(paths["report"]).read()
-    assert "student_x2: " in text and "± " in text and "| x2 | student_x2 | baseline_x2 | 2 | 40 |" in text
+    assert "| x2 | student_x2 | baseline_x2 | 2 | 40 |" in text
+    # One row per model over the seeds: mean ± sd, each seed, the paired difference (students only).
+    d = data["paired"][0]
+    row = (f"| student_x2 | 16 | 0.1000 | 3.0x | {np.mean(accs):.3f} ± {np.std(accs, ddof=1):.3f} | "
+           f"{accs[0]:.3f} / {accs[1]:.3f} | {100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, "
+           f"{100 * d['high']:+.1f}] pts |")  # fmt: skip
+    with open(paths["md"]) as f:
+        assert row in text and row in f.read()
+    assert f"| baseline_x2 | 16 | 0.1000 | 3.0x | {np.mean(base):.3f} ± {np.std(base, ddof=1):.3f} | " in text
+    assert text.index(row) < text.index("Every run of every seed:") < text.index("| model | input px | GFLOPs/image | FLOPs ÷")
     assert "dots = single seeds" in text
     # The paper's claims: the best label-free student (not student_ce) against teacher and baseline.
     best = max(("student_x2", "student_x2_unl100"), key=lambda n: summary[n]["accuracy_mean"])

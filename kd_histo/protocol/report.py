@@ -211,6 +211,36 @@ def seed_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def seeds_markdown(rows: Sequence[dict[str, Any]], prows: Sequence[dict[str, Any]] = ()) -> str:
+    """The several-seed table: one row per model, accuracy mean ± sd and every seed's value, and
+    each student's paired difference to the baseline of its factor (from :func:`paired_table`).
+
+    Cost columns are the first seed's (the nets of one run name have one architecture and input).
+    """
+    paired_by = {r["student"]: r for r in prows}
+    lines = [
+        (
+            "| model | input px | GFLOPs/image | measured speedup | accuracy, mean ± sd | per seed | "
+            "− baseline, paired [95% CI] |"
+        ),
+        "|---|---:|---:|---:|---|---|---|",
+    ]
+    for s in seed_summary(rows):
+        first = next(r for r in rows if r["run"] == s["run"])
+        p = paired_by.get(s["run"])
+        diff = (
+            f"{100 * p['difference']:+.1f} [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}] pts"
+            if p
+            else "—"
+        )
+        lines.append(
+            f"| {s['run']} | {first['input_px']} | {_num(first['gflops'], '.4f')} | "
+            f"{_num(first['speedup'], '.1f')}x | {s['accuracy_mean']:.3f} ± {s['accuracy_sd']:.3f} | "
+            f"{' / '.join(f'{v:.3f}' for v in s['accuracy_values'])} | {diff} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def mean_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per run for the figures: accuracy = the seeds' mean, low/high = mean ∓ sd.
 
@@ -346,9 +376,11 @@ def _write_tables(cfg, rows: Sequence[dict], prows: Sequence[dict]) -> dict[str,
     paths = {k: os.path.join(out, f"results.{k}") for k in ("csv", "md", "json")}
     write_text(paths["csv"], _csv_text(rows))
     claims = factor_claims(rows, prows) if rows else []
+    several = len({r["seed"] for r in rows}) > 1
     write_text(
         paths["md"],
-        markdown_table(rows)
+        ((seeds_markdown(rows, prows) + "\n" + _EVERY_SEED_NOTE + "\n\n") if several else "")
+        + markdown_table(rows)
         + (("\n" + paired_markdown(prows)) if prows else "")
         + (("\n" + _CLAIMS_NOTE + "\n\n" + claims_markdown(claims)) if claims else ""),
     )
@@ -456,6 +488,13 @@ _PAIRED_NOTE = (
     "groups when the split was made with them) together:"
 )
 
+_SEEDS_NOTE = (
+    "Over seeds: test accuracy mean ± sd, each seed's value (in seed order), and each student's "
+    "paired difference to the baseline of its factor (same seed and tiles; 95% CI by bootstrap "
+    "over seeds and slides together):"
+)
+_EVERY_SEED_NOTE = "Every run of every seed:"
+
 _CLAIMS_NOTE = (
     "The paper's claims per factor: the label-free student with the highest mean accuracy against "
     "the teacher and (paired, as above) against the LR baseline, and the label-free students' mean "
@@ -520,17 +559,12 @@ def report_markdown(
         f"FLOPs are counted from each net's TensorFlow graph; the speedup is measured images/s at batch "
         f"{cfg.cost_batch_sizes[-1]} relative to the teacher on this machine. Wall time: {wall_s / 60:.1f} min.",
         "",
-        markdown_table(rows),
     ]
+    if len({r["seed"] for r in rows}) > 1:
+        lines += [_SEEDS_NOTE, "", seeds_markdown(rows, prows), _EVERY_SEED_NOTE, ""]
+    lines.append(markdown_table(rows))
     if cascade:
         lines += [_CASCADE_NOTE, "", cascade_markdown(cascade)]
-    if len(cfg.seeds) > 1:
-        lines += ["Over seeds (mean ± sd of accuracy):", ""]
-        lines += [
-            f"- {s['run']}: {s['accuracy_mean']:.3f} ± {s['accuracy_sd']:.3f} ({s['seeds']} seeds)"
-            for s in seed_summary(rows)
-        ]
-        lines.append("")
     if prows:
         lines += [_PAIRED_NOTE, "", paired_markdown(prows)]
     claims = factor_claims(rows, prows)

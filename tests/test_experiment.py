@@ -456,3 +456,25 @@ def test_a_bundle_without_its_run_records_is_refused(finished, tmp_path):
     with pytest.raises(ValueError, match=r"holds run s0/student_x2 but .*run.json is missing.*git status --ignored"):
         run_experiment(fresh, log=lambda _: None)
     assert not (tmp_path / "fresh" / "runs").exists()  # nothing half-imported
+
+
+def test_the_runner_builds_each_seeds_teacher_caches_before_its_first_student(tiny_shards, tmp_path):
+    """The x2 and x4 students' caches come from one teacher pass per seed, run by the runner
+    before the seed's first student (its time goes to the teacher's state entry, not to that
+    student's training time); the x4 student then builds nothing."""
+    base = _base(tiny_shards, data=PipelineConfig(tiny_shards, batch_size=4, augment="flips"),
+                 distill=DistillConfig(teacher_cache="auto"))  # fmt: skip
+    cfg = ExperimentConfig(out_dir=str(tmp_path), base=base, factors=(2.0, 4.0), unlabeled_fractions=(1.0,),
+                           baselines=False, cascade_fractions=(), n_boot=20, cost_batch_sizes=(1,),
+                           cost_repeats=1)  # fmt: skip
+    lines = []
+    run_experiment(cfg, log=lines.append)
+    builds = [line for line in lines if "teacher cache: running the teacher" in line]
+    assert len(builds) == 2 and "8x" in builds[0] and "1x" in builds[1]  # training, then validation
+    assert all("teacher_cache_x2" in line and "teacher_cache_x4" in line for line in builds)
+    first = next(i for i, line in enumerate(lines) if "s0/student_x2_unl100: training" in line)
+    assert first < lines.index(builds[0]) < lines.index(builds[1]) < next(
+        i for i, line in enumerate(lines) if "s0/student_x2_unl100: test accuracy" in line)  # fmt: skip
+    with open(os.path.join(cfg.out_dir, "state.json")) as f:
+        state = json.load(f)
+    assert state["s0/teacher"]["teacher_cache_s"] > 0 and state["s0/student_x4_unl100"]["train_s"] > 0

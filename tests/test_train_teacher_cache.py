@@ -138,3 +138,50 @@ def test_what_a_cache_cannot_hold_is_refused_before_anything_is_written(tiny_sha
     with pytest.raises(preflight.PreflightError, match=match):
         train.train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_prebuilt_caches_are_the_ones_each_run_builds_and_the_runs_train_the_same(tiny_shards, teacher, tmp_path,
+                                                                                  capsys):  # fmt: skip
+    """One teacher pass fills the caches of the x2 and x4 students (train and val); each equals,
+    to the bit, the cache its run builds alone, and a run that finds its cache prebuilt trains
+    exactly as the run that built its own."""
+    import dataclasses
+
+    from kd_histo.models import load_model
+    from kd_histo.training import teacher_cache
+
+    def build_alone(cfg):
+        info = preflight.check_data(cfg)
+        net = train.build_model(cfg.net.arch, info.num_classes, mean=info.mean, std=info.std,
+                                **cfg.net.build_kwargs())  # fmt: skip
+        kwargs = {"map_size": train._map_size(net, preflight.check_input_size(cfg, info, net)),
+                  "feature_mode": cfg.distill.feature_mode, "log": lambda _: None}
+        net = load_model(train.model_file(teacher))
+        teacher_cache.for_training(net, train.model_file(teacher), cfg.data, cfg.distill.teacher_cache, **kwargs)
+        teacher_cache.for_validation(net, train.model_file(teacher), cfg.data, cfg.distill.teacher_cache, **kwargs)
+
+    alone = {f: _student(tiny_shards, tmp_path / f"alone_x{f}", teacher, tmp_path / f"alone_cache_x{f}",
+                         unlabeled_ratio=0.5) for f in (2, 4)}  # fmt: skip
+    alone = {f: dataclasses.replace(c, data=dataclasses.replace(c.data, factor=f)) for f, c in alone.items()}
+    history = train.train(alone[2]).history
+    build_alone(alone[4])  # what the x4 run would build before its first step
+    capsys.readouterr()
+    pre = {f: dataclasses.replace(c, model_dir=str(tmp_path / f"pre_x{f}"),
+                                  distill=dataclasses.replace(c.distill, teacher_cache=str(tmp_path / f"pre_cache_x{f}")))
+           for f, c in alone.items()}  # fmt: skip
+    lines = []
+    assert train.prebuild_teacher_caches(list(pre.values()), log=lines.append) == 4  # 2 train + 2 val caches
+    runs = [line for line in lines if "running the teacher" in line]
+    assert len(runs) == 2 and "8x over 2 source(s)" in runs[0] and "1x over 1 source(s)" in runs[1]
+    assert all("pre_cache_x2" in line and "pre_cache_x4" in line for line in runs)  # one pass for both
+    for f in (2, 4):
+        for sub in ("", "val"):
+            a, b = TeacherCache(str(tmp_path / f"alone_cache_x{f}" / sub)), TeacherCache(str(tmp_path / f"pre_cache_x{f}" / sub))
+            assert a.spec == b.spec and a.keys == b.keys
+            np.testing.assert_array_equal(np.asarray(a.logits), np.asarray(b.logits))
+            np.testing.assert_array_equal(np.asarray(a.features), np.asarray(b.features))
+    assert TeacherCache(str(tmp_path / "pre_cache_x4")).spec.map_size != TeacherCache(str(tmp_path / "pre_cache_x2")).spec.map_size
+    assert train.prebuild_teacher_caches(list(pre.values()), log=lines.append) == 0  # they fit now
+    result = train.train(pre[2])
+    assert "running the teacher" not in capsys.readouterr().out  # the run found its cache
+    assert result.history == history

@@ -211,6 +211,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         bundle.import_seeds(cfg, specs, cfg.results_dir, log=log)
     state = _State(cfg.out_dir)
     start = time.perf_counter()
+    prebuilt: set[int] = set()
     for i, spec in enumerate(specs, 1):
         key = f"s{spec.seed}/{spec.name}"
         prefix = f"[{i}/{len(specs)}] {key}"
@@ -221,6 +222,15 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                 f"{prefix}: training ({spec.config.mode}, input {'HR' if spec.kind == 'teacher' else f'LR x{spec.factor:g}'}"
                 f", {spec.config.epochs} epochs)"
             )
+            if spec.config.mode == "distill" and spec.seed not in prebuilt:
+                # One teacher pass for all of the seed's student caches (x2, x4, x8), not one per
+                # factor; its time is the teacher's (state "teacher_cache_s"), not this student's.
+                prebuilt.add(spec.seed)
+                t0 = time.perf_counter()
+                todo = [s.config for s in specs if s.seed == spec.seed and not _finished(s)]
+                if train.prebuild_teacher_caches(todo, log=log):
+                    state.record(f"s{spec.seed}/teacher", "teacher_cache_s", time.perf_counter() - t0)
+                    keras.backend.clear_session()
             t0 = time.perf_counter()
             train.train(spec.config)
             state.record(key, "train_s", time.perf_counter() - t0)

@@ -21,11 +21,12 @@ is passed through untouched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import keras
 import numpy as np
@@ -86,34 +87,72 @@ def build_cache(
     Returns:
       The opened :class:`TeacherCache`.
     """
+    target = CacheTarget(cache_dir, map_size, feature_mode, bicubic_style)
+    return build_caches(teacher, batches, [target], teacher_view=teacher_view,
+                        dihedral_transforms=dihedral_transforms, feature_dtype=feature_dtype)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheTarget:
+    """Where one cache goes and how its feature targets are resized (see :func:`build_cache`)."""
+
+    cache_dir: str
+    map_size: tuple[int, int]
+    feature_mode: str = L.FEATURE_MODE
+    bicubic_style: str = L.BICUBIC_STYLE
+
+
+def build_caches(
+    teacher: keras.Model,
+    batches: Iterable[dict],
+    targets: Sequence[CacheTarget],
+    *,
+    teacher_view: str = "hr",
+    dihedral_transforms: bool = True,
+    feature_dtype: str = "float16",
+) -> list[TeacherCache]:
+    """:func:`build_cache` for several students of one teacher at once: the teacher runs once
+    per batch and transform, and each target gets its own resize of the same feature map (the
+    students of factors x2, x4 and x8 read maps of three sizes). Each cache is what
+    :func:`build_cache` alone writes for its target, to the bit.
+
+    Returns:
+      The opened caches, in the order of ``targets``.
+    """
     if feature_dtype not in ("float16", "float32"):
         raise ValueError(f"feature_dtype must be float16 or float32, got {feature_dtype!r}")
-    os.makedirs(cache_dir, exist_ok=True)
+    if not targets:
+        raise ValueError("build_caches needs at least one target")
     n_t = NUM_DIHEDRAL if dihedral_transforms else 1
-    size = (int(map_size[0]), int(map_size[1]))
-    target = L.FeatureMapKD(feature_mode, bicubic_style=bicubic_style).target
+    sizes = [(int(t.map_size[0]), int(t.map_size[1])) for t in targets]
+    resizers = [L.FeatureMapKD(t.feature_mode, bicubic_style=t.bicubic_style).target for t in targets]
+    for t in targets:
+        os.makedirs(t.cache_dir, exist_ok=True)
 
     @tf.function(reduce_retracing=True)
     def outputs(images):
-        logits, feats = [], []
+        logits, feats = [], [[] for _ in targets]
         for k in range(n_t):
             out = teacher(dihedral(images, k), training=False)
             logits.append(tf.cast(out["logits"], tf.float32))
-            feats.append(target(out["features"], size))
-        return tf.stack(logits, axis=1), tf.stack(feats, axis=1)  # [B, T, C], [B, T, h, w, F]
+            for j, (resize, size) in enumerate(zip(resizers, sizes)):
+                feats[j].append(resize(out["features"], size))
+        # [B, T, C], and per target [B, T, h, w, F]
+        return tf.stack(logits, axis=1), [tf.stack(f, axis=1) for f in feats]
 
     n, keys, shapes = 0, [], None
-    feat_path = os.path.join(cache_dir, f"features.{feature_dtype}")
-    with (
-        open(os.path.join(cache_dir, "logits.f32"), "wb") as f_logits,
-        open(feat_path, "wb") as f_feats,
-    ):
+    with contextlib.ExitStack() as files:
+        f_logits = [files.enter_context(open(os.path.join(t.cache_dir, "logits.f32"), "wb")) for t in targets]
+        f_feats = [files.enter_context(open(os.path.join(t.cache_dir, f"features.{feature_dtype}"), "wb"))
+                   for t in targets]  # fmt: skip
         for batch in batches:
             logits, feats = outputs(batch[teacher_view])
-            f_logits.write(logits.numpy().astype(np.float32).tobytes())
-            f_feats.write(feats.numpy().astype(feature_dtype).tobytes())
+            raw = logits.numpy().astype(np.float32).tobytes()
+            for j in range(len(targets)):
+                f_logits[j].write(raw)
+                f_feats[j].write(feats[j].numpy().astype(feature_dtype).tobytes())
             keys.extend(k.decode("utf-8") for k in example_key(batch).numpy())
-            shapes = (logits.shape[-1], feats.shape[-1])
+            shapes = (logits.shape[-1], feats[0].shape[-1])
             n += int(logits.shape[0])
     if n == 0:
         raise ValueError("build_cache got no batches: the dataset is empty")
@@ -122,22 +161,16 @@ def build_cache(
             "tile keys (source, slide_id, x, y) repeat in the data set; "
             "the cache needs unique tiles"
         )
-    with open(os.path.join(cache_dir, "keys.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(keys) + "\n")
-    spec = CacheSpec(
-        n,
-        n_t,
-        int(shapes[0]),
-        size,
-        int(shapes[1]),
-        feature_dtype,
-        feature_mode,
-        bicubic_style,
-        teacher_view,
-    )
-    with open(os.path.join(cache_dir, META), "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(spec), f, indent=2)
-    return TeacherCache(cache_dir)
+    out = []
+    for t, size in zip(targets, sizes):
+        with open(os.path.join(t.cache_dir, "keys.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(keys) + "\n")
+        spec = CacheSpec(n, n_t, int(shapes[0]), size, int(shapes[1]), feature_dtype, t.feature_mode,
+                         t.bicubic_style, teacher_view)  # fmt: skip
+        with open(os.path.join(t.cache_dir, META), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(spec), f, indent=2)
+        out.append(TeacherCache(t.cache_dir))
+    return out
 
 
 class TeacherCache:
@@ -383,14 +416,21 @@ def for_validation(
                           bicubic_style=bicubic_style, log=log)
 
 
-def _fitting_cache(teacher, teacher_path: str, data, cache_dir: str, need_splits, *, dihedral: bool,
-                   map_size, feature_mode: str, bicubic_style: str, log) -> TeacherCache:
-    """Opens the cache in ``cache_dir`` when it fits the views and covers ``need_splits``
-    ([(data_dir, split)]), else (re)builds it; see :func:`for_training`."""
-    import dataclasses as dc
+@dataclasses.dataclass(frozen=True)
+class _Build:
+    """A cache that does not fit its run yet: what to build and over which sources."""
 
-    from kd_histo.data.pipeline import PipelineConfig, make_dataset
+    target: CacheTarget
+    settings: dict
+    sources: tuple[tuple[str, str, str], ...]
+    dihedral: bool
+    data: object  # the run's PipelineConfig (its HR view is the teacher's input)
 
+
+def _needed_build(teacher_path: str, data, cache_dir: str, need_splits, *, dihedral: bool, map_size,
+                  feature_mode: str, bicubic_style: str) -> _Build | None:
+    """None when the cache in ``cache_dir`` fits the views and covers ``need_splits``
+    ([(data_dir, split)]); else what to (re)build (see :func:`for_training`)."""
     settings = {"teacher": _teacher_identity(teacher_path), "hr_px": data.hr_px, "factor": data.factor,
                 "lr_method": data.lr_method, "dihedral": dihedral,
                 "map_size": list(map_size), "feature_mode": feature_mode, "bicubic_style": bicubic_style}
@@ -402,23 +442,97 @@ def _fitting_cache(teacher, teacher_path: str, data, cache_dir: str, need_splits
             meta = json.load(f)
         if meta["settings"] == settings:
             covered = [tuple(s) for s in meta["sources"] if len(s) == 3]  # older caches: no fingerprints
-    if not set(need) <= set(covered):
-        # keep what the cache covers of other sources only while those are unchanged
-        sources = sorted(set(need) | {c for c in covered if _is_current(c)})
-        if os.path.isfile(meta_path):
-            os.remove(meta_path)  # the files below are about to change
+    if set(need) <= set(covered):
+        return None
+    # keep what the cache covers of other sources only while those are unchanged
+    sources = tuple(sorted(set(need) | {c for c in covered if _is_current(c)}))
+    target = CacheTarget(cache_dir, tuple(int(v) for v in map_size), feature_mode, bicubic_style)
+    return _Build(target, settings, sources, dihedral, data)
+
+
+def _build(teacher, builds: Sequence[_Build], log) -> None:
+    """Builds the caches, one teacher pass for all that read the same sources and HR view."""
+    from kd_histo.data.pipeline import PipelineConfig, make_dataset
+
+    groups: dict[tuple, list[_Build]] = {}
+    for b in builds:
+        groups.setdefault((b.sources, b.dihedral, b.data.hr_px), []).append(b)
+    for (sources, all_eight, _), group in groups.items():
+        for b in group:
+            meta_path = os.path.join(b.target.cache_dir, BUILT_FOR)
+            if os.path.isfile(meta_path):
+                os.remove(meta_path)  # the files below are about to change
+        data = group[0].data
         view = PipelineConfig(data.data_dir, batch_size=64, factor=data.factor, hr_px=data.hr_px,
                               lr_method=data.lr_method, augment="none")
         batches = None
         for d, split, _ in sources:
-            part = make_dataset(dc.replace(view, data_dir=d), split, training=False)
+            part = make_dataset(dataclasses.replace(view, data_dir=d), split, training=False)
             batches = part if batches is None else batches.concatenate(part)
-        n_t = NUM_DIHEDRAL if dihedral else 1
-        log(f"teacher cache: running the teacher {n_t}x over {len(sources)} source(s) into {cache_dir}")
-        build_cache(teacher, batches, cache_dir, map_size=map_size, feature_mode=feature_mode,
-                    bicubic_style=bicubic_style, dihedral_transforms=dihedral)
-        write_json(meta_path, {"settings": settings, "sources": sources}, sort_keys=False)
+        n_t = NUM_DIHEDRAL if all_eight else 1
+        into = ", ".join(b.target.cache_dir for b in group)
+        log(f"teacher cache: running the teacher {n_t}x over {len(sources)} source(s) into {into}")
+        build_caches(teacher, batches, [b.target for b in group], dihedral_transforms=all_eight)
+        for b in group:  # written last: a build cut short is never taken for a finished cache
+            write_json(os.path.join(b.target.cache_dir, BUILT_FOR),
+                       {"settings": b.settings, "sources": list(b.sources)}, sort_keys=False)
+
+
+def _open(cache_dir: str) -> TeacherCache:
     cache = TeacherCache(cache_dir)
     s = cache.spec
     nbytes = s.num_examples * s.num_transforms * (s.num_classes + s.map_size[0] * s.map_size[1] * s.channels) * 4
     return TeacherCache(cache_dir, in_memory=True) if nbytes < IN_MEMORY_BYTES else cache
+
+
+def _fitting_cache(teacher, teacher_path: str, data, cache_dir: str, need_splits, *, dihedral: bool,
+                   map_size, feature_mode: str, bicubic_style: str, log) -> TeacherCache:
+    """Opens the cache in ``cache_dir`` when it fits the views and covers ``need_splits``
+    ([(data_dir, split)]), else (re)builds it; see :func:`for_training`."""
+    build = _needed_build(teacher_path, data, cache_dir, need_splits, dihedral=dihedral, map_size=map_size,
+                          feature_mode=feature_mode, bicubic_style=bicubic_style)  # fmt: skip
+    if build is not None:
+        _build(teacher, [build], log)
+    return _open(cache_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheUse:
+    """One distillation run's caches, as :func:`for_training` and :func:`for_validation` would
+    open them: its PipelineConfig, cache folder and student feature-map size."""
+
+    data: object
+    cache_dir: str
+    map_size: tuple[int, int]
+    feature_mode: str
+    bicubic_style: str = L.BICUBIC_STYLE
+    validation: bool = True  # the data set has a val split
+
+
+def prebuild(teacher: keras.Model, teacher_path: str, uses: Sequence[CacheUse], log=print) -> int:
+    """Builds every cache the runs of ``uses`` will read that does not fit yet, running the
+    teacher once over each set of sources instead of once per run's cache.
+
+    A protocol's students of factors x2, x4 and x8 read one teacher's outputs on the same HR
+    tiles, resized to three map sizes; built run by run, the teacher ran three times over the
+    labeled and unlabeled tiles (about 3.5 min each on LC25000, 2 cores). The caches are exactly
+    those the runs would have built; the runs then find them fitting.
+
+    Returns:
+      How many caches were built (training and validation caches each count).
+    """
+    builds = []
+    for u in uses:
+        if u.data.augment not in CACHEABLE_AUGMENT:
+            raise ValueError(f"a teacher cache holds the {CACHEABLE_AUGMENT} augmentations only, not "
+                             f"{u.data.augment!r}")
+        kwargs = {"map_size": u.map_size, "feature_mode": u.feature_mode, "bicubic_style": u.bicubic_style}
+        builds.append(_needed_build(teacher_path, u.data, u.cache_dir, training_sources(u.data),
+                                    dihedral=u.data.augment == "flips", **kwargs))
+        if u.validation:
+            builds.append(_needed_build(teacher_path, u.data, os.path.join(u.cache_dir, VALIDATION_SUBDIR),
+                                        [(os.path.abspath(u.data.data_dir), "val")], dihedral=False, **kwargs))
+    todo = list({b.target.cache_dir: b for b in builds if b is not None}.values())
+    if todo:
+        _build(teacher, todo, log)
+    return len(todo)

@@ -205,8 +205,7 @@ def _cached_streams(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int,
     so the teacher is not run there either (None when the data has no val split).
     """
     from kd_histo.training import teacher_cache
-    spec = net.compute_output_spec(keras.KerasTensor((1, input_px, input_px, 3)))
-    kwargs = {"map_size": tuple(int(v) for v in spec["features"].shape[1:3]),
+    kwargs = {"map_size": _map_size(net, input_px),
               "feature_mode": cfg.distill.feature_mode,
               "log": lambda line: print(f"kd_histo: {line}", flush=True)}
     teacher_file = model_file(cfg.distill.teacher)
@@ -218,6 +217,49 @@ def _cached_streams(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int,
     val_cache = teacher_cache.for_validation(teacher, teacher_file, cfg.data, cache_dir, **kwargs)
     val_ds = val_cache.attach(make_dataset(cfg.data, "val", training=False), training=False).repeat()
     return train_ds, val_ds
+
+
+def _map_size(net: keras.Model, input_px: int) -> tuple[int, int]:
+    """(h, w) of the net's last feature map for an input tile of ``input_px``."""
+    spec = net.compute_output_spec(keras.KerasTensor((1, input_px, input_px, 3)))
+    return tuple(int(v) for v in spec["features"].shape[1:3])
+
+
+def prebuild_teacher_caches(cfgs: Sequence[RunConfig], log=print) -> int:
+    """Builds the teacher caches of several distillation runs before they train, running each
+    teacher once over the tiles they share (:func:`kd_histo.training.teacher_cache.prebuild`).
+
+    For runs that would each build their own cache for another student size (the protocol's x2,
+    x4 and x8 students of one teacher): the caches are exactly those the runs would build, and
+    each run then finds its cache fitting. Runs without a cache are left out; preflight checks
+    still run in each run.
+
+    Returns:
+      How many caches were built.
+    """
+    from kd_histo.training import teacher_cache
+
+    by_teacher: dict[tuple[str, str], list[RunConfig]] = {}
+    for cfg in cfgs:
+        if cfg.mode == "distill" and cfg.distill.teacher_cache:
+            by_teacher.setdefault((cfg.distill.teacher, cfg.precision), []).append(cfg)
+    built = 0
+    for (teacher_dir, precision), group in by_teacher.items():
+        uses = []
+        with precision_policy(precision):
+            for cfg in group:
+                info = preflight.check_data(cfg)
+                preflight.check_teacher_cache(cfg, info)
+                net = build_model(cfg.net.arch, info.num_classes, mean=info.mean, std=info.std, name="probe",
+                                  **cfg.net.build_kwargs())  # fmt: skip
+                input_px = preflight.check_input_size(cfg, info, net)
+                uses.append(teacher_cache.CacheUse(
+                    cfg.data, preflight.teacher_cache_dir(cfg), _map_size(net, input_px), cfg.distill.feature_mode,
+                    validation=preflight._has_shards(cfg.data.data_dir, "val")))  # fmt: skip
+            teacher = preflight.load_teacher(group[0], info)
+            built += teacher_cache.prebuild(teacher, model_file(teacher_dir), uses, log=log)
+        keras.backend.clear_session()
+    return built
 
 
 def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_val: bool) -> list:

@@ -169,8 +169,11 @@ def test_prebuilt_caches_are_the_ones_each_run_builds_and_the_runs_train_the_sam
     pre = {f: dataclasses.replace(c, model_dir=str(tmp_path / f"pre_x{f}"),
                                   distill=dataclasses.replace(c.distill, teacher_cache=str(tmp_path / f"pre_cache_x{f}")))
            for f, c in alone.items()}  # fmt: skip
+    # Last, a run sharing the x2 cache that draws no unlabeled tiles: the cache still covers both sources.
+    labeled_only = dataclasses.replace(pre[2], model_dir=str(tmp_path / "pre_x2_labeled"),
+                                       data=dataclasses.replace(pre[2].data, unlabeled_ratio=0.0))  # fmt: skip
     lines = []
-    assert train.prebuild_teacher_caches(list(pre.values()), log=lines.append) == 4  # 2 train + 2 val caches
+    assert train.prebuild_teacher_caches([*pre.values(), labeled_only], log=lines.append) == 4  # 2 train + 2 val
     runs = [line for line in lines if "running the teacher" in line]
     assert len(runs) == 2 and "8x over 2 source(s)" in runs[0] and "1x over 1 source(s)" in runs[1]
     assert all("pre_cache_x2" in line and "pre_cache_x4" in line for line in runs)  # one pass for both

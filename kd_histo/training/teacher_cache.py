@@ -322,7 +322,7 @@ def _teacher_identity(path: str) -> dict:
     """The teacher file by path, size, mtime and its bytes' SHA-256 (another teacher saved over
     the same path, even keeping size and mtime, is another teacher)."""
     st = os.stat(path)
-    return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+    return {"path": os.path.realpath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
             "sha256": _sha256(path)}
 
 
@@ -336,7 +336,7 @@ def _source_identity(data_dir: str, split: str) -> tuple[str, str, str]:
     for p in schema.shard_paths(data_dir, split):
         st = os.stat(p)
         h.update(f"{os.path.basename(p)} {st.st_size} {st.st_mtime_ns} {_sha256(p, 1 << 20)}\n".encode())
-    return os.path.abspath(data_dir), split, h.hexdigest()
+    return os.path.realpath(data_dir), split, h.hexdigest()
 
 
 def _is_current(source: tuple[str, str, str]) -> bool:
@@ -521,18 +521,28 @@ def prebuild(teacher: keras.Model, teacher_path: str, uses: Sequence[CacheUse], 
     Returns:
       How many caches were built (training and validation caches each count).
     """
-    builds = []
+    # Runs that share a cache folder (one factor's students, each drawing its own share of the
+    # unlabeled pool) need it to cover all their sources together.
+    wanted: dict[str, tuple[CacheUse, bool, list]] = {}
     for u in uses:
         if u.data.augment not in CACHEABLE_AUGMENT:
             raise ValueError(f"a teacher cache holds the {CACHEABLE_AUGMENT} augmentations only, not "
                              f"{u.data.augment!r}")
-        kwargs = {"map_size": u.map_size, "feature_mode": u.feature_mode, "bicubic_style": u.bicubic_style}
-        builds.append(_needed_build(teacher_path, u.data, u.cache_dir, training_sources(u.data),
-                                    dihedral=u.data.augment == "flips", **kwargs))
+        parts = [(u.cache_dir, u.data.augment == "flips", training_sources(u.data))]
         if u.validation:
-            builds.append(_needed_build(teacher_path, u.data, os.path.join(u.cache_dir, VALIDATION_SUBDIR),
-                                        [(os.path.abspath(u.data.data_dir), "val")], dihedral=False, **kwargs))
-    todo = list({b.target.cache_dir: b for b in builds if b is not None}.values())
+            parts.append((os.path.join(u.cache_dir, VALIDATION_SUBDIR), False,
+                          [(os.path.abspath(u.data.data_dir), "val")]))
+        for cache_dir, all_eight, splits in parts:
+            first, _, need = wanted.setdefault(cache_dir, (u, all_eight, []))
+            if (first.map_size, first.feature_mode, first.bicubic_style, first.data.hr_px) != (
+                    u.map_size, u.feature_mode, u.bicubic_style, u.data.hr_px):  # fmt: skip
+                raise ValueError(f"{cache_dir}: runs that share this teacher cache need other views of it "
+                                 f"(map size, feature resize or HR size); give them separate caches")
+            need += [s for s in splits if s not in need]
+    builds = [_needed_build(teacher_path, u.data, cache_dir, need, dihedral=all_eight, map_size=u.map_size,
+                            feature_mode=u.feature_mode, bicubic_style=u.bicubic_style)
+              for cache_dir, (u, all_eight, need) in wanted.items()]  # fmt: skip
+    todo = [b for b in builds if b is not None]
     if todo:
         _build(teacher, todo, log)
     return len(todo)

@@ -54,6 +54,10 @@ def test_teacher_cache_is_rebuilt_when_the_data_or_the_teacher_changes(tmp_path)
     _assert_cache_is_the_teachers(cache, teacher, data)
     _cache(teacher, path, data, cache_dir, built.append)
     assert len(built) == 1  # same data, same teacher: reused
+    os.symlink(tmp_path, tmp_path.parent / f"{tmp_path.name}_link")
+    link = tmp_path.parent / f"{tmp_path.name}_link"
+    _cache(teacher, str(link / "teacher.keras"), link / "data", cache_dir, built.append)
+    assert len(built) == 1  # the same files reached through a symlink (another worktree): reused
 
     # the folder reconverted with other settings: same paths, same record keys, other pixels
     write_tiny_shards(data, per_class=2, num_shards=1, unlabeled=0, seed=7)

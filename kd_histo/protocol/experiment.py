@@ -166,7 +166,7 @@ def _check_borrowed_teachers(cfg: ExperimentConfig, specs: list[RunSpec]) -> Non
             raise ValueError(
                 f"--teachers_from: the teacher in {spec.model_dir} has its record but not its weights "
                 f"(imported from a results folder), and seed {spec.seed} still has runs to train here; "
-                "drop --teachers_from to train the teacher here (training is deterministic per seed)"
+                "drop --teachers_from to train the teacher here (the same seed retrains it, though not always to the bit)"
             )
         with open(os.path.join(spec.model_dir, CONFIG_JSON)) as f:
             trained = RunConfig.from_dict(json.load(f))

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -36,6 +37,9 @@ from kd_histo.atomic import write_json
 from kd_histo.data.augment import NUM_DIHEDRAL, dihedral, dihedral_per_example
 from kd_histo.data.mixing import example_key
 from kd_histo.training import losses as L
+
+if TYPE_CHECKING:
+    from kd_histo.data.pipeline import PipelineConfig
 
 META = "cache.json"
 
@@ -424,7 +428,7 @@ class _Build:
     settings: dict
     sources: tuple[tuple[str, str, str], ...]
     dihedral: bool
-    data: object  # the run's PipelineConfig (its HR view is the teacher's input)
+    data: PipelineConfig  # the run's (its HR view is the teacher's input)
 
 
 def _needed_build(teacher_path: str, data, cache_dir: str, need_splits, *, dihedral: bool, map_size,
@@ -501,7 +505,7 @@ class CacheUse:
     """One distillation run's caches, as :func:`for_training` and :func:`for_validation` would
     open them: its PipelineConfig, cache folder and student feature-map size."""
 
-    data: object
+    data: PipelineConfig
     cache_dir: str
     map_size: tuple[int, int]
     feature_mode: str

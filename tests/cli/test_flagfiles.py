@@ -11,7 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 ALL = sorted((ROOT / "flags").rglob("*.flags"))
 ABLATIONS = [p for p in ALL if p.name.startswith("ablation_")]  # kd-histo-experiment, a main run's ablation
 EXPERIMENTS = [p for p in ALL if p.name == "experiment.flags"]  # kd-histo-experiment
-FLAGFILES = [p for p in ALL if p.name != "common.flags" and p not in EXPERIMENTS + ABLATIONS]  # kd-histo-train
+COMPARISONS = [p for p in ALL if p.name.startswith("compare_")]  # tools/compare_runs.py
+FLAGFILES = [p for p in ALL if p.name != "common.flags" and p not in EXPERIMENTS + ABLATIONS + COMPARISONS]  # kd-histo-train
 
 
 def _config(flagfile):
@@ -98,3 +99,53 @@ def test_ablation_flagfile_changes_what_it_says_and_trains_the_main_runs_teacher
                        "teacher_epochs"}  # fmt: skip
     assert set(abl.factors) <= set(main.factors) and set(abl.unlabeled_fractions) <= set(main.unlabeled_fractions)
     assert f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in flagfile.read_text()
+
+
+def _experiment_config(path):
+    from kd_histo.cli import experiment as experiment_cli
+
+    fc.FLAGS.unparse_flags()
+    try:
+        fc.FLAGS(["kd-histo-experiment", f"--flagfile={path.relative_to(ROOT)}"])
+        return experiment_cli.config_from_flags()
+    finally:
+        fc.FLAGS.unparse_flags()
+
+
+def _run_names(cfg):
+    """The run names an experiment's grid gives (plan() without reading its data)."""
+    from kd_histo.protocol.plan import run_name
+
+    names = {"teacher"}
+    for f in cfg.factors:
+        names.add(run_name("baseline", f))
+        names.update(run_name("student", f, u) for u in cfg.unlabeled_fractions)
+        if cfg.labeled_student_ce > 0:
+            names.add(run_name("student_ce", f, max(cfg.unlabeled_fractions)))
+    return names
+
+
+@pytest.mark.parametrize("flagfile", COMPARISONS, ids=lambda p: p.stem)
+def test_comparison_flagfile_names_runs_its_experiments_make(flagfile, monkeypatch):
+    """Every --pair of a compare_runs flagfile names <out_dir>:<run> of an experiment or ablation
+    flagfile beside it, and a run that experiment's grid trains: a typo fails here, not after
+    hours of training. Each run of the ablation is paired with the main run at every factor."""
+    from kd_histo.protocol.compare import RunRef
+
+    monkeypatch.chdir(ROOT)
+    grids = {}
+    for path in [p for p in EXPERIMENTS + ABLATIONS if p.parent == flagfile.parent]:
+        cfg = _experiment_config(path)
+        grids[cfg.out_dir] = (cfg, _run_names(cfg))
+    lines = [ln for ln in flagfile.read_text().splitlines() if ln and not ln.startswith("#")]
+    assert all(ln.startswith(("--pair=", "--out=", "--split=", "--n_boot=")) for ln in lines), lines
+    pairs = [ln.removeprefix("--pair=").split(",", 2) for ln in lines if ln.startswith("--pair=")]
+    assert pairs and all(len(p) == 3 and p[2].strip() for p in pairs)  # every row labelled
+    refs = [RunRef.parse(r) for a, b, _ in pairs for r in (a, b)]
+    for ref in refs:
+        assert ref.experiment in grids, f"{ref}: no flagfile beside {flagfile.name} has --out_dir={ref.experiment}"
+        assert ref.run in grids[ref.experiment][1], f"{ref}: not in that experiment's grid"
+    for cfg, names in grids.values():  # an ablation's every run appears in some pair
+        if cfg.results_dir.endswith(flagfile.stem.removeprefix("compare_")):
+            assert names <= {r.run for r in refs if r.experiment == cfg.out_dir}, names
+    assert f"python tools/compare_runs.py --flagfile={flagfile.relative_to(ROOT)}" in flagfile.read_text()

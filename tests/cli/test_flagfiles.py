@@ -70,37 +70,6 @@ def test_experiment_flagfile_resolves(flagfile, monkeypatch, tmp_path):
         fc.FLAGS.unparse_flags()
 
 
-@pytest.mark.parametrize("flagfile", ABLATIONS, ids=lambda p: p.stem)
-def test_ablation_flagfile_changes_what_it_says_and_trains_the_main_runs_teachers(flagfile, monkeypatch):
-    """An ablation is its experiment.flags with the schedule changed and the grid narrowed. It
-    trains its own teachers with the main run's settings and seeds (the same teachers, up to CPU
-    rounding), so it resumes in any checkout: the main run's teachers are not committed."""
-    import dataclasses
-
-    from kd_histo.cli import experiment as experiment_cli
-
-    monkeypatch.chdir(ROOT)
-
-    def parse(path):
-        fc.FLAGS.unparse_flags()
-        try:
-            fc.FLAGS(["kd-histo-experiment", f"--flagfile={path.relative_to(ROOT)}"])
-            return experiment_cli.config_from_flags()
-        finally:
-            fc.FLAGS.unparse_flags()
-
-    main, abl = parse(flagfile.parent / "experiment.flags"), parse(flagfile)
-    assert abl.teachers_from == "" and abl.teacher_epochs == main.teacher_epochs and abl.out_dir != main.out_dir
-    assert abl.results_dir and abl.results_dir != main.results_dir
-    assert dataclasses.replace(abl.base, model_dir=main.base.model_dir) == main.base and abl.seeds == main.seeds
-    changed = {f.name for f in dataclasses.fields(abl) if getattr(abl, f.name) != getattr(main, f.name)}
-    assert changed <= {"base", "out_dir", "results_dir", "title", "factors", "unlabeled_fractions",
-                       "labeled_student_ce", "cascade_fractions", "student_epochs", "baseline_epochs",
-                       "teacher_epochs"}  # fmt: skip
-    assert set(abl.factors) <= set(main.factors) and set(abl.unlabeled_fractions) <= set(main.unlabeled_fractions)
-    assert f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in flagfile.read_text()
-
-
 def _experiment_config(path):
     from kd_histo.cli import experiment as experiment_cli
 
@@ -110,6 +79,26 @@ def _experiment_config(path):
         return experiment_cli.config_from_flags()
     finally:
         fc.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("flagfile", ABLATIONS, ids=lambda p: p.stem)
+def test_ablation_flagfile_changes_what_it_says_and_trains_the_main_runs_teachers(flagfile, monkeypatch):
+    """An ablation is its experiment.flags with the schedule changed and the grid narrowed. It
+    trains its own teachers with the main run's settings and seeds (the same teachers, up to CPU
+    rounding), so it resumes in any checkout: the main run's teachers are not committed."""
+    import dataclasses
+
+    monkeypatch.chdir(ROOT)
+    main, abl = _experiment_config(flagfile.parent / "experiment.flags"), _experiment_config(flagfile)
+    assert abl.teachers_from == "" and abl.teacher_epochs == main.teacher_epochs and abl.out_dir != main.out_dir
+    assert abl.results_dir and abl.results_dir != main.results_dir
+    assert dataclasses.replace(abl.base, model_dir=main.base.model_dir) == main.base and abl.seeds == main.seeds
+    changed = {f.name for f in dataclasses.fields(abl) if getattr(abl, f.name) != getattr(main, f.name)}
+    assert changed <= {"base", "out_dir", "results_dir", "title", "factors", "unlabeled_fractions",
+                       "labeled_student_ce", "cascade_fractions", "student_epochs", "baseline_epochs",
+                       "teacher_epochs"}  # fmt: skip
+    assert set(abl.factors) <= set(main.factors) and set(abl.unlabeled_fractions) <= set(main.unlabeled_fractions)
+    assert f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in flagfile.read_text()
 
 
 def _run_names(cfg):

@@ -9,7 +9,7 @@ import pytest
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.protocol import report
 from kd_histo.protocol.experiment import run_experiment
-from kd_histo.protocol.plan import ExperimentConfig, plan, run_name
+from kd_histo.protocol.plan import ExperimentConfig, plan, run_name, run_names
 from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
 
 
@@ -83,6 +83,21 @@ def test_students_and_baselines_may_get_their_own_schedules(tiny_shards, tmp_pat
         "teacher": 1, "baseline_x2": 3, "student_x2_unl100": 7, "student_x2": 7}  # fmt: skip
     with pytest.raises(ValueError, match="student_epochs must be >= 0"):
         _cfg(tiny_shards, tmp_path, student_epochs=-1)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"baselines": False}, {"labeled_student_ce": 0.5, "factors": (2.0, 8.0)},
+     {"unlabeled_fractions": (0.25, 0.0, 1.0), "seeds": (1, 2)}],
+)  # fmt: skip
+def test_run_names_are_the_plans_without_its_data(tiny_shards, tmp_path, changes):
+    cfg = _cfg(tiny_shards, tmp_path, **changes)
+    seed = cfg.seeds[0]
+    assert run_names(cfg) == [s.name for s in plan(cfg) if s.seed == seed]
+    gone = dataclasses.replace(cfg, base=_base(str(tmp_path / "no_such_shards")))
+    assert run_names(gone) == run_names(cfg)  # names only: reads no dataset.json
+    with pytest.raises(FileNotFoundError):
+        plan(gone)
 
 
 def test_plan_adds_a_student_that_also_learns_from_labels(tiny_shards, tmp_path):

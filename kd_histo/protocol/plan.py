@@ -173,6 +173,26 @@ def run_name(kind: str, factor: float = 1.0, unlabeled_fraction: float = 0.0) ->
     return f"{name}_unl{round(100 * unlabeled_fraction)}" if unlabeled_fraction > 0 else name
 
 
+def grid(cfg: ExperimentConfig) -> list[tuple[str, float, float]]:
+    """One seed's runs as (kind, factor, unlabeled fraction), in training order: the teacher,
+    then per factor the baseline, the labeled student and the students, largest pool first (a
+    shared teacher cache built for it serves the smaller ones). Reads no data."""
+    runs = [("teacher", 1.0, 0.0)]
+    fractions = sorted(cfg.unlabeled_fractions, reverse=True)
+    for factor in cfg.factors:
+        if cfg.baselines:
+            runs.append(("baseline", factor, 0.0))
+        if cfg.labeled_student_ce > 0:
+            runs.append(("student_ce", factor, fractions[0]))
+        runs.extend(("student", factor, f) for f in fractions)
+    return runs
+
+
+def run_names(cfg: ExperimentConfig) -> list[str]:
+    """The names of one seed's runs, in training order (what :func:`plan` names them)."""
+    return [run_name(*run) for run in grid(cfg)]
+
+
 def plan(cfg: ExperimentConfig) -> list[RunSpec]:
     """The runs of the experiment, in training order (each teacher before its students).
 
@@ -233,7 +253,6 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
             return RunSpec(name, kind, factor, fraction, seed, run)
 
         no_extra = {"unlabeled_ratio": 0.0, "unlabeled_fraction": 1.0, "labeled": True}
-        specs.append(make("teacher", **no_extra))
 
         def student(kind, factor, fraction):
             if fraction == 0:
@@ -248,14 +267,13 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
                 labeled=True,
             )
 
-        for factor in cfg.factors:
-            if cfg.baselines:
+        for kind, factor, fraction in grid(cfg):
+            if kind == "teacher":
+                specs.append(make("teacher", **no_extra))
+            elif kind == "baseline":
                 specs.append(make("baseline", factor, **no_extra))
-            # Largest pool first: a shared teacher cache built for it serves the smaller ones.
-            fractions = sorted(cfg.unlabeled_fractions, reverse=True)
-            if cfg.labeled_student_ce > 0:
-                specs.append(student("student_ce", factor, fractions[0]))
-            specs.extend(student("student", factor, f) for f in fractions)
+            else:
+                specs.append(student(kind, factor, fraction))
     return specs
 
 

@@ -6,6 +6,7 @@ import pytest
 from cli_helpers import BINARIES
 
 from kd_histo.cli import flags_common as fc
+from kd_histo.protocol import plan as plan_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ALL = sorted((ROOT / "flags").rglob("*.flags"))
@@ -101,19 +102,6 @@ def test_ablation_flagfile_changes_what_it_says_and_trains_the_main_runs_teacher
     assert f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in flagfile.read_text()
 
 
-def _run_names(cfg):
-    """The run names an experiment's grid gives (plan() without reading its data)."""
-    from kd_histo.protocol.plan import run_name
-
-    names = {"teacher"}
-    for f in cfg.factors:
-        names.add(run_name("baseline", f))
-        names.update(run_name("student", f, u) for u in cfg.unlabeled_fractions)
-        if cfg.labeled_student_ce > 0:
-            names.add(run_name("student_ce", f, max(cfg.unlabeled_fractions)))
-    return names
-
-
 @pytest.mark.parametrize("flagfile", COMPARISONS, ids=lambda p: p.stem)
 def test_comparison_flagfile_names_runs_its_experiments_make(flagfile, monkeypatch):
     """Every --pair of a compare_runs flagfile names <out_dir>:<run> of an experiment or ablation
@@ -125,7 +113,7 @@ def test_comparison_flagfile_names_runs_its_experiments_make(flagfile, monkeypat
     grids = {}
     for path in [p for p in EXPERIMENTS + ABLATIONS if p.parent == flagfile.parent]:
         cfg = _experiment_config(path)
-        grids[cfg.out_dir] = (cfg, _run_names(cfg))
+        grids[cfg.out_dir] = (cfg, set(plan_lib.run_names(cfg)))
     lines = [ln for ln in flagfile.read_text().splitlines() if ln and not ln.startswith("#")]
     assert all(ln.startswith(("--pair=", "--out=", "--split=", "--n_boot=")) for ln in lines), lines
     pairs = [ln.removeprefix("--pair=").split(",", 2) for ln in lines if ln.startswith("--pair=")]

@@ -60,7 +60,7 @@ def test_unknown_runs_and_unpaired_seeds_are_clear_errors(tmp_path):
         compare(RunRef(abl, "student_x8"), RunRef(main, "baseline_x8"))
     with pytest.raises(FileNotFoundError, match="no seed of this run was evaluated on test"):
         compare(RunRef(abl, "student_x4"), RunRef(main, "baseline_x8"))
-    with pytest.raises(FileNotFoundError, match="not an experiment folder"):
+    with pytest.raises(FileNotFoundError, match="not an experiment folder .* nor a results folder"):
         compare(RunRef(str(tmp_path / "nowhere"), "x"), RunRef(main, "baseline_x8"))
     with pytest.raises(ValueError, match="expected <experiment folder>:<run name>"):
         RunRef.parse("baseline_x8")

@@ -424,6 +424,29 @@ def test_complete_seeds_move_through_a_results_folder(finished, tmp_path):
         run_experiment(ablation, log=lambda _: None)
 
 
+def test_a_results_folder_compares_as_its_experiment_folder_does(finished, tmp_path):
+    """tools/compare_runs.py reads committed seeds from a results folder's bundle: every pair gives
+    what the experiment folder gives (accuracy, per-seed difference, CI, wall time), so a fresh
+    checkout reruns a comparison without retraining or importing."""
+    from kd_histo.protocol import bundle
+    from kd_histo.protocol.compare import RunRef, compare
+
+    cfg, _, _ = finished
+    results = str(tmp_path / "results")
+    bundle.export_seeds(cfg, plan(cfg), results)
+    runs = ("teacher", "baseline_x2", "student_x2_unl100")
+    for a in runs:
+        for b in runs:
+            from_runs = compare(RunRef(cfg.out_dir, a), RunRef(cfg.out_dir, b), n_boot=50)
+            for folder in (results, os.path.join(results, "bundle")):
+                from_bundle = compare(RunRef(folder, a), RunRef(cfg.out_dir, b), n_boot=50)
+                assert dataclasses.replace(from_bundle, a=from_runs.a) == from_runs, (a, b)
+    with pytest.raises(ValueError, match="holds evaluations on 'test' only, not 'val'"):
+        compare(RunRef(results, "teacher"), RunRef(cfg.out_dir, "teacher"), split="val")
+    with pytest.raises(FileNotFoundError, match="no seed of this run was evaluated on test"):
+        compare(RunRef(results, "student_x4"), RunRef(cfg.out_dir, "teacher"))
+
+
 def test_a_results_folder_of_another_experiment_is_refused(finished, tmp_path):
     from kd_histo.protocol import bundle
 

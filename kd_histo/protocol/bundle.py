@@ -139,6 +139,46 @@ class _Lines:
         self.lines.append(text)
 
 
+def find(folder: str) -> str | None:
+    """The bundle of ``folder``: a results folder (``<folder>/bundle``) or a bundle itself; None
+    when neither holds a ``tile_predictions.csv``."""
+    for candidate in (os.path.join(folder, BUNDLE_DIR), folder):
+        if os.path.isfile(os.path.join(candidate, PREDICTIONS)):
+            return candidate
+    return None
+
+
+def correct_by_seed(bundle: str, run: str, split: str) -> dict[int, dict[tuple, tuple[int, str]]]:
+    """{seed: {(source, x, y): (correct, slide id)}} of one run's labeled tiles in a bundle, the
+    form :func:`kd_histo.protocol.report.read_correct_folder` gives for a run folder; {} when the
+    bundle holds no seed of ``run``.
+
+    Raises:
+      ValueError: the bundle's runs were evaluated on another split than ``split``.
+    """
+    with open(os.path.join(bundle, EXPERIMENT_JSON)) as f:
+        evaluated = json.load(f).get("eval_split", "test")
+    if evaluated != split:
+        raise ValueError(f"{bundle} holds evaluations on {evaluated!r} only, not {split!r}")
+    out: dict[int, dict[tuple, tuple[int, str]]] = {}
+    with open(os.path.join(bundle, PREDICTIONS), newline="") as f:
+        reader = csv.DictReader(f)
+        columns = {}
+        for name in reader.fieldnames or ():
+            seed, sep, rest = name.partition("/")
+            if sep and rest == run and seed[:1] == "s" and seed[1:].isdigit():
+                columns[int(seed[1:])] = name
+        for row in reader:
+            label = int(row["label"])
+            if label < 0:
+                continue
+            key = (row["source"], int(row["x"]), int(row["y"]))
+            for seed, name in columns.items():
+                if row[name] != "":
+                    out.setdefault(seed, {})[key] = (int(int(row[name]) == label), row["slide_id"])
+    return out
+
+
 def import_seeds(
     cfg, specs: Sequence[RunSpec], results_dir: str, log: Callable[[str], None] = print
 ) -> list[int]:

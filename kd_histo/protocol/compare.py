@@ -8,8 +8,10 @@ interval of :func:`kd_histo.protocol.paired.paired_bootstrap` (seeds and origina
 resampled). Each side's wall time (``train_s`` in its experiment's ``state.json``) is reported with
 it, so a pair can be read at equal epochs or at equal time.
 
-``compare(a, b)`` is pure up to reading the runs' ``predictions.csv`` and ``state.json``;
-``tools/compare_runs.py`` is its command line.
+A side is ``<folder>:<run>``: an experiment folder (``runs/<name>``, its run folders) or a
+results folder under version control (``results/<name>``, its ``bundle/``), so comparisons of
+committed seeds rerun from a fresh checkout. ``compare(a, b)`` is pure up to reading those
+predictions and ``state.json``; ``tools/compare_runs.py`` is its command line.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kd_histo.protocol import bundle as bundle_lib
 from kd_histo.protocol import paired
 from kd_histo.protocol.plan import STATE_JSON
 from kd_histo.protocol.report import read_correct_folder
@@ -62,21 +65,29 @@ class Comparison:
     b_train_s: float | None
 
 
-def _seed_dirs(ref: RunRef) -> dict[int, str]:
-    """{seed: run folder} of the seeds where ``ref`` was evaluated on some split."""
+def _correct_by_seed(ref: RunRef, split: str) -> dict[int, dict[tuple, tuple[int, str]]]:
+    """{seed: {tile: (correct, slide id)}} of ``ref``: from its experiment folder's run folders
+    (``runs/s<seed>/<run>/eval_<split>/predictions.csv``) or, for a results folder under version
+    control, from its bundle's ``tile_predictions.csv`` (a fresh checkout compares without
+    retraining or importing anything)."""
+    if (bundle := bundle_lib.find(ref.experiment)) is not None:
+        return bundle_lib.correct_by_seed(bundle, ref.run, split)
     root = os.path.join(ref.experiment, "runs")
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{ref.experiment} holds no runs/ folder: not an experiment folder")
+        raise FileNotFoundError(
+            f"{ref.experiment} holds no runs/ folder nor a bundle/tile_predictions.csv: not an experiment "
+            "folder (runs/<name>) nor a results folder (results/<name>)"
+        )
     out = {}
     for name in os.listdir(root):
         m = _SEED_DIR.match(name)
-        if m and os.path.isdir(os.path.join(root, name, ref.run)):
-            out[int(m.group(1))] = os.path.join(root, name, ref.run)
+        if m and (found := read_correct_folder(os.path.join(root, name, ref.run, f"eval_{split}"))):
+            out[int(m.group(1))] = found
     return out
 
 
 def _train_s(ref: RunRef, seeds: Sequence[int]) -> float | None:
-    path = os.path.join(ref.experiment, STATE_JSON)
+    path = os.path.join(bundle_lib.find(ref.experiment) or ref.experiment, STATE_JSON)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -91,12 +102,14 @@ def compare(
     """Pairs run ``a`` with run ``b`` over the seeds both have and the tiles both evaluated.
 
     Raises:
-      FileNotFoundError: a folder is not an experiment, or a run was never evaluated on ``split``.
-      ValueError: the two runs share no seed, or no test tile (other data sets or splits).
+      FileNotFoundError: a folder is neither an experiment nor a results folder, or a run was never
+        evaluated on ``split``.
+      ValueError: the two runs share no seed, or no test tile (other data sets or splits), or a
+        results folder's runs were evaluated on another split.
     """
     tables = {}
     for ref in (a, b):
-        found = {s: c for s, d in _seed_dirs(ref).items() if (c := read_correct_folder(os.path.join(d, f"eval_{split}")))}
+        found = _correct_by_seed(ref, split)
         if not found:
             raise FileNotFoundError(f"{ref}: no seed of this run was evaluated on {split} (no predictions.csv)")
         tables[ref] = found

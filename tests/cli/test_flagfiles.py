@@ -83,46 +83,52 @@ def _experiment_config(path):
 
 
 @pytest.mark.parametrize("flagfile", ABLATIONS, ids=lambda p: p.stem)
-def test_ablation_flagfile_changes_what_it_says_and_trains_the_main_runs_teachers(flagfile, monkeypatch):
-    """An ablation is its experiment.flags with the schedule changed and the grid narrowed. It
-    trains its own teachers with the main run's settings and seeds (the same teachers, up to CPU
-    rounding), so it resumes in any checkout: the main run's teachers are not committed."""
+def test_ablation_flagfile_changes_one_schedule_and_trains_its_own_teachers(flagfile, monkeypatch):
+    """An ablation is its experiment.flags with one schedule changed and the grid narrowed: either
+    the students' and baselines' epochs (the teachers then keep the main run's settings and seeds:
+    the same teachers, up to CPU rounding) or the teacher's epochs alone (baselines, which do not
+    read the teacher, may then be left out and paired with the main run's). It trains its own
+    teachers, so it resumes in any checkout: the main run's teachers are not committed."""
     import dataclasses
 
     monkeypatch.chdir(ROOT)
     main, abl = _experiment_config(flagfile.parent / "experiment.flags"), _experiment_config(flagfile)
-    assert abl.teachers_from == "" and abl.teacher_epochs == main.teacher_epochs and abl.out_dir != main.out_dir
+    assert abl.teachers_from == "" and abl.out_dir != main.out_dir
     assert abl.results_dir and abl.results_dir != main.results_dir
     assert dataclasses.replace(abl.base, model_dir=main.base.model_dir) == main.base and abl.seeds == main.seeds
     changed = {f.name for f in dataclasses.fields(abl) if getattr(abl, f.name) != getattr(main, f.name)}
     assert changed <= {"base", "out_dir", "results_dir", "title", "factors", "unlabeled_fractions",
                        "labeled_student_ce", "cascade_fractions", "student_epochs", "baseline_epochs",
-                       "teacher_epochs"}  # fmt: skip
+                       "teacher_epochs", "baselines"}  # fmt: skip
+    schedules = changed & {"teacher_epochs", "student_epochs", "baseline_epochs"}
+    assert schedules == {"teacher_epochs"} or (schedules and "teacher_epochs" not in schedules), schedules
+    assert "baselines" not in changed or schedules == {"teacher_epochs"}  # skipped only if unaffected
     assert set(abl.factors) <= set(main.factors) and set(abl.unlabeled_fractions) <= set(main.unlabeled_fractions)
     assert f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in flagfile.read_text()
 
 
 @pytest.mark.parametrize("flagfile", COMPARISONS, ids=lambda p: p.stem)
 def test_comparison_flagfile_names_runs_its_experiments_make(flagfile, monkeypatch):
-    """Every --pair of a compare_runs flagfile names <out_dir>:<run> of an experiment or ablation
-    flagfile beside it, and a run that experiment's grid trains: a typo fails here, not after
-    hours of training. Each run of the ablation is paired with the main run at every factor."""
+    """Every --pair of a compare_runs flagfile names <results_dir>:<run> of an experiment or
+    ablation flagfile beside it (the committed bundle, so the comparison reruns in a fresh
+    checkout), and a run that experiment's grid trains: a typo fails here, not after hours of
+    training. Each run of the ablation is paired with the main run at every factor."""
     from kd_histo.protocol.compare import RunRef
 
     monkeypatch.chdir(ROOT)
     grids = {}
     for path in [p for p in EXPERIMENTS + ABLATIONS if p.parent == flagfile.parent]:
         cfg = _experiment_config(path)
-        grids[cfg.out_dir] = (cfg, set(plan_lib.run_names(cfg)))
+        grids[cfg.results_dir] = (cfg, set(plan_lib.run_names(cfg)))
     lines = [ln for ln in flagfile.read_text().splitlines() if ln and not ln.startswith("#")]
     assert all(ln.startswith(("--pair=", "--out=", "--split=", "--n_boot=")) for ln in lines), lines
     pairs = [ln.removeprefix("--pair=").split(",", 2) for ln in lines if ln.startswith("--pair=")]
     assert pairs and all(len(p) == 3 and p[2].strip() for p in pairs)  # every row labelled
     refs = [RunRef.parse(r) for a, b, _ in pairs for r in (a, b)]
     for ref in refs:
-        assert ref.experiment in grids, f"{ref}: no flagfile beside {flagfile.name} has --out_dir={ref.experiment}"
+        assert ref.experiment in grids, f"{ref}: no flagfile beside {flagfile.name} has --results_dir={ref.experiment}"
         assert ref.run in grids[ref.experiment][1], f"{ref}: not in that experiment's grid"
     for cfg, names in grids.values():  # an ablation's every run appears in some pair
         if cfg.results_dir.endswith(flagfile.stem.removeprefix("compare_")):
-            assert names <= {r.run for r in refs if r.experiment == cfg.out_dir}, names
+            assert names <= {r.run for r in refs if r.experiment == cfg.results_dir}, names
     assert f"python tools/compare_runs.py --flagfile={flagfile.relative_to(ROOT)}" in flagfile.read_text()

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from kd_histo import schema
 from kd_histo.atomic import write_json, write_text
 from kd_histo.protocol.plan import EXPERIMENT_JSON, STATE_JSON, RunSpec, cascade_dir, eval_dir, has_cascade
+from kd_histo.protocol.report import scored_tile
 
 BUNDLE_DIR = "bundle"
 PREDICTIONS = "tile_predictions.csv"
@@ -150,8 +151,9 @@ def find(folder: str) -> str | None:
 
 def correct_by_seed(bundle: str, run: str, split: str) -> dict[int, dict[tuple, tuple[int, str]]]:
     """{seed: {(source, x, y): (correct, slide id)}} of one run's labeled tiles in a bundle, the
-    form :func:`kd_histo.protocol.report.read_correct_folder` gives for a run folder; {} when the
-    bundle holds no seed of ``run``.
+    form :func:`kd_histo.protocol.report.read_correct_folder` gives for a run folder (each tile
+    scored by :func:`kd_histo.protocol.report.scored_tile`); {} when the bundle holds no seed of
+    ``run``.
 
     Raises:
       ValueError: the bundle's runs were evaluated on another split than ``split``.
@@ -169,13 +171,12 @@ def correct_by_seed(bundle: str, run: str, split: str) -> dict[int, dict[tuple, 
             if sep and rest == run and seed[:1] == "s" and seed[1:].isdigit():
                 columns[int(seed[1:])] = name
         for row in reader:
-            label = int(row["label"])
-            if label < 0:
+            if int(row["label"]) < 0:
                 continue
-            key = (row["source"], int(row["x"]), int(row["y"]))
             for seed, name in columns.items():
                 if row[name] != "":
-                    out.setdefault(seed, {})[key] = (int(int(row[name]) == label), row["slide_id"])
+                    key, score = scored_tile(row, row[name])
+                    out.setdefault(seed, {})[key] = score
     return out
 
 

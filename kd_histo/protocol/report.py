@@ -340,6 +340,13 @@ def read_correct(spec, split: str) -> dict[tuple, tuple[int, str]] | None:
     return read_correct_folder(eval_dir(spec, split))
 
 
+def scored_tile(row: Mapping[str, str], pred: str) -> tuple[tuple, tuple[int, str]]:
+    """The key ``(source, x, y)`` and ``(correct, slide id)`` of one labeled tile of a predictions
+    table (a run's ``predictions.csv`` or a bundle's ``tile_predictions.csv``), given its
+    predicted class index."""
+    return (row["source"], int(row["x"]), int(row["y"])), (int(int(pred) == int(row["label"])), row["slide_id"])
+
+
 def read_correct_folder(eval_folder: str) -> dict[tuple, tuple[int, str]] | None:
     """{(source, x, y): (correct, slide id)} of the labeled tiles in an evaluation folder's
     ``predictions.csv``; None when it holds none."""
@@ -352,8 +359,8 @@ def read_correct_folder(eval_folder: str) -> dict[tuple, tuple[int, str]] | None
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             if int(row["label"]) >= 0:
-                key = (row["source"], int(row["x"]), int(row["y"]))
-                out[key] = (int(row["label"] == row["pred"]), row["slide_id"])
+                key, score = scored_tile(row, row["pred"])
+                out[key] = score
     return out
 
 

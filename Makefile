@@ -9,7 +9,7 @@ TF_BUILD ?= $(shell cat $(VENV)/.tf-build 2>/dev/null || echo cpu)
 # first, then installs the wanted one (see BUILD_NOTES.md, "The tested environment").
 TF_OTHER = $(if $(filter gpu,$(TF_BUILD)),tensorflow-cpu,tensorflow)
 
-.PHONY: venv venv-cpu venv-gpu demo test test-reliability clean-venv
+.PHONY: venv venv-cpu venv-gpu demo test lint test-reliability clean-venv
 
 venv: $(STAMP)
 
@@ -32,8 +32,13 @@ venv-cpu venv-gpu:
 demo: venv
 	$(VENV)/bin/kd-histo-demo --out_dir=runs/demo
 
-test: venv
+# Lint first (seconds), then the suite: CI runs exactly this.
+test: venv lint
 	$(VENV)/bin/python -m pytest -n 2 --durations=15
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-reliability: venv
 	$(VENV)/bin/python -m pytest -m reliability -n 2

@@ -19,8 +19,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from kd_histo.convert import ConvertConfig, EncodeOptions
-from kd_histo.convert import neardup
+from kd_histo.convert import ConvertConfig, EncodeOptions, neardup
 from kd_histo.convert import plan as plan_lib
 
 FLAGS = flags.FLAGS
@@ -79,8 +78,10 @@ def main(argv):
     with open(FLAGS.groups_csv, newline="") as f:
         truth = {os.path.normpath(r["path"]): r["group_id"] for r in csv.DictReader(f)}
     results = [measure(g, truth) for g in FLAGS.group_by]
-    print("| group_by | groups | pair precision | pair recall | largest group | test tiles with "
-          "their original in train (mean / max over seeds) | val | unlabeled | plan s |")
+    print(
+        "| group_by | groups | pair precision | pair recall | largest group | test tiles with "
+        "their original in train (mean / max over seeds) | val | unlabeled | plan s |"
+    )
     print("|---|---:|---:|---:|---:|---|---|---|---:|")
     for r in results:
         print(

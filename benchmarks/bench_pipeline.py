@@ -44,6 +44,7 @@ def make_shards(src: str, out_dir: str, per_class: int, num_shards: int = 4) -> 
     import tensorflow as tf
 
     from kd_histo import schema
+
     classes = sorted(c for c in os.listdir(src) if os.path.isdir(os.path.join(src, c)))
     files = [
         (os.path.join(src, c, f), k)

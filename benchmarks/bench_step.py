@@ -6,7 +6,8 @@
 
 For each factor the student reads a ``hr_px / factor`` view; "uncached" runs the frozen teacher on
 the ``hr_px`` view plus the resize of its feature map, "cached" feeds precomputed
-``teacher_logits``/``teacher_features`` (see kd_histo.training.teacher_cache) so the step is the student's
+``teacher_logits``/``teacher_features`` (see kd_histo.training.teacher_cache) so the step is the
+student's
 forward/backward only. Both use the paper's ResNet-GN (planes 32-64-128-256), KD + maxpool+bicubic
 feature loss, Adam. "infer" times the net's forward pass (``model(x, training=False)`` in a
 ``tf.function``, as kd-histo-cost does) at each ``--infer_px``. Each configuration is timed
@@ -62,12 +63,15 @@ def define_flags():
         "threads", 0, "intra-op threads of TensorFlow and PyTorch (0: TF's default, one per core)"
     )
     flags.DEFINE_enum(
-        "clock", "wall", ["wall", "process"],
+        "clock",
+        "wall",
+        ["wall", "process"],
         "wall: images per wall-clock second; process: per second of the process's CPU time "
         "(with --threads=1, a measure of work that a busy machine disturbs less)",
     )
     flags.DEFINE_list(
-        "torch_layouts", ["nchw", "channels_last"],
+        "torch_layouts",
+        ["nchw", "channels_last"],
         "PyTorch memory layouts to time: nchw (its default), channels_last (NHWC, as TF's)",
     )
 
@@ -117,7 +121,9 @@ def bench_one(
         distiller = ResolutionDistiller(student, None)
     else:
         distiller = ResolutionDistiller(student, teacher)
-    distiller.compile(FusedAdam(1e-3))  # the binaries' Adam (kd_histo.training.train.make_optimizer)
+    distiller.compile(
+        FusedAdam(1e-3)
+    )  # the binaries' Adam (kd_histo.training.train.make_optimizer)
     distiller.optimizer.build(distiller.trainable_variables)
     step = tf.function(distiller.train_step, jit_compile=jit_compile, reduce_retracing=True)
     for _ in range(warmup):
@@ -138,8 +144,9 @@ def bench_one(
     }
 
 
-def bench_infer(px: int, *, batch: int, steps: int, warmup: int, repeats: int,
-                planes: tuple[int, ...]) -> dict:
+def bench_infer(
+    px: int, *, batch: int, steps: int, warmup: int, repeats: int, planes: tuple[int, ...]
+) -> dict:
     """Times the net's forward pass on ``batch`` images of ``px`` (as kd_histo.evaluation.cost does)."""
     import keras
     import numpy as np
@@ -160,8 +167,12 @@ def bench_infer(px: int, *, batch: int, steps: int, warmup: int, repeats: int,
             out = fn(x)
         out.numpy()
         rates.append(steps * batch / (CLOCK() - start))
-    return {"px": px, "mode": "infer", "images_per_s": round(statistics.median(rates), 1),
-            "runs": [round(r, 1) for r in rates]}
+    return {
+        "px": px,
+        "mode": "infer",
+        "images_per_s": round(statistics.median(rates), 1),
+        "runs": [round(r, 1) for r in rates],
+    }
 
 
 def run_torch(f, *, factors: str = "", modes: str = "", infer_px: str = "") -> list[dict]:
@@ -170,11 +181,21 @@ def run_torch(f, *, factors: str = "", modes: str = "", infer_px: str = "") -> l
     for layout in f.torch_layouts:
         if layout not in ("nchw", "channels_last"):
             raise SystemExit(f"bench_step: error: --torch_layouts: unknown layout {layout!r}")
-        cmd = [f.torch_python, str(TORCH_STEP), f"--factors={factors}", f"--modes={modes}",
-               f"--infer_px={infer_px}", f"--batch={f.batch}", f"--hr_px={f.hr_px}",
-               f"--steps={f.steps}", f"--warmup={f.warmup}", f"--repeats={f.repeats}",
-               f"--planes={f.arch_planes}", f"--threads={f.threads or os.cpu_count()}",
-               f"--clock={f.clock}"]
+        cmd = [
+            f.torch_python,
+            str(TORCH_STEP),
+            f"--factors={factors}",
+            f"--modes={modes}",
+            f"--infer_px={infer_px}",
+            f"--batch={f.batch}",
+            f"--hr_px={f.hr_px}",
+            f"--steps={f.steps}",
+            f"--warmup={f.warmup}",
+            f"--repeats={f.repeats}",
+            f"--planes={f.arch_planes}",
+            f"--threads={f.threads or os.cpu_count()}",
+            f"--clock={f.clock}",
+        ]
         cmd += ["--channels_last"] if layout == "channels_last" else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -186,6 +207,7 @@ def run_torch(f, *, factors: str = "", modes: str = "", infer_px: str = "") -> l
 
 def markdown(results: list[dict], torch_results: list[dict], layouts: list[str]) -> str:
     """Images/s of kd_histo and PyTorch (per layout) and their ratio, one row per step and input."""
+
     def key(r):
         return (r["mode"], r.get("factor", r.get("px")), r.get("layout"))
 
@@ -225,8 +247,10 @@ def main(argv):
 
     timing = dict(batch=f.batch, steps=f.steps, warmup=f.warmup, repeats=f.repeats, planes=planes)
     for fac in f.factors:
-        ours = [bench_one(int(fac), mode, hr_px=f.hr_px, jit_compile=f.jit_compile, **timing)
-                for mode in f.modes]
+        ours = [
+            bench_one(int(fac), mode, hr_px=f.hr_px, jit_compile=f.jit_compile, **timing)
+            for mode in f.modes
+        ]
         theirs = run_torch(f, factors=fac, modes=",".join(f.modes)) if f.compare_torch else []
         for i, r in enumerate(ours):
             done(r, theirs if i == len(ours) - 1 else ())

@@ -27,7 +27,9 @@ import pyramid_slide  # noqa: E402  (the benchmarks folder is not a package)
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Converted tiles (dataset.json).")
 flags.DEFINE_string("out_dir", None, "Where the slides and labels.csv go.")
-flags.DEFINE_list("splits", ["train", "val", "test"], "Splits stitched (one slide per split and class).")
+flags.DEFINE_list(
+    "splits", ["train", "val", "test"], "Splits stitched (one slide per split and class)."
+)
 flags.DEFINE_float("mpp", 0.5, "µm/px recorded for the stitched tiles.")
 flags.DEFINE_integer("jpeg_quality", 75, "JPEG quality of the levels.")
 
@@ -51,11 +53,20 @@ def main(argv):
         for c, name in enumerate(info.class_names):
             t = tiles[labels == c]
             n = (len(t) // 16) * 16  # whole rows only: no blank cells become tiles
-            t = t[:n].reshape(n // 16, 16, px, px, 3).transpose(0, 2, 1, 3, 4).reshape(n // 16 * px, 16 * px, 3)
+            t = (
+                t[:n]
+                .reshape(n // 16, 16, px, px, 3)
+                .transpose(0, 2, 1, 3, 4)
+                .reshape(n // 16 * px, 16 * px, 3)
+            )
             png = os.path.join(FLAGS.out_dir, f"{split}_{name}.png")
             Image.fromarray(t).save(png)
-            tif = pyramid_slide.pyramid_tiff(png, os.path.join(FLAGS.out_dir, f"{split}_{name}.tif"), mpp=FLAGS.mpp,
-                                             quality=FLAGS.jpeg_quality)
+            tif = pyramid_slide.pyramid_tiff(
+                png,
+                os.path.join(FLAGS.out_dir, f"{split}_{name}.tif"),
+                mpp=FLAGS.mpp,
+                quality=FLAGS.jpeg_quality,
+            )
             os.remove(png)
             rows.append((tif, name, f"{split}_{name}", f"{split}_{name}", split))
             print(f"{split} {name}: {n} tiles -> {tif}", flush=True)

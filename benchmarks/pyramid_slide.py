@@ -35,8 +35,14 @@ def export_level0(slide_path: str, png_path: str) -> tuple[int, int, float]:
     return width, height, mpp
 
 
-def pyramid_tiff(slide_path: str, out_path: str, *, mpp: float = 0.0, blocks: tuple[int, int] = (0, 0),
-                 quality: int = 75) -> str:
+def pyramid_tiff(
+    slide_path: str,
+    out_path: str,
+    *,
+    mpp: float = 0.0,
+    blocks: tuple[int, int] = (0, 0),
+    quality: int = 75,
+) -> str:
     """A pyramidal JPEG TIFF of a slide's level 0 (kept if ``out_path`` exists).
 
     Args:
@@ -58,8 +64,10 @@ def pyramid_tiff(slide_path: str, out_path: str, *, mpp: float = 0.0, blocks: tu
             png = os.path.join(tmp, "level0.png")
             *_, base_mpp = export_level0(slide_path, png)
         px_per_mm = 1000.0 / (mpp or base_mpp)
-        opts = (f"[tile,pyramid,compression=jpeg,Q={quality},tile-width=256,tile-height=256,"
-                f"xres={px_per_mm},yres={px_per_mm},resunit=cm]")
+        opts = (
+            f"[tile,pyramid,compression=jpeg,Q={quality},tile-width=256,tile-height=256,"
+            f"xres={px_per_mm},yres={px_per_mm},resunit=cm]"
+        )
         part = out_path + ".part.tif"
         if blocks == (0, 0):
             _vips("copy", png, part + opts)

@@ -63,7 +63,9 @@ class ResNetGN(nn.Module):
         self.register_buffer("mean", torch.tensor([0.7, 0.5, 0.7]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.15, 0.2, 0.15]).view(1, 3, 1, 1))
         self.stem = nn.Sequential(
-            nn.Conv2d(3, planes[0], 7, 2, 3, bias=False), gn(planes[0]), nn.ReLU(inplace=True),
+            nn.Conv2d(3, planes[0], 7, 2, 3, bias=False),
+            gn(planes[0]),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1),
         )
         blocks, cin = [], planes[0]
@@ -87,10 +89,15 @@ def feature_target(t_feat, size):
 
 
 def student_loss(s_logits, s_feat, t_logits, target):
-    kd = F.kl_div(
-        F.log_softmax(s_logits / TEMPERATURE, 1), F.log_softmax(t_logits / TEMPERATURE, 1),
-        reduction="batchmean", log_target=True,
-    ) * TEMPERATURE**2
+    kd = (
+        F.kl_div(
+            F.log_softmax(s_logits / TEMPERATURE, 1),
+            F.log_softmax(t_logits / TEMPERATURE, 1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * TEMPERATURE**2
+    )
     return kd + F.mse_loss(s_feat, target)
 
 
@@ -141,9 +148,13 @@ def bench_step(factor: int, mode: str, a) -> dict:
         opt.step()  # CPU ops are synchronous: the step is done when this returns
 
     rates = _time(step, steps=a.steps, warmup=a.warmup, repeats=a.repeats, batch=a.batch)
-    return {"factor": factor, "mode": mode, "student_px": lr_px,
-            "images_per_s": round(statistics.median(rates), 1),
-            "runs": [round(r, 1) for r in rates]}
+    return {
+        "factor": factor,
+        "mode": mode,
+        "student_px": lr_px,
+        "images_per_s": round(statistics.median(rates), 1),
+        "runs": [round(r, 1) for r in rates],
+    }
 
 
 def bench_infer(px: int, a) -> dict:
@@ -156,8 +167,12 @@ def bench_infer(px: int, a) -> dict:
             return net(x)[0].sum().item()
 
     rates = _time(run, steps=a.steps, warmup=a.warmup, repeats=a.repeats, batch=a.batch)
-    return {"px": px, "mode": "infer", "images_per_s": round(statistics.median(rates), 1),
-            "runs": [round(r, 1) for r in rates]}
+    return {
+        "px": px,
+        "mode": "infer",
+        "images_per_s": round(statistics.median(rates), 1),
+        "runs": [round(r, 1) for r in rates],
+    }
 
 
 def main():
@@ -178,8 +193,11 @@ def main():
     global CLOCK
     CLOCK = time.process_time if a.clock == "process" else time.perf_counter
     torch.set_num_threads(a.threads)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "layout": "channels_last" if a.channels_last else "nchw"}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "layout": "channels_last" if a.channels_last else "nchw",
+    }
     for f in [int(v) for v in a.factors.split(",") if v]:
         for mode in [m for m in a.modes.split(",") if m]:
             print(json.dumps({**bench_step(f, mode, a), **meta}), flush=True)

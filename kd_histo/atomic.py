@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def _is_remote(path: str) -> bool:
@@ -59,6 +59,8 @@ def write_text(path: str, text: str, suffix: str = "") -> None:
         f.write(text)
 
 
-def write_json(path: str, obj, *, indent: int = 2, sort_keys: bool = True, suffix: str = "") -> None:
+def write_json(
+    path: str, obj, *, indent: int = 2, sort_keys: bool = True, suffix: str = ""
+) -> None:
     """Writes ``obj`` as JSON to ``path`` whole or not at all (see :func:`replacing`)."""
     write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys), suffix)

@@ -19,7 +19,8 @@ import json
 import math
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import tensorflow as tf
 from google.protobuf.message import DecodeError
@@ -52,7 +53,9 @@ FEATURES: dict[str, tf.io.FixedLenFeature] = {
     for name, (dtype, default) in _FIELDS.items()
 }
 
-_SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.tfrecord(\.gz)?$")
+_SHARD_RE = re.compile(
+    r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.tfrecord(\.gz)?$"
+)
 
 
 class SchemaError(ValueError):
@@ -168,7 +171,9 @@ def parse_example_numpy(serialized: bytes) -> dict[str, Any]:
             out[name] = default if dtype != tf.string else str(default).encode()
             continue
         kind = feat.WhichOneof("kind")
-        expected = {tf.string: "bytes_list", tf.int64: "int64_list", tf.float32: "float_list"}[dtype]
+        expected = {tf.string: "bytes_list", tf.int64: "int64_list", tf.float32: "float_list"}[
+            dtype
+        ]
         if kind != expected:
             raise SchemaError(f"feature {name!r} is {kind}, expected {expected}")
         values = getattr(feat, kind).value
@@ -203,7 +208,9 @@ def parse_shard_name(name: str) -> tuple[str, int, int]:
 def shard_paths(data_dir: str, split: str) -> list[str]:
     """Sorted shard paths of one split in ``data_dir``; raises if there are none."""
     names = sorted(
-        n for n in tf.io.gfile.listdir(data_dir) if _SHARD_RE.match(n) and _SHARD_RE.match(n)["split"] == split
+        n
+        for n in tf.io.gfile.listdir(data_dir)
+        if _SHARD_RE.match(n) and _SHARD_RE.match(n)["split"] == split
     )
     if not names:
         raise FileNotFoundError(f"no '{split}' shards ({split}-*-of-*.tfrecord) in {data_dir}")
@@ -260,7 +267,7 @@ class DatasetInfo:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DatasetInfo":
+    def from_dict(cls, d: Mapping[str, Any]) -> DatasetInfo:
         d = dict(d)
         d.pop("num_classes", None)
         version = d.get("schema_version")
@@ -278,7 +285,9 @@ class DatasetInfo:
                 raise SchemaError(f"dataset.json lacks {key!r}")
         info = cls(**d)
         if not info.class_names or len(set(info.class_names)) != len(info.class_names):
-            raise SchemaError(f"dataset.json class_names must be non-empty and unique: {info.class_names}")
+            raise SchemaError(
+                f"dataset.json class_names must be non-empty and unique: {info.class_names}"
+            )
         if (
             len(info.mean) != 3
             or len(info.std) != 3
@@ -299,7 +308,7 @@ class DatasetInfo:
         return path
 
     @classmethod
-    def read(cls, data_dir: str) -> "DatasetInfo":
+    def read(cls, data_dir: str) -> DatasetInfo:
         """Reads ``dataset.json`` from a data folder, with a clear error when absent or broken."""
         path = data_dir if data_dir.endswith(".json") else os.path.join(data_dir, DATASET_JSON)
         if not tf.io.gfile.exists(path):

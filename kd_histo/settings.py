@@ -23,8 +23,10 @@ import dataclasses
 from typing import Any
 
 # One help text for the flag of several binaries (train, evaluate, predict) and their configs.
-SKIP_CORRUPT_HELP = ("Converted data: skip corrupt records (bad bytes, a wrong tile size, a damaged shard's "
-                     "tail) and say how many, instead of stopping at the first with the shard's name.")
+SKIP_CORRUPT_HELP = (
+    "Converted data: skip corrupt records (bad bytes, a wrong tile size, a damaged shard's "
+    "tail) and say how many, instead of stopping at the first with the shard's name."
+)
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", **flag: Any) -> Any:  # noqa: A002

@@ -51,7 +51,9 @@ def tiny_shards_without(tiny_shards, tmp_path):
 def shared_data():
     """``../shared/data`` beside the checkout; skips the test with a reason when it is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real H&E data folder {SHARED_DATA} is absent (it sits beside the checkout in CI)")
+        pytest.skip(
+            f"real H&E data folder {SHARED_DATA} is absent (it sits beside the checkout in CI)"
+        )
     return SHARED_DATA
 
 
@@ -63,7 +65,9 @@ def pytest_terminal_summary(terminalreporter):
     outcomes = {}
     for outcome in ("passed", "failed", "skipped", "error"):
         for report in terminalreporter.stats.get(outcome, []):
-            if "reliability" in getattr(report, "keywords", {}) and (report.when == "call" or outcome != "passed"):
+            if "reliability" in getattr(report, "keywords", {}) and (
+                report.when == "call" or outcome != "passed"
+            ):
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
     if outcomes:
         ran = sum(outcomes.values())

@@ -16,17 +16,33 @@ CONVERT = [sys.executable, "-m", "kd_histo.cli.convert"]
 
 # The conversion the crash-and-resume tests repeat, in-process and as a command (same settings):
 # units of 4 tiles and 3 shards, so a kill lands between part files; PNG level 9 makes each unit
-# slow enough to catch. Input: ``synthetic.write_tile_folder(..., 40, tile_px=32, slides_per_class=20)``.
+# slow enough to catch. Input: ``synthetic.write_tile_folder(..., 40, tile_px=32,
+# slides_per_class=20)``.
 def small_units_config(out, manifest, **kw):
     from kd_histo.convert import ConvertConfig, EncodeOptions
 
-    return ConvertConfig(out_dir=str(out), manifest=manifest, unit_size=4, num_shards=3,
-                         encode=EncodeOptions(tile_px=32, png_level=9), **kw)
+    return ConvertConfig(
+        out_dir=str(out),
+        manifest=manifest,
+        unit_size=4,
+        num_shards=3,
+        encode=EncodeOptions(tile_px=32, png_level=9),
+        **kw,
+    )
 
 
 def small_units_command(manifest, out) -> list[str]:
-    return [*CONVERT, f"--manifest={manifest}", f"--out_dir={out}", "--tile_px=32", "--unit_size=4", "--num_shards=3",
-            "--num_workers=0", "--progress=false", "--png_level=9"]
+    return [
+        *CONVERT,
+        f"--manifest={manifest}",
+        f"--out_dir={out}",
+        "--tile_px=32",
+        "--unit_size=4",
+        "--num_shards=3",
+        "--num_workers=0",
+        "--progress=false",
+        "--png_level=9",
+    ]
 
 
 # -- a copy of a data folder whose shards a test damages ------------------------------------------
@@ -72,29 +88,60 @@ def write_tiny_shards(out_dir, tile_px=32, per_class=4, num_shards=2, seed=0, un
 
     from kd_histo import schema
     from kd_histo.data import synthetic
+
     os.makedirs(out_dir, exist_ok=True)
     n_classes = len(synthetic.CLASS_NAMES)
     plan = {"train": per_class, "val": max(1, per_class // 2), "test": max(1, per_class // 2)}
     counts, shards = {}, {}
     train_pixels = []
     for s_idx, (split, n) in enumerate(plan.items()):
-        images, labels, _ = synthetic.generate(n, tile_px, seed=seed + 101 * s_idx, slides_per_class=2)
+        images, labels, _ = synthetic.generate(
+            n, tile_px, seed=seed + 101 * s_idx, slides_per_class=2
+        )
         if split == "train":
             train_pixels.append(images.reshape(-1, 3) / 255.0)
-        _write_split(tf, schema, out_dir, split, images, labels, [f"{split}-slide{i % 3}" for i in range(len(labels))], num_shards)
-        counts[split] = {synthetic.CLASS_NAMES[c]: int((labels == c).sum()) for c in range(n_classes)}
+        _write_split(
+            tf,
+            schema,
+            out_dir,
+            split,
+            images,
+            labels,
+            [f"{split}-slide{i % 3}" for i in range(len(labels))],
+            num_shards,
+        )
+        counts[split] = {
+            synthetic.CLASS_NAMES[c]: int((labels == c).sum()) for c in range(n_classes)
+        }
         shards[split] = num_shards
     if unlabeled:
-        images, _, _ = synthetic.generate(max(1, unlabeled // n_classes), tile_px, seed=seed + 999, slides_per_class=2)
+        images, _, _ = synthetic.generate(
+            max(1, unlabeled // n_classes), tile_px, seed=seed + 999, slides_per_class=2
+        )
         images = images[:unlabeled]
         labels = np.full(len(images), schema.UNLABELED)
-        _write_split(tf, schema, out_dir, "unlabeled", images, labels, [f"unl-slide{i % 2}" for i in range(len(labels))], 1)
+        _write_split(
+            tf,
+            schema,
+            out_dir,
+            "unlabeled",
+            images,
+            labels,
+            [f"unl-slide{i % 2}" for i in range(len(labels))],
+            1,
+        )
         counts["unlabeled"] = {"unlabeled": len(images)}
         shards["unlabeled"] = 1
     px = np.concatenate(train_pixels)
     info = schema.DatasetInfo(
-        class_names=list(synthetic.CLASS_NAMES), tile_px=tile_px, mpp=0.5, counts=counts, shards=shards,
-        mean=px.mean(0).round(6).tolist(), std=px.std(0).round(6).tolist(), source="tests/support.py (synthetic)",
+        class_names=list(synthetic.CLASS_NAMES),
+        tile_px=tile_px,
+        mpp=0.5,
+        counts=counts,
+        shards=shards,
+        mean=px.mean(0).round(6).tolist(),
+        std=px.std(0).round(6).tolist(),
+        source="tests/support.py (synthetic)",
         command="write_tiny_shards",
     )
     info.write(str(out_dir))
@@ -108,7 +155,16 @@ def _write_split(tf, schema, out_dir, split, images, labels, slide_ids, num_shar
         with tf.io.TFRecordWriter(path) as w:
             for i in range(k, len(images), num_shards):
                 png = tf.io.encode_png(images[i]).numpy()
-                ex = schema.make_example(png, images[i].shape[0], images[i].shape[1], label=int(labels[i]),
-                                         slide_id=slide_ids[i], patient_id=slide_ids[i], x=i, y=0, mpp=0.5,
-                                         source=f"synthetic:{split}:{i}")
+                ex = schema.make_example(
+                    png,
+                    images[i].shape[0],
+                    images[i].shape[1],
+                    label=int(labels[i]),
+                    slide_id=slide_ids[i],
+                    patient_id=slide_ids[i],
+                    x=i,
+                    y=0,
+                    mpp=0.5,
+                    source=f"synthetic:{split}:{i}",
+                )
                 w.write(ex.SerializeToString())

@@ -89,8 +89,18 @@ def test_measure_curve_accounts_cost_and_accuracy():
         return teacher_out[x[:, 0].astype(int)]
 
     idx = np.arange(n, dtype=float)[:, None]
-    rows = cascade.measure_curve(student_fn, teacher_fn, idx, idx, labels, student_gflops=0.1, teacher_gflops=2.0,
-                                 fractions=(0.0, 0.1, 0.5, 1.0), batch_size=8, repeats=2)
+    rows = cascade.measure_curve(
+        student_fn,
+        teacher_fn,
+        idx,
+        idx,
+        labels,
+        student_gflops=0.1,
+        teacher_gflops=2.0,
+        fractions=(0.0, 0.1, 0.5, 1.0),
+        batch_size=8,
+        repeats=2,
+    )
     assert [r["scored_by"] for r in rows] == ["cascade"] * 4 + ["teacher"]
     assert [r["n_teacher"] for r in rows] == [0, 4, 20, 40, 40]
     for r in rows[:4]:
@@ -100,7 +110,9 @@ def test_measure_curve_accounts_cost_and_accuracy():
         assert r["accuracy"] == pytest.approx(want)
         assert r["tiles_per_s"] == pytest.approx(n / r["seconds"])
     keep = labels >= 0
-    assert rows[0]["accuracy"] == pytest.approx((student_out[keep].argmax(1) == labels[keep]).mean())
+    assert rows[0]["accuracy"] == pytest.approx(
+        (student_out[keep].argmax(1) == labels[keep]).mean()
+    )
     assert rows[3]["accuracy"] == rows[4]["accuracy"] == 1.0
     assert rows[4]["gflops_per_tile"] == 2.0 and rows[4]["speedup_vs_teacher"] == pytest.approx(1.0)
     # the teacher ran on the selected tiles only: one untimed warm-up batch, then 2 timed passes
@@ -108,8 +120,10 @@ def test_measure_curve_accounts_cost_and_accuracy():
 
 
 def test_cheapest_share_within_a_point_of_the_teacher():
-    rows = [{"scored_by": "cascade", "teacher_share": f, "accuracy": a}
-            for f, a in ((0.0, 0.90), (0.1, 0.935), (0.2, 0.945), (0.5, 0.95))]
+    rows = [
+        {"scored_by": "cascade", "teacher_share": f, "accuracy": a}
+        for f, a in ((0.0, 0.90), (0.1, 0.935), (0.2, 0.945), (0.5, 0.95))
+    ]
     teacher = {"scored_by": "teacher", "teacher_share": 1.0, "accuracy": 0.95}
     assert cascade.cheapest_within(rows + [teacher], points=1.0)["teacher_share"] == 0.2
     assert cascade.cheapest_within(rows + [teacher], points=2.0)["teacher_share"] == 0.1
@@ -117,8 +131,18 @@ def test_cheapest_share_within_a_point_of_the_teacher():
 
 
 def rec(**changes) -> RunRecord:
-    base = dict(mode="distill", view="lr", factor=2.0, lr_method="area", hr_px=32, input_px=16, mpp=0.5,
-                class_names=NAMES, mean=(0.6, 0.4, 0.7), std=(0.2, 0.25, 0.15))
+    base = dict(
+        mode="distill",
+        view="lr",
+        factor=2.0,
+        lr_method="area",
+        hr_px=32,
+        input_px=16,
+        mpp=0.5,
+        class_names=NAMES,
+        mean=(0.6, 0.4, 0.7),
+        std=(0.2, 0.25, 0.15),
+    )
     base.update(changes)
     return RunRecord(**base)
 
@@ -126,12 +150,15 @@ def rec(**changes) -> RunRecord:
 TEACHER = dict(mode="teacher", view="hr", factor=1.0, input_px=32)
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"class_names": ("tumour", "lymphocytes", "stroma", "debris")}, "order"),
-    ({"mode": "baseline", "view": "lr", "factor": 2.0, "input_px": 16}, "HR tiles"),
-    ({"hr_px": 64, "input_px": 64}, "px HR tiles"),
-    ({"mpp": 1.0}, "µm/px"),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"class_names": ("tumour", "lymphocytes", "stroma", "debris")}, "order"),
+        ({"mode": "baseline", "view": "lr", "factor": 2.0, "input_px": 16}, "HR tiles"),
+        ({"hr_px": 64, "input_px": 64}, "px HR tiles"),
+        ({"mpp": 1.0}, "µm/px"),
+    ],
+)
 def test_a_teacher_that_does_not_fit_the_student_is_refused(changes, words):
     cascade.check_pair(rec(), rec(**TEACHER))  # the student's own teacher fits
     cascade.check_pair(rec(mpp=None), rec(**TEACHER))  # unknown µm/px: nothing to compare
@@ -145,8 +172,15 @@ def make_run(root, name, **changes) -> str:
     r = rec(**changes)
     d = os.path.join(str(root), name)
     os.makedirs(d)
-    net = build_model("resnet_gn", len(r.class_names), mean=r.mean, std=r.std, planes=(4, 8, 8, 16), stem="small",
-                      name=name)
+    net = build_model(
+        "resnet_gn",
+        len(r.class_names),
+        mean=r.mean,
+        std=r.std,
+        planes=(4, 8, 8, 16),
+        stem="small",
+        name=name,
+    )
     net.save(os.path.join(d, "model.keras"))
     write_run_record(d, r)
     return d
@@ -158,29 +192,43 @@ def _probs_csv(path):
     return rows, np.array([[float(r[k]) for k in r if k.startswith("prob_")] for r in rows])
 
 
-def test_evaluate_with_cascade_writes_the_curve_whose_ends_are_student_and_teacher(tmp_path, tiny_shards):
+def test_evaluate_with_cascade_writes_the_curve_whose_ends_are_student_and_teacher(
+    tmp_path, tiny_shards
+):
     from kd_histo.evaluation import evaluate
+
     student = make_run(tmp_path, "student", data_dir=tiny_shards)
     teacher = make_run(tmp_path, "teacher", data_dir=tiny_shards, **TEACHER)
-    out = evaluate.evaluate_run(evaluate.EvalConfig(student, n_boot=10, cascade_teacher=teacher,
-                                                    cascade_fractions=(0.0, 0.25, 0.5)))
+    out = evaluate.evaluate_run(
+        evaluate.EvalConfig(
+            student, n_boot=10, cascade_teacher=teacher, cascade_fractions=(0.0, 0.25, 0.5)
+        )
+    )
     t_out = evaluate.evaluate_run(evaluate.EvalConfig(teacher, n_boot=10))
     data = json.load(open(out["cascade_json"]))
     rows = data["rows"]
-    assert [r["fraction"] for r in rows] == [0.0, 0.25, 0.5, 1.0] and rows[-1]["scored_by"] == "teacher"
+    assert [r["fraction"] for r in rows] == [0.0, 0.25, 0.5, 1.0] and rows[-1][
+        "scored_by"
+    ] == "teacher"
     n = json.load(open(out["metrics"]))["tile"]["n"]
     assert [r["n_teacher"] for r in rows] == [0, n // 4, n // 2, n]
     assert rows[0]["accuracy"] == pytest.approx(json.load(open(out["metrics"]))["tile"]["accuracy"])
-    assert rows[-1]["accuracy"] == pytest.approx(json.load(open(t_out["metrics"]))["tile"]["accuracy"])
+    assert rows[-1]["accuracy"] == pytest.approx(
+        json.load(open(t_out["metrics"]))["tile"]["accuracy"]
+    )
     assert rows[-1]["gflops_per_tile"] > 3 * rows[0]["gflops_per_tile"]  # 4x the pixels
     assert all(r["tiles_per_s"] > 0 for r in rows)
     with open(out["cascade_csv"]) as f:
         assert len(list(csv.DictReader(f))) == 4
     assert os.path.getsize(out["cascade_png"]) > 0
 
-    wrong = make_run(tmp_path, "wrong_order", data_dir=tiny_shards, **{**TEACHER, "class_names": NAMES[::-1]})
+    wrong = make_run(
+        tmp_path, "wrong_order", data_dir=tiny_shards, **{**TEACHER, "class_names": NAMES[::-1]}
+    )
     with pytest.raises(ValueError, match="order"):
-        evaluate.evaluate_run(evaluate.EvalConfig(student, cascade_teacher=wrong, out_dir=str(tmp_path / "no")))
+        evaluate.evaluate_run(
+            evaluate.EvalConfig(student, cascade_teacher=wrong, out_dir=str(tmp_path / "no"))
+        )
     assert not os.path.exists(tmp_path / "no")  # refused before anything was written
 
 
@@ -199,13 +247,24 @@ def test_predict_with_cascade_rescores_the_least_confident_tiles_with_the_teache
     images, _, _ = synthetic.generate(2, 32, seed=4)  # 8 tiles, one group
     for i, im in enumerate(images):
         Image.fromarray(im).save(tiles / f"t{i}.png")
-    alone = predict.predict(predict.PredictConfig(student, (str(tiles),), out_dir=str(tmp_path / "alone")))
-    out = predict.predict(predict.PredictConfig(student, (str(tiles),), out_dir=str(tmp_path / "cascade"),
-                                                cascade_teacher=teacher, cascade_fraction=0.25))
+    alone = predict.predict(
+        predict.PredictConfig(student, (str(tiles),), out_dir=str(tmp_path / "alone"))
+    )
+    out = predict.predict(
+        predict.PredictConfig(
+            student,
+            (str(tiles),),
+            out_dir=str(tmp_path / "cascade"),
+            cascade_teacher=teacher,
+            cascade_fraction=0.25,
+        )
+    )
     _, p_student = _probs_csv(alone["predictions"])
     rows, p = _probs_csv(out["predictions"])
     by = np.array([r["scored_by"] == "teacher" for r in rows])
-    np.testing.assert_array_equal(by, cascade.select(p_student, fraction=0.25))  # 2 least confident of 8
+    np.testing.assert_array_equal(
+        by, cascade.select(p_student, fraction=0.25)
+    )  # 2 least confident of 8
     x = tf.constant(images.astype(np.float32) / 255.0)
     p_teacher = tf.nn.softmax(load_model(os.path.join(teacher, "model.keras"))(x)["logits"]).numpy()
     np.testing.assert_allclose(p[by], p_teacher[by], atol=2e-6)

@@ -49,7 +49,10 @@ def test_a_fall_with_more_unlabeled_data_is_reported():
 
 def test_table_prints_the_paired_interval():
     table = claims_markdown(factor_claims(ROWS, PAIRED))
-    assert "| x8 | 0.910 | 0.850 | student_x8_unl100 0.900 | -1.0 pts | +5.0 [+1.0, +9.0] pts (2 seeds) |" in table
+    assert (
+        "| x8 | 0.910 | 0.850 | student_x8_unl100 0.900 | -1.0 pts | +5.0 [+1.0, +9.0] pts (2 seeds) |"
+        in table
+    )
 
 
 def test_no_teacher_no_claims():

@@ -39,13 +39,16 @@ def test_difference_is_paired_over_shared_seeds_and_tiles(tmp_path):
         _write_run(abl, s, "student_x8", a[s], train_s=100.0 + s)
         _write_run(main, s, "baseline_x8", b[s], train_s=30.0)
     _write_run(main, 7, "baseline_x8", b[0])  # a seed the ablation lacks: left out
-    row = compare(RunRef(str(abl), "student_x8"), RunRef(str(main), "baseline_x8"), label="x8", n_boot=500)
+    row = compare(
+        RunRef(str(abl), "student_x8"), RunRef(str(main), "baseline_x8"), label="x8", n_boot=500
+    )
     assert row.difference.n_seeds == 3 and row.difference.n_tiles == N_TILES
     assert row.difference.mean == pytest.approx(a.mean() - b.mean())
     assert row.difference.per_seed == pytest.approx(tuple(a.mean(1) - b.mean(1)))
     assert row.difference.low <= row.difference.mean <= row.difference.high
     assert row.a_accuracy.mean == pytest.approx(a.mean()) and row.b_accuracy.sd == pytest.approx(
-        np.std(b.mean(1), ddof=1))
+        np.std(b.mean(1), ddof=1)
+    )
     assert (row.a_train_s, row.b_train_s) == (pytest.approx(101.0), 30.0)
     table = markdown([row])
     assert f"| x8 | {abl}:student_x8 | {main}:baseline_x8 | 3 |" in table

@@ -36,8 +36,10 @@ def test_flops_ratio_tracks_pixel_ratio():
 
 def test_model_cost_table_and_files(tmp_path):
     net = build_model("resnet_gn", 3, mean=[0.5] * 3, std=[0.25] * 3, planes=(4, 8, 8, 16))
-    entries = [cost.model_cost("teacher", net, 64, batch_sizes=(1, 2), repeats=2),
-               cost.model_cost("student_x2", net, 32, batch_sizes=(2,), repeats=2)]
+    entries = [
+        cost.model_cost("teacher", net, 64, batch_sizes=(1, 2), repeats=2),
+        cost.model_cost("student_x2", net, 32, batch_sizes=(2,), repeats=2),
+    ]
     assert entries[0].params == cost.count_params(net) == entries[1].params
     assert all(t["latency_ms"] > 0 and t["images_per_s"] > 0 for e in entries for t in e.timings)
     rows = cost.cost_table(entries, reference="teacher")

@@ -109,7 +109,9 @@ def test_cached_and_live_teacher_feed_the_same_loss_objects():
     b = batch_dict()
     t = teacher(b["hr"], training=False)
     size = student(b["lr"])["features"].shape[1:3]
-    cached = dict(b, teacher_logits=t["logits"], teacher_features=feature.target(t["features"], size))
+    cached = dict(
+        b, teacher_logits=t["logits"], teacher_features=feature.target(t["features"], size)
+    )
     live, _ = d.compute_losses(b)
     from_cache, _ = d.compute_losses(cached)
     assert seen == [(id(feature), tuple(t["features"].shape[1:3])), (id(feature), tuple(size))]
@@ -304,7 +306,9 @@ def test_save_load_round_trips(tmp_path):
     d.save(str(tmp_path / "distiller.keras"))
     d2 = keras.saving.load_model(str(tmp_path / "distiller.keras"), safe_mode=True)
     assert [(w, loss.name) for w, loss in d2.loss_terms] == [
-        (1.0, "kd_loss"), (1.0, "feature_loss"), (0.5, "ce_loss")
+        (1.0, "kd_loss"),
+        (1.0, "feature_loss"),
+        (0.5, "ce_loss"),
     ]
     assert d2.teacher.trainable is False
     np.testing.assert_array_equal(d2.predict(b, verbose=0)["logits"], expected)

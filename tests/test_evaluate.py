@@ -13,19 +13,27 @@ NAMES = ["a", "b"]
 
 
 def _preds():
-    # slide s1 (label a): tiles 0.9, 0.4, 0.45 on class a -> mean 0.583 -> a; majority: 1 a vs 2 b -> b
+    # slide s1 (label a): tiles 0.9, 0.4, 0.45 on class a -> mean 0.583 -> a; majority: 1 a vs 2 b
+    # -> b
     # slide s2 (label b): tiles 0.2, 0.3 on class a -> b by mean and by majority
     pa = np.array([0.9, 0.4, 0.45, 0.2, 0.3])
     probs = np.stack([pa, 1 - pa], 1)
     return evaluate.Predictions(
-        probs=probs, labels=np.array([0, 0, 0, 1, 1]), slide_ids=np.array(["s1", "s1", "s1", "s2", "s2"]),
-        sources=np.array([f"t{i}" for i in range(5)]), x=np.arange(5), y=np.zeros(5, int))
+        probs=probs,
+        labels=np.array([0, 0, 0, 1, 1]),
+        slide_ids=np.array(["s1", "s1", "s1", "s2", "s2"]),
+        sources=np.array([f"t{i}" for i in range(5)]),
+        x=np.arange(5),
+        y=np.zeros(5, int),
+    )
 
 
 def test_slide_level_mean_and_majority_by_hand():
     s = evaluate.slide_level(_preds(), 2)
     assert list(s["slide_ids"]) == ["s1", "s2"]
-    np.testing.assert_allclose(s["mean_probs"][0], [(0.9 + 0.4 + 0.45) / 3, 1 - (0.9 + 0.4 + 0.45) / 3])
+    np.testing.assert_allclose(
+        s["mean_probs"][0], [(0.9 + 0.4 + 0.45) / 3, 1 - (0.9 + 0.4 + 0.45) / 3]
+    )
     np.testing.assert_allclose(s["vote_probs"][0], [1 / 3, 2 / 3])
     np.testing.assert_array_equal(s["labels"], [0, 1])
 
@@ -35,7 +43,11 @@ def test_evaluate_predictions_levels_differ_as_expected():
     assert r["tile"]["accuracy"] == pytest.approx(3 / 5)  # tiles 0, 3, 4 right
     assert r["slide_mean"]["accuracy"] == pytest.approx(1.0)
     assert r["slide_majority"]["accuracy"] == pytest.approx(0.5)
-    assert r["tile"]["ci95"]["accuracy"]["low"] <= r["tile"]["accuracy"] <= r["tile"]["ci95"]["accuracy"]["high"]
+    assert (
+        r["tile"]["ci95"]["accuracy"]["low"]
+        <= r["tile"]["accuracy"]
+        <= r["tile"]["ci95"]["accuracy"]["high"]
+    )
 
 
 def test_unlabeled_tiles_are_skipped_and_all_unlabeled_is_an_error():
@@ -57,11 +69,18 @@ def test_write_evaluation_files_and_compare(tmp_path):
         assert all(os.path.getsize(v) > 0 for v in paths.values())
         dirs.append(str(tmp_path / run / "eval_test"))
     rows = list(csv.DictReader(open(tmp_path / "teacher" / "eval_test" / "predictions.csv")))
-    assert len(rows) == 5 and rows[1]["pred_name"] == "b" and float(rows[0]["prob_a"]) == pytest.approx(0.9)
+    assert (
+        len(rows) == 5
+        and rows[1]["pred_name"] == "b"
+        and float(rows[0]["prob_a"]) == pytest.approx(0.9)
+    )
     assert json.load(open(tmp_path / "teacher" / "eval_test" / "metrics.json"))["tile"]["n"] == 5
     out = evaluate.compare_runs(dirs, str(tmp_path / "cmp" / "table"))
     table = list(csv.DictReader(open(out["csv"])))
-    assert [t["run"] for t in table] == ["teacher", "student_x4"]  # named after the run, not eval_test
+    assert [t["run"] for t in table] == [
+        "teacher",
+        "student_x4",
+    ]  # named after the run, not eval_test
     assert float(table[0]["tile_accuracy"]) == pytest.approx(0.6)
     md = open(out["markdown"]).read().splitlines()
     assert len(md) == 4 and md[2].startswith("| teacher | 5 | 0.600 [")

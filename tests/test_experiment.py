@@ -38,7 +38,9 @@ def test_run_names():
 
 
 def test_plan_follows_the_protocol(tiny_shards, tmp_path):
-    cfg = _cfg(tiny_shards, tmp_path, factors=(2.0, 4.0), unlabeled_fractions=(0.0, 0.5, 1.0), seeds=(0, 3))
+    cfg = _cfg(
+        tiny_shards, tmp_path, factors=(2.0, 4.0), unlabeled_fractions=(0.0, 0.5, 1.0), seeds=(0, 3)
+    )
     specs = plan(cfg)
     names = [s.name for s in specs if s.seed == 0]  # largest unlabeled pool first (cache reuse)
     assert names == ["teacher", "baseline_x2", "student_x2_unl100", "student_x2_unl50", "student_x2",
@@ -62,12 +64,16 @@ def test_plan_follows_the_protocol(tiny_shards, tmp_path):
 
 def test_plan_shares_one_teacher_cache_per_seed_and_factor(tiny_shards, tmp_path):
     cfg = _cfg(tiny_shards, tmp_path, factors=(2.0, 4.0), seeds=(0, 1))
-    cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, distill=DistillConfig(teacher_cache="auto")))
+    cfg = dataclasses.replace(
+        cfg, base=dataclasses.replace(cfg.base, distill=DistillConfig(teacher_cache="auto"))
+    )
     for s in plan(cfg):
         want = os.path.join(str(tmp_path), "runs", f"s{s.seed}", f"teacher_cache_x{s.factor:g}")
         assert s.config.distill.teacher_cache == (want if s.kind == "student" else ""), s.name
     with pytest.raises(ValueError, match="give teacher_cache 'auto' or ''"):
-        dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, distill=DistillConfig(teacher_cache="/x")))
+        dataclasses.replace(
+            cfg, base=dataclasses.replace(cfg.base, distill=DistillConfig(teacher_cache="/x"))
+        )
 
 
 def test_teacher_may_train_longer_than_the_pair_it_is_compared_with(tiny_shards, tmp_path):
@@ -101,12 +107,27 @@ def test_run_names_are_the_plans_without_its_data(tiny_shards, tmp_path, changes
 
 
 def test_plan_adds_a_student_that_also_learns_from_labels(tiny_shards, tmp_path):
-    cfg = _cfg(tiny_shards, tmp_path, factors=(2.0, 4.0), unlabeled_fractions=(0.0, 0.5), labeled_student_ce=0.5)
-    cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, distill=DistillConfig(teacher_cache="auto")))
+    cfg = _cfg(
+        tiny_shards,
+        tmp_path,
+        factors=(2.0, 4.0),
+        unlabeled_fractions=(0.0, 0.5),
+        labeled_student_ce=0.5,
+    )
+    cfg = dataclasses.replace(
+        cfg, base=dataclasses.replace(cfg.base, distill=DistillConfig(teacher_cache="auto"))
+    )
     by = {s.name: s for s in plan(cfg)}
-    assert [n for n in by if n.startswith("student_ce")] == ["student_ce_x2_unl50", "student_ce_x4_unl50"]
+    assert [n for n in by if n.startswith("student_ce")] == [
+        "student_ce_x2_unl50",
+        "student_ce_x4_unl50",
+    ]
     ce, plain = by["student_ce_x4_unl50"], by["student_x4_unl50"]
-    assert ce.kind == "student_ce" and ce.config.mode == "distill" and ce.config.distill.ce_weight == 0.5
+    assert (
+        ce.kind == "student_ce"
+        and ce.config.mode == "distill"
+        and ce.config.distill.ce_weight == 0.5
+    )
     assert plain.config.distill.ce_weight == 0.0
     # the same data, teacher and teacher cache as the label-free student of that factor and pool
     assert ce.config.data == plain.config.data and ce.config.data.labeled
@@ -119,6 +140,7 @@ def test_plan_adds_a_student_that_also_learns_from_labels(tiny_shards, tmp_path)
 
 def test_experiment_started_before_a_setting_existed_resumes(tiny_shards, tmp_path):
     from kd_histo.protocol import experiment
+
     cfg = _cfg(tiny_shards, tmp_path)
     old = cfg.to_dict()
     for key in ("student_epochs", "baseline_epochs", "labeled_student_ce"):
@@ -130,7 +152,10 @@ def test_experiment_started_before_a_setting_existed_resumes(tiny_shards, tmp_pa
 
 
 def test_plan_without_baselines(tiny_shards, tmp_path):
-    names = [s.name for s in plan(_cfg(tiny_shards, tmp_path, baselines=False, unlabeled_fractions=(0.0,)))]
+    names = [
+        s.name
+        for s in plan(_cfg(tiny_shards, tmp_path, baselines=False, unlabeled_fractions=(0.0,)))
+    ]
     assert names == ["teacher", "student_x2"]
 
 
@@ -176,12 +201,21 @@ def test_experiment_writes_results_and_report(finished):
     # The FLOPs ratio comes from the graphs: x2 is close to 4 (the pooled head adds a little).
     assert 3.5 < rows[1]["flops_ratio"] <= 4.0 and teacher["flops_ratio"] == 1.0
     assert teacher["speedup"] == 1.0 and rows[1]["speedup"] > 0
-    for key in ("report", "csv", "md", "accuracy_vs_gflops", "accuracy_vs_unlabeled", "confusion_matrices"):
+    for key in (
+        "report",
+        "csv",
+        "md",
+        "accuracy_vs_gflops",
+        "accuracy_vs_unlabeled",
+        "confusion_matrices",
+    ):
         assert os.path.getsize(paths[key]) > 0, key
     text = open(paths["report"]).read()
     assert "| student_x2_unl100 | 16 |" in text and "accuracy_vs_gflops.png" in text
     out = os.path.join(cfg.out_dir, "report")
-    assert sorted(os.listdir(os.path.join(out, "metrics"))) == sorted(f"s0_{r['run']}.json" for r in rows)
+    assert sorted(os.listdir(os.path.join(out, "metrics"))) == sorted(
+        f"s0_{r['run']}.json" for r in rows
+    )
     assert os.path.isdir(os.path.join(out, "tensorboard", "s0", "student_x2", "train"))
     assert sum("training" in line for line in lines) == 4
 
@@ -198,7 +232,9 @@ def test_experiment_report_has_cascade_rows(finished):
     results = {r["run"]: r for r in json.loads(open(paths["json"]).read())["rows"]}
     # F = 0 is the student alone, and the gap is to the teacher alone on the same tiles
     assert float(rows[0]["accuracy"]) == pytest.approx(results["student_x2"]["accuracy"])
-    assert float(rows[0]["gap_to_teacher"]) == pytest.approx(results["student_x2"]["gap_to_teacher"])
+    assert float(rows[0]["gap_to_teacher"]) == pytest.approx(
+        results["student_x2"]["gap_to_teacher"]
+    )
     text = open(paths["report"]).read()
     assert "Cascade: each student" in text and "| student_x2 | 50.0% |" in text
     state = json.load(open(os.path.join(cfg.out_dir, "state.json")))
@@ -241,18 +277,29 @@ def test_result_rows_join_metrics_cost_and_time():
     specs = [Spec("teacher", "teacher", 1.0, 0.0, 0), Spec("student_x2", "student", 2.0, 0.0, 0),
              Spec("teacher", "teacher", 1.0, 0.0, 1), Spec("student_x2", "student", 2.0, 0.0, 1),
              Spec("baseline_x2", "baseline", 2.0, 0.0, 1)]  # fmt: skip
-    m = {"s0/teacher": metrics(0.9, 64), "s0/student_x2": metrics(0.8, 32), "s1/teacher": metrics(0.7, 64),
-         "s1/student_x2": metrics(0.75, 32)}  # fmt: skip  (s1/baseline_x2 not evaluated yet)
+    m = {
+        "s0/teacher": metrics(0.9, 64),
+        "s0/student_x2": metrics(0.8, 32),
+        "s1/teacher": metrics(0.7, 64),
+        "s1/student_x2": metrics(0.75, 32),
+    }  # fmt: skip  (s1/baseline_x2 not evaluated yet)
     costs = {64: {"gflops": 2.0, "flops_ratio_to_ref": 1.0, "speedup": 1.0},
              32: {"gflops": 0.5, "flops_ratio_to_ref": 4.0, "speedup": 3.2}}  # fmt: skip
     rows = report.result_rows(specs, m, {"s1/student_x2": {"train_s": 12.5}}, costs)
     assert [(r["seed"], r["run"]) for r in rows] == [(0, "teacher"), (0, "student_x2"), (1, "teacher"),
                                                      (1, "student_x2")]  # fmt: skip
-    assert rows[1]["gap_to_teacher"] == pytest.approx(-0.1) and rows[3]["gap_to_teacher"] == pytest.approx(0.05)
-    assert rows[3]["flops_ratio"] == 4.0 and rows[3]["speedup"] == 3.2 and rows[3]["train_s"] == 12.5
+    assert rows[1]["gap_to_teacher"] == pytest.approx(-0.1) and rows[3][
+        "gap_to_teacher"
+    ] == pytest.approx(0.05)
+    assert (
+        rows[3]["flops_ratio"] == 4.0 and rows[3]["speedup"] == 3.2 and rows[3]["train_s"] == 12.5
+    )
     assert rows[1]["train_s"] is None
     table = report.markdown_table(rows)
-    assert "| student_x2 | 32 | 0.5000 | 4.0 | 3.2x | 0.750 [0.650, 0.850] | 0.750 | +5.0 pts | 1 |" in table
+    assert (
+        "| student_x2 | 32 | 0.5000 | 4.0 | 3.2x | 0.750 [0.650, 0.850] | 0.750 | +5.0 pts | 1 |"
+        in table
+    )
     summary = {s["run"]: s for s in report.seed_summary(rows)}
     assert summary["student_x2"]["accuracy_mean"] == pytest.approx(0.775)
     assert summary["student_x2"]["accuracy_sd"] == pytest.approx(0.0353553, rel=1e-4)
@@ -274,6 +321,7 @@ def test_report_has_the_paired_difference_to_the_baseline(finished):
 
 def test_rerun_on_a_reconverted_data_set_is_refused(finished, tmp_path):
     from kd_histo.protocol import experiment
+
     cfg, _, _ = finished
     assert os.path.isfile(os.path.join(cfg.out_dir, "dataset.json"))  # kept when it started
     # The same experiment in another folder, started on the data set before it was re-converted
@@ -308,14 +356,18 @@ def test_multi_seed_report_from_run_folders(tiny_shards, tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 40)
     for spec in specs:
-        skill = {"teacher": 0.9, "baseline": 0.6, "student": 0.75, "student_ce": 0.8}[spec.kind] + 0.05 * spec.seed
+        skill = {"teacher": 0.9, "baseline": 0.6, "student": 0.75, "student_ce": 0.8}[
+            spec.kind
+        ] + 0.05 * spec.seed
         pred = np.where(rng.random(40) < skill, labels, (labels + 1) % 4)
         out = eval_dir(spec, "test")
         os.makedirs(out)
         with open(os.path.join(out, PREDICTIONS_CSV), "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["source", "slide_id", "x", "y", "label", "pred", "pred_name"])
-            w.writerows([f"t{i}.png", f"s{i // 2}", 0, 0, labels[i], pred[i], "c"] for i in range(40))
+            w.writerows(
+                [f"t{i}.png", f"s{i // 2}", 0, 0, labels[i], pred[i], "c"] for i in range(40)
+            )
         acc = float(np.mean(pred == labels))
         cm = np.zeros((4, 4), int)
         np.add.at(cm, (labels, pred), 1)
@@ -345,8 +397,15 @@ def test_multi_seed_report_from_run_folders(tiny_shards, tmp_path):
            f"{100 * d['high']:+.1f}] pts |")  # fmt: skip
     with open(paths["md"]) as f:
         assert row in text and row in f.read()
-    assert f"| baseline_x2 | 16 | 0.1000 | 3.0x | {np.mean(base):.3f} ± {np.std(base, ddof=1):.3f} | " in text
-    assert text.index(row) < text.index("Every run of every seed:") < text.index("| model | input px | GFLOPs/image | FLOPs ÷")
+    assert (
+        f"| baseline_x2 | 16 | 0.1000 | 3.0x | {np.mean(base):.3f} ± {np.std(base, ddof=1):.3f} | "
+        in text
+    )
+    assert (
+        text.index(row)
+        < text.index("Every run of every seed:")
+        < text.index("| model | input px | GFLOPs/image | FLOPs ÷")
+    )
     assert "dots = single seeds" in text
     # The paper's claims: the best label-free student (not student_ce) against teacher and baseline.
     best = max(("student_x2", "student_x2_unl100"), key=lambda n: summary[n]["accuracy_mean"])
@@ -372,7 +431,9 @@ def test_an_ablation_borrows_the_main_runs_teachers(finished, tmp_path):
     teacher = os.path.join(cfg.out_dir, "runs", "s0", "teacher")
     assert next(s for s in specs if s.kind == "teacher").model_dir == teacher
     assert {s.config.distill.teacher for s in specs if s.kind == "student"} == {teacher}
-    assert all(s.model_dir.startswith(str(tmp_path / "ablation")) for s in specs if s.kind != "teacher")
+    assert all(
+        s.model_dir.startswith(str(tmp_path / "ablation")) for s in specs if s.kind != "teacher"
+    )
     experiment._check_borrowed_teachers(ablation, specs)  # trained there, with these settings
     other = dataclasses.replace(ablation, teacher_epochs=3)
     with pytest.raises(ValueError, match=r"trained with other settings \(epochs\)"):
@@ -394,10 +455,19 @@ def test_complete_seeds_move_through_a_results_folder(finished, tmp_path):
     results = tmp_path / "results"
     assert bundle.export_seeds(cfg, plan(cfg), str(results)) == [0]
     files = [p for p in results.rglob("*") if p.is_file()]
-    assert not any(p.suffix in (".keras", ".pb", ".f32", ".float16") for p in files)  # no weights, no caches
-    assert {p.name for p in files} >= {"tile_predictions.csv", "metrics.json", "run.json", "cascade.json"}
+    assert not any(
+        p.suffix in (".keras", ".pb", ".f32", ".float16") for p in files
+    )  # no weights, no caches
+    assert {p.name for p in files} >= {
+        "tile_predictions.csv",
+        "metrics.json",
+        "run.json",
+        "cascade.json",
+    }
 
-    fresh = dataclasses.replace(cfg, out_dir=str(tmp_path / "fresh"), seeds=(0, 1), results_dir=str(results))
+    fresh = dataclasses.replace(
+        cfg, out_dir=str(tmp_path / "fresh"), seeds=(0, 1), results_dir=str(results)
+    )
     lines = []
     new = run_experiment(fresh, log=lines.append)
     assert "seed 0: 4 finished runs imported" in "\n".join(lines)
@@ -410,8 +480,12 @@ def test_complete_seeds_move_through_a_results_folder(finished, tmp_path):
     assert all(r["gflops"] for r in data["rows"])  # measured on seed 1's nets
 
     def tiles(folder):
-        with open(os.path.join(folder, "runs", "s0", "student_x2", "eval_test", "predictions.csv")) as f:
-            return sorted((r["source"], r["x"], r["y"], r["label"], r["pred"]) for r in csv.DictReader(f))
+        with open(
+            os.path.join(folder, "runs", "s0", "student_x2", "eval_test", "predictions.csv")
+        ) as f:
+            return sorted(
+                (r["source"], r["x"], r["y"], r["label"], r["pred"]) for r in csv.DictReader(f)
+            )
 
     assert tiles(cfg.out_dir) == tiles(fresh.out_dir)  # the per-tile predictions came back whole
     header = (results / "bundle" / "tile_predictions.csv").read_text().splitlines()[0].split(",")
@@ -419,7 +493,9 @@ def test_complete_seeds_move_through_a_results_folder(finished, tmp_path):
     assert (results / "results.md").read_text() == open(new["md"]).read()
     assert (results / "report.md").is_file()
     # An ablation cannot borrow an imported teacher (no weights) for a seed it still has to train.
-    ablation = dataclasses.replace(cfg, out_dir=str(tmp_path / "abl"), teachers_from=fresh.out_dir, student_epochs=2)
+    ablation = dataclasses.replace(
+        cfg, out_dir=str(tmp_path / "abl"), teachers_from=fresh.out_dir, student_epochs=2
+    )
     with pytest.raises(ValueError, match="has its record but not its weights"):
         run_experiment(ablation, log=lambda _: None)
 
@@ -454,7 +530,10 @@ def test_a_results_folder_of_another_experiment_is_refused(finished, tmp_path):
     bundle.export_seeds(cfg, plan(cfg), str(tmp_path / "results"))
     other = dataclasses.replace(cfg, out_dir=str(tmp_path / "other"), results_dir=str(tmp_path / "results"),
                                 base=dataclasses.replace(cfg.base, epochs=2))  # fmt: skip
-    with pytest.raises(ValueError, match=r"bundle holds an experiment with other settings \(base.epochs\).*--results_dir"):
+    with pytest.raises(
+        ValueError,
+        match=r"bundle holds an experiment with other settings \(base.epochs\).*--results_dir",
+    ):
         run_experiment(other, log=lambda line: None)
     assert not (tmp_path / "other").exists()
 
@@ -478,7 +557,9 @@ def test_the_bundle_layout_is_not_git_ignored(finished, tmp_path):
     assert any("/runs/" in n for n in names) and len(names) > 10
     check = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=root, input="\n".join(names),
                            capture_output=True, text=True, check=False)  # fmt: skip
-    assert check.returncode == 1, f"ignored by .gitignore: {check.stdout}"  # 1: none of them is ignored
+    assert check.returncode == 1, (
+        f"ignored by .gitignore: {check.stdout}"
+    )  # 1: none of them is ignored
 
 
 def test_a_bundle_without_its_run_records_is_refused(finished, tmp_path):
@@ -491,12 +572,16 @@ def test_a_bundle_without_its_run_records_is_refused(finished, tmp_path):
     bundle.export_seeds(cfg, plan(cfg), str(results))
     shutil.rmtree(results / "bundle" / "runs" / "s0" / "student_x2")
     fresh = dataclasses.replace(cfg, out_dir=str(tmp_path / "fresh"), results_dir=str(results))
-    with pytest.raises(ValueError, match=r"holds run s0/student_x2 but .*run.json is missing.*git status --ignored"):
+    with pytest.raises(
+        ValueError, match=r"holds run s0/student_x2 but .*run.json is missing.*git status --ignored"
+    ):
         run_experiment(fresh, log=lambda _: None)
     assert not (tmp_path / "fresh" / "runs").exists()  # nothing half-imported
 
 
-def test_the_runner_builds_each_seeds_teacher_caches_before_its_first_student(tiny_shards, tmp_path):
+def test_the_runner_builds_each_seeds_teacher_caches_before_its_first_student(
+    tiny_shards, tmp_path
+):
     """The x2 and x4 students' caches come from one teacher pass per seed, run by the runner
     before the seed's first student (its time goes to the teacher's state entry, not to that
     student's training time); the x4 student then builds nothing."""
@@ -515,4 +600,6 @@ def test_the_runner_builds_each_seeds_teacher_caches_before_its_first_student(ti
         i for i, line in enumerate(lines) if "s0/student_x2_unl100: test accuracy" in line)  # fmt: skip
     with open(os.path.join(cfg.out_dir, "state.json")) as f:
         state = json.load(f)
-    assert state["s0/teacher"]["teacher_cache_s"] > 0 and state["s0/student_x4_unl100"]["train_s"] > 0
+    assert (
+        state["s0/teacher"]["teacher_cache_s"] > 0 and state["s0/student_x4_unl100"]["train_s"] > 0
+    )

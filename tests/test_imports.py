@@ -8,7 +8,19 @@ import kd_histo
 
 ROOT = os.path.dirname(kd_histo.__file__)
 # Each stage may import from itself and from the stages listed before it.
-STAGES = ("atomic", "numbers", "settings", "schema", "convert", "data", "models", "training", "evaluation", "protocol", "cli")
+STAGES = (
+    "atomic",
+    "numbers",
+    "settings",
+    "schema",
+    "convert",
+    "data",
+    "models",
+    "training",
+    "evaluation",
+    "protocol",
+    "cli",
+)
 
 
 def _module_name(path: str) -> str:
@@ -52,7 +64,7 @@ def _cycle(graph):
             if m.endswith("__init__") or m == "kd_histo" or graph.get(m) is None:
                 continue
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (c := visit(m)):
                 return c
         state[n] = 2

@@ -286,7 +286,12 @@ def test_loss_objects_check_their_parameters_and_round_trip_their_config():
         L.FeatureMapKD(norm="l3")
     with pytest.raises(ValueError, match="bicubic style"):
         L.FeatureMapKD(bicubic_style="lanczos")
-    for loss in (L.LogitsKD(2.0), L.FeatureMapKD("bicubic", "l1", "tf"), L.MaskedCE(),
-                 L.InfoNCE(0.2, 16), L.AttentionTransfer(3.0)):
+    for loss in (
+        L.LogitsKD(2.0),
+        L.FeatureMapKD("bicubic", "l1", "tf"),
+        L.MaskedCE(),
+        L.InfoNCE(0.2, 16),
+        L.AttentionTransfer(3.0),
+    ):
         again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
         assert type(again) is type(loss) and again.get_config() == loss.get_config()

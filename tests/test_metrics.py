@@ -6,14 +6,16 @@ import pytest
 from kd_histo.evaluation import metrics  # 3 classes, 6 tiles. y_pred = [0, 1, 1, 2, 2, 0].
 
 Y = np.array([0, 0, 1, 1, 2, 2])
-P = np.array([
-    [0.7, 0.2, 0.1],
-    [0.3, 0.6, 0.1],
-    [0.1, 0.8, 0.1],
-    [0.2, 0.3, 0.5],
-    [0.1, 0.1, 0.8],
-    [0.5, 0.2, 0.3],
-])
+P = np.array(
+    [
+        [0.7, 0.2, 0.1],
+        [0.3, 0.6, 0.1],
+        [0.1, 0.8, 0.1],
+        [0.2, 0.3, 0.5],
+        [0.1, 0.1, 0.8],
+        [0.5, 0.2, 0.3],
+    ]
+)
 
 
 def test_confusion_matrix_by_hand():
@@ -39,7 +41,8 @@ def test_balanced_accuracy_differs_from_accuracy_on_imbalance():
 
 
 def test_auc_by_hand_with_ties():
-    # positives score 0.9, 0.5; negatives 0.5, 0.1: pairs (0.9>0.5, 0.9>0.1, 0.5=0.5 -> 1/2, 0.5>0.1)
+    # positives score 0.9, 0.5; negatives 0.5, 0.1: pairs (0.9>0.5, 0.9>0.1, 0.5=0.5 -> 1/2,
+    # 0.5>0.1)
     auc = metrics.roc_auc_binary([1, 1, 0, 0], [0.9, 0.5, 0.5, 0.1])
     assert auc == pytest.approx(3.5 / 4)
 

@@ -64,5 +64,7 @@ def test_fused_adam_is_saved_and_loaded_with_a_compiled_model(tmp_path):
     model.fit(np.ones((4, 3)), np.zeros((4, 2)), epochs=1, verbose=0)
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
-    assert type(loaded.optimizer) is FusedAdam and loaded.optimizer.weight_decay == pytest.approx(1e-4)
+    assert type(loaded.optimizer) is FusedAdam and loaded.optimizer.weight_decay == pytest.approx(
+        1e-4
+    )
     assert int(loaded.optimizer.iterations) == 1

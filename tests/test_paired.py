@@ -88,12 +88,21 @@ def test_paired_table_pairs_seeds_and_tiles_of_student_and_baseline():
     keys = [(f"t{i}.png", 0, 0) for i in range(100)]
     correct = {}
     for s, (acc_b, acc_s) in enumerate(((60, 70), (65, 70), (50, 70))):
-        correct[f"s{s}/baseline_x4"] = {k: (int(i < acc_b), f"g{i // 4}") for i, k in enumerate(keys)}
-        correct[f"s{s}/student_x4"] = {k: (int(i < acc_s), f"g{i // 4}") for i, k in enumerate(keys)}
+        correct[f"s{s}/baseline_x4"] = {
+            k: (int(i < acc_b), f"g{i // 4}") for i, k in enumerate(keys)
+        }
+        correct[f"s{s}/student_x4"] = {
+            k: (int(i < acc_s), f"g{i // 4}") for i, k in enumerate(keys)
+        }
     correct["s2/student_x4"].pop(keys[-1])  # a tile one run lacks is left out of every seed
     del correct["s1/baseline_x4"]  # a seed whose baseline has not run is left out
     (row,) = report.paired_table(specs, correct, n_boot=200)
-    assert (row["student"], row["baseline"], row["seeds"], row["n_tiles"]) == ("student_x4", "baseline_x4", 2, 99)
+    assert (row["student"], row["baseline"], row["seeds"], row["n_tiles"]) == (
+        "student_x4",
+        "baseline_x4",
+        2,
+        99,
+    )
     assert row["per_seed"] == pytest.approx([10 / 99, 20 / 99])  # tile 99 dropped in both seeds
     assert row["difference"] == pytest.approx(15 / 99)
     assert row["low"] <= row["difference"] <= row["high"]
@@ -111,9 +120,10 @@ def test_mean_rows_and_multi_seed_figures(tmp_path):
     means = {r["run"]: r for r in report.mean_rows(rows)}
     assert means["student_x2"]["accuracy"] == pytest.approx(0.83)
     sd = np.std([0.82, 0.84], ddof=1)
-    assert means["student_x2"]["accuracy_low"] == pytest.approx(0.83 - sd) and means["student_x2"]["seeds"] == 2
+    assert (
+        means["student_x2"]["accuracy_low"] == pytest.approx(0.83 - sd)
+        and means["student_x2"]["seeds"] == 2
+    )
     for fn in (plots.accuracy_vs_gflops_png, plots.accuracy_vs_unlabeled_png):
         path = fn(list(means.values()), str(tmp_path / f"{fn.__name__}.png"), seed_rows=rows)
         assert os.path.getsize(path) > 0
-
-

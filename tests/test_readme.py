@@ -28,7 +28,11 @@ def test_the_two_commands_and_ci():
     assert "make demo" in README and "make test" in README
     make = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo: venv$", make, re.M) and re.search(r"^test: venv$", make, re.M)
-    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith(("#", "set ", "cd "))]
+    ci = [
+        ln
+        for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+        if ln and not ln.startswith(("#", "set ", "cd "))
+    ]
     assert ci == ["make test"]
 
 
@@ -40,7 +44,10 @@ def test_readme_commands_name_real_flags_and_flagfiles():
     commands = _commands()
     assert len(commands) >= 15, commands
     tool_flags = {  # the flags tools/*.py define (each is its own absl program)
-        m for t in (ROOT / "tools").glob("*.py") for m in re.findall(r'DEFINE_\w+\(\s*"(\w+)"', t.read_text())}
+        m
+        for t in (ROOT / "tools").glob("*.py")
+        for m in re.findall(r'DEFINE_\w+\(\s*"(\w+)"', t.read_text())
+    }
     assert {"folders", "splits", "out", "pair"} <= tool_flags
     for cmd in commands:
         for tok in shlex.split(cmd.replace("$run", "x")):
@@ -49,7 +56,11 @@ def test_readme_commands_name_real_flags_and_flagfiles():
             name = tok[2:].split("=", 1)[0]
             if name.startswith("no") and name[2:] in fc.FLAGS:
                 name = name[2:]
-            known = name in fc.FLAGS or name == "flagfile" or (cmd.startswith("tools/") and name in tool_flags)
+            known = (
+                name in fc.FLAGS
+                or name == "flagfile"
+                or (cmd.startswith("tools/") and name in tool_flags)
+            )
             assert known, f"README: {cmd!r} uses unknown flag --{name}"
             if name == "flagfile":
                 assert (ROOT / tok.split("=", 1)[1]).is_file(), tok

@@ -23,9 +23,24 @@ NAMES = ("lymphocytes", "tumour", "stroma", "debris")  # kd_histo.data.synthetic
 
 
 def record(**changes) -> RunRecord:
-    base = dict(mode="distill", view="lr", factor=2.0, lr_method="bicubic", hr_px=32, input_px=16, mpp=0.5,
-                class_names=NAMES, mean=(0.6, 0.4, 0.7), std=(0.2, 0.25, 0.15), arch="resnet_gn",
-                monitor="val_accuracy", best=0.5, epochs=2, epochs_run_this_process=2, data_dir="data")
+    base = dict(
+        mode="distill",
+        view="lr",
+        factor=2.0,
+        lr_method="bicubic",
+        hr_px=32,
+        input_px=16,
+        mpp=0.5,
+        class_names=NAMES,
+        mean=(0.6, 0.4, 0.7),
+        std=(0.2, 0.25, 0.15),
+        arch="resnet_gn",
+        monitor="val_accuracy",
+        best=0.5,
+        epochs=2,
+        epochs_run_this_process=2,
+        data_dir="data",
+    )
     base.update(changes)
     return RunRecord(**base)
 
@@ -37,8 +52,14 @@ def make_run(tmp_path, name="run", **changes) -> str:
     rec = record(**changes)
     d = tmp_path / name
     d.mkdir()
-    net = build_model("resnet_gn", len(rec.class_names), mean=rec.mean, std=rec.std, planes=(4, 8, 8, 16),
-                      stem="small")
+    net = build_model(
+        "resnet_gn",
+        len(rec.class_names),
+        mean=rec.mean,
+        std=rec.std,
+        planes=(4, 8, 8, 16),
+        stem="small",
+    )
     net.save(str(d / "model.keras"))
     write_run_record(str(d), rec)
     return str(d)
@@ -56,18 +77,23 @@ def test_round_trip_keeps_every_field_including_lr_method(tmp_path):
 
 def test_input_mpp_is_mpp_times_factor():
     assert record(mpp=0.5, factor=4.0).input_mpp == pytest.approx(2.0)
-    assert record(mode="teacher", view="hr", factor=1.0, input_px=32, mpp=0.25).input_mpp == pytest.approx(0.25)
+    assert record(
+        mode="teacher", view="hr", factor=1.0, input_px=32, mpp=0.25
+    ).input_mpp == pytest.approx(0.25)
     assert record(mpp=None).input_mpp is None
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"mode": "teacher"}, "view"),  # a teacher reads HR tiles
-    ({"mode": "teacher", "view": "hr", "factor": 2.0}, "factor"),
-    ({"lr_method": "nearest"}, "lr_method"),
-    ({"mpp": 0.0}, "mpp"),
-    ({"class_names": ("a", "a")}, "unique"),
-    ({"std": (0.1, 0.0, 0.1)}, "std"),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"mode": "teacher"}, "view"),  # a teacher reads HR tiles
+        ({"mode": "teacher", "view": "hr", "factor": 2.0}, "factor"),
+        ({"lr_method": "nearest"}, "lr_method"),
+        ({"mpp": 0.0}, "mpp"),
+        ({"class_names": ("a", "a")}, "unique"),
+        ({"std": (0.1, 0.0, 0.1)}, "std"),
+    ],
+)
 def test_wrong_facts_are_refused(changes, words):
     with pytest.raises(RunRecordError, match=words):
         record(**changes)
@@ -100,11 +126,17 @@ def test_old_run_json_loads_with_facts_from_the_run_and_its_data(tmp_path, tiny_
     with open(os.path.join(d, "run.json"), "w") as f:
         json.dump(_old_run_json(want), f)
     with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump({"mode": "distill", "data": {"data_dir": tiny_shards, "lr_method": "bilinear"}}, f)
+        json.dump(
+            {"mode": "distill", "data": {"data_dir": tiny_shards, "lr_method": "bilinear"}}, f
+        )
     old = read_run_record(d)
-    assert old.lr_method == "bilinear"  # what training used (config.json), not the old evaluation's "area"
+    assert (
+        old.lr_method == "bilinear"
+    )  # what training used (config.json), not the old evaluation's "area"
     assert old.mpp == pytest.approx(0.5)  # tiny_shards' dataset.json
-    np.testing.assert_allclose(old.mean, want.mean, atol=1e-6)  # the saved net's normalisation layer
+    np.testing.assert_allclose(
+        old.mean, want.mean, atol=1e-6
+    )  # the saved net's normalisation layer
     np.testing.assert_allclose(old.std, want.std, atol=1e-6)
     assert dataclasses.replace(old, mean=want.mean, std=want.std, mpp=want.mpp) == want
 
@@ -132,7 +164,9 @@ def test_model_path_stays_inside_the_run_folder(tmp_path):
     outside = tmp_path / "elsewhere.keras"
     outside.write_text("x")
     assert record().model_path(str(run)) == os.path.join(str(run), "model.keras")
-    assert record(model="nets/best.keras").model_path(str(run)) == os.path.join(str(run), "nets/best.keras")
+    assert record(model="nets/best.keras").model_path(str(run)) == os.path.join(
+        str(run), "nets/best.keras"
+    )
     for bad in (str(outside), "../elsewhere.keras", "nets/../../elsewhere.keras"):
         with pytest.raises(RunRecordError, match="outside the run folder"):
             record(model=bad).model_path(str(run))
@@ -149,8 +183,11 @@ def test_model_path_stays_inside_the_run_folder(tmp_path):
 @pytest.mark.reliability
 def test_evaluation_refuses_a_run_json_pointing_outside(tmp_path, tiny_shards):
     from kd_histo.evaluation import evaluate
+
     d = make_run(tmp_path, data_dir=tiny_shards)
-    write_run_record(d, dataclasses.replace(read_run_record(d), model=os.path.join(d, "model.keras")))
+    write_run_record(
+        d, dataclasses.replace(read_run_record(d), model=os.path.join(d, "model.keras"))
+    )
     with pytest.raises(RunRecordError, match="outside the run folder"):
         evaluate.evaluate_run(evaluate.EvalConfig(d, out_dir=str(tmp_path / "out")))
     assert not os.path.exists(tmp_path / "out")
@@ -170,14 +207,26 @@ def test_evaluation_makes_the_lr_view_with_the_runs_lr_method(tmp_path, tiny_sha
     metrics = json.load(open(out["metrics"]))
     assert metrics["run"]["lr_method"] == "bicubic"
     with open(out["predictions"]) as f:
-        got = np.array([[float(r[k]) for k in r if k.startswith("prob_")] for r in csv.DictReader(f)])
+        got = np.array(
+            [[float(r[k]) for k in r if k.startswith("prob_")] for r in csv.DictReader(f)]
+        )
 
     model = load_model(os.path.join(d, "model.keras"))
-    hr = np.concatenate([b["hr"].numpy() for b in make_dataset(
-        PipelineConfig(tiny_shards, batch_size=64, factor=1.0, hr_px=32), "test", training=False)])
+    hr = np.concatenate(
+        [
+            b["hr"].numpy()
+            for b in make_dataset(
+                PipelineConfig(tiny_shards, batch_size=64, factor=1.0, hr_px=32),
+                "test",
+                training=False,
+            )
+        ]
+    )
 
     def probs(method):
-        return tf.nn.softmax(model(resize(tf.constant(hr), 16, method), training=False)["logits"]).numpy()
+        return tf.nn.softmax(
+            model(resize(tf.constant(hr), 16, method), training=False)["logits"]
+        ).numpy()
 
     np.testing.assert_allclose(got, probs("bicubic"), atol=2e-6)
     assert np.abs(got - probs("area")).max() > 1e-4  # the two views give this net different outputs
@@ -200,7 +249,9 @@ def test_predict_on_tiles_uses_the_runs_lr_method_and_mpp(tmp_path):
         Image.fromarray(im).save(tiles / f"t{i}.png")
     out = predict.predict(predict.PredictConfig(d, (str(tiles),), out_dir=str(tmp_path / "pred")))
     with open(out["predictions"]) as f:
-        got = np.array([[float(r[k]) for k in r if k.startswith("prob_")] for r in csv.DictReader(f)])
+        got = np.array(
+            [[float(r[k]) for k in r if k.startswith("prob_")] for r in csv.DictReader(f)]
+        )
     x = tf.constant(images.astype(np.float32) / 255.0)
     model = load_model(os.path.join(d, "model.keras"))
     want = tf.nn.softmax(model(resize(x, 16, "bicubic"), training=False)["logits"]).numpy()

@@ -17,7 +17,11 @@ def test_example_round_trip_graph_and_numpy():
     assert int(parsed["x"]) == 7 and int(parsed["y"]) == 9
     np.testing.assert_array_equal(tf.io.decode_png(parsed["image"]).numpy(), img)
     eager = schema.parse_example_numpy(raw)
-    assert eager["label"] == 2 and eager["lr_image"] == b"" and eager["schema_version"] == schema.SCHEMA_VERSION
+    assert (
+        eager["label"] == 2
+        and eager["lr_image"] == b""
+        and eager["schema_version"] == schema.SCHEMA_VERSION
+    )
 
 
 def test_unlabeled_default_and_bad_label():
@@ -50,8 +54,9 @@ def test_shard_names():
 def test_dataset_info_round_trip_and_errors(tiny_shards, tmp_path):
     info = schema.DatasetInfo.read(tiny_shards)
     assert info.num_classes == 4 and info.tile_px == 32
-    assert info.num_examples("train") == sum(1 for p in schema.shard_paths(tiny_shards, "train")
-                                             for _ in tf.data.TFRecordDataset(p))
+    assert info.num_examples("train") == sum(
+        1 for p in schema.shard_paths(tiny_shards, "train") for _ in tf.data.TFRecordDataset(p)
+    )
     info.write(str(tmp_path))
     assert schema.DatasetInfo.read(str(tmp_path)) == info
     with pytest.raises(FileNotFoundError, match="kd-histo-convert"):

@@ -21,7 +21,9 @@ def _tissue(rows: int, cols: int, tile: int = 64) -> np.ndarray:
     img = np.full((rows * tile, cols * tile, 3), 245, np.uint8)
     for i in range(rows):
         for j in range(3):
-            img[i * tile : (i + 1) * tile, j * tile : (j + 1) * tile] = synthetic.render_tile(rng, (i + j) % 4, tile)
+            img[i * tile : (i + 1) * tile, j * tile : (j + 1) * tile] = synthetic.render_tile(
+                rng, (i + j) % 4, tile
+            )
     return img
 
 
@@ -39,7 +41,9 @@ def flat(tmp_path_factory):
 
 def test_choose_level_is_the_coarsest_not_coarser_than_wanted():
     ds = (1.0, 2.0, 4.0, 8.0003)  # scanners store downsamples a little off the powers of two
-    assert [slide_reader.choose_level(0.25, ds, m) for m in (0.25, 0.4, 0.5, 0.97, 1.0, 2.0, 4.0)] == [0, 0, 1, 1, 2, 3, 3]
+    assert [
+        slide_reader.choose_level(0.25, ds, m) for m in (0.25, 0.4, 0.5, 0.97, 1.0, 2.0, 4.0)
+    ] == [0, 0, 1, 1, 2, 3, 3]
     assert slide_reader.choose_level(0.25, ds, 0.1) == 0  # finer than level 0: level 0 (upsampled)
     assert slide_reader.choose_level(0.25, ds, 1.96) == 2  # 2.00 µm/px is 2% too coarse for 1.96
     assert slide_reader.choose_level(0.25, ds, 1.97) == 3  # ... and within the tolerance of 1.97
@@ -49,7 +53,9 @@ def test_choose_level_is_the_coarsest_not_coarser_than_wanted():
 def test_each_model_reads_its_own_level_without_resizing(pyramid, input_px, level):
     path, levels = pyramid
     plan = slide_reader.plan_read(path, hr_px=HR_PX, hr_mpp=HR_MPP, input_px=input_px)
-    assert plan.size_l0 == 64 and plan.level == level and plan.read_px == input_px and plan.note == ""
+    assert (
+        plan.size_l0 == 64 and plan.level == level and plan.read_px == input_px and plan.note == ""
+    )
     assert plan.mpp_in == pytest.approx(HR_MPP * HR_PX / input_px) == plan.level_mpp
     assert sorted(plan.coords) == sorted((x, y) for x in (0, 64, 128) for y in (0, 64, 128, 192))
     tiles = np.concatenate(list(slide_reader.stream_batches(plan, 5, num_workers=0)))
@@ -60,7 +66,9 @@ def test_each_model_reads_its_own_level_without_resizing(pyramid, input_px, leve
 
 def test_between_levels_reads_the_finer_one_and_resizes_the_remainder(pyramid):
     path, levels = pyramid
-    plan = slide_reader.plan_read(path, hr_px=HR_PX, hr_mpp=HR_MPP, input_px=4)  # 4.0 µm/px: below level 3
+    plan = slide_reader.plan_read(
+        path, hr_px=HR_PX, hr_mpp=HR_MPP, input_px=4
+    )  # 4.0 µm/px: below level 3
     assert (plan.level, plan.read_px, plan.shrink) == (3, 8, 2.0)
     assert "no pyramid level near 4 µm/px" in plan.note and "level 3" in plan.note
     tiles = np.concatenate(list(slide_reader.stream_batches(plan, 64, num_workers=0)))
@@ -113,7 +121,9 @@ def test_stream_keeps_order_bounds_memory_and_spawns_no_process(pyramid):
         batches.append(b)
     np.testing.assert_array_equal(np.concatenate(batches), inline)  # same tiles, same order
     assert [len(b) for b in batches] == [3, 3, 3, 3]
-    assert stats.tiles == len(plan.coords) == 12 and stats.max_in_flight == 2  # never more than the window
+    assert (
+        stats.tiles == len(plan.coords) == 12 and stats.max_in_flight == 2
+    )  # never more than the window
     assert 1 <= stats.handles_opened <= 2  # one OpenSlide handle per reader thread
     assert not children  # reader threads, no worker processes that could outlive a killed parent
 

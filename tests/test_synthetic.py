@@ -30,7 +30,9 @@ def test_fine_structure_is_lost_by_downsampling():
     g = imgs[..., 1].astype(np.float32)
 
     def highpass_energy(x):
-        return np.abs(np.diff(x, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(x, axis=2)).mean(axis=(1, 2))
+        return np.abs(np.diff(x, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(x, axis=2)).mean(
+            axis=(1, 2)
+        )
 
     def fisher(feature):
         means = np.array([feature[labels == c].mean() for c in range(4)])

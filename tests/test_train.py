@@ -19,8 +19,18 @@ TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
 
 
 def _cfg(data_dir, model_dir, **kw) -> RunConfig:
-    base = dict(mode="teacher", model_dir=str(model_dir), data=PipelineConfig(data_dir, batch_size=4), net=TINY_NET,
-                epochs=3, steps_per_epoch=2, val_steps=1, verbose=0, profile_steps=(0, 0), image_grids=False)
+    base = dict(
+        mode="teacher",
+        model_dir=str(model_dir),
+        data=PipelineConfig(data_dir, batch_size=4),
+        net=TINY_NET,
+        epochs=3,
+        steps_per_epoch=2,
+        val_steps=1,
+        verbose=0,
+        profile_steps=(0, 0),
+        image_grids=False,
+    )
     base.update(kw)
     return RunConfig(**base)
 
@@ -66,7 +76,12 @@ def test_killed_run_resumes_from_the_last_finished_epoch(tiny_shards, tmp_path):
 
 
 def test_failed_start_leaves_no_run_folder(tiny_shards, tmp_path):
-    cfg = _cfg(tiny_shards, tmp_path / "run", mode="distill", distill=DistillConfig(teacher=str(tmp_path / "no.keras")))
+    cfg = _cfg(
+        tiny_shards,
+        tmp_path / "run",
+        mode="distill",
+        distill=DistillConfig(teacher=str(tmp_path / "no.keras")),
+    )
     with pytest.raises(ValueError, match="teacher"):
         train.train(cfg)
     assert not (tmp_path / "run").exists()
@@ -92,16 +107,24 @@ def test_precision_policy_is_restored_and_used(tiny_shards, tmp_path):
 
     before = keras.mixed_precision.global_policy().name
     with pytest.raises(_Kill):
-        train.train(_cfg(tiny_shards, tmp_path / "run", epochs=1, precision="mixed_bfloat16"),
-                    extra_callbacks=[_Policy()])
-    assert seen["global"] == "mixed_bfloat16" and seen["conv"] == "bfloat16" and "float32" in str(seen["var"])
+        train.train(
+            _cfg(tiny_shards, tmp_path / "run", epochs=1, precision="mixed_bfloat16"),
+            extra_callbacks=[_Policy()],
+        )
+    assert (
+        seen["global"] == "mixed_bfloat16"
+        and seen["conv"] == "bfloat16"
+        and "float32" in str(seen["var"])
+    )
     assert keras.mixed_precision.global_policy().name == before
 
 
 def test_resume_refuses_other_settings(tiny_shards, tmp_path):
     cfg = _cfg(tiny_shards, tmp_path / "run", epochs=2)
     os.makedirs(cfg.model_dir)
-    with open(os.path.join(cfg.model_dir, "config.json"), "w") as f:  # what an unfinished run leaves
+    with open(
+        os.path.join(cfg.model_dir, "config.json"), "w"
+    ) as f:  # what an unfinished run leaves
         f.write(cfg.to_json())
     with pytest.raises(ValueError, match="other settings"):
         train.train(_cfg(tiny_shards, tmp_path / "run", epochs=2, seed=5))
@@ -115,19 +138,40 @@ def test_schedules_decay_the_learning_rate():
     assert isinstance(cos, keras.optimizers.Adam) and cos.weight_decay == pytest.approx(1e-4)
     sched = cos._learning_rate
     assert float(sched(0)) == pytest.approx(1e-3)
-    assert float(sched(20)) == pytest.approx(5e-4, rel=1e-3) and float(sched(40)) == pytest.approx(0.0, abs=1e-9)
-    exp_cfg = RunConfig(mode="teacher", model_dir="x", data=PipelineConfig("d"),
-                        optim=OptimConfig(schedule="exponential", decay_rate=0.5))
-    assert float(train.make_optimizer(exp_cfg, 10)._learning_rate(20)) == pytest.approx(2.5e-4)  # 2 epochs
+    assert float(sched(20)) == pytest.approx(5e-4, rel=1e-3) and float(sched(40)) == pytest.approx(
+        0.0, abs=1e-9
+    )
+    exp_cfg = RunConfig(
+        mode="teacher",
+        model_dir="x",
+        data=PipelineConfig("d"),
+        optim=OptimConfig(schedule="exponential", decay_rate=0.5),
+    )
+    assert float(train.make_optimizer(exp_cfg, 10)._learning_rate(20)) == pytest.approx(
+        2.5e-4
+    )  # 2 epochs
 
 
 @pytest.mark.large
 def test_sigkilled_binary_resumes(tiny_shards, tmp_path):
     """The real thing: SIGKILL the kd-histo-train process after its first epoch, run it again."""
     model_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "kd_histo.cli.train", "--mode=teacher", f"--data_dir={tiny_shards}",
-           f"--model_dir={model_dir}", "--planes=4,8,8,16", "--stem=small", "--batch_size=4", "--epochs=40",
-           "--steps_per_epoch=2", "--val_steps=1", "--profile_steps=0,0", "--verbose=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kd_histo.cli.train",
+        "--mode=teacher",
+        f"--data_dir={tiny_shards}",
+        f"--model_dir={model_dir}",
+        "--planes=4,8,8,16",
+        "--stem=small",
+        "--batch_size=4",
+        "--epochs=40",
+        "--steps_per_epoch=2",
+        "--val_steps=1",
+        "--profile_steps=0,0",
+        "--verbose=0",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     history = model_dir / "history.csv"
     deadline = time.time() + 300
@@ -147,15 +191,25 @@ def test_history_csv_keeps_the_header_of_a_resumed_file(tmp_path):
     from kd_histo.training.callbacks import HistoryCSV
 
     path = tmp_path / "history.csv"
-    path.write_text("epoch,accuracy,at_loss,ce_loss,feature_loss,kd_loss,loss,ssl_loss\n"
-                    "0,0.5,0.0,0.0,0.2,0.1,0.3,0.0\n")
+    path.write_text(
+        "epoch,accuracy,at_loss,ce_loss,feature_loss,kd_loss,loss,ssl_loss\n"
+        "0,0.5,0.0,0.0,0.2,0.1,0.3,0.0\n"
+    )
     cb = HistoryCSV(str(path))
     cb.on_train_begin()
     cb.on_epoch_end(1, {"accuracy": 0.6, "feature_loss": 0.4, "kd_loss": 0.2, "loss": 0.6})
     cb.on_train_end()
     rows = list(csv.DictReader(open(path)))
-    assert rows[1] == {"epoch": "1", "accuracy": "0.6", "at_loss": "NA", "ce_loss": "NA",
-                       "feature_loss": "0.4", "kd_loss": "0.2", "loss": "0.6", "ssl_loss": "NA"}
+    assert rows[1] == {
+        "epoch": "1",
+        "accuracy": "0.6",
+        "at_loss": "NA",
+        "ce_loss": "NA",
+        "feature_loss": "0.4",
+        "kd_loss": "0.2",
+        "loss": "0.6",
+        "ssl_loss": "NA",
+    }
     fresh = tmp_path / "new.csv"  # a new file: the logged (active) losses alone
     cb = HistoryCSV(str(fresh))
     cb.on_train_begin()

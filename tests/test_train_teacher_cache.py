@@ -15,7 +15,9 @@ TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
 
 
 def _cfg(data_dir, model_dir, mode="teacher", distill=DistillConfig(), **data_kw):
-    data = PipelineConfig(data_dir, batch_size=4, factor=2, augment=data_kw.pop("augment", "flips"), **data_kw)
+    data = PipelineConfig(
+        data_dir, batch_size=4, factor=2, augment=data_kw.pop("augment", "flips"), **data_kw
+    )
     return RunConfig(mode=mode, model_dir=str(model_dir), data=data, net=TINY_NET, distill=distill, epochs=2,
                      steps_per_epoch=2, val_steps=1, verbose=0, profile_steps=(0, 0), image_grids=False)  # fmt: skip
 
@@ -42,11 +44,19 @@ def test_cached_run_trains_the_student_from_the_cache(tiny_shards, teacher, tmp_
     losses = result.history["kd_loss"] + result.history["feature_loss"]
     assert all(np.isfinite(losses)) and max(losses) > 0
     assert {k for k in result.history if k.endswith("loss")} == {  # the active losses only
-        "loss", "kd_loss", "feature_loss", "val_loss", "val_kd_loss", "val_feature_loss"}
+        "loss",
+        "kd_loss",
+        "feature_loss",
+        "val_loss",
+        "val_kd_loss",
+        "val_feature_loss",
+    }
     assert os.path.isfile(os.path.join(cfg.model_dir, "model.keras"))
 
 
-def test_validation_reads_the_teachers_val_outputs_from_their_own_cache(tiny_shards, teacher, tmp_path):
+def test_validation_reads_the_teachers_val_outputs_from_their_own_cache(
+    tiny_shards, teacher, tmp_path
+):
     """Validation runs no teacher: ``<cache>/val`` holds its outputs on the val tiles (identity
     view only), equal to the live teacher's on the same batches."""
     import tensorflow as tf
@@ -58,7 +68,9 @@ def test_validation_reads_the_teachers_val_outputs_from_their_own_cache(tiny_sha
 
     cache = tmp_path / "cache"
     history = train.train(_student(tiny_shards, tmp_path / "s", teacher, cache)).history
-    assert all(np.isfinite(history["val_kd_loss"])) and all(np.isfinite(history["val_feature_loss"]))
+    assert all(np.isfinite(history["val_kd_loss"])) and all(
+        np.isfinite(history["val_feature_loss"])
+    )
     meta = json.loads((cache / VALIDATION_SUBDIR / BUILT_FOR).read_text())
     assert [s[1] for s in meta["sources"]] == ["val"] and meta["settings"]["dihedral"] is False
     spec = TeacherCache(str(cache / VALIDATION_SUBDIR)).spec
@@ -76,8 +88,9 @@ def test_validation_reads_the_teachers_val_outputs_from_their_own_cache(tiny_sha
     for batch in val_cache.attach(make_dataset(data, "val", training=False), training=False):
         live = net(batch["hr"], training=False)
         np.testing.assert_allclose(batch["teacher_logits"], live["logits"], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(batch["teacher_features"], target(live["features"], spec.map_size),
-                                   rtol=1e-2, atol=1e-2)  # stored as float16
+        np.testing.assert_allclose(
+            batch["teacher_features"], target(live["features"], spec.map_size), rtol=1e-2, atol=1e-2
+        )  # stored as float16
         seen += int(tf.shape(batch["lr"])[0])
     assert seen == 8
 
@@ -101,12 +114,16 @@ def test_cache_is_reused_grown_or_rebuilt_as_runs_need(tiny_shards, teacher, tmp
     lines = []
 
     def cache_for(**data_kw):
-        data = PipelineConfig(tiny_shards, factor=2, augment=data_kw.pop("augment", "flips"), **data_kw)
+        data = PipelineConfig(
+            tiny_shards, factor=2, augment=data_kw.pop("augment", "flips"), **data_kw
+        )
         return for_training(net, model, data, str(tmp_path / "cache"), map_size=(2, 2),
                             feature_mode="maxpool+bicubic", log=lines.append)  # fmt: skip
 
     assert cache_for().spec.num_examples == 16 and len(lines) == 1  # train split only
-    assert cache_for(unlabeled_ratio=0.5).spec.num_examples == 24 and len(lines) == 2  # grown to the union
+    assert (
+        cache_for(unlabeled_ratio=0.5).spec.num_examples == 24 and len(lines) == 2
+    )  # grown to the union
     stamp = os.path.getmtime(tmp_path / "cache" / "features.float16")
     # Inside the covered sources (train, or only the pool): reused as it is.
     assert cache_for().spec.num_examples == 24 and cache_for(labeled=False).spec.num_examples == 24
@@ -114,9 +131,9 @@ def test_cache_is_reused_grown_or_rebuilt_as_runs_need(tiny_shards, teacher, tmp
     st = os.stat(model)
     os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a retrained teacher file
     assert cache_for().spec.num_examples == 16 and "8x over 1 source(s)" in lines[-1]
-    assert json.loads((tmp_path / "cache" / BUILT_FOR).read_text())["settings"]["teacher"]["mtime_ns"] == (
-        st.st_mtime_ns + 10**9
-    )
+    assert json.loads((tmp_path / "cache" / BUILT_FOR).read_text())["settings"]["teacher"][
+        "mtime_ns"
+    ] == (st.st_mtime_ns + 10**9)
     assert cache_for(augment="none").spec.num_transforms == 1  # no flips: the identity only
     with pytest.raises(ValueError, match="not 'paper'; use --augment=flips"):
         cache_for(augment="paper")
@@ -154,36 +171,57 @@ def test_prebuilt_caches_are_the_ones_each_run_builds_and_the_runs_train_the_sam
         info = preflight.check_data(cfg)
         net = train.build_model(cfg.net.arch, info.num_classes, mean=info.mean, std=info.std,
                                 **cfg.net.build_kwargs())  # fmt: skip
-        kwargs = {"map_size": train._map_size(net, preflight.check_input_size(cfg, info, net)),
-                  "feature_mode": cfg.distill.feature_mode, "log": lambda _: None}
+        kwargs = {
+            "map_size": train._map_size(net, preflight.check_input_size(cfg, info, net)),
+            "feature_mode": cfg.distill.feature_mode,
+            "log": lambda _: None,
+        }
         net = load_model(train.model_file(teacher))
-        teacher_cache.for_training(net, train.model_file(teacher), cfg.data, cfg.distill.teacher_cache, **kwargs)
-        teacher_cache.for_validation(net, train.model_file(teacher), cfg.data, cfg.distill.teacher_cache, **kwargs)
+        teacher_cache.for_training(
+            net, train.model_file(teacher), cfg.data, cfg.distill.teacher_cache, **kwargs
+        )
+        teacher_cache.for_validation(
+            net, train.model_file(teacher), cfg.data, cfg.distill.teacher_cache, **kwargs
+        )
 
     alone = {f: _student(tiny_shards, tmp_path / f"alone_x{f}", teacher, tmp_path / f"alone_cache_x{f}",
                          unlabeled_ratio=0.5) for f in (2, 4)}  # fmt: skip
-    alone = {f: dataclasses.replace(c, data=dataclasses.replace(c.data, factor=f)) for f, c in alone.items()}
+    alone = {
+        f: dataclasses.replace(c, data=dataclasses.replace(c.data, factor=f))
+        for f, c in alone.items()
+    }
     history = train.train(alone[2]).history
     build_alone(alone[4])  # what the x4 run would build before its first step
     capsys.readouterr()
     pre = {f: dataclasses.replace(c, model_dir=str(tmp_path / f"pre_x{f}"),
                                   distill=dataclasses.replace(c.distill, teacher_cache=str(tmp_path / f"pre_cache_x{f}")))
            for f, c in alone.items()}  # fmt: skip
-    # Last, a run sharing the x2 cache that draws no unlabeled tiles: the cache still covers both sources.
+    # Last, a run sharing the x2 cache that draws no unlabeled tiles: the cache still covers both
+    # sources.
     labeled_only = dataclasses.replace(pre[2], model_dir=str(tmp_path / "pre_x2_labeled"),
                                        data=dataclasses.replace(pre[2].data, unlabeled_ratio=0.0))  # fmt: skip
     lines = []
-    assert train.prebuild_teacher_caches([*pre.values(), labeled_only], log=lines.append) == 4  # 2 train + 2 val
+    assert (
+        train.prebuild_teacher_caches([*pre.values(), labeled_only], log=lines.append) == 4
+    )  # 2 train + 2 val
     runs = [line for line in lines if "running the teacher" in line]
     assert len(runs) == 2 and "8x over 2 source(s)" in runs[0] and "1x over 1 source(s)" in runs[1]
-    assert all("pre_cache_x2" in line and "pre_cache_x4" in line for line in runs)  # one pass for both
+    assert all(
+        "pre_cache_x2" in line and "pre_cache_x4" in line for line in runs
+    )  # one pass for both
     for f in (2, 4):
         for sub in ("", "val"):
-            a, b = TeacherCache(str(tmp_path / f"alone_cache_x{f}" / sub)), TeacherCache(str(tmp_path / f"pre_cache_x{f}" / sub))
+            a, b = (
+                TeacherCache(str(tmp_path / f"alone_cache_x{f}" / sub)),
+                TeacherCache(str(tmp_path / f"pre_cache_x{f}" / sub)),
+            )
             assert a.spec == b.spec and a.keys == b.keys
             np.testing.assert_array_equal(np.asarray(a.logits), np.asarray(b.logits))
             np.testing.assert_array_equal(np.asarray(a.features), np.asarray(b.features))
-    assert TeacherCache(str(tmp_path / "pre_cache_x4")).spec.map_size != TeacherCache(str(tmp_path / "pre_cache_x2")).spec.map_size
+    assert (
+        TeacherCache(str(tmp_path / "pre_cache_x4")).spec.map_size
+        != TeacherCache(str(tmp_path / "pre_cache_x2")).spec.map_size
+    )
     assert train.prebuild_teacher_caches(list(pre.values()), log=lines.append) == 0  # they fit now
     result = train.train(pre[2])
     assert "running the teacher" not in capsys.readouterr().out  # the run found its cache

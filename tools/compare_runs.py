@@ -12,7 +12,8 @@ import sys
 from absl import app, flags
 
 flags.DEFINE_multi_string(
-    "pair", [], "A,B[,label]: runs as <experiment folder>:<run name>; the row gives A - B.")
+    "pair", [], "A,B[,label]: runs as <experiment folder>:<run name>; the row gives A - B."
+)
 flags.DEFINE_string("split", "test", "The split both runs were evaluated on.")
 flags.DEFINE_integer("n_boot", 2000, "Bootstrap replicates of the 95% intervals.")
 flags.DEFINE_string("out", "", "Also write the markdown table to this file.")

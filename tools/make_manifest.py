@@ -11,7 +11,9 @@ import sys
 from absl import app, flags
 
 flags.DEFINE_list("folders", [], "Folders of class subfolders.")
-flags.DEFINE_list("splits", [], "One split per folder: train, val, test, unlabeled or '' (convert chooses).")
+flags.DEFINE_list(
+    "splits", [], "One split per folder: train, val, test, unlabeled or '' (convert chooses)."
+)
 flags.DEFINE_string("out", "", "The CSV manifest to write.")
 FLAGS = flags.FLAGS
 
@@ -22,7 +24,10 @@ def main(argv):
 
     splits = FLAGS.splits or [""] * len(FLAGS.folders)
     if not FLAGS.folders or not FLAGS.out or len(splits) != len(FLAGS.folders):
-        print("make_manifest: error: give --folders, --out and one --splits entry per folder", file=sys.stderr)
+        print(
+            "make_manifest: error: give --folders, --out and one --splits entry per folder",
+            file=sys.stderr,
+        )
         sys.exit(2)
     try:
         counts = write_manifest(list(zip(FLAGS.folders, splits)), FLAGS.out)

@@ -56,8 +56,14 @@ def config_from_flags() -> ConvertConfig:
         )
     target_mpp = 10.0 / FLAGS.target_mag if FLAGS.target_mag > 0 else FLAGS.target_mpp
     encode = EncodeOptions(**fc.config_kwargs(EncodeOptions, target_mpp=target_mpp))
-    return ConvertConfig(**fc.config_kwargs(
-        ConvertConfig, fractions=fractions, encode=encode, command=shlex.join([PROG, *sys.argv[1:]])))
+    return ConvertConfig(
+        **fc.config_kwargs(
+            ConvertConfig,
+            fractions=fractions,
+            encode=encode,
+            command=shlex.join([PROG, *sys.argv[1:]]),
+        )
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -21,6 +21,7 @@ fc.define_binary_flags(CONFIGS)
 def main(argv: list[str]) -> None:
     del argv
     from kd_histo.evaluation import cost
+
     out = cost.cost_of_runs(CostConfig(**fc.config_kwargs(CostConfig)))
     fc.print_file(out["markdown"])
     print(f"{PROG}: written to {out['json']} and {out['markdown']}")

@@ -22,8 +22,9 @@ from kd_histo.cli import train as train_cli
 PROG = "kd-histo-demo"
 DEFAULT_OUT = "runs/demo"
 # The demo's training settings: the flagfile in the source tree (kd_histo is installed editable).
-COMMON_FLAGS = os.path.join(os.path.dirname(os.path.dirname(kd_histo.__file__)), "flags", "demo",
-                            "common.flags")
+COMMON_FLAGS = os.path.join(
+    os.path.dirname(os.path.dirname(kd_histo.__file__)), "flags", "demo", "common.flags"
+)
 CONFIGS = ()
 OWN_FLAGS = ("out_dir", "smoke")  # kd_histo.protocol.demo.run_demo's arguments
 fc.define_binary_flags(CONFIGS, OWN_FLAGS)
@@ -35,11 +36,16 @@ def main(argv: list[str]) -> None:
     import time
 
     from kd_histo.protocol import demo
+
     start = time.perf_counter()
     out_dir = FLAGS.out_dir or DEFAULT_OUT
     # --data_dir and --mode are the demo's own (the flagfile's point at runs/demo for single steps).
-    base = train_cli.config_from_flagfile(COMMON_FLAGS, f"--data_dir={os.path.join(out_dir, 'data')}",
-                                          "--mode=teacher", f"--model_dir={os.path.join(out_dir, 'runs')}")
+    base = train_cli.config_from_flagfile(
+        COMMON_FLAGS,
+        f"--data_dir={os.path.join(out_dir, 'data')}",
+        "--mode=teacher",
+        f"--model_dir={os.path.join(out_dir, 'runs')}",
+    )
     paths = demo.run_demo(
         out_dir,
         base,

@@ -39,19 +39,24 @@ def config_from_flags() -> ExperimentConfig:
             f"{', '.join(given)} set per run by the experiment; drop them (they come from a "
             "single-run flagfile: use flags/<set>/common.flags)"
         )
-    fc.require(data_dir=FLAGS.data_dir, out_dir=FLAGS.out_dir)  # before the run template's own checks
+    fc.require(
+        data_dir=FLAGS.data_dir, out_dir=FLAGS.out_dir
+    )  # before the run template's own checks
     base = train_cli.config_from_flags(mode="teacher", model_dir=FLAGS.out_dir)
     if FLAGS.unlabeled_fractions == ["auto"]:
         pool = unlabeled_pool_size(dataclasses.replace(base.data, unlabeled_ratio=0.0))
         fractions = AUTO_FRACTIONS if pool else (0.0,)
     else:
         fractions = fc.float_list(FLAGS.unlabeled_fractions, "unlabeled_fractions")
-    return ExperimentConfig(**fc.config_kwargs(ExperimentConfig, base=base, unlabeled_fractions=fractions))
+    return ExperimentConfig(
+        **fc.config_kwargs(ExperimentConfig, base=base, unlabeled_fractions=fractions)
+    )
 
 
 def main(argv: list[str]) -> None:
     del argv
     from kd_histo.protocol import experiment
+
     cfg = config_from_flags()
     paths = experiment.run_experiment(cfg, log=lambda line: print(f"{PROG}: {line}", flush=True))
     fc.print_file(paths["md"])

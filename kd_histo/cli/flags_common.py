@@ -33,7 +33,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # "OUT_OF_RANGE: End of sequence" at the end of every evaluation pass) would bury the binaries'
 # own output; errors still show. TF_CPP_MIN_LOG_LEVEL=0 in the environment shows everything.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from absl import app, flags
 
@@ -41,16 +41,20 @@ FLAGS = flags.FLAGS
 EXIT_BAD_INPUT = 2
 
 
-def _define(kind: str, name: str, default, help_text: str, fv: flags.FlagValues = FLAGS,
-            **kwargs) -> None:
+def _define(
+    kind: str, name: str, default, help_text: str, fv: flags.FlagValues = FLAGS, **kwargs
+) -> None:
     # Binaries share flag names (model_dir, out_dir, batch_size...) with the SAME defaults, so
-    # importing several binaries into one process (tests) changes nothing: the first definition wins.
+    # importing several binaries into one process (tests) changes nothing: the first definition
+    # wins.
     if name in fv:
         if fv[name].default != default:
             raise AssertionError(f"flag --{name} defined twice with different defaults")
         return
     if kind == "enum":
-        flags.DEFINE_enum(name, default, kwargs.pop("enum_values"), help_text, flag_values=fv, **kwargs)
+        flags.DEFINE_enum(
+            name, default, kwargs.pop("enum_values"), help_text, flag_values=fv, **kwargs
+        )
     else:
         getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=fv, **kwargs)
 
@@ -136,13 +140,16 @@ def config_kwargs(cls: type, fv: flags.FlagValues = FLAGS, **given) -> dict:
         if flag.required:
             require(**{flag.name: value})
         if flag.kind == "list":
-            value = {int: int_list, float: float_list}.get(flag.item, lambda v, _: tuple(v))(value, flag.name)
+            value = {int: int_list, float: float_list}.get(flag.item, lambda v, _: tuple(v))(
+                value, flag.name
+            )
         out[flag.field.name] = value
     return {**out, **given}
 
 
-def define_binary_flags(configs: Sequence[type], own: Sequence[str] = (),
-                        fv: flags.FlagValues = FLAGS) -> None:
+def define_binary_flags(
+    configs: Sequence[type], own: Sequence[str] = (), fv: flags.FlagValues = FLAGS
+) -> None:
     """Defines a binary's flags: its configs' fields and its own switches (``OWN_FLAGS``)."""
     define_config_flags(*configs, fv=fv)
     define_flags(*own, fv=fv)
@@ -157,7 +164,11 @@ def define_flags(*names: str, fv: flags.FlagValues = FLAGS) -> None:
 
 # The binaries' own switches: not settings of a library config (they choose what a binary does).
 OWN_FLAGS = {
-    "smoke": ("bool", False, "Shrink everything to run in seconds (tiny net and data, 2 epochs of 2 steps)."),
+    "smoke": (
+        "bool",
+        False,
+        "Shrink everything to run in seconds (tiny net and data, 2 epochs of 2 steps).",
+    ),
     "compare": ("list", [], "Evaluation folders (with metrics.json) to put in one table."),
     "names": ("list", [], "Row names of --compare (default the folder names)."),
     "compare_out": ("string", "comparison", "Path prefix of the comparison table (.md and .csv)."),
@@ -172,7 +183,9 @@ def float_list(values: Sequence[str], name: str) -> tuple[float, ...]:
     try:
         numbers = tuple(float(v) for v in values)
     except ValueError:
-        raise ValueError(f"--{name} takes numbers separated by commas, got {','.join(values)}") from None
+        raise ValueError(
+            f"--{name} takes numbers separated by commas, got {','.join(values)}"
+        ) from None
     if not all(math.isfinite(v) for v in numbers):
         raise ValueError(f"--{name} takes finite numbers, got {','.join(values)}")
     return numbers
@@ -183,7 +196,9 @@ def int_list(values: Sequence[str], name: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in values)
     except ValueError:
-        raise ValueError(f"--{name} takes integers separated by commas, got {','.join(values)}") from None
+        raise ValueError(
+            f"--{name} takes integers separated by commas, got {','.join(values)}"
+        ) from None
 
 
 def require(**values) -> None:
@@ -209,7 +224,9 @@ def _parser(prog: str) -> Callable[[list[str]], list[str]]:
         for name in FLAGS:
             value = FLAGS[name].value
             if isinstance(value, float) and not math.isfinite(value):
-                print(f"{prog}: error: --{name} must be a finite number, got {value}", file=sys.stderr)
+                print(
+                    f"{prog}: error: --{name} must be a finite number, got {value}", file=sys.stderr
+                )
                 sys.exit(EXIT_BAD_INPUT)
         return rest
 
@@ -226,7 +243,7 @@ _OS_HINTS = {
     errno.ENOSPC: "the disk is full: free space and rerun the same command (finished work is kept)",
     errno.EDQUOT: "the disk quota is used up: free space and rerun the same command",
     errno.EFBIG: "a file size limit was reached (ulimit -f, or the file system's): raise it or free "
-                 "space and rerun the same command (finished work is kept)",
+    "space and rerun the same command (finished work is kept)",
     errno.EROFS: "the file system is read-only: choose another path",
 }
 

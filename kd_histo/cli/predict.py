@@ -3,11 +3,14 @@
     kd-histo-predict --model_dir=runs/demo/student_x4 --inputs=../shared/data/slide.svs \
         --heatmap --max_tiles=200 --out_dir=runs/demo/predict
     kd-histo-predict --model_dir=runs/demo/student_x4 --inputs=../shared/data/slide.svs \
-        --cascade_teacher=runs/demo/teacher --cascade_fraction=0.1 --out_dir=runs/demo/predict_cascade
+        --cascade_teacher=runs/demo/teacher --cascade_fraction=0.1
+        --out_dir=runs/demo/predict_cascade
 
 Writes predictions.csv (per tile), slides.csv (per slide) and, with --heatmap, one heatmap PNG
-per slide over its thumbnail (``kd_histo.evaluation.predict``). With --cascade_teacher the teacher re-scores
-the least confident tiles of each slide from their HR tiles (predictions.csv says which net scored each).
+per slide over its thumbnail (``kd_histo.evaluation.predict``). With --cascade_teacher the teacher
+re-scores
+the least confident tiles of each slide from their HR tiles (predictions.csv says which net scored
+each).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ fc.define_binary_flags(CONFIGS)
 def main(argv: list[str]) -> None:
     del argv
     from kd_histo.evaluation import predict
+
     cfg = PredictConfig(**fc.config_kwargs(PredictConfig))
     paths = predict.predict(cfg, log=lambda line: print(f"{PROG}: {line}", flush=True))
     for name, path in paths.items():

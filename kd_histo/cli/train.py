@@ -3,7 +3,8 @@
     kd-histo-train --flagfile=flags/demo/teacher.flags
     kd-histo-train --flagfile=flags/demo/student_x4.flags --teacher=runs/demo/teacher
 
-Flags -> a frozen ``kd_histo.training.config.RunConfig`` -> ``kd_histo.training.train.train``. Bad input ends in
+Flags -> a frozen ``kd_histo.training.config.RunConfig`` -> ``kd_histo.training.train.train``. Bad
+input ends in
 one line, ``kd-histo-train: error: <what to fix>``, exit code 2, and nothing written.
 """
 
@@ -20,15 +21,17 @@ from kd_histo.models import ModelConfig
 from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig, smoke
 
 PROG = "kd-histo-train"
-# The configs whose fields are this binary's flags (ModelConfig: --stem and --norm, NetConfig.kwargs).
+# The configs whose fields are this binary's flags (ModelConfig: --stem and --norm,
+# NetConfig.kwargs).
 CONFIGS = (PipelineConfig, RunConfig, NetConfig, ModelConfig, DistillConfig, OptimConfig)
 OWN_FLAGS = ("smoke",)
 fc.define_binary_flags(CONFIGS, OWN_FLAGS)
 FLAGS = fc.FLAGS
 
 
-def config_from_flags(mode: str | None = None, model_dir: str | None = None,
-                      fv: flags.FlagValues = FLAGS) -> RunConfig:
+def config_from_flags(
+    mode: str | None = None, model_dir: str | None = None, fv: flags.FlagValues = FLAGS
+) -> RunConfig:
     """The RunConfig the flags describe (``--smoke`` shrinks it).
 
     Args:
@@ -42,11 +45,18 @@ def config_from_flags(mode: str | None = None, model_dir: str | None = None,
     net = fc.config_kwargs(NetConfig, fv)
     model = fc.config_kwargs(ModelConfig, fv)
     # --stem is resnet_gn's alone; the standard ResNets take --norm only.
-    kwargs = (("stem", model["stem"]), ("norm", model["norm"])) if net["arch"] == "resnet_gn" else (
-        ("norm", model["norm"]),)
-    cfg = RunConfig(**run, data=data, net=NetConfig(**net, kwargs=kwargs),
-                    distill=DistillConfig(**fc.config_kwargs(DistillConfig, fv)),
-                    optim=OptimConfig(**fc.config_kwargs(OptimConfig, fv)))
+    kwargs = (
+        (("stem", model["stem"]), ("norm", model["norm"]))
+        if net["arch"] == "resnet_gn"
+        else (("norm", model["norm"]),)
+    )
+    cfg = RunConfig(
+        **run,
+        data=data,
+        net=NetConfig(**net, kwargs=kwargs),
+        distill=DistillConfig(**fc.config_kwargs(DistillConfig, fv)),
+        optim=OptimConfig(**fc.config_kwargs(OptimConfig, fv)),
+    )
     return smoke(cfg) if fv.smoke else cfg
 
 
@@ -67,6 +77,7 @@ def config_from_flagfile(path: str, *argv: str) -> RunConfig:
 def main(argv: list[str]) -> None:
     del argv
     from kd_histo.training import train
+
     cfg = config_from_flags()
     result = train.train(cfg)
     best = f", best {cfg.monitor} {result.best:.4f}" if result.best is not None else ""

@@ -53,37 +53,55 @@ class ConvertConfig:
     """
 
     # --out_dir is shared by the binaries (one default per process, ""); here it is required.
-    out_dir: str = setting(help="Output folder for shards and dataset.json (required).", flag_default="")
+    out_dir: str = setting(
+        help="Output folder for shards and dataset.json (required).", flag_default=""
+    )
     input_dir: str = setting("", "Folder of class subfolders (unlabeled/ = unlabeled tiles).")
-    manifest: str = setting("", "CSV: path,label[,slide_id][,patient_id][,split]; empty label = unlabeled.")
-    slides: tuple[str, ...] = setting((), "Whole-slide files, folders or globs (unlabeled unless in --slide_labels).")
+    manifest: str = setting(
+        "", "CSV: path,label[,slide_id][,patient_id][,split]; empty label = unlabeled."
+    )
+    slides: tuple[str, ...] = setting(
+        (), "Whole-slide files, folders or globs (unlabeled unless in --slide_labels)."
+    )
     slide_labels: str = setting("", "CSV of slides: path,label[,slide_id][,patient_id][,split].")
     root: str = setting("", "If set, manifest paths must lie inside this folder.")
-    h5_images: str = setting("", "HDF5 file of uint8 patches [N,H,W,3] (e.g. PatchCamelyon *_x.h5).")
+    h5_images: str = setting(
+        "", "HDF5 file of uint8 patches [N,H,W,3] (e.g. PatchCamelyon *_x.h5)."
+    )
     h5_labels: str = setting("", "HDF5 file of their labels (e.g. *_y.h5); '' = unlabeled.")
     h5_labels_key: str = setting("y", "Dataset name of the labels in --h5_labels.")
     class_names: tuple[str, ...] = setting((), "Class order (default: sorted label names).")
     group_by: str = setting(
-        "slide", "Groups kept in one split: slide ids as given (manifest slide_id, --groups), augmented "
+        "slide",
+        "Groups kept in one split: slide ids as given (manifest slide_id, --groups), augmented "
         "copies of one original (near_duplicates: rotations, flips, zooms, crops, colour shifts), "
         "or a cheaper perceptual hash that misses arbitrary rotations and crops (phash).",
-        choices=("slide", "near_duplicates", "phash"))
+        choices=("slide", "near_duplicates", "phash"),
+    )
     phash_distance: int = setting(8, "Bits (of 64) within which two tiles count as near-copies.")
-    groups: str = setting("", "CSV path,group_id: tiles of one group (original image, slide, patient) share a split.")
+    groups: str = setting(
+        "", "CSV path,group_id: tiles of one group (original image, slide, patient) share a split."
+    )
     neardup: NearDupOptions = NearDupOptions()
     leakage_check: bool = setting(
-        True, "Count val/test tiles with a near-copy in train (printed, and a note in dataset.json); "
-        "free with --group_by=near_duplicates, which always reports it.")
+        True,
+        "Count val/test tiles with a near-copy in train (printed, and a note in dataset.json); "
+        "free with --group_by=near_duplicates, which always reports it.",
+    )
     fractions: tuple[float, ...] = setting(
-        (0.7, 0.15, 0.15), "train,val,test shares; a 4th share holds labeled groups out without labels in "
-        "'unlabeled' (a label-scarce setting for distillation experiments).", flag="split_fractions")
+        (0.7, 0.15, 0.15),
+        "train,val,test shares; a 4th share holds labeled groups out without labels in "
+        "'unlabeled' (a label-scarce setting for distillation experiments).",
+        flag="split_fractions",
+    )
     seed: int = setting(0, "Split seed.")
     encode: EncodeOptions = EncodeOptions()
     slide_mpp: float = setting(0.0, "Level-0 µm/px for slides whose metadata lacks it.")
     compression: str = setting("", "Shard compression.", choices=("", "GZIP"))
     examples_per_shard: int = setting(1000, "Target shard size (when --num_shards=0).")
     num_shards: int = setting(0, "Shards per split (0 = from --examples_per_shard).")
-    # The binary converts in parallel with a progress bar; library calls (tests, the demo) in-process.
+    # The binary converts in parallel with a progress bar; library calls (tests, the demo)
+    # in-process.
     num_workers: int = setting(0, "Worker processes (0 = in this process).", flag_default=2)
     unit_size: int = setting(64, "Tiles per work unit: the granularity of resume and progress.")
     task_index: int = setting(0, "This task among --num_tasks (Slurm/Kubernetes array index).")

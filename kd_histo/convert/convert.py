@@ -156,7 +156,10 @@ class _LazyPool:
         if self.executor is None and self.num_workers > 0 and jobs > 1:
             ctx = multiprocessing.get_context("spawn")
             self.executor = cf.ProcessPoolExecutor(
-                self.num_workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+                self.num_workers,
+                mp_context=ctx,
+                initializer=_die_with_parent,
+                initargs=(os.getpid(),),
             )
         return self.executor
 

@@ -15,8 +15,8 @@ import dataclasses
 import difflib
 import os
 
-from kd_histo.convert.errors import ConversionError
 from kd_histo.atomic import replacing
+from kd_histo.convert.errors import ConversionError
 from kd_histo.convert.tiles import TILE_EXTENSIONS
 
 SPLITS = ("train", "val", "test", "unlabeled")
@@ -264,7 +264,9 @@ def write_manifest(folders: list[tuple[str, str]], path: str) -> dict[str, int]:
     rows, counts = [], {}
     for folder, split in folders:
         if split and split not in SPLITS:
-            raise ManifestError(f"split {split!r} for {folder} unknown; choose one of {SPLITS} or ''")
+            raise ManifestError(
+                f"split {split!r} for {folder} unknown; choose one of {SPLITS} or ''"
+            )
         entries, _ = scan_folder(folder)
         counts[folder] = len(entries)
         for e in entries:

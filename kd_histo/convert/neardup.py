@@ -178,9 +178,9 @@ def structure_scores(
             for dr in range(-max_shift, max_shift + 1):
                 a0, a1 = max(0, -dr), min(nr, nr - dr)
                 c = np.fft.irfft((fa[:, a0:a1] * fb[:, a0 + dr : a1 + dr]).sum(1), n=na, axis=-1)
-                den = np.sqrt(
-                    (cum[a, a1] - cum[a, a0]) * (cum[b, a1 + dr] - cum[b, a0 + dr])
-                ) + 1e-9
+                den = (
+                    np.sqrt((cum[a, a1] - cum[a, a0]) * (cum[b, a1 + dr] - cum[b, a0 + dr])) + 1e-9
+                )
                 best = np.maximum(best, c.max(-1) / den)
         out[s : s + chunk] = best
     return out

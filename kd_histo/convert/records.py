@@ -32,12 +32,20 @@ class EncodeOptions:
     """How tiles are read and stored (identical for every unit of a conversion)."""
 
     tile_px: int = setting(224, "Side of the stored tiles in pixels.")
-    fit: str = setting("crop", "Tile images of another size: centre-crop or resize.", choices=("crop", "resize"))
-    image_format: str = setting("png", "PNG is lossless; JPEG with --jpeg_quality.", choices=("png", "jpeg"))
+    fit: str = setting(
+        "crop", "Tile images of another size: centre-crop or resize.", choices=("crop", "resize")
+    )
+    image_format: str = setting(
+        "png", "PNG is lossless; JPEG with --jpeg_quality.", choices=("png", "jpeg")
+    )
     jpeg_quality: int = setting(95, "JPEG quality (1-100).")
     png_level: int = setting(6, "PNG zlib level (0-9); lossless at every level.")
-    max_pixels: int = setting(tiles.DEFAULT_MAX_PIXELS, "Larger tile images are refused (decompression bombs).")
-    tiff_decoder: str = setting("pil", "Decode .tif tiles with Pillow or tensorflow-io.", choices=("pil", "tfio"))
+    max_pixels: int = setting(
+        tiles.DEFAULT_MAX_PIXELS, "Larger tile images are refused (decompression bombs)."
+    )
+    tiff_decoder: str = setting(
+        "pil", "Decode .tif tiles with Pillow or tensorflow-io.", choices=("pil", "tfio")
+    )
     strict: bool = setting(False, "Fail on the first unreadable input instead of skipping it.")
     tile_mpp: float = setting(0.0, "µm/px of tile images when known (recorded; 0 = unknown).")
     h5_key: str = setting("x", "Dataset name of the patches in --h5_images.")

@@ -26,7 +26,7 @@ class PixelStats:
         self.total_sq = (np.asarray(self.total_sq) + (px * px).sum(0)).tolist()
         self.count += len(px)
 
-    def merge(self, other: "PixelStats") -> "PixelStats":
+    def merge(self, other: PixelStats) -> PixelStats:
         """Returns the stats of both parts together."""
         return PixelStats(
             (np.asarray(self.total) + other.total).tolist(),

@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import tensorflow as tf
 
@@ -44,7 +44,7 @@ class DirLock:
         self.path = os.path.join(folder, f".lock-{name}")
         self.tool = tool
 
-    def __enter__(self) -> "DirLock":
+    def __enter__(self) -> DirLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
         for _ in range(2):
             try:

@@ -16,7 +16,8 @@ keras-cv where it fits: the RandAugment-style ops solarize, posterize, sharpness
 autocontrast are keras-cv 0.9's own layers, called through their ``augment_images(images,
 transformations)`` with parameters drawn here statelessly (its ``Equalization`` is left out: its
 step uses the smallest non-empty histogram bin where PIL and AutoAugment use the last one, so it
-is not histogram equalisation; measured against Pillow in the tests). Calling the layers themselves would
+is not histogram equalisation; measured against Pillow in the tests). Calling the layers themselves
+would
 not do: they draw from a stateful ``SeedGenerator``, and two fresh ``RandAugment(seed=7)`` layers
 give different outputs on the same batch (measured), which breaks "deterministic under a seed".
 The colour jitter keeps torchvision's ``ColorJitter`` arithmetic (the paper's), which keras-cv's
@@ -128,7 +129,10 @@ def _kcv(name: str, **kwargs):
 
 def solarize(x: tf.Tensor, m: float) -> tf.Tensor:
     """Inverts pixels above ``1 - m/2`` (keras-cv ``Solarization``; m in [0, 1])."""
-    t = {"additions": tf.zeros([1, 1, 1, 1]), "thresholds": tf.fill([1, 1, 1, 1], 255.0 * (1.0 - 0.5 * m))}
+    t = {
+        "additions": tf.zeros([1, 1, 1, 1]),
+        "thresholds": tf.fill([1, 1, 1, 1], 255.0 * (1.0 - 0.5 * m)),
+    }
     return _kcv("Solarization").augment_images(x[None], t)[0]
 
 
@@ -150,7 +154,6 @@ def sharpness(x: tf.Tensor, enhance: tf.Tensor) -> tf.Tensor:
 def autocontrast(x: tf.Tensor) -> tf.Tensor:
     """Stretches each channel to the full range (keras-cv ``AutoContrast``)."""
     return _kcv("AutoContrast").augment_images(x[None])[0]
-
 
 
 def _rand_op(image: tf.Tensor, seed: tf.Tensor, m: float) -> tf.Tensor:

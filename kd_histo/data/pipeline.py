@@ -75,12 +75,17 @@ class PipelineConfig:
     data_dir: str = setting(help="Folder with shards + dataset.json (kd-histo-convert output).")
     batch_size: int = setting(32, "Examples per batch.")
     factor: float = setting(2.0, "Resolution factor of the LR view (2, 4, 8).")
-    hr_px: int | None = setting(None, "Side of the HR view; default the stored tile size (smaller: crop).")
+    hr_px: int | None = setting(
+        None, "Side of the HR view; default the stored tile size (smaller: crop)."
+    )
     lr_method: str = setting("area", "How the LR view is made: area, bicubic, bilinear, pyramid.")
     augment: str = setting("paper", "Training augmentation preset.")
     unlabeled_ratio: float = setting(0.0, "Fraction of training examples from the unlabeled pool.")
-    labeled: bool = setting(True, "Read the labeled train split (distill uses its labels only with "
-                            "--ce_weight > 0); --nolabeled trains a student on the unlabeled pool alone.")
+    labeled: bool = setting(
+        True,
+        "Read the labeled train split (distill uses its labels only with "
+        "--ce_weight > 0); --nolabeled trains a student on the unlabeled pool alone.",
+    )
     class_balanced: bool = False
     second_view: bool = False
     cache: bool = setting(False, "Keep decoded tiles in memory after the first pass.")
@@ -90,7 +95,8 @@ class PipelineConfig:
     drop_remainder: bool = True
     normalize: bool = False
     unlabeled_dirs: tuple[str, ...] = setting(
-        (), "More converted folders for the unlabeled pool (comma separated).")
+        (), "More converted folders for the unlabeled pool (comma separated)."
+    )
     unlabeled_fraction: float = 1.0
     cycle_length: int = 4
 

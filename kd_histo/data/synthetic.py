@@ -60,7 +60,9 @@ def _fibres(size, rng, angle, period, jitter):
     return (0.5 + 0.5 * np.cos(2 * np.pi * (t + wobble) / period + phase)) ** 3
 
 
-def render_tile(rng: np.random.Generator, label: int, tile_px: int = 64, stain_scale: float = 1.0) -> np.ndarray:
+def render_tile(
+    rng: np.random.Generator, label: int, tile_px: int = 64, stain_scale: float = 1.0
+) -> np.ndarray:
     """Renders one synthetic H&E-like tile.
 
     Args:
@@ -84,15 +86,30 @@ def render_tile(rng: np.random.Generator, label: int, tile_px: int = 64, stain_s
     if name == "lymphocytes":
         for _ in range(rng.poisson(55 * area)):
             r = rng.uniform(1.6, 2.6)
-            _disk_stamp(h_map, rng.uniform(0, size), rng.uniform(0, size), r, r * rng.uniform(0.85, 1.1),
-                        rng.uniform(0, np.pi), rng.uniform(0.9, 1.2))
+            _disk_stamp(
+                h_map,
+                rng.uniform(0, size),
+                rng.uniform(0, size),
+                r,
+                r * rng.uniform(0.85, 1.1),
+                rng.uniform(0, np.pi),
+                rng.uniform(0.9, 1.2),
+            )
         e_map += 0.15 * _fibres(size, rng, rng.uniform(0, np.pi), rng.uniform(5, 9), 2.0)
     elif name == "tumour":
         chromatin = lambda rho: 0.55 + 0.45 * (rho > 0.7)  # noqa: E731 -- pale centre, dark rim
         for _ in range(rng.poisson(9 * area)):
             r = rng.uniform(4.0, 6.5)
-            _disk_stamp(h_map, rng.uniform(0, size), rng.uniform(0, size), r, r * rng.uniform(0.6, 0.95),
-                        rng.uniform(0, np.pi), rng.uniform(0.55, 0.8), texture=chromatin)
+            _disk_stamp(
+                h_map,
+                rng.uniform(0, size),
+                rng.uniform(0, size),
+                r,
+                r * rng.uniform(0.6, 0.95),
+                rng.uniform(0, np.pi),
+                rng.uniform(0.55, 0.8),
+                texture=chromatin,
+            )
         h_map += 0.25 * (rng.random((size, size)) < 0.04) * (h_map > 0.2)  # coarse chromatin
         e_map += 0.15 * _fibres(size, rng, rng.uniform(0, np.pi), rng.uniform(5, 9), 2.0)
     elif name == "stroma":
@@ -100,8 +117,15 @@ def render_tile(rng: np.random.Generator, label: int, tile_px: int = 64, stain_s
         e_map += 0.75 * _fibres(size, rng, angle, rng.uniform(2.6, 3.4), rng.uniform(0.5, 1.5))
         for _ in range(rng.poisson(6 * area)):
             r = rng.uniform(1.2, 1.8)
-            _disk_stamp(h_map, rng.uniform(0, size), rng.uniform(0, size), r, r * rng.uniform(3.5, 5.0),
-                        angle + rng.normal(0, 0.15), rng.uniform(0.9, 1.2))
+            _disk_stamp(
+                h_map,
+                rng.uniform(0, size),
+                rng.uniform(0, size),
+                r,
+                r * rng.uniform(3.5, 5.0),
+                angle + rng.normal(0, 0.15),
+                rng.uniform(0.9, 1.2),
+            )
         h_map += 0.12  # matches the other classes' mean haematoxylin
     else:  # debris
         dust = (rng.random((size, size)) < 0.09).astype(np.float32)
@@ -119,8 +143,10 @@ def render_tile(rng: np.random.Generator, label: int, tile_px: int = 64, stain_s
 
     h_scale = stain_scale * rng.uniform(0.8, 1.2)
     e_scale = stain_scale * rng.uniform(0.8, 1.2)
-    od = (np.clip(h_map, 0, None)[..., None] * h_scale * _H_VEC
-          + np.clip(e_map, 0, None)[..., None] * e_scale * _E_VEC)
+    od = (
+        np.clip(h_map, 0, None)[..., None] * h_scale * _H_VEC
+        + np.clip(e_map, 0, None)[..., None] * e_scale * _E_VEC
+    )
     rgb = 255.0 * np.exp(-od) + rng.normal(0.0, 3.0, od.shape)
     return np.clip(rgb, 0, 255).astype(np.uint8)
 

@@ -11,7 +11,8 @@ size and µm/px). :func:`measure_curve` runs a labeled split through the cascade
 fractions and measures accuracy, effective GFLOPs per tile and tiles/s (the two nets on tiles held
 in memory, so reading is not timed; the teacher alone is the reference of the speedup).
 
-Not here: reading tiles or slides (``kd_histo.evaluation.evaluate``, ``kd_histo.evaluation.predict``), FLOPs counting
+Not here: reading tiles or slides (``kd_histo.evaluation.evaluate``,
+``kd_histo.evaluation.predict``), FLOPs counting
 (``kd_histo.evaluation.cost``), files and figures (``kd_histo.evaluation.evaluate.write_cascade``).
 """
 
@@ -19,15 +20,26 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from kd_histo.training.run_record import RunRecord, teacher_misfit
 
 DEFAULT_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.5)
-CSV_COLUMNS = ("scored_by", "fraction", "n_tiles", "n_teacher", "teacher_share", "accuracy", "gflops_per_tile",
-               "seconds", "tiles_per_s", "speedup_vs_teacher")
+CSV_COLUMNS = (
+    "scored_by",
+    "fraction",
+    "n_tiles",
+    "n_teacher",
+    "teacher_share",
+    "accuracy",
+    "gflops_per_tile",
+    "seconds",
+    "tiles_per_s",
+    "speedup_vs_teacher",
+)
 
 
 def confidence(probs: np.ndarray) -> np.ndarray:
@@ -46,7 +58,9 @@ def n_for_teacher(n_tiles: int, fraction: float) -> int:
     return min(n_tiles, int(math.floor(fraction * n_tiles + 1e-9)))
 
 
-def select(probs: np.ndarray, *, fraction: float | None = None, threshold: float | None = None) -> np.ndarray:
+def select(
+    probs: np.ndarray, *, fraction: float | None = None, threshold: float | None = None
+) -> np.ndarray:
     """Which tiles the teacher re-scores: a boolean mask [N].
 
     Args:
@@ -60,7 +74,9 @@ def select(probs: np.ndarray, *, fraction: float | None = None, threshold: float
     """
     conf = confidence(probs)
     if (fraction is None) == (threshold is None):
-        raise ValueError("give the cascade a fraction of tiles or a confidence threshold, not both or neither")
+        raise ValueError(
+            "give the cascade a fraction of tiles or a confidence threshold, not both or neither"
+        )
     mask = np.zeros(len(conf), bool)
     if threshold is not None:
         if not 0.0 < threshold <= 1.0:
@@ -84,7 +100,9 @@ def combine(student_probs: np.ndarray, teacher_probs: np.ndarray, mask: np.ndarr
     mask = np.asarray(mask, bool)
     teacher_probs = np.asarray(teacher_probs, float).reshape(-1, out.shape[1])
     if len(teacher_probs) != int(mask.sum()):
-        raise ValueError(f"{len(teacher_probs)} teacher outputs for {int(mask.sum())} selected tiles")
+        raise ValueError(
+            f"{len(teacher_probs)} teacher outputs for {int(mask.sum())} selected tiles"
+        )
     out[mask] = teacher_probs
     return out
 
@@ -107,17 +125,25 @@ def check_pair(student: RunRecord, teacher: RunRecord) -> None:
     """
     misfit = teacher_misfit(teacher, student.class_names, student.hr_px, student.mpp)
     if misfit == "view":
-        raise ValueError(f"the cascade teacher must read HR tiles (a teacher run), got a {teacher.mode} run "
-                         f"on the {teacher.view.upper()} view x{teacher.factor:g}")
+        raise ValueError(
+            f"the cascade teacher must read HR tiles (a teacher run), got a {teacher.mode} run "
+            f"on the {teacher.view.upper()} view x{teacher.factor:g}"
+        )
     if misfit == "classes":
-        raise ValueError(f"cascade teacher classes {list(teacher.class_names)} differ from the student's "
-                         f"{list(student.class_names)} (names and order must match); use the student's own teacher")
+        raise ValueError(
+            f"cascade teacher classes {list(teacher.class_names)} differ from the student's "
+            f"{list(student.class_names)} (names and order must match); use the student's own teacher"
+        )
     if misfit == "hr_px":
-        raise ValueError(f"cascade teacher reads {teacher.hr_px} px HR tiles, the student's are {student.hr_px} px; "
-                         "use a teacher trained on the same tiles")
+        raise ValueError(
+            f"cascade teacher reads {teacher.hr_px} px HR tiles, the student's are {student.hr_px} px; "
+            "use a teacher trained on the same tiles"
+        )
     if misfit == "mpp":
-        raise ValueError(f"cascade teacher was trained at {teacher.mpp:g} µm/px, the student at {student.mpp:g}; "
-                         "use a teacher trained on the same tiles")
+        raise ValueError(
+            f"cascade teacher was trained at {teacher.mpp:g} µm/px, the student at {student.mpp:g}; "
+            "use a teacher trained on the same tiles"
+        )
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -125,14 +151,25 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     labels = np.asarray(labels)
     keep = labels >= 0
     if not keep.any():
-        raise ValueError("the split has no labeled tiles; the cascade curve needs a labeled split (val or test)")
+        raise ValueError(
+            "the split has no labeled tiles; the cascade curve needs a labeled split (val or test)"
+        )
     return float((np.asarray(probs)[keep].argmax(1) == labels[keep]).mean())
 
 
-def measure_curve(student_fn: Callable[[np.ndarray], np.ndarray], teacher_fn: Callable[[np.ndarray], np.ndarray],
-                  student_inputs: np.ndarray, teacher_inputs: np.ndarray, labels: np.ndarray, *,
-                  student_gflops: float, teacher_gflops: float, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                  batch_size: int = 64, repeats: int = 3) -> list[dict[str, Any]]:
+def measure_curve(
+    student_fn: Callable[[np.ndarray], np.ndarray],
+    teacher_fn: Callable[[np.ndarray], np.ndarray],
+    student_inputs: np.ndarray,
+    teacher_inputs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    student_gflops: float,
+    teacher_gflops: float,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    batch_size: int = 64,
+    repeats: int = 3,
+) -> list[dict[str, Any]]:
     """Accuracy, effective GFLOPs per tile and measured tiles/s of the cascade at each fraction.
 
     The student runs over every tile once (timed); for each fraction the teacher runs over the
@@ -155,8 +192,10 @@ def measure_curve(student_fn: Callable[[np.ndarray], np.ndarray], teacher_fn: Ca
     """
     n = len(student_inputs)
     if n == 0 or len(teacher_inputs) != n or len(labels) != n:
-        raise ValueError(f"the cascade needs the same tiles for both nets, got {len(student_inputs)} student, "
-                         f"{len(teacher_inputs)} teacher inputs and {len(labels)} labels")
+        raise ValueError(
+            f"the cascade needs the same tiles for both nets, got {len(student_inputs)} student, "
+            f"{len(teacher_inputs)} teacher inputs and {len(labels)} labels"
+        )
     student_probs, t_student = _timed(student_fn, student_inputs, batch_size, repeats)
     teacher_all, t_teacher = _timed(teacher_fn, teacher_inputs, batch_size, repeats)
     rows = []
@@ -165,10 +204,32 @@ def measure_curve(student_fn: Callable[[np.ndarray], np.ndarray], teacher_fn: Ca
         teacher_part, t_part = _timed(teacher_fn, teacher_inputs[mask], batch_size, repeats)
         seconds = t_student + t_part
         share = float(mask.mean())
-        rows.append(_row("cascade", f, n, int(mask.sum()), share,
-                         accuracy(combine(student_probs, teacher_part, mask), labels),
-                         effective_gflops(student_gflops, teacher_gflops, share), seconds, t_teacher))
-    rows.append(_row("teacher", 1.0, n, n, 1.0, accuracy(teacher_all, labels), teacher_gflops, t_teacher, t_teacher))
+        rows.append(
+            _row(
+                "cascade",
+                f,
+                n,
+                int(mask.sum()),
+                share,
+                accuracy(combine(student_probs, teacher_part, mask), labels),
+                effective_gflops(student_gflops, teacher_gflops, share),
+                seconds,
+                t_teacher,
+            )
+        )
+    rows.append(
+        _row(
+            "teacher",
+            1.0,
+            n,
+            n,
+            1.0,
+            accuracy(teacher_all, labels),
+            teacher_gflops,
+            t_teacher,
+            t_teacher,
+        )
+    )
     return rows
 
 
@@ -176,26 +237,45 @@ def cheapest_within(rows: Sequence[dict[str, Any]], points: float = 1.0) -> dict
     """The cascade row with the smallest teacher share whose accuracy is within ``points``
     percentage points of the teacher alone's (rows of :func:`measure_curve`); None if none is."""
     teacher = next(r for r in rows if r["scored_by"] == "teacher")
-    ok = [r for r in rows if r["scored_by"] == "cascade" and r["accuracy"] >= teacher["accuracy"] - points / 100 - 1e-12]
+    ok = [
+        r
+        for r in rows
+        if r["scored_by"] == "cascade"
+        and r["accuracy"] >= teacher["accuracy"] - points / 100 - 1e-12
+    ]
     return min(ok, key=lambda r: r["teacher_share"], default=None)
 
 
 def _row(by, fraction, n, k, share, acc, gflops, seconds, teacher_seconds) -> dict[str, Any]:
-    return {"scored_by": by, "fraction": float(fraction), "n_tiles": n, "n_teacher": k, "teacher_share": share,
-            "accuracy": acc, "gflops_per_tile": gflops, "seconds": seconds, "tiles_per_s": n / seconds,
-            "speedup_vs_teacher": teacher_seconds / seconds}
+    return {
+        "scored_by": by,
+        "fraction": float(fraction),
+        "n_tiles": n,
+        "n_teacher": k,
+        "teacher_share": share,
+        "accuracy": acc,
+        "gflops_per_tile": gflops,
+        "seconds": seconds,
+        "tiles_per_s": n / seconds,
+        "speedup_vs_teacher": teacher_seconds / seconds,
+    }
 
 
-def _timed(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_size: int,
-           repeats: int = 1) -> tuple[np.ndarray, float]:
+def _timed(
+    fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_size: int, repeats: int = 1
+) -> tuple[np.ndarray, float]:
     """fn over ``inputs`` in batches: (probabilities [N, C], median seconds of ``repeats`` passes).
     One untimed batch first."""
     if len(inputs) == 0:
         return np.zeros((0, 0)), 0.0
-    fn(inputs[:batch_size])  # warm-up: tracing and first-call allocations are not the cascade's cost
+    fn(
+        inputs[:batch_size]
+    )  # warm-up: tracing and first-call allocations are not the cascade's cost
     times = []
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
-        out = np.concatenate([np.asarray(fn(inputs[i:i + batch_size])) for i in range(0, len(inputs), batch_size)])
+        out = np.concatenate(
+            [np.asarray(fn(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)]
+        )
         times.append(time.perf_counter() - t0)
     return out, float(np.median(times))

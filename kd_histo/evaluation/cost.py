@@ -8,7 +8,8 @@ sizes after warm-up; peak memory is TF's allocator peak where the device reports
 not reported (null: a figure not measured is not written as 0). ``profile_training_steps``
 writes a TensorBoard trace of a few training steps.
 
-Not here: which runs to compare (``kd_histo.cli.cost``), evaluation metrics (``kd_histo.evaluation.evaluate``).
+Not here: which runs to compare (``kd_histo.cli.cost``), evaluation metrics
+(``kd_histo.evaluation.evaluate``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -39,15 +41,17 @@ def _logits_fn(model: keras.Model):
 def count_flops(model: keras.Model, input_px: int) -> int:
     """FLOPs of one forward pass of one ``input_px`` x ``input_px`` RGB image, from the TF graph."""
     concrete = tf.function(_logits_fn(model)).get_concrete_function(
-        tf.TensorSpec([1, input_px, input_px, 3], tf.float32))
+        tf.TensorSpec([1, input_px, input_px, 3], tf.float32)
+    )
     # Freezing turns variable reads into constants so the profiler sees every op's static shape.
     graph = convert_variables_to_constants_v2(concrete).graph
     opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     opts["output"] = "none"
     # The v1 profiler is the only FLOPs counter TF ships; silence its own deprecation notice.
     with deprecation.silence():
-        info = tf.compat.v1.profiler.profile(graph=graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op",
-                                             options=opts)
+        info = tf.compat.v1.profiler.profile(
+            graph=graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op", options=opts
+        )
     return int(info.total_float_ops)
 
 
@@ -56,8 +60,13 @@ def count_params(model: keras.Model) -> int:
     return int(sum(np.prod(v.shape) for v in model.weights))
 
 
-def measure_latency(model: keras.Model, input_px: int, batch_sizes: Sequence[int] = (1, 8, 32),
-                    repeats: int = 5, warmup: int = 2) -> list[dict[str, float]]:
+def measure_latency(
+    model: keras.Model,
+    input_px: int,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    repeats: int = 5,
+    warmup: int = 2,
+) -> list[dict[str, float]]:
     """Median wall-clock time per batch, throughput and peak memory at each batch size.
 
     Peak memory is the GPU allocator's peak when a GPU runs the net. On CPU TensorFlow keeps no
@@ -85,8 +94,14 @@ def measure_latency(model: keras.Model, input_px: int, batch_sizes: Sequence[int
             times.append(time.perf_counter() - t0)
         med = float(np.median(times))
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20 if gpu else None
-        rows.append({"batch_size": int(bs), "latency_ms": med * 1e3, "images_per_s": bs / med,
-                     "peak_memory_mb": None if peak is None else float(peak)})
+        rows.append(
+            {
+                "batch_size": int(bs),
+                "latency_ms": med * 1e3,
+                "images_per_s": bs / med,
+                "peak_memory_mb": None if peak is None else float(peak),
+            }
+        )
     return rows
 
 
@@ -105,13 +120,20 @@ class CostEntry:
         return self.flops / 1e9
 
 
-def model_cost(name: str, model: keras.Model, input_px: int, batch_sizes: Sequence[int] = (1, 8, 32),
-               repeats: int = 5) -> CostEntry:
+def model_cost(
+    name: str,
+    model: keras.Model,
+    input_px: int,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    repeats: int = 5,
+) -> CostEntry:
     """FLOPs, parameters and (unless ``batch_sizes`` is empty) timings of ``model`` at ``input_px``."""
     if input_px < 1:
         raise ValueError(f"input_px must be >= 1, got {input_px}")
     timings = tuple(measure_latency(model, input_px, batch_sizes, repeats)) if batch_sizes else ()
-    return CostEntry(name, int(input_px), count_flops(model, input_px), count_params(model), timings)
+    return CostEntry(
+        name, int(input_px), count_flops(model, input_px), count_params(model), timings
+    )
 
 
 def cost_table(entries: Sequence[CostEntry], reference: str | None = None) -> list[dict[str, Any]]:
@@ -121,32 +143,49 @@ def cost_table(entries: Sequence[CostEntry], reference: str | None = None) -> li
     ref = next((e for e in entries if e.name == reference), entries[0])
     rows = []
     for e in entries:
-        row = {"name": e.name, "input_px": e.input_px, "gflops": e.gflops, "params": e.params,
-               "flops_ratio_to_ref": ref.flops / e.flops if e.flops else float("inf"),
-               "params_ratio_to_ref": ref.params / e.params if e.params else float("inf"),
-               "reference": ref.name, "timings": list(e.timings)}
+        row = {
+            "name": e.name,
+            "input_px": e.input_px,
+            "gflops": e.gflops,
+            "params": e.params,
+            "flops_ratio_to_ref": ref.flops / e.flops if e.flops else float("inf"),
+            "params_ratio_to_ref": ref.params / e.params if e.params else float("inf"),
+            "reference": ref.name,
+            "timings": list(e.timings),
+        }
         rows.append(row)
     return rows
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The cost rows as a markdown table (latency/throughput at the largest measured batch)."""
-    lines = ["| net | input px | GFLOPs/image | teacher/net FLOPs | params | latency ms (batch) | images/s "
-             "| peak MB (GPU; n/a on CPU) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| net | input px | GFLOPs/image | teacher/net FLOPs | params | latency ms (batch) | images/s "
+        "| peak MB (GPU; n/a on CPU) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         t = r["timings"][-1] if r["timings"] else None
         peak = "n/a" if t is None or t["peak_memory_mb"] is None else f"{t['peak_memory_mb']:.1f}"
-        timing = f"{t['latency_ms']:.2f} ({t['batch_size']}) | {t['images_per_s']:.1f} | {peak}" if t else "- | - | -"
-        lines.append(f"| {r['name']} | {r['input_px']} | {r['gflops']:.4f} | {r['flops_ratio_to_ref']:.2f} | "
-                     f"{r['params']:,} | {timing} |")
+        timing = (
+            f"{t['latency_ms']:.2f} ({t['batch_size']}) | {t['images_per_s']:.1f} | {peak}"
+            if t
+            else "- | - | -"
+        )
+        lines.append(
+            f"| {r['name']} | {r['input_px']} | {r['gflops']:.4f} | {r['flops_ratio_to_ref']:.2f} | "
+            f"{r['params']:,} | {timing} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def write_cost(rows: Sequence[dict[str, Any]], out_dir: str) -> dict[str, str]:
     """Writes ``cost.json`` and ``cost.md`` into ``out_dir``; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "cost.json"), "markdown": os.path.join(out_dir, "cost.md")}
+    paths = {
+        "json": os.path.join(out_dir, "cost.json"),
+        "markdown": os.path.join(out_dir, "cost.md"),
+    }
     with open(paths["json"], "w") as f:
         json.dump({"device": _device_name(), "rows": list(rows)}, f, indent=2)
     with open(paths["markdown"], "w") as f:
@@ -159,8 +198,9 @@ def _device_name() -> str:
     return f"GPU x{len(gpus)}" if gpus else f"CPU ({os.cpu_count()} cores)"
 
 
-def profile_training_steps(model: keras.Model, input_px: int, log_dir: str, steps: int = 3,
-                           batch_size: int = 8) -> str:
+def profile_training_steps(
+    model: keras.Model, input_px: int, log_dir: str, steps: int = 3, batch_size: int = 8
+) -> str:
     """Writes a TensorBoard profile trace of ``steps`` SGD steps (cross-entropy on random data).
 
     The steps are real forward + backward + update passes of ``model`` at ``input_px``, enough to
@@ -169,7 +209,9 @@ def profile_training_steps(model: keras.Model, input_px: int, log_dir: str, step
     Returns:
       ``log_dir`` (open with ``tensorboard --logdir``, Profile tab).
     """
-    num_classes = int((model.output["logits"] if isinstance(model.output, dict) else model.output).shape[-1])
+    num_classes = int(
+        (model.output["logits"] if isinstance(model.output, dict) else model.output).shape[-1]
+    )
     opt = keras.optimizers.SGD(1e-3)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     x = tf.random.uniform([batch_size, input_px, input_px, 3], seed=0)
@@ -207,19 +249,29 @@ class CostConfig:
       profile_steps: training steps traced for TensorBoard per run (0 = no trace).
     """
 
-    runs: tuple[str, ...] = setting(help="Run folders; the first (the teacher) is the reference of the ratios.")
+    runs: tuple[str, ...] = setting(
+        help="Run folders; the first (the teacher) is the reference of the ratios."
+    )
     # --out_dir is shared by the binaries (one default per process): unset here means ./cost.
-    out_dir: str = setting("cost", "Where cost.json, cost.md and the profile trace go (default ./cost).",
-                           flag_default="", unset_is_default=True)
+    out_dir: str = setting(
+        "cost",
+        "Where cost.json, cost.md and the profile trace go (default ./cost).",
+        flag_default="",
+        unset_is_default=True,
+    )
     names: tuple[str, ...] = setting((), "Row names (default the folder names).")
     batch_sizes: tuple[int, ...] = setting((1, 8, 32), "Batch sizes of the latency measurement.")
     repeats: int = setting(5, "Timed repeats per batch size (median reported).")
-    profile_steps: int = setting(3, "Training steps in the TensorBoard trace; 0 = none.", flag="trace_steps")
+    profile_steps: int = setting(
+        3, "Training steps in the TensorBoard trace; 0 = none.", flag="trace_steps"
+    )
 
     def __post_init__(self):
         if any(b < 1 for b in self.batch_sizes):
-            raise ValueError(f"batch sizes must be >= 1, got {','.join(map(str, self.batch_sizes))}; "
-                             "pass e.g. --batch_sizes=1,8,32")
+            raise ValueError(
+                f"batch sizes must be >= 1, got {','.join(map(str, self.batch_sizes))}; "
+                "pass e.g. --batch_sizes=1,8,32"
+            )
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}; pass --repeats=5")
         if self.profile_steps < 0:
@@ -242,7 +294,12 @@ def cost_of_runs(cfg: CostConfig) -> dict[str, Any]:
         model = load_model(run.model_path(run_dir), expected_num_classes=run.num_classes)
         entries.append(model_cost(name, model, run.input_px, cfg.batch_sizes, cfg.repeats))
         if cfg.profile_steps:
-            profile_training_steps(model, run.input_px, os.path.join(cfg.out_dir, "trace", name),
-                                   steps=cfg.profile_steps, batch_size=max(cfg.batch_sizes or (8,)))
+            profile_training_steps(
+                model,
+                run.input_px,
+                os.path.join(cfg.out_dir, "trace", name),
+                steps=cfg.profile_steps,
+                batch_size=max(cfg.batch_sizes or (8,)),
+            )
     rows = cost_table(entries, reference=names[0])
     return {"rows": rows, **write_cost(rows, cfg.out_dir)}

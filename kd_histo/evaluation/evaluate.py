@@ -9,7 +9,8 @@ predictions), each with bootstrap 95% intervals (resampling slides when slide id
 With a cascade teacher, ``evaluate_run`` also measures the cascade curve on the same tiles
 (``kd_histo.evaluation.cascade.measure_curve``) and ``write_cascade`` writes cascade.json/.csv/.png.
 
-Not here: the metric formulas (``kd_histo.evaluation.metrics``), figures (``kd_histo.evaluation.plots``), flags
+Not here: the metric formulas (``kd_histo.evaluation.metrics``), figures
+(``kd_histo.evaluation.plots``), flags
 (``kd_histo.cli.evaluate``).
 """
 
@@ -19,7 +20,8 @@ import csv
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,12 +61,17 @@ def slide_level(preds: Predictions, num_classes: int) -> dict[str, Any]:
         labels.append(np.bincount(preds.labels[m], minlength=num_classes).argmax())
         mean_p.append(preds.probs[m].mean(0))
         vote_p.append(np.bincount(tile_pred[m], minlength=num_classes) / m.sum())
-    return {"slide_ids": ids, "labels": np.asarray(labels, int), "mean_probs": np.asarray(mean_p),
-            "vote_probs": np.asarray(vote_p)}
+    return {
+        "slide_ids": ids,
+        "labels": np.asarray(labels, int),
+        "mean_probs": np.asarray(mean_p),
+        "vote_probs": np.asarray(vote_p),
+    }
 
 
-def evaluate_predictions(preds: Predictions, class_names: Sequence[str], n_boot: int = 1000,
-                         seed: int = 0) -> dict[str, Any]:
+def evaluate_predictions(
+    preds: Predictions, class_names: Sequence[str], n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Tile- and slide-level metrics with bootstrap intervals (labeled tiles only).
 
     Raises:
@@ -72,12 +79,20 @@ def evaluate_predictions(preds: Predictions, class_names: Sequence[str], n_boot:
     """
     keep = preds.labels >= 0
     if not keep.any():
-        raise ValueError("the split has no labeled tiles; evaluate on a labeled split (val or test)")
+        raise ValueError(
+            "the split has no labeled tiles; evaluate on a labeled split (val or test)"
+        )
     p = Predictions(*(np.asarray(f)[keep] for f in dataclasses.astuple(preds)))
     has_slides = bool(np.any(p.slide_ids != ""))
     tile = metrics.classification_report(p.labels, p.probs, class_names)
-    tile["ci95"] = metrics.bootstrap_ci(p.labels, p.probs, p.slide_ids if has_slides else None, n_boot=n_boot, seed=seed)
-    out = {"tile": tile, "class_names": list(class_names), "n_unlabeled_skipped": int((~keep).sum())}
+    tile["ci95"] = metrics.bootstrap_ci(
+        p.labels, p.probs, p.slide_ids if has_slides else None, n_boot=n_boot, seed=seed
+    )
+    out = {
+        "tile": tile,
+        "class_names": list(class_names),
+        "n_unlabeled_skipped": int((~keep).sum()),
+    }
     if has_slides:
         s = slide_level(p, len(class_names))
         for how, key in (("mean", "mean_probs"), ("majority", "vote_probs")):
@@ -87,17 +102,28 @@ def evaluate_predictions(preds: Predictions, class_names: Sequence[str], n_boot:
     return out
 
 
-def write_evaluation(result: dict[str, Any], preds: Predictions, out_dir: str, title: str = "") -> dict[str, str]:
+def write_evaluation(
+    result: dict[str, Any], preds: Predictions, out_dir: str, title: str = ""
+) -> dict[str, str]:
     """Writes metrics.json, predictions.csv, confusion_matrix.png and roc.png; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     names = result["class_names"]
-    paths = {k: os.path.join(out_dir, v) for k, v in (("metrics", METRICS_JSON), ("predictions", PREDICTIONS_CSV),
-                                                      ("confusion", "confusion_matrix.png"), ("roc", "roc.png"))}
+    paths = {
+        k: os.path.join(out_dir, v)
+        for k, v in (
+            ("metrics", METRICS_JSON),
+            ("predictions", PREDICTIONS_CSV),
+            ("confusion", "confusion_matrix.png"),
+            ("roc", "roc.png"),
+        )
+    }
     with open(paths["metrics"], "w") as f:
         json.dump(result, f, indent=2)
     write_predictions_csv(preds, names, paths["predictions"])
     keep = preds.labels >= 0
-    plots.confusion_matrix_png(np.asarray(result["tile"]["confusion_matrix"]), names, paths["confusion"], title)
+    plots.confusion_matrix_png(
+        np.asarray(result["tile"]["confusion_matrix"]), names, paths["confusion"], title
+    )
     plots.roc_png(preds.labels[keep], preds.probs[keep], names, paths["roc"], title)
     return paths
 
@@ -106,11 +132,24 @@ def write_predictions_csv(preds: Predictions, class_names: Sequence[str], path: 
     """One row per tile: source, slide_id, x, y, label, pred, pred_name, prob_<class>..."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["source", "slide_id", "x", "y", "label", "pred", "pred_name"] + [f"prob_{c}" for c in class_names])
+        w.writerow(
+            ["source", "slide_id", "x", "y", "label", "pred", "pred_name"]
+            + [f"prob_{c}" for c in class_names]
+        )
         for i in range(len(preds.probs)):
             k = int(preds.probs[i].argmax())
-            w.writerow([preds.sources[i], preds.slide_ids[i], int(preds.x[i]), int(preds.y[i]), int(preds.labels[i]),
-                        k, class_names[k]] + [f"{v:.6f}" for v in preds.probs[i]])
+            w.writerow(
+                [
+                    preds.sources[i],
+                    preds.slide_ids[i],
+                    int(preds.x[i]),
+                    int(preds.y[i]),
+                    int(preds.labels[i]),
+                    k,
+                    class_names[k],
+                ]
+                + [f"{v:.6f}" for v in preds.probs[i]]
+            )
     return path
 
 
@@ -124,7 +163,9 @@ def probs_function(model, dtype: str = "float32"):
         out = model(x, training=False)
         return tf.nn.softmax(tf.cast(out["logits"] if isinstance(out, dict) else out, tf.float32))
 
-    fn = tf.function(softmax_probs).get_concrete_function(tf.TensorSpec([None, None, None, 3], tf.as_dtype(dtype)))
+    fn = tf.function(softmax_probs).get_concrete_function(
+        tf.TensorSpec([None, None, None, 3], tf.as_dtype(dtype))
+    )
     return lambda x: fn(tf.convert_to_tensor(x)).numpy()
 
 
@@ -133,8 +174,9 @@ def predict_split(model, ds, view: str) -> Predictions:
     return predict_split_keeping(model, ds, view, keep=())[0]
 
 
-def predict_split_keeping(model, ds, view: str, keep: Sequence[str],
-                          probs_of=None) -> tuple[Predictions, dict[str, np.ndarray]]:
+def predict_split_keeping(
+    model, ds, view: str, keep: Sequence[str], probs_of=None
+) -> tuple[Predictions, dict[str, np.ndarray]]:
     """:func:`predict_split`, also returning the batches' ``keep`` views stacked in tile order
     ("hr" as uint8 0-255, exactly the decoded pixels; other views float32). ``probs_of``: the
     model's :func:`probs_function` when the caller has one (one trace fewer)."""
@@ -153,14 +195,18 @@ def predict_split_keeping(model, ds, view: str, keep: Sequence[str],
             kept[k].append(np.round(v * 255).astype(np.uint8) if k == "hr" else v)
     if not cols["probs"]:
         raise ValueError("the split is empty; nothing to evaluate")
-    preds = Predictions(*(np.concatenate(cols[k]) for k in ("probs", "labels", "slide_ids", "sources", "x", "y")))
+    preds = Predictions(
+        *(np.concatenate(cols[k]) for k in ("probs", "labels", "slide_ids", "sources", "x", "y"))
+    )
     return preds, {k: np.concatenate(v) for k, v in kept.items()}
 
 
 COMPARE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
 
 
-def compare_runs(eval_dirs: Sequence[str], out_prefix: str, names: Sequence[str] | None = None) -> dict[str, str]:
+def compare_runs(
+    eval_dirs: Sequence[str], out_prefix: str, names: Sequence[str] | None = None
+) -> dict[str, str]:
     """One table of several evaluations (teacher vs baselines vs students): ``<out_prefix>.md``/``.csv``.
 
     Args:
@@ -193,10 +239,14 @@ def compare_runs(eval_dirs: Sequence[str], out_prefix: str, names: Sequence[str]
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    shown = [f"tile_{c}" for c in COMPARE_COLUMNS] + [f"slide_mean_{c}" for c in ("accuracy", "macro_f1")]
+    shown = [f"tile_{c}" for c in COMPARE_COLUMNS] + [
+        f"slide_mean_{c}" for c in ("accuracy", "macro_f1")
+    ]
     lines = ["| run | tiles | " + " | ".join(shown) + " |", "|---|---:|" + "---:|" * len(shown)]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['n_tiles']} | " + " | ".join(_cell(r, k) for k in shown) + " |")
+        lines.append(
+            f"| {r['run']} | {r['n_tiles']} | " + " | ".join(_cell(r, k) for k in shown) + " |"
+        )
     with open(out_prefix + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     return {"markdown": out_prefix + ".md", "csv": out_prefix + ".csv"}
@@ -239,24 +289,35 @@ class EvalConfig:
     model_dir: str = setting(help="Run folder (holds run.json and model.keras).")
     split: str = setting("test", "Split to evaluate: test or val.")
     # kd-histo-train's --data_dir is required (no default); here unset means the run's own data.
-    data_dir: str = setting("", "Folder with shards; default the run's own data set.", flag_default=None,
-                             unset_is_default=True)
+    data_dir: str = setting(
+        "",
+        "Folder with shards; default the run's own data set.",
+        flag_default=None,
+        unset_is_default=True,
+    )
     out_dir: str = setting("", "Where to write results; default <model_dir>/eval_<split>.")
     # The binaries share --batch_size (one default per process): kd-histo-evaluate gives 32.
     batch_size: int = setting(64, "Tiles per batch.", flag_default=32)
     n_boot: int = setting(1000, "Bootstrap replicates of the 95% intervals.")
     seed: int = 0
-    cascade_teacher: str = setting("", "Teacher run folder: also measure the cascade (the teacher "
-                                   "re-scores the student's least confident tiles at high resolution).")
+    cascade_teacher: str = setting(
+        "",
+        "Teacher run folder: also measure the cascade (the teacher "
+        "re-scores the student's least confident tiles at high resolution).",
+    )
     cascade_fractions: tuple[float, ...] = setting(
-        DEFAULT_FRACTIONS, "Teacher shares of the cascade's accuracy-vs-cost curve (cascade.csv, cascade.png).")
+        DEFAULT_FRACTIONS,
+        "Teacher shares of the cascade's accuracy-vs-cost curve (cascade.csv, cascade.png).",
+    )
     skip_corrupt: bool = setting(False, SKIP_CORRUPT_HELP)
 
     def __post_init__(self):
         for f in self.cascade_fractions:
             n_for_teacher(1, f)  # one line for a fraction outside [0, 1]
         if self.cascade_teacher and not self.cascade_fractions:
-            raise ValueError("the cascade needs at least one fraction, e.g. --cascade_fractions=0,0.1")
+            raise ValueError(
+                "the cascade needs at least one fraction, e.g. --cascade_fractions=0,0.1"
+            )
 
 
 def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
@@ -279,10 +340,14 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     check_classes(run, info.class_names, data_dir)
     schema.shard_paths(data_dir, cfg.split)  # a missing split fails here with the folder's name
     if run.hr_px > info.tile_px:  # the pipeline's own message names a training flag
-        raise ValueError(f"{data_dir} has {info.tile_px} px tiles but the model was trained on {run.hr_px} px "
-                         f"tiles; evaluate on data converted with kd-histo-convert --tile_px={run.hr_px} (or more)")
+        raise ValueError(
+            f"{data_dir} has {info.tile_px} px tiles but the model was trained on {run.hr_px} px "
+            f"tiles; evaluate on data converted with kd-histo-convert --tile_px={run.hr_px} (or more)"
+        )
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=info.num_classes)
-    pipe = dataclasses.replace(run.pipeline_config(data_dir, cfg.batch_size), skip_corrupt=cfg.skip_corrupt)
+    pipe = dataclasses.replace(
+        run.pipeline_config(data_dir, cfg.batch_size), skip_corrupt=cfg.skip_corrupt
+    )
     ds = make_dataset(pipe, cfg.split, training=False)
     keep = tuple(dict.fromkeys((run.view, "hr"))) if teacher_run else ()
     student_fn = probs_function(model)
@@ -290,25 +355,46 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     result = evaluate_predictions(preds, info.class_names, n_boot=cfg.n_boot, seed=cfg.seed)
     if cfg.skip_corrupt:  # every record not read back was skipped (dataset.json counts them all)
         result["n_corrupt_skipped"] = info.num_examples(cfg.split) - len(preds.probs)
-    result["run"] = {"model_dir": os.path.abspath(cfg.model_dir), "mode": run.mode, "view": run.view,
-                     "factor": run.factor, "lr_method": run.lr_method, "input_px": run.input_px,
-                     "data_dir": data_dir, "split": cfg.split}
+    result["run"] = {
+        "model_dir": os.path.abspath(cfg.model_dir),
+        "mode": run.mode,
+        "view": run.view,
+        "factor": run.factor,
+        "lr_method": run.lr_method,
+        "input_px": run.input_px,
+        "data_dir": data_dir,
+        "split": cfg.split,
+    }
     out_dir = cfg.out_dir or os.path.join(cfg.model_dir, f"eval_{cfg.split}")
     title = f"{os.path.basename(os.path.normpath(cfg.model_dir))} ({cfg.split})"
     paths = write_evaluation(result, preds, out_dir, title)
     if teacher_run is not None:
         from kd_histo.evaluation.cost import count_flops
 
-        teacher = load_model(teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=info.num_classes)
+        teacher = load_model(
+            teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=info.num_classes
+        )
         if run.view == "hr":  # the kept "hr" tiles are uint8
             student_fn = probs_function(model, "uint8")
-        rows = measure_curve(student_fn, probs_function(teacher, "uint8"), kept[run.view], kept["hr"],
-                             preds.labels, student_gflops=count_flops(model, run.input_px) / 1e9,
-                             teacher_gflops=count_flops(teacher, teacher_run.input_px) / 1e9,
-                             fractions=cfg.cascade_fractions, batch_size=cfg.batch_size)
-        about = {"student": os.path.abspath(cfg.model_dir), "teacher": os.path.abspath(cfg.cascade_teacher),
-                 "split": cfg.split, "data_dir": data_dir, "timing": "both nets on tiles held in memory "
-                 "(reading not timed), batch %d, this machine" % cfg.batch_size}
+        rows = measure_curve(
+            student_fn,
+            probs_function(teacher, "uint8"),
+            kept[run.view],
+            kept["hr"],
+            preds.labels,
+            student_gflops=count_flops(model, run.input_px) / 1e9,
+            teacher_gflops=count_flops(teacher, teacher_run.input_px) / 1e9,
+            fractions=cfg.cascade_fractions,
+            batch_size=cfg.batch_size,
+        )
+        about = {
+            "student": os.path.abspath(cfg.model_dir),
+            "teacher": os.path.abspath(cfg.cascade_teacher),
+            "split": cfg.split,
+            "data_dir": data_dir,
+            "timing": "both nets on tiles held in memory "
+            "(reading not timed), batch %d, this machine" % cfg.batch_size,
+        }
         paths.update(write_cascade(rows, about, out_dir, f"{title}: cascade to the teacher"))
     return paths
 
@@ -316,14 +402,19 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
 CASCADE_JSON, CASCADE_CSV, CASCADE_PNG = "cascade.json", "cascade.csv", "cascade.png"
 
 
-def write_cascade(rows: Sequence[dict[str, Any]], about: dict[str, Any], out_dir: str, title: str = "") -> dict[str, str]:
+def write_cascade(
+    rows: Sequence[dict[str, Any]], about: dict[str, Any], out_dir: str, title: str = ""
+) -> dict[str, str]:
     """cascade.json (rows + what was measured), cascade.csv and cascade.png (accuracy against
     effective GFLOPs per tile) in ``out_dir``; returns their paths."""
     from kd_histo.evaluation.cascade import CSV_COLUMNS
 
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"cascade_json": os.path.join(out_dir, CASCADE_JSON), "cascade_csv": os.path.join(out_dir, CASCADE_CSV),
-             "cascade_png": os.path.join(out_dir, CASCADE_PNG)}
+    paths = {
+        "cascade_json": os.path.join(out_dir, CASCADE_JSON),
+        "cascade_csv": os.path.join(out_dir, CASCADE_CSV),
+        "cascade_png": os.path.join(out_dir, CASCADE_PNG),
+    }
     with open(paths["cascade_json"], "w") as f:
         json.dump({**about, "rows": list(rows)}, f, indent=2)
     with open(paths["cascade_csv"], "w", newline="") as f:
@@ -337,5 +428,7 @@ def write_cascade(rows: Sequence[dict[str, Any]], about: dict[str, Any], out_dir
 def check_classes(run: RunRecord, class_names: Sequence[str], data_dir: str) -> None:
     """The data's classes are the network's, in the same order; else one line saying so."""
     if tuple(class_names) != run.class_names:
-        raise ValueError(f"{data_dir} has classes {list(class_names)} but the model was trained on "
-                         f"{list(run.class_names)}; evaluate on data converted with the same classes")
+        raise ValueError(
+            f"{data_dir} has classes {list(class_names)} but the model was trained on "
+            f"{list(run.class_names)}; evaluate on data converted with the same classes"
+        )

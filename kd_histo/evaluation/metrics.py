@@ -11,7 +11,7 @@ Not here: aggregation of tiles into slides and file output (``kd_histo.evaluatio
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -102,7 +102,9 @@ def roc_auc_ovr(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, floa
     return per, macro
 
 
-def classification_report(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict:
+def classification_report(
+    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
+) -> dict:
     """All metrics of the module for one set of predictions (argmax of ``probs``).
 
     Returns:
@@ -125,8 +127,13 @@ def classification_report(y_true: np.ndarray, probs: np.ndarray, class_names: Se
         "macro_auc": _json_float(macro_auc),
         "confusion_matrix": cm.tolist(),
         "per_class": {
-            name: {"precision": float(prf["precision"][i]), "recall": float(prf["recall"][i]),
-                   "f1": float(prf["f1"][i]), "support": int(prf["support"][i]), "auc": _json_float(auc[i])}
+            name: {
+                "precision": float(prf["precision"][i]),
+                "recall": float(prf["recall"][i]),
+                "f1": float(prf["f1"][i]),
+                "support": int(prf["support"][i]),
+                "auc": _json_float(auc[i]),
+            }
             for i, name in enumerate(class_names)
         },
     }
@@ -165,7 +172,8 @@ def bootstrap_ci(
       seed: random seed (the intervals are reproducible).
 
     Returns:
-      {metric: {"low", "high", "level"}}; None bounds where a metric is undefined in every replicate.
+      {metric: {"low", "high", "level"}}; None bounds where a metric is undefined in every
+      replicate.
     """
     y_true, probs = np.asarray(y_true, int), np.asarray(probs, float)
     c = probs.shape[1]

@@ -3,12 +3,13 @@
 Confusion matrices (one model, or several side by side), one-vs-rest ROC curves, a probability
 heatmap over a slide thumbnail, and the experiment figures: accuracy vs GFLOPs per image and
 accuracy vs the fraction of extra unlabeled data; the cascade's accuracy vs effective GFLOPs.
-Not here: computing the numbers (``kd_histo.evaluation.metrics``) or reading slides (``kd_histo.evaluation.predict``).
+Not here: computing the numbers (``kd_histo.evaluation.metrics``) or reading slides
+(``kd_histo.evaluation.predict``).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -27,7 +28,9 @@ def _save(fig, path: str, dpi: int = 100) -> str:
     return path
 
 
-def _confusion_cells(ax, cm: np.ndarray, fontsize: float | None = None, counts: bool = True) -> None:
+def _confusion_cells(
+    ax, cm: np.ndarray, fontsize: float | None = None, counts: bool = True
+) -> None:
     """Draws a row-normalised confusion matrix into ``ax``, with the counts in the cells."""
     rows = cm.sum(1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
@@ -66,7 +69,11 @@ def roc_png(
         fpr, tpr = metrics.roc_curve(pos, probs[:, c])
         ax.plot(fpr, tpr, label=f"{name} (AUC {metrics.roc_auc_binary(pos, probs[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "ROC (one vs rest)")
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=title or "ROC (one vs rest)",
+    )
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
@@ -118,7 +125,8 @@ def accuracy_vs_gflops_png(
 ) -> str:
     """Accuracy (with its 95% interval) against GFLOPs per image, one point per model.
 
-    ``rows`` are result rows (``kd_histo.protocol.report.result_rows``) with ``run``, ``kind``, ``gflops``,
+    ``rows`` are result rows (``kd_histo.protocol.report.result_rows``) with ``run``, ``kind``,
+    ``gflops``,
     ``accuracy``, ``accuracy_low``, ``accuracy_high``, ``unlabeled_fraction``; students with
     extra unlabeled data are drawn hollow. Nets of one input size share their GFLOPs, so each kind
     is nudged sideways a little (a few percent on the log axis) to keep the points apart.
@@ -174,8 +182,11 @@ def accuracy_vs_gflops_png(
     if seed_rows:
         _seed_dots(ax, seed_rows, rows, lambda r: placed.get(r["run"]))
     ax.set_xscale("log")
-    ax.set(xlabel="GFLOPs per image (log scale)", ylabel=_Y_SEEDS if seed_rows else "accuracy (95% CI)",
-           title=title or "accuracy vs compute")
+    ax.set(
+        xlabel="GFLOPs per image (log scale)",
+        ylabel=_Y_SEEDS if seed_rows else "accuracy (95% CI)",
+        title=title or "accuracy vs compute",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return _save(fig, path, dpi=110)
@@ -222,9 +233,11 @@ def accuracy_vs_unlabeled_png(
             rows,
             lambda r: 100 * r["unlabeled_fraction"] if r["kind"] == "student" else None,
         )
-    ax.set(xlabel="extra unlabeled data (% of the unlabeled pool)",
-           ylabel=_Y_SEEDS if seed_rows else "accuracy (95% CI)",
-           title=title or "label-free distillation: more unlabeled data")
+    ax.set(
+        xlabel="extra unlabeled data (% of the unlabeled pool)",
+        ylabel=_Y_SEEDS if seed_rows else "accuracy (95% CI)",
+        title=title or "label-free distillation: more unlabeled data",
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path, dpi=110)
@@ -258,19 +271,40 @@ def cascade_png(rows: Sequence[dict], path: str, title: str = "") -> str:
     """The cascade's accuracy against its effective GFLOPs per tile, one point per teacher share,
     with the teacher alone as a reference; rows from ``kd_histo.evaluation.cascade.measure_curve``. Returns ``path``."""
     fig, ax = plt.subplots(figsize=(7, 5))
-    pts = sorted((r for r in rows if r["scored_by"] == "cascade"), key=lambda r: r["gflops_per_tile"])
-    ax.plot([r["gflops_per_tile"] for r in pts], [r["accuracy"] for r in pts], "o-", color="tab:blue",
-            label="student + teacher on the least confident tiles")
+    pts = sorted(
+        (r for r in rows if r["scored_by"] == "cascade"), key=lambda r: r["gflops_per_tile"]
+    )
+    ax.plot(
+        [r["gflops_per_tile"] for r in pts],
+        [r["accuracy"] for r in pts],
+        "o-",
+        color="tab:blue",
+        label="student + teacher on the least confident tiles",
+    )
     for i, r in enumerate(pts):  # labels alternate below/above so neighbouring points stay readable
-        ax.annotate(f"{100 * r['teacher_share']:.0f}% ({r['speedup_vs_teacher']:.1f}x)",
-                    (r["gflops_per_tile"], r["accuracy"]), textcoords="offset points",
-                    xytext=(4, -13) if i % 2 == 0 else (-10, 8), fontsize=8)
+        ax.annotate(
+            f"{100 * r['teacher_share']:.0f}% ({r['speedup_vs_teacher']:.1f}x)",
+            (r["gflops_per_tile"], r["accuracy"]),
+            textcoords="offset points",
+            xytext=(4, -13) if i % 2 == 0 else (-10, 8),
+            fontsize=8,
+        )
     for r in (r for r in rows if r["scored_by"] == "teacher"):
-        ax.plot([r["gflops_per_tile"]], [r["accuracy"]], "*", ms=14, color="tab:red", label="teacher alone")
+        ax.plot(
+            [r["gflops_per_tile"]],
+            [r["accuracy"]],
+            "*",
+            ms=14,
+            color="tab:red",
+            label="teacher alone",
+        )
         ax.axhline(r["accuracy"], color="tab:red", lw=0.8, ls=":")
     ax.set_xscale("log")
-    ax.set(xlabel="effective GFLOPs per tile (log scale)", ylabel="tile accuracy",
-           title=title or "cascade: accuracy vs cost (labels: teacher share, measured speedup)")
+    ax.set(
+        xlabel="effective GFLOPs per tile (log scale)",
+        ylabel="tile accuracy",
+        title=title or "cascade: accuracy vs cost (labels: teacher share, measured speedup)",
+    )
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path, dpi=110)

@@ -14,7 +14,8 @@ parallel; unlike worker processes they cannot outlive their process, whatever ki
 ``window`` batches are in flight, in order, while the caller runs the model on the previous one:
 pixel memory is bounded by ``window x batch_size`` tiles whatever the slide's size.
 
-Not here: the model and the output files (:mod:`kd_histo.evaluation.predict`), converting slides to shards
+Not here: the model and the output files (:mod:`kd_histo.evaluation.predict`), converting slides to
+shards
 (:mod:`kd_histo.convert.slides`).
 """
 
@@ -26,8 +27,9 @@ import itertools
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence, TextIO
+from typing import TextIO
 
 import numpy as np
 from PIL import Image
@@ -40,7 +42,12 @@ from kd_histo.convert.errors import ConversionError, SkipInput
 LEVEL_TOLERANCE = 0.02
 # The remainder resize per LR method of training (Pillow's filters widen with the shrink factor,
 # i.e. they are antialiased as tf.image.resize(..., antialias=True) is in training).
-_FILTERS = {"area": Image.BOX, "pyramid": Image.BOX, "bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+_FILTERS = {
+    "area": Image.BOX,
+    "pyramid": Image.BOX,
+    "bicubic": Image.BICUBIC,
+    "bilinear": Image.BILINEAR,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +88,9 @@ class SlideRead:
         return self.read_px / self.input_px
 
 
-def choose_level(base_mpp: float, downsamples: Sequence[float], mpp_in: float,
-                 tolerance: float = LEVEL_TOLERANCE) -> int:
+def choose_level(
+    base_mpp: float, downsamples: Sequence[float], mpp_in: float, tolerance: float = LEVEL_TOLERANCE
+) -> int:
     """The coarsest level whose µm/px is at most ``mpp_in`` (within ``tolerance``); 0 if none is.
 
     Args:
@@ -98,8 +106,17 @@ def choose_level(base_mpp: float, downsamples: Sequence[float], mpp_in: float,
     return best
 
 
-def plan_read(path: str, *, hr_px: int, hr_mpp: float, input_px: int, method: str = "area",
-              min_tissue: float = 0.5, max_tiles: int = 0, slide_mpp: float = 0.0) -> SlideRead:
+def plan_read(
+    path: str,
+    *,
+    hr_px: int,
+    hr_mpp: float,
+    input_px: int,
+    method: str = "area",
+    min_tissue: float = 0.5,
+    max_tiles: int = 0,
+    slide_mpp: float = 0.0,
+) -> SlideRead:
     """Plans reading a slide's tissue tiles for a model reading ``input_px`` px per HR tile.
 
     Args:
@@ -123,26 +140,51 @@ def plan_read(path: str, *, hr_px: int, hr_mpp: float, input_px: int, method: st
 
     try:
         grid = slides.plan_slide(path, hr_px, hr_mpp, min_tissue=min_tissue, slide_mpp=slide_mpp)
-    except (SkipInput, ConversionError, openslide.OpenSlideError) as e:  # binaries need a ValueError
+    except (
+        SkipInput,
+        ConversionError,
+        openslide.OpenSlideError,
+    ) as e:  # binaries need a ValueError
         raise ValueError(f"{path}: {e}") from None
     coords = list(grid.coords)
     if not coords:
         raise ValueError(f"{path}: no tile has {min_tissue:.0%} tissue; lower --min_tissue")
     if max_tiles and len(coords) > max_tiles:
         coords = [coords[i] for i in np.linspace(0, len(coords) - 1, max_tiles).round().astype(int)]
-    return _at_input(path, grid.base_mpp, grid.size_l0, tuple(coords), grid.grid_tiles, input_px,
-                     hr_px * hr_mpp / input_px, method)
+    return _at_input(
+        path,
+        grid.base_mpp,
+        grid.size_l0,
+        tuple(coords),
+        grid.grid_tiles,
+        input_px,
+        hr_px * hr_mpp / input_px,
+        method,
+    )
 
 
-def for_input(plan: SlideRead, input_px: int, *, method: str = "area",
-              coords: Sequence[tuple[int, int]] | None = None) -> SlideRead:
+def for_input(
+    plan: SlideRead,
+    input_px: int,
+    *,
+    method: str = "area",
+    coords: Sequence[tuple[int, int]] | None = None,
+) -> SlideRead:
     """The same grid's tiles (or ``coords`` of them) read for another model's ``input_px``.
 
     For the cascade: the teacher re-reads the student's least confident tiles at its own level.
     """
     mpp_in = plan.mpp_in * plan.input_px / input_px  # the tile's µm over the new side
-    return _at_input(plan.path, plan.base_mpp, plan.size_l0, tuple(plan.coords if coords is None else coords),
-                     plan.grid_tiles, input_px, mpp_in, method)
+    return _at_input(
+        plan.path,
+        plan.base_mpp,
+        plan.size_l0,
+        tuple(plan.coords if coords is None else coords),
+        plan.grid_tiles,
+        input_px,
+        mpp_in,
+        method,
+    )
 
 
 def _at_input(path, base_mpp, size_l0, coords, grid_tiles, input_px, mpp_in, method) -> SlideRead:
@@ -161,11 +203,24 @@ def _at_input(path, base_mpp, size_l0, coords, grid_tiles, input_px, mpp_in, met
     note = ""
     if read_px > input_px * (1 + LEVEL_TOLERANCE):
         levels = ", ".join(f"{base_mpp * d:.3g}" for d in downsamples)
-        note = (f"{path}: no pyramid level near {mpp_in:.3g} µm/px (levels at {levels} µm/px); "
-                f"reading level {level} and shrinking {read_px / input_px:.3g}x")
-    return SlideRead(path=path, base_mpp=base_mpp, size_l0=size_l0, coords=coords, grid_tiles=grid_tiles,
-                     input_px=input_px, mpp_in=mpp_in, level=level, level_mpp=base_mpp * downsamples[level],
-                     read_px=read_px, method=method, note=note)
+        note = (
+            f"{path}: no pyramid level near {mpp_in:.3g} µm/px (levels at {levels} µm/px); "
+            f"reading level {level} and shrinking {read_px / input_px:.3g}x"
+        )
+    return SlideRead(
+        path=path,
+        base_mpp=base_mpp,
+        size_l0=size_l0,
+        coords=coords,
+        grid_tiles=grid_tiles,
+        input_px=input_px,
+        mpp_in=mpp_in,
+        level=level,
+        level_mpp=base_mpp * downsamples[level],
+        read_px=read_px,
+        method=method,
+        note=note,
+    )
 
 
 def read_tile(slide, plan: SlideRead, x: int, y: int) -> np.ndarray:
@@ -175,7 +230,9 @@ def read_tile(slide, plan: SlideRead, x: int, y: int) -> np.ndarray:
     if plan.read_px == plan.input_px:
         return rgb
     # From uint8: one rounding, where training rounds never (its float views); below 1/255.
-    return np.asarray(Image.fromarray(rgb).resize((plan.input_px, plan.input_px), _FILTERS[plan.method]))
+    return np.asarray(
+        Image.fromarray(rgb).resize((plan.input_px, plan.input_px), _FILTERS[plan.method])
+    )
 
 
 @dataclasses.dataclass
@@ -188,8 +245,14 @@ class StreamStats:
     handles_opened: int = 0
 
 
-def stream_batches(plan: SlideRead, batch_size: int, *, num_workers: int = 2, window: int = 0,
-                   stats: StreamStats | None = None) -> Iterator[np.ndarray]:
+def stream_batches(
+    plan: SlideRead,
+    batch_size: int,
+    *,
+    num_workers: int = 2,
+    window: int = 0,
+    stats: StreamStats | None = None,
+) -> Iterator[np.ndarray]:
     """Yields the planned tiles in order as uint8 batches ``[<=batch_size, input_px, input_px, 3]``.
 
     Args:
@@ -225,7 +288,9 @@ def stream_batches(plan: SlideRead, batch_size: int, *, num_workers: int = 2, wi
             try:
                 out[i] = read_tile(slide, plan, x, y)
             except openslide.OpenSlideError as e:  # a damaged tile: one line naming it
-                raise ValueError(f"{plan.path}: cannot read the tile at level-0 ({x}, {y}): {e}") from None
+                raise ValueError(
+                    f"{plan.path}: cannot read the tile at level-0 ({x}, {y}): {e}"
+                ) from None
         return out
 
     def done(batch: np.ndarray) -> np.ndarray:
@@ -241,7 +306,9 @@ def stream_batches(plan: SlideRead, batch_size: int, *, num_workers: int = 2, wi
             return
         window = window or 2 * num_workers
         with ThreadPoolExecutor(num_workers, thread_name_prefix="kd_histo-slide-reader") as pool:
-            pending = collections.deque(pool.submit(read_batch, c) for c in itertools.islice(chunks, window))
+            pending = collections.deque(
+                pool.submit(read_batch, c) for c in itertools.islice(chunks, window)
+            )
             try:
                 while pending:
                     stats.max_in_flight = max(stats.max_in_flight, len(pending))
@@ -275,8 +342,15 @@ class Progress:
     output get the summary line alone (on ``stream``, stdout).
     """
 
-    def __init__(self, label: str, total: int, *, stream: TextIO | None = None,
-                 bar_stream: TextIO | None = None, every_s: float = 0.25):
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        *,
+        stream: TextIO | None = None,
+        bar_stream: TextIO | None = None,
+        every_s: float = 0.25,
+    ):
         self.label, self.total, self.done = label, total, 0
         self.stream = stream or sys.stdout
         bar = bar_stream or sys.stderr
@@ -296,8 +370,10 @@ class Progress:
             self._last = now
             width = 30
             filled = int(width * self.done / max(1, self.total))
-            self.bar.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                           f"{self.done}/{self.total} tiles, {self.rate:.0f} tiles/s")
+            self.bar.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                f"{self.done}/{self.total} tiles, {self.rate:.0f} tiles/s"
+            )
             self.bar.flush()
 
     def close(self, extra: str = "") -> str:
@@ -305,7 +381,9 @@ class Progress:
         if self.bar is not None:
             self.bar.write("\n")
             self.bar.flush()
-        line = (f"{self.label}: {self.done} tiles in {time.perf_counter() - self.start:.1f} s, "
-                f"{self.rate:.0f} tiles/s{extra}")
+        line = (
+            f"{self.label}: {self.done} tiles in {time.perf_counter() - self.start:.1f} s, "
+            f"{self.rate:.0f} tiles/s{extra}"
+        )
         print(line, file=self.stream, flush=True)
         return line

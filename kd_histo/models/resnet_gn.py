@@ -111,9 +111,9 @@ def padded_conv(x, filters: int, kernel: int, stride: int, name: str):
         # At stride 1 "same" pads kernel//2 on both sides too, inside the conv kernel: oneDNN runs
         # it faster than ZeroPadding2D + "valid" (forward + backward, one thread: 3.8x on the
         # 1 px maps of 8x students, 1.5x on 2 px, 1.2x on 7 px).
-        return layers.Conv2D(
-            filters, kernel, strides=1, padding="same", use_bias=False, name=name
-        )(x)
+        return layers.Conv2D(filters, kernel, strides=1, padding="same", use_bias=False, name=name)(
+            x
+        )
     if kernel > 1:
         x = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
     return conv(filters, kernel, stride, name)(x)

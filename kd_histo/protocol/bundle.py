@@ -31,7 +31,14 @@ from collections.abc import Callable, Sequence
 
 from kd_histo import schema
 from kd_histo.atomic import write_json, write_text
-from kd_histo.protocol.plan import EXPERIMENT_JSON, STATE_JSON, RunSpec, cascade_dir, eval_dir, has_cascade
+from kd_histo.protocol.plan import (
+    EXPERIMENT_JSON,
+    STATE_JSON,
+    RunSpec,
+    cascade_dir,
+    eval_dir,
+    has_cascade,
+)
 from kd_histo.protocol.report import scored_tile
 
 BUNDLE_DIR = "bundle"
@@ -83,8 +90,10 @@ def export_seeds(cfg, specs: Sequence[RunSpec], results_dir: str) -> list[int]:
         shutil.copyfile(os.path.join(cfg.out_dir, name), os.path.join(bundle, name))
     with open(os.path.join(cfg.out_dir, STATE_JSON)) as f:
         state = json.load(f)
-    write_json(os.path.join(bundle, STATE_JSON),
-               {k: v for k, v in state.items() if int(k.split("/")[0][1:]) in seeds})
+    write_json(
+        os.path.join(bundle, STATE_JSON),
+        {k: v for k, v in state.items() if int(k.split("/")[0][1:]) in seeds},
+    )
     tiles: dict[tuple, dict[str, str]] = {}
     columns = []
     for spec in (p for p in specs if p.seed in seeds and not _borrowed(cfg, p)):
@@ -92,7 +101,10 @@ def export_seeds(cfg, specs: Sequence[RunSpec], results_dir: str) -> list[int]:
         files = [os.path.join(spec.model_dir, f) for f in RUN_FILES]
         files.append(os.path.join(eval_dir(spec, cfg.eval_split), "metrics.json"))
         if has_cascade(cfg, spec):
-            files += [os.path.join(cascade_dir(spec, cfg.eval_split), f) for f in (CASCADE_JSON, CASCADE_CSV)]
+            files += [
+                os.path.join(cascade_dir(spec, cfg.eval_split), f)
+                for f in (CASCADE_JSON, CASCADE_CSV)
+            ]
         for src in files:
             if os.path.isfile(src):
                 out = os.path.join(dest, os.path.relpath(src, spec.model_dir))
@@ -230,7 +242,9 @@ def import_seeds(
                 if r[column] != "":
                     pred = int(r[column])
                     w.writerow([*(r[c] for c in _TILE_COLUMNS), pred, info.class_names[pred]])
-            write_text(os.path.join(eval_dir(spec, cfg.eval_split), PREDICTIONS_CSV), "\n".join(out) + "\n")
+            write_text(
+                os.path.join(eval_dir(spec, cfg.eval_split), PREDICTIONS_CSV), "\n".join(out) + "\n"
+            )
         state.update({k: v for k, v in bundle_state.items() if k.startswith(f"s{seed}/")})
         imported.append(seed)
         log(f"seed {seed}: {len(own)} finished runs imported from {bundle} (not retrained)")

@@ -77,13 +77,22 @@ def factor_claims(
 
     out = []
     for factor in sorted({float(r["factor"]) for r in rows if r["kind"] == "student"}):
-        students = [r for r in first.values() if r["kind"] == "student" and float(r["factor"]) == factor]
+        students = [
+            r for r in first.values() if r["kind"] == "student" and float(r["factor"]) == factor
+        ]
         best = max(students, key=lambda r: (means[r["run"]], -float(r["unlabeled_fraction"])))
         seeds = sorted(acc[best["run"]])
         teacher = mean_at("teacher", seeds)
         if teacher is None:
             continue
-        base = next((n for n, r in first.items() if r["kind"] == "baseline" and float(r["factor"]) == factor), None)
+        base = next(
+            (
+                n
+                for n, r in first.items()
+                if r["kind"] == "baseline" and float(r["factor"]) == factor
+            ),
+            None,
+        )
         out.append(
             FactorClaims(
                 factor=factor,
@@ -92,7 +101,9 @@ def factor_claims(
                 best_student=best["run"],
                 best_student_accuracy=means[best["run"]],
                 vs_baseline=next((p for p in prows if p["student"] == best["run"]), None),
-                by_fraction=tuple(sorted((float(r["unlabeled_fraction"]), means[r["run"]]) for r in students)),
+                by_fraction=tuple(
+                    sorted((float(r["unlabeled_fraction"]), means[r["run"]]) for r in students)
+                ),
             )
         )
     return out
@@ -110,9 +121,13 @@ def claims_markdown(claims: Sequence[FactorClaims]) -> str:
     for c in claims:
         base = "-" if c.baseline is None else f"{c.baseline:.3f}"
         p = c.vs_baseline
-        vs_base = "-" if p is None else (
-            f"{100 * p['difference']:+.1f} [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}] pts "
-            f"({p['seeds']} seed{'' if p['seeds'] == 1 else 's'})"
+        vs_base = (
+            "-"
+            if p is None
+            else (
+                f"{100 * p['difference']:+.1f} [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}] pts "
+                f"({p['seeds']} seed{'' if p['seeds'] == 1 else 's'})"
+            )
         )
         fractions = ", ".join(f"{100 * f:g}%: {a:.3f}" for f, a in c.by_fraction)
         lines.append(

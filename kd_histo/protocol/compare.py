@@ -44,7 +44,9 @@ class RunRef:
     def parse(cls, text: str) -> RunRef:
         folder, sep, run = text.rpartition(":")
         if not sep or not folder or not run:
-            raise ValueError(f"expected <experiment folder>:<run name>, e.g. runs/lc25000:baseline_x8, got {text!r}")
+            raise ValueError(
+                f"expected <experiment folder>:<run name>, e.g. runs/lc25000:baseline_x8, got {text!r}"
+            )
         return cls(folder, run)
 
     def __str__(self) -> str:
@@ -61,7 +63,9 @@ class Comparison:
     a_accuracy: paired.SeedStats
     b_accuracy: paired.SeedStats
     difference: paired.PairedDifference
-    a_train_s: float | None  # mean wall time of one training run over the seeds; None = not recorded
+    a_train_s: (
+        float | None
+    )  # mean wall time of one training run over the seeds; None = not recorded
     b_train_s: float | None
 
 
@@ -111,11 +115,15 @@ def compare(
     for ref in (a, b):
         found = _correct_by_seed(ref, split)
         if not found:
-            raise FileNotFoundError(f"{ref}: no seed of this run was evaluated on {split} (no predictions.csv)")
+            raise FileNotFoundError(
+                f"{ref}: no seed of this run was evaluated on {split} (no predictions.csv)"
+            )
         tables[ref] = found
     seeds = sorted(set(tables[a]) & set(tables[b]))
     if not seeds:
-        raise ValueError(f"{a} (seeds {sorted(tables[a])}) and {b} (seeds {sorted(tables[b])}) share no seed")
+        raise ValueError(
+            f"{a} (seeds {sorted(tables[a])}) and {b} (seeds {sorted(tables[b])}) share no seed"
+        )
     keys = sorted(set.intersection(*(set(tables[a][s]) & set(tables[b][s]) for s in seeds)))
     if not keys:
         raise ValueError(f"{a} and {b} share no evaluated tile: were they run on the same split?")

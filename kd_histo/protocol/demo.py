@@ -1,8 +1,10 @@
 """The main job on the embedded default data: synthetic tiles -> shards -> protocol -> report.
 
-``run_demo(out_dir)`` renders the synthetic H&E-like tiles (``kd_histo.data.synthetic``), converts them
+``run_demo(out_dir)`` renders the synthetic H&E-like tiles (``kd_histo.data.synthetic``), converts
+them
 with the real conversion tool (``kd_histo.convert``), and runs the paper's protocol
-(``kd_histo.protocol.experiment``): teacher on HR, LR baselines and label-free students at 2x, 4x and 8x,
+(``kd_histo.protocol.experiment``): teacher on HR, LR baselines and label-free students at 2x, 4x
+and 8x,
 evaluation with bootstrap intervals, compute cost, and the report folder. Every step is skipped
 when its output is already there, so a rerun finishes an interrupted demo.
 
@@ -24,12 +26,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from kd_histo.training.config import RunConfig
 
 DEMO_JSON = "demo.json"
-# The synthetic tiles stand for 2 µm/px (a 64 px tile = 128 µm, as the README's slide tiles): recorded
+# The synthetic tiles stand for 2 µm/px (a 64 px tile = 128 µm, as the README's slide tiles):
+# recorded
 # in dataset.json, so the demo's runs read slides at their own resolution without --target_mpp.
 DEMO_TILE_MPP = 2.0
 
@@ -153,7 +156,11 @@ def run_demo(
     s = demo_settings(smoke)
     data = _prepare_data(out_dir, s, base.seed, log)
     # smoke: factor 2 only, fewer bootstrap replicates and timed repeats
-    small = {"factors": (2.0,), "n_boot": 50, "cost_batch_sizes": (1, 8), "cost_repeats": 2} if smoke else {}
+    small = (
+        {"factors": (2.0,), "n_boot": 50, "cost_batch_sizes": (1, 8), "cost_repeats": 2}
+        if smoke
+        else {}
+    )
     cfg = ExperimentConfig(
         out_dir=out_dir,
         base=demo_config(base, data, smoke),

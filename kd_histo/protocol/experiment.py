@@ -26,7 +26,8 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kd_histo import schema
 from kd_histo.atomic import write_json
@@ -41,7 +42,6 @@ from kd_histo.protocol.plan import (
     has_cascade,
     plan,
 )
-
 
 
 def _finished(spec: RunSpec) -> bool:
@@ -105,9 +105,7 @@ def _check_same_experiment(cfg: ExperimentConfig, folder: str = "") -> None:
         )
     )
     differ = sorted(
-        k
-        for k in now
-        if k not in not_compared and before.get(k, defaults.get(k)) != now[k]
+        k for k in now if k not in not_compared and before.get(k, defaults.get(k)) != now[k]
     )
     differ += sorted(f"base.{k}" for k in base_now if base_before.get(k) != base_now[k])
     if differ:
@@ -120,8 +118,11 @@ def _check_same_experiment(cfg: ExperimentConfig, folder: str = "") -> None:
     if os.path.isfile(started_on) and _data_identity(started_on) != _data_identity(
         os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON)
     ):
-        where = (f"changed since the experiment in {folder} started" if folder == cfg.out_dir
-                 else f"is not the data set the experiment in {folder} ran on")
+        where = (
+            f"changed since the experiment in {folder} started"
+            if folder == cfg.out_dir
+            else f"is not the data set the experiment in {folder} ran on"
+        )
         raise ValueError(
             f"{cfg.base.data.data_dir} {where} (re-converted: other split, grouping or tiles); its "
             "finished runs would be mixed with the new data: choose a new --out_dir"
@@ -161,8 +162,12 @@ def _check_borrowed_teachers(cfg: ExperimentConfig, specs: list[RunSpec]) -> Non
                 f"--teachers_from: {spec.model_dir} holds no trained teacher for seed {spec.seed}; "
                 f"run the experiment in {cfg.teachers_from} with that seed first"
             )
-        pending = [s for s in specs if s.seed == spec.seed and s.kind != "teacher" and not _finished(s)]
-        if pending and not os.path.isfile(read_run_record(spec.model_dir).model_path(spec.model_dir)):
+        pending = [
+            s for s in specs if s.seed == spec.seed and s.kind != "teacher" and not _finished(s)
+        ]
+        if pending and not os.path.isfile(
+            read_run_record(spec.model_dir).model_path(spec.model_dir)
+        ):
             raise ValueError(
                 f"--teachers_from: the teacher in {spec.model_dir} has its record but not its weights "
                 f"(imported from a results folder), and seed {spec.seed} still has runs to train here; "
@@ -229,7 +234,9 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
                 t0 = time.perf_counter()
                 todo = [s.config for s in specs if s.seed == spec.seed and not _finished(s)]
                 if train.prebuild_teacher_caches(todo, log=log):
-                    state.record(f"s{spec.seed}/teacher", "teacher_cache_s", time.perf_counter() - t0)
+                    state.record(
+                        f"s{spec.seed}/teacher", "teacher_cache_s", time.perf_counter() - t0
+                    )
                     keras.backend.clear_session()
             t0 = time.perf_counter()
             train.train(spec.config)
@@ -257,15 +264,23 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
             teacher = next(s for s in specs if s.kind == "teacher" and s.seed == spec.seed)
             evaluate.evaluate_run(
                 evaluate.EvalConfig(
-                    spec.model_dir, cfg.eval_split, out_dir=cascade_dir(spec, cfg.eval_split),
-                    n_boot=cfg.n_boot, seed=spec.seed, cascade_teacher=teacher.model_dir,
+                    spec.model_dir,
+                    cfg.eval_split,
+                    out_dir=cascade_dir(spec, cfg.eval_split),
+                    n_boot=cfg.n_boot,
+                    seed=spec.seed,
+                    cascade_teacher=teacher.model_dir,
                     cascade_fractions=cfg.cascade_fractions,
                 )
             )
             state.record(key, "cascade_s", time.perf_counter() - t0)
             keras.backend.clear_session()
-            log(f"{prefix}: cascade with the teacher measured at shares {list(cfg.cascade_fractions)}")
-        tables = report.write_tables(cfg, specs[:i], state.data, costs=None)  # partial results survive a crash
+            log(
+                f"{prefix}: cascade with the teacher measured at shares {list(cfg.cascade_fractions)}"
+            )
+        tables = report.write_tables(
+            cfg, specs[:i], state.data, costs=None
+        )  # partial results survive a crash
         last_of_seed = i == len(specs) or specs[i].seed != spec.seed
         if cfg.results_dir and last_of_seed:
             _export(cfg, specs, tables, log)
@@ -308,12 +323,15 @@ def measure_costs(
     for spec in specs:
         record = read_run_record(spec.model_dir)
         sizes.add(record.input_px)
-        # Runs imported from a results bundle have no weights: a net of that size that has is measured.
+        # Runs imported from a results bundle have no weights: a net of that size that has is
+        # measured.
         if os.path.isfile(record.model_path(spec.model_dir)):
             by_px.setdefault(record.input_px, spec)
     if sizes - set(by_px):
-        log(f"cost: not measured: no run of input size {sorted(sizes - set(by_px))} px has its weights in "
-            f"{cfg.out_dir} (all imported from --results_dir); the tables keep the cost columns empty")
+        log(
+            f"cost: not measured: no run of input size {sorted(sizes - set(by_px))} px has its weights in "
+            f"{cfg.out_dir} (all imported from --results_dir); the tables keep the cost columns empty"
+        )
         return None
     teacher_px = read_run_record(next(s for s in specs if s.kind == "teacher").model_dir).input_px
     entries = []

@@ -64,47 +64,69 @@ class ExperimentConfig:
       cost_batch_sizes: batch sizes of the latency measurement (the last gives the speedup).
       cost_repeats: timed repeats per batch size.
       cascade_fractions: teacher shares of the cascade measured for each factor's student (no extra
-        unlabeled data) with its seed's teacher (``kd_histo.evaluation.cascade``); empty = no cascade.
+        unlabeled data) with its seed's teacher (``kd_histo.evaluation.cascade``); empty = no
+        cascade.
       title: a name for the report.
     """
 
     # --out_dir is shared by the binaries (one default per process, ""); here it is required.
-    out_dir: str = setting(help="Experiment folder: runs, cost, results and report.", flag_default="")
+    out_dir: str = setting(
+        help="Experiment folder: runs, cost, results and report.", flag_default=""
+    )
     base: RunConfig
-    factors: tuple[float, ...] = setting((2.0, 4.0, 8.0), "Resolution factors of the baselines and students.")
+    factors: tuple[float, ...] = setting(
+        (2.0, 4.0, 8.0), "Resolution factors of the baselines and students."
+    )
     # The binary's "auto" is resolved against the data (kd_histo.cli.experiment).
     unlabeled_fractions: tuple[float, ...] = setting(
-        (0.0,), "Fractions of the unlabeled pool added to the students' tiles, e.g. 0,0.25,0.5,1; "
-        "auto = 0,0.25,0.5,1 when there is unlabeled data, else 0.", flag_default=("auto",))
+        (0.0,),
+        "Fractions of the unlabeled pool added to the students' tiles, e.g. 0,0.25,0.5,1; "
+        "auto = 0,0.25,0.5,1 when there is unlabeled data, else 0.",
+        flag_default=("auto",),
+    )
     seeds: tuple[int, ...] = setting((0,), "One whole protocol per seed.")
-    teacher_epochs: int = setting(0, "Epochs of the teacher (0 = --epochs); baselines and students "
-                                  "keep --epochs.")
-    student_epochs: int = setting(0, "Epochs of the students (0 = --epochs): distillation students keep "
-                                  "improving long after supervised nets stop; train_s in the report gives "
-                                  "each run's wall time for an equal-time comparison.")
+    teacher_epochs: int = setting(
+        0, "Epochs of the teacher (0 = --epochs); baselines and students keep --epochs."
+    )
+    student_epochs: int = setting(
+        0,
+        "Epochs of the students (0 = --epochs): distillation students keep "
+        "improving long after supervised nets stop; train_s in the report gives "
+        "each run's wall time for an equal-time comparison.",
+    )
     baseline_epochs: int = setting(0, "Epochs of the LR baselines (0 = --epochs).")
     labeled_student_ce: float = setting(
-        0.0, "> 0 adds, per factor, a student that also learns from the labels where they exist "
+        0.0,
+        "> 0 adds, per factor, a student that also learns from the labels where they exist "
         "(cross-entropy with this weight beside KD) and reads the largest unlabeled fraction: run "
-        "student_ce_x<factor>. 0 = none.")
+        "student_ce_x<factor>. 0 = none.",
+    )
     teachers_from: str = setting(
-        "", "Another experiment folder whose teachers (runs/s<seed>/teacher) this one uses instead of "
+        "",
+        "Another experiment folder whose teachers (runs/s<seed>/teacher) this one uses instead of "
         "training its own (ablations of students or baselines); they must be trained with this "
-        "experiment's teacher settings. Empty = train them here.")
+        "experiment's teacher settings. Empty = train them here.",
+    )
     results_dir: str = setting(
-        "", "A folder kept under version control (e.g. results/<name>): every complete seed's results "
+        "",
+        "A folder kept under version control (e.g. results/<name>): every complete seed's results "
         "(run records, metrics, per-tile predictions; no weights) are exported to its bundle/, and a "
         "rerun in a fresh checkout imports them instead of retraining those seeds, so an experiment "
         "longer than one machine's life resumes from a commit. The tables and the report are copied "
-        "there too. Empty = off.")
+        "there too. Empty = off.",
+    )
     baselines: bool = setting(True, "Train the LR baselines (labels, LR view).")
     eval_split: str = setting("test", "Split every run is evaluated on: test or val.")
     n_boot: int = setting(1000, "Bootstrap replicates of the 95% intervals.")
-    cost_batch_sizes: tuple[int, ...] = setting((1, 32), "Latency batch sizes; the last gives the speedup.")
+    cost_batch_sizes: tuple[int, ...] = setting(
+        (1, 32), "Latency batch sizes; the last gives the speedup."
+    )
     cost_repeats: int = 5
     cascade_fractions: tuple[float, ...] = setting(
-        DEFAULT_FRACTIONS, "Teacher shares of the cascade measured for each factor's student (report: "
-        "cascade rows); empty = none.")
+        DEFAULT_FRACTIONS,
+        "Teacher shares of the cascade measured for each factor's student (report: "
+        "cascade rows); empty = none.",
+    )
     title: str = setting("kd_histo experiment", "Title of the report.")
 
     def __post_init__(self):
@@ -234,9 +256,7 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
                 cache = cfg.base.distill.teacher_cache and os.path.join(
                     root, f"teacher_cache_x{_fmt(factor)}"
                 )
-                distill = dataclasses.replace(
-                    distill, teacher=teacher_dir, teacher_cache=cache
-                )
+                distill = dataclasses.replace(distill, teacher=teacher_dir, teacher_cache=cache)
             epochs = {
                 "teacher": cfg.teacher_epochs,
                 "baseline": cfg.baseline_epochs,

@@ -6,11 +6,14 @@ that input size and the wall time into one row, with the gap to the teacher of t
 ``write_report`` adds the figures (accuracy vs GFLOPs, accuracy vs unlabeled fraction, confusion
 matrices), copies of every metrics.json and TensorBoard log folder, the cascade rows
 (``cascade_rows``: each student + its teacher on the least confident tiles; cascade.csv), and
-report.md. With several seeds it reports mean ± sd per model (``seed_summary``), the figures show the seeds' means with
+report.md. With several seeds it reports mean ± sd per model (``seed_summary``), the figures show
+the seeds' means with
 their spread, and ``paired_table`` gives each student's paired difference to the baseline of its
-factor (same seed and split) with a 95% interval over seeds and tiles (``kd_histo.protocol.paired``).
+factor (same seed and split) with a 95% interval over seeds and tiles
+(``kd_histo.protocol.paired``).
 
-Not here: running anything (``kd_histo.protocol.experiment``), metric formulas (``kd_histo.evaluation.metrics``).
+Not here: running anything (``kd_histo.protocol.experiment``), metric formulas
+(``kd_histo.evaluation.metrics``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import json
 import os
 import shutil
 import statistics
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -125,8 +129,19 @@ def result_rows(
     return rows
 
 
-CASCADE_COLUMNS = ("seed", "run", "factor", "teacher_share", "n_teacher", "n_tiles", "accuracy", "gap_to_teacher",
-                   "gflops_per_tile", "tiles_per_s", "speedup_vs_teacher")
+CASCADE_COLUMNS = (
+    "seed",
+    "run",
+    "factor",
+    "teacher_share",
+    "n_teacher",
+    "n_tiles",
+    "accuracy",
+    "gap_to_teacher",
+    "gflops_per_tile",
+    "tiles_per_s",
+    "speedup_vs_teacher",
+)
 
 
 def cascade_rows(specs: Sequence, split: str) -> list[dict[str, Any]]:
@@ -143,20 +158,31 @@ def cascade_rows(specs: Sequence, split: str) -> list[dict[str, Any]]:
         teacher = next(r for r in rows if r["scored_by"] == "teacher")
         for r in rows:
             if r["scored_by"] == "cascade":
-                out.append({"seed": spec.seed, "run": spec.name, "factor": spec.factor,
-                            **{k: r[k] for k in CASCADE_COLUMNS[3:] if k in r},
-                            "gap_to_teacher": r["accuracy"] - teacher["accuracy"]})
+                out.append(
+                    {
+                        "seed": spec.seed,
+                        "run": spec.name,
+                        "factor": spec.factor,
+                        **{k: r[k] for k in CASCADE_COLUMNS[3:] if k in r},
+                        "gap_to_teacher": r["accuracy"] - teacher["accuracy"],
+                    }
+                )
     return out
 
 
 def cascade_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The cascade table: student + teacher on the least confident share of the tiles."""
-    lines = ["| student | teacher share | accuracy | gap to teacher | effective GFLOPs/tile | tiles/s | "
-             "measured speedup | seed |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| student | teacher share | accuracy | gap to teacher | effective GFLOPs/tile | tiles/s | "
+        "measured speedup | seed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['run']} | {100 * r['teacher_share']:.1f}% | {r['accuracy']:.3f} | "
-                     f"{100 * r['gap_to_teacher']:+.1f} pts | {r['gflops_per_tile']:.4f} | {r['tiles_per_s']:.0f} | "
-                     f"{r['speedup_vs_teacher']:.1f}x | {r['seed']} |")
+        lines.append(
+            f"| {r['run']} | {100 * r['teacher_share']:.1f}% | {r['accuracy']:.3f} | "
+            f"{100 * r['gap_to_teacher']:+.1f} pts | {r['gflops_per_tile']:.4f} | {r['tiles_per_s']:.0f} | "
+            f"{r['speedup_vs_teacher']:.1f}x | {r['seed']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -344,7 +370,10 @@ def scored_tile(row: Mapping[str, str], pred: str) -> tuple[tuple, tuple[int, st
     """The key ``(source, x, y)`` and ``(correct, slide id)`` of one labeled tile of a predictions
     table (a run's ``predictions.csv`` or a bundle's ``tile_predictions.csv``), given its
     predicted class index."""
-    return (row["source"], int(row["x"]), int(row["y"])), (int(int(pred) == int(row["label"])), row["slide_id"])
+    return (row["source"], int(row["x"]), int(row["y"])), (
+        int(int(pred) == int(row["label"])),
+        row["slide_id"],
+    )
 
 
 def read_correct_folder(eval_folder: str) -> dict[tuple, tuple[int, str]] | None:

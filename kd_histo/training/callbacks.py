@@ -3,7 +3,8 @@
 ``SaveBestNet`` keeps the best *network* (not the distiller wrapping it with a frozen teacher) by
 a validation metric and remembers the best value across a resumed run; ``HistoryCSV`` appends
 each epoch's logs (the run's active losses) to history.csv under the header the file already has;
-``ImageGrids`` writes HR and LR sample grids to TensorBoard once; ``EpochCounter`` records how many epochs finished, so a
+``ImageGrids`` writes HR and LR sample grids to TensorBoard once; ``EpochCounter`` records how many
+epochs finished, so a
 failed start can be told from a failed run.
 
 Not here: which callbacks a run uses (``kd_histo.training.train``).
@@ -41,7 +42,9 @@ class SaveBestNet(keras.callbacks.Callback):
         self.higher = not monitor.endswith("loss")
         self.state_path = path + ".json"
         self.best = -math.inf if self.higher else math.inf
-        if os.path.isfile(self.state_path):  # a resumed run must not overwrite a better earlier epoch
+        if os.path.isfile(
+            self.state_path
+        ):  # a resumed run must not overwrite a better earlier epoch
             with open(self.state_path) as f:
                 self.best = json.load(f)["best"]
 
@@ -95,12 +98,18 @@ class ImageGrids(keras.callbacks.Callback):
         views = {"hr": hr}
         for key in ("lr", "lr2"):
             if key in self.batch:
-                views[key] = tf.image.resize(self.batch[key][: self.max_images], tf.shape(hr)[1:3], method="nearest")
+                views[key] = tf.image.resize(
+                    self.batch[key][: self.max_images], tf.shape(hr)[1:3], method="nearest"
+                )
         writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
         with writer.as_default():
             for key, images in views.items():
-                tf.summary.image(f"samples/{key}", tf.clip_by_value(images, 0.0, 1.0), step=0,
-                                 max_outputs=self.max_images)
+                tf.summary.image(
+                    f"samples/{key}",
+                    tf.clip_by_value(images, 0.0, 1.0),
+                    step=0,
+                    max_outputs=self.max_images,
+                )
         writer.close()
 
 

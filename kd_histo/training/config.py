@@ -6,14 +6,16 @@ distillation weights (:class:`DistillConfig`), the optimizer and schedule (:clas
 and the run itself (mode, precision, strategy, seed, epochs, model_dir, resume). ``smoke()``
 shrinks any config so it runs in seconds on a laptop (big_vision's "runlocal" switch).
 
-Not here: flag parsing (``kd_histo.cli``), building anything from the config (``kd_histo.training.train``).
+Not here: flag parsing (``kd_histo.cli``), building anything from the config
+(``kd_histo.training.train``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.numbers import require_finite
@@ -46,7 +48,9 @@ class NetConfig:
     """
 
     arch: str = setting("resnet_gn", "Network: resnet_gn (paper), resnet18, resnet34, resnet50.")
-    planes: tuple[int, ...] = setting((), "Stage widths of resnet_gn, e.g. 32,64,128,256 (default the builder's).")
+    planes: tuple[int, ...] = setting(
+        (), "Stage widths of resnet_gn, e.g. 32,64,128,256 (default the builder's)."
+    )
     # The flags --stem (resnet_gn only) and --norm are ModelConfig's fields (kd_histo.models).
     kwargs: tuple[tuple[str, Any], ...] = ()
 
@@ -67,13 +71,15 @@ class DistillConfig:
       temperature: softmax temperature T of the KD term (scaled by T^2).
       kd_weight: weight of KL(teacher || student).
       feature_weight: weight of the feature-map loss.
-      feature_mode: teacher map resized to the student's by "maxpool", "bicubic" or the mean of both.
+      feature_mode: teacher map resized to the student's by "maxpool", "bicubic" or the mean of
+      both.
       feature_norm: "l2" or "l1".
       ce_weight: weight of cross-entropy on labeled examples (1 for teacher/baseline training).
       ssl_weight: weight of the contrastive term between two LR views.
       at_weight: weight of attention transfer.
       accumulation_steps: gradient accumulation.
-      teacher_cache: folder of a teacher-output cache (``kd_histo.training.teacher_cache``): the teacher
+      teacher_cache: folder of a teacher-output cache (``kd_histo.training.teacher_cache``): the
+      teacher
         runs once per tile and dihedral transform, and training reads its outputs instead of
         running it; "auto" = ``<model_dir>/teacher_cache``; "" = off. Needs augment "flips" or
         "none" and no random crop.
@@ -83,16 +89,22 @@ class DistillConfig:
     temperature: float = setting(L.KD_TEMPERATURE, "KD softmax temperature T (loss scaled by T^2).")
     kd_weight: float = setting(1.0, "Weight of KL(teacher || student).")
     feature_weight: float = setting(1.0, "Weight of the feature-map loss.")
-    feature_mode: str = setting(L.FEATURE_MODE, "Teacher map resize: " + ", ".join(L.FEATURE_MODES) + ".")
-    feature_norm: str = setting(L.FEATURE_NORM, "Feature loss norm: " + " or ".join(L.FEATURE_NORMS) + ".")
+    feature_mode: str = setting(
+        L.FEATURE_MODE, "Teacher map resize: " + ", ".join(L.FEATURE_MODES) + "."
+    )
+    feature_norm: str = setting(
+        L.FEATURE_NORM, "Feature loss norm: " + " or ".join(L.FEATURE_NORMS) + "."
+    )
     ce_weight: float = setting(0.0, "distill: weight of cross-entropy on labeled tiles.")
     ssl_weight: float = setting(0.0, "distill: weight of the contrastive (InfoNCE) term.")
     at_weight: float = setting(0.0, "distill: weight of attention transfer.")
     accumulation_steps: int = setting(1, "Micro-batches per optimizer update.")
     teacher_cache: str = setting(
-        "", "distill: folder of a teacher-output cache (built when missing; auto = "
+        "",
+        "distill: folder of a teacher-output cache (built when missing; auto = "
         "<model_dir>/teacher_cache): the teacher runs once per tile and flip/rotation, not every "
-        "epoch. Needs --augment=flips or none and no --hr_px crop.")
+        "epoch. Needs --augment=flips or none and no --hr_px crop.",
+    )
 
     def __post_init__(self):
         require_finite(self)
@@ -111,7 +123,8 @@ class OptimConfig:
       name: "adam" (L2-style decay through ``weight_decay``), "adamw" or "sgd" (momentum 0.9).
       learning_rate: peak learning rate.
       weight_decay: decoupled weight decay (Keras ``weight_decay`` argument).
-      schedule: "constant", "cosine" (to 0 over the run) or "exponential" (``decay_rate`` per epoch).
+      schedule: "constant", "cosine" (to 0 over the run) or "exponential" (``decay_rate`` per
+      epoch).
       decay_rate: per-epoch factor of the exponential schedule.
       warmup_epochs: linear warm-up length (cosine only).
       clipnorm: global gradient-norm clip; 0 = off.
@@ -161,8 +174,10 @@ class RunConfig:
       verbose: Keras progress bar (1), one line per epoch (2) or silent (0).
     """
 
-    mode: str = setting(help="teacher (labels, HR), baseline (labels, LR), distill (teacher -> student).",
-                        choices=MODES)
+    mode: str = setting(
+        help="teacher (labels, HR), baseline (labels, LR), distill (teacher -> student).",
+        choices=MODES,
+    )
     model_dir: str = setting(help="Run folder to create (or resume).")
     data: PipelineConfig
     net: NetConfig = NetConfig()
@@ -175,9 +190,13 @@ class RunConfig:
     strategy: str = setting("default", "default, mirrored or multi_worker (TF_CONFIG).")
     seed: int = setting(0, "Seed of weights, data order and augmentation.")
     resume: bool = setting(True, "Continue an unfinished run found in model_dir.")
-    monitor: str = setting("val_accuracy", "Metric picking the best epoch: val_accuracy or val_loss.")
+    monitor: str = setting(
+        "val_accuracy", "Metric picking the best epoch: val_accuracy or val_loss."
+    )
     allow_no_val: bool = setting(False, "Train without a val split (keeps the last epoch).")
-    profile_steps: tuple[int, int] = setting((2, 4), "TensorBoard profile window first,last step; 0,0 = off.")
+    profile_steps: tuple[int, int] = setting(
+        (2, 4), "TensorBoard profile window first,last step; 0,0 = off."
+    )
     image_grids: bool = True
     verbose: int = setting(2, "Keras progress: 0 silent, 1 bar, 2 one line per epoch.")
 
@@ -194,9 +213,13 @@ class RunConfig:
         if self.steps_per_epoch < 0 or self.val_steps < 0:
             raise ValueError("steps_per_epoch and val_steps must be >= 0 (0 = the whole split)")
         if self.mode == "distill" and not self.distill.teacher:
-            raise ValueError("mode 'distill' needs a teacher: pass --teacher=<teacher run folder or model.keras>")
+            raise ValueError(
+                "mode 'distill' needs a teacher: pass --teacher=<teacher run folder or model.keras>"
+            )
         if len(self.profile_steps) != 2 or self.profile_steps[0] > self.profile_steps[1]:
-            raise ValueError(f"profile_steps must be (first, last) with first <= last, got {self.profile_steps}")
+            raise ValueError(
+                f"profile_steps must be (first, last) with first <= last, got {self.profile_steps}"
+            )
 
     @property
     def view(self) -> str:
@@ -211,7 +234,7 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
         d = dict(d)
         data = dict(d.pop("data"))
         data["unlabeled_dirs"] = tuple(data.get("unlabeled_dirs", ()))
@@ -219,11 +242,16 @@ class RunConfig:
         net["planes"] = tuple(net.get("planes", ()))
         net["kwargs"] = tuple(tuple(kv) for kv in net.get("kwargs", ()))
         d["profile_steps"] = tuple(d.get("profile_steps", (0, 0)))
-        return cls(data=PipelineConfig(**data), net=NetConfig(**net),
-                   distill=DistillConfig(**d.pop("distill", {})), optim=OptimConfig(**d.pop("optim", {})), **d)
+        return cls(
+            data=PipelineConfig(**data),
+            net=NetConfig(**net),
+            distill=DistillConfig(**d.pop("distill", {})),
+            optim=OptimConfig(**d.pop("optim", {})),
+            **d,
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "RunConfig":
+    def from_json(cls, text: str) -> RunConfig:
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
 
@@ -238,6 +266,11 @@ def smoke(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, batch_size=4, hr_px=hr_px, shuffle_buffer=16),
-        net=dataclasses.replace(cfg.net, planes=(4, 8, 8, 16) if cfg.net.arch == "resnet_gn" else cfg.net.planes),
-        epochs=min(cfg.epochs, 2), steps_per_epoch=2, val_steps=1, profile_steps=(0, 0),
+        net=dataclasses.replace(
+            cfg.net, planes=(4, 8, 8, 16) if cfg.net.arch == "resnet_gn" else cfg.net.planes
+        ),
+        epochs=min(cfg.epochs, 2),
+        steps_per_epoch=2,
+        val_steps=1,
+        profile_steps=(0, 0),
     )

@@ -7,7 +7,8 @@ training on ``student_view`` (teacher training on "hr", baseline training on "lr
 distils. The losses are a list of ``(weight, loss)`` pairs of
 :class:`kd_histo.training.losses.ResolutionLoss` objects (KD on logits, feature map, CE, InfoNCE,
 attention transfer); only those of weight > 0 are computed and logged. A batch
-that carries ``"teacher_logits"``/``"teacher_features"`` (from :mod:`kd_histo.training.teacher_cache`; the
+that carries ``"teacher_logits"``/``"teacher_features"`` (from
+:mod:`kd_histo.training.teacher_cache`; the
 features already resized to the student's map) skips the teacher forward pass and the resize; then
 no teacher model is needed at all.
 
@@ -41,9 +42,19 @@ from kd_histo.training import losses as L
 
 CACHE_KEYS = ("teacher_logits", "teacher_features")
 # The constructor keywords (and saved configs) of distillers before the losses became a list.
-LEGACY_KWARGS = ("temperature", "kd_weight", "feature_weight", "feature_mode", "feature_norm",
-                 "ce_weight", "ssl_weight", "at_weight", "ssl_temperature", "projection_dim",
-                 "bicubic_style")
+LEGACY_KWARGS = (
+    "temperature",
+    "kd_weight",
+    "feature_weight",
+    "feature_mode",
+    "feature_norm",
+    "ce_weight",
+    "ssl_weight",
+    "at_weight",
+    "ssl_temperature",
+    "projection_dim",
+    "bicubic_style",
+)
 
 Losses = Sequence[tuple[float, L.ResolutionLoss]]
 
@@ -59,8 +70,10 @@ def losses_for(distill, **extra) -> list[tuple[float, L.ResolutionLoss]]:
     ssl = {k2: extra[k] for k, k2 in renamed if k in extra}
     return [
         (distill.kd_weight, L.LogitsKD(distill.temperature)),
-        (distill.feature_weight,
-         L.FeatureMapKD(distill.feature_mode, distill.feature_norm, **feature)),
+        (
+            distill.feature_weight,
+            L.FeatureMapKD(distill.feature_mode, distill.feature_norm, **feature),
+        ),
         (distill.ce_weight, L.MaskedCE()),
         (distill.ssl_weight, L.InfoNCE(**ssl)),
         (distill.at_weight, L.AttentionTransfer()),

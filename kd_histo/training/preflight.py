@@ -47,7 +47,9 @@ def check_data(cfg: RunConfig) -> schema.DatasetInfo:
     except (FileNotFoundError, schema.SchemaError) as e:
         raise PreflightError(str(e)) from None
     if cfg.mode != "distill" and not (cfg.data.labeled and cfg.data.unlabeled_ratio < 1.0):
-        raise PreflightError(f"mode {cfg.mode!r} learns from labels: drop --nolabeled / use --unlabeled_ratio < 1")
+        raise PreflightError(
+            f"mode {cfg.mode!r} learns from labels: drop --nolabeled / use --unlabeled_ratio < 1"
+        )
     needs_train = cfg.data.labeled and cfg.data.unlabeled_ratio < 1.0
     splits = ["train"] if needs_train else []
     for split in splits:
@@ -57,12 +59,18 @@ def check_data(cfg: RunConfig) -> schema.DatasetInfo:
             raise PreflightError(str(e)) from None
     for d in cfg.data.unlabeled_dirs:
         if not os.path.isfile(os.path.join(d, schema.DATASET_JSON)):
-            raise PreflightError(f"unlabeled data folder {d} has no dataset.json; convert it with kd-histo-convert")
+            raise PreflightError(
+                f"unlabeled data folder {d} has no dataset.json; convert it with kd-histo-convert"
+            )
     if not cfg.allow_no_val and not _has_shards(cfg.data.data_dir, "val"):
-        raise PreflightError(f"{cfg.data.data_dir} has no 'val' split to pick the best epoch; convert with a val "
-                             "fraction, or pass --allow_no_val to keep the last epoch")
+        raise PreflightError(
+            f"{cfg.data.data_dir} has no 'val' split to pick the best epoch; convert with a val "
+            "fraction, or pass --allow_no_val to keep the last epoch"
+        )
     if (cfg.data.hr_px or info.tile_px) > info.tile_px:
-        raise PreflightError(f"hr_px {cfg.data.hr_px} is larger than the stored {info.tile_px} px tiles; lower --hr_px")
+        raise PreflightError(
+            f"hr_px {cfg.data.hr_px} is larger than the stored {info.tile_px} px tiles; lower --hr_px"
+        )
     try:
         for split in ("train", "val", "unlabeled"):
             check_shards(cfg.data.data_dir, info, split, count=not cfg.data.skip_corrupt)
@@ -118,13 +126,22 @@ def count_corrupt(cfg: RunConfig, info: schema.DatasetInfo) -> dict[str, int]:
     A record is skipped when it does not parse or decode, or lies after the damage in a damaged
     shard; the count is what dataset.json states minus what reads back.
     """
-    lr_px = lr_size(info.tile_px, info.lr_factor) if cfg.data.lr_method == "pyramid" and info.lr_factor else 0
+    lr_px = (
+        lr_size(info.tile_px, info.lr_factor)
+        if cfg.data.lr_method == "pyramid" and info.lr_factor
+        else 0
+    )
     out = {}
     for split in ("train", "val", "unlabeled"):
         if not _has_shards(cfg.data.data_dir, split):
             continue
-        ds = decode.read_shards(schema.shard_paths(cfg.data.data_dir, split), tile_px=info.tile_px, lr_tile_px=lr_px,
-                                compression=info.compression, skip_corrupt=True)
+        ds = decode.read_shards(
+            schema.shard_paths(cfg.data.data_dir, split),
+            tile_px=info.tile_px,
+            lr_tile_px=lr_px,
+            compression=info.compression,
+            skip_corrupt=True,
+        )
         readable = int(ds.reduce(0, lambda n, _: n + 1))
         out[split] = max(0, info.num_examples(split) - readable)
     return out
@@ -139,11 +156,15 @@ def check_teacher_cache(cfg: RunConfig, info: schema.DatasetInfo) -> None:
     if cfg.mode != "distill":
         raise PreflightError(f"--teacher_cache is for distill runs, not {cfg.mode!r}; drop it")
     if cfg.data.augment not in CACHEABLE_AUGMENT:
-        raise PreflightError(f"a teacher cache holds the flips/rotations only, not augment {cfg.data.augment!r}; "
-                             "use --augment=flips (or none), or drop --teacher_cache")
+        raise PreflightError(
+            f"a teacher cache holds the flips/rotations only, not augment {cfg.data.augment!r}; "
+            "use --augment=flips (or none), or drop --teacher_cache"
+        )
     if (cfg.data.hr_px or info.tile_px) != info.tile_px:
-        raise PreflightError(f"--hr_px {cfg.data.hr_px} makes random crops of the {info.tile_px} px tiles, which "
-                             "a teacher cache cannot hold; drop --hr_px or --teacher_cache")
+        raise PreflightError(
+            f"--hr_px {cfg.data.hr_px} makes random crops of the {info.tile_px} px tiles, which "
+            "a teacher cache cannot hold; drop --hr_px or --teacher_cache"
+        )
 
 
 def teacher_cache_dir(cfg: RunConfig) -> str:
@@ -172,30 +193,40 @@ def check_model_dir(cfg: RunConfig) -> None:
             f"model_dir {d} lies under {existing}, which is a file; choose another --model_dir"
         )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PreflightError(f"model_dir {d} is not writable ({existing} is read-only); choose another --model_dir")
+        raise PreflightError(
+            f"model_dir {d} is not writable ({existing} is read-only); choose another --model_dir"
+        )
     try:  # access() can pass where writes fail (read-only mounts, quotas): try one
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".kd_histo_probe"):
             pass
     except OSError as e:
-        raise PreflightError(f"cannot write into {existing} ({e.strerror}); choose another --model_dir") from None
+        raise PreflightError(
+            f"cannot write into {existing} ({e.strerror}); choose another --model_dir"
+        ) from None
     free_mb = shutil.disk_usage(existing).free / 2**20
     if free_mb < MIN_FREE_MB:
-        raise PreflightError(f"only {free_mb:.0f} MB free under {existing} (need {MIN_FREE_MB}); free disk space")
+        raise PreflightError(
+            f"only {free_mb:.0f} MB free under {existing} (need {MIN_FREE_MB}); free disk space"
+        )
     if os.path.isfile(os.path.join(d, RUN_JSON)):
         raise PreflightError(f"model_dir {d} holds a finished run; choose a new --model_dir")
     old = os.path.join(d, CONFIG_JSON)
     if os.path.isfile(old):
         if not cfg.resume:
-            raise PreflightError(f"model_dir {d} holds an unfinished run; pass --resume to continue it or a new --model_dir")
+            raise PreflightError(
+                f"model_dir {d} holds an unfinished run; pass --resume to continue it or a new --model_dir"
+            )
         with open(old) as f:
             before = json.load(f)
         now = json.loads(cfg.to_json())  # tuples become lists, as in the file
-        differ = sorted(k for k in now if k not in ("resume", "verbose") and before.get(k) != now[k])
+        differ = sorted(
+            k for k in now if k not in ("resume", "verbose") and before.get(k) != now[k]
+        )
         if differ:
-            raise PreflightError(f"model_dir {d} holds a run with other settings ({', '.join(differ)}); "
-                                 "use the same flags to resume or a new --model_dir")
-
-
+            raise PreflightError(
+                f"model_dir {d} holds a run with other settings ({', '.join(differ)}); "
+                "use the same flags to resume or a new --model_dir"
+            )
 
 
 def teacher_record(cfg: RunConfig) -> RunRecord | None:
@@ -224,20 +255,32 @@ def check_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> None:
     hr_px = cfg.data.hr_px or info.tile_px
     misfit = teacher_misfit(record, info.class_names, hr_px, info.mpp)
     if misfit == "view":
-        raise PreflightError(f"teacher {name} is a low-resolution {record.mode} run (view {record.view}, factor "
-                             f"{record.factor:g}); a teacher must see HR tiles: train one with --mode=teacher")
+        raise PreflightError(
+            f"teacher {name} is a low-resolution {record.mode} run (view {record.view}, factor "
+            f"{record.factor:g}); a teacher must see HR tiles: train one with --mode=teacher"
+        )
     if misfit == "classes":
-        order = " (the same names in another order)" if sorted(record.class_names) == sorted(info.class_names) else ""
-        raise PreflightError(f"teacher {name} has classes {list(record.class_names)} but {data_dir} has "
-                             f"{list(info.class_names)}{order}; convert the data with --class_names="
-                             f"{','.join(record.class_names)} or train a teacher on this data")
+        order = (
+            " (the same names in another order)"
+            if sorted(record.class_names) == sorted(info.class_names)
+            else ""
+        )
+        raise PreflightError(
+            f"teacher {name} has classes {list(record.class_names)} but {data_dir} has "
+            f"{list(info.class_names)}{order}; convert the data with --class_names="
+            f"{','.join(record.class_names)} or train a teacher on this data"
+        )
     if misfit == "hr_px":
-        raise PreflightError(f"teacher {name} was trained on {record.hr_px} px HR tiles but this run's HR view is "
-                             f"{hr_px} px ({data_dir}); use data converted like the teacher's (--tile_px, or "
-                             "--hr_px to crop larger tiles) or train a teacher on this data")
+        raise PreflightError(
+            f"teacher {name} was trained on {record.hr_px} px HR tiles but this run's HR view is "
+            f"{hr_px} px ({data_dir}); use data converted like the teacher's (--tile_px, or "
+            "--hr_px to crop larger tiles) or train a teacher on this data"
+        )
     if misfit == "mpp":
-        raise PreflightError(f"teacher {name} was trained on {record.mpp:g} µm/px tiles but {data_dir} has "
-                             f"{info.mpp:g} µm/px; convert the data at the teacher's resolution")
+        raise PreflightError(
+            f"teacher {name} was trained on {record.mpp:g} µm/px tiles but {data_dir} has "
+            f"{info.mpp:g} µm/px; convert the data at the teacher's resolution"
+        )
 
 
 def load_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> keras.Model:
@@ -251,8 +294,10 @@ def load_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> keras.Model:
     except (FileNotFoundError, ValueError) as e:
         raise PreflightError(f"teacher: {e}") from None
     if teacher_record(cfg) is None:
-        raise PreflightError(f"teacher {cfg.distill.teacher} has no run.json beside it, so nothing says which class "
-                             "order, tile size and µm/px it was trained on; pass its kd-histo-train run folder")
+        raise PreflightError(
+            f"teacher {cfg.distill.teacher} has no run.json beside it, so nothing says which class "
+            "order, tile size and µm/px it was trained on; pass its kd-histo-train run folder"
+        )
     return teacher
 
 
@@ -272,7 +317,9 @@ def check_input_size(cfg: RunConfig, info: schema.DatasetInfo, net: keras.Model)
     px = hr_px if cfg.view == "hr" else lr_size(hr_px, cfg.data.factor)
     stride = net_stride(net)
     if px < stride:
-        raise PreflightError(f"the {cfg.view.upper()} tile is {px} px ({hr_px} px / factor {cfg.data.factor:g}) but "
-                             f"the net needs at least {stride} px (its total stride); use a smaller factor, a larger "
-                             "--hr_px, or --stem=small")
+        raise PreflightError(
+            f"the {cfg.view.upper()} tile is {px} px ({hr_px} px / factor {cfg.data.factor:g}) but "
+            f"the net needs at least {stride} px (its total stride); use a smaller factor, a larger "
+            "--hr_px, or --stem=small"
+        )
     return px

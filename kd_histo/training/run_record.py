@@ -3,7 +3,8 @@
 A :class:`RunRecord` says everything a reader needs to use a trained network correctly: its job
 (mode) and input view, the resolution factor and how the LR view was made (``lr_method``), the
 HR tile size and the model's input size, the µm/px of the training HR tiles, the class names in
-order, the normalisation, and where the network files are. ``kd_histo.training.train`` writes it with
+order, the normalisation, and where the network files are. ``kd_histo.training.train`` writes it
+with
 :func:`write_run_record`; evaluation, cost, prediction and the experiment read it with
 :func:`read_run_record` and build their inputs from it, never from a hand-read dict.
 
@@ -25,7 +26,8 @@ import json
 import math
 import os
 import zipfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from kd_histo.atomic import write_json
 from kd_histo.training.config import MODES
@@ -55,7 +57,8 @@ class RunRecord:
       lr_method: how the LR view was made in training ("area", "bicubic", "bilinear",
         "pyramid"); evaluation and prediction make it the same way.
       hr_px: side of the HR tiles the views are made from.
-      input_px: side of the network's input (``hr_px`` for HR views, else ``lr_size(hr_px, factor)``).
+      input_px: side of the network's input (``hr_px`` for HR views, else ``lr_size(hr_px,
+      factor)``).
       mpp: µm per pixel of the training HR tiles (``dataset.json``); None when unknown.
       class_names: the classes, in the order of the network's logits.
       mean: per-channel RGB mean of the normalisation (the network's first layer).
@@ -105,22 +108,44 @@ class RunRecord:
         if self.mode not in MODES:
             raise RunRecordError(f"run.json: mode {self.mode!r} unknown; one of {', '.join(MODES)}")
         if self.view not in VIEWS or (self.view == "hr") != (self.mode == "teacher"):
-            raise RunRecordError(f"run.json: view {self.view!r} does not fit mode {self.mode!r} "
-                                 "(teacher = hr, baseline and distill = lr)")
-        if not math.isfinite(self.factor) or self.factor <= 0 or (self.view == "hr" and self.factor != 1.0):
-            raise RunRecordError(f"run.json: factor {self.factor} must be > 0, and 1.0 for an HR view")
+            raise RunRecordError(
+                f"run.json: view {self.view!r} does not fit mode {self.mode!r} "
+                "(teacher = hr, baseline and distill = lr)"
+            )
+        if (
+            not math.isfinite(self.factor)
+            or self.factor <= 0
+            or (self.view == "hr" and self.factor != 1.0)
+        ):
+            raise RunRecordError(
+                f"run.json: factor {self.factor} must be > 0, and 1.0 for an HR view"
+            )
         if self.lr_method not in LR_METHODS:
-            raise RunRecordError(f"run.json: lr_method {self.lr_method!r} unknown; one of {', '.join(LR_METHODS)}")
+            raise RunRecordError(
+                f"run.json: lr_method {self.lr_method!r} unknown; one of {', '.join(LR_METHODS)}"
+            )
         if int(self.hr_px) < 1 or int(self.input_px) < 1:
-            raise RunRecordError(f"run.json: hr_px {self.hr_px} and input_px {self.input_px} must be >= 1")
+            raise RunRecordError(
+                f"run.json: hr_px {self.hr_px} and input_px {self.input_px} must be >= 1"
+            )
         if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
-            raise RunRecordError(f"run.json: mpp {self.mpp} must be > 0 µm/px, or null when unknown")
+            raise RunRecordError(
+                f"run.json: mpp {self.mpp} must be > 0 µm/px, or null when unknown"
+            )
         if not self.class_names or len(set(self.class_names)) != len(self.class_names):
-            raise RunRecordError(f"run.json: class_names must be non-empty and unique, got {list(self.class_names)}")
-        if (len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(v) for v in self.mean + self.std)
-                or min(self.std) <= 0):
-            raise RunRecordError(f"run.json: mean and std must be 3 finite values each with std > 0, got "
-                                 f"{list(self.mean)}, {list(self.std)}")
+            raise RunRecordError(
+                f"run.json: class_names must be non-empty and unique, got {list(self.class_names)}"
+            )
+        if (
+            len(self.mean) != 3
+            or len(self.std) != 3
+            or not all(math.isfinite(v) for v in self.mean + self.std)
+            or min(self.std) <= 0
+        ):
+            raise RunRecordError(
+                f"run.json: mean and std must be 3 finite values each with std > 0, got "
+                f"{list(self.mean)}, {list(self.std)}"
+            )
 
     @property
     def input_mpp(self) -> float | None:
@@ -152,8 +177,13 @@ class RunRecord:
         """
         from kd_histo.data.pipeline import PipelineConfig
 
-        return PipelineConfig(data_dir=data_dir, batch_size=batch_size, factor=self.factor, hr_px=self.hr_px,
-                              lr_method=self.lr_method if self.view == "lr" else "area")
+        return PipelineConfig(
+            data_dir=data_dir,
+            batch_size=batch_size,
+            factor=self.factor,
+            hr_px=self.hr_px,
+            lr_method=self.lr_method if self.view == "lr" else "area",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -162,23 +192,32 @@ class RunRecord:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RunRecord":
+    def from_dict(cls, d: Mapping[str, Any]) -> RunRecord:
         """Inverse of :meth:`to_dict` for the current version (see :func:`read_run_record` for older ones)."""
         d = dict(d)
         version = d.get("record_version")
         if not isinstance(version, int) or version > RECORD_VERSION:
-            raise RunRecordError(f"run.json has record_version {version!r}, this kd_histo reads up to "
-                                 f"{RECORD_VERSION}: upgrade kd_histo to read it")
+            raise RunRecordError(
+                f"run.json has record_version {version!r}, this kd_histo reads up to "
+                f"{RECORD_VERSION}: upgrade kd_histo to read it"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise RunRecordError(f"run.json has fields this kd_histo does not know ({', '.join(unknown)}): "
-                                 "a newer kd_histo wrote it; upgrade kd_histo")
-        required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+            raise RunRecordError(
+                f"run.json has fields this kd_histo does not know ({', '.join(unknown)}): "
+                "a newer kd_histo wrote it; upgrade kd_histo"
+            )
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         missing = [k for k in required if k not in d]
         if missing:
-            raise RunRecordError(f"run.json lacks {', '.join(missing)}; retrain, or add them to run.json")
+            raise RunRecordError(
+                f"run.json lacks {', '.join(missing)}; retrain, or add them to run.json"
+            )
         return cls(**d)
 
 
@@ -186,13 +225,17 @@ def _inside(model_dir: str, rel: str, what: str) -> str:
     if not isinstance(rel, str) or not rel:
         raise RunRecordError(f"run.json: {what} must be a path inside the run folder, got {rel!r}")
     if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
-        raise RunRecordError(f"run.json: {what} {rel!r} points outside the run folder {model_dir}; "
-                             "it must be a path inside it (e.g. model.keras)")
+        raise RunRecordError(
+            f"run.json: {what} {rel!r} points outside the run folder {model_dir}; "
+            "it must be a path inside it (e.g. model.keras)"
+        )
     path = os.path.join(model_dir, rel)
     root = os.path.realpath(model_dir)
     if os.path.commonpath([root, os.path.realpath(path)]) != root:
-        raise RunRecordError(f"run.json: {what} {rel!r} is a link leading outside the run folder {model_dir}; "
-                             "replace it with the file itself")
+        raise RunRecordError(
+            f"run.json: {what} {rel!r} is a link leading outside the run folder {model_dir}; "
+            "replace it with the file itself"
+        )
     return path
 
 
@@ -255,12 +298,16 @@ def read_run_record(model_dir: str) -> RunRecord:
     """
     path = os.path.join(model_dir, RUN_JSON)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: --model_dir must be a finished kd-histo-train run folder")
+        raise FileNotFoundError(
+            f"{path} not found: --model_dir must be a finished kd-histo-train run folder"
+        )
     try:
         with open(path) as f:
             d = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunRecordError(f"{path} is not valid JSON ({e}); retrain into a new --model_dir") from None
+        raise RunRecordError(
+            f"{path} is not valid JSON ({e}); retrain into a new --model_dir"
+        ) from None
     if not isinstance(d, dict):
         raise RunRecordError(f"{path} is not a JSON object; retrain into a new --model_dir")
     if "record_version" not in d:
@@ -287,7 +334,8 @@ def upgrade_v1(model_dir: str, d: Mapping[str, Any]) -> dict[str, Any]:
         except (OSError, ValueError, KeyError, TypeError):
             raise RunRecordError(
                 f"{os.path.join(model_dir, RUN_JSON)} predates lr_method and the run's config.json is missing or "
-                'unreadable: add "lr_method": "<the --lr_method used in training, e.g. area>" to run.json') from None
+                'unreadable: add "lr_method": "<the --lr_method used in training, e.g. area>" to run.json'
+            ) from None
     if "mean" not in d or "std" not in d:
         norm = _normalisation_of_model(model_dir, d.get("model", MODEL_FILE))
         if norm is None and info is not None:
@@ -295,7 +343,8 @@ def upgrade_v1(model_dir: str, d: Mapping[str, Any]) -> dict[str, Any]:
         if norm is None:
             raise RunRecordError(
                 f"{os.path.join(model_dir, RUN_JSON)} predates mean/std and neither the model file nor the data "
-                f"folder {d.get('data_dir')!r} gives them: add \"mean\": [r, g, b], \"std\": [r, g, b] to run.json")
+                f'folder {d.get("data_dir")!r} gives them: add "mean": [r, g, b], "std": [r, g, b] to run.json'
+            )
         d["mean"], d["std"] = norm
     if "mpp" not in d:
         d["mpp"] = info.mpp if info is not None and info.mpp > 0 else None
@@ -305,6 +354,7 @@ def upgrade_v1(model_dir: str, d: Mapping[str, Any]) -> dict[str, Any]:
 
 def _dataset_info(data_dir: str):
     from kd_histo import schema
+
     if not data_dir:
         return None
     try:
@@ -319,7 +369,11 @@ def _normalisation_of_model(model_dir: str, rel: str) -> tuple[list[float], list
         path = _inside(model_dir, rel, "model")
         with zipfile.ZipFile(path) as z:
             cfg = json.loads(z.read("config.json"))
-        layer = next(layer["config"] for layer in cfg["config"]["layers"] if layer["config"].get("name") == "normalize")
+        layer = next(
+            layer["config"]
+            for layer in cfg["config"]["layers"]
+            if layer["config"].get("name") == "normalize"
+        )
         return list(layer["mean"]), [math.sqrt(v) for v in layer["variance"]]
     except (OSError, ValueError, KeyError, TypeError, StopIteration, zipfile.BadZipFile):
         return None

@@ -14,7 +14,8 @@ size (so later epochs skip the resize as well), and stores both as raw ``np.memm
 :meth:`TeacherCache.attach` turns un-augmented pipeline batches (``augment="none"``) into
 distillation batches: it draws one dihedral transform per example, applies it to the ``hr``/``lr``
 views (area/bicubic downsampling commutes with these transforms) and adds ``teacher_logits``/
-``teacher_features`` from the cache, which :class:`kd_histo.training.distiller.ResolutionDistiller` uses
+``teacher_features`` from the cache, which :class:`kd_histo.training.distiller.ResolutionDistiller`
+uses
 instead of running the teacher. Colour augmentations are not cacheable and are left out; ``lr2``
 is passed through untouched.
 """
@@ -92,8 +93,14 @@ def build_cache(
       The opened :class:`TeacherCache`.
     """
     target = CacheTarget(cache_dir, map_size, feature_mode, bicubic_style)
-    return build_caches(teacher, batches, [target], teacher_view=teacher_view,
-                        dihedral_transforms=dihedral_transforms, feature_dtype=feature_dtype)[0]
+    return build_caches(
+        teacher,
+        batches,
+        [target],
+        teacher_view=teacher_view,
+        dihedral_transforms=dihedral_transforms,
+        feature_dtype=feature_dtype,
+    )[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +136,9 @@ def build_caches(
         raise ValueError("build_caches needs at least one target")
     n_t = NUM_DIHEDRAL if dihedral_transforms else 1
     sizes = [(int(t.map_size[0]), int(t.map_size[1])) for t in targets]
-    resizers = [L.FeatureMapKD(t.feature_mode, bicubic_style=t.bicubic_style).target for t in targets]
+    resizers = [
+        L.FeatureMapKD(t.feature_mode, bicubic_style=t.bicubic_style).target for t in targets
+    ]
     for t in targets:
         os.makedirs(t.cache_dir, exist_ok=True)
 
@@ -146,7 +155,10 @@ def build_caches(
 
     n, keys, shapes = 0, [], None
     with contextlib.ExitStack() as files:
-        f_logits = [files.enter_context(open(os.path.join(t.cache_dir, "logits.f32"), "wb")) for t in targets]
+        f_logits = [
+            files.enter_context(open(os.path.join(t.cache_dir, "logits.f32"), "wb"))
+            for t in targets
+        ]
         f_feats = [files.enter_context(open(os.path.join(t.cache_dir, f"features.{feature_dtype}"), "wb"))
                    for t in targets]  # fmt: skip
         for batch in batches:
@@ -326,8 +338,12 @@ def _teacher_identity(path: str) -> dict:
     """The teacher file by path, size, mtime and its bytes' SHA-256 (another teacher saved over
     the same path, even keeping size and mtime, is another teacher)."""
     st = os.stat(path)
-    return {"path": os.path.realpath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256": _sha256(path)}
+    return {
+        "path": os.path.realpath(path),
+        "bytes": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": _sha256(path),
+    }
 
 
 def _source_identity(data_dir: str, split: str) -> tuple[str, str, str]:
@@ -336,10 +352,13 @@ def _source_identity(data_dir: str, split: str) -> tuple[str, str, str]:
     keys but not the pixels). Each shard counts by name, size, mtime and the SHA-256 of its first
     and last MiB; dataset.json by its SHA-256."""
     from kd_histo import schema
+
     h = hashlib.sha256(_sha256(os.path.join(data_dir, schema.DATASET_JSON)).encode())
     for p in schema.shard_paths(data_dir, split):
         st = os.stat(p)
-        h.update(f"{os.path.basename(p)} {st.st_size} {st.st_mtime_ns} {_sha256(p, 1 << 20)}\n".encode())
+        h.update(
+            f"{os.path.basename(p)} {st.st_size} {st.st_mtime_ns} {_sha256(p, 1 << 20)}\n".encode()
+        )
     return os.path.realpath(data_dir), split, h.hexdigest()
 
 
@@ -385,11 +404,22 @@ def for_training(
       The opened cache (in memory when its arrays take less than 1 GiB as float32).
     """
     if data.augment not in CACHEABLE_AUGMENT:
-        raise ValueError(f"a teacher cache holds the {CACHEABLE_AUGMENT} augmentations only, not "
-                         f"{data.augment!r}; use --augment=flips or drop --teacher_cache")
-    return _fitting_cache(teacher, teacher_path, data, cache_dir, training_sources(data),
-                          dihedral=data.augment == "flips", map_size=map_size,
-                          feature_mode=feature_mode, bicubic_style=bicubic_style, log=log)
+        raise ValueError(
+            f"a teacher cache holds the {CACHEABLE_AUGMENT} augmentations only, not "
+            f"{data.augment!r}; use --augment=flips or drop --teacher_cache"
+        )
+    return _fitting_cache(
+        teacher,
+        teacher_path,
+        data,
+        cache_dir,
+        training_sources(data),
+        dihedral=data.augment == "flips",
+        map_size=map_size,
+        feature_mode=feature_mode,
+        bicubic_style=bicubic_style,
+        log=log,
+    )
 
 
 VALIDATION_SUBDIR = "val"
@@ -414,10 +444,18 @@ def for_validation(
     ``<cache_dir>/val`` and is reused or rebuilt by the same rules as :func:`for_training`.
     Attach it with ``attach(val_batches, training=False)``.
     """
-    return _fitting_cache(teacher, teacher_path, data, os.path.join(cache_dir, VALIDATION_SUBDIR),
-                          [(os.path.abspath(data.data_dir), "val")], dihedral=False,
-                          map_size=map_size, feature_mode=feature_mode,
-                          bicubic_style=bicubic_style, log=log)
+    return _fitting_cache(
+        teacher,
+        teacher_path,
+        data,
+        os.path.join(cache_dir, VALIDATION_SUBDIR),
+        [(os.path.abspath(data.data_dir), "val")],
+        dihedral=False,
+        map_size=map_size,
+        feature_mode=feature_mode,
+        bicubic_style=bicubic_style,
+        log=log,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,13 +469,29 @@ class _Build:
     data: PipelineConfig  # the run's (its HR view is the teacher's input)
 
 
-def _needed_build(teacher_path: str, data, cache_dir: str, need_splits, *, dihedral: bool, map_size,
-                  feature_mode: str, bicubic_style: str) -> _Build | None:
+def _needed_build(
+    teacher_path: str,
+    data,
+    cache_dir: str,
+    need_splits,
+    *,
+    dihedral: bool,
+    map_size,
+    feature_mode: str,
+    bicubic_style: str,
+) -> _Build | None:
     """None when the cache in ``cache_dir`` fits the views and covers ``need_splits``
     ([(data_dir, split)]); else what to (re)build (see :func:`for_training`)."""
-    settings = {"teacher": _teacher_identity(teacher_path), "hr_px": data.hr_px, "factor": data.factor,
-                "lr_method": data.lr_method, "dihedral": dihedral,
-                "map_size": list(map_size), "feature_mode": feature_mode, "bicubic_style": bicubic_style}
+    settings = {
+        "teacher": _teacher_identity(teacher_path),
+        "hr_px": data.hr_px,
+        "factor": data.factor,
+        "lr_method": data.lr_method,
+        "dihedral": dihedral,
+        "map_size": list(map_size),
+        "feature_mode": feature_mode,
+        "bicubic_style": bicubic_style,
+    }
     need = [_source_identity(d, split) for d, split in need_splits]
     meta_path = os.path.join(cache_dir, BUILT_FOR)
     covered: list[tuple[str, str, str]] = []
@@ -445,7 +499,9 @@ def _needed_build(teacher_path: str, data, cache_dir: str, need_splits, *, dihed
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
         if meta["settings"] == settings:
-            covered = [tuple(s) for s in meta["sources"] if len(s) == 3]  # older caches: no fingerprints
+            covered = [
+                tuple(s) for s in meta["sources"] if len(s) == 3
+            ]  # older caches: no fingerprints
     if set(need) <= set(covered):
         return None
     # keep what the cache covers of other sources only while those are unchanged
@@ -467,8 +523,14 @@ def _build(teacher, builds: Sequence[_Build], log) -> None:
             if os.path.isfile(meta_path):
                 os.remove(meta_path)  # the files below are about to change
         data = group[0].data
-        view = PipelineConfig(data.data_dir, batch_size=64, factor=data.factor, hr_px=data.hr_px,
-                              lr_method=data.lr_method, augment="none")
+        view = PipelineConfig(
+            data.data_dir,
+            batch_size=64,
+            factor=data.factor,
+            hr_px=data.hr_px,
+            lr_method=data.lr_method,
+            augment="none",
+        )
         batches = None
         for d, split, _ in sources:
             part = make_dataset(dataclasses.replace(view, data_dir=d), split, training=False)
@@ -478,19 +540,38 @@ def _build(teacher, builds: Sequence[_Build], log) -> None:
         log(f"teacher cache: running the teacher {n_t}x over {len(sources)} source(s) into {into}")
         build_caches(teacher, batches, [b.target for b in group], dihedral_transforms=all_eight)
         for b in group:  # written last: a build cut short is never taken for a finished cache
-            write_json(os.path.join(b.target.cache_dir, BUILT_FOR),
-                       {"settings": b.settings, "sources": list(b.sources)}, sort_keys=False)
+            write_json(
+                os.path.join(b.target.cache_dir, BUILT_FOR),
+                {"settings": b.settings, "sources": list(b.sources)},
+                sort_keys=False,
+            )
 
 
 def _open(cache_dir: str) -> TeacherCache:
     cache = TeacherCache(cache_dir)
     s = cache.spec
-    nbytes = s.num_examples * s.num_transforms * (s.num_classes + s.map_size[0] * s.map_size[1] * s.channels) * 4
+    nbytes = (
+        s.num_examples
+        * s.num_transforms
+        * (s.num_classes + s.map_size[0] * s.map_size[1] * s.channels)
+        * 4
+    )
     return TeacherCache(cache_dir, in_memory=True) if nbytes < IN_MEMORY_BYTES else cache
 
 
-def _fitting_cache(teacher, teacher_path: str, data, cache_dir: str, need_splits, *, dihedral: bool,
-                   map_size, feature_mode: str, bicubic_style: str, log) -> TeacherCache:
+def _fitting_cache(
+    teacher,
+    teacher_path: str,
+    data,
+    cache_dir: str,
+    need_splits,
+    *,
+    dihedral: bool,
+    map_size,
+    feature_mode: str,
+    bicubic_style: str,
+    log,
+) -> TeacherCache:
     """Opens the cache in ``cache_dir`` when it fits the views and covers ``need_splits``
     ([(data_dir, split)]), else (re)builds it; see :func:`for_training`."""
     build = _needed_build(teacher_path, data, cache_dir, need_splits, dihedral=dihedral, map_size=map_size,
@@ -530,18 +611,27 @@ def prebuild(teacher: keras.Model, teacher_path: str, uses: Sequence[CacheUse], 
     wanted: dict[str, tuple[CacheUse, bool, list]] = {}
     for u in uses:
         if u.data.augment not in CACHEABLE_AUGMENT:
-            raise ValueError(f"a teacher cache holds the {CACHEABLE_AUGMENT} augmentations only, not "
-                             f"{u.data.augment!r}")
+            raise ValueError(
+                f"a teacher cache holds the {CACHEABLE_AUGMENT} augmentations only, not "
+                f"{u.data.augment!r}"
+            )
         parts = [(u.cache_dir, u.data.augment == "flips", training_sources(u.data))]
         if u.validation:
-            parts.append((os.path.join(u.cache_dir, VALIDATION_SUBDIR), False,
-                          [(os.path.abspath(u.data.data_dir), "val")]))
+            parts.append(
+                (
+                    os.path.join(u.cache_dir, VALIDATION_SUBDIR),
+                    False,
+                    [(os.path.abspath(u.data.data_dir), "val")],
+                )
+            )
         for cache_dir, all_eight, splits in parts:
             first, _, need = wanted.setdefault(cache_dir, (u, all_eight, []))
             if (first.map_size, first.feature_mode, first.bicubic_style, first.data.hr_px) != (
                     u.map_size, u.feature_mode, u.bicubic_style, u.data.hr_px):  # fmt: skip
-                raise ValueError(f"{cache_dir}: runs that share this teacher cache need other views of it "
-                                 f"(map size, feature resize or HR size); give them separate caches")
+                raise ValueError(
+                    f"{cache_dir}: runs that share this teacher cache need other views of it "
+                    f"(map size, feature resize or HR size); give them separate caches"
+                )
             need += [s for s in splits if s not in need]
     builds = [_needed_build(teacher_path, u.data, cache_dir, need, dihedral=all_eight, map_size=u.map_size,
                             feature_mode=u.feature_mode, bicubic_style=u.bicubic_style)

@@ -9,7 +9,8 @@ with per-loss scalars, HR/LR grids and an early profile window, CSV log, Termina
 bar) and ``fit``. The run folder receives config.json at the start and run.json, model.keras (the
 best network alone) and savedmodel/ at the end.
 
-Not here: flags (``kd_histo.cli.train``), the losses and train step (``kd_histo.training.distiller``).
+Not here: flags (``kd_histo.cli.train``), the losses and train step
+(``kd_histo.training.distiller``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import math
 import os
 import shutil
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
@@ -74,7 +75,7 @@ def precision_policy(name: str):
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
-    """"default" (one device), "mirrored" (all local devices) or "multi_worker" (from TF_CONFIG)."""
+    """ "default" (one device), "mirrored" (all local devices) or "multi_worker" (from TF_CONFIG)."""
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
@@ -89,11 +90,15 @@ def make_optimizer(cfg: RunConfig, steps: int) -> keras.optimizers.Optimizer:
     if o.schedule == "cosine":
         warm = int(o.warmup_epochs * steps)
         lr = keras.optimizers.schedules.CosineDecay(
-            0.0 if warm else o.learning_rate, decay_steps=max(1, total - warm),
-            warmup_target=o.learning_rate if warm else None, warmup_steps=warm)
+            0.0 if warm else o.learning_rate,
+            decay_steps=max(1, total - warm),
+            warmup_target=o.learning_rate if warm else None,
+            warmup_steps=warm,
+        )
     elif o.schedule == "exponential":
-        lr = keras.optimizers.schedules.ExponentialDecay(o.learning_rate, decay_steps=max(1, steps),
-                                                         decay_rate=o.decay_rate)
+        lr = keras.optimizers.schedules.ExponentialDecay(
+            o.learning_rate, decay_steps=max(1, steps), decay_rate=o.decay_rate
+        )
     extra = {"clipnorm": o.clipnorm} if o.clipnorm else {}
     if o.name == "sgd":
         return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=o.weight_decay or None, **extra)
@@ -102,13 +107,26 @@ def make_optimizer(cfg: RunConfig, steps: int) -> keras.optimizers.Optimizer:
     return FusedAdam(lr, weight_decay=o.weight_decay or None, **extra)
 
 
-def _distiller(cfg: RunConfig, net: keras.Model, teacher: keras.Model | None) -> ResolutionDistiller:
+def _distiller(
+    cfg: RunConfig, net: keras.Model, teacher: keras.Model | None
+) -> ResolutionDistiller:
     d = cfg.distill
     if cfg.mode != "distill":  # teacher and baseline: plain supervised training on one view
-        return ResolutionDistiller(net, None, [(1.0, L.MaskedCE())], student_view=cfg.view,
-                                   accumulation_steps=d.accumulation_steps)
-    return ResolutionDistiller(net, teacher, losses_for(d), student_view="lr", teacher_view="hr",
-                               accumulation_steps=d.accumulation_steps)
+        return ResolutionDistiller(
+            net,
+            None,
+            [(1.0, L.MaskedCE())],
+            student_view=cfg.view,
+            accumulation_steps=d.accumulation_steps,
+        )
+    return ResolutionDistiller(
+        net,
+        teacher,
+        losses_for(d),
+        student_view="lr",
+        teacher_view="hr",
+        accumulation_steps=d.accumulation_steps,
+    )
 
 
 def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
@@ -127,8 +145,12 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     info = preflight.check_data(cfg)
     if cfg.data.skip_corrupt:
         skipped = preflight.count_corrupt(cfg, info)
-        print(f"kd_histo: --skip_corrupt: {sum(skipped.values())} corrupt records skipped ("
-              + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")", flush=True)
+        print(
+            f"kd_histo: --skip_corrupt: {sum(skipped.values())} corrupt records skipped ("
+            + ", ".join(f"{k} {v}" for k, v in skipped.items())
+            + ")",
+            flush=True,
+        )
     preflight.check_teacher_cache(cfg, info)
     preflight.check_teacher(cfg, info)
     preflight.check_model_dir(cfg)
@@ -139,10 +161,14 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     # for good. A lock left by a dead process on this host is taken over (as conversion does).
     with DirLock(model_dir, "train", tool="kd-histo-train"):
         try:
-            preflight.check_model_dir(cfg)  # again, under the lock: another run may have finished meanwhile
+            preflight.check_model_dir(
+                cfg
+            )  # again, under the lock: another run may have finished meanwhile
             return _train(cfg, extra_callbacks, info, model_dir, created)
         except BaseException:
-            if created and set(os.listdir(model_dir)) <= {LOCK_FILE}:  # refused before writing anything
+            if created and set(os.listdir(model_dir)) <= {
+                LOCK_FILE
+            }:  # refused before writing anything
                 shutil.rmtree(model_dir, ignore_errors=True)
             raise
 
@@ -155,15 +181,22 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
         strategy = make_strategy(cfg.strategy)
         with strategy.scope():
             teacher = preflight.load_teacher(cfg, info) if cfg.mode == "distill" else None
-            net = build_model(cfg.net.arch, info.num_classes, mean=info.mean, std=info.std, name=cfg.mode,
-                              **cfg.net.build_kwargs())
+            net = build_model(
+                cfg.net.arch,
+                info.num_classes,
+                mean=info.mean,
+                std=info.std,
+                name=cfg.mode,
+                **cfg.net.build_kwargs(),
+            )
             input_px = preflight.check_input_size(cfg, info, net)
             model = _distiller(cfg, net, teacher)
             data_cfg = cfg.data
             steps = cfg.steps_per_epoch or steps_per_epoch(data_cfg, "train")
             if steps < 1:
-                raise preflight.PreflightError(f"the train split gives 0 batches of {cfg.data.batch_size}; "
-                                               "lower --batch_size")
+                raise preflight.PreflightError(
+                    f"the train split gives 0 batches of {cfg.data.batch_size}; lower --batch_size"
+                )
             model.compile(optimizer=make_optimizer(cfg, steps), jit_compile=False)
         # fit() asks for exactly `steps` batches per epoch; repeating (each pass redraws its random
         # crops and mixing) means the stream never runs dry mid-epoch whatever the batch rounding.
@@ -174,16 +207,30 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
         # step count is given, so the stream repeats and the count comes from dataset.json (an
         # unknown count made Keras warn that the input "ran out of data" at every run's start).
         val_ds = make_dataset(cfg.data, "val", training=False).repeat() if has_val else None
-        val_steps = cfg.val_steps or (steps_per_epoch(cfg.data, "val", training=False) if has_val else None)
+        val_steps = cfg.val_steps or (
+            steps_per_epoch(cfg.data, "val", training=False) if has_val else None
+        )
         try:
             write_json(os.path.join(model_dir, CONFIG_JSON), cfg.to_dict())
             if cache_dir:
                 train_ds, val_ds = _cached_streams(cfg, cache_dir, teacher, net, input_px, has_val)
-            callbacks = _callbacks(cfg, model_dir, net, train_ds, has_val) + [counter, *extra_callbacks]
-            history = model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=val_ds,
-                                validation_steps=val_steps, callbacks=callbacks, verbose=cfg.verbose)
+            callbacks = _callbacks(cfg, model_dir, net, train_ds, has_val) + [
+                counter,
+                *extra_callbacks,
+            ]
+            history = model.fit(
+                train_ds,
+                epochs=cfg.epochs,
+                steps_per_epoch=steps,
+                validation_data=val_ds,
+                validation_steps=val_steps,
+                callbacks=callbacks,
+                verbose=cfg.verbose,
+            )
         except BaseException:
-            if created and counter.finished == 0:  # a failed start leaves no half-written run folder
+            if (
+                created and counter.finished == 0
+            ):  # a failed start leaves no half-written run folder
                 for name in os.listdir(model_dir):  # all but the lock, which its owner removes
                     if name != LOCK_FILE:
                         path = os.path.join(model_dir, name)
@@ -192,7 +239,9 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
                         else:
                             os.remove(path)
             raise
-        return _finish(cfg, model_dir, net, history.history, counter.finished, has_val, input_px, info)
+        return _finish(
+            cfg, model_dir, net, history.history, counter.finished, has_val, input_px, info
+        )
 
 
 def _cached_streams(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int, has_val: bool):
@@ -205,17 +254,24 @@ def _cached_streams(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int,
     so the teacher is not run there either (None when the data has no val split).
     """
     from kd_histo.training import teacher_cache
-    kwargs = {"map_size": _map_size(net, input_px),
-              "feature_mode": cfg.distill.feature_mode,
-              "log": lambda line: print(f"kd_histo: {line}", flush=True)}
+
+    kwargs = {
+        "map_size": _map_size(net, input_px),
+        "feature_mode": cfg.distill.feature_mode,
+        "log": lambda line: print(f"kd_histo: {line}", flush=True),
+    }
     teacher_file = model_file(cfg.distill.teacher)
     cache = teacher_cache.for_training(teacher, teacher_file, cfg.data, cache_dir, **kwargs)
-    plain = make_dataset(dataclasses.replace(cfg.data, augment="none"), "train", training=True).repeat()
+    plain = make_dataset(
+        dataclasses.replace(cfg.data, augment="none"), "train", training=True
+    ).repeat()
     train_ds = cache.attach(plain, training=True, seed=cfg.seed)
     if not has_val:
         return train_ds, None
     val_cache = teacher_cache.for_validation(teacher, teacher_file, cfg.data, cache_dir, **kwargs)
-    val_ds = val_cache.attach(make_dataset(cfg.data, "val", training=False), training=False).repeat()
+    val_ds = val_cache.attach(
+        make_dataset(cfg.data, "val", training=False), training=False
+    ).repeat()
     return train_ds, val_ds
 
 
@@ -270,11 +326,15 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
         keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
         keras.callbacks.TerminateOnNaN(),
         cbs.HistoryCSV(os.path.join(model_dir, "history.csv")),
-        keras.callbacks.TensorBoard(logs, profile_batch=(first, last) if last > 0 else 0, update_freq="epoch"),
+        keras.callbacks.TensorBoard(
+            logs, profile_batch=(first, last) if last > 0 else 0, update_freq="epoch"
+        ),
     ]
     if has_val:
         os.makedirs(os.path.join(model_dir, "checkpoints"), exist_ok=True)
-        out.append(cbs.SaveBestNet(net, os.path.join(model_dir, "checkpoints", "best.keras"), cfg.monitor))
+        out.append(
+            cbs.SaveBestNet(net, os.path.join(model_dir, "checkpoints", "best.keras"), cfg.monitor)
+        )
     if cfg.image_grids:
         out.append(cbs.ImageGrids(next(iter(train_ds)), logs))
     return out
@@ -300,10 +360,14 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
         raise TrainingError(
             f"the training loss became NaN/inf in epoch {diverged} and no earlier network was kept (no val "
             f"split to pick one); nothing was saved as the model in {model_dir}: lower --learning_rate or "
-            "check the inputs, then train into a new --model_dir")
+            "check the inputs, then train into a new --model_dir"
+        )
     if diverged is not None:
-        print(f"kd_histo: the training loss became NaN/inf in epoch {diverged}; keeping the best network "
-              "before it", flush=True)
+        print(
+            f"kd_histo: the training loss became NaN/inf in epoch {diverged}; keeping the best network "
+            "before it",
+            flush=True,
+        )
     if has_val and os.path.isfile(best_path):
         with open(best_path + ".json") as f:
             best = json.load(f)["best"]
@@ -313,11 +377,28 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
     saved = os.path.join(model_dir, "savedmodel")
     shutil.rmtree(saved, ignore_errors=True)
     net.export(saved, verbose=False)
-    write_run_record(model_dir, RunRecord(
-        mode=cfg.mode, view=cfg.view, factor=cfg.data.factor if cfg.view == "lr" else 1.0,
-        lr_method=cfg.data.lr_method, hr_px=cfg.data.hr_px or info.tile_px, input_px=input_px,
-        mpp=info.mpp if info.mpp > 0 else None, class_names=tuple(info.class_names), mean=tuple(info.mean),
-        std=tuple(info.std), arch=cfg.net.arch, monitor=cfg.monitor if has_val else None, best=best,
-        epochs=cfg.epochs, epochs_run_this_process=epochs_run, data_dir=cfg.data.data_dir,
-        model=MODEL_FILE, savedmodel="savedmodel", diverged_at_epoch=diverged))
+    write_run_record(
+        model_dir,
+        RunRecord(
+            mode=cfg.mode,
+            view=cfg.view,
+            factor=cfg.data.factor if cfg.view == "lr" else 1.0,
+            lr_method=cfg.data.lr_method,
+            hr_px=cfg.data.hr_px or info.tile_px,
+            input_px=input_px,
+            mpp=info.mpp if info.mpp > 0 else None,
+            class_names=tuple(info.class_names),
+            mean=tuple(info.mean),
+            std=tuple(info.std),
+            arch=cfg.net.arch,
+            monitor=cfg.monitor if has_val else None,
+            best=best,
+            epochs=cfg.epochs,
+            epochs_run_this_process=epochs_run,
+            data_dir=cfg.data.data_dir,
+            model=MODEL_FILE,
+            savedmodel="savedmodel",
+            diverged_at_epoch=diverged,
+        ),
+    )
     return TrainResult(model_dir, model_path, history, epochs_run, best)

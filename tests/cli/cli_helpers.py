@@ -13,8 +13,16 @@ from kd_histo.cli import train as train_cli
 BINARIES = {"train": train_cli, "evaluate": evaluate_cli, "cost": cost_cli, "predict": predict_cli}
 
 # A net and schedule small enough for CI: planes 4-8-8-16, stride-8 stem, 2 epochs of 2 steps.
-TINY = ["--planes=4,8,8,16", "--stem=small", "--batch_size=4", "--epochs=2", "--steps_per_epoch=2",
-        "--val_steps=1", "--profile_steps=0,0", "--verbose=0"]
+TINY = [
+    "--planes=4,8,8,16",
+    "--stem=small",
+    "--batch_size=4",
+    "--epochs=2",
+    "--steps_per_epoch=2",
+    "--val_steps=1",
+    "--profile_steps=0,0",
+    "--verbose=0",
+]
 
 
 def invoke(binary: str, *argv: str) -> int:
@@ -24,7 +32,14 @@ def invoke(binary: str, *argv: str) -> int:
 
 
 def train_run(data_dir, model_dir, mode: str, *extra: str) -> int:
-    return invoke("train", f"--mode={mode}", f"--data_dir={data_dir}", f"--model_dir={model_dir}", *TINY, *extra)
+    return invoke(
+        "train",
+        f"--mode={mode}",
+        f"--data_dir={data_dir}",
+        f"--model_dir={model_dir}",
+        *TINY,
+        *extra,
+    )
 
 
 def copy_data(src, dst) -> str:

@@ -10,6 +10,15 @@ def runs(tiny_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     assert train_run(tiny_shards, root / "teacher", "teacher") == 0
     assert train_run(tiny_shards, root / "baseline_x2", "baseline", "--factor=2") == 0
-    assert train_run(tiny_shards, root / "student_x2", "distill", "--factor=2", f"--teacher={root / 'teacher'}",
-                     "--unlabeled_ratio=0.5") == 0
+    assert (
+        train_run(
+            tiny_shards,
+            root / "student_x2",
+            "distill",
+            "--factor=2",
+            f"--teacher={root / 'teacher'}",
+            "--unlabeled_ratio=0.5",
+        )
+        == 0
+    )
     return root

@@ -33,13 +33,30 @@ BINARIES = [convert_cli, train_cli, evaluate_cli, cost_cli, predict_cli, experim
 # Fields of the binaries' configs that are no flag: set by code (the protocol, the library's
 # callers), with the reason. A new field must be added either as a flag or here.
 NOT_FLAGS = {
-    "PipelineConfig": {"class_balanced", "second_view", "shuffle_buffer", "drop_remainder", "normalize",
-                       "unlabeled_fraction", "cycle_length",
-                       "seed"},  # = the run's --seed (RunConfig.seed)
+    "PipelineConfig": {
+        "class_balanced",
+        "second_view",
+        "shuffle_buffer",
+        "drop_remainder",
+        "normalize",
+        "unlabeled_fraction",
+        "cycle_length",
+        "seed",
+    },  # = the run's --seed (RunConfig.seed)
     "RunConfig": {"data", "net", "distill", "optim", "image_grids"},
     "NetConfig": {"kwargs"},  # --stem and --norm (ModelConfig's fields)
-    "ModelConfig": {"arch", "num_classes", "mean", "std", "planes", "blocks", "groups", "width_scale",
-                    "weights", "name"},  # from the data set and NetConfig
+    "ModelConfig": {
+        "arch",
+        "num_classes",
+        "mean",
+        "std",
+        "planes",
+        "blocks",
+        "groups",
+        "width_scale",
+        "weights",
+        "name",
+    },  # from the data set and NetConfig
     "DistillConfig": set(),
     "OptimConfig": {"clipnorm"},
     "ExperimentConfig": {"base", "cost_repeats"},
@@ -78,7 +95,9 @@ def test_every_binary_declares_its_configs_and_own_flags():
         assert set(_own(b)) <= set(fc.OWN_FLAGS), b.PROG
 
 
-@pytest.mark.parametrize("cls", sorted(_configs(), key=lambda c: c.__name__), ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", sorted(_configs(), key=lambda c: c.__name__), ids=lambda c: c.__name__
+)
 def test_flag_defaults_are_the_config_defaults(cls):
     flags = fc.config_flags(cls)
     assert flags, cls
@@ -92,7 +111,10 @@ def test_flag_defaults_are_the_config_defaults(cls):
         if "flag_default" in meta and flag.kind == "list":  # e.g. --unlabeled_fractions=auto
             got, want = absl_flag.default, list(want)
         else:
-            got, want = _typed(flag, absl_flag.default), tuple(want) if flag.kind == "list" else want
+            got, want = (
+                _typed(flag, absl_flag.default),
+                tuple(want) if flag.kind == "list" else want,
+            )
         assert got == want and type(got) is type(want), (cls.__name__, flag.name, got, want)
         if flag.name not in _shared_names():  # a shared name shows the first definition's help
             assert absl_flag.help.endswith(meta["help"]), flag.name
@@ -100,7 +122,9 @@ def test_flag_defaults_are_the_config_defaults(cls):
             assert sorted(absl_flag.parser.enum_values) == sorted(meta["choices"]), flag.name
 
 
-@pytest.mark.parametrize("cls", sorted(_configs(), key=lambda c: c.__name__), ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", sorted(_configs(), key=lambda c: c.__name__), ids=lambda c: c.__name__
+)
 def test_every_config_field_is_a_flag_or_set_by_code(cls):
     flagged = {f.field.name for f in fc.config_flags(cls)}
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -108,8 +132,12 @@ def test_every_config_field_is_a_flag_or_set_by_code(cls):
 
 
 def test_every_flag_is_a_config_field_or_a_binarys_own():
-    ours = {f.name for flags in fc.FLAGS.flags_by_module_dict().values() for f in flags
-            if any(f is g for g in fc.FLAGS.flags_by_module_dict().get(fc.__name__, []))}
+    ours = {
+        f.name
+        for flags in fc.FLAGS.flags_by_module_dict().values()
+        for f in flags
+        if any(f is g for g in fc.FLAGS.flags_by_module_dict().get(fc.__name__, []))
+    }
     from_configs = {flag.name for cls in _configs() for flag in fc.config_flags(cls)}
     own = {name for b in BINARIES for name in _own(b)}
     assert ours == from_configs | own
@@ -119,8 +147,13 @@ def test_every_flag_is_a_config_field_or_a_binarys_own():
 
 def test_no_binary_defines_a_flag_by_hand():
     for path in (ROOT / "kd_histo" / "cli").glob("*.py"):
-        calls = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)
-                 and isinstance(n.func, ast.Attribute) and n.func.attr.startswith("DEFINE_")]
+        calls = [
+            n
+            for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute)
+            and n.func.attr.startswith("DEFINE_")
+        ]
         assert path.name == "flags_common.py" or not calls, path.name
 
 
@@ -139,24 +172,53 @@ def test_unset_flags_make_the_config_defaults(parsed):
     parsed("kd-histo-train", ["--mode=teacher", "--data_dir=d", "--model_dir=m"])
     model = ModelConfig()
     assert train_cli.config_from_flags() == RunConfig(
-        mode="teacher", model_dir="m", data=PipelineConfig("d"),
-        net=NetConfig(kwargs=(("stem", model.stem), ("norm", model.norm))))
-    parsed("kd-histo-train", ["--mode=teacher", "--data_dir=d", "--model_dir=m", "--arch=resnet18", "--norm=batch"])
-    assert train_cli.config_from_flags().net == NetConfig(arch="resnet18", kwargs=(("norm", "batch"),))
+        mode="teacher",
+        model_dir="m",
+        data=PipelineConfig("d"),
+        net=NetConfig(kwargs=(("stem", model.stem), ("norm", model.norm))),
+    )
+    parsed(
+        "kd-histo-train",
+        ["--mode=teacher", "--data_dir=d", "--model_dir=m", "--arch=resnet18", "--norm=batch"],
+    )
+    assert train_cli.config_from_flags().net == NetConfig(
+        arch="resnet18", kwargs=(("norm", "batch"),)
+    )
 
 
 def test_list_enum_and_bool_flags_parse_as_before(parsed, capsys):
-    parsed("kd-histo-experiment", ["--data_dir=d", "--out_dir=o", "--factors=2,4", "--unlabeled_fractions=0,0.5",
-                                   "--seeds=3", "--nobaselines", "--planes=8,16,32,64", "--cascade_fractions="])
+    parsed(
+        "kd-histo-experiment",
+        [
+            "--data_dir=d",
+            "--out_dir=o",
+            "--factors=2,4",
+            "--unlabeled_fractions=0,0.5",
+            "--seeds=3",
+            "--nobaselines",
+            "--planes=8,16,32,64",
+            "--cascade_fractions=",
+        ],
+    )
     cfg = experiment_cli.config_from_flags()
     assert cfg.factors == (2.0, 4.0) and cfg.unlabeled_fractions == (0.0, 0.5) and cfg.seeds == (3,)
-    assert cfg.baselines is False and cfg.base.net.planes == (8, 16, 32, 64) and cfg.cascade_fractions == ()
+    assert (
+        cfg.baselines is False
+        and cfg.base.net.planes == (8, 16, 32, 64)
+        and cfg.cascade_fractions == ()
+    )
     parsed("kd-histo-train", ["--mode=teacher", "--data_dir=d", "--model_dir=m", "--planes=8,x"])
     with pytest.raises(ValueError, match="--planes takes integers"):
         train_cli.config_from_flags()
     for argv in (["--mode=student"], ["--fit=stretch"]):  # enums: refused at parsing, one line
-        assert fc.invoke(train_cli.PROG if "mode" in argv[0] else convert_cli.PROG,
-                         train_cli.main if "mode" in argv[0] else convert_cli.main, argv) == 2
+        assert (
+            fc.invoke(
+                train_cli.PROG if "mode" in argv[0] else convert_cli.PROG,
+                train_cli.main if "mode" in argv[0] else convert_cli.main,
+                argv,
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and argv[0].split("=")[1] in err, err
 
@@ -165,24 +227,78 @@ def _lc25000_expected() -> ExperimentConfig:
     """What the hand-written flag copying made of flags/lc25000/experiment.flags (with
     flags/tiles/common.flags), every field spelt out."""
     base = RunConfig(
-        mode="teacher", model_dir="runs/lc25000",
-        data=PipelineConfig(data_dir="shards/lc25000_true_112", batch_size=32, factor=2.0, hr_px=None,
-                            lr_method="area", augment="flips", unlabeled_ratio=0.0, labeled=True, cache=False,
-                            unlabeled_dirs=("shards/cmu_slide_112",), seed=0, skip_corrupt=False),
-        net=NetConfig(arch="resnet_gn", planes=(16, 32, 64, 128), kwargs=(("stem", "small"), ("norm", "group"))),
-        distill=DistillConfig(teacher="", temperature=4.0, kd_weight=1.0, feature_weight=1.0,
-                              feature_mode="maxpool+bicubic", feature_norm="l2", ce_weight=0.0, ssl_weight=0.0,
-                              at_weight=0.0, accumulation_steps=1, teacher_cache="auto"),
-        optim=OptimConfig(name="adam", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine", decay_rate=0.9,
-                          warmup_epochs=0.0),
-        epochs=10, steps_per_epoch=0, val_steps=0, precision="float32", strategy="default", seed=0, resume=True,
-        monitor="val_accuracy", allow_no_val=False, profile_steps=(2, 4), verbose=2)
+        mode="teacher",
+        model_dir="runs/lc25000",
+        data=PipelineConfig(
+            data_dir="shards/lc25000_true_112",
+            batch_size=32,
+            factor=2.0,
+            hr_px=None,
+            lr_method="area",
+            augment="flips",
+            unlabeled_ratio=0.0,
+            labeled=True,
+            cache=False,
+            unlabeled_dirs=("shards/cmu_slide_112",),
+            seed=0,
+            skip_corrupt=False,
+        ),
+        net=NetConfig(
+            arch="resnet_gn",
+            planes=(16, 32, 64, 128),
+            kwargs=(("stem", "small"), ("norm", "group")),
+        ),
+        distill=DistillConfig(
+            teacher="",
+            temperature=4.0,
+            kd_weight=1.0,
+            feature_weight=1.0,
+            feature_mode="maxpool+bicubic",
+            feature_norm="l2",
+            ce_weight=0.0,
+            ssl_weight=0.0,
+            at_weight=0.0,
+            accumulation_steps=1,
+            teacher_cache="auto",
+        ),
+        optim=OptimConfig(
+            name="adam",
+            learning_rate=1e-3,
+            weight_decay=1e-4,
+            schedule="cosine",
+            decay_rate=0.9,
+            warmup_epochs=0.0,
+        ),
+        epochs=10,
+        steps_per_epoch=0,
+        val_steps=0,
+        precision="float32",
+        strategy="default",
+        seed=0,
+        resume=True,
+        monitor="val_accuracy",
+        allow_no_val=False,
+        profile_steps=(2, 4),
+        verbose=2,
+    )
     return ExperimentConfig(
-        out_dir="runs/lc25000", base=base, factors=(2.0, 4.0, 8.0), unlabeled_fractions=(0.0, 0.25, 0.5, 1.0),
+        out_dir="runs/lc25000",
+        base=base,
+        factors=(2.0, 4.0, 8.0),
+        unlabeled_fractions=(0.0, 0.25, 0.5, 1.0),
         results_dir="results/lc25000_3seeds",
-        seeds=(0, 1, 2), teacher_epochs=0, student_epochs=0, baseline_epochs=0, labeled_student_ce=1.0,
-        baselines=True, eval_split="test", n_boot=1000, cost_batch_sizes=(1, 32),
-        cascade_fractions=(0.0, 0.05, 0.1, 0.2, 0.5), title="LC25000 lung (112 px tiles, real H&E)")
+        seeds=(0, 1, 2),
+        teacher_epochs=0,
+        student_epochs=0,
+        baseline_epochs=0,
+        labeled_student_ce=1.0,
+        baselines=True,
+        eval_split="test",
+        n_boot=1000,
+        cost_batch_sizes=(1, 32),
+        cascade_fractions=(0.0, 0.05, 0.1, 0.2, 0.5),
+        title="LC25000 lung (112 px tiles, real H&E)",
+    )
 
 
 def test_the_lc25000_experiment_flags_make_the_same_configs(parsed, monkeypatch):
@@ -200,16 +316,27 @@ def test_the_demo_trains_what_its_flagfile_says(monkeypatch):
     from kd_histo.protocol import demo
 
     monkeypatch.chdir(ROOT)
-    base = train_cli.config_from_flagfile(demo_cli.COMMON_FLAGS, "--data_dir=out/data", "--mode=teacher",
-                                          "--model_dir=out/runs")
+    base = train_cli.config_from_flagfile(
+        demo_cli.COMMON_FLAGS, "--data_dir=out/data", "--mode=teacher", "--model_dir=out/runs"
+    )
     cfg = demo.demo_config(base, "out/data")
     assert cfg == RunConfig(  # the settings kd_histo.protocol.demo held in Python before
-        mode="teacher", model_dir="out/runs",
-        data=PipelineConfig(data_dir="out/data", batch_size=16, augment="flips", seed=0, shuffle_buffer=1024),
-        net=NetConfig(arch="resnet_gn", planes=(8, 16, 32, 64), kwargs=(("stem", "small"), ("norm", "group"))),
+        mode="teacher",
+        model_dir="out/runs",
+        data=PipelineConfig(
+            data_dir="out/data", batch_size=16, augment="flips", seed=0, shuffle_buffer=1024
+        ),
+        net=NetConfig(
+            arch="resnet_gn", planes=(8, 16, 32, 64), kwargs=(("stem", "small"), ("norm", "group"))
+        ),
         optim=OptimConfig(name="adam", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine"),
-        distill=DistillConfig(teacher_cache="auto"), epochs=12, seed=0, profile_steps=(2, 4), image_grids=True,
-        verbose=2)
+        distill=DistillConfig(teacher_cache="auto"),
+        epochs=12,
+        seed=0,
+        profile_steps=(2, 4),
+        image_grids=True,
+        verbose=2,
+    )
     # a single kd-histo-train step from the demo's flagfiles trains the demo's student
     fc.FLAGS.unparse_flags()
     try:

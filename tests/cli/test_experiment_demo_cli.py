@@ -29,7 +29,9 @@ def test_experiment_flags_make_the_grid(tiny_shards, tmp_path):
     assert cfg.base.epochs == 3 and cfg.base.distill.temperature == 2.0
     # tiny_shards has an unlabeled split, so "auto" gives the paper's fractions
     assert cfg.unlabeled_fractions == (0.0, 0.25, 0.5, 1.0)
-    cfg = _experiment_config(f"--data_dir={tiny_shards}", f"--out_dir={tmp_path}", "--unlabeled_fractions=0,0.5")
+    cfg = _experiment_config(
+        f"--data_dir={tiny_shards}", f"--out_dir={tmp_path}", "--unlabeled_fractions=0,0.5"
+    )
     assert cfg.unlabeled_fractions == (0.0, 0.5)
 
 
@@ -56,16 +58,23 @@ def test_smoke_demo_end_to_end_then_rerun(tmp_path, capsys):
     rows = json.loads((out / "report" / "results.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["teacher", "baseline_x2", "student_x2", "student_x2_unl100"]
     info = json.loads((out / "data" / "dataset.json").read_text())
-    assert info["counts"]["unlabeled"] == {"unlabeled": 8} and info["class_names"][0] == "lymphocytes"
+    assert (
+        info["counts"]["unlabeled"] == {"unlabeled": 8} and info["class_names"][0] == "lymphocytes"
+    )
     # the tiles' µm/px reaches the run record: predict reads slides at the student's own 2 x 2 µm/px
     from kd_histo.training.run_record import read_run_record
 
     assert info["mpp"] == demo.DEMO_TILE_MPP
-    assert read_run_record(str(out / "runs" / "s0" / "student_x2")).input_mpp == 2 * demo.DEMO_TILE_MPP
+    assert (
+        read_run_record(str(out / "runs" / "s0" / "student_x2")).input_mpp == 2 * demo.DEMO_TILE_MPP
+    )
     for name in ("report.md", "accuracy_vs_gflops.png", "confusion_matrices.png", "results.csv"):
         assert (out / "report" / name).stat().st_size > 0
     # A rerun trains nothing and gives the same table.
     assert fc.invoke(demo_cli.PROG, demo_cli.main, [f"--out_dir={out}", "--smoke"]) == 0
     again = capsys.readouterr().out
     assert again.count("trained already, skipped") == 4 and "converted already, skipped" in again
-    assert json.loads((out / "report" / "results.json").read_text())["rows"][2]["accuracy"] == rows[2]["accuracy"]
+    assert (
+        json.loads((out / "report" / "results.json").read_text())["rows"][2]["accuracy"]
+        == rows[2]["accuracy"]
+    )

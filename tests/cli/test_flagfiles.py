@@ -10,10 +10,14 @@ from kd_histo.protocol import plan as plan_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ALL = sorted((ROOT / "flags").rglob("*.flags"))
-ABLATIONS = [p for p in ALL if p.name.startswith("ablation_")]  # kd-histo-experiment, a main run's ablation
+ABLATIONS = [
+    p for p in ALL if p.name.startswith("ablation_")
+]  # kd-histo-experiment, a main run's ablation
 EXPERIMENTS = [p for p in ALL if p.name == "experiment.flags"]  # kd-histo-experiment
 COMPARISONS = [p for p in ALL if p.name.startswith("compare_")]  # tools/compare_runs.py
-FLAGFILES = [p for p in ALL if p.name != "common.flags" and p not in EXPERIMENTS + ABLATIONS + COMPARISONS]  # kd-histo-train
+FLAGFILES = [
+    p for p in ALL if p.name != "common.flags" and p not in EXPERIMENTS + ABLATIONS + COMPARISONS
+]  # kd-histo-train
 
 
 def _config(flagfile):
@@ -27,8 +31,19 @@ def _config(flagfile):
 
 def test_the_issue_asks_for_these_flagfiles():
     names = {str(p.relative_to(ROOT / "flags")) for p in FLAGFILES}
-    want = {f"{d}/{n}.flags" for d in ("demo", "tiles") for n in
-            ("teacher", "baseline_x2", "baseline_x4", "baseline_x8", "student_x2", "student_x4", "student_x8")}
+    want = {
+        f"{d}/{n}.flags"
+        for d in ("demo", "tiles")
+        for n in (
+            "teacher",
+            "baseline_x2",
+            "baseline_x4",
+            "baseline_x8",
+            "student_x2",
+            "student_x4",
+            "student_x8",
+        )
+    }
     assert want | {"tiles/student_x4_unlabeled.flags", "demo/student_x4_unlabeled.flags"} <= names
 
 
@@ -36,7 +51,11 @@ def test_the_issue_asks_for_these_flagfiles():
 def test_flagfile_resolves(flagfile, monkeypatch):
     monkeypatch.chdir(ROOT)  # nested --flagfile paths are relative to the repository root
     cfg = _config(flagfile)
-    assert cfg.optim.name == "adam" and cfg.optim.learning_rate == 1e-3 and cfg.optim.weight_decay == 1e-4
+    assert (
+        cfg.optim.name == "adam"
+        and cfg.optim.learning_rate == 1e-3
+        and cfg.optim.weight_decay == 1e-4
+    )
     stem = flagfile.stem
     if stem == "teacher":
         assert cfg.mode == "teacher" and cfg.view == "hr"
@@ -63,10 +82,16 @@ def test_experiment_flagfile_resolves(flagfile, monkeypatch, tmp_path):
         fc.FLAGS(["kd-histo-experiment", f"--flagfile={flagfile.relative_to(ROOT)}"])
         assert not any(fc.FLAGS[n].present for n in experiment_cli.PER_RUN)
         assert fc.FLAGS.data_dir and fc.FLAGS.out_dir and fc.FLAGS.factors == ["2", "4", "8"]
-        assert fc.FLAGS.learning_rate == 1e-3 and fc.FLAGS.weight_decay == 1e-4 and fc.FLAGS.optimizer == "adam"
+        assert (
+            fc.FLAGS.learning_rate == 1e-3
+            and fc.FLAGS.weight_decay == 1e-4
+            and fc.FLAGS.optimizer == "adam"
+        )
         assert fc.FLAGS.feature_mode == "maxpool+bicubic" and fc.FLAGS.ce_weight == 0
         text = flagfile.read_text()
-        assert f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in text  # says how to run it
+        assert (
+            f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in text
+        )  # says how to run it
     finally:
         fc.FLAGS.unparse_flags()
 
@@ -92,18 +117,32 @@ def test_ablation_flagfile_changes_one_schedule_and_trains_its_own_teachers(flag
     import dataclasses
 
     monkeypatch.chdir(ROOT)
-    main, abl = _experiment_config(flagfile.parent / "experiment.flags"), _experiment_config(flagfile)
+    main, abl = (
+        _experiment_config(flagfile.parent / "experiment.flags"),
+        _experiment_config(flagfile),
+    )
     assert abl.teachers_from == "" and abl.out_dir != main.out_dir
     assert abl.results_dir and abl.results_dir != main.results_dir
-    assert dataclasses.replace(abl.base, model_dir=main.base.model_dir) == main.base and abl.seeds == main.seeds
-    changed = {f.name for f in dataclasses.fields(abl) if getattr(abl, f.name) != getattr(main, f.name)}
+    assert (
+        dataclasses.replace(abl.base, model_dir=main.base.model_dir) == main.base
+        and abl.seeds == main.seeds
+    )
+    changed = {
+        f.name for f in dataclasses.fields(abl) if getattr(abl, f.name) != getattr(main, f.name)
+    }
     assert changed <= {"base", "out_dir", "results_dir", "title", "factors", "unlabeled_fractions",
                        "labeled_student_ce", "cascade_fractions", "student_epochs", "baseline_epochs",
                        "teacher_epochs", "baselines"}  # fmt: skip
     schedules = changed & {"teacher_epochs", "student_epochs", "baseline_epochs"}
-    assert schedules == {"teacher_epochs"} or (schedules and "teacher_epochs" not in schedules), schedules
-    assert "baselines" not in changed or schedules == {"teacher_epochs"}  # skipped only if unaffected
-    assert set(abl.factors) <= set(main.factors) and set(abl.unlabeled_fractions) <= set(main.unlabeled_fractions)
+    assert schedules == {"teacher_epochs"} or (schedules and "teacher_epochs" not in schedules), (
+        schedules
+    )
+    assert "baselines" not in changed or schedules == {
+        "teacher_epochs"
+    }  # skipped only if unaffected
+    assert set(abl.factors) <= set(main.factors) and set(abl.unlabeled_fractions) <= set(
+        main.unlabeled_fractions
+    )
     assert f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in flagfile.read_text()
 
 
@@ -126,9 +165,14 @@ def test_comparison_flagfile_names_runs_its_experiments_make(flagfile, monkeypat
     assert pairs and all(len(p) == 3 and p[2].strip() for p in pairs)  # every row labelled
     refs = [RunRef.parse(r) for a, b, _ in pairs for r in (a, b)]
     for ref in refs:
-        assert ref.experiment in grids, f"{ref}: no flagfile beside {flagfile.name} has --results_dir={ref.experiment}"
+        assert ref.experiment in grids, (
+            f"{ref}: no flagfile beside {flagfile.name} has --results_dir={ref.experiment}"
+        )
         assert ref.run in grids[ref.experiment][1], f"{ref}: not in that experiment's grid"
     for cfg, names in grids.values():  # an ablation's every run appears in some pair
         if cfg.results_dir.endswith(flagfile.stem.removeprefix("compare_")):
             assert names <= {r.run for r in refs if r.experiment == cfg.results_dir}, names
-    assert f"python tools/compare_runs.py --flagfile={flagfile.relative_to(ROOT)}" in flagfile.read_text()
+    assert (
+        f"python tools/compare_runs.py --flagfile={flagfile.relative_to(ROOT)}"
+        in flagfile.read_text()
+    )

@@ -21,36 +21,65 @@ def _slide(path, levels):
     img = np.full((256, 384, 3), 245, np.uint8)
     for i in range(4):
         for j in range(3):
-            img[i * 64 : (i + 1) * 64, j * 64 : (j + 1) * 64] = synthetic.render_tile(rng, (i + j) % 4, 64)
+            img[i * 64 : (i + 1) * 64, j * 64 : (j + 1) * 64] = synthetic.render_tile(
+                rng, (i + j) % 4, 64
+            )
     write_pyramid_tiff(str(path), img, 0.25, levels=levels)
     return str(path)
 
 
 def test_student_reads_the_slide_level_at_its_resolution(runs, tmp_path, capsys):
-    # the tiny runs: 32 px HR tiles; at 0.5 µm/px a tile spans 64 level-0 px of this 0.25 µm/px slide,
+    # the tiny runs: 32 px HR tiles; at 0.5 µm/px a tile spans 64 level-0 px of this 0.25 µm/px
+    # slide,
     # and the x2 student's 16 px input is 1.0 µm/px: level 2, read as stored
     slide = _slide(tmp_path / "pyr.tif", levels=3)
     out = tmp_path / "pred"
-    assert invoke("predict", f"--model_dir={runs / 'student_x2'}", f"--inputs={slide}", f"--out_dir={out}",
-                  "--target_mpp=0.5", "--batch_size=5", "--heatmap") == 0
+    assert (
+        invoke(
+            "predict",
+            f"--model_dir={runs / 'student_x2'}",
+            f"--inputs={slide}",
+            f"--out_dir={out}",
+            "--target_mpp=0.5",
+            "--batch_size=5",
+            "--heatmap",
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     plan = slide_reader.plan_read(slide, hr_px=32, hr_mpp=0.5, input_px=16)
     assert len(plan.coords) >= 8 and f"pyr: {len(plan.coords)} tiles in" in printed
-    assert "level 2 at 1 µm/px, 16 px reads, 16 px model input" in printed and "no pyramid level" not in printed
+    assert (
+        "level 2 at 1 µm/px, 16 px reads, 16 px model input" in printed
+        and "no pyramid level" not in printed
+    )
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert [(int(r["x"]), int(r["y"])) for r in rows] == list(plan.coords)  # every tissue tile, in order
+    assert [(int(r["x"]), int(r["y"])) for r in rows] == list(
+        plan.coords
+    )  # every tissue tile, in order
     assert (out / "heatmaps" / "pyr.png").stat().st_size > 0
 
 
 def test_a_single_level_slide_is_shrunk_with_a_note(runs, tmp_path, capsys):
     slide = _slide(tmp_path / "flat.tif", levels=1)
     out = tmp_path / "pred"
-    assert invoke("predict", f"--model_dir={runs / 'student_x2'}", f"--inputs={slide}", f"--out_dir={out}",
-                  "--target_mpp=0.5", "--num_workers=0") == 0
+    assert (
+        invoke(
+            "predict",
+            f"--model_dir={runs / 'student_x2'}",
+            f"--inputs={slide}",
+            f"--out_dir={out}",
+            "--target_mpp=0.5",
+            "--num_workers=0",
+        )
+        == 0
+    )
     notes = [ln for ln in capsys.readouterr().out.splitlines() if "no pyramid level" in ln]
     assert len(notes) == 1 and notes[0].endswith("reading level 0 and shrinking 4x")
     plan = slide_reader.plan_read(slide, hr_px=32, hr_mpp=0.5, input_px=16)
-    assert plan.level == 0 and len(list(csv.DictReader(open(out / "predictions.csv")))) == len(plan.coords)
+    assert plan.level == 0 and len(list(csv.DictReader(open(out / "predictions.csv")))) == len(
+        plan.coords
+    )
 
 
 @pytest.mark.reliability  # issue 15 case 10: make test-reliability runs and counts it
@@ -63,20 +92,36 @@ def test_folder_with_unreadable_images_skips_and_lists_them(runs, tmp_path, caps
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (folder / "empty.jpg").write_bytes(b"")
     out = tmp_path / "pred"
-    assert invoke("predict", f"--model_dir={runs / 'teacher'}", f"--inputs={tmp_path / 'tiles'}",
-                  f"--out_dir={out}") == 0
+    assert (
+        invoke(
+            "predict",
+            f"--model_dir={runs / 'teacher'}",
+            f"--inputs={tmp_path / 'tiles'}",
+            f"--out_dir={out}",
+        )
+        == 0
+    )
     assert "skipped 2 unreadable image(s)" in capsys.readouterr().out
     skipped = list(csv.DictReader(open(out / "skipped.csv")))
     assert sorted(r["path"].rsplit("/", 1)[1] for r in skipped) == ["broken.png", "empty.jpg"]
     assert all(r["reason"] for r in skipped)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert sorted(r["source"] for r in rows) == sorted(str(folder / f"t{i}.png") for i in range(len(images)))
+    assert sorted(r["source"] for r in rows) == sorted(
+        str(folder / f"t{i}.png") for i in range(len(images))
+    )
     # nothing readable at all: one line, exit 2
     bad = tmp_path / "bad" / "caseB"
     bad.mkdir(parents=True)
     (bad / "x.png").write_bytes(b"nope")
-    assert invoke("predict", f"--model_dir={runs / 'teacher'}", f"--inputs={tmp_path / 'bad'}",
-                  f"--out_dir={tmp_path / 'pred2'}") == 2
+    assert (
+        invoke(
+            "predict",
+            f"--model_dir={runs / 'teacher'}",
+            f"--inputs={tmp_path / 'bad'}",
+            f"--out_dir={tmp_path / 'pred2'}",
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("kd-histo-predict: error: no readable tile") and "\n" not in err
 
@@ -84,14 +129,35 @@ def test_folder_with_unreadable_images_skips_and_lists_them(runs, tmp_path, caps
 def test_cascade_teacher_rereads_the_slide_tiles_at_its_own_level(runs, tmp_path):
     slide = _slide(tmp_path / "pyr.tif", levels=3)
     common = [f"--inputs={slide}", "--target_mpp=0.5"]
-    assert invoke("predict", f"--model_dir={runs / 'student_x2'}", f"--cascade_teacher={runs / 'teacher'}",
-                  "--cascade_fraction=0.5", f"--out_dir={tmp_path / 'cascade'}", *common) == 0
-    assert invoke("predict", f"--model_dir={runs / 'teacher'}", f"--out_dir={tmp_path / 'teacher'}", *common) == 0
+    assert (
+        invoke(
+            "predict",
+            f"--model_dir={runs / 'student_x2'}",
+            f"--cascade_teacher={runs / 'teacher'}",
+            "--cascade_fraction=0.5",
+            f"--out_dir={tmp_path / 'cascade'}",
+            *common,
+        )
+        == 0
+    )
+    assert (
+        invoke(
+            "predict",
+            f"--model_dir={runs / 'teacher'}",
+            f"--out_dir={tmp_path / 'teacher'}",
+            *common,
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "cascade" / "predictions.csv")))
-    alone = {(r["x"], r["y"]): r for r in csv.DictReader(open(tmp_path / "teacher" / "predictions.csv"))}
+    alone = {
+        (r["x"], r["y"]): r for r in csv.DictReader(open(tmp_path / "teacher" / "predictions.csv"))
+    }
     by_teacher = [r for r in rows if r["scored_by"] == "teacher"]
     assert len(by_teacher) == cascade.n_for_teacher(len(rows), 0.5) > 0 and len(alone) == len(rows)
     for r in by_teacher:  # the teacher's own reading of the same tile (level 1, 32 px)
         want = alone[(r["x"], r["y"])]
         got = [float(r[k]) for k in r if k.startswith("prob_")]
-        np.testing.assert_allclose(got, [float(want[k]) for k in want if k.startswith("prob_")], atol=1e-4)
+        np.testing.assert_allclose(
+            got, [float(want[k]) for k in want if k.startswith("prob_")], atol=1e-4
+        )

@@ -10,10 +10,17 @@ from cli_helpers import copy_data, invoke, train_run
 def test_run_folders_hold_the_contract_files(runs):
     for name in ("teacher", "baseline_x2", "student_x2"):
         d = runs / name
-        for f in ("config.json", "run.json", "model.keras", "history.csv", "savedmodel/saved_model.pb"):
+        for f in (
+            "config.json",
+            "run.json",
+            "model.keras",
+            "history.csv",
+            "savedmodel/saved_model.pb",
+        ):
             assert (d / f).exists(), f"{name}/{f} missing"
         run = json.load(open(d / "run.json"))
         from kd_histo.data import synthetic
+
         assert run["class_names"] == list(synthetic.CLASS_NAMES)
     assert json.load(open(runs / "teacher" / "run.json"))["input_px"] == 32
     assert json.load(open(runs / "student_x2" / "run.json"))["input_px"] == 16
@@ -28,9 +35,20 @@ def test_distill_logs_kd_and_feature_losses(runs):
     assert kd > 0 and feat > 0
     # label-free by default: only the active losses (kd + feature) and their total are logged
     assert [c for c in cols if c.endswith("loss")] == [
-        "feature_loss", "kd_loss", "loss", "val_feature_loss", "val_kd_loss", "val_loss"]
+        "feature_loss",
+        "kd_loss",
+        "loss",
+        "val_feature_loss",
+        "val_kd_loss",
+        "val_loss",
+    ]
     teacher_cols = open(runs / "teacher" / "history.csv").readline().strip().split(",")
-    assert [c for c in teacher_cols if c.endswith("loss")] == ["ce_loss", "loss", "val_ce_loss", "val_loss"]
+    assert [c for c in teacher_cols if c.endswith("loss")] == [
+        "ce_loss",
+        "loss",
+        "val_ce_loss",
+        "val_loss",
+    ]
 
 
 def test_config_json_round_trips(runs):
@@ -68,7 +86,9 @@ def test_unknown_flag_is_one_line(tiny_shards, tmp_path, capsys):
 def test_missing_data_dir_says_what_to_do(tmp_path, capsys):
     assert train_run(tmp_path / "nope", tmp_path / "m", "teacher") == 2
     err = _err(capsys)
-    assert err.startswith("kd-histo-train: error:") and "kd-histo-convert" in err and "\n" not in err
+    assert (
+        err.startswith("kd-histo-train: error:") and "kd-histo-convert" in err and "\n" not in err
+    )
     assert not (tmp_path / "m").exists()
 
 
@@ -82,9 +102,16 @@ def test_teacher_with_other_class_count(runs, tmp_path, capsys):
 
     from kd_histo.models import build_model
 
-    wrong = build_model("resnet_gn", 3, mean=[0.5] * 3, std=[0.25] * 3, planes=(4, 8, 8, 16), stem="small")
+    wrong = build_model(
+        "resnet_gn", 3, mean=[0.5] * 3, std=[0.25] * 3, planes=(4, 8, 8, 16), stem="small"
+    )
     keras.saving.save_model(wrong, tmp_path / "t3.keras")
-    assert train_run(runs.parent / "x", tmp_path / "m", "distill", f"--teacher={tmp_path / 't3.keras'}") == 2
+    assert (
+        train_run(
+            runs.parent / "x", tmp_path / "m", "distill", f"--teacher={tmp_path / 't3.keras'}"
+        )
+        == 2
+    )
     _err(capsys)
     data = json.load(open(runs / "teacher" / "config.json"))["data"]["data_dir"]
     assert train_run(data, tmp_path / "m", "distill", f"--teacher={tmp_path / 't3.keras'}") == 2
@@ -98,10 +125,15 @@ def test_teacher_with_other_input_channels(tiny_shards, tmp_path, capsys):
 
     inputs = keras.Input((None, None, 1))
     f = keras.layers.Conv2D(16, 3)(inputs)
-    net = keras.Model(inputs, {"logits": keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(f)),
-                               "features": f})
+    net = keras.Model(
+        inputs,
+        {"logits": keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(f)), "features": f},
+    )
     net.save(tmp_path / "gray.keras")
-    assert train_run(tiny_shards, tmp_path / "m", "distill", f"--teacher={tmp_path / 'gray.keras'}") == 2
+    assert (
+        train_run(tiny_shards, tmp_path / "m", "distill", f"--teacher={tmp_path / 'gray.keras'}")
+        == 2
+    )
     assert "3 channels" in _err(capsys) and not (tmp_path / "m").exists()
 
 
@@ -152,8 +184,17 @@ def test_smoke_flag_shrinks_the_config(tiny_shards, tmp_path):
     module = BINARIES["train"]
     fc.FLAGS.unparse_flags()
     try:
-        fc.FLAGS(["prog", "--mode=teacher", f"--data_dir={tiny_shards}", f"--model_dir={tmp_path}", "--smoke",
-                  "--planes=32,64,128,256", "--epochs=30"])
+        fc.FLAGS(
+            [
+                "prog",
+                "--mode=teacher",
+                f"--data_dir={tiny_shards}",
+                f"--model_dir={tmp_path}",
+                "--smoke",
+                "--planes=32,64,128,256",
+                "--epochs=30",
+            ]
+        )
         cfg = module.config_from_flags()
     finally:
         fc.FLAGS.unparse_flags()

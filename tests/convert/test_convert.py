@@ -288,7 +288,9 @@ def test_flags_become_the_config(tmp_path):
             cli.config_from_flags()
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["kd-histo-convert", f"--out_dir={tmp_path}", "--split_fractions=0.8,0.2"])
-        with pytest.raises(ConversionError, match=r"train,val,test\[,unlabeled\] \(3 or 4 numbers\)"):
+        with pytest.raises(
+            ConversionError, match=r"train,val,test\[,unlabeled\] \(3 or 4 numbers\)"
+        ):
             cli.config_from_flags()
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["kd-histo-convert", f"--out_dir={tmp_path}", "--split_fractions=.3,.2,.2,.3"])
@@ -316,7 +318,9 @@ def test_fourth_split_share_holds_labeled_groups_out_without_labels(tmp_path):
     info = convert(ConvertConfig(out_dir=str(tmp_path / "out"), manifest=manifest,
                                  encode=EncodeOptions(tile_px=16), fractions=(0.4, 0.1, 0.1, 0.4)))  # fmt: skip
     held = read_split(str(tmp_path / "out"), "unlabeled")
-    assert info.counts["unlabeled"] == {"unlabeled": len(held)} and 12 <= len(held) <= 24  # 40% of 48
+    assert (
+        info.counts["unlabeled"] == {"unlabeled": len(held)} and 12 <= len(held) <= 24
+    )  # 40% of 48
     assert {r["label"] for r in held} == {schema.UNLABELED}
     slides = {split: {r["slide_id"] for r in read_split(str(tmp_path / "out"), split)}
               for split in ("train", "val", "test", "unlabeled")}  # fmt: skip

@@ -73,7 +73,9 @@ def test_groups_csv_errors(copies, tmp_path):
     bad = tmp_path / "groups.csv"
     bad.write_text("path,group_id\na/a0_0.png,g1\n")
     cfg = ConvertConfig(out_dir=str(tmp_path / "o"), input_dir=str(copies / "in"), groups=str(bad))
-    with pytest.raises(ManifestError, match=r"31 tile inputs are not in --groups=.*list every tile"):
+    with pytest.raises(
+        ManifestError, match=r"31 tile inputs are not in --groups=.*list every tile"
+    ):
         convert(cfg)
     with pytest.raises(ConversionError, match="--groups gives the groups; drop --group_by=phash"):
         convert(ConvertConfig(out_dir=str(tmp_path / "p"), input_dir=str(copies / "in"), groups=str(bad), group_by="phash"))  # fmt: skip
@@ -84,15 +86,24 @@ def test_groups_csv_errors(copies, tmp_path):
 
 def test_split_by_file_leaks_copies_and_near_duplicate_groups_do_not(copies, tmp_path):
     by_file = convert(
-        ConvertConfig(out_dir=str(tmp_path / "file"), input_dir=str(copies / "in"),
-                      fractions=(0.5, 0.25, 0.25), encode=EncodeOptions(tile_px=48))  # fmt: skip
+        ConvertConfig(
+            out_dir=str(tmp_path / "file"),
+            input_dir=str(copies / "in"),
+            fractions=(0.5, 0.25, 0.25),
+            encode=EncodeOptions(tile_px=48),
+        )  # fmt: skip
     )
     check = next(n for n in by_file.notes if n.startswith("leakage check"))
     leaked = int(re.search(r"(\d+) of \d+ test tiles", check).group(1))
     assert leaked > 0  # one pseudo-slide per file: copies of one original on both sides
     info = convert(
-        ConvertConfig(out_dir=str(tmp_path / "nd"), input_dir=str(copies / "in"), group_by="near_duplicates",
-                      fractions=(0.5, 0.25, 0.25), encode=EncodeOptions(tile_px=48))  # fmt: skip
+        ConvertConfig(
+            out_dir=str(tmp_path / "nd"),
+            input_dir=str(copies / "in"),
+            group_by="near_duplicates",
+            fractions=(0.5, 0.25, 0.25),
+            encode=EncodeOptions(tile_px=48),
+        )  # fmt: skip
     )
     got = _splits(tmp_path / "nd")
     orig = {}
@@ -100,7 +111,9 @@ def test_split_by_file_leaks_copies_and_near_duplicate_groups_do_not(copies, tmp
         orig.setdefault(os.path.basename(path)[:2], set()).add((split, slide))
     assert all(len(v) == 1 for v in orig.values())  # all 4 copies: one group, one split
     assert any("32 tiles in 8 near-duplicate groups" in n for n in info.notes)
-    assert "0 of 8 test tiles (0.0%)" in next(n for n in info.notes if n.startswith("leakage check"))
+    assert "0 of 8 test tiles (0.0%)" in next(
+        n for n in info.notes if n.startswith("leakage check")
+    )
 
 
 def test_leakage_counts_links_to_training_tiles():
@@ -109,5 +122,10 @@ def test_leakage_counts_links_to_training_tiles():
     assert leak.with_copy_in_train == {"val": 0, "test": 1}
     assert leak.with_copy_in_training == {"val": 0, "test": 2}
     assert leak.totals == {"val": 1, "test": 3}
-    assert leak.line().startswith("leakage check: 0 of 1 val tiles (0.0%) have a near-copy in train")
-    assert "1 of 3 test tiles (33.3%) have a near-copy in train (2 in train or unlabeled)" in leak.line()
+    assert leak.line().startswith(
+        "leakage check: 0 of 1 val tiles (0.0%) have a near-copy in train"
+    )
+    assert (
+        "1 of 3 test tiles (33.3%) have a near-copy in train (2 in train or unlabeled)"
+        in leak.line()
+    )

@@ -85,7 +85,9 @@ def test_write_manifest_of_two_folders_round_trips_with_their_splits(tmp_path):
     write_image(tmp_path / "big" / "TUM" / "t1.tif", random_rgb(1))
     write_image(tmp_path / "val7k" / "ADI" / "a2.tif", random_rgb(2))
     out = tmp_path / "lists" / "nct.csv"
-    counts = manifest.write_manifest([(str(tmp_path / "big"), ""), (str(tmp_path / "val7k"), "test")], str(out))
+    counts = manifest.write_manifest(
+        [(str(tmp_path / "big"), ""), (str(tmp_path / "val7k"), "test")], str(out)
+    )
     assert counts == {str(tmp_path / "big"): 2, str(tmp_path / "val7k"): 1}
     assert "../big/ADI/a1.tif" in out.read_text()  # relative to the manifest's folder
     entries = manifest.read_manifest(str(out))

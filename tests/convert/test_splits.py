@@ -65,7 +65,9 @@ def test_small_sets_get_every_class_in_every_split():
 def test_fourth_share_holds_whole_labeled_groups_out():
     slide_ids = [f"s{i // 5}" for i in range(400)]  # 80 slides of 5 tiles, 2 classes
     labels = [(i // 5) % 2 for i in range(400)]
-    out = splits.assign_splits(slide_ids, [""] * 400, labels, fractions=(0.4, 0.1, 0.1, 0.4), seed=1)
+    out = splits.assign_splits(
+        slide_ids, [""] * 400, labels, fractions=(0.4, 0.1, 0.1, 0.4), seed=1
+    )
     shares = collections.Counter(out)
     assert set(shares) == {"train", "val", "test", "unlabeled"}
     assert abs(shares["unlabeled"] / 400 - 0.4) < 0.05 and abs(shares["train"] / 400 - 0.4) < 0.05

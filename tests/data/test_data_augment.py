@@ -135,12 +135,16 @@ def test_randaugment_ops_are_keras_cv_layers_and_match_numpy():
 
     x = random_tile(8, seed=2)
     assert isinstance(augment._kcv("Solarization"), keras_cv.layers.Solarization)
-    np.testing.assert_allclose(augment.solarize(x, 0.5).numpy(), np.where(x < 0.75, x, 1 - x), atol=1e-5)
+    np.testing.assert_allclose(
+        augment.solarize(x, 0.5).numpy(), np.where(x < 0.75, x, 1 - x), atol=1e-5
+    )
     lo, hi = x.min((0, 1)), x.max((0, 1))
     np.testing.assert_allclose(augment.autocontrast(x).numpy(), (x - lo) / (hi - lo), atol=1e-5)
     six_bits = (np.floor(x * 255).astype(np.uint8) >> 2 << 2) / 255.0
     np.testing.assert_allclose(augment.posterize(x, 0.5).numpy(), six_bits, atol=1e-6)
-    np.testing.assert_allclose(augment.sharpness(x, 1.0).numpy(), x, atol=1e-6)  # enhance 1 = identity
+    np.testing.assert_allclose(
+        augment.sharpness(x, 1.0).numpy(), x, atol=1e-6
+    )  # enhance 1 = identity
     k = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13.0
     smooth = np.stack([[[(x[i - 1:i + 2, j - 1:j + 2, c] * k).sum() for c in range(3)] for j in range(1, 7)]
                        for i in range(1, 7)])  # fmt: skip

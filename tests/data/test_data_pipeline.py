@@ -87,8 +87,12 @@ def test_eval_keeps_slide_ids_and_coordinates_in_file_order(tiny_shards):
     assert ids == expected_ids and xs == expected_xs
 
 
-def test_extra_unlabeled_dirs_force_minus_one_and_fraction_subsets(tiny_shards, tiny_shards_without):
-    extra = tiny_shards_without("unlabeled")  # no unlabeled split: its labeled splits join the pool, label -1
+def test_extra_unlabeled_dirs_force_minus_one_and_fraction_subsets(
+    tiny_shards, tiny_shards_without
+):
+    extra = tiny_shards_without(
+        "unlabeled"
+    )  # no unlabeled split: its labeled splits join the pool, label -1
     cfg = PipelineConfig(
         tiny_shards,
         batch_size=1,

@@ -35,7 +35,11 @@ DEMO_NET = dict(planes=(8, 16, 32, 64), stem="small")  # flags/demo/common.flags
 def _python(code: str, onednn: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env=env,
     )
 
@@ -137,8 +141,10 @@ def test_small_stem_net_trains_with_onednn_on(onednn_run):
 def test_inference_agrees_with_onednn_on_and_off(onednn_run, tmp_path):
     _, model, on = onednn_run
     if _pywrap_util_port.IsMklEnabled():  # a session run with oneDNN on: compare in a subprocess
-        code = "import sys; sys.path.insert(0, 'tests/models'); import numpy as np; " \
+        code = (
+            "import sys; sys.path.insert(0, 'tests/models'); import numpy as np; "
             "from test_onednn import predict; np.savez(sys.argv[2], **predict(sys.argv[1]))"
+        )
         proc = _python(code, "0", model, str(tmp_path / "off.npz"))
         assert proc.returncode == 0, proc.stderr[-3000:]
         off = dict(np.load(tmp_path / "off.npz"))
@@ -157,8 +163,9 @@ def test_binaries_turn_onednn_on_unless_the_user_set_it(preset, expected):
     if preset is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = preset
     code = "import os, kd_histo.cli.flags_common; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == expected
 
@@ -205,6 +212,7 @@ def test_group_norm_keeps_keras_weight_paths(tmp_path):
     m = build_model("resnet_gn", 3, mean=MEAN, std=STD, **DEMO_NET)
     gns = [la for la in m.layers if isinstance(la, keras.layers.GroupNormalization)]
     assert len(gns) == 12 and all(type(la).__module__.startswith("kd_histo") for la in gns)
+
     def keras_layers(la):
         keras_gn = keras.layers.GroupNormalization
         return (keras_gn if isinstance(la, keras_gn) else la.__class__).from_config(la.get_config())
@@ -219,8 +227,9 @@ def test_group_norm_keeps_keras_weight_paths(tmp_path):
     keras_twin.save_weights(path)
     m.load_weights(path)
     x = np.random.default_rng(1).random((2, 33, 33, 3), dtype=np.float32)
-    np.testing.assert_allclose(m(x)["features"].numpy(), keras_twin(x)["features"].numpy(),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        m(x)["features"].numpy(), keras_twin(x)["features"].numpy(), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("px", [1, 2, 7])
@@ -230,8 +239,13 @@ def test_stride_one_same_conv_equals_zero_padding_then_valid(px):
     inp = keras.Input((None, None, 8))
     new = keras.Model(inp, padded_conv(inp, 16, 3, 1, "c"))
     assert not any(isinstance(la, keras.layers.ZeroPadding2D) for la in new.layers)
-    old = keras.Sequential([keras.Input((None, None, 8)), keras.layers.ZeroPadding2D(1),
-                            keras.layers.Conv2D(16, 3, padding="valid", use_bias=False)])
+    old = keras.Sequential(
+        [
+            keras.Input((None, None, 8)),
+            keras.layers.ZeroPadding2D(1),
+            keras.layers.Conv2D(16, 3, padding="valid", use_bias=False),
+        ]
+    )
     old.layers[-1].kernel.assign(new.get_layer("c").kernel)
     x = tf.constant(np.random.default_rng(px).standard_normal((2, px, px, 8)).astype(np.float32))
     with tf.GradientTape(persistent=True) as tape:
@@ -239,5 +253,6 @@ def test_stride_one_same_conv_equals_zero_padding_then_valid(px):
         y_new, y_old = new(x), old(x)
         l_new, l_old = tf.reduce_sum(y_new * y_new), tf.reduce_sum(y_old * y_old)
     np.testing.assert_allclose(y_new.numpy(), y_old.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(tape.gradient(l_new, x).numpy(), tape.gradient(l_old, x).numpy(),
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        tape.gradient(l_new, x).numpy(), tape.gradient(l_old, x).numpy(), rtol=1e-5, atol=1e-4
+    )

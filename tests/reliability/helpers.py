@@ -22,8 +22,16 @@ CHILD_ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
 def tiny_config(data_dir, model_dir, mode: str = "teacher", **kw) -> RunConfig:
     """A tiny run: the tiny net, batches of 4, 1 epoch of 2 steps and 1 val step, quiet, no
     profile or image grids; ``kw`` overrides any of these (e.g. ``epochs=3``, ``data=...``)."""
-    settings = dict(data=PipelineConfig(str(data_dir), batch_size=4), net=TINY_NET, epochs=1, steps_per_epoch=2,
-                    val_steps=1, verbose=0, profile_steps=(0, 0), image_grids=False)
+    settings = dict(
+        data=PipelineConfig(str(data_dir), batch_size=4),
+        net=TINY_NET,
+        epochs=1,
+        steps_per_epoch=2,
+        val_steps=1,
+        verbose=0,
+        profile_steps=(0, 0),
+        image_grids=False,
+    )
     return RunConfig(mode=mode, model_dir=str(model_dir), **{**settings, **kw})
 
 

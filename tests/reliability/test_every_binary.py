@@ -25,10 +25,25 @@ from .helpers import CHILD_ENV, encoded, rgb, write, write_class_tree
 
 pytestmark = pytest.mark.reliability
 
-BIN = {"convert": convert_cli, "train": train_cli, "evaluate": evaluate_cli, "cost": cost_cli,
-       "predict": predict_cli, "experiment": experiment_cli, "demo": demo_cli}
-TINY = ["--planes=4,8,8,16", "--stem=small", "--batch_size=4", "--epochs=1", "--steps_per_epoch=2",
-        "--val_steps=1", "--profile_steps=0,0", "--verbose=0"]
+BIN = {
+    "convert": convert_cli,
+    "train": train_cli,
+    "evaluate": evaluate_cli,
+    "cost": cost_cli,
+    "predict": predict_cli,
+    "experiment": experiment_cli,
+    "demo": demo_cli,
+}
+TINY = [
+    "--planes=4,8,8,16",
+    "--stem=small",
+    "--batch_size=4",
+    "--epochs=1",
+    "--steps_per_epoch=2",
+    "--val_steps=1",
+    "--profile_steps=0,0",
+    "--verbose=0",
+]
 
 
 def _run(capsys, binary, argv) -> tuple[int, str, str]:
@@ -41,14 +56,34 @@ def _run(capsys, binary, argv) -> tuple[int, str, str]:
 def _argv(binary, out, data, run, tiles):
     """The binary's arguments with ``out`` as its output folder."""
     return {
-        "convert": [f"--input_dir={tiles}", f"--out_dir={out}", "--tile_px=16", "--num_workers=0",
-                    "--progress=false", "--split_fractions=0.5,0.25,0.25"],
+        "convert": [
+            f"--input_dir={tiles}",
+            f"--out_dir={out}",
+            "--tile_px=16",
+            "--num_workers=0",
+            "--progress=false",
+            "--split_fractions=0.5,0.25,0.25",
+        ],
         "train": ["--mode=teacher", f"--data_dir={data}", f"--model_dir={out}", *TINY],
         "evaluate": [f"--model_dir={run}", f"--data_dir={data}", f"--out_dir={out}", "--n_boot=5"],
-        "cost": [f"--runs={run}", f"--out_dir={out}", "--batch_sizes=1", "--repeats=1", "--trace_steps=0"],
+        "cost": [
+            f"--runs={run}",
+            f"--out_dir={out}",
+            "--batch_sizes=1",
+            "--repeats=1",
+            "--trace_steps=0",
+        ],
         "predict": [f"--model_dir={run}", f"--inputs={data}", f"--out_dir={out}"],
-        "experiment": [f"--data_dir={data}", f"--out_dir={out}", "--factors=2", "--unlabeled_fractions=0",
-                       "--nobaselines", "--n_boot=5", "--cost_batch_sizes=1", *TINY],
+        "experiment": [
+            f"--data_dir={data}",
+            f"--out_dir={out}",
+            "--factors=2",
+            "--unlabeled_fractions=0",
+            "--nobaselines",
+            "--n_boot=5",
+            "--cost_batch_sizes=1",
+            *TINY,
+        ],
         "demo": [f"--out_dir={out}", "--smoke"],
     }[binary]
 
@@ -70,7 +105,9 @@ def _assert_one_line(code, err, prog, *words):
     return lines[0]
 
 
-@pytest.mark.parametrize("binary", ["convert", "train", "evaluate", "cost", "predict", "experiment", "demo"])
+@pytest.mark.parametrize(
+    "binary", ["convert", "train", "evaluate", "cost", "predict", "experiment", "demo"]
+)
 def test_out_dir_that_is_a_file(binary, tiny_shards, teacher_run, tiles, tmp_path, capsys):
     blocker = tmp_path / "taken"
     blocker.write_text("not a folder\n")
@@ -80,7 +117,9 @@ def test_out_dir_that_is_a_file(binary, tiny_shards, teacher_run, tiles, tmp_pat
     assert sorted(os.listdir(tmp_path)) == ["taken"]  # no .tmp or half-written files beside it
     if binary in ("demo", "experiment"):
         return  # their normal run takes minutes; the refusal is what is tested
-    code, _, err = _run(capsys, binary, _argv(binary, tmp_path / "fine", tiny_shards, teacher_run, tiles))
+    code, _, err = _run(
+        capsys, binary, _argv(binary, tmp_path / "fine", tiny_shards, teacher_run, tiles)
+    )
     assert code == 0, err[-3000:]  # the same command with a folder works
 
 
@@ -91,15 +130,24 @@ def _corrupt(tiny_shards, dst, split) -> str:
     path = os.path.join(dst, shard)
     data = bytearray(open(path, "rb").read())
     mid = len(data) // 2
-    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+    data[mid : mid + 16] = bytes(b ^ 0xFF for b in data[mid : mid + 16])
     open(path, "wb").write(bytes(data))
     return shard
 
 
-@pytest.mark.parametrize("binary,split", [("train", "train"), pytest.param("train", "val", marks=pytest.mark.large),
-                                          ("evaluate", "test"),
-                                          ("predict", "test"), ("experiment", "train")])
-def test_corrupt_shard_is_one_line_naming_it(binary, split, tiny_shards, teacher_run, tiles, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "binary,split",
+    [
+        ("train", "train"),
+        pytest.param("train", "val", marks=pytest.mark.large),
+        ("evaluate", "test"),
+        ("predict", "test"),
+        ("experiment", "train"),
+    ],
+)
+def test_corrupt_shard_is_one_line_naming_it(
+    binary, split, tiny_shards, teacher_run, tiles, tmp_path, capsys
+):
     data = tmp_path / "data"
     shard = _corrupt(tiny_shards, data, split)
     argv = _argv(binary, tmp_path / "out", data, teacher_run, tiles)
@@ -120,8 +168,16 @@ def test_convert_on_a_full_disk_is_one_line_and_leaves_no_tmp_file(tmp_path):
     src = tmp_path / "src"
     write_class_tree(src, 12, 64, seed=100)
     out = tmp_path / "out"
-    argv = [*CONVERT, f"--input_dir={src}", f"--out_dir={out}", "--tile_px=64", "--num_workers=0", "--progress=false",
-            "--png_level=0", "--num_shards=1"]
+    argv = [
+        *CONVERT,
+        f"--input_dir={src}",
+        f"--out_dir={out}",
+        "--tile_px=64",
+        "--num_workers=0",
+        "--progress=false",
+        "--png_level=0",
+        "--num_shards=1",
+    ]
     limited = ["bash", "-c", 'ulimit -f 40 && exec "$@"', "bash", *argv]  # 40 KiB per file
     proc = subprocess.run(limited, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
     _assert_one_line(proc.returncode, proc.stderr, "kd-histo-convert", "File too large")
@@ -138,7 +194,12 @@ def test_evaluate_on_a_full_disk_is_one_line(teacher_run, tiny_shards, tmp_path,
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    argv = [f"--model_dir={teacher_run}", f"--data_dir={tiny_shards}", f"--out_dir={tmp_path / 'e'}", "--n_boot=5"]
+    argv = [
+        f"--model_dir={teacher_run}",
+        f"--data_dir={tiny_shards}",
+        f"--out_dir={tmp_path / 'e'}",
+        "--n_boot=5",
+    ]
     resource.setrlimit(resource.RLIMIT_FSIZE, (2048, hard))
     try:
         code, _, err = _run(capsys, "evaluate", argv)

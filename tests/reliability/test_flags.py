@@ -20,8 +20,16 @@ from kd_histo.training.config import DistillConfig, OptimConfig
 
 pytestmark = pytest.mark.reliability
 
-TINY = ["--planes=4,8,8,16", "--stem=small", "--batch_size=4", "--epochs=1", "--steps_per_epoch=2",
-        "--val_steps=1", "--profile_steps=0,0", "--verbose=0"]
+TINY = [
+    "--planes=4,8,8,16",
+    "--stem=small",
+    "--batch_size=4",
+    "--epochs=1",
+    "--steps_per_epoch=2",
+    "--val_steps=1",
+    "--profile_steps=0,0",
+    "--verbose=0",
+]
 
 
 def _one_line_error(capsys, prog: str) -> str:
@@ -30,42 +38,73 @@ def _one_line_error(capsys, prog: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("flag", ["--learning_rate=nan", "--learning_rate=inf", "--weight_decay=nan",
-                                  "--temperature=inf", "--factor=nan", "--ce_weight=-inf"])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--learning_rate=nan",
+        "--learning_rate=inf",
+        "--weight_decay=nan",
+        "--temperature=inf",
+        "--factor=nan",
+        "--ce_weight=-inf",
+    ],
+)
 def test_train_refuses_non_finite_numbers(tiny_shards, tmp_path, capsys, flag):
     model_dir = tmp_path / "m"
-    code = fc.invoke(train_cli.PROG, train_cli.main, [
-        "--mode=baseline", f"--data_dir={tiny_shards}", f"--model_dir={model_dir}", *TINY, flag])
+    code = fc.invoke(
+        train_cli.PROG,
+        train_cli.main,
+        ["--mode=baseline", f"--data_dir={tiny_shards}", f"--model_dir={model_dir}", *TINY, flag],
+    )
     assert code == 2
     err = _one_line_error(capsys, train_cli.PROG)
     assert flag[2:].split("=")[0] in err and "finite" in err
     assert not model_dir.exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("prog_module,argv", [
-    (convert_cli, ["--input_dir=nowhere", "--out_dir={tmp}/o", "--tile_mpp=nan"]),
-    (convert_cli, ["--input_dir=nowhere", "--out_dir={tmp}/o", "--split_fractions=0.7,nan,0.15"]),
-    (predict_cli, ["--model_dir=nowhere", "--inputs=nowhere", "--out_dir={tmp}/o", "--min_tissue=nan"]),
-    (experiment_cli, ["--data_dir={data}", "--out_dir={tmp}/o", "--factors=2,inf"]),
-], ids=["convert_tile_mpp", "convert_split_fractions", "predict_min_tissue", "experiment_factors"])
+@pytest.mark.parametrize(
+    "prog_module,argv",
+    [
+        (convert_cli, ["--input_dir=nowhere", "--out_dir={tmp}/o", "--tile_mpp=nan"]),
+        (
+            convert_cli,
+            ["--input_dir=nowhere", "--out_dir={tmp}/o", "--split_fractions=0.7,nan,0.15"],
+        ),
+        (
+            predict_cli,
+            ["--model_dir=nowhere", "--inputs=nowhere", "--out_dir={tmp}/o", "--min_tissue=nan"],
+        ),
+        (experiment_cli, ["--data_dir={data}", "--out_dir={tmp}/o", "--factors=2,inf"]),
+    ],
+    ids=["convert_tile_mpp", "convert_split_fractions", "predict_min_tissue", "experiment_factors"],
+)
 def test_other_binaries_refuse_non_finite_numbers(tiny_shards, tmp_path, capsys, prog_module, argv):
-    code = fc.invoke(prog_module.PROG, prog_module.main, [a.format(tmp=tmp_path, data=tiny_shards) for a in argv])
+    code = fc.invoke(
+        prog_module.PROG, prog_module.main, [a.format(tmp=tmp_path, data=tiny_shards) for a in argv]
+    )
     assert code == 2
     assert "finite" in _one_line_error(capsys, prog_module.PROG)
     assert not (tmp_path / "o").exists()
 
 
 def test_config_dataclasses_refuse_non_finite_numbers():
-    for make in (lambda: OptimConfig(learning_rate=math.nan), lambda: DistillConfig(kd_weight=math.inf),
-                 lambda: PipelineConfig("d", factor=math.nan), lambda: OptimConfig(clipnorm=math.nan)):
+    for make in (
+        lambda: OptimConfig(learning_rate=math.nan),
+        lambda: DistillConfig(kd_weight=math.inf),
+        lambda: PipelineConfig("d", factor=math.nan),
+        lambda: OptimConfig(clipnorm=math.nan),
+    ):
         with pytest.raises(ValueError, match="finite"):
             make()
 
 
 def test_cost_refuses_a_zero_batch_size(teacher_run, tmp_path, capsys):
     out = tmp_path / "cost"
-    code = fc.invoke(cost_cli.PROG, cost_cli.main, [f"--runs={teacher_run}", f"--out_dir={out}",
-                                                    "--batch_sizes=0", "--trace_steps=0"])
+    code = fc.invoke(
+        cost_cli.PROG,
+        cost_cli.main,
+        [f"--runs={teacher_run}", f"--out_dir={out}", "--batch_sizes=0", "--trace_steps=0"],
+    )
     assert code == 2
     err = _one_line_error(capsys, cost_cli.PROG)
     assert "--batch_sizes" in err and "in user code" not in err
@@ -74,8 +113,16 @@ def test_cost_refuses_a_zero_batch_size(teacher_run, tmp_path, capsys):
 
 def test_evaluate_tile_size_error_names_a_flag_it_has(teacher_run, tmp_path, capsys):
     small = write_tiny_shards(tmp_path / "d16", tile_px=16, per_class=1, num_shards=1, unlabeled=0)
-    code = fc.invoke(evaluate_cli.PROG, evaluate_cli.main, [f"--model_dir={teacher_run}", f"--data_dir={small}",
-                                                            f"--out_dir={tmp_path / 'e'}", "--n_boot=5"])
+    code = fc.invoke(
+        evaluate_cli.PROG,
+        evaluate_cli.main,
+        [
+            f"--model_dir={teacher_run}",
+            f"--data_dir={small}",
+            f"--out_dir={tmp_path / 'e'}",
+            "--n_boot=5",
+        ],
+    )
     assert code == 2
     err = _one_line_error(capsys, evaluate_cli.PROG)
     assert "16" in err and "32" in err
@@ -89,8 +136,15 @@ def test_evaluate_tile_size_error_names_a_flag_it_has(teacher_run, tmp_path, cap
 def test_cost_json_says_null_for_memory_it_did_not_measure(teacher_run, tmp_path):
     import tensorflow as tf
 
-    out = cost.cost_of_runs(cost.CostConfig(runs=(teacher_run,), out_dir=str(tmp_path / "c"), batch_sizes=(1, 2),
-                                            repeats=1, profile_steps=0))
+    out = cost.cost_of_runs(
+        cost.CostConfig(
+            runs=(teacher_run,),
+            out_dir=str(tmp_path / "c"),
+            batch_sizes=(1, 2),
+            repeats=1,
+            profile_steps=0,
+        )
+    )
     rows = json.load(open(out["json"]))["rows"]
     timings = rows[0]["timings"]
     assert [t["batch_size"] for t in timings] == [1, 2]

@@ -35,8 +35,11 @@ def _tiles(folder, classes=("a", "b"), per_class=4) -> list[tuple[str, str]]:
 def test_manifest_with_an_unknown_column_is_refused(tmp_path, capsys, header):
     rows = _tiles(tmp_path / "src")
     manifest = tmp_path / "src" / "manifest.csv"
-    manifest.write_text(header + "\n" + "".join(f"{p},{c}{',' if header.count(',') == 2 else ''}\n"
-                                                 for p, c in rows))
+    manifest.write_text(
+        header
+        + "\n"
+        + "".join(f"{p},{c}{',' if header.count(',') == 2 else ''}\n" for p, c in rows)
+    )
     code, err = _convert(capsys, f"--manifest={manifest}", f"--out_dir={tmp_path / 'out'}")
     assert code == 2, err
     assert err.startswith("kd-histo-convert: error:") and "\n" not in err

@@ -19,8 +19,16 @@ from .helpers import CHILD_ENV, write_class_tree
 
 pytestmark = pytest.mark.reliability
 
-TINY = ["--planes=4,8,8,16", "--stem=small", "--batch_size=4", "--epochs=1", "--steps_per_epoch=2",
-        "--val_steps=1", "--profile_steps=0,0", "--verbose=0"]
+TINY = [
+    "--planes=4,8,8,16",
+    "--stem=small",
+    "--batch_size=4",
+    "--epochs=1",
+    "--steps_per_epoch=2",
+    "--val_steps=1",
+    "--profile_steps=0,0",
+    "--verbose=0",
+]
 
 
 def _lock(model_dir, pid):
@@ -37,7 +45,9 @@ def test_a_second_training_into_a_locked_run_folder_is_refused(tiny_shards, tmp_
         _lock(model_dir, holder.pid)
         assert fc.invoke(train_cli.PROG, train_cli.main, argv) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("kd-histo-train: error: another kd-histo-train") and "\n" not in err, err
+        assert (
+            err.startswith("kd-histo-train: error: another kd-histo-train") and "\n" not in err
+        ), err
         assert str(holder.pid) in err
         assert sorted(os.listdir(model_dir)) == [".lock-train"]  # the other run's folder untouched
     finally:
@@ -79,9 +89,18 @@ def test_kill_9_of_convert_takes_its_workers_with_it(tmp_path):
     src = tmp_path / "src"
     write_class_tree(src, 40, 32, seed=1000)
     out = tmp_path / "out"
-    argv = [*CONVERT, f"--input_dir={src}", f"--out_dir={out}", "--tile_px=32", "--num_workers=2", "--unit_size=1",
-            "--progress=false"]
-    proc = subprocess.Popen(argv, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [
+        *CONVERT,
+        f"--input_dir={src}",
+        f"--out_dir={out}",
+        "--tile_px=32",
+        "--num_workers=2",
+        "--unit_size=1",
+        "--progress=false",
+    ]
+    proc = subprocess.Popen(
+        argv, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 90
         workers = []

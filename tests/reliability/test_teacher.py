@@ -29,8 +29,9 @@ KW = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], planes=(4, 8, 8, 16), st
 
 def _cache(teacher, path, data_dir, cache_dir, log):
     cfg = PipelineConfig(str(data_dir), batch_size=4, factor=2, augment="none")
-    return TC.for_training(teacher, path, cfg, str(cache_dir), map_size=(2, 2), feature_mode="maxpool",
-                           log=log)
+    return TC.for_training(
+        teacher, path, cfg, str(cache_dir), map_size=(2, 2), feature_mode="maxpool", log=log
+    )
 
 
 def _assert_cache_is_the_teachers(cache, teacher, data_dir):
@@ -78,10 +79,25 @@ def test_teacher_cache_is_rebuilt_when_the_data_or_the_teacher_changes(tmp_path)
 
 # -- the teacher/student contract: what the teacher was trained on must be what the data is ------
 def _distill(capsys, data_dir, teacher, model_dir) -> tuple[int, str]:
-    code = fc.invoke(train_cli.PROG, train_cli.main, [
-        "--mode=distill", f"--data_dir={data_dir}", f"--teacher={teacher}", f"--model_dir={model_dir}",
-        "--factor=2", "--planes=4,8,8,16", "--stem=small", "--batch_size=4", "--epochs=1", "--steps_per_epoch=2",
-        "--val_steps=1", "--profile_steps=0,0", "--verbose=0"])
+    code = fc.invoke(
+        train_cli.PROG,
+        train_cli.main,
+        [
+            "--mode=distill",
+            f"--data_dir={data_dir}",
+            f"--teacher={teacher}",
+            f"--model_dir={model_dir}",
+            "--factor=2",
+            "--planes=4,8,8,16",
+            "--stem=small",
+            "--batch_size=4",
+            "--epochs=1",
+            "--steps_per_epoch=2",
+            "--val_steps=1",
+            "--profile_steps=0,0",
+            "--verbose=0",
+        ],
+    )
     return code, capsys.readouterr().err.strip()
 
 
@@ -99,15 +115,21 @@ def _refused(code, err, *words):
     assert all(w in err for w in words), err
 
 
-def test_teacher_with_the_classes_in_another_order_is_refused(tiny_shards, teacher_run, tmp_path, capsys):
+def test_teacher_with_the_classes_in_another_order_is_refused(
+    tiny_shards, teacher_run, tmp_path, capsys
+):
     names = json.loads(open(os.path.join(tiny_shards, "dataset.json")).read())["class_names"]
-    data = _with_dataset_json(tiny_shards, tmp_path / "d", class_names=names[::-1])  # as --class_names does
+    data = _with_dataset_json(
+        tiny_shards, tmp_path / "d", class_names=names[::-1]
+    )  # as --class_names does
     code, err = _distill(capsys, data, teacher_run, tmp_path / "m")
     _refused(code, err, "another order", ",".join(names))
     assert not (tmp_path / "m").exists()
 
 
-def test_teacher_of_another_tile_size_or_resolution_is_refused(tiny_shards, teacher_run, tmp_path, capsys):
+def test_teacher_of_another_tile_size_or_resolution_is_refused(
+    tiny_shards, teacher_run, tmp_path, capsys
+):
     small = write_tiny_shards(tmp_path / "d16", tile_px=16, per_class=2, num_shards=1, unlabeled=0)
     _refused(*_distill(capsys, small, teacher_run, tmp_path / "m"), "32 px", "16 px")
     coarse = _with_dataset_json(tiny_shards, tmp_path / "d_mpp", mpp=1.0)  # teacher: 0.5 µm/px
@@ -119,7 +141,9 @@ def test_low_resolution_student_as_teacher_is_refused(tiny_shards, teacher_run, 
     # a baseline x2 run folder: the teacher's files with the record an LR run gets from training
     baseline = tmp_path / "baseline"
     shutil.copytree(teacher_run, baseline)
-    record = dataclasses.replace(read_run_record(teacher_run), mode="baseline", view="lr", factor=2.0, input_px=16)
+    record = dataclasses.replace(
+        read_run_record(teacher_run), mode="baseline", view="lr", factor=2.0, input_px=16
+    )
     write_run_record(str(baseline), record)
     _refused(*_distill(capsys, tiny_shards, baseline, tmp_path / "m"), "low-resolution", "view lr")
     assert not (tmp_path / "m").exists()
@@ -132,7 +156,12 @@ def test_bare_model_file_as_teacher_is_refused(tiny_shards, teacher_run, tmp_pat
     _refused(*_distill(capsys, tiny_shards, bare, tmp_path / "m"), "no run.json", "run folder")
     assert not (tmp_path / "m").exists()
     # the same file inside its run folder is its run record's model: accepted
-    cfg = RunConfig(mode="distill", model_dir=str(tmp_path / "m"), data=PipelineConfig(tiny_shards),
-                    distill=DistillConfig(teacher=os.path.join(teacher_run, "model.keras")))
-    assert preflight.teacher_record(cfg).class_names == tuple(json.load(open(
-        os.path.join(tiny_shards, "dataset.json")))["class_names"])
+    cfg = RunConfig(
+        mode="distill",
+        model_dir=str(tmp_path / "m"),
+        data=PipelineConfig(tiny_shards),
+        distill=DistillConfig(teacher=os.path.join(teacher_run, "model.keras")),
+    )
+    assert preflight.teacher_record(cfg).class_names == tuple(
+        json.load(open(os.path.join(tiny_shards, "dataset.json")))["class_names"]
+    )

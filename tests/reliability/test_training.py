@@ -98,7 +98,9 @@ def test_nan_inputs_stop_training_and_the_last_good_network_survives(
         assert json.load(f)["diverged_at_epoch"] == 1
 
 
-def test_nan_without_a_val_split_saves_no_model_and_says_so(tiny_shards_without, tmp_path, monkeypatch):
+def test_nan_without_a_val_split_saves_no_model_and_says_so(
+    tiny_shards_without, tmp_path, monkeypatch
+):
     """No val split: no earlier network was kept, so the NaN net must not become model.keras."""
     data = tiny_shards_without("val")
     real = train.make_dataset
@@ -106,11 +108,17 @@ def test_nan_without_a_val_split_saves_no_model_and_says_so(tiny_shards_without,
     def all_nan(cfg, split="train", training=True):
         ds = real(cfg, split, training)
         nan = {"hr", "lr"}
-        return ds.map(lambda b: {k: v * math.nan if k in nan else v for k, v in b.items()}) if training else ds
+        return (
+            ds.map(lambda b: {k: v * math.nan if k in nan else v for k, v in b.items()})
+            if training
+            else ds
+        )
 
     monkeypatch.setattr(train, "make_dataset", all_nan)
     cfg = _cfg(data, tmp_path / "run", allow_no_val=True)
-    with pytest.raises(train.TrainingError, match=r"loss became NaN/inf in epoch 0 and no earlier network was kept"):
+    with pytest.raises(
+        train.TrainingError, match=r"loss became NaN/inf in epoch 0 and no earlier network was kept"
+    ):
         train.train(cfg)
     assert not os.path.exists(os.path.join(cfg.model_dir, "model.keras"))
     assert not os.path.exists(os.path.join(cfg.model_dir, "run.json"))

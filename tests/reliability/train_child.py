@@ -3,7 +3,8 @@
     python train_child.py <data_dir> <model_dir> <report.json> [<epoch>,<batch>]
 
 Trains the tiny teacher of the reliability tests (3 epochs of 3 steps) through
-``kd_histo.training.train.train``. With ``<epoch>,<batch>`` it stops for good after that batch, inside the
+``kd_histo.training.train.train``. With ``<epoch>,<batch>`` it stops for good after that batch,
+inside the
 epoch, once it has written the optimizer's step count to the report: the parent kills it there.
 The report also holds the step count at the start (after any restore) and at the end.
 """

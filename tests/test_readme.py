@@ -8,13 +8,23 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# The pages the README sends readers to for the long tables and the public data sets: their
+# commands are held to the same standard as the README's own.
+LINKED_DOCS = ("results/README.md", "docs/datasets.md")
 BINARIES = ("convert", "train", "evaluate", "cost", "predict", "experiment", "demo")
 
 
-def _commands():
-    """Every kd-histo-* / tools/*.py command of the README's bash blocks (continuations joined)."""
+def _commands(text=None):
+    """Every kd-histo-* / tools/*.py command of the bash blocks (continuations joined), in the
+    README and the pages it links."""
+    if text is None:
+        return [
+            c
+            for t in (README, *((ROOT / d).read_text() for d in LINKED_DOCS))
+            for c in _commands(t)
+        ]
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         text = block.replace("\\\n", " ")
         for line in text.splitlines():
             line = line.split("#", 1)[0].strip()
@@ -27,7 +37,7 @@ def _commands():
 def test_the_two_commands_and_ci():
     assert "make demo" in README and "make test" in README
     make = (ROOT / "Makefile").read_text()
-    assert re.search(r"^demo: venv$", make, re.M) and re.search(r"^test: venv$", make, re.M)
+    assert re.search(r"^demo: venv$", make, re.M) and re.search(r"^test: venv lint$", make, re.M)
     ci = [
         ln
         for ln in (ROOT / ".ci" / "run").read_text().splitlines()
@@ -77,3 +87,61 @@ def test_readme_python_blocks_run():
     assert blocks
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_readme_is_short_and_links_what_moved_out():
+    lines = README.count("\n")
+    assert lines < 250, f"README.md has {lines} lines; move detail to results/ or docs/"
+    for doc in LINKED_DOCS:
+        assert f"]({doc})" in README, f"README does not link {doc}"
+    for section in (
+        "## Two commands",
+        "## Your own data",
+        "## Working with QuPath",
+        "## Outputs, and what opens them",
+        "## Things worth knowing",
+        "## Development",
+    ):
+        assert section in README, section
+
+
+def _table_rows(text, header_start):
+    """The body rows of the Markdown table whose header row starts with ``header_start``."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(header_start))
+    rows = []
+    for ln in lines[start + 2 :]:
+        if not ln.startswith("|"):
+            break
+        rows.append(ln)
+    return rows
+
+
+def test_readme_claims_table_is_the_committed_results():
+    """The README's summary is the main run's claims table as the report wrote it, row for row."""
+    header = "| factor | teacher | baseline | best label-free student |"
+    committed = _table_rows((ROOT / "results/lc25000_3seeds/results.md").read_text(), header)
+    assert len(committed) == 3
+    assert _table_rows(README, header) == committed
+
+
+def test_outputs_section_names_every_file_the_binaries_write():
+    """Each output file name the package writes by a literal name appears in the outputs table."""
+    section = README.split("## Outputs, and what opens them", 1)[1].split("\n## ", 1)[0]
+    written = set()
+    for path in (ROOT / "kd_histo").rglob("*.py"):
+        written |= set(re.findall(r'"([a-z_]+\.(?:json|csv|png|md|keras))"', path.read_text()))
+    internal = {  # bookkeeping files of the runner, the cache and the bundle, not for the user
+        "experiment.json",
+        "demo.json",
+        "state.json",
+        "cache.json",
+        "built_for.json",
+        "manifest.csv",
+        "cascade.json",
+        "tile_predictions.csv",
+        "best.keras",
+        "keys.txt",
+    }
+    missing = sorted(n for n in written - internal if n not in section)
+    assert not missing, f"README's outputs section does not name {missing}"

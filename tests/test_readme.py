@@ -27,7 +27,7 @@ def _commands():
 def test_the_two_commands_and_ci():
     assert "make demo" in README and "make test" in README
     make = (ROOT / "Makefile").read_text()
-    assert re.search(r"^demo: venv$", make, re.M) and re.search(r"^test: venv$", make, re.M)
+    assert re.search(r"^demo: venv$", make, re.M) and re.search(r"^test: venv lint$", make, re.M)
     ci = [
         ln
         for ln in (ROOT / ".ci" / "run").read_text().splitlines()

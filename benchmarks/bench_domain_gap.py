@@ -83,7 +83,7 @@ def _read(plan, batch_size=64):
 
 
 def _mosaic(data_dir: str, split: str, hr_px: int, mpp: float, work: str):
-    """The split's HR tiles (uint8) and labels, and a pyramidal JPEG slide made of them (32 a row)."""
+    """The split's HR tiles (uint8) and labels, and a pyramidal JPEG slide of them (32 a row)."""
     from PIL import Image
 
     from kd_histo.data.pipeline import PipelineConfig, make_dataset
@@ -116,7 +116,8 @@ def _mosaic(data_dir: str, split: str, hr_px: int, mpp: float, work: str):
 
 
 def _mosaic_row(model_dir: str, run, mpp: float) -> dict:
-    """On stitched labeled tiles: the student's accuracy from training's LR views and from the pyramid."""
+    """On stitched labeled tiles: the student's accuracy from training's LR views and from
+    the pyramid."""
     import tensorflow as tf
 
     from kd_histo.data.views import resize
@@ -231,7 +232,8 @@ def main(argv):
     print("|---|---|---|---:|---:|---:|" + ("---:|" if FLAGS.teacher else ""))
     for r in rows:
         line = (
-            f"| {os.path.basename(os.path.normpath(r['run']))} | {r['input_px']} px at {r['input_mpp']} µm/px "
+            f"| {os.path.basename(os.path.normpath(r['run']))} | {r['input_px']} px at "
+            f"{r['input_mpp']} µm/px "
             f"| {r['level']} ({r['level_mpp']} µm/px, then {r['remainder']}x) | {r['tiles']} "
             f"| {r['agreement']:.1%} | {r['mean_abs_prob_diff']:.4f} |"
         )
@@ -243,7 +245,8 @@ def main(argv):
     mosaic = []
     if FLAGS.mosaic_data:
         print(
-            "\n| run | labeled tiles (stitched, pyramid rebuilt) | level read | agreement | accuracy: HR-shrunk "
+            "\n| run | labeled tiles (stitched, pyramid rebuilt) | level read | agreement | "
+            "accuracy: HR-shrunk "
             "/ pyramid | mean abs Δp |\n|---|---|---|---:|---:|---:|"
         )
         for model_dir in FLAGS.runs:
@@ -251,9 +254,11 @@ def main(argv):
             r = _mosaic_row(model_dir, run, FLAGS.target_mpp or run.mpp)
             mosaic.append(r)
             print(
-                f"| {os.path.basename(os.path.normpath(model_dir))} | {r['tiles']} of {r['data']} | {r['level']} "
+                f"| {os.path.basename(os.path.normpath(model_dir))} | {r['tiles']} of {r['data']} "
+                f"| {r['level']} "
                 f"({r['level_mpp']} µm/px, then {r['remainder']}x) | {r['agreement']:.1%} | "
-                f"{r['accuracy_hr_shrunk']:.1%} / {r['accuracy_pyramid']:.1%} | {r['mean_abs_prob_diff']:.4f} |",
+                f"{r['accuracy_hr_shrunk']:.1%} / {r['accuracy_pyramid']:.1%} | "
+                f"{r['mean_abs_prob_diff']:.4f} |",
                 flush=True,
             )
     print(

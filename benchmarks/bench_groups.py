@@ -86,7 +86,8 @@ def main(argv):
     for r in results:
         print(
             f"| {r['group_by']} | {r['groups']} | {r['pair_precision']:.3f} | "
-            f"{r['pair_recall']:.3f} | {100 * r['largest_group_share']:.1f}% | {100 * r['test_leak_mean']:.1f}% / "
+            f"{r['pair_recall']:.3f} | {100 * r['largest_group_share']:.1f}% | "
+            f"{100 * r['test_leak_mean']:.1f}% / "
             f"{100 * r['test_leak_max']:.1f}% | {100 * r['val_leak_mean']:.1f}% | "
             f"{100 * r['unlabeled_leak_mean']:.1f}% | {r['plan_s']} |"
         )

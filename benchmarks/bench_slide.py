@@ -237,7 +237,8 @@ def main(argv):
         return f"{r[key] / ref[key]:.1f}x" if ref and r[key] and ref[key] and r[key] > 0 else "n/a"
 
     print(
-        "\n| model | big slide: tiles | s/slide | small slide: tiles | s | marginal tiles/s | x teacher "
+        "\n| model | big slide: tiles | s/slide | small slide: tiles | s | marginal tiles/s | x "
+        "teacher "
         "| stream tiles/s | x teacher | peak RSS big / small (MB) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -248,9 +249,12 @@ def main(argv):
             else "n/a (start-up noise)"
         )
         print(
-            f"| {r['model']} | {r['big_tiles']} | {r['big_s']:.1f} | {r['small_tiles']} | {r['small_s']:.1f} "
-            f"| {marginal} | {times(r, 'marginal_tiles_per_s')} | {r['stream_tiles_per_s'] or 'n/a'} "
-            f"| {times(r, 'stream_tiles_per_s')} | {r['peak_rss_mb_big']} / {r['peak_rss_mb_small']} |"
+            f"| {r['model']} | {r['big_tiles']} | {r['big_s']:.1f} | {r['small_tiles']} | "
+            f"{r['small_s']:.1f} "
+            f"| {marginal} | {times(r, 'marginal_tiles_per_s')} | "
+            f"{r['stream_tiles_per_s'] or 'n/a'} "
+            f"| {times(r, 'stream_tiles_per_s')} | {r['peak_rss_mb_big']} / "
+            f"{r['peak_rss_mb_small']} |"
         )
     print(
         json.dumps(

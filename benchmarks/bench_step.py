@@ -147,7 +147,7 @@ def bench_one(
 def bench_infer(
     px: int, *, batch: int, steps: int, warmup: int, repeats: int, planes: tuple[int, ...]
 ) -> dict:
-    """Times the net's forward pass on ``batch`` images of ``px`` (as kd_histo.evaluation.cost does)."""
+    """Times the net's forward pass on ``batch`` images of ``px`` (as evaluation.cost does)."""
     import keras
     import numpy as np
     import tensorflow as tf

@@ -273,7 +273,8 @@ class DatasetInfo:
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
             raise SchemaError(
-                f"dataset.json has schema_version {version!r}, this kd_histo reads {SCHEMA_VERSION}; "
+                f"dataset.json has schema_version {version!r}, this kd_histo reads "
+                f"{SCHEMA_VERSION}; "
                 "reconvert the data with kd-histo-convert"
             )
         known = {f.name for f in dataclasses.fields(cls)}
@@ -313,7 +314,8 @@ class DatasetInfo:
         path = data_dir if data_dir.endswith(".json") else os.path.join(data_dir, DATASET_JSON)
         if not tf.io.gfile.exists(path):
             raise FileNotFoundError(
-                f"{path} not found: point at a folder made by kd-histo-convert (it holds dataset.json)"
+                f"{path} not found: point at a folder made by kd-histo-convert (it holds "
+                "dataset.json)"
             )
         try:
             with tf.io.gfile.GFile(path) as f:

@@ -70,7 +70,7 @@ def rewrite(path, new_records) -> None:
 
 
 def count_tiles(data_dir, split="val", **pipeline) -> int:
-    """Tiles one evaluation pass over ``split`` yields (batches of 2; ``pipeline``: more settings)."""
+    """Tiles one evaluation pass over ``split`` yields (batches of 2; ``pipeline``: settings)."""
     from kd_histo.data.pipeline import PipelineConfig, make_dataset
 
     cfg = PipelineConfig(data_dir, batch_size=2, **pipeline)

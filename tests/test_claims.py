@@ -6,23 +6,42 @@ from kd_histo.protocol.claims import claims_markdown, factor_claims
 
 
 def _row(seed, run, kind, factor, fraction, acc):
-    return {"seed": seed, "run": run, "kind": kind, "factor": factor, "unlabeled_fraction": fraction,
-            "accuracy": acc}  # fmt: skip
+    return {
+        "seed": seed,
+        "run": run,
+        "kind": kind,
+        "factor": factor,
+        "unlabeled_fraction": fraction,
+        "accuracy": acc,
+    }
 
 
 ROWS = [
-    _row(0, "teacher", "teacher", 1.0, 0.0, 0.90), _row(1, "teacher", "teacher", 1.0, 0.0, 0.92),
-    _row(0, "baseline_x8", "baseline", 8.0, 0.0, 0.84), _row(1, "baseline_x8", "baseline", 8.0, 0.0, 0.86),
-    _row(0, "student_x8", "student", 8.0, 0.0, 0.85), _row(1, "student_x8", "student", 8.0, 0.0, 0.85),
-    _row(0, "student_x8_unl50", "student", 8.0, 0.5, 0.88), _row(1, "student_x8_unl50", "student", 8.0, 0.5, 0.86),
-    _row(0, "student_x8_unl100", "student", 8.0, 1.0, 0.89), _row(1, "student_x8_unl100", "student", 8.0, 1.0, 0.91),
+    _row(0, "teacher", "teacher", 1.0, 0.0, 0.90),
+    _row(1, "teacher", "teacher", 1.0, 0.0, 0.92),
+    _row(0, "baseline_x8", "baseline", 8.0, 0.0, 0.84),
+    _row(1, "baseline_x8", "baseline", 8.0, 0.0, 0.86),
+    _row(0, "student_x8", "student", 8.0, 0.0, 0.85),
+    _row(1, "student_x8", "student", 8.0, 0.0, 0.85),
+    _row(0, "student_x8_unl50", "student", 8.0, 0.5, 0.88),
+    _row(1, "student_x8_unl50", "student", 8.0, 0.5, 0.86),
+    _row(0, "student_x8_unl100", "student", 8.0, 1.0, 0.89),
+    _row(1, "student_x8_unl100", "student", 8.0, 1.0, 0.91),
     # uses labels: never the best *label-free* student, however accurate
     _row(0, "student_ce_x8_unl100", "student_ce", 8.0, 1.0, 0.99),
     # a factor with only one seed so far: the teacher is compared on that seed
     _row(1, "student_x2", "student", 2.0, 0.0, 0.93),
-]  # fmt: skip
-PAIRED = [{"student": "student_x8_unl100", "baseline": "baseline_x8", "difference": 0.05, "low": 0.01,
-           "high": 0.09, "seeds": 2}]  # fmt: skip
+]
+PAIRED = [
+    {
+        "student": "student_x8_unl100",
+        "baseline": "baseline_x8",
+        "difference": 0.05,
+        "low": 0.01,
+        "high": 0.09,
+        "seeds": 2,
+    }
+]
 
 
 def test_best_label_free_student_against_teacher_and_baseline():
@@ -50,8 +69,8 @@ def test_a_fall_with_more_unlabeled_data_is_reported():
 def test_table_prints_the_paired_interval():
     table = claims_markdown(factor_claims(ROWS, PAIRED))
     assert (
-        "| x8 | 0.910 | 0.850 | student_x8_unl100 0.900 | -1.0 pts | +5.0 [+1.0, +9.0] pts (2 seeds) |"
-        in table
+        "| x8 | 0.910 | 0.850 | student_x8_unl100 0.900 | -1.0 pts | +5.0 [+1.0, +9.0] pts (2 "
+        "seeds) |" in table
     )
 
 

@@ -74,11 +74,27 @@ def test_tool_prints_and_writes_the_table(tmp_path):
     _write_run(tmp_path / "abl", 0, "student_x8", [True] * N_TILES)
     out = tmp_path / "table.md"
     pair = f"{tmp_path / 'abl'}:student_x8,{tmp_path / 'main'}:baseline_x8,students 30 epochs, x8"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compare_runs.py"), f"--pair={pair}",
-                           "--n_boot=200", f"--out={out}"], capture_output=True, text=True, cwd=ROOT, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "compare_runs.py"),
+            f"--pair={pair}",
+            "--n_boot=200",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| students 30 epochs, x8 |" in proc.stdout and "+50.0 [" in proc.stdout
     assert out.read_text() in proc.stdout
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compare_runs.py"), "--pair=only_one"],
-                         capture_output=True, text=True, cwd=ROOT, check=False)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "compare_runs.py"), "--pair=only_one"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
     assert bad.returncode == 2 and "compare_runs: error: --pair='only_one'" in bad.stderr

@@ -151,9 +151,19 @@ def test_distiller_saved_with_the_old_weight_keywords_loads_and_resumes(tmp_path
     cfg = json.loads(files["config.json"])
     inner = cfg["config"]
     inner.pop("losses")  # the config exactly as ResolutionDistiller.get_config wrote it on main
-    inner.update(temperature=2.0, kd_weight=1.0, feature_weight=1.0, feature_mode="maxpool+bicubic",
-                 feature_norm="l2", ce_weight=0.5, ssl_weight=0.0, at_weight=0.0, ssl_temperature=0.1,
-                 projection_dim=128, bicubic_style="torch")  # fmt: skip
+    inner.update(
+        temperature=2.0,
+        kd_weight=1.0,
+        feature_weight=1.0,
+        feature_mode="maxpool+bicubic",
+        feature_norm="l2",
+        ce_weight=0.5,
+        ssl_weight=0.0,
+        at_weight=0.0,
+        ssl_temperature=0.1,
+        projection_dim=128,
+        bicubic_style="torch",
+    )
     files["config.json"] = json.dumps(cfg).encode()
     with zipfile.ZipFile(path, "w") as z:
         for name, data in files.items():

@@ -1,4 +1,4 @@
-"""The experiment runner: the protocol's plan, a tiny end-to-end run, resume, and the result rows."""
+"""The experiment runner: the protocol's plan, a tiny end-to-end run, resume, the result rows."""
 
 import dataclasses
 import json
@@ -43,8 +43,17 @@ def test_plan_follows_the_protocol(tiny_shards, tmp_path):
     )
     specs = plan(cfg)
     names = [s.name for s in specs if s.seed == 0]  # largest unlabeled pool first (cache reuse)
-    assert names == ["teacher", "baseline_x2", "student_x2_unl100", "student_x2_unl50", "student_x2",
-                     "baseline_x4", "student_x4_unl100", "student_x4_unl50", "student_x4"]  # fmt: skip
+    assert names == [
+        "teacher",
+        "baseline_x2",
+        "student_x2_unl100",
+        "student_x2_unl50",
+        "student_x2",
+        "baseline_x4",
+        "student_x4_unl100",
+        "student_x4_unl50",
+        "student_x4",
+    ]
     assert len(specs) == 2 * len(names)
     by = {(s.seed, s.name): s for s in specs}
     teacher = by[3, "teacher"].config
@@ -221,7 +230,7 @@ def test_experiment_writes_results_and_report(finished):
 
 
 def test_experiment_report_has_cascade_rows(finished):
-    """The student without extra data gets the cascade with its teacher; the report shows its rows."""
+    """The student without extra data gets the cascade with its teacher; the report shows it."""
     import csv
 
     cfg, paths, lines = finished
@@ -271,8 +280,17 @@ def test_result_rows_join_metrics_cost_and_time():
 
     def metrics(acc, px):
         ci = {"accuracy": {"low": acc - 0.1, "high": acc + 0.1}}
-        return {"tile": {"n": 10, "accuracy": acc, "balanced_accuracy": acc, "macro_f1": acc, "macro_auc": 0.9,
-                         "ci95": ci}, "run": {"input_px": px}}  # fmt: skip
+        return {
+            "tile": {
+                "n": 10,
+                "accuracy": acc,
+                "balanced_accuracy": acc,
+                "macro_f1": acc,
+                "macro_auc": 0.9,
+                "ci95": ci,
+            },
+            "run": {"input_px": px},
+        }
 
     specs = [Spec("teacher", "teacher", 1.0, 0.0, 0), Spec("student_x2", "student", 2.0, 0.0, 0),
              Spec("teacher", "teacher", 1.0, 0.0, 1), Spec("student_x2", "student", 2.0, 0.0, 1),
@@ -286,8 +304,12 @@ def test_result_rows_join_metrics_cost_and_time():
     costs = {64: {"gflops": 2.0, "flops_ratio_to_ref": 1.0, "speedup": 1.0},
              32: {"gflops": 0.5, "flops_ratio_to_ref": 4.0, "speedup": 3.2}}  # fmt: skip
     rows = report.result_rows(specs, m, {"s1/student_x2": {"train_s": 12.5}}, costs)
-    assert [(r["seed"], r["run"]) for r in rows] == [(0, "teacher"), (0, "student_x2"), (1, "teacher"),
-                                                     (1, "student_x2")]  # fmt: skip
+    assert [(r["seed"], r["run"]) for r in rows] == [
+        (0, "teacher"),
+        (0, "student_x2"),
+        (1, "teacher"),
+        (1, "student_x2"),
+    ]
     assert rows[1]["gap_to_teacher"] == pytest.approx(-0.1) and rows[3][
         "gap_to_teacher"
     ] == pytest.approx(0.05)
@@ -371,8 +393,15 @@ def test_multi_seed_report_from_run_folders(tiny_shards, tmp_path):
         acc = float(np.mean(pred == labels))
         cm = np.zeros((4, 4), int)
         np.add.at(cm, (labels, pred), 1)
-        tile = {"n": 40, "accuracy": acc, "balanced_accuracy": acc, "macro_f1": acc, "macro_auc": acc,
-                "ci95": {"accuracy": {"low": acc - 0.1, "high": acc + 0.1}}, "confusion_matrix": cm.tolist()}  # fmt: skip
+        tile = {
+            "n": 40,
+            "accuracy": acc,
+            "balanced_accuracy": acc,
+            "macro_f1": acc,
+            "macro_auc": acc,
+            "ci95": {"accuracy": {"low": acc - 0.1, "high": acc + 0.1}},
+            "confusion_matrix": cm.tolist(),
+        }
         with open(os.path.join(out, METRICS_JSON), "w") as f:
             json.dump({"tile": tile, "run": {"input_px": 32 if spec.kind == "teacher" else 16}}, f)
     costs = {32: {"gflops": 0.4, "flops_ratio_to_ref": 1.0, "speedup": 1.0},
@@ -385,16 +414,21 @@ def test_multi_seed_report_from_run_folders(tiny_shards, tmp_path):
     assert summary["student_x2"]["accuracy_mean"] == pytest.approx(np.mean(accs))
     assert summary["student_x2"]["accuracy_sd"] == pytest.approx(np.std(accs, ddof=1))
     assert [(p["student"], p["seeds"], p["n_tiles"]) for p in data["paired"]] == [
-        ("student_x2", 2, 40), ("student_x2_unl100", 2, 40), ("student_ce_x2_unl100", 2, 40)]  # fmt: skip
+        ("student_x2", 2, 40),
+        ("student_x2_unl100", 2, 40),
+        ("student_ce_x2_unl100", 2, 40),
+    ]
     base = [r["accuracy"] for r in data["rows"] if r["run"] == "baseline_x2"]
     assert data["paired"][0]["difference"] == pytest.approx(np.mean(accs) - np.mean(base))
     text = open(paths["report"]).read()
     assert "| x2 | student_x2 | baseline_x2 | 2 | 40 |" in text
     # One row per model over the seeds: mean ± sd, each seed, the paired difference (students only).
     d = data["paired"][0]
-    row = (f"| student_x2 | 16 | 0.1000 | 3.0x | {np.mean(accs):.3f} ± {np.std(accs, ddof=1):.3f} | "
-           f"{accs[0]:.3f} / {accs[1]:.3f} | {100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, "
-           f"{100 * d['high']:+.1f}] pts |")  # fmt: skip
+    row = (
+        f"| student_x2 | 16 | 0.1000 | 3.0x | {np.mean(accs):.3f} ± {np.std(accs, ddof=1):.3f} | "
+        f"{accs[0]:.3f} / {accs[1]:.3f} | {100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, "
+        f"{100 * d['high']:+.1f}] pts |"
+    )
     with open(paths["md"]) as f:
         assert row in text and row in f.read()
     assert (
@@ -410,10 +444,14 @@ def test_multi_seed_report_from_run_folders(tiny_shards, tmp_path):
     # The paper's claims: the best label-free student (not student_ce) against teacher and baseline.
     best = max(("student_x2", "student_x2_unl100"), key=lambda n: summary[n]["accuracy_mean"])
     best_paired = next(p for p in data["paired"] if p["student"] == best)
-    claim = (f"| x2 | {summary['teacher']['accuracy_mean']:.3f} | {summary['baseline_x2']['accuracy_mean']:.3f} | "
-             f"{best} {summary[best]['accuracy_mean']:.3f} | "
-             f"{100 * (summary[best]['accuracy_mean'] - summary['teacher']['accuracy_mean']):+.1f} pts | "
-             f"{100 * best_paired['difference']:+.1f} [")  # fmt: skip
+    claim = (
+        f"| x2 | {summary['teacher']['accuracy_mean']:.3f} | "
+        f"{summary['baseline_x2']['accuracy_mean']:.3f} | "
+        f"{best} {summary[best]['accuracy_mean']:.3f} | "
+        f"{100 * (summary[best]['accuracy_mean'] - summary['teacher']['accuracy_mean']):+.1f} pts "
+        "| "
+        f"{100 * best_paired['difference']:+.1f} ["
+    )
     assert claim in text and claim in open(paths["md"]).read()
     assert "Runs `student_ce_*`: the same student that also learns from the labels" in text
     assert [r["run"] for r in data["rows"] if r["seed"] == 0][-1] == "student_ce_x2_unl100"
@@ -425,8 +463,9 @@ def test_an_ablation_borrows_the_main_runs_teachers(finished, tmp_path):
     from kd_histo.protocol import experiment
 
     cfg, _, _ = finished
-    ablation = dataclasses.replace(cfg, out_dir=str(tmp_path / "ablation"), teachers_from=cfg.out_dir,
-                                   student_epochs=2)  # fmt: skip
+    ablation = dataclasses.replace(
+        cfg, out_dir=str(tmp_path / "ablation"), teachers_from=cfg.out_dir, student_epochs=2
+    )
     specs = plan(ablation)
     teacher = os.path.join(cfg.out_dir, "runs", "s0", "teacher")
     assert next(s for s in specs if s.kind == "teacher").model_dir == teacher
@@ -528,8 +567,12 @@ def test_a_results_folder_of_another_experiment_is_refused(finished, tmp_path):
 
     cfg, _, _ = finished
     bundle.export_seeds(cfg, plan(cfg), str(tmp_path / "results"))
-    other = dataclasses.replace(cfg, out_dir=str(tmp_path / "other"), results_dir=str(tmp_path / "results"),
-                                base=dataclasses.replace(cfg.base, epochs=2))  # fmt: skip
+    other = dataclasses.replace(
+        cfg,
+        out_dir=str(tmp_path / "other"),
+        results_dir=str(tmp_path / "results"),
+        base=dataclasses.replace(cfg.base, epochs=2),
+    )
     with pytest.raises(
         ValueError,
         match=r"bundle holds an experiment with other settings \(base.epochs\).*--results_dir",
@@ -555,8 +598,14 @@ def test_the_bundle_layout_is_not_git_ignored(finished, tmp_path):
     names = sorted(os.path.join("results", "lc25000_3seeds", str(p.relative_to(results)))
                    for p in results.rglob("*") if p.is_file())  # fmt: skip
     assert any("/runs/" in n for n in names) and len(names) > 10
-    check = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=root, input="\n".join(names),
-                           capture_output=True, text=True, check=False)  # fmt: skip
+    check = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"],
+        cwd=root,
+        input="\n".join(names),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert check.returncode == 1, (
         f"ignored by .gitignore: {check.stdout}"
     )  # 1: none of them is ignored
@@ -587,17 +636,29 @@ def test_the_runner_builds_each_seeds_teacher_caches_before_its_first_student(
     student's training time); the x4 student then builds nothing."""
     base = _base(tiny_shards, data=PipelineConfig(tiny_shards, batch_size=4, augment="flips"),
                  distill=DistillConfig(teacher_cache="auto"))  # fmt: skip
-    cfg = ExperimentConfig(out_dir=str(tmp_path), base=base, factors=(2.0, 4.0), unlabeled_fractions=(1.0,),
-                           baselines=False, cascade_fractions=(), n_boot=20, cost_batch_sizes=(1,),
-                           cost_repeats=1)  # fmt: skip
+    cfg = ExperimentConfig(
+        out_dir=str(tmp_path),
+        base=base,
+        factors=(2.0, 4.0),
+        unlabeled_fractions=(1.0,),
+        baselines=False,
+        cascade_fractions=(),
+        n_boot=20,
+        cost_batch_sizes=(1,),
+        cost_repeats=1,
+    )
     lines = []
     run_experiment(cfg, log=lines.append)
     builds = [line for line in lines if "teacher cache: running the teacher" in line]
     assert len(builds) == 2 and "8x" in builds[0] and "1x" in builds[1]  # training, then validation
     assert all("teacher_cache_x2" in line and "teacher_cache_x4" in line for line in builds)
     first = next(i for i, line in enumerate(lines) if "s0/student_x2_unl100: training" in line)
-    assert first < lines.index(builds[0]) < lines.index(builds[1]) < next(
-        i for i, line in enumerate(lines) if "s0/student_x2_unl100: test accuracy" in line)  # fmt: skip
+    assert (
+        first
+        < lines.index(builds[0])
+        < lines.index(builds[1])
+        < next(i for i, line in enumerate(lines) if "s0/student_x2_unl100: test accuracy" in line)
+    )
     with open(os.path.join(cfg.out_dir, "state.json")) as f:
         state = json.load(f)
     assert (

@@ -1,5 +1,6 @@
-"""The package's shape: imports flow one way (data -> models -> training -> evaluation -> protocol ->
-cli), with no circle between modules, and the stages import nothing from the stages after them."""
+"""The package's shape: imports flow one way (data -> models -> training -> evaluation ->
+protocol -> cli), with no circle between modules, and the stages import nothing from the stages
+after them."""
 
 import ast
 import os

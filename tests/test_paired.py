@@ -83,8 +83,15 @@ class _Spec:
 
 
 def test_paired_table_pairs_seeds_and_tiles_of_student_and_baseline():
-    specs = [_Spec(n, k, f, 0.0, s) for s in (0, 1, 2) for n, k, f in
-             (("teacher", "teacher", 1.0), ("baseline_x4", "baseline", 4.0), ("student_x4", "student", 4.0))]  # fmt: skip
+    specs = [
+        _Spec(n, k, f, 0.0, s)
+        for s in (0, 1, 2)
+        for n, k, f in (
+            ("teacher", "teacher", 1.0),
+            ("baseline_x4", "baseline", 4.0),
+            ("student_x4", "student", 4.0),
+        )
+    ]
     keys = [(f"t{i}.png", 0, 0) for i in range(100)]
     correct = {}
     for s, (acc_b, acc_s) in enumerate(((60, 70), (65, 70), (50, 70))):
@@ -113,10 +120,26 @@ def test_mean_rows_and_multi_seed_figures(tmp_path):
     rows = []
     for seed, accs in enumerate(((0.9, 0.8, 0.82, 0.85), (0.92, 0.78, 0.84, 0.86))):
         for (name, kind, f, u), acc in zip(
-            (("teacher", "teacher", 1.0, 0.0), ("baseline_x2", "baseline", 2.0, 0.0),
-             ("student_x2", "student", 2.0, 0.0), ("student_x2_unl100", "student", 2.0, 1.0)), accs):  # fmt: skip
-            rows.append({"seed": seed, "run": name, "kind": kind, "factor": f, "unlabeled_fraction": u,
-                         "accuracy": acc, "gap_to_teacher": None, "gflops": 1.0 if f == 1 else 0.25})  # fmt: skip
+            (
+                ("teacher", "teacher", 1.0, 0.0),
+                ("baseline_x2", "baseline", 2.0, 0.0),
+                ("student_x2", "student", 2.0, 0.0),
+                ("student_x2_unl100", "student", 2.0, 1.0),
+            ),
+            accs,
+        ):
+            rows.append(
+                {
+                    "seed": seed,
+                    "run": name,
+                    "kind": kind,
+                    "factor": f,
+                    "unlabeled_fraction": u,
+                    "accuracy": acc,
+                    "gap_to_teacher": None,
+                    "gflops": 1.0 if f == 1 else 0.25,
+                }
+            )
     means = {r["run"]: r for r in report.mean_rows(rows)}
     assert means["student_x2"]["accuracy"] == pytest.approx(0.83)
     sd = np.std([0.82, 0.84], ddof=1)

@@ -60,7 +60,8 @@ def test_each_model_reads_its_own_level_without_resizing(pyramid, input_px, leve
     assert sorted(plan.coords) == sorted((x, y) for x in (0, 64, 128) for y in (0, 64, 128, 192))
     tiles = np.concatenate(list(slide_reader.stream_batches(plan, 5, num_workers=0)))
     k = plan.coords.index((128, 64))
-    s = input_px  # the level's own pixels: level `level` holds the area at 64 / 2**level px per tile
+    # the level's own pixels: level `level` holds the area at 64 / 2**level px per tile
+    s = input_px
     np.testing.assert_array_equal(tiles[k], levels[level][s : 2 * s, 2 * s : 3 * s])
 
 

@@ -1,4 +1,5 @@
-"""kd_histo.training.train: one loop for three jobs, resume after a kill, precision restored, no half-written runs."""
+"""kd_histo.training.train: one loop for three jobs, resume after a kill, precision restored, no
+half-written runs."""
 
 import csv
 import os

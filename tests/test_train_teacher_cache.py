@@ -1,4 +1,4 @@
-"""Distillation reading the teacher's outputs from a cache: built once, shared, rebuilt when stale."""
+"""Distillation reading the teacher's outputs from a cache: built once, shared, rebuilt if stale."""
 
 import json
 import os
@@ -18,8 +18,19 @@ def _cfg(data_dir, model_dir, mode="teacher", distill=DistillConfig(), **data_kw
     data = PipelineConfig(
         data_dir, batch_size=4, factor=2, augment=data_kw.pop("augment", "flips"), **data_kw
     )
-    return RunConfig(mode=mode, model_dir=str(model_dir), data=data, net=TINY_NET, distill=distill, epochs=2,
-                     steps_per_epoch=2, val_steps=1, verbose=0, profile_steps=(0, 0), image_grids=False)  # fmt: skip
+    return RunConfig(
+        mode=mode,
+        model_dir=str(model_dir),
+        data=data,
+        net=TINY_NET,
+        distill=distill,
+        epochs=2,
+        steps_per_epoch=2,
+        val_steps=1,
+        verbose=0,
+        profile_steps=(0, 0),
+        image_grids=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +159,9 @@ def test_cache_is_reused_grown_or_rebuilt_as_runs_need(tiny_shards, teacher, tmp
         ({"mode": "baseline"}, "--teacher_cache is for distill runs, not 'baseline'"),
     ],
 )
-def test_what_a_cache_cannot_hold_is_refused_before_anything_is_written(tiny_shards, teacher, tmp_path,
-                                                                        change, match):  # fmt: skip
+def test_what_a_cache_cannot_hold_is_refused_before_anything_is_written(
+    tiny_shards, teacher, tmp_path, change, match
+):
     mode = change.pop("mode", "distill")
     cfg = _student(tiny_shards, tmp_path / "run", teacher, "auto", mode=mode, **change)
     with pytest.raises(preflight.PreflightError, match=match):
@@ -157,8 +169,9 @@ def test_what_a_cache_cannot_hold_is_refused_before_anything_is_written(tiny_sha
     assert not (tmp_path / "run").exists()
 
 
-def test_prebuilt_caches_are_the_ones_each_run_builds_and_the_runs_train_the_same(tiny_shards, teacher, tmp_path,
-                                                                                  capsys):  # fmt: skip
+def test_prebuilt_caches_are_the_ones_each_run_builds_and_the_runs_train_the_same(
+    tiny_shards, teacher, tmp_path, capsys
+):
     """One teacher pass fills the caches of the x2 and x4 students (train and val); each equals,
     to the bit, the cache its run builds alone, and a run that finds its cache prebuilt trains
     exactly as the run that built its own."""
@@ -184,8 +197,16 @@ def test_prebuilt_caches_are_the_ones_each_run_builds_and_the_runs_train_the_sam
             net, train.model_file(teacher), cfg.data, cfg.distill.teacher_cache, **kwargs
         )
 
-    alone = {f: _student(tiny_shards, tmp_path / f"alone_x{f}", teacher, tmp_path / f"alone_cache_x{f}",
-                         unlabeled_ratio=0.5) for f in (2, 4)}  # fmt: skip
+    alone = {
+        f: _student(
+            tiny_shards,
+            tmp_path / f"alone_x{f}",
+            teacher,
+            tmp_path / f"alone_cache_x{f}",
+            unlabeled_ratio=0.5,
+        )
+        for f in (2, 4)
+    }
     alone = {
         f: dataclasses.replace(c, data=dataclasses.replace(c.data, factor=f))
         for f, c in alone.items()
@@ -193,13 +214,21 @@ def test_prebuilt_caches_are_the_ones_each_run_builds_and_the_runs_train_the_sam
     history = train.train(alone[2]).history
     build_alone(alone[4])  # what the x4 run would build before its first step
     capsys.readouterr()
-    pre = {f: dataclasses.replace(c, model_dir=str(tmp_path / f"pre_x{f}"),
-                                  distill=dataclasses.replace(c.distill, teacher_cache=str(tmp_path / f"pre_cache_x{f}")))
-           for f, c in alone.items()}  # fmt: skip
+    pre = {
+        f: dataclasses.replace(
+            c,
+            model_dir=str(tmp_path / f"pre_x{f}"),
+            distill=dataclasses.replace(c.distill, teacher_cache=str(tmp_path / f"pre_cache_x{f}")),
+        )
+        for f, c in alone.items()
+    }
     # Last, a run sharing the x2 cache that draws no unlabeled tiles: the cache still covers both
     # sources.
-    labeled_only = dataclasses.replace(pre[2], model_dir=str(tmp_path / "pre_x2_labeled"),
-                                       data=dataclasses.replace(pre[2].data, unlabeled_ratio=0.0))  # fmt: skip
+    labeled_only = dataclasses.replace(
+        pre[2],
+        model_dir=str(tmp_path / "pre_x2_labeled"),
+        data=dataclasses.replace(pre[2].data, unlabeled_ratio=0.0),
+    )
     lines = []
     assert (
         train.prebuild_teacher_caches([*pre.values(), labeled_only], log=lines.append) == 4

@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         checks.append(("keras.distillation", hasattr(keras, "distillation")))
         if args.tf_build:
             cuda = tf.test.is_built_with_cuda()
-            checks.append((f"{dists[0]} is the {args.tf_build} build", cuda == (args.tf_build == "gpu")))  # fmt: skip
+            checks.append(
+                (f"{dists[0]} is the {args.tf_build} build", cuda == (args.tf_build == "gpu"))
+            )
     except Exception as e:  # noqa: BLE001 -- the point is to name what failed, whatever it is
         print(f"check_env: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -75,10 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"check_env: FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
-    versions = {"kd_histo": kd_histo.__version__, dists[0]: tf.__version__, "keras": keras.__version__,
-                "keras-cv": keras_cv.__version__, "tensorflow-io": tfio.__version__, "numpy": np.__version__,
-                "absl-py": absl.__version__, "tensorboard": tensorboard.__version__,
-                "openslide": openslide.__library_version__}  # fmt: skip
+    versions = {
+        "kd_histo": kd_histo.__version__,
+        dists[0]: tf.__version__,
+        "keras": keras.__version__,
+        "keras-cv": keras_cv.__version__,
+        "tensorflow-io": tfio.__version__,
+        "numpy": np.__version__,
+        "absl-py": absl.__version__,
+        "tensorboard": tensorboard.__version__,
+        "openslide": openslide.__library_version__,
+    }
     print("kd_histo environment ready: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     return 0
 

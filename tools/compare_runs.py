@@ -1,4 +1,5 @@
-"""python tools/compare_runs.py --pair=runs/abl:student_x8_unl100,runs/lc25000:baseline_x8,"students 30 ep" ...
+"""python tools/compare_runs.py \\
+    --pair=runs/abl:student_x8_unl100,runs/lc25000:baseline_x8,"students 30 ep" ...
 
 Pairs runs across experiment folders (an ablation against the main run: same data, split and
 seeds) and prints one markdown row per --pair: each run's test accuracy (mean ± sd over the seeds

@@ -1,4 +1,5 @@
-"""python tools/make_manifest.py --folders=NCT-CRC-HE-100K,CRC-VAL-HE-7K --splits=,test --out=nct.csv
+"""python tools/make_manifest.py --folders=NCT-CRC-HE-100K,CRC-VAL-HE-7K --splits=,test \\
+    --out=nct.csv
 
 Writes one CSV manifest (path,label,slide_id,patient_id,split) for several folders of class
 subfolders, each with a fixed split or none ('' = kd-histo-convert chooses it by its

@@ -54,7 +54,8 @@ def main(argv: list[str]) -> None:
     )
     fc.print_file(paths["md"])
     print(
-        f"{PROG}: finished in {(time.perf_counter() - start) / 60:.1f} min; report at {paths['report']}"
+        f"{PROG}: finished in {(time.perf_counter() - start) / 60:.1f} min; report at "
+        f"{paths['report']}"
     )
 
 

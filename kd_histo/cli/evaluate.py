@@ -42,10 +42,12 @@ def main(argv: list[str]) -> None:
     m = metrics["tile"]
     if cfg.skip_corrupt:
         print(
-            f"{PROG}: --skip_corrupt: {metrics['n_corrupt_skipped']} corrupt records skipped in {cfg.split}"
+            f"{PROG}: --skip_corrupt: {metrics['n_corrupt_skipped']} corrupt records skipped in "
+            f"{cfg.split}"
         )
     print(
-        f"{PROG}: {cfg.split} tiles {m['n']}: accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
+        f"{PROG}: {cfg.split} tiles {m['n']}: accuracy {m['accuracy']:.4f}, balanced "
+        f"{m['balanced_accuracy']:.4f}, "
         f"macro F1 {m['macro_f1']:.4f}; written to {paths['metrics']}"
     )
     if "cascade_csv" in paths:
@@ -56,7 +58,8 @@ def main(argv: list[str]) -> None:
                 else f"teacher on {100 * r['teacher_share']:.1f}%"
             )
             print(
-                f"{PROG}: cascade, {who}: accuracy {r['accuracy']:.4f}, {r['gflops_per_tile']:.4f} GFLOPs/tile, "
+                f"{PROG}: cascade, {who}: accuracy {r['accuracy']:.4f}, {r['gflops_per_tile']:.4f} "
+                "GFLOPs/tile, "
                 f"{r['tiles_per_s']:.0f} tiles/s ({r['speedup_vs_teacher']:.1f}x the teacher)"
             )
         from kd_histo.evaluation.cascade import cheapest_within
@@ -67,7 +70,8 @@ def main(argv: list[str]) -> None:
             + (
                 "no measured share is within 1 pt of the teacher alone"
                 if best is None
-                else f"the teacher on {100 * best['teacher_share']:.1f}% of the tiles is within 1 pt of the teacher alone, "
+                else f"the teacher on {100 * best['teacher_share']:.1f}% of the tiles is within 1 "
+                "pt of the teacher alone, "
                 f"at {best['speedup_vs_teacher']:.1f}x its tiles/s"
             )
         )

@@ -115,7 +115,7 @@ def _kind(hint) -> tuple[str, type | None]:
 
 
 def define_config_flags(*classes: type, fv: flags.FlagValues = FLAGS) -> None:
-    """Defines a flag per field of ``classes`` that has a help text (name, default, help, choices)."""
+    """A flag per field of ``classes`` that has a help text (name, default, help, choices)."""
     for cls in classes:
         for flag in config_flags(cls):
             meta = flag.field.metadata
@@ -242,7 +242,8 @@ _OS_HINTS = {
     errno.EISDIR: "a folder is in the way of a file: choose another path",
     errno.ENOSPC: "the disk is full: free space and rerun the same command (finished work is kept)",
     errno.EDQUOT: "the disk quota is used up: free space and rerun the same command",
-    errno.EFBIG: "a file size limit was reached (ulimit -f, or the file system's): raise it or free "
+    errno.EFBIG: "a file size limit was reached (ulimit -f, or the file system's): raise it or "
+    "free "
     "space and rerun the same command (finished work is kept)",
     errno.EROFS: "the file system is read-only: choose another path",
 }

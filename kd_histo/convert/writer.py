@@ -92,8 +92,7 @@ def write_records_atomic(path: str, records: Iterable[bytes], compression: str =
 def read_records(path: str, compression: str = "") -> Iterator[bytes]:
     """Yields the serialized records of one TFRecord file."""
     ds = tf.data.TFRecordDataset(path, compression_type=compression or None)
-    for rec in ds.as_numpy_iterator():
-        yield rec
+    yield from ds.as_numpy_iterator()
 
 
 def write_shards(

@@ -56,7 +56,7 @@ NUM_DIHEDRAL = 8  # the symmetries of the square: 4 rotations, each with or with
 
 
 def dihedral(images: tf.Tensor, k) -> tf.Tensor:
-    """Transform ``k`` in 0..7 of [..., H, W, C] images: k >= 4 flips left-right, then rot90 by k % 4."""
+    """Dihedral transform ``k`` (0..7) of [..., H, W, C] images: k >= 4 flips, then rot90 k % 4."""
     k = tf.convert_to_tensor(k, tf.int32)
     flipped = tf.cond(k >= 4, lambda: tf.reverse(images, axis=[-2]), lambda: images)
     return tf.image.rot90(flipped, k % 4)

@@ -158,7 +158,7 @@ def epoch_examples(cfg: PipelineConfig, split: str = "train", training: bool = T
 
 
 def unlabeled_pool_size(cfg: PipelineConfig) -> int:
-    """Tiles in the whole unlabeled pool (the data set's ``unlabeled`` split + ``unlabeled_dirs``)."""
+    """Tiles in the whole unlabeled pool (the ``unlabeled`` split + ``unlabeled_dirs``)."""
     return sum(
         schema.DatasetInfo.read(d).num_examples(s)
         for d, splits in unlabeled_sources(cfg)

@@ -51,8 +51,9 @@ def confidence(probs: np.ndarray) -> np.ndarray:
 
 
 def n_for_teacher(n_tiles: int, fraction: float) -> int:
-    """How many of ``n_tiles`` the teacher re-scores at ``fraction``: ``floor(fraction * n)``, so the
-    teacher never sees more than the fraction (a float's rounding error, e.g. 0.29 * 100, is not a tile)."""
+    """How many of ``n_tiles`` the teacher re-scores at ``fraction``: ``floor(fraction * n)``, so
+    the teacher never sees more than the fraction (a float's rounding error, e.g. 0.29 * 100, is
+    not a tile)."""
     if not 0.0 <= fraction <= 1.0 or math.isnan(fraction):
         raise ValueError(f"cascade fraction must lie in [0, 1], got {fraction}")
     return min(n_tiles, int(math.floor(fraction * n_tiles + 1e-9)))
@@ -132,16 +133,19 @@ def check_pair(student: RunRecord, teacher: RunRecord) -> None:
     if misfit == "classes":
         raise ValueError(
             f"cascade teacher classes {list(teacher.class_names)} differ from the student's "
-            f"{list(student.class_names)} (names and order must match); use the student's own teacher"
+            f"{list(student.class_names)} (names and order must match); use the student's own "
+            "teacher"
         )
     if misfit == "hr_px":
         raise ValueError(
-            f"cascade teacher reads {teacher.hr_px} px HR tiles, the student's are {student.hr_px} px; "
+            f"cascade teacher reads {teacher.hr_px} px HR tiles, the student's are {student.hr_px} "
+            "px; "
             "use a teacher trained on the same tiles"
         )
     if misfit == "mpp":
         raise ValueError(
-            f"cascade teacher was trained at {teacher.mpp:g} µm/px, the student at {student.mpp:g}; "
+            f"cascade teacher was trained at {teacher.mpp:g} µm/px, the student at "
+            f"{student.mpp:g}; "
             "use a teacher trained on the same tiles"
         )
 

@@ -127,7 +127,7 @@ def model_cost(
     batch_sizes: Sequence[int] = (1, 8, 32),
     repeats: int = 5,
 ) -> CostEntry:
-    """FLOPs, parameters and (unless ``batch_sizes`` is empty) timings of ``model`` at ``input_px``."""
+    """FLOPs, parameters and (unless ``batch_sizes`` is empty) timings of ``model`` at its input."""
     if input_px < 1:
         raise ValueError(f"input_px must be >= 1, got {input_px}")
     timings = tuple(measure_latency(model, input_px, batch_sizes, repeats)) if batch_sizes else ()
@@ -160,7 +160,8 @@ def cost_table(entries: Sequence[CostEntry], reference: str | None = None) -> li
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The cost rows as a markdown table (latency/throughput at the largest measured batch)."""
     lines = [
-        "| net | input px | GFLOPs/image | teacher/net FLOPs | params | latency ms (batch) | images/s "
+        "| net | input px | GFLOPs/image | teacher/net FLOPs | params | latency ms (batch) | "
+        "images/s "
         "| peak MB (GPU; n/a on CPU) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -173,7 +174,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             else "- | - | -"
         )
         lines.append(
-            f"| {r['name']} | {r['input_px']} | {r['gflops']:.4f} | {r['flops_ratio_to_ref']:.2f} | "
+            f"| {r['name']} | {r['input_px']} | {r['gflops']:.4f} | {r['flops_ratio_to_ref']:.2f} "
+            "| "
             f"{r['params']:,} | {timing} |"
         )
     return "\n".join(lines) + "\n"

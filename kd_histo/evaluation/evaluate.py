@@ -105,7 +105,7 @@ def evaluate_predictions(
 def write_evaluation(
     result: dict[str, Any], preds: Predictions, out_dir: str, title: str = ""
 ) -> dict[str, str]:
-    """Writes metrics.json, predictions.csv, confusion_matrix.png and roc.png; returns their paths."""
+    """Writes metrics.json, predictions.csv, confusion_matrix.png and roc.png; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     names = result["class_names"]
     paths = {
@@ -155,7 +155,8 @@ def write_predictions_csv(preds: Predictions, class_names: Sequence[str], path: 
 
 def probs_function(model, dtype: str = "float32"):
     """numpy batch [B, H, W, 3] -> softmax probabilities [B, C] of ``model``, traced once for every
-    batch and tile size. ``dtype`` "uint8" takes 0-255 tiles and scales them as the pipeline does."""
+    batch and tile size. ``dtype`` "uint8" takes 0-255 tiles and scales them as the pipeline
+    does."""
     import tensorflow as tf  # heavy; only the functions that run a net need it
 
     def softmax_probs(x):
@@ -207,16 +208,7 @@ COMPARE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
 def compare_runs(
     eval_dirs: Sequence[str], out_prefix: str, names: Sequence[str] | None = None
 ) -> dict[str, str]:
-    """One table of several evaluations (teacher vs baselines vs students): ``<out_prefix>.md``/``.csv``.
-
-    Args:
-      eval_dirs: folders holding metrics.json (from :func:`write_evaluation`).
-      out_prefix: path without extension for the two tables.
-      names: row names; default the folder names.
-
-    Returns:
-      {"markdown": path, "csv": path}.
-    """
+    """Evaluations in one table (teacher, baselines, students): ``<out_prefix>.md``/``.csv``."""
     names = list(names) if names else [_run_name(d) for d in eval_dirs]
     rows = []
     for name, d in zip(names, eval_dirs):
@@ -342,7 +334,8 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     if run.hr_px > info.tile_px:  # the pipeline's own message names a training flag
         raise ValueError(
             f"{data_dir} has {info.tile_px} px tiles but the model was trained on {run.hr_px} px "
-            f"tiles; evaluate on data converted with kd-histo-convert --tile_px={run.hr_px} (or more)"
+            f"tiles; evaluate on data converted with kd-histo-convert --tile_px={run.hr_px} (or "
+            "more)"
         )
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=info.num_classes)
     pipe = dataclasses.replace(
@@ -393,7 +386,7 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
             "split": cfg.split,
             "data_dir": data_dir,
             "timing": "both nets on tiles held in memory "
-            "(reading not timed), batch %d, this machine" % cfg.batch_size,
+            f"(reading not timed), batch {cfg.batch_size}, this machine",
         }
         paths.update(write_cascade(rows, about, out_dir, f"{title}: cascade to the teacher"))
     return paths

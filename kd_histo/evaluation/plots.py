@@ -60,7 +60,7 @@ def confusion_matrix_png(
 def roc_png(
     y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: str, title: str = ""
 ) -> str:
-    """One-vs-rest ROC curve per class (classes absent from ``y_true`` are left out); returns ``path``."""
+    """One-vs-rest ROC curve per class (classes absent from ``y_true`` left out); returns path."""
     fig, ax = plt.subplots(figsize=(5, 5))
     for c, name in enumerate(class_names):
         pos = np.asarray(y_true) == c
@@ -269,7 +269,8 @@ def confusion_grid_png(
 
 def cascade_png(rows: Sequence[dict], path: str, title: str = "") -> str:
     """The cascade's accuracy against its effective GFLOPs per tile, one point per teacher share,
-    with the teacher alone as a reference; rows from ``kd_histo.evaluation.cascade.measure_curve``. Returns ``path``."""
+    with the teacher alone as a reference; rows from ``kd_histo.evaluation.cascade.measure_curve``.
+    Returns ``path``."""
     fig, ax = plt.subplots(figsize=(7, 5))
     pts = sorted(
         (r for r in rows if r["scored_by"] == "cascade"), key=lambda r: r["gflops_per_tile"]

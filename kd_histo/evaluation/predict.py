@@ -98,11 +98,13 @@ class PredictConfig:
     )
     cascade_fraction: float | None = setting(
         None,
-        "Cascade: share of each slide's (or folder's) tiles the teacher re-scores, the least confident first.",
+        "Cascade: share of each slide's (or folder's) tiles the teacher re-scores, the least "
+        "confident first.",
     )
     cascade_threshold: float | None = setting(
         None,
-        "Cascade: instead, the teacher re-scores every tile whose top class probability is below this.",
+        "Cascade: instead, the teacher re-scores every tile whose top class probability is below "
+        "this.",
     )
 
     def __post_init__(self):
@@ -157,7 +159,10 @@ def _folder_tiles(path: str, hr_px: int, skipped: list[tuple[str, str]]) -> list
     for group, files in groups.items():
         slide_id = os.path.basename(os.path.normpath(path)) if group == "." else group
         kept: list[str] = []
-        reread = lambda idx, kept=kept: (_reread(kept[i], hr_px) for i in idx)
+
+        def reread(idx, kept=kept):
+            return (_reread(kept[i], hr_px) for i in idx)
+
         out.append(
             _Tiles(slide_id, kept, [], _read_all(files, hr_px, kept, skipped), reread=reread)
         )
@@ -167,7 +172,7 @@ def _folder_tiles(path: str, hr_px: int, skipped: list[tuple[str, str]]) -> list
 def _read_all(
     files: list[str], hr_px: int, kept: list[str], skipped: list[tuple[str, str]]
 ) -> Iterator[np.ndarray]:
-    """The readable images of ``files`` at ``hr_px``, as conversion reads them; the others are skipped."""
+    """The readable images of ``files`` at ``hr_px``, read as conversion does; others skipped."""
     from kd_histo.convert.errors import SkipInput
     from kd_histo.convert.tiles import fit_tile, read_tile
 
@@ -209,7 +214,7 @@ def tile_mpp(run: RunRecord, target_mpp: float) -> float:
 def _predict_slide(
     classify, path: str, run: RunRecord, cfg: PredictConfig, mpp: float
 ) -> tuple[_Tiles, np.ndarray]:
-    """A slide's tissue tiles read at the model's own µm/px (``kd_histo.evaluation.slide_reader``), classified."""
+    """A slide's tissue tiles read at the model's own µm/px (``slide_reader``), classified."""
     from kd_histo.evaluation import slide_reader
 
     plan = slide_reader.plan_read(
@@ -252,7 +257,7 @@ def _predict_slide(
 
 
 def _classifier(model):
-    """Class probabilities of uint8 tiles already at the model's input size, as one compiled graph."""
+    """Class probabilities of uint8 tiles at the model's input size, as one compiled graph."""
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
@@ -315,7 +320,8 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     mpp = tile_mpp(run, cfg.target_mpp) if any(k == "slide" for _, k in kinds) else 0.0
     if run.lr_method == "pyramid" and any(k == "folder" for _, k in kinds):
         print(
-            f"kd_histo: {cfg.model_dir} was trained on pyramid LR tiles; tile folders get an antialiased "
+            f"kd_histo: {cfg.model_dir} was trained on pyramid LR tiles; tile folders get an "
+            "antialiased "
             "area resize of the HR tile instead (slides are read from their own pyramid level)",
             flush=True,
         )
@@ -336,7 +342,8 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
             if cfg.skip_corrupt:
                 stated = DatasetInfo.read(path).num_examples(cfg.split)
                 log(
-                    f"--skip_corrupt: {stated - len(p.probs)} corrupt records skipped in {path} ({cfg.split})"
+                    f"--skip_corrupt: {stated - len(p.probs)} corrupt records skipped in {path} "
+                    f"({cfg.split})"
                 )
             probs, mask = _cascade(p.probs, lambda idx: iter(kept["hr"][idx]), cascade, cfg, path)
             rows += [
@@ -394,7 +401,7 @@ def _write_skipped(skipped: list[tuple[str, str]], path: str) -> str:
 
 
 def _load_cascade_teacher(cfg: PredictConfig, run: RunRecord):
-    """(teacher net, teacher record) for ``cfg.cascade_teacher`` after checking it fits the student."""
+    """(teacher net, teacher record) for ``cfg.cascade_teacher``, checked to fit the student."""
     if not cfg.cascade_teacher:
         return None
     from kd_histo.evaluation.cascade import check_pair

@@ -130,14 +130,20 @@ def _check_records(cfg, bundle: str, specs: Sequence[RunSpec]) -> None:
 
     for spec in specs:
         src = os.path.join(bundle, _rel(cfg, spec.model_dir))
-        needed = [*RUN_FILES[:2], os.path.relpath(os.path.join(eval_dir(spec, cfg.eval_split), METRICS_JSON),
-                                                  spec.model_dir)]  # fmt: skip
+        needed = [
+            *RUN_FILES[:2],
+            os.path.relpath(
+                os.path.join(eval_dir(spec, cfg.eval_split), METRICS_JSON), spec.model_dir
+            ),
+        ]
         missing = [f for f in needed if not os.path.isfile(os.path.join(src, f))]
         if missing:
             raise ValueError(
                 f"{bundle}: {PREDICTIONS} holds run s{spec.seed}/{spec.name} but "
-                f"{os.path.join(src, missing[0])} is missing, so the seed cannot be imported; were the "
-                f"bundle's files all committed (`git status --ignored {bundle}`)? Delete the bundle "
+                f"{os.path.join(src, missing[0])} is missing, so the seed cannot be imported; were "
+                "the "
+                f"bundle's files all committed (`git status --ignored {bundle}`)? Delete the "
+                "bundle "
                 f"to retrain its seeds"
             )
 

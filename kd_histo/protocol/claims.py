@@ -113,7 +113,8 @@ def claims_markdown(claims: Sequence[FactorClaims]) -> str:
     """The claims as a markdown table (accuracies as fractions, differences in points)."""
     lines = [
         (
-            "| factor | teacher | baseline | best label-free student | − teacher | − baseline [95% CI] "
+            "| factor | teacher | baseline | best label-free student | − teacher | − baseline [95% "
+            "CI] "
             "| by unlabeled fraction | never falls |"
         ),
         "|---:|---:|---:|---|---:|---|---|---|",
@@ -131,7 +132,9 @@ def claims_markdown(claims: Sequence[FactorClaims]) -> str:
         )
         fractions = ", ".join(f"{100 * f:g}%: {a:.3f}" for f, a in c.by_fraction)
         lines.append(
-            f"| x{c.factor:g} | {c.teacher:.3f} | {base} | {c.best_student} {c.best_student_accuracy:.3f} | "
-            f"{100 * c.vs_teacher:+.1f} pts | {vs_base} | {fractions} | {'yes' if c.non_decreasing else 'no'} |"
+            f"| x{c.factor:g} | {c.teacher:.3f} | {base} | {c.best_student} "
+            f"{c.best_student_accuracy:.3f} | "
+            f"{100 * c.vs_teacher:+.1f} pts | {vs_base} | {fractions} | "
+            f"{'yes' if c.non_decreasing else 'no'} |"
         )
     return "\n".join(lines) + "\n"

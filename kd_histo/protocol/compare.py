@@ -45,7 +45,8 @@ class RunRef:
         folder, sep, run = text.rpartition(":")
         if not sep or not folder or not run:
             raise ValueError(
-                f"expected <experiment folder>:<run name>, e.g. runs/lc25000:baseline_x8, got {text!r}"
+                "expected <experiment folder>:<run name>, e.g. runs/lc25000:baseline_x8, got "
+                f"{text!r}"
             )
         return cls(folder, run)
 
@@ -79,7 +80,8 @@ def _correct_by_seed(ref: RunRef, split: str) -> dict[int, dict[tuple, tuple[int
     root = os.path.join(ref.experiment, "runs")
     if not os.path.isdir(root):
         raise FileNotFoundError(
-            f"{ref.experiment} holds no runs/ folder nor a bundle/tile_predictions.csv: not an experiment "
+            f"{ref.experiment} holds no runs/ folder nor a bundle/tile_predictions.csv: not an "
+            "experiment "
             "folder (runs/<name>) nor a results folder (results/<name>)"
         )
     out = {}
@@ -152,14 +154,16 @@ def markdown(rows: Sequence[Comparison]) -> str:
         return "-" if v is None else f"{v:.0f}"
 
     lines = [
-        "| change | a | b | seeds | a accuracy | b accuracy | a − b [95% CI] | per seed | train s a / b |",
+        "| change | a | b | seeds | a accuracy | b accuracy | a − b [95% CI] | per seed | train s "
+        "a / b |",
         "|---|---|---|---:|---:|---:|---|---|---:|",
     ]
     for r in rows:
         d = r.difference
         per = ", ".join(f"{100 * v:+.1f}" for v in d.per_seed)
         lines.append(
-            f"| {r.label} | {r.a} | {r.b} | {d.n_seeds} | {acc(r.a_accuracy)} | {acc(r.b_accuracy)} | "
+            f"| {r.label} | {r.a} | {r.b} | {d.n_seeds} | {acc(r.a_accuracy)} | "
+            f"{acc(r.b_accuracy)} | "
             f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] pts | {per} | "
             f"{secs(r.a_train_s)} / {secs(r.b_train_s)} |"
         )

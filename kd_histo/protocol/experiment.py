@@ -169,9 +169,12 @@ def _check_borrowed_teachers(cfg: ExperimentConfig, specs: list[RunSpec]) -> Non
             read_run_record(spec.model_dir).model_path(spec.model_dir)
         ):
             raise ValueError(
-                f"--teachers_from: the teacher in {spec.model_dir} has its record but not its weights "
-                f"(imported from a results folder), and seed {spec.seed} still has runs to train here; "
-                "drop --teachers_from to train the teacher here (the same seed retrains it, though not always to the bit)"
+                f"--teachers_from: the teacher in {spec.model_dir} has its record but not its "
+                "weights "
+                f"(imported from a results folder), and seed {spec.seed} still has runs to train "
+                "here; "
+                "drop --teachers_from to train the teacher here (the same seed retrains it, though "
+                "not always to the bit)"
             )
         with open(os.path.join(spec.model_dir, CONFIG_JSON)) as f:
             trained = RunConfig.from_dict(json.load(f))
@@ -224,7 +227,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
             log(f"{prefix}: trained already, skipped")
         else:
             log(
-                f"{prefix}: training ({spec.config.mode}, input {'HR' if spec.kind == 'teacher' else f'LR x{spec.factor:g}'}"
+                f"{prefix}: training ({spec.config.mode}, input "
+                f"{'HR' if spec.kind == 'teacher' else f'LR x{spec.factor:g}'}"
                 f", {spec.config.epochs} epochs)"
             )
             if spec.config.mode == "distill" and spec.seed not in prebuilt:
@@ -255,7 +259,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         with open(os.path.join(out, evaluate.METRICS_JSON)) as f:
             acc = json.load(f)["tile"]["accuracy"]
         log(
-            f"{prefix}: {cfg.eval_split} accuracy {acc:.4f} ({time.perf_counter() - start:.0f} s so far)"
+            f"{prefix}: {cfg.eval_split} accuracy {acc:.4f} ({time.perf_counter() - start:.0f} s "
+            "so far)"
         )
         if has_cascade(cfg, spec) and not os.path.isfile(
             os.path.join(cascade_dir(spec, cfg.eval_split), evaluate.CASCADE_JSON)
@@ -276,7 +281,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
             state.record(key, "cascade_s", time.perf_counter() - t0)
             keras.backend.clear_session()
             log(
-                f"{prefix}: cascade with the teacher measured at shares {list(cfg.cascade_fractions)}"
+                f"{prefix}: cascade with the teacher measured at shares "
+                f"{list(cfg.cascade_fractions)}"
             )
         tables = report.write_tables(
             cfg, specs[:i], state.data, costs=None
@@ -329,8 +335,10 @@ def measure_costs(
             by_px.setdefault(record.input_px, spec)
     if sizes - set(by_px):
         log(
-            f"cost: not measured: no run of input size {sorted(sizes - set(by_px))} px has its weights in "
-            f"{cfg.out_dir} (all imported from --results_dir); the tables keep the cost columns empty"
+            f"cost: not measured: no run of input size {sorted(sizes - set(by_px))} px has its "
+            "weights in "
+            f"{cfg.out_dir} (all imported from --results_dir); the tables keep the cost columns "
+            "empty"
         )
         return None
     teacher_px = read_run_record(next(s for s in specs if s.kind == "teacher").model_dir).input_px

@@ -110,9 +110,12 @@ class ExperimentConfig:
     results_dir: str = setting(
         "",
         "A folder kept under version control (e.g. results/<name>): every complete seed's results "
-        "(run records, metrics, per-tile predictions; no weights) are exported to its bundle/, and a "
-        "rerun in a fresh checkout imports them instead of retraining those seeds, so an experiment "
-        "longer than one machine's life resumes from a commit. The tables and the report are copied "
+        "(run records, metrics, per-tile predictions; no weights) are exported to its bundle/, and "
+        "a "
+        "rerun in a fresh checkout imports them instead of retraining those seeds, so an "
+        "experiment "
+        "longer than one machine's life resumes from a commit. The tables and the report are "
+        "copied "
         "there too. Empty = off.",
     )
     baselines: bool = setting(True, "Train the LR baselines (labels, LR view).")

@@ -145,8 +145,8 @@ CASCADE_COLUMNS = (
 
 
 def cascade_rows(specs: Sequence, split: str) -> list[dict[str, Any]]:
-    """One row per measured teacher share of each student's cascade (``cascade_<split>/cascade.json``),
-    with the gap to the teacher alone measured on the same tiles."""
+    """One row per measured teacher share of each student's cascade
+    (``cascade_<split>/cascade.json``), with the gap to the teacher alone on the same tiles."""
 
     out = []
     for spec in specs:
@@ -180,7 +180,8 @@ def cascade_markdown(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['run']} | {100 * r['teacher_share']:.1f}% | {r['accuracy']:.3f} | "
-            f"{100 * r['gap_to_teacher']:+.1f} pts | {r['gflops_per_tile']:.4f} | {r['tiles_per_s']:.0f} | "
+            f"{100 * r['gap_to_teacher']:+.1f} pts | {r['gflops_per_tile']:.4f} | "
+            f"{r['tiles_per_s']:.0f} | "
             f"{r['speedup_vs_teacher']:.1f}x | {r['seed']} |"
         )
     return "\n".join(lines) + "\n"
@@ -194,12 +195,16 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The one-glance table: model, input px, cost, measured speedup, accuracy [95% CI], gap."""
     seeds = sorted({r["seed"] for r in rows})
     lines = [
-        "| model | input px | GFLOPs/image | FLOPs ÷ | measured speedup | accuracy [95% CI] | macro F1 | "
+        "| model | input px | GFLOPs/image | FLOPs ÷ | measured speedup | accuracy [95% CI] | "
+        "macro F1 | "
         "gap to teacher |" + (" seed |" if len(seeds) > 1 else ""),
         "|---|---:|---:|---:|---:|---|---:|---:|" + ("---:|" if len(seeds) > 1 else ""),
     ]
     for r in rows:
-        acc = f"{r['accuracy']:.3f} [{_num(r['accuracy_low'], '.3f')}, {_num(r['accuracy_high'], '.3f')}]"
+        acc = (
+            f"{r['accuracy']:.3f} [{_num(r['accuracy_low'], '.3f')}, "
+            f"{_num(r['accuracy_high'], '.3f')}]"
+        )
         gap = (
             "—"
             if r["kind"] == "teacher"
@@ -207,7 +212,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             + " pts"
         )
         lines.append(
-            f"| {r['run']} | {r['input_px']} | {_num(r['gflops'], '.4f')} | {_num(r['flops_ratio'], '.1f')} | "
+            f"| {r['run']} | {r['input_px']} | {_num(r['gflops'], '.4f')} | "
+            f"{_num(r['flops_ratio'], '.1f')} | "
             f"{_num(r['speedup'], '.1f')}x | {acc} | {r['macro_f1']:.3f} | {gap} |"
             + (f" {r['seed']} |" if len(seeds) > 1 else "")
         )
@@ -246,7 +252,8 @@ def seeds_markdown(rows: Sequence[dict[str, Any]], prows: Sequence[dict[str, Any
     paired_by = {r["student"]: r for r in prows}
     lines = [
         (
-            "| model | input px | GFLOPs/image | measured speedup | accuracy, mean ± sd | per seed | "
+            "| model | input px | GFLOPs/image | measured speedup | accuracy, mean ± sd | per seed "
+            "| "
             "− baseline, paired [95% CI] |"
         ),
         "|---|---:|---:|---:|---|---|---|",
@@ -261,7 +268,8 @@ def seeds_markdown(rows: Sequence[dict[str, Any]], prows: Sequence[dict[str, Any
         )
         lines.append(
             f"| {s['run']} | {first['input_px']} | {_num(first['gflops'], '.4f')} | "
-            f"{_num(first['speedup'], '.1f')}x | {s['accuracy_mean']:.3f} ± {s['accuracy_sd']:.3f} | "
+            f"{_num(first['speedup'], '.1f')}x | {s['accuracy_mean']:.3f} ± {s['accuracy_sd']:.3f} "
+            "| "
             f"{' / '.join(f'{v:.3f}' for v in s['accuracy_values'])} | {diff} |"
         )
     return "\n".join(lines) + "\n"
@@ -514,7 +522,8 @@ def write_report(
 # Paragraphs of report.md that say how a table was made (each comes before its table).
 _CASCADE_NOTE = (
     "Cascade: each student scores every tile, its seed's teacher re-scores the least confident "
-    "share of them at high resolution (`kd_histo.evaluation.cascade`). Effective GFLOPs per tile = student + "
+    "share of them at high resolution (`kd_histo.evaluation.cascade`). Effective GFLOPs per tile = "
+    "student + "
     "share x teacher; tiles/s measured with both nets on the split's tiles held in memory (reading "
     "not timed), the speedup relative to the teacher alone on the same tiles (`cascade.csv`)."
 )
@@ -575,7 +584,8 @@ def report_markdown(
     lines = [
         f"# {cfg.title}",
         "",
-        f"Data: `{b.data.data_dir}` ({info.source or 'converted tiles'}): {info.num_classes} classes "
+        f"Data: `{b.data.data_dir}` ({info.source or 'converted tiles'}): {info.num_classes} "
+        "classes "
         f"({', '.join(info.class_names)}), {info.tile_px} px tiles, tiles per split: {counts}."
         + (
             f" Extra unlabeled folders: {', '.join(b.data.unlabeled_dirs)}."
@@ -583,17 +593,24 @@ def report_markdown(
             else ""
         ),
         "",
-        f"Every net: {b.net.arch} (planes {planes}), {b.epochs} epochs{teacher_epochs}, batch {b.data.batch_size}, "
-        f"{b.optim.name} lr {b.optim.learning_rate:g} weight decay {b.optim.weight_decay:g} ({b.optim.schedule}), "
-        f"augmentation `{b.data.augment}`, LR views by `{b.data.lr_method}`, precision {b.precision}, "
-        f"seeds {', '.join(str(s) for s in cfg.seeds)}. Students: no labels, KD at T={b.distill.temperature:g} "
+        f"Every net: {b.net.arch} (planes {planes}), {b.epochs} epochs{teacher_epochs}, batch "
+        f"{b.data.batch_size}, "
+        f"{b.optim.name} lr {b.optim.learning_rate:g} weight decay {b.optim.weight_decay:g} "
+        f"({b.optim.schedule}), "
+        f"augmentation `{b.data.augment}`, LR views by `{b.data.lr_method}`, precision "
+        f"{b.precision}, "
+        f"seeds {', '.join(str(s) for s in cfg.seeds)}. Students: no labels, KD at "
+        f"T={b.distill.temperature:g} "
         f"(weight {b.distill.kd_weight:g}) + feature-map {b.distill.feature_norm.upper()} "
         f"(weight {b.distill.feature_weight:g}, teacher map resized by {b.distill.feature_mode})."
         + labeled_ce,
         "",
-        f"Evaluated on the `{cfg.eval_split}` split (tile level; 95% CI by bootstrap, resampling slides). "
-        f"FLOPs are counted from each net's TensorFlow graph; the speedup is measured images/s at batch "
-        f"{cfg.cost_batch_sizes[-1]} relative to the teacher on this machine. Wall time: {wall_s / 60:.1f} min.",
+        f"Evaluated on the `{cfg.eval_split}` split (tile level; 95% CI by bootstrap, resampling "
+        "slides). "
+        "FLOPs are counted from each net's TensorFlow graph; the speedup is measured images/s at "
+        "batch "
+        f"{cfg.cost_batch_sizes[-1]} relative to the teacher on this machine. Wall time: "
+        f"{wall_s / 60:.1f} min.",
         "",
     ]
     if len({r["seed"] for r in rows}) > 1:

@@ -87,7 +87,7 @@ class HistoryCSV(keras.callbacks.CSVLogger):
 
 
 class ImageGrids(keras.callbacks.Callback):
-    """Writes a grid of HR tiles and the matching LR tiles (upsampled for display) at train start."""
+    """Writes a grid of HR tiles and the matching LR tiles (upsampled for display) at start."""
 
     def __init__(self, batch: dict, log_dir: str, max_images: int = 8):
         super().__init__()

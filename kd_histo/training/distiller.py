@@ -238,7 +238,8 @@ class ResolutionDistiller(keras.Model):
         return self.teacher(batch[self.teacher_view], training=False)
 
     def compute_losses(self, batch: dict, training: bool = False):
-        """The active losses of one batch (float32 scalars), their weighted sum, the student's output.
+        """The active losses of one batch (float32 scalars), their weighted sum, the student's
+        output.
 
         Args:
           batch: a pipeline batch dict; may carry cached teacher outputs.

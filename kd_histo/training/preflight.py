@@ -69,7 +69,8 @@ def check_data(cfg: RunConfig) -> schema.DatasetInfo:
         )
     if (cfg.data.hr_px or info.tile_px) > info.tile_px:
         raise PreflightError(
-            f"hr_px {cfg.data.hr_px} is larger than the stored {info.tile_px} px tiles; lower --hr_px"
+            f"hr_px {cfg.data.hr_px} is larger than the stored {info.tile_px} px tiles; lower "
+            "--hr_px"
         )
     try:
         for split in ("train", "val", "unlabeled"):
@@ -214,7 +215,8 @@ def check_model_dir(cfg: RunConfig) -> None:
     if os.path.isfile(old):
         if not cfg.resume:
             raise PreflightError(
-                f"model_dir {d} holds an unfinished run; pass --resume to continue it or a new --model_dir"
+                f"model_dir {d} holds an unfinished run; pass --resume to continue it or a new "
+                "--model_dir"
             )
         with open(old) as f:
             before = json.load(f)
@@ -239,13 +241,9 @@ def teacher_record(cfg: RunConfig) -> RunRecord | None:
 
 
 def check_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> None:
-    """The teacher fits the data of a distill run (:func:`kd_histo.training.run_record.teacher_misfit`):
-    an HR run, the data's class names in the data's order, the HR view's tile size and (where both
-    are known) its µm per pixel.
-
-    A teacher without a run record is refused by :func:`load_teacher`, after the checks a load
-    makes (class count, RGB input, safe mode), so their messages come first.
-    """
+    """The teacher fits the data of a distill run (``run_record.teacher_misfit``): an HR run, the
+    data's class names in the data's order, the HR view's tile size and (where both are known) its
+    µm per pixel."""
     if cfg.mode != "distill":
         return
     record = teacher_record(cfg)
@@ -319,7 +317,8 @@ def check_input_size(cfg: RunConfig, info: schema.DatasetInfo, net: keras.Model)
     if px < stride:
         raise PreflightError(
             f"the {cfg.view.upper()} tile is {px} px ({hr_px} px / factor {cfg.data.factor:g}) but "
-            f"the net needs at least {stride} px (its total stride); use a smaller factor, a larger "
+            f"the net needs at least {stride} px (its total stride); use a smaller factor, a "
+            "larger "
             "--hr_px, or --stem=small"
         )
     return px

@@ -149,7 +149,7 @@ class RunRecord:
 
     @property
     def input_mpp(self) -> float | None:
-        """µm per pixel of the network's input tiles (``mpp * factor``); None when mpp is unknown."""
+        """µm per pixel of the network's input tiles (``mpp * factor``); None if mpp is unknown."""
         return None if self.mpp is None else self.mpp * self.factor
 
     @property
@@ -166,7 +166,7 @@ class RunRecord:
         return _inside(model_dir, self.model, "model")
 
     def savedmodel_path(self, model_dir: str) -> str:
-        """The SavedModel folder, resolved inside ``model_dir`` (same checks as :meth:`model_path`)."""
+        """The SavedModel folder, resolved inside ``model_dir`` (checked as :meth:`model_path`)."""
         return _inside(model_dir, self.savedmodel, "savedmodel")
 
     def pipeline_config(self, data_dir: str, batch_size: int):
@@ -193,7 +193,7 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunRecord:
-        """Inverse of :meth:`to_dict` for the current version (see :func:`read_run_record` for older ones)."""
+        """Inverse of :meth:`to_dict` for this version (:func:`read_run_record` reads old ones)."""
         d = dict(d)
         version = d.get("record_version")
         if not isinstance(version, int) or version > RECORD_VERSION:
@@ -282,7 +282,7 @@ def teacher_misfit(teacher: RunRecord, class_names, hr_px: int, mpp: float | Non
 
 
 def write_run_record(model_dir: str, record: RunRecord) -> str:
-    """Writes ``<model_dir>/run.json`` atomically (temporary file, then rename); returns its path."""
+    """Writes ``<model_dir>/run.json`` atomically (temporary file, then rename); returns it."""
     path = os.path.join(model_dir, RUN_JSON)
     write_json(path, record.to_dict())
     return path
@@ -333,8 +333,10 @@ def upgrade_v1(model_dir: str, d: Mapping[str, Any]) -> dict[str, Any]:
                 d["lr_method"] = json.load(f)["data"]["lr_method"]
         except (OSError, ValueError, KeyError, TypeError):
             raise RunRecordError(
-                f"{os.path.join(model_dir, RUN_JSON)} predates lr_method and the run's config.json is missing or "
-                'unreadable: add "lr_method": "<the --lr_method used in training, e.g. area>" to run.json'
+                f"{os.path.join(model_dir, RUN_JSON)} predates lr_method and the run's config.json "
+                "is missing or "
+                'unreadable: add "lr_method": "<the --lr_method used in training, e.g. area>" to '
+                "run.json"
             ) from None
     if "mean" not in d or "std" not in d:
         norm = _normalisation_of_model(model_dir, d.get("model", MODEL_FILE))
@@ -342,8 +344,10 @@ def upgrade_v1(model_dir: str, d: Mapping[str, Any]) -> dict[str, Any]:
             norm = (list(info.mean), list(info.std))
         if norm is None:
             raise RunRecordError(
-                f"{os.path.join(model_dir, RUN_JSON)} predates mean/std and neither the model file nor the data "
-                f'folder {d.get("data_dir")!r} gives them: add "mean": [r, g, b], "std": [r, g, b] to run.json'
+                f"{os.path.join(model_dir, RUN_JSON)} predates mean/std and neither the model file "
+                "nor the data "
+                f'folder {d.get("data_dir")!r} gives them: add "mean": [r, g, b], "std": [r, g, b] '
+                "to run.json"
             )
         d["mean"], d["std"] = norm
     if "mpp" not in d:

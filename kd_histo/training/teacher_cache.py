@@ -159,8 +159,10 @@ def build_caches(
             files.enter_context(open(os.path.join(t.cache_dir, "logits.f32"), "wb"))
             for t in targets
         ]
-        f_feats = [files.enter_context(open(os.path.join(t.cache_dir, f"features.{feature_dtype}"), "wb"))
-                   for t in targets]  # fmt: skip
+        f_feats = [
+            files.enter_context(open(os.path.join(t.cache_dir, f"features.{feature_dtype}"), "wb"))
+            for t in targets
+        ]
         for batch in batches:
             logits, feats = outputs(batch[teacher_view])
             raw = logits.numpy().astype(np.float32).tobytes()
@@ -181,8 +183,17 @@ def build_caches(
     for t, size in zip(targets, sizes):
         with open(os.path.join(t.cache_dir, "keys.txt"), "w", encoding="utf-8") as f:
             f.write("\n".join(keys) + "\n")
-        spec = CacheSpec(n, n_t, int(shapes[0]), size, int(shapes[1]), feature_dtype, t.feature_mode,
-                         t.bicubic_style, teacher_view)  # fmt: skip
+        spec = CacheSpec(
+            n,
+            n_t,
+            int(shapes[0]),
+            size,
+            int(shapes[1]),
+            feature_dtype,
+            t.feature_mode,
+            t.bicubic_style,
+            teacher_view,
+        )
         with open(os.path.join(t.cache_dir, META), "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(spec), f, indent=2)
         out.append(TeacherCache(t.cache_dir))
@@ -203,7 +214,8 @@ class TeacherCache:
         meta = os.path.join(cache_dir, META)
         if not os.path.isfile(meta):
             raise FileNotFoundError(
-                f"{meta} not found: build the cache first (kd_histo.training.teacher_cache.build_cache)"
+                f"{meta} not found: build the cache first "
+                "(kd_histo.training.teacher_cache.build_cache)"
             )
         with open(meta, encoding="utf-8") as f:
             d = json.load(f)
@@ -320,7 +332,7 @@ def training_sources(data) -> list[tuple[str, str]]:
 
 
 def _sha256(path: str, limit: int | None = None) -> str:
-    """SHA-256 of a file, or of its first and last ``limit`` bytes when it is larger than 2x that."""
+    """SHA-256 of a file, or of its first and last ``limit`` bytes when it is over 2x that."""
     h = hashlib.sha256()
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -574,8 +586,16 @@ def _fitting_cache(
 ) -> TeacherCache:
     """Opens the cache in ``cache_dir`` when it fits the views and covers ``need_splits``
     ([(data_dir, split)]), else (re)builds it; see :func:`for_training`."""
-    build = _needed_build(teacher_path, data, cache_dir, need_splits, dihedral=dihedral, map_size=map_size,
-                          feature_mode=feature_mode, bicubic_style=bicubic_style)  # fmt: skip
+    build = _needed_build(
+        teacher_path,
+        data,
+        cache_dir,
+        need_splits,
+        dihedral=dihedral,
+        map_size=map_size,
+        feature_mode=feature_mode,
+        bicubic_style=bicubic_style,
+    )
     if build is not None:
         _build(teacher, [build], log)
     return _open(cache_dir)
@@ -633,9 +653,19 @@ def prebuild(teacher: keras.Model, teacher_path: str, uses: Sequence[CacheUse], 
                     f"(map size, feature resize or HR size); give them separate caches"
                 )
             need += [s for s in splits if s not in need]
-    builds = [_needed_build(teacher_path, u.data, cache_dir, need, dihedral=all_eight, map_size=u.map_size,
-                            feature_mode=u.feature_mode, bicubic_style=u.bicubic_style)
-              for cache_dir, (u, all_eight, need) in wanted.items()]  # fmt: skip
+    builds = [
+        _needed_build(
+            teacher_path,
+            u.data,
+            cache_dir,
+            need,
+            dihedral=all_eight,
+            map_size=u.map_size,
+            feature_mode=u.feature_mode,
+            bicubic_style=u.bicubic_style,
+        )
+        for cache_dir, (u, all_eight, need) in wanted.items()
+    ]
     todo = [b for b in builds if b is not None]
     if todo:
         _build(teacher, todo, log)

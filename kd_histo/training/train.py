@@ -75,7 +75,7 @@ def precision_policy(name: str):
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
-    """ "default" (one device), "mirrored" (all local devices) or "multi_worker" (from TF_CONFIG)."""
+    """Strategy "default" (one device), "mirrored" (local devices) or "multi_worker" (TF_CONFIG)."""
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
@@ -306,12 +306,24 @@ def prebuild_teacher_caches(cfgs: Sequence[RunConfig], log=print) -> int:
             for cfg in group:
                 info = preflight.check_data(cfg)
                 preflight.check_teacher_cache(cfg, info)
-                net = build_model(cfg.net.arch, info.num_classes, mean=info.mean, std=info.std, name="probe",
-                                  **cfg.net.build_kwargs())  # fmt: skip
+                net = build_model(
+                    cfg.net.arch,
+                    info.num_classes,
+                    mean=info.mean,
+                    std=info.std,
+                    name="probe",
+                    **cfg.net.build_kwargs(),
+                )
                 input_px = preflight.check_input_size(cfg, info, net)
-                uses.append(teacher_cache.CacheUse(
-                    cfg.data, preflight.teacher_cache_dir(cfg), _map_size(net, input_px), cfg.distill.feature_mode,
-                    validation=preflight._has_shards(cfg.data.data_dir, "val")))  # fmt: skip
+                uses.append(
+                    teacher_cache.CacheUse(
+                        cfg.data,
+                        preflight.teacher_cache_dir(cfg),
+                        _map_size(net, input_px),
+                        cfg.distill.feature_mode,
+                        validation=preflight._has_shards(cfg.data.data_dir, "val"),
+                    )
+                )
             teacher = preflight.load_teacher(group[0], info)
             built += teacher_cache.prebuild(teacher, model_file(teacher_dir), uses, log=log)
         keras.backend.clear_session()
@@ -358,13 +370,16 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
     diverged = _diverged_epoch(model_dir)
     if diverged is not None and not (has_val and os.path.isfile(best_path)):
         raise TrainingError(
-            f"the training loss became NaN/inf in epoch {diverged} and no earlier network was kept (no val "
-            f"split to pick one); nothing was saved as the model in {model_dir}: lower --learning_rate or "
+            f"the training loss became NaN/inf in epoch {diverged} and no earlier network was kept "
+            "(no val "
+            f"split to pick one); nothing was saved as the model in {model_dir}: lower "
+            "--learning_rate or "
             "check the inputs, then train into a new --model_dir"
         )
     if diverged is not None:
         print(
-            f"kd_histo: the training loss became NaN/inf in epoch {diverged}; keeping the best network "
+            f"kd_histo: the training loss became NaN/inf in epoch {diverged}; keeping the best "
+            "network "
             "before it",
             flush=True,
         )

@@ -6,7 +6,7 @@ from cli_helpers import train_run
 
 @pytest.fixture(scope="session")
 def runs(tiny_shards, tmp_path_factory):
-    """Run folders trained by kd-histo-train in-process on the tiny shards (tiny nets, 2x2 steps)."""
+    """Run folders trained by kd-histo-train in-process on tiny shards (tiny nets, 2x2 steps)."""
     root = tmp_path_factory.mktemp("runs")
     assert train_run(tiny_shards, root / "teacher", "teacher") == 0
     assert train_run(tiny_shards, root / "baseline_x2", "baseline", "--factor=2") == 0

@@ -1,4 +1,4 @@
-"""kd-histo-evaluate, kd-histo-cost and kd-histo-predict in-process on runs trained on tiny shards."""
+"""kd-histo-evaluate, kd-histo-cost and kd-histo-predict in-process on runs of tiny shards."""
 
 import csv
 import json

@@ -1,4 +1,4 @@
-"""kd-histo-experiment and kd-histo-demo: flags -> configs, refusals, and the smoke demo end to end."""
+"""kd-histo-experiment and kd-histo-demo: flags -> configs, refusals, the smoke demo end to end."""
 
 import json
 import pathlib
@@ -23,8 +23,15 @@ def _experiment_config(*argv):
 
 
 def test_experiment_flags_make_the_grid(tiny_shards, tmp_path):
-    cfg = _experiment_config(f"--data_dir={tiny_shards}", f"--out_dir={tmp_path}", "--factors=2,4",
-                             "--seeds=0,1", "--epochs=3", "--temperature=2", "--nobaselines")  # fmt: skip
+    cfg = _experiment_config(
+        f"--data_dir={tiny_shards}",
+        f"--out_dir={tmp_path}",
+        "--factors=2,4",
+        "--seeds=0,1",
+        "--epochs=3",
+        "--temperature=2",
+        "--nobaselines",
+    )
     assert cfg.factors == (2.0, 4.0) and cfg.seeds == (0, 1) and not cfg.baselines
     assert cfg.base.epochs == 3 and cfg.base.distill.temperature == 2.0
     # tiny_shards has an unlabeled split, so "auto" gives the paper's fractions

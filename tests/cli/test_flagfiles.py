@@ -130,9 +130,20 @@ def test_ablation_flagfile_changes_one_schedule_and_trains_its_own_teachers(flag
     changed = {
         f.name for f in dataclasses.fields(abl) if getattr(abl, f.name) != getattr(main, f.name)
     }
-    assert changed <= {"base", "out_dir", "results_dir", "title", "factors", "unlabeled_fractions",
-                       "labeled_student_ce", "cascade_fractions", "student_epochs", "baseline_epochs",
-                       "teacher_epochs", "baselines"}  # fmt: skip
+    assert changed <= {
+        "base",
+        "out_dir",
+        "results_dir",
+        "title",
+        "factors",
+        "unlabeled_fractions",
+        "labeled_student_ce",
+        "cascade_fractions",
+        "student_epochs",
+        "baseline_epochs",
+        "teacher_epochs",
+        "baselines",
+    }
     schedules = changed & {"teacher_epochs", "student_epochs", "baseline_epochs"}
     assert schedules == {"teacher_epochs"} or (schedules and "teacher_epochs" not in schedules), (
         schedules

@@ -1,4 +1,4 @@
-"""kd-histo-predict on slides read at the model's own level, and on folders with unreadable images."""
+"""kd-histo-predict on slides read at the model's own level, and on folders of unreadable images."""
 
 import csv
 import pathlib

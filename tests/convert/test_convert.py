@@ -315,8 +315,14 @@ def test_progress_bar_shows_rate_and_eta(tile_folder, tmp_path, capsys):
 def test_fourth_split_share_holds_labeled_groups_out_without_labels(tmp_path):
     """A label-scarce set from a labeled one: the 4th share goes to 'unlabeled' with label -1."""
     manifest = synthetic.write_tile_folder(str(tmp_path / "in"), 12, tile_px=16, slides_per_class=6)
-    info = convert(ConvertConfig(out_dir=str(tmp_path / "out"), manifest=manifest,
-                                 encode=EncodeOptions(tile_px=16), fractions=(0.4, 0.1, 0.1, 0.4)))  # fmt: skip
+    info = convert(
+        ConvertConfig(
+            out_dir=str(tmp_path / "out"),
+            manifest=manifest,
+            encode=EncodeOptions(tile_px=16),
+            fractions=(0.4, 0.1, 0.1, 0.4),
+        )
+    )
     held = read_split(str(tmp_path / "out"), "unlabeled")
     assert (
         info.counts["unlabeled"] == {"unlabeled": len(held)} and 12 <= len(held) <= 24

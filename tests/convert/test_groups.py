@@ -78,7 +78,14 @@ def test_groups_csv_errors(copies, tmp_path):
     ):
         convert(cfg)
     with pytest.raises(ConversionError, match="--groups gives the groups; drop --group_by=phash"):
-        convert(ConvertConfig(out_dir=str(tmp_path / "p"), input_dir=str(copies / "in"), groups=str(bad), group_by="phash"))  # fmt: skip
+        convert(
+            ConvertConfig(
+                out_dir=str(tmp_path / "p"),
+                input_dir=str(copies / "in"),
+                groups=str(bad),
+                group_by="phash",
+            )
+        )
     bad.write_text("path,group\na/a0_0.png,g1\n")
     with pytest.raises(ManifestError, match="'path' and 'group_id' columns"):
         convert(cfg)

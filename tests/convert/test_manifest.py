@@ -107,10 +107,22 @@ def test_make_manifest_tool_runs(tmp_path):
 
     write_image(tmp_path / "set" / "A" / "1.png", random_rgb(0))
     tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "make_manifest.py")
-    ok = subprocess.run([sys.executable, tool, f"--folders={tmp_path / 'set'}", "--splits=test",
-                         f"--out={tmp_path / 'm.csv'}"], capture_output=True, text=True)  # fmt: skip
+    ok = subprocess.run(
+        [
+            sys.executable,
+            tool,
+            f"--folders={tmp_path / 'set'}",
+            "--splits=test",
+            f"--out={tmp_path / 'm.csv'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "1 tiles from" in ok.stdout, ok.stderr
     assert manifest.read_manifest(str(tmp_path / "m.csv"))[0].split == "test"
-    bad = subprocess.run([sys.executable, tool, f"--folders={tmp_path / 'nope'}", f"--out={tmp_path / 'x.csv'}"],
-                         capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, tool, f"--folders={tmp_path / 'nope'}", f"--out={tmp_path / 'x.csv'}"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "input folder" in bad.stderr and "Traceback" not in bad.stderr

@@ -146,8 +146,15 @@ def test_randaugment_ops_are_keras_cv_layers_and_match_numpy():
         augment.sharpness(x, 1.0).numpy(), x, atol=1e-6
     )  # enhance 1 = identity
     k = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13.0
-    smooth = np.stack([[[(x[i - 1:i + 2, j - 1:j + 2, c] * k).sum() for c in range(3)] for j in range(1, 7)]
-                       for i in range(1, 7)])  # fmt: skip
+    smooth = np.stack(
+        [
+            [
+                [(x[i - 1 : i + 2, j - 1 : j + 2, c] * k).sum() for c in range(3)]
+                for j in range(1, 7)
+            ]
+            for i in range(1, 7)
+        ]
+    )
     want = np.clip(x[1:7, 1:7] + 1.5 * (x[1:7, 1:7] - smooth), 0, 1)  # enhance 2.5 sharpens
     got = augment.sharpness(x, 2.5).numpy()
     np.testing.assert_allclose(got[1:7, 1:7], want, atol=1e-5)

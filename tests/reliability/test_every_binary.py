@@ -161,7 +161,8 @@ def test_corrupt_shard_is_one_line_naming_it(
     assert said and int(said[0]) >= 1, out + err  # the damaged shard's records after the damage
 
 
-@pytest.mark.large  # two processes that import TensorFlow: ~20 s on 2 busy cores (make test-reliability runs it)
+# Two processes that import TensorFlow: ~20 s on 2 busy cores (make test-reliability runs it).
+@pytest.mark.large
 def test_convert_on_a_full_disk_is_one_line_and_leaves_no_tmp_file(tmp_path):
     """``ulimit -f`` (a file size limit: writes fail with EFBIG, as on a full disk) in a real
     process; then the same command without the limit finishes the data set."""
@@ -190,7 +191,7 @@ def test_convert_on_a_full_disk_is_one_line_and_leaves_no_tmp_file(tmp_path):
 
 
 def test_evaluate_on_a_full_disk_is_one_line(teacher_run, tiny_shards, tmp_path, capsys):
-    """The file size limit set in this process (Python ignores SIGXFSZ, so writes fail with EFBIG)."""
+    """The file size limit set in this process (Python ignores SIGXFSZ: writes fail with EFBIG)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)

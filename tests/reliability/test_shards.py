@@ -26,7 +26,8 @@ pytestmark = pytest.mark.reliability
 def _corrupt_record(index: int, shard: str) -> str:
     """The start of the error that names a record the pipeline cannot read."""
     return (
-        f"[kd_histo: corrupt record {index} in shard {shard} (does not parse as this schema, or does not "
+        f"[kd_histo: corrupt record {index} in shard {shard} (does not parse as this schema, or "
+        "does not "
         "decode to the tile size of dataset.json)"
     )
 

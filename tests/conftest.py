@@ -13,12 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The kernels the binaries run (kd_histo/cli/flags_common.py): oneDNN on unless set otherwise.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-import pathlib  # noqa: E402
-
 import pytest  # noqa: E402
-from support import write_tiny_shards  # noqa: E402
-
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from support import shared_data_or_skip, write_tiny_shards  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -50,11 +46,7 @@ def tiny_shards_without(tiny_shards, tmp_path):
 @pytest.fixture
 def shared_data():
     """``../shared/data`` beside the checkout; skips the test with a reason when it is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(
-            f"real H&E data folder {SHARED_DATA} is absent (it sits beside the checkout in CI)"
-        )
-    return SHARED_DATA
+    return shared_data_or_skip()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -6,6 +6,7 @@ Importable as ``support``: pytest puts ``tests/`` on ``sys.path`` for its confte
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import sys
 
@@ -18,6 +19,22 @@ CONVERT = [sys.executable, "-m", "kd_histo.cli.convert"]
 # units of 4 tiles and 3 shards, so a kill lands between part files; PNG level 9 makes each unit
 # slow enough to catch. Input: ``synthetic.write_tile_folder(..., 40, tile_px=32,
 # slides_per_class=20)``.
+
+# ``../shared/data`` beside the checkout (CI has it too): real public H&E, read in place.
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data_or_skip() -> pathlib.Path:
+    """``SHARED_DATA``, or skip the calling test with a reason when the folder is absent."""
+    import pytest
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(
+            f"real H&E data folder {SHARED_DATA} is absent (it sits beside the checkout in CI)"
+        )
+    return SHARED_DATA
+
+
 def small_units_config(out, manifest, **kw):
     from kd_histo.convert import ConvertConfig, EncodeOptions
 

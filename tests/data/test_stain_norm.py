@@ -84,13 +84,14 @@ def _tile(path, px=96):
 
 
 @pytest.fixture(scope="module")
-def tiles(request):
-    from conftest import SHARED_DATA
+def tiles():
+    # Not the function-scoped ``shared_data`` fixture: this one is module-scoped. Imported from
+    # ``support`` (one module of that name), never from ``conftest`` (several, one per folder).
+    from support import shared_data_or_skip
 
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real H&E data folder {SHARED_DATA} is absent (it sits beside the checkout)")
-    lung = sorted((SHARED_DATA / "lc25000_lung").glob("*/*.jpeg"))
-    nct = sorted((SHARED_DATA / "nct_crc_he_samples").glob("*.tif"))
+    root = shared_data_or_skip()
+    lung = sorted((root / "lc25000_lung").glob("*/*.jpeg"))
+    nct = sorted((root / "nct_crc_he_samples").glob("*.tif"))
     pick = [lung[0], lung[len(lung) // 2], lung[-1]]  # one tile of each of the three classes
     return [_tile(p) for p in pick], [_tile(p) for p in nct if "BACK" not in p.name]
 

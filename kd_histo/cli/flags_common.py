@@ -280,6 +280,12 @@ def _tf_op_error() -> tuple[type, ...]:
     return (op_error,) if isinstance(op_error, type) else ()
 
 
+def fail(prog: str, message: str, code: int = EXIT_BAD_INPUT) -> typing.NoReturn:
+    """Ends the binary with ``<prog>: error: <first line of message>`` on stderr and ``code``."""
+    print(f"{prog}: error: {(message.splitlines() or [''])[0]}", file=sys.stderr)
+    sys.exit(code)
+
+
 def guarded(prog: str, main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """Wraps ``main`` so bad input ends in ``<prog>: error: ...`` and exit code 2.
 
@@ -289,22 +295,18 @@ def guarded(prog: str, main: Callable[[list[str]], None]) -> Callable[[list[str]
     write): each is one line, never a traceback.
     """
 
-    def fail(message: str) -> None:
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-
     def wrapped(argv: list[str]) -> None:
         if len(argv) > 1:
-            fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+            fail(prog, f"unexpected arguments {argv[1:]}; all options are --flags")
         try:
             main(argv)
         except BAD_INPUT as e:
-            fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            fail(prog, str(e).splitlines()[0] if str(e) else type(e).__name__)
         except OSError as e:
-            fail(_os_error_line(e))
+            fail(prog, _os_error_line(e))
         except Exception as e:
             if isinstance(e, _tf_op_error()):
-                fail(_tf_error_line(e))
+                fail(prog, _tf_error_line(e))
             raise
 
     return wrapped

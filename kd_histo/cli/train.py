@@ -5,7 +5,8 @@
 
 Flags -> a frozen ``kd_histo.training.config.RunConfig`` -> ``kd_histo.training.train.train``. Bad
 input ends in
-one line, ``kd-histo-train: error: <what to fix>``, exit code 2, and nothing written.
+one line, ``kd-histo-train: error: <what to fix>``, exit code 2, and nothing written; a run that
+diverged (NaN/inf loss or val metrics) ends in one such line and exit code 1.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kd_histo.models import ModelConfig
 from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig, smoke
 
 PROG = "kd-histo-train"
+EXIT_DIVERGED = 1  # the run ran but diverged (bad input is 2)
 # The configs whose fields are this binary's flags (ModelConfig: --stem and --norm,
 # NetConfig.kwargs).
 CONFIGS = (PipelineConfig, RunConfig, NetConfig, ModelConfig, DistillConfig, OptimConfig)
@@ -79,8 +81,19 @@ def main(argv: list[str]) -> None:
     from kd_histo.training import train
 
     cfg = config_from_flags()
-    result = train.train(cfg)
+    try:
+        result = train.train(cfg)
+    except train.TrainingError as e:  # a diverged run is a failed run, not bad input
+        fc.fail(PROG, str(e), EXIT_DIVERGED)
     best = f", best {cfg.monitor} {result.best:.4f}" if result.best is not None else ""
+    if result.diverged_at_epoch is not None:
+        fc.fail(
+            PROG,
+            f"the training diverged in epoch {result.diverged_at_epoch} (NaN/inf loss or val "
+            f"metrics); the best network before it{best} is kept at {result.model_path}: lower "
+            "--learning_rate to train further",
+            EXIT_DIVERGED,
+        )
     print(f"{PROG}: {cfg.mode} trained for {cfg.epochs} epochs{best}; model at {result.model_path}")
 
 

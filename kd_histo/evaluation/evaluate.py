@@ -312,6 +312,16 @@ class EvalConfig:
             )
 
 
+def check_finite_outputs(probs: np.ndarray, model_path: str, split: str) -> None:
+    """Refuses probabilities with NaN/inf (finite weights can still overflow to inf logits)."""
+    bad = int((~np.isfinite(probs)).any(axis=1).sum()) if len(probs) else 0
+    if bad:
+        raise ValueError(
+            f"{model_path}: refused, the network outputs NaN/inf for {bad} of {len(probs)} "
+            f"{split} tiles (the training diverged); retrain it with a lower --learning_rate"
+        )
+
+
 def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     """Predicts a split with a run's network, computes the metrics, writes the files; returns paths.
 
@@ -345,6 +355,7 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     keep = tuple(dict.fromkeys((run.view, "hr"))) if teacher_run else ()
     student_fn = probs_function(model)
     preds, kept = predict_split_keeping(model, ds, run.view, keep=keep, probs_of=student_fn)
+    check_finite_outputs(preds.probs, run.model_path(cfg.model_dir), cfg.split)
     result = evaluate_predictions(preds, info.class_names, n_boot=cfg.n_boot, seed=cfg.seed)
     if cfg.skip_corrupt:  # every record not read back was skipped (dataset.json counts them all)
         result["n_corrupt_skipped"] = info.num_examples(cfg.split) - len(preds.probs)

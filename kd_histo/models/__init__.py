@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from keras import layers
 
 from kd_histo.models.backbones import LAYOUTS, resnet_trunk
@@ -162,7 +163,8 @@ def load_model(path: str, expected_num_classes: int | None = None) -> keras.Mode
     Raises:
       FileNotFoundError: no such file.
       ValueError: not a ``.keras`` file, a damaged one, one holding Python code (refused by
-        Keras safe_mode), not a kd_histo net, wrong class count, or input not 3-channel RGB.
+        Keras safe_mode), not a kd_histo net, wrong class count, input not 3-channel RGB, or
+        NaN/inf weights.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} not found: train it first or fix the path")
@@ -205,6 +207,12 @@ def load_model(path: str, expected_num_classes: int | None = None) -> keras.Mode
         raise ValueError(
             f"{path}: the net has {n} classes but the data set has {expected_num_classes}; "
             "use a model trained on the same class list"
+        )
+    bad = sum(1 for w in model.weights if not np.isfinite(keras.ops.convert_to_numpy(w)).all())
+    if bad:  # a diverged training's network: every output NaN, every "prediction" one class
+        raise ValueError(
+            f"{path}: refused, {bad} of its {len(model.weights)} weight tensors hold NaN/inf (the "
+            "training diverged); retrain it with a lower --learning_rate"
         )
     return model
 

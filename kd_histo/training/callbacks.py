@@ -27,8 +27,8 @@ from kd_histo.atomic import replacing
 class SaveBestNet(keras.callbacks.Callback):
     """Saves ``net`` to ``path`` whenever ``monitor`` improves; the best value survives restarts.
 
-    An epoch with a non-finite training loss is never saved, so the last good network survives a
-    run that diverges.
+    An epoch with a non-finite training loss or validation metric is never saved, so the last good
+    network survives a run that diverges.
 
     Args:
       net: the network to save (the distiller's student).
@@ -53,9 +53,9 @@ class SaveBestNet(keras.callbacks.Callback):
         value = logs.get(self.monitor)
         if value is None or not np.isfinite(value):
             return
-        # An epoch whose training loss went NaN/inf (TerminateOnNaN stops the run after it) has
-        # non-finite weights; its val_accuracy can still be a finite, even "better", number.
-        if "loss" in logs and not np.isfinite(logs["loss"]):
+        # An epoch whose training loss or any validation metric went NaN/inf has non-finite
+        # weights or outputs; its val_accuracy can still be a finite, even "better", number.
+        if not all_finite(logs):
             return
         if (value > self.best) if self.higher else (value < self.best):
             self.best = float(value)
@@ -63,6 +63,24 @@ class SaveBestNet(keras.callbacks.Callback):
                 self.net.save(tmp)  # a kill mid-save leaves the previous best intact
             with open(self.state_path, "w") as f:
                 json.dump({"best": self.best, "epoch": int(epoch), "monitor": self.monitor}, f)
+
+
+def all_finite(logs: dict) -> bool:
+    """Whether an epoch's training loss and every validation metric are finite numbers."""
+    return all(
+        np.isfinite(value) for key, value in logs.items() if key == "loss" or key.startswith("val_")
+    )
+
+
+class TerminateOnNonFiniteVal(keras.callbacks.Callback):
+    """Stops the run after an epoch whose validation metrics are NaN/inf (Keras' TerminateOnNaN
+    looks at the training loss only, which can stay finite while the network's outputs are not).
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not all_finite(logs or {}):
+            print(f"Epoch {epoch}: non-finite validation metrics, terminating training", flush=True)
+            self.model.stop_training = True
 
 
 class HistoryCSV(keras.callbacks.CSVLogger):

@@ -71,7 +71,7 @@ class RunRecord:
       data_dir: the converted data folder of training.
       model: the network file, relative to the run folder (see :meth:`model_path`).
       savedmodel: the SavedModel folder, relative to the run folder.
-      diverged_at_epoch: first epoch whose training loss was NaN/inf, or None.
+      diverged_at_epoch: first epoch whose training loss or a val metric was NaN/inf, or None.
       record_version: format version of the record (:data:`RECORD_VERSION`).
     """
 

@@ -19,7 +19,6 @@ import contextlib
 import csv
 import dataclasses
 import json
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -61,6 +60,7 @@ class TrainResult:
     history: dict
     epochs_run: int
     best: float | None
+    diverged_at_epoch: int | None = None  # first epoch with NaN/inf loss or val metrics
 
 
 @contextlib.contextmanager
@@ -337,6 +337,7 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
         # First, so that when a later callback (or a kill) stops the run the epoch is already saved.
         keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
         keras.callbacks.TerminateOnNaN(),
+        cbs.TerminateOnNonFiniteVal(),
         cbs.HistoryCSV(os.path.join(model_dir, "history.csv")),
         keras.callbacks.TensorBoard(
             logs, profile_batch=(first, last) if last > 0 else 0, update_freq="epoch"
@@ -353,40 +354,63 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
 
 
 def _diverged_epoch(model_dir: str) -> int | None:
-    """First epoch (over all resumed attempts) whose training loss was NaN/inf, from history.csv."""
+    """First epoch (over all resumed attempts) whose training loss or a validation metric was
+    NaN/inf, from history.csv ("NA" cells, a column this epoch did not log, are no divergence)."""
     path = os.path.join(model_dir, "history.csv")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         for row in csv.DictReader(f):
-            if not math.isfinite(float(row.get("loss") or "nan")):
+            values = [v for k, v in row.items() if k == "loss" or (k or "").startswith("val_")]
+            if any(v.strip().lower() in ("nan", "inf", "-inf", "") for v in values if v != "NA"):
                 return int(row["epoch"])
     return None
 
 
-def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -> TrainResult:
+def _finite(net: keras.Model) -> bool:
+    return all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in net.weights)
+
+
+def _kept_network(cfg, model_dir, net, has_val):
+    """The network to save (the best checkpoint when there is one) and its monitored value.
+
+    Raises:
+      TrainingError: the run diverged and no checkpoint with finite validation metrics was kept,
+        or the network to save has NaN/inf weights.
+    """
     best_path = os.path.join(model_dir, "checkpoints", "best.keras")
-    best = None
     diverged = _diverged_epoch(model_dir)
-    if diverged is not None and not (has_val and os.path.isfile(best_path)):
+    kept = has_val and os.path.isfile(best_path)
+    if diverged is not None and not kept:
+        why = "no epoch before it had finite val metrics" if has_val else "no val split"
         raise TrainingError(
-            f"the training loss became NaN/inf in epoch {diverged} and no earlier network was kept "
-            "(no val "
-            f"split to pick one); nothing was saved as the model in {model_dir}: lower "
-            "--learning_rate or "
-            "check the inputs, then train into a new --model_dir"
+            f"the training diverged: its loss or val metrics became NaN/inf in epoch {diverged} "
+            f"and no earlier network was kept ({why}); nothing was saved as the model in "
+            f"{model_dir}: lower --learning_rate or check the inputs, then train into a new "
+            "--model_dir"
         )
-    if diverged is not None:
-        print(
-            f"kd_histo: the training loss became NaN/inf in epoch {diverged}; keeping the best "
-            "network "
-            "before it",
-            flush=True,
-        )
-    if has_val and os.path.isfile(best_path):
+    best = None
+    if kept:
         with open(best_path + ".json") as f:
             best = json.load(f)["best"]
         net = keras.saving.load_model(best_path, safe_mode=True)
+    if not _finite(net):
+        raise TrainingError(
+            f"the network to save in {model_dir} has NaN/inf weights (the training diverged); "
+            "nothing was saved as the model: lower --learning_rate, then train into a new "
+            "--model_dir"
+        )
+    return net, best, diverged
+
+
+def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -> TrainResult:
+    net, best, diverged = _kept_network(cfg, model_dir, net, has_val)
+    if diverged is not None:
+        print(
+            f"kd_histo: the training diverged in epoch {diverged} (NaN/inf loss or val metrics); "
+            "keeping the best network before it",
+            flush=True,
+        )
     model_path = os.path.join(model_dir, MODEL_FILE)
     net.save(model_path)
     saved = os.path.join(model_dir, "savedmodel")
@@ -416,4 +440,4 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
             diverged_at_epoch=diverged,
         ),
     )
-    return TrainResult(model_dir, model_path, history, epochs_run, best)
+    return TrainResult(model_dir, model_path, history, epochs_run, best, diverged)

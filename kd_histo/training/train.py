@@ -4,7 +4,7 @@
 policy (restored afterwards), the distribution strategy, data (``make_dataset``), the network
 (``build_model``) wrapped in a ``ResolutionDistiller`` (teacher: supervised on "hr"; baseline:
 supervised on "lr"; distill: frozen teacher on "hr", student on "lr", KD + feature loss), the
-optimizer and schedule, callbacks (BackupAndRestore first, best-network checkpoint, TensorBoard
+optimizer and schedule, callbacks (an atomic backup first, best-network checkpoint, TensorBoard
 with per-loss scalars, HR/LR grids and an early profile window, CSV log, TerminateOnNaN, progress
 bar) and ``fit``. The run folder receives config.json at the start and run.json, model.keras (the
 best network alone) and savedmodel/ at the end.
@@ -30,9 +30,9 @@ from kd_histo.atomic import write_json
 from kd_histo.convert.writer import DirLock
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
 from kd_histo.models import build_model
+from kd_histo.training import backup, preflight
 from kd_histo.training import callbacks as cbs
 from kd_histo.training import losses as L
-from kd_histo.training import preflight
 from kd_histo.training.config import RunConfig
 from kd_histo.training.distiller import ResolutionDistiller, losses_for
 from kd_histo.training.optimizers import FusedAdam
@@ -214,6 +214,7 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
             write_json(os.path.join(model_dir, CONFIG_JSON), cfg.to_dict())
             if cache_dir:
                 train_ds, val_ds = _cached_streams(cfg, cache_dir, teacher, net, input_px, has_val)
+            backup.resume_point(model_dir)  # a damaged backup falls back, named in one line
             callbacks = _callbacks(cfg, model_dir, net, train_ds, has_val) + [
                 counter,
                 *extra_callbacks,
@@ -335,7 +336,7 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
     first, last = cfg.profile_steps
     out = [
         # First, so that when a later callback (or a kill) stops the run the epoch is already saved.
-        keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
+        backup.AtomicBackupAndRestore(os.path.join(model_dir, "backup")),
         keras.callbacks.TerminateOnNaN(),
         cbs.TerminateOnNonFiniteVal(),
         cbs.HistoryCSV(os.path.join(model_dir, "history.csv")),

@@ -202,13 +202,15 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
 
     from kd_histo.evaluation import cost, evaluate
     from kd_histo.protocol import report
-    from kd_histo.training import train
+    from kd_histo.training import preflight, train
 
     specs = plan(cfg)
     _check_same_experiment(cfg)
     if cfg.results_dir:
         _check_same_experiment(cfg, os.path.join(cfg.results_dir, bundle.BUNDLE_DIR))
     _check_borrowed_teachers(cfg, specs)
+    # Every factor must fit the tile before anything trains (it failed after teacher and baseline)
+    preflight.check_input_sizes([s.config for s in specs if not _finished(s)])
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, EXPERIMENT_JSON), "w") as f:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)

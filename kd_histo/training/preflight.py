@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 
 import keras
 
@@ -322,3 +323,27 @@ def check_input_size(cfg: RunConfig, info: schema.DatasetInfo, net: keras.Model)
             "--hr_px, or --stem=small"
         )
     return px
+
+
+def check_input_sizes(cfgs: Sequence[RunConfig]) -> None:
+    """:func:`check_input_size` for several runs before any trains (an experiment's factors):
+    each run's data checks too, and one net is built per architecture and view size."""
+    from kd_histo.models import build_model
+
+    seen = set()
+    for cfg in cfgs:
+        key = (cfg.net, cfg.view, cfg.data.factor, cfg.data.hr_px, cfg.data.data_dir)
+        if key in seen:
+            continue
+        seen.add(key)
+        info = check_data(cfg)
+        net = build_model(
+            cfg.net.arch,
+            info.num_classes,
+            mean=info.mean,
+            std=info.std,
+            name="probe",
+            **cfg.net.build_kwargs(),
+        )
+        check_input_size(cfg, info, net)
+    keras.backend.clear_session()

@@ -39,6 +39,8 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
+INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
 def _define(
@@ -287,7 +289,8 @@ def fail(prog: str, message: str, code: int = EXIT_BAD_INPUT) -> typing.NoReturn
 
 
 def guarded(prog: str, main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-    """Wraps ``main`` so bad input ends in ``<prog>: error: ...`` and exit code 2.
+    """Wraps ``main`` so bad input ends in ``<prog>: error: ...`` and exit code 2, and Ctrl-C in
+    ``<prog>: interrupted; rerun the same command to resume`` and exit code 130.
 
     Bad input is a ``ValueError`` (the library's refusals), a file that is missing or not
     readable, any other ``OSError`` (a file in the way of a folder, a full disk, a file size
@@ -300,6 +303,9 @@ def guarded(prog: str, main: Callable[[list[str]], None]) -> Callable[[list[str]
             fail(prog, f"unexpected arguments {argv[1:]}; all options are --flags")
         try:
             main(argv)
+        except KeyboardInterrupt:  # Ctrl-C: finished work is kept, as after a kill
+            print(f"{prog}: {INTERRUPTED}", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
         except BAD_INPUT as e:
             fail(prog, str(e).splitlines()[0] if str(e) else type(e).__name__)
         except OSError as e:

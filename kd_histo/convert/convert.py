@@ -174,8 +174,13 @@ class _LazyPool:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, *exc):
         if self.executor is not None:
+            if kind is not None and issubclass(kind, KeyboardInterrupt):
+                # Ctrl-C: stop now rather than wait for the running units (a unit is kept only
+                # once whole, so the rerun redoes them).
+                for proc in list((getattr(self.executor, "_processes", None) or {}).values()):
+                    proc.terminate()
             self.executor.shutdown(cancel_futures=True)
         return False
 
@@ -205,6 +210,9 @@ def _die_with_parent(parent_pid: int) -> None:
         threading.Thread(target=watch, daemon=True).start()
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(1)
+    # Ctrl-C reaches the whole process group: the parent alone handles it (one line) and stops
+    # the workers; each would print its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_units(units, cfg, parts, class_names, lazy: _LazyPool) -> list[dict]:

@@ -210,12 +210,29 @@ def require(**values) -> None:
             raise ValueError(f"--{name} is required")
 
 
+_TYPED: list[str] = []  # the arguments of the command line as typed (not from a --flagfile)
+
+
+def _unexpected(rest: Sequence[str]) -> str:
+    """The error for arguments that are no --flags: the first one only, and only if it was typed
+    on the command line (a --flagfile's lines, or a file it includes, may hold secrets)."""
+    more = f" (and {len(rest) - 1} more)" if len(rest) > 1 else ""
+    if rest[0] in _TYPED:
+        first = rest[0] if len(rest[0]) <= 80 else rest[0][:77] + "..."
+        return f"unexpected argument {first!r}{more}; all options are --flags"
+    return (
+        f"a --flagfile (or a file it includes) has {len(rest)} line(s) that are no --flags (not "
+        "shown); every line of a flagfile must be --name=value"
+    )
+
+
 def _parser(prog: str) -> Callable[[list[str]], list[str]]:
     def parse(argv: list[str]) -> list[str]:
+        _TYPED[:] = argv[1:]
         try:
             rest = FLAGS(argv)
-        except flags.Error as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
+        except flags.Error as e:  # absl names the flag, and at most the offending --flag=value
+            print(f"{prog}: error: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
         # absl.app raises an unset --verbosity to INFO, which floods the binaries' own output
         # with TensorFlow's SavedModel chatter; warnings and errors still show (--verbosity=0: all).
@@ -300,7 +317,7 @@ def guarded(prog: str, main: Callable[[list[str]], None]) -> Callable[[list[str]
 
     def wrapped(argv: list[str]) -> None:
         if len(argv) > 1:
-            fail(prog, f"unexpected arguments {argv[1:]}; all options are --flags")
+            fail(prog, _unexpected(argv[1:]))
         try:
             main(argv)
         except KeyboardInterrupt:  # Ctrl-C: finished work is kept, as after a kill

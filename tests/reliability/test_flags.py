@@ -153,3 +153,31 @@ def test_cost_json_says_null_for_memory_it_did_not_measure(teacher_run, tmp_path
         assert "n/a" in open(out["markdown"]).read()
     else:
         assert all(t["peak_memory_mb"] > 0 for t in timings)
+
+
+SECRET = ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI", "second line sk-live-0123456789")
+
+
+@pytest.mark.parametrize("extra", [[], ["--model_dir=x", "--unknown_thing=1"]])
+def test_a_flagfile_including_a_file_through_dotdot_does_not_echo_it(
+    tmp_path, monkeypatch, capsys, extra
+):
+    """Issue 31, case 18: lines of an included file that are no --flags once made the "unexpected
+    arguments" error print the whole file (a CI secret, from a committed flagfile, in the logs)."""
+    (tmp_path / "ci.env").write_text("\n".join(SECRET) + "\n")
+    sub = tmp_path / "flags"
+    sub.mkdir()
+    (sub / "run.flags").write_text("--mode=teacher\n--flagfile=../ci.env\n")
+    monkeypatch.chdir(sub)
+    code = fc.invoke(train_cli.PROG, train_cli.main, ["--flagfile=run.flags", *extra])
+    assert code == 2
+    err = _one_line_error(capsys, train_cli.PROG)
+    assert not any(s in err for s in ("AWS_SECRET", "wJalrXUtnFEMI", "sk-live", "second")), err
+    assert "flagfile" in err or "unknown_thing" in err
+
+
+def test_unexpected_arguments_echo_at_most_the_first(capsys):
+    code = fc.invoke(train_cli.PROG, train_cli.main, ["--mode=teacher", "first_tok", "other_tok"])
+    assert code == 2
+    err = _one_line_error(capsys, train_cli.PROG)
+    assert "first_tok" in err and "other_tok" not in err and "1 more" in err

@@ -26,6 +26,8 @@ class ConvertConfig:
       h5_labels: HDF5 file of their labels ("" = unlabeled); label names are the integer values.
       h5_labels_key: dataset name of the labels (the images' is ``encode.h5_key``).
       class_names: fixed class order (default: sorted label names).
+      allow_one_class: accept labeled inputs of a single class (refused by default: a classifier
+        trained on them learns nothing and scores 1.0).
       group_by: "slide" (ids as given), "near_duplicates" (augmented copies of one original
         share a pseudo-slide: rotations, flips, zooms, crops, colour shifts) or "phash" (a cheaper
         hash that misses rotations by arbitrary angles and crops).
@@ -71,6 +73,9 @@ class ConvertConfig:
     h5_labels: str = setting("", "HDF5 file of their labels (e.g. *_y.h5); '' = unlabeled.")
     h5_labels_key: str = setting("y", "Dataset name of the labels in --h5_labels.")
     class_names: tuple[str, ...] = setting((), "Class order (default: sorted label names).")
+    allow_one_class: bool = setting(
+        False, "Accept labeled inputs of one class (e.g. a test cohort of one diagnosis)."
+    )
     group_by: str = setting(
         "slide",
         "Groups kept in one split: slide ids as given (manifest slide_id, --groups), augmented "

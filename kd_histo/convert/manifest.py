@@ -217,17 +217,28 @@ def printable(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def class_names_of(entries: list[Entry], given: list[str] | None = None) -> list[str]:
-    """The sorted label names of ``entries``, or ``given`` after checking every label is in it.
+def class_names_of(
+    entries: list[Entry], given: list[str] | None = None, one_class: bool = False
+) -> list[str]:
+    """The sorted label names of ``entries``, or ``given`` after checking every label is in it
+    (labeled entries of a single class are refused unless ``one_class``).
 
     Raises:
-      ManifestError: duplicate names in ``given``, or a label that is not in ``given``.
+      ManifestError: duplicate names in ``given``, a label that is not in ``given``, or labeled
+        inputs of one class only (nothing to tell apart: every accuracy would be 1.0).
     """
     # Integer-like names (HDF5 labels, numbered classes) sort numerically: "2" before "10".
     present = sorted(
         {e.label for e in entries if e.label is not None},
         key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n),
     )
+    if len(present) == 1 and not one_class:
+        example = next(e.path for e in entries if e.label is not None)
+        raise ManifestError(
+            f"the labeled inputs hold one class, {present[0]!r} (e.g. {example}); a classifier "
+            "needs at least two: add the other classes' tiles (or pass --allow_one_class, e.g. "
+            "for a test cohort)"
+        )
     if given:
         if len(set(given)) != len(given):
             raise ManifestError(f"--class_names has duplicates: {given}")

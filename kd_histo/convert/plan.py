@@ -108,7 +108,9 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
     entries, skipped = list_entries(cfg)
     num_inputs = len(entries) + len(skipped)  # listed inputs, including unsupported files
     notes: list[str] = []
-    class_names = manifest.class_names_of(entries, list(cfg.class_names) or None)
+    class_names = manifest.class_names_of(
+        entries, list(cfg.class_names) or None, one_class=cfg.allow_one_class
+    )
     if not class_names:
         class_names = ["unknown"]
         notes.append(

@@ -52,6 +52,7 @@ def check_data(cfg: RunConfig) -> schema.DatasetInfo:
             f"mode {cfg.mode!r} learns from labels: drop --nolabeled / use --unlabeled_ratio < 1"
         )
     needs_train = cfg.data.labeled and cfg.data.unlabeled_ratio < 1.0
+    _check_two_classes(cfg.data.data_dir, info, needs_train)
     splits = ["train"] if needs_train else []
     for split in splits:
         try:
@@ -79,6 +80,21 @@ def check_data(cfg: RunConfig) -> schema.DatasetInfo:
     except schema.SchemaError as e:
         raise PreflightError(str(e)) from None
     return info
+
+
+def _check_two_classes(data_dir: str, info: schema.DatasetInfo, labeled: bool) -> None:
+    """A classifier needs two classes: in dataset.json, and (``labeled``) in the train split."""
+    if len(info.class_names) < 2:
+        raise PreflightError(
+            f"{data_dir} has one class ({', '.join(info.class_names) or 'none'}); a classifier "
+            "needs at least two: convert the other classes' tiles too"
+        )
+    present = [c for c, n in info.counts.get("train", {}).items() if n > 0 and c != "unlabeled"]
+    if labeled and len(present) == 1:
+        raise PreflightError(
+            f"{data_dir}: the train split holds one class ({present[0]}); a classifier needs at "
+            "least two: convert again with tiles of the other classes"
+        )
 
 
 def check_shards(data_dir: str, info: schema.DatasetInfo, split: str, count: bool = True) -> None:

@@ -82,7 +82,12 @@ def test_bad_files_are_skipped_and_reported_or_fatal_with_strict(tmp_path):
     (tmp_path / "in" / "a" / "junk.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (tmp_path / "in" / "a" / "x.doc").write_bytes(b"doc")
     info = convert(
-        _cfg(tmp_path / "out", input_dir=str(tmp_path / "in"), encode=EncodeOptions(tile_px=16))
+        _cfg(
+            tmp_path / "out",
+            input_dir=str(tmp_path / "in"),
+            encode=EncodeOptions(tile_px=16),
+            allow_one_class=True,  # one class folder: what is tested is the skipping
+        )
     )
     reasons = {os.path.basename(s["path"]): s["reason"] for s in info.skipped}
     assert set(reasons) == {"zero.png", "junk.jpg", "x.doc"} and "zero-byte" in reasons["zero.png"]
@@ -94,6 +99,7 @@ def test_bad_files_are_skipped_and_reported_or_fatal_with_strict(tmp_path):
                 tmp_path / "strict",
                 input_dir=str(tmp_path / "in"),
                 encode=EncodeOptions(tile_px=16, strict=True),
+                allow_one_class=True,
             )
         )
 

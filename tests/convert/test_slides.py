@@ -129,6 +129,7 @@ def test_slide_labels_csv_gives_label_patient_and_split(pyramid, tmp_path):
             out_dir=str(tmp_path / "out"),
             slide_labels=str(labels),
             encode=EncodeOptions(tile_px=32, target_mpp=0.5),
+            allow_one_class=True,  # a test cohort of one diagnosis
         )
     )
     assert info.class_names == ["tumour"] and info.counts == {"test": {"tumour": 12}}

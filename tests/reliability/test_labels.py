@@ -1,0 +1,124 @@
+"""Labels that once gave a silently wrong data set (issue 31): one class only (cases 5), labels
+that differ only in case or whitespace, and a manifest label that contradicts the file's class
+folder (case 6)."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from kd_histo.cli import convert as convert_cli
+from kd_histo.cli import flags_common as fc
+from kd_histo.cli import train as train_cli
+
+from .helpers import encoded, rgb, write
+
+pytestmark = pytest.mark.reliability
+
+ARGS = ["--tile_px=16", "--num_workers=0", "--progress=false", "--split_fractions=0.5,0.25,0.25"]
+TINY = [
+    "--planes=4,8,8,16",
+    "--stem=small",
+    "--batch_size=4",
+    "--epochs=1",
+    "--steps_per_epoch=2",
+    "--val_steps=1",
+    "--profile_steps=0,0",
+    "--verbose=0",
+]
+
+
+def _convert(capsys, *argv) -> tuple[int, str]:
+    code = fc.invoke(convert_cli.PROG, convert_cli.main, [*argv, *ARGS])
+    return code, capsys.readouterr().err.strip()
+
+
+def _one_line(err: str, prog: str = convert_cli.PROG) -> str:
+    err = err.strip()
+    assert err.startswith(f"{prog}: error:") and "\n" not in err, err
+    return err
+
+
+def _tiles(folder, classes=("a", "b"), per_class=4) -> list[tuple[str, str]]:
+    rows = []
+    for c in classes:
+        for i in range(per_class):
+            rel = f"{c}/t{i}.png"
+            write(os.path.join(folder, rel), encoded(rgb(len(rows)), "PNG"))
+            rows.append((rel, c))
+    return rows
+
+
+def _manifest(folder, rows, header="path,label") -> str:
+    path = os.path.join(folder, "manifest.csv")
+    with open(path, "w") as f:
+        f.write(header + "\n" + "".join(f"{p},{lab}\n" for p, lab in rows))
+    return path
+
+
+# --- case 5: one class -------------------------------------------------------------------------
+
+
+def test_convert_refuses_a_folder_of_one_class(tmp_path, capsys):
+    _tiles(tmp_path / "src", classes=("lung_aca",))
+    code, err = _convert(capsys, f"--input_dir={tmp_path / 'src'}", f"--out_dir={tmp_path / 'o'}")
+    assert code == 2
+    line = _one_line(err)
+    assert "one class" in line and "lung_aca" in line and str(tmp_path / "src") in line
+    assert not (tmp_path / "o" / "dataset.json").exists()
+
+
+def test_convert_refuses_one_class_even_with_two_class_names(tmp_path, capsys):
+    rows = _tiles(tmp_path / "src", classes=("a",))
+    manifest = _manifest(tmp_path / "src", rows)
+    code, err = _convert(
+        capsys, f"--manifest={manifest}", f"--out_dir={tmp_path / 'o'}", "--class_names=a,b"
+    )
+    assert code == 2
+    assert "one class" in _one_line(err)
+
+
+def test_one_class_is_converted_with_the_explicit_flag(tmp_path, capsys):
+    _tiles(tmp_path / "src", classes=("lung_aca",))
+    out = tmp_path / "o"
+    code, err = _convert(
+        capsys, f"--input_dir={tmp_path / 'src'}", f"--out_dir={out}", "--allow_one_class"
+    )
+    assert code == 0, err
+    assert json.loads((out / "dataset.json").read_text())["class_names"] == ["lung_aca"]
+
+
+def test_train_refuses_a_data_set_of_one_class(tiny_shards, tmp_path, capsys):
+    """A data set converted before the refusal (or edited): dataset.json lists one class."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shards, data)
+    info = json.loads((data / "dataset.json").read_text())
+    first = info["class_names"][0]
+    info["class_names"] = [first]
+    info["counts"] = {
+        s: ({first: sum(c.values())} if s != "unlabeled" else c) for s, c in info["counts"].items()
+    }
+    (data / "dataset.json").write_text(json.dumps(info))
+    model_dir = tmp_path / "m"
+    argv = ["--mode=teacher", f"--data_dir={data}", f"--model_dir={model_dir}", *TINY]
+    code = fc.invoke(train_cli.PROG, train_cli.main, argv)
+    assert code == 2
+    line = _one_line(capsys.readouterr().err, train_cli.PROG)
+    assert "one class" in line and str(data) in line
+    assert not model_dir.exists()
+
+
+def test_train_refuses_a_train_split_holding_one_class(tiny_shards, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shards, data)
+    info = json.loads((data / "dataset.json").read_text())
+    names = info["class_names"]
+    info["counts"]["train"] = {n: (sum(info["counts"]["train"].values()) if i == 0 else 0)
+                               for i, n in enumerate(names)}  # fmt: skip
+    (data / "dataset.json").write_text(json.dumps(info))
+    argv = ["--mode=baseline", f"--data_dir={data}", f"--model_dir={tmp_path / 'm'}", *TINY]
+    code = fc.invoke(train_cli.PROG, train_cli.main, argv)
+    assert code == 2
+    line = _one_line(capsys.readouterr().err, train_cli.PROG)
+    assert "train split" in line and "one class" in line

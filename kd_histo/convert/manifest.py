@@ -57,7 +57,8 @@ def read_manifest(path: str, root: str | None = None, slides: bool = False) -> l
 
     Raises:
       ManifestError: missing file/columns, not UTF-8 CSV, rows with surplus fields, empty or
-        duplicate paths, bad split names, paths escaping ``root``.
+        duplicate paths, bad split names, paths escaping ``root``, a label that contradicts the
+        file's folder when that folder is named as a class.
     """
     if not os.path.isfile(path):
         raise ManifestError(f"manifest {path} not found; pass an existing CSV file to --manifest")
@@ -136,7 +137,38 @@ def _read_rows(path, reader, base, root, root_abs, slides) -> list[Entry]:
         )
     if not entries:
         raise ManifestError(f"{path} lists no files; add rows below the header")
+    _check_class_folders(path, entries, list(seen.values()))
     return entries
+
+
+def _check_class_folders(path: str, entries: list[Entry], lines: list[int]) -> None:
+    """A row's label must agree with the file's folder when that folder is named as a class."""
+    labels = {e.label for e in entries if e.label}
+    for e, line in zip(entries, lines):
+        folder = os.path.basename(os.path.dirname(e.path))
+        if e.label and folder in labels and folder != e.label:
+            rel = os.path.join(folder, os.path.basename(e.path))
+            raise ManifestError(
+                f"{path}:{line}: {rel} lies in the class folder {folder!r} but is labeled "
+                f"{e.label!r}; fix the label or move the file"
+            )
+
+
+def _same_class_spelt_twice(entries: list[Entry]) -> None:
+    """Refuses labels that differ only in case or whitespace ('LUNG_ACA' beside 'lung_aca')."""
+    spellings: dict[str, dict[str, str]] = {}
+    for e in entries:
+        if e.label is not None:
+            spellings.setdefault(" ".join(e.label.split()).casefold(), {}).setdefault(
+                e.label, e.path
+            )
+    for found in spellings.values():
+        if len(found) > 1:
+            (a, path_a), (b, path_b) = sorted(found.items())[:2]
+            raise ManifestError(
+                f"labels {a!r} ({path_a}) and {b!r} ({path_b}) differ only in case or "
+                "whitespace; write each class one way (one class folder, one manifest spelling)"
+            )
 
 
 def scan_folder(input_dir: str) -> tuple[list[Entry], list[dict[str, str]]]:
@@ -224,9 +256,11 @@ def class_names_of(
     (labeled entries of a single class are refused unless ``one_class``).
 
     Raises:
-      ManifestError: duplicate names in ``given``, a label that is not in ``given``, or labeled
-        inputs of one class only (nothing to tell apart: every accuracy would be 1.0).
+      ManifestError: duplicate names in ``given``, a label that is not in ``given``, labels that
+        differ only in case or whitespace, or labeled inputs of one class only (nothing to tell
+        apart: every accuracy would be 1.0).
     """
+    _same_class_spelt_twice(entries)
     # Integer-like names (HDF5 labels, numbered classes) sort numerically: "2" before "10".
     present = sorted(
         {e.label for e in entries if e.label is not None},

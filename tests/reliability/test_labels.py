@@ -122,3 +122,58 @@ def test_train_refuses_a_train_split_holding_one_class(tiny_shards, tmp_path, ca
     assert code == 2
     line = _one_line(capsys.readouterr().err, train_cli.PROG)
     assert "train split" in line and "one class" in line
+
+
+# --- case 6: labels that are one class spelt twice, labels against their class folder ---------
+
+
+@pytest.mark.parametrize("variant", ["LUNG_ACA", "Lung_aca", "lung_aca ", "lung  aca"])
+def test_manifest_labels_differing_in_case_or_whitespace_are_refused(tmp_path, capsys, variant):
+    base = "lung aca" if variant == "lung  aca" else "lung_aca"
+    rows = _tiles(tmp_path / "src", classes=("x", "y"))
+    rows = [(p, base if p.startswith("x/") else "lung_n") for p, _ in rows]
+    rows[1] = (rows[1][0], f'"{variant}"')  # quoted: the whitespace is the label's own
+    manifest = _manifest(tmp_path / "src", rows)
+    code, err = _convert(capsys, f"--manifest={manifest}", f"--out_dir={tmp_path / 'o'}")
+    if variant == "lung_aca ":  # surrounding whitespace is stripped: one class, no error
+        assert code == 0, err
+        info = json.loads((tmp_path / "o" / "dataset.json").read_text())
+        assert info["class_names"] == ["lung_aca", "lung_n"]
+        return
+    assert code == 2
+    line = _one_line(err)
+    assert repr(variant) in line and repr(base) in line and "case or whitespace" in line
+    assert manifest in line or "t1.png" in line
+    assert not (tmp_path / "o" / "dataset.json").exists()
+
+
+def test_class_folders_differing_only_in_case_are_refused(tmp_path, capsys):
+    _tiles(tmp_path / "src", classes=("LUNG_ACA", "lung_aca", "lung_n"))
+    code, err = _convert(capsys, f"--input_dir={tmp_path / 'src'}", f"--out_dir={tmp_path / 'o'}")
+    assert code == 2
+    line = _one_line(err)
+    assert "'LUNG_ACA'" in line and "'lung_aca'" in line and "case or whitespace" in line
+
+
+def test_a_manifest_label_contradicting_the_class_folder_is_refused(tmp_path, capsys):
+    rows = _tiles(tmp_path / "src", classes=("lung_aca", "lung_n"))
+    rows[2] = (rows[2][0], "lung_n")  # lung_aca/t2.png labeled lung_n
+    manifest = _manifest(tmp_path / "src", rows)
+    code, err = _convert(capsys, f"--manifest={manifest}", f"--out_dir={tmp_path / 'o'}")
+    assert code == 2
+    line = _one_line(err)
+    assert f"{manifest}:4" in line and "lung_aca/t2.png" in line
+    assert "'lung_aca'" in line and "'lung_n'" in line
+    assert not (tmp_path / "o" / "dataset.json").exists()
+
+
+def test_folders_that_are_no_class_names_are_not_checked(tmp_path, capsys):
+    """Tiles in per-slide folders (not class folders) carry any label."""
+    rows = []
+    for i in range(8):
+        rel = f"slide{i % 2}/t{i}.png"
+        write(os.path.join(tmp_path / "src", rel), encoded(rgb(i), "PNG"))
+        rows.append((rel, "a" if i < 4 else "b"))
+    manifest = _manifest(tmp_path / "src", rows)
+    code, err = _convert(capsys, f"--manifest={manifest}", f"--out_dir={tmp_path / 'o'}")
+    assert code == 0, err

@@ -45,10 +45,25 @@ def open_slide(path: str):
         ) from None
 
 
+MPP_RANGE = (0.01, 100.0)  # level-0 µm/px of any scanner or camera (a 40x scan: 0.25)
+
+
+def _plausible(mpp: float, source: str) -> float:
+    """``mpp`` when it is a level-0 µm/px a slide can have; else one line naming ``source``."""
+    lo, hi = MPP_RANGE
+    if not lo <= mpp <= hi:  # also NaN
+        raise ConversionError(
+            f"{source} gives level-0 µm/px {mpp:.3g}, outside {lo:g}-{hi:g}; "
+            "pass the slide's real value with --slide_mpp=<level-0 µm/px>"
+        )
+    return mpp
+
+
 def base_mpp_of(slide, override: float = 0.0) -> float:
-    """Level-0 µm/px from the slide's metadata, or ``override`` when > 0."""
+    """Level-0 µm/px from the slide's metadata, or ``override`` when > 0 (both checked to lie in
+    :data:`MPP_RANGE`)."""
     if override > 0:
-        return override
+        return _plausible(override, "--slide_mpp")
     for key in ("openslide.mpp-x", "tiff.XResolution"):
         value = slide.properties.get(key)
         if value:
@@ -58,7 +73,7 @@ def base_mpp_of(slide, override: float = 0.0) -> float:
                     continue
                 mpp = 1e4 / mpp
             if mpp > 0:
-                return mpp
+                return _plausible(mpp, f"its metadata ({key})")
     raise ConversionError(
         "the slide has no µm/px in its metadata; pass --slide_mpp=<level-0 µm/px>"
     )
@@ -127,11 +142,15 @@ def plan_slide(
 
     Raises:
       SkipInput: the slide cannot be opened.
-      ConversionError: no µm/px known, or a tile larger than the slide.
+      ConversionError: no plausible µm/px known, or a tile larger than the slide (the message
+        starts with ``path``).
     """
     slide = open_slide(path)
     try:
-        base = base_mpp_of(slide, slide_mpp)
+        try:
+            base = base_mpp_of(slide, slide_mpp)
+        except ConversionError as e:
+            raise ConversionError(f"{path}: {e}") from None
         size_l0 = int(round(tile_px * target_mpp / base))
         width, height = slide.dimensions
         if size_l0 < 1 or size_l0 > min(width, height):

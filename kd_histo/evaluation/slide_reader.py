@@ -144,8 +144,8 @@ def plan_read(
         SkipInput,
         ConversionError,
         openslide.OpenSlideError,
-    ) as e:  # binaries need a ValueError
-        raise ValueError(f"{path}: {e}") from None
+    ) as e:  # binaries need a ValueError; plan_slide's own errors name the slide already
+        raise ValueError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
     coords = list(grid.coords)
     if not coords:
         raise ValueError(f"{path}: no tile has {min_tissue:.0%} tissue; lower --min_tissue")

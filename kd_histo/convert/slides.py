@@ -141,10 +141,12 @@ def plan_slide(
     """Lists tissue tiles of ``tile_px`` at ``target_mpp`` (µm/px) on a non-overlapping grid.
 
     Raises:
-      SkipInput: the slide cannot be opened.
+      SkipInput: the slide cannot be opened, or its thumbnail cannot be read.
       ConversionError: no plausible µm/px known, or a tile larger than the slide (the message
         starts with ``path``).
     """
+    import openslide
+
     slide = open_slide(path)
     try:
         try:
@@ -159,7 +161,10 @@ def plan_slide(
                 "but the slide is "
                 f"{width}x{height}; lower --tile_px or --target_mpp"
             )
-        mask = tissue_mask(slide, thumb_px, block_px)
+        try:
+            mask = tissue_mask(slide, thumb_px, block_px)
+        except openslide.OpenSlideError as e:  # a damaged tile (e.g. a corrupt JPEG) in the way
+            raise SkipInput(f"its thumbnail could not be read: {str(e).splitlines()[0]}") from None
     finally:
         slide.close()
     sy, sx = mask.shape[0] / height, mask.shape[1] / width

@@ -1,5 +1,9 @@
-"""Whole slides that once gave a misleading message (issue 31): an absurd level-0 µm/px, from the
+"""Whole slides that once gave a traceback or a misleading message (issue 31): a slide whose
+thumbnail cannot be read is skipped and listed (case 13); an absurd level-0 µm/px, from the
 metadata or --slide_mpp, is one line naming the slide and the fix (case 16)."""
+
+import json
+import struct
 
 import numpy as np
 import pytest
@@ -20,6 +24,22 @@ def _slide(path, mpp=0.25) -> str:
     return str(path)
 
 
+def _break_a_level0_tile(path: str) -> None:
+    """Points level 0's first tile past the end of the file (a read error, as from a bad JPEG)."""
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        ifd = struct.unpack("<I", data[4:8])[0]
+        (n,) = struct.unpack("<H", data[ifd : ifd + 2])
+        for i in range(n):
+            tag, _, count, value = struct.unpack(
+                "<HHII", data[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
+            )
+            if tag == 324 and count > 1:  # TileOffsets, stored out of line
+                data[value : value + 4] = struct.pack("<I", len(data) + 10**6)
+        f.seek(0)
+        f.write(data)
+
+
 def _convert(capsys, tmp_path, *argv) -> tuple[int, str]:
     out = tmp_path / "out"
     code = fc.invoke(
@@ -35,6 +55,18 @@ def _convert(capsys, tmp_path, *argv) -> tuple[int, str]:
         ],
     )
     return code, capsys.readouterr().err.strip()
+
+
+def test_a_slide_whose_thumbnail_cannot_be_read_is_skipped_and_listed(tmp_path, capsys):
+    good = _slide(tmp_path / "good.tif")
+    bad = _slide(tmp_path / "bad.tif")
+    _break_a_level0_tile(bad)
+    code, err = _convert(capsys, tmp_path, f"--slides={good},{bad}")
+    assert code == 0, err
+    info = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    skipped = {s["path"]: s["reason"] for s in info["skipped"]}
+    assert list(skipped) == [bad] and "thumbnail" in skipped[bad], skipped
+    assert sum(sum(c.values()) for c in info["counts"].values()) > 0  # the good slide's tiles
 
 
 def _one_line(code, err) -> str:

@@ -46,7 +46,8 @@ def list_h5(
     """One entry per patch of ``images`` (uint8 [N, H, W, 3]), labels from ``labels`` ([N, ...]).
 
     Raises:
-      ConversionError: missing file or dataset, a non-image array, or label count mismatch.
+      ConversionError: missing file or dataset, a non-image array, label count mismatch, or a
+        label that is no integer >= 0 (NaN, 0.5, -1), named by file and index.
     """
     x = _dataset(images, images_key)
     shape = [int(d) for d in x.shape]
@@ -62,9 +63,23 @@ def list_h5(
                 f"{labels} has {len(y)} labels for {shape[0]} patches in {images}; "
                 "pair the right files"
             )
-        names = [str(int(v)) for v in y]
+        names = _label_names(y, f"{labels}:{labels_key}")
     stem = os.path.splitext(os.path.basename(images))[0]
     return [Entry(f"{images}#{i}", names[i], f"{stem}-{i}") for i in range(shape[0])]
+
+
+def _label_names(y: np.ndarray, where: str) -> list[str]:
+    """Class names ("0", "1"...) of HDF5 labels, which must be integers >= 0 (class indices)."""
+    values = y.astype(np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values != np.round(values))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ConversionError(
+            f"{where}[{i}] is {float(y[i]):g} ({int(bad.sum())} such labels); labels must be "
+            "integers >= 0 (class indices): fix the labels file, or leave --h5_labels out for "
+            "unlabeled patches"
+        )
+    return [str(int(v)) for v in values]
 
 
 class H5Reader:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from kd_histo.cli import convert as convert_cli
@@ -177,3 +178,30 @@ def test_folders_that_are_no_class_names_are_not_checked(tmp_path, capsys):
     manifest = _manifest(tmp_path / "src", rows)
     code, err = _convert(capsys, f"--manifest={manifest}", f"--out_dir={tmp_path / 'o'}")
     assert code == 0, err
+
+
+# --- case 16 (and the label half of case 9): HDF5 labels that are no class index ------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.5, -1.0])
+def test_an_hdf5_label_that_is_no_class_index_is_one_line_naming_file_and_index(
+    tmp_path, capsys, bad
+):
+    h5py = pytest.importorskip("h5py", reason="h5py writes the test's HDF5 file")
+    x = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    y = np.array([0, 1, 0, 1, 1, 0], np.float32)
+    y[4] = bad
+    with h5py.File(tmp_path / "p_x.h5", "w") as f:
+        f["x"] = x
+    with h5py.File(tmp_path / "p_y.h5", "w") as f:
+        f["y"] = y
+    code, err = _convert(
+        capsys,
+        f"--h5_images={tmp_path / 'p_x.h5'}",
+        f"--h5_labels={tmp_path / 'p_y.h5'}",
+        f"--out_dir={tmp_path / 'o'}",
+    )
+    assert code == 2, err
+    line = _one_line(err)
+    assert str(tmp_path / "p_y.h5") in line and "[4]" in line and "integer" in line
+    assert not (tmp_path / "o" / "dataset.json").exists()

@@ -105,6 +105,7 @@ def _cfg(tmp_path, **encode):
         input_dir=str(tmp_path / "in"),
         fractions=(1.0, 0.0, 0.0),
         encode=EncodeOptions(**{"tile_px": 16, **encode}),
+        allow_one_class=True,  # one class folder: these tests are about reading the images
     )
 
 
@@ -125,6 +126,7 @@ def test_one_pixel_image_stops_a_crop_conversion_naming_the_file_or_is_upsampled
         input_dir=str(tmp_path / "in"),
         fractions=(1.0, 0.0, 0.0),
         encode=EncodeOptions(tile_px=16, fit="resize"),
+        allow_one_class=True,
     )
     info = convert(cfg)
     assert info.counts == {"train": {"a": 2}} and info.skipped == []

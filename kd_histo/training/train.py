@@ -31,9 +31,10 @@ from kd_histo.atomic import write_json
 from kd_histo.convert.writer import DirLock
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
 from kd_histo.models import build_model
+from kd_histo.models.stain import stain_reference_of
 from kd_histo.training import callbacks as cbs
+from kd_histo.training import domain, preflight
 from kd_histo.training import losses as L
-from kd_histo.training import preflight
 from kd_histo.training.config import RunConfig
 from kd_histo.training.distiller import ResolutionDistiller, losses_for
 from kd_histo.training.optimizers import FusedAdam
@@ -187,6 +188,7 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
                 mean=info.mean,
                 std=info.std,
                 name=cfg.mode,
+                stain_reference=domain.stain_reference(cfg, info, teacher),
                 **cfg.net.build_kwargs(),
             )
             input_px = preflight.check_input_size(cfg, info, net)
@@ -364,6 +366,10 @@ def _diverged_epoch(model_dir: str) -> int | None:
     return None
 
 
+def _log(line: str) -> None:
+    print(f"kd_histo: {line}", flush=True)
+
+
 def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -> TrainResult:
     best_path = os.path.join(model_dir, "checkpoints", "best.keras")
     best = None
@@ -387,6 +393,9 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
         with open(best_path + ".json") as f:
             best = json.load(f)["best"]
         net = keras.saving.load_model(best_path, safe_mode=True)
+    stats = domain.fit_ood(cfg, net, info.num_classes, has_val, log=_log)
+    if stats is not None:
+        stats.save(model_dir)
     model_path = os.path.join(model_dir, MODEL_FILE)
     net.save(model_path)
     saved = os.path.join(model_dir, "savedmodel")
@@ -414,6 +423,8 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
             model=MODEL_FILE,
             savedmodel="savedmodel",
             diverged_at_epoch=diverged,
+            stain_reference=stain_reference_of(net),
+            ood_threshold=stats.threshold if stats is not None else None,
         ),
     )
     return TrainResult(model_dir, model_path, history, epochs_run, best)

@@ -18,6 +18,7 @@ from absl import flags
 
 from kd_histo.cli import flags_common as fc  # first: it sets TensorFlow's log level
 from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.data.stain_norm import StainConfig
 from kd_histo.models import ModelConfig
 from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig, smoke
 
@@ -25,7 +26,15 @@ PROG = "kd-histo-train"
 EXIT_DIVERGED = 1  # the run ran but diverged (bad input is 2)
 # The configs whose fields are this binary's flags (ModelConfig: --stem and --norm,
 # NetConfig.kwargs).
-CONFIGS = (PipelineConfig, RunConfig, NetConfig, ModelConfig, DistillConfig, OptimConfig)
+CONFIGS = (
+    PipelineConfig,
+    RunConfig,
+    NetConfig,
+    ModelConfig,
+    DistillConfig,
+    OptimConfig,
+    StainConfig,
+)
 OWN_FLAGS = ("smoke",)
 fc.define_binary_flags(CONFIGS, OWN_FLAGS)
 FLAGS = fc.FLAGS
@@ -58,6 +67,7 @@ def config_from_flags(
         net=NetConfig(**net, kwargs=kwargs),
         distill=DistillConfig(**fc.config_kwargs(DistillConfig, fv)),
         optim=OptimConfig(**fc.config_kwargs(OptimConfig, fv)),
+        stain=StainConfig(**fc.config_kwargs(StainConfig, fv)),
     )
     return smoke(cfg) if fv.smoke else cfg
 

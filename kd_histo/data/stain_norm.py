@@ -29,10 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterable
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
+
+from kd_histo.settings import setting
 
 METHODS = ("none", "reinhard", "macenko")
 BETA = 0.15  # optical-density floor of a stained pixel (Macenko's beta)
@@ -103,6 +107,100 @@ class StainReference:
         if unknown:
             raise ValueError(f"stain reference: unknown fields {sorted(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+REFERENCE_TILES = 512  # training tiles a default reference is fitted on (an even spread)
+
+
+@dataclasses.dataclass(frozen=True)
+class StainConfig:
+    """Whether and to what a run normalises its tiles' stain (the flags of kd-histo-train).
+
+    The reference is fitted once, when a teacher or baseline starts training, and becomes part of
+    the saved network (its first layer, :class:`kd_histo.models.stain.StainNormalization`): the
+    evaluation and prediction of that network apply it without being told. A distilled student
+    takes its teacher's reference and applies it to its own low-resolution view.
+
+    Attributes:
+      method: "none", "reinhard" or "macenko".
+      reference: an image or a folder of images to fit the reference on; "" = the run's training
+        tiles (up to ``reference_tiles`` of them, spread evenly over the split).
+      reference_tiles: how many training tiles the default reference is fitted on.
+    """
+
+    method: str = setting(
+        "none",
+        "Stain normalisation of every tile the net sees: none, reinhard or macenko (fitted on the "
+        "training tiles or --stain_reference; saved in the net, so evaluation and prediction "
+        "apply it too; a student takes its teacher's).",
+        flag="stain_norm",
+        choices=METHODS,
+    )
+    reference: str = setting(
+        "",
+        "An image or folder of images whose stain is the target of --stain_norm (default the "
+        "training tiles).",
+        flag="stain_reference",
+    )
+    reference_tiles: int = REFERENCE_TILES
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(
+                f"stain_norm {self.method!r} unknown; choose one of {', '.join(METHODS)}"
+            )
+        if self.reference and self.method == "none":
+            raise ValueError(
+                f"--stain_reference={self.reference} needs --stain_norm=reinhard or macenko"
+            )
+        if self.reference_tiles < 1:
+            raise ValueError(f"reference_tiles must be >= 1, got {self.reference_tiles}")
+
+
+def reference_images(path: str) -> list[str]:
+    """The image files of ``--stain_reference``: the file itself, or a folder's images (sorted).
+
+    Raises:
+      FileNotFoundError: no such file or folder.
+      ValueError: a folder without images, or a file that is no image kd_histo reads.
+    """
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(root, f)
+            for root, _, names in os.walk(path)
+            for f in names
+            if f.lower().endswith(IMAGE_SUFFIXES)
+        )
+        if not files:
+            raise ValueError(
+                f"--stain_reference={path}: the folder holds no images "
+                f"({', '.join(IMAGE_SUFFIXES)})"
+            )
+        return files
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--stain_reference={path}: no such image or folder")
+    if not path.lower().endswith(IMAGE_SUFFIXES):
+        raise ValueError(
+            f"--stain_reference={path}: not an image kd_histo reads ({', '.join(IMAGE_SUFFIXES)})"
+        )
+    return [path]
+
+
+def fit_reference_on_files(method: str, path: str, max_images: int = REFERENCE_TILES):
+    """:func:`fit_reference` on the images of ``path`` (an image or a folder; RGB, 8 bit)."""
+    files = reference_images(path)
+    files = files[:: max(1, math.ceil(len(files) / max_images))]
+
+    def read():
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    yield np.asarray(im.convert("RGB"))
+            except OSError as e:
+                raise ValueError(f"--stain_reference: cannot read {f} ({e})") from None
+
+    return fit_reference(method, read(), source=path)
 
 
 # ---------------------------------------------------------------------------------- shared parts

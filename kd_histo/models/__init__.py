@@ -22,8 +22,10 @@ import keras
 import numpy as np
 from keras import layers
 
+from kd_histo.data.stain_norm import StainReference
 from kd_histo.models.backbones import LAYOUTS, resnet_trunk
 from kd_histo.models.resnet_gn import STEMS, resnet_gn_trunk
+from kd_histo.models.stain import StainNormalization
 from kd_histo.settings import setting
 
 ARCHS = ("resnet_gn",) + tuple(LAYOUTS)
@@ -46,6 +48,8 @@ class ModelConfig:
       width_scale: width multiplier of the standard ResNets.
       weights: optional local ``.weights.h5`` file to load after building.
       name: Keras model name.
+      stain_reference: when set, the net's first layer normalises each input's stain to it
+        (:class:`kd_histo.models.stain.StainNormalization`), before the mean/std normalisation.
     """
 
     arch: str = "resnet_gn"
@@ -60,6 +64,7 @@ class ModelConfig:
     width_scale: float = 1.0
     weights: str = ""
     name: str = "net"
+    stain_reference: StainReference | None = None
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -111,9 +116,12 @@ def build_model(
 def build_from_config(cfg: ModelConfig) -> keras.Model:
     """Builds the net described by ``cfg`` (and loads ``cfg.weights`` when set)."""
     inputs = keras.Input((None, None, 3), name="image")
+    x = inputs
+    if cfg.stain_reference is not None:
+        x = StainNormalization(cfg.stain_reference, name="stain_normalize")(x)
     x = layers.Normalization(
         mean=list(cfg.mean), variance=[s * s for s in cfg.std], name="normalize"
-    )(inputs)
+    )(x)
     if cfg.arch == "resnet_gn":
         feats = resnet_gn_trunk(
             x,

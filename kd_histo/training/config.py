@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.data.stain_norm import StainConfig
 from kd_histo.numbers import require_finite
 from kd_histo.settings import setting
 from kd_histo.training import losses as L
@@ -160,6 +161,7 @@ class RunConfig:
       net: the network trained in this run.
       distill: distillation weights and the teacher path.
       optim: optimizer and schedule.
+      stain: stain normalisation (its reference becomes the net's first layer).
       epochs: training epochs.
       steps_per_epoch: batches per epoch; 0 = one pass over the training split.
       val_steps: validation batches; 0 = the whole val split.
@@ -183,6 +185,7 @@ class RunConfig:
     net: NetConfig = NetConfig()
     distill: DistillConfig = DistillConfig()
     optim: OptimConfig = OptimConfig()
+    stain: StainConfig = StainConfig()
     epochs: int = setting(30, "Training epochs.")
     steps_per_epoch: int = setting(0, "Batches per epoch; 0 = one pass over the train split.")
     val_steps: int = setting(0, "Validation batches; 0 = the whole val split.")
@@ -247,6 +250,7 @@ class RunConfig:
             net=NetConfig(**net),
             distill=DistillConfig(**d.pop("distill", {})),
             optim=OptimConfig(**d.pop("optim", {})),
+            stain=StainConfig(**d.pop("stain", {})),
             **d,
         )
 

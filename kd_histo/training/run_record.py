@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kd_histo.atomic import write_json
+from kd_histo.data.stain_norm import StainReference
 from kd_histo.training.config import MODES
 
 RUN_JSON = "run.json"
@@ -72,6 +73,11 @@ class RunRecord:
       model: the network file, relative to the run folder (see :meth:`model_path`).
       savedmodel: the SavedModel folder, relative to the run folder.
       diverged_at_epoch: first epoch whose training loss or a val metric was NaN/inf, or None.
+      stain_reference: the stain normalisation the net applies in its first layer (None: none);
+        a record of what the saved net already does, never applied a second time.
+      ood_threshold: the out-of-domain score above which a tile is flagged (the statistics are in
+        ``ood.npz`` beside run.json); None for a run without them (no val split, or trained
+        before kd_histo measured them).
       record_version: format version of the record (:data:`RECORD_VERSION`).
     """
 
@@ -94,6 +100,8 @@ class RunRecord:
     model: str = MODEL_FILE
     savedmodel: str = "savedmodel"
     diverged_at_epoch: int | None = None
+    stain_reference: StainReference | None = None
+    ood_threshold: float | None = None
     record_version: int = RECORD_VERSION
 
     def __post_init__(self):
@@ -102,6 +110,12 @@ class RunRecord:
         # JSON gives lists and ints; keep the record hashable and typed.
         for name in ("class_names", "mean", "std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.stain_reference, Mapping):
+            try:
+                ref = StainReference.from_json(dict(self.stain_reference))
+            except (TypeError, ValueError) as e:
+                raise RunRecordError(f"run.json: stain_reference: {e}") from None
+            object.__setattr__(self, "stain_reference", ref)
         object.__setattr__(self, "factor", float(self.factor))
         if self.mpp is not None:
             object.__setattr__(self, "mpp", float(self.mpp))

@@ -16,9 +16,7 @@ Not here: flags (``kd_histo.cli.train``), the losses and train step
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -30,11 +28,13 @@ from kd_histo.atomic import write_json
 from kd_histo.convert.writer import DirLock
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
 from kd_histo.models import build_model
-from kd_histo.training import backup, preflight
+from kd_histo.models.stain import stain_reference_of
+from kd_histo.training import backup, divergence, domain, preflight
 from kd_histo.training import callbacks as cbs
 from kd_histo.training import losses as L
 from kd_histo.training.config import RunConfig
 from kd_histo.training.distiller import ResolutionDistiller, losses_for
+from kd_histo.training.divergence import TrainingError  # noqa: F401 - part of this module's API
 from kd_histo.training.optimizers import FusedAdam
 from kd_histo.training.run_record import (
     CONFIG_JSON,
@@ -45,10 +45,6 @@ from kd_histo.training.run_record import (
 )
 
 LOCK_FILE = ".lock-train"  # what DirLock(model_dir, "train") holds
-
-
-class TrainingError(ValueError):
-    """A run ended without a network worth saving; the message says what to change."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +183,7 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
                 mean=info.mean,
                 std=info.std,
                 name=cfg.mode,
+                stain_reference=domain.stain_reference(cfg, info, teacher),
                 **cfg.net.build_kwargs(),
             )
             input_px = preflight.check_input_size(cfg, info, net)
@@ -354,64 +351,20 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
     return out
 
 
-def _diverged_epoch(model_dir: str) -> int | None:
-    """First epoch (over all resumed attempts) whose training loss or a validation metric was
-    NaN/inf, from history.csv ("NA" cells, a column this epoch did not log, are no divergence)."""
-    path = os.path.join(model_dir, "history.csv")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            values = [v for k, v in row.items() if k == "loss" or (k or "").startswith("val_")]
-            if any(v.strip().lower() in ("nan", "inf", "-inf", "") for v in values if v != "NA"):
-                return int(row["epoch"])
-    return None
-
-
-def _finite(net: keras.Model) -> bool:
-    return all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in net.weights)
-
-
-def _kept_network(cfg, model_dir, net, has_val):
-    """The network to save (the best checkpoint when there is one) and its monitored value.
-
-    Raises:
-      TrainingError: the run diverged and no checkpoint with finite validation metrics was kept,
-        or the network to save has NaN/inf weights.
-    """
-    best_path = os.path.join(model_dir, "checkpoints", "best.keras")
-    diverged = _diverged_epoch(model_dir)
-    kept = has_val and os.path.isfile(best_path)
-    if diverged is not None and not kept:
-        why = "no epoch before it had finite val metrics" if has_val else "no val split"
-        raise TrainingError(
-            f"the training diverged: its loss or val metrics became NaN/inf in epoch {diverged} "
-            f"and no earlier network was kept ({why}); nothing was saved as the model in "
-            f"{model_dir}: lower --learning_rate or check the inputs, then train into a new "
-            "--model_dir"
-        )
-    best = None
-    if kept:
-        with open(best_path + ".json") as f:
-            best = json.load(f)["best"]
-        net = keras.saving.load_model(best_path, safe_mode=True)
-    if not _finite(net):
-        raise TrainingError(
-            f"the network to save in {model_dir} has NaN/inf weights (the training diverged); "
-            "nothing was saved as the model: lower --learning_rate, then train into a new "
-            "--model_dir"
-        )
-    return net, best, diverged
+def _log(line: str) -> None:
+    print(f"kd_histo: {line}", flush=True)
 
 
 def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -> TrainResult:
-    net, best, diverged = _kept_network(cfg, model_dir, net, has_val)
+    net, best, diverged = divergence.kept_network(model_dir, net, has_val)
     if diverged is not None:
-        print(
-            f"kd_histo: the training diverged in epoch {diverged} (NaN/inf loss or val metrics); "
-            "keeping the best network before it",
-            flush=True,
+        _log(
+            f"the training diverged in epoch {diverged} (NaN/inf loss or val metrics); keeping "
+            "the best network before it"
         )
+    stats = domain.fit_ood(cfg, net, info.num_classes, has_val, log=_log)
+    if stats is not None:
+        stats.save(model_dir)
     model_path = os.path.join(model_dir, MODEL_FILE)
     net.save(model_path)
     saved = os.path.join(model_dir, "savedmodel")
@@ -439,6 +392,8 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
             model=MODEL_FILE,
             savedmodel="savedmodel",
             diverged_at_epoch=diverged,
+            stain_reference=stain_reference_of(net),
+            ood_threshold=stats.threshold if stats is not None else None,
         ),
     )
     return TrainResult(model_dir, model_path, history, epochs_run, best, diverged)

@@ -43,7 +43,7 @@ NOT_FLAGS = {
         "cycle_length",
         "seed",
     },  # = the run's --seed (RunConfig.seed)
-    "RunConfig": {"data", "net", "distill", "optim", "image_grids"},
+    "RunConfig": {"data", "net", "distill", "optim", "stain", "image_grids"},
     "NetConfig": {"kwargs"},  # --stem and --norm (ModelConfig's fields)
     "ModelConfig": {
         "arch",
@@ -56,9 +56,11 @@ NOT_FLAGS = {
         "width_scale",
         "weights",
         "name",
-    },  # from the data set and NetConfig
+        "stain_reference",
+    },  # from the data set and NetConfig; the stain reference is fitted (StainConfig)
     "DistillConfig": set(),
     "OptimConfig": {"clipnorm"},
+    "StainConfig": {"reference_tiles"},
     "ExperimentConfig": {"base", "cost_repeats"},
     "EvalConfig": {"seed"},
     "CostConfig": set(),

@@ -1,0 +1,160 @@
+"""A run's domain: the stain reference it is trained with travels in its net (evaluation applies
+it without being told; a student takes its teacher's), and the out-of-domain statistics it
+stores at its end flag tiles unlike its training data."""
+
+import csv
+import dataclasses
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from support import write_tiny_shards
+
+from kd_histo.data import stain_norm
+from kd_histo.data.pipeline import PipelineConfig, make_dataset
+from kd_histo.data.stain_norm import StainConfig
+from kd_histo.evaluation.evaluate import EvalConfig, evaluate_run
+from kd_histo.models import build_model, load_model, ood
+from kd_histo.models.stain import StainNormalization, stain_reference_of
+from kd_histo.training import train
+from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
+from kd_histo.training.preflight import PreflightError
+from kd_histo.training.run_record import read_run_record
+
+TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
+
+
+def _cfg(data_dir, model_dir, **kw) -> RunConfig:
+    base = dict(
+        mode="teacher",
+        model_dir=str(model_dir),
+        data=PipelineConfig(data_dir, batch_size=4),
+        net=TINY_NET,
+        epochs=1,
+        steps_per_epoch=2,
+        val_steps=1,
+        verbose=0,
+        profile_steps=(0, 0),
+        image_grids=False,
+    )
+    base.update(kw)
+    return RunConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def reinhard_teacher(tiny_shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("domain") / "teacher"
+    train.train(_cfg(tiny_shards, run, stain=StainConfig("reinhard")))
+    return str(run)
+
+
+def test_the_reference_is_fitted_on_the_training_tiles_and_recorded(reinhard_teacher, tiny_shards):
+    record = read_run_record(reinhard_teacher)
+    ref = record.stain_reference
+    assert ref is not None and ref.method == "reinhard"
+    # The same fit, by hand: every training tile (fewer than REFERENCE_TILES), as stored.
+    plain = PipelineConfig(tiny_shards, batch_size=64)
+    tiles = [t for b in make_dataset(plain, "train", training=False) for t in b["hr"].numpy()]
+    expected = stain_norm.fit_reference("reinhard", tiles, source="x")
+    assert ref.num_tiles == len(tiles)
+    np.testing.assert_allclose(ref.mean, expected.mean, atol=1e-5)
+    np.testing.assert_allclose(ref.std, expected.std, atol=1e-5)
+
+
+def test_evaluation_applies_the_runs_normalisation_without_being_told(
+    reinhard_teacher, tiny_shards, tmp_path
+):
+    record = read_run_record(reinhard_teacher)
+    net = load_model(record.model_path(reinhard_teacher))
+    assert stain_reference_of(net) == record.stain_reference
+    # The same net without the layer, fed tiles normalised by hand: the saved net's outputs.
+    bare = build_model(
+        "resnet_gn",
+        record.num_classes,
+        mean=record.mean,
+        std=record.std,
+        planes=TINY_NET.planes,
+        stem="small",
+    )
+    bare.set_weights(net.get_weights())
+    plain = PipelineConfig(tiny_shards, batch_size=64)
+    images = np.concatenate([b["hr"].numpy() for b in make_dataset(plain, "test", training=False)])
+    by_hand = [stain_norm.normalise(tf.constant(im), record.stain_reference) for im in images]
+    expected = keras.ops.softmax(bare(tf.stack(by_hand))["logits"]).numpy()
+    # Not a no-op: without the normalisation the outputs differ.
+    unnormalised = keras.ops.softmax(bare(images)["logits"]).numpy()
+    assert np.abs(unnormalised - expected).max() > 1e-4
+    files = evaluate_run(
+        EvalConfig(model_dir=reinhard_teacher, split="test", out_dir=str(tmp_path), n_boot=10)
+    )
+    with open(files["predictions"]) as f:
+        rows = list(csv.DictReader(f))
+    got = np.array([[float(r[f"prob_{c}"]) for c in record.class_names] for r in rows])
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_a_student_takes_its_teachers_reference_and_refuses_another(
+    reinhard_teacher, tiny_shards, tmp_path
+):
+    student = tmp_path / "student"
+    cfg = _cfg(
+        tiny_shards,
+        student,
+        mode="distill",
+        data=PipelineConfig(tiny_shards, batch_size=4, factor=2.0),
+        distill=DistillConfig(teacher=reinhard_teacher),
+    )
+    train.train(cfg)
+    teacher_ref = read_run_record(reinhard_teacher).stain_reference
+    assert read_run_record(str(student)).stain_reference == teacher_ref
+    net = load_model(os.path.join(student, "model.keras"))
+    assert any(isinstance(layer, StainNormalization) for layer in net.layers)
+    other = dataclasses.replace(
+        cfg, model_dir=str(tmp_path / "other"), stain=StainConfig("macenko")
+    )
+    with pytest.raises(PreflightError, match="takes its teacher's stain normalisation"):
+        train.train(other)
+
+
+def test_ood_threshold_is_calibrated_on_val_and_flags_an_unseen_kind_of_tile(tmp_path):
+    # Enough tiles for Gaussians of a 64-wide embedding: 40 per class to fit, 20 to calibrate.
+    data = write_tiny_shards(tmp_path / "data", per_class=40, unlabeled=0)
+    run = tmp_path / "teacher"
+    net = NetConfig(planes=(8, 16, 32, 64), kwargs=(("stem", "small"),))
+    batches = PipelineConfig(data, batch_size=8)
+    train.train(_cfg(data, run, data=batches, net=net, epochs=3, steps_per_epoch=10))
+    stats = ood.OODStats.load(str(run))
+    assert stats is not None and stats.num_fit == 4 * 40
+    assert read_run_record(str(run)).ood_threshold == pytest.approx(stats.threshold)
+    net = load_model(os.path.join(run, "model.keras"))
+    plain = PipelineConfig(data, batch_size=64)
+
+    def tiles(split):
+        return np.concatenate([b["hr"].numpy() for b in make_dataset(plain, split, training=False)])
+
+    def flagged(images):
+        feats = net(images, training=False)["features"].numpy()
+        return np.mean(stats.scores(ood.embed(feats)) > stats.threshold)
+
+    val = tiles("val")
+    assert stats.num_calibration == len(val)
+    assert flagged(val) <= stats.flag_fraction + 1.0 / len(val)  # by construction
+    # Held-out tiles of the training classes (other slides): mostly not flagged.
+    assert flagged(tiles("test")) <= 0.2
+    # An unseen kind of tile: saturated green stripes, nothing like the H&E-like classes.
+    rng = np.random.default_rng(0)
+    stripes = (np.arange(val.shape[2]) // 3 % 2).astype(np.float32)
+    green = np.zeros((32,) + val.shape[1:], np.float32)
+    green[..., 1] = 0.6 + 0.4 * stripes[None, None, :]
+    green += rng.uniform(0, 0.05, green.shape).astype(np.float32)
+    assert flagged(green) >= 0.9
+
+
+def test_a_run_without_val_has_no_ood_statistics_and_says_so(tiny_shards_without, tmp_path, capsys):
+    run = tmp_path / "noval"
+    train.train(_cfg(tiny_shards_without("val"), run, allow_no_val=True))
+    assert ood.OODStats.load(str(run)) is None
+    assert read_run_record(str(run)).ood_threshold is None
+    assert "no out-of-domain statistics: no val split" in capsys.readouterr().out

@@ -133,6 +133,7 @@ def run_task(cfg: ConvertConfig) -> dict:
             "num_inputs": plan.num_inputs,
             "has_slides": plan.has_slides,
             "has_tiles": plan.has_tiles,
+            "annotations": plan.annotations,
             "all_units": [u.unit_id for u in plan.units],
         }
         write_json(
@@ -361,4 +362,5 @@ def _describe(cfg: ConvertConfig, task: dict, summaries: list[dict]) -> schema.D
         command=cfg.command,
         skipped=skipped,
         notes=notes,
+        annotations=list(task.get("annotations", [])),
     )

@@ -217,15 +217,18 @@ def printable(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def class_names_of(entries: list[Entry], given: list[str] | None = None) -> list[str]:
-    """The sorted label names of ``entries``, or ``given`` after checking every label is in it.
+def class_names_of(
+    entries: list[Entry], given: list[str] | None = None, extra: list[str] = ()
+) -> list[str]:
+    """The sorted label names of ``entries`` (and ``extra``, e.g. the classes of slide regions),
+    or ``given`` after checking every label is in it.
 
     Raises:
       ManifestError: duplicate names in ``given``, or a label that is not in ``given``.
     """
     # Integer-like names (HDF5 labels, numbered classes) sort numerically: "2" before "10".
     present = sorted(
-        {e.label for e in entries if e.label is not None},
+        {e.label for e in entries if e.label is not None} | set(extra),
         key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n),
     )
     if given:

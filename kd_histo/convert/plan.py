@@ -36,6 +36,9 @@ from kd_histo.convert import (
     splits,
     tiles,
 )
+
+# (the package's name 'annotations' is the __future__ feature: import the submodule's names)
+from kd_histo.convert.annotations import region_outlines
 from kd_histo.convert.config import ConvertConfig
 from kd_histo.convert.errors import ConversionError, SkipInput
 from kd_histo.convert.records import Item, Unit
@@ -146,7 +149,7 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
         bool(slide_entries),
         bool(tile_entries),
         ann_records,
-        {p: annotations.region_outlines(a) for p, a in anns.items()},
+        {p: region_outlines(a) for p, a in anns.items()},
     )
 
 

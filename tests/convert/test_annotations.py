@@ -5,8 +5,11 @@ regions rasterised with PIL's polygon fill (4x supersampled) and the tile's pixe
 shapely involved.
 """
 
+import collections
 import hashlib
 import json
+import os
+import shlex
 import shutil
 
 import numpy as np
@@ -22,6 +25,7 @@ from kd_histo.data import synthetic
 from .helpers import read_split
 from .pyramid_tiff import write_pyramid_tiff
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIDE, TILE, MPP = 512, 32, 0.25  # level-0 px, tile side (tile_px at target_mpp = MPP), µm/px
 SS = 4  # supersampling of the reference raster
 
@@ -346,3 +350,34 @@ def test_unannotated_drop_and_ignore_classes_flag():
     tl = regions.label_tiles(coords, 32, ann, index, regions.LabelRules(0.5, "unlabeled"))
     assert tl.labels.tolist() == [regions.DROPPED] * 2 + [schema.UNLABELED] * 2
     assert tl.dropped == {"ambiguous": 2}
+
+
+def test_the_readme_command_runs_as_written(slide_img, tmp_path, monkeypatch):
+    """README "Working with QuPath", step 2, verbatim (a 448 px slide at 0.5 µm/px: 4 tiles)."""
+    import re
+
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    block = readme[readme.index("## Working with QuPath") :]
+    command = re.search(r"```bash\n(kd-histo-convert .*?)\n```", block, re.S)[1]
+    args = shlex.split(command.replace("\\\n", " "))[1:]
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "annotations").mkdir()
+    write_pyramid_tiff(str(tmp_path / "slides" / "s1.svs"), slide_img[:448, :448], 0.5, levels=2)
+    features = [
+        _feature("Tumor", [([(0, 0), (224, 0), (224, 448), (0, 448)], [])]),
+        _feature("Stroma", [([(224, 0), (448, 0), (448, 224), (224, 224)], [])]),
+    ]
+    (tmp_path / "annotations" / "s1.geojson").write_text(json.dumps(features))
+    from kd_histo.cli import convert as cli
+    from kd_histo.cli import flags_common as fc
+
+    monkeypatch.chdir(tmp_path)
+    assert fc.invoke(cli.PROG, cli.main, args) == 0
+    info = schema.DatasetInfo.read(str(tmp_path / "shards" / "regions"))
+    assert info.class_names == ["Stroma", "Tumor"] and info.tile_px == 224
+    total = collections.Counter()
+    for counts in info.counts.values():
+        total.update(counts)
+    assert total == {"Tumor": 2, "Stroma": 1, "unlabeled": 1}
+    (record,) = info.annotations
+    assert record["annotations"] == os.path.join("annotations", "s1.geojson")

@@ -22,7 +22,7 @@ import time
 from kd_histo import schema
 from kd_histo.atomic import write_json
 from kd_histo.convert import plan as plan_lib
-from kd_histo.convert import records, writer
+from kd_histo.convert import records, regions, writer
 from kd_histo.convert.config import ConvertConfig
 from kd_histo.convert.errors import ConversionError
 from kd_histo.convert.stats import PixelStats
@@ -76,6 +76,8 @@ def _prepare(cfg: ConvertConfig) -> str:
     os.makedirs(parts, exist_ok=True)
     fp_path = os.path.join(parts, "config.json")
     fp = json.loads(json.dumps(cfg.fingerprint()))
+    if cfg.annotations:  # edited annotation files change the labels: no resume across them
+        fp["annotations_sha256"] = regions.spec_digest(cfg.annotations)
     if os.path.exists(fp_path):
         with open(fp_path) as f:
             old = json.load(f)

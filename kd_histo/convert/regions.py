@@ -26,6 +26,7 @@ import collections
 import csv
 import dataclasses
 import glob
+import hashlib
 import os
 
 import numpy as np
@@ -58,22 +59,50 @@ def _stem(path: str) -> str:
     return os.path.splitext(name)[0]
 
 
+def _is_csv(spec: str) -> bool:
+    return spec.lower().endswith(".csv") and os.path.isfile(spec)
+
+
+def annotation_files(spec: str) -> list[str]:
+    """The annotation files ``--annotations`` names: a file, the files of a folder, or a glob."""
+    if os.path.isdir(spec):
+        return sorted(
+            p
+            for p in glob.glob(os.path.join(spec, "*"))
+            if p.lower().endswith(ANNOTATION_SUFFIXES) and os.path.isfile(p)
+        )
+    return sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+
+
+def spec_digest(spec: str) -> str:
+    """SHA-256 over the names and bytes of the files ``--annotations`` names (a CSV: the CSV and
+    the files it lists), so a resumed conversion notices edited annotations ("" when none)."""
+    if not spec:
+        return ""
+    files = annotation_files(spec)
+    if _is_csv(spec):
+        base = os.path.dirname(spec)
+        with open(spec, newline="", encoding="utf-8") as f:
+            listed = [row.get("annotations") or "" for row in csv.DictReader(f)]
+        files = [spec] + sorted(os.path.normpath(os.path.join(base, p)) for p in listed)
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.encode("utf-8", "surrogateescape") + b"\0")
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
 def match_annotations(spec: str, slide_paths: list[str]) -> dict[str, str]:
     """Slide path -> annotation file, from ``--annotations`` (a file, folder, glob or CSV).
 
     Raises:
       ConversionError: nothing matches ``spec``, or a file matches no slide (or several).
     """
-    if spec.lower().endswith(".csv") and os.path.isfile(spec):
+    if _is_csv(spec):
         return _match_csv(spec, slide_paths)
-    if os.path.isdir(spec):
-        files = sorted(
-            p
-            for p in glob.glob(os.path.join(spec, "*"))
-            if p.lower().endswith(ANNOTATION_SUFFIXES) and os.path.isfile(p)
-        )
-    else:
-        files = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+    files = annotation_files(spec)
     if not files:
         raise ConversionError(
             f"--annotations {spec} matches no .geojson, .json or .xml file; "

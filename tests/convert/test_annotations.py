@@ -381,3 +381,22 @@ def test_the_readme_command_runs_as_written(slide_img, tmp_path, monkeypatch):
     assert total == {"Tumor": 2, "Stroma": 1, "unlabeled": 1}
     (record,) = info.annotations
     assert record["annotations"] == os.path.join("annotations", "s1.geojson")
+
+
+def test_resume_refuses_edited_annotations(slide_img, tmp_path):
+    from kd_histo.convert import run_task
+
+    write_pyramid_tiff(str(tmp_path / "s.tif"), slide_img[:128, :128], MPP, levels=2)
+    ann = tmp_path / "s.geojson"
+    ann.write_text(json.dumps([_feature("Tumor", [([(0, 0), (64, 0), (64, 64)], [])])]))
+    cfg = ConvertConfig(
+        out_dir=str(tmp_path / "out"),
+        slides=(str(tmp_path / "s.tif"),),
+        annotations=str(ann),
+        encode=EncodeOptions(tile_px=TILE, target_mpp=MPP, min_tissue=0.0),
+    )
+    run_task(cfg)
+    run_task(cfg)  # unchanged: resumes
+    ann.write_text(json.dumps([_feature("Stroma", [([(0, 0), (64, 0), (64, 64)], [])])]))
+    with pytest.raises(ConversionError, match="annotations_sha256"):
+        run_task(cfg)

@@ -11,8 +11,8 @@ same tiles are read and written either way (``--unannotated=unlabeled``), so the
 annotations' cost: reading and checking the file, the STRtree and the tile-region overlaps. The
 planning alone (``make_plan``: tissue detection, matching, labelling, splits) is timed too.
 Conversions run in-process (``num_workers=0``, steadier on a shared machine); each figure is the
-median of ``--repeats`` runs, alternating the two settings. Prints one JSON object; never asserts
-a time (it depends on the machine and its load).
+median of ``--repeats`` runs, alternating the two settings, after an untimed warm-up run. Prints
+one JSON object; never asserts a time (it depends on the machine and its load).
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ def main(argv):
     times: dict[str, list[float]] = {"plain": [], "annotated": []}
     plan_times: dict[str, list[float]] = {"plain": [], "annotated": []}
     tiles = {}
+    convert(cfg(False))  # untimed warm-up: the slide in the page cache, TensorFlow loaded
     for _ in range(FLAGS.repeats):
         for name, with_ann in (("plain", False), ("annotated", True)):
             start = time.perf_counter()

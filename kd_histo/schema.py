@@ -236,6 +236,8 @@ class DatasetInfo:
       command: the command line that made the data set.
       skipped: list of {"path", "reason"} for inputs left out.
       notes: list of free-text notes (e.g. images converted from 16-bit).
+      annotations: per slide labelled from regions: {"slide", "annotations" (the file),
+        "sha256" (of the file), "regions", "labeled", "unlabeled", "dropped" (reason -> tiles)}.
     """
 
     class_names: list[str]
@@ -252,6 +254,7 @@ class DatasetInfo:
     command: str = ""
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    annotations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     @property

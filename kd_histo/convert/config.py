@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from kd_histo.convert.errors import ConversionError
 from kd_histo.convert.neardup import NearDupOptions
 from kd_histo.convert.records import EncodeOptions
 from kd_histo.numbers import require_finite
@@ -20,6 +21,10 @@ class ConvertConfig:
       manifest: CSV manifest of tiles and/or slides ("" = none).
       slides: whole-slide image files or folders.
       slide_labels: CSV (path,label[,slide_id,patient_id,split]) of slides; "" = slides unlabeled.
+      annotations: region annotation files of the slides (``convert.regions``); "" = none.
+      min_annotation_overlap: a tile's area fraction inside one class's regions to get its label.
+      unannotated: "unlabeled" or "drop": tiles of annotated slides outside every region.
+      ignore_classes: region classes whose tiles are dropped (besides ``Ignore*``).
       root: when set, manifest paths must lie inside it.
       h5_images: HDF5 file of image patches [N, H, W, 3] (PatchCamelyon style), read with
         tensorflow-io.
@@ -66,6 +71,22 @@ class ConvertConfig:
         (), "Whole-slide files, folders or globs (unlabeled unless in --slide_labels)."
     )
     slide_labels: str = setting("", "CSV of slides: path,label[,slide_id][,patient_id][,split].")
+    annotations: str = setting(
+        "",
+        "Regions drawn on the slides (QuPath GeoJSON, ASAP XML): a file, folder or glob matched "
+        "to slides by file stem, or a CSV slide,annotations.",
+    )
+    min_annotation_overlap: float = setting(
+        0.5, "Fraction of a slide tile inside one class's regions for it to get that label."
+    )
+    unannotated: str = setting(
+        "unlabeled",
+        "Tissue tiles of annotated slides outside every region: kept unlabeled, or dropped.",
+        choices=("unlabeled", "drop"),
+    )
+    ignore_classes: tuple[str, ...] = setting(
+        (), "Region classes whose tiles are dropped (besides classes named Ignore*)."
+    )
     root: str = setting("", "If set, manifest paths must lie inside this folder.")
     h5_images: str = setting(
         "", "HDF5 file of uint8 patches [N,H,W,3] (e.g. PatchCamelyon *_x.h5)."
@@ -118,6 +139,10 @@ class ConvertConfig:
 
     def __post_init__(self):
         require_finite(self)  # also the nested EncodeOptions (µm/px, tissue fraction)
+        if not 0.0 < self.min_annotation_overlap <= 1.0:
+            raise ConversionError(
+                f"--min_annotation_overlap must be in (0, 1], got {self.min_annotation_overlap}"
+            )
 
     def fingerprint(self) -> dict:
         """The fields that change the output (a resumed run must match them)."""

@@ -22,7 +22,7 @@ import time
 from kd_histo import schema
 from kd_histo.atomic import write_json
 from kd_histo.convert import plan as plan_lib
-from kd_histo.convert import records, writer
+from kd_histo.convert import records, regions, writer
 from kd_histo.convert.config import ConvertConfig
 from kd_histo.convert.errors import ConversionError
 from kd_histo.convert.stats import PixelStats
@@ -76,6 +76,8 @@ def _prepare(cfg: ConvertConfig) -> str:
     os.makedirs(parts, exist_ok=True)
     fp_path = os.path.join(parts, "config.json")
     fp = json.loads(json.dumps(cfg.fingerprint()))
+    if cfg.annotations:  # edited annotation files change the labels: no resume across them
+        fp["annotations_sha256"] = regions.spec_digest(cfg.annotations)
     if os.path.exists(fp_path):
         with open(fp_path) as f:
             old = json.load(f)
@@ -133,6 +135,7 @@ def run_task(cfg: ConvertConfig) -> dict:
             "num_inputs": plan.num_inputs,
             "has_slides": plan.has_slides,
             "has_tiles": plan.has_tiles,
+            "annotations": plan.annotations,
             "all_units": [u.unit_id for u in plan.units],
         }
         write_json(
@@ -369,4 +372,5 @@ def _describe(cfg: ConvertConfig, task: dict, summaries: list[dict]) -> schema.D
         command=cfg.command,
         skipped=skipped,
         notes=notes,
+        annotations=list(task.get("annotations", [])),
     )

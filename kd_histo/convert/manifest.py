@@ -250,10 +250,14 @@ def printable(path: str) -> str:
 
 
 def class_names_of(
-    entries: list[Entry], given: list[str] | None = None, one_class: bool = False
+    entries: list[Entry],
+    given: list[str] | None = None,
+    extra: list[str] = (),
+    one_class: bool = False,
 ) -> list[str]:
-    """The sorted label names of ``entries``, or ``given`` after checking every label is in it
-    (labeled entries of a single class are refused unless ``one_class``).
+    """The sorted label names of ``entries`` (and ``extra``, e.g. the classes of slide regions),
+    or ``given`` after checking every label is in it (labeled inputs of a single class are
+    refused unless ``one_class``).
 
     Raises:
       ManifestError: duplicate names in ``given``, a label that is not in ``given``, labels that
@@ -263,11 +267,11 @@ def class_names_of(
     _same_class_spelt_twice(entries)
     # Integer-like names (HDF5 labels, numbered classes) sort numerically: "2" before "10".
     present = sorted(
-        {e.label for e in entries if e.label is not None},
+        {e.label for e in entries if e.label is not None} | set(extra),
         key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n),
     )
     if len(present) == 1 and not one_class:
-        example = next(e.path for e in entries if e.label is not None)
+        example = next((e.path for e in entries if e.label is not None), "the annotations")
         raise ManifestError(
             f"the labeled inputs hold one class, {present[0]!r} (e.g. {example}); a classifier "
             "needs at least two: add the other classes' tiles (or pass --allow_one_class, e.g. "

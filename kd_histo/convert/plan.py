@@ -23,8 +23,22 @@ import glob
 import os
 import zlib
 
+import numpy as np
+
 from kd_histo.convert import groups as groups_lib
-from kd_histo.convert import h5, manifest, neardup, phash, slides, splits, tiles
+from kd_histo.convert import (
+    h5,
+    manifest,
+    neardup,
+    phash,
+    regions,
+    slides,
+    splits,
+    tiles,
+)
+
+# (the package's name 'annotations' is the __future__ feature: import the submodule's names)
+from kd_histo.convert.annotations import region_outlines
 from kd_histo.convert.config import ConvertConfig
 from kd_histo.convert.errors import ConversionError, SkipInput
 from kd_histo.convert.records import Item, Unit
@@ -42,6 +56,9 @@ class Plan:
     num_inputs: int  # files listed (tiles, slides, HDF5 patches, unsupported files)
     has_slides: bool = False
     has_tiles: bool = False
+    annotations: list[dict] = dataclasses.field(default_factory=list)  # per annotated slide
+    # slide path -> (class name, level-0 exterior ring [N, 2]) per region polygon (qc drawings)
+    outlines: dict[str, list] = dataclasses.field(default_factory=dict)
 
 
 def list_entries(cfg: ConvertConfig) -> tuple[list[manifest.Entry], list[dict[str, str]]]:
@@ -108,16 +125,57 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
     entries, skipped = list_entries(cfg)
     num_inputs = len(entries) + len(skipped)  # listed inputs, including unsupported files
     notes: list[str] = []
+    anns = regions.read_slide_annotations(cfg.annotations, entries)
+    class_names = _class_names(cfg, entries, anns, notes)
+    index = {n: i for i, n in enumerate(class_names)}
+    tile_entries = _group_tiles(cfg, entries, skipped, notes, map_fn)
+    tile_entries, near = _near_duplicates(cfg, tile_entries, index, skipped, notes, map_fn)
+    slide_plans = _plan_slides(cfg, entries, skipped, notes)
+    rules = regions.LabelRules(
+        cfg.min_annotation_overlap, cfg.unannotated, tuple(cfg.ignore_classes)
+    )
+    tile_labels, ann_records = regions.label_slides(slide_plans, anns, index, rules, notes)
+    slide_entries = [e for e in entries if e.is_slide and e.path in slide_plans]
+    items = tile_entries + slide_entries
+    labels = [_entry_label(e, index, tile_labels) for e in items]
+    chosen = _split(cfg, items, labels, slide_plans, tile_labels, near, skipped, notes)
+    units = _make_units(cfg, items, labels, chosen, slide_plans, tile_labels, notes)
+    return Plan(
+        class_names,
+        units,
+        skipped,
+        notes,
+        num_inputs,
+        bool(slide_entries),
+        bool(tile_entries),
+        ann_records,
+        {p: region_outlines(a) for p, a in anns.items()},
+    )
+
+
+def _class_names(cfg, entries, anns, notes: list[str]) -> list[str]:
+    region_classes = {
+        n
+        for a in anns.values()
+        for n in a.class_names
+        if not regions.is_ignore_class(n, cfg.ignore_classes)
+    }
     class_names = manifest.class_names_of(
-        entries, list(cfg.class_names) or None, one_class=cfg.allow_one_class
+        entries,
+        list(cfg.class_names) or None,
+        sorted(region_classes),
+        one_class=cfg.allow_one_class,
     )
     if not class_names:
         class_names = ["unknown"]
         notes.append(
             "no labeled inputs: class_names is a placeholder; pass --class_names to match a teacher"
         )
-    index = {n: i for i, n in enumerate(class_names)}
+    return class_names
 
+
+def _group_tiles(cfg, entries, skipped, notes, map_fn) -> list[manifest.Entry]:
+    """The tile entries with their groups (``--groups`` or ``--group_by=phash``)."""
     if cfg.group_by not in GROUP_BY:
         raise ConversionError(
             f"group_by must be one of {', '.join(GROUP_BY)}, got {cfg.group_by!r}"
@@ -147,46 +205,58 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
             f"group_by=phash: {len(tile_entries)} tiles in {n_groups} near-duplicate groups "
             f"(max distance {cfg.phash_distance} bits of 64)"
         )
+    return tile_entries
+
+
+def _near_duplicates(cfg, tile_entries, index, skipped, notes, map_fn):
+    """Near-duplicate groups (``--group_by=near_duplicates``) and the leakage check's links.
+
+    Returns:
+      The tile entries (regrouped), and (tile entries, their near-copy links) or None.
+    """
     check = (
         cfg.leakage_check
         and 1 < len(tile_entries) <= LEAKAGE_CHECK_MAX_TILES
         and not any(h5.is_h5_item(e.path) for e in tile_entries)
     )
-    near = None  # (tile entries, their near-copy links) for the leakage check
-    if cfg.group_by == "near_duplicates" or check:
-        sig_results = map_fn(
-            functools.partial(signature_paths, opts=cfg.neardup, max_pixels=cfg.encode.max_pixels),
-            [e.path for e in tile_entries],
-        )
-        kept, sigs = [], []
-        for e, r in zip(tile_entries, sig_results):
-            if not isinstance(r, SkipInput):
-                kept.append(e)
-                sigs.append(r)
-            elif cfg.group_by == "near_duplicates":  # else the tile's unit reports it
-                skipped.append({"path": e.path, "reason": str(r)})
-        if cfg.group_by == "near_duplicates":
-            tile_entries = kept
-        tile_labels = [index[e.label] if e.label is not None else UNLABELED for e in kept]
-        links = neardup.near_pairs(sigs, tile_labels, cfg.neardup)
-        near = (kept, links)
-        if cfg.group_by == "near_duplicates" and kept:
-            found = neardup.group_near_duplicates(sigs, tile_labels, cfg.neardup, links)
-            # The pseudo-slide is the group; the patient keeps any id the manifest gave.
-            tile_entries = [
-                dataclasses.replace(e, slide_id=f"neardup-{g:05d}") for e, g in zip(kept, found)
-            ]
-            near = (tile_entries, links)
-            largest = int(max(collections.Counter(found.tolist()).values()))
+    if not (cfg.group_by == "near_duplicates" or check):
+        if cfg.leakage_check and len(tile_entries) > LEAKAGE_CHECK_MAX_TILES:
             notes.append(
-                f"group_by=near_duplicates: {len(kept)} tiles in {int(found.max()) + 1} "
-                f"near-duplicate groups (largest {largest} tiles)"
+                f"leakage check skipped: {len(tile_entries)} tiles > {LEAKAGE_CHECK_MAX_TILES}"
             )
-    elif cfg.leakage_check and len(tile_entries) > LEAKAGE_CHECK_MAX_TILES:
+        return tile_entries, None
+    sig_results = map_fn(
+        functools.partial(signature_paths, opts=cfg.neardup, max_pixels=cfg.encode.max_pixels),
+        [e.path for e in tile_entries],
+    )
+    kept, sigs = [], []
+    for e, r in zip(tile_entries, sig_results):
+        if not isinstance(r, SkipInput):
+            kept.append(e)
+            sigs.append(r)
+        elif cfg.group_by == "near_duplicates":  # else the tile's unit reports it
+            skipped.append({"path": e.path, "reason": str(r)})
+    if cfg.group_by == "near_duplicates":
+        tile_entries = kept
+    tile_labels = [index[e.label] if e.label is not None else UNLABELED for e in kept]
+    links = neardup.near_pairs(sigs, tile_labels, cfg.neardup)
+    near = (kept, links)
+    if cfg.group_by == "near_duplicates" and kept:
+        found = neardup.group_near_duplicates(sigs, tile_labels, cfg.neardup, links)
+        # The pseudo-slide is the group; the patient keeps any id the manifest gave.
+        tile_entries = [
+            dataclasses.replace(e, slide_id=f"neardup-{g:05d}") for e, g in zip(kept, found)
+        ]
+        near = (tile_entries, links)
+        largest = int(max(collections.Counter(found.tolist()).values()))
         notes.append(
-            f"leakage check skipped: {len(tile_entries)} tiles > {LEAKAGE_CHECK_MAX_TILES}"
+            f"group_by=near_duplicates: {len(kept)} tiles in {int(found.max()) + 1} "
+            f"near-duplicate groups (largest {largest} tiles)"
         )
+    return tile_entries, near
 
+
+def _plan_slides(cfg, entries, skipped, notes) -> dict[str, slides.SlidePlan]:
     slide_plans = {}
     for e in entries:
         if e.is_slide:
@@ -208,12 +278,28 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
             "on the "
             f"thumbnail (level-0 {sp.base_mpp:g} µm/px, tile {sp.size_l0} px at level 0)"
         )
-    slide_entries = [e for e in entries if e.is_slide and e.path in slide_plans]
-    items = tile_entries + slide_entries
-    labels = []
-    for e in items:
-        labels.append(index[e.label] if e.label is not None else UNLABELED)
-    weights = [len(slide_plans[e.path].coords) if e.is_slide else 1 for e in items]
+    return slide_plans
+
+
+def _entry_label(e: manifest.Entry, index: dict[str, int], tile_labels) -> int:
+    """An input's class for the split: its label, or an annotated slide's most frequent class."""
+    if e.path in tile_labels:
+        lab = tile_labels[e.path]
+        lab = lab[lab >= 0]
+        return int(np.bincount(lab).argmax()) if lab.size else UNLABELED
+    return index[e.label] if e.label is not None else UNLABELED
+
+
+def _split(cfg, items, labels, slide_plans, tile_labels, near, skipped, notes) -> list[str]:
+    """The split of each input (slide- and patient-disjoint), with the leakage check's note."""
+
+    def weight(e) -> int:
+        if not e.is_slide:
+            return 1
+        if e.path in tile_labels:
+            return int((tile_labels[e.path] != regions.DROPPED).sum())
+        return len(slide_plans[e.path].coords)
+
     chosen = splits.assign_splits(
         [e.slide_id for e in items],
         [e.patient_id for e in items],
@@ -221,7 +307,7 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
         cfg.fractions,
         cfg.seed,
         [e.split for e in items],
-        weights,
+        [weight(e) for e in items],
     )
     if near is not None:
         split_of = {e.path: s for e, s in zip(items, chosen)}
@@ -235,8 +321,11 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
                     "reason": "unlabeled input on a val/test slide/patient (kept out of training)",
                 }
             )
+    return chosen
 
-    # Units: per split, per task (by slide), chunks of unit_size tiles, in a fixed order.
+
+def _make_units(cfg, items, labels, chosen, slide_plans, tile_labels, notes) -> list[Unit]:
+    """Units: per split, per task (by slide), chunks of unit_size tiles, in a fixed order."""
     per_key: dict[tuple[str, int], list[Item]] = {}
     held_out = sum(1 for lab, s in zip(labels, chosen) if s == "unlabeled" and lab != UNLABELED)
     if held_out:
@@ -244,20 +333,38 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
             f"split_fractions: {held_out} labeled inputs held out as 'unlabeled' (labels dropped, "
             "groups disjoint from val/test)"
         )
+    left_out = 0
     for e, lab, s in zip(items, labels, chosen):
         if not s:
             continue
         if s == "unlabeled":  # includes labeled groups held out by a 4th split share
             lab = UNLABELED
         task = zlib.crc32(e.slide_id.encode()) % cfg.num_tasks
-        bucket = per_key.setdefault((s, task), [])
-        if e.is_slide:
-            sp = slide_plans[e.path]
-            bucket += [
-                Item(e.path, lab, e.slide_id, e.patient_id, x, y, sp.size_l0) for x, y in sp.coords
-            ]
-        else:
-            bucket.append(Item(e.path, lab, e.slide_id, e.patient_id))
+        if not e.is_slide:
+            per_key.setdefault((s, task), []).append(Item(e.path, lab, e.slide_id, e.patient_id))
+            continue
+        sp = slide_plans[e.path]
+        per_tile = tile_labels.get(e.path)
+        for k, (x, y) in enumerate(sp.coords):
+            split, tile_lab = s, lab
+            if per_tile is not None:
+                tile_lab = per_tile[k]
+                if tile_lab == regions.DROPPED:
+                    continue
+                if s == "unlabeled" or tile_lab == UNLABELED:
+                    tile_lab = UNLABELED
+                    if s not in ("train", "unlabeled"):  # unlabeled tissue of an evaluation slide
+                        left_out += 1
+                        continue
+                    split = "unlabeled"
+            per_key.setdefault((split, task), []).append(
+                Item(e.path, int(tile_lab), e.slide_id, e.patient_id, x, y, sp.size_l0)
+            )
+    if left_out:
+        notes.append(
+            f"annotations: {left_out} unannotated tiles of val/test slides left out "
+            "(kept out of training)"
+        )
     units = []
     for s, task in sorted(per_key, key=lambda k: (manifest.SPLITS.index(k[0]), k[1])):
         bucket = per_key[(s, task)]
@@ -269,15 +376,7 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
                     tuple(bucket[c : c + cfg.unit_size]),
                 )
             )
-    return Plan(
-        class_names,
-        units,
-        skipped,
-        notes,
-        num_inputs,
-        bool(slide_entries),
-        bool(tile_entries),
-    )
+    return units
 
 
 def unit_task(unit: Unit) -> int:
@@ -310,8 +409,6 @@ def signature_paths(
 
 
 def _group_by_phash(entries, distance, hash_fn):
-    import numpy as np
-
     results = hash_fn([e.path for e in entries])
     kept, hashes, skipped = [], [], []
     for e, h in zip(entries, results):

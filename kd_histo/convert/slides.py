@@ -59,6 +59,15 @@ def _plausible(mpp: float, source: str) -> float:
     return mpp
 
 
+def slide_size(path: str) -> tuple[int, int]:
+    """Level-0 (width, height) of a slide; unreadable files raise :class:`SkipInput`."""
+    slide = open_slide(path)
+    try:
+        return tuple(slide.dimensions)
+    finally:
+        slide.close()
+
+
 def base_mpp_of(slide, override: float = 0.0) -> float:
     """Level-0 µm/px from the slide's metadata, or ``override`` when > 0 (both checked to lie in
     :data:`MPP_RANGE`)."""

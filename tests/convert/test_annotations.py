@@ -393,6 +393,7 @@ def test_resume_refuses_edited_annotations(slide_img, tmp_path):
         out_dir=str(tmp_path / "out"),
         slides=(str(tmp_path / "s.tif"),),
         annotations=str(ann),
+        allow_one_class=True,  # one region class: enough to test resuming
         encode=EncodeOptions(tile_px=TILE, target_mpp=MPP, min_tissue=0.0),
     )
     run_task(cfg)

@@ -24,7 +24,7 @@ import os
 import zlib
 
 from kd_histo.convert import groups as groups_lib
-from kd_histo.convert import h5, manifest, neardup, phash, slides, splits, tiles
+from kd_histo.convert import h5, manifest, neardup, phash, qc, slides, splits, tiles
 from kd_histo.convert.config import ConvertConfig
 from kd_histo.convert.errors import ConversionError, SkipInput
 from kd_histo.convert.records import Item, Unit
@@ -189,13 +189,19 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
     for e in entries:
         if e.is_slide:
             try:
-                slide_plans[e.path] = slides.plan_slide(
+                sp = slides.plan_slide(
                     e.path,
                     cfg.encode.tile_px,
                     cfg.encode.target_mpp,
                     min_tissue=cfg.encode.min_tissue,
                     slide_mpp=cfg.slide_mpp,
+                    tissue_method=cfg.encode.tissue_method,
+                    min_tissue_area=cfg.encode.min_tissue_area,
+                    keep_thumbnail=cfg.qc,
                 )
+                if cfg.qc and task_of(e.slide_id, cfg.num_tasks) == cfg.task_index:
+                    qc.write_slide_qc(cfg.out_dir, e.slide_id, sp)
+                slide_plans[e.path] = dataclasses.replace(sp, thumbnail=None)
             except SkipInput as err:
                 if cfg.encode.strict:
                     raise ConversionError(f"{e.path}: {err} (--strict)") from None
@@ -204,7 +210,9 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
         notes.append(
             f"{os.path.basename(p)}: {len(sp.coords)} of {sp.grid_tiles} grid tiles have tissue "
             "on the "
-            f"thumbnail (level-0 {sp.base_mpp:g} µm/px, tile {sp.size_l0} px at level 0)"
+            f"thumbnail (level-0 {sp.base_mpp:g} µm/px, tile {sp.size_l0} px at level 0; tissue "
+            f"by {sp.tissue_method}, chroma threshold {sp.tissue_threshold}, "
+            f"{sp.tissue_fraction:.1%} of the thumbnail)"
         )
     slide_entries = [e for e in entries if e.is_slide and e.path in slide_plans]
     items = tile_entries + slide_entries
@@ -247,7 +255,7 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
             continue
         if s == "unlabeled":  # includes labeled groups held out by a 4th split share
             lab = UNLABELED
-        task = zlib.crc32(e.slide_id.encode()) % cfg.num_tasks
+        task = task_of(e.slide_id, cfg.num_tasks)
         bucket = per_key.setdefault((s, task), [])
         if e.is_slide:
             sp = slide_plans[e.path]
@@ -276,6 +284,11 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
         bool(slide_entries),
         bool(tile_entries),
     )
+
+
+def task_of(slide_id: str, num_tasks: int) -> int:
+    """The task that converts the tiles of ``slide_id`` (and writes its qc picture)."""
+    return zlib.crc32(slide_id.encode()) % num_tasks
 
 
 def unit_task(unit: Unit) -> int:

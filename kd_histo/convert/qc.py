@@ -3,7 +3,9 @@
 The slide's thumbnail (the one tissue was found on) with the outline of every grid tile: green
 where the tile was kept, red where it was dropped as background; annotation outlines in one colour
 per class (neither green nor red); and a line of text under it (tiles kept, the tissue method, its
-threshold and the tissue share). A user sees at a glance what went into the shards.
+threshold and the tissue share). A user sees at a glance what went into the shards. (With
+``--tissue_method=threshold`` a green tile whose own pixels then fail the fixed rule is still
+dropped when read; dataset.json's notes count those.)
 
 :func:`draw` is a pure function of arrays; :func:`write_slide_qc` writes the PNG atomically.
 This module does not find tissue or plan tiles (``kd_histo.convert.slides``).

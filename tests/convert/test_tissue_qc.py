@@ -299,3 +299,50 @@ def test_real_slide_converts_with_otsu_and_a_qc_picture(shared_data, tmp_path):
         f"{plan.tissue_fraction:.1%} of the thumbnail, {len(kept)} of {plan.grid_tiles} tiles kept"
         f" (fixed rule {slides.plan_slide(svs, 224, 0.5).coords.__len__()}), IoU {iou:.3f}"
     )
+
+
+def test_flags_set_tissue_and_qc(tmp_path):
+    from absl import flags
+
+    from kd_histo.cli import convert as cli
+
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["kd-histo-convert", f"--out_dir={tmp_path}", "--slides=a.svs"])
+        cfg = cli.config_from_flags()
+        assert cfg.qc and cfg.encode.tissue_method == "otsu"
+        assert cfg.encode.min_tissue_area == 10_000
+        flags.FLAGS.unparse_flags()
+        argv = ["kd-histo-convert", f"--out_dir={tmp_path}", "--noqc", "--min_tissue_area=50"]
+        flags.FLAGS([*argv, "--tissue_method=threshold"])
+        cfg = cli.config_from_flags()
+        assert not cfg.qc and cfg.encode.tissue_method == "threshold"
+        assert cfg.encode.min_tissue_area == 50
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_bad_tissue_settings_end_in_one_line(synthetic_slide, tmp_path):
+    from kd_histo.convert import ConversionError
+
+    path, _, _ = synthetic_slide
+    for enc in (EncodeOptions(tissue_method="magic"), EncodeOptions(min_tissue_area=-1.0)):
+        with pytest.raises(ConversionError, match="--tissue_method in otsu, threshold"):
+            convert(ConvertConfig(out_dir=str(tmp_path), slides=(path,), encode=enc))
+
+
+def test_only_the_task_converting_a_slide_writes_its_picture(synthetic_slide, tmp_path):
+    from kd_histo.convert import plan as plan_lib
+    from kd_histo.convert import run_task
+
+    path, _, _ = synthetic_slide
+    owner = plan_lib.task_of("known", 2)
+    enc = EncodeOptions(tile_px=128, target_mpp=2.0)
+    for task in (1 - owner, owner):
+        out = tmp_path / f"t{task}"
+        run_task(
+            ConvertConfig(
+                out_dir=str(out), slides=(path,), encode=enc, num_tasks=2, task_index=task
+            )
+        )
+        assert (out / "qc" / "known.png").exists() == (task == owner)

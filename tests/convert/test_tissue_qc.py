@@ -84,8 +84,13 @@ def test_otsu_mask_area_is_within_2_percent_of_the_true_tissue_area(synthetic_sl
     assert (unfiltered.mask & small_specks).sum() >= 4 * 15 * 15
     # The mask is the tissue, pixel for pixel, but for a border of about one thumbnail pixel.
     assert (found.mask != small_truth).mean() < 0.01
-    # Otsu's threshold lies between glass and the pale piece's chroma.
-    assert 8 <= found.threshold < 40
+    # Otsu's threshold lies between the glass's chroma and the pale piece's.
+    c = tissue.chroma(thumb)
+    glass = ~(small_truth | small_specks)
+    assert np.percentile(c[glass], 99.9) < found.threshold < np.percentile(c[small_truth], 1)
+    # The fixed rule (no morphology, no speck filter) misses the 2% on this slide (+2.6%).
+    fixed_um2 = tissue.detect(thumb, "threshold").mask.sum() * px_um2
+    assert abs(fixed_um2 - true_um2) / true_um2 > 0.02
 
 
 def test_fixed_threshold_keeps_the_specks(synthetic_slide):

@@ -351,3 +351,9 @@ def test_only_the_task_converting_a_slide_writes_its_picture(synthetic_slide, tm
             )
         )
         assert (out / "qc" / "known.png").exists() == (task == owner)
+
+
+def test_blank_glass_has_no_tissue():
+    glass = np.clip(np.random.default_rng(1).normal(240, 3, (200, 300, 3)), 0, 255)
+    found = tissue.detect(glass.astype(np.uint8), "otsu", min_area_px=50)
+    assert found.threshold >= tissue.OTSU_MIN_CHROMA and not found.mask.any()

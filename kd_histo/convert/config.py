@@ -56,6 +56,7 @@ class ConvertConfig:
       overwrite: replace an existing data set in out_dir.
       keep_parts: keep the per-unit part files after the merge.
       progress: print a progress bar to stderr.
+      qc: write ``qc/<slide>.png`` per slide (thumbnail, kept and dropped tiles, annotations).
       command: the command line recorded in dataset.json.
     """
 
@@ -135,6 +136,11 @@ class ConvertConfig:
     overwrite: bool = setting(False, "Replace a data set already in --out_dir.")
     keep_parts: bool = setting(False, "Keep <out_dir>/.parts after the merge.")
     progress: bool = setting(False, "Progress bar on stderr.", flag_default=True)
+    qc: bool = setting(
+        True,
+        "Write qc/<slide>.png per slide: the thumbnail with kept tiles (green), dropped tiles "
+        "(red) and annotation outlines; --noqc skips it.",
+    )
     command: str = ""
 
     def __post_init__(self):
@@ -147,6 +153,14 @@ class ConvertConfig:
     def fingerprint(self) -> dict:
         """The fields that change the output (a resumed run must match them)."""
         d = dataclasses.asdict(self)
-        for k in ("num_workers", "task_index", "overwrite", "keep_parts", "progress", "command"):
+        for k in (
+            "num_workers",
+            "task_index",
+            "overwrite",
+            "keep_parts",
+            "progress",
+            "qc",
+            "command",
+        ):
             d.pop(k)
         return d

@@ -22,7 +22,7 @@ import time
 from kd_histo import schema
 from kd_histo.atomic import write_json
 from kd_histo.convert import plan as plan_lib
-from kd_histo.convert import records, regions, writer
+from kd_histo.convert import records, regions, tissue, writer
 from kd_histo.convert.config import ConvertConfig
 from kd_histo.convert.errors import ConversionError
 from kd_histo.convert.stats import PixelStats
@@ -62,6 +62,12 @@ def _prepare(cfg: ConvertConfig) -> str:
     if cfg.encode.lr_factor and cfg.encode.tile_px % cfg.encode.lr_factor:
         raise ConversionError(
             f"tile_px={cfg.encode.tile_px} is not divisible by lr_factor={cfg.encode.lr_factor}"
+        )
+    if cfg.encode.tissue_method not in tissue.TISSUE_METHODS or cfg.encode.min_tissue_area < 0:
+        raise ConversionError(
+            f"need --tissue_method in {', '.join(tissue.TISSUE_METHODS)} and "
+            f"--min_tissue_area >= 0, got {cfg.encode.tissue_method!r} and "
+            f"{cfg.encode.min_tissue_area:g}"
         )
     if cfg.compression not in ("", "GZIP"):
         raise ConversionError(f"compression must be '' or GZIP, got {cfg.compression!r}")

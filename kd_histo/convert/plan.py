@@ -31,6 +31,7 @@ from kd_histo.convert import (
     manifest,
     neardup,
     phash,
+    qc,
     regions,
     slides,
     splits,
@@ -130,7 +131,8 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
     index = {n: i for i, n in enumerate(class_names)}
     tile_entries = _group_tiles(cfg, entries, skipped, notes, map_fn)
     tile_entries, near = _near_duplicates(cfg, tile_entries, index, skipped, notes, map_fn)
-    slide_plans = _plan_slides(cfg, entries, skipped, notes)
+    outlines = {p: region_outlines(a) for p, a in anns.items()}
+    slide_plans = _plan_slides(cfg, entries, skipped, notes, outlines)
     rules = regions.LabelRules(
         cfg.min_annotation_overlap, cfg.unannotated, tuple(cfg.ignore_classes)
     )
@@ -149,7 +151,7 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
         bool(slide_entries),
         bool(tile_entries),
         ann_records,
-        {p: region_outlines(a) for p, a in anns.items()},
+        outlines,
     )
 
 
@@ -256,18 +258,25 @@ def _near_duplicates(cfg, tile_entries, index, skipped, notes, map_fn):
     return tile_entries, near
 
 
-def _plan_slides(cfg, entries, skipped, notes) -> dict[str, slides.SlidePlan]:
+def _plan_slides(cfg, entries, skipped, notes, outlines) -> dict[str, slides.SlidePlan]:
+    """Each slide's tissue grid; its qc picture (with the outlines of its annotation regions)."""
     slide_plans = {}
     for e in entries:
         if e.is_slide:
             try:
-                slide_plans[e.path] = slides.plan_slide(
+                sp = slides.plan_slide(
                     e.path,
                     cfg.encode.tile_px,
                     cfg.encode.target_mpp,
                     min_tissue=cfg.encode.min_tissue,
                     slide_mpp=cfg.slide_mpp,
+                    tissue_method=cfg.encode.tissue_method,
+                    min_tissue_area=cfg.encode.min_tissue_area,
+                    keep_thumbnail=cfg.qc,
                 )
+                if cfg.qc and task_of(e.slide_id, cfg.num_tasks) == cfg.task_index:
+                    qc.write_slide_qc(cfg.out_dir, e.slide_id, sp, _by_class(outlines.get(e.path)))
+                slide_plans[e.path] = dataclasses.replace(sp, thumbnail=None)
             except SkipInput as err:
                 if cfg.encode.strict:
                     raise ConversionError(f"{e.path}: {err} (--strict)") from None
@@ -276,7 +285,9 @@ def _plan_slides(cfg, entries, skipped, notes) -> dict[str, slides.SlidePlan]:
         notes.append(
             f"{os.path.basename(p)}: {len(sp.coords)} of {sp.grid_tiles} grid tiles have tissue "
             "on the "
-            f"thumbnail (level-0 {sp.base_mpp:g} µm/px, tile {sp.size_l0} px at level 0)"
+            f"thumbnail (level-0 {sp.base_mpp:g} µm/px, tile {sp.size_l0} px at level 0; tissue "
+            f"by {sp.tissue_method}, chroma threshold {sp.tissue_threshold}, "
+            f"{sp.tissue_fraction:.1%} of the thumbnail)"
         )
     return slide_plans
 
@@ -339,7 +350,7 @@ def _make_units(cfg, items, labels, chosen, slide_plans, tile_labels, notes) -> 
             continue
         if s == "unlabeled":  # includes labeled groups held out by a 4th split share
             lab = UNLABELED
-        task = zlib.crc32(e.slide_id.encode()) % cfg.num_tasks
+        task = task_of(e.slide_id, cfg.num_tasks)
         if not e.is_slide:
             per_key.setdefault((s, task), []).append(Item(e.path, lab, e.slide_id, e.patient_id))
             continue
@@ -377,6 +388,21 @@ def _make_units(cfg, items, labels, chosen, slide_plans, tile_labels, notes) -> 
                 )
             )
     return units
+
+
+def _by_class(outlines):
+    """[(class, ring)] -> [(class, [rings])] in order of first appearance; None stays None."""
+    if outlines is None:
+        return None
+    grouped: dict[str, list] = {}
+    for name, ring in outlines:
+        grouped.setdefault(name, []).append(ring)
+    return list(grouped.items())
+
+
+def task_of(slide_id: str, num_tasks: int) -> int:
+    """The task that converts the tiles of ``slide_id`` (and writes its qc picture)."""
+    return zlib.crc32(slide_id.encode()) % num_tasks
 
 
 def unit_task(unit: Unit) -> int:

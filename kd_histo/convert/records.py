@@ -53,6 +53,16 @@ class EncodeOptions:
     target_mpp: float = setting(0.5, "µm/px of slide tiles.")
     lr_factor: int = setting(0, "Also store the aligned LR slide tile, tile_px/lr_factor wide.")
     min_tissue: float = setting(0.5, "Fraction of tissue a slide tile needs to be kept.")
+    tissue_method: str = setting(
+        "otsu",
+        "Slide tissue: Otsu's threshold on the thumbnail's colour, closed and opened, specks "
+        "under --min_tissue_area dropped (otsu); or the fixed colour rule, also re-checked on "
+        "each tile as read (threshold).",
+        choices=("otsu", "threshold"),
+    )
+    min_tissue_area: float = setting(
+        10_000.0, "With --tissue_method=otsu: drop tissue pieces smaller than this, in µm²."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +132,9 @@ def process_unit(
             try:
                 if item.size_l0:
                     rgb, lr, mpp = _read_slide_tile(item, opts, open_slides)
-                    if is_background(rgb, opts.min_tissue):
+                    # Otsu's mask (with its morphology) is the decision; the fixed rule is
+                    # re-checked on the tile's own pixels, finer than its thumbnail.
+                    if opts.tissue_method == "threshold" and is_background(rgb, opts.min_tissue):
                         background += 1
                         continue
                 elif h5.is_h5_item(item.path):

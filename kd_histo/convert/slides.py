@@ -1,7 +1,8 @@
 """Whole-slide images through OpenSlide: tissue mask, tile grid at a target µm/px, streamed reads.
 
 Planning (:func:`plan_slide`) opens the slide, detects tissue on a thumbnail read in blocks
-(saturated, not white) and lists the level-0 corners of grid tiles covering enough tissue. Reading
+(:mod:`kd_histo.convert.tissue`: Otsu's threshold or the fixed rule) and lists the level-0
+corners of grid tiles covering enough tissue. Reading
 (:func:`read_region_rgb`) fetches one tile at a time from the coarsest pyramid level that is not
 coarser than needed, so memory stays flat however big the slide is: no level-0 image is ever
 loaded. The optional low-resolution view is read the same way at ``lr_factor`` times the µm/px,
@@ -18,7 +19,9 @@ import math
 import numpy as np
 from PIL import Image
 
+from kd_histo.convert import tissue
 from kd_histo.convert.errors import ConversionError, SkipInput
+from kd_histo.convert.tissue import is_tissue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +33,12 @@ class SlidePlan:
     size_l0: int  # tile side in level-0 pixels
     coords: tuple[tuple[int, int], ...]  # level-0 (x, y) of each tissue tile, row-major
     grid_tiles: int  # tiles in the grid before background was dropped
+    dims: tuple[int, int] = (0, 0)  # level-0 width, height
+    tissue_method: str = "threshold"
+    tissue_threshold: int = 0  # chroma above which a thumbnail pixel is tissue
+    tissue_fraction: float = 0.0  # share of the thumbnail that is tissue
+    # The thumbnail (uint8 RGB), kept only when asked for (the qc picture); not compared.
+    thumbnail: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def open_slide(path: str):
@@ -130,13 +139,6 @@ def tissue_mask(slide, thumb_px: int = 1024, block_px: int = 2048) -> np.ndarray
     return is_tissue(thumbnail(slide, thumb_px, block_px))
 
 
-def is_tissue(rgb: np.ndarray, min_saturation: int = 20, max_brightness: int = 230) -> np.ndarray:
-    """Per-pixel tissue test of uint8 RGB: max-min channel spread >= min_saturation, mean <= max."""
-    rgb = rgb.astype(np.int16)
-    spread = rgb.max(-1) - rgb.min(-1)
-    return (spread >= min_saturation) & (rgb.mean(-1) <= max_brightness)
-
-
 def plan_slide(
     path: str,
     tile_px: int,
@@ -146,8 +148,14 @@ def plan_slide(
     slide_mpp: float = 0.0,
     thumb_px: int = 1024,
     block_px: int = 2048,
+    tissue_method: str = "threshold",
+    min_tissue_area: float = 0.0,
+    keep_thumbnail: bool = False,
 ) -> SlidePlan:
     """Lists tissue tiles of ``tile_px`` at ``target_mpp`` (µm/px) on a non-overlapping grid.
+
+    Tissue is found by ``tissue_method`` ("otsu" drops pieces under ``min_tissue_area`` µm²);
+    ``keep_thumbnail`` keeps the thumbnail in the plan (for the qc picture).
 
     Raises:
       SkipInput: the slide cannot be opened, or its thumbnail cannot be read.
@@ -171,12 +179,14 @@ def plan_slide(
                 f"{width}x{height}; lower --tile_px or --target_mpp"
             )
         try:
-            mask = tissue_mask(slide, thumb_px, block_px)
+            thumb = thumbnail(slide, thumb_px, block_px)
         except openslide.OpenSlideError as e:  # a damaged tile (e.g. a corrupt JPEG) in the way
             raise SkipInput(f"its thumbnail could not be read: {str(e).splitlines()[0]}") from None
     finally:
         slide.close()
-    sy, sx = mask.shape[0] / height, mask.shape[1] / width
+    sy, sx = thumb.shape[0] / height, thumb.shape[1] / width
+    found = tissue.detect(thumb, tissue_method, min_tissue_area / (base * base) * sy * sx)
+    mask = found.mask
     coords = []
     n_y, n_x = height // size_l0, width // size_l0
     for j in range(n_y):
@@ -186,7 +196,18 @@ def plan_slide(
             x0, x1 = int(x * sx), max(int(x * sx) + 1, int(math.ceil((x + size_l0) * sx)))
             if mask[y0:y1, x0:x1].mean() >= min_tissue:
                 coords.append((x, y))
-    return SlidePlan(path, base, size_l0, tuple(coords), n_x * n_y)
+    return SlidePlan(
+        path,
+        base,
+        size_l0,
+        tuple(coords),
+        n_x * n_y,
+        (width, height),
+        found.method,
+        found.threshold,
+        found.fraction,
+        thumb if keep_thumbnail else None,
+    )
 
 
 def read_region_rgb(slide, x: int, y: int, size_l0: int, out_px: int) -> np.ndarray:

@@ -12,6 +12,8 @@ from .helpers import decode, read_split
 from .pyramid_tiff import write_pyramid_tiff
 
 BASE_MPP = 0.25
+# The test slide is 64 x 96 µm: all its tissue is below the default speck area (10,000 µm²).
+SMALL_SPECKS = 100.0
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_region_is_read_from_the_matching_pyramid_level(pyramid):
 
 def test_slide_converts_with_aligned_lr_tiles_from_lower_level(pyramid, tmp_path):
     path, levels = pyramid
-    enc = EncodeOptions(tile_px=32, target_mpp=0.5, lr_factor=2)
+    enc = EncodeOptions(tile_px=32, target_mpp=0.5, lr_factor=2, min_tissue_area=SMALL_SPECKS)
     info = convert(
         ConvertConfig(out_dir=str(tmp_path), slides=(path,), encode=enc, class_names=("tissue",))
     )
@@ -100,7 +102,9 @@ def test_real_svs_converts_tissue_tiles_with_flat_reads(shared_data, tmp_path, m
             ConvertConfig(
                 out_dir=str(out),
                 slides=(svs,),
-                encode=EncodeOptions(tile_px=224, target_mpp=mpp),
+                # The fixed rule, re-checked on every tile as read (asserted below); Otsu's
+                # conversion of this slide is tests/convert/test_tissue_qc.py's.
+                encode=EncodeOptions(tile_px=224, target_mpp=mpp, tissue_method="threshold"),
                 class_names=("tissue",),
             )
         )
@@ -128,7 +132,7 @@ def test_slide_labels_csv_gives_label_patient_and_split(pyramid, tmp_path):
         ConvertConfig(
             out_dir=str(tmp_path / "out"),
             slide_labels=str(labels),
-            encode=EncodeOptions(tile_px=32, target_mpp=0.5),
+            encode=EncodeOptions(tile_px=32, target_mpp=0.5, min_tissue_area=SMALL_SPECKS),
             allow_one_class=True,  # a test cohort of one diagnosis
         )
     )

@@ -40,7 +40,7 @@ def test_student_reads_the_slide_level_at_its_resolution(runs, tmp_path, capsys)
             f"--model_dir={runs / 'student_x2'}",
             f"--inputs={slide}",
             f"--out_dir={out}",
-            "--target_mpp=0.5",
+            "--read_mpp=0.5",
             "--batch_size=5",
             "--heatmap",
         )
@@ -69,7 +69,7 @@ def test_a_single_level_slide_is_shrunk_with_a_note(runs, tmp_path, capsys):
             f"--model_dir={runs / 'student_x2'}",
             f"--inputs={slide}",
             f"--out_dir={out}",
-            "--target_mpp=0.5",
+            "--read_mpp=0.5",
             "--num_workers=0",
         )
         == 0
@@ -128,7 +128,7 @@ def test_folder_with_unreadable_images_skips_and_lists_them(runs, tmp_path, caps
 
 def test_cascade_teacher_rereads_the_slide_tiles_at_its_own_level(runs, tmp_path):
     slide = _slide(tmp_path / "pyr.tif", levels=3)
-    common = [f"--inputs={slide}", "--target_mpp=0.5"]
+    common = [f"--inputs={slide}", "--read_mpp=0.5"]
     assert (
         invoke(
             "predict",

@@ -3,11 +3,12 @@
 The thumbnail is :func:`kd_histo.convert.slides.thumbnail`, read in blocks from a low pyramid
 level (OpenSlide's ``get_thumbnail`` reads a whole level at once: on a single-level slide, all of
 level 0). Each picture has two panels: the thumbnail as scanned, and the same thumbnail in grey
-with the probability drawn over it in cividis. Why these colours: H&E is pink (eosin) and purple
-(haematoxylin); a map in magma or jet shares those hues and vanishes into the tissue. Cividis runs
-from dark blue to yellow, hues H&E does not have, and rises monotonically in lightness (and reads
-the same to colour-blind eyes); drawing it over a grey copy of the thumbnail leaves the map the
-only colour in that panel, while the first panel keeps the tissue's own colours for comparison.
+with the probability drawn over it in viridis. Why these colours: H&E is pink (eosin) and purple
+(haematoxylin), and a map in magma or jet shares those hues and vanishes into the tissue. Drawn
+over a grey copy of the thumbnail, the map is the only colour in its panel; viridis gives every
+value a hue (cividis, also colour-blind-safe, is grey at its middle and fades into the grey
+tissue), rises monotonically in lightness, and reads the same to colour-blind eyes. The first
+panel keeps the tissue's own colours to compare with.
 
 Not here: the probabilities' files (``kd_histo.evaluation.qupath_out``), the model.
 """
@@ -27,7 +28,7 @@ import numpy as np  # noqa: E402
 from kd_histo.atomic import replacing  # noqa: E402
 from kd_histo.evaluation.qupath_out import SlideGrid, probability_grid  # noqa: E402
 
-CMAP = "cividis"
+CMAP = "viridis"
 ALPHA = 0.7
 
 

@@ -38,7 +38,9 @@ flags.DEFINE_string("slide", "../shared/data/slides/CMU-1-Small-Region.svs", "Th
 flags.DEFINE_string("work_dir", "/tmp/kd_histo_domain_gap", "Where the pyramid copy is kept.")
 flags.DEFINE_integer("jpeg_quality", 75, "JPEG quality of the pyramid's tiles (libvips' default).")
 flags.DEFINE_float("min_tissue", 0.5, "Fraction of tissue a tile needs.")
-flags.DEFINE_float("target_mpp", 0.0, "µm/px of the HR tiles (0 = each run's record).")
+flags.DEFINE_float(
+    "read_mpp", 0.0, "µm/px at which slides are read into HR tiles (0 = each run's record)."
+)
 flags.DEFINE_string(
     "mosaic_data",
     "",
@@ -174,9 +176,9 @@ def main(argv):
     rows = []
     for model_dir in FLAGS.runs:
         run = read_run_record(model_dir)
-        mpp = FLAGS.target_mpp or run.mpp
+        mpp = FLAGS.read_mpp or run.mpp
         if not mpp:
-            raise SystemExit(f"{model_dir}: the run records no µm/px; pass --target_mpp")
+            raise SystemExit(f"{model_dir}: the run records no µm/px; pass --read_mpp")
         kw = dict(hr_px=run.hr_px, hr_mpp=mpp, method=run.lr_method, min_tissue=FLAGS.min_tissue)
         hr_plan = slide_reader.plan_read(FLAGS.slide, input_px=run.hr_px, **kw)
         pyr_plan = slide_reader.plan_read(pyramid, input_px=run.input_px, **kw)
@@ -251,7 +253,7 @@ def main(argv):
         )
         for model_dir in FLAGS.runs:
             run = read_run_record(model_dir)
-            r = _mosaic_row(model_dir, run, FLAGS.target_mpp or run.mpp)
+            r = _mosaic_row(model_dir, run, FLAGS.read_mpp or run.mpp)
             mosaic.append(r)
             print(
                 f"| {os.path.basename(os.path.normpath(model_dir))} | {r['tiles']} of {r['data']} "

@@ -257,8 +257,8 @@ def test_predict_on_tiles_uses_the_runs_lr_method_and_mpp(tmp_path):
     want = tf.nn.softmax(model(resize(x, 16, "bicubic"), training=False)["logits"]).numpy()
     np.testing.assert_allclose(got, want, atol=2e-6)
 
-    run = read_run_record(d)  # no µm/px known: slides need --target_mpp, which overrides
-    with pytest.raises(ValueError, match="--target_mpp"):
+    run = read_run_record(d)  # no µm/px known: slides need --read_mpp, which overrides
+    with pytest.raises(ValueError, match="--read_mpp"):
         predict.tile_mpp(run, 0.0)
     assert predict.tile_mpp(run, 1.0) == 1.0
     assert predict.tile_mpp(dataclasses.replace(run, mpp=0.25), 0.0) == 0.25

@@ -3,14 +3,15 @@
     kd-histo-predict --model_dir=runs/demo/student_x4 --inputs=../shared/data/slide.svs \
         --heatmap --max_tiles=200 --out_dir=runs/demo/predict
     kd-histo-predict --model_dir=runs/demo/student_x4 --inputs=../shared/data/slide.svs \
-        --cascade_teacher=runs/demo/teacher --cascade_fraction=0.1
+        --cascade_teacher=runs/demo/teacher --cascade_fraction=0.1 \
         --out_dir=runs/demo/predict_cascade
 
-Writes predictions.csv (per tile), slides.csv (per slide) and, with --heatmap, one heatmap PNG
-per slide over its thumbnail (``kd_histo.evaluation.predict``). With --cascade_teacher the teacher
-re-scores
-the least confident tiles of each slide from their HR tiles (predictions.csv says which net scored
-each).
+Writes predictions.csv (per tile), slides.csv (per slide) and, per slide, <slide>.geojson (tile
+objects for QuPath: File > Import objects) and <slide>_probabilities.ome.tif (a pyramidal
+probability map, one channel per class); with --heatmap (or --heatmap_classes=a,b) heatmap PNGs
+over its thumbnail (``kd_histo.evaluation.prediction_files``). With --cascade_teacher the teacher
+re-scores the least confident tiles of each slide from their HR tiles (predictions.csv says which
+net scored each). --read_mpp overrides the µm/px the run was trained at (run.json).
 """
 
 from __future__ import annotations

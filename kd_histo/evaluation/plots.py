@@ -1,10 +1,10 @@
 """Figures of evaluation and prediction, drawn with matplotlib's Agg backend (no display needed).
 
-Confusion matrices (one model, or several side by side), one-vs-rest ROC curves, a probability
-heatmap over a slide thumbnail, and the experiment figures: accuracy vs GFLOPs per image and
+Confusion matrices (one model, or several side by side), one-vs-rest ROC curves, and the
+experiment figures: accuracy vs GFLOPs per image and
 accuracy vs the fraction of extra unlabeled data; the cascade's accuracy vs effective GFLOPs.
-Not here: computing the numbers (``kd_histo.evaluation.metrics``) or reading slides
-(``kd_histo.evaluation.predict``).
+Not here: computing the numbers (``kd_histo.evaluation.metrics``), a slide's heatmaps
+(``kd_histo.evaluation.heatmap``).
 """
 
 from __future__ import annotations
@@ -75,28 +75,6 @@ def roc_png(
         title=title or "ROC (one vs rest)",
     )
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
-
-
-def heatmap_png(
-    thumbnail: np.ndarray, grid: np.ndarray, path: str, title: str = "", alpha: float = 0.45
-) -> str:
-    """A [gh, gw] map (NaN = no tile) stretched over an RGB thumbnail; returns ``path``."""
-    fig, ax = plt.subplots(figsize=(8, 8 * thumbnail.shape[0] / max(thumbnail.shape[1], 1) + 0.5))
-    ax.imshow(thumbnail)
-    masked = np.ma.masked_invalid(grid)
-    im = ax.imshow(
-        masked,
-        cmap="magma",
-        alpha=alpha,
-        vmin=0,
-        vmax=1,
-        interpolation="nearest",
-        extent=(0, thumbnail.shape[1], thumbnail.shape[0], 0),
-    )
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_axis_off()
-    ax.set_title(title)
     return _save(fig, path)
 
 

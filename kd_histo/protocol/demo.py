@@ -33,7 +33,7 @@ from kd_histo.training.config import RunConfig
 DEMO_JSON = "demo.json"
 # The synthetic tiles stand for 2 µm/px (a 64 px tile = 128 µm, as the README's slide tiles):
 # recorded
-# in dataset.json, so the demo's runs read slides at their own resolution without --target_mpp.
+# in dataset.json, so the demo's runs read slides at their own resolution without --read_mpp.
 DEMO_TILE_MPP = 2.0
 
 

@@ -162,7 +162,7 @@ def test_predict_on_the_real_slide_with_heatmap(runs, shared_data, tmp_path):
             f"--out_dir={out}",
             "--max_tiles=12",
             "--heatmap",
-            "--target_mpp=2.0",
+            "--read_mpp=2.0",
         )
         == 0
     )
@@ -172,8 +172,8 @@ def test_predict_on_the_real_slide_with_heatmap(runs, shared_data, tmp_path):
 
 
 @pytest.mark.realdata
-def test_predict_a_slide_at_the_runs_own_mpp_without_target_mpp(runs, shared_data, tmp_path):
-    """The tile µm/px comes from run.json (tiny_shards: 0.5); --target_mpp only overrides it."""
+def test_predict_a_slide_at_the_runs_own_mpp_without_read_mpp(runs, shared_data, tmp_path):
+    """The tile µm/px comes from run.json (tiny_shards: 0.5); --read_mpp only overrides it."""
     from kd_histo.convert import slides as slides_mod
 
     slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
@@ -182,7 +182,7 @@ def test_predict_a_slide_at_the_runs_own_mpp_without_target_mpp(runs, shared_dat
     s = slides_mod.open_slide(str(slide))
     base = float(s.properties["openslide.mpp-x"])
     s.close()
-    for extra, mpp in (((), 0.5), (("--target_mpp=2.0",), 2.0)):
+    for extra, mpp in (((), 0.5), (("--read_mpp=2.0",), 2.0)):
         out = tmp_path / f"pred_{mpp:g}"
         assert (
             invoke(

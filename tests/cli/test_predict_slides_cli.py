@@ -1,11 +1,13 @@
 """kd-histo-predict on slides read at the model's own level, and on folders of unreadable images."""
 
 import csv
+import json
 import pathlib
 import sys
 
 import numpy as np
 import pytest
+import tifffile
 from cli_helpers import invoke
 from PIL import Image
 
@@ -40,7 +42,7 @@ def test_student_reads_the_slide_level_at_its_resolution(runs, tmp_path, capsys)
             f"--model_dir={runs / 'student_x2'}",
             f"--inputs={slide}",
             f"--out_dir={out}",
-            "--target_mpp=0.5",
+            "--read_mpp=0.5",
             "--batch_size=5",
             "--heatmap",
         )
@@ -58,6 +60,59 @@ def test_student_reads_the_slide_level_at_its_resolution(runs, tmp_path, capsys)
         plan.coords
     )  # every tissue tile, in order
     assert (out / "heatmaps" / "pyr.png").stat().st_size > 0
+    # the tile's side: 64 level-0 px of 0.25 µm/px = 16 µm
+    assert {(r["tile_px_l0"], float(r["tile_um"])) for r in rows} == {("64", 16.0)}
+    _check_qupath_files(out, "pyr", rows, plan.size_l0)
+
+
+def _check_qupath_files(out, sid, rows, size):
+    """<slide>.geojson and <slide>_probabilities.ome.tif say what predictions.csv says."""
+    names = [k[len("prob_") :] for k in rows[0] if k.startswith("prob_")]
+    features = json.loads((out / f"{sid}.geojson").read_text())["features"]
+    assert len(features) == len(rows)
+    for f, r in zip(features, rows):
+        x, y = int(r["x"]), int(r["y"])
+        assert f["geometry"]["coordinates"] == [
+            [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
+        ]
+        props = f["properties"]
+        assert props["objectType"] == "tile" and props["classification"]["name"] == r["pred_name"]
+        for c in names:
+            assert props["measurements"][f"prob_{c}"] == pytest.approx(float(r[f"prob_{c}"]))
+        if "scored_by" in r:
+            assert props["measurements"]["scored_by_teacher"] == (r["scored_by"] == "teacher")
+    with tifffile.TiffFile(out / f"{sid}_probabilities.ome.tif") as tif:
+        assert tif.is_ome and tif.series[0].axes == "CYX"
+        level0 = tif.series[0].levels[0].asarray()
+        assert f'Name="{names[0]}"' in tif.ome_metadata and len(names) == level0.shape[0]
+    for r in rows:
+        got = level0[:, int(r["y"]) // size, int(r["x"]) // size]
+        want = [round(255 * float(r[f"prob_{c}"])) for c in names]
+        np.testing.assert_allclose(got, want, atol=1)  # the CSV's 6 decimals may round apart
+
+
+def test_heatmaps_per_class_from_the_streamed_thumbnail(runs, tmp_path, monkeypatch, capsys):
+    import openslide
+
+    def whole_level(*args, **kwargs):
+        raise AssertionError("get_thumbnail reads a whole pyramid level")
+
+    monkeypatch.setattr(openslide.OpenSlide, "get_thumbnail", whole_level)
+    slide = _slide(tmp_path / "pyr.tif", levels=1)  # single level: get_thumbnail reads level 0
+    out = tmp_path / "pred"
+    names = list(synthetic.CLASS_NAMES)
+    common = [f"--model_dir={runs / 'teacher'}", f"--inputs={slide}", "--read_mpp=0.5"]
+    asked = f"--heatmap_classes={names[2]},{names[0]}"
+    assert invoke("predict", *common, f"--out_dir={out}", asked, "--num_workers=0") == 0
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == sorted(
+        f"pyr_{c}.png" for c in (names[2], names[0])
+    )
+    assert all(p.stat().st_size > 0 for p in (out / "heatmaps").iterdir())
+    capsys.readouterr()
+    bad = invoke("predict", *common, f"--out_dir={tmp_path / 'x'}", "--heatmap_classes=nope")
+    err = capsys.readouterr().err.strip()
+    assert bad == 2 and "'nope' is no class of the model" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()  # refused before any work
 
 
 def test_a_single_level_slide_is_shrunk_with_a_note(runs, tmp_path, capsys):
@@ -69,7 +124,7 @@ def test_a_single_level_slide_is_shrunk_with_a_note(runs, tmp_path, capsys):
             f"--model_dir={runs / 'student_x2'}",
             f"--inputs={slide}",
             f"--out_dir={out}",
-            "--target_mpp=0.5",
+            "--read_mpp=0.5",
             "--num_workers=0",
         )
         == 0
@@ -128,7 +183,7 @@ def test_folder_with_unreadable_images_skips_and_lists_them(runs, tmp_path, caps
 
 def test_cascade_teacher_rereads_the_slide_tiles_at_its_own_level(runs, tmp_path):
     slide = _slide(tmp_path / "pyr.tif", levels=3)
-    common = [f"--inputs={slide}", "--target_mpp=0.5"]
+    common = [f"--inputs={slide}", "--read_mpp=0.5"]
     assert (
         invoke(
             "predict",
@@ -161,3 +216,4 @@ def test_cascade_teacher_rereads_the_slide_tiles_at_its_own_level(runs, tmp_path
         np.testing.assert_allclose(
             got, [float(want[k]) for k in want if k.startswith("prob_")], atol=1e-4
         )
+    _check_qupath_files(tmp_path / "cascade", "pyr", rows, 64)

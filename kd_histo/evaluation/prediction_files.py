@@ -1,0 +1,157 @@
+"""What kd-histo-predict writes: the tables of every input, and per slide its QuPath files.
+
+``predictions.csv``: one row per tile: ``slide_id, source, x, y`` (level-0 corner),
+``tile_px_l0, tile_um`` (the tile's side in level-0 pixels and in µm; empty for tiles that do not
+come from a slide), ``pred, pred_name``, ``prob_<class>`` per class and, in a cascade,
+``scored_by`` (teacher or student). ``slides.csv``: per slide (folder group, shards input) the tile
+count, mean probability and share of tiles per class, and the classes of highest mean and of
+majority. ``skipped.csv``: images that could not be read, with the reason.
+
+Per slide (:func:`write_slide_files`): ``<slide>.geojson`` and ``<slide>_probabilities.ome.tif``
+(:mod:`kd_histo.evaluation.qupath_out`) and, when asked, ``heatmaps/<slide>*.png``
+(:mod:`kd_histo.evaluation.heatmap`). Every file is written atomically.
+
+Not here: reading inputs, running the models (``kd_histo.evaluation.predict``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from kd_histo.atomic import replacing
+from kd_histo.evaluation import qupath_out
+from kd_histo.evaluation.qupath_out import SlideGrid
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredGroup:
+    """One slide's (folder group's, shards input's) tiles with their probabilities.
+
+    Attributes:
+      slide_id: the slide's name (a folder group's, a shards' slide id).
+      sources: each tile's source file.
+      xy: each tile's level-0 (x, y) corner ((0, 0) for tiles from folders).
+      probs: class probabilities [N, C].
+      teacher: cascade only: [N] bool, the tiles the teacher scored; None without a cascade.
+      grid: slides only: where the tiles lie on the slide.
+    """
+
+    slide_id: str
+    sources: Sequence[str]
+    xy: Sequence[tuple[int, int]]
+    probs: np.ndarray
+    teacher: np.ndarray | None = None
+    grid: SlideGrid | None = None
+
+
+def write_tiles(groups: Sequence[ScoredGroup], names: Sequence[str], path: str) -> str:
+    """predictions.csv (module docstring); with a cascade a last column says who scored each."""
+    cascade = any(g.teacher is not None for g in groups)
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["slide_id", "source", "x", "y", "tile_px_l0", "tile_um", "pred", "pred_name"]
+            + [f"prob_{c}" for c in names]
+            + (["scored_by"] if cascade else [])
+        )
+        for g in groups:
+            side = [g.grid.size_l0, f"{g.grid.tile_um:.6g}"] if g.grid else ["", ""]
+            for i, p in enumerate(g.probs):
+                k = int(np.argmax(p))
+                by = ["teacher" if g.teacher[i] else "student"] if cascade else []
+                w.writerow(
+                    [g.slide_id, g.sources[i], g.xy[i][0], g.xy[i][1], *side, k, names[k]]
+                    + [f"{v:.6f}" for v in p]
+                    + by
+                )
+    return path
+
+
+def write_slides(groups: Sequence[ScoredGroup], names: Sequence[str], path: str) -> str:
+    """slides.csv: per slide, tile count, classes of highest mean and majority, means, shares."""
+    by: dict[str, list[np.ndarray]] = {}
+    for g in groups:
+        by.setdefault(g.slide_id, []).extend(g.probs)
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["slide_id", "n_tiles", "pred_mean", "pred_majority"]
+            + [f"mean_prob_{c}" for c in names]
+            + [f"frac_{c}" for c in names]
+        )
+        for sid, ps in by.items():
+            ps = np.stack(ps)
+            mean = ps.mean(0)
+            frac = np.bincount(ps.argmax(1), minlength=len(names)) / len(ps)
+            w.writerow(
+                [sid, len(ps), names[int(mean.argmax())], names[int(frac.argmax())]]
+                + [f"{v:.6f}" for v in mean]
+                + [f"{v:.6f}" for v in frac]
+            )
+    return path
+
+
+def write_skipped(skipped: Sequence[tuple[str, str]], path: str) -> str:
+    """skipped.csv: path and reason of each unreadable image."""
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        w.writerows(skipped)
+    return path
+
+
+def write_slide_files(
+    g: ScoredGroup,
+    names: Sequence[str],
+    out_dir: str,
+    *,
+    object_type: str = "tile",
+    heatmap: bool = False,
+    heatmap_classes: Sequence[str] = (),
+) -> dict[str, str]:
+    """A slide's GeoJSON, probability OME-TIFF and (``heatmap``) heatmaps; {name: path}."""
+    if g.grid is None:
+        raise ValueError(f"{g.slide_id}: tiles without a slide have no place to draw")
+    collection = qupath_out.tile_features(
+        g.slide_id,
+        g.xy,
+        g.grid.size_l0,
+        g.probs,
+        names,
+        scored_by_teacher=g.teacher,
+        object_type=object_type,
+    )
+    paths = {
+        f"geojson:{g.slide_id}": qupath_out.write_geojson(
+            os.path.join(out_dir, f"{g.slide_id}.geojson"), collection
+        ),
+        f"probabilities:{g.slide_id}": qupath_out.write_probability_tiff(
+            os.path.join(out_dir, f"{g.slide_id}_probabilities.ome.tif"),
+            g.grid,
+            g.xy,
+            g.probs,
+            names,
+        ),
+    }
+    if heatmap:
+        from kd_histo.evaluation import heatmap as heatmaps
+
+        written = heatmaps.write_heatmaps(
+            g.grid,
+            g.slide_id,
+            g.xy,
+            g.probs,
+            names,
+            os.path.join(out_dir, "heatmaps"),
+            heatmap_classes,
+        )
+        for k, p in enumerate(written):
+            paths[
+                f"heatmap:{g.slide_id}" + (f":{heatmap_classes[k]}" if heatmap_classes else "")
+            ] = p
+    return paths

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from kd_histo.evaluation.plots import plt, save_png
-from kd_histo.protocol.plan import KINDS, RunKind, run_kind
+from kd_histo.protocol import plan
+from kd_histo.protocol.plan import RunKind, run_kind
 
 _Y_SEEDS = "accuracy (mean ± sd over seeds; dots: seeds)"
 
@@ -36,7 +37,7 @@ def gflops_series(rows: Sequence[dict]) -> list[tuple[RunKind, bool, list[dict]]
     """The point groups of accuracy vs compute, in :data:`KINDS`' order: per kind, its rows with
     GFLOPs without and then with extra unlabeled data, each sorted by GFLOPs."""
     out = []
-    for kind in KINDS:
+    for kind in plan.KINDS:
         pts = sorted(
             (r for r in rows if r["kind"] == kind.name and r.get("gflops")),
             key=lambda r: r["gflops"],
@@ -130,7 +131,7 @@ def accuracy_vs_unlabeled_png(
     factors = sorted({r["factor"] for r in rows if _by_fraction(run_kind(r["kind"]))})
     colours = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(1, len(factors))))
     for factor, colour in zip(factors, colours):
-        for kind in filter(_by_fraction, KINDS):
+        for kind in filter(_by_fraction, plan.KINDS):
             pts = sorted(
                 (r for r in rows if r["kind"] == kind.name and r["factor"] == factor),
                 key=lambda r: r["unlabeled_fraction"],

@@ -23,9 +23,9 @@ from typing import Any
 from kd_histo import schema
 from kd_histo.atomic import write_text
 from kd_histo.evaluation import plots
-from kd_histo.protocol import figures, tables
+from kd_histo.protocol import figures, plan, tables
 from kd_histo.protocol.claims import claims_markdown, factor_claims
-from kd_histo.protocol.plan import KINDS, run_kind
+from kd_histo.protocol.plan import run_kind
 from kd_histo.protocol.rows import (
     CASCADE_COLUMNS,
     cascade_rows,
@@ -209,7 +209,9 @@ def _setup_paragraphs(cfg, info: schema.DatasetInfo, wall_s: float) -> list[str]
         if n
     ]
     teacher_epochs = f" ({', '.join(other_epochs)})" if other_epochs else ""
-    kind_notes = "".join(f" {k.note.format(cfg=cfg)}" for k in KINDS if k.note and k.enabled(cfg))
+    kind_notes = "".join(
+        f" {k.note.format(cfg=cfg)}" for k in plan.KINDS if k.note and k.enabled(cfg)
+    )
     return [
         f"Data: `{b.data.data_dir}` ({info.source or 'converted tiles'}): {info.num_classes} "
         "classes "

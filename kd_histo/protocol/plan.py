@@ -228,10 +228,11 @@ class RunKind:
         return self.mode == "distill" and "labels" not in self.reads
 
     def enabled(self, cfg: ExperimentConfig) -> bool:
+        """The experiment runs this kind (its ``needs`` setting is on)."""
         return not self.needs or bool(getattr(cfg, self.needs))
 
 
-# Reading order of the report's tables (the plan's training order: see grid).
+# The rows' order is the report's reading order; the plan's training order follows from it (grid).
 KINDS = (
     RunKind("teacher", mode="teacher", view="hr", reads=("labels",), unlabeled="none",
             label="teacher", epochs="teacher_epochs", marker="*", colour="tab:red", size=14),

@@ -10,6 +10,8 @@ from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.protocol import report
 from kd_histo.protocol.experiment import run_experiment
 from kd_histo.protocol.plan import ExperimentConfig, plan, run_name, run_names
+from kd_histo.protocol.rows import result_rows, seed_summary
+from kd_histo.protocol.tables import markdown_table
 from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
 
 
@@ -303,7 +305,7 @@ def test_result_rows_join_metrics_cost_and_time():
     }  # fmt: skip  (s1/baseline_x2 not evaluated yet)
     costs = {64: {"gflops": 2.0, "flops_ratio_to_ref": 1.0, "speedup": 1.0},
              32: {"gflops": 0.5, "flops_ratio_to_ref": 4.0, "speedup": 3.2}}  # fmt: skip
-    rows = report.result_rows(specs, m, {"s1/student_x2": {"train_s": 12.5}}, costs)
+    rows = result_rows(specs, m, {"s1/student_x2": {"train_s": 12.5}}, costs)
     assert [(r["seed"], r["run"]) for r in rows] == [
         (0, "teacher"),
         (0, "student_x2"),
@@ -317,16 +319,16 @@ def test_result_rows_join_metrics_cost_and_time():
         rows[3]["flops_ratio"] == 4.0 and rows[3]["speedup"] == 3.2 and rows[3]["train_s"] == 12.5
     )
     assert rows[1]["train_s"] is None
-    table = report.markdown_table(rows)
+    table = markdown_table(rows)
     assert (
         "| student_x2 | 32 | 0.5000 | 4.0 | 3.2x | 0.750 [0.650, 0.850] | 0.750 | +5.0 pts | 1 |"
         in table
     )
-    summary = {s["run"]: s for s in report.seed_summary(rows)}
+    summary = {s["run"]: s for s in seed_summary(rows)}
     assert summary["student_x2"]["accuracy_mean"] == pytest.approx(0.775)
     assert summary["student_x2"]["accuracy_sd"] == pytest.approx(0.0353553, rel=1e-4)
     # Before the cost is measured, the cost columns are empty, not wrong.
-    assert report.result_rows(specs, m, {}, None)[1]["gflops"] is None
+    assert result_rows(specs, m, {}, None)[1]["gflops"] is None
 
 
 def test_report_has_the_paired_difference_to_the_baseline(finished):

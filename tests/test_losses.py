@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from kd_histo.training import losses as L
+from kd_histo.training import map_resize as MR
 
 
 def _softmax(z):
@@ -97,7 +98,7 @@ def test_adaptive_max_pool_matches_pytorch_bins(in_hw, out_hw):
     rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
     x = rng.normal(size=(2, *in_hw, 3)).astype("f4")
     np.testing.assert_array_equal(
-        L.adaptive_max_pool2d(x, out_hw).numpy(), np_adaptive_max(x, *out_hw)
+        MR.adaptive_max_pool2d(x, out_hw).numpy(), np_adaptive_max(x, *out_hw)
     )
 
 
@@ -105,7 +106,7 @@ def test_adaptive_max_pool_equals_max_pool_for_multiples():
     rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
     x = rng.normal(size=(2, 8, 12, 3)).astype("f4")
     ref = tf.nn.max_pool2d(x, (2, 3), (2, 3), "VALID").numpy()
-    np.testing.assert_array_equal(L.adaptive_max_pool2d(x, (4, 4)).numpy(), ref)
+    np.testing.assert_array_equal(MR.adaptive_max_pool2d(x, (4, 4)).numpy(), ref)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +117,7 @@ def test_bicubic_torch_matches_numpy_port(in_hw, out_hw):
     rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
     x = rng.normal(size=(2, *in_hw, 3)).astype("f4")
     np.testing.assert_allclose(
-        L.bicubic_resize(x, out_hw, "torch").numpy(), np_bicubic_torch(x, *out_hw), atol=1e-5
+        MR.bicubic_resize(x, out_hw, "torch").numpy(), np_bicubic_torch(x, *out_hw), atol=1e-5
     )
 
 
@@ -128,7 +129,7 @@ def test_bicubic_tf_style_matches_tf_image_resize(in_hw, out_hw):
     x = rng.random((2, *in_hw, 3), dtype=np.float32)
     # TF's kernel reads its weights from a 1024-entry table, hence ~1e-4 differences.
     np.testing.assert_allclose(
-        L.bicubic_resize(x, out_hw, "tf").numpy(),
+        MR.bicubic_resize(x, out_hw, "tf").numpy(),
         tf.image.resize(x, out_hw, "bicubic").numpy(),
         atol=2e-3,
     )
@@ -138,7 +139,7 @@ def test_torch_and_tf_kernels_differ():
     rng = np.random.default_rng(0)  # per test: same data under pytest-xdist
     x = rng.normal(size=(1, 7, 7, 1)).astype("f4")
     diff = np.abs(
-        L.bicubic_resize(x, (4, 4), "torch").numpy() - L.bicubic_resize(x, (4, 4), "tf").numpy()
+        MR.bicubic_resize(x, (4, 4), "torch").numpy() - MR.bicubic_resize(x, (4, 4), "tf").numpy()
     )
     assert diff.max() > 1e-3
 

@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from kd_histo.evaluation import plots
-from kd_histo.protocol import paired, report
+from kd_histo.protocol import figures, paired
+from kd_histo.protocol.rows import mean_rows, paired_table
+from kd_histo.protocol.tables import paired_markdown
 
 
 def test_seed_stats_match_numpy():
@@ -103,7 +104,7 @@ def test_paired_table_pairs_seeds_and_tiles_of_student_and_baseline():
         }
     correct["s2/student_x4"].pop(keys[-1])  # a tile one run lacks is left out of every seed
     del correct["s1/baseline_x4"]  # a seed whose baseline has not run is left out
-    (row,) = report.paired_table(specs, correct, n_boot=200)
+    (row,) = paired_table(specs, correct, n_boot=200)
     assert (row["student"], row["baseline"], row["seeds"], row["n_tiles"]) == (
         "student_x4",
         "baseline_x4",
@@ -113,7 +114,7 @@ def test_paired_table_pairs_seeds_and_tiles_of_student_and_baseline():
     assert row["per_seed"] == pytest.approx([10 / 99, 20 / 99])  # tile 99 dropped in both seeds
     assert row["difference"] == pytest.approx(15 / 99)
     assert row["low"] <= row["difference"] <= row["high"]
-    assert "| x4 | student_x4 | baseline_x4 | 2 | 99 | +15.2 [" in report.paired_markdown([row])
+    assert "| x4 | student_x4 | baseline_x4 | 2 | 99 | +15.2 [" in paired_markdown([row])
 
 
 def test_mean_rows_and_multi_seed_figures(tmp_path):
@@ -140,13 +141,13 @@ def test_mean_rows_and_multi_seed_figures(tmp_path):
                     "gflops": 1.0 if f == 1 else 0.25,
                 }
             )
-    means = {r["run"]: r for r in report.mean_rows(rows)}
+    means = {r["run"]: r for r in mean_rows(rows)}
     assert means["student_x2"]["accuracy"] == pytest.approx(0.83)
     sd = np.std([0.82, 0.84], ddof=1)
     assert (
         means["student_x2"]["accuracy_low"] == pytest.approx(0.83 - sd)
         and means["student_x2"]["seeds"] == 2
     )
-    for fn in (plots.accuracy_vs_gflops_png, plots.accuracy_vs_unlabeled_png):
+    for fn in (figures.accuracy_vs_gflops_png, figures.accuracy_vs_unlabeled_png):
         path = fn(list(means.values()), str(tmp_path / f"{fn.__name__}.png"), seed_rows=rows)
         assert os.path.getsize(path) > 0

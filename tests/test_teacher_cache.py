@@ -9,8 +9,8 @@ import tensorflow as tf
 
 from kd_histo.data.pipeline import PipelineConfig, make_dataset
 from kd_histo.models import build_model
+from kd_histo.training import cache_store as TC
 from kd_histo.training import losses as L
-from kd_histo.training import teacher_cache as TC
 from kd_histo.training.distiller import ResolutionDistiller
 
 KW = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], planes=(4, 8, 8, 16), stem="small")

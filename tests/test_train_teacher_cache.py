@@ -8,8 +8,9 @@ import pytest
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.training import preflight, train
+from kd_histo.training.cache_store import TeacherCache
 from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
-from kd_histo.training.teacher_cache import BUILT_FOR, TeacherCache
+from kd_histo.training.teacher_cache import BUILT_FOR
 
 TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
 

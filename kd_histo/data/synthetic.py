@@ -60,6 +60,70 @@ def _fibres(size, rng, angle, period, jitter):
     return (0.5 + 0.5 * np.cos(2 * np.pi * (t + wobble) / period + phase)) ** 3
 
 
+def _lymphocytes(h_map, e_map, rng, size: int, area: float) -> None:
+    """Dense small round dark nuclei over faint fibres."""
+    for _ in range(rng.poisson(55 * area)):
+        r = rng.uniform(1.6, 2.6)
+        _disk_stamp(
+            h_map,
+            rng.uniform(0, size),
+            rng.uniform(0, size),
+            r,
+            r * rng.uniform(0.85, 1.1),
+            rng.uniform(0, np.pi),
+            rng.uniform(0.9, 1.2),
+        )
+    e_map += 0.15 * _fibres(size, rng, rng.uniform(0, np.pi), rng.uniform(5, 9), 2.0)
+
+
+def _tumour(h_map, e_map, rng, size: int, area: float) -> None:
+    """Few large pale nuclei with a dark rim and coarse chromatin."""
+    chromatin = lambda rho: 0.55 + 0.45 * (rho > 0.7)  # noqa: E731 -- pale centre, dark rim
+    for _ in range(rng.poisson(9 * area)):
+        r = rng.uniform(4.0, 6.5)
+        _disk_stamp(
+            h_map,
+            rng.uniform(0, size),
+            rng.uniform(0, size),
+            r,
+            r * rng.uniform(0.6, 0.95),
+            rng.uniform(0, np.pi),
+            rng.uniform(0.55, 0.8),
+            texture=chromatin,
+        )
+    h_map += 0.25 * (rng.random((size, size)) < 0.04) * (h_map > 0.2)  # coarse chromatin
+    e_map += 0.15 * _fibres(size, rng, rng.uniform(0, np.pi), rng.uniform(5, 9), 2.0)
+
+
+def _stroma(h_map, e_map, rng, size: int, area: float) -> None:
+    """Strong parallel eosin fibres with elongated nuclei along them."""
+    angle = rng.uniform(0, np.pi)
+    e_map += 0.75 * _fibres(size, rng, angle, rng.uniform(2.6, 3.4), rng.uniform(0.5, 1.5))
+    for _ in range(rng.poisson(6 * area)):
+        r = rng.uniform(1.2, 1.8)
+        _disk_stamp(
+            h_map,
+            rng.uniform(0, size),
+            rng.uniform(0, size),
+            r,
+            r * rng.uniform(3.5, 5.0),
+            angle + rng.normal(0, 0.15),
+            rng.uniform(0.9, 1.2),
+        )
+    h_map += 0.12  # matches the other classes' mean haematoxylin
+
+
+def _debris(h_map, e_map, rng, size: int, area: float) -> None:
+    """Scattered dark dust over crossing fibres."""
+    dust = (rng.random((size, size)) < 0.09).astype(np.float32)
+    h_map += dust * rng.uniform(0.9, 1.4, (size, size)).astype(np.float32)
+    e_map += 0.35 * _fibres(size, rng, rng.uniform(0, np.pi), rng.uniform(2.6, 3.4), 4.0)
+    e_map += 0.35 * _fibres(size, rng, rng.uniform(0, np.pi), rng.uniform(2.6, 3.4), 4.0)
+
+
+_PAINT = {"lymphocytes": _lymphocytes, "tumour": _tumour, "stroma": _stroma, "debris": _debris}
+
+
 def render_tile(
     rng: np.random.Generator, label: int, tile_px: int = 64, stain_scale: float = 1.0
 ) -> np.ndarray:
@@ -81,57 +145,7 @@ def render_tile(
     h_map = np.zeros((size, size), np.float32)
     e_map = np.full((size, size), rng.uniform(0.25, 0.45), np.float32)
     e_map += 0.08 * rng.standard_normal((size, size)).astype(np.float32)
-
-    name = CLASS_NAMES[label]
-    if name == "lymphocytes":
-        for _ in range(rng.poisson(55 * area)):
-            r = rng.uniform(1.6, 2.6)
-            _disk_stamp(
-                h_map,
-                rng.uniform(0, size),
-                rng.uniform(0, size),
-                r,
-                r * rng.uniform(0.85, 1.1),
-                rng.uniform(0, np.pi),
-                rng.uniform(0.9, 1.2),
-            )
-        e_map += 0.15 * _fibres(size, rng, rng.uniform(0, np.pi), rng.uniform(5, 9), 2.0)
-    elif name == "tumour":
-        chromatin = lambda rho: 0.55 + 0.45 * (rho > 0.7)  # noqa: E731 -- pale centre, dark rim
-        for _ in range(rng.poisson(9 * area)):
-            r = rng.uniform(4.0, 6.5)
-            _disk_stamp(
-                h_map,
-                rng.uniform(0, size),
-                rng.uniform(0, size),
-                r,
-                r * rng.uniform(0.6, 0.95),
-                rng.uniform(0, np.pi),
-                rng.uniform(0.55, 0.8),
-                texture=chromatin,
-            )
-        h_map += 0.25 * (rng.random((size, size)) < 0.04) * (h_map > 0.2)  # coarse chromatin
-        e_map += 0.15 * _fibres(size, rng, rng.uniform(0, np.pi), rng.uniform(5, 9), 2.0)
-    elif name == "stroma":
-        angle = rng.uniform(0, np.pi)
-        e_map += 0.75 * _fibres(size, rng, angle, rng.uniform(2.6, 3.4), rng.uniform(0.5, 1.5))
-        for _ in range(rng.poisson(6 * area)):
-            r = rng.uniform(1.2, 1.8)
-            _disk_stamp(
-                h_map,
-                rng.uniform(0, size),
-                rng.uniform(0, size),
-                r,
-                r * rng.uniform(3.5, 5.0),
-                angle + rng.normal(0, 0.15),
-                rng.uniform(0.9, 1.2),
-            )
-        h_map += 0.12  # matches the other classes' mean haematoxylin
-    else:  # debris
-        dust = (rng.random((size, size)) < 0.09).astype(np.float32)
-        h_map += dust * rng.uniform(0.9, 1.4, (size, size)).astype(np.float32)
-        e_map += 0.35 * _fibres(size, rng, rng.uniform(0, np.pi), rng.uniform(2.6, 3.4), 4.0)
-        e_map += 0.35 * _fibres(size, rng, rng.uniform(0, np.pi), rng.uniform(2.6, 3.4), 4.0)
+    _PAINT[CLASS_NAMES[label]](h_map, e_map, rng, size, area)
 
     # White gaps (lumina, fat, tears) in every class, so colour alone does not give the class.
     if rng.random() < 0.5:

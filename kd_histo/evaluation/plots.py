@@ -1,10 +1,9 @@
 """Figures of evaluation and prediction, drawn with matplotlib's Agg backend (no display needed).
 
 Confusion matrices (one model, or several side by side), one-vs-rest ROC curves, and the
-experiment figures: accuracy vs GFLOPs per image and
-accuracy vs the fraction of extra unlabeled data; the cascade's accuracy vs effective GFLOPs.
+cascade's accuracy vs effective GFLOPs.
 Not here: computing the numbers (``kd_histo.evaluation.metrics``), a slide's heatmaps
-(``kd_histo.evaluation.heatmap``).
+(``kd_histo.evaluation.heatmap``), the experiment's figures (``kd_histo.protocol.figures``).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import numpy as np  # noqa: E402
 from kd_histo.evaluation import metrics  # noqa: E402
 
 
-def _save(fig, path: str, dpi: int = 100) -> str:
+def save_png(fig, path: str, dpi: int = 100) -> str:
     """Lays ``fig`` out, writes it to ``path`` and frees it; returns ``path``."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
@@ -54,7 +53,7 @@ def confusion_matrix_png(
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def roc_png(
@@ -75,150 +74,7 @@ def roc_png(
         title=title or "ROC (one vs rest)",
     )
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
-
-
-_KIND_STYLE = {
-    "teacher": ("*", "tab:red", 14),
-    "baseline": ("s", "tab:grey", 8),
-    "student": ("o", "tab:blue", 8),
-    "student_ce": ("D", "tab:green", 7),
-}
-
-
-_Y_SEEDS = "accuracy (mean ± sd over seeds; dots: seeds)"
-
-
-def _seed_dots(ax, seed_rows, rows, x_of) -> None:
-    """Small dots for every seed of each plotted run (``x_of(row)`` = its x, or None to skip)."""
-    xs = {r["run"]: x_of(r) for r in rows}
-    for r in seed_rows:
-        x = xs.get(r["run"])
-        if x is not None:
-            ax.plot(x, r["accuracy"], ".", color="black", ms=3, alpha=0.5, zorder=3)
-
-
-def accuracy_vs_gflops_png(
-    rows: Sequence[dict], path: str, title: str = "", seed_rows: Sequence[dict] | None = None
-) -> str:
-    """Accuracy (with its 95% interval) against GFLOPs per image, one point per model.
-
-    ``rows`` are result rows (``kd_histo.protocol.report.result_rows``) with ``run``, ``kind``,
-    ``gflops``,
-    ``accuracy``, ``accuracy_low``, ``accuracy_high``, ``unlabeled_fraction``; students with
-    extra unlabeled data are drawn hollow. Nets of one input size share their GFLOPs, so each kind
-    is nudged sideways a little (a few percent on the log axis) to keep the points apart.
-    With ``seed_rows`` (the single seeds' rows), ``rows`` are the seeds' means with low/high =
-    mean ∓ sd, and each seed is drawn as a small dot. Returns ``path``.
-    """
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    placed: dict[str, float] = {}
-    for kind, (marker, colour, size) in _KIND_STYLE.items():
-        pts = sorted(
-            (r for r in rows if r["kind"] == kind and r.get("gflops")), key=lambda r: r["gflops"]
-        )
-        for extra in (False, True):
-            sel = [r for r in pts if (r.get("unlabeled_fraction", 0) > 0) == extra]
-            if not sel:
-                continue
-            nudge = {
-                "baseline": 0.94,
-                "student": 1.0 if not extra else 1.06,
-                "student_ce": 1.12,
-            }.get(kind, 1.0)
-            x = np.array([r["gflops"] * nudge for r in sel])
-            y = np.array([r["accuracy"] for r in sel])
-            lo = np.array([r.get("accuracy_low", r["accuracy"]) for r in sel])
-            hi = np.array([r.get("accuracy_high", r["accuracy"]) for r in sel])
-            label = {"student_ce": "student + labels"}.get(kind, kind) + (
-                " + unlabeled" if extra else ""
-            )
-            ax.errorbar(
-                x,
-                y,
-                yerr=[y - lo, hi - y],
-                fmt=marker,
-                ms=size,
-                color=colour,
-                capsize=3,
-                label=label,
-                mfc="white" if extra else colour,
-                ls="-" if kind != "teacher" and not extra else "none",
-                lw=1,
-                alpha=0.9,
-            )
-            for r, xi in zip(sel, x):
-                placed[r["run"]] = xi
-                ax.annotate(
-                    r["run"],
-                    (xi, r["accuracy"]),
-                    textcoords="offset points",
-                    xytext=(-5, 5) if kind == "baseline" else (5, 5),
-                    ha="right" if kind == "baseline" else "left",
-                    fontsize=7,
-                )
-    if seed_rows:
-        _seed_dots(ax, seed_rows, rows, lambda r: placed.get(r["run"]))
-    ax.set_xscale("log")
-    ax.set(
-        xlabel="GFLOPs per image (log scale)",
-        ylabel=_Y_SEEDS if seed_rows else "accuracy (95% CI)",
-        title=title or "accuracy vs compute",
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    return _save(fig, path, dpi=110)
-
-
-def accuracy_vs_unlabeled_png(
-    rows: Sequence[dict], path: str, title: str = "", seed_rows: Sequence[dict] | None = None
-) -> str:
-    """Student accuracy against the fraction of extra unlabeled data, one line per factor.
-
-    The baseline of each factor (LR + labels) is a dashed line of the same colour, the teacher a
-    dotted black line. With ``seed_rows``, ``rows`` are the seeds' means (bars ± sd) and each
-    seed's student is a small dot. Returns ``path``.
-    """
-    fig, ax = plt.subplots(figsize=(7, 5))
-    factors = sorted({r["factor"] for r in rows if r["kind"] == "student"})
-    colours = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(1, len(factors))))
-    for factor, colour in zip(factors, colours):
-        pts = sorted(
-            (r for r in rows if r["kind"] == "student" and r["factor"] == factor),
-            key=lambda r: r["unlabeled_fraction"],
-        )
-        x = np.array([100 * r["unlabeled_fraction"] for r in pts])
-        y = np.array([r["accuracy"] for r in pts])
-        lo = np.array([r.get("accuracy_low", r["accuracy"]) for r in pts])
-        hi = np.array([r.get("accuracy_high", r["accuracy"]) for r in pts])
-        ax.errorbar(
-            x,
-            y,
-            yerr=[y - lo, hi - y],
-            fmt="o-",
-            color=colour,
-            capsize=3,
-            label=f"student x{factor:g}",
-        )
-        for b in (r for r in rows if r["kind"] == "baseline" and r["factor"] == factor):
-            ax.axhline(b["accuracy"], color=colour, ls="--", lw=1, label=f"baseline x{factor:g}")
-    for t in (r for r in rows if r["kind"] == "teacher"):
-        ax.axhline(t["accuracy"], color="black", ls=":", lw=1.2, label="teacher (HR)")
-    if seed_rows:
-        _seed_dots(
-            ax,
-            seed_rows,
-            rows,
-            lambda r: 100 * r["unlabeled_fraction"] if r["kind"] == "student" else None,
-        )
-    ax.set(
-        xlabel="extra unlabeled data (% of the unlabeled pool)",
-        ylabel=_Y_SEEDS if seed_rows else "accuracy (95% CI)",
-        title=title or "label-free distillation: more unlabeled data",
-    )
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return _save(fig, path, dpi=110)
+    return save_png(fig, path)
 
 
 def confusion_grid_png(
@@ -242,7 +98,7 @@ def confusion_grid_png(
         ax.set_title(f"{name}\naccuracy {np.trace(cm) / max(1, cm.sum()):.3f}", fontsize=9)
     fig.supxlabel("predicted", fontsize=9)
     fig.supylabel("true", fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def cascade_png(rows: Sequence[dict], path: str, title: str = "") -> str:
@@ -286,4 +142,4 @@ def cascade_png(rows: Sequence[dict], path: str, title: str = "") -> str:
     )
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path, dpi=110)
+    return save_png(fig, path, dpi=110)

@@ -39,7 +39,7 @@ from kd_histo.protocol.plan import (
     eval_dir,
     has_cascade,
 )
-from kd_histo.protocol.report import scored_tile
+from kd_histo.protocol.rows import scored_tile
 
 BUNDLE_DIR = "bundle"
 PREDICTIONS = "tile_predictions.csv"
@@ -169,8 +169,8 @@ def find(folder: str) -> str | None:
 
 def correct_by_seed(bundle: str, run: str, split: str) -> dict[int, dict[tuple, tuple[int, str]]]:
     """{seed: {(source, x, y): (correct, slide id)}} of one run's labeled tiles in a bundle, the
-    form :func:`kd_histo.protocol.report.read_correct_folder` gives for a run folder (each tile
-    scored by :func:`kd_histo.protocol.report.scored_tile`); {} when the bundle holds no seed of
+    form :func:`kd_histo.protocol.rows.read_correct_folder` gives for a run folder (each tile
+    scored by :func:`kd_histo.protocol.rows.scored_tile`); {} when the bundle holds no seed of
     ``run``.
 
     Raises:

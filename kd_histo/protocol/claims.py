@@ -5,10 +5,11 @@ its teacher, (2) beats the LR baseline trained with labels, most at the lowest r
 gains from more unlabeled data. :func:`factor_claims` measures each on the results: the best
 label-free student of each factor (highest mean accuracy over seeds) against the teacher and
 against the baseline (the paired difference and its 95% interval from the report's paired table),
-and the label-free students' mean accuracy as the unlabeled fraction grows. Nothing is judged
-against a threshold here: the numbers are what the report prints.
+and the label-free students' mean accuracy as the unlabeled fraction grows (which kinds are the
+teacher, the baselines and the label-free students: ``kd_histo.protocol.plan.KINDS``). Nothing is
+judged against a threshold here: the numbers are what the report prints.
 
-Pure: rows in (``report.result_rows`` / ``report.paired_table``), records out.
+Pure: rows in (``rows.result_rows`` / ``rows.paired_table``), records out.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import itertools
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from kd_histo.protocol.plan import run_kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,14 @@ class FactorClaims:
         """Accuracy never falls as the unlabeled fraction grows."""
         accs = [a for _, a in self.by_fraction]
         return all(b >= a for a, b in itertools.pairwise(accs))
+
+
+def _mode(row: Mapping[str, Any]) -> str:
+    return run_kind(row["kind"]).mode
+
+
+def _label_free(row: Mapping[str, Any]) -> bool:
+    return run_kind(row["kind"]).label_free
 
 
 def _by_seed(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, float]]:
@@ -68,7 +79,8 @@ def factor_claims(
     first = {}
     for r in rows:
         first.setdefault(r["run"], r)
-    if "teacher" not in acc:
+    teacher_run = next((n for n, r in first.items() if _mode(r) == "teacher"), None)
+    if teacher_run is None:
         return []
 
     def mean_at(name: str, seeds) -> float | None:
@@ -76,20 +88,18 @@ def factor_claims(
         return statistics.fmean(vals) if vals else None
 
     out = []
-    for factor in sorted({float(r["factor"]) for r in rows if r["kind"] == "student"}):
-        students = [
-            r for r in first.values() if r["kind"] == "student" and float(r["factor"]) == factor
-        ]
+    for factor in sorted({float(r["factor"]) for r in rows if _label_free(r)}):
+        students = [r for r in first.values() if _label_free(r) and float(r["factor"]) == factor]
         best = max(students, key=lambda r: (means[r["run"]], -float(r["unlabeled_fraction"])))
         seeds = sorted(acc[best["run"]])
-        teacher = mean_at("teacher", seeds)
+        teacher = mean_at(teacher_run, seeds)
         if teacher is None:
             continue
         base = next(
             (
                 n
                 for n, r in first.items()
-                if r["kind"] == "baseline" and float(r["factor"]) == factor
+                if _mode(r) == "baseline" and float(r["factor"]) == factor
             ),
             None,
         )

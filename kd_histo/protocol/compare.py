@@ -28,7 +28,7 @@ import numpy as np
 from kd_histo.protocol import bundle as bundle_lib
 from kd_histo.protocol import paired
 from kd_histo.protocol.plan import STATE_JSON
-from kd_histo.protocol.report import read_correct_folder
+from kd_histo.protocol.rows import read_correct_folder
 
 _SEED_DIR = re.compile(r"^s(\d+)$")
 

@@ -41,6 +41,8 @@ from kd_histo.protocol.plan import (
     eval_dir,
     has_cascade,
     plan,
+    run_kind,
+    teacher_of,
 )
 
 
@@ -156,15 +158,13 @@ def _check_borrowed_teachers(cfg: ExperimentConfig, specs: list[RunSpec]) -> Non
         d.pop("verbose", None)
         return json.loads(json.dumps(d))
 
-    for spec in (s for s in specs if s.kind == "teacher"):
+    for spec in (teacher_of(specs, seed) for seed in cfg.seeds):
         if not _finished(spec):
             raise ValueError(
                 f"--teachers_from: {spec.model_dir} holds no trained teacher for seed {spec.seed}; "
                 f"run the experiment in {cfg.teachers_from} with that seed first"
             )
-        pending = [
-            s for s in specs if s.seed == spec.seed and s.kind != "teacher" and not _finished(s)
-        ]
+        pending = [s for s in specs if s.seed == spec.seed and s is not spec and not _finished(s)]
         if pending and not os.path.isfile(
             read_run_record(spec.model_dir).model_path(spec.model_dir)
         ):
@@ -198,94 +198,22 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     Returns:
       Paths of the report files (see :func:`kd_histo.protocol.report.write_report`).
     """
-    import keras
-
-    from kd_histo.evaluation import cost, evaluate
+    from kd_histo.evaluation import cost
     from kd_histo.protocol import report
-    from kd_histo.training import preflight, train
 
-    specs = plan(cfg)
-    _check_same_experiment(cfg)
-    if cfg.results_dir:
-        _check_same_experiment(cfg, os.path.join(cfg.results_dir, bundle.BUNDLE_DIR))
-    _check_borrowed_teachers(cfg, specs)
-    # Every factor must fit the tile before anything trains (it failed after teacher and baseline)
-    preflight.check_input_sizes([s.config for s in specs if not _finished(s)])
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, EXPERIMENT_JSON), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-    started_on = os.path.join(cfg.out_dir, schema.DATASET_JSON)
-    if not os.path.isfile(started_on):
-        shutil.copyfile(os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON), started_on)
-    if cfg.results_dir:
-        bundle.import_seeds(cfg, specs, cfg.results_dir, log=log)
+    specs = _start(cfg, log)
     state = _State(cfg.out_dir)
     start = time.perf_counter()
     prebuilt: set[int] = set()
     for i, spec in enumerate(specs, 1):
-        key = f"s{spec.seed}/{spec.name}"
-        prefix = f"[{i}/{len(specs)}] {key}"
-        if _finished(spec):
-            log(f"{prefix}: trained already, skipped")
-        else:
-            log(
-                f"{prefix}: training ({spec.config.mode}, input "
-                f"{'HR' if spec.kind == 'teacher' else f'LR x{spec.factor:g}'}"
-                f", {spec.config.epochs} epochs)"
-            )
-            if spec.config.mode == "distill" and spec.seed not in prebuilt:
-                # One teacher pass for all of the seed's student caches (x2, x4, x8), not one per
-                # factor; its time is the teacher's (state "teacher_cache_s"), not this student's.
-                prebuilt.add(spec.seed)
-                t0 = time.perf_counter()
-                todo = [s.config for s in specs if s.seed == spec.seed and not _finished(s)]
-                if train.prebuild_teacher_caches(todo, log=log):
-                    state.record(
-                        f"s{spec.seed}/teacher", "teacher_cache_s", time.perf_counter() - t0
-                    )
-                    keras.backend.clear_session()
-            t0 = time.perf_counter()
-            train.train(spec.config)
-            state.record(key, "train_s", time.perf_counter() - t0)
-            keras.backend.clear_session()
-        out = eval_dir(spec, cfg.eval_split)
-        if not os.path.isfile(os.path.join(out, evaluate.METRICS_JSON)):
-            t0 = time.perf_counter()
-            evaluate.evaluate_run(
-                evaluate.EvalConfig(
-                    spec.model_dir, cfg.eval_split, out_dir=out, n_boot=cfg.n_boot, seed=spec.seed
-                )
-            )
-            state.record(key, "eval_s", time.perf_counter() - t0)
-            keras.backend.clear_session()
-        with open(os.path.join(out, evaluate.METRICS_JSON)) as f:
-            acc = json.load(f)["tile"]["accuracy"]
+        prefix = f"[{i}/{len(specs)}] s{spec.seed}/{spec.name}"
+        _train(specs, spec, state, prebuilt, prefix, log)
+        acc = _evaluate(cfg, spec, state)
         log(
             f"{prefix}: {cfg.eval_split} accuracy {acc:.4f} ({time.perf_counter() - start:.0f} s "
             "so far)"
         )
-        if has_cascade(cfg, spec) and not os.path.isfile(
-            os.path.join(cascade_dir(spec, cfg.eval_split), evaluate.CASCADE_JSON)
-        ):
-            t0 = time.perf_counter()
-            teacher = next(s for s in specs if s.kind == "teacher" and s.seed == spec.seed)
-            evaluate.evaluate_run(
-                evaluate.EvalConfig(
-                    spec.model_dir,
-                    cfg.eval_split,
-                    out_dir=cascade_dir(spec, cfg.eval_split),
-                    n_boot=cfg.n_boot,
-                    seed=spec.seed,
-                    cascade_teacher=teacher.model_dir,
-                    cascade_fractions=cfg.cascade_fractions,
-                )
-            )
-            state.record(key, "cascade_s", time.perf_counter() - t0)
-            keras.backend.clear_session()
-            log(
-                f"{prefix}: cascade with the teacher measured at shares "
-                f"{list(cfg.cascade_fractions)}"
-            )
+        _cascade(cfg, specs, spec, state, prefix, log)
         tables = report.write_tables(
             cfg, specs[:i], state.data, costs=None
         )  # partial results survive a crash
@@ -299,6 +227,118 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         _export(cfg, specs, paths, log)
     log(f"report: {paths['report']}")
     return paths
+
+
+def _start(cfg: ExperimentConfig, log: Callable[[str], None]) -> list[RunSpec]:
+    """The plan, once the folder is checked to hold this experiment (and the results folder's
+    bundle too) and the borrowed teachers are checked; records the experiment and the data set it
+    starts on, and imports the results folder's finished seeds."""
+    specs = plan(cfg)
+    _check_same_experiment(cfg)
+    if cfg.results_dir:
+        _check_same_experiment(cfg, os.path.join(cfg.results_dir, bundle.BUNDLE_DIR))
+    _check_borrowed_teachers(cfg, specs)
+    # Every factor must fit the tile before anything trains (it failed after teacher and baseline)
+    from kd_histo.training import preflight  # TensorFlow: only once the experiment runs
+
+    preflight.check_input_sizes([s.config for s in specs if not _finished(s)])
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, EXPERIMENT_JSON), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    started_on = os.path.join(cfg.out_dir, schema.DATASET_JSON)
+    if not os.path.isfile(started_on):
+        shutil.copyfile(os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON), started_on)
+    if cfg.results_dir:
+        bundle.import_seeds(cfg, specs, cfg.results_dir, log=log)
+    return specs
+
+
+def _train(
+    specs: list[RunSpec],
+    spec: RunSpec,
+    state: _State,
+    prebuilt: set[int],
+    prefix: str,
+    log: Callable[[str], None],
+) -> None:
+    """Trains ``spec`` unless it is trained already; before a seed's first student, builds the
+    teacher caches of all of its students."""
+    import keras
+
+    from kd_histo.training import train
+
+    if _finished(spec):
+        log(f"{prefix}: trained already, skipped")
+        return
+    view = "HR" if run_kind(spec.kind).view == "hr" else f"LR x{spec.factor:g}"
+    log(f"{prefix}: training ({spec.config.mode}, input {view}, {spec.config.epochs} epochs)")
+    if spec.config.mode == "distill" and spec.seed not in prebuilt:
+        # One teacher pass for all of the seed's student caches (x2, x4, x8), not one per
+        # factor; its time is the teacher's (state "teacher_cache_s"), not this student's.
+        prebuilt.add(spec.seed)
+        t0 = time.perf_counter()
+        todo = [s.config for s in specs if s.seed == spec.seed and not _finished(s)]
+        if train.prebuild_teacher_caches(todo, log=log):
+            state.record(f"s{spec.seed}/teacher", "teacher_cache_s", time.perf_counter() - t0)
+            keras.backend.clear_session()
+    t0 = time.perf_counter()
+    train.train(spec.config)
+    state.record(f"s{spec.seed}/{spec.name}", "train_s", time.perf_counter() - t0)
+    keras.backend.clear_session()
+
+
+def _evaluate(cfg: ExperimentConfig, spec: RunSpec, state: _State) -> float:
+    """Evaluates ``spec`` on the experiment's split unless its metrics.json is there; returns its
+    tile accuracy."""
+    import keras
+
+    from kd_histo.evaluation import evaluate
+
+    out = eval_dir(spec, cfg.eval_split)
+    if not os.path.isfile(os.path.join(out, evaluate.METRICS_JSON)):
+        t0 = time.perf_counter()
+        evaluate.evaluate_run(
+            evaluate.EvalConfig(
+                spec.model_dir, cfg.eval_split, out_dir=out, n_boot=cfg.n_boot, seed=spec.seed
+            )
+        )
+        state.record(f"s{spec.seed}/{spec.name}", "eval_s", time.perf_counter() - t0)
+        keras.backend.clear_session()
+    with open(os.path.join(out, evaluate.METRICS_JSON)) as f:
+        return json.load(f)["tile"]["accuracy"]
+
+
+def _cascade(
+    cfg: ExperimentConfig,
+    specs: list[RunSpec],
+    spec: RunSpec,
+    state: _State,
+    prefix: str,
+    log: Callable[[str], None],
+) -> None:
+    """Measures ``spec``'s cascade with its seed's teacher where planned and not yet measured."""
+    import keras
+
+    from kd_histo.evaluation import evaluate
+
+    out = cascade_dir(spec, cfg.eval_split)
+    if not has_cascade(cfg, spec) or os.path.isfile(os.path.join(out, evaluate.CASCADE_JSON)):
+        return
+    t0 = time.perf_counter()
+    evaluate.evaluate_run(
+        evaluate.EvalConfig(
+            spec.model_dir,
+            cfg.eval_split,
+            out_dir=out,
+            n_boot=cfg.n_boot,
+            seed=spec.seed,
+            cascade_teacher=teacher_of(specs, spec.seed).model_dir,
+            cascade_fractions=cfg.cascade_fractions,
+        )
+    )
+    state.record(f"s{spec.seed}/{spec.name}", "cascade_s", time.perf_counter() - t0)
+    keras.backend.clear_session()
+    log(f"{prefix}: cascade with the teacher measured at shares {list(cfg.cascade_fractions)}")
 
 
 def _export(cfg: ExperimentConfig, specs: list[RunSpec], paths: dict[str, str], log) -> None:
@@ -343,7 +383,7 @@ def measure_costs(
             "empty"
         )
         return None
-    teacher_px = read_run_record(next(s for s in specs if s.kind == "teacher").model_dir).input_px
+    teacher_px = read_run_record(teacher_of(specs, specs[0].seed).model_dir).input_px
     entries = []
     for px, spec in sorted(by_px.items(), reverse=True):
         model = load_model(read_run_record(spec.model_dir).model_path(spec.model_dir))

@@ -6,7 +6,8 @@ seeds and tiles is the accuracy difference; its 95% interval comes from a two-wa
 resamples seeds and tiles (or groups of tiles, e.g. slides or near-duplicate groups) with
 replacement, so it holds both the training noise (seeds) and the test-set noise (tiles).
 
-Pure NumPy; no files (``kd_histo.protocol.report`` reads the predictions and writes the tables).
+Pure NumPy; no files (``kd_histo.protocol.rows`` reads the predictions, ``kd_histo.protocol.report``
+writes the tables).
 """
 
 from __future__ import annotations

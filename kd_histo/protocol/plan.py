@@ -1,9 +1,10 @@
 """The protocol's grid: an :class:`ExperimentConfig` and the runs it names (pure; no training).
 
 ``plan(cfg)`` turns an experiment into named :class:`RunSpec` runs (no I/O beyond reading
-``dataset.json``): for each seed, a teacher on the HR view, and for each factor a baseline (LR
-view, labels), a KD student (LR view, frozen teacher, no labels), for each extra unlabeled
-fraction > 0 a KD student that also reads that fraction of the unlabeled pool, and optionally
+``dataset.json``), one per row of :data:`KINDS` (the run kinds, described once: mode, view, what
+each reads, its label in reports and figures) per seed, factor and unlabeled fraction: for each
+seed a teacher on the HR view, and for each factor a baseline (LR view, labels), a KD student (LR
+view, frozen teacher, no labels) at each extra unlabeled fraction of the pool, and optionally
 (``labeled_student_ce > 0``) a student that also learns from the labels where they exist.
 Where each run's folders lie (``eval_dir``, ``cascade_dir``) is defined here once, for the runner
 (:mod:`kd_histo.protocol.experiment`) and the report (:mod:`kd_histo.protocol.report`) alike.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from kd_histo import schema
@@ -24,7 +26,6 @@ from kd_histo.training.config import RunConfig
 
 EXPERIMENT_JSON = "experiment.json"
 STATE_JSON = "state.json"  # wall time of every finished step (kd_histo.protocol.experiment)
-KINDS = ("teacher", "baseline", "student", "student_ce")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,11 +171,104 @@ class ExperimentConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunKind:
+    """One kind of run of the protocol: everything the plan, the report, the claims and the
+    figures know of it. :data:`KINDS` lists them; adding a kind is adding a row there.
+
+    Attributes:
+      name: the kind, and the stem of its runs' names: ``<name>_x<factor>[_unl<percent>]`` (an HR
+        run is named by its kind alone, once per seed).
+      mode: the :class:`RunConfig` mode it trains in: "teacher" (labels, HR view), "baseline"
+        (labels, LR view) or "distill" (the seed's frozen teacher, LR view).
+      view: "hr" (the converted tiles) or "lr" (each factor's downsampled tiles).
+      reads: what it learns from beside its tiles: "labels", "teacher" (the seed's teacher, or its
+        shared cache with ``teacher_cache=auto``). A distill run that reads labels adds
+        cross-entropy with weight ``ExperimentConfig.labeled_student_ce``.
+      unlabeled: the extra unlabeled fractions it runs at: "none" (its split's tiles only),
+        "largest" (the largest of ``unlabeled_fractions``) or "every" (one run per fraction).
+      label: its name in figure legends (" + unlabeled" is added for runs with extra data).
+      epochs: the :class:`ExperimentConfig` setting of its epochs (0 there = ``base.epochs``).
+      needs: the :class:`ExperimentConfig` setting that must be true (or > 0) for it to run; "" =
+        always.
+      cascade: its run without extra data is measured in a cascade with the seed's teacher.
+      note: a sentence for report.md when it runs, formatted with ``cfg`` (the experiment).
+      marker, colour, size: its points in the figures (matplotlib marker, colour, marker size).
+      nudge: factors on its x (GFLOPs) in accuracy vs compute, without and with extra data: runs of
+        one input size share their GFLOPs, so each kind is moved sideways a little.
+    """
+
+    name: str
+    mode: str
+    view: str
+    reads: tuple[str, ...]
+    unlabeled: str
+    label: str
+    epochs: str
+    needs: str = ""
+    cascade: bool = False
+    note: str = ""
+    marker: str = "o"
+    colour: str = "tab:blue"
+    size: float = 8
+    nudge: tuple[float, float] = (1.0, 1.0)
+
+    def __post_init__(self):
+        if self.view not in ("hr", "lr") or (self.view == "hr") != (self.mode == "teacher"):
+            raise ValueError(f"run kind {self.name}: the teacher mode reads HR, every other LR")
+        if (self.mode == "distill") != ("teacher" in self.reads):
+            raise ValueError(f"run kind {self.name}: distill runs, and only they, read a teacher")
+        if self.unlabeled not in ("none", "largest", "every") or (
+            self.mode != "distill" and self.unlabeled != "none"
+        ):
+            raise ValueError(f"run kind {self.name}: unlabeled {self.unlabeled!r}")
+
+    @property
+    def label_free(self) -> bool:
+        """A student that never sees a label (the paper's claims are about these)."""
+        return self.mode == "distill" and "labels" not in self.reads
+
+    def enabled(self, cfg: ExperimentConfig) -> bool:
+        """The experiment runs this kind (its ``needs`` setting is on)."""
+        return not self.needs or bool(getattr(cfg, self.needs))
+
+
+# The rows' order is the report's reading order; the plan's training order follows from it (grid).
+KINDS = (
+    RunKind("teacher", mode="teacher", view="hr", reads=("labels",), unlabeled="none",
+            label="teacher", epochs="teacher_epochs", marker="*", colour="tab:red", size=14),
+    RunKind("baseline", mode="baseline", view="lr", reads=("labels",), unlabeled="none",
+            label="baseline", epochs="baseline_epochs", needs="baselines", marker="s",
+            colour="tab:grey", nudge=(0.94, 0.94)),
+    RunKind("student", mode="distill", view="lr", reads=("teacher",), unlabeled="every",
+            label="student", epochs="student_epochs", cascade=True, nudge=(1.0, 1.06)),
+    RunKind("student_ce", mode="distill", view="lr", reads=("teacher", "labels"),
+            unlabeled="largest", label="student + labels", epochs="student_epochs",
+            needs="labeled_student_ce", marker="D", colour="tab:green", size=7,
+            nudge=(1.12, 1.12),
+            note="Runs `student_ce_*`: the same student that also learns from the labels where "
+            "they exist (cross-entropy weight {cfg.labeled_student_ce:g})."),
+)  # fmt: skip
+
+
+def run_kind(name: str) -> RunKind:
+    """The row of :data:`KINDS` called ``name``."""
+    for kind in KINDS:
+        if kind.name == name:
+            return kind
+    raise ValueError(f"run kind {name!r} unknown; choose one of {[k.name for k in KINDS]}")
+
+
+def kind_rank(name: str) -> int:
+    """Where runs of kind ``name`` come in the report's reading order."""
+    return [k.name for k in KINDS].index(run_kind(name).name)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSpec:
     """One run of the protocol."""
 
     name: str  # teacher, baseline_x4, student_x4, student_x4_unl50, student_ce_x4_unl100
-    kind: str  # one of KINDS
+    kind: str  # the name of one of KINDS
     factor: float  # 1.0 for the teacher
     unlabeled_fraction: float
     seed: int
@@ -192,24 +286,27 @@ def _fmt(factor: float) -> str:
 def run_name(kind: str, factor: float = 1.0, unlabeled_fraction: float = 0.0) -> str:
     """``teacher``, ``baseline_x4``, ``student_x4``, ``student_x4_unl50`` (50% of the pool),
     ``student_ce_x4_unl100``."""
-    if kind == "teacher":
-        return "teacher"
+    if run_kind(kind).view == "hr":
+        return kind
     name = f"{kind}_x{_fmt(factor)}"
     return f"{name}_unl{round(100 * unlabeled_fraction)}" if unlabeled_fraction > 0 else name
 
 
+_POOL_ORDER = {"none": 0, "largest": 1, "every": 2}
+
+
 def grid(cfg: ExperimentConfig) -> list[tuple[str, float, float]]:
-    """One seed's runs as (kind, factor, unlabeled fraction), in training order: the teacher,
-    then per factor the baseline, the labeled student and the students, largest pool first (a
-    shared teacher cache built for it serves the smaller ones). Reads no data."""
-    runs = [("teacher", 1.0, 0.0)]
-    fractions = sorted(cfg.unlabeled_fractions, reverse=True)
+    """One seed's runs as (kind, factor, unlabeled fraction), in training order: the HR run (the
+    teacher), then per factor the kinds without extra data, those at the largest fraction and
+    those at every fraction, largest pool first (a shared teacher cache built for it serves the
+    smaller ones); :data:`KINDS`' order within each. Reads no data."""
+    kinds = [k for k in KINDS if k.enabled(cfg)]
+    fractions = tuple(sorted(cfg.unlabeled_fractions, reverse=True))
+    at = {"none": (0.0,), "largest": fractions[:1], "every": fractions}
+    runs = [(k.name, 1.0, 0.0) for k in kinds if k.view == "hr"]
+    lr = sorted((k for k in kinds if k.view == "lr"), key=lambda k: _POOL_ORDER[k.unlabeled])
     for factor in cfg.factors:
-        if cfg.baselines:
-            runs.append(("baseline", factor, 0.0))
-        if cfg.labeled_student_ce > 0:
-            runs.append(("student_ce", factor, fractions[0]))
-        runs.extend(("student", factor, f) for f in fractions)
+        runs.extend((k.name, factor, f) for k in lr for f in at[k.unlabeled])
     return runs
 
 
@@ -225,6 +322,16 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
       ValueError: an unlabeled fraction > 0 with no unlabeled data, or a data set without train
         tiles.
     """
+    n_train, pool = _data_sizes(cfg)
+    return [
+        _spec(cfg, run_kind(kind), seed, factor, fraction, n_train, pool)
+        for seed in cfg.seeds
+        for kind, factor, fraction in grid(cfg)
+    ]
+
+
+def _data_sizes(cfg: ExperimentConfig) -> tuple[int, int]:
+    """Labeled train tiles and the unlabeled pool's tiles (0 when no fraction needs it)."""
     info = schema.DatasetInfo.read(cfg.base.data.data_dir)
     n_train = info.num_examples("train")
     if n_train < 1:
@@ -238,66 +345,54 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
             f"unlabeled fractions {extra} need unlabeled data: {cfg.base.data.data_dir} has no "
             "'unlabeled' split and no --unlabeled_dirs were given"
         )
-    specs = []
-    for seed in cfg.seeds:
-        root = os.path.join(cfg.out_dir, "runs", f"s{seed}")
-        teacher_dir = teacher_run_dir(cfg, seed)
+    return n_train, pool
 
-        def make(kind, factor=1.0, fraction=0.0, **changes):
-            name = run_name(kind, factor, fraction)
-            data = dataclasses.replace(
-                cfg.base.data,
-                seed=seed,
-                factor=factor if kind != "teacher" else cfg.base.data.factor,
-                **changes,
-            )
-            mode = {"teacher": "teacher", "baseline": "baseline"}.get(kind, "distill")
-            distill = dataclasses.replace(cfg.base.distill, teacher_cache="")  # students only
-            if kind == "student_ce":
-                distill = dataclasses.replace(distill, ce_weight=cfg.labeled_student_ce)
-            if kind in ("student", "student_ce"):
-                cache = cfg.base.distill.teacher_cache and os.path.join(
-                    root, f"teacher_cache_x{_fmt(factor)}"
-                )
-                distill = dataclasses.replace(distill, teacher=teacher_dir, teacher_cache=cache)
-            epochs = {
-                "teacher": cfg.teacher_epochs,
-                "baseline": cfg.baseline_epochs,
-            }.get(kind, cfg.student_epochs) or cfg.base.epochs
-            run = dataclasses.replace(
-                cfg.base,
-                mode=mode,
-                model_dir=teacher_dir if kind == "teacher" else os.path.join(root, name),
-                data=data,
-                distill=distill,
-                seed=seed,
-                epochs=epochs,
-            )
-            return RunSpec(name, kind, factor, fraction, seed, run)
 
-        no_extra = {"unlabeled_ratio": 0.0, "unlabeled_fraction": 1.0, "labeled": True}
-
-        def student(kind, factor, fraction):
-            if fraction == 0:
-                return make(kind, factor, **no_extra)
-            ratio = fraction * pool / (n_train + fraction * pool)  # each tile ~once per epoch
-            return make(
-                kind,
-                factor,
-                fraction,
-                unlabeled_ratio=ratio,
-                unlabeled_fraction=fraction,
-                labeled=True,
-            )
-
-        for kind, factor, fraction in grid(cfg):
-            if kind == "teacher":
-                specs.append(make("teacher", **no_extra))
-            elif kind == "baseline":
-                specs.append(make("baseline", factor, **no_extra))
-            else:
-                specs.append(student(kind, factor, fraction))
-    return specs
+def _spec(
+    cfg: ExperimentConfig,
+    kind: RunKind,
+    seed: int,
+    factor: float,
+    fraction: float,
+    n_train: int,
+    pool: int,
+) -> RunSpec:
+    """One run: the experiment's template with this kind's mode, view, teacher and data."""
+    name = run_name(kind.name, factor, fraction)
+    root = os.path.join(cfg.out_dir, "runs", f"s{seed}")
+    if fraction == 0:
+        extra = {"unlabeled_ratio": 0.0, "unlabeled_fraction": 1.0, "labeled": True}
+    else:
+        ratio = fraction * pool / (n_train + fraction * pool)  # each tile ~once per epoch
+        extra = {"unlabeled_ratio": ratio, "unlabeled_fraction": fraction, "labeled": True}
+    data = dataclasses.replace(
+        cfg.base.data,
+        seed=seed,
+        factor=factor if kind.view == "lr" else cfg.base.data.factor,
+        **extra,
+    )
+    distill = dataclasses.replace(cfg.base.distill, teacher_cache="")  # students only
+    if kind.mode == "distill":
+        cache = cfg.base.distill.teacher_cache and os.path.join(
+            root, f"teacher_cache_x{_fmt(factor)}"
+        )
+        distill = dataclasses.replace(
+            distill, teacher=teacher_run_dir(cfg, seed), teacher_cache=cache
+        )
+        if "labels" in kind.reads:
+            distill = dataclasses.replace(distill, ce_weight=cfg.labeled_student_ce)
+    run = dataclasses.replace(
+        cfg.base,
+        mode=kind.mode,
+        model_dir=teacher_run_dir(cfg, seed)
+        if kind.mode == "teacher"
+        else os.path.join(root, name),
+        data=data,
+        distill=distill,
+        seed=seed,
+        epochs=getattr(cfg, kind.epochs) or cfg.base.epochs,
+    )
+    return RunSpec(name, kind.name, factor, fraction, seed, run)
 
 
 def teacher_run_dir(cfg: ExperimentConfig, seed: int) -> str:
@@ -315,5 +410,13 @@ def cascade_dir(spec: RunSpec, split: str) -> str:
 
 
 def has_cascade(cfg: ExperimentConfig, spec: RunSpec) -> bool:
-    """The cascade is measured for each factor's student without extra unlabeled data."""
-    return bool(cfg.cascade_fractions) and spec.kind == "student" and spec.unlabeled_fraction == 0
+    """The cascade is measured for each factor's student without extra unlabeled data (the kinds
+    marked ``cascade``)."""
+    return (
+        bool(cfg.cascade_fractions) and run_kind(spec.kind).cascade and spec.unlabeled_fraction == 0
+    )
+
+
+def teacher_of(specs: Sequence[RunSpec], seed: int) -> RunSpec:
+    """The teacher run of ``seed`` among ``specs``."""
+    return next(s for s in specs if s.seed == seed and run_kind(s.kind).mode == "teacher")

@@ -75,7 +75,7 @@ def test_flip_rot_gives_all_eight_square_symmetries_and_nothing_else():
 
 
 def test_dihedral_matches_numpy_and_is_the_teacher_caches_one():
-    from kd_histo.training import teacher_cache
+    from kd_histo.training import cache_store
 
     tile = random_tile(6, seed=4)
     syms = _symmetries(tile)  # index 4 * flipped + quarter turns, as ``dihedral`` numbers them
@@ -86,8 +86,8 @@ def test_dihedral_matches_numpy_and_is_the_teacher_caches_one():
     per = augment.dihedral_per_example(tf.constant(batch), tf.constant(ks)).numpy()
     for i, k in enumerate(ks):
         np.testing.assert_array_equal(per[i], _symmetries(batch[i])[k])
-    assert teacher_cache.dihedral is augment.dihedral  # one definition of the group
-    assert teacher_cache.dihedral_per_example is augment.dihedral_per_example
+    assert cache_store.dihedral is augment.dihedral  # one definition of the group
+    assert cache_store.dihedral_per_example is augment.dihedral_per_example
 
 
 def test_color_jitter_factors_stay_in_range():

@@ -75,7 +75,9 @@ class DistillConfig:
       both.
       feature_norm: "l2" or "l1".
       ce_weight: weight of cross-entropy on labeled examples (1 for teacher/baseline training).
-      ssl_weight: weight of the contrastive term between two LR views.
+      ssl_weight: weight of the contrastive (InfoNCE) term between the student's (LR) and the
+        teacher's (HR) pooled, projected features of the same tiles (the other tiles of the batch
+        are the negatives).
       at_weight: weight of attention transfer.
       accumulation_steps: gradient accumulation.
       teacher_cache: folder of a teacher-output cache (``kd_histo.training.teacher_cache``): the
@@ -96,7 +98,9 @@ class DistillConfig:
         L.FEATURE_NORM, "Feature loss norm: " + " or ".join(L.FEATURE_NORMS) + "."
     )
     ce_weight: float = setting(0.0, "distill: weight of cross-entropy on labeled tiles.")
-    ssl_weight: float = setting(0.0, "distill: weight of the contrastive (InfoNCE) term.")
+    ssl_weight: float = setting(
+        0.0, "distill: weight of the contrastive (InfoNCE) term between student and teacher."
+    )
     at_weight: float = setting(0.0, "distill: weight of attention transfer.")
     accumulation_steps: int = setting(1, "Micro-batches per optimizer update.")
     teacher_cache: str = setting(

@@ -16,8 +16,7 @@ distillation batches: it draws one dihedral transform per example, applies it to
 views (area/bicubic downsampling commutes with these transforms) and adds ``teacher_logits``/
 ``teacher_features`` from the cache, which :class:`kd_histo.training.distiller.ResolutionDistiller`
 uses
-instead of running the teacher. Colour augmentations are not cacheable and are left out; ``lr2``
-is passed through untouched.
+instead of running the teacher. Colour augmentations are not cacheable and are left out.
 """
 
 from __future__ import annotations

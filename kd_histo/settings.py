@@ -29,6 +29,13 @@ SKIP_CORRUPT_HELP = (
 )
 
 
+def check_choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    """Raises ValueError, in one line naming the setting and the choices, unless ``value`` is one
+    of ``options`` (the check of a string setting's ``__post_init__``)."""
+    if value not in options:
+        raise ValueError(f"{name} {value!r} unknown; choose one of {', '.join(options)}")
+
+
 def setting(default: Any = dataclasses.MISSING, help: str = "", **flag: Any) -> Any:  # noqa: A002
     """A dataclass field with a default and the metadata its flag is generated from.
 

@@ -124,21 +124,17 @@ class PipelineConfig:
             )
 
 
-def _has_split(data_dir: str, split: str) -> bool:
-    try:
-        schema.shard_paths(data_dir, split)
-        return True
-    except FileNotFoundError:
-        return False
-
-
 def unlabeled_sources(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
     """(data_dir, splits) of the unlabeled pool: the data set's ``unlabeled`` split, and each of
     ``unlabeled_dirs``' ``unlabeled`` split (or all its splits, read with label -1)."""
-    sources = [(cfg.data_dir, ["unlabeled"])] if _has_split(cfg.data_dir, "unlabeled") else []
+    sources = (
+        [(cfg.data_dir, ["unlabeled"])] if schema.has_shards(cfg.data_dir, "unlabeled") else []
+    )
     for d in cfg.unlabeled_dirs:
         info = schema.DatasetInfo.read(d)
-        sources.append((d, ["unlabeled"] if _has_split(d, "unlabeled") else sorted(info.shards)))
+        sources.append(
+            (d, ["unlabeled"] if schema.has_shards(d, "unlabeled") else sorted(info.shards))
+        )
     return sources
 
 

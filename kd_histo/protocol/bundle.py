@@ -79,7 +79,12 @@ def export_seeds(cfg, specs: Sequence[RunSpec], results_dir: str) -> list[int]:
     Returns:
       The seeds exported.
     """
-    from kd_histo.evaluation.evaluate import CASCADE_CSV, CASCADE_JSON, PREDICTIONS_CSV
+    from kd_histo.evaluation.evaluate import (
+        CASCADE_CSV,
+        CASCADE_JSON,
+        METRICS_JSON,
+        PREDICTIONS_CSV,
+    )
 
     seeds = complete_seeds(cfg, specs)
     if not seeds:
@@ -99,7 +104,7 @@ def export_seeds(cfg, specs: Sequence[RunSpec], results_dir: str) -> list[int]:
     for spec in (p for p in specs if p.seed in seeds and not _borrowed(cfg, p)):
         dest = os.path.join(bundle, _rel(cfg, spec.model_dir))
         files = [os.path.join(spec.model_dir, f) for f in RUN_FILES]
-        files.append(os.path.join(eval_dir(spec, cfg.eval_split), "metrics.json"))
+        files.append(os.path.join(eval_dir(spec, cfg.eval_split), METRICS_JSON))
         if has_cascade(cfg, spec):
             files += [
                 os.path.join(cascade_dir(spec, cfg.eval_split), f)

@@ -31,6 +31,7 @@ import numpy as np
 from kd_histo import schema
 from kd_histo.atomic import write_text
 from kd_histo.evaluation import plots
+from kd_histo.evaluation.evaluate import CASCADE_JSON, METRICS_JSON
 from kd_histo.protocol import paired
 from kd_histo.protocol.claims import claims_markdown, factor_claims
 from kd_histo.protocol.plan import cascade_dir, eval_dir
@@ -61,7 +62,7 @@ CSV_COLUMNS = (
 
 def _metrics(spec, split: str) -> dict[str, Any] | None:
 
-    path = os.path.join(eval_dir(spec, split), "metrics.json")
+    path = os.path.join(eval_dir(spec, split), METRICS_JSON)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -150,7 +151,7 @@ def cascade_rows(specs: Sequence, split: str) -> list[dict[str, Any]]:
 
     out = []
     for spec in specs:
-        path = os.path.join(cascade_dir(spec, split), "cascade.json")
+        path = os.path.join(cascade_dir(spec, split), CASCADE_JSON)
         if not os.path.isfile(path):
             continue
         with open(path) as f:

@@ -19,7 +19,7 @@ from typing import Any
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.numbers import require_finite
-from kd_histo.settings import setting
+from kd_histo.settings import check_choice, setting
 from kd_histo.training import losses as L
 
 MODES = ("teacher", "baseline", "distill")
@@ -30,11 +30,6 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 FEATURE_MODES = L.FEATURE_MODES  # the loss module defines them (and checks them, once)
 FEATURE_NORMS = L.FEATURE_NORMS
 MONITORS = ("val_accuracy", "val_loss")
-
-
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{name} {value!r} unknown; choose one of {', '.join(options)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +139,8 @@ class OptimConfig:
 
     def __post_init__(self):
         require_finite(self)
-        _choice("optimizer", self.name, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
+        check_choice("optimizer", self.name, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.weight_decay < 0:
@@ -206,10 +201,10 @@ class RunConfig:
 
     def __post_init__(self):
         require_finite(self)
-        _choice("mode", self.mode, MODES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("monitor", self.monitor, MONITORS)
+        check_choice("mode", self.mode, MODES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("monitor", self.monitor, MONITORS)
         if not self.model_dir:
             raise ValueError("model_dir is empty; pass --model_dir=<run folder>")
         if self.epochs < 1:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from kd_histo.settings import check_choice
+
 FEATURE_MODES = ("maxpool", "bicubic", "maxpool+bicubic")
 FEATURE_NORMS = ("l2", "l1")
 BICUBIC_STYLES = ("torch", "tf")
@@ -48,12 +50,6 @@ def check_temperature(name: str, value: float) -> None:
     """Raises ValueError unless a softmax temperature is > 0."""
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def check_choice(name: str, value: str, options: tuple[str, ...]) -> None:
-    """Raises ValueError unless ``value`` is one of ``options``."""
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
 
 
 def kd_kl(teacher_logits, student_logits, temperature: float = KD_TEMPERATURE) -> tf.Tensor:

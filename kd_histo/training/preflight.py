@@ -62,7 +62,7 @@ def check_data(cfg: RunConfig) -> schema.DatasetInfo:
             raise PreflightError(
                 f"unlabeled data folder {d} has no dataset.json; convert it with kd-histo-convert"
             )
-    if not cfg.allow_no_val and not _has_shards(cfg.data.data_dir, "val"):
+    if not cfg.allow_no_val and not schema.has_shards(cfg.data.data_dir, "val"):
         raise PreflightError(
             f"{cfg.data.data_dir} has no 'val' split to pick the best epoch; convert with a val "
             "fraction, or pass --allow_no_val to keep the last epoch"
@@ -90,7 +90,7 @@ def check_shards(data_dir: str, info: schema.DatasetInfo, split: str, count: boo
     Raises:
       SchemaError: a shard is missing, extra, empty or damaged, or the counts disagree.
     """
-    if not _has_shards(data_dir, split):
+    if not schema.has_shards(data_dir, split):
         return
     paths = schema.shard_paths(data_dir, split)
     listed = info.shards.get(split, 0)
@@ -134,7 +134,7 @@ def count_corrupt(cfg: RunConfig, info: schema.DatasetInfo) -> dict[str, int]:
     )
     out = {}
     for split in ("train", "val", "unlabeled"):
-        if not _has_shards(cfg.data.data_dir, split):
+        if not schema.has_shards(cfg.data.data_dir, split):
             continue
         ds = decode.read_shards(
             schema.shard_paths(cfg.data.data_dir, split),
@@ -172,13 +172,6 @@ def teacher_cache_dir(cfg: RunConfig) -> str:
     """The cache folder of a run ("auto" = ``<model_dir>/teacher_cache``; "" = no cache)."""
     path = cfg.distill.teacher_cache
     return os.path.join(cfg.model_dir, "teacher_cache") if path == "auto" else path
-
-
-def _has_shards(data_dir: str, split: str) -> bool:
-    try:
-        return bool(schema.shard_paths(data_dir, split))
-    except FileNotFoundError:
-        return False
 
 
 def check_model_dir(cfg: RunConfig) -> None:

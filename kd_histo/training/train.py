@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from kd_histo import schema
 from kd_histo.atomic import write_json
 from kd_histo.convert.writer import DirLock
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
@@ -202,7 +203,7 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
         # crops and mixing) means the stream never runs dry mid-epoch whatever the batch rounding.
         train_ds = make_dataset(data_cfg, "train", training=True).repeat()
         cache_dir = preflight.teacher_cache_dir(cfg) if cfg.mode == "distill" else ""
-        has_val = preflight._has_shards(cfg.data.data_dir, "val")
+        has_val = schema.has_shards(cfg.data.data_dir, "val")
         # One exact pass per epoch: Keras keeps one validation iterator across epochs when the
         # step count is given, so the stream repeats and the count comes from dataset.json (an
         # unknown count made Keras warn that the input "ran out of data" at every run's start).
@@ -321,7 +322,7 @@ def prebuild_teacher_caches(cfgs: Sequence[RunConfig], log=print) -> int:
                         preflight.teacher_cache_dir(cfg),
                         _map_size(net, input_px),
                         cfg.distill.feature_mode,
-                        validation=preflight._has_shards(cfg.data.data_dir, "val"),
+                        validation=schema.has_shards(cfg.data.data_dir, "val"),
                     )
                 )
             teacher = preflight.load_teacher(group[0], info)

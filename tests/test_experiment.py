@@ -705,10 +705,10 @@ def test_an_evaluation_killed_mid_way_is_evaluated_again(finished, tmp_path):
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while not stalled.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-        assert stalled.exists(), "the evaluation never reached its last figure"
+        assert stalled.exists(), f"the evaluation never reached its last figure ({proc.poll()})"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -719,7 +719,10 @@ def test_an_evaluation_killed_mid_way_is_evaluated_again(finished, tmp_path):
     run_experiment(copy, log=lines.append)
     with open(os.path.join(out, "metrics.json")) as f:
         after = json.load(f)
-    assert after["tile"] == before["tile"]  # evaluated again, the same network on the same tiles
+    # evaluated again: the same network on the same tiles
+    assert [after["tile"][k] for k in ("n", "confusion_matrix")] == [
+        before["tile"][k] for k in ("n", "confusion_matrix")
+    ]
     with open(os.path.join(copy.out_dir, "state.json")) as f:
         state = json.load(f)
     with open(os.path.join(cfg.out_dir, "state.json")) as f:

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
         out_dir,
         base,
         smoke=FLAGS.smoke,
-        log=lambda line: print(f"{PROG}: {line}", flush=True),
+        log=fc.log,
     )
     fc.print_file(paths["md"])
     print(

@@ -41,9 +41,8 @@ def main(argv: list[str]) -> None:
     metrics = json.load(open(paths["metrics"]))
     m = metrics["tile"]
     if cfg.skip_corrupt:
-        print(
-            f"{PROG}: --skip_corrupt: {metrics['n_corrupt_skipped']} corrupt records skipped in "
-            f"{cfg.split}"
+        fc.log(
+            f"--skip_corrupt: {metrics['n_corrupt_skipped']} corrupt records skipped in {cfg.split}"
         )
     print(
         f"{PROG}: {cfg.split} tiles {m['n']}: accuracy {m['accuracy']:.4f}, balanced "

@@ -8,6 +8,11 @@ config field (``--smoke``, ``--merge``...). Each binary's module defines its fla
 library never reads ``absl.flags.FLAGS``. Definitions are idempotent, so tests can import several
 binaries into one process. ``run(prog, main)`` starts a binary: flag errors and bad input end in
 one line, ``<prog>: error: <what to fix>``, and a non-zero exit, never a traceback.
+
+What a binary says: its progress, notes, warnings and errors go through Python's ``logging``
+(the logging absl's is built on; the library logs under ``kd_histo.<module>``), shown by
+:func:`log_as` as ``kd-histo-<tool>: <message>`` lines on stderr; stdout holds only the
+command's results (what was written, the metrics, a results table), so a user can pipe them.
 ``invoke(module, argv)`` runs a binary in-process (tests, notebooks) and returns its exit code.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import logging
 import math
 import os
 import re
@@ -39,6 +45,38 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 EXIT_BAD_INPUT = 2
+_LOG = logging.getLogger("kd_histo")
+
+
+class _Stderr(logging.StreamHandler):
+    """``<prog>: <message>`` on the sys.stderr of the moment (a redirect, pytest's capture)."""
+
+    def __init__(self, prog: str):
+        super().__init__()
+        self.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler sets it once; the stream is always sys.stderr
+        pass
+
+
+def log(line: str) -> None:
+    """One progress line of the running binary: ``<prog>: <line>`` on stderr (:func:`log_as`)."""
+    _LOG.info(line)
+
+
+def log_as(prog: str) -> None:
+    """kd_histo's messages (the ``kd_histo`` loggers, INFO and up) as ``<prog>: <message>``
+    lines on stderr, outside absl's handler (whose header and --verbosity stay TensorFlow's)."""
+    for handler in [h for h in _LOG.handlers if isinstance(h, _Stderr)]:
+        _LOG.removeHandler(handler)
+    _LOG.addHandler(_Stderr(prog))
+    _LOG.setLevel(logging.INFO)
+    _LOG.propagate = False
 
 
 def _define(
@@ -210,10 +248,11 @@ def require(**values) -> None:
 
 def _parser(prog: str) -> Callable[[list[str]], list[str]]:
     def parse(argv: list[str]) -> list[str]:
+        log_as(prog)
         try:
             rest = FLAGS(argv)
         except flags.Error as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            _LOG.error(f"error: {e}")
             sys.exit(EXIT_BAD_INPUT)
         # absl.app raises an unset --verbosity to INFO, which floods the binaries' own output
         # with TensorFlow's SavedModel chatter; warnings and errors still show (--verbosity=0: all).
@@ -224,9 +263,7 @@ def _parser(prog: str) -> Callable[[list[str]], list[str]]:
         for name in FLAGS:
             value = FLAGS[name].value
             if isinstance(value, float) and not math.isfinite(value):
-                print(
-                    f"{prog}: error: --{name} must be a finite number, got {value}", file=sys.stderr
-                )
+                _LOG.error(f"error: --{name} must be a finite number, got {value}")
                 sys.exit(EXIT_BAD_INPUT)
         return rest
 
@@ -290,7 +327,7 @@ def guarded(prog: str, main: Callable[[list[str]], None]) -> Callable[[list[str]
     """
 
     def fail(message: str) -> None:
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        _LOG.error(f"error: {message}")
         sys.exit(EXIT_BAD_INPUT)
 
     def wrapped(argv: list[str]) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -46,6 +47,7 @@ from kd_histo.training.run_record import (
     write_run_record,
 )
 
+_LOG = logging.getLogger(__name__)
 LOCK_FILE = ".lock-train"  # what DirLock(model_dir, "train") holds
 
 
@@ -146,11 +148,10 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     info = preflight.check_data(cfg)
     if cfg.data.skip_corrupt:
         skipped = preflight.count_corrupt(cfg, info)
-        print(
-            f"kd_histo: --skip_corrupt: {sum(skipped.values())} corrupt records skipped ("
+        _LOG.warning(
+            f"--skip_corrupt: {sum(skipped.values())} corrupt records skipped ("
             + ", ".join(f"{k} {v}" for k, v in skipped.items())
-            + ")",
-            flush=True,
+            + ")"
         )
     preflight.check_teacher_cache(cfg, info)
     preflight.check_teacher(cfg, info)
@@ -259,7 +260,7 @@ def _cached_streams(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int,
     kwargs = {
         "map_size": _map_size(net, input_px),
         "feature_mode": cfg.distill.feature_mode,
-        "log": lambda line: print(f"kd_histo: {line}", flush=True),
+        "log": _LOG.info,
     }
     teacher_file = model_file(cfg.distill.teacher)
     cache = teacher_cache.for_training(teacher, teacher_file, cfg.data, cache_dir, **kwargs)
@@ -378,11 +379,9 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
             "check the inputs, then train into a new --model_dir"
         )
     if diverged is not None:
-        print(
-            f"kd_histo: the training loss became NaN/inf in epoch {diverged}; keeping the best "
-            "network "
-            "before it",
-            flush=True,
+        _LOG.warning(
+            f"the training loss became NaN/inf in epoch {diverged}; keeping the best network "
+            "before it"
         )
     if has_val and os.path.isfile(best_path):
         with open(best_path + ".json") as f:

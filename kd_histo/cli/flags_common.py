@@ -42,6 +42,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 FLAGS = flags.FLAGS
 EXIT_BAD_INPUT = 2
@@ -69,14 +70,21 @@ def log(line: str) -> None:
     _LOG.info(line)
 
 
+def _not_ours(record: logging.LogRecord) -> bool:
+    return not record.name.startswith("kd_histo")
+
+
 def log_as(prog: str) -> None:
     """kd_histo's messages (the ``kd_histo`` loggers, INFO and up) as ``<prog>: <message>``
-    lines on stderr, outside absl's handler (whose header and --verbosity stay TensorFlow's)."""
+    lines on stderr; absl's handler (whose header and --verbosity stay TensorFlow's) leaves them
+    out. They still reach the root logger's other handlers (pytest's ``caplog``)."""
     for handler in [h for h in _LOG.handlers if isinstance(h, _Stderr)]:
         _LOG.removeHandler(handler)
     _LOG.addHandler(_Stderr(prog))
     _LOG.setLevel(logging.INFO)
-    _LOG.propagate = False
+    absl_handler = absl_logging.get_absl_handler()
+    if _not_ours not in absl_handler.filters:
+        absl_handler.addFilter(_not_ours)
 
 
 def _define(

@@ -15,6 +15,8 @@ effective GFLOPs per tile and measured tiles/s at each --cascade_fractions), or 
 
 from __future__ import annotations
 
+import json
+
 from kd_histo.cli import flags_common as fc
 from kd_histo.evaluation.evaluate import EvalConfig
 
@@ -36,7 +38,6 @@ def main(argv: list[str]) -> None:
         return
     cfg = EvalConfig(**fc.config_kwargs(EvalConfig))
     paths = evaluate.evaluate_run(cfg)
-    import json
 
     metrics = json.load(open(paths["metrics"]))
     m = metrics["tile"]

@@ -25,10 +25,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
-from kd_histo import atomic
+from kd_histo import atomic, schema
+from kd_histo.data.pipeline import make_dataset
 from kd_histo.evaluation import metrics, plots
-from kd_histo.evaluation.cascade import DEFAULT_FRACTIONS, check_pair, measure_curve, n_for_teacher
+from kd_histo.evaluation.cascade import (
+    CSV_COLUMNS,
+    DEFAULT_FRACTIONS,
+    check_pair,
+    measure_curve,
+    n_for_teacher,
+)
+from kd_histo.evaluation.cost import count_flops
+from kd_histo.models import load_model
 from kd_histo.settings import SKIP_CORRUPT_HELP, setting
 from kd_histo.training.run_record import RunRecord, read_run_record
 
@@ -167,7 +177,6 @@ def probs_function(model, dtype: str = "float32"):
     """numpy batch [B, H, W, 3] -> softmax probabilities [B, C] of ``model``, traced once for every
     batch and tile size. ``dtype`` "uint8" takes 0-255 tiles and scales them as the pipeline
     does."""
-    import tensorflow as tf  # heavy; only the functions that run a net need it
 
     def softmax_probs(x):
         x = tf.image.convert_image_dtype(x, tf.float32)  # uint8 -> [0, 1]; float32 unchanged
@@ -329,9 +338,6 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     and ``lr_method``). With ``cfg.cascade_teacher`` the cascade curve is measured on the same
     tiles and written too (:func:`write_cascade`).
     """
-    from kd_histo import schema
-    from kd_histo.data.pipeline import make_dataset
-    from kd_histo.models import load_model
 
     run = read_run_record(cfg.model_dir)
     teacher_run = read_run_record(cfg.cascade_teacher) if cfg.cascade_teacher else None
@@ -372,8 +378,6 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     title = f"{os.path.basename(os.path.normpath(cfg.model_dir))} ({cfg.split})"
     paths = write_evaluation(result, preds, out_dir, title)
     if teacher_run is not None:
-        from kd_histo.evaluation.cost import count_flops
-
         teacher = load_model(
             teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=info.num_classes
         )
@@ -410,8 +414,6 @@ def write_cascade(
 ) -> dict[str, str]:
     """cascade.json (rows + what was measured), cascade.csv and cascade.png (accuracy against
     effective GFLOPs per tile) in ``out_dir``; returns their paths."""
-    from kd_histo.evaluation.cascade import CSV_COLUMNS
-
     os.makedirs(out_dir, exist_ok=True)
     paths = {
         "cascade_json": os.path.join(out_dir, CASCADE_JSON),

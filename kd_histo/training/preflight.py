@@ -23,6 +23,7 @@ import keras
 from kd_histo import schema
 from kd_histo.data import decode
 from kd_histo.data.pipeline import lr_size
+from kd_histo.models import load_model
 from kd_histo.training.config import RunConfig
 from kd_histo.training.run_record import (
     CONFIG_JSON,
@@ -32,6 +33,7 @@ from kd_histo.training.run_record import (
     record_of_model,
     teacher_misfit,
 )
+from kd_histo.training.teacher_cache import CACHEABLE_AUGMENT
 
 MIN_FREE_MB = 50  # a run folder needs room for a few checkpoints of the nets we train
 
@@ -150,8 +152,6 @@ def count_corrupt(cfg: RunConfig, info: schema.DatasetInfo) -> dict[str, int]:
 
 def check_teacher_cache(cfg: RunConfig, info: schema.DatasetInfo) -> None:
     """A teacher cache only fits a distill run whose views are a finite set (no random crop)."""
-    from kd_histo.training.teacher_cache import CACHEABLE_AUGMENT
-
     if not cfg.distill.teacher_cache:
         return
     if cfg.mode != "distill":
@@ -277,8 +277,6 @@ def check_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> None:
 def load_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> keras.Model:
     """Loads the distillation teacher and checks it fits the data set (classes, RGB input) and has
     a run record (see :func:`check_teacher`)."""
-    from kd_histo.models import load_model  # the models package pulls in Keras layers
-
     path = model_file(cfg.distill.teacher)
     try:
         teacher = load_model(path, expected_num_classes=info.num_classes)

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from kd_histo.atomic import write_json
+from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.data.views import LR_METHODS
 from kd_histo.training.config import MODES
 
 RUN_JSON = "run.json"
@@ -93,8 +95,6 @@ class RunRecord:
     record_version: int = RECORD_VERSION
 
     def __post_init__(self):
-        from kd_histo.data.views import LR_METHODS
-
         # JSON gives lists and ints; keep the record hashable and typed.
         for name in ("class_names", "mean", "std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -171,8 +171,6 @@ class RunRecord:
         Returns:
           A :class:`kd_histo.data.pipeline.PipelineConfig` (feed ``batch[self.view]`` to the net).
         """
-        from kd_histo.data.pipeline import PipelineConfig
-
         return PipelineConfig(
             data_dir=data_dir,
             batch_size=batch_size,

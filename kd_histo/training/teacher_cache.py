@@ -27,19 +27,17 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from kd_histo import schema
 from kd_histo.atomic import write_json
 from kd_histo.data.augment import NUM_DIHEDRAL, dihedral, dihedral_per_example
 from kd_histo.data.mixing import example_key
+from kd_histo.data.pipeline import PipelineConfig, make_dataset, unlabeled_sources
 from kd_histo.training import losses as L
-
-if TYPE_CHECKING:
-    from kd_histo.data.pipeline import PipelineConfig
 
 META = "cache.json"
 
@@ -320,7 +318,6 @@ def training_sources(data) -> list[tuple[str, str]]:
     The labeled ``train`` split when labeled tiles are drawn, and the whole unlabeled pool (every
     fraction of it is a subset) when unlabeled tiles are drawn.
     """
-    from kd_histo.data.pipeline import unlabeled_sources
 
     out = []
     if data.labeled and data.unlabeled_ratio < 1.0:
@@ -362,8 +359,6 @@ def _source_identity(data_dir: str, split: str) -> tuple[str, str, str]:
     folder's dataset.json do (a reconversion with other settings keeps the paths and the record
     keys but not the pixels). Each shard counts by name, size, mtime and the SHA-256 of its first
     and last MiB; dataset.json by its SHA-256."""
-    from kd_histo import schema
-
     h = hashlib.sha256(_sha256(os.path.join(data_dir, schema.DATASET_JSON)).encode())
     for p in schema.shard_paths(data_dir, split):
         st = os.stat(p)
@@ -523,8 +518,6 @@ def _needed_build(
 
 def _build(teacher, builds: Sequence[_Build], log) -> None:
     """Builds the caches, one teacher pass for all that read the same sources and HR view."""
-    from kd_histo.data.pipeline import PipelineConfig, make_dataset
-
     groups: dict[tuple, list[_Build]] = {}
     for b in builds:
         groups.setdefault((b.sources, b.dihedral, b.data.hr_px), []).append(b)

@@ -31,7 +31,7 @@ import numpy as np
 from kd_histo import schema
 from kd_histo.atomic import write_text
 from kd_histo.evaluation import plots
-from kd_histo.evaluation.evaluate import CASCADE_JSON, METRICS_JSON
+from kd_histo.evaluation.evaluate import CASCADE_JSON, METRICS_JSON, PREDICTIONS_CSV
 from kd_histo.protocol import paired
 from kd_histo.protocol.claims import claims_markdown, factor_claims
 from kd_histo.protocol.plan import cascade_dir, eval_dir
@@ -388,8 +388,6 @@ def scored_tile(row: Mapping[str, str], pred: str) -> tuple[tuple, tuple[int, st
 def read_correct_folder(eval_folder: str) -> dict[tuple, tuple[int, str]] | None:
     """{(source, x, y): (correct, slide id)} of the labeled tiles in an evaluation folder's
     ``predictions.csv``; None when it holds none."""
-    from kd_histo.evaluation.evaluate import PREDICTIONS_CSV
-
     path = os.path.join(eval_folder, PREDICTIONS_CSV)
     if not os.path.isfile(path):
         return None

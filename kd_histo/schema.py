@@ -217,6 +217,14 @@ def shard_paths(data_dir: str, split: str) -> list[str]:
     return [os.path.join(data_dir, n) for n in names]
 
 
+def has_shards(data_dir: str, split: str) -> bool:
+    """Whether ``data_dir`` holds shards of ``split`` (:func:`shard_paths` without the error)."""
+    try:
+        return bool(shard_paths(data_dir, split))
+    except FileNotFoundError:
+        return False
+
+
 @dataclasses.dataclass
 class DatasetInfo:
     """The JSON description written beside the shards (``dataset.json``).

@@ -15,7 +15,8 @@ import tensorflow as tf
 
 from kd_histo.models import build_model, load_model
 from kd_histo.training import losses as L
-from kd_histo.training.distiller import ResolutionDistiller
+from kd_histo.training.config import DistillConfig
+from kd_histo.training.distiller import ResolutionDistiller, losses_for
 
 KW = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], planes=(4, 8, 8, 16), stem="small")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,13 +43,18 @@ def dataset(n=16, batch=8, seed=0):
     return tf.data.Dataset.from_tensor_slices(batch_dict(n, seed=seed)).batch(batch)
 
 
+def weights(**distill):
+    """The distiller's losses for DistillConfig settings (the run config's defaults elsewhere)."""
+    return losses_for(DistillConfig(**distill))
+
+
 def snapshot(model):
     return [w.numpy().copy() for w in model.weights]
 
 
 def test_distillation_fit_freezes_teacher_and_trains_student():
     student, teacher = nets()
-    d = ResolutionDistiller(student, teacher, ce_weight=0.5, ssl_weight=0.2, at_weight=0.3)
+    d = ResolutionDistiller(student, teacher, weights(ce_weight=0.5, ssl_weight=0.2, at_weight=0.3))
     d.compile(keras.optimizers.Adam(1e-2))
     t0, s0 = snapshot(teacher), snapshot(student)
     hist = d.fit(dataset(), epochs=2, verbose=0).history
@@ -72,12 +78,14 @@ def test_losses_match_pure_functions_and_total_is_weighted_sum():
     d = ResolutionDistiller(
         student,
         teacher,
-        temperature=3.0,
-        kd_weight=0.7,
-        feature_weight=2.0,
-        ce_weight=0.5,
-        feature_mode="bicubic",
-        feature_norm="l1",
+        weights(
+            temperature=3.0,
+            kd_weight=0.7,
+            feature_weight=2.0,
+            ce_weight=0.5,
+            feature_mode="bicubic",
+            feature_norm="l1",
+        ),
     )
     b = batch_dict()
     parts, out = d.compute_losses(b)
@@ -131,53 +139,8 @@ def test_losses_are_validated_when_the_distiller_is_built():
         ResolutionDistiller(student, wide, [(-1.0, L.LogitsKD())])
     with pytest.raises(ValueError, match="every loss weight is 0"):
         ResolutionDistiller(student, wide, [(0.0, L.LogitsKD())])
-    with pytest.raises(ValueError, match="not both"):
-        ResolutionDistiller(student, wide, [(1.0, L.LogitsKD())], kd_weight=1.0)
-
-
-def test_distiller_saved_with_the_old_weight_keywords_loads_and_resumes(tmp_path):
-    """A .keras distiller written before the losses were a list (config: weight keywords)."""
-    import zipfile
-
-    student, teacher = nets()
-    d = ResolutionDistiller(student, teacher, [(1.0, L.LogitsKD(2.0)), (1.0, L.FeatureMapKD()),
-                                               (0.5, L.MaskedCE())])  # fmt: skip
-    d.compile(keras.optimizers.Adam(1e-2))
-    d.fit(dataset(), epochs=1, verbose=0)
-    path = tmp_path / "old.keras"
-    d.save(str(path))
-    with zipfile.ZipFile(path) as z:
-        files = {n: z.read(n) for n in z.namelist()}
-    cfg = json.loads(files["config.json"])
-    inner = cfg["config"]
-    inner.pop("losses")  # the config exactly as ResolutionDistiller.get_config wrote it on main
-    inner.update(
-        temperature=2.0,
-        kd_weight=1.0,
-        feature_weight=1.0,
-        feature_mode="maxpool+bicubic",
-        feature_norm="l2",
-        ce_weight=0.5,
-        ssl_weight=0.0,
-        at_weight=0.0,
-        ssl_temperature=0.1,
-        projection_dim=128,
-        bicubic_style="torch",
-    )
-    files["config.json"] = json.dumps(cfg).encode()
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
-    d2 = keras.saving.load_model(str(path), safe_mode=True)
-    assert d2.loss_names == ("loss", "kd_loss", "feature_loss", "ce_loss")
-    assert d2.loss_terms[0][1].temperature == 2.0 and d2.loss_terms[2][0] == 0.5
-    b = batch_dict()
-    for name, value in d.compute_losses(b)[0].items():
-        np.testing.assert_allclose(d2.compute_losses(b)[0][name], value, rtol=1e-6)
-    steps = int(d2.optimizer.iterations)
-    assert steps == int(d.optimizer.iterations) > 0
-    d2.fit(dataset(), epochs=1, verbose=0)
-    assert int(d2.optimizer.iterations) > steps
+    with pytest.raises(ValueError, match="kd_weight"):  # the weight keywords are gone
+        ResolutionDistiller(student, wide, kd_weight=1.0)
 
 
 def test_cached_teacher_outputs_replace_the_teacher():
@@ -226,11 +189,13 @@ def test_clear_errors():
     _, wide = nets(planes=(4, 8, 8, 32))
     with pytest.raises(ValueError, match="channels: student 16, teacher 32"):
         ResolutionDistiller(student, wide)
-    ResolutionDistiller(student, wide, feature_weight=0.0)  # no feature loss: widths may differ
+    ResolutionDistiller(
+        student, wide, weights(feature_weight=0.0)
+    )  # no feature loss: widths may differ
     with pytest.raises(ValueError, match="nothing to learn"):
         ResolutionDistiller(student, None).compute_losses(batch_dict())
     with pytest.raises(ValueError, match="loss="):
-        ResolutionDistiller(student, None, ce_weight=1.0).compile("adam", loss="mse")
+        ResolutionDistiller(student, None, weights(ce_weight=1.0)).compile("adam", loss="mse")
     with pytest.raises(FileNotFoundError, match="teacher.keras not found"):
         load_model("/nonexistent/teacher.keras")
 
@@ -277,7 +242,7 @@ def restore_policy():
 def test_mixed_precision(policy, compute, restore_policy):
     keras.mixed_precision.set_dtype_policy(policy)
     student, teacher = nets()
-    d = ResolutionDistiller(student, teacher, ce_weight=0.5, ssl_weight=0.1, at_weight=0.1)
+    d = ResolutionDistiller(student, teacher, weights(ce_weight=0.5, ssl_weight=0.1, at_weight=0.1))
     d.compile(keras.optimizers.Adam(1e-2))
     conv = student.get_layer("stage1_block1_conv1")
     assert conv.compute_dtype == compute and conv.kernel.dtype == "float32"
@@ -295,7 +260,7 @@ def test_mixed_precision(policy, compute, restore_policy):
 
 def test_save_load_round_trips(tmp_path):
     student, teacher = nets()
-    d = ResolutionDistiller(student, teacher, ce_weight=0.5)
+    d = ResolutionDistiller(student, teacher, weights(ce_weight=0.5))
     d.compile(keras.optimizers.Adam(1e-2))
     d.fit(dataset(), epochs=1, verbose=0)
     b = batch_dict()
@@ -336,14 +301,14 @@ _MIRRORED = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     sys.path.insert(0, "tests")
-    from test_distiller import nets, batch_dict, snapshot
+    from test_distiller import nets, batch_dict, snapshot, weights
     from kd_histo.training.distiller import ResolutionDistiller
 
     def run(strategy):
         with strategy.scope():
             student, teacher = nets(seed=3)
             # ce stays off: it averages over each replica's labeled examples, not the global ones.
-            d = ResolutionDistiller(student, teacher, at_weight=0.5)
+            d = ResolutionDistiller(student, teacher, weights(at_weight=0.5))
             d.compile(keras.optimizers.SGD(0.5))
         t0 = snapshot(teacher)
         # string fields as in pipeline batches (Keras' own symbolic build cannot all-reduce them)

@@ -666,3 +666,66 @@ def test_the_runner_builds_each_seeds_teacher_caches_before_its_first_student(
     assert (
         state["s0/teacher"]["teacher_cache_s"] > 0 and state["s0/student_x4_unl100"]["train_s"] > 0
     )
+
+
+_STALLED_EVALUATION = """
+import sys, time
+from kd_histo.evaluation import evaluate, plots
+
+def stall(*args, **kwargs):  # the ROC figure is the last file before the marker: hang there
+    open(sys.argv[3], "w").close()
+    time.sleep(300)
+
+plots.roc_png = stall
+evaluate.evaluate_run(evaluate.EvalConfig(sys.argv[1], "test", out_dir=sys.argv[2], n_boot=20))
+"""
+
+
+def test_an_evaluation_killed_mid_way_is_evaluated_again(finished, tmp_path):
+    """SIGKILL kd_histo's evaluation of a run after its first files are written: no metrics.json
+    is left to say the evaluation is done, and the runner evaluates that run again."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg, _, _ = finished
+    copy = dataclasses.replace(cfg, out_dir=str(tmp_path / "exp"))
+    shutil.copytree(cfg.out_dir, copy.out_dir)
+    spec = next(s for s in plan(copy) if s.name == "baseline_x2")
+    out = os.path.join(spec.model_dir, f"eval_{copy.eval_split}")
+    with open(os.path.join(out, "metrics.json")) as f:
+        before = json.load(f)
+    stalled = tmp_path / "stalled"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STALLED_EVALUATION, spec.model_dir, out, str(stalled)],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    try:
+        deadline = time.time() + 300
+        while not stalled.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert stalled.exists(), f"the evaluation never reached its last figure ({proc.poll()})"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert os.path.isfile(os.path.join(out, "predictions.csv"))  # killed after its first files
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    lines = []
+    run_experiment(copy, log=lines.append)
+    with open(os.path.join(out, "metrics.json")) as f:
+        after = json.load(f)
+    # evaluated again: the same network on the same tiles
+    assert [after["tile"][k] for k in ("n", "confusion_matrix")] == [
+        before["tile"][k] for k in ("n", "confusion_matrix")
+    ]
+    with open(os.path.join(copy.out_dir, "state.json")) as f:
+        state = json.load(f)
+    with open(os.path.join(cfg.out_dir, "state.json")) as f:
+        assert state["s0/baseline_x2"]["eval_s"] != json.load(f)["s0/baseline_x2"]["eval_s"]

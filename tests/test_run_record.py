@@ -120,41 +120,11 @@ def _old_run_json(rec: RunRecord) -> dict:
     return d
 
 
-def test_old_run_json_loads_with_facts_from_the_run_and_its_data(tmp_path, tiny_shards):
-    d = make_run(tmp_path, lr_method="bilinear", data_dir=tiny_shards)
-    want = read_run_record(d)
-    with open(os.path.join(d, "run.json"), "w") as f:
-        json.dump(_old_run_json(want), f)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(
-            {"mode": "distill", "data": {"data_dir": tiny_shards, "lr_method": "bilinear"}}, f
-        )
-    old = read_run_record(d)
-    assert (
-        old.lr_method == "bilinear"
-    )  # what training used (config.json), not the old evaluation's "area"
-    assert old.mpp == pytest.approx(0.5)  # tiny_shards' dataset.json
-    np.testing.assert_allclose(
-        old.mean, want.mean, atol=1e-6
-    )  # the saved net's normalisation layer
-    np.testing.assert_allclose(old.std, want.std, atol=1e-6)
-    assert dataclasses.replace(old, mean=want.mean, std=want.std, mpp=want.mpp) == want
-
-    os.remove(os.path.join(d, "config.json"))  # the one fact nothing else holds
-    with pytest.raises(RunRecordError) as e:
-        read_run_record(d)
-    assert "lr_method" in str(e.value) and "\n" not in str(e.value)
-
-
-def test_old_run_json_without_data_folder_has_unknown_mpp(tmp_path):
-    d = make_run(tmp_path, data_dir=str(tmp_path / "gone"))
-    old_json = _old_run_json(read_run_record(d))
-    with open(os.path.join(d, "run.json"), "w") as f:
-        json.dump(old_json, f)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump({"data": {"lr_method": "area"}}, f)
-    old = read_run_record(d)
-    assert old.mpp is None and old.input_mpp is None and old.lr_method == "area"
+def test_a_run_json_from_before_the_typed_record_is_refused_in_one_line(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps(_old_run_json(record())))
+    with pytest.raises(RunRecordError, match="no record_version.*retrain") as e:
+        read_run_record(str(tmp_path))
+    assert "run.json" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.reliability

@@ -1,6 +1,7 @@
 """Distillation reading the teacher's outputs from a cache: built once, shared, rebuilt if stale."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -44,11 +45,12 @@ def _student(data_dir, model_dir, teacher_dir, cache, mode="distill", **data_kw)
     return _cfg(data_dir, model_dir, mode=mode, distill=distill, **data_kw)
 
 
-def test_cached_run_trains_the_student_from_the_cache(tiny_shards, teacher, tmp_path, capsys):
+def test_cached_run_trains_the_student_from_the_cache(tiny_shards, teacher, tmp_path, caplog):
     cache = tmp_path / "cache"
     cfg = _student(tiny_shards, tmp_path / "s1", teacher, cache, unlabeled_ratio=0.5)
-    result = train.train(cfg)
-    assert "running the teacher 8x over 2 source(s)" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="kd_histo"):
+        result = train.train(cfg)
+    assert "running the teacher 8x over 2 source(s)" in caplog.text
     meta = json.loads((cache / BUILT_FOR).read_text())
     assert sorted(s[1] for s in meta["sources"]) == ["train", "unlabeled"]
     spec = TeacherCache(str(cache)).spec
@@ -171,7 +173,7 @@ def test_what_a_cache_cannot_hold_is_refused_before_anything_is_written(
 
 
 def test_prebuilt_caches_are_the_ones_each_run_builds_and_the_runs_train_the_same(
-    tiny_shards, teacher, tmp_path, capsys
+    tiny_shards, teacher, tmp_path, caplog
 ):
     """One teacher pass fills the caches of the x2 and x4 students (train and val); each equals,
     to the bit, the cache its run builds alone, and a run that finds its cache prebuilt trains
@@ -214,7 +216,6 @@ def test_prebuilt_caches_are_the_ones_each_run_builds_and_the_runs_train_the_sam
     }
     history = train.train(alone[2]).history
     build_alone(alone[4])  # what the x4 run would build before its first step
-    capsys.readouterr()
     pre = {
         f: dataclasses.replace(
             c,
@@ -253,6 +254,8 @@ def test_prebuilt_caches_are_the_ones_each_run_builds_and_the_runs_train_the_sam
         != TeacherCache(str(tmp_path / "pre_cache_x2")).spec.map_size
     )
     assert train.prebuild_teacher_caches(list(pre.values()), log=lines.append) == 0  # they fit now
-    result = train.train(pre[2])
-    assert "running the teacher" not in capsys.readouterr().out  # the run found its cache
+    with caplog.at_level(logging.INFO, logger="kd_histo"):
+        result = train.train(pre[2])
+    # found its cache: built nothing (a build is logged here, test_cached_run_trains_...)
+    assert "running the teacher" not in caplog.text
     assert result.history == history

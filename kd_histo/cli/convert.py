@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
     counts = {split: sum(c.values()) for split, c in info.counts.items()}
     for note in info.notes:
         if note.startswith(("leakage check", "group_by=", "groups from")):
-            print(f"{PROG}: {note}")
+            fc.log(note)
     print(
         f"{PROG}: wrote {cfg.out_dir}: {counts}, {len(info.skipped)} inputs skipped (dataset.json)"
     )

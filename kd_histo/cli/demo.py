@@ -14,6 +14,7 @@ steps, ``flags/demo/*.flags``) with kd-histo-train's flags: flags + that flagfil
 from __future__ import annotations
 
 import os
+import time
 
 import kd_histo
 from kd_histo.cli import flags_common as fc
@@ -33,7 +34,6 @@ FLAGS = fc.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
-    import time
 
     from kd_histo.protocol import demo
 
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
         out_dir,
         base,
         smoke=FLAGS.smoke,
-        log=lambda line: print(f"{PROG}: {line}", flush=True),
+        log=fc.log,
     )
     fc.print_file(paths["md"])
     print(

@@ -15,6 +15,8 @@ effective GFLOPs per tile and measured tiles/s at each --cascade_fractions), or 
 
 from __future__ import annotations
 
+import json
+
 from kd_histo.cli import flags_common as fc
 from kd_histo.evaluation.evaluate import EvalConfig
 
@@ -36,14 +38,12 @@ def main(argv: list[str]) -> None:
         return
     cfg = EvalConfig(**fc.config_kwargs(EvalConfig))
     paths = evaluate.evaluate_run(cfg)
-    import json
 
     metrics = json.load(open(paths["metrics"]))
     m = metrics["tile"]
     if cfg.skip_corrupt:
-        print(
-            f"{PROG}: --skip_corrupt: {metrics['n_corrupt_skipped']} corrupt records skipped in "
-            f"{cfg.split}"
+        fc.log(
+            f"--skip_corrupt: {metrics['n_corrupt_skipped']} corrupt records skipped in {cfg.split}"
         )
     print(
         f"{PROG}: {cfg.split} tiles {m['n']}: accuracy {m['accuracy']:.4f}, balanced "

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     from kd_histo.protocol import experiment
 
     cfg = config_from_flags()
-    paths = experiment.run_experiment(cfg, log=lambda line: print(f"{PROG}: {line}", flush=True))
+    paths = experiment.run_experiment(cfg, log=fc.log)
     fc.print_file(paths["md"])
     print(f"{PROG}: report at {paths['report']}  (command: {shlex.join(sys.argv)})")
 

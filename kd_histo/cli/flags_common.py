@@ -8,6 +8,11 @@ config field (``--smoke``, ``--merge``...). Each binary's module defines its fla
 library never reads ``absl.flags.FLAGS``. Definitions are idempotent, so tests can import several
 binaries into one process. ``run(prog, main)`` starts a binary: flag errors and bad input end in
 one line, ``<prog>: error: <what to fix>``, and a non-zero exit, never a traceback.
+
+What a binary says: its progress, notes, warnings and errors go through Python's ``logging``
+(the logging absl's is built on; the library logs under ``kd_histo.<module>``), shown by
+:func:`log_as` as ``kd-histo-<tool>: <message>`` lines on stderr; stdout holds only the
+command's results (what was written, the metrics, a results table), so a user can pipe them.
 ``invoke(module, argv)`` runs a binary in-process (tests, notebooks) and returns its exit code.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import logging
 import math
 import os
 import re
@@ -36,11 +42,52 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 FLAGS = flags.FLAGS
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
 INTERRUPTED = "interrupted; rerun the same command to resume"
+
+_LOG = logging.getLogger("kd_histo")
+
+
+class _Stderr(logging.StreamHandler):
+    """``<prog>: <message>`` on the sys.stderr of the moment (a redirect, pytest's capture)."""
+
+    def __init__(self, prog: str):
+        super().__init__()
+        self.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler sets it once; the stream is always sys.stderr
+        pass
+
+
+def log(line: str) -> None:
+    """One progress line of the running binary: ``<prog>: <line>`` on stderr (:func:`log_as`)."""
+    _LOG.info(line)
+
+
+def _not_ours(record: logging.LogRecord) -> bool:
+    return not record.name.startswith("kd_histo")
+
+
+def log_as(prog: str) -> None:
+    """kd_histo's messages (the ``kd_histo`` loggers, INFO and up) as ``<prog>: <message>``
+    lines on stderr; absl's handler (whose header and --verbosity stay TensorFlow's) leaves them
+    out. They still reach the root logger's other handlers (pytest's ``caplog``)."""
+    for handler in [h for h in _LOG.handlers if isinstance(h, _Stderr)]:
+        _LOG.removeHandler(handler)
+    _LOG.addHandler(_Stderr(prog))
+    _LOG.setLevel(logging.INFO)
+    absl_handler = absl_logging.get_absl_handler()
+    if _not_ours not in absl_handler.filters:
+        absl_handler.addFilter(_not_ours)
 
 
 def _define(
@@ -229,6 +276,7 @@ def _unexpected(rest: Sequence[str]) -> str:
 def _parser(prog: str) -> Callable[[list[str]], list[str]]:
     def parse(argv: list[str]) -> list[str]:
         _TYPED[:] = argv[1:]
+        log_as(prog)
         try:
             rest = FLAGS(argv)
         except flags.Error as e:  # absl names the flag, and at most the offending --flag=value
@@ -243,9 +291,7 @@ def _parser(prog: str) -> Callable[[list[str]], list[str]]:
         for name in FLAGS:
             value = FLAGS[name].value
             if isinstance(value, float) and not math.isfinite(value):
-                print(
-                    f"{prog}: error: --{name} must be a finite number, got {value}", file=sys.stderr
-                )
+                _LOG.error(f"error: --{name} must be a finite number, got {value}")
                 sys.exit(EXIT_BAD_INPUT)
         return rest
 

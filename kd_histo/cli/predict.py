@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
     from kd_histo.evaluation import predict
 
     cfg = PredictConfig(**fc.config_kwargs(PredictConfig))
-    paths = predict.predict(cfg, log=lambda line: print(f"{PROG}: {line}", flush=True))
+    paths = predict.predict(cfg, log=fc.log)
     for name, path in paths.items():
         print(f"{PROG}: {name} -> {path}")
 

@@ -3,11 +3,11 @@
 Training: shard files interleaved in a seeded order -> parse + decode to uint8 -> optional cache
 -> repeat + shuffle (or class-balanced sampling) -> mixing with the unlabeled pool at a ratio ->
 cut into epochs -> one stateless seed per element (``Dataset.random``, new draws each epoch,
-deterministic under ``cfg.seed``) -> crop + augment once, make ``hr``/``lr``[/``lr2``] -> batch
+deterministic under ``cfg.seed``) -> crop + augment once, make ``hr``/``lr`` -> batch
 -> prefetch. Evaluation: file order, centre crop, no augmentation, no drop_remainder, one pass.
 Everything runs inside the tf.data graph (no ``py_function``).
 
-Batches: {"hr" [B, hr_px, hr_px, 3], "lr" [B, lr_px, lr_px, 3], ["lr2"], "label" int32 [B]
+Batches: {"hr" [B, hr_px, hr_px, 3], "lr" [B, lr_px, lr_px, 3], "label" int32 [B]
 (-1 = unlabeled), "slide_id" string, "x", "y" int64, "source" string}; pixels float32 in
 [0, 1] unless ``normalize=True`` (training-split mean/std from ``dataset.json``; by default the
 models normalise in their first layer, see BUILD_NOTES.md).
@@ -39,7 +39,7 @@ __all__ = [
     "unlabeled_sources",
 ]
 
-_IMAGE_KEYS = ("hr", "lr", "lr2")
+_IMAGE_KEYS = ("hr", "lr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,6 @@ class PipelineConfig:
       labeled: False = train on the unlabeled pool only (pure distillation); evaluation
         (``training=False``) always reads the requested split.
       class_balanced: sample the labeled classes with equal probability.
-      second_view: add ``lr2``, an independently cropped and augmented LR view.
       cache: keep decoded uint8 tiles in memory after the first pass.
       shuffle_buffer: shuffle buffer size (examples).
       seed: the one seed of file order, shuffling, mixing and augmentation.
@@ -87,7 +86,6 @@ class PipelineConfig:
         "--ce_weight > 0); --nolabeled trains a student on the unlabeled pool alone.",
     )
     class_balanced: bool = False
-    second_view: bool = False
     cache: bool = setting(False, "Keep decoded tiles in memory after the first pass.")
     shuffle_buffer: int = 1024
     seed: int = 0  # kd-histo-train sets it to the run's seed (RunConfig.seed, --seed)
@@ -126,21 +124,17 @@ class PipelineConfig:
             )
 
 
-def _has_split(data_dir: str, split: str) -> bool:
-    try:
-        schema.shard_paths(data_dir, split)
-        return True
-    except FileNotFoundError:
-        return False
-
-
 def unlabeled_sources(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
     """(data_dir, splits) of the unlabeled pool: the data set's ``unlabeled`` split, and each of
     ``unlabeled_dirs``' ``unlabeled`` split (or all its splits, read with label -1)."""
-    sources = [(cfg.data_dir, ["unlabeled"])] if _has_split(cfg.data_dir, "unlabeled") else []
+    sources = (
+        [(cfg.data_dir, ["unlabeled"])] if schema.has_shards(cfg.data_dir, "unlabeled") else []
+    )
     for d in cfg.unlabeled_dirs:
         info = schema.DatasetInfo.read(d)
-        sources.append((d, ["unlabeled"] if _has_split(d, "unlabeled") else sorted(info.shards)))
+        sources.append(
+            (d, ["unlabeled"] if schema.has_shards(d, "unlabeled") else sorted(info.shards))
+        )
     return sources
 
 
@@ -269,7 +263,6 @@ def make_dataset(
         "hr_px": hr_px,
         "factor": cfg.factor,
         "lr_method": cfg.lr_method,
-        "second_view": cfg.second_view,
     }
     calls = tf.data.AUTOTUNE
 

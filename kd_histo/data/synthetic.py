@@ -23,6 +23,7 @@ import csv
 import os
 
 import numpy as np
+from PIL import Image
 
 CLASS_NAMES = ("lymphocytes", "tumour", "stroma", "debris")
 
@@ -205,8 +206,6 @@ def write_tile_folder(
     Unlabeled tiles (a mix of all classes, from their own slides) go under ``unlabeled/`` with an
     empty label in the manifest. Returns the manifest path. Writing is idempotent for a seed.
     """
-    from PIL import Image  # only needed to write files
-
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     images, labels, slides = generate(n_per_class, tile_px, seed, slides_per_class)

@@ -1,11 +1,10 @@
-"""Paired views of one tile: ``hr`` for the teacher, ``lr`` for the student, optional ``lr2``.
+"""Paired views of one tile: ``hr`` for the teacher, ``lr`` for the student.
 
 One crop and one augmentation (one stateless seed) are applied once, to the high-resolution
 crop; ``lr`` is then that augmented crop resized by the factor with an antialiased method
 (``area`` by default; ``bicubic`` and ``bilinear`` selectable), so the two views differ only in
 resolution. With ``lr_method="pyramid"`` the stored pyramid LR tile is cropped at the aligned
 position and given the same augmentation (the ops draw the same parameters whatever the size).
-``lr2`` is a second, independently cropped and augmented low-resolution view of the same tile.
 
 This module works on one decoded example; reading shards and batching live in
 :mod:`kd_histo.data.decode` and :mod:`kd_histo.data.pipeline`.
@@ -81,7 +80,6 @@ def make_views(
     lr_method: str = "area",
     preset: str = "none",
     training: bool = True,
-    second_view: bool = False,
 ) -> dict:
     """Turns one decoded example into the batch-element dict of the pipeline contract.
 
@@ -94,22 +92,18 @@ def make_views(
       lr_method: "area" | "bicubic" | "bilinear" | "pyramid".
       preset: augmentation preset (:data:`kd_histo.data.augment.PRESETS`).
       training: random crop when True, centre crop when False.
-      second_view: also return ``lr2`` from an independent seed.
 
     Returns:
-      {"hr", "lr"[, "lr2"], "label", "slide_id", "x", "y", "source"}; images float32 in [0, 1].
+      {"hr", "lr", "label", "slide_id", "x", "y", "source"}; images float32 in [0, 1].
     """
     if lr_method not in LR_METHODS:
         raise ValueError(f"lr_method {lr_method!r} unknown; choose one of {LR_METHODS}")
     lr_px = lr_size(hr_px, factor)
     seed = tf.cast(seed, tf.int64)
-    s_main, s_second = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    # The first of two split seeds: the draws every run so far was made with.
+    s_main = tf.random.experimental.stateless_split(seed, 2)[0]
     hr, lr = _one_view(example, s_main, hr_px, lr_px, factor, lr_method, preset, training)
     out = {"hr": hr, "lr": lr}
-    if second_view:
-        out["lr2"] = _one_view(
-            example, s_second, hr_px, lr_px, factor, lr_method, preset, training
-        )[1]
     for key in ("label", "slide_id", "x", "y", "source"):
         out[key] = example[key]
     return out

@@ -27,7 +27,9 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 from tensorflow.python.util import deprecation
 
+from kd_histo.models import load_model
 from kd_histo.settings import setting
+from kd_histo.training.run_record import read_run_record
 
 
 def _logits_fn(model: keras.Model):
@@ -282,9 +284,6 @@ class CostConfig:
 
 def cost_of_runs(cfg: CostConfig) -> dict[str, Any]:
     """Measures every run at its input size and writes the table; returns paths and rows."""
-    from kd_histo.models import load_model
-    from kd_histo.training.run_record import read_run_record  # one reader of run.json
-
     if not cfg.runs:
         raise ValueError("no runs given; pass --runs=<teacher run>,<student run>,...")
     names = list(cfg.names) or [os.path.basename(os.path.normpath(r)) for r in cfg.runs]

@@ -4,7 +4,8 @@
 ``evaluate_predictions`` turns per-tile probabilities into tile-level metrics and slide-level
 metrics (tile probabilities per slide aggregated by their mean, and by majority vote of the tile
 predictions), each with bootstrap 95% intervals (resampling slides when slide ids exist);
-``write_evaluation`` writes metrics.json, predictions.csv, confusion_matrix.png and roc.png;
+``write_evaluation`` writes predictions.csv, confusion_matrix.png, roc.png and, last and atomically,
+metrics.json: the experiment runner takes its presence as "this evaluation is done";
 ``compare_runs`` gathers several runs' metrics.json into one markdown and one CSV table.
 With a cascade teacher, ``evaluate_run`` also measures the cascade curve on the same tiles
 (``kd_histo.evaluation.cascade.measure_curve``) and ``write_cascade`` writes cascade.json/.csv/.png.
@@ -24,9 +25,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
+from kd_histo import atomic, schema
+from kd_histo.data.pipeline import make_dataset
 from kd_histo.evaluation import metrics, plots
-from kd_histo.evaluation.cascade import DEFAULT_FRACTIONS, check_pair, measure_curve, n_for_teacher
+from kd_histo.evaluation.cascade import (
+    CSV_COLUMNS,
+    DEFAULT_FRACTIONS,
+    check_pair,
+    measure_curve,
+    n_for_teacher,
+)
+from kd_histo.evaluation.cost import count_flops
+from kd_histo.models import load_model
 from kd_histo.settings import SKIP_CORRUPT_HELP, setting
 from kd_histo.training.run_record import RunRecord, read_run_record
 
@@ -105,7 +117,8 @@ def evaluate_predictions(
 def write_evaluation(
     result: dict[str, Any], preds: Predictions, out_dir: str, title: str = ""
 ) -> dict[str, str]:
-    """Writes metrics.json, predictions.csv, confusion_matrix.png and roc.png; returns the paths."""
+    """Writes predictions.csv, confusion_matrix.png, roc.png, then metrics.json (the marker of a
+    finished evaluation: removed first, written last and whole); returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     names = result["class_names"]
     paths = {
@@ -117,15 +130,22 @@ def write_evaluation(
             ("roc", "roc.png"),
         )
     }
-    with open(paths["metrics"], "w") as f:
-        json.dump(result, f, indent=2)
+    _remove_marker(paths["metrics"])  # a rewrite killed half-way must not look finished
     write_predictions_csv(preds, names, paths["predictions"])
     keep = preds.labels >= 0
     plots.confusion_matrix_png(
         np.asarray(result["tile"]["confusion_matrix"]), names, paths["confusion"], title
     )
     plots.roc_png(preds.labels[keep], preds.probs[keep], names, paths["roc"], title)
+    atomic.write_json(paths["metrics"], result, sort_keys=False)  # last: "evaluation done"
     return paths
+
+
+def _remove_marker(path: str) -> None:
+    """Removes a previous run's completion marker (metrics.json, cascade.json) before rewriting
+    the files it vouches for; the marker is written again, whole, once they all are."""
+    if os.path.isfile(path):
+        os.remove(path)
 
 
 def write_predictions_csv(preds: Predictions, class_names: Sequence[str], path: str) -> str:
@@ -157,7 +177,6 @@ def probs_function(model, dtype: str = "float32"):
     """numpy batch [B, H, W, 3] -> softmax probabilities [B, C] of ``model``, traced once for every
     batch and tile size. ``dtype`` "uint8" takes 0-255 tiles and scales them as the pipeline
     does."""
-    import tensorflow as tf  # heavy; only the functions that run a net need it
 
     def softmax_probs(x):
         x = tf.image.convert_image_dtype(x, tf.float32)  # uint8 -> [0, 1]; float32 unchanged
@@ -329,9 +348,6 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     and ``lr_method``). With ``cfg.cascade_teacher`` the cascade curve is measured on the same
     tiles and written too (:func:`write_cascade`).
     """
-    from kd_histo import schema
-    from kd_histo.data.pipeline import make_dataset
-    from kd_histo.models import load_model
 
     run = read_run_record(cfg.model_dir)
     teacher_run = read_run_record(cfg.cascade_teacher) if cfg.cascade_teacher else None
@@ -373,8 +389,6 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     title = f"{os.path.basename(os.path.normpath(cfg.model_dir))} ({cfg.split})"
     paths = write_evaluation(result, preds, out_dir, title)
     if teacher_run is not None:
-        from kd_histo.evaluation.cost import count_flops
-
         teacher = load_model(
             teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=info.num_classes
         )
@@ -411,21 +425,20 @@ def write_cascade(
 ) -> dict[str, str]:
     """cascade.json (rows + what was measured), cascade.csv and cascade.png (accuracy against
     effective GFLOPs per tile) in ``out_dir``; returns their paths."""
-    from kd_histo.evaluation.cascade import CSV_COLUMNS
-
     os.makedirs(out_dir, exist_ok=True)
     paths = {
         "cascade_json": os.path.join(out_dir, CASCADE_JSON),
         "cascade_csv": os.path.join(out_dir, CASCADE_CSV),
         "cascade_png": os.path.join(out_dir, CASCADE_PNG),
     }
-    with open(paths["cascade_json"], "w") as f:
-        json.dump({**about, "rows": list(rows)}, f, indent=2)
+    _remove_marker(paths["cascade_json"])
     with open(paths["cascade_csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
         w.writerows(rows)
     plots.cascade_png(rows, paths["cascade_png"], title)
+    # Last and whole: the experiment runner takes cascade.json as "cascade measured".
+    atomic.write_json(paths["cascade_json"], {**about, "rows": list(rows)}, sort_keys=False)
     return paths
 
 

@@ -23,6 +23,7 @@ Not here: metrics against labels (``kd_histo.evaluation.evaluate``), training
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -33,6 +34,8 @@ from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.evaluation.qupath_out import OBJECT_TYPES, SlideGrid
 from kd_histo.settings import SKIP_CORRUPT_HELP, setting
 from kd_histo.training.run_record import RunRecord, read_run_record
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +160,7 @@ def _predict_slide(
         max_tiles=cfg.max_tiles,
     )
     if plan.note:
-        print(f"kd_histo: {plan.note}", flush=True)
+        _LOG.info(plan.note)
     sid = os.path.splitext(os.path.basename(path))[0]
     progress = slide_reader.Progress(sid, len(plan.coords))
     out = []
@@ -252,11 +255,10 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     kinds = [(p, input_kind(p)) for p in cfg.inputs]  # all inputs checked before any work
     mpp = tile_mpp(run, cfg.read_mpp) if any(k == "slide" for _, k in kinds) else 0.0
     if run.lr_method == "pyramid" and any(k == "folder" for _, k in kinds):
-        print(
-            f"kd_histo: {cfg.model_dir} was trained on pyramid LR tiles; tile folders get an "
+        _LOG.warning(
+            f"{cfg.model_dir} was trained on pyramid LR tiles; tile folders get an "
             "antialiased area resize of the HR tile instead (slides are read from their own "
-            "pyramid level)",
-            flush=True,
+            "pyramid level)"
         )
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=len(names))
     scorer = _Scorer(model, run, cfg, _load_cascade_teacher(cfg, run), mpp)
@@ -337,10 +339,9 @@ def _write_outputs(
     paths = {}
     if skipped:  # as conversion does: skip unreadable images, list them with the reason
         paths["skipped"] = files.write_skipped(skipped, os.path.join(cfg.out_dir, "skipped.csv"))
-        print(
-            f"kd_histo: skipped {len(skipped)} unreadable image(s), listed in {paths['skipped']} "
-            f"(first: {skipped[0][0]}: {skipped[0][1]})",
-            flush=True,
+        _LOG.warning(
+            f"skipped {len(skipped)} unreadable image(s), listed in {paths['skipped']} "
+            f"(first: {skipped[0][0]}: {skipped[0][1]})"
         )
     if not any(len(g.probs) for g in groups):
         raise ValueError(
@@ -393,10 +394,7 @@ def _cascade(
     teacher, teacher_run = cascade
     mask = select(probs, fraction=cfg.cascade_fraction, threshold=cfg.cascade_threshold)
     idx = np.flatnonzero(mask)
-    print(
-        f"kd_histo: cascade: the teacher re-scores {len(idx)} of {len(probs)} tiles of {name}",
-        flush=True,
-    )
+    _LOG.info(f"cascade: the teacher re-scores {len(idx)} of {len(probs)} tiles of {name}")
     if not len(idx):
         return probs, mask
     return combine(probs, _probs(teacher, hr_tiles(idx), teacher_run, cfg.batch_size), mask), mask

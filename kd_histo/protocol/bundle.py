@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 
 from kd_histo import schema
 from kd_histo.atomic import write_json, write_text
+from kd_histo.evaluation.evaluate import CASCADE_CSV, CASCADE_JSON, METRICS_JSON, PREDICTIONS_CSV
 from kd_histo.protocol.plan import (
     EXPERIMENT_JSON,
     STATE_JSON,
@@ -48,8 +49,6 @@ _TILE_COLUMNS = ("source", "slide_id", "x", "y", "label")
 
 
 def _complete(cfg, spec: RunSpec) -> bool:
-    from kd_histo.evaluation.evaluate import CASCADE_JSON, METRICS_JSON, PREDICTIONS_CSV
-
     out = eval_dir(spec, cfg.eval_split)
     done = all(os.path.isfile(os.path.join(spec.model_dir, f)) for f in RUN_FILES[:2]) and all(
         os.path.isfile(os.path.join(out, f)) for f in (METRICS_JSON, PREDICTIONS_CSV)
@@ -79,8 +78,6 @@ def export_seeds(cfg, specs: Sequence[RunSpec], results_dir: str) -> list[int]:
     Returns:
       The seeds exported.
     """
-    from kd_histo.evaluation.evaluate import CASCADE_CSV, CASCADE_JSON, PREDICTIONS_CSV
-
     seeds = complete_seeds(cfg, specs)
     if not seeds:
         return []
@@ -99,7 +96,7 @@ def export_seeds(cfg, specs: Sequence[RunSpec], results_dir: str) -> list[int]:
     for spec in (p for p in specs if p.seed in seeds and not _borrowed(cfg, p)):
         dest = os.path.join(bundle, _rel(cfg, spec.model_dir))
         files = [os.path.join(spec.model_dir, f) for f in RUN_FILES]
-        files.append(os.path.join(eval_dir(spec, cfg.eval_split), "metrics.json"))
+        files.append(os.path.join(eval_dir(spec, cfg.eval_split), METRICS_JSON))
         if has_cascade(cfg, spec):
             files += [
                 os.path.join(cascade_dir(spec, cfg.eval_split), f)
@@ -126,8 +123,6 @@ def export_seeds(cfg, specs: Sequence[RunSpec], results_dir: str) -> list[int]:
 
 def _check_records(cfg, bundle: str, specs: Sequence[RunSpec]) -> None:
     """Refuses a bundle whose table names a run whose record files are absent."""
-    from kd_histo.evaluation.evaluate import METRICS_JSON
-
     for spec in specs:
         src = os.path.join(bundle, _rel(cfg, spec.model_dir))
         needed = [
@@ -210,8 +205,6 @@ def import_seeds(
     Returns:
       The seeds imported.
     """
-    from kd_histo.evaluation.evaluate import PREDICTIONS_CSV
-
     bundle = os.path.join(results_dir, BUNDLE_DIR)
     table = os.path.join(bundle, PREDICTIONS)
     if not os.path.isfile(table):

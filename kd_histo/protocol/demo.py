@@ -28,6 +28,12 @@ import json
 import os
 from collections.abc import Callable
 
+from kd_histo import schema
+from kd_histo.convert import ConvertConfig, EncodeOptions, convert
+from kd_histo.convert.convert import PARTS
+from kd_histo.data import synthetic
+from kd_histo.protocol.experiment import run_experiment
+from kd_histo.protocol.plan import ExperimentConfig
 from kd_histo.training.config import RunConfig
 
 DEMO_JSON = "demo.json"
@@ -80,11 +86,6 @@ def demo_config(base: RunConfig, data_dir: str, smoke: bool = False) -> RunConfi
 
 def _prepare_data(out_dir: str, s: DemoSettings, seed: int, log: Callable[[str], None]) -> str:
     """Synthetic tiles -> shards (each step skipped when done); returns the data folder."""
-    from kd_histo import schema
-    from kd_histo.convert import ConvertConfig, EncodeOptions, convert
-    from kd_histo.convert.convert import PARTS
-    from kd_histo.data import synthetic
-
     record = os.path.join(out_dir, DEMO_JSON)
     wanted = {
         "tile_px": s.tile_px,
@@ -150,9 +151,6 @@ def run_demo(
       smoke: tiny data, nets and epochs (tests).
       log: where progress lines go.
     """
-    from kd_histo.protocol.experiment import run_experiment
-    from kd_histo.protocol.plan import ExperimentConfig
-
     s = demo_settings(smoke)
     data = _prepare_data(out_dir, s, base.seed, log)
     # smoke: factor 2 only, fewer bootstrap replicates and timed repeats

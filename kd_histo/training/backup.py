@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from collections.abc import Callable
 import keras
 
 from kd_histo.atomic import replacing, write_json
+
+_LOG = logging.getLogger(__name__)
 
 METADATA = "training_metadata.json"
 LEGACY_WEIGHTS = "latest.weights.h5"  # Keras' own file name (backups of earlier versions)
@@ -128,9 +131,7 @@ def forget_epochs_from(model_dir: str, epoch: int) -> None:
 def resume_point(model_dir: str) -> int:
     """:func:`prepare` on ``<model_dir>/backup`` (lines printed), then :func:`forget_epochs_from`
     its epoch; returns that epoch (0: the run starts afresh)."""
-    epoch = prepare(
-        os.path.join(model_dir, "backup"), lambda s: print(f"kd_histo: {s}", flush=True)
-    )
+    epoch = prepare(os.path.join(model_dir, "backup"), _LOG.warning)
     forget_epochs_from(model_dir, epoch)
     return epoch
 

@@ -114,7 +114,7 @@ class ImageGrids(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         hr = self.batch["hr"][: self.max_images]
         views = {"hr": hr}
-        for key in ("lr", "lr2"):
+        for key in ("lr",):
             if key in self.batch:
                 views[key] = tf.image.resize(
                     self.batch[key][: self.max_images], tf.shape(hr)[1:3], method="nearest"

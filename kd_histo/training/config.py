@@ -20,7 +20,7 @@ from typing import Any
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.data.stain_norm import StainConfig
 from kd_histo.numbers import require_finite
-from kd_histo.settings import setting
+from kd_histo.settings import check_choice, setting
 from kd_histo.training import losses as L
 
 MODES = ("teacher", "baseline", "distill")
@@ -31,11 +31,6 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 FEATURE_MODES = L.FEATURE_MODES  # the loss module defines them (and checks them, once)
 FEATURE_NORMS = L.FEATURE_NORMS
 MONITORS = ("val_accuracy", "val_loss")
-
-
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{name} {value!r} unknown; choose one of {', '.join(options)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +71,9 @@ class DistillConfig:
       both.
       feature_norm: "l2" or "l1".
       ce_weight: weight of cross-entropy on labeled examples (1 for teacher/baseline training).
-      ssl_weight: weight of the contrastive term between two LR views.
+      ssl_weight: weight of the contrastive (InfoNCE) term between the student's (LR) and the
+        teacher's (HR) pooled, projected features of the same tiles (the other tiles of the batch
+        are the negatives).
       at_weight: weight of attention transfer.
       accumulation_steps: gradient accumulation.
       teacher_cache: folder of a teacher-output cache (``kd_histo.training.teacher_cache``): the
@@ -97,7 +94,9 @@ class DistillConfig:
         L.FEATURE_NORM, "Feature loss norm: " + " or ".join(L.FEATURE_NORMS) + "."
     )
     ce_weight: float = setting(0.0, "distill: weight of cross-entropy on labeled tiles.")
-    ssl_weight: float = setting(0.0, "distill: weight of the contrastive (InfoNCE) term.")
+    ssl_weight: float = setting(
+        0.0, "distill: weight of the contrastive (InfoNCE) term between student and teacher."
+    )
     at_weight: float = setting(0.0, "distill: weight of attention transfer.")
     accumulation_steps: int = setting(1, "Micro-batches per optimizer update.")
     teacher_cache: str = setting(
@@ -141,8 +140,8 @@ class OptimConfig:
 
     def __post_init__(self):
         require_finite(self)
-        _choice("optimizer", self.name, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
+        check_choice("optimizer", self.name, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.weight_decay < 0:
@@ -205,10 +204,10 @@ class RunConfig:
 
     def __post_init__(self):
         require_finite(self)
-        _choice("mode", self.mode, MODES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("monitor", self.monitor, MONITORS)
+        check_choice("mode", self.mode, MODES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("monitor", self.monitor, MONITORS)
         if not self.model_dir:
             raise ValueError("model_dir is empty; pass --model_dir=<run folder>")
         if self.epochs < 1:

@@ -1,6 +1,6 @@
 """ResolutionDistiller: one ``keras.Model`` training loop for teacher, baseline and student nets.
 
-Batches are the pipeline's dicts (``"hr"``, ``"lr"``, ``"label"``, maybe ``"lr2"``). The student
+Batches are the pipeline's dicts (``"hr"``, ``"lr"``, ``"label"``, ...). The student
 reads ``batch[student_view]``; a frozen teacher (``trainable = False``, always called with
 ``training=False``) reads ``batch[teacher_view]``. Without a teacher the model is plain supervised
 training on ``student_view`` (teacher training on "hr", baseline training on "lr"); with one it
@@ -31,7 +31,6 @@ This module does no I/O and reads no flags.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,23 +38,9 @@ import keras
 import tensorflow as tf
 
 from kd_histo.training import losses as L
+from kd_histo.training.config import DistillConfig
 
 CACHE_KEYS = ("teacher_logits", "teacher_features")
-# The constructor keywords (and saved configs) of distillers before the losses became a list.
-LEGACY_KWARGS = (
-    "temperature",
-    "kd_weight",
-    "feature_weight",
-    "feature_mode",
-    "feature_norm",
-    "ce_weight",
-    "ssl_weight",
-    "at_weight",
-    "ssl_temperature",
-    "projection_dim",
-    "bicubic_style",
-)
-
 Losses = Sequence[tuple[float, L.ResolutionLoss]]
 
 
@@ -78,15 +63,6 @@ def losses_for(distill, **extra) -> list[tuple[float, L.ResolutionLoss]]:
         (distill.ssl_weight, L.InfoNCE(**ssl)),
         (distill.at_weight, L.AttentionTransfer()),
     ]
-
-
-def _legacy_losses(kwargs: dict) -> list[tuple[float, L.ResolutionLoss]]:
-    """The losses the old weight keywords describe (defaults: the run config's, KD + feature)."""
-    from kd_histo.training.config import DistillConfig
-
-    fields = {f.name for f in dataclasses.fields(DistillConfig)}
-    distill = DistillConfig(**{k: v for k, v in kwargs.items() if k in fields})
-    return losses_for(distill, **{k: v for k, v in kwargs.items() if k not in fields})
 
 
 def _output_spec(net: keras.Model | None):
@@ -114,10 +90,9 @@ class ResolutionDistiller(keras.Model):
       losses: ``[(weight, loss), ...]`` with :class:`kd_histo.training.losses.ResolutionLoss`
         objects (as ``keras.distillation.Distiller``'s losses and weights); those of weight 0 are
         dropped, the others are validated against both nets' outputs here and logged under their
-        ``name``, with their weighted sum as ``loss``. None: the losses the legacy keywords
-        (``kd_weight=``, ``temperature=``, ... as :data:`LEGACY_KWARGS`) describe, by
-        :func:`losses_for` (KD + feature loss when none is given).
-      student_view: batch key the student reads ("lr", "hr", "lr2").
+        ``name``, with their weighted sum as ``loss``. None: the run config's default losses
+        (KD + feature loss, ``losses_for(DistillConfig())``).
+      student_view: batch key the student reads ("lr" or "hr").
       teacher_view: batch key the teacher reads.
       accumulation_steps: micro-batches per optimizer update (>= 1).
     """
@@ -133,14 +108,9 @@ class ResolutionDistiller(keras.Model):
         accumulation_steps: int = 1,
         **kwargs: Any,
     ):
-        legacy = {k: kwargs.pop(k) for k in LEGACY_KWARGS if k in kwargs}
         super().__init__(**kwargs)
         if losses is None:
-            losses = _legacy_losses(legacy)
-        elif legacy:
-            raise ValueError(
-                f"pass losses=[(weight, loss), ...] or the keywords {sorted(legacy)}, not both"
-            )
+            losses = losses_for(DistillConfig())
         if any(w < 0 for w, _ in losses):
             raise ValueError("loss weights must be >= 0")
         terms = [(float(w), loss) for w, loss in losses if w > 0]
@@ -331,14 +301,12 @@ class ResolutionDistiller(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        """Also reads configs saved before the losses were a list (their weight keywords)."""
         config = dict(config)
         student = keras.saving.deserialize_keras_object(config.pop("student"))
         teacher = config.pop("teacher")
         teacher = keras.saving.deserialize_keras_object(teacher) if teacher is not None else None
-        losses = config.pop("losses", None)
-        if losses is not None:
-            losses = [
-                (e["weight"], keras.saving.deserialize_keras_object(e["loss"])) for e in losses
-            ]
+        losses = [
+            (e["weight"], keras.saving.deserialize_keras_object(e["loss"]))
+            for e in config.pop("losses")
+        ]
         return cls(student, teacher, losses, **config)

@@ -24,6 +24,7 @@ import keras
 from kd_histo import schema
 from kd_histo.data import decode
 from kd_histo.data.pipeline import lr_size
+from kd_histo.models import load_model
 from kd_histo.training.config import RunConfig
 from kd_histo.training.run_record import (
     CONFIG_JSON,
@@ -33,6 +34,7 @@ from kd_histo.training.run_record import (
     record_of_model,
     teacher_misfit,
 )
+from kd_histo.training.teacher_cache import CACHEABLE_AUGMENT
 
 MIN_FREE_MB = 50  # a run folder needs room for a few checkpoints of the nets we train
 
@@ -64,7 +66,7 @@ def check_data(cfg: RunConfig) -> schema.DatasetInfo:
             raise PreflightError(
                 f"unlabeled data folder {d} has no dataset.json; convert it with kd-histo-convert"
             )
-    if not cfg.allow_no_val and not _has_shards(cfg.data.data_dir, "val"):
+    if not cfg.allow_no_val and not schema.has_shards(cfg.data.data_dir, "val"):
         raise PreflightError(
             f"{cfg.data.data_dir} has no 'val' split to pick the best epoch; convert with a val "
             "fraction, or pass --allow_no_val to keep the last epoch"
@@ -107,7 +109,7 @@ def check_shards(data_dir: str, info: schema.DatasetInfo, split: str, count: boo
     Raises:
       SchemaError: a shard is missing, extra, empty or damaged, or the counts disagree.
     """
-    if not _has_shards(data_dir, split):
+    if not schema.has_shards(data_dir, split):
         return
     paths = schema.shard_paths(data_dir, split)
     listed = info.shards.get(split, 0)
@@ -151,7 +153,7 @@ def count_corrupt(cfg: RunConfig, info: schema.DatasetInfo) -> dict[str, int]:
     )
     out = {}
     for split in ("train", "val", "unlabeled"):
-        if not _has_shards(cfg.data.data_dir, split):
+        if not schema.has_shards(cfg.data.data_dir, split):
             continue
         ds = decode.read_shards(
             schema.shard_paths(cfg.data.data_dir, split),
@@ -167,8 +169,6 @@ def count_corrupt(cfg: RunConfig, info: schema.DatasetInfo) -> dict[str, int]:
 
 def check_teacher_cache(cfg: RunConfig, info: schema.DatasetInfo) -> None:
     """A teacher cache only fits a distill run whose views are a finite set (no random crop)."""
-    from kd_histo.training.teacher_cache import CACHEABLE_AUGMENT
-
     if not cfg.distill.teacher_cache:
         return
     if cfg.mode != "distill":
@@ -189,13 +189,6 @@ def teacher_cache_dir(cfg: RunConfig) -> str:
     """The cache folder of a run ("auto" = ``<model_dir>/teacher_cache``; "" = no cache)."""
     path = cfg.distill.teacher_cache
     return os.path.join(cfg.model_dir, "teacher_cache") if path == "auto" else path
-
-
-def _has_shards(data_dir: str, split: str) -> bool:
-    try:
-        return bool(schema.shard_paths(data_dir, split))
-    except FileNotFoundError:
-        return False
 
 
 def check_model_dir(cfg: RunConfig) -> None:
@@ -301,8 +294,6 @@ def check_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> None:
 def load_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> keras.Model:
     """Loads the distillation teacher and checks it fits the data set (classes, RGB input) and has
     a run record (see :func:`check_teacher`)."""
-    from kd_histo.models import load_model  # the models package pulls in Keras layers
-
     path = model_file(cfg.distill.teacher)
     try:
         teacher = load_model(path, expected_num_classes=info.num_classes)

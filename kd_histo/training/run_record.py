@@ -8,11 +8,8 @@ with
 :func:`write_run_record`; evaluation, cost, prediction and the experiment read it with
 :func:`read_run_record` and build their inputs from it, never from a hand-read dict.
 
-Run folders written before the record (``run.json`` without ``record_version``: no
-``lr_method``, ``mpp``, ``mean``, ``std``) still load: ``lr_method`` comes from the run's own
-``config.json`` (what training used), ``mean``/``std`` from the saved network's normalisation
-layer (else the data set's ``dataset.json``), ``mpp`` from ``dataset.json`` (else unknown). Where
-the truth cannot be found the reader fails in one line that says which field to add.
+A ``run.json`` without ``record_version`` (the untyped file of before the record) is refused in
+one line.
 Fields this version does not know (a newer kd_histo wrote the file) are refused, not ignored: a
 field that changes how inputs are made must never be silently dropped.
 
@@ -25,12 +22,13 @@ import dataclasses
 import json
 import math
 import os
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 from kd_histo.atomic import write_json
+from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.data.stain_norm import StainReference
+from kd_histo.data.views import LR_METHODS
 from kd_histo.training.config import MODES
 
 RUN_JSON = "run.json"
@@ -105,8 +103,6 @@ class RunRecord:
     record_version: int = RECORD_VERSION
 
     def __post_init__(self):
-        from kd_histo.data.views import LR_METHODS
-
         # JSON gives lists and ints; keep the record hashable and typed.
         for name in ("class_names", "mean", "std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -189,8 +185,6 @@ class RunRecord:
         Returns:
           A :class:`kd_histo.data.pipeline.PipelineConfig` (feed ``batch[self.view]`` to the net).
         """
-        from kd_histo.data.pipeline import PipelineConfig
-
         return PipelineConfig(
             data_dir=data_dir,
             batch_size=batch_size,
@@ -303,12 +297,11 @@ def write_run_record(model_dir: str, record: RunRecord) -> str:
 
 
 def read_run_record(model_dir: str) -> RunRecord:
-    """The record of a finished run, also from run folders written before the typed record.
+    """The record of a finished run.
 
     Raises:
       FileNotFoundError: no run.json (not a finished kd-histo-train run folder).
-      RunRecordError: run.json is damaged, newer than this kd_histo, or an old one whose missing
-        facts cannot be recovered (the message names them).
+      RunRecordError: run.json is damaged, newer than this kd_histo, or older than the typed record.
     """
     path = os.path.join(model_dir, RUN_JSON)
     if not os.path.isfile(path):
@@ -325,73 +318,11 @@ def read_run_record(model_dir: str) -> RunRecord:
     if not isinstance(d, dict):
         raise RunRecordError(f"{path} is not a JSON object; retrain into a new --model_dir")
     if "record_version" not in d:
-        d = upgrade_v1(model_dir, d)
+        raise RunRecordError(
+            f"{path} predates the typed run record (no record_version) and lacks facts its "
+            "network needs (lr_method, mean, std, mpp); retrain into a new --model_dir"
+        )
     try:
         return RunRecord.from_dict(d)
     except TypeError as e:  # a field of the wrong JSON type
         raise RunRecordError(f"{path}: {e}") from None
-
-
-def upgrade_v1(model_dir: str, d: Mapping[str, Any]) -> dict[str, Any]:
-    """Fills the facts a run.json from before the typed record lacks, from the run's own files.
-
-    ``lr_method`` from ``config.json`` (the training run's setting); ``mean``/``std`` from the
-    saved network's ``normalize`` layer, else ``dataset.json``; ``mpp`` from ``dataset.json``
-    (None when it is not there or says 0).
-    """
-    d = dict(d)
-    info = _dataset_info(d.get("data_dir", ""))
-    if "lr_method" not in d:
-        try:
-            with open(os.path.join(model_dir, CONFIG_JSON)) as f:
-                d["lr_method"] = json.load(f)["data"]["lr_method"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise RunRecordError(
-                f"{os.path.join(model_dir, RUN_JSON)} predates lr_method and the run's config.json "
-                "is missing or "
-                'unreadable: add "lr_method": "<the --lr_method used in training, e.g. area>" to '
-                "run.json"
-            ) from None
-    if "mean" not in d or "std" not in d:
-        norm = _normalisation_of_model(model_dir, d.get("model", MODEL_FILE))
-        if norm is None and info is not None:
-            norm = (list(info.mean), list(info.std))
-        if norm is None:
-            raise RunRecordError(
-                f"{os.path.join(model_dir, RUN_JSON)} predates mean/std and neither the model file "
-                "nor the data "
-                f'folder {d.get("data_dir")!r} gives them: add "mean": [r, g, b], "std": [r, g, b] '
-                "to run.json"
-            )
-        d["mean"], d["std"] = norm
-    if "mpp" not in d:
-        d["mpp"] = info.mpp if info is not None and info.mpp > 0 else None
-    d["record_version"] = RECORD_VERSION
-    return d
-
-
-def _dataset_info(data_dir: str):
-    from kd_histo import schema
-
-    if not data_dir:
-        return None
-    try:
-        return schema.DatasetInfo.read(data_dir)
-    except (OSError, ValueError):
-        return None
-
-
-def _normalisation_of_model(model_dir: str, rel: str) -> tuple[list[float], list[float]] | None:
-    """(mean, std) of a saved ``.keras`` network's ``normalize`` layer, read from its config."""
-    try:
-        path = _inside(model_dir, rel, "model")
-        with zipfile.ZipFile(path) as z:
-            cfg = json.loads(z.read("config.json"))
-        layer = next(
-            layer["config"]
-            for layer in cfg["config"]["layers"]
-            if layer["config"].get("name") == "normalize"
-        )
-        return list(layer["mean"]), [math.sqrt(v) for v in layer["variance"]]
-    except (OSError, ValueError, KeyError, TypeError, StopIteration, zipfile.BadZipFile):
-        return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from kd_histo import schema
 from kd_histo.atomic import write_json
 from kd_histo.convert.writer import DirLock
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
@@ -44,6 +46,7 @@ from kd_histo.training.run_record import (
     write_run_record,
 )
 
+_LOG = logging.getLogger(__name__)
 LOCK_FILE = ".lock-train"  # what DirLock(model_dir, "train") holds
 
 
@@ -141,11 +144,10 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     info = preflight.check_data(cfg)
     if cfg.data.skip_corrupt:
         skipped = preflight.count_corrupt(cfg, info)
-        print(
-            f"kd_histo: --skip_corrupt: {sum(skipped.values())} corrupt records skipped ("
+        _LOG.warning(
+            f"--skip_corrupt: {sum(skipped.values())} corrupt records skipped ("
             + ", ".join(f"{k} {v}" for k, v in skipped.items())
-            + ")",
-            flush=True,
+            + ")"
         )
     preflight.check_teacher_cache(cfg, info)
     preflight.check_teacher(cfg, info)
@@ -199,7 +201,7 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
         # crops and mixing) means the stream never runs dry mid-epoch whatever the batch rounding.
         train_ds = make_dataset(data_cfg, "train", training=True).repeat()
         cache_dir = preflight.teacher_cache_dir(cfg) if cfg.mode == "distill" else ""
-        has_val = preflight._has_shards(cfg.data.data_dir, "val")
+        has_val = schema.has_shards(cfg.data.data_dir, "val")
         # One exact pass per epoch: Keras keeps one validation iterator across epochs when the
         # step count is given, so the stream repeats and the count comes from dataset.json (an
         # unknown count made Keras warn that the input "ran out of data" at every run's start).
@@ -256,7 +258,7 @@ def _cached_streams(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int,
     kwargs = {
         "map_size": _map_size(net, input_px),
         "feature_mode": cfg.distill.feature_mode,
-        "log": lambda line: print(f"kd_histo: {line}", flush=True),
+        "log": _LOG.info,
     }
     teacher_file = model_file(cfg.distill.teacher)
     cache = teacher_cache.for_training(teacher, teacher_file, cfg.data, cache_dir, **kwargs)
@@ -319,7 +321,7 @@ def prebuild_teacher_caches(cfgs: Sequence[RunConfig], log=print) -> int:
                         preflight.teacher_cache_dir(cfg),
                         _map_size(net, input_px),
                         cfg.distill.feature_mode,
-                        validation=preflight._has_shards(cfg.data.data_dir, "val"),
+                        validation=schema.has_shards(cfg.data.data_dir, "val"),
                     )
                 )
             teacher = preflight.load_teacher(group[0], info)
@@ -352,13 +354,13 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
 
 
 def _log(line: str) -> None:
-    print(f"kd_histo: {line}", flush=True)
+    _LOG.info(line)
 
 
 def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -> TrainResult:
     net, best, diverged = divergence.kept_network(model_dir, net, has_val)
     if diverged is not None:
-        _log(
+        _LOG.warning(
             f"the training diverged in epoch {diverged} (NaN/inf loss or val metrics); keeping "
             "the best network before it"
         )

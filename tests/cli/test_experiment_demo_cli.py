@@ -79,8 +79,10 @@ def test_smoke_demo_end_to_end_then_rerun(tmp_path, capsys):
         assert (out / "report" / name).stat().st_size > 0
     # A rerun trains nothing and gives the same table.
     assert fc.invoke(demo_cli.PROG, demo_cli.main, [f"--out_dir={out}", "--smoke"]) == 0
-    again = capsys.readouterr().out
-    assert again.count("trained already, skipped") == 4 and "converted already, skipped" in again
+    again = capsys.readouterr().err  # progress lines: "kd-histo-demo: ..." on stderr
+    skipped = [line for line in again.splitlines() if "trained already, skipped" in line]
+    assert len(skipped) == 4 and all(line.startswith("kd-histo-demo: [") for line in skipped)
+    assert "converted already, skipped" in again
     assert (
         json.loads((out / "report" / "results.json").read_text())["rows"][2]["accuracy"]
         == rows[2]["accuracy"]

@@ -48,12 +48,13 @@ def test_student_reads_the_slide_level_at_its_resolution(runs, tmp_path, capsys)
         )
         == 0
     )
-    printed = capsys.readouterr().out
+    said = capsys.readouterr()
+    printed = said.out  # the slide's summary line; notes go to stderr
     plan = slide_reader.plan_read(slide, hr_px=32, hr_mpp=0.5, input_px=16)
     assert len(plan.coords) >= 8 and f"pyr: {len(plan.coords)} tiles in" in printed
     assert (
         "level 2 at 1 µm/px, 16 px reads, 16 px model input" in printed
-        and "no pyramid level" not in printed
+        and "no pyramid level" not in printed + said.err
     )
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert [(int(r["x"]), int(r["y"])) for r in rows] == list(
@@ -129,8 +130,9 @@ def test_a_single_level_slide_is_shrunk_with_a_note(runs, tmp_path, capsys):
         )
         == 0
     )
-    notes = [ln for ln in capsys.readouterr().out.splitlines() if "no pyramid level" in ln]
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "no pyramid level" in ln]
     assert len(notes) == 1 and notes[0].endswith("reading level 0 and shrinking 4x")
+    assert notes[0].startswith("kd-histo-predict: ")
     plan = slide_reader.plan_read(slide, hr_px=32, hr_mpp=0.5, input_px=16)
     assert plan.level == 0 and len(list(csv.DictReader(open(out / "predictions.csv")))) == len(
         plan.coords
@@ -156,7 +158,7 @@ def test_folder_with_unreadable_images_skips_and_lists_them(runs, tmp_path, caps
         )
         == 0
     )
-    assert "skipped 2 unreadable image(s)" in capsys.readouterr().out
+    assert "kd-histo-predict: skipped 2 unreadable image(s)" in capsys.readouterr().err
     skipped = list(csv.DictReader(open(out / "skipped.csv")))
     assert sorted(r["path"].rsplit("/", 1)[1] for r in skipped) == ["broken.png", "empty.jpg"]
     assert all(r["reason"] for r in skipped)
@@ -177,8 +179,10 @@ def test_folder_with_unreadable_images_skips_and_lists_them(runs, tmp_path, caps
         )
         == 2
     )
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("kd-histo-predict: error: no readable tile") and "\n" not in err
+    # stderr: the skipped-images warning, then the error in one line
+    *notes, err = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("kd-histo-predict: error: no readable tile")
+    assert [n.split(" unreadable")[0] for n in notes] == ["kd-histo-predict: skipped 1"]
 
 
 def test_cascade_teacher_rereads_the_slide_tiles_at_its_own_level(runs, tmp_path):

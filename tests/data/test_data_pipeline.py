@@ -23,7 +23,6 @@ def test_same_seed_same_batches_other_seed_other_batches(tiny_shards):
         factor=2,
         augment="paper+hed",
         seed=5,
-        second_view=True,
         unlabeled_ratio=0.3,
     )
     a, b = _batches(cfg), _batches(cfg)
@@ -42,11 +41,6 @@ def test_epochs_differ_but_the_run_repeats(tiny_shards):
     assert not np.allclose(two[0]["hr"], two[half]["hr"])  # new shuffle and new augmentation
     again = _batches(cfg, epochs=2)
     np.testing.assert_array_equal(two[half]["hr"], again[half]["hr"])
-
-
-def test_lr2_is_an_independent_view(tiny_shards):
-    b = _batches(PipelineConfig(tiny_shards, batch_size=4, augment="paper", second_view=True))[0]
-    assert np.abs(b["lr"] - b["lr2"]).max() > 1e-2
 
 
 def test_unlabeled_examples_carry_minus_one(tiny_shards):

@@ -31,14 +31,13 @@ def test_lr_size_rejects_bad_factor():
 
 @pytest.mark.parametrize("factor", [2, 4, 8, 2.5])
 def test_shapes_and_dtypes_per_factor(tiny_shards, factor):
-    b = _first(PipelineConfig(tiny_shards, batch_size=3, factor=factor, second_view=True))
+    b = _first(PipelineConfig(tiny_shards, batch_size=3, factor=factor))
     lr = views.lr_size(32, factor)
     assert b["hr"].shape == (3, 32, 32, 3) and b["hr"].dtype == np.float32
     assert b["lr"].shape == (3, lr, lr, 3) and b["lr"].dtype == np.float32
-    assert b["lr2"].shape == (3, lr, lr, 3)
     assert b["label"].dtype == np.int32 and b["x"].dtype == np.int64 and b["y"].dtype == np.int64
     assert b["slide_id"].dtype == object and b["source"].dtype == object
-    for k in ("hr", "lr", "lr2"):
+    for k in ("hr", "lr"):
         assert 0.0 <= b[k].min() and b[k].max() <= 1.0
 
 

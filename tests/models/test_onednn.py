@@ -81,7 +81,8 @@ _TRAIN_PREDICT = textwrap.dedent("""
     import json, sys
     import numpy as np, keras, tensorflow as tf
     from tensorflow.python.util import _pywrap_util_port
-    from kd_histo.training.distiller import ResolutionDistiller
+    from kd_histo.training.config import DistillConfig
+    from kd_histo.training.distiller import ResolutionDistiller, losses_for
     from kd_histo.models import build_model
     sys.path.insert(0, "tests/models")
     from test_onednn import predict
@@ -94,7 +95,8 @@ _TRAIN_PREDICT = textwrap.dedent("""
     student = build_model("resnet_gn", 3, name="student", **net)
     before = [w.numpy().copy() for w in student.trainable_weights]
     # The student reads the 64 px view: KD + feature loss + CE, all through its backward pass.
-    distiller = ResolutionDistiller(student, teacher, student_view="hr", ce_weight=1.0)
+    distiller = ResolutionDistiller(student, teacher, losses_for(DistillConfig(ce_weight=1.0)),
+                                    student_view="hr")
     distiller.compile(keras.optimizers.Adam(1e-3))
     losses = distiller.fit(tf.data.Dataset.from_tensors(batch).repeat(3), epochs=1,
                            verbose=0).history["loss"]

@@ -98,11 +98,15 @@ def tiles(tmp_path_factory):
 
 
 def _assert_one_line(code, err, prog, *words):
+    """The run ends in one error line; the lines before it (a binary that had started: the
+    experiment's progress) are the binary's own messages, never a traceback."""
     assert code == 2, err[-3000:]
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error:"), err[-3000:]
-    assert all(w in lines[0] for w in words), lines[0]
-    return lines[0]
+    assert lines and lines[-1].startswith(f"{prog}: error:"), err[-3000:]
+    assert all(line.startswith(f"{prog}: ") for line in lines), err[-3000:]
+    assert sum(line.startswith(f"{prog}: error:") for line in lines) == 1, err[-3000:]
+    assert all(w in lines[-1] for w in words), lines[-1]
+    return lines[-1]
 
 
 @pytest.mark.parametrize(

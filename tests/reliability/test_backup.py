@@ -57,15 +57,15 @@ def _damage(path: str) -> None:
         f.write(b"\x00" * (size // 3))
 
 
-def test_a_damaged_newest_backup_falls_back_to_the_previous_one(tiny_shards, tmp_path, capsys):
+def test_a_damaged_newest_backup_falls_back_to_the_previous_one(tiny_shards, tmp_path, caplog):
     cfg = _cfg(tiny_shards, tmp_path)
     with pytest.raises(_Kill):
         train.train(cfg, extra_callbacks=[_KillAfterEpoch(1)])
     newest = _newest_backup(cfg.model_dir)
     _damage(newest)
-    capsys.readouterr()
+    caplog.clear()
     result = train.train(cfg)
-    out = capsys.readouterr().out
+    out = caplog.text
     line = [s for s in out.splitlines() if "backup" in s]
     assert len(line) == 1 and newest in line[0] and "previous good backup" in line[0], out
     assert result.epochs_run == 2  # epoch 1 runs again, from the backup of epoch 0
@@ -73,22 +73,22 @@ def test_a_damaged_newest_backup_falls_back_to_the_previous_one(tiny_shards, tmp
     assert os.path.isfile(result.model_path)
 
 
-def test_a_damaged_only_backup_restarts_cleanly_from_epoch_0(tiny_shards, tmp_path, capsys):
+def test_a_damaged_only_backup_restarts_cleanly_from_epoch_0(tiny_shards, tmp_path, caplog):
     cfg = _cfg(tiny_shards, tmp_path)
     with pytest.raises(_Kill):
         train.train(cfg, extra_callbacks=[_KillAfterEpoch(0)])
     newest = _newest_backup(cfg.model_dir)
     _damage(newest)
-    capsys.readouterr()
+    caplog.clear()
     result = train.train(cfg)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert newest in out and "restarting from epoch 0" in out, out
     assert result.epochs_run == 3
     assert _epochs(cfg.model_dir) == [0, 1, 2]
 
 
 def test_a_kill_while_the_backup_is_written_leaves_the_previous_one_whole(
-    tiny_shards, tmp_path, monkeypatch, capsys
+    tiny_shards, tmp_path, monkeypatch, caplog
 ):
     """The issue's kill -9 inside ``save_weights``: half a file written, then the process dies."""
     cfg = _cfg(tiny_shards, tmp_path)
@@ -107,15 +107,15 @@ def test_a_kill_while_the_backup_is_written_leaves_the_previous_one_whole(
     with pytest.raises(_Kill):
         train.train(cfg)
     monkeypatch.undo()
-    capsys.readouterr()
+    caplog.clear()
     result = train.train(cfg)  # failed with "bad object header version number" before
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "damaged" not in out  # nothing to fall back from: the newest whole backup is used
     assert result.epochs_run == 2
     assert _epochs(cfg.model_dir) == [0, 1, 2]
 
 
-def test_a_damaged_backup_of_keras_own_layout_restarts_cleanly(tiny_shards, tmp_path, capsys):
+def test_a_damaged_backup_of_keras_own_layout_restarts_cleanly(tiny_shards, tmp_path, caplog):
     """A backup folder as Keras' BackupAndRestore (earlier versions) leaves it after a kill in
     the middle of writing latest.weights.h5: the metadata says epoch 1, the weights are cut."""
     cfg = _cfg(tiny_shards, tmp_path)
@@ -129,9 +129,9 @@ def test_a_damaged_backup_of_keras_own_layout_restarts_cleanly(tiny_shards, tmp_
         f.write(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
     with open(os.path.join(backup, "training_metadata.json"), "w") as f:
         json.dump({"epoch": 1, "batch": 0}, f)
-    capsys.readouterr()
+    caplog.clear()
     result = train.train(cfg)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert legacy in out and "restarting from epoch 0" in out, out
     assert result.epochs_run == 3
     assert _epochs(cfg.model_dir) == [0, 1, 2]

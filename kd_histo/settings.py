@@ -28,6 +28,11 @@ SKIP_CORRUPT_HELP = (
     "tail) and say how many, instead of stopping at the first with the shard's name."
 )
 
+OOD_WARN_HELP = (
+    "Warn about a slide when more than this fraction of its tiles lie out of the model's domain "
+    "(ood_flag: a score above the threshold that 5% of the val tiles exceed)."
+)
+
 
 def check_choice(name: str, value: str, options: tuple[str, ...]) -> None:
     """Raises ValueError, in one line naming the setting and the choices, unless ``value`` is one

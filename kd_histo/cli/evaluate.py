@@ -50,6 +50,14 @@ def main(argv: list[str]) -> None:
         f"{m['balanced_accuracy']:.4f}, "
         f"macro F1 {m['macro_f1']:.4f}; written to {paths['metrics']}"
     )
+    if "ood" in metrics:
+        o = metrics["ood"]
+        print(
+            f"{PROG}: out of the model's domain: {100 * o['flagged_fraction']:.1f}% of the tiles "
+            f"(calibrated to {100 * o['calibrated_flag_fraction']:.0f}% of val)"
+        )
+        for line in o["warnings"]:
+            print(f"{PROG}: warning: {line}")
     if "cascade_csv" in paths:
         for r in json.load(open(paths["cascade_json"]))["rows"]:
             who = (

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -38,10 +39,11 @@ from kd_histo.evaluation.cascade import (
     n_for_teacher,
 )
 from kd_histo.evaluation.cost import count_flops
-from kd_histo.models import load_model
-from kd_histo.settings import SKIP_CORRUPT_HELP, setting
+from kd_histo.models import load_model, ood
+from kd_histo.settings import OOD_WARN_HELP, SKIP_CORRUPT_HELP, setting
 from kd_histo.training.run_record import RunRecord, read_run_record
 
+_LOG = logging.getLogger(__name__)
 METRICS_JSON = "metrics.json"
 PREDICTIONS_CSV = "predictions.csv"
 
@@ -56,6 +58,7 @@ class Predictions:
     sources: np.ndarray  # [N] str
     x: np.ndarray  # [N] int
     y: np.ndarray  # [N] int
+    ood_scores: np.ndarray | None = None  # [N] float, with the run's OOD statistics
 
 
 def slide_level(preds: Predictions, num_classes: int) -> dict[str, Any]:
@@ -94,7 +97,9 @@ def evaluate_predictions(
         raise ValueError(
             "the split has no labeled tiles; evaluate on a labeled split (val or test)"
         )
-    p = Predictions(*(np.asarray(f)[keep] for f in dataclasses.astuple(preds)))
+    p = Predictions(
+        *(None if f is None else np.asarray(f)[keep] for f in dataclasses.astuple(preds))
+    )
     has_slides = bool(np.any(p.slide_ids != ""))
     tile = metrics.classification_report(p.labels, p.probs, class_names)
     tile["ci95"] = metrics.bootstrap_ci(
@@ -131,7 +136,9 @@ def write_evaluation(
         )
     }
     _remove_marker(paths["metrics"])  # a rewrite killed half-way must not look finished
-    write_predictions_csv(preds, names, paths["predictions"])
+    write_predictions_csv(
+        preds, names, paths["predictions"], result.get("ood", {}).get("threshold")
+    )
     keep = preds.labels >= 0
     plots.confusion_matrix_png(
         np.asarray(result["tile"]["confusion_matrix"]), names, paths["confusion"], title
@@ -148,13 +155,21 @@ def _remove_marker(path: str) -> None:
         os.remove(path)
 
 
-def write_predictions_csv(preds: Predictions, class_names: Sequence[str], path: str) -> str:
-    """One row per tile: source, slide_id, x, y, label, pred, pred_name, prob_<class>..."""
+def write_predictions_csv(
+    preds: Predictions,
+    class_names: Sequence[str],
+    path: str,
+    ood_threshold: float | None = None,
+) -> str:
+    """One row per tile: source, slide_id, x, y, label, pred, pred_name, prob_<class>..., and with
+    out-of-domain scores ood_score and ood_flag (1 = above ``ood_threshold``)."""
+    scored = preds.ood_scores is not None and ood_threshold is not None
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
             ["source", "slide_id", "x", "y", "label", "pred", "pred_name"]
             + [f"prob_{c}" for c in class_names]
+            + (["ood_score", "ood_flag"] if scored else [])
         )
         for i in range(len(preds.probs)):
             k = int(preds.probs[i].argmax())
@@ -169,6 +184,11 @@ def write_predictions_csv(preds: Predictions, class_names: Sequence[str], path: 
                     class_names[k],
                 ]
                 + [f"{v:.6f}" for v in preds.probs[i]]
+                + (
+                    [f"{preds.ood_scores[i]:.4f}", int(preds.ood_scores[i] > ood_threshold)]
+                    if scored
+                    else []
+                )
             )
     return path
 
@@ -189,22 +209,52 @@ def probs_function(model, dtype: str = "float32"):
     return lambda x: fn(tf.convert_to_tensor(x)).numpy()
 
 
+def probs_and_ood_function(model, stats: ood.OODStats, dtype: str = "float32"):
+    """numpy batch -> (probabilities [B, C], out-of-domain scores [B]) in one pass of ``model``
+    (the scores from its pooled last feature map, :mod:`kd_histo.models.ood`)."""
+    import tensorflow as tf
+
+    def both(x):
+        x = tf.image.convert_image_dtype(x, tf.float32)
+        out = model(x, training=False)
+        probs = tf.nn.softmax(tf.cast(out["logits"], tf.float32))
+        return probs, tf.reduce_mean(tf.cast(out["features"], tf.float32), axis=[1, 2])
+
+    fn = tf.function(both).get_concrete_function(
+        tf.TensorSpec([None, None, None, 3], tf.as_dtype(dtype))
+    )
+
+    def run(x):
+        probs, embedding = fn(tf.convert_to_tensor(x))
+        return probs.numpy(), stats.scores(embedding.numpy())
+
+    return run
+
+
 def predict_split(model, ds, view: str) -> Predictions:
     """Runs ``model`` over a dataset of contract batches, feeding ``batch[view]``."""
     return predict_split_keeping(model, ds, view, keep=())[0]
 
 
 def predict_split_keeping(
-    model, ds, view: str, keep: Sequence[str], probs_of=None
+    model, ds, view: str, keep: Sequence[str], probs_of=None, ood_stats=None
 ) -> tuple[Predictions, dict[str, np.ndarray]]:
     """:func:`predict_split`, also returning the batches' ``keep`` views stacked in tile order
     ("hr" as uint8 0-255, exactly the decoded pixels; other views float32). ``probs_of``: the
-    model's :func:`probs_function` when the caller has one (one trace fewer)."""
+    model's :func:`probs_function` when the caller has one (one trace fewer). ``ood_stats``: the
+    run's :class:`kd_histo.models.ood.OODStats`; each tile's score is then measured too."""
     probs_of = probs_of or probs_function(model)
+    both = probs_and_ood_function(model, ood_stats) if ood_stats is not None else None
     cols: dict[str, list] = {k: [] for k in ("probs", "labels", "slide_ids", "sources", "x", "y")}
+    scores: list[np.ndarray] = []
     kept: dict[str, list] = {k: [] for k in keep}
     for b in ds:
-        cols["probs"].append(probs_of(b[view]))
+        if both is None:
+            cols["probs"].append(probs_of(b[view]))
+        else:
+            probs, score = both(b[view])
+            cols["probs"].append(probs)
+            scores.append(score)
         cols["labels"].append(b["label"].numpy())
         cols["slide_ids"].append(b["slide_id"].numpy().astype(str))
         cols["sources"].append(b["source"].numpy().astype(str))
@@ -216,7 +266,8 @@ def predict_split_keeping(
     if not cols["probs"]:
         raise ValueError("the split is empty; nothing to evaluate")
     preds = Predictions(
-        *(np.concatenate(cols[k]) for k in ("probs", "labels", "slide_ids", "sources", "x", "y"))
+        *(np.concatenate(cols[k]) for k in ("probs", "labels", "slide_ids", "sources", "x", "y")),
+        ood_scores=np.concatenate(scores) if scores else None,
     )
     return preds, {k: np.concatenate(v) for k, v in kept.items()}
 
@@ -295,6 +346,7 @@ class EvalConfig:
       cascade_fractions: teacher shares of the cascade curve.
       skip_corrupt: skip corrupt records of the split; metrics.json counts them
         (``n_corrupt_skipped``).
+      ood_warn_fraction: a slide with more of its tiles out of the model's domain gets a warning.
     """
 
     model_dir: str = setting(help="Run folder (holds run.json and model.keras).")
@@ -321,8 +373,11 @@ class EvalConfig:
         "Teacher shares of the cascade's accuracy-vs-cost curve (cascade.csv, cascade.png).",
     )
     skip_corrupt: bool = setting(False, SKIP_CORRUPT_HELP)
+    ood_warn_fraction: float = setting(ood.WARN_FRACTION, OOD_WARN_HELP)
 
     def __post_init__(self):
+        if not 0.0 <= self.ood_warn_fraction <= 1.0:
+            raise ValueError(f"ood_warn_fraction must be in [0, 1], got {self.ood_warn_fraction}")
         for f in self.cascade_fractions:
             n_for_teacher(1, f)  # one line for a fraction outside [0, 1]
         if self.cascade_teacher and not self.cascade_fractions:
@@ -341,7 +396,22 @@ def check_finite_outputs(probs: np.ndarray, model_path: str, split: str) -> None
         )
 
 
-def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
+def ood_summary(preds: Predictions, stats: ood.OODStats, warn_fraction: float) -> dict[str, Any]:
+    """metrics.json's "ood": the threshold, the flagged fraction of all tiles and of each slide,
+    and the slides above ``warn_fraction`` with their warning lines."""
+    flagged = preds.ood_scores > stats.threshold
+    by_slide = ood.slide_fractions(preds.slide_ids, flagged)
+    return {
+        "threshold": stats.threshold,
+        "calibrated_flag_fraction": stats.flag_fraction,
+        "flagged_fraction": ood.flagged_fraction(flagged),
+        "slides_flagged_fraction": by_slide,
+        "warn_fraction": warn_fraction,
+        "warnings": ood.warning_lines(by_slide, warn_fraction),
+    }
+
+
+def evaluate_run(cfg: EvalConfig, log=_LOG.warning) -> dict[str, str]:
     """Predicts a split with a run's network, computes the metrics, writes the files; returns paths.
 
     The network's input view is made as its training made it (the run record's factor, HR size
@@ -370,9 +440,16 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, str]:
     ds = make_dataset(pipe, cfg.split, training=False)
     keep = tuple(dict.fromkeys((run.view, "hr"))) if teacher_run else ()
     student_fn = probs_function(model)
-    preds, kept = predict_split_keeping(model, ds, run.view, keep=keep, probs_of=student_fn)
+    stats = ood.OODStats.load(cfg.model_dir)
+    if stats is None:
+        log(ood.NO_STATS)
+    preds, kept = predict_split_keeping(
+        model, ds, run.view, keep=keep, probs_of=student_fn, ood_stats=stats
+    )
     check_finite_outputs(preds.probs, run.model_path(cfg.model_dir), cfg.split)
     result = evaluate_predictions(preds, info.class_names, n_boot=cfg.n_boot, seed=cfg.seed)
+    if stats is not None:
+        result["ood"] = ood_summary(preds, stats, cfg.ood_warn_fraction)
     if cfg.skip_corrupt:  # every record not read back was skipped (dataset.json counts them all)
         result["n_corrupt_skipped"] = info.num_examples(cfg.split) - len(preds.probs)
     result["run"] = {

@@ -26,6 +26,11 @@ from kd_histo import atomic
 
 OOD_FILE = "ood.npz"
 FLAG_FRACTION = 0.05  # of the validation tiles above the threshold, by construction
+WARN_FRACTION = 0.5  # a slide with more of its tiles flagged than this gets a warning
+NO_STATS = (
+    "this run has no out-of-domain statistics (trained without a val split, or before kd_histo "
+    "measured them): no ood_score / ood_flag columns"
+)
 SHRINKAGE = 1e-3  # ridge on the shared covariance, relative to its mean variance
 
 
@@ -183,3 +188,21 @@ def flagged_fraction(flags: np.ndarray) -> float:
     """Fraction of a slide's tiles that are flagged (0 for a slide with no tiles)."""
     f = np.asarray(flags, bool)
     return float(f.mean()) if f.size else 0.0
+
+
+def slide_fractions(slide_ids: np.ndarray, flagged: np.ndarray) -> dict[str, float]:
+    """Flagged fraction of each slide's tiles, by slide id (in order of first appearance)."""
+    ids = np.asarray(slide_ids).astype(str)
+    f = np.asarray(flagged, bool)
+    return {s: flagged_fraction(f[ids == s]) for s in dict.fromkeys(ids.tolist())}
+
+
+def warning_lines(fractions: dict[str, float], warn_fraction: float) -> list[str]:
+    """One line per slide whose flagged fraction is above ``warn_fraction``."""
+    return [
+        f"slide {s}: {100 * v:.0f}% of its tiles are out of the model's domain (above "
+        f"{100 * warn_fraction:.0f}%): another site, stain, scanner or organ? Its predictions "
+        "may be wrong; see the ood_score and ood_flag columns"
+        for s, v in fractions.items()
+        if v > warn_fraction
+    ]

@@ -4,6 +4,7 @@ stores at its end flag tiles unlike its training data."""
 
 import csv
 import dataclasses
+import logging
 import os
 
 import keras
@@ -152,9 +153,56 @@ def test_ood_threshold_is_calibrated_on_val_and_flags_an_unseen_kind_of_tile(tmp
     assert flagged(green) >= 0.9
 
 
-def test_a_run_without_val_has_no_ood_statistics_and_says_so(tiny_shards_without, tmp_path, capsys):
+def test_a_run_without_val_has_no_ood_statistics_and_says_so(tiny_shards_without, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="kd_histo")
     run = tmp_path / "noval"
     train.train(_cfg(tiny_shards_without("val"), run, allow_no_val=True))
     assert ood.OODStats.load(str(run)) is None
     assert read_run_record(str(run)).ood_threshold is None
-    assert "no out-of-domain statistics: no val split" in capsys.readouterr().out
+    assert "no out-of-domain statistics: no val split" in caplog.text
+
+
+def test_evaluation_scores_each_tile_and_summarises_slides(reinhard_teacher, tmp_path, caplog):
+    import json
+    import shutil
+
+    stats = ood.OODStats.load(reinhard_teacher)
+    files = evaluate_run(
+        EvalConfig(model_dir=reinhard_teacher, out_dir=str(tmp_path / "e"), n_boot=10)
+    )
+    with open(files["predictions"]) as f:
+        rows = list(csv.DictReader(f))
+    # The scores, by hand: the saved net's pooled features of the same tiles, in file order.
+    record = read_run_record(reinhard_teacher)
+    net = load_model(record.model_path(reinhard_teacher))
+    plain = PipelineConfig(record.data_dir, batch_size=64)
+    images = np.concatenate([b["hr"].numpy() for b in make_dataset(plain, "test", training=False)])
+    expected = stats.scores(ood.embed(net(images, training=False)["features"].numpy()))
+    got = np.array([float(r["ood_score"]) for r in rows])
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    flags = np.array([int(r["ood_flag"]) for r in rows])
+    np.testing.assert_array_equal(flags, (expected > stats.threshold).astype(int))
+    summary = json.load(open(files["metrics"]))["ood"]
+    assert summary["flagged_fraction"] == pytest.approx(flags.mean())
+    slides = {r["slide_id"] for r in rows}
+    assert set(summary["slides_flagged_fraction"]) == slides
+    # A run trained before the statistics existed still evaluates, said once, without columns.
+    old = tmp_path / "old"
+    shutil.copytree(reinhard_teacher, old)
+    os.remove(old / ood.OOD_FILE)
+    caplog.clear()
+    files = evaluate_run(EvalConfig(model_dir=str(old), out_dir=str(tmp_path / "o"), n_boot=10))
+    assert caplog.text.count("no out-of-domain statistics") == 1
+    with open(files["predictions"]) as f:
+        assert "ood_score" not in next(csv.reader(f))
+    assert "ood" not in json.load(open(files["metrics"]))
+
+
+def test_a_slide_above_the_warn_fraction_gets_one_line():
+    fractions = ood.slide_fractions(
+        np.array(["a", "a", "b", "b", "b", "c"]), np.array([1, 1, 0, 1, 0, 0], bool)
+    )
+    assert fractions == {"a": 1.0, "b": pytest.approx(1 / 3), "c": 0.0}
+    lines = ood.warning_lines(fractions, 0.3)
+    assert [line.split(":")[0] for line in lines] == ["slide a", "slide b"]
+    assert [line.split(":")[0] for line in ood.warning_lines(fractions, 0.5)] == ["slide a"]

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from kd_histo.evaluation import evaluate
+from kd_histo.evaluation import compare_table, evaluate
 
 NAMES = ["a", "b"]
 
@@ -75,7 +75,7 @@ def test_write_evaluation_files_and_compare(tmp_path):
         and float(rows[0]["prob_a"]) == pytest.approx(0.9)
     )
     assert json.load(open(tmp_path / "teacher" / "eval_test" / "metrics.json"))["tile"]["n"] == 5
-    out = evaluate.compare_runs(dirs, str(tmp_path / "cmp" / "table"))
+    out = compare_table.compare_runs(dirs, str(tmp_path / "cmp" / "table"))
     table = list(csv.DictReader(open(out["csv"])))
     assert [t["run"] for t in table] == [
         "teacher",
@@ -88,4 +88,4 @@ def test_write_evaluation_files_and_compare(tmp_path):
 
 def test_compare_missing_metrics_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="run kd-histo-evaluate"):
-        evaluate.compare_runs([str(tmp_path)], str(tmp_path / "t"))
+        compare_table.compare_runs([str(tmp_path)], str(tmp_path / "t"))

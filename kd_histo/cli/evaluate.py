@@ -29,10 +29,10 @@ FLAGS = fc.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
-    from kd_histo.evaluation import evaluate
+    from kd_histo.evaluation import compare_table, evaluate
 
     if FLAGS.compare:
-        out = evaluate.compare_runs(FLAGS.compare, FLAGS.compare_out, FLAGS.names or None)
+        out = compare_table.compare_runs(FLAGS.compare, FLAGS.compare_out, FLAGS.names or None)
         print(f"{PROG}: comparison written to {out['markdown']} and {out['csv']}")
         fc.print_file(out["markdown"])
         return

@@ -275,7 +275,9 @@ def _plan_slides(cfg, entries, skipped, notes, outlines) -> dict[str, slides.Sli
                     keep_thumbnail=cfg.qc,
                 )
                 if cfg.qc and task_of(e.slide_id, cfg.num_tasks) == cfg.task_index:
-                    qc.write_slide_qc(cfg.out_dir, e.slide_id, sp, _by_class(outlines.get(e.path)))
+                    qc.write_slide_qc(
+                        cfg.out_dir, e.slide_id, sp, qc.by_class(outlines.get(e.path))
+                    )
                 slide_plans[e.path] = dataclasses.replace(sp, thumbnail=None)
             except SkipInput as err:
                 if cfg.encode.strict:
@@ -388,16 +390,6 @@ def _make_units(cfg, items, labels, chosen, slide_plans, tile_labels, notes) -> 
                 )
             )
     return units
-
-
-def _by_class(outlines):
-    """[(class, ring)] -> [(class, [rings])] in order of first appearance; None stays None."""
-    if outlines is None:
-        return None
-    grouped: dict[str, list] = {}
-    for name, ring in outlines:
-        grouped.setdefault(name, []).append(ring)
-    return list(grouped.items())
 
 
 def task_of(slide_id: str, num_tasks: int) -> int:

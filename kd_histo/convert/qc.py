@@ -132,3 +132,13 @@ def write_slide_qc(
     with replacing(path) as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG")
     return path
+
+
+def by_class(outlines):
+    """[(class, ring)] -> [(class, [rings])] in order of first appearance; None stays None."""
+    if outlines is None:
+        return None
+    grouped: dict[str, list] = {}
+    for name, ring in outlines:
+        grouped.setdefault(name, []).append(ring)
+    return list(grouped.items())

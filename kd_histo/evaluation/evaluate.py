@@ -6,7 +6,7 @@ metrics (tile probabilities per slide aggregated by their mean, and by majority 
 predictions), each with bootstrap 95% intervals (resampling slides when slide ids exist);
 ``write_evaluation`` writes predictions.csv, confusion_matrix.png, roc.png and, last and atomically,
 metrics.json: the experiment runner takes its presence as "this evaluation is done";
-``compare_runs`` gathers several runs' metrics.json into one markdown and one CSV table.
+Several runs in one table: ``kd_histo.evaluation.compare_table``.
 With a cascade teacher, ``evaluate_run`` also measures the cascade curve on the same tiles
 (``kd_histo.evaluation.cascade.measure_curve``) and ``write_cascade`` writes cascade.json/.csv/.png.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ import tensorflow as tf
 
 from kd_histo import atomic, schema
 from kd_histo.data.pipeline import make_dataset
-from kd_histo.evaluation import metrics, plots
+from kd_histo.evaluation import metrics, ood_report, plots
 from kd_histo.evaluation.cascade import (
     CSV_COLUMNS,
     DEFAULT_FRACTIONS,
@@ -209,28 +208,6 @@ def probs_function(model, dtype: str = "float32"):
     return lambda x: fn(tf.convert_to_tensor(x)).numpy()
 
 
-def probs_and_ood_function(model, stats: ood.OODStats, dtype: str = "float32"):
-    """numpy batch -> (probabilities [B, C], out-of-domain scores [B]) in one pass of ``model``
-    (the scores from its pooled last feature map, :mod:`kd_histo.models.ood`)."""
-    import tensorflow as tf
-
-    def both(x):
-        x = tf.image.convert_image_dtype(x, tf.float32)
-        out = model(x, training=False)
-        probs = tf.nn.softmax(tf.cast(out["logits"], tf.float32))
-        return probs, tf.reduce_mean(tf.cast(out["features"], tf.float32), axis=[1, 2])
-
-    fn = tf.function(both).get_concrete_function(
-        tf.TensorSpec([None, None, None, 3], tf.as_dtype(dtype))
-    )
-
-    def run(x):
-        probs, embedding = fn(tf.convert_to_tensor(x))
-        return probs.numpy(), stats.scores(embedding.numpy())
-
-    return run
-
-
 def predict_split(model, ds, view: str) -> Predictions:
     """Runs ``model`` over a dataset of contract batches, feeding ``batch[view]``."""
     return predict_split_keeping(model, ds, view, keep=())[0]
@@ -244,7 +221,7 @@ def predict_split_keeping(
     model's :func:`probs_function` when the caller has one (one trace fewer). ``ood_stats``: the
     run's :class:`kd_histo.models.ood.OODStats`; each tile's score is then measured too."""
     probs_of = probs_of or probs_function(model)
-    both = probs_and_ood_function(model, ood_stats) if ood_stats is not None else None
+    both = ood_report.probs_and_ood_function(model, ood_stats) if ood_stats is not None else None
     cols: dict[str, list] = {k: [] for k in ("probs", "labels", "slide_ids", "sources", "x", "y")}
     scores: list[np.ndarray] = []
     kept: dict[str, list] = {k: [] for k in keep}
@@ -270,63 +247,6 @@ def predict_split_keeping(
         ood_scores=np.concatenate(scores) if scores else None,
     )
     return preds, {k: np.concatenate(v) for k, v in kept.items()}
-
-
-COMPARE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
-
-
-def compare_runs(
-    eval_dirs: Sequence[str], out_prefix: str, names: Sequence[str] | None = None
-) -> dict[str, str]:
-    """Evaluations in one table (teacher, baselines, students): ``<out_prefix>.md``/``.csv``."""
-    names = list(names) if names else [_run_name(d) for d in eval_dirs]
-    rows = []
-    for name, d in zip(names, eval_dirs):
-        path = os.path.join(d, METRICS_JSON)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found; run kd-histo-evaluate on that run first")
-        with open(path) as f:
-            m = json.load(f)
-        row = {"run": name, "n_tiles": m["tile"]["n"]}
-        for level in ("tile", "slide_mean", "slide_majority"):
-            for col in COMPARE_COLUMNS:
-                if level in m:
-                    ci = m[level]["ci95"].get(col, {})
-                    row[f"{level}_{col}"] = m[level][col]
-                    row[f"{level}_{col}_ci"] = (ci.get("low"), ci.get("high"))
-        rows.append(row)
-    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    keys = [k for k in rows[0] if not k.endswith("_ci")]
-    with open(out_prefix + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    shown = [f"tile_{c}" for c in COMPARE_COLUMNS] + [
-        f"slide_mean_{c}" for c in ("accuracy", "macro_f1")
-    ]
-    lines = ["| run | tiles | " + " | ".join(shown) + " |", "|---|---:|" + "---:|" * len(shown)]
-    for r in rows:
-        lines.append(
-            f"| {r['run']} | {r['n_tiles']} | " + " | ".join(_cell(r, k) for k in shown) + " |"
-        )
-    with open(out_prefix + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return {"markdown": out_prefix + ".md", "csv": out_prefix + ".csv"}
-
-
-def _run_name(eval_dir: str) -> str:
-    """``runs/teacher/eval_test`` -> "teacher"; any other folder -> its own name."""
-    path = os.path.normpath(eval_dir)
-    base = os.path.basename(path)
-    return os.path.basename(os.path.dirname(path)) if base.startswith("eval_") else base
-
-
-def _cell(row: dict, key: str) -> str:
-    v = row.get(key)
-    if v is None:
-        return "-"
-    lo, hi = row.get(key + "_ci", (None, None))
-    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{v:.3f}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,19 +316,19 @@ def check_finite_outputs(probs: np.ndarray, model_path: str, split: str) -> None
         )
 
 
-def ood_summary(preds: Predictions, stats: ood.OODStats, warn_fraction: float) -> dict[str, Any]:
-    """metrics.json's "ood": the threshold, the flagged fraction of all tiles and of each slide,
-    and the slides above ``warn_fraction`` with their warning lines."""
-    flagged = preds.ood_scores > stats.threshold
-    by_slide = ood.slide_fractions(preds.slide_ids, flagged)
-    return {
-        "threshold": stats.threshold,
-        "calibrated_flag_fraction": stats.flag_fraction,
-        "flagged_fraction": ood.flagged_fraction(flagged),
-        "slides_flagged_fraction": by_slide,
-        "warn_fraction": warn_fraction,
-        "warnings": ood.warning_lines(by_slide, warn_fraction),
-    }
+def _checked_data(cfg: EvalConfig, run: RunRecord) -> tuple[str, schema.DatasetInfo]:
+    """The data folder to evaluate on and its dataset.json, checked to fit the run."""
+    data_dir = cfg.data_dir or run.data_dir
+    info = schema.DatasetInfo.read(data_dir)
+    check_classes(run, info.class_names, data_dir)
+    schema.shard_paths(data_dir, cfg.split)  # a missing split fails here with the folder's name
+    if run.hr_px > info.tile_px:  # the pipeline's own message names a training flag
+        raise ValueError(
+            f"{data_dir} has {info.tile_px} px tiles but the model was trained on {run.hr_px} px "
+            f"tiles; evaluate on data converted with kd-histo-convert --tile_px={run.hr_px} (or "
+            "more)"
+        )
+    return data_dir, info
 
 
 def evaluate_run(cfg: EvalConfig, log=_LOG.warning) -> dict[str, str]:
@@ -423,16 +343,7 @@ def evaluate_run(cfg: EvalConfig, log=_LOG.warning) -> dict[str, str]:
     teacher_run = read_run_record(cfg.cascade_teacher) if cfg.cascade_teacher else None
     if teacher_run is not None:
         check_pair(run, teacher_run)
-    data_dir = cfg.data_dir or run.data_dir
-    info = schema.DatasetInfo.read(data_dir)
-    check_classes(run, info.class_names, data_dir)
-    schema.shard_paths(data_dir, cfg.split)  # a missing split fails here with the folder's name
-    if run.hr_px > info.tile_px:  # the pipeline's own message names a training flag
-        raise ValueError(
-            f"{data_dir} has {info.tile_px} px tiles but the model was trained on {run.hr_px} px "
-            f"tiles; evaluate on data converted with kd-histo-convert --tile_px={run.hr_px} (or "
-            "more)"
-        )
+    data_dir, info = _checked_data(cfg, run)
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=info.num_classes)
     pipe = dataclasses.replace(
         run.pipeline_config(data_dir, cfg.batch_size), skip_corrupt=cfg.skip_corrupt
@@ -449,7 +360,9 @@ def evaluate_run(cfg: EvalConfig, log=_LOG.warning) -> dict[str, str]:
     check_finite_outputs(preds.probs, run.model_path(cfg.model_dir), cfg.split)
     result = evaluate_predictions(preds, info.class_names, n_boot=cfg.n_boot, seed=cfg.seed)
     if stats is not None:
-        result["ood"] = ood_summary(preds, stats, cfg.ood_warn_fraction)
+        result["ood"] = ood_report.summary(
+            preds.slide_ids, preds.ood_scores, stats, cfg.ood_warn_fraction
+        )
     if cfg.skip_corrupt:  # every record not read back was skipped (dataset.json counts them all)
         result["n_corrupt_skipped"] = info.num_examples(cfg.split) - len(preds.probs)
     result["run"] = {

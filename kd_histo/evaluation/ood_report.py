@@ -1,0 +1,52 @@
+"""Out-of-domain scores at evaluation: each tile's score from the same pass as its probabilities,
+and metrics.json's summary of them (flagged fraction overall and per slide, warning lines).
+
+Not here: the statistics and the score (``kd_histo.models.ood``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from kd_histo.models import ood
+
+
+def probs_and_ood_function(model, stats: ood.OODStats, dtype: str = "float32"):
+    """numpy batch -> (probabilities [B, C], out-of-domain scores [B]) in one pass of ``model``
+    (the scores from its pooled last feature map, :mod:`kd_histo.models.ood`)."""
+
+    def both(x):
+        x = tf.image.convert_image_dtype(x, tf.float32)
+        out = model(x, training=False)
+        probs = tf.nn.softmax(tf.cast(out["logits"], tf.float32))
+        return probs, tf.reduce_mean(tf.cast(out["features"], tf.float32), axis=[1, 2])
+
+    fn = tf.function(both).get_concrete_function(
+        tf.TensorSpec([None, None, None, 3], tf.as_dtype(dtype))
+    )
+
+    def run(x):
+        probs, embedding = fn(tf.convert_to_tensor(x))
+        return probs.numpy(), stats.scores(embedding.numpy())
+
+    return run
+
+
+def summary(
+    slide_ids: np.ndarray, scores: np.ndarray, stats: ood.OODStats, warn_fraction: float
+) -> dict[str, Any]:
+    """metrics.json's "ood": the threshold, the flagged fraction of all tiles and of each slide,
+    and the slides above ``warn_fraction`` with their warning lines."""
+    flagged = scores > stats.threshold
+    by_slide = ood.slide_fractions(slide_ids, flagged)
+    return {
+        "threshold": stats.threshold,
+        "calibrated_flag_fraction": stats.flag_fraction,
+        "flagged_fraction": ood.flagged_fraction(flagged),
+        "slides_flagged_fraction": by_slide,
+        "warn_fraction": warn_fraction,
+        "warnings": ood.warning_lines(by_slide, warn_fraction),
+    }

@@ -401,3 +401,47 @@ def test_resume_refuses_edited_annotations(slide_img, tmp_path):
     ann.write_text(json.dumps([_feature("Stroma", [([(0, 0), (64, 0), (64, 64)], [])])]))
     with pytest.raises(ConversionError, match="annotations_sha256"):
         run_task(cfg)
+
+
+# --- the round trip: predictions out as QuPath tiles, back in as regions ---------------------
+
+
+def test_predicted_tiles_read_back_as_regions_give_the_same_boxes_and_labels(slide_img, tmp_path):
+    """kd-histo-predict's GeoJSON (``qupath_out.tile_features``, one square per scored tile, the
+    predicted class as its classification) read back as annotations and converted on the same
+    grid: the same tile boxes, each labelled with its predicted class, and nothing else labeled."""
+    from kd_histo.convert import slides
+    from kd_histo.evaluation import qupath_out
+
+    slides_dir = tmp_path / "slides"
+    slides_dir.mkdir()
+    write_pyramid_tiff(str(slides_dir / "s.tif"), slide_img, MPP, levels=2)
+    plan = slides.plan_slide(str(slides_dir / "s.tif"), TILE, MPP, min_tissue=0.0)
+    coords = [(int(x), int(y)) for x, y in plan.coords]
+    names = ["Stroma", "Tumor", "Lymphocytes"]
+    rng = np.random.default_rng(3)
+    scored = rng.random(len(coords)) < 0.7  # predict scores tissue tiles only: leave some out
+    probs = rng.dirichlet(np.ones(len(names)), size=int(scored.sum()))
+    kept = [c for c, s in zip(coords, scored) if s]
+    ann = tmp_path / "s.geojson"
+    qupath_out.write_geojson(
+        str(ann), qupath_out.tile_features("s", kept, plan.size_l0, probs, names)
+    )
+    info = convert(
+        ConvertConfig(
+            out_dir=str(tmp_path / "out"),
+            slides=(str(slides_dir / "s.tif"),),
+            annotations=str(ann),
+            class_names=tuple(names),
+            fractions=(1.0, 0.0, 0.0),
+            encode=EncodeOptions(tile_px=TILE, target_mpp=MPP, min_tissue=0.0),
+        )
+    )
+    assert info.class_names == names
+    labelled = {
+        (r["x"], r["y"]): r["label"]
+        for r in read_split(str(tmp_path / "out"), "train")
+        if r["label"] != schema.UNLABELED
+    }
+    expected = {c: int(p.argmax()) for c, p in zip(kept, probs)}
+    assert labelled == expected

@@ -130,27 +130,7 @@ def process_unit(
         nonlocal background
         for item in unit.items:
             try:
-                if item.size_l0:
-                    rgb, lr, mpp = _read_slide_tile(item, opts, open_slides)
-                    # Otsu's mask (with its morphology) is the decision; the fixed rule is
-                    # re-checked on the tile's own pixels, finer than its thumbnail.
-                    if opts.tissue_method == "threshold" and is_background(rgb, opts.min_tissue):
-                        background += 1
-                        continue
-                elif h5.is_h5_item(item.path):
-                    rgb = tiles.fit_tile(h5_reader.read(item.path), opts.tile_px, opts.fit)
-                    lr, mpp = None, opts.tile_mpp
-                else:
-                    rgb, file_notes = tiles.read_tile(
-                        item.path, max_pixels=opts.max_pixels, decoder=opts.tiff_decoder
-                    )
-                    if opts.fit == "resize" and min(rgb.shape[:2]) < opts.tile_px:
-                        file_notes.append("smaller than tile_px: upsampled (--fit=resize)")
-                    rgb = tiles.fit_tile(rgb, opts.tile_px, opts.fit)
-                    lr, mpp = None, opts.tile_mpp
-                    notes.update(file_notes)
-            except ConversionError as e:  # an image too small for the tile: name the file
-                raise ConversionError(f"{item.path}: {e}") from None
+                read = _read_item(item, opts, open_slides, h5_reader)
             except SkipInput as e:
                 if opts.strict:
                     raise ConversionError(
@@ -159,23 +139,14 @@ def process_unit(
                     ) from None
                 skipped.append({"path": item.path, "reason": str(e)})
                 continue
+            if read is None:
+                background += 1
+                continue
+            rgb, lr, mpp, file_notes = read
+            notes.update(file_notes)
             stats.add(rgb)
             counts[class_names[item.label] if item.label >= 0 else "unlabeled"] += 1
-            ex = schema.make_example(
-                encode(rgb, opts),
-                rgb.shape[0],
-                rgb.shape[1],
-                label=item.label,
-                slide_id=item.slide_id,
-                patient_id=item.patient_id,
-                x=item.x,
-                y=item.y,
-                mpp=mpp,
-                source=item.path,
-                lr_image=encode(lr, opts) if lr is not None else b"",
-                lr_factor=float(opts.lr_factor) if lr is not None else 0.0,
-            )
-            yield ex.SerializeToString()
+            yield _serialized_example(item, rgb, lr, mpp, opts)
 
     try:
         n = writer.write_records_atomic(
@@ -196,6 +167,59 @@ def process_unit(
     }
     write_json(done, summary)
     return summary
+
+
+def _read_item(
+    item: Item, opts: EncodeOptions, open_slides: dict, h5_reader: h5.H5Reader
+) -> tuple[np.ndarray, np.ndarray | None, float, list[str]] | None:
+    """One input's tile fitted to ``tile_px``, its LR tile (slides with ``lr_factor``) or None,
+    its µm/px and the notes on the file; None for a slide tile dropped as background.
+
+    Raises:
+      ConversionError: a fatal input problem, naming the file.
+      SkipInput: an unreadable input (the caller skips it, or stops under ``--strict``).
+    """
+    try:
+        if item.size_l0:
+            rgb, lr, mpp = _read_slide_tile(item, opts, open_slides)
+            # Otsu's mask (with its morphology) is the decision; the fixed rule is
+            # re-checked on the tile's own pixels, finer than its thumbnail.
+            if opts.tissue_method == "threshold" and is_background(rgb, opts.min_tissue):
+                return None
+            return rgb, lr, mpp, []
+        if h5.is_h5_item(item.path):
+            rgb = tiles.fit_tile(h5_reader.read(item.path), opts.tile_px, opts.fit)
+            return rgb, None, opts.tile_mpp, []
+        rgb, file_notes = tiles.read_tile(
+            item.path, max_pixels=opts.max_pixels, decoder=opts.tiff_decoder
+        )
+        if opts.fit == "resize" and min(rgb.shape[:2]) < opts.tile_px:
+            file_notes.append("smaller than tile_px: upsampled (--fit=resize)")
+        rgb = tiles.fit_tile(rgb, opts.tile_px, opts.fit)
+        return rgb, None, opts.tile_mpp, file_notes
+    except ConversionError as e:  # an image too small for the tile: name the file
+        raise ConversionError(f"{item.path}: {e}") from None
+
+
+def _serialized_example(
+    item: Item, rgb: np.ndarray, lr: np.ndarray | None, mpp: float, opts: EncodeOptions
+) -> bytes:
+    """The stored record of one tile (with its LR tile when there is one)."""
+    ex = schema.make_example(
+        encode(rgb, opts),
+        rgb.shape[0],
+        rgb.shape[1],
+        label=item.label,
+        slide_id=item.slide_id,
+        patient_id=item.patient_id,
+        x=item.x,
+        y=item.y,
+        mpp=mpp,
+        source=item.path,
+        lr_image=encode(lr, opts) if lr is not None else b"",
+        lr_factor=float(opts.lr_factor) if lr is not None else 0.0,
+    )
+    return ex.SerializeToString()
 
 
 def is_background(rgb: np.ndarray, min_tissue: float) -> bool:

@@ -74,22 +74,41 @@ def assign_splits(
     Raises:
       ConversionError: bad fractions, or given splits that put one slide/patient in two splits.
     """
+    fr = _normalised_fractions(fractions)
     n = len(slide_ids)
+    weights = weights or [1] * n
+    given = given or [""] * n
+    groups = connected_groups(slide_ids, patient_ids)
+    members: dict[int, list[int]] = collections.defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    out, free = _place_fixed_groups(members, slide_ids, labels, given)
+    _distribute_free_groups(free, members, labels, weights, fr, seed, out)
+    return out
+
+
+def _normalised_fractions(fractions: tuple[float, ...]) -> np.ndarray:
+    """The split shares summing to 1, after checking there are 3 or 4 of them, none negative."""
     fr = np.asarray(fractions, np.float64)
     if fr.shape not in ((3,), (4,)) or (fr < 0).any() or fr.sum() <= 0:
         raise ConversionError(
             "split fractions must be 3 (train,val,test) or 4 (...,unlabeled) non-negative numbers "
             f"with a positive sum, got {fractions}"
         )
-    fr = fr / fr.sum()
-    weights = weights or [1] * n
-    given = given or [""] * n
-    groups = connected_groups(slide_ids, patient_ids)
-    members = collections.defaultdict(list)
-    for i, g in enumerate(groups):
-        members[g].append(i)
+    return fr / fr.sum()
 
-    out = [""] * n
+
+def _place_fixed_groups(
+    members: dict[int, list[int]], slide_ids: list[str], labels: list[int], given: list[str]
+) -> tuple[list[str], dict[int, list[int]]]:
+    """Splits of the groups already decided: the manifest's split, or ``unlabeled`` for groups
+    without labels. Returns those splits per item ("" = not yet chosen) and the groups left to
+    choose, by majority class (ties go to the lower class index).
+
+    Raises:
+      ConversionError: the manifest gives one group two splits.
+    """
+    out = [""] * len(slide_ids)
     free: dict[int, list[int]] = collections.defaultdict(list)  # majority class -> groups
     for g, idx in members.items():
         fixed = {given[i] for i in idx if given[i]}
@@ -111,7 +130,19 @@ def assign_splits(
             continue
         votes = collections.Counter(labels[i] for i in idx if labels[i] >= 0)
         free[min(votes, key=lambda c: (-votes[c], c))].append(g)
+    return out, free
 
+
+def _distribute_free_groups(
+    free: dict[int, list[int]],
+    members: dict[int, list[int]],
+    labels: list[int],
+    weights: list[int],
+    fr: np.ndarray,
+    seed: int,
+    out: list[str],
+) -> None:
+    """Sends each free group to a split, class by class in a seeded order, writing ``out``."""
     names = ("train", "val", "test", "unlabeled")[: len(fr)]
     rng = np.random.default_rng(seed)
     for cls in sorted(free):
@@ -138,4 +169,3 @@ def assign_splits(
                 elif names[s] == "train":
                     out[i] = "unlabeled"  # both are training data: no evaluation slide leaks
                 # else: "" -- an unlabeled tile on a val/test slide; the caller leaves it out
-    return out

@@ -254,6 +254,7 @@ def test_prebuilt_caches_are_the_ones_each_run_builds_and_the_runs_train_the_sam
         != TeacherCache(str(tmp_path / "pre_cache_x2")).spec.map_size
     )
     assert train.prebuild_teacher_caches(list(pre.values()), log=lines.append) == 0  # they fit now
+    caplog.clear()  # only this run's records (a binary run earlier may have set INFO already)
     with caplog.at_level(logging.INFO, logger="kd_histo"):
         result = train.train(pre[2])
     # found its cache: built nothing (a build is logged here, test_cached_run_trains_...)

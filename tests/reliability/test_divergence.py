@@ -31,9 +31,12 @@ TINY = [
 
 
 def _one_line(err: str, prog: str) -> str:
-    err = err.strip()
-    assert err.startswith(f"{prog}: error:") and "\n" not in err, err
-    return err
+    """The one error line, last; lines before it are the binary's own notes (prefixed)."""
+    lines = err.strip().splitlines()
+    assert lines and all(line.startswith(f"{prog}: ") for line in lines), err
+    errors = [line for line in lines if line.startswith(f"{prog}: error:")]
+    assert errors == [lines[-1]], err
+    return lines[-1]
 
 
 def test_a_run_whose_val_loss_is_nan_from_epoch_0_exits_1_and_keeps_no_model(

@@ -32,7 +32,8 @@ import numpy as np
 from kd_histo.evaluation.predict_inputs import Tiles, folder_tiles, input_kind
 from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.evaluation.qupath_out import OBJECT_TYPES, SlideGrid
-from kd_histo.settings import SKIP_CORRUPT_HELP, setting
+from kd_histo.models import ood
+from kd_histo.settings import OOD_WARN_HELP, SKIP_CORRUPT_HELP, setting
 from kd_histo.training.run_record import RunRecord, read_run_record
 
 _LOG = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class PredictConfig:
       (``kd_histo.evaluation.cascade.select``).
       cascade_threshold: instead, the teacher re-scores tiles whose top probability is below this.
       skip_corrupt: converted data folders: skip corrupt records (and log how many).
+      ood_warn_fraction: a slide with more of its tiles out of the model's domain gets a warning
+        (runs with ``ood.npz``; the scores are in predictions.csv, the shares in slides.csv).
     """
 
     model_dir: str = setting(help="Run folder of the model (run.json + model.keras).")
@@ -99,6 +102,7 @@ class PredictConfig:
         "tile", "QuPath object type of the tiles in <slide>.geojson.", choices=OBJECT_TYPES
     )
     skip_corrupt: bool = setting(False, SKIP_CORRUPT_HELP)
+    ood_warn_fraction: float = setting(ood.WARN_FRACTION, OOD_WARN_HELP)
     num_workers: int = setting(
         2, "Parallel workers: kd-histo-predict's slide reader threads (0 = in this process)."
     )
@@ -146,8 +150,9 @@ def tile_mpp(run: RunRecord, read_mpp: float) -> float:
 
 def _predict_slide(
     classify, path: str, run: RunRecord, cfg: PredictConfig, mpp: float
-) -> tuple[Tiles, np.ndarray]:
-    """A slide's tissue tiles read at the model's own µm/px (``slide_reader``), classified."""
+) -> tuple[Tiles, np.ndarray, np.ndarray]:
+    """A slide's tissue tiles read at the model's own µm/px (``slide_reader``), classified:
+    (tiles, probabilities, pooled embeddings)."""
     from kd_histo.evaluation import slide_reader
 
     plan = slide_reader.plan_read(
@@ -163,10 +168,12 @@ def _predict_slide(
         _LOG.info(plan.note)
     sid = os.path.splitext(os.path.basename(path))[0]
     progress = slide_reader.Progress(sid, len(plan.coords))
-    out = []
+    out, emb = [], []
     # the readers fill the next batches while the model runs on this one
     for batch in slide_reader.stream_batches(plan, cfg.batch_size, num_workers=cfg.num_workers):
-        out.append(classify(batch).numpy())
+        probs, pooled = classify(batch)
+        out.append(probs.numpy())
+        emb.append(pooled.numpy())
         progress.update(len(batch))
     progress.close(
         f" (level {plan.level} at {plan.level_mpp:.3g} µm/px, {plan.read_px} px reads, "
@@ -187,17 +194,19 @@ def _predict_slide(
         slide.close()
     grid = SlideGrid(path, plan.size_l0, plan.base_mpp, width, height)
     tiles = Tiles(sid, [path] * len(plan.coords), list(plan.coords), None, grid=grid, reread=reread)
-    return tiles, np.concatenate(out)
+    return tiles, np.concatenate(out), np.concatenate(emb)
 
 
 def _classifier(model):
-    """Class probabilities of uint8 tiles at the model's input size, as one compiled graph."""
+    """(class probabilities, pooled last feature map) of uint8 tiles at the model's input size,
+    as one compiled graph (the embedding is what the out-of-domain score reads)."""
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
     def classify(images):
-        logits = model(tf.cast(images, tf.float32) / 255.0, training=False)["logits"]
-        return tf.nn.softmax(tf.cast(logits, tf.float32))
+        out = model(tf.cast(images, tf.float32) / 255.0, training=False)
+        pooled = tf.reduce_mean(tf.cast(out["features"], tf.float32), axis=[1, 2])
+        return tf.nn.softmax(tf.cast(out["logits"], tf.float32)), pooled
 
     return classify
 
@@ -220,19 +229,25 @@ def memory_lr_method(run: RunRecord) -> str:
     return "area" if run.lr_method == "pyramid" else run.lr_method
 
 
-def _probs(model, images: Iterator[np.ndarray], run: RunRecord, batch_size: int) -> np.ndarray:
+def _probs(
+    model, images: Iterator[np.ndarray], run: RunRecord, batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities, pooled embeddings) of HR tiles in memory, through the run's view."""
     import tensorflow as tf
 
     from kd_histo.data.views import resize
 
-    out = []
+    out, emb = [], []
     for b in _batched(images, batch_size):
         x = tf.convert_to_tensor(b, tf.float32) / 255.0
         if run.view == "lr":  # the LR view as training made it (the run's factor and method)
             x = resize(x, run.input_px, memory_lr_method(run))
-        logits = model(x, training=False)["logits"]
-        out.append(tf.nn.softmax(tf.cast(logits, tf.float32)).numpy())
-    return np.concatenate(out) if out else np.zeros((0, run.num_classes), np.float32)
+        res = model(x, training=False)
+        out.append(tf.nn.softmax(tf.cast(res["logits"], tf.float32)).numpy())
+        emb.append(tf.reduce_mean(tf.cast(res["features"], tf.float32), axis=[1, 2]).numpy())
+    if not out:
+        return np.zeros((0, run.num_classes), np.float32), None
+    return np.concatenate(out), np.concatenate(emb)
 
 
 def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) -> dict[str, str]:
@@ -272,8 +287,8 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
             groups.append(scorer.tiles(*_predict_slide(scorer.classify, path, run, cfg, mpp)))
         else:
             for t in folder_tiles(path, run.hr_px, skipped):
-                groups.append(scorer.tiles(t, _probs(model, t.images, run, cfg.batch_size)))
-    return _write_outputs(cfg, names, groups, skipped)
+                groups.append(scorer.tiles(t, *_probs(model, t.images, run, cfg.batch_size)))
+    return _write_outputs(cfg, names, groups, skipped, scorer.ood)
 
 
 class _Scorer:
@@ -282,13 +297,20 @@ class _Scorer:
     def __init__(self, model, run: RunRecord, cfg: PredictConfig, cascade, mpp: float):
         self.model, self.run, self.cfg, self.cascade, self.mpp = model, run, cfg, cascade, mpp
         self.classify = _classifier(model)
+        self.ood = ood.OODStats.load(cfg.model_dir)
+        if self.ood is None:
+            _LOG.info(ood.NO_STATS)
 
-    def tiles(self, t: Tiles, probs: np.ndarray) -> ScoredGroup:
-        """A slide's or folder group's tiles, re-scored by the cascade's teacher if there is one."""
+    def tiles(self, t: Tiles, probs: np.ndarray, embeddings: np.ndarray | None) -> ScoredGroup:
+        """A slide's or folder group's tiles, re-scored by the cascade's teacher if there is one;
+        the out-of-domain scores are the model's own (the student's in a cascade)."""
+        scores = None
+        if self.ood is not None and embeddings is not None:
+            scores = self.ood.scores(embeddings)
         probs, mask = _cascade(probs, t.reread, self.cascade, self.cfg, t.slide_id)
         xy = t.xy or [(0, 0)] * len(probs)
         teacher = mask if self.cascade else None
-        return ScoredGroup(t.slide_id, list(t.sources), list(xy), probs, teacher, t.grid)
+        return ScoredGroup(t.slide_id, list(t.sources), list(xy), probs, teacher, t.grid, scores)
 
     def shards(self, path: str, log: Callable[[str], None]) -> list[ScoredGroup]:
         """A converted data folder's split, one group per run of tiles of one slide."""
@@ -302,7 +324,7 @@ class _Scorer:
         )
         ds = make_dataset(pipe, cfg.split, training=False)
         p, kept = evaluate.predict_split_keeping(
-            self.model, ds, run.view, keep=("hr",) if self.cascade else ()
+            self.model, ds, run.view, keep=("hr",) if self.cascade else (), ood_stats=self.ood
         )
         if cfg.skip_corrupt:
             stated = DatasetInfo.read(path).num_examples(cfg.split)
@@ -321,6 +343,7 @@ class _Scorer:
                         [(int(x), int(y)) for x, y in zip(p.x[start:end], p.y[start:end])],
                         probs[start:end],
                         mask[start:end] if self.cascade else None,
+                        ood_scores=None if p.ood_scores is None else p.ood_scores[start:end],
                     )
                 )
                 start = end
@@ -332,6 +355,7 @@ def _write_outputs(
     names: list[str],
     groups: list[ScoredGroup],
     skipped: list[tuple[str, str]],
+    stats: ood.OODStats | None = None,
 ) -> dict[str, str]:
     """The tables, then each slide's GeoJSON, OME-TIFF and heatmaps; {name: path}."""
     from kd_histo.evaluation import prediction_files as files
@@ -347,10 +371,16 @@ def _write_outputs(
         raise ValueError(
             f"no readable tile in {', '.join(cfg.inputs)}; see {paths.get('skipped', 'the inputs')}"
         )
+    threshold = stats.threshold if stats is not None else None
     paths["predictions"] = files.write_tiles(
-        groups, names, os.path.join(cfg.out_dir, "predictions.csv")
+        groups, names, os.path.join(cfg.out_dir, "predictions.csv"), threshold
     )
-    paths["slides"] = files.write_slides(groups, names, os.path.join(cfg.out_dir, "slides.csv"))
+    paths["slides"] = files.write_slides(
+        groups, names, os.path.join(cfg.out_dir, "slides.csv"), threshold
+    )
+    if threshold is not None:
+        for line in files.ood_warnings(groups, threshold, cfg.ood_warn_fraction):
+            _LOG.warning(line)
     for g in groups:
         if g.grid is not None:
             paths |= files.write_slide_files(
@@ -397,4 +427,5 @@ def _cascade(
     _LOG.info(f"cascade: the teacher re-scores {len(idx)} of {len(probs)} tiles of {name}")
     if not len(idx):
         return probs, mask
-    return combine(probs, _probs(teacher, hr_tiles(idx), teacher_run, cfg.batch_size), mask), mask
+    teacher_probs, _ = _probs(teacher, hr_tiles(idx), teacher_run, cfg.batch_size)
+    return combine(probs, teacher_probs, mask), mask

@@ -26,6 +26,7 @@ import numpy as np
 from kd_histo.atomic import replacing
 from kd_histo.evaluation import qupath_out
 from kd_histo.evaluation.qupath_out import SlideGrid
+from kd_histo.models import ood
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ScoredGroup:
       probs: class probabilities [N, C].
       teacher: cascade only: [N] bool, the tiles the teacher scored; None without a cascade.
       grid: slides only: where the tiles lie on the slide.
+      ood_scores: [N] out-of-domain scores of the model's embedding (runs with ``ood.npz``).
     """
 
     slide_id: str
@@ -47,10 +49,26 @@ class ScoredGroup:
     probs: np.ndarray
     teacher: np.ndarray | None = None
     grid: SlideGrid | None = None
+    ood_scores: np.ndarray | None = None
 
 
-def write_tiles(groups: Sequence[ScoredGroup], names: Sequence[str], path: str) -> str:
-    """predictions.csv (module docstring); with a cascade a last column says who scored each."""
+def _ood_cells(g: ScoredGroup, i: int, threshold: float | None) -> list:
+    if threshold is None:
+        return []
+    if g.ood_scores is None:
+        return ["", ""]
+    return [f"{g.ood_scores[i]:.4f}", int(g.ood_scores[i] > threshold)]
+
+
+def write_tiles(
+    groups: Sequence[ScoredGroup],
+    names: Sequence[str],
+    path: str,
+    ood_threshold: float | None = None,
+) -> str:
+    """predictions.csv (module docstring); with a cascade a column says who scored each, with
+    out-of-domain statistics the last two are ``ood_score`` and ``ood_flag`` (1 = above
+    ``ood_threshold``)."""
     cascade = any(g.teacher is not None for g in groups)
     with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -58,6 +76,7 @@ def write_tiles(groups: Sequence[ScoredGroup], names: Sequence[str], path: str) 
             ["slide_id", "source", "x", "y", "tile_px_l0", "tile_um", "pred", "pred_name"]
             + [f"prob_{c}" for c in names]
             + (["scored_by"] if cascade else [])
+            + (["ood_score", "ood_flag"] if ood_threshold is not None else [])
         )
         for g in groups:
             side = [g.grid.size_l0, f"{g.grid.tile_um:.6g}"] if g.grid else ["", ""]
@@ -68,12 +87,36 @@ def write_tiles(groups: Sequence[ScoredGroup], names: Sequence[str], path: str) 
                     [g.slide_id, g.sources[i], g.xy[i][0], g.xy[i][1], *side, k, names[k]]
                     + [f"{v:.6f}" for v in p]
                     + by
+                    + _ood_cells(g, i, ood_threshold)
                 )
     return path
 
 
-def write_slides(groups: Sequence[ScoredGroup], names: Sequence[str], path: str) -> str:
-    """slides.csv: per slide, tile count, classes of highest mean and majority, means, shares."""
+def ood_flagged_shares(groups: Sequence[ScoredGroup], threshold: float) -> dict[str, float]:
+    """Share of each slide's scored tiles above ``threshold`` (slides without scores left out)."""
+    flags: dict[str, list[bool]] = {}
+    for g in groups:
+        if g.ood_scores is not None:
+            flags.setdefault(g.slide_id, []).extend(np.asarray(g.ood_scores) > threshold)
+    return {sid: ood.flagged_fraction(np.array(f, bool)) for sid, f in flags.items()}
+
+
+def ood_warnings(
+    groups: Sequence[ScoredGroup], threshold: float, warn_fraction: float
+) -> list[str]:
+    """One warning line per slide with more than ``warn_fraction`` of its tiles flagged."""
+    return ood.warning_lines(ood_flagged_shares(groups, threshold), warn_fraction)
+
+
+def write_slides(
+    groups: Sequence[ScoredGroup],
+    names: Sequence[str],
+    path: str,
+    ood_threshold: float | None = None,
+) -> str:
+    """slides.csv: per slide, tile count, classes of highest mean and majority, means, shares,
+    and with out-of-domain statistics the share of its tiles flagged (``ood_flagged``)."""
+    shares = ood_flagged_shares(groups, ood_threshold) if ood_threshold is not None else None
     by: dict[str, list[np.ndarray]] = {}
     for g in groups:
         by.setdefault(g.slide_id, []).extend(g.probs)
@@ -83,6 +126,7 @@ def write_slides(groups: Sequence[ScoredGroup], names: Sequence[str], path: str)
             ["slide_id", "n_tiles", "pred_mean", "pred_majority"]
             + [f"mean_prob_{c}" for c in names]
             + [f"frac_{c}" for c in names]
+            + (["ood_flagged"] if shares is not None else [])
         )
         for sid, ps in by.items():
             ps = np.stack(ps)
@@ -92,6 +136,7 @@ def write_slides(groups: Sequence[ScoredGroup], names: Sequence[str], path: str)
                 [sid, len(ps), names[int(mean.argmax())], names[int(frac.argmax())]]
                 + [f"{v:.6f}" for v in mean]
                 + [f"{v:.6f}" for v in frac]
+                + ([f"{shares[sid]:.4f}" if sid in shares else ""] if shares is not None else [])
             )
     return path
 
@@ -125,6 +170,7 @@ def write_slide_files(
         names,
         scored_by_teacher=g.teacher,
         object_type=object_type,
+        ood_scores=g.ood_scores,
     )
     paths = {
         f"geojson:{g.slide_id}": qupath_out.write_geojson(

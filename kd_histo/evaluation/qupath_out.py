@@ -110,6 +110,7 @@ def tile_features(
     *,
     scored_by_teacher: np.ndarray | None = None,
     object_type: str = "tile",
+    ood_scores: np.ndarray | None = None,
 ) -> dict:
     """The GeoJSON FeatureCollection of a slide's tiles (see the module docstring).
 
@@ -121,6 +122,7 @@ def tile_features(
       class_names: the C class names, in the model's order.
       scored_by_teacher: cascade only, [N] bool: which tiles the teacher scored.
       object_type: QuPath's object type, "tile" or "detection".
+      ood_scores: [N] out-of-domain scores (measurement ``ood_score``), when the run has them.
     """
     if object_type not in OBJECT_TYPES:
         raise ValueError(
@@ -141,6 +143,8 @@ def tile_features(
         measurements["entropy"] = round(float(entropy[i]), 6)
         if scored_by_teacher is not None:
             measurements["scored_by_teacher"] = float(bool(scored_by_teacher[i]))
+        if ood_scores is not None:
+            measurements["ood_score"] = round(float(ood_scores[i]), 4)
         features.append(
             {
                 "type": "Feature",

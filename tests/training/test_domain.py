@@ -206,3 +206,63 @@ def test_a_slide_above_the_warn_fraction_gets_one_line():
     lines = ood.warning_lines(fractions, 0.3)
     assert [line.split(":")[0] for line in lines] == ["slide a", "slide b"]
     assert [line.split(":")[0] for line in ood.warning_lines(fractions, 0.5)] == ["slide a"]
+
+
+def test_prediction_scores_each_tile_and_warns_per_slide(reinhard_teacher, tmp_path, caplog):
+    import shutil
+
+    from PIL import Image
+
+    from kd_histo.evaluation import qupath_out
+    from kd_histo.evaluation.predict import PredictConfig, predict
+
+    record = read_run_record(reinhard_teacher)
+    net = load_model(record.model_path(reinhard_teacher))
+    # A copy of the run whose threshold flags about half of the tiles (the tiny net flags few),
+    # so that some slides warn and some do not.
+    run = tmp_path / "run"
+    shutil.copytree(reinhard_teacher, run)
+    reinhard_teacher = str(run)
+    stats = ood.OODStats.load(reinhard_teacher)
+    # A tile folder: the test split's tiles as PNGs, one group.
+    plain = PipelineConfig(record.data_dir, batch_size=64)
+    images = np.concatenate([b["hr"].numpy() for b in make_dataset(plain, "test", training=False)])
+    folder = tmp_path / "tiles" / "groupA"
+    folder.mkdir(parents=True)
+    for i, im in enumerate(images):
+        Image.fromarray(np.round(im * 255).astype(np.uint8)).save(folder / f"t{i:03d}.png")
+    pngs = np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))]) / 255.0
+    expected = stats.scores(ood.embed(net(pngs.astype(np.float32))["features"].numpy()))
+    stats = dataclasses.replace(stats, threshold=float(np.median(expected)))
+    stats.save(reinhard_teacher)
+    out = tmp_path / "pred"
+    caplog.set_level(logging.WARNING, logger="kd_histo")
+    predict(
+        PredictConfig(
+            model_dir=reinhard_teacher,
+            inputs=(str(tmp_path / "tiles"), record.data_dir),
+            out_dir=str(out),
+            ood_warn_fraction=0.5,
+        )
+    )
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    folder_rows = [r for r in rows if r["source"].endswith(".png")]
+    got = np.array([float(r["ood_score"]) for r in folder_rows])
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    assert [int(r["ood_flag"]) for r in folder_rows] == list((expected > stats.threshold) * 1)
+    shard_rows = [r for r in rows if not r["source"].endswith(".png")]
+    assert shard_rows and all(r["ood_score"] != "" for r in shard_rows)
+    with open(out / "slides.csv") as f:
+        slides = {r["slide_id"]: float(r["ood_flagged"]) for r in csv.DictReader(f)}
+    warned = {s for s, v in slides.items() if v > 0.5}
+    assert warned and len(warned) < len(slides)  # some slides warn, some do not
+    for s in warned:
+        assert f"slide {s}:" in caplog.text
+    assert caplog.text.count("out of the model's domain") == len(warned)
+    # The GeoJSON measurement of a slide's tiles.
+    fc = qupath_out.tile_features(
+        "s", [(0, 0), (32, 0)], 32, np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"],
+        ood_scores=np.array([1.5, 99.0]),
+    )  # fmt: skip
+    assert [f["properties"]["measurements"]["ood_score"] for f in fc["features"]] == [1.5, 99.0]

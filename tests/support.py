@@ -94,6 +94,32 @@ def count_tiles(data_dir, split="val", **pipeline) -> int:
     return sum(int(b["hr"].shape[0]) for b in make_dataset(cfg, split, training=False))
 
 
+# -- tiny runs ----------------------------------------------------------------------------------
+TINY_PLANES = (4, 8, 8, 16)  # stage widths of the tiny resnet_gn the training tests build
+
+
+def tiny_run_config(data_dir, model_dir, **kw):
+    """A teacher RunConfig of the tiny net (small stem): 3 epochs of 2 steps, batch 4, one val
+    step, no profile, no image grids, quiet; ``kw`` replaces any field."""
+    from kd_histo.data.pipeline import PipelineConfig
+    from kd_histo.training.config import NetConfig, RunConfig
+
+    base = dict(
+        mode="teacher",
+        model_dir=str(model_dir),
+        data=PipelineConfig(data_dir, batch_size=4),
+        net=NetConfig(planes=TINY_PLANES, kwargs=(("stem", "small"),)),
+        epochs=3,
+        steps_per_epoch=2,
+        val_steps=1,
+        verbose=0,
+        profile_steps=(0, 0),
+        image_grids=False,
+    )
+    base.update(kw)
+    return RunConfig(**base)
+
+
 # -- tiny data sets -----------------------------------------------------------------------------
 def write_tiny_shards(out_dir, tile_px=32, per_class=4, num_shards=2, seed=0, unlabeled=8):
     """Writes a tiny data set with the project's schema; returns ``out_dir``.

@@ -11,29 +11,13 @@ import time
 import keras
 import numpy as np
 import pytest
+from support import tiny_run_config
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.training import train
-from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig
+from kd_histo.training.config import DistillConfig, OptimConfig, RunConfig
 
-TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
-
-
-def _cfg(data_dir, model_dir, **kw) -> RunConfig:
-    base = dict(
-        mode="teacher",
-        model_dir=str(model_dir),
-        data=PipelineConfig(data_dir, batch_size=4),
-        net=TINY_NET,
-        epochs=3,
-        steps_per_epoch=2,
-        val_steps=1,
-        verbose=0,
-        profile_steps=(0, 0),
-        image_grids=False,
-    )
-    base.update(kw)
-    return RunConfig(**base)
+_cfg = tiny_run_config
 
 
 class _Kill(Exception):

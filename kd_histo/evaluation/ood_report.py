@@ -14,15 +14,20 @@ import tensorflow as tf
 from kd_histo.models import ood
 
 
+def probs_and_embedding(outputs: dict) -> tuple[tf.Tensor, tf.Tensor]:
+    """A net's outputs -> (softmax probabilities [B, C], pooled last feature map [B, F]), both
+    float32: what every scorer reads when it also measures the out-of-domain score."""
+    pooled = tf.reduce_mean(tf.cast(outputs["features"], tf.float32), axis=[1, 2])
+    return tf.nn.softmax(tf.cast(outputs["logits"], tf.float32)), pooled
+
+
 def probs_and_ood_function(model, stats: ood.OODStats, dtype: str = "float32"):
     """numpy batch -> (probabilities [B, C], out-of-domain scores [B]) in one pass of ``model``
     (the scores from its pooled last feature map, :mod:`kd_histo.models.ood`)."""
 
     def both(x):
         x = tf.image.convert_image_dtype(x, tf.float32)
-        out = model(x, training=False)
-        probs = tf.nn.softmax(tf.cast(out["logits"], tf.float32))
-        return probs, tf.reduce_mean(tf.cast(out["features"], tf.float32), axis=[1, 2])
+        return probs_and_embedding(model(x, training=False))
 
     fn = tf.function(both).get_concrete_function(
         tf.TensorSpec([None, None, None, 3], tf.as_dtype(dtype))

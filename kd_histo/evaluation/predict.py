@@ -202,11 +202,11 @@ def _classifier(model):
     as one compiled graph (the embedding is what the out-of-domain score reads)."""
     import tensorflow as tf
 
+    from kd_histo.evaluation.ood_report import probs_and_embedding
+
     @tf.function(reduce_retracing=True)
     def classify(images):
-        out = model(tf.cast(images, tf.float32) / 255.0, training=False)
-        pooled = tf.reduce_mean(tf.cast(out["features"], tf.float32), axis=[1, 2])
-        return tf.nn.softmax(tf.cast(out["logits"], tf.float32)), pooled
+        return probs_and_embedding(model(tf.cast(images, tf.float32) / 255.0, training=False))
 
     return classify
 
@@ -236,15 +236,16 @@ def _probs(
     import tensorflow as tf
 
     from kd_histo.data.views import resize
+    from kd_histo.evaluation.ood_report import probs_and_embedding
 
     out, emb = [], []
     for b in _batched(images, batch_size):
         x = tf.convert_to_tensor(b, tf.float32) / 255.0
         if run.view == "lr":  # the LR view as training made it (the run's factor and method)
             x = resize(x, run.input_px, memory_lr_method(run))
-        res = model(x, training=False)
-        out.append(tf.nn.softmax(tf.cast(res["logits"], tf.float32)).numpy())
-        emb.append(tf.reduce_mean(tf.cast(res["features"], tf.float32), axis=[1, 2]).numpy())
+        probs, pooled = probs_and_embedding(model(x, training=False))
+        out.append(probs.numpy())
+        emb.append(pooled.numpy())
     if not out:
         return np.zeros((0, run.num_classes), np.float32), None
     return np.concatenate(out), np.concatenate(emb)

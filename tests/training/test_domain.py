@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import write_tiny_shards
+from support import TINY_PLANES, tiny_run_config, write_tiny_shards
 
 from kd_histo.data import stain_norm
 from kd_histo.data.pipeline import PipelineConfig, make_dataset
@@ -24,24 +24,9 @@ from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
 from kd_histo.training.preflight import PreflightError
 from kd_histo.training.run_record import read_run_record
 
-TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
-
 
 def _cfg(data_dir, model_dir, **kw) -> RunConfig:
-    base = dict(
-        mode="teacher",
-        model_dir=str(model_dir),
-        data=PipelineConfig(data_dir, batch_size=4),
-        net=TINY_NET,
-        epochs=1,
-        steps_per_epoch=2,
-        val_steps=1,
-        verbose=0,
-        profile_steps=(0, 0),
-        image_grids=False,
-    )
-    base.update(kw)
-    return RunConfig(**base)
+    return tiny_run_config(data_dir, model_dir, **{"epochs": 1, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +61,7 @@ def test_evaluation_applies_the_runs_normalisation_without_being_told(
         record.num_classes,
         mean=record.mean,
         std=record.std,
-        planes=TINY_NET.planes,
+        planes=TINY_PLANES,
         stem="small",
     )
     bare.set_weights(net.get_weights())

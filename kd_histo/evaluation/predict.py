@@ -33,6 +33,7 @@ from kd_histo.evaluation.predict_inputs import Tiles, folder_tiles, input_kind
 from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.evaluation.qupath_out import OBJECT_TYPES, SlideGrid
 from kd_histo.models import ood
+from kd_histo.progress import progress
 from kd_histo.settings import OOD_WARN_HELP, SKIP_CORRUPT_HELP, setting
 from kd_histo.training.run_record import RunRecord, read_run_record
 
@@ -281,14 +282,15 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     os.makedirs(cfg.out_dir, exist_ok=True)
     groups: list[ScoredGroup] = []
     skipped: list[tuple[str, str]] = []
-    for path, kind in kinds:
+    for path, kind in progress(kinds, desc="inputs", unit="inputs", show=len(kinds) > 1):
         if kind == "shards":
             groups += scorer.shards(path, log)
         elif kind == "slide":
             groups.append(scorer.tiles(*_predict_slide(scorer.classify, path, run, cfg, mpp)))
         else:
             for t in folder_tiles(path, run.hr_px, skipped):
-                groups.append(scorer.tiles(t, *_probs(model, t.images, run, cfg.batch_size)))
+                images = progress(t.images, total=len(t.sources), desc=t.slide_id, unit="tiles")
+                groups.append(scorer.tiles(t, *_probs(model, images, run, cfg.batch_size)))
     return _write_outputs(cfg, names, groups, skipped, scorer.ood)
 
 
@@ -315,7 +317,7 @@ class _Scorer:
 
     def shards(self, path: str, log: Callable[[str], None]) -> list[ScoredGroup]:
         """A converted data folder's split, one group per run of tiles of one slide."""
-        from kd_histo.data.pipeline import make_dataset
+        from kd_histo.data.pipeline import batch_tiles, make_dataset
         from kd_histo.evaluation import evaluate
         from kd_histo.schema import DatasetInfo
 
@@ -324,6 +326,8 @@ class _Scorer:
             run.pipeline_config(path, cfg.batch_size), skip_corrupt=cfg.skip_corrupt
         )
         ds = make_dataset(pipe, cfg.split, training=False)
+        n = DatasetInfo.read(path).num_examples(cfg.split)
+        ds = progress(ds, total=n, desc=f"{path} ({cfg.split})", unit="tiles", size=batch_tiles)
         p, kept = evaluate.predict_split_keeping(
             self.model, ds, run.view, keep=("hr",) if self.cascade else (), ood_stats=self.ood
         )
@@ -428,5 +432,6 @@ def _cascade(
     _LOG.info(f"cascade: the teacher re-scores {len(idx)} of {len(probs)} tiles of {name}")
     if not len(idx):
         return probs, mask
-    teacher_probs, _ = _probs(teacher, hr_tiles(idx), teacher_run, cfg.batch_size)
+    hr = progress(hr_tiles(idx), total=len(idx), desc=f"cascade {name}", unit="tiles")
+    teacher_probs, _ = _probs(teacher, hr, teacher_run, cfg.batch_size)
     return combine(probs, teacher_probs, mask), mask

@@ -1,0 +1,121 @@
+"""kd_histo/progress.py, the progress every binary's long loops report, and what a binary's log
+shows of it.
+
+Here, not beside a subpackage: the module is the binaries' shared console layer (as
+``cli/flags_common``'s ``log_as`` is, whose lines it writes through) and sits at the bottom of the
+package, where no test folder mirrors it; tests/ keeps no loose files at its top level.
+"""
+
+import io
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+import kd_histo
+from kd_histo import progress as P
+from kd_histo.data import synthetic
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def said(caplog, monkeypatch):
+    """The progress lines logged (the binaries show them as ``<prog>: <line>`` on stderr)."""
+    monkeypatch.delenv(P.SWITCH, raising=False)
+    caplog.set_level(logging.INFO, logger="kd_histo.progress")
+    return lambda: [r.getMessage() for r in caplog.records if r.name == "kd_histo.progress"]
+
+
+def test_off_a_terminal_a_plain_line_every_interval_and_one_at_the_end(said, monkeypatch):
+    stream = io.StringIO()  # not a terminal: nothing is drawn on it
+    monkeypatch.setattr(P, "EVERY_S", 0.0)  # every update is due
+    bar = P.progress(range(4), total=8, desc="tiles", unit="tiles", stream=stream, size=lambda i: 2)
+    items = list(bar)
+    assert items == [0, 1, 2, 3] and stream.getvalue() == ""
+    lines = said()
+    assert [line.split(" tiles (")[0] for line in lines] == [
+        f"tiles: {n}/8" for n in (2, 4, 6, 8)
+    ]  # the end's line is the last update's: not written twice
+    assert all("\r" not in line and "\n" not in line for line in lines)
+    assert lines[-1].startswith("tiles: 8/8 tiles (100%), ") and "tiles/s" in lines[-1]
+    assert "elapsed, ETA 00:00" in lines[-1] and "(50%)" in lines[1]
+
+
+def test_off_a_terminal_a_short_loop_says_only_its_end(said, monkeypatch):
+    monkeypatch.setattr(P, "EVERY_S", 3600.0)
+    with P.progress(total=5, desc="converting", unit="tiles", stream=io.StringIO()) as bar:
+        bar.update(2)
+        bar.update(3)
+    assert len(said()) == 1 and said()[0].startswith("converting: 5/5 tiles (100%), ")
+    # unknown total; leave=False (the caller prints its own summary): no last line
+    for _ in P.progress(iter(range(3)), desc="slides", unit="slides", stream=io.StringIO()):
+        pass
+    assert said()[-1].startswith("slides: 3 slides, ") and "ETA" not in said()[-1]
+    for _ in P.progress(range(3), desc="quiet", stream=io.StringIO(), leave=False):
+        pass
+    assert not any(line.startswith("quiet") for line in said())
+
+
+def test_a_slow_loop_says_seconds_per_item(said, monkeypatch):
+    lines = P._Lines(10, "inputs", "slides")
+    lines.start -= 40.0  # 2 slides in 40 s
+    lines.n = 2
+    assert lines.line(lines.start + 40.0) == (
+        "inputs: 2/10 slides (20%), 20.0 s per slide, 00:40 elapsed, ETA 02:40"
+    )
+
+
+def test_on_a_terminal_a_tqdm_bar_redrawn_in_place(said):
+    tty = FakeTerminal()
+    with P.progress(total=10, desc="converting", unit="tiles", stream=tty) as bar:
+        assert type(bar._backend).__module__.startswith("tqdm")
+        for _ in range(10):
+            bar.update(1)
+    drawn = tty.getvalue()
+    assert drawn.startswith("\rconverting:") and "10/10 [" in drawn and drawn.endswith("\n")
+    assert said() == []  # nothing logged: the bar is the progress
+
+
+def test_the_switch_turns_progress_off_and_the_loop_still_runs(said, monkeypatch):
+    monkeypatch.setenv(P.SWITCH, "0")
+    tty = FakeTerminal()
+    assert list(P.progress(range(3), desc="x", stream=tty)) == [0, 1, 2]
+    with P.progress(total=3, desc="y", stream=io.StringIO()) as bar:
+        bar.update(3)
+    assert tty.getvalue() == "" and said() == []
+    monkeypatch.setenv(P.SWITCH, "1")
+    assert list(P.progress(range(3), desc="z", stream=tty, show=False)) == [0, 1, 2]
+    assert tty.getvalue() == "" and said() == []  # the caller's own switch (--noprogress)
+
+
+def test_convert_binary_log_has_progress_lines_and_no_carriage_return(tmp_path):
+    """kd-histo-convert as a job array's task runs it: stderr into a file, not a terminal."""
+    manifest = synthetic.write_tile_folder(str(tmp_path / "in"), 3, tile_px=16)
+    log = tmp_path / "task.log"
+    repo = os.path.dirname(os.path.dirname(kd_histo.__file__))
+    env = {**os.environ, "PYTHONPATH": repo, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop(P.SWITCH, None)
+    with open(log, "wb") as err:
+        subprocess.run(
+            [sys.executable, "-m", "kd_histo.cli.convert", f"--manifest={manifest}"]
+            + [f"--out_dir={tmp_path / 'out'}", "--tile_px=16", "--num_workers=0", "--unit_size=4"],
+            stderr=err,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            check=True,
+            timeout=120,
+        )
+    text = log.read_bytes().decode()
+    n = len(synthetic.CLASS_NAMES) * 3
+    assert "\r" not in text
+    assert any(
+        line.startswith(f"kd-histo-convert: converting: {n}/{n} tiles (100%), ")
+        and line.endswith("ETA 00:00")
+        for line in text.splitlines()
+    ), text

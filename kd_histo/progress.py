@@ -23,6 +23,7 @@ the default; Keras' bar, 1, writes ``\\r`` even into a file).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -111,11 +112,34 @@ class Progress:
         self.close()
 
 
+@contextlib.contextmanager
+def around_bars() -> Iterator[None]:
+    """Around a line written to the terminal while bars are drawn there (a binary's note): the
+    bars are cleared first and redrawn after, so the line does not land inside a bar."""
+    module = sys.modules.get("tqdm")  # no bar was ever drawn without it
+    if module is None or not getattr(module.tqdm, "_instances", None):
+        yield
+        return
+    with module.tqdm.external_write_mode(file=sys.stderr):
+        yield
+
+
 def _terminal_bar(total: int | None, desc: str, unit: str, stream: TextIO, leave: bool):
     from tqdm import tqdm
 
+    try:  # a terminal that reports no size (a fresh container's pty) gets 80 x 24, not nothing
+        sized = os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        sized = True  # tqdm asks the stream itself
     return tqdm(
-        total=total, desc=desc, unit=f" {unit}", file=stream, dynamic_ncols=True, leave=leave
+        total=total,
+        desc=desc,
+        unit=f" {unit}",
+        file=stream,
+        dynamic_ncols=sized,
+        ncols=None if sized else 80,
+        nrows=None if sized else 24,
+        leave=leave,
     )
 
 

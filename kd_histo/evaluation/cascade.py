@@ -277,7 +277,7 @@ def _timed(
     bar: Progress | None = None,
 ) -> tuple[np.ndarray, float]:
     """fn over ``inputs`` in batches: (probabilities [N, C], median seconds of ``repeats`` passes).
-    One untimed batch first. ``bar`` counts the tiles (its cost: well under a µs a batch)."""
+    One untimed batch first. ``bar`` counts the tiles (its cost: about 1 µs a batch)."""
     if len(inputs) == 0:
         return np.zeros((0, 0)), 0.0
     fn(

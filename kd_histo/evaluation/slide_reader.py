@@ -36,7 +36,7 @@ from PIL import Image
 
 from kd_histo.convert import slides
 from kd_histo.convert.errors import ConversionError, SkipInput
-from kd_histo.progress import progress
+from kd_histo.progress import around_bars, progress
 
 # A level counts as "at" a resolution within this relative tolerance: scanners store downsamples
 # such as 4.0003, and resizing by 1.0003 is not worth a resample.
@@ -370,5 +370,6 @@ class Progress:
             f"{self.label}: {self.done} tiles in {time.perf_counter() - self.start:.1f} s, "
             f"{self.rate:.0f} tiles/s{extra}"
         )
-        print(line, file=self.stream, flush=True)
+        with around_bars():  # the cohort's bar, if any, steps aside
+            print(line, file=self.stream, flush=True)
         return line

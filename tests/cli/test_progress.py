@@ -16,6 +16,7 @@ import pytest
 
 import kd_histo
 from kd_histo import progress as P
+from kd_histo.cli import flags_common as fc
 from kd_histo.data import synthetic
 
 
@@ -80,6 +81,21 @@ def test_on_a_terminal_a_tqdm_bar_redrawn_in_place(said):
     drawn = tty.getvalue()
     assert drawn.startswith("\rconverting:") and "10/10 [" in drawn and drawn.endswith("\n")
     assert said() == []  # nothing logged: the bar is the progress
+
+
+def test_a_binary_note_on_a_terminal_clears_the_bar_and_redraws_it(said, monkeypatch):
+    tty = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    fc.log_as("kd-histo-x")
+    with P.progress(total=4, desc="converting", unit="tiles") as bar:  # on sys.stderr
+        bar.update(1)
+        logging.getLogger("kd_histo.convert.x").warning("a note")
+        bar.update(3)
+    drawn = tty.getvalue()
+    before, note, after = drawn.partition("kd-histo-x: a note\n")
+    assert note and "0/4 [" in before and "4/4 [" in after
+    assert before.endswith(" \r")  # the bar cleared first: the note starts its own line
+    assert after.startswith("\rconverting:")  # redrawn below the note
 
 
 def test_the_switch_turns_progress_off_and_the_loop_still_runs(said, monkeypatch):

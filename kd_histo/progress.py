@@ -1,13 +1,13 @@
 """Progress of the long loops (conversion, teacher cache, evaluation, cascade, prediction): one
 definition, used by every binary and library loop that can run longer than a few seconds.
 
-    for batch in progress(batches, total=n_tiles, desc="evaluate test", unit="tiles", size=len):
+    for b in progress(batches, total=n_tiles, desc="evaluate test", unit="tiles", size=batch_tiles):
         ...
     with progress(total=n_tiles, desc="converting", unit="tiles") as bar:
         bar.update(64)
 
 On a terminal (the stream, stderr by default, ``isatty()``) it is a tqdm bar redrawn in place.
-Anywhere else (a Slurm or Kubernetes log, a pipe, a file, a notebook) it is a plain line, never a
+Anywhere else (a Slurm or Kubernetes log, a pipe, a file) it is a plain line, never a
 ``\\r``: one every :data:`EVERY_S` seconds and one at the end, with count/total, rate and ETA,
 logged under ``kd_histo.progress`` at INFO (the binaries show it as ``<prog>: <line>`` on stderr,
 ``kd_histo.cli.flags_common.log_as``). tqdm alone cannot do that second mode: on a file it still
@@ -89,27 +89,31 @@ class Progress:
     def __iter__(self) -> Iterator:
         if self._iterable is None:
             raise TypeError("progress(total=...) has no items to iterate; call update(n)")
+        ended = False
         try:
             for item in self._iterable:
                 yield item
                 self.update(self._size(item) if self._size is not None else 1)
+            ended = True
         finally:
-            self.close()
+            self.close(ended)
 
     def update(self, n: int = 1) -> None:
         if self._backend is not None:
             self._backend.update(int(n))
 
-    def close(self) -> None:
+    def close(self, ended: bool = True) -> None:
+        """Ends the progress; ``ended`` False (an error, Ctrl-C, a loop left early): no last
+        line off a terminal, where the binary's one error line is then the last word."""
         if self._backend is not None:
             backend, self._backend = self._backend, None
-            backend.close()
+            backend.close() if ended else getattr(backend, "abandon", backend.close)()
 
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        self.close(ended=kind is None)
 
 
 @contextlib.contextmanager
@@ -144,7 +148,8 @@ def _terminal_bar(total: int | None, desc: str, unit: str, stream: TextIO, leave
 
 
 class _Lines:
-    """Plain lines through logging: one every :data:`EVERY_S` seconds, one at the end."""
+    """Plain lines through logging: one every :data:`EVERY_S` seconds, one at the end (none for
+    a loop that had nothing to do: a folder of unreadable images)."""
 
     def __init__(self, total: int | None, desc: str, unit: str, leave: bool = True):
         self.total, self.desc, self.unit, self.n, self.leave = total, desc, unit, 0, leave
@@ -159,8 +164,12 @@ class _Lines:
             self._say(now)
 
     def close(self) -> None:
-        if self.leave and self.said != self.n:  # unless the line just written says it already
+        # unless the line just written says it already, or there was nothing to do
+        if self.leave and self.n and self.said != self.n:
             self._say(time.monotonic())
+
+    def abandon(self) -> None:
+        """The loop stopped early: no last line."""
 
     def _say(self, now: float) -> None:
         self.said = self.n

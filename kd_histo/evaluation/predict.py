@@ -289,7 +289,7 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
             groups.append(scorer.tiles(*_predict_slide(scorer.classify, path, run, cfg, mpp)))
         else:
             for t in folder_tiles(path, run.hr_px, skipped):
-                images = progress(t.images, total=len(t.sources), desc=t.slide_id, unit="tiles")
+                images = progress(t.images, desc=t.slide_id, unit="tiles")  # read as it goes
                 groups.append(scorer.tiles(t, *_probs(model, images, run, cfg.batch_size)))
     return _write_outputs(cfg, names, groups, skipped, scorer.ood)
 

@@ -60,7 +60,22 @@ def test_off_a_terminal_a_short_loop_says_only_its_end(said, monkeypatch):
     assert said()[-1].startswith("slides: 3 slides, ") and "ETA" not in said()[-1]
     for _ in P.progress(range(3), desc="quiet", stream=io.StringIO(), leave=False):
         pass
-    assert not any(line.startswith("quiet") for line in said())
+    for _ in P.progress([], desc="unreadable", stream=io.StringIO()):  # nothing done: no line
+        pass
+    assert not any(line.startswith(("quiet", "unreadable")) for line in said())
+
+
+def test_off_a_terminal_a_loop_cut_short_leaves_the_error_the_last_word(said, monkeypatch):
+    monkeypatch.setattr(P, "EVERY_S", 3600.0)
+    with pytest.raises(KeyboardInterrupt):
+        with P.progress(total=5, desc="converting", stream=io.StringIO()) as bar:
+            bar.update(2)
+            raise KeyboardInterrupt
+    with pytest.raises(ValueError):
+        for i in P.progress(range(5), desc="evaluate", stream=io.StringIO()):
+            if i == 2:
+                raise ValueError("a corrupt record")
+    assert said() == []
 
 
 def test_a_slow_loop_says_seconds_per_item(said, monkeypatch):

@@ -7,6 +7,7 @@ package, where no test folder mirrors it; tests/ keeps no loose files at its top
 """
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -150,3 +151,25 @@ def test_convert_binary_log_has_progress_lines_and_no_carriage_return(tmp_path):
         and line.endswith("ETA 00:00")
         for line in text.splitlines()
     ), text
+
+
+def test_predict_on_a_cohort_reports_each_input_and_the_cohort_without_carriage_return(
+    runs, tiny_shards, tmp_path, capsys, monkeypatch
+):
+    """kd-histo-predict off a terminal (pytest's capture), every line due (EVERY_S = 0)."""
+    from cli_helpers import invoke
+
+    monkeypatch.delenv(P.SWITCH, raising=False)
+    monkeypatch.setattr(P, "EVERY_S", 0.0)
+    tiles = tmp_path / "tiles"
+    synthetic.write_tile_folder(str(tiles), 2, tile_px=32)  # a group of 2 tiles per class folder
+    with open(os.path.join(tiny_shards, "dataset.json")) as f:
+        n_test = sum(json.load(f)["counts"]["test"].values())
+    argv = [f"--model_dir={runs / 'teacher'}", f"--out_dir={tmp_path / 'pred'}", "--batch_size=4"]
+    assert invoke("predict", *argv, f"--inputs={tiny_shards},{tiles}") == 0
+    said = capsys.readouterr()
+    lines = said.err.splitlines()
+    assert "\r" not in said.err + said.out
+    assert f"kd-histo-predict: {tiny_shards} (test): 4/{n_test} tiles" in said.err  # per batch
+    assert any(line.startswith("kd-histo-predict: tumour: 2 tiles, ") for line in lines)
+    assert any(line.startswith("kd-histo-predict: inputs: 2/2 inputs (100%), ") for line in lines)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import kd_histo
@@ -124,6 +125,32 @@ def test_the_switch_turns_progress_off_and_the_loop_still_runs(said, monkeypatch
     monkeypatch.setenv(P.SWITCH, "1")
     assert list(P.progress(range(3), desc="z", stream=tty, show=False)) == [0, 1, 2]
     assert tty.getvalue() == "" and said() == []  # the caller's own switch (--noprogress)
+
+
+def test_the_cascade_counts_every_tile_it_times(said, monkeypatch):
+    """measure_curve's total (student and teacher over all tiles, the teacher over each share's
+    tiles, each pass ``repeats`` times) is the count it reaches."""
+    from kd_histo.evaluation import cascade
+
+    monkeypatch.setattr(P, "EVERY_S", 3600.0)
+    n, calls = 40, []
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), n)
+
+    def net(x):
+        calls.append(len(x))
+        return probs[x[:, 0].astype(int)]
+
+    idx = np.arange(n, dtype=float)[:, None]
+    labels = np.zeros(n, int)
+    cascade.measure_curve(
+        net, net, idx, idx, labels, student_gflops=0.1, teacher_gflops=2.0,
+        fractions=(0.0, 0.1, 0.5), batch_size=8, repeats=2,
+    )  # fmt: skip
+    # less the untimed warm-up batches: both nets (8 each), the 4 and the 20 tiles of 2 shares
+    timed = sum(calls) - (8 + 8 + 4 + 8)
+    assert timed == 2 * (n + n + 0 + 4 + 20)
+    assert said() == [line for line in said() if line.startswith(f"cascade: {timed}/{timed} ")]
+    assert len(said()) == 1
 
 
 def test_convert_binary_log_has_progress_lines_and_no_carriage_return(tmp_path):

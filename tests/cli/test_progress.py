@@ -200,3 +200,15 @@ def test_predict_on_a_cohort_reports_each_input_and_the_cohort_without_carriage_
     assert f"kd-histo-predict: {tiny_shards} (test): 4/{n_test} tiles" in said.err  # per batch
     assert any(line.startswith("kd-histo-predict: tumour: 2 tiles, ") for line in lines)
     assert any(line.startswith("kd-histo-predict: inputs: 2/2 inputs (100%), ") for line in lines)
+
+
+def test_evaluate_reports_its_split_in_tiles(runs, tiny_shards, tmp_path, capsys, monkeypatch):
+    from cli_helpers import invoke
+
+    monkeypatch.delenv(P.SWITCH, raising=False)
+    argv = [f"--model_dir={runs / 'teacher'}", f"--data_dir={tiny_shards}", "--n_boot=5"]
+    assert invoke("evaluate", *argv, f"--out_dir={tmp_path / 'eval'}") == 0
+    with open(os.path.join(tiny_shards, "dataset.json")) as f:
+        n = sum(json.load(f)["counts"]["test"].values())
+    err = capsys.readouterr().err
+    assert f"kd-histo-evaluate: evaluate test: {n}/{n} tiles (100%), " in err and "\r" not in err

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -212,3 +213,14 @@ def test_evaluate_reports_its_split_in_tiles(runs, tiny_shards, tmp_path, capsys
         n = sum(json.load(f)["counts"]["test"].values())
     err = capsys.readouterr().err
     assert f"kd-histo-evaluate: evaluate test: {n}/{n} tiles (100%), " in err and "\r" not in err
+
+
+def test_the_teacher_cache_build_reports_its_tiles(runs, tiny_shards, tmp_path, capsys):
+    from cli_helpers import train_run
+
+    argv = ["--factor=2", f"--teacher={runs / 'teacher'}", "--augment=flips", "--epochs=1"]
+    cache = f"--teacher_cache={tmp_path / 'cache'}"
+    assert train_run(tiny_shards, tmp_path / "student", "distill", *argv, cache) == 0
+    err = capsys.readouterr().err
+    done = re.findall(r"^kd-histo-train: teacher cache: (\d+)/(\d+) tiles \(100%\), ", err, re.M)
+    assert done and all(n == total != "0" for n, total in done), err  # train's and val's caches

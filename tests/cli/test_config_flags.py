@@ -10,9 +10,9 @@ experiment.json unchanged, so the experiment resumes).
 import ast
 import dataclasses
 import json
-import pathlib
 
 import pytest
+from support import REPO
 
 from kd_histo.cli import convert as convert_cli
 from kd_histo.cli import cost as cost_cli
@@ -27,7 +27,6 @@ from kd_histo.models import ModelConfig
 from kd_histo.protocol.plan import ExperimentConfig
 from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 BINARIES = [convert_cli, train_cli, evaluate_cli, cost_cli, predict_cli, experiment_cli, demo_cli]
 
 # Fields of the binaries' configs that are no flag: set by code (the protocol, the library's
@@ -147,7 +146,7 @@ def test_every_flag_is_a_config_field_or_a_binarys_own():
 
 
 def test_no_binary_defines_a_flag_by_hand():
-    for path in (ROOT / "kd_histo" / "cli").glob("*.py"):
+    for path in (REPO / "kd_histo" / "cli").glob("*.py"):
         calls = [
             n
             for n in ast.walk(ast.parse(path.read_text()))
@@ -303,7 +302,7 @@ def _lc25000_expected() -> ExperimentConfig:
 
 
 def test_the_lc25000_experiment_flags_make_the_same_configs(parsed, monkeypatch):
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO)
     parsed("kd-histo-experiment", ["--flagfile=flags/lc25000/experiment.flags"])
     got, want = experiment_cli.config_from_flags(), _lc25000_expected()
     assert got == want
@@ -315,11 +314,11 @@ def test_the_lc25000_experiment_flags_make_the_same_configs(parsed, monkeypatch)
 def test_the_committed_run_configs_read_back():
     """Every run config committed under results/ (each run's config.json, each experiment's base)
     still reads as a RunConfig: a setting removed from the code is removed from them too."""
-    paths = sorted(ROOT.glob("results/*/bundle/runs/*/*/config.json"))
+    paths = sorted(REPO.glob("results/*/bundle/runs/*/*/config.json"))
     assert len(paths) > 50
     for path in paths:
         RunConfig.from_dict(json.loads(path.read_text()))
-    for path in sorted(ROOT.glob("results/*/bundle/experiment.json")):
+    for path in sorted(REPO.glob("results/*/bundle/experiment.json")):
         RunConfig.from_dict(json.loads(path.read_text())["base"])
 
 
@@ -327,7 +326,7 @@ def test_the_demo_trains_what_its_flagfile_says(monkeypatch):
     """kd-histo-demo reads flags/demo/common.flags, as the single kd-histo-train steps do."""
     from kd_histo.protocol import demo
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO)
     base = train_cli.config_from_flagfile(
         demo_cli.COMMON_FLAGS, "--data_dir=out/data", "--mode=teacher", "--model_dir=out/runs"
     )

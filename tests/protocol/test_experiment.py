@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from support import REPO
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.protocol import report
@@ -591,8 +592,7 @@ def test_the_bundle_layout_is_not_git_ignored(finished, tmp_path):
 
     from kd_histo.protocol import bundle
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if shutil.which("git") is None or not os.path.exists(os.path.join(root, ".git")):
+    if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs the repository's git checkout")
     cfg, _, _ = finished
     results = tmp_path / "results"
@@ -602,7 +602,7 @@ def test_the_bundle_layout_is_not_git_ignored(finished, tmp_path):
     assert any("/runs/" in n for n in names) and len(names) > 10
     check = subprocess.run(
         ["git", "check-ignore", "--no-index", "--stdin"],
-        cwd=root,
+        cwd=REPO,
         input="\n".join(names),
         capture_output=True,
         text=True,
@@ -698,10 +698,9 @@ def test_an_evaluation_killed_mid_way_is_evaluated_again(finished, tmp_path):
     with open(os.path.join(out, "metrics.json")) as f:
         before = json.load(f)
     stalled = tmp_path / "stalled"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
         [sys.executable, "-c", _STALLED_EVALUATION, spec.model_dir, out, str(stalled)],
-        cwd=root,
+        cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},

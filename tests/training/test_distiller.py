@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import REPO
 
 from kd_histo.models import build_model, load_model
 from kd_histo.training import losses as L
@@ -19,7 +20,6 @@ from kd_histo.training.config import DistillConfig
 from kd_histo.training.distiller import ResolutionDistiller, losses_for
 
 KW = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], planes=(4, 8, 8, 16), stem="small")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def nets(seed=0, classes=4, **kw):
@@ -301,7 +301,7 @@ _MIRRORED = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     sys.path.insert(0, "tests")
-    from test_distiller import nets, batch_dict, snapshot, weights
+    from training.test_distiller import nets, batch_dict, snapshot, weights
     from kd_histo.training.distiller import ResolutionDistiller
 
     def run(strategy):
@@ -329,7 +329,7 @@ def test_mirrored_strategy_two_logical_cpus_matches_one_device():
     # Logical devices must be set before TF initialises, hence a fresh interpreter.
     proc = subprocess.run(
         [sys.executable, "-c", _MIRRORED],
-        cwd=ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
@@ -350,7 +350,7 @@ _WORKER = textwrap.dedent("""
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     import keras
     sys.path.insert(0, "tests")
-    from test_distiller import nets, batch_dict
+    from training.test_distiller import nets, batch_dict
     from kd_histo.training.distiller import ResolutionDistiller
     with strategy.scope():
         student, teacher = nets(seed=5)
@@ -377,7 +377,7 @@ def test_multi_worker_mirrored_two_local_workers():
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER],
-            cwd=ROOT,
+            cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -322,6 +322,40 @@ def test_the_committed_run_configs_read_back():
         RunConfig.from_dict(json.loads(path.read_text())["base"])
 
 
+@pytest.mark.parametrize(
+    "flagfile",
+    sorted(
+        p.name
+        for p in (REPO / "flags" / "lc25000").glob("*.flags")
+        if "--results_dir=" in p.read_text()
+    ),
+)
+def test_the_committed_bundles_are_the_experiments_their_flagfiles_run(
+    flagfile, parsed, monkeypatch
+):
+    """A fresh checkout's kd-histo-experiment imports a committed bundle's seeds only when the
+    bundle's experiment.json has the settings the flagfile makes now (the runner's own check), and
+    each committed run trained with the experiment's network, optimizer, stain settings..."""
+    from kd_histo.protocol import experiment
+
+    monkeypatch.chdir(REPO)
+    parsed("kd-histo-experiment", [f"--flagfile=flags/lc25000/{flagfile}"])
+    cfg = experiment_cli.config_from_flags()
+    bundle = REPO / cfg.results_dir / "bundle"
+    if not bundle.is_dir():
+        pytest.skip(f"{cfg.results_dir} holds no bundle")
+    # the shards are not in the checkout: compare the settings, not the data set
+    monkeypatch.setattr(experiment, "_data_identity", lambda path: {})
+    experiment._check_same_experiment(cfg, str(bundle))
+    per_run = {"mode", "model_dir", "data", "distill", "seed", "epochs", "verbose"}
+    base = {k: v for k, v in json.loads(cfg.base.to_json()).items() if k not in per_run}
+    runs = sorted(bundle.glob("runs/*/*/config.json"))
+    assert runs
+    for path in runs:
+        run = json.loads(path.read_text())
+        assert {k: v for k, v in run.items() if k not in per_run} == base, path
+
+
 def test_the_demo_trains_what_its_flagfile_says(monkeypatch):
     """kd-histo-demo reads flags/demo/common.flags, as the single kd-histo-train steps do."""
     from kd_histo.protocol import demo

@@ -111,7 +111,7 @@ def tiny_run_config(data_dir, model_dir, **kw):
         mode="teacher",
         model_dir=str(model_dir),
         data=PipelineConfig(data_dir, batch_size=4),
-        net=NetConfig(planes=TINY_PLANES, kwargs=(("stem", "small"),)),
+        net=NetConfig(planes=TINY_PLANES, stem="small"),
         epochs=3,
         steps_per_epoch=2,
         val_steps=1,

@@ -1,10 +1,11 @@
 """The typed configuration of one training run (``RunConfig``) and its JSON round trip.
 
 A run is fully described by a frozen :class:`RunConfig`: the data pipeline
-(:class:`kd_histo.data.pipeline.PipelineConfig`), the network (:class:`NetConfig`), the
-distillation weights (:class:`DistillConfig`), the optimizer and schedule (:class:`OptimConfig`),
-and the run itself (mode, precision, strategy, seed, epochs, model_dir, resume). ``smoke()``
-shrinks any config so it runs in seconds on a laptop (big_vision's "runlocal" switch).
+(:class:`kd_histo.data.pipeline.PipelineConfig`), the network (:class:`kd_histo.models.NetConfig`,
+defined beside the builder), the distillation weights (:class:`DistillConfig`), the optimizer and
+schedule (:class:`OptimConfig`), and the run itself (mode, precision, strategy, seed, epochs,
+model_dir, resume). ``smoke()`` shrinks any config so it runs in seconds on a laptop (big_vision's
+"runlocal" switch).
 
 Not here: flag parsing (``kd_histo.cli``), building anything from the config
 (``kd_histo.training.train``).
@@ -19,6 +20,7 @@ from typing import Any
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.data.stain_norm import StainConfig
+from kd_histo.models import NetConfig
 from kd_histo.numbers import require_finite
 from kd_histo.settings import check_choice, setting
 from kd_histo.training import losses as L
@@ -31,31 +33,6 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 FEATURE_MODES = L.FEATURE_MODES  # the loss module defines them (and checks them, once)
 FEATURE_NORMS = L.FEATURE_NORMS
 MONITORS = ("val_accuracy", "val_loss")
-
-
-@dataclasses.dataclass(frozen=True)
-class NetConfig:
-    """Which network to build (``kd_histo.models.build_model(arch, num_classes, **kwargs)``).
-
-    Attributes:
-      arch: "resnet_gn" (the paper's), "resnet18", "resnet34" or "resnet50".
-      planes: channels per stage for ``resnet_gn``; empty = the builder's default (32-64-128-256).
-      kwargs: further builder keyword arguments as (name, value) pairs (kept hashable).
-    """
-
-    arch: str = setting("resnet_gn", "Network: resnet_gn (paper), resnet18, resnet34, resnet50.")
-    planes: tuple[int, ...] = setting(
-        (), "Stage widths of resnet_gn, e.g. 32,64,128,256 (default the builder's)."
-    )
-    # The flags --stem (resnet_gn only) and --norm are ModelConfig's fields (kd_histo.models).
-    kwargs: tuple[tuple[str, Any], ...] = ()
-
-    def build_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``build_model`` beyond arch, num_classes, mean and std."""
-        out = dict(self.kwargs)
-        if self.planes:
-            out["planes"] = tuple(self.planes)
-        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,8 +218,9 @@ class RunConfig:
         data = dict(d.pop("data"))
         data["unlabeled_dirs"] = tuple(data.get("unlabeled_dirs", ()))
         net = dict(d.pop("net", {}))
-        net["planes"] = tuple(net.get("planes", ()))
-        net["kwargs"] = tuple(tuple(kv) for kv in net.get("kwargs", ()))
+        for key in ("planes", "blocks"):  # JSON lists back to (hashable) tuples
+            if isinstance(net.get(key), list):
+                net[key] = tuple(net[key])
         d["profile_steps"] = tuple(d.get("profile_steps", (0, 0)))
         return cls(
             data=PipelineConfig(**data),

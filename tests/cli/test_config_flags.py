@@ -23,7 +23,6 @@ from kd_histo.cli import flags_common as fc
 from kd_histo.cli import predict as predict_cli
 from kd_histo.cli import train as train_cli
 from kd_histo.data.pipeline import PipelineConfig
-from kd_histo.models import ModelConfig
 from kd_histo.protocol.plan import ExperimentConfig
 from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig
 
@@ -42,20 +41,7 @@ NOT_FLAGS = {
         "seed",
     },  # = the run's --seed (RunConfig.seed)
     "RunConfig": {"data", "net", "distill", "optim", "stain", "image_grids"},
-    "NetConfig": {"kwargs"},  # --stem and --norm (ModelConfig's fields)
-    "ModelConfig": {
-        "arch",
-        "num_classes",
-        "mean",
-        "std",
-        "planes",
-        "blocks",
-        "groups",
-        "width_scale",
-        "weights",
-        "name",
-        "stain_reference",
-    },  # from the data set and NetConfig; the stain reference is fitted (StainConfig)
+    "NetConfig": {"blocks", "groups", "width_scale"},
     "DistillConfig": set(),
     "OptimConfig": {"clipnorm"},
     "StainConfig": {"reference_tiles"},
@@ -170,20 +156,17 @@ def parsed():
 
 def test_unset_flags_make_the_config_defaults(parsed):
     parsed("kd-histo-train", ["--mode=teacher", "--data_dir=d", "--model_dir=m"])
-    model = ModelConfig()
     assert train_cli.config_from_flags() == RunConfig(
         mode="teacher",
         model_dir="m",
         data=PipelineConfig("d"),
-        net=NetConfig(kwargs=(("stem", model.stem), ("norm", model.norm))),
+        net=NetConfig(),
     )
     parsed(
         "kd-histo-train",
         ["--mode=teacher", "--data_dir=d", "--model_dir=m", "--arch=resnet18", "--norm=batch"],
     )
-    assert train_cli.config_from_flags().net == NetConfig(
-        arch="resnet18", kwargs=(("norm", "batch"),)
-    )
+    assert train_cli.config_from_flags().net == NetConfig(arch="resnet18", norm="batch")
 
 
 def test_list_enum_and_bool_flags_parse_as_before(parsed, capsys):
@@ -246,7 +229,8 @@ def _lc25000_expected() -> ExperimentConfig:
         net=NetConfig(
             arch="resnet_gn",
             planes=(16, 32, 64, 128),
-            kwargs=(("stem", "small"), ("norm", "group")),
+            stem="small",
+            norm="group",
         ),
         distill=DistillConfig(
             teacher="",
@@ -371,9 +355,7 @@ def test_the_demo_trains_what_its_flagfile_says(monkeypatch):
         data=PipelineConfig(
             data_dir="out/data", batch_size=16, augment="flips", seed=0, shuffle_buffer=1024
         ),
-        net=NetConfig(
-            arch="resnet_gn", planes=(8, 16, 32, 64), kwargs=(("stem", "small"), ("norm", "group"))
-        ),
+        net=NetConfig(arch="resnet_gn", planes=(8, 16, 32, 64), stem="small", norm="group"),
         optim=OptimConfig(name="adam", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine"),
         distill=DistillConfig(teacher_cache="auto"),
         epochs=12,

@@ -20,7 +20,7 @@ def _base(data_dir, **changes):
     data = PipelineConfig(data_dir, batch_size=4, shuffle_buffer=16)
     base = RunConfig(
         mode="teacher", model_dir="unused", data=data,
-        net=NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),)),
+        net=NetConfig(planes=(4, 8, 8, 16), stem="small"),
         epochs=1, steps_per_epoch=2, profile_steps=(0, 0), image_grids=False, verbose=0,
     )  # fmt: skip
     return dataclasses.replace(base, **changes)

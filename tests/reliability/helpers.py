@@ -14,7 +14,7 @@ from support import REPO
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.training.config import NetConfig, RunConfig
 
-TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
+TINY_NET = NetConfig(planes=(4, 8, 8, 16), stem="small")
 # A binary run as a child process: the checkout's kd_histo, without TF's C++ import chatter.
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
 

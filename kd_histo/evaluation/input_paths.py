@@ -21,12 +21,19 @@ from __future__ import annotations
 
 import functools
 import glob
+import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 
 from kd_histo.convert.manifest import SLIDE_EXTENSIONS
 from kd_histo.convert.tiles import TILE_EXTENSIONS
+from kd_histo.training.run_record import RunRecord
 
+_LOG = logging.getLogger(__name__)
+
+# A --read_mpp further than this ratio from the run's µm/px (either way) is said in a warning.
+READ_MPP_WARN_RATIO = 1.5
 # A .tif larger than this many HR tiles in either side is a slide, not a tile (a tile folder's
 # .tif of some other size than the run's HR tile is still resized into one tile, as before).
 SLIDE_SIDE_FACTOR = 2
@@ -193,3 +200,28 @@ def is_slide_tiff(path: str, hr_px: int) -> bool:
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         return False
     return False
+
+
+def tile_mpp(run: RunRecord, read_mpp: float, model_dir: str = "the run") -> float:
+    """µm/px at which slides are tiled into HR tiles: ``read_mpp`` if given, else the run's; a
+    ``read_mpp`` more than :data:`READ_MPP_WARN_RATIO` from the run's is said in one warning."""
+    if read_mpp < 0 or not math.isfinite(read_mpp):
+        raise ValueError(f"--read_mpp must be > 0 (or 0 = the run's), got {read_mpp}")
+    if read_mpp and run.mpp:
+        ratio = max(read_mpp / run.mpp, run.mpp / read_mpp)
+        if ratio > READ_MPP_WARN_RATIO:
+            side = "below" if read_mpp < run.mpp else "above"
+            _LOG.warning(
+                f"--read_mpp={read_mpp:g} µm/px is {ratio:.3g}x {side} "
+                f"the {run.mpp:g} µm/px {model_dir} was trained at: slide tiles cover "
+                f"{(read_mpp / run.mpp) ** 2:.3g}x a training tile's area; drop --read_mpp "
+                "unless run.json's µm/px is wrong"
+            )
+    if read_mpp:
+        return read_mpp
+    if run.mpp is None:
+        raise ValueError(
+            "the run's training tiles have no known µm/px (their dataset.json says 0); pass "
+            "--read_mpp=<µm/px of the training tiles>"
+        )
+    return run.mpp

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from kd_histo.evaluation import input_paths
+from kd_histo.evaluation.input_paths import tile_mpp
 from kd_histo.evaluation.predict_inputs import Tiles, folder_tiles
 from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.evaluation.qupath_out import OBJECT_TYPES, SlideGrid
@@ -135,20 +136,6 @@ class PredictConfig:
             raise ValueError(
                 "--cascade_fraction/--cascade_threshold need --cascade_teacher=<teacher run folder>"
             )
-
-
-def tile_mpp(run: RunRecord, read_mpp: float) -> float:
-    """µm/px at which slides are tiled into HR tiles: ``read_mpp`` if given, else the run's."""
-    if read_mpp < 0 or not np.isfinite(read_mpp):
-        raise ValueError(f"--read_mpp must be > 0 (or 0 = the run's), got {read_mpp}")
-    if read_mpp:
-        return read_mpp
-    if run.mpp is None:
-        raise ValueError(
-            "the run's training tiles have no known µm/px (their dataset.json says 0); pass "
-            "--read_mpp=<µm/px of the training tiles>"
-        )
-    return run.mpp
 
 
 def _predict_slide(
@@ -272,7 +259,7 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     check_classes(names, cfg.heatmap_classes)
     # globs, --inputs_file, folders' slides: all inputs found and checked before any work
     kinds = input_paths.resolve(cfg.inputs, cfg.inputs_file, run.hr_px)
-    mpp = tile_mpp(run, cfg.read_mpp) if any(k == "slide" for _, k in kinds) else 0.0
+    mpp = tile_mpp(run, cfg.read_mpp, cfg.model_dir) if any(k == "slide" for _, k in kinds) else 0.0
     if run.lr_method == "pyramid" and any(k == "folder" for _, k in kinds):
         _LOG.warning(
             f"{cfg.model_dir} was trained on pyramid LR tiles; tile folders get an "

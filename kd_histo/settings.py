@@ -28,6 +28,9 @@ SKIP_CORRUPT_HELP = (
     "tail) and say how many, instead of stopping at the first with the shard's name."
 )
 
+# Convert and predict: slides read at a µm/px need their level-0 µm/px.
+SLIDE_MPP_HELP = "Level-0 µm/px for slides whose metadata lacks it (0 = from the metadata)."
+
 OOD_WARN_HELP = (
     "Warn about a slide when more than this fraction of its tiles lie out of the model's domain "
     "(ood_flag: a score above the threshold that 5% of the val tiles exceed)."

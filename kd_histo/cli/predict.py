@@ -11,7 +11,9 @@ objects for QuPath: File > Import objects) and <slide>_probabilities.ome.tif (a 
 probability map, one channel per class); with --heatmap (or --heatmap_classes=a,b) heatmap PNGs
 over its thumbnail (``kd_histo.evaluation.prediction_files``). With --cascade_teacher the teacher
 re-scores the least confident tiles of each slide from their HR tiles (predictions.csv says which
-net scored each). --read_mpp overrides the µm/px the run was trained at (run.json).
+net scored each). --read_mpp overrides the µm/px the run was trained at (run.json); --slide_mpp
+gives a slide's level-0 µm/px when its metadata lacks it. Inputs may be quoted globs
+('slides/*.svs') or lines of --inputs_file; folders are searched for slides as well as tiles.
 """
 
 from __future__ import annotations

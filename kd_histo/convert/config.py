@@ -8,7 +8,7 @@ from kd_histo.convert.errors import ConversionError
 from kd_histo.convert.neardup import NearDupOptions
 from kd_histo.convert.records import EncodeOptions
 from kd_histo.numbers import require_finite
-from kd_histo.settings import setting
+from kd_histo.settings import SLIDE_MPP_HELP, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +123,7 @@ class ConvertConfig:
     )
     seed: int = setting(0, "Split seed.")
     encode: EncodeOptions = EncodeOptions()
-    slide_mpp: float = setting(0.0, "Level-0 µm/px for slides whose metadata lacks it.")
+    slide_mpp: float = setting(0.0, SLIDE_MPP_HELP)
     compression: str = setting("", "Shard compression.", choices=("", "GZIP"))
     examples_per_shard: int = setting(1000, "Target shard size (when --num_shards=0).")
     num_shards: int = setting(0, "Shards per split (0 = from --examples_per_shard).")

@@ -29,11 +29,13 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from kd_histo.evaluation.predict_inputs import Tiles, folder_tiles, input_kind
+from kd_histo.evaluation import input_paths
+from kd_histo.evaluation.input_paths import tile_mpp
+from kd_histo.evaluation.predict_inputs import Tiles, folder_tiles
 from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.evaluation.qupath_out import OBJECT_TYPES, SlideGrid
 from kd_histo.models import ood
-from kd_histo.settings import OOD_WARN_HELP, SKIP_CORRUPT_HELP, setting
+from kd_histo.settings import OOD_WARN_HELP, SKIP_CORRUPT_HELP, SLIDE_MPP_HELP, setting
 from kd_histo.training.run_record import RunRecord, read_run_record
 
 _LOG = logging.getLogger(__name__)
@@ -45,13 +47,15 @@ class PredictConfig:
 
     Attributes:
       model_dir: run folder (run.json + model.keras).
-      inputs: tile folders, converted data folders (dataset.json), or slide files (``.svs`` ... and
-        pyramidal ``.tif`` given as a file).
+      inputs: tile folders, converted data folders (dataset.json), slide files or globs; folders
+        are searched for slides too (``kd_histo.evaluation.input_paths``).
+      inputs_file: a text file of further inputs, one a line.
       out_dir: output folder.
       split: split read from a converted data folder.
       batch_size: tiles per forward pass.
       read_mpp: µm/px at which slides are read into HR tiles; 0 = the run record's ``mpp`` (the
         training tiles'), which must then be known.
+      slide_mpp: level-0 µm/px of slides whose metadata lacks it (0 = from the metadata).
       min_tissue: fraction of a slide tile that must be tissue.
       max_tiles: at most this many tiles per slide (evenly spaced); 0 = all.
       heatmap: write a heatmap per slide.
@@ -71,9 +75,8 @@ class PredictConfig:
     """
 
     model_dir: str = setting(help="Run folder of the model (run.json + model.keras).")
-    inputs: tuple[str, ...] = setting(
-        help="Tile folders, converted data folders, or whole-slide image files."
-    )
+    inputs: tuple[str, ...] = setting((), input_paths.INPUTS_HELP)
+    inputs_file: str = setting("", input_paths.INPUTS_FILE_HELP)
     # --out_dir is shared by the binaries (one default per process): unset here means ./predictions.
     out_dir: str = setting(
         "predictions",
@@ -90,6 +93,7 @@ class PredictConfig:
         "Slides: µm/px at which to read the HR tiles, overriding the run's training tiles' µm/px "
         "(run.json); needed when that is unknown (0 = the run's).",
     )
+    slide_mpp: float = setting(0.0, SLIDE_MPP_HELP)
     min_tissue: float = setting(0.5, "Slides: fraction of tissue a tile needs.")
     max_tiles: int = setting(0, "Slides: at most this many tiles per slide (0 = all).")
     heatmap: bool = setting(False, "Slides: write a probability heatmap over the thumbnail.")
@@ -134,20 +138,6 @@ class PredictConfig:
             )
 
 
-def tile_mpp(run: RunRecord, read_mpp: float) -> float:
-    """µm/px at which slides are tiled into HR tiles: ``read_mpp`` if given, else the run's."""
-    if read_mpp < 0 or not np.isfinite(read_mpp):
-        raise ValueError(f"--read_mpp must be > 0 (or 0 = the run's), got {read_mpp}")
-    if read_mpp:
-        return read_mpp
-    if run.mpp is None:
-        raise ValueError(
-            "the run's training tiles have no known µm/px (their dataset.json says 0); pass "
-            "--read_mpp=<µm/px of the training tiles>"
-        )
-    return run.mpp
-
-
 def _predict_slide(
     classify, path: str, run: RunRecord, cfg: PredictConfig, mpp: float
 ) -> tuple[Tiles, np.ndarray, np.ndarray]:
@@ -163,6 +153,7 @@ def _predict_slide(
         method=memory_lr_method(run),
         min_tissue=cfg.min_tissue,
         max_tiles=cfg.max_tiles,
+        slide_mpp=cfg.slide_mpp,
     )
     if plan.note:
         _LOG.info(plan.note)
@@ -263,13 +254,12 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     from kd_histo.evaluation.heatmap import check_classes
     from kd_histo.models import load_model
 
-    if not cfg.inputs:
-        raise ValueError("no inputs; pass --inputs=<tile folder | data folder | slide file>,...")
     run = read_run_record(cfg.model_dir)
     names = list(run.class_names)
     check_classes(names, cfg.heatmap_classes)
-    kinds = [(p, input_kind(p)) for p in cfg.inputs]  # all inputs checked before any work
-    mpp = tile_mpp(run, cfg.read_mpp) if any(k == "slide" for _, k in kinds) else 0.0
+    # globs, --inputs_file, folders' slides: all inputs found and checked before any work
+    kinds = input_paths.resolve(cfg.inputs, cfg.inputs_file, run.hr_px)
+    mpp = tile_mpp(run, cfg.read_mpp, cfg.model_dir) if any(k == "slide" for _, k in kinds) else 0.0
     if run.lr_method == "pyramid" and any(k == "folder" for _, k in kinds):
         _LOG.warning(
             f"{cfg.model_dir} was trained on pyramid LR tiles; tile folders get an "

@@ -93,7 +93,7 @@ def tiles(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiles")
     for c in ("a", "b"):
         for i in range(4):
-            write(os.path.join(root, c, f"t{i}.png"), encoded(rgb(i + 10 * len(c)), "PNG"))
+            write(os.path.join(root, c, f"t{i}.png"), encoded(rgb(i + 10 * ord(c)), "PNG"))
     return str(root)
 
 

@@ -29,11 +29,18 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from kd_histo.evaluation import cohort
 from kd_histo.evaluation.predict_inputs import Tiles, folder_tiles, input_kind
 from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.evaluation.qupath_out import OBJECT_TYPES, SlideGrid
 from kd_histo.models import ood
-from kd_histo.settings import OOD_WARN_HELP, SKIP_CORRUPT_HELP, setting
+from kd_histo.settings import (
+    NUM_TASKS_HELP,
+    OOD_WARN_HELP,
+    SKIP_CORRUPT_HELP,
+    TASK_INDEX_HELP,
+    setting,
+)
 from kd_histo.training.run_record import RunRecord, read_run_record
 
 _LOG = logging.getLogger(__name__)
@@ -68,6 +75,7 @@ class PredictConfig:
       skip_corrupt: converted data folders: skip corrupt records (and log how many).
       ood_warn_fraction: a slide with more of its tiles out of the model's domain gets a warning
         (runs with ``ood.npz``; the scores are in predictions.csv, the shares in slides.csv).
+      task_index, num_tasks: this task's share of the inputs (``kd_histo.evaluation.cohort``).
     """
 
     model_dir: str = setting(help="Run folder of the model (run.json + model.keras).")
@@ -122,7 +130,14 @@ class PredictConfig:
         "this.",
     )
 
+    task_index: int = setting(0, TASK_INDEX_HELP)
+    num_tasks: int = setting(1, NUM_TASKS_HELP)
+
     def __post_init__(self):
+        if self.num_tasks < 1 or not 0 <= self.task_index < self.num_tasks:
+            raise ValueError(
+                f"need 0 <= --task_index < --num_tasks, got {self.task_index} and {self.num_tasks}"
+            )
         given = (self.cascade_fraction is not None) + (self.cascade_threshold is not None)
         if self.cascade_teacher and given != 1:
             raise ValueError(
@@ -252,14 +267,18 @@ def _probs(
 
 
 def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) -> dict[str, str]:
-    """Predicts every input; writes the files of ``kd_histo.evaluation.prediction_files``.
+    """Predicts this task's share of the inputs, each written when it finishes
+    (``kd_histo.evaluation.cohort``: a rerun resumes), then (one task) the cohort's tables.
 
     ``log`` receives one line per converted data folder read with ``skip_corrupt``: how many
     corrupt records were skipped.
 
     Returns:
-      {name: path} of the files written ("predictions", "slides", "geojson:<slide>"...).
+      {name: path} of the files written ("predictions", "slides", "geojson:<slide>"...); {} for a
+      task of several (``--merge`` writes the tables).
     """
+    from kd_histo.evaluation import prediction_files as files
+    from kd_histo.evaluation.cascade import load_teacher
     from kd_histo.evaluation.heatmap import check_classes
     from kd_histo.models import load_model
 
@@ -268,28 +287,89 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     run = read_run_record(cfg.model_dir)
     names = list(run.class_names)
     check_classes(names, cfg.heatmap_classes)
-    kinds = [(p, input_kind(p)) for p in cfg.inputs]  # all inputs checked before any work
-    mpp = tile_mpp(run, cfg.read_mpp) if any(k == "slide" for _, k in kinds) else 0.0
-    if run.lr_method == "pyramid" and any(k == "folder" for _, k in kinds):
+    kinds = {p: input_kind(p) for p in cfg.inputs}  # all inputs checked before any work
+    mpp = tile_mpp(run, cfg.read_mpp) if "slide" in kinds.values() else 0.0
+    if run.lr_method == "pyramid" and "folder" in kinds.values():
         _LOG.warning(
             f"{cfg.model_dir} was trained on pyramid LR tiles; tile folders get an "
             "antialiased area resize of the HR tile instead (slides are read from their own "
             "pyramid level)"
         )
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=len(names))
-    scorer = _Scorer(model, run, cfg, _load_cascade_teacher(cfg, run), mpp)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    groups: list[ScoredGroup] = []
+    scorer = _Scorer(model, run, cfg, load_teacher(cfg.cascade_teacher, run), mpp)
+    stats = scorer.ood
+    columns = cohort.Columns(
+        tuple(names), bool(cfg.cascade_teacher), stats.threshold if stats is not None else None
+    )
+    units = [cohort.unit_of(p) for p in dict.fromkeys(cfg.inputs)]
+
+    def one(unit: cohort.Unit):
+        groups, skipped = _score_input(scorer, unit.path, kinds[unit.path], log)
+        heatmap = cfg.heatmap or bool(cfg.heatmap_classes)
+        return (
+            groups,
+            skipped,
+            files.write_groups_files(
+                groups, names, cfg.out_dir, cfg.qupath_object_type, heatmap, cfg.heatmap_classes
+            ),
+        )
+
+    share = cohort.Share(cfg.out_dir, cfg.task_index, cfg.num_tasks)
+    cohort.run_share(share, units, fingerprint(cfg, run), columns, one)
+    if cfg.num_tasks > 1:
+        return {}
+    return cohort.assemble(cfg.out_dir, units, columns, cfg.ood_warn_fraction)
+
+
+# Fields of PredictConfig that do not change what is written (the rest are the fingerprint).
+_NOT_SETTINGS = ("model_dir", "inputs", "out_dir", "num_workers", "task_index", "num_tasks")
+
+
+def fingerprint(cfg: PredictConfig, run: RunRecord) -> dict:
+    """What makes two runs' outputs the same: the model's (and a cascade teacher's) SHA-256, its
+    run record and OOD statistics, and the resolved prediction settings."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_SETTINGS}
+    try:
+        settings["read_mpp"] = tile_mpp(run, cfg.read_mpp)
+    except ValueError:  # no slides to read (checked where there are)
+        pass
+    settings["cascade_teacher"] = bool(cfg.cascade_teacher)
+    teacher = cfg.cascade_teacher
+    return cohort.fingerprint(
+        settings,
+        model=run.model_path(cfg.model_dir),
+        run_json=os.path.join(cfg.model_dir, "run.json"),
+        ood=os.path.join(cfg.model_dir, ood.OOD_FILE),
+        teacher=read_run_record(teacher).model_path(teacher) if teacher else "",
+    )
+
+
+def _score_input(
+    scorer: _Scorer, path: str, kind: str, log: Callable[[str], None]
+) -> tuple[list[ScoredGroup], list[tuple[str, str]]]:
+    """One input's groups and the files skipped in it; a slide that cannot be read or predicted
+    is skipped with the reason (the other inputs go on)."""
     skipped: list[tuple[str, str]] = []
-    for path, kind in kinds:
-        if kind == "shards":
-            groups += scorer.shards(path, log)
-        elif kind == "slide":
-            groups.append(scorer.tiles(*_predict_slide(scorer.classify, path, run, cfg, mpp)))
-        else:
-            for t in folder_tiles(path, run.hr_px, skipped):
-                groups.append(scorer.tiles(t, *_probs(model, t.images, run, cfg.batch_size)))
-    return _write_outputs(cfg, names, groups, skipped, scorer.ood)
+    if kind == "shards":
+        return scorer.shards(path, log), skipped
+    if kind == "folder":
+        groups = [
+            scorer.tiles(t, *_probs(scorer.model, t.images, scorer.run, scorer.cfg.batch_size))
+            for t in folder_tiles(path, scorer.run.hr_px, skipped)
+        ]
+        return groups, skipped
+    import openslide
+
+    from kd_histo.convert.errors import SkipInput
+
+    try:
+        tiles = _predict_slide(scorer.classify, path, scorer.run, scorer.cfg, scorer.mpp)
+        return [scorer.tiles(*tiles)], skipped
+    except (ValueError, SkipInput, openslide.OpenSlideError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        reason = reason[len(path) + 2 :] if reason.startswith(f"{path}: ") else reason
+        _LOG.warning(f"{path}: skipped: {reason}")
+        return [], [(path, reason)]
 
 
 class _Scorer:
@@ -349,64 +429,6 @@ class _Scorer:
                 )
                 start = end
         return out
-
-
-def _write_outputs(
-    cfg: PredictConfig,
-    names: list[str],
-    groups: list[ScoredGroup],
-    skipped: list[tuple[str, str]],
-    stats: ood.OODStats | None = None,
-) -> dict[str, str]:
-    """The tables, then each slide's GeoJSON, OME-TIFF and heatmaps; {name: path}."""
-    from kd_histo.evaluation import prediction_files as files
-
-    paths = {}
-    if skipped:  # as conversion does: skip unreadable images, list them with the reason
-        paths["skipped"] = files.write_skipped(skipped, os.path.join(cfg.out_dir, "skipped.csv"))
-        _LOG.warning(
-            f"skipped {len(skipped)} unreadable image(s), listed in {paths['skipped']} "
-            f"(first: {skipped[0][0]}: {skipped[0][1]})"
-        )
-    if not any(len(g.probs) for g in groups):
-        raise ValueError(
-            f"no readable tile in {', '.join(cfg.inputs)}; see {paths.get('skipped', 'the inputs')}"
-        )
-    threshold = stats.threshold if stats is not None else None
-    paths["predictions"] = files.write_tiles(
-        groups, names, os.path.join(cfg.out_dir, "predictions.csv"), threshold
-    )
-    paths["slides"] = files.write_slides(
-        groups, names, os.path.join(cfg.out_dir, "slides.csv"), threshold
-    )
-    if threshold is not None:
-        for line in files.ood_warnings(groups, threshold, cfg.ood_warn_fraction):
-            _LOG.warning(line)
-    for g in groups:
-        if g.grid is not None:
-            paths |= files.write_slide_files(
-                g,
-                names,
-                cfg.out_dir,
-                object_type=cfg.qupath_object_type,
-                heatmap=cfg.heatmap or bool(cfg.heatmap_classes),
-                heatmap_classes=cfg.heatmap_classes,
-            )
-    return paths
-
-
-def _load_cascade_teacher(cfg: PredictConfig, run: RunRecord):
-    """(teacher net, teacher record) for ``cfg.cascade_teacher``, checked to fit the student."""
-    if not cfg.cascade_teacher:
-        return None
-    from kd_histo.evaluation.cascade import check_pair
-    from kd_histo.models import load_model
-
-    teacher_run = read_run_record(cfg.cascade_teacher)
-    check_pair(run, teacher_run)
-    return load_model(
-        teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=run.num_classes
-    ), teacher_run
 
 
 def _cascade(

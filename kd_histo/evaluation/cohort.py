@@ -255,7 +255,7 @@ def write_part(
             for g in groups
         ],
         "skipped": [list(s) for s in skipped],
-        "paths": paths,
+        "paths": {k: os.path.relpath(v, out_dir) for k, v in paths.items()},  # movable
     }
     write_json(_part(out_dir, unit, "done.json"), marker)
     remove_stale_temps([tiles, probs, scores, _part(out_dir, unit, "done.json"), *paths.values()])
@@ -317,7 +317,7 @@ def assemble(
         for line in ood.warning_lines(shares, warn_fraction):
             _LOG.warning(line)
     for m in markers:
-        out |= m["paths"]
+        out |= {k: os.path.join(out_dir, v) for k, v in m["paths"].items()}
     return out
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -200,9 +199,11 @@ def run_share(
                 f"{len(mine) - len(todo)} of {len(mine)} inputs already predicted in {out_dir}: "
                 f"skipped (delete {os.path.join(out_dir, PARTS)} to redo them)"
             )
+        parts = os.path.join(out_dir, PARTS)
+        stale = stale_temps(out_dir, parts, os.path.join(out_dir, "heatmaps")) if todo else {}
         for u in todo:
             with unit_lock(out_dir, u):
-                write_part(out_dir, u, *predict_unit(u), columns)
+                write_part(out_dir, u, *predict_unit(u), columns, stale)
 
 
 def _part(out_dir: str, unit: Unit, what: str) -> str:
@@ -220,10 +221,26 @@ def unit_lock(out_dir: str, unit: Unit) -> Iterator[None]:
         yield
 
 
-def remove_stale_temps(paths: Sequence[str]) -> None:
-    """Removes ``<path>.tmp-*`` left by a killed writer (call while holding the files' lock)."""
+def stale_temps(*folders: str) -> dict[str, list[str]]:
+    """{final path: [its ``.tmp-<pid>`` files]} in ``folders`` as they are now: what killed
+    writers left (remove a file's only while holding its lock). One listing per folder: no
+    per-file pattern (``glob`` caches every pattern it compiles)."""
+    out: dict[str, list[str]] = {}
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(folder):
+                final, tmp, _ = name.rpartition(".tmp-")
+                if tmp:
+                    out.setdefault(os.path.join(folder, final), []).append(
+                        os.path.join(folder, name)
+                    )
+    return out
+
+
+def remove_stale_temps(paths: Sequence[str], stale: dict[str, list[str]]) -> None:
+    """Removes the temporary files of ``paths`` listed in ``stale`` (:func:`stale_temps`)."""
     for p in paths:
-        for tmp in glob.glob(glob.escape(p) + ".tmp-*"):
+        for tmp in stale.get(p, ()):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
 
@@ -235,8 +252,10 @@ def write_part(
     skipped: Sequence[tuple[str, str]],
     paths: dict[str, str],
     columns: Columns,
+    stale: dict[str, list[str]] | None = None,
 ) -> None:
-    """A finished unit's pieces, then its marker (module docstring), each atomically."""
+    """A finished unit's pieces, then its marker (module docstring), each atomically; then the
+    ``stale`` temporary files (:func:`stale_temps`) of its files are removed."""
     tiles, probs, scores = (_part(out_dir, unit, w) for w in ("tiles.csv", "probs.npy", "ood.npy"))
     with replacing(tiles) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows(
@@ -258,7 +277,8 @@ def write_part(
         "paths": {k: os.path.relpath(v, out_dir) for k, v in paths.items()},  # movable
     }
     write_json(_part(out_dir, unit, "done.json"), marker)
-    remove_stale_temps([tiles, probs, scores, _part(out_dir, unit, "done.json"), *paths.values()])
+    done = _part(out_dir, unit, "done.json")
+    remove_stale_temps([tiles, probs, scores, done, *paths.values()], stale or {})
 
 
 def _save(path: str, array: np.ndarray) -> None:
@@ -266,24 +286,30 @@ def _save(path: str, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
 
 
-def _markers(out_dir: str, units: Sequence[Unit], num_tasks: int) -> list[dict]:
-    """Every unit's marker; one line naming the unfinished units and their tasks if any."""
+def _check_done(out_dir: str, units: Sequence[Unit], num_tasks: int) -> None:
+    """One line naming the unfinished units and their tasks, if any."""
     missing = [i for i, u in enumerate(units) if not is_done(out_dir, u)]
-    if missing:
-        task = balanced_shares([u.size for u in units], num_tasks)
-        by_task: dict[int, list[str]] = {}
-        for i in missing:
-            by_task.setdefault(task[i], []).append(os.path.basename(units[i].path))
-        said = "; ".join(
-            f"task {t} of {num_tasks}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-            for t, names in sorted(by_task.items())
-        )
-        raise ValueError(
-            f"{len(missing)} of {len(units)} inputs are not predicted yet in {out_dir} ({said}); "
-            f"run those tasks (the same command with --task_index=I --num_tasks={num_tasks}), "
-            "then --merge again"
-        )
-    return [_read_json(_part(out_dir, u, "done.json")) for u in units]
+    if not missing:
+        return
+    task = balanced_shares([u.size for u in units], num_tasks)
+    by_task: dict[int, list[str]] = {}
+    for i in missing:
+        by_task.setdefault(task[i], []).append(os.path.basename(units[i].path))
+    said = "; ".join(
+        f"task {t} of {num_tasks}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+        for t, names in sorted(by_task.items())
+    )
+    raise ValueError(
+        f"{len(missing)} of {len(units)} inputs are not predicted yet in {out_dir} ({said}); "
+        f"run those tasks (the same command with --task_index=I --num_tasks={num_tasks}), "
+        "then --merge again"
+    )
+
+
+def _markers(out_dir: str, units: Sequence[Unit]) -> Iterator[dict]:
+    """The units' markers, read one at a time (memory stays flat in the number of units)."""
+    for u in units:
+        yield _read_json(_part(out_dir, u, "done.json"))
 
 
 def assemble(
@@ -291,11 +317,14 @@ def assemble(
 ) -> dict[str, str]:
     """The cohort's tables from the units' parts, in the order of ``units``; {name: path} of the
     tables and of every unit's per-slide files."""
-    markers = _markers(out_dir, units, num_tasks)
+    _check_done(out_dir, units, num_tasks)
     out = {}
     with _lock(out_dir, "tables"):
-        remove_stale_temps([os.path.join(out_dir, t) for t in TABLES])
-        skipped = [tuple(s) for m in markers for s in m["skipped"]]
+        remove_stale_temps([os.path.join(out_dir, t) for t in TABLES], stale_temps(out_dir))
+        skipped, n_tiles = [], 0
+        for m in _markers(out_dir, units):
+            skipped += [tuple(s) for s in m["skipped"]]
+            n_tiles += sum(g["n"] for g in m["groups"])
         skipped_csv = os.path.join(out_dir, "skipped.csv")
         if skipped:  # as conversion does: skip unreadable images, list them with the reason
             out["skipped"] = files.write_skipped(skipped, skipped_csv)
@@ -305,18 +334,18 @@ def assemble(
             )
         elif os.path.exists(skipped_csv):
             os.remove(skipped_csv)  # an earlier run's: nothing is skipped now
-        if not any(g["n"] for m in markers for g in m["groups"]):
+        if not n_tiles:
             first = f": {skipped[0][1]}" if skipped else ""
             raise ValueError(
                 f"no readable tile in {', '.join(u.path for u in units)}{first}; see "
                 f"{skipped_csv if skipped else 'the inputs'}"
             )
         out["predictions"] = _write_tiles(out_dir, units, columns)
-        out["slides"], shares = _write_slides(out_dir, units, markers, columns)
+        out["slides"], shares = _write_slides(out_dir, units, columns)
     if columns.ood_threshold is not None:
         for line in ood.warning_lines(shares, warn_fraction):
             _LOG.warning(line)
-    for m in markers:
+    for m in _markers(out_dir, units):
         out |= {k: os.path.join(out_dir, v) for k, v in m["paths"].items()}
     return out
 
@@ -333,12 +362,12 @@ def _write_tiles(out_dir: str, units: Sequence[Unit], columns: Columns) -> str:
 
 
 def _write_slides(
-    out_dir: str, units: Sequence[Unit], markers: Sequence[dict], columns: Columns
+    out_dir: str, units: Sequence[Unit], columns: Columns
 ) -> tuple[str, dict[str, float]]:
     """slides.csv: one row per slide id, in order of first appearance; a slide id found in
     several units (or groups) is one row of all its tiles. Returns (path, flagged shares)."""
     where: dict[str, list[tuple[int, int, int, bool]]] = {}  # id: (unit, start, end, scored)
-    for i, m in enumerate(markers):
+    for i, m in enumerate(_markers(out_dir, units)):
         start = 0
         for g in m["groups"]:
             where.setdefault(g["slide_id"], []).append((i, start, start + g["n"], g["ood"]))

@@ -33,6 +33,12 @@ from kd_histo.evaluation import cohort
 from kd_histo.evaluation.predict_inputs import Tiles, folder_tiles, input_kind
 from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.evaluation.qupath_out import OBJECT_TYPES, SlideGrid
+from kd_histo.evaluation.tile_classifier import (
+    classify_tiles,
+    hr_classifier,
+    memory_lr_method,
+    slide_classifier,
+)
 from kd_histo.models import ood
 from kd_histo.settings import (
     NUM_TASKS_HELP,
@@ -212,60 +218,6 @@ def _predict_slide(
     return tiles, np.concatenate(out), np.concatenate(emb)
 
 
-def _classifier(model):
-    """(class probabilities, pooled last feature map) of uint8 tiles at the model's input size,
-    as one compiled graph (the embedding is what the out-of-domain score reads)."""
-    import tensorflow as tf
-
-    from kd_histo.evaluation.ood_report import probs_and_embedding
-
-    @tf.function(reduce_retracing=True)
-    def classify(images):
-        return probs_and_embedding(model(tf.cast(images, tf.float32) / 255.0, training=False))
-
-    return classify
-
-
-def _batched(images: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
-    batch = []
-    for im in images:
-        batch.append(im)
-        if len(batch) == n:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
-
-
-def memory_lr_method(run: RunRecord) -> str:
-    """How an LR view is made from HR tiles in memory: the run's ``lr_method``; "area" for a
-    "pyramid" run (no stored pyramid tile here: the nearest antialiased resize, as conversion's
-    pyramid-free fallback)."""
-    return "area" if run.lr_method == "pyramid" else run.lr_method
-
-
-def _probs(
-    model, images: Iterator[np.ndarray], run: RunRecord, batch_size: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(probabilities, pooled embeddings) of HR tiles in memory, through the run's view."""
-    import tensorflow as tf
-
-    from kd_histo.data.views import resize
-    from kd_histo.evaluation.ood_report import probs_and_embedding
-
-    out, emb = [], []
-    for b in _batched(images, batch_size):
-        x = tf.convert_to_tensor(b, tf.float32) / 255.0
-        if run.view == "lr":  # the LR view as training made it (the run's factor and method)
-            x = resize(x, run.input_px, memory_lr_method(run))
-        probs, pooled = probs_and_embedding(model(x, training=False))
-        out.append(probs.numpy())
-        emb.append(pooled.numpy())
-    if not out:
-        return np.zeros((0, run.num_classes), np.float32), None
-    return np.concatenate(out), np.concatenate(emb)
-
-
 def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) -> dict[str, str]:
     """Predicts this task's share of the inputs, each written when it finishes
     (``kd_histo.evaluation.cohort``: a rerun resumes), then (one task) the cohort's tables.
@@ -354,7 +306,9 @@ def _score_input(
         return scorer.shards(path, log), skipped
     if kind == "folder":
         groups = [
-            scorer.tiles(t, *_probs(scorer.model, t.images, scorer.run, scorer.cfg.batch_size))
+            scorer.tiles(
+                t, *classify_tiles(scorer.classify_hr, t.images, scorer.run, scorer.cfg.batch_size)
+            )
             for t in folder_tiles(path, scorer.run.hr_px, skipped)
         ]
         return groups, skipped
@@ -377,7 +331,10 @@ class _Scorer:
 
     def __init__(self, model, run: RunRecord, cfg: PredictConfig, cascade, mpp: float):
         self.model, self.run, self.cfg, self.cascade, self.mpp = model, run, cfg, cascade, mpp
-        self.classify = _classifier(model)
+        self.classify = slide_classifier(model)  # slides: tiles read at the model's input size
+        self.classify_hr = hr_classifier(model, run)  # HR tiles in memory
+        if cascade is not None:  # (the teacher's compiled graph, its record)
+            self.cascade = (hr_classifier(*cascade), cascade[1])
         self.ood = ood.OODStats.load(cfg.model_dir)
         if self.ood is None:
             _LOG.info(ood.NO_STATS)
@@ -444,11 +401,11 @@ def _cascade(
         return probs, np.zeros(len(probs), bool)
     from kd_histo.evaluation.cascade import combine, select
 
-    teacher, teacher_run = cascade
+    teacher, teacher_run = cascade  # the teacher's compiled graph (hr_classifier)
     mask = select(probs, fraction=cfg.cascade_fraction, threshold=cfg.cascade_threshold)
     idx = np.flatnonzero(mask)
     _LOG.info(f"cascade: the teacher re-scores {len(idx)} of {len(probs)} tiles of {name}")
     if not len(idx):
         return probs, mask
-    teacher_probs, _ = _probs(teacher, hr_tiles(idx), teacher_run, cfg.batch_size)
+    teacher_probs, _ = classify_tiles(teacher, hr_tiles(idx), teacher_run, cfg.batch_size)
     return combine(probs, teacher_probs, mask), mask

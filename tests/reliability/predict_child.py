@@ -1,20 +1,21 @@
 """The kd-histo-predict process that test_cohort.py kills with SIGKILL (not a test module).
 
-    python predict_child.py <ready file> <function>,<call>[,half] -- <kd-histo-predict flags>
+    python predict_child.py <ready file> <module>:<function>,<call>[,half] -- <predict flags>
 
-Runs kd-histo-predict with ``kd_histo.evaluation.cohort.<function>`` wrapped: at its ``<call>``-th
-call (from 1) the process writes ``<ready file>`` and sleeps, for the parent to kill it there;
-with ``half`` (``copyfileobj`` only) it first copies half of the data into the file being
-written, so the kill leaves a half-written temporary file. ``-`` instead of a function: no hang.
+Runs kd-histo-predict with ``<module>.<function>`` (e.g. ``kd_histo.evaluation.cohort:write_part``,
+or ``kd_histo.evaluation.cohort:shutil.copyfileobj``) wrapped: at its ``<call>``-th call (from 1)
+the process writes ``<ready file>`` and sleeps, for the parent to kill it there; with ``half``
+(a ``copyfileobj(src, dst)``) it first copies half of the data into the file being written, so the
+kill leaves a half-written temporary file. ``-`` instead of a function: no hang.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 
 from kd_histo.cli import predict as predict_cli
-from kd_histo.evaluation import cohort
 
 
 def _hang(ready: str) -> None:
@@ -23,8 +24,12 @@ def _hang(ready: str) -> None:
     time.sleep(600)  # the parent kills this process here
 
 
-def _wrap(name: str, at: int, half: bool, ready: str) -> None:
-    target = cohort.shutil if name == "copyfileobj" else cohort
+def _wrap(where: str, at: int, half: bool, ready: str) -> None:
+    module, _, dotted = where.partition(":")
+    target = importlib.import_module(module)
+    *owners, name = dotted.split(".")
+    for owner in owners:
+        target = getattr(target, owner)
     original = getattr(target, name)
     calls = [0]
 

@@ -22,11 +22,12 @@ from kd_histo.cli import flags_common as fc
 from kd_histo.cli import predict as predict_cli
 from kd_histo.evaluation import qupath_out
 
-from . import predict_child
 from .helpers import CHILD_ENV
 from .test_slides import _break_a_level0_tile
 
 pytestmark = pytest.mark.reliability
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "predict_child.py")
+COHORT = "kd_histo.evaluation.cohort"
 
 
 def _slide(path, width: int, seed: int) -> str:
@@ -160,9 +161,9 @@ def _wait_for(path, proc, timeout=240):
 
 
 def _start_child(tmp_path, hang: str, argv: list[str]) -> tuple[subprocess.Popen, str]:
-    ready = str(tmp_path / f"ready-{hang}")
+    ready = str(tmp_path / "ready")
     proc = subprocess.Popen(
-        [sys.executable, predict_child.__file__, ready, hang, "--", *argv],
+        [sys.executable, CHILD, ready, hang, "--", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -174,10 +175,11 @@ def _start_child(tmp_path, hang: str, argv: list[str]) -> tuple[subprocess.Popen
 @pytest.mark.parametrize(
     "hang",
     [
-        "write_part,2",  # between the 2nd slide's GeoJSON/OME-TIFF/heatmap and its parts
-        "write_json,3",  # the 2nd slide's parts written, its done-marker not yet
-        "copyfileobj,2,half",  # predictions.csv half written (a temporary file is left)
+        f"{COHORT}:write_part,2",  # between the 2nd slide's GeoJSON/OME-TIFF/heatmap and parts
+        f"{COHORT}:write_json,3",  # the 2nd slide's parts written, its done-marker not yet
+        f"{COHORT}:shutil.copyfileobj,2,half",  # predictions.csv half written (a temporary file)
     ],
+    ids=["after_slide_files", "before_done_marker", "tables_half_written"],
 )
 def test_kill_9_at_any_point_then_rerun_gives_the_same_bytes(
     teacher_run, reference, tmp_path, capsys, hang
@@ -195,7 +197,7 @@ def test_kill_9_at_any_point_then_rerun_gives_the_same_bytes(
     assert _tree(out) != want  # the kill left the work unfinished
     code, err = _predict(capsys, *argv)
     assert code == 0, err
-    finished = 3 if hang.startswith("copyfileobj") else 1
+    finished = 3 if "copyfileobj" in hang else 1
     assert f"{finished} of 3 inputs already predicted" in err, err
     assert _tree(out) == want
 
@@ -236,7 +238,9 @@ def test_a_second_predict_into_a_busy_out_dir_is_refused_naming_the_lock(
     slides, want = reference
     out = tmp_path / "pred"
     argv = _argv(teacher_run, slides, out)
-    proc, ready = _start_child(tmp_path, "write_part,2", argv)
+    # the first writer stops in the 2nd slide's files (a place the code had before the lock)
+    where = "kd_histo.evaluation.prediction_files:write_slide_files,2"
+    proc, ready = _start_child(tmp_path, where, argv)
     try:
         _wait_for(ready, proc)
         code, err = _predict(capsys, *argv)

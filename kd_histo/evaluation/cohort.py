@@ -15,9 +15,9 @@ settings: another model or other settings are refused), the inputs with their si
 number of tasks, and what the tables' columns need (class names, cascade, OOD threshold), so that
 ``--merge`` needs nothing but the folder.
 
-Locks (``.lock-<name>`` files holding pid and host; the lock of a dead writer on this host is
-taken over): one per task (a second predict of the same task into the folder is refused), one per
-unit in ``parts/`` (two processes never work on one input), one for the tables.
+Locks (``kd_histo.evaluation.cohort_locks``: ``.lock-<name>`` files holding pid and host; a dead
+writer's lock is taken over): one per task (a second predict of the same task into the folder is
+refused), one per unit in ``parts/`` (two processes never work on one input), one for the tables.
 
 Tasks (``--num_tasks``/``--task_index``): :func:`balanced_shares` gives each task its share of
 the units, balanced by size on disk (largest first, each to the least loaded task).
@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from kd_histo.atomic import replacing, write_json
+from kd_histo.evaluation import cohort_locks
 from kd_histo.evaluation import prediction_files as files
 from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.models import ood
@@ -50,7 +51,6 @@ _LOG = logging.getLogger(__name__)
 
 PARTS = "parts"
 COHORT_JSON = "cohort.json"
-TOOL = "kd-histo-predict"
 TABLES = ("predictions.csv", "slides.csv", "skipped.csv")
 
 
@@ -117,9 +117,7 @@ def balanced_shares(sizes: Sequence[int], num_tasks: int) -> list[int]:
 
 
 def _lock(folder: str, name: str):
-    from kd_histo.convert.writer import DirLock
-
-    return DirLock(folder, name, tool=TOOL)
+    return cohort_locks.held(folder, name)
 
 
 def task_lock(out_dir: str, task_index: int, num_tasks: int):
@@ -203,7 +201,8 @@ def run_share(
         stale = stale_temps(out_dir, parts, os.path.join(out_dir, "heatmaps")) if todo else {}
         for u in todo:
             with unit_lock(out_dir, u):
-                write_part(out_dir, u, *predict_unit(u), columns, stale)
+                if not is_done(out_dir, u):  # another writer may have finished it meanwhile
+                    write_part(out_dir, u, *predict_unit(u), columns, stale)
 
 
 def _part(out_dir: str, unit: Unit, what: str) -> str:

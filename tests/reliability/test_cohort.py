@@ -178,8 +178,9 @@ def _start_child(tmp_path, hang: str, argv: list[str]) -> tuple[subprocess.Popen
         f"{COHORT}:write_part,2",  # between the 2nd slide's GeoJSON/OME-TIFF/heatmap and parts
         f"{COHORT}:write_json,3",  # the 2nd slide's parts written, its done-marker not yet
         f"{COHORT}:shutil.copyfileobj,2,half",  # predictions.csv half written (a temporary file)
+        "kd_histo.atomic:os.replace,3",  # s0's OME-TIFF written, not renamed (a temporary file)
     ],
-    ids=["after_slide_files", "before_done_marker", "tables_half_written"],
+    ids=["after_slide_files", "before_done_marker", "tables_half_written", "before_a_rename"],
 )
 def test_kill_9_at_any_point_then_rerun_gives_the_same_bytes(
     teacher_run, reference, tmp_path, capsys, hang
@@ -195,10 +196,14 @@ def test_kill_9_at_any_point_then_rerun_gives_the_same_bytes(
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert _tree(out) != want  # the kill left the work unfinished
+    assert any(".tmp-" in p for p in _tree(out)) == ("half" in hang or "replace" in hang)
     code, err = _predict(capsys, *argv)
     assert code == 0, err
-    finished = 3 if "copyfileobj" in hang else 1
-    assert f"{finished} of 3 inputs already predicted" in err, err
+    finished = {"copyfileobj": 3, "replace": 0}.get(hang.split(",")[0].split(".")[-1], 1)
+    if finished:
+        assert f"{finished} of 3 inputs already predicted" in err, err
+    else:
+        assert "already predicted" not in err, err
     assert _tree(out) == want
 
 

@@ -139,11 +139,11 @@ def open_cohort(
     out_dir: str, fingerprint: dict, columns: Columns, units: Sequence[Unit], num_tasks: int
 ) -> None:
     """Records the cohort in ``cohort.json``, or refuses an out_dir holding another model's or
-    other settings' predictions (one line naming what differs)."""
+    other settings' finished predictions (one line naming what differs)."""
     path = os.path.join(out_dir, COHORT_JSON)
     fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
     old = _read_json(path)
-    if old is not None and old.get("fingerprint") != fingerprint:
+    if old is not None and old.get("fingerprint") != fingerprint and _any_done(out_dir):
         before = old.get("fingerprint") or {}
         keys = {**before.get("settings", {}), **fingerprint.get("settings", {})}
         differ = [k for k in fingerprint if k != "settings" and before.get(k) != fingerprint[k]]
@@ -164,6 +164,13 @@ def open_cohort(
     record = json.loads(json.dumps(record, sort_keys=True))
     if old != record:
         write_json(path, record)
+
+
+def _any_done(out_dir: str) -> bool:
+    """Whether any input is finished in ``out_dir`` (else nothing is there to keep consistent)."""
+    with contextlib.suppress(FileNotFoundError), os.scandir(os.path.join(out_dir, PARTS)) as it:
+        return any(e.name.endswith(".done.json") for e in it)
+    return False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,11 @@ OOD_WARN_HELP = (
 )
 
 
+# One help text for the job-array flags of kd-histo-convert and kd-histo-predict.
+TASK_INDEX_HELP = "This task among --num_tasks (Slurm/Kubernetes array index)."
+NUM_TASKS_HELP = "Independent tasks; with > 1, finish with --merge."
+
+
 def check_choice(name: str, value: str, options: tuple[str, ...]) -> None:
     """Raises ValueError, in one line naming the setting and the choices, unless ``value`` is one
     of ``options`` (the check of a string setting's ``__post_init__``)."""

@@ -8,7 +8,7 @@ from kd_histo.convert.errors import ConversionError
 from kd_histo.convert.neardup import NearDupOptions
 from kd_histo.convert.records import EncodeOptions
 from kd_histo.numbers import require_finite
-from kd_histo.settings import SLIDE_MPP_HELP, setting
+from kd_histo.settings import NUM_TASKS_HELP, SLIDE_MPP_HELP, TASK_INDEX_HELP, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +131,8 @@ class ConvertConfig:
     # in-process.
     num_workers: int = setting(0, "Worker processes (0 = in this process).", flag_default=2)
     unit_size: int = setting(64, "Tiles per work unit: the granularity of resume and progress.")
-    task_index: int = setting(0, "This task among --num_tasks (Slurm/Kubernetes array index).")
-    num_tasks: int = setting(1, "Independent tasks; with > 1, finish with --merge.")
+    task_index: int = setting(0, TASK_INDEX_HELP)
+    num_tasks: int = setting(1, NUM_TASKS_HELP)
     overwrite: bool = setting(False, "Replace a data set already in --out_dir.")
     keep_parts: bool = setting(False, "Keep <out_dir>/.parts after the merge.")
     progress: bool = setting(False, "Progress bar on stderr.", flag_default=True)

@@ -29,13 +29,26 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from kd_histo.evaluation import input_paths
+from kd_histo.evaluation import cohort, input_paths
 from kd_histo.evaluation.input_paths import tile_mpp
 from kd_histo.evaluation.predict_inputs import Tiles, folder_tiles
 from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.evaluation.qupath_out import OBJECT_TYPES, SlideGrid
+from kd_histo.evaluation.tile_classifier import (
+    classify_tiles,
+    hr_classifier,
+    memory_lr_method,
+    slide_classifier,
+)
 from kd_histo.models import ood
-from kd_histo.settings import OOD_WARN_HELP, SKIP_CORRUPT_HELP, SLIDE_MPP_HELP, setting
+from kd_histo.settings import (
+    NUM_TASKS_HELP,
+    OOD_WARN_HELP,
+    SKIP_CORRUPT_HELP,
+    SLIDE_MPP_HELP,
+    TASK_INDEX_HELP,
+    setting,
+)
 from kd_histo.training.run_record import RunRecord, read_run_record
 
 _LOG = logging.getLogger(__name__)
@@ -72,6 +85,7 @@ class PredictConfig:
       skip_corrupt: converted data folders: skip corrupt records (and log how many).
       ood_warn_fraction: a slide with more of its tiles out of the model's domain gets a warning
         (runs with ``ood.npz``; the scores are in predictions.csv, the shares in slides.csv).
+      task_index, num_tasks: this task's share of the inputs (``kd_histo.evaluation.cohort``).
     """
 
     model_dir: str = setting(help="Run folder of the model (run.json + model.keras).")
@@ -126,7 +140,14 @@ class PredictConfig:
         "this.",
     )
 
+    task_index: int = setting(0, TASK_INDEX_HELP)
+    num_tasks: int = setting(1, NUM_TASKS_HELP)
+
     def __post_init__(self):
+        if self.num_tasks < 1 or not 0 <= self.task_index < self.num_tasks:
+            raise ValueError(
+                f"need 0 <= --task_index < --num_tasks, got {self.task_index} and {self.num_tasks}"
+            )
         given = (self.cascade_fraction is not None) + (self.cascade_threshold is not None)
         if self.cascade_teacher and given != 1:
             raise ValueError(
@@ -188,69 +209,19 @@ def _predict_slide(
     return tiles, np.concatenate(out), np.concatenate(emb)
 
 
-def _classifier(model):
-    """(class probabilities, pooled last feature map) of uint8 tiles at the model's input size,
-    as one compiled graph (the embedding is what the out-of-domain score reads)."""
-    import tensorflow as tf
-
-    from kd_histo.evaluation.ood_report import probs_and_embedding
-
-    @tf.function(reduce_retracing=True)
-    def classify(images):
-        return probs_and_embedding(model(tf.cast(images, tf.float32) / 255.0, training=False))
-
-    return classify
-
-
-def _batched(images: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
-    batch = []
-    for im in images:
-        batch.append(im)
-        if len(batch) == n:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
-
-
-def memory_lr_method(run: RunRecord) -> str:
-    """How an LR view is made from HR tiles in memory: the run's ``lr_method``; "area" for a
-    "pyramid" run (no stored pyramid tile here: the nearest antialiased resize, as conversion's
-    pyramid-free fallback)."""
-    return "area" if run.lr_method == "pyramid" else run.lr_method
-
-
-def _probs(
-    model, images: Iterator[np.ndarray], run: RunRecord, batch_size: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(probabilities, pooled embeddings) of HR tiles in memory, through the run's view."""
-    import tensorflow as tf
-
-    from kd_histo.data.views import resize
-    from kd_histo.evaluation.ood_report import probs_and_embedding
-
-    out, emb = [], []
-    for b in _batched(images, batch_size):
-        x = tf.convert_to_tensor(b, tf.float32) / 255.0
-        if run.view == "lr":  # the LR view as training made it (the run's factor and method)
-            x = resize(x, run.input_px, memory_lr_method(run))
-        probs, pooled = probs_and_embedding(model(x, training=False))
-        out.append(probs.numpy())
-        emb.append(pooled.numpy())
-    if not out:
-        return np.zeros((0, run.num_classes), np.float32), None
-    return np.concatenate(out), np.concatenate(emb)
-
-
 def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) -> dict[str, str]:
-    """Predicts every input; writes the files of ``kd_histo.evaluation.prediction_files``.
+    """Predicts this task's share of the inputs, each written when it finishes
+    (``kd_histo.evaluation.cohort``: a rerun resumes), then (one task) the cohort's tables.
 
     ``log`` receives one line per converted data folder read with ``skip_corrupt``: how many
     corrupt records were skipped.
 
     Returns:
-      {name: path} of the files written ("predictions", "slides", "geojson:<slide>"...).
+      {name: path} of the files written ("predictions", "slides", "geojson:<slide>"...); {} for a
+      task of several (``--merge`` writes the tables).
     """
+    from kd_histo.evaluation import prediction_files as files
+    from kd_histo.evaluation.cascade import load_teacher
     from kd_histo.evaluation.heatmap import check_classes
     from kd_histo.models import load_model
 
@@ -258,28 +229,97 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     names = list(run.class_names)
     check_classes(names, cfg.heatmap_classes)
     # globs, --inputs_file, folders' slides: all inputs found and checked before any work
-    kinds = input_paths.resolve(cfg.inputs, cfg.inputs_file, run.hr_px)
-    mpp = tile_mpp(run, cfg.read_mpp, cfg.model_dir) if any(k == "slide" for _, k in kinds) else 0.0
-    if run.lr_method == "pyramid" and any(k == "folder" for _, k in kinds):
+    kinds = dict(input_paths.resolve(cfg.inputs, cfg.inputs_file, run.hr_px))
+    mpp = tile_mpp(run, cfg.read_mpp, cfg.model_dir) if "slide" in kinds.values() else 0.0
+    if run.lr_method == "pyramid" and "folder" in kinds.values():
         _LOG.warning(
             f"{cfg.model_dir} was trained on pyramid LR tiles; tile folders get an "
             "antialiased area resize of the HR tile instead (slides are read from their own "
             "pyramid level)"
         )
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=len(names))
-    scorer = _Scorer(model, run, cfg, _load_cascade_teacher(cfg, run), mpp)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    groups: list[ScoredGroup] = []
+    scorer = _Scorer(model, run, cfg, load_teacher(cfg.cascade_teacher, run), mpp)
+    stats = scorer.ood
+    columns = cohort.Columns(
+        tuple(names), bool(cfg.cascade_teacher), stats.threshold if stats is not None else None
+    )
+    units = [cohort.unit_of(p) for p in kinds]
+
+    def one(unit: cohort.Unit):
+        groups, skipped = _score_input(scorer, unit.path, kinds[unit.path], log)
+        heatmap = cfg.heatmap or bool(cfg.heatmap_classes)
+        return (
+            groups,
+            skipped,
+            files.write_groups_files(
+                groups, names, cfg.out_dir, cfg.qupath_object_type, heatmap, cfg.heatmap_classes
+            ),
+        )
+
+    share = cohort.Share(cfg.out_dir, cfg.task_index, cfg.num_tasks)
+    cohort.run_share(share, units, fingerprint(cfg, run, mpp), columns, one)
+    if cfg.num_tasks > 1:
+        return {}
+    return cohort.assemble(cfg.out_dir, units, columns, cfg.ood_warn_fraction)
+
+
+# Fields of PredictConfig that do not change what is written (the rest are the fingerprint).
+_NOT_SETTINGS = (
+    "model_dir",
+    "inputs",
+    "inputs_file",
+    "out_dir",
+    "num_workers",
+    "task_index",
+    "num_tasks",
+)
+
+
+def fingerprint(cfg: PredictConfig, run: RunRecord, mpp: float) -> dict:
+    """What makes two runs' outputs the same: the model's (and a cascade teacher's) SHA-256, its
+    run record and OOD statistics, and the resolved prediction settings."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_SETTINGS}
+    if mpp:  # the µm/px slides are read at (0.0: no slides among the inputs)
+        settings["read_mpp"] = mpp
+    settings["cascade_teacher"] = bool(cfg.cascade_teacher)
+    teacher = cfg.cascade_teacher
+    return cohort.fingerprint(
+        settings,
+        model=run.model_path(cfg.model_dir),
+        run_json=os.path.join(cfg.model_dir, "run.json"),
+        ood=os.path.join(cfg.model_dir, ood.OOD_FILE),
+        teacher=read_run_record(teacher).model_path(teacher) if teacher else "",
+    )
+
+
+def _score_input(
+    scorer: _Scorer, path: str, kind: str, log: Callable[[str], None]
+) -> tuple[list[ScoredGroup], list[tuple[str, str]]]:
+    """One input's groups and the files skipped in it; a slide that cannot be read or predicted
+    is skipped with the reason (the other inputs go on)."""
     skipped: list[tuple[str, str]] = []
-    for path, kind in kinds:
-        if kind == "shards":
-            groups += scorer.shards(path, log)
-        elif kind == "slide":
-            groups.append(scorer.tiles(*_predict_slide(scorer.classify, path, run, cfg, mpp)))
-        else:
-            for t in folder_tiles(path, run.hr_px, skipped):
-                groups.append(scorer.tiles(t, *_probs(model, t.images, run, cfg.batch_size)))
-    return _write_outputs(cfg, names, groups, skipped, scorer.ood)
+    if kind == "shards":
+        return scorer.shards(path, log), skipped
+    if kind == "folder":
+        groups = [
+            scorer.tiles(
+                t, *classify_tiles(scorer.classify_hr, t.images, scorer.run, scorer.cfg.batch_size)
+            )
+            for t in folder_tiles(path, scorer.run.hr_px, skipped)
+        ]
+        return groups, skipped
+    import openslide
+
+    from kd_histo.convert.errors import SkipInput
+
+    try:
+        tiles = _predict_slide(scorer.classify, path, scorer.run, scorer.cfg, scorer.mpp)
+        return [scorer.tiles(*tiles)], skipped
+    except (ValueError, SkipInput, openslide.OpenSlideError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        reason = reason[len(path) + 2 :] if reason.startswith(f"{path}: ") else reason
+        _LOG.warning(f"{path}: skipped: {reason}")
+        return [], [(path, reason)]
 
 
 class _Scorer:
@@ -287,7 +327,10 @@ class _Scorer:
 
     def __init__(self, model, run: RunRecord, cfg: PredictConfig, cascade, mpp: float):
         self.model, self.run, self.cfg, self.cascade, self.mpp = model, run, cfg, cascade, mpp
-        self.classify = _classifier(model)
+        self.classify = slide_classifier(model)  # slides: tiles read at the model's input size
+        self.classify_hr = hr_classifier(model, run)  # HR tiles in memory
+        if cascade is not None:  # (the teacher's compiled graph, its record)
+            self.cascade = (hr_classifier(*cascade), cascade[1])
         self.ood = ood.OODStats.load(cfg.model_dir)
         if self.ood is None:
             _LOG.info(ood.NO_STATS)
@@ -341,64 +384,6 @@ class _Scorer:
         return out
 
 
-def _write_outputs(
-    cfg: PredictConfig,
-    names: list[str],
-    groups: list[ScoredGroup],
-    skipped: list[tuple[str, str]],
-    stats: ood.OODStats | None = None,
-) -> dict[str, str]:
-    """The tables, then each slide's GeoJSON, OME-TIFF and heatmaps; {name: path}."""
-    from kd_histo.evaluation import prediction_files as files
-
-    paths = {}
-    if skipped:  # as conversion does: skip unreadable images, list them with the reason
-        paths["skipped"] = files.write_skipped(skipped, os.path.join(cfg.out_dir, "skipped.csv"))
-        _LOG.warning(
-            f"skipped {len(skipped)} unreadable image(s), listed in {paths['skipped']} "
-            f"(first: {skipped[0][0]}: {skipped[0][1]})"
-        )
-    if not any(len(g.probs) for g in groups):
-        raise ValueError(
-            f"no readable tile in {', '.join(cfg.inputs)}; see {paths.get('skipped', 'the inputs')}"
-        )
-    threshold = stats.threshold if stats is not None else None
-    paths["predictions"] = files.write_tiles(
-        groups, names, os.path.join(cfg.out_dir, "predictions.csv"), threshold
-    )
-    paths["slides"] = files.write_slides(
-        groups, names, os.path.join(cfg.out_dir, "slides.csv"), threshold
-    )
-    if threshold is not None:
-        for line in files.ood_warnings(groups, threshold, cfg.ood_warn_fraction):
-            _LOG.warning(line)
-    for g in groups:
-        if g.grid is not None:
-            paths |= files.write_slide_files(
-                g,
-                names,
-                cfg.out_dir,
-                object_type=cfg.qupath_object_type,
-                heatmap=cfg.heatmap or bool(cfg.heatmap_classes),
-                heatmap_classes=cfg.heatmap_classes,
-            )
-    return paths
-
-
-def _load_cascade_teacher(cfg: PredictConfig, run: RunRecord):
-    """(teacher net, teacher record) for ``cfg.cascade_teacher``, checked to fit the student."""
-    if not cfg.cascade_teacher:
-        return None
-    from kd_histo.evaluation.cascade import check_pair
-    from kd_histo.models import load_model
-
-    teacher_run = read_run_record(cfg.cascade_teacher)
-    check_pair(run, teacher_run)
-    return load_model(
-        teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=run.num_classes
-    ), teacher_run
-
-
 def _cascade(
     probs: np.ndarray,
     hr_tiles: Callable[[np.ndarray], Iterator[np.ndarray]],
@@ -412,11 +397,11 @@ def _cascade(
         return probs, np.zeros(len(probs), bool)
     from kd_histo.evaluation.cascade import combine, select
 
-    teacher, teacher_run = cascade
+    teacher, teacher_run = cascade  # the teacher's compiled graph (hr_classifier)
     mask = select(probs, fraction=cfg.cascade_fraction, threshold=cfg.cascade_threshold)
     idx = np.flatnonzero(mask)
     _LOG.info(f"cascade: the teacher re-scores {len(idx)} of {len(probs)} tiles of {name}")
     if not len(idx):
         return probs, mask
-    teacher_probs, _ = _probs(teacher, hr_tiles(idx), teacher_run, cfg.batch_size)
+    teacher_probs, _ = classify_tiles(teacher, hr_tiles(idx), teacher_run, cfg.batch_size)
     return combine(probs, teacher_probs, mask), mask

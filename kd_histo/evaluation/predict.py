@@ -45,6 +45,7 @@ class PredictConfig:
 
     Attributes:
       model_dir: run folder (run.json + model.keras).
+      model: instead, a folder written by kd-histo-export (``kd_histo.evaluation.exported``).
       inputs: tile folders, converted data folders (dataset.json), or slide files (``.svs`` ... and
         pyramidal ``.tif`` given as a file).
       out_dir: output folder.
@@ -70,9 +71,16 @@ class PredictConfig:
         (runs with ``ood.npz``; the scores are in predictions.csv, the shares in slides.csv).
     """
 
-    model_dir: str = setting(help="Run folder of the model (run.json + model.keras).")
+    # Shared with the binaries where --model_dir is required: unset here is "" (then --model).
+    model_dir: str = setting(
+        "",
+        "Run folder of the model (run.json + model.keras).",
+        flag_default=None,
+        unset_is_default=True,
+    )
+    model: str = setting("", "Instead of --model_dir: a model folder written by kd-histo-export.")
     inputs: tuple[str, ...] = setting(
-        help="Tile folders, converted data folders, or whole-slide image files."
+        (), "Tile folders, converted data folders, or whole-slide image files."
     )
     # --out_dir is shared by the binaries (one default per process): unset here means ./predictions.
     out_dir: str = setting(
@@ -123,6 +131,8 @@ class PredictConfig:
     )
 
     def __post_init__(self):
+        if bool(self.model_dir) == bool(self.model):
+            raise ValueError("give one of --model_dir=<run folder> or --model=<exported model>")
         given = (self.cascade_fraction is not None) + (self.cascade_threshold is not None)
         if self.cascade_teacher and given != 1:
             raise ValueError(
@@ -172,8 +182,8 @@ def _predict_slide(
     # the readers fill the next batches while the model runs on this one
     for batch in slide_reader.stream_batches(plan, cfg.batch_size, num_workers=cfg.num_workers):
         probs, pooled = classify(batch)
-        out.append(probs.numpy())
-        emb.append(pooled.numpy())
+        out.append(np.asarray(probs))
+        emb.append(np.asarray(pooled))
         progress.update(len(batch))
     progress.close(
         f" (level {plan.level} at {plan.level_mpp:.3g} µm/px, {plan.read_px} px reads, "
@@ -223,10 +233,10 @@ def _batched(images: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
 
 
 def memory_lr_method(run: RunRecord) -> str:
-    """How an LR view is made from HR tiles in memory: the run's ``lr_method``; "area" for a
-    "pyramid" run (no stored pyramid tile here: the nearest antialiased resize, as conversion's
-    pyramid-free fallback)."""
-    return "area" if run.lr_method == "pyramid" else run.lr_method
+    """How an LR view is made from HR tiles in memory (``views.memory_method``)."""
+    from kd_histo.data.views import memory_method
+
+    return memory_method(run.lr_method)
 
 
 def _probs(
@@ -260,12 +270,12 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     Returns:
       {name: path} of the files written ("predictions", "slides", "geojson:<slide>"...).
     """
+    from kd_histo.evaluation.exported import load_network
     from kd_histo.evaluation.heatmap import check_classes
-    from kd_histo.models import load_model
 
     if not cfg.inputs:
         raise ValueError("no inputs; pass --inputs=<tile folder | data folder | slide file>,...")
-    run = read_run_record(cfg.model_dir)
+    model, run = load_network(cfg.model_dir, cfg.model)
     names = list(run.class_names)
     check_classes(names, cfg.heatmap_classes)
     kinds = [(p, input_kind(p)) for p in cfg.inputs]  # all inputs checked before any work
@@ -276,7 +286,6 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
             "antialiased area resize of the HR tile instead (slides are read from their own "
             "pyramid level)"
         )
-    model = load_model(run.model_path(cfg.model_dir), expected_num_classes=len(names))
     scorer = _Scorer(model, run, cfg, _load_cascade_teacher(cfg, run), mpp)
     os.makedirs(cfg.out_dir, exist_ok=True)
     groups: list[ScoredGroup] = []
@@ -288,7 +297,7 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
             groups.append(scorer.tiles(*_predict_slide(scorer.classify, path, run, cfg, mpp)))
         else:
             for t in folder_tiles(path, run.hr_px, skipped):
-                groups.append(scorer.tiles(t, *_probs(model, t.images, run, cfg.batch_size)))
+                groups.append(scorer.tiles(t, *scorer.hr_probs(t.images)))
     return _write_outputs(cfg, names, groups, skipped, scorer.ood)
 
 
@@ -297,10 +306,16 @@ class _Scorer:
 
     def __init__(self, model, run: RunRecord, cfg: PredictConfig, cascade, mpp: float):
         self.model, self.run, self.cfg, self.cascade, self.mpp = model, run, cfg, cascade, mpp
-        self.classify = _classifier(model)
-        self.ood = ood.OODStats.load(cfg.model_dir)
-        if self.ood is None:
+        self.exported = bool(cfg.model)  # an ExportedModel: probabilities only, no OOD score
+        self.classify = model.classify if self.exported else _classifier(model)
+        self.ood = None if self.exported else ood.OODStats.load(cfg.model_dir)
+        if self.ood is None and not self.exported:
             _LOG.info(ood.NO_STATS)
+
+    def hr_probs(self, images: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.exported:
+            return self.model.hr_probs(images, self.cfg.batch_size)
+        return _probs(self.model, images, self.run, self.cfg.batch_size)
 
     def tiles(self, t: Tiles, probs: np.ndarray, embeddings: np.ndarray | None) -> ScoredGroup:
         """A slide's or folder group's tiles, re-scored by the cascade's teacher if there is one;
@@ -324,9 +339,10 @@ class _Scorer:
             run.pipeline_config(path, cfg.batch_size), skip_corrupt=cfg.skip_corrupt
         )
         ds = make_dataset(pipe, cfg.split, training=False)
-        p, kept = evaluate.predict_split_keeping(
-            self.model, ds, run.view, keep=("hr",) if self.cascade else (), ood_stats=self.ood
-        )
+        keep = ("hr",) if self.cascade else ()
+        # an exported model takes the uint8 HR tiles and makes the input view in its graph
+        view, of = ("hr", self.model.hr_probs_of_float) if self.exported else (run.view, None)
+        p, kept = evaluate.predict_split_keeping(self.model, ds, view, keep, of, self.ood)
         if cfg.skip_corrupt:
             stated = DatasetInfo.read(path).num_examples(cfg.split)
             log(

@@ -231,6 +231,23 @@ def test_a_stain_normalised_net_exports_with_its_normalisation(tmp_path):
     net = load_model(os.path.join(run, "model.keras"))
     keras = tf.nn.softmax(net(tf.image.convert_image_dtype(tiles, tf.float32))["logits"]).numpy()
     np.testing.assert_allclose(m.probabilities(tiles), keras, atol=1e-5)
+    # TFLite holds Reinhard too (the layer's map has a static element shape in a fixed graph);
+    # its masks make dynamic-sized tensors, so XNNPACK leaves that graph to TFLite's kernels.
+    export(ExportConfig(run, str(tmp_path / "tfl"), "tflite", batch_size=4))
+    np.testing.assert_allclose(
+        ExportedModel(str(tmp_path / "tfl")).probabilities(tiles), keras, atol=1e-5
+    )
+
+
+def test_a_macenko_net_is_refused_by_tflite_in_one_line(tmp_path):
+    ref = StainReference(
+        "macenko", stain_matrix=(0.65, 0.7, 0.29, 0.07, 0.99, 0.11), max_concentration=(1.9, 1.0)
+    )
+    run = _hand_made_run(tmp_path / "run", stain_reference=ref)
+    with pytest.raises(ValueError, match="export --format=savedmodel instead") as e:
+        export(ExportConfig(run, str(tmp_path / "tfl"), "tflite", batch_size=4))
+    assert "\n" not in str(e.value) and "SelfAdjointEig" in str(e.value)
+    assert not os.path.exists(tmp_path / "tfl") and os.listdir(tmp_path) == ["run"]
 
 
 def test_refusals_are_one_line(tmp_path, capsys):

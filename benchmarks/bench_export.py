@@ -9,8 +9,9 @@ split's tiles (default: the run's own data_dir, test split). Two inputs per form
 read at the model's own µm/px (signature ``serving_default``; the Keras reference is the net on the
 same uint8 tiles) and the HR tiles it shrinks itself (``hr``; the reference is the net on the LR
 view made as training makes it, a float resize). Reported per format: top-1 agreement with the
-Keras net, the largest probability difference, tiles/s of the LR input (one thread-pool, batches
-of ``--batch_size``, after one untimed warm-up pass, median of ``--repeats`` passes), and for
+Keras net, the largest probability difference, tiles/s of the LR input (batches
+of ``--batch_size``, ``--num_threads`` threads in every runtime (default 1: steadier on a shared
+machine), after one untimed warm-up pass, median of ``--repeats`` passes), and for
 TFLite whether the XNNPACK delegate took the graph (a DELEGATE node in its execution plan) and the
 tiles/s with TFLite's default delegates switched off (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``), which
 shows what XNNPACK does. Prints one JSON object and a Markdown table; never asserts a time.
@@ -35,6 +36,9 @@ flags.DEFINE_string("out_dir", "", "Where the exports go (default <model_dir>/ex
 flags.DEFINE_integer("batch_size", 32, "Tiles per batch (TFLite's fixed batch size too).")
 flags.DEFINE_integer("repeats", 3, "Timed passes per format; the median counts.")
 flags.DEFINE_integer("max_tiles", 0, "At most this many tiles (0 = the whole split).")
+flags.DEFINE_integer(
+    "num_threads", 1, "Threads of every runtime (TF intra/inter-op, TFLite interpreters)."
+)
 
 FORMATS = (("savedmodel", "none"), ("tflite", "none"), ("tflite", "float16"), ("tflite", "int8"))
 
@@ -73,6 +77,8 @@ def main(argv):
     del argv
     import tensorflow as tf
 
+    tf.config.threading.set_intra_op_parallelism_threads(FLAGS.num_threads)
+    tf.config.threading.set_inter_op_parallelism_threads(FLAGS.num_threads)
     from kd_histo.evaluation.export import ExportConfig, export
     from kd_histo.evaluation.exported import ExportedModel
     from kd_histo.models import load_model
@@ -109,7 +115,7 @@ def main(argv):
         t = time.perf_counter()
         export(ExportConfig(FLAGS.model_dir, folder, fmt, q, batch_size=FLAGS.batch_size))
         export_s = time.perf_counter() - t
-        m = ExportedModel(folder)
+        m = ExportedModel(folder, num_threads=FLAGS.num_threads)
         p_lr = m.probabilities(lr)
         row = {
             "format": fmt,
@@ -139,6 +145,7 @@ def main(argv):
         "input_px": run.input_px,
         "hr_px": run.hr_px,
         "batch_size": FLAGS.batch_size,
+        "num_threads": FLAGS.num_threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared; indicative)",
         "rows": rows,
     }
@@ -163,6 +170,7 @@ def _without_delegates(folder: str, m):
     it = tf.lite.Interpreter(
         model_path=os.path.join(folder, m.record.model),
         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        num_threads=FLAGS.num_threads,
     )
     it.allocate_tensors()
     runner = it.get_signature_runner("serving_default")

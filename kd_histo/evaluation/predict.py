@@ -45,9 +45,9 @@ class PredictConfig:
 
     Attributes:
       model_dir: run folder (run.json + model.keras).
-      model: instead, a folder written by kd-histo-export (``kd_histo.evaluation.exported``).
       inputs: tile folders, converted data folders (dataset.json), or slide files (``.svs`` ... and
         pyramidal ``.tif`` given as a file).
+      model: instead, a folder written by kd-histo-export (``kd_histo.evaluation.exported``).
       out_dir: output folder.
       split: split read from a converted data folder.
       batch_size: tiles per forward pass.
@@ -78,10 +78,10 @@ class PredictConfig:
         flag_default=None,
         unset_is_default=True,
     )
-    model: str = setting("", "Instead of --model_dir: a model folder written by kd-histo-export.")
     inputs: tuple[str, ...] = setting(
         (), "Tile folders, converted data folders, or whole-slide image files."
     )
+    model: str = setting("", "Instead of --model_dir: a model folder written by kd-histo-export.")
     # --out_dir is shared by the binaries (one default per process): unset here means ./predictions.
     out_dir: str = setting(
         "predictions",

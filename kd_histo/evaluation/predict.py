@@ -63,6 +63,8 @@ class PredictConfig:
       inputs: tile folders, converted data folders (dataset.json), slide files or globs; folders
         are searched for slides too (``kd_histo.evaluation.input_paths``).
       inputs_file: a text file of further inputs, one a line.
+      model: instead of ``model_dir``, a folder written by kd-histo-export
+        (``kd_histo.evaluation.exported``).
       out_dir: output folder.
       split: split read from a converted data folder.
       batch_size: tiles per forward pass.
@@ -88,9 +90,16 @@ class PredictConfig:
       task_index, num_tasks: this task's share of the inputs (``kd_histo.evaluation.cohort``).
     """
 
-    model_dir: str = setting(help="Run folder of the model (run.json + model.keras).")
+    # Shared with the binaries where --model_dir is required: unset here is "" (then --model).
+    model_dir: str = setting(
+        "",
+        "Run folder of the model (run.json + model.keras).",
+        flag_default=None,
+        unset_is_default=True,
+    )
     inputs: tuple[str, ...] = setting((), input_paths.INPUTS_HELP)
     inputs_file: str = setting("", input_paths.INPUTS_FILE_HELP)
+    model: str = setting("", "Instead of --model_dir: a model folder written by kd-histo-export.")
     # --out_dir is shared by the binaries (one default per process): unset here means ./predictions.
     out_dir: str = setting(
         "predictions",
@@ -148,6 +157,8 @@ class PredictConfig:
             raise ValueError(
                 f"need 0 <= --task_index < --num_tasks, got {self.task_index} and {self.num_tasks}"
             )
+        if bool(self.model_dir) == bool(self.model):
+            raise ValueError("give one of --model_dir=<run folder> or --model=<exported model>")
         given = (self.cascade_fraction is not None) + (self.cascade_threshold is not None)
         if self.cascade_teacher and given != 1:
             raise ValueError(
@@ -184,8 +195,8 @@ def _predict_slide(
     # the readers fill the next batches while the model runs on this one
     for batch in slide_reader.stream_batches(plan, cfg.batch_size, num_workers=cfg.num_workers):
         probs, pooled = classify(batch)
-        out.append(probs.numpy())
-        emb.append(pooled.numpy())
+        out.append(np.asarray(probs))
+        emb.append(np.asarray(pooled))
         progress.update(len(batch))
     progress.close(
         f" (level {plan.level} at {plan.level_mpp:.3g} µm/px, {plan.read_px} px reads, "
@@ -222,22 +233,22 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     """
     from kd_histo.evaluation import prediction_files as files
     from kd_histo.evaluation.cascade import load_teacher
+    from kd_histo.evaluation.exported import load_network
     from kd_histo.evaluation.heatmap import check_classes
-    from kd_histo.models import load_model
 
-    run = read_run_record(cfg.model_dir)
+    model, run = load_network(cfg.model_dir, cfg.model)
     names = list(run.class_names)
     check_classes(names, cfg.heatmap_classes)
     # globs, --inputs_file, folders' slides: all inputs found and checked before any work
     kinds = dict(input_paths.resolve(cfg.inputs, cfg.inputs_file, run.hr_px))
-    mpp = tile_mpp(run, cfg.read_mpp, cfg.model_dir) if "slide" in kinds.values() else 0.0
+    where = cfg.model or cfg.model_dir
+    mpp = tile_mpp(run, cfg.read_mpp, where) if "slide" in kinds.values() else 0.0
     if run.lr_method == "pyramid" and "folder" in kinds.values():
         _LOG.warning(
-            f"{cfg.model_dir} was trained on pyramid LR tiles; tile folders get an "
+            f"{where} was trained on pyramid LR tiles; tile folders get an "
             "antialiased area resize of the HR tile instead (slides are read from their own "
             "pyramid level)"
         )
-    model = load_model(run.model_path(cfg.model_dir), expected_num_classes=len(names))
     scorer = _Scorer(model, run, cfg, load_teacher(cfg.cascade_teacher, run), mpp)
     stats = scorer.ood
     columns = cohort.Columns(
@@ -266,6 +277,7 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
 # Fields of PredictConfig that do not change what is written (the rest are the fingerprint).
 _NOT_SETTINGS = (
     "model_dir",
+    "model",
     "inputs",
     "inputs_file",
     "out_dir",
@@ -283,11 +295,17 @@ def fingerprint(cfg: PredictConfig, run: RunRecord, mpp: float) -> dict:
         settings["read_mpp"] = mpp
     settings["cascade_teacher"] = bool(cfg.cascade_teacher)
     teacher = cfg.cascade_teacher
+    where = cfg.model or cfg.model_dir
+    exported = {  # an exported model's files (those that exist are hashed)
+        "export_json": os.path.join(cfg.model, "export.json"),
+        "saved_model": os.path.join(cfg.model, "saved_model.pb"),
+        "tflite": os.path.join(cfg.model, "model.tflite"),
+    }
     return cohort.fingerprint(
         settings,
-        model=run.model_path(cfg.model_dir),
-        run_json=os.path.join(cfg.model_dir, "run.json"),
-        ood=os.path.join(cfg.model_dir, ood.OOD_FILE),
+        **(exported if cfg.model else {"model": run.model_path(cfg.model_dir)}),
+        run_json=os.path.join(where, "run.json"),
+        ood=os.path.join(where, ood.OOD_FILE),
         teacher=read_run_record(teacher).model_path(teacher) if teacher else "",
     )
 
@@ -302,9 +320,7 @@ def _score_input(
         return scorer.shards(path, log), skipped
     if kind == "folder":
         groups = [
-            scorer.tiles(
-                t, *classify_tiles(scorer.classify_hr, t.images, scorer.run, scorer.cfg.batch_size)
-            )
+            scorer.tiles(t, *scorer.hr_probs(t.images))
             for t in folder_tiles(path, scorer.run.hr_px, skipped)
         ]
         return groups, skipped
@@ -327,13 +343,21 @@ class _Scorer:
 
     def __init__(self, model, run: RunRecord, cfg: PredictConfig, cascade, mpp: float):
         self.model, self.run, self.cfg, self.cascade, self.mpp = model, run, cfg, cascade, mpp
-        self.classify = slide_classifier(model)  # slides: tiles read at the model's input size
-        self.classify_hr = hr_classifier(model, run)  # HR tiles in memory
+        self.exported = bool(cfg.model)  # an ExportedModel: probabilities only, no OOD score
+        # slides: tiles read at the model's input size; HR tiles in memory: the run's view
+        self.classify = model.classify if self.exported else slide_classifier(model)
+        self.classify_hr = None if self.exported else hr_classifier(model, run)
         if cascade is not None:  # (the teacher's compiled graph, its record)
             self.cascade = (hr_classifier(*cascade), cascade[1])
-        self.ood = ood.OODStats.load(cfg.model_dir)
-        if self.ood is None:
+        self.ood = None if self.exported else ood.OODStats.load(cfg.model_dir)
+        if self.ood is None and not self.exported:
             _LOG.info(ood.NO_STATS)
+
+    def hr_probs(self, images: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, pooled embeddings or None) of HR tiles in memory."""
+        if self.exported:
+            return self.model.hr_probs(images, self.cfg.batch_size)
+        return classify_tiles(self.classify_hr, images, self.run, self.cfg.batch_size)
 
     def tiles(self, t: Tiles, probs: np.ndarray, embeddings: np.ndarray | None) -> ScoredGroup:
         """A slide's or folder group's tiles, re-scored by the cascade's teacher if there is one;
@@ -357,9 +381,10 @@ class _Scorer:
             run.pipeline_config(path, cfg.batch_size), skip_corrupt=cfg.skip_corrupt
         )
         ds = make_dataset(pipe, cfg.split, training=False)
-        p, kept = evaluate.predict_split_keeping(
-            self.model, ds, run.view, keep=("hr",) if self.cascade else (), ood_stats=self.ood
-        )
+        keep = ("hr",) if self.cascade else ()
+        # an exported model takes the uint8 HR tiles and makes the input view in its graph
+        view, of = ("hr", self.model.hr_probs_of_float) if self.exported else (run.view, None)
+        p, kept = evaluate.predict_split_keeping(self.model, ds, view, keep, of, self.ood)
         if cfg.skip_corrupt:
             stated = DatasetInfo.read(path).num_examples(cfg.split)
             log(

@@ -44,6 +44,8 @@ from collections.abc import Callable, Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
+from kd_histo.progress import around_bars
+
 FLAGS = flags.FLAGS
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
@@ -66,6 +68,10 @@ class _Stderr(logging.StreamHandler):
     @stream.setter
     def stream(self, value):  # StreamHandler sets it once; the stream is always sys.stderr
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with around_bars():  # a progress bar on the terminal steps aside for the line
+            super().emit(record)
 
 
 def log(line: str) -> None:

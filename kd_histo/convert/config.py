@@ -8,6 +8,7 @@ from kd_histo.convert.errors import ConversionError
 from kd_histo.convert.neardup import NearDupOptions
 from kd_histo.convert.records import EncodeOptions
 from kd_histo.numbers import require_finite
+from kd_histo.progress import EVERY_S, SWITCH
 from kd_histo.settings import NUM_TASKS_HELP, SLIDE_MPP_HELP, TASK_INDEX_HELP, setting
 
 
@@ -55,7 +56,7 @@ class ConvertConfig:
       num_tasks: independent tasks sharing the inputs by slide; > 1 needs a final ``merge``.
       overwrite: replace an existing data set in out_dir.
       keep_parts: keep the per-unit part files after the merge.
-      progress: print a progress bar to stderr.
+      progress: report progress (``kd_histo.progress``: a bar on a terminal, else lines).
       qc: write ``qc/<slide>.png`` per slide (thumbnail, kept and dropped tiles, annotations).
       command: the command line recorded in dataset.json.
     """
@@ -135,7 +136,12 @@ class ConvertConfig:
     num_tasks: int = setting(1, NUM_TASKS_HELP)
     overwrite: bool = setting(False, "Replace a data set already in --out_dir.")
     keep_parts: bool = setting(False, "Keep <out_dir>/.parts after the merge.")
-    progress: bool = setting(False, "Progress bar on stderr.", flag_default=True)
+    progress: bool = setting(
+        False,
+        f"Progress on stderr: a bar on a terminal, else a plain line every {EVERY_S:g} s "
+        f"({SWITCH}=0 turns every binary's progress off).",
+        flag_default=True,
+    )
     qc: bool = setting(
         True,
         "Write qc/<slide>.png per slide: the thumbnail with kept tiles (green), dropped tiles "

@@ -46,6 +46,7 @@ from kd_histo.evaluation import cohort_locks
 from kd_histo.evaluation import prediction_files as files
 from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.models import ood
+from kd_histo.progress import progress
 
 _LOG = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def run_share(
             )
         parts = os.path.join(out_dir, PARTS)
         stale = stale_temps(out_dir, parts, os.path.join(out_dir, "heatmaps")) if todo else {}
-        for u in todo:
+        for u in progress(todo, desc="inputs", unit="inputs", show=len(todo) > 1):
             with unit_lock(out_dir, u):
                 if not is_done(out_dir, u):  # another writer may have finished it meanwhile
                     write_part(out_dir, u, *predict_unit(u), columns, stale)

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from kd_histo import atomic, schema
-from kd_histo.data.pipeline import make_dataset
+from kd_histo.data.pipeline import batch_tiles, make_dataset
 from kd_histo.evaluation import metrics, ood_report, plots
 from kd_histo.evaluation.cascade import (
     CSV_COLUMNS,
@@ -39,6 +39,7 @@ from kd_histo.evaluation.cascade import (
 )
 from kd_histo.evaluation.cost import count_flops
 from kd_histo.models import load_model, ood
+from kd_histo.progress import progress
 from kd_histo.settings import OOD_WARN_HELP, SKIP_CORRUPT_HELP, setting
 from kd_histo.training.run_record import RunRecord, read_run_record
 
@@ -349,6 +350,8 @@ def evaluate_run(cfg: EvalConfig, log=_LOG.warning) -> dict[str, str]:
         run.pipeline_config(data_dir, cfg.batch_size), skip_corrupt=cfg.skip_corrupt
     )
     ds = make_dataset(pipe, cfg.split, training=False)
+    n = info.num_examples(cfg.split)
+    ds = progress(ds, total=n, desc=f"evaluate {cfg.split}", unit="tiles", size=batch_tiles)
     keep = tuple(dict.fromkeys((run.view, "hr"))) if teacher_run else ()
     student_fn = probs_function(model)
     stats = ood.OODStats.load(cfg.model_dir)

@@ -41,6 +41,7 @@ from kd_histo.evaluation.tile_classifier import (
     slide_classifier,
 )
 from kd_histo.models import ood
+from kd_histo.progress import progress
 from kd_histo.settings import (
     NUM_TASKS_HELP,
     OOD_WARN_HELP,
@@ -319,10 +320,10 @@ def _score_input(
     if kind == "shards":
         return scorer.shards(path, log), skipped
     if kind == "folder":
-        groups = [
-            scorer.tiles(t, *scorer.hr_probs(t.images))
-            for t in folder_tiles(path, scorer.run.hr_px, skipped)
-        ]
+        groups = []
+        for t in folder_tiles(path, scorer.run.hr_px, skipped):
+            images = progress(t.images, desc=t.slide_id, unit="tiles")  # read as it goes
+            groups.append(scorer.tiles(t, *scorer.hr_probs(images)))
         return groups, skipped
     import openslide
 
@@ -372,7 +373,7 @@ class _Scorer:
 
     def shards(self, path: str, log: Callable[[str], None]) -> list[ScoredGroup]:
         """A converted data folder's split, one group per run of tiles of one slide."""
-        from kd_histo.data.pipeline import make_dataset
+        from kd_histo.data.pipeline import batch_tiles, make_dataset
         from kd_histo.evaluation import evaluate
         from kd_histo.schema import DatasetInfo
 
@@ -381,6 +382,8 @@ class _Scorer:
             run.pipeline_config(path, cfg.batch_size), skip_corrupt=cfg.skip_corrupt
         )
         ds = make_dataset(pipe, cfg.split, training=False)
+        n = DatasetInfo.read(path).num_examples(cfg.split)
+        ds = progress(ds, total=n, desc=f"{path} ({cfg.split})", unit="tiles", size=batch_tiles)
         keep = ("hr",) if self.cascade else ()
         # an exported model takes the uint8 HR tiles and makes the input view in its graph
         view, of = ("hr", self.model.hr_probs_of_float) if self.exported else (run.view, None)
@@ -428,5 +431,6 @@ def _cascade(
     _LOG.info(f"cascade: the teacher re-scores {len(idx)} of {len(probs)} tiles of {name}")
     if not len(idx):
         return probs, mask
-    teacher_probs, _ = classify_tiles(teacher, hr_tiles(idx), teacher_run, cfg.batch_size)
+    hr = progress(hr_tiles(idx), total=len(idx), desc=f"cascade {name}", unit="tiles")
+    teacher_probs, _ = classify_tiles(teacher, hr, teacher_run, cfg.batch_size)
     return combine(probs, teacher_probs, mask), mask

@@ -37,6 +37,7 @@ from PIL import Image
 
 from kd_histo.convert import slides
 from kd_histo.convert.errors import ConversionError, SkipInput
+from kd_histo.progress import around_bars, progress
 
 _LOG = logging.getLogger(__name__)
 # A level counts as "at" a resolution within this relative tolerance: scanners store downsamples
@@ -345,11 +346,9 @@ def _shared_cache(capacity: int = 64 << 20):
 
 
 class Progress:
-    """Tiles done and tiles/s: a bar redrawn in place on a terminal, one summary line at the end.
-
-    The bar goes to ``bar_stream`` (stderr) only when it is a terminal, so logs and captured
-    output get the summary line alone (on ``stream``, stdout).
-    """
+    """Tiles done and tiles/s of one slide: its progress while it is read
+    (:func:`kd_histo.progress.progress` on ``bar_stream``, stderr: a bar on a terminal, else a
+    line every ``EVERY_S`` seconds), then one summary line (on ``stream``, stdout)."""
 
     def __init__(
         self,
@@ -358,14 +357,11 @@ class Progress:
         *,
         stream: TextIO | None = None,
         bar_stream: TextIO | None = None,
-        every_s: float = 0.25,
-    ):
+    ) -> None:
         self.label, self.total, self.done = label, total, 0
         self.stream = stream or sys.stdout
-        bar = bar_stream or sys.stderr
-        self.bar = bar if getattr(bar, "isatty", lambda: False)() else None
-        self.every_s = every_s
-        self.start = self._last = time.perf_counter()
+        self.bar = progress(total=total, desc=label, unit="tiles", stream=bar_stream, leave=False)
+        self.start = time.perf_counter()
 
     @property
     def rate(self) -> float:
@@ -374,25 +370,15 @@ class Progress:
 
     def update(self, n: int) -> None:
         self.done += n
-        now = time.perf_counter()
-        if self.bar is not None and (now - self._last >= self.every_s or self.done >= self.total):
-            self._last = now
-            width = 30
-            filled = int(width * self.done / max(1, self.total))
-            self.bar.write(
-                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                f"{self.done}/{self.total} tiles, {self.rate:.0f} tiles/s"
-            )
-            self.bar.flush()
+        self.bar.update(n)
 
     def close(self, extra: str = "") -> str:
-        """Ends the bar and prints (and returns) the summary line."""
-        if self.bar is not None:
-            self.bar.write("\n")
-            self.bar.flush()
+        """Ends the progress and prints (and returns) the summary line."""
+        self.bar.close()
         line = (
             f"{self.label}: {self.done} tiles in {time.perf_counter() - self.start:.1f} s, "
             f"{self.rate:.0f} tiles/s{extra}"
         )
-        print(line, file=self.stream, flush=True)
+        with around_bars():  # the cohort's bar, if any, steps aside
+            print(line, file=self.stream, flush=True)
         return line

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 
 import keras
 
+from kd_histo import schema
 from kd_histo.atomic import write_json
 from kd_histo.data.augment import NUM_DIHEDRAL
+from kd_histo.progress import progress
 from kd_histo.training import losses as L
 from kd_histo.training.cache_store import CacheTarget, TeacherCache, build_caches
 
@@ -80,8 +82,6 @@ def _source_identity(data_dir: str, split: str) -> tuple[str, str, str]:
     folder's dataset.json do (a reconversion with other settings keeps the paths and the record
     keys but not the pixels). Each shard counts by name, size, mtime and the SHA-256 of its first
     and last MiB; dataset.json by its SHA-256."""
-    from kd_histo import schema
-
     h = hashlib.sha256(_sha256(os.path.join(data_dir, schema.DATASET_JSON)).encode())
     for p in schema.shard_paths(data_dir, split):
         st = os.stat(p)
@@ -241,7 +241,7 @@ def _needed_build(
 
 def _build(teacher, builds: Sequence[_Build], log) -> None:
     """Builds the caches, one teacher pass for all that read the same sources and HR view."""
-    from kd_histo.data.pipeline import PipelineConfig, make_dataset
+    from kd_histo.data.pipeline import PipelineConfig, batch_tiles, make_dataset
 
     groups: dict[tuple, list[_Build]] = {}
     for b in builds:
@@ -267,6 +267,8 @@ def _build(teacher, builds: Sequence[_Build], log) -> None:
         n_t = NUM_DIHEDRAL if all_eight else 1
         into = ", ".join(b.target.cache_dir for b in group)
         log(f"teacher cache: running the teacher {n_t}x over {len(sources)} source(s) into {into}")
+        n = sum(schema.DatasetInfo.read(d).num_examples(split) for d, split, _ in sources)
+        batches = progress(batches, total=n, desc="teacher cache", unit="tiles", size=batch_tiles)
         build_caches(teacher, batches, [b.target for b in group], dihedral_transforms=all_eight)
         for b in group:  # written last: a build cut short is never taken for a finished cache
             write_json(

@@ -396,17 +396,15 @@ def _write_outputs(
 
 
 def _load_cascade_teacher(cfg: PredictConfig, run: RunRecord):
-    """(teacher net, teacher record) for ``cfg.cascade_teacher``, checked to fit the student."""
+    """(teacher net, teacher record) for ``cfg.cascade_teacher``, checked to fit the student;
+    several runs, comma-separated, are one ensemble (:mod:`kd_histo.evaluation.teachers`)."""
     if not cfg.cascade_teacher:
         return None
-    from kd_histo.evaluation.cascade import check_pair
-    from kd_histo.models import load_model
+    from kd_histo.evaluation.teachers import check_teacher_runs, load_cascade_teacher
 
-    teacher_run = read_run_record(cfg.cascade_teacher)
-    check_pair(run, teacher_run)
-    return load_model(
-        teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=run.num_classes
-    ), teacher_run
+    records = check_teacher_runs(cfg.cascade_teacher, run)
+    teacher = load_cascade_teacher(cfg.cascade_teacher, records, run.num_classes, cost=False)
+    return teacher.model, records[0]
 
 
 def _cascade(

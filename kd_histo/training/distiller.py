@@ -49,10 +49,11 @@ Losses = Sequence[tuple[float, L.ResolutionLoss]]
 def losses_for(distill, **extra) -> list[tuple[float, L.ResolutionLoss]]:
     """The weighted losses of a :class:`kd_histo.training.config.DistillConfig`, weight 0 included.
 
-    ``extra`` sets loss parameters that the config does not hold (``bicubic_style``,
-    ``ssl_temperature``, ``projection_dim``); left out, the loss classes' defaults apply.
+    ``extra`` sets loss parameters that the config does not hold (``bicubic_style``, ``splits``:
+    an ensemble teacher's member map widths, ``ssl_temperature``, ``projection_dim``); left out,
+    the loss classes' defaults apply.
     """
-    feature = {k: extra[k] for k in ("bicubic_style",) if k in extra}
+    feature = {k: extra[k] for k in ("bicubic_style", "splits") if k in extra}
     renamed = (("ssl_temperature", "temperature"), ("projection_dim", "projection_dim"))
     ssl = {k2: extra[k] for k, k2 in renamed if k in extra}
     return [

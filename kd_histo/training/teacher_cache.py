@@ -75,6 +75,29 @@ def _teacher_identity(path: str) -> dict:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class EnsembleSource:
+    """An ensemble teacher's identity for its caches: every member's model file, the temperature
+    its logits are for, and whether its features are the members' maps
+    (:mod:`kd_histo.training.ensemble`). A cache fits only while every member file is unchanged."""
+
+    paths: tuple[str, ...]
+    temperature: float
+    member_maps: bool
+
+
+def _identity(teacher_path: str | EnsembleSource) -> dict:
+    """A single teacher's :func:`_teacher_identity` (as caches built before ensembles recorded
+    it), or an ensemble's: each member's, its temperature and feature setting."""
+    if isinstance(teacher_path, str):
+        return _teacher_identity(teacher_path)
+    return {
+        "members": [_teacher_identity(p) for p in teacher_path.paths],
+        "temperature": teacher_path.temperature,
+        "member_maps": teacher_path.member_maps,
+    }
+
+
 def _source_identity(data_dir: str, split: str) -> tuple[str, str, str]:
     """(data_dir, split, fingerprint): the fingerprint changes whenever the split's shards or the
     folder's dataset.json do (a reconversion with other settings keeps the paths and the record
@@ -121,7 +144,8 @@ def for_training(
 
     Args:
       teacher: the frozen teacher net.
-      teacher_path: its ``.keras`` file (identifies the teacher).
+      teacher_path: its ``.keras`` file (identifies the teacher), or an ensemble's
+        :class:`EnsembleSource`.
       data: the run's PipelineConfig (augment "none" or "flips", no random crop).
       cache_dir: where the cache lives.
       map_size: (h, w) of the student's feature map at the LR input size.
@@ -212,7 +236,7 @@ def _needed_build(
     """None when the cache in ``cache_dir`` fits the views and covers ``need_splits``
     ([(data_dir, split)]); else what to (re)build (see :func:`for_training`)."""
     settings = {
-        "teacher": _teacher_identity(teacher_path),
+        "teacher": _identity(teacher_path),
         "hr_px": data.hr_px,
         "factor": data.factor,
         "lr_method": data.lr_method,

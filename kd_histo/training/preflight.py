@@ -231,6 +231,10 @@ def check_model_dir(cfg: RunConfig) -> None:
             )
         with open(old) as f:
             before = json.load(f)
+        try:  # settings added since the run started read as their defaults (what they were then)
+            before = json.loads(RunConfig.from_dict(before).to_json())
+        except (TypeError, ValueError, KeyError):
+            pass  # compared as written
         now = json.loads(cfg.to_json())  # tuples become lists, as in the file
         differ = sorted(
             k for k in now if k not in ("resume", "verbose") and before.get(k) != now[k]

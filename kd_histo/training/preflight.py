@@ -25,7 +25,7 @@ from kd_histo import schema
 from kd_histo.data import decode
 from kd_histo.data.pipeline import lr_size
 from kd_histo.models import load_model
-from kd_histo.training import ensemble
+from kd_histo.training import ensemble, foreign
 from kd_histo.training.config import RunConfig
 from kd_histo.training.run_record import (
     CONFIG_JSON,
@@ -252,6 +252,8 @@ def teacher_record(cfg: RunConfig, path: str | None = None) -> RunRecord | None:
     (:func:`kd_histo.training.run_record.record_of_model`)."""
     path = path or cfg.distill.teachers[0]
     try:
+        if foreign.is_foreign(path):  # a model from elsewhere: its teacher.json states the facts
+            return foreign.record_of(foreign.read_teacher_json(path))
         return record_of_model(path)
     except (FileNotFoundError, ValueError) as e:
         named = f" {path}" if len(cfg.distill.teachers) > 1 else ""
@@ -267,8 +269,9 @@ def check_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> None:
         return
     for name in cfg.distill.teachers:
         record = teacher_record(cfg, name)
-        if record is not None:
-            _check_teacher_fits(name, record, cfg, info)
+        if record is not None:  # a foreign teacher's facts are its teacher.json's: name that
+            label = foreign.teacher_json(name) if foreign.is_foreign(name) else name
+            _check_teacher_fits(label, record, cfg, info)
 
 
 def _check_teacher_fits(name: str, record: RunRecord, cfg: RunConfig, info) -> None:
@@ -311,6 +314,9 @@ def load_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> keras.Model:
     names = cfg.distill.teachers
     members = []
     for name in names:
+        if foreign.is_foreign(name):
+            members.append(_load_foreign(cfg, name, info))
+            continue
         try:
             members.append(load_model(model_file(name), expected_num_classes=info.num_classes))
         except (FileNotFoundError, ValueError) as e:
@@ -330,15 +336,33 @@ def load_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> keras.Model:
         raise PreflightError(str(e)) from None
 
 
+def _load_foreign(cfg: RunConfig, name: str, info) -> keras.Model:
+    """A foreign teacher (:mod:`kd_histo.training.foreign`) as a kd_histo net."""
+    try:
+        spec = foreign.read_teacher_json(name)
+        if not spec.features and cfg.distill.feature_weight > 0:
+            raise foreign.ForeignTeacherError(
+                f"{foreign.teacher_json(name)} names no feature map (features) for the feature "
+                "loss; name one, or pass --feature_weight=0"
+            )
+        return foreign.load_foreign(name, spec, info.num_classes)
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"teacher: {str(e).splitlines()[0]}") from None
+
+
+def _teacher_file(name: str) -> str:
+    """The file (or SavedModel folder) that identifies a teacher's outputs."""
+    return name if foreign.is_foreign(name) else model_file(name)
+
+
 def teacher_source(cfg: RunConfig):
     """What identifies the teacher's outputs for a teacher cache: its model file, or for an
     ensemble a :class:`kd_histo.training.teacher_cache.EnsembleSource`."""
     d = cfg.distill
     if len(d.teachers) == 1:
-        return model_file(d.teachers[0])
-    return EnsembleSource(
-        tuple(model_file(t) for t in d.teachers), d.temperature, _member_maps(cfg)
-    )
+        return _teacher_file(d.teachers[0])
+    files = tuple(_teacher_file(t) for t in d.teachers)
+    return EnsembleSource(files, d.temperature, _member_maps(cfg))
 
 
 def _member_maps(cfg: RunConfig) -> bool:

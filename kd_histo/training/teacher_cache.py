@@ -66,6 +66,12 @@ def _sha256(path: str, limit: int | None = None) -> str:
 def _teacher_identity(path: str) -> dict:
     """The teacher file by path, size, mtime and its bytes' SHA-256 (another teacher saved over
     the same path, even keeping size and mtime, is another teacher)."""
+    if os.path.isdir(path):  # a SavedModel teacher (kd_histo.training.foreign): every file
+        files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names)
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{os.path.relpath(f, path)} {_sha256(f)}\n".encode())
+        return {"path": os.path.realpath(path), "sha256": h.hexdigest()}
     st = os.stat(path)
     return {
         "path": os.path.realpath(path),

@@ -90,7 +90,8 @@ class DistillConfig:
     teacher: str = setting(
         "",
         "distill: the teacher's run folder or model.keras; several, comma-separated, distil from "
-        "their ensemble (the mean of their probabilities at --temperature).",
+        "their ensemble (the mean of their probabilities at --temperature); or a Keras file or "
+        "SavedModel with a teacher.json (docs/teachers.md).",
     )
     temperature: float = setting(L.KD_TEMPERATURE, "KD softmax temperature T (loss scaled by T^2).")
     kd_weight: float = setting(1.0, "Weight of KL(teacher || student).")

@@ -96,3 +96,25 @@ def test_a_teacher_json_that_does_not_fit_is_refused_in_one_line(
         train.train(cfg)
     assert os.path.join(teacher, "teacher.json") in str(e.value)
     assert "\n" not in str(e.value) and not os.path.exists(cfg.model_dir)
+
+
+def test_a_foreign_keras_file_is_read_through_its_teacher_json(tiny_shards, tmp_path):
+    keras.utils.set_random_seed(4)
+    image = keras.Input((None, None, 3))
+    fmap = keras.layers.Conv2D(6, 3, strides=4, padding="same")(image)
+    scores = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(fmap))
+    model = keras.Model(image, [fmap, scores])  # outputs by position
+    path = str(tmp_path / "other.keras")
+    model.save(path)
+    about = {"input_px": 32, "mpp": 0.5, "class_names": list(synthetic.CLASS_NAMES),
+             "logits": "1", "features": "0"}  # fmt: skip
+    (tmp_path / "teacher.json").write_text(json.dumps(about))
+    cfg = _run(tiny_shards, tmp_path / "s", path)
+    info = preflight.check_data(cfg)
+    preflight.check_teacher(cfg, info)
+    net = preflight.load_teacher(cfg, info)
+    x = np.random.default_rng(1).random((2, 32, 32, 3), dtype=np.float32)
+    out = net(x)
+    want = model(x)  # no normalisation stated: the tiles as they are
+    np.testing.assert_allclose(out["logits"].numpy(), want[1].numpy(), rtol=1e-5, atol=1e-6)
+    assert out["features"].shape == (2, 8, 8, 6)

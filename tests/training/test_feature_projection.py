@@ -124,3 +124,20 @@ def test_saved_student_is_the_plain_net_at_its_cost(tiny_shards, teacher_dir, tm
     assert saved.count_params() == plain.count_params()
     assert count_flops(saved, 16) == count_flops(plain, 16) > 0
     assert saved(tf.zeros((1, 16, 16, 3)))["features"].shape[-1] == STUDENT_PLANES[-1]
+
+
+def test_a_saved_distiller_keeps_its_projection(tmp_path):
+    student, teacher = _nets(seed=2)
+    d = ResolutionDistiller(student, teacher)
+    d.compile(keras.optimizers.Adam(1e-2))
+    d.train_on_batch(_batch(), return_dict=True)
+    d.save(str(tmp_path / "distiller.keras"))
+    d2 = keras.saving.load_model(str(tmp_path / "distiller.keras"), safe_mode=True)
+    (p1,), (p2,) = d.feature_projections, d2.feature_projections
+    np.testing.assert_array_equal(p1.kernel.numpy(), p2.kernel.numpy())
+    b = _batch(seed=5)
+    np.testing.assert_allclose(
+        float(d2.compute_losses(b)[0]["feature_loss"]),
+        float(d.compute_losses(b)[0]["feature_loss"]),
+        rtol=1e-6,
+    )

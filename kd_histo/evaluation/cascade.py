@@ -294,18 +294,3 @@ def _timed(
         out = np.concatenate(out)
         times.append(time.perf_counter() - t0)
     return out, float(np.median(times))
-
-
-def load_teacher(teacher_dir: str, run: RunRecord):
-    """(teacher net, teacher record) of a cascade's teacher run folder, checked to fit the
-    student's ``run``; None without one (``teacher_dir`` "")."""
-    if not teacher_dir:
-        return None
-    from kd_histo.models import load_model
-    from kd_histo.training.run_record import read_run_record
-
-    teacher_run = read_run_record(teacher_dir)
-    check_pair(run, teacher_run)
-    return load_model(
-        teacher_run.model_path(teacher_dir), expected_num_classes=run.num_classes
-    ), teacher_run

@@ -233,9 +233,9 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
       task of several (``--merge`` writes the tables).
     """
     from kd_histo.evaluation import prediction_files as files
-    from kd_histo.evaluation.cascade import load_teacher
     from kd_histo.evaluation.exported import load_network
     from kd_histo.evaluation.heatmap import check_classes
+    from kd_histo.evaluation.teachers import load_teacher
 
     model, run = load_network(cfg.model_dir, cfg.model)
     names = list(run.class_names)
@@ -295,6 +295,8 @@ def fingerprint(cfg: PredictConfig, run: RunRecord, mpp: float) -> dict:
     if mpp:  # the µm/px slides are read at (0.0: no slides among the inputs)
         settings["read_mpp"] = mpp
     settings["cascade_teacher"] = bool(cfg.cascade_teacher)
+    from kd_histo.evaluation.teachers import teacher_runs
+
     teacher = cfg.cascade_teacher
     where = cfg.model or cfg.model_dir
     exported = {  # an exported model's files (those that exist are hashed)
@@ -307,7 +309,10 @@ def fingerprint(cfg: PredictConfig, run: RunRecord, mpp: float) -> dict:
         **(exported if cfg.model else {"model": run.model_path(cfg.model_dir)}),
         run_json=os.path.join(where, "run.json"),
         ood=os.path.join(where, ood.OOD_FILE),
-        teacher=read_run_record(teacher).model_path(teacher) if teacher else "",
+        **{  # each member of a cascade's (ensemble) teacher
+            f"teacher_{i}" if i else "teacher": read_run_record(t).model_path(t)
+            for i, t in enumerate(teacher_runs(teacher))
+        },
     )
 
 

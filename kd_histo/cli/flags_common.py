@@ -228,7 +228,12 @@ OWN_FLAGS = {
     "names": ("list", [], "Row names of --compare (default the folder names)."),
     "compare_out": ("string", "comparison", "Path prefix of the comparison table (.md and .csv)."),
     "target_mag": ("float", 0.0, "Instead of --target_mpp: magnification, 10x = 1.0 µm/px."),
-    "merge": ("bool", False, "Only merge the finished tasks' parts into shards + dataset.json."),
+    "merge": (
+        "bool",
+        False,
+        "Only merge the finished tasks' parts: into shards + dataset.json (convert), into the "
+        "cohort's tables (predict: needs only --out_dir).",
+    ),
     "out_dir": ("string", "", "Demo folder (default runs/demo, where flags/demo/*.flags point)."),
 }
 

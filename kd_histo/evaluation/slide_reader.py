@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import sys
 import threading
 import time
@@ -38,6 +39,7 @@ from kd_histo.convert import slides
 from kd_histo.convert.errors import ConversionError, SkipInput
 from kd_histo.progress import around_bars, progress
 
+_LOG = logging.getLogger(__name__)
 # A level counts as "at" a resolution within this relative tolerance: scanners store downsamples
 # such as 4.0003, and resizing by 1.0003 is not worth a resample.
 LEVEL_TOLERANCE = 0.02
@@ -152,6 +154,13 @@ def plan_read(
         raise ValueError(f"{path}: no tile has {min_tissue:.0%} tissue; lower --min_tissue")
     if max_tiles and len(coords) > max_tiles:
         coords = [coords[i] for i in np.linspace(0, len(coords) - 1, max_tiles).round().astype(int)]
+    mpp_in = hr_px * hr_mpp / input_px
+    if mpp_in < grid.base_mpp * (1 - LEVEL_TOLERANCE):
+        _LOG.warning(
+            f"{path}: the model reads {mpp_in:.3g} µm/px, finer than the slide's scan "
+            f"({grid.base_mpp:.3g} µm/px at level 0): its tiles are upsampled, with no more "
+            "detail than the scan; check --read_mpp (and --slide_mpp)"
+        )
     return _at_input(
         path,
         grid.base_mpp,
@@ -159,7 +168,7 @@ def plan_read(
         tuple(coords),
         grid.grid_tiles,
         input_px,
-        hr_px * hr_mpp / input_px,
+        mpp_in,
         method,
     )
 

@@ -68,12 +68,41 @@ def _sha256(path: str, limit: int | None = None) -> str:
 def _teacher_identity(path: str) -> dict:
     """The teacher file by path, size, mtime and its bytes' SHA-256 (another teacher saved over
     the same path, even keeping size and mtime, is another teacher)."""
+    if os.path.isdir(path):  # a SavedModel teacher (kd_histo.training.foreign): every file
+        files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names)
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{os.path.relpath(f, path)} {_sha256(f)}\n".encode())
+        return {"path": os.path.realpath(path), "sha256": h.hexdigest()}
     st = os.stat(path)
     return {
         "path": os.path.realpath(path),
         "bytes": st.st_size,
         "mtime_ns": st.st_mtime_ns,
         "sha256": _sha256(path),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleSource:
+    """An ensemble teacher's identity for its caches: every member's model file, the temperature
+    its logits are for, and whether its features are the members' maps
+    (:mod:`kd_histo.training.ensemble`). A cache fits only while every member file is unchanged."""
+
+    paths: tuple[str, ...]
+    temperature: float
+    member_maps: bool
+
+
+def _identity(teacher_path: str | EnsembleSource) -> dict:
+    """A single teacher's :func:`_teacher_identity` (as caches built before ensembles recorded
+    it), or an ensemble's: each member's, its temperature and feature setting."""
+    if isinstance(teacher_path, str):
+        return _teacher_identity(teacher_path)
+    return {
+        "members": [_teacher_identity(p) for p in teacher_path.paths],
+        "temperature": teacher_path.temperature,
+        "member_maps": teacher_path.member_maps,
     }
 
 
@@ -121,7 +150,8 @@ def for_training(
 
     Args:
       teacher: the frozen teacher net.
-      teacher_path: its ``.keras`` file (identifies the teacher).
+      teacher_path: its ``.keras`` file (identifies the teacher), or an ensemble's
+        :class:`EnsembleSource`.
       data: the run's PipelineConfig (augment "none" or "flips", no random crop).
       cache_dir: where the cache lives.
       map_size: (h, w) of the student's feature map at the LR input size.
@@ -212,7 +242,7 @@ def _needed_build(
     """None when the cache in ``cache_dir`` fits the views and covers ``need_splits``
     ([(data_dir, split)]); else what to (re)build (see :func:`for_training`)."""
     settings = {
-        "teacher": _teacher_identity(teacher_path),
+        "teacher": _identity(teacher_path),
         "hr_px": data.hr_px,
         "factor": data.factor,
         "lr_method": data.lr_method,

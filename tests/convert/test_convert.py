@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from support import small_units_command, small_units_config
+from support import REPO, small_units_command, small_units_config
 
 from kd_histo import schema
 from kd_histo.convert import ConversionError, ConvertConfig, EncodeOptions, convert, merge, run_task
@@ -18,8 +18,6 @@ from kd_histo.convert.writer import DirLock
 from kd_histo.data import synthetic
 
 from .helpers import check_split_counts, decode, random_rgb, read_split, shard_bytes, write_image
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ import zlib
 
 import numpy as np
 from PIL import Image
+from support import REPO
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.training.config import NetConfig, RunConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
+TINY_NET = NetConfig(planes=(4, 8, 8, 16), stem="small")
 # A binary run as a child process: the checkout's kd_histo, without TF's C++ import chatter.
-CHILD_ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def tiny_config(data_dir, model_dir, mode: str = "teacher", **kw) -> RunConfig:

@@ -1,11 +1,11 @@
 """Training under failure: NaN inputs, a missing or incompatible teacher, kill -9 inside an epoch,
 a full disk or a read-only run folder.
 
-Also proven elsewhere: tests/test_train.py (``test_killed_run_resumes_from_the_last_finished_
-epoch``, an in-process stop; ``test_sigkilled_binary_resumes``, the binary over 40 epochs, marked
-large), tests/cli/test_train_cli.py (``test_teacher_with_other_input_channels``, marked
-``reliability``; ``test_teacher_with_other_class_count`` and ``test_read_only_model_dir``: the
-one-line CLI errors).
+Also proven elsewhere: tests/training/test_train.py
+(``test_killed_run_resumes_from_the_last_finished_epoch``, an in-process stop;
+``test_sigkilled_binary_resumes``, the binary over 40 epochs, marked large),
+tests/cli/test_train_cli.py (``test_teacher_with_other_input_channels``, marked ``reliability``;
+``test_teacher_with_other_class_count`` and ``test_read_only_model_dir``: the one-line CLI errors).
 """
 
 import collections

@@ -64,7 +64,7 @@ def main(data_dir: str, model_dir: str, report: str, hang: str = "") -> None:
         mode="teacher",
         model_dir=model_dir,
         data=PipelineConfig(data_dir, batch_size=4),
-        net=NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),)),
+        net=NetConfig(planes=(4, 8, 8, 16), stem="small"),
         epochs=EPOCHS,
         steps_per_epoch=STEPS,
         val_steps=1,

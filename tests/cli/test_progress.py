@@ -185,7 +185,7 @@ def test_predict_on_a_cohort_reports_each_input_and_the_cohort_without_carriage_
     runs, tiny_shards, tmp_path, capsys, monkeypatch
 ):
     """kd-histo-predict off a terminal (pytest's capture), every line due (EVERY_S = 0)."""
-    from cli_helpers import invoke
+    from .cli_helpers import invoke
 
     monkeypatch.delenv(P.SWITCH, raising=False)
     monkeypatch.setattr(P, "EVERY_S", 0.0)
@@ -204,7 +204,7 @@ def test_predict_on_a_cohort_reports_each_input_and_the_cohort_without_carriage_
 
 
 def test_evaluate_reports_its_split_in_tiles(runs, tiny_shards, tmp_path, capsys, monkeypatch):
-    from cli_helpers import invoke
+    from .cli_helpers import invoke
 
     monkeypatch.delenv(P.SWITCH, raising=False)
     argv = [f"--model_dir={runs / 'teacher'}", f"--data_dir={tiny_shards}", "--n_boot=5"]
@@ -216,7 +216,7 @@ def test_evaluate_reports_its_split_in_tiles(runs, tiny_shards, tmp_path, capsys
 
 
 def test_the_teacher_cache_build_reports_its_tiles(runs, tiny_shards, tmp_path, capsys):
-    from cli_helpers import train_run
+    from .cli_helpers import train_run
 
     argv = ["--factor=2", f"--teacher={runs / 'teacher'}", "--augment=flips", "--epochs=1"]
     cache = f"--teacher_cache={tmp_path / 'cache'}"

@@ -46,10 +46,12 @@ def encoded(arr: np.ndarray, fmt: str, **save_kwargs) -> bytes:
 
 
 def write_class_tree(root, per_class: int, px: int, seed: int) -> None:
-    """PNG tiles ``<root>/{a,b}/t<i>.png`` (random RGB; tile i of class c: seed + i + ord(c))."""
+    """PNG tiles ``<root>/{a,b}/t<i>.png`` (random RGB; tile i of class c: seed + i + 1000 *
+    ord(c), so no tile of one class is a copy of the other's: convert refuses those)."""
     for c in ("a", "b"):
         for i in range(per_class):
-            write(os.path.join(root, c, f"t{i}.png"), encoded(rgb(seed + i + ord(c), px), "PNG"))
+            seeded = rgb(seed + i + 1000 * ord(c), px)
+            write(os.path.join(root, c, f"t{i}.png"), encoded(seeded, "PNG"))
 
 
 def write(path, data: bytes) -> str:

@@ -151,6 +151,11 @@ def epoch_examples(cfg: PipelineConfig, split: str = "train", training: bool = T
     return max(1, round(unlabeled_pool_size(cfg) * cfg.unlabeled_fraction))
 
 
+def batch_tiles(batch: dict) -> int:
+    """Tiles in one batch of :func:`make_dataset` (what a loop's progress counts)."""
+    return len(batch["label"])
+
+
 def unlabeled_pool_size(cfg: PipelineConfig) -> int:
     """Tiles in the whole unlabeled pool (the ``unlabeled`` split + ``unlabeled_dirs``)."""
     return sum(

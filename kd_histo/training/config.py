@@ -24,6 +24,7 @@ from kd_histo.models import NetConfig
 from kd_histo.numbers import require_finite
 from kd_histo.settings import check_choice, setting
 from kd_histo.training import losses as L
+from kd_histo.training.ensemble import ENSEMBLE_FEATURES
 
 MODES = ("teacher", "baseline", "distill")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -41,6 +42,7 @@ class DistillConfig:
 
     Attributes:
       teacher: path of the teacher's ``model.keras`` (or its run folder); distill mode only.
+        Comma-separated paths: an ensemble teacher (:mod:`kd_histo.training.ensemble`).
       temperature: softmax temperature T of the KD term (scaled by T^2).
       kd_weight: weight of KL(teacher || student).
       feature_weight: weight of the feature-map loss.
@@ -53,6 +55,8 @@ class DistillConfig:
         are the negatives).
       at_weight: weight of attention transfer.
       accumulation_steps: gradient accumulation.
+      ensemble_features: an ensemble teacher's feature loss: "projected" (each member's map
+        through its own 1x1 projection of the student's) or "off".
       teacher_cache: folder of a teacher-output cache (``kd_histo.training.teacher_cache``): the
       teacher
         runs once per tile and dihedral transform, and training reads its outputs instead of
@@ -60,7 +64,12 @@ class DistillConfig:
         "none" and no random crop.
     """
 
-    teacher: str = setting("", "distill: the teacher's run folder or model.keras.")
+    teacher: str = setting(
+        "",
+        "distill: the teacher's run folder or model.keras; several, comma-separated, distil from "
+        "their ensemble (the mean of their probabilities at --temperature); or a Keras file or "
+        "SavedModel with a teacher.json (docs/teachers.md).",
+    )
     temperature: float = setting(L.KD_TEMPERATURE, "KD softmax temperature T (loss scaled by T^2).")
     kd_weight: float = setting(1.0, "Weight of KL(teacher || student).")
     feature_weight: float = setting(1.0, "Weight of the feature-map loss.")
@@ -82,6 +91,12 @@ class DistillConfig:
         "<model_dir>/teacher_cache): the teacher runs once per tile and flip/rotation, not every "
         "epoch. Needs --augment=flips or none and no --hr_px crop.",
     )
+    ensemble_features: str = setting(
+        "projected",
+        "Ensemble teacher: the feature loss matches each member's map through its own learned "
+        "1x1 projection of the student's (projected), or is off (off).",
+        choices=ENSEMBLE_FEATURES,
+    )
 
     def __post_init__(self):
         require_finite(self)
@@ -90,6 +105,12 @@ class DistillConfig:
         L.FeatureMapKD(self.feature_mode, self.feature_norm)
         if self.accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
+        check_choice("ensemble_features", self.ensemble_features, ENSEMBLE_FEATURES)
+
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        """The teacher runs: one, or the members of an ensemble (``teacher`` split at commas)."""
+        return tuple(t.strip() for t in self.teacher.split(",") if t.strip())
 
 
 @dataclasses.dataclass(frozen=True)

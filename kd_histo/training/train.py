@@ -31,7 +31,7 @@ from kd_histo.convert.writer import DirLock
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch
 from kd_histo.models import build_model
 from kd_histo.models.stain import stain_reference_of
-from kd_histo.training import backup, divergence, domain, preflight
+from kd_histo.training import backup, divergence, domain, ensemble, preflight
 from kd_histo.training import callbacks as cbs
 from kd_histo.training import losses as L
 from kd_histo.training.config import RunConfig
@@ -42,7 +42,6 @@ from kd_histo.training.run_record import (
     CONFIG_JSON,
     MODEL_FILE,
     RunRecord,
-    model_file,
     write_run_record,
 )
 
@@ -118,10 +117,12 @@ def _distiller(
             student_view=cfg.view,
             accumulation_steps=d.accumulation_steps,
         )
+    if len(d.teachers) > 1 and d.ensemble_features == "off":
+        d = dataclasses.replace(d, feature_weight=0.0)
     return ResolutionDistiller(
         net,
         teacher,
-        losses_for(d),
+        losses_for(d, splits=ensemble.feature_splits(teacher)),
         student_view="lr",
         teacher_view="hr",
         accumulation_steps=d.accumulation_steps,
@@ -260,7 +261,7 @@ def _cached_streams(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int,
         "feature_mode": cfg.distill.feature_mode,
         "log": _LOG.info,
     }
-    teacher_file = model_file(cfg.distill.teacher)
+    teacher_file = preflight.teacher_source(cfg)
     cache = teacher_cache.for_training(teacher, teacher_file, cfg.data, cache_dir, **kwargs)
     plain = make_dataset(
         dataclasses.replace(cfg.data, augment="none"), "train", training=True
@@ -295,12 +296,13 @@ def prebuild_teacher_caches(cfgs: Sequence[RunConfig], log=print) -> int:
     """
     from kd_histo.training import teacher_cache
 
-    by_teacher: dict[tuple[str, str], list[RunConfig]] = {}
+    by_teacher: dict[tuple, list[RunConfig]] = {}
     for cfg in cfgs:
         if cfg.mode == "distill" and cfg.distill.teacher_cache:
-            by_teacher.setdefault((cfg.distill.teacher, cfg.precision), []).append(cfg)
+            key = (preflight.teacher_source(cfg), cfg.precision)
+            by_teacher.setdefault(key, []).append(cfg)
     built = 0
-    for (teacher_dir, precision), group in by_teacher.items():
+    for (source, precision), group in by_teacher.items():
         uses = []
         with precision_policy(precision):
             for cfg in group:
@@ -325,7 +327,7 @@ def prebuild_teacher_caches(cfgs: Sequence[RunConfig], log=print) -> int:
                     )
                 )
             teacher = preflight.load_teacher(group[0], info)
-            built += teacher_cache.prebuild(teacher, model_file(teacher_dir), uses, log=log)
+            built += teacher_cache.prebuild(teacher, source, uses, log=log)
         keras.backend.clear_session()
     return built
 

@@ -19,6 +19,7 @@ from kd_histo.cli import cost as cost_cli
 from kd_histo.cli import demo as demo_cli
 from kd_histo.cli import evaluate as evaluate_cli
 from kd_histo.cli import experiment as experiment_cli
+from kd_histo.cli import export as export_cli
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import predict as predict_cli
 from kd_histo.cli import train as train_cli
@@ -26,7 +27,16 @@ from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.protocol.plan import ExperimentConfig
 from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig
 
-BINARIES = [convert_cli, train_cli, evaluate_cli, cost_cli, predict_cli, experiment_cli, demo_cli]
+BINARIES = [
+    convert_cli,
+    train_cli,
+    evaluate_cli,
+    cost_cli,
+    predict_cli,
+    experiment_cli,
+    demo_cli,
+    export_cli,
+]
 
 # Fields of the binaries' configs that are no flag: set by code (the protocol, the library's
 # callers), with the reason. A new field must be added either as a flag or here.
@@ -44,6 +54,7 @@ NOT_FLAGS = {
     "NetConfig": {"blocks", "groups", "width_scale"},
     "DistillConfig": set(),
     "OptimConfig": {"clipnorm"},
+    "ExportConfig": set(),
     "StainConfig": {"reference_tiles"},
     "ExperimentConfig": {"base", "cost_repeats"},
     "EvalConfig": {"seed"},

@@ -26,6 +26,7 @@ OWN_FLAG = {
     "kd-histo-predict": "--[no]heatmap",
     "kd-histo-experiment": "--unlabeled_fractions",
     "kd-histo-demo": "--out_dir",
+    "kd-histo-export": "--quantize",
 }
 
 

@@ -1,5 +1,7 @@
 """Every flagfile in flags/ parses into a valid RunConfig with the paper's settings."""
 
+import dataclasses
+
 import pytest
 from support import REPO
 
@@ -13,9 +15,12 @@ ABLATIONS = [
     p for p in ALL if p.name.startswith("ablation_")
 ]  # kd-histo-experiment, a main run's ablation
 EXPERIMENTS = [p for p in ALL if p.name == "experiment.flags"]  # kd-histo-experiment
+ENSEMBLES = [p for p in ALL if p.name == "ensemble.flags"]  # kd-histo-experiment, new rows only
 COMPARISONS = [p for p in ALL if p.name.startswith("compare_")]  # tools/compare_runs.py
 FLAGFILES = [
-    p for p in ALL if p.name != "common.flags" and p not in EXPERIMENTS + ABLATIONS + COMPARISONS
+    p
+    for p in ALL
+    if p.name != "common.flags" and p not in EXPERIMENTS + ABLATIONS + ENSEMBLES + COMPARISONS
 ]  # kd-histo-train
 
 
@@ -186,3 +191,19 @@ def test_comparison_flagfile_names_runs_its_experiments_make(flagfile, monkeypat
         f"python tools/compare_runs.py --flagfile={flagfile.relative_to(REPO)}"
         in flagfile.read_text()
     )
+
+
+@pytest.mark.parametrize("flagfile", ENSEMBLES, ids=lambda p: p.parent.name)
+def test_ensemble_flagfile_trains_only_the_ensemble_students(flagfile, monkeypatch, tmp_path):
+    """The ensemble row borrows its experiment's teachers (every seed's) and trains nothing else:
+    each planned run is the experiment's teacher or a student of the ensemble of all of them."""
+    monkeypatch.chdir(REPO)
+    cfg = _experiment_config(flagfile)
+    main = _experiment_config(flagfile.parent / "experiment.flags")
+    assert cfg.teachers_from == main.out_dir and cfg.seeds == main.seeds
+    assert cfg.base == dataclasses.replace(main.base, model_dir=cfg.base.model_dir)
+    names = plan_lib.run_names(cfg)
+    assert {n for n in names if n != "teacher"} == {
+        f"student_ens_x{f:g}_unl100" for f in cfg.factors
+    }
+    assert f"kd-histo-experiment --flagfile={flagfile.relative_to(REPO)}" in flagfile.read_text()

@@ -163,6 +163,26 @@ def test_experiment_started_before_a_setting_existed_resumes(tiny_shards, tmp_pa
         experiment._check_same_experiment(dataclasses.replace(cfg, student_epochs=30))
 
 
+def test_experiment_started_before_a_run_setting_existed_resumes(tiny_shards, tmp_path):
+    """A field added to a nested run config (the base's distill or stain settings) is absent
+    from an older experiment.json and the committed bundles': it had its default then."""
+    from kd_histo.protocol import experiment
+
+    cfg = _cfg(tiny_shards, tmp_path)
+    old = json.loads(json.dumps(cfg.to_dict()))
+    del old["base"]["distill"]["ensemble_features"]
+    (tmp_path / "experiment.json").write_text(json.dumps(old))
+    experiment._check_same_experiment(cfg)
+    other = dataclasses.replace(
+        cfg,
+        base=dataclasses.replace(
+            cfg.base, distill=dataclasses.replace(cfg.base.distill, ensemble_features="off")
+        ),
+    )
+    with pytest.raises(ValueError, match=r"other settings \(base.distill\)"):
+        experiment._check_same_experiment(other)
+
+
 def test_plan_without_baselines(tiny_shards, tmp_path):
     names = [
         s.name

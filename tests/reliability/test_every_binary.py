@@ -17,6 +17,7 @@ from kd_histo.cli import cost as cost_cli
 from kd_histo.cli import demo as demo_cli
 from kd_histo.cli import evaluate as evaluate_cli
 from kd_histo.cli import experiment as experiment_cli
+from kd_histo.cli import export as export_cli
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import predict as predict_cli
 from kd_histo.cli import train as train_cli
@@ -33,6 +34,7 @@ BIN = {
     "predict": predict_cli,
     "experiment": experiment_cli,
     "demo": demo_cli,
+    "export": export_cli,
 }
 
 
@@ -75,6 +77,7 @@ def _argv(binary, out, data, run, tiles):
             *TINY_FLAGS,
         ],
         "demo": [f"--out_dir={out}", "--smoke"],
+        "export": [f"--model_dir={run}", f"--out={out}"],
     }[binary]
 
 
@@ -83,7 +86,7 @@ def tiles(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiles")
     for c in ("a", "b"):
         for i in range(4):
-            write(os.path.join(root, c, f"t{i}.png"), encoded(rgb(i + 10 * len(c)), "PNG"))
+            write(os.path.join(root, c, f"t{i}.png"), encoded(rgb(i + 10 * ord(c)), "PNG"))
     return str(root)
 
 
@@ -97,7 +100,7 @@ def _assert_one_line(code, err, prog, *words):
 
 
 @pytest.mark.parametrize(
-    "binary", ["convert", "train", "evaluate", "cost", "predict", "experiment", "demo"]
+    "binary", ["convert", "train", "evaluate", "cost", "predict", "experiment", "demo", "export"]
 )
 def test_out_dir_that_is_a_file(binary, tiny_shards, teacher_run, tiles, tmp_path, capsys):
     blocker = tmp_path / "taken"

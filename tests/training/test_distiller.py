@@ -131,8 +131,8 @@ def test_cached_and_live_teacher_feed_the_same_loss_objects():
 def test_losses_are_validated_when_the_distiller_is_built():
     student, _ = nets(planes=(4, 8, 8, 16))
     _, wide = nets(planes=(4, 8, 8, 32))
-    with pytest.raises(ValueError, match="channels: student 16, teacher 32"):
-        ResolutionDistiller(student, wide, [(1.0, L.FeatureMapKD())])
+    with pytest.raises(ValueError, match="has 32 channels but its parts add up to 16"):
+        ResolutionDistiller(student, wide, [(1.0, L.FeatureMapKD(splits=(8, 8)))])
     d = ResolutionDistiller(student, wide, [(1.0, L.LogitsKD()), (0.0, L.FeatureMapKD())])
     assert d.loss_names == ("loss", "kd_loss")  # weight 0: neither checked nor tracked
     with pytest.raises(ValueError, match="weights must be >= 0"):
@@ -187,11 +187,14 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="teacher has 3 classes but student has 4"):
         ResolutionDistiller(student, teacher3)
     _, wide = nets(planes=(4, 8, 8, 32))
+    # widths differ: the feature loss goes through a learned projection (its own tests:
+    # tests/training/test_feature_projection.py); without the feature loss there is none
+    assert len(ResolutionDistiller(student, wide).feature_projections) == 1
+    assert not hasattr(
+        ResolutionDistiller(student, wide, weights(feature_weight=0.0)), "feature_projections"
+    )
     with pytest.raises(ValueError, match="channels: student 16, teacher 32"):
-        ResolutionDistiller(student, wide)
-    ResolutionDistiller(
-        student, wide, weights(feature_weight=0.0)
-    )  # no feature loss: widths may differ
+        L.FeatureMapKD().compute_loss(wide.output, student.output)
     with pytest.raises(ValueError, match="nothing to learn"):
         ResolutionDistiller(student, None).compute_losses(batch_dict())
     with pytest.raises(ValueError, match="loss="):

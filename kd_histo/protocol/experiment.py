@@ -293,7 +293,12 @@ def _train(
             state.record(f"s{spec.seed}/teacher", "teacher_cache_s", time.perf_counter() - t0)
             keras.backend.clear_session()
     t0 = time.perf_counter()
-    train.train(spec.config)
+    result = train.train(spec.config)
+    if result.diverged_at_epoch is not None:
+        log(
+            f"{prefix}: the training diverged in epoch {result.diverged_at_epoch} (NaN/inf loss "
+            "or val metrics); the best network before it is kept"
+        )
     state.record(f"s{spec.seed}/{spec.name}", "train_s", time.perf_counter() - t0)
     keras.backend.clear_session()
 

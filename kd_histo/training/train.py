@@ -355,18 +355,10 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
     return out
 
 
-def _log(line: str) -> None:
-    _LOG.info(line)
-
-
 def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -> TrainResult:
+    # A diverged run is reported by the caller, from the result (the binary's error line).
     net, best, diverged = divergence.kept_network(model_dir, net, has_val)
-    if diverged is not None:
-        _LOG.warning(
-            f"the training diverged in epoch {diverged} (NaN/inf loss or val metrics); keeping "
-            "the best network before it"
-        )
-    stats = domain.fit_ood(cfg, net, info.num_classes, has_val, log=_log)
+    stats = domain.fit_ood(cfg, net, info.num_classes, has_val, log=_LOG.info)
     if stats is not None:
         stats.save(model_dir)
     model_path = os.path.join(model_dir, MODEL_FILE)

@@ -748,3 +748,31 @@ def test_an_evaluation_killed_mid_way_is_evaluated_again(finished, tmp_path):
         state = json.load(f)
     with open(os.path.join(cfg.out_dir, "state.json")) as f:
         assert state["s0/baseline_x2"]["eval_s"] != json.load(f)["s0/baseline_x2"]["eval_s"]
+
+
+def test_a_diverged_run_is_said_once_in_the_experiment_log(tmp_path, monkeypatch):
+    """The training library returns the diverged epoch without a note of its own; the runner says
+    it in its log (the binary kd-histo-train says it in its error line)."""
+    from kd_histo.protocol import experiment
+    from kd_histo.protocol.plan import RunSpec
+    from kd_histo.training import train
+
+    run = _base("unused", model_dir=str(tmp_path / "teacher"))
+    spec = RunSpec("teacher", "teacher", 1.0, 0.0, 0, run)
+    results = {
+        "fine": train.TrainResult(run.model_dir, "model.keras", {}, 1, 0.5),
+        "diverged": train.TrainResult(run.model_dir, "model.keras", {}, 3, 0.5, 1),
+    }
+    for outcome, result in results.items():
+        monkeypatch.setattr(train, "train", lambda cfg, result=result: result)
+        lines = []
+        state = experiment._State(str(tmp_path))
+        experiment._train([spec], spec, state, set(), "s0/teacher", lines.append)
+        said = [line for line in lines if "diverged" in line]
+        if outcome == "fine":
+            assert not said, lines
+        else:
+            assert said == [
+                "s0/teacher: the training diverged in epoch 1 (NaN/inf loss or val metrics); the "
+                "best network before it is kept"
+            ]

@@ -14,6 +14,18 @@ from support import REPO
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.training.config import NetConfig, RunConfig
 
+# The tiny run of the binaries' tests as kd-histo-train flags (TINY_NET, 1 epoch of 2 steps);
+# a later --epochs=N in the same argv wins.
+TINY_FLAGS = [
+    "--planes=4,8,8,16",
+    "--stem=small",
+    "--batch_size=4",
+    "--epochs=1",
+    "--steps_per_epoch=2",
+    "--val_steps=1",
+    "--profile_steps=0,0",
+    "--verbose=0",
+]
 TINY_NET = NetConfig(planes=(4, 8, 8, 16), stem="small")
 # A binary run as a child process: the checkout's kd_histo, without TF's C++ import chatter.
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -99,3 +111,13 @@ def giant_tiff(width: int, height: int) -> bytes:
             value = width if tag == 256 else height
             data[at + 2 : at + 12] = struct.pack("<HII", 4, 1, value)
     return bytes(data)
+
+
+def last_error_line(err: str, prog: str) -> str:
+    """The one error line of a binary's stderr, last; the lines before it are the binary's own
+    notes (each prefixed ``prog: ``), never a traceback."""
+    lines = err.strip().splitlines()
+    assert lines and all(line.startswith(f"{prog}: ") for line in lines), err[-3000:]
+    errors = [line for line in lines if line.startswith(f"{prog}: error:")]
+    assert errors == [lines[-1]], err[-3000:]
+    return lines[-1]

@@ -22,7 +22,7 @@ from kd_histo.cli import flags_common as fc
 from kd_histo.cli import predict as predict_cli
 from kd_histo.cli import train as train_cli
 
-from .helpers import CHILD_ENV, encoded, rgb, write, write_class_tree
+from .helpers import CHILD_ENV, TINY_FLAGS, encoded, last_error_line, rgb, write, write_class_tree
 
 pytestmark = pytest.mark.reliability
 
@@ -36,16 +36,6 @@ BIN = {
     "demo": demo_cli,
     "export": export_cli,
 }
-TINY = [
-    "--planes=4,8,8,16",
-    "--stem=small",
-    "--batch_size=4",
-    "--epochs=1",
-    "--steps_per_epoch=2",
-    "--val_steps=1",
-    "--profile_steps=0,0",
-    "--verbose=0",
-]
 
 
 def _run(capsys, binary, argv) -> tuple[int, str, str]:
@@ -66,7 +56,7 @@ def _argv(binary, out, data, run, tiles):
             "--progress=false",
             "--split_fractions=0.5,0.25,0.25",
         ],
-        "train": ["--mode=teacher", f"--data_dir={data}", f"--model_dir={out}", *TINY],
+        "train": ["--mode=teacher", f"--data_dir={data}", f"--model_dir={out}", *TINY_FLAGS],
         "evaluate": [f"--model_dir={run}", f"--data_dir={data}", f"--out_dir={out}", "--n_boot=5"],
         "cost": [
             f"--runs={run}",
@@ -84,7 +74,7 @@ def _argv(binary, out, data, run, tiles):
             "--nobaselines",
             "--n_boot=5",
             "--cost_batch_sizes=1",
-            *TINY,
+            *TINY_FLAGS,
         ],
         "demo": [f"--out_dir={out}", "--smoke"],
         "export": [f"--model_dir={run}", f"--out={out}"],
@@ -104,12 +94,9 @@ def _assert_one_line(code, err, prog, *words):
     """The run ends in one error line; the lines before it (a binary that had started: the
     experiment's progress) are the binary's own messages, never a traceback."""
     assert code == 2, err[-3000:]
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith(f"{prog}: error:"), err[-3000:]
-    assert all(line.startswith(f"{prog}: ") for line in lines), err[-3000:]
-    assert sum(line.startswith(f"{prog}: error:") for line in lines) == 1, err[-3000:]
-    assert all(w in lines[-1] for w in words), lines[-1]
-    return lines[-1]
+    line = last_error_line(err, prog)
+    assert all(w in line for w in words), line
+    return line
 
 
 @pytest.mark.parametrize(

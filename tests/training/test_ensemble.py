@@ -100,7 +100,7 @@ def _run(data_dir, model_dir, **kw):
     base = dict(
         model_dir=str(model_dir),
         data=PipelineConfig(data_dir, batch_size=4, factor=2, augment="flips"),
-        net=NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),)),
+        net=NetConfig(planes=(4, 8, 8, 16), stem="small"),
         epochs=1,
         steps_per_epoch=2,
         val_steps=1,

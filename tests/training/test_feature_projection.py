@@ -103,14 +103,14 @@ def _run(data_dir, model_dir, **kw):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tiny_shards, tmp_path_factory):
-    t_net = NetConfig(planes=TEACHER_PLANES, kwargs=(("stem", "small"),))
+    t_net = NetConfig(planes=TEACHER_PLANES, stem="small")
     out = tmp_path_factory.mktemp("wide") / "teacher"
     return train.train(_run(tiny_shards, out, mode="teacher", net=t_net, epochs=1)).model_dir
 
 
 @pytest.mark.parametrize("cached", [False, True])
 def test_saved_student_is_the_plain_net_at_its_cost(tiny_shards, teacher_dir, tmp_path, cached):
-    s_net = NetConfig(planes=STUDENT_PLANES, kwargs=(("stem", "small"),))
+    s_net = NetConfig(planes=STUDENT_PLANES, stem="small")
     cache = str(tmp_path / "cache") if cached else ""
     distill = DistillConfig(teacher=teacher_dir, teacher_cache=cache)
     result = train.train(

@@ -48,7 +48,7 @@ def _run(data_dir, model_dir, teacher, **distill):
         mode="distill",
         model_dir=str(model_dir),
         data=PipelineConfig(data_dir, batch_size=4, factor=2, augment="flips"),
-        net=NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),)),
+        net=NetConfig(planes=(4, 8, 8, 16), stem="small"),
         distill=DistillConfig(teacher=teacher, **distill),
         epochs=1,
         steps_per_epoch=2,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -97,3 +99,20 @@ def giant_tiff(width: int, height: int) -> bytes:
             value = width if tag == 256 else height
             data[at + 2 : at + 12] = struct.pack("<HII", 4, 1, value)
     return bytes(data)
+
+
+def wait_for_report(path, key, proc, timeout=120) -> dict:
+    """The JSON report a child process writes at ``path`` (train_child.py), once it holds
+    ``key``; fails with the child's stderr when the child ends first, or after ``timeout`` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            if key in state:
+                return state
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the child ended (rc {proc.returncode}) first:\n{err[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {key!r} in {path} after {timeout}s")

@@ -238,10 +238,10 @@ def _streams(cfg: RunConfig, nets, steps: int, first_epoch: int, has_val: bool):
 
     fit() asks for exactly ``steps`` batches per epoch; epoch ``e``'s batches are a pure function
     of the seed and ``e`` (``training_stream``), so a resumed run reads what the uninterrupted
-    one read. Keras keeps one validation iterator across epochs when the step count is given, so
-    the validation stream repeats, its count comes from dataset.json (an unknown count made Keras
-    warn that the input "ran out of data" at every run's start), and a resumed run skips the
-    batches the epochs before ``first_epoch`` validated on.
+    one read. Validation: Keras restarts its iterator at every epoch's evaluation, so each epoch
+    validates on the same first ``val_steps`` batches, resumed or not; the stream repeats and its
+    count comes from dataset.json (an unknown count made Keras warn that the input "ran out of
+    data" at every run's start).
     """
     teacher, net, input_px = nets
     cache_dir = preflight.teacher_cache_dir(cfg) if cfg.mode == "distill" else ""
@@ -254,10 +254,8 @@ def _streams(cfg: RunConfig, nets, steps: int, first_epoch: int, has_val: bool):
         val_ds = make_dataset(cfg.data, "val", training=False) if has_val else None
     if val_ds is None:
         return train_ds, None, None
-    val_batches = steps_per_epoch(cfg.data, "val", training=False)
-    val_steps = cfg.val_steps or val_batches
-    skip = first_epoch * val_steps % max(1, val_batches)
-    return train_ds, val_ds.repeat().skip(skip), val_steps
+    val_steps = cfg.val_steps or steps_per_epoch(cfg.data, "val", training=False)
+    return train_ds, val_ds.repeat(), val_steps
 
 
 def _cached_streams(
@@ -354,8 +352,6 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
     logs = os.path.join(model_dir, "logs")
     first, last = cfg.profile_steps
     out = [
-        # First, so that when a later callback (or a kill) stops the run the epoch is already saved.
-        backup.AtomicBackupAndRestore(os.path.join(model_dir, "backup")),
         keras.callbacks.TerminateOnNaN(),
         cbs.TerminateOnNonFiniteVal(),
         cbs.HistoryCSV(os.path.join(model_dir, "history.csv")),
@@ -370,6 +366,11 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
         )
     if cfg.image_grids:
         out.append(cbs.ImageGrids(next(iter(train_ds)), logs))
+    # Last of the run's own: the backup of an epoch exists only once its history row and best
+    # checkpoint do, so a kill before it redoes the epoch (a backup written first resumed after
+    # an epoch that a kill had kept out of history.csv). A callback that stops the run (NaN)
+    # only flags it: the epoch's callbacks all run.
+    out.append(backup.AtomicBackupAndRestore(os.path.join(model_dir, "backup")))
     return out
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.training import callbacks, train
 from kd_histo.training.config import DistillConfig
 
 from . import train_child
@@ -124,3 +125,45 @@ def test_a_teacher_killed_inside_an_epoch_ends_as_the_uninterrupted_one(
     state = _run(cfg, report)
     assert state == {"start_step": 2 * STEPS, "end_step": EPOCHS * STEPS}
     _assert_same_end(cfg.model_dir, report, ref_dir, ref_report)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _EndState(keras.callbacks.Callback):
+    """Every variable of the model and its optimizer at the end of training."""
+
+    def on_train_end(self, logs=None):
+        self.arrays = [v.numpy() for v in self.model.variables + self.model.optimizer.variables]
+
+
+def test_a_kill_while_an_epochs_history_row_is_written_resumes_exactly(
+    tiny_shards, tmp_path, monkeypatch
+):
+    """The backup is written last at an epoch's end: a kill before it (here: while history.csv
+    gets the epoch's row) redoes the epoch; a backup written first would resume after an epoch
+    that history.csv (or the best checkpoint) never recorded."""
+    ref_end, end = _EndState(), _EndState()
+    ref = tiny_config(tiny_shards, tmp_path / "ref", epochs=3, seed=3)
+    train.train(ref, extra_callbacks=[ref_end])
+    cfg = tiny_config(tiny_shards, tmp_path / "run", epochs=3, seed=3)
+    real = callbacks.HistoryCSV.on_epoch_end
+
+    def dies_in_epoch_1(self, epoch, logs=None):
+        if epoch == 1:
+            raise _Killed()
+        real(self, epoch, logs)
+
+    with monkeypatch.context() as m:
+        m.setattr(callbacks.HistoryCSV, "on_epoch_end", dies_in_epoch_1)
+        with pytest.raises(_Killed):
+            train.train(cfg)
+    assert train.train(cfg, extra_callbacks=[end]).epochs_run == 2  # epochs 1 and 2
+    for a, b in zip(end.arrays, ref_end.arrays, strict=True):
+        assert np.array_equal(a, b)
+    with (
+        open(os.path.join(cfg.model_dir, "history.csv")) as f,
+        open(os.path.join(ref.model_dir, "history.csv")) as g,
+    ):
+        assert f.read() == g.read()

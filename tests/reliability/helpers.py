@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -121,3 +123,20 @@ def last_error_line(err: str, prog: str) -> str:
     errors = [line for line in lines if line.startswith(f"{prog}: error:")]
     assert errors == [lines[-1]], err[-3000:]
     return lines[-1]
+
+
+def wait_for_report(path, key, proc, timeout=120) -> dict:
+    """The JSON report a child process writes at ``path`` (train_child.py), once it holds
+    ``key``; fails with the child's stderr when the child ends first, or after ``timeout`` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            if key in state:
+                return state
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the child ended (rc {proc.returncode}) first:\n{err[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {key!r} in {path} after {timeout}s")

@@ -42,6 +42,7 @@ from kd_histo.training.run_record import (
     CONFIG_JSON,
     MODEL_FILE,
     RunRecord,
+    model_file,  # noqa: F401 - part of this module's API (tests read a teacher's file through it)
     write_run_record,
 )
 

@@ -247,8 +247,9 @@ def run(cfg: DomainShiftConfig, command: str, about: str, log: Callable[[str], N
             _train(spec.teacher, log)
         _train(spec.config, log)
         new = _measure(cfg, spec, todo, sets, command)
-        rows += new
-        done |= {r.key for r in new}
+        keys = {r.key for r in new}  # rows another process wrote meanwhile are kept
+        rows = [r for r in domain_report.read_rows(csv_path) if r.key not in keys] + new
+        done |= keys
         domain_report.write_rows(csv_path, rows)
         domain_report.write_markdown(md_path, rows, cfg.settings, about)
         log(f"s{spec.seed} {spec.setting} {spec.net}: " + ", ".join(_brief(r) for r in new))

@@ -33,49 +33,57 @@ FLAGS = flags.FLAGS
 BLOCKS = ("stage1_block1_out", "stage2_block1_out", "stage3_block1_out", "stage4_block1_out")
 
 
-def _inputs(run, data_dir, split):
+def _batches(run, data_dir, split):
+    """(view batch, labels) of a split, streamed."""
     from kd_histo.data.pipeline import make_dataset
 
-    ds = make_dataset(run.pipeline_config(data_dir, 64), split, training=False)
-    xs, ys = [], []
-    for b in ds:
-        xs.append(b[run.view].numpy())
-        ys.append(b["label"].numpy())
-    return np.concatenate(xs), np.concatenate(ys)
+    for b in make_dataset(run.pipeline_config(data_dir, 64), split, training=False):
+        yield b[run.view], b["label"].numpy()
 
 
 def _folder(run, path):
+    """The tiles of a folder (predict's reading), through the run's view, as one batch."""
     import tensorflow as tf
 
-    from kd_histo.data.views import lr_size, resize
+    from kd_histo.data.views import resize
+    from kd_histo.evaluation.predict import memory_lr_method
     from kd_histo.evaluation.predict_inputs import folder_tiles
 
     tiles = [im for t in folder_tiles(path, run.hr_px, []) for im in t.images]
-    x = np.stack(tiles).astype(np.float32) / 255.0
+    x = tf.constant(np.stack(tiles), tf.float32) / 255.0
     if run.view == "lr":
-        px = lr_size(run.hr_px, run.factor)
-        x = np.stack([resize(tf.constant(i), px, run.lr_method).numpy() for i in x])
-    return x, -np.ones(len(x), int)
+        x = resize(x, run.input_px, memory_lr_method(run))
+    yield x, -np.ones(len(tiles), int)
 
 
-def _features(model, x):
+def _extractor(model):
+    """batch -> {name: [B, F] features} in one compiled graph (pooled maps and block stats)."""
     import keras
+    import tensorflow as tf
 
     outs = [model.get_layer(b).output for b in BLOCKS]
     sub = keras.Model(model.inputs, [*outs, model.output["logits"]])
-    feats = {k: [] for k in (*BLOCKS, "logits")}
-    for i in range(0, len(x), 64):
-        res = sub(x[i : i + 64], training=False)
-        for k, v in zip((*BLOCKS, "logits"), res):
-            feats[k].append(np.asarray(v, np.float64))
-    f = {k: np.concatenate(v) for k, v in feats.items()}
-    out = {"logits": f["logits"], "pooled": f[BLOCKS[-1]].mean(axis=(1, 2))}
-    for b in BLOCKS:
-        out[f"stats_{b[:6]}"] = np.concatenate(
-            [f[b].mean(axis=(1, 2)), f[b].std(axis=(1, 2))], axis=1
-        )
-    out["stats_all"] = np.concatenate([out[f"stats_{b[:6]}"] for b in BLOCKS], axis=1)
-    return out
+
+    @tf.function(reduce_retracing=True)
+    def run(x):
+        res = sub(x, training=False)
+        out = {"logits": res[-1], "pooled": tf.reduce_mean(res[len(BLOCKS) - 1], axis=[1, 2])}
+        for b, f in zip(BLOCKS, res):
+            mean, var = tf.nn.moments(f, axes=[1, 2])
+            out[f"stats_{b[:6]}"] = tf.concat([mean, tf.sqrt(var)], axis=1)
+        out["stats_all"] = tf.concat([out[f"stats_{b[:6]}"] for b in BLOCKS], axis=1)
+        return out
+
+    return run
+
+
+def _features(extract, batches):
+    feats, labels = {}, []
+    for x, y in batches:
+        for k, v in extract(x).items():
+            feats.setdefault(k, []).append(np.asarray(v, np.float64))
+        labels.append(y)
+    return {k: np.concatenate(v) for k, v in feats.items()}, np.concatenate(labels)
 
 
 def _classcov_scores(x_fit, y_fit, k, x):
@@ -96,17 +104,20 @@ def main(argv):
     run = read_run_record(FLAGS.run)
     model = load_model(run.model_path(FLAGS.run))
     d = run.data_dir
-    sets = {
-        "val": _inputs(run, d, "val"),
-        "train": _inputs(run, d, "train"),
-        "test": _inputs(run, d, "test"),
-        "test_nct": _inputs(run, f"{os.path.normpath(d)}_nct", "test"),
-        "test_hed_strong": _inputs(run, f"{os.path.normpath(d)}_hed_strong", "test"),
+    extract = _extractor(model)
+    sources = {
+        "val": _batches(run, d, "val"),
+        "train": _batches(run, d, "train"),
+        "test": _batches(run, d, "test"),
+        "test_nct": _batches(run, f"{os.path.normpath(d)}_nct", "test"),
+        "test_hed_strong": _batches(run, f"{os.path.normpath(d)}_hed_strong", "test"),
         "nct_tiles": _folder(run, FLAGS.nct_probe),
-        "cmu_slide": _inputs(run, FLAGS.cmu_shards, "unlabeled"),
+        "cmu_slide": _batches(run, FLAGS.cmu_shards, "unlabeled"),
     }
-    feats = {name: _features(model, x) for name, (x, _) in sets.items()}
-    y = sets["train"][1]
+    feats, labels = {}, {}
+    for name, batches in sources.items():
+        feats[name], labels[name] = _features(extract, batches)
+    y = labels["train"]
     k = run.num_classes
     scores: dict[str, dict[str, np.ndarray]] = {}
     for name in ("pooled", *[f"stats_{b[:6]}" for b in BLOCKS], "stats_all"):
@@ -123,7 +134,7 @@ def main(argv):
         scores.setdefault("energy", {})[s] = -lse
         scores.setdefault("msp", {})[s] = -np.exp(z.max(axis=1) - lse)
     shown = ("test", "test_nct", "test_hed_strong", "nct_tiles", "cmu_slide")
-    n = {s: len(sets[s][0]) for s in shown}
+    n = {s: len(labels[s]) for s in shown}
     print(f"run {FLAGS.run}; flagged % at the val 95th percentile; n = {n}")
     print("| score | " + " | ".join(shown) + " |")
     print("|---|" + "---|" * len(shown))

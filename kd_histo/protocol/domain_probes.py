@@ -191,7 +191,8 @@ def measure_probe(model_dir, inputs, test_set, seed, setting, net, out_dir, read
 
 def measure_cost(model_dir, data_dir, seed, setting, net, repeats, command) -> ShiftRow:
     """Median time of one pass over the test tiles (the net's view, held in memory, batch 64)
-    without and with the out-of-domain score; the two are timed in alternation."""
+    without and with the out-of-domain score; each batch is timed both ways in turn (alternating
+    which goes first), so a machine's changing load falls on both alike."""
     from kd_histo.data.pipeline import make_dataset
     from kd_histo.evaluation import evaluate, ood_report
     from kd_histo.models import load_model, ood
@@ -207,12 +208,16 @@ def measure_cost(model_dir, data_dir, seed, setting, net, repeats, command) -> S
     times = {"plain": [], "ood": []}
     for fn in (plain, both):  # warm-up: traced once
         fn(batches[0])
-    for _ in range(repeats):
-        for name, fn in (("plain", plain), ("ood", both)):
-            t0 = time.perf_counter()
-            for b in batches:
+    for r in range(repeats):  # batch by batch, in alternating order: load drift cancels
+        spent = {"plain": 0.0, "ood": 0.0}
+        for i, b in enumerate(batches):
+            pair = [("plain", plain), ("ood", both)]
+            for name, fn in pair if (r + i) % 2 == 0 else pair[::-1]:
+                t0 = time.perf_counter()
                 fn(b)
-            times[name].append(time.perf_counter() - t0)
+                spent[name] += time.perf_counter() - t0
+        for name, t in spent.items():
+            times[name].append(t)
     return ShiftRow(
         seed,
         setting,

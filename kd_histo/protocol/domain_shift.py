@@ -79,7 +79,7 @@ class DomainShiftConfig:
         "../shared/data/slides/CMU-1-Small-Region.svs", "A slide of another organ (OOD probe)."
     )
     slide_mpp: float = setting(1.0, "µm/px at which --slide is read into HR tiles.")
-    timing_repeats: int = setting(7, "Timed passes of the out-of-domain score's cost.")
+    timing_repeats: int = setting(21, "Timed passes of the out-of-domain score's cost.")
 
     def __post_init__(self):
         unknown = [s for s in self.settings if s not in SETTINGS]

@@ -93,10 +93,11 @@ def tiles_per_second(cfg, split: str, batches: int, warmup: int, full_pass_first
     Tiles per CPU-second does not depend on what else runs on a shared machine: the share of
     the cores the pipeline takes from training at a given step rate is ``rate / tiles_per_cpu_s``.
     """
-    from kd_histo.data.pipeline import make_dataset, steps_per_epoch
+    from kd_histo.data.pipeline import steps_per_epoch, training_stream
 
-    it = iter(make_dataset(cfg, split, training=True).repeat())
-    for _ in range(steps_per_epoch(cfg, split) if full_pass_first else warmup):
+    steps = steps_per_epoch(cfg, split)
+    it = iter(training_stream(cfg, split, steps=steps))  # what kd-histo-train reads
+    for _ in range(steps if full_pass_first else warmup):
         next(it)
     wall, cpu = time.perf_counter(), time.process_time()
     n = 0

@@ -28,10 +28,18 @@ SKIP_CORRUPT_HELP = (
     "tail) and say how many, instead of stopping at the first with the shard's name."
 )
 
+# Convert and predict: slides read at a µm/px need their level-0 µm/px.
+SLIDE_MPP_HELP = "Level-0 µm/px for slides whose metadata lacks it (0 = from the metadata)."
+
 OOD_WARN_HELP = (
     "Warn about a slide when more than this fraction of its tiles lie out of the model's domain "
     "(ood_flag: a score above the threshold that 5% of the val tiles exceed)."
 )
+
+
+# One help text for the job-array flags of kd-histo-convert and kd-histo-predict.
+TASK_INDEX_HELP = "This task among --num_tasks (Slurm/Kubernetes array index)."
+NUM_TASKS_HELP = "Independent tasks; with > 1, finish with --merge."
 
 
 def check_choice(name: str, value: str, options: tuple[str, ...]) -> None:

@@ -14,6 +14,9 @@ import numpy as np
 
 CONVERT = [sys.executable, "-m", "kd_histo.cli.convert"]
 
+# The repository root (the folder holding tests/), for every test that reads or runs its files.
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
 
 # The conversion the crash-and-resume tests repeat, in-process and as a command (same settings):
 # units of 4 tiles and 3 shards, so a kill lands between part files; PNG level 9 makes each unit
@@ -21,7 +24,7 @@ CONVERT = [sys.executable, "-m", "kd_histo.cli.convert"]
 # slides_per_class=20)``.
 
 # ``../shared/data`` beside the checkout (CI has it too): real public H&E, read in place.
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def shared_data_or_skip() -> pathlib.Path:
@@ -108,7 +111,7 @@ def tiny_run_config(data_dir, model_dir, **kw):
         mode="teacher",
         model_dir=str(model_dir),
         data=PipelineConfig(data_dir, batch_size=4),
-        net=NetConfig(planes=TINY_PLANES, kwargs=(("stem", "small"),)),
+        net=NetConfig(planes=TINY_PLANES, stem="small"),
         epochs=3,
         steps_per_epoch=2,
         val_steps=1,

@@ -10,6 +10,7 @@ import kd_histo
 ROOT = os.path.dirname(kd_histo.__file__)
 # Each stage may import from itself and from the stages listed before it.
 STAGES = (
+    "progress",  # the loops' progress (kd_histo.progress): every stage reports through it
     "atomic",
     "numbers",
     "settings",

@@ -1,30 +1,29 @@
 """The README's commands stay true: its two commands, CI, and every flag and flagfile it names."""
 
-import pathlib
 import re
 import shlex
 
 import pytest
+from support import REPO
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = (REPO / "README.md").read_text()
 # The pages the README sends readers to for the long tables and the public data sets: their
 # commands are held to the same standard as the README's own.
-LINKED_DOCS = ("results/README.md", "docs/datasets.md")
+LINKED_DOCS = ("results/README.md", "docs/datasets.md", "docs/cohorts.md")
 BINARIES = ("convert", "train", "evaluate", "cost", "predict", "experiment", "demo")
 
 
 def _commands(text=None):
-    """Every kd-histo-* / tools/*.py command of the bash blocks (continuations joined), in the
-    README and the pages it links."""
+    """Every kd-histo-* / tools/*.py command of the bash (and YAML: Kubernetes) blocks
+    (continuations joined), in the README and the pages it links."""
     if text is None:
         return [
             c
-            for t in (README, *((ROOT / d).read_text() for d in LINKED_DOCS))
+            for t in (README, *((REPO / d).read_text() for d in LINKED_DOCS))
             for c in _commands(t)
         ]
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    for block in re.findall(r"```(?:bash|yaml)\n(.*?)```", text, re.S):
         text = block.replace("\\\n", " ")
         for line in text.splitlines():
             line = line.split("#", 1)[0].strip()
@@ -36,11 +35,11 @@ def _commands(text=None):
 
 def test_the_two_commands_and_ci():
     assert "make demo" in README and "make test" in README
-    make = (ROOT / "Makefile").read_text()
+    make = (REPO / "Makefile").read_text()
     assert re.search(r"^demo: venv$", make, re.M) and re.search(r"^test: venv lint$", make, re.M)
     ci = [
         ln
-        for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+        for ln in (REPO / ".ci" / "run").read_text().splitlines()
         if ln and not ln.startswith(("#", "set ", "cd "))
     ]
     assert ci == ["make test"]
@@ -55,7 +54,7 @@ def test_readme_commands_name_real_flags_and_flagfiles():
     assert len(commands) >= 15, commands
     tool_flags = {  # the flags tools/*.py define (each is its own absl program)
         m
-        for t in (ROOT / "tools").glob("*.py")
+        for t in (REPO / "tools").glob("*.py")
         for m in re.findall(r'DEFINE_\w+\(\s*"(\w+)"', t.read_text())
     }
     assert {"folders", "splits", "out", "pair"} <= tool_flags
@@ -73,7 +72,7 @@ def test_readme_commands_name_real_flags_and_flagfiles():
             )
             assert known, f"README: {cmd!r} uses unknown flag --{name}"
             if name == "flagfile":
-                assert (ROOT / tok.split("=", 1)[1]).is_file(), tok
+                assert (REPO / tok.split("=", 1)[1]).is_file(), tok
 
 
 @pytest.mark.parametrize("binary", BINARIES)
@@ -120,7 +119,7 @@ def _table_rows(text, header_start):
 def test_readme_claims_table_is_the_committed_results():
     """The README's summary is the main run's claims table as the report wrote it, row for row."""
     header = "| factor | teacher | baseline | best label-free student |"
-    committed = _table_rows((ROOT / "results/lc25000_3seeds/results.md").read_text(), header)
+    committed = _table_rows((REPO / "results/lc25000_3seeds/results.md").read_text(), header)
     assert len(committed) == 3
     assert _table_rows(README, header) == committed
 
@@ -129,7 +128,7 @@ def test_outputs_section_names_every_file_the_binaries_write():
     """Each output file name the package writes by a literal name appears in the outputs table."""
     section = README.split("## Outputs, and what opens them", 1)[1].split("\n## ", 1)[0]
     written = set()
-    for path in (ROOT / "kd_histo").rglob("*.py"):
+    for path in (REPO / "kd_histo").rglob("*.py"):
         written |= set(re.findall(r'"([a-z_]+\.(?:json|csv|png|md|keras))"', path.read_text()))
     internal = {  # bookkeeping files of the runner, the cache and the bundle, not for the user
         "experiment.json",
@@ -142,6 +141,11 @@ def test_outputs_section_names_every_file_the_binaries_write():
         "tile_predictions.csv",
         "best.keras",
         "keys.txt",
+        "done.json",  # predict's parts/<input>.done.json and .tiles.csv (the table: parts/)
+        "tiles.csv",
     }
-    missing = sorted(n for n in written - internal if n not in section)
+    read_only = {
+        "teacher.json"
+    }  # a foreign teacher's description: the user writes it, not kd_histo
+    missing = sorted(n for n in written - internal - read_only if n not in section)
     assert not missing, f"README's outputs section does not name {missing}"

@@ -44,6 +44,8 @@ from collections.abc import Callable, Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
+from kd_histo.progress import around_bars
+
 FLAGS = flags.FLAGS
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
@@ -66,6 +68,10 @@ class _Stderr(logging.StreamHandler):
     @stream.setter
     def stream(self, value):  # StreamHandler sets it once; the stream is always sys.stderr
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with around_bars():  # a progress bar on the terminal steps aside for the line
+            super().emit(record)
 
 
 def log(line: str) -> None:
@@ -222,7 +228,12 @@ OWN_FLAGS = {
     "names": ("list", [], "Row names of --compare (default the folder names)."),
     "compare_out": ("string", "comparison", "Path prefix of the comparison table (.md and .csv)."),
     "target_mag": ("float", 0.0, "Instead of --target_mpp: magnification, 10x = 1.0 µm/px."),
-    "merge": ("bool", False, "Only merge the finished tasks' parts into shards + dataset.json."),
+    "merge": (
+        "bool",
+        False,
+        "Only merge the finished tasks' parts: into shards + dataset.json (convert), into the "
+        "cohort's tables (predict: needs only --out_dir).",
+    ),
     "out_dir": ("string", "", "Demo folder (default runs/demo, where flags/demo/*.flags point)."),
 }
 

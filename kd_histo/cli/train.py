@@ -19,18 +19,16 @@ from absl import flags
 from kd_histo.cli import flags_common as fc  # first: it sets TensorFlow's log level
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.data.stain_norm import StainConfig
-from kd_histo.models import ModelConfig
-from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig, smoke
+from kd_histo.models import NetConfig
+from kd_histo.training.config import DistillConfig, OptimConfig, RunConfig, smoke
 
 PROG = "kd-histo-train"
 EXIT_DIVERGED = 1  # the run ran but diverged (bad input is 2)
-# The configs whose fields are this binary's flags (ModelConfig: --stem and --norm,
-# NetConfig.kwargs).
+# The configs whose fields are this binary's flags.
 CONFIGS = (
     PipelineConfig,
     RunConfig,
     NetConfig,
-    ModelConfig,
     DistillConfig,
     OptimConfig,
     StainConfig,
@@ -53,18 +51,10 @@ def config_from_flags(
     given = {k: v for k, v in (("mode", mode), ("model_dir", model_dir)) if v}
     run = fc.config_kwargs(RunConfig, fv, **given)  # first: --mode and --model_dir are required
     data = PipelineConfig(**fc.config_kwargs(PipelineConfig, fv, seed=run["seed"]))
-    net = fc.config_kwargs(NetConfig, fv)
-    model = fc.config_kwargs(ModelConfig, fv)
-    # --stem is resnet_gn's alone; the standard ResNets take --norm only.
-    kwargs = (
-        (("stem", model["stem"]), ("norm", model["norm"]))
-        if net["arch"] == "resnet_gn"
-        else (("norm", model["norm"]),)
-    )
     cfg = RunConfig(
         **run,
         data=data,
-        net=NetConfig(**net, kwargs=kwargs),
+        net=NetConfig(**fc.config_kwargs(NetConfig, fv)),
         distill=DistillConfig(**fc.config_kwargs(DistillConfig, fv)),
         optim=OptimConfig(**fc.config_kwargs(OptimConfig, fv)),
         stain=StainConfig(**fc.config_kwargs(StainConfig, fv)),

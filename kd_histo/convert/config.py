@@ -8,7 +8,8 @@ from kd_histo.convert.errors import ConversionError
 from kd_histo.convert.neardup import NearDupOptions
 from kd_histo.convert.records import EncodeOptions
 from kd_histo.numbers import require_finite
-from kd_histo.settings import setting
+from kd_histo.progress import EVERY_S, SWITCH
+from kd_histo.settings import NUM_TASKS_HELP, SLIDE_MPP_HELP, TASK_INDEX_HELP, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ class ConvertConfig:
       num_tasks: independent tasks sharing the inputs by slide; > 1 needs a final ``merge``.
       overwrite: replace an existing data set in out_dir.
       keep_parts: keep the per-unit part files after the merge.
-      progress: print a progress bar to stderr.
+      progress: report progress (``kd_histo.progress``: a bar on a terminal, else lines).
       qc: write ``qc/<slide>.png`` per slide (thumbnail, kept and dropped tiles, annotations).
       command: the command line recorded in dataset.json.
     """
@@ -123,7 +124,7 @@ class ConvertConfig:
     )
     seed: int = setting(0, "Split seed.")
     encode: EncodeOptions = EncodeOptions()
-    slide_mpp: float = setting(0.0, "Level-0 µm/px for slides whose metadata lacks it.")
+    slide_mpp: float = setting(0.0, SLIDE_MPP_HELP)
     compression: str = setting("", "Shard compression.", choices=("", "GZIP"))
     examples_per_shard: int = setting(1000, "Target shard size (when --num_shards=0).")
     num_shards: int = setting(0, "Shards per split (0 = from --examples_per_shard).")
@@ -131,11 +132,16 @@ class ConvertConfig:
     # in-process.
     num_workers: int = setting(0, "Worker processes (0 = in this process).", flag_default=2)
     unit_size: int = setting(64, "Tiles per work unit: the granularity of resume and progress.")
-    task_index: int = setting(0, "This task among --num_tasks (Slurm/Kubernetes array index).")
-    num_tasks: int = setting(1, "Independent tasks; with > 1, finish with --merge.")
+    task_index: int = setting(0, TASK_INDEX_HELP)
+    num_tasks: int = setting(1, NUM_TASKS_HELP)
     overwrite: bool = setting(False, "Replace a data set already in --out_dir.")
     keep_parts: bool = setting(False, "Keep <out_dir>/.parts after the merge.")
-    progress: bool = setting(False, "Progress bar on stderr.", flag_default=True)
+    progress: bool = setting(
+        False,
+        f"Progress on stderr: a bar on a terminal, else a plain line every {EVERY_S:g} s "
+        f"({SWITCH}=0 turns every binary's progress off).",
+        flag_default=True,
+    )
     qc: bool = setting(
         True,
         "Write qc/<slide>.png per slide: the thumbnail with kept tiles (green), dropped tiles "

@@ -26,6 +26,7 @@ from kd_histo.convert import records, regions, tissue, writer
 from kd_histo.convert.config import ConvertConfig
 from kd_histo.convert.errors import ConversionError
 from kd_histo.convert.stats import PixelStats
+from kd_histo.progress import progress
 
 PARTS = ".parts"
 
@@ -225,50 +226,24 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _run_units(units, cfg, parts, class_names, lazy: _LazyPool) -> list[dict]:
-    progress = _Progress(sum(len(u.items) for u in units), cfg.progress)
+    total = sum(len(u.items) for u in units)
+    bar = progress(total=total, desc="converting", unit="tiles", show=cfg.progress)
     args = (cfg.encode, parts, tuple(class_names))
     out = {}
     todo = [u for u in units if not os.path.exists(records.summary_path(parts, u.unit_id))]
     executor = lazy.get(len(todo))
-    if executor is None:
-        for u in units:
-            out[u.unit_id] = records.process_unit(u, *args)
-            progress.update(len(u.items))
-    else:
-        futures = {executor.submit(records.process_unit, u, *args): u for u in units}
-        for f in cf.as_completed(futures):  # a failure propagates; the pool's exit cancels the rest
-            out[futures[f].unit_id] = f.result()
-            progress.update(len(futures[f].items))
-    progress.close()
+    with bar:
+        if executor is None:
+            for u in units:
+                out[u.unit_id] = records.process_unit(u, *args)
+                bar.update(len(u.items))
+        else:
+            futures = {executor.submit(records.process_unit, u, *args): u for u in units}
+            # a failure propagates; the pool's exit cancels the rest
+            for f in cf.as_completed(futures):
+                out[futures[f].unit_id] = f.result()
+                bar.update(len(futures[f].items))
     return [out[u.unit_id] for u in units]
-
-
-class _Progress:
-    """A one-line progress bar on stderr: done/total, tiles/s, ETA."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled, self.start = total, 0, enabled, time.monotonic()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.enabled:
-            sys.stderr.write("\r" + self.line())
-            sys.stderr.flush()
-
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        pct = 100.0 * self.done / max(self.total, 1)
-        eta_s = f"{int(eta) // 60}:{int(eta) % 60:02d}" if eta != float("inf") else "?"
-        return (
-            f"kd-histo-convert: {self.done}/{self.total} tiles ({pct:.0f}%) "
-            f"{rate:.1f} tiles/s ETA {eta_s}"
-        )
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 def merge(cfg: ConvertConfig) -> schema.DatasetInfo:

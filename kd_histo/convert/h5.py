@@ -46,14 +46,20 @@ def list_h5(
     """One entry per patch of ``images`` (uint8 [N, H, W, 3]), labels from ``labels`` ([N, ...]).
 
     Raises:
-      ConversionError: missing file or dataset, a non-image array, label count mismatch, or a
-        label that is no integer >= 0 (NaN, 0.5, -1), named by file and index.
+      ConversionError: missing file or dataset, a non-image or non-uint8 array, label count
+        mismatch, or a label that is no integer >= 0 (NaN, 0.5, -1), named by file and index.
     """
     x = _dataset(images, images_key)
     shape = [int(d) for d in x.shape]
     if len(shape) != 4 or shape[-1] not in (1, 3):
         raise ConversionError(
             f"{images}:{images_key} has shape {shape}; need [N, H, W, 3] image patches"
+        )
+    dtype = x.dtype.as_numpy_dtype
+    if dtype != np.uint8:
+        raise ConversionError(
+            f"{images}:{images_key} holds {np.dtype(dtype).name} patches; kd-histo-convert reads "
+            "uint8 RGB patches (0-255): save them as uint8 (e.g. np.clip(np.round(x), 0, 255))"
         )
     names = [None] * shape[0]
     if labels:

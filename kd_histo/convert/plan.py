@@ -25,8 +25,8 @@ import zlib
 
 import numpy as np
 
-from kd_histo.convert import groups as groups_lib
 from kd_histo.convert import (
+    copies,
     h5,
     manifest,
     neardup,
@@ -37,6 +37,7 @@ from kd_histo.convert import (
     splits,
     tiles,
 )
+from kd_histo.convert import groups as groups_lib
 
 # (the package's name 'annotations' is the __future__ feature: import the submodule's names)
 from kd_histo.convert.annotations import region_outlines
@@ -130,6 +131,7 @@ def make_plan(cfg: ConvertConfig, map_fn=None) -> Plan:
     class_names = _class_names(cfg, entries, anns, notes)
     index = {n: i for i, n in enumerate(class_names)}
     tile_entries = _group_tiles(cfg, entries, skipped, notes, map_fn)
+    tile_entries = copies.join_copies(tile_entries, cfg.out_dir, notes, map_fn)
     tile_entries, near = _near_duplicates(cfg, tile_entries, index, skipped, notes, map_fn)
     outlines = {p: region_outlines(a) for p, a in anns.items()}
     slide_plans = _plan_slides(cfg, entries, skipped, notes, outlines)

@@ -14,7 +14,9 @@ This module does not encode or write tiles and does not choose splits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 
 import numpy as np
 from PIL import Image
@@ -48,10 +50,49 @@ def open_slide(path: str):
     try:
         return openslide.OpenSlide(path)
     except (openslide.OpenSlideError, OSError) as e:
+        fallback = _pillow_slide(path)
+        if fallback is not None:
+            return fallback
         raise SkipInput(
             "not a readable whole-slide image: "
             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
+
+
+def _pillow_slide(path: str):
+    """A single-image TIFF that OpenSlide does not open (stripped, not tiled: as an image editor
+    saves a region) read through Pillow as an ``openslide.ImageSlide``, with its TIFF resolution
+    in centimetres as OpenSlide reports it; None for other files, other pixel modes, or more
+    pixels than a tile reader would decode (``tiles.DEFAULT_MAX_PIXELS``)."""
+    from kd_histo.convert.tiles import DEFAULT_MAX_PIXELS
+
+    if os.path.splitext(path)[1].lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("RGB", "RGBA", "L") or math.prod(img.size) > DEFAULT_MAX_PIXELS:
+                return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return _pillow_slide_class()(path)
+
+
+@functools.cache
+def _pillow_slide_class():
+    import openslide
+
+    class PillowSlide(openslide.ImageSlide):
+        @property
+        def properties(self):
+            tags = getattr(self._image, "tag_v2", {})
+            if tags.get(296) == 3 and tags.get(282):  # ResolutionUnit centimetre, XResolution
+                return {
+                    "tiff.XResolution": str(float(tags[282])),
+                    "tiff.ResolutionUnit": "centimeter",
+                }
+            return {}
+
+    return PillowSlide
 
 
 MPP_RANGE = (0.01, 100.0)  # level-0 µm/px of any scanner or camera (a 40x scan: 0.25)

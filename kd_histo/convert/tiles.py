@@ -1,7 +1,9 @@
 """Reads one tile image file into 8-bit RGB, recording what had to be converted.
 
 Pillow decodes PNG, JPEG, TIFF and BMP; RGBA/LA (composited on white, as a scanner background),
-grayscale, palette and 16-bit images become 8-bit RGB with a note saying so. Images whose pixel
+grayscale, palette and 16-bit images become 8-bit RGB with a note saying so. Float images (grey,
+or RGB TIFFs through tifffile) follow :func:`float_to_uint8`'s rule: [0, 1] is x 255, [0, 255]
+is kept, and a NaN/inf pixel or other values skip the tile with the reason. Images whose pixel
 count exceeds a limit are refused before decoding (decompression bombs). TIFFs can optionally be
 decoded inside TensorFlow with tensorflow-io (``decoder="tfio"``), the design card's TIFF path.
 
@@ -78,7 +80,12 @@ def read_tile(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SkipInput(f"decompression bomb refused: {e}") from None
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
-        # Pillow signals truncation and unknown formats with these types.
+        # Pillow signals truncation and unknown formats with these types; it cannot open RGB
+        # float TIFFs, which tifffile reads.
+        if isinstance(e, Image.UnidentifiedImageError) and ext in (".tif", ".tiff"):
+            read = _read_float_tiff(path, max_pixels)
+            if read is not None:
+                return read
         raise SkipInput(
             f"unreadable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
@@ -113,16 +120,13 @@ def to_rgb8(img: Image.Image) -> tuple[np.ndarray, list[str]]:
     notes: list[str] = []
     if mode == "RGB":
         return np.asarray(img, np.uint8), notes
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if mode == "F":
+        gray, note = float_to_uint8(np.asarray(img))
+        return np.repeat(gray[..., None], 3, axis=2), [f"F grayscale -> 8-bit RGB: {note}"]
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img).astype(np.float64)
-        # 16-bit data keep their full range (65535 -> 255); float images have no fixed white point
-        # and are scaled by their own maximum.
-        if mode.startswith("I;16") or (mode == "I" and arr.max() > 255):
-            top = 65535.0
-        elif mode == "I":
-            top = 255.0
-        else:
-            top = max(float(arr.max()), 1e-12)
+        # 16-bit data keep their full range (65535 -> 255)
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
         gray = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
         notes.append(f"{mode} grayscale -> 8-bit RGB (scaled by 255/{top:g})")
         return np.repeat(gray[..., None], 3, axis=2), notes
@@ -142,6 +146,55 @@ def to_rgb8(img: Image.Image) -> tuple[np.ndarray, list[str]]:
         return np.asarray(img.convert("RGB"), np.uint8), notes
     notes.append(f"{mode} -> RGB")
     return np.asarray(img.convert("RGB"), np.uint8), notes
+
+
+def float_to_uint8(values: np.ndarray) -> tuple[np.ndarray, str]:
+    """Float pixels as uint8, by one rule: an image whose values all lie in [0, 1] holds fractions
+    of white (x 255); else values in [0, 255] are 8-bit levels (rounded). Returns (pixels, a note
+    saying which).
+
+    Raises:
+      SkipInput: a NaN or inf pixel, or values outside [0, 255] (no scale can be trusted).
+    """
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise SkipInput(
+            f"float image with {int((~finite).sum())} NaN or inf pixel value(s); fix or drop it"
+        )
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo < 0 or hi > 255:
+        raise SkipInput(
+            f"float image with values {lo:g}..{hi:g}, outside [0, 1] and [0, 255]; save it as "
+            "8-bit, or scale it into [0, 1]"
+        )
+    scale, note = (255.0, "values in [0, 1] x 255") if hi <= 1 else (1.0, "values in [0, 255]")
+    return np.round(values.astype(np.float64) * scale).astype(np.uint8), note
+
+
+def _read_float_tiff(path: str, max_pixels: int) -> tuple[np.ndarray, list[str]] | None:
+    """An RGB (or grey) float TIFF through tifffile and :func:`float_to_uint8`; None for any other
+    TIFF (Pillow's error stands)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if page.dtype is None or page.dtype.kind != "f" or len(page.shape) not in (2, 3):
+                return None
+            if page.shape[0] * page.shape[1] > max_pixels:
+                raise SkipInput(
+                    f"decompression bomb refused: {page.shape[1]}x{page.shape[0]} px > "
+                    f"max_pixels={max_pixels}"
+                )
+            values = page.asarray()
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError):
+        return None
+    values = values[..., None] if values.ndim == 2 else values
+    if values.shape[-1] not in (1, 3, 4):
+        return None
+    rgb, note = float_to_uint8(values[..., :3])
+    rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[-1] == 1 else rgb
+    return np.ascontiguousarray(rgb), [f"float TIFF -> 8-bit RGB: {note}"]
 
 
 def _read_tiff_tfio(path: str) -> np.ndarray:

@@ -143,6 +143,10 @@ def _end_marker(tile_px: int, lr_tile_px: int) -> bytes:
     ).SerializeToString()
 
 
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed % 2**64)  # any int, negative ones included
+
+
 def read_shards(
     paths: list[str],
     *,
@@ -177,13 +181,15 @@ def read_shards(
         raise ValueError("read_shards needs at least one shard path")
     check_shard_files(paths, compression, allow_empty=skip_corrupt)
     calls = tf.data.AUTOTUNE if parallel else None
-    sizes = [tf.io.gfile.stat(p).length for p in paths]
-    files = tf.data.Dataset.from_tensor_slices((list(paths), tf.constant(sizes, tf.int64)))
+    paths = list(paths)
     if shuffle_seed is not None:
         # One file order per seed, the same on every pass: an order that changed from pass to
         # pass would make ``cache()`` (which freezes the first pass) change the stream. The
-        # per-epoch randomness comes from the element shuffle after the cache.
-        files = files.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=False)
+        # per-epoch randomness comes from the element shuffle after the cache. Drawn by NumPy,
+        # the order depends on this seed alone, not on TensorFlow's global seed.
+        paths = [paths[i] for i in _rng(shuffle_seed).permutation(len(paths))]
+    sizes = [tf.io.gfile.stat(p).length for p in paths]
+    files = tf.data.Dataset.from_tensor_slices((paths, tf.constant(sizes, tf.int64)))
     end = _end_marker(tile_px, lr_tile_px)
     check_bytes = compression.upper() != "GZIP"
     compression_type = compression or None

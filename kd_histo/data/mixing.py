@@ -2,7 +2,9 @@
 
 All three are ``tf.data`` transformations, deterministic under a seed. Mixing and balancing
 draw from *infinite* (repeated) streams, so the ratio holds at any point of an epoch; the
-pipeline cuts the result into epochs. This module does not read shards or augment.
+pipeline cuts the result into epochs and gives each epoch its own seed (a seed may be an int64
+tensor), so a stream draws the same each time it is iterated. This module does not read shards
+or augment.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ def mix(
       labeled: repeated stream of labeled examples.
       unlabeled: repeated stream of unlabeled examples (label -1).
       unlabeled_ratio: in [0, 1].
-      seed: draw seed; a new (deterministic) draw each iteration.
+      seed: draw seed (int or int64 tensor); the same draws on every iteration.
 
     Returns:
       The mixed stream.
@@ -34,7 +36,7 @@ def mix(
         [labeled, unlabeled],
         weights=[1.0 - unlabeled_ratio, unlabeled_ratio],
         seed=seed,
-        rerandomize_each_iteration=True,
+        rerandomize_each_iteration=False,
     )
 
 
@@ -50,14 +52,14 @@ def class_balanced(
     per_class = [
         examples.filter(lambda ex, c=c: tf.equal(ex["label"], c))
         .repeat()
-        .shuffle(shuffle_buffer, seed=seed + 7919 * (c + 1), reshuffle_each_iteration=True)
+        .shuffle(shuffle_buffer, seed=seed + 7919 * (c + 1), reshuffle_each_iteration=False)
         for c in range(num_classes)
     ]
     return tf.data.Dataset.sample_from_datasets(
         per_class,
         weights=[1.0 / num_classes] * num_classes,
         seed=seed,
-        rerandomize_each_iteration=True,
+        rerandomize_each_iteration=False,
     )
 
 

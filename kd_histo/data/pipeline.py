@@ -2,9 +2,11 @@
 
 Training: shard files interleaved in a seeded order -> parse + decode to uint8 -> optional cache
 -> repeat + shuffle (or class-balanced sampling) -> mixing with the unlabeled pool at a ratio ->
-cut into epochs -> one stateless seed per element (``Dataset.random``, new draws each epoch,
-deterministic under ``cfg.seed``) -> crop + augment once, make ``hr``/``lr`` -> batch
--> prefetch. Evaluation: file order, centre crop, no augmentation, no drop_remainder, one pass.
+cut into epochs -> one stateless seed per element (``Dataset.random``) -> crop + augment once,
+make ``hr``/``lr`` -> batch -> prefetch. Every random draw of epoch ``e`` comes from the seeds
+``epoch_seeds(cfg.seed, e)``, so an epoch is a pure function of the seed and its number: a run
+resumed at epoch ``e`` (``training_stream(..., first_epoch=e)``) reads what the uninterrupted
+run read. Evaluation: file order, centre crop, no augmentation, no drop_remainder, one pass.
 Everything runs inside the tf.data graph (no ``py_function``).
 
 Batches: {"hr" [B, hr_px, hr_px, 3], "lr" [B, lr_px, lr_px, 3], "label" int32 [B]
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -32,14 +35,18 @@ from kd_histo.settings import SKIP_CORRUPT_HELP, setting
 __all__ = [
     "PipelineConfig",
     "epoch_examples",
+    "epoch_seeds",
     "lr_size",
     "make_dataset",
     "steps_per_epoch",
+    "training_stream",
     "unlabeled_pool_size",
     "unlabeled_sources",
 ]
 
 _IMAGE_KEYS = ("hr", "lr")
+_NO_END = 1 << 62  # the last epoch of training_stream's epoch counter: none in practice
+_GRAPH_SEED = 87654321  # the graph-level seed of every epoch's tf.data graph (see _epochs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +158,11 @@ def epoch_examples(cfg: PipelineConfig, split: str = "train", training: bool = T
     return max(1, round(unlabeled_pool_size(cfg) * cfg.unlabeled_fraction))
 
 
+def batch_tiles(batch: dict) -> int:
+    """Tiles in one batch of :func:`make_dataset` (what a loop's progress counts)."""
+    return len(batch["label"])
+
+
 def unlabeled_pool_size(cfg: PipelineConfig) -> int:
     """Tiles in the whole unlabeled pool (the ``unlabeled`` split + ``unlabeled_dirs``)."""
     return sum(
@@ -188,7 +200,20 @@ def _read(cfg, data_dir, splits, tile_px, lr_tile_px, training, force_unlabeled=
     return ds
 
 
-def _unlabeled_pool(cfg, tile_px, lr_tile_px):
+# The independent random streams of one training epoch, each with its own seed (epoch_seeds).
+_LABELED, _UNLABELED, _MIX, _AUGMENT, _CALLER = range(5)
+
+
+def epoch_seeds(seed: int, epoch) -> tf.Tensor:
+    """int64 seeds [5] of epoch ``epoch``'s random streams: labeled shuffle (or class balancing),
+    unlabeled shuffle, mixing, augmentation, and one for the caller's own draws (the teacher
+    cache's dihedral transforms); a pure function of ``seed`` and ``epoch`` (int or tensor)."""
+    key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.random.stateless_uniform([5], key, minval=None, maxval=None, dtype=tf.int64)
+
+
+def _unlabeled_base(cfg, tile_px, lr_tile_px):
+    """The unlabeled pool read once (subset, cache), not yet repeated or shuffled."""
     parts = []
     for d, splits in unlabeled_sources(cfg):
         parts.append(
@@ -205,45 +230,120 @@ def _unlabeled_pool(cfg, tile_px, lr_tile_px):
     for p in parts[1:]:
         pool = pool.concatenate(p)
     pool = mixing.subset(pool, cfg.unlabeled_fraction)
-    if cfg.cache:
-        pool = pool.cache()
-    # A buffer larger than the pool would read the pool several times before the first element.
-    buffer = min(cfg.shuffle_buffer, epoch_examples(dataclasses.replace(cfg, labeled=False)))
-    return pool.repeat().shuffle(buffer, seed=cfg.seed + 1, reshuffle_each_iteration=True)
+    return pool.cache() if cfg.cache else pool
 
 
-def _labeled_stream(cfg, info, split, tile_px, lr_tile_px):
-    ds = _read(cfg, cfg.data_dir, [split], tile_px, lr_tile_px, True)
-    if cfg.cache:
-        ds = ds.cache()
-    counts = info.counts.get(split, {})
-    # A buffer larger than the data would read it several times before the first element.
+def _labeled_base(cfg, info, split, tile_px, lr_tile_px):
+    """The labeled split read once (cache), not yet repeated or shuffled."""
     if cfg.class_balanced:
+        counts = info.counts.get(split, {})
         empty = [c for c in info.class_names if counts.get(c, 0) == 0]
         if empty:
             raise ValueError(
                 f"class_balanced needs examples of every class; split {split!r} has none of {empty}"
             )
-        buffer = min(cfg.shuffle_buffer, max(counts.values()))
-        return mixing.class_balanced(ds, info.num_classes, cfg.seed, buffer)
-    buffer = max(1, min(cfg.shuffle_buffer, sum(counts.values())))
-    return ds.repeat().shuffle(buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+    ds = _read(cfg, cfg.data_dir, [split], tile_px, lr_tile_px, True)
+    return ds.cache() if cfg.cache else ds
 
 
-def make_dataset(
-    cfg: PipelineConfig, split: str = "train", training: bool = True
+def _epoch_stream(cfg, info, split, labeled, unlabeled, seeds):
+    """The infinite example stream that one epoch takes its examples from (``seeds``:
+    :func:`epoch_seeds`). The same seeds give the same stream however often it is iterated."""
+    stream = None
+    if labeled is not None:
+        counts = info.counts.get(split, {})
+        if cfg.class_balanced:
+            # A buffer larger than a class would read it several times before the first element.
+            buffer = min(cfg.shuffle_buffer, max(counts.values()))
+            stream = mixing.class_balanced(labeled, info.num_classes, seeds[_LABELED], buffer)
+        else:
+            buffer = max(1, min(cfg.shuffle_buffer, sum(counts.values())))
+            stream = labeled.repeat().shuffle(
+                buffer, seed=seeds[_LABELED], reshuffle_each_iteration=False
+            )
+    if unlabeled is not None:
+        # A buffer larger than the pool would read the pool several times before the first element.
+        buffer = min(cfg.shuffle_buffer, epoch_examples(dataclasses.replace(cfg, labeled=False)))
+        pool = unlabeled.repeat().shuffle(
+            buffer, seed=seeds[_UNLABELED], reshuffle_each_iteration=False
+        )
+        stream = (
+            pool if stream is None else mixing.mix(stream, pool, cfg.unlabeled_ratio, seeds[_MIX])
+        )
+    return stream
+
+
+def _epochs(cfg: PipelineConfig, split: str, first: int, end: int, examples: int, **kw):
+    """The batches of training epochs ``first`` .. ``end - 1``, each cut from ``examples``
+    examples; epoch ``e`` is a pure function of ``cfg`` (its seed) and ``e``. The shards are read
+    (and cached) once for all of them. ``kw``: ``steps`` (batches kept per epoch) and
+    ``per_epoch`` (see :func:`training_stream`)."""
+    info, tile_px, lr_tile_px, view_fn = _geometry(cfg)
+    with_labeled = cfg.labeled and cfg.unlabeled_ratio < 1.0
+    labeled = _labeled_base(cfg, info, split, tile_px, lr_tile_px) if with_labeled else None
+    with_pool = not with_labeled or cfg.unlabeled_ratio > 0.0
+    unlabeled = _unlabeled_base(cfg, tile_px, lr_tile_px) if with_pool else None
+    seed = tf.constant(cfg.seed, tf.int64)
+    steps, per_epoch = kw.get("steps"), kw.get("per_epoch")
+
+    def epoch(e: tf.Tensor) -> tf.data.Dataset:
+        # Traced as a function: this sets the graph-level seed of its graph only. Pinned, it keeps
+        # the epochs independent of the process's global seed, and tf.data's seeding cannot take
+        # a tensor op seed in a graph whose graph-level seed is 0 (tf.random.set_seed(0)).
+        tf.random.set_seed(_GRAPH_SEED)
+        seeds = epoch_seeds(cfg.seed, e)
+        stream = _epoch_stream(cfg, info, split, labeled, unlabeled, seeds).take(examples)
+        keys = tf.data.Dataset.random(seed=seeds[_AUGMENT])
+        ds = tf.data.Dataset.zip(stream, keys).map(
+            lambda ex, k: views.make_views(
+                ex, tf.stack([k, seed]), preset=cfg.augment, training=True, **view_fn
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        ds = _normalized(cfg, info, ds.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder))
+        if steps is not None:
+            ds = ds.take(steps)
+        return per_epoch(ds, seeds[_CALLER]) if per_epoch else ds
+
+    return tf.data.Dataset.range(first, end).flat_map(epoch)
+
+
+def training_stream(
+    cfg: PipelineConfig,
+    split: str = "train",
+    *,
+    steps: int,
+    first_epoch: int = 0,
+    per_epoch: Callable[[tf.data.Dataset, tf.Tensor], tf.data.Dataset] | None = None,
 ) -> tf.data.Dataset:
-    """Builds the batch stream of the data contract (see the module docstring).
+    """The batches of a training run: epochs ``first_epoch``, ``first_epoch + 1``, ... without
+    end, ``steps`` batches each.
+
+    Epoch ``e`` is a pure function of ``cfg.seed`` and ``e`` (shuffling, mixing and augmentation
+    draw from :func:`epoch_seeds`), so a run resumed at epoch ``e`` reads exactly the batches the
+    uninterrupted run read. With ``steps`` equal to :func:`steps_per_epoch` an epoch is
+    ``make_dataset(cfg, split, epoch=e)``; other step counts take ``steps`` batches of the same
+    stream.
 
     Args:
       cfg: the pipeline configuration.
-      split: "train", "val", "test" or "unlabeled".
-      training: augmentation, random crops, shuffling, mixing and epochs of
-        :func:`epoch_examples`; False: one pass in file order, centre crops, nothing random.
-
-    Returns:
-      A ``tf.data.Dataset`` of batch dicts.
+      split: the labeled split to train on.
+      steps: batches per epoch (>= 1).
+      first_epoch: the epoch the stream starts at.
+      per_epoch: ``per_epoch(batches, seed)`` transforms each epoch's batches with that epoch's
+        own int64 seed tensor (the teacher cache's random transforms).
     """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    natural = steps == steps_per_epoch(cfg, split)
+    examples = epoch_examples(cfg, split) if natural else steps * cfg.batch_size
+    ds = _epochs(cfg, split, first_epoch, _NO_END, examples, steps=steps, per_epoch=per_epoch)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _geometry(cfg: PipelineConfig):
+    """(info, tile_px, lr_tile_px, view settings) of ``cfg``'s data, checked."""
     info = schema.DatasetInfo.read(cfg.data_dir)
     tile_px = info.tile_px
     hr_px = cfg.hr_px or tile_px
@@ -259,48 +359,51 @@ def make_dataset(
                 f"{cfg.data_dir} has lr_factor {info.lr_factor} (0 = none); use lr_method='area'"
             )
         lr_tile_px = lr_size(tile_px, info.lr_factor)
-    view_fn = {
-        "hr_px": hr_px,
-        "factor": cfg.factor,
-        "lr_method": cfg.lr_method,
-    }
-    calls = tf.data.AUTOTUNE
+    return (
+        info,
+        tile_px,
+        lr_tile_px,
+        {"hr_px": hr_px, "factor": cfg.factor, "lr_method": cfg.lr_method},
+    )
 
+
+def _normalized(cfg: PipelineConfig, info, ds: tf.data.Dataset) -> tf.data.Dataset:
+    if not cfg.normalize:
+        return ds
+    mean = tf.constant(info.mean, tf.float32)
+    std = tf.constant(info.std, tf.float32)
+    return ds.map(lambda b: {k: (v - mean) / std if k in _IMAGE_KEYS else v for k, v in b.items()})
+
+
+def make_dataset(
+    cfg: PipelineConfig, split: str = "train", training: bool = True, epoch: int = 0
+) -> tf.data.Dataset:
+    """Builds the batch stream of the data contract (see the module docstring).
+
+    Args:
+      cfg: the pipeline configuration.
+      split: "train", "val", "test" or "unlabeled".
+      training: augmentation, random crops, shuffling, mixing: the batches of epoch ``epoch``
+        (:func:`epoch_examples` examples; every pass over the dataset gives the same batches, see
+        :func:`training_stream` for a run's epochs); False: one pass in file order, centre
+        crops, nothing random.
+      epoch: the training epoch (training only).
+
+    Returns:
+      A ``tf.data.Dataset`` of batch dicts.
+    """
     if training:
-        if cfg.labeled and cfg.unlabeled_ratio < 1.0:
-            stream = _labeled_stream(cfg, info, split, tile_px, lr_tile_px)
-            if cfg.unlabeled_ratio > 0.0:
-                stream = mixing.mix(
-                    stream, _unlabeled_pool(cfg, tile_px, lr_tile_px), cfg.unlabeled_ratio, cfg.seed
-                )
-        else:
-            stream = _unlabeled_pool(cfg, tile_px, lr_tile_px)
-        stream = stream.take(epoch_examples(cfg, split, training=True))
-        keys = tf.data.Dataset.random(seed=cfg.seed, rerandomize_each_iteration=True)
-        seed = tf.constant(cfg.seed, tf.int64)
-        ds = tf.data.Dataset.zip(stream, keys).map(
-            lambda ex, k: views.make_views(
-                ex, tf.stack([k, seed]), preset=cfg.augment, training=True, **view_fn
-            ),
-            num_parallel_calls=calls,
-            deterministic=True,
-        )
-        ds = ds.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder)
-    else:
-        ds = _read(cfg, cfg.data_dir, [split], tile_px, lr_tile_px, training=False)
-        if cfg.cache:
-            ds = ds.cache()
-        fixed = tf.constant([0, cfg.seed], tf.int64)
-        ds = ds.map(
-            lambda ex: views.make_views(ex, fixed, preset="none", training=False, **view_fn),
-            num_parallel_calls=calls,
-            deterministic=True,
-        )
-        ds = ds.batch(cfg.batch_size, drop_remainder=False)
-    if cfg.normalize:
-        mean = tf.constant(info.mean, tf.float32)
-        std = tf.constant(info.std, tf.float32)
-        ds = ds.map(
-            lambda b: {k: (v - mean) / std if k in _IMAGE_KEYS else v for k, v in b.items()}
-        )
-    return ds.prefetch(tf.data.AUTOTUNE)
+        ds = _epochs(cfg, split, epoch, epoch + 1, epoch_examples(cfg, split, training=True))
+        return ds.prefetch(tf.data.AUTOTUNE)
+    info, tile_px, lr_tile_px, view_fn = _geometry(cfg)
+    ds = _read(cfg, cfg.data_dir, [split], tile_px, lr_tile_px, training=False)
+    if cfg.cache:
+        ds = ds.cache()
+    fixed = tf.constant([0, cfg.seed], tf.int64)
+    ds = ds.map(
+        lambda ex: views.make_views(ex, fixed, preset="none", training=False, **view_fn),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    ds = ds.batch(cfg.batch_size, drop_remainder=False)
+    return _normalized(cfg, info, ds).prefetch(tf.data.AUTOTUNE)

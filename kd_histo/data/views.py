@@ -34,6 +34,27 @@ def resize(image: tf.Tensor, size: int, method: str = "area") -> tf.Tensor:
     return tf.clip_by_value(out, 0.0, 1.0)  # bicubic overshoots at sharp edges
 
 
+def memory_method(lr_method: str) -> str:
+    """How an LR view is made from an HR tile in memory: ``lr_method``, or "area" for "pyramid"
+    (no stored pyramid tile there: the nearest antialiased resize, as conversion's pyramid-free
+    fallback)."""
+    return "area" if lr_method == "pyramid" else lr_method
+
+
+def resize_portable(image: tf.Tensor, size: int, method: str = "area") -> tf.Tensor:
+    """:func:`resize` in ops every runtime has: an area resize of a square side by a whole factor
+    is the mean of each factor x factor block, so it is average pooling (TFLite has no area-resize
+    op); the same numbers as :func:`resize` to float round-off. Any other case is :func:`resize`.
+    """
+    side = image.shape[-2]
+    if method != "area" or side is None or side % size:
+        return resize(image, size, method)
+    k = side // size
+    batched = image if image.shape.rank == 4 else image[None]
+    out = tf.nn.avg_pool2d(batched, k, k, "VALID")  # means of values in [0, 1]: no clip needed
+    return out if image.shape.rank == 4 else out[0]
+
+
 def _offset(seed: tf.Tensor, limit: tf.Tensor, training: bool) -> tf.Tensor:
     """Random offset in [0, limit] in training, the centre otherwise."""
     if not training:

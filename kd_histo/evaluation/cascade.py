@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from kd_histo.progress import Progress, progress
 from kd_histo.training.run_record import RunRecord, teacher_misfit
 
 DEFAULT_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.5)
@@ -200,12 +201,14 @@ def measure_curve(
             f"the cascade needs the same tiles for both nets, got {len(student_inputs)} student, "
             f"{len(teacher_inputs)} teacher inputs and {len(labels)} labels"
         )
-    student_probs, t_student = _timed(student_fn, student_inputs, batch_size, repeats)
-    teacher_all, t_teacher = _timed(teacher_fn, teacher_inputs, batch_size, repeats)
+    passes = max(1, repeats) * (2 * n + sum(n_for_teacher(n, f) for f in fractions))
+    bar = progress(total=passes, desc="cascade", unit="tiles")
+    student_probs, t_student = _timed(student_fn, student_inputs, batch_size, repeats, bar)
+    teacher_all, t_teacher = _timed(teacher_fn, teacher_inputs, batch_size, repeats, bar)
     rows = []
     for f in fractions:
         mask = select(student_probs, fraction=f)
-        teacher_part, t_part = _timed(teacher_fn, teacher_inputs[mask], batch_size, repeats)
+        teacher_part, t_part = _timed(teacher_fn, teacher_inputs[mask], batch_size, repeats, bar)
         seconds = t_student + t_part
         share = float(mask.mean())
         rows.append(
@@ -221,6 +224,7 @@ def measure_curve(
                 t_teacher,
             )
         )
+    bar.close()
     rows.append(
         _row(
             "teacher",
@@ -266,10 +270,14 @@ def _row(by, fraction, n, k, share, acc, gflops, seconds, teacher_seconds) -> di
 
 
 def _timed(
-    fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_size: int, repeats: int = 1
+    fn: Callable[[np.ndarray], np.ndarray],
+    inputs: np.ndarray,
+    batch_size: int,
+    repeats: int = 1,
+    bar: Progress | None = None,
 ) -> tuple[np.ndarray, float]:
     """fn over ``inputs`` in batches: (probabilities [N, C], median seconds of ``repeats`` passes).
-    One untimed batch first."""
+    One untimed batch first. ``bar`` counts the tiles (its cost: about 1 µs a batch)."""
     if len(inputs) == 0:
         return np.zeros((0, 0)), 0.0
     fn(
@@ -278,8 +286,11 @@ def _timed(
     times = []
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
-        out = np.concatenate(
-            [np.asarray(fn(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)]
-        )
+        out = []
+        for i in range(0, len(inputs), batch_size):
+            out.append(np.asarray(fn(inputs[i : i + batch_size])))
+            if bar is not None:
+                bar.update(len(out[-1]))
+        out = np.concatenate(out)
         times.append(time.perf_counter() - t0)
     return out, float(np.median(times))

@@ -28,17 +28,18 @@ import numpy as np
 import tensorflow as tf
 
 from kd_histo import atomic, schema
-from kd_histo.data.pipeline import make_dataset
+from kd_histo.data.pipeline import batch_tiles, make_dataset
 from kd_histo.evaluation import metrics, ood_report, plots
 from kd_histo.evaluation.cascade import (
     CSV_COLUMNS,
     DEFAULT_FRACTIONS,
-    check_pair,
     measure_curve,
     n_for_teacher,
 )
 from kd_histo.evaluation.cost import count_flops
+from kd_histo.evaluation.teachers import check_teacher_runs, load_cascade_teacher
 from kd_histo.models import load_model, ood
+from kd_histo.progress import progress
 from kd_histo.settings import OOD_WARN_HELP, SKIP_CORRUPT_HELP, setting
 from kd_histo.training.run_record import RunRecord, read_run_record
 
@@ -286,7 +287,8 @@ class EvalConfig:
     cascade_teacher: str = setting(
         "",
         "Teacher run folder: also measure the cascade (the teacher "
-        "re-scores the student's least confident tiles at high resolution).",
+        "re-scores the student's least confident tiles at high resolution); several, "
+        "comma-separated: their ensemble (mean probability, cost the sum of theirs).",
     )
     cascade_fractions: tuple[float, ...] = setting(
         DEFAULT_FRACTIONS,
@@ -340,15 +342,16 @@ def evaluate_run(cfg: EvalConfig, log=_LOG.warning) -> dict[str, str]:
     """
 
     run = read_run_record(cfg.model_dir)
-    teacher_run = read_run_record(cfg.cascade_teacher) if cfg.cascade_teacher else None
-    if teacher_run is not None:
-        check_pair(run, teacher_run)
+    teacher_runs = check_teacher_runs(cfg.cascade_teacher, run) if cfg.cascade_teacher else ()
+    teacher_run = teacher_runs[0] if teacher_runs else None
     data_dir, info = _checked_data(cfg, run)
     model = load_model(run.model_path(cfg.model_dir), expected_num_classes=info.num_classes)
     pipe = dataclasses.replace(
         run.pipeline_config(data_dir, cfg.batch_size), skip_corrupt=cfg.skip_corrupt
     )
     ds = make_dataset(pipe, cfg.split, training=False)
+    n = info.num_examples(cfg.split)
+    ds = progress(ds, total=n, desc=f"evaluate {cfg.split}", unit="tiles", size=batch_tiles)
     keep = tuple(dict.fromkeys((run.view, "hr"))) if teacher_run else ()
     student_fn = probs_function(model)
     stats = ood.OODStats.load(cfg.model_dir)
@@ -379,25 +382,23 @@ def evaluate_run(cfg: EvalConfig, log=_LOG.warning) -> dict[str, str]:
     title = f"{os.path.basename(os.path.normpath(cfg.model_dir))} ({cfg.split})"
     paths = write_evaluation(result, preds, out_dir, title)
     if teacher_run is not None:
-        teacher = load_model(
-            teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=info.num_classes
-        )
+        teacher = load_cascade_teacher(cfg.cascade_teacher, teacher_runs, info.num_classes)
         if run.view == "hr":  # the kept "hr" tiles are uint8
             student_fn = probs_function(model, "uint8")
         rows = measure_curve(
             student_fn,
-            probs_function(teacher, "uint8"),
+            probs_function(teacher.model, "uint8"),
             kept[run.view],
             kept["hr"],
             preds.labels,
             student_gflops=count_flops(model, run.input_px) / 1e9,
-            teacher_gflops=count_flops(teacher, teacher_run.input_px) / 1e9,
+            teacher_gflops=teacher.gflops,
             fractions=cfg.cascade_fractions,
             batch_size=cfg.batch_size,
         )
         about = {
             "student": os.path.abspath(cfg.model_dir),
-            "teacher": os.path.abspath(cfg.cascade_teacher),
+            "teacher": ",".join(os.path.abspath(t) for t in teacher.runs),
             "split": cfg.split,
             "data_dir": data_dir,
             "timing": "both nets on tiles held in memory "

@@ -29,11 +29,27 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from kd_histo.evaluation.predict_inputs import Tiles, folder_tiles, input_kind
+from kd_histo.evaluation import cohort, input_paths
+from kd_histo.evaluation.input_paths import tile_mpp
+from kd_histo.evaluation.predict_inputs import Tiles, folder_tiles
 from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.evaluation.qupath_out import OBJECT_TYPES, SlideGrid
+from kd_histo.evaluation.tile_classifier import (
+    classify_tiles,
+    hr_classifier,
+    memory_lr_method,
+    slide_classifier,
+)
 from kd_histo.models import ood
-from kd_histo.settings import OOD_WARN_HELP, SKIP_CORRUPT_HELP, setting
+from kd_histo.progress import progress
+from kd_histo.settings import (
+    NUM_TASKS_HELP,
+    OOD_WARN_HELP,
+    SKIP_CORRUPT_HELP,
+    SLIDE_MPP_HELP,
+    TASK_INDEX_HELP,
+    setting,
+)
 from kd_histo.training.run_record import RunRecord, read_run_record
 
 _LOG = logging.getLogger(__name__)
@@ -45,13 +61,17 @@ class PredictConfig:
 
     Attributes:
       model_dir: run folder (run.json + model.keras).
-      inputs: tile folders, converted data folders (dataset.json), or slide files (``.svs`` ... and
-        pyramidal ``.tif`` given as a file).
+      inputs: tile folders, converted data folders (dataset.json), slide files or globs; folders
+        are searched for slides too (``kd_histo.evaluation.input_paths``).
+      inputs_file: a text file of further inputs, one a line.
+      model: instead of ``model_dir``, a folder written by kd-histo-export
+        (``kd_histo.evaluation.exported``).
       out_dir: output folder.
       split: split read from a converted data folder.
       batch_size: tiles per forward pass.
       read_mpp: µm/px at which slides are read into HR tiles; 0 = the run record's ``mpp`` (the
         training tiles'), which must then be known.
+      slide_mpp: level-0 µm/px of slides whose metadata lacks it (0 = from the metadata).
       min_tissue: fraction of a slide tile that must be tissue.
       max_tiles: at most this many tiles per slide (evenly spaced); 0 = all.
       heatmap: write a heatmap per slide.
@@ -68,12 +88,19 @@ class PredictConfig:
       skip_corrupt: converted data folders: skip corrupt records (and log how many).
       ood_warn_fraction: a slide with more of its tiles out of the model's domain gets a warning
         (runs with ``ood.npz``; the scores are in predictions.csv, the shares in slides.csv).
+      task_index, num_tasks: this task's share of the inputs (``kd_histo.evaluation.cohort``).
     """
 
-    model_dir: str = setting(help="Run folder of the model (run.json + model.keras).")
-    inputs: tuple[str, ...] = setting(
-        help="Tile folders, converted data folders, or whole-slide image files."
+    # Shared with the binaries where --model_dir is required: unset here is "" (then --model).
+    model_dir: str = setting(
+        "",
+        "Run folder of the model (run.json + model.keras).",
+        flag_default=None,
+        unset_is_default=True,
     )
+    inputs: tuple[str, ...] = setting((), input_paths.INPUTS_HELP)
+    inputs_file: str = setting("", input_paths.INPUTS_FILE_HELP)
+    model: str = setting("", "Instead of --model_dir: a model folder written by kd-histo-export.")
     # --out_dir is shared by the binaries (one default per process): unset here means ./predictions.
     out_dir: str = setting(
         "predictions",
@@ -90,6 +117,7 @@ class PredictConfig:
         "Slides: µm/px at which to read the HR tiles, overriding the run's training tiles' µm/px "
         "(run.json); needed when that is unknown (0 = the run's).",
     )
+    slide_mpp: float = setting(0.0, SLIDE_MPP_HELP)
     min_tissue: float = setting(0.5, "Slides: fraction of tissue a tile needs.")
     max_tiles: int = setting(0, "Slides: at most this many tiles per slide (0 = all).")
     heatmap: bool = setting(False, "Slides: write a probability heatmap over the thumbnail.")
@@ -122,7 +150,16 @@ class PredictConfig:
         "this.",
     )
 
+    task_index: int = setting(0, TASK_INDEX_HELP)
+    num_tasks: int = setting(1, NUM_TASKS_HELP)
+
     def __post_init__(self):
+        if self.num_tasks < 1 or not 0 <= self.task_index < self.num_tasks:
+            raise ValueError(
+                f"need 0 <= --task_index < --num_tasks, got {self.task_index} and {self.num_tasks}"
+            )
+        if bool(self.model_dir) == bool(self.model):
+            raise ValueError("give one of --model_dir=<run folder> or --model=<exported model>")
         given = (self.cascade_fraction is not None) + (self.cascade_threshold is not None)
         if self.cascade_teacher and given != 1:
             raise ValueError(
@@ -132,20 +169,6 @@ class PredictConfig:
             raise ValueError(
                 "--cascade_fraction/--cascade_threshold need --cascade_teacher=<teacher run folder>"
             )
-
-
-def tile_mpp(run: RunRecord, read_mpp: float) -> float:
-    """µm/px at which slides are tiled into HR tiles: ``read_mpp`` if given, else the run's."""
-    if read_mpp < 0 or not np.isfinite(read_mpp):
-        raise ValueError(f"--read_mpp must be > 0 (or 0 = the run's), got {read_mpp}")
-    if read_mpp:
-        return read_mpp
-    if run.mpp is None:
-        raise ValueError(
-            "the run's training tiles have no known µm/px (their dataset.json says 0); pass "
-            "--read_mpp=<µm/px of the training tiles>"
-        )
-    return run.mpp
 
 
 def _predict_slide(
@@ -163,6 +186,7 @@ def _predict_slide(
         method=memory_lr_method(run),
         min_tissue=cfg.min_tissue,
         max_tiles=cfg.max_tiles,
+        slide_mpp=cfg.slide_mpp,
     )
     if plan.note:
         _LOG.info(plan.note)
@@ -172,8 +196,8 @@ def _predict_slide(
     # the readers fill the next batches while the model runs on this one
     for batch in slide_reader.stream_batches(plan, cfg.batch_size, num_workers=cfg.num_workers):
         probs, pooled = classify(batch)
-        out.append(probs.numpy())
-        emb.append(pooled.numpy())
+        out.append(np.asarray(probs))
+        emb.append(np.asarray(pooled))
         progress.update(len(batch))
     progress.close(
         f" (level {plan.level} at {plan.level_mpp:.3g} µm/px, {plan.read_px} px reads, "
@@ -197,99 +221,127 @@ def _predict_slide(
     return tiles, np.concatenate(out), np.concatenate(emb)
 
 
-def _classifier(model):
-    """(class probabilities, pooled last feature map) of uint8 tiles at the model's input size,
-    as one compiled graph (the embedding is what the out-of-domain score reads)."""
-    import tensorflow as tf
-
-    from kd_histo.evaluation.ood_report import probs_and_embedding
-
-    @tf.function(reduce_retracing=True)
-    def classify(images):
-        return probs_and_embedding(model(tf.cast(images, tf.float32) / 255.0, training=False))
-
-    return classify
-
-
-def _batched(images: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
-    batch = []
-    for im in images:
-        batch.append(im)
-        if len(batch) == n:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
-
-
-def memory_lr_method(run: RunRecord) -> str:
-    """How an LR view is made from HR tiles in memory: the run's ``lr_method``; "area" for a
-    "pyramid" run (no stored pyramid tile here: the nearest antialiased resize, as conversion's
-    pyramid-free fallback)."""
-    return "area" if run.lr_method == "pyramid" else run.lr_method
-
-
-def _probs(
-    model, images: Iterator[np.ndarray], run: RunRecord, batch_size: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(probabilities, pooled embeddings) of HR tiles in memory, through the run's view."""
-    import tensorflow as tf
-
-    from kd_histo.data.views import resize
-    from kd_histo.evaluation.ood_report import probs_and_embedding
-
-    out, emb = [], []
-    for b in _batched(images, batch_size):
-        x = tf.convert_to_tensor(b, tf.float32) / 255.0
-        if run.view == "lr":  # the LR view as training made it (the run's factor and method)
-            x = resize(x, run.input_px, memory_lr_method(run))
-        probs, pooled = probs_and_embedding(model(x, training=False))
-        out.append(probs.numpy())
-        emb.append(pooled.numpy())
-    if not out:
-        return np.zeros((0, run.num_classes), np.float32), None
-    return np.concatenate(out), np.concatenate(emb)
-
-
 def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) -> dict[str, str]:
-    """Predicts every input; writes the files of ``kd_histo.evaluation.prediction_files``.
+    """Predicts this task's share of the inputs, each written when it finishes
+    (``kd_histo.evaluation.cohort``: a rerun resumes), then (one task) the cohort's tables.
 
     ``log`` receives one line per converted data folder read with ``skip_corrupt``: how many
     corrupt records were skipped.
 
     Returns:
-      {name: path} of the files written ("predictions", "slides", "geojson:<slide>"...).
+      {name: path} of the files written ("predictions", "slides", "geojson:<slide>"...); {} for a
+      task of several (``--merge`` writes the tables).
     """
+    from kd_histo.evaluation import prediction_files as files
+    from kd_histo.evaluation.exported import load_network
     from kd_histo.evaluation.heatmap import check_classes
-    from kd_histo.models import load_model
+    from kd_histo.evaluation.teachers import load_teacher
 
-    if not cfg.inputs:
-        raise ValueError("no inputs; pass --inputs=<tile folder | data folder | slide file>,...")
-    run = read_run_record(cfg.model_dir)
+    model, run = load_network(cfg.model_dir, cfg.model)
     names = list(run.class_names)
     check_classes(names, cfg.heatmap_classes)
-    kinds = [(p, input_kind(p)) for p in cfg.inputs]  # all inputs checked before any work
-    mpp = tile_mpp(run, cfg.read_mpp) if any(k == "slide" for _, k in kinds) else 0.0
-    if run.lr_method == "pyramid" and any(k == "folder" for _, k in kinds):
+    # globs, --inputs_file, folders' slides: all inputs found and checked before any work
+    kinds = dict(input_paths.resolve(cfg.inputs, cfg.inputs_file, run.hr_px))
+    where = cfg.model or cfg.model_dir
+    mpp = tile_mpp(run, cfg.read_mpp, where) if "slide" in kinds.values() else 0.0
+    if run.lr_method == "pyramid" and "folder" in kinds.values():
         _LOG.warning(
-            f"{cfg.model_dir} was trained on pyramid LR tiles; tile folders get an "
+            f"{where} was trained on pyramid LR tiles; tile folders get an "
             "antialiased area resize of the HR tile instead (slides are read from their own "
             "pyramid level)"
         )
-    model = load_model(run.model_path(cfg.model_dir), expected_num_classes=len(names))
-    scorer = _Scorer(model, run, cfg, _load_cascade_teacher(cfg, run), mpp)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    groups: list[ScoredGroup] = []
+    scorer = _Scorer(model, run, cfg, load_teacher(cfg.cascade_teacher, run), mpp)
+    stats = scorer.ood
+    columns = cohort.Columns(
+        tuple(names), bool(cfg.cascade_teacher), stats.threshold if stats is not None else None
+    )
+    units = [cohort.unit_of(p) for p in kinds]
+
+    def one(unit: cohort.Unit):
+        groups, skipped = _score_input(scorer, unit.path, kinds[unit.path], log)
+        heatmap = cfg.heatmap or bool(cfg.heatmap_classes)
+        return (
+            groups,
+            skipped,
+            files.write_groups_files(
+                groups, names, cfg.out_dir, cfg.qupath_object_type, heatmap, cfg.heatmap_classes
+            ),
+        )
+
+    share = cohort.Share(cfg.out_dir, cfg.task_index, cfg.num_tasks)
+    cohort.run_share(share, units, fingerprint(cfg, run, mpp), columns, one)
+    if cfg.num_tasks > 1:
+        return {}
+    return cohort.assemble(cfg.out_dir, units, columns, cfg.ood_warn_fraction)
+
+
+# Fields of PredictConfig that do not change what is written (the rest are the fingerprint).
+_NOT_SETTINGS = (
+    "model_dir",
+    "model",
+    "inputs",
+    "inputs_file",
+    "out_dir",
+    "num_workers",
+    "task_index",
+    "num_tasks",
+)
+
+
+def fingerprint(cfg: PredictConfig, run: RunRecord, mpp: float) -> dict:
+    """What makes two runs' outputs the same: the model's (and a cascade teacher's) SHA-256, its
+    run record and OOD statistics, and the resolved prediction settings."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_SETTINGS}
+    if mpp:  # the µm/px slides are read at (0.0: no slides among the inputs)
+        settings["read_mpp"] = mpp
+    settings["cascade_teacher"] = bool(cfg.cascade_teacher)
+    from kd_histo.evaluation.teachers import teacher_runs
+
+    teacher = cfg.cascade_teacher
+    where = cfg.model or cfg.model_dir
+    exported = {  # an exported model's files (those that exist are hashed)
+        "export_json": os.path.join(cfg.model, "export.json"),
+        "saved_model": os.path.join(cfg.model, "saved_model.pb"),
+        "tflite": os.path.join(cfg.model, "model.tflite"),
+    }
+    return cohort.fingerprint(
+        settings,
+        **(exported if cfg.model else {"model": run.model_path(cfg.model_dir)}),
+        run_json=os.path.join(where, "run.json"),
+        ood=os.path.join(where, ood.OOD_FILE),
+        **{  # each member of a cascade's (ensemble) teacher
+            f"teacher_{i}" if i else "teacher": read_run_record(t).model_path(t)
+            for i, t in enumerate(teacher_runs(teacher))
+        },
+    )
+
+
+def _score_input(
+    scorer: _Scorer, path: str, kind: str, log: Callable[[str], None]
+) -> tuple[list[ScoredGroup], list[tuple[str, str]]]:
+    """One input's groups and the files skipped in it; a slide that cannot be read or predicted
+    is skipped with the reason (the other inputs go on)."""
     skipped: list[tuple[str, str]] = []
-    for path, kind in kinds:
-        if kind == "shards":
-            groups += scorer.shards(path, log)
-        elif kind == "slide":
-            groups.append(scorer.tiles(*_predict_slide(scorer.classify, path, run, cfg, mpp)))
-        else:
-            for t in folder_tiles(path, run.hr_px, skipped):
-                groups.append(scorer.tiles(t, *_probs(model, t.images, run, cfg.batch_size)))
-    return _write_outputs(cfg, names, groups, skipped, scorer.ood)
+    if kind == "shards":
+        return scorer.shards(path, log), skipped
+    if kind == "folder":
+        groups = []
+        for t in folder_tiles(path, scorer.run.hr_px, skipped):
+            images = progress(t.images, desc=t.slide_id, unit="tiles")  # read as it goes
+            groups.append(scorer.tiles(t, *scorer.hr_probs(images)))
+        return groups, skipped
+    import openslide
+
+    from kd_histo.convert.errors import SkipInput
+
+    try:
+        tiles = _predict_slide(scorer.classify, path, scorer.run, scorer.cfg, scorer.mpp)
+        return [scorer.tiles(*tiles)], skipped
+    except (ValueError, SkipInput, openslide.OpenSlideError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        reason = reason[len(path) + 2 :] if reason.startswith(f"{path}: ") else reason
+        _LOG.warning(f"{path}: skipped: {reason}")
+        return [], [(path, reason)]
 
 
 class _Scorer:
@@ -297,10 +349,21 @@ class _Scorer:
 
     def __init__(self, model, run: RunRecord, cfg: PredictConfig, cascade, mpp: float):
         self.model, self.run, self.cfg, self.cascade, self.mpp = model, run, cfg, cascade, mpp
-        self.classify = _classifier(model)
-        self.ood = ood.OODStats.load(cfg.model_dir)
-        if self.ood is None:
+        self.exported = bool(cfg.model)  # an ExportedModel: probabilities only, no OOD score
+        # slides: tiles read at the model's input size; HR tiles in memory: the run's view
+        self.classify = model.classify if self.exported else slide_classifier(model)
+        self.classify_hr = None if self.exported else hr_classifier(model, run)
+        if cascade is not None:  # (the teacher's compiled graph, its record)
+            self.cascade = (hr_classifier(*cascade), cascade[1])
+        self.ood = None if self.exported else ood.OODStats.load(cfg.model_dir)
+        if self.ood is None and not self.exported:
             _LOG.info(ood.NO_STATS)
+
+    def hr_probs(self, images: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, pooled embeddings or None) of HR tiles in memory."""
+        if self.exported:
+            return self.model.hr_probs(images, self.cfg.batch_size)
+        return classify_tiles(self.classify_hr, images, self.run, self.cfg.batch_size)
 
     def tiles(self, t: Tiles, probs: np.ndarray, embeddings: np.ndarray | None) -> ScoredGroup:
         """A slide's or folder group's tiles, re-scored by the cascade's teacher if there is one;
@@ -315,7 +378,7 @@ class _Scorer:
 
     def shards(self, path: str, log: Callable[[str], None]) -> list[ScoredGroup]:
         """A converted data folder's split, one group per run of tiles of one slide."""
-        from kd_histo.data.pipeline import make_dataset
+        from kd_histo.data.pipeline import batch_tiles, make_dataset
         from kd_histo.evaluation import evaluate
         from kd_histo.schema import DatasetInfo
 
@@ -324,9 +387,12 @@ class _Scorer:
             run.pipeline_config(path, cfg.batch_size), skip_corrupt=cfg.skip_corrupt
         )
         ds = make_dataset(pipe, cfg.split, training=False)
-        p, kept = evaluate.predict_split_keeping(
-            self.model, ds, run.view, keep=("hr",) if self.cascade else (), ood_stats=self.ood
-        )
+        n = DatasetInfo.read(path).num_examples(cfg.split)
+        ds = progress(ds, total=n, desc=f"{path} ({cfg.split})", unit="tiles", size=batch_tiles)
+        keep = ("hr",) if self.cascade else ()
+        # an exported model takes the uint8 HR tiles and makes the input view in its graph
+        view, of = ("hr", self.model.hr_probs_of_float) if self.exported else (run.view, None)
+        p, kept = evaluate.predict_split_keeping(self.model, ds, view, keep, of, self.ood)
         if cfg.skip_corrupt:
             stated = DatasetInfo.read(path).num_examples(cfg.split)
             log(
@@ -351,64 +417,6 @@ class _Scorer:
         return out
 
 
-def _write_outputs(
-    cfg: PredictConfig,
-    names: list[str],
-    groups: list[ScoredGroup],
-    skipped: list[tuple[str, str]],
-    stats: ood.OODStats | None = None,
-) -> dict[str, str]:
-    """The tables, then each slide's GeoJSON, OME-TIFF and heatmaps; {name: path}."""
-    from kd_histo.evaluation import prediction_files as files
-
-    paths = {}
-    if skipped:  # as conversion does: skip unreadable images, list them with the reason
-        paths["skipped"] = files.write_skipped(skipped, os.path.join(cfg.out_dir, "skipped.csv"))
-        _LOG.warning(
-            f"skipped {len(skipped)} unreadable image(s), listed in {paths['skipped']} "
-            f"(first: {skipped[0][0]}: {skipped[0][1]})"
-        )
-    if not any(len(g.probs) for g in groups):
-        raise ValueError(
-            f"no readable tile in {', '.join(cfg.inputs)}; see {paths.get('skipped', 'the inputs')}"
-        )
-    threshold = stats.threshold if stats is not None else None
-    paths["predictions"] = files.write_tiles(
-        groups, names, os.path.join(cfg.out_dir, "predictions.csv"), threshold
-    )
-    paths["slides"] = files.write_slides(
-        groups, names, os.path.join(cfg.out_dir, "slides.csv"), threshold
-    )
-    if threshold is not None:
-        for line in files.ood_warnings(groups, threshold, cfg.ood_warn_fraction):
-            _LOG.warning(line)
-    for g in groups:
-        if g.grid is not None:
-            paths |= files.write_slide_files(
-                g,
-                names,
-                cfg.out_dir,
-                object_type=cfg.qupath_object_type,
-                heatmap=cfg.heatmap or bool(cfg.heatmap_classes),
-                heatmap_classes=cfg.heatmap_classes,
-            )
-    return paths
-
-
-def _load_cascade_teacher(cfg: PredictConfig, run: RunRecord):
-    """(teacher net, teacher record) for ``cfg.cascade_teacher``, checked to fit the student."""
-    if not cfg.cascade_teacher:
-        return None
-    from kd_histo.evaluation.cascade import check_pair
-    from kd_histo.models import load_model
-
-    teacher_run = read_run_record(cfg.cascade_teacher)
-    check_pair(run, teacher_run)
-    return load_model(
-        teacher_run.model_path(cfg.cascade_teacher), expected_num_classes=run.num_classes
-    ), teacher_run
-
-
 def _cascade(
     probs: np.ndarray,
     hr_tiles: Callable[[np.ndarray], Iterator[np.ndarray]],
@@ -422,11 +430,12 @@ def _cascade(
         return probs, np.zeros(len(probs), bool)
     from kd_histo.evaluation.cascade import combine, select
 
-    teacher, teacher_run = cascade
+    teacher, teacher_run = cascade  # the teacher's compiled graph (hr_classifier)
     mask = select(probs, fraction=cfg.cascade_fraction, threshold=cfg.cascade_threshold)
     idx = np.flatnonzero(mask)
     _LOG.info(f"cascade: the teacher re-scores {len(idx)} of {len(probs)} tiles of {name}")
     if not len(idx):
         return probs, mask
-    teacher_probs, _ = _probs(teacher, hr_tiles(idx), teacher_run, cfg.batch_size)
+    hr = progress(hr_tiles(idx), total=len(idx), desc=f"cascade {name}", unit="tiles")
+    teacher_probs, _ = classify_tiles(teacher, hr, teacher_run, cfg.batch_size)
     return combine(probs, teacher_probs, mask), mask

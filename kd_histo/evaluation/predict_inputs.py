@@ -1,7 +1,7 @@
-"""The inputs of kd-histo-predict: what kind each is, and tile folders read as groups of tiles.
+"""The inputs of kd-histo-predict: tile folders read as groups of tiles, and slides' tiles.
 
-:func:`input_kind` tells a tile folder, a converted data folder (``dataset.json``) and a slide
-file apart; :func:`folder_tiles` groups a folder's images by their parent folder and reads them
+:func:`folder_tiles` groups a folder's tiles (``input_paths.search_folder``: not its slides,
+which are inputs of their own) by their parent folder and reads them
 lazily at the run's HR size, as conversion does (unreadable images are listed, not fatal).
 :class:`Tiles` is one group's tiles, from a folder or a slide, as the model loop consumes them.
 
@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from kd_histo.convert.manifest import SLIDE_EXTENSIONS  # the slide types conversion reads, too
 from kd_histo.convert.tiles import TILE_EXTENSIONS
+from kd_histo.evaluation.input_paths import search_folder
 from kd_histo.evaluation.qupath_out import SlideGrid
 
 
@@ -34,28 +34,11 @@ class Tiles:
     )
 
 
-def input_kind(path: str) -> str:
-    if os.path.isdir(path):
-        return "shards" if os.path.isfile(os.path.join(path, "dataset.json")) else "folder"
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"input {path} not found; give tile folders, converted data folders or slide files"
-        )
-    ext = os.path.splitext(path)[1].lower()
-    if ext in SLIDE_EXTENSIONS or ext in (".tif", ".tiff"):
-        return "slide"
-    raise ValueError(
-        f"{path}: not a folder or a whole-slide image ({', '.join(SLIDE_EXTENSIONS)}, .tif)"
-    )
-
-
 def folder_tiles(path: str, hr_px: int, skipped: list[tuple[str, str]]) -> list[Tiles]:
     """Tiles of a folder, grouped by parent folder; unreadable images go to ``skipped`` as read."""
     groups: dict[str, list[str]] = {}
-    for root, _, files in sorted(os.walk(path)):
-        for f in sorted(files):
-            if os.path.splitext(f)[1].lower() in TILE_EXTENSIONS:
-                groups.setdefault(os.path.relpath(root, path), []).append(os.path.join(root, f))
+    for f in search_folder(path, hr_px)[0]:  # its slides are inputs of their own
+        groups.setdefault(os.path.relpath(os.path.dirname(f), path), []).append(f)
     if not groups:
         raise ValueError(f"{path} holds no tiles ({', '.join(TILE_EXTENSIONS)})")
     out = []

@@ -19,14 +19,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from kd_histo.atomic import replacing
 from kd_histo.evaluation import qupath_out
 from kd_histo.evaluation.qupath_out import SlideGrid
-from kd_histo.models import ood
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,85 +59,62 @@ def _ood_cells(g: ScoredGroup, i: int, threshold: float | None) -> list:
     return [f"{g.ood_scores[i]:.4f}", int(g.ood_scores[i] > threshold)]
 
 
-def write_tiles(
+def tile_header(names: Sequence[str], cascade: bool, ood_threshold: float | None) -> list[str]:
+    """predictions.csv's header (module docstring); with a cascade a column says who scored each,
+    with out-of-domain statistics the last two are ``ood_score`` and ``ood_flag``."""
+    return (
+        ["slide_id", "source", "x", "y", "tile_px_l0", "tile_um", "pred", "pred_name"]
+        + [f"prob_{c}" for c in names]
+        + (["scored_by"] if cascade else [])
+        + (["ood_score", "ood_flag"] if ood_threshold is not None else [])
+    )
+
+
+def tile_rows(
     groups: Sequence[ScoredGroup],
     names: Sequence[str],
-    path: str,
+    cascade: bool,
     ood_threshold: float | None = None,
-) -> str:
-    """predictions.csv (module docstring); with a cascade a column says who scored each, with
-    out-of-domain statistics the last two are ``ood_score`` and ``ood_flag`` (1 = above
-    ``ood_threshold``)."""
-    cascade = any(g.teacher is not None for g in groups)
-    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            ["slide_id", "source", "x", "y", "tile_px_l0", "tile_um", "pred", "pred_name"]
-            + [f"prob_{c}" for c in names]
-            + (["scored_by"] if cascade else [])
-            + (["ood_score", "ood_flag"] if ood_threshold is not None else [])
-        )
-        for g in groups:
-            side = [g.grid.size_l0, f"{g.grid.tile_um:.6g}"] if g.grid else ["", ""]
-            for i, p in enumerate(g.probs):
-                k = int(np.argmax(p))
-                by = ["teacher" if g.teacher[i] else "student"] if cascade else []
-                w.writerow(
-                    [g.slide_id, g.sources[i], g.xy[i][0], g.xy[i][1], *side, k, names[k]]
-                    + [f"{v:.6f}" for v in p]
-                    + by
-                    + _ood_cells(g, i, ood_threshold)
-                )
-    return path
-
-
-def ood_flagged_shares(groups: Sequence[ScoredGroup], threshold: float) -> dict[str, float]:
-    """Share of each slide's scored tiles above ``threshold`` (slides without scores left out)."""
-    flags: dict[str, list[bool]] = {}
+) -> Iterator[list]:
+    """predictions.csv's rows of ``groups`` (``ood_flag`` 1 = above ``ood_threshold``)."""
     for g in groups:
-        if g.ood_scores is not None:
-            flags.setdefault(g.slide_id, []).extend(np.asarray(g.ood_scores) > threshold)
-    return {sid: ood.flagged_fraction(np.array(f, bool)) for sid, f in flags.items()}
-
-
-def ood_warnings(
-    groups: Sequence[ScoredGroup], threshold: float, warn_fraction: float
-) -> list[str]:
-    """One warning line per slide with more than ``warn_fraction`` of its tiles flagged."""
-    return ood.warning_lines(ood_flagged_shares(groups, threshold), warn_fraction)
-
-
-def write_slides(
-    groups: Sequence[ScoredGroup],
-    names: Sequence[str],
-    path: str,
-    ood_threshold: float | None = None,
-) -> str:
-    """slides.csv: per slide, tile count, classes of highest mean and majority, means, shares,
-    and with out-of-domain statistics the share of its tiles flagged (``ood_flagged``)."""
-    shares = ood_flagged_shares(groups, ood_threshold) if ood_threshold is not None else None
-    by: dict[str, list[np.ndarray]] = {}
-    for g in groups:
-        by.setdefault(g.slide_id, []).extend(g.probs)
-    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            ["slide_id", "n_tiles", "pred_mean", "pred_majority"]
-            + [f"mean_prob_{c}" for c in names]
-            + [f"frac_{c}" for c in names]
-            + (["ood_flagged"] if shares is not None else [])
-        )
-        for sid, ps in by.items():
-            ps = np.stack(ps)
-            mean = ps.mean(0)
-            frac = np.bincount(ps.argmax(1), minlength=len(names)) / len(ps)
-            w.writerow(
-                [sid, len(ps), names[int(mean.argmax())], names[int(frac.argmax())]]
-                + [f"{v:.6f}" for v in mean]
-                + [f"{v:.6f}" for v in frac]
-                + ([f"{shares[sid]:.4f}" if sid in shares else ""] if shares is not None else [])
+        side = [g.grid.size_l0, f"{g.grid.tile_um:.6g}"] if g.grid else ["", ""]
+        for i, p in enumerate(g.probs):
+            k = int(np.argmax(p))
+            by = ["teacher" if g.teacher is not None and g.teacher[i] else "student"]
+            yield (
+                [g.slide_id, g.sources[i], g.xy[i][0], g.xy[i][1], *side, k, names[k]]
+                + [f"{v:.6f}" for v in p]
+                + (by if cascade else [])
+                + _ood_cells(g, i, ood_threshold)
             )
-    return path
+
+
+def slide_header(names: Sequence[str], ood: bool) -> list[str]:
+    """slides.csv's header: per slide, tile count, classes of highest mean and majority, means,
+    shares, and with out-of-domain statistics the share of its tiles flagged (``ood_flagged``)."""
+    return (
+        ["slide_id", "n_tiles", "pred_mean", "pred_majority"]
+        + [f"mean_prob_{c}" for c in names]
+        + [f"frac_{c}" for c in names]
+        + (["ood_flagged"] if ood else [])
+    )
+
+
+def slide_row(
+    slide_id: str, probs: np.ndarray, names: Sequence[str], ood_share: float | None | bool
+) -> list:
+    """slides.csv's row of a slide's tile probabilities [N, C]; ``ood_share``: its flagged share,
+    None when its tiles have no scores, False when the table has no such column."""
+    mean = probs.mean(0)
+    frac = np.bincount(probs.argmax(1), minlength=len(names)) / len(probs)
+    ood = [] if ood_share is False else ["" if ood_share is None else f"{ood_share:.4f}"]
+    return (
+        [slide_id, len(probs), names[int(mean.argmax())], names[int(frac.argmax())]]
+        + [f"{v:.6f}" for v in mean]
+        + [f"{v:.6f}" for v in frac]
+        + ood
+    )
 
 
 def write_skipped(skipped: Sequence[tuple[str, str]], path: str) -> str:
@@ -200,4 +176,27 @@ def write_slide_files(
             paths[
                 f"heatmap:{g.slide_id}" + (f":{heatmap_classes[k]}" if heatmap_classes else "")
             ] = p
+    return paths
+
+
+def write_groups_files(
+    groups: Sequence[ScoredGroup],
+    names: Sequence[str],
+    out_dir: str,
+    object_type: str,
+    heatmap: bool,
+    heatmap_classes: Sequence[str],
+) -> dict[str, str]:
+    """:func:`write_slide_files` of each group that is a slide's; {name: path}."""
+    paths = {}
+    for g in groups:
+        if g.grid is not None:
+            paths |= write_slide_files(
+                g,
+                names,
+                out_dir,
+                object_type=object_type,
+                heatmap=heatmap,
+                heatmap_classes=heatmap_classes,
+            )
     return paths

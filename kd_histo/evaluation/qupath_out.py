@@ -16,7 +16,8 @@ detections, so Measure > Show measurement maps colours them by any measurement.
 :func:`write_probability_tiff` writes the same probabilities as a pyramidal OME-TIFF (tifffile):
 one uint8 channel per class named after it, one pixel per tile of the slide's tile grid (value
 ``round(255 p)``, 0 where no tile was scored), ``PhysicalSizeX/Y`` = the tile's side in µm, and
-half-size levels as SubIFDs until the longest side is small. Both writers are atomic.
+half-size levels as SubIFDs until the longest side is small. Both writers are atomic, and write
+the same bytes for the same tiles (the OME UUID derives from the slide name and the content).
 
 Not here: reading slides or running models (``kd_histo.evaluation.predict``), the heatmap
 picture (``kd_histo.evaluation.heatmap``), reading annotations in (``kd_histo.convert``).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import hashlib
 import json
 import os
 import uuid
@@ -220,8 +222,12 @@ def write_probability_tiff(
     values = probability_grid(grid, coords, probs)
     image = np.where(np.isnan(values), 0, np.floor(255 * values + 0.5)).astype(np.uint8)
     levels = pyramid(image, smallest)
+    # The file's OME UUID from its name and content, not tifffile's time-based one: a rerun (or a
+    # task of a job array) writes the same bytes.
+    digest = hashlib.sha256(image.tobytes() + repr(list(class_names)).encode()).hexdigest()
     metadata = {
         "axes": "CYX",
+        "UUID": str(uuid.uuid5(_ID_NAMESPACE, f"{_stem(grid.path)}:probabilities:{digest}")),
         "Name": _stem(grid.path),
         "Channel": {"Name": list(class_names)},
         "PhysicalSizeX": grid.tile_um,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import sys
 import threading
 import time
@@ -36,7 +37,9 @@ from PIL import Image
 
 from kd_histo.convert import slides
 from kd_histo.convert.errors import ConversionError, SkipInput
+from kd_histo.progress import around_bars, progress
 
+_LOG = logging.getLogger(__name__)
 # A level counts as "at" a resolution within this relative tolerance: scanners store downsamples
 # such as 4.0003, and resizing by 1.0003 is not worth a resample.
 LEVEL_TOLERANCE = 0.02
@@ -151,6 +154,13 @@ def plan_read(
         raise ValueError(f"{path}: no tile has {min_tissue:.0%} tissue; lower --min_tissue")
     if max_tiles and len(coords) > max_tiles:
         coords = [coords[i] for i in np.linspace(0, len(coords) - 1, max_tiles).round().astype(int)]
+    mpp_in = hr_px * hr_mpp / input_px
+    if mpp_in < grid.base_mpp * (1 - LEVEL_TOLERANCE):
+        _LOG.warning(
+            f"{path}: the model reads {mpp_in:.3g} µm/px, finer than the slide's scan "
+            f"({grid.base_mpp:.3g} µm/px at level 0): its tiles are upsampled, with no more "
+            "detail than the scan; check --read_mpp (and --slide_mpp)"
+        )
     return _at_input(
         path,
         grid.base_mpp,
@@ -158,7 +168,7 @@ def plan_read(
         tuple(coords),
         grid.grid_tiles,
         input_px,
-        hr_px * hr_mpp / input_px,
+        mpp_in,
         method,
     )
 
@@ -336,11 +346,9 @@ def _shared_cache(capacity: int = 64 << 20):
 
 
 class Progress:
-    """Tiles done and tiles/s: a bar redrawn in place on a terminal, one summary line at the end.
-
-    The bar goes to ``bar_stream`` (stderr) only when it is a terminal, so logs and captured
-    output get the summary line alone (on ``stream``, stdout).
-    """
+    """Tiles done and tiles/s of one slide: its progress while it is read
+    (:func:`kd_histo.progress.progress` on ``bar_stream``, stderr: a bar on a terminal, else a
+    line every ``EVERY_S`` seconds), then one summary line (on ``stream``, stdout)."""
 
     def __init__(
         self,
@@ -349,14 +357,11 @@ class Progress:
         *,
         stream: TextIO | None = None,
         bar_stream: TextIO | None = None,
-        every_s: float = 0.25,
-    ):
+    ) -> None:
         self.label, self.total, self.done = label, total, 0
         self.stream = stream or sys.stdout
-        bar = bar_stream or sys.stderr
-        self.bar = bar if getattr(bar, "isatty", lambda: False)() else None
-        self.every_s = every_s
-        self.start = self._last = time.perf_counter()
+        self.bar = progress(total=total, desc=label, unit="tiles", stream=bar_stream, leave=False)
+        self.start = time.perf_counter()
 
     @property
     def rate(self) -> float:
@@ -365,25 +370,15 @@ class Progress:
 
     def update(self, n: int) -> None:
         self.done += n
-        now = time.perf_counter()
-        if self.bar is not None and (now - self._last >= self.every_s or self.done >= self.total):
-            self._last = now
-            width = 30
-            filled = int(width * self.done / max(1, self.total))
-            self.bar.write(
-                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                f"{self.done}/{self.total} tiles, {self.rate:.0f} tiles/s"
-            )
-            self.bar.flush()
+        self.bar.update(n)
 
     def close(self, extra: str = "") -> str:
-        """Ends the bar and prints (and returns) the summary line."""
-        if self.bar is not None:
-            self.bar.write("\n")
-            self.bar.flush()
+        """Ends the progress and prints (and returns) the summary line."""
+        self.bar.close()
         line = (
             f"{self.label}: {self.done} tiles in {time.perf_counter() - self.start:.1f} s, "
             f"{self.rate:.0f} tiles/s{extra}"
         )
-        print(line, file=self.stream, flush=True)
+        with around_bars():  # the cohort's bar, if any, steps aside
+            print(line, file=self.stream, flush=True)
         return line

@@ -32,53 +32,74 @@ ARCHS = ("resnet_gn",) + tuple(LAYOUTS)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a net.
+class NetConfig:
+    """Which network to build: the architecture a run chooses (the ``net`` of its config.json).
 
     Attributes:
-      arch: "resnet_gn", "resnet18", "resnet34" or "resnet50".
-      num_classes: number of output logits.
-      mean: per-channel RGB mean in [0, 1] (from dataset.json).
-      std: per-channel RGB standard deviation (from dataset.json), > 0.
+      arch: "resnet_gn" (the paper's), "resnet18", "resnet34" or "resnet50".
       planes: stage widths of resnet_gn.
       blocks: BasicBlocks per stage of resnet_gn.
       groups: GroupNorm groups (8 for resnet_gn, 32 for the standard ResNets when None).
       norm: "group" or "batch".
       stem: resnet_gn stem, "imagenet" or "small".
       width_scale: width multiplier of the standard ResNets.
+    """
+
+    arch: str = setting("resnet_gn", "Network: resnet_gn (paper), resnet18, resnet34, resnet50.")
+    planes: tuple[int, ...] = setting((32, 64, 128, 256), "Stage widths of resnet_gn.")
+    blocks: int | tuple[int, ...] = 1
+    groups: int | None = None
+    norm: str = setting("group", "Normalisation layers: group or batch.")
+    stem: str = setting("imagenet", "resnet_gn stem: imagenet (stride 4) or small (stride 1).")
+    width_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {ARCHS}")
+        if not self.planes or min(self.planes) < 1:
+            raise ValueError(
+                f"planes must be stage widths >= 1 (e.g. 32,64,128,256), got {self.planes}"
+            )
+        if self.norm not in ("group", "batch"):
+            raise ValueError(f"norm must be 'group' or 'batch', got {self.norm!r}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`build_model` beyond arch, num_classes, mean and std."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(NetConfig)[1:]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(NetConfig):
+    """Everything needed to rebuild a net: its :class:`NetConfig` and what the data set and the
+    run add.
+
+    Attributes:
+      num_classes: number of output logits.
+      mean: per-channel RGB mean in [0, 1] (from dataset.json).
+      std: per-channel RGB standard deviation (from dataset.json), > 0.
       weights: optional local ``.weights.h5`` file to load after building.
       name: Keras model name.
       stain_reference: when set, the net's first layer normalises each input's stain to it
         (:class:`kd_histo.models.stain.StainNormalization`), before the mean/std normalisation.
     """
 
-    arch: str = "resnet_gn"
     num_classes: int = 2
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.25, 0.25, 0.25)
-    planes: tuple[int, ...] = (32, 64, 128, 256)
-    blocks: int | tuple[int, ...] = 1
-    groups: int | None = None
-    norm: str = setting("group", "Normalisation layers: group or batch.")
-    stem: str = setting("imagenet", "resnet_gn stem: imagenet (stride 4) or small (stride 1).")
-    width_scale: float = 1.0
     weights: str = ""
     name: str = "net"
     stain_reference: StainReference | None = None
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; choose one of {ARCHS}")
+        super().__post_init__()
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(
                 f"mean and std must be 3 values each with std > 0, got {self.mean}, {self.std}"
             )
-        if self.norm not in ("group", "batch"):
-            raise ValueError(f"norm must be 'group' or 'batch', got {self.norm!r}")
-        if self.stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
 
 
 def _tuple(v):
@@ -228,6 +249,7 @@ def load_model(path: str, expected_num_classes: int | None = None) -> keras.Mode
 __all__ = [
     "ARCHS",
     "ModelConfig",
+    "NetConfig",
     "build_model",
     "build_from_config",
     "load_model",

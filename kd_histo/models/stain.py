@@ -36,10 +36,12 @@ class StainNormalization(layers.Layer):
 
     def call(self, images):
         images = tf.cast(images, tf.float32)
+        # The image shape where the graph knows it (an exported graph's fixed input): TFLite
+        # lowers the map only with a static element shape.
         return tf.map_fn(
             lambda image: normalise(image, self.reference),
             images,
-            fn_output_signature=tf.TensorSpec([None, None, 3], tf.float32),
+            fn_output_signature=tf.TensorSpec(images.shape[1:], tf.float32),
         )
 
     def compute_output_shape(self, input_shape):

@@ -44,6 +44,7 @@ from kd_histo.protocol.plan import (
     run_kind,
     teacher_of,
 )
+from kd_histo.training.config import RunConfig
 
 
 def _finished(spec: RunSpec) -> bool:
@@ -92,7 +93,7 @@ def _check_same_experiment(cfg: ExperimentConfig, folder: str = "") -> None:
         "n_boot",
     }
     not_compared = grid | {"base", "out_dir", "results_dir"}  # where things lie, not what they are
-    base_now, base_before = dict(now["base"]), dict(before.get("base", {}))
+    base_now, base_before = dict(now["base"]), _base_as_now(before.get("base", {}))
     for d in (base_now, base_before):
         d.pop("verbose", None)
     # Settings added after an experiment started are absent from its experiment.json: they had
@@ -130,6 +131,16 @@ def _check_same_experiment(cfg: ExperimentConfig, folder: str = "") -> None:
             "finished runs would be mixed with the new data: choose a new --out_dir"
             + (" (or another --results_dir)" if folder != cfg.out_dir else "")
         )
+
+
+def _base_as_now(base: dict) -> dict:
+    """A base RunConfig as written before, as this version writes it: settings added since (a
+    new field of a nested config, e.g. ``distill.ensemble_features``) read as their defaults,
+    which is what they were then. Unreadable as a RunConfig: compared as it is."""
+    try:
+        return json.loads(json.dumps(RunConfig.from_dict(base).to_dict()))
+    except (TypeError, ValueError, KeyError):
+        return dict(base)
 
 
 def _data_identity(path: str) -> dict:
@@ -282,7 +293,12 @@ def _train(
             state.record(f"s{spec.seed}/teacher", "teacher_cache_s", time.perf_counter() - t0)
             keras.backend.clear_session()
     t0 = time.perf_counter()
-    train.train(spec.config)
+    result = train.train(spec.config)
+    if result.diverged_at_epoch is not None:
+        log(
+            f"{prefix}: the training diverged in epoch {result.diverged_at_epoch} (NaN/inf loss "
+            "or val metrics); the best network before it is kept"
+        )
     state.record(f"s{spec.seed}/{spec.name}", "train_s", time.perf_counter() - t0)
     keras.backend.clear_session()
 

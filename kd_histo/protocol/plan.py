@@ -60,6 +60,8 @@ class ExperimentConfig:
       results_dir: a results folder under version control (see :mod:`kd_histo.protocol.bundle`):
         complete seeds are exported to it and, in a fresh checkout, imported from it.
       baselines: train the LR baselines.
+      students, ensemble_students: train the label-free students of each seed's teacher; of the
+        ensemble of every seed's teacher (``teachers_from``'s, so only these rows train).
       eval_split: the split every run is evaluated on.
       n_boot: bootstrap replicates of the 95% intervals.
       cost_batch_sizes: batch sizes of the latency measurement (the last gives the speedup).
@@ -112,14 +114,20 @@ class ExperimentConfig:
         "",
         "A folder kept under version control (e.g. results/<name>): every complete seed's results "
         "(run records, metrics, per-tile predictions; no weights) are exported to its bundle/, and "
-        "a "
-        "rerun in a fresh checkout imports them instead of retraining those seeds, so an "
-        "experiment "
-        "longer than one machine's life resumes from a commit. The tables and the report are "
-        "copied "
-        "there too. Empty = off.",
+        "a rerun in a fresh checkout imports them instead of retraining those seeds, so an "
+        "experiment longer than one machine's life resumes from a commit. The tables and the "
+        "report are copied there too. Empty = off.",
     )
     baselines: bool = setting(True, "Train the LR baselines (labels, LR view).")
+    students: bool = setting(
+        True, "Train the label-free students of each seed's teacher (student_x<factor>)."
+    )
+    ensemble_students: bool = setting(
+        False,
+        "Also train, per seed and factor, a label-free student of the ensemble of every seed's "
+        "teacher (student_ens_x<factor>, the largest unlabeled fraction); needs --teachers_from "
+        "and two seeds or more.",
+    )
     eval_split: str = setting("test", "Split every run is evaluated on: test or val.")
     n_boot: int = setting(1000, "Bootstrap replicates of the 95% intervals.")
     cost_batch_sizes: tuple[int, ...] = setting(
@@ -161,6 +169,11 @@ class ExperimentConfig:
                 "an experiment shares one teacher cache per seed and factor: give "
                 f"teacher_cache 'auto' or '', not {self.base.distill.teacher_cache!r}"
             )
+        if self.ensemble_students and (not self.teachers_from or len(self.seeds) < 2):
+            raise ValueError(
+                "ensemble_students distils from every seed's teacher, so they must all be trained "
+                "first: give --teachers_from=<experiment folder> and two --seeds or more"
+            )
         if not all(0.0 <= f <= 1.0 for f in self.cascade_fractions):
             raise ValueError(f"cascade_fractions must lie in [0, 1], got {self.cascade_fractions}")
         if not self.cost_batch_sizes or min(self.cost_batch_sizes) < 1:
@@ -191,6 +204,8 @@ class RunKind:
       needs: the :class:`ExperimentConfig` setting that must be true (or > 0) for it to run; "" =
         always.
       cascade: its run without extra data is measured in a cascade with the seed's teacher.
+      teacher: which teacher a distill kind reads: "seed" (its seed's) or "ensemble" (the
+        ensemble of every seed's teacher of ``seeds``, ``kd_histo.training.ensemble``).
       note: a sentence for report.md when it runs, formatted with ``cfg`` (the experiment).
       marker, colour, size: its points in the figures (matplotlib marker, colour, marker size).
       nudge: factors on its x (GFLOPs) in accuracy vs compute, without and with extra data: runs of
@@ -206,6 +221,7 @@ class RunKind:
     epochs: str
     needs: str = ""
     cascade: bool = False
+    teacher: str = "seed"
     note: str = ""
     marker: str = "o"
     colour: str = "tab:blue"
@@ -217,6 +233,8 @@ class RunKind:
             raise ValueError(f"run kind {self.name}: the teacher mode reads HR, every other LR")
         if (self.mode == "distill") != ("teacher" in self.reads):
             raise ValueError(f"run kind {self.name}: distill runs, and only they, read a teacher")
+        if self.teacher not in ("seed", "ensemble"):  # a distill kind's; the others read none
+            raise ValueError(f"run kind {self.name}: teacher {self.teacher!r}")
         if self.unlabeled not in ("none", "largest", "every") or (
             self.mode != "distill" and self.unlabeled != "none"
         ):
@@ -240,13 +258,20 @@ KINDS = (
             label="baseline", epochs="baseline_epochs", needs="baselines", marker="s",
             colour="tab:grey", nudge=(0.94, 0.94)),
     RunKind("student", mode="distill", view="lr", reads=("teacher",), unlabeled="every",
-            label="student", epochs="student_epochs", cascade=True, nudge=(1.0, 1.06)),
+            label="student", epochs="student_epochs", needs="students", cascade=True,
+            nudge=(1.0, 1.06)),
     RunKind("student_ce", mode="distill", view="lr", reads=("teacher", "labels"),
             unlabeled="largest", label="student + labels", epochs="student_epochs",
             needs="labeled_student_ce", marker="D", colour="tab:green", size=7,
             nudge=(1.12, 1.12),
             note="Runs `student_ce_*`: the same student that also learns from the labels where "
             "they exist (cross-entropy weight {cfg.labeled_student_ce:g})."),
+    RunKind("student_ens", mode="distill", view="lr", reads=("teacher",), unlabeled="largest",
+            label="student of the ensemble", epochs="student_epochs", needs="ensemble_students",
+            teacher="ensemble", marker="P", colour="tab:orange", size=9, nudge=(1.06, 1.18),
+            note="Runs `student_ens_*`: label-free students of the ensemble of the seeds' "
+            "teachers (seeds {cfg.seeds}: the mean of their probabilities at the KD temperature; "
+            "feature loss {cfg.base.distill.ensemble_features})."),
 )  # fmt: skip
 
 
@@ -376,9 +401,11 @@ def _spec(
         cache = cfg.base.distill.teacher_cache and os.path.join(
             root, f"teacher_cache_x{_fmt(factor)}"
         )
-        distill = dataclasses.replace(
-            distill, teacher=teacher_run_dir(cfg, seed), teacher_cache=cache
-        )
+        teacher = teacher_run_dir(cfg, seed)
+        if kind.teacher == "ensemble":  # its own cache: the ensemble's outputs are others
+            teacher = ",".join(teacher_run_dir(cfg, s) for s in cfg.seeds)
+            cache = cache and os.path.join(root, f"teacher_cache_ens_x{_fmt(factor)}")
+        distill = dataclasses.replace(distill, teacher=teacher, teacher_cache=cache)
         if "labels" in kind.reads:
             distill = dataclasses.replace(distill, ce_weight=cfg.labeled_student_ce)
     run = dataclasses.replace(

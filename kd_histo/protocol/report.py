@@ -198,7 +198,7 @@ def _setup_paragraphs(cfg, info: schema.DatasetInfo, wall_s: float) -> list[str]
         for s in ("train", "val", "test", "unlabeled")
         if s in info.shards
     )
-    planes = "-".join(str(p) for p in b.net.planes) or "default"
+    planes = "-".join(str(p) for p in b.net.planes)
     other_epochs = [
         f"the {kind} {n}"
         for kind, n in (

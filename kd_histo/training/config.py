@@ -1,10 +1,11 @@
 """The typed configuration of one training run (``RunConfig``) and its JSON round trip.
 
 A run is fully described by a frozen :class:`RunConfig`: the data pipeline
-(:class:`kd_histo.data.pipeline.PipelineConfig`), the network (:class:`NetConfig`), the
-distillation weights (:class:`DistillConfig`), the optimizer and schedule (:class:`OptimConfig`),
-and the run itself (mode, precision, strategy, seed, epochs, model_dir, resume). ``smoke()``
-shrinks any config so it runs in seconds on a laptop (big_vision's "runlocal" switch).
+(:class:`kd_histo.data.pipeline.PipelineConfig`), the network (:class:`kd_histo.models.NetConfig`,
+defined beside the builder), the distillation weights (:class:`DistillConfig`), the optimizer and
+schedule (:class:`OptimConfig`), and the run itself (mode, precision, strategy, seed, epochs,
+model_dir, resume). ``smoke()`` shrinks any config so it runs in seconds on a laptop (big_vision's
+"runlocal" switch).
 
 Not here: flag parsing (``kd_histo.cli``), building anything from the config
 (``kd_histo.training.train``).
@@ -19,9 +20,11 @@ from typing import Any
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.data.stain_norm import StainConfig
+from kd_histo.models import NetConfig
 from kd_histo.numbers import require_finite
 from kd_histo.settings import check_choice, setting
 from kd_histo.training import losses as L
+from kd_histo.training.ensemble import ENSEMBLE_FEATURES
 
 MODES = ("teacher", "baseline", "distill")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -34,36 +37,12 @@ MONITORS = ("val_accuracy", "val_loss")
 
 
 @dataclasses.dataclass(frozen=True)
-class NetConfig:
-    """Which network to build (``kd_histo.models.build_model(arch, num_classes, **kwargs)``).
-
-    Attributes:
-      arch: "resnet_gn" (the paper's), "resnet18", "resnet34" or "resnet50".
-      planes: channels per stage for ``resnet_gn``; empty = the builder's default (32-64-128-256).
-      kwargs: further builder keyword arguments as (name, value) pairs (kept hashable).
-    """
-
-    arch: str = setting("resnet_gn", "Network: resnet_gn (paper), resnet18, resnet34, resnet50.")
-    planes: tuple[int, ...] = setting(
-        (), "Stage widths of resnet_gn, e.g. 32,64,128,256 (default the builder's)."
-    )
-    # The flags --stem (resnet_gn only) and --norm are ModelConfig's fields (kd_histo.models).
-    kwargs: tuple[tuple[str, Any], ...] = ()
-
-    def build_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``build_model`` beyond arch, num_classes, mean and std."""
-        out = dict(self.kwargs)
-        if self.planes:
-            out["planes"] = tuple(self.planes)
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """Loss weights of the ResolutionDistiller (paper defaults: KD + feature loss, no labels).
 
     Attributes:
       teacher: path of the teacher's ``model.keras`` (or its run folder); distill mode only.
+        Comma-separated paths: an ensemble teacher (:mod:`kd_histo.training.ensemble`).
       temperature: softmax temperature T of the KD term (scaled by T^2).
       kd_weight: weight of KL(teacher || student).
       feature_weight: weight of the feature-map loss.
@@ -76,6 +55,8 @@ class DistillConfig:
         are the negatives).
       at_weight: weight of attention transfer.
       accumulation_steps: gradient accumulation.
+      ensemble_features: an ensemble teacher's feature loss: "projected" (each member's map
+        through its own 1x1 projection of the student's) or "off".
       teacher_cache: folder of a teacher-output cache (``kd_histo.training.teacher_cache``): the
       teacher
         runs once per tile and dihedral transform, and training reads its outputs instead of
@@ -83,7 +64,12 @@ class DistillConfig:
         "none" and no random crop.
     """
 
-    teacher: str = setting("", "distill: the teacher's run folder or model.keras.")
+    teacher: str = setting(
+        "",
+        "distill: the teacher's run folder or model.keras; several, comma-separated, distil from "
+        "their ensemble (the mean of their probabilities at --temperature); or a Keras file or "
+        "SavedModel with a teacher.json (docs/teachers.md).",
+    )
     temperature: float = setting(L.KD_TEMPERATURE, "KD softmax temperature T (loss scaled by T^2).")
     kd_weight: float = setting(1.0, "Weight of KL(teacher || student).")
     feature_weight: float = setting(1.0, "Weight of the feature-map loss.")
@@ -105,6 +91,12 @@ class DistillConfig:
         "<model_dir>/teacher_cache): the teacher runs once per tile and flip/rotation, not every "
         "epoch. Needs --augment=flips or none and no --hr_px crop.",
     )
+    ensemble_features: str = setting(
+        "projected",
+        "Ensemble teacher: the feature loss matches each member's map through its own learned "
+        "1x1 projection of the student's (projected), or is off (off).",
+        choices=ENSEMBLE_FEATURES,
+    )
 
     def __post_init__(self):
         require_finite(self)
@@ -113,6 +105,12 @@ class DistillConfig:
         L.FeatureMapKD(self.feature_mode, self.feature_norm)
         if self.accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
+        check_choice("ensemble_features", self.ensemble_features, ENSEMBLE_FEATURES)
+
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        """The teacher runs: one, or the members of an ensemble (``teacher`` split at commas)."""
+        return tuple(t.strip() for t in self.teacher.split(",") if t.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,8 +239,9 @@ class RunConfig:
         data = dict(d.pop("data"))
         data["unlabeled_dirs"] = tuple(data.get("unlabeled_dirs", ()))
         net = dict(d.pop("net", {}))
-        net["planes"] = tuple(net.get("planes", ()))
-        net["kwargs"] = tuple(tuple(kv) for kv in net.get("kwargs", ()))
+        for key in ("planes", "blocks"):  # JSON lists back to (hashable) tuples
+            if isinstance(net.get(key), list):
+                net[key] = tuple(net[key])
         d["profile_steps"] = tuple(d.get("profile_steps", (0, 0)))
         return cls(
             data=PipelineConfig(**data),

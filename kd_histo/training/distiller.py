@@ -6,7 +6,9 @@ reads ``batch[student_view]``; a frozen teacher (``trainable = False``, always c
 training on ``student_view`` (teacher training on "hr", baseline training on "lr"); with one it
 distils. The losses are a list of ``(weight, loss)`` pairs of
 :class:`kd_histo.training.losses.ResolutionLoss` objects (KD on logits, feature map, CE, InfoNCE,
-attention transfer); only those of weight > 0 are computed and logged. A batch
+attention transfer); only those of weight > 0 are computed and logged. Layers a loss needs (the
+feature loss's 1x1 projections when the nets' feature widths differ, InfoNCE's heads) are owned and
+trained here, never by the student, so the saved student is the plain net. A batch
 that carries ``"teacher_logits"``/``"teacher_features"`` (from
 :mod:`kd_histo.training.teacher_cache`; the
 features already resized to the student's map) skips the teacher forward pass and the resize; then
@@ -47,10 +49,11 @@ Losses = Sequence[tuple[float, L.ResolutionLoss]]
 def losses_for(distill, **extra) -> list[tuple[float, L.ResolutionLoss]]:
     """The weighted losses of a :class:`kd_histo.training.config.DistillConfig`, weight 0 included.
 
-    ``extra`` sets loss parameters that the config does not hold (``bicubic_style``,
-    ``ssl_temperature``, ``projection_dim``); left out, the loss classes' defaults apply.
+    ``extra`` sets loss parameters that the config does not hold (``bicubic_style``, ``splits``:
+    an ensemble teacher's member map widths, ``ssl_temperature``, ``projection_dim``); left out,
+    the loss classes' defaults apply.
     """
-    feature = {k: extra[k] for k in ("bicubic_style",) if k in extra}
+    feature = {k: extra[k] for k in ("bicubic_style", "splits") if k in extra}
     renamed = (("ssl_temperature", "temperature"), ("projection_dim", "projection_dim"))
     ssl = {k2: extra[k] for k, k2 in renamed if k in extra}
     return [
@@ -131,10 +134,11 @@ class ResolutionDistiller(keras.Model):
         t_spec, s_spec = _output_spec(teacher), _output_spec(student)
         self.student_head = self.teacher_head = None
         for _, loss in terms:
-            if s_spec is not None:
-                loss.validate_outputs(t_spec, s_spec)
-            for attr, layer in loss.build(t_spec, s_spec).items():  # e.g. InfoNCE's heads
+            # e.g. InfoNCE's heads, the feature loss's projections (trained here, never exported)
+            for attr, layer in loss.build(t_spec, s_spec).items():
                 setattr(self, attr, layer)
+            if s_spec is not None:  # a subclassed student is checked at the first step
+                loss.validate_outputs(t_spec, s_spec)
         self.loss_terms = terms
         self.trackers = {n: keras.metrics.Mean(name=n) for n in ("loss", *names)}
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")

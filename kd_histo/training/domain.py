@@ -26,6 +26,7 @@ from kd_histo.data.pipeline import make_dataset
 from kd_histo.models import ood
 from kd_histo.models.stain import stain_reference_of
 from kd_histo.training.config import RunConfig
+from kd_histo.training.ensemble import members_of
 from kd_histo.training.preflight import PreflightError
 
 OOD_FIT_TILES = 4096  # training tiles the Gaussians are measured on, at most
@@ -42,7 +43,8 @@ def stain_reference(
       PreflightError: a student asked for another normalisation than its teacher's.
     """
     if cfg.mode == "distill":
-        ref = stain_reference_of(teacher) if teacher is not None else None
+        # an ensemble's members share one normalisation (kd_histo.training.ensemble checks)
+        ref = stain_reference_of(members_of(teacher)[0]) if teacher is not None else None
         have = ref.method if ref else "none"
         if cfg.stain.method != "none" and cfg.stain.method != have:
             raise PreflightError(

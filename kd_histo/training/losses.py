@@ -257,43 +257,109 @@ class LogitsKD(ResolutionLoss):
         return {"temperature": self.temperature}
 
 
+def feature_projection(width: int, name: str) -> keras.layers.Conv2D:
+    """FitNets' regressor: a learned 1x1 convolution taking the student's map to ``width``
+    channels. It lives in the distiller (trained with the student), never in the student net."""
+    return keras.layers.Conv2D(width, 1, name=name)
+
+
 @_register
 class FeatureMapKD(ResolutionLoss):
     """Feature-map loss across resolutions: :func:`map_distance` to :meth:`target`.
 
     The teacher cache stores :meth:`target` of the teacher's map; as the resize maps a map of the
     student's size to itself, ``compute_loss`` skips it when the sizes already agree (statically).
+
+    ``splits``: the channel widths of the parts of the teacher's map (an ensemble's members'
+    maps, concatenated along channels; empty = one map). Each part gets its own learned 1x1
+    projection of the student's map (:func:`feature_projection`, built by :meth:`build` and owned
+    by the distiller as ``feature_projections``) and the loss is the mean of the parts' distances.
+    A single map gets a projection only when its width differs from the student's, so a student
+    of the teacher's width trains exactly as without projections.
     """
 
     name = "feature_loss"
 
     def __init__(
-        self, mode: str = FEATURE_MODE, norm: str = FEATURE_NORM, bicubic_style: str = BICUBIC_STYLE
+        self,
+        mode: str = FEATURE_MODE,
+        norm: str = FEATURE_NORM,
+        bicubic_style: str = BICUBIC_STYLE,
+        splits: tuple[int, ...] = (),
     ):
         check_choice("feature mode", mode, FEATURE_MODES)
         check_choice("feature norm", norm, FEATURE_NORMS)
         check_choice("bicubic style", bicubic_style, BICUBIC_STYLES)
+        if any(int(c) < 1 for c in splits):
+            raise ValueError(f"feature splits must be channel counts >= 1, got {splits}")
         self.mode, self.norm, self.bicubic_style = mode, norm, bicubic_style
+        self.splits = tuple(int(c) for c in splits)
+        self.projections: list = []
 
     def target(self, teacher_map, size) -> tf.Tensor:
         """The teacher's map resized to the student's map ``size`` (h, w), float32."""
         return resize_teacher_map(teacher_map, size, self.mode, self.bicubic_style)
 
+    def _parts(self, teacher_map) -> tuple[int, ...]:
+        ct = teacher_map.shape[-1]
+        if self.splits and ct is not None and sum(self.splits) != ct:
+            raise ValueError(
+                f"the teacher's feature map has {ct} channels but its parts add up to "
+                f"{sum(self.splits)} ({self.splits}): the teacher outputs do not fit this loss"
+            )
+        return self.splits or (ct,)
+
     def validate_outputs(self, teacher_outputs, student_outputs):
-        if teacher_outputs is not None:
+        if teacher_outputs is None:
+            return
+        parts = self._parts(teacher_outputs["features"])
+        if self.projections:
+            if [p.filters for p in self.projections] != list(parts):
+                raise ValueError(
+                    f"feature projections of widths {[p.filters for p in self.projections]} do "
+                    f"not fit the teacher's map parts {list(parts)}"
+                )
+        elif len(parts) > 1:
+            raise ValueError("an ensemble's feature maps need their projections: build() first")
+        else:
             check_channels(student_outputs["features"], teacher_outputs["features"])
 
-    def compute_loss(self, teacher_outputs, student_outputs, batch=None, training=False, **kwargs):
-        s, t = student_outputs["features"], teacher_outputs["features"]
-        check_channels(s, t)
+    def build(self, teacher_outputs, student_outputs):
+        self.projections = []
+        if teacher_outputs is None or student_outputs is None:
+            return {}
+        cs = student_outputs["features"].shape[-1]
+        parts = self._parts(teacher_outputs["features"])
+        if len(parts) == 1 and (parts[0] == cs or None in (cs, parts[0])):
+            return {}  # same width (or unknown until traced): the plain loss, no projection
+        for i, width in enumerate(parts):
+            layer = feature_projection(width, f"feature_projection_{i}")
+            layer.build((None, None, None, cs))
+            self.projections.append(layer)
+        return {"feature_projections": self.projections}
+
+    def _distance(self, s, t) -> tf.Tensor:
         hw_s, hw_t = tf.TensorShape(s.shape[1:3]), tf.TensorShape(t.shape[1:3])
         if not (hw_s.is_fully_defined() and hw_s == hw_t):
             size = tf.shape(s)[1:3]
             t = self.target(t, (size[0], size[1]))
         return map_distance(s, t, self.norm)
 
+    def compute_loss(self, teacher_outputs, student_outputs, batch=None, training=False, **kwargs):
+        s, t = student_outputs["features"], teacher_outputs["features"]
+        if not self.projections:
+            check_channels(s, t)
+            return self._distance(s, t)
+        parts = self._parts(t)
+        targets = tf.split(t, list(parts), axis=-1) if len(parts) > 1 else [t]
+        distances = [self._distance(p(s), ti) for p, ti in zip(self.projections, targets)]
+        return tf.add_n(distances) / float(len(distances))
+
     def get_config(self):
-        return {"mode": self.mode, "norm": self.norm, "bicubic_style": self.bicubic_style}
+        out = {"mode": self.mode, "norm": self.norm, "bicubic_style": self.bicubic_style}
+        if self.splits:  # configs saved before ensembles stay as they were
+            out["splits"] = list(self.splits)
+        return out
 
 
 @_register

@@ -25,6 +25,7 @@ from kd_histo import schema
 from kd_histo.data import decode
 from kd_histo.data.pipeline import lr_size
 from kd_histo.models import load_model
+from kd_histo.training import ensemble, foreign
 from kd_histo.training.config import RunConfig
 from kd_histo.training.run_record import (
     CONFIG_JSON,
@@ -34,7 +35,7 @@ from kd_histo.training.run_record import (
     record_of_model,
     teacher_misfit,
 )
-from kd_histo.training.teacher_cache import CACHEABLE_AUGMENT
+from kd_histo.training.teacher_cache import CACHEABLE_AUGMENT, EnsembleSource
 
 MIN_FREE_MB = 50  # a run folder needs room for a few checkpoints of the nets we train
 
@@ -230,6 +231,10 @@ def check_model_dir(cfg: RunConfig) -> None:
             )
         with open(old) as f:
             before = json.load(f)
+        try:  # settings added since the run started read as their defaults (what they were then)
+            before = json.loads(RunConfig.from_dict(before).to_json())
+        except (TypeError, ValueError, KeyError):
+            pass  # compared as written
         now = json.loads(cfg.to_json())  # tuples become lists, as in the file
         differ = sorted(
             k for k in now if k not in ("resume", "verbose") and before.get(k) != now[k]
@@ -241,25 +246,36 @@ def check_model_dir(cfg: RunConfig) -> None:
             )
 
 
-def teacher_record(cfg: RunConfig) -> RunRecord | None:
-    """The teacher's run record, or None for a model file that is not its run folder's model
+def teacher_record(cfg: RunConfig, path: str | None = None) -> RunRecord | None:
+    """The run record of the teacher (``path``: one member of an ensemble; default the first), or
+    None for a model file that is not its run folder's model
     (:func:`kd_histo.training.run_record.record_of_model`)."""
+    path = path or cfg.distill.teachers[0]
     try:
-        return record_of_model(cfg.distill.teacher)
+        if foreign.is_foreign(path):  # a model from elsewhere: its teacher.json states the facts
+            return foreign.record_of(foreign.read_teacher_json(path))
+        return record_of_model(path)
     except (FileNotFoundError, ValueError) as e:
-        raise PreflightError(f"teacher: {e}") from None
+        named = f" {path}" if len(cfg.distill.teachers) > 1 else ""
+        raise PreflightError(f"teacher{named}: {e}") from None
 
 
 def check_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> None:
     """The teacher fits the data of a distill run (``run_record.teacher_misfit``): an HR run, the
     data's class names in the data's order, the HR view's tile size and (where both are known) its
-    µm per pixel."""
+    µm per pixel. Each member of an ensemble teacher is checked, so members that disagree with one
+    another are refused by the first that disagrees with the data, named."""
     if cfg.mode != "distill":
         return
-    record = teacher_record(cfg)
-    if record is None:
-        return
-    name, data_dir = cfg.distill.teacher, cfg.data.data_dir
+    for name in cfg.distill.teachers:
+        record = teacher_record(cfg, name)
+        if record is not None:  # a foreign teacher's facts are its teacher.json's: name that
+            label = foreign.teacher_json(name) if foreign.is_foreign(name) else name
+            _check_teacher_fits(label, record, cfg, info)
+
+
+def _check_teacher_fits(name: str, record: RunRecord, cfg: RunConfig, info) -> None:
+    data_dir = cfg.data.data_dir
     hr_px = cfg.data.hr_px or info.tile_px
     misfit = teacher_misfit(record, info.class_names, hr_px, info.mpp)
     if misfit == "view":
@@ -293,18 +309,65 @@ def check_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> None:
 
 def load_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> keras.Model:
     """Loads the distillation teacher and checks it fits the data set (classes, RGB input) and has
-    a run record (see :func:`check_teacher`)."""
-    path = model_file(cfg.distill.teacher)
+    a run record (see :func:`check_teacher`). Several teachers are loaded as one ensemble
+    (:func:`kd_histo.training.ensemble.build_ensemble`) at the run's KD temperature."""
+    names = cfg.distill.teachers
+    members = []
+    for name in names:
+        if foreign.is_foreign(name):
+            members.append(_load_foreign(cfg, name, info))
+            continue
+        try:
+            members.append(load_model(model_file(name), expected_num_classes=info.num_classes))
+        except (FileNotFoundError, ValueError) as e:
+            raise PreflightError(f"teacher: {e}") from None
+        if teacher_record(cfg, name) is None:
+            raise PreflightError(
+                f"teacher {name} has no run.json beside it, so nothing says which class "
+                "order, tile size and µm/px it was trained on; pass its kd-histo-train run folder"
+            )
+    if len(members) == 1:
+        return members[0]
     try:
-        teacher = load_model(path, expected_num_classes=info.num_classes)
-    except (FileNotFoundError, ValueError) as e:
-        raise PreflightError(f"teacher: {e}") from None
-    if teacher_record(cfg) is None:
-        raise PreflightError(
-            f"teacher {cfg.distill.teacher} has no run.json beside it, so nothing says which class "
-            "order, tile size and µm/px it was trained on; pass its kd-histo-train run folder"
+        return ensemble.build_ensemble(
+            members, names, cfg.distill.temperature, features=_member_maps(cfg)
         )
-    return teacher
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+
+
+def _load_foreign(cfg: RunConfig, name: str, info) -> keras.Model:
+    """A foreign teacher (:mod:`kd_histo.training.foreign`) as a kd_histo net."""
+    try:
+        spec = foreign.read_teacher_json(name)
+        if not spec.features and cfg.distill.feature_weight > 0:
+            raise foreign.ForeignTeacherError(
+                f"{foreign.teacher_json(name)} names no feature map (features) for the feature "
+                "loss; name one, or pass --feature_weight=0"
+            )
+        return foreign.load_foreign(name, spec, info.num_classes)
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"teacher: {str(e).splitlines()[0]}") from None
+
+
+def _teacher_file(name: str) -> str:
+    """The file (or SavedModel folder) that identifies a teacher's outputs."""
+    return name if foreign.is_foreign(name) else model_file(name)
+
+
+def teacher_source(cfg: RunConfig):
+    """What identifies the teacher's outputs for a teacher cache: its model file, or for an
+    ensemble a :class:`kd_histo.training.teacher_cache.EnsembleSource`."""
+    d = cfg.distill
+    if len(d.teachers) == 1:
+        return _teacher_file(d.teachers[0])
+    files = tuple(_teacher_file(t) for t in d.teachers)
+    return EnsembleSource(files, d.temperature, _member_maps(cfg))
+
+
+def _member_maps(cfg: RunConfig) -> bool:
+    """Whether an ensemble teacher's features are its members' maps (for the feature loss)."""
+    return cfg.distill.ensemble_features == "projected" and cfg.distill.feature_weight > 0
 
 
 def net_stride(net: keras.Model, probe_px: int = 256) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 from kd_histo.atomic import write_json
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.data.stain_norm import StainReference
-from kd_histo.data.views import LR_METHODS
+from kd_histo.data.views import LR_METHODS, lr_size
 from kd_histo.training.config import MODES
 
 RUN_JSON = "run.json"
@@ -137,6 +137,13 @@ class RunRecord:
         if int(self.hr_px) < 1 or int(self.input_px) < 1:
             raise RunRecordError(
                 f"run.json: hr_px {self.hr_px} and input_px {self.input_px} must be >= 1"
+            )
+        fits = self.hr_px if self.view == "hr" else lr_size(int(self.hr_px), self.factor)
+        if int(self.input_px) != fits:
+            raise RunRecordError(
+                f"run.json: input_px {self.input_px} does not fit hr_px {self.hr_px} at factor "
+                f"{self.factor:g} (an {self.view.upper()} net reads {fits} px); the file was "
+                "edited or damaged: restore it or retrain"
             )
         if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
             raise RunRecordError(
@@ -326,3 +333,8 @@ def read_run_record(model_dir: str) -> RunRecord:
         return RunRecord.from_dict(d)
     except TypeError as e:  # a field of the wrong JSON type
         raise RunRecordError(f"{path}: {e}") from None
+    except RunRecordError as e:  # "run.json: ..." names the file read
+        message = str(e)
+        raise RunRecordError(
+            path + message[len(RUN_JSON) :] if message.startswith(RUN_JSON) else message
+        ) from None

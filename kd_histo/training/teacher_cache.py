@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 
 import keras
 
+from kd_histo import schema
 from kd_histo.atomic import write_json
 from kd_histo.data.augment import NUM_DIHEDRAL
+from kd_histo.progress import progress
 from kd_histo.training import losses as L
 from kd_histo.training.cache_store import CacheTarget, TeacherCache, build_caches
 
@@ -66,6 +68,12 @@ def _sha256(path: str, limit: int | None = None) -> str:
 def _teacher_identity(path: str) -> dict:
     """The teacher file by path, size, mtime and its bytes' SHA-256 (another teacher saved over
     the same path, even keeping size and mtime, is another teacher)."""
+    if os.path.isdir(path):  # a SavedModel teacher (kd_histo.training.foreign): every file
+        files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names)
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{os.path.relpath(f, path)} {_sha256(f)}\n".encode())
+        return {"path": os.path.realpath(path), "sha256": h.hexdigest()}
     st = os.stat(path)
     return {
         "path": os.path.realpath(path),
@@ -75,13 +83,34 @@ def _teacher_identity(path: str) -> dict:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class EnsembleSource:
+    """An ensemble teacher's identity for its caches: every member's model file, the temperature
+    its logits are for, and whether its features are the members' maps
+    (:mod:`kd_histo.training.ensemble`). A cache fits only while every member file is unchanged."""
+
+    paths: tuple[str, ...]
+    temperature: float
+    member_maps: bool
+
+
+def _identity(teacher_path: str | EnsembleSource) -> dict:
+    """A single teacher's :func:`_teacher_identity` (as caches built before ensembles recorded
+    it), or an ensemble's: each member's, its temperature and feature setting."""
+    if isinstance(teacher_path, str):
+        return _teacher_identity(teacher_path)
+    return {
+        "members": [_teacher_identity(p) for p in teacher_path.paths],
+        "temperature": teacher_path.temperature,
+        "member_maps": teacher_path.member_maps,
+    }
+
+
 def _source_identity(data_dir: str, split: str) -> tuple[str, str, str]:
     """(data_dir, split, fingerprint): the fingerprint changes whenever the split's shards or the
     folder's dataset.json do (a reconversion with other settings keeps the paths and the record
     keys but not the pixels). Each shard counts by name, size, mtime and the SHA-256 of its first
     and last MiB; dataset.json by its SHA-256."""
-    from kd_histo import schema
-
     h = hashlib.sha256(_sha256(os.path.join(data_dir, schema.DATASET_JSON)).encode())
     for p in schema.shard_paths(data_dir, split):
         st = os.stat(p)
@@ -121,7 +150,8 @@ def for_training(
 
     Args:
       teacher: the frozen teacher net.
-      teacher_path: its ``.keras`` file (identifies the teacher).
+      teacher_path: its ``.keras`` file (identifies the teacher), or an ensemble's
+        :class:`EnsembleSource`.
       data: the run's PipelineConfig (augment "none" or "flips", no random crop).
       cache_dir: where the cache lives.
       map_size: (h, w) of the student's feature map at the LR input size.
@@ -212,7 +242,7 @@ def _needed_build(
     """None when the cache in ``cache_dir`` fits the views and covers ``need_splits``
     ([(data_dir, split)]); else what to (re)build (see :func:`for_training`)."""
     settings = {
-        "teacher": _teacher_identity(teacher_path),
+        "teacher": _identity(teacher_path),
         "hr_px": data.hr_px,
         "factor": data.factor,
         "lr_method": data.lr_method,
@@ -241,7 +271,7 @@ def _needed_build(
 
 def _build(teacher, builds: Sequence[_Build], log) -> None:
     """Builds the caches, one teacher pass for all that read the same sources and HR view."""
-    from kd_histo.data.pipeline import PipelineConfig, make_dataset
+    from kd_histo.data.pipeline import PipelineConfig, batch_tiles, make_dataset
 
     groups: dict[tuple, list[_Build]] = {}
     for b in builds:
@@ -267,6 +297,8 @@ def _build(teacher, builds: Sequence[_Build], log) -> None:
         n_t = NUM_DIHEDRAL if all_eight else 1
         into = ", ".join(b.target.cache_dir for b in group)
         log(f"teacher cache: running the teacher {n_t}x over {len(sources)} source(s) into {into}")
+        n = sum(schema.DatasetInfo.read(d).num_examples(split) for d, split, _ in sources)
+        batches = progress(batches, total=n, desc="teacher cache", unit="tiles", size=batch_tiles)
         build_caches(teacher, batches, [b.target for b in group], dihedral_transforms=all_eight)
         for b in group:  # written last: a build cut short is never taken for a finished cache
             write_json(

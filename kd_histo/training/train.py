@@ -28,10 +28,10 @@ import tensorflow as tf
 from kd_histo import schema
 from kd_histo.atomic import write_json
 from kd_histo.convert.writer import DirLock
-from kd_histo.data.pipeline import make_dataset, steps_per_epoch
+from kd_histo.data.pipeline import make_dataset, steps_per_epoch, training_stream
 from kd_histo.models import build_model
 from kd_histo.models.stain import stain_reference_of
-from kd_histo.training import backup, divergence, domain, preflight
+from kd_histo.training import backup, divergence, domain, ensemble, preflight
 from kd_histo.training import callbacks as cbs
 from kd_histo.training import losses as L
 from kd_histo.training.config import RunConfig
@@ -42,7 +42,6 @@ from kd_histo.training.run_record import (
     CONFIG_JSON,
     MODEL_FILE,
     RunRecord,
-    model_file,
     write_run_record,
 )
 
@@ -118,10 +117,12 @@ def _distiller(
             student_view=cfg.view,
             accumulation_steps=d.accumulation_steps,
         )
+    if len(d.teachers) > 1 and d.ensemble_features == "off":
+        d = dataclasses.replace(d, feature_weight=0.0)
     return ResolutionDistiller(
         net,
         teacher,
-        losses_for(d),
+        losses_for(d, splits=ensemble.feature_splits(teacher)),
         student_view="lr",
         teacher_view="hr",
         accumulation_steps=d.accumulation_steps,
@@ -190,30 +191,19 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
             )
             input_px = preflight.check_input_size(cfg, info, net)
             model = _distiller(cfg, net, teacher)
-            data_cfg = cfg.data
-            steps = cfg.steps_per_epoch or steps_per_epoch(data_cfg, "train")
+            steps = cfg.steps_per_epoch or steps_per_epoch(cfg.data, "train")
             if steps < 1:
                 raise preflight.PreflightError(
                     f"the train split gives 0 batches of {cfg.data.batch_size}; lower --batch_size"
                 )
             model.compile(optimizer=make_optimizer(cfg, steps), jit_compile=False)
-        # fit() asks for exactly `steps` batches per epoch; repeating (each pass redraws its random
-        # crops and mixing) means the stream never runs dry mid-epoch whatever the batch rounding.
-        train_ds = make_dataset(data_cfg, "train", training=True).repeat()
-        cache_dir = preflight.teacher_cache_dir(cfg) if cfg.mode == "distill" else ""
         has_val = schema.has_shards(cfg.data.data_dir, "val")
-        # One exact pass per epoch: Keras keeps one validation iterator across epochs when the
-        # step count is given, so the stream repeats and the count comes from dataset.json (an
-        # unknown count made Keras warn that the input "ran out of data" at every run's start).
-        val_ds = make_dataset(cfg.data, "val", training=False).repeat() if has_val else None
-        val_steps = cfg.val_steps or (
-            steps_per_epoch(cfg.data, "val", training=False) if has_val else None
-        )
         try:
             write_json(os.path.join(model_dir, CONFIG_JSON), cfg.to_dict())
-            if cache_dir:
-                train_ds, val_ds = _cached_streams(cfg, cache_dir, teacher, net, input_px, has_val)
-            backup.resume_point(model_dir)  # a damaged backup falls back, named in one line
+            first = backup.resume_point(model_dir)  # a damaged backup falls back, named in one line
+            train_ds, val_ds, val_steps = _streams(
+                cfg, (teacher, net, input_px), steps, first, has_val
+            )
             callbacks = _callbacks(cfg, model_dir, net, train_ds, has_val) + [
                 counter,
                 *extra_callbacks,
@@ -244,14 +234,43 @@ def _train(cfg: RunConfig, extra_callbacks, info, model_dir: str, created: bool)
         )
 
 
-def _cached_streams(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int, has_val: bool):
-    """The training and validation streams with the teacher's outputs read from caches (built
-    when needed).
+def _streams(cfg: RunConfig, nets, steps: int, first_epoch: int, has_val: bool):
+    """(training stream from ``first_epoch`` on, validation stream or None, validation steps).
+
+    fit() asks for exactly ``steps`` batches per epoch; epoch ``e``'s batches are a pure function
+    of the seed and ``e`` (``training_stream``), so a resumed run reads what the uninterrupted
+    one read. Validation: Keras restarts its iterator at every epoch's evaluation, so each epoch
+    validates on the same first ``val_steps`` batches, resumed or not; the stream repeats and its
+    count comes from dataset.json (an unknown count made Keras warn that the input "ran out of
+    data" at every run's start).
+    """
+    teacher, net, input_px = nets
+    cache_dir = preflight.teacher_cache_dir(cfg) if cfg.mode == "distill" else ""
+    if cache_dir:
+        train_ds, val_ds = _cached_streams(
+            cfg, cache_dir, teacher, net, input_px, has_val, steps, first_epoch
+        )
+    else:
+        train_ds = training_stream(cfg.data, "train", steps=steps, first_epoch=first_epoch)
+        val_ds = make_dataset(cfg.data, "val", training=False) if has_val else None
+    if val_ds is None:
+        return train_ds, None, None
+    val_steps = cfg.val_steps or steps_per_epoch(cfg.data, "val", training=False)
+    return train_ds, val_ds.repeat(), val_steps
+
+
+def _cached_streams(
+    cfg: RunConfig, cache_dir: str, teacher, net, input_px, has_val, steps, first_epoch
+):
+    """The training stream (from ``first_epoch`` on, ``steps`` batches an epoch) and the
+    validation pass (not repeated) with the teacher's outputs read from caches (built when
+    needed).
 
     The training pipeline runs without augmentation; its cache draws one dihedral transform per
-    example for both views (the "flips" preset), so the teacher is never run during training.
-    Validation reads the un-augmented val tiles, whose teacher outputs ``<cache_dir>/val`` holds,
-    so the teacher is not run there either (None when the data has no val split).
+    example for both views (the "flips" preset) from the epoch's own seed, so the teacher is
+    never run during training. Validation reads the un-augmented val tiles, whose teacher
+    outputs ``<cache_dir>/val`` holds, so the teacher is not run there either (None when the
+    data has no val split).
     """
     from kd_histo.training import teacher_cache
 
@@ -260,19 +279,19 @@ def _cached_streams(cfg: RunConfig, cache_dir: str, teacher, net, input_px: int,
         "feature_mode": cfg.distill.feature_mode,
         "log": _LOG.info,
     }
-    teacher_file = model_file(cfg.distill.teacher)
+    teacher_file = preflight.teacher_source(cfg)
     cache = teacher_cache.for_training(teacher, teacher_file, cfg.data, cache_dir, **kwargs)
-    plain = make_dataset(
-        dataclasses.replace(cfg.data, augment="none"), "train", training=True
-    ).repeat()
-    train_ds = cache.attach(plain, training=True, seed=cfg.seed)
+    train_ds = training_stream(
+        dataclasses.replace(cfg.data, augment="none"),
+        "train",
+        steps=steps,
+        first_epoch=first_epoch,
+        per_epoch=lambda batches, seed: cache.attach(batches, training=True, seed=seed),
+    )
     if not has_val:
         return train_ds, None
     val_cache = teacher_cache.for_validation(teacher, teacher_file, cfg.data, cache_dir, **kwargs)
-    val_ds = val_cache.attach(
-        make_dataset(cfg.data, "val", training=False), training=False
-    ).repeat()
-    return train_ds, val_ds
+    return train_ds, val_cache.attach(make_dataset(cfg.data, "val", training=False), training=False)
 
 
 def _map_size(net: keras.Model, input_px: int) -> tuple[int, int]:
@@ -295,12 +314,13 @@ def prebuild_teacher_caches(cfgs: Sequence[RunConfig], log=print) -> int:
     """
     from kd_histo.training import teacher_cache
 
-    by_teacher: dict[tuple[str, str], list[RunConfig]] = {}
+    by_teacher: dict[tuple, list[RunConfig]] = {}
     for cfg in cfgs:
         if cfg.mode == "distill" and cfg.distill.teacher_cache:
-            by_teacher.setdefault((cfg.distill.teacher, cfg.precision), []).append(cfg)
+            key = (preflight.teacher_source(cfg), cfg.precision)
+            by_teacher.setdefault(key, []).append(cfg)
     built = 0
-    for (teacher_dir, precision), group in by_teacher.items():
+    for (source, precision), group in by_teacher.items():
         uses = []
         with precision_policy(precision):
             for cfg in group:
@@ -325,7 +345,7 @@ def prebuild_teacher_caches(cfgs: Sequence[RunConfig], log=print) -> int:
                     )
                 )
             teacher = preflight.load_teacher(group[0], info)
-            built += teacher_cache.prebuild(teacher, model_file(teacher_dir), uses, log=log)
+            built += teacher_cache.prebuild(teacher, source, uses, log=log)
         keras.backend.clear_session()
     return built
 
@@ -334,8 +354,6 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
     logs = os.path.join(model_dir, "logs")
     first, last = cfg.profile_steps
     out = [
-        # First, so that when a later callback (or a kill) stops the run the epoch is already saved.
-        backup.AtomicBackupAndRestore(os.path.join(model_dir, "backup")),
         keras.callbacks.TerminateOnNaN(),
         cbs.TerminateOnNonFiniteVal(),
         cbs.HistoryCSV(os.path.join(model_dir, "history.csv")),
@@ -350,21 +368,18 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
         )
     if cfg.image_grids:
         out.append(cbs.ImageGrids(next(iter(train_ds)), logs))
+    # Last of the run's own: the backup of an epoch exists only once its history row and best
+    # checkpoint do, so a kill before it redoes the epoch (a backup written first resumed after
+    # an epoch that a kill had kept out of history.csv). A callback that stops the run (NaN)
+    # only flags it: the epoch's callbacks all run.
+    out.append(backup.AtomicBackupAndRestore(os.path.join(model_dir, "backup")))
     return out
 
 
-def _log(line: str) -> None:
-    _LOG.info(line)
-
-
 def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -> TrainResult:
+    # A diverged run is reported by the caller, from the result (the binary's error line).
     net, best, diverged = divergence.kept_network(model_dir, net, has_val)
-    if diverged is not None:
-        _LOG.warning(
-            f"the training diverged in epoch {diverged} (NaN/inf loss or val metrics); keeping "
-            "the best network before it"
-        )
-    stats = domain.fit_ood(cfg, net, info.num_classes, has_val, log=_log)
+    stats = domain.fit_ood(cfg, net, info.num_classes, has_val, log=_LOG.info)
     if stats is not None:
         stats.save(model_dir)
     model_path = os.path.join(model_dir, MODEL_FILE)

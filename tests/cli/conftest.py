@@ -1,7 +1,8 @@
 """Runs trained once per test session for the CLI tests: teacher, baseline x2, student x2."""
 
 import pytest
-from cli_helpers import train_run
+
+from .cli_helpers import train_run
 
 
 @pytest.fixture(scope="session")

@@ -10,25 +10,33 @@ experiment.json unchanged, so the experiment resumes).
 import ast
 import dataclasses
 import json
-import pathlib
 
 import pytest
+from support import REPO
 
 from kd_histo.cli import convert as convert_cli
 from kd_histo.cli import cost as cost_cli
 from kd_histo.cli import demo as demo_cli
 from kd_histo.cli import evaluate as evaluate_cli
 from kd_histo.cli import experiment as experiment_cli
+from kd_histo.cli import export as export_cli
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import predict as predict_cli
 from kd_histo.cli import train as train_cli
 from kd_histo.data.pipeline import PipelineConfig
-from kd_histo.models import ModelConfig
 from kd_histo.protocol.plan import ExperimentConfig
 from kd_histo.training.config import DistillConfig, NetConfig, OptimConfig, RunConfig
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-BINARIES = [convert_cli, train_cli, evaluate_cli, cost_cli, predict_cli, experiment_cli, demo_cli]
+BINARIES = [
+    convert_cli,
+    train_cli,
+    evaluate_cli,
+    cost_cli,
+    predict_cli,
+    experiment_cli,
+    demo_cli,
+    export_cli,
+]
 
 # Fields of the binaries' configs that are no flag: set by code (the protocol, the library's
 # callers), with the reason. A new field must be added either as a flag or here.
@@ -43,22 +51,10 @@ NOT_FLAGS = {
         "seed",
     },  # = the run's --seed (RunConfig.seed)
     "RunConfig": {"data", "net", "distill", "optim", "stain", "image_grids"},
-    "NetConfig": {"kwargs"},  # --stem and --norm (ModelConfig's fields)
-    "ModelConfig": {
-        "arch",
-        "num_classes",
-        "mean",
-        "std",
-        "planes",
-        "blocks",
-        "groups",
-        "width_scale",
-        "weights",
-        "name",
-        "stain_reference",
-    },  # from the data set and NetConfig; the stain reference is fitted (StainConfig)
+    "NetConfig": {"blocks", "groups", "width_scale"},
     "DistillConfig": set(),
     "OptimConfig": {"clipnorm"},
+    "ExportConfig": set(),
     "StainConfig": {"reference_tiles"},
     "ExperimentConfig": {"base", "cost_repeats"},
     "EvalConfig": {"seed"},
@@ -147,7 +143,7 @@ def test_every_flag_is_a_config_field_or_a_binarys_own():
 
 
 def test_no_binary_defines_a_flag_by_hand():
-    for path in (ROOT / "kd_histo" / "cli").glob("*.py"):
+    for path in (REPO / "kd_histo" / "cli").glob("*.py"):
         calls = [
             n
             for n in ast.walk(ast.parse(path.read_text()))
@@ -171,20 +167,17 @@ def parsed():
 
 def test_unset_flags_make_the_config_defaults(parsed):
     parsed("kd-histo-train", ["--mode=teacher", "--data_dir=d", "--model_dir=m"])
-    model = ModelConfig()
     assert train_cli.config_from_flags() == RunConfig(
         mode="teacher",
         model_dir="m",
         data=PipelineConfig("d"),
-        net=NetConfig(kwargs=(("stem", model.stem), ("norm", model.norm))),
+        net=NetConfig(),
     )
     parsed(
         "kd-histo-train",
         ["--mode=teacher", "--data_dir=d", "--model_dir=m", "--arch=resnet18", "--norm=batch"],
     )
-    assert train_cli.config_from_flags().net == NetConfig(
-        arch="resnet18", kwargs=(("norm", "batch"),)
-    )
+    assert train_cli.config_from_flags().net == NetConfig(arch="resnet18", norm="batch")
 
 
 def test_list_enum_and_bool_flags_parse_as_before(parsed, capsys):
@@ -247,7 +240,8 @@ def _lc25000_expected() -> ExperimentConfig:
         net=NetConfig(
             arch="resnet_gn",
             planes=(16, 32, 64, 128),
-            kwargs=(("stem", "small"), ("norm", "group")),
+            stem="small",
+            norm="group",
         ),
         distill=DistillConfig(
             teacher="",
@@ -303,7 +297,7 @@ def _lc25000_expected() -> ExperimentConfig:
 
 
 def test_the_lc25000_experiment_flags_make_the_same_configs(parsed, monkeypatch):
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO)
     parsed("kd-histo-experiment", ["--flagfile=flags/lc25000/experiment.flags"])
     got, want = experiment_cli.config_from_flags(), _lc25000_expected()
     assert got == want
@@ -315,19 +309,53 @@ def test_the_lc25000_experiment_flags_make_the_same_configs(parsed, monkeypatch)
 def test_the_committed_run_configs_read_back():
     """Every run config committed under results/ (each run's config.json, each experiment's base)
     still reads as a RunConfig: a setting removed from the code is removed from them too."""
-    paths = sorted(ROOT.glob("results/*/bundle/runs/*/*/config.json"))
+    paths = sorted(REPO.glob("results/*/bundle/runs/*/*/config.json"))
     assert len(paths) > 50
     for path in paths:
         RunConfig.from_dict(json.loads(path.read_text()))
-    for path in sorted(ROOT.glob("results/*/bundle/experiment.json")):
+    for path in sorted(REPO.glob("results/*/bundle/experiment.json")):
         RunConfig.from_dict(json.loads(path.read_text())["base"])
+
+
+@pytest.mark.parametrize(
+    "flagfile",
+    sorted(
+        p.name
+        for p in (REPO / "flags" / "lc25000").glob("*.flags")
+        if "--results_dir=" in p.read_text()
+    ),
+)
+def test_the_committed_bundles_are_the_experiments_their_flagfiles_run(
+    flagfile, parsed, monkeypatch
+):
+    """A fresh checkout's kd-histo-experiment imports a committed bundle's seeds only when the
+    bundle's experiment.json has the settings the flagfile makes now (the runner's own check), and
+    each committed run trained with the experiment's network, optimizer, stain settings..."""
+    from kd_histo.protocol import experiment
+
+    monkeypatch.chdir(REPO)
+    parsed("kd-histo-experiment", [f"--flagfile=flags/lc25000/{flagfile}"])
+    cfg = experiment_cli.config_from_flags()
+    bundle = REPO / cfg.results_dir / "bundle"
+    if not bundle.is_dir():
+        pytest.skip(f"{cfg.results_dir} holds no bundle")
+    # the shards are not in the checkout: compare the settings, not the data set
+    monkeypatch.setattr(experiment, "_data_identity", lambda path: {})
+    experiment._check_same_experiment(cfg, str(bundle))
+    per_run = {"mode", "model_dir", "data", "distill", "seed", "epochs", "verbose"}
+    base = {k: v for k, v in json.loads(cfg.base.to_json()).items() if k not in per_run}
+    runs = sorted(bundle.glob("runs/*/*/config.json"))
+    assert runs
+    for path in runs:
+        run = json.loads(path.read_text())
+        assert {k: v for k, v in run.items() if k not in per_run} == base, path
 
 
 def test_the_demo_trains_what_its_flagfile_says(monkeypatch):
     """kd-histo-demo reads flags/demo/common.flags, as the single kd-histo-train steps do."""
     from kd_histo.protocol import demo
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO)
     base = train_cli.config_from_flagfile(
         demo_cli.COMMON_FLAGS, "--data_dir=out/data", "--mode=teacher", "--model_dir=out/runs"
     )
@@ -338,9 +366,7 @@ def test_the_demo_trains_what_its_flagfile_says(monkeypatch):
         data=PipelineConfig(
             data_dir="out/data", batch_size=16, augment="flips", seed=0, shuffle_buffer=1024
         ),
-        net=NetConfig(
-            arch="resnet_gn", planes=(8, 16, 32, 64), kwargs=(("stem", "small"), ("norm", "group"))
-        ),
+        net=NetConfig(arch="resnet_gn", planes=(8, 16, 32, 64), stem="small", norm="group"),
         optim=OptimConfig(name="adam", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine"),
         distill=DistillConfig(teacher_cache="auto"),
         epochs=12,

@@ -7,13 +7,12 @@ import subprocess
 import sys
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from support import REPO
 
 
 def _console_scripts() -> dict[str, str]:
     cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg")
+    cfg.read(REPO / "setup.cfg")
     lines = cfg["options.entry_points"]["console_scripts"].strip().splitlines()
     return dict(tuple(part.strip() for part in line.split("=")) for line in lines)
 
@@ -27,6 +26,7 @@ OWN_FLAG = {
     "kd-histo-predict": "--[no]heatmap",
     "kd-histo-experiment": "--unlabeled_fractions",
     "kd-histo-demo": "--out_dir",
+    "kd-histo-export": "--quantize",
 }
 
 

@@ -6,7 +6,8 @@ import os
 
 import numpy as np
 import pytest
-from cli_helpers import invoke
+
+from .cli_helpers import invoke
 
 
 def test_evaluate_writes_the_four_files(runs, capsys):

@@ -1,7 +1,6 @@
 """kd-histo-experiment and kd-histo-demo: flags -> configs, refusals, the smoke demo end to end."""
 
 import json
-import pathlib
 
 import pytest
 
@@ -9,8 +8,6 @@ from kd_histo.cli import demo as demo_cli
 from kd_histo.cli import experiment as experiment_cli
 from kd_histo.cli import flags_common as fc
 from kd_histo.protocol import demo
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _experiment_config(*argv):

@@ -1,36 +1,40 @@
 """Every flagfile in flags/ parses into a valid RunConfig with the paper's settings."""
 
-import pathlib
+import dataclasses
 
 import pytest
-from cli_helpers import BINARIES
+from support import REPO
 
 from kd_histo.cli import flags_common as fc
 from kd_histo.protocol import plan as plan_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-ALL = sorted((ROOT / "flags").rglob("*.flags"))
+from .cli_helpers import BINARIES
+
+ALL = sorted((REPO / "flags").rglob("*.flags"))
 ABLATIONS = [
     p for p in ALL if p.name.startswith("ablation_")
 ]  # kd-histo-experiment, a main run's ablation
 EXPERIMENTS = [p for p in ALL if p.name == "experiment.flags"]  # kd-histo-experiment
+ENSEMBLES = [p for p in ALL if p.name == "ensemble.flags"]  # kd-histo-experiment, new rows only
 COMPARISONS = [p for p in ALL if p.name.startswith("compare_")]  # tools/compare_runs.py
 FLAGFILES = [
-    p for p in ALL if p.name != "common.flags" and p not in EXPERIMENTS + ABLATIONS + COMPARISONS
+    p
+    for p in ALL
+    if p.name != "common.flags" and p not in EXPERIMENTS + ABLATIONS + ENSEMBLES + COMPARISONS
 ]  # kd-histo-train
 
 
 def _config(flagfile):
     fc.FLAGS.unparse_flags()
     try:
-        fc.FLAGS(["kd-histo-train", f"--flagfile={flagfile.relative_to(ROOT)}"])
+        fc.FLAGS(["kd-histo-train", f"--flagfile={flagfile.relative_to(REPO)}"])
         return BINARIES["train"].config_from_flags()
     finally:
         fc.FLAGS.unparse_flags()
 
 
 def test_the_issue_asks_for_these_flagfiles():
-    names = {str(p.relative_to(ROOT / "flags")) for p in FLAGFILES}
+    names = {str(p.relative_to(REPO / "flags")) for p in FLAGFILES}
     want = {
         f"{d}/{n}.flags"
         for d in ("demo", "tiles")
@@ -49,7 +53,7 @@ def test_the_issue_asks_for_these_flagfiles():
 
 @pytest.mark.parametrize("flagfile", FLAGFILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_flagfile_resolves(flagfile, monkeypatch):
-    monkeypatch.chdir(ROOT)  # nested --flagfile paths are relative to the repository root
+    monkeypatch.chdir(REPO)  # nested --flagfile paths are relative to the repository root
     cfg = _config(flagfile)
     assert (
         cfg.optim.name == "adam"
@@ -76,10 +80,10 @@ def test_experiment_flagfile_resolves(flagfile, monkeypatch, tmp_path):
     """An experiment flagfile gives the paper's protocol; its data folders need not exist yet."""
     from kd_histo.cli import experiment as experiment_cli
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO)
     fc.FLAGS.unparse_flags()
     try:
-        fc.FLAGS(["kd-histo-experiment", f"--flagfile={flagfile.relative_to(ROOT)}"])
+        fc.FLAGS(["kd-histo-experiment", f"--flagfile={flagfile.relative_to(REPO)}"])
         assert not any(fc.FLAGS[n].present for n in experiment_cli.PER_RUN)
         assert fc.FLAGS.data_dir and fc.FLAGS.out_dir and fc.FLAGS.factors == ["2", "4", "8"]
         assert (
@@ -90,7 +94,7 @@ def test_experiment_flagfile_resolves(flagfile, monkeypatch, tmp_path):
         assert fc.FLAGS.feature_mode == "maxpool+bicubic" and fc.FLAGS.ce_weight == 0
         text = flagfile.read_text()
         assert (
-            f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in text
+            f"kd-histo-experiment --flagfile={flagfile.relative_to(REPO)}" in text
         )  # says how to run it
     finally:
         fc.FLAGS.unparse_flags()
@@ -101,7 +105,7 @@ def _experiment_config(path):
 
     fc.FLAGS.unparse_flags()
     try:
-        fc.FLAGS(["kd-histo-experiment", f"--flagfile={path.relative_to(ROOT)}"])
+        fc.FLAGS(["kd-histo-experiment", f"--flagfile={path.relative_to(REPO)}"])
         return experiment_cli.config_from_flags()
     finally:
         fc.FLAGS.unparse_flags()
@@ -116,7 +120,7 @@ def test_ablation_flagfile_changes_one_schedule_and_trains_its_own_teachers(flag
     teachers, so it resumes in any checkout: the main run's teachers are not committed."""
     import dataclasses
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO)
     main, abl = (
         _experiment_config(flagfile.parent / "experiment.flags"),
         _experiment_config(flagfile),
@@ -154,7 +158,7 @@ def test_ablation_flagfile_changes_one_schedule_and_trains_its_own_teachers(flag
     assert set(abl.factors) <= set(main.factors) and set(abl.unlabeled_fractions) <= set(
         main.unlabeled_fractions
     )
-    assert f"kd-histo-experiment --flagfile={flagfile.relative_to(ROOT)}" in flagfile.read_text()
+    assert f"kd-histo-experiment --flagfile={flagfile.relative_to(REPO)}" in flagfile.read_text()
 
 
 @pytest.mark.parametrize("flagfile", COMPARISONS, ids=lambda p: p.stem)
@@ -165,7 +169,7 @@ def test_comparison_flagfile_names_runs_its_experiments_make(flagfile, monkeypat
     training. Each run of the ablation is paired with the main run at every factor."""
     from kd_histo.protocol.compare import RunRef
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO)
     grids = {}
     for path in [p for p in EXPERIMENTS + ABLATIONS if p.parent == flagfile.parent]:
         cfg = _experiment_config(path)
@@ -184,6 +188,22 @@ def test_comparison_flagfile_names_runs_its_experiments_make(flagfile, monkeypat
         if cfg.results_dir.endswith(flagfile.stem.removeprefix("compare_")):
             assert names <= {r.run for r in refs if r.experiment == cfg.results_dir}, names
     assert (
-        f"python tools/compare_runs.py --flagfile={flagfile.relative_to(ROOT)}"
+        f"python tools/compare_runs.py --flagfile={flagfile.relative_to(REPO)}"
         in flagfile.read_text()
     )
+
+
+@pytest.mark.parametrize("flagfile", ENSEMBLES, ids=lambda p: p.parent.name)
+def test_ensemble_flagfile_trains_only_the_ensemble_students(flagfile, monkeypatch, tmp_path):
+    """The ensemble row borrows its experiment's teachers (every seed's) and trains nothing else:
+    each planned run is the experiment's teacher or a student of the ensemble of all of them."""
+    monkeypatch.chdir(REPO)
+    cfg = _experiment_config(flagfile)
+    main = _experiment_config(flagfile.parent / "experiment.flags")
+    assert cfg.teachers_from == main.out_dir and cfg.seeds == main.seeds
+    assert cfg.base == dataclasses.replace(main.base, model_dir=cfg.base.model_dir)
+    names = plan_lib.run_names(cfg)
+    assert {n for n in names if n != "teacher"} == {
+        f"student_ens_x{f:g}_unl100" for f in cfg.factors
+    }
+    assert f"kd-histo-experiment --flagfile={flagfile.relative_to(REPO)}" in flagfile.read_text()

@@ -2,20 +2,17 @@
 
 import csv
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 import tifffile
-from cli_helpers import invoke
+from convert.pyramid_tiff import write_pyramid_tiff
 from PIL import Image
 
 from kd_histo.data import synthetic
 from kd_histo.evaluation import cascade, slide_reader
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: the slide writer
-from convert.pyramid_tiff import write_pyramid_tiff  # noqa: E402
+from .cli_helpers import invoke
 
 
 def _slide(path, levels):

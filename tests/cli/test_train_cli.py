@@ -4,7 +4,8 @@ import json
 import os
 
 import pytest
-from cli_helpers import copy_data, invoke, train_run
+
+from .cli_helpers import copy_data, invoke, train_run
 
 
 def test_run_folders_hold_the_contract_files(runs):
@@ -177,9 +178,9 @@ def test_finished_run_is_not_overwritten(runs, capsys):
 
 
 def test_smoke_flag_shrinks_the_config(tiny_shards, tmp_path):
-    from cli_helpers import BINARIES
-
     from kd_histo.cli import flags_common as fc
+
+    from .cli_helpers import BINARIES
 
     module = BINARIES["train"]
     fc.FLAGS.unparse_flags()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import shapely
 from PIL import Image, ImageDraw
+from support import REPO
 
 from kd_histo import schema
 from kd_histo.convert import ConversionError, ConvertConfig, EncodeOptions, convert, regions
@@ -25,7 +26,6 @@ from kd_histo.data import synthetic
 from .helpers import read_split
 from .pyramid_tiff import write_pyramid_tiff
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIDE, TILE, MPP = 512, 32, 0.25  # level-0 px, tile side (tile_px at target_mpp = MPP), µm/px
 SS = 4  # supersampling of the reference raster
 

@@ -1,6 +1,7 @@
 """End to end: round trip, counts and skips, resume after kill -9, locks, tasks + merge, the CLI."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from support import small_units_command, small_units_config
+from support import REPO, small_units_command, small_units_config
 
 from kd_histo import schema
 from kd_histo.convert import ConversionError, ConvertConfig, EncodeOptions, convert, merge, run_task
@@ -17,8 +18,6 @@ from kd_histo.convert.writer import DirLock
 from kd_histo.data import synthetic
 
 from .helpers import check_split_counts, decode, random_rgb, read_split, shard_bytes, write_image
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -305,11 +304,15 @@ def test_flags_become_the_config(tmp_path):
         flags.FLAGS.unparse_flags()
 
 
-def test_progress_bar_shows_rate_and_eta(tile_folder, tmp_path, capsys):
+def test_progress_shows_rate_and_eta(tile_folder, tmp_path, capsys, caplog, monkeypatch):
+    """Off a terminal (pytest's capture) the progress is plain lines, never a ``\r``."""
     manifest, _ = tile_folder
+    monkeypatch.delenv("KD_HISTO_PROGRESS", raising=False)
+    caplog.set_level(logging.INFO, logger="kd_histo.progress")
     convert(_cfg(tmp_path, manifest=manifest, unit_size=4, progress=True))
-    err = capsys.readouterr().err
-    assert "16/16 tiles (100%)" in err and "tiles/s ETA 0:00" in err
+    said = [r.getMessage() for r in caplog.records if r.name == "kd_histo.progress"]
+    assert said[-1].startswith("converting: 16/16 tiles (100%), ") and " tiles/s, " in said[-1]
+    assert said[-1].endswith("ETA 00:00") and "\r" not in capsys.readouterr().err
     with pytest.raises(ConversionError, match="jpeg_quality"):
         convert(
             _cfg(

@@ -1,6 +1,7 @@
 """Listing inputs: manifests (labels, ids, splits, root confinement) and class folders."""
 
 import pytest
+from support import REPO
 
 from kd_histo.convert import manifest
 from kd_histo.convert.manifest import ManifestError
@@ -101,12 +102,11 @@ def test_write_manifest_of_two_folders_round_trips_with_their_splits(tmp_path):
 
 
 def test_make_manifest_tool_runs(tmp_path):
-    import os
     import subprocess
     import sys
 
     write_image(tmp_path / "set" / "A" / "1.png", random_rgb(0))
-    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "make_manifest.py")
+    tool = str(REPO / "tools" / "make_manifest.py")
     ok = subprocess.run(
         [
             sys.executable,

@@ -5,9 +5,10 @@ import functools
 import numpy as np
 import pytest
 import tensorflow as tf
-from data_helpers import eager_and_in_tfdata, random_tile
 
 from kd_histo.data import augment
+
+from .data_helpers import eager_and_in_tfdata, random_tile
 
 GRAY = np.array([0.2989, 0.5870, 0.1140], np.float32)  # tf.image.rgb_to_grayscale weights
 

@@ -6,13 +6,21 @@ import numpy as np
 import pytest
 
 from kd_histo import schema
-from kd_histo.data.pipeline import PipelineConfig, epoch_examples, make_dataset, steps_per_epoch
+from kd_histo.data.pipeline import (
+    PipelineConfig,
+    epoch_examples,
+    make_dataset,
+    steps_per_epoch,
+    training_stream,
+)
 
 
 def _batches(cfg, split="train", training=True, epochs=1):
+    """The batches of epochs 0 .. epochs - 1 (of one pass when not training)."""
     return [
         {k: v.numpy() for k, v in b.items()}
-        for b in make_dataset(cfg, split, training).repeat(epochs)
+        for e in range(epochs if training else 1)
+        for b in make_dataset(cfg, split, training, epoch=e)
     ]
 
 
@@ -41,6 +49,46 @@ def test_epochs_differ_but_the_run_repeats(tiny_shards):
     assert not np.allclose(two[0]["hr"], two[half]["hr"])  # new shuffle and new augmentation
     again = _batches(cfg, epochs=2)
     np.testing.assert_array_equal(two[half]["hr"], again[half]["hr"])
+
+
+def _hr(ds, n):
+    return [b["hr"].numpy() for b in ds.take(n)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"augment": "paper+hed"}, {"unlabeled_ratio": 0.5}, {"class_balanced": True, "cache": True}],
+)
+def test_an_epoch_is_a_pure_function_of_the_seed_and_its_number(tiny_shards, options):
+    """What makes a resumed run exact (issue 31, case 8): the stream started at epoch 2 is the
+    uninterrupted stream's epochs 2 and 3, whatever the process's global seed and however often
+    an epoch is read, and each epoch draws anew."""
+    import tensorflow as tf
+
+    cfg = PipelineConfig(tiny_shards, batch_size=4, seed=7, **options)
+    steps = steps_per_epoch(cfg)
+    tf.random.set_seed(0)
+    run = _hr(training_stream(cfg, steps=steps), 4 * steps)
+    tf.random.set_seed(1234)
+    resumed = _hr(training_stream(cfg, steps=steps, first_epoch=2), 2 * steps)
+    for a, b in zip(run[2 * steps :], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    third = _hr(make_dataset(cfg, epoch=3).repeat(2), 2 * steps)
+    for a, b in zip(run[3 * steps :] * 2, third, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(run[0], run[steps])  # epoch 1 is not epoch 0 again
+
+
+def test_a_stream_of_other_step_counts_takes_that_many_batches_an_epoch(tiny_shards):
+    cfg = PipelineConfig(tiny_shards, batch_size=4, seed=2, augment="flips")
+    assert steps_per_epoch(cfg) == 4
+    for steps in (2, 6):
+        run = _hr(training_stream(cfg, steps=steps), 3 * steps)
+        resumed = _hr(training_stream(cfg, steps=steps, first_epoch=1), 2 * steps)
+        for a, b in zip(run[steps:], resumed, strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        training_stream(cfg, steps=0)
 
 
 def test_unlabeled_examples_carry_minus_one(tiny_shards):

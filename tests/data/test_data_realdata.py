@@ -5,11 +5,12 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from data_helpers import block_mean
 
 from kd_histo import schema
 from kd_histo.data import stain
 from kd_histo.data.pipeline import PipelineConfig, make_dataset
+
+from .data_helpers import block_mean
 
 pytestmark = pytest.mark.realdata
 

@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from data_helpers import eager_and_in_tfdata, random_tile
 
 from kd_histo.data import stain
+
+from .data_helpers import eager_and_in_tfdata, random_tile
 
 
 def _np_rgb_to_hed(rgb):

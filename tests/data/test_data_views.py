@@ -5,11 +5,12 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from data_helpers import block_mean
 
 from kd_histo import schema
 from kd_histo.data import views
 from kd_histo.data.pipeline import PipelineConfig, make_dataset
+
+from .data_helpers import block_mean
 
 
 def _first(cfg, split="train", training=True):
@@ -150,3 +151,19 @@ def test_pyramid_without_stored_lr_is_a_clear_error(tiny_shards):
 def test_hr_larger_than_tile_is_a_clear_error(tiny_shards):
     with pytest.raises(ValueError, match="hr_px"):
         make_dataset(PipelineConfig(tiny_shards, hr_px=64))
+
+
+@pytest.mark.parametrize(
+    "shape,size", [((2, 32, 32, 3), 4), ((24, 24, 3), 8), ((2, 112, 112, 3), 14)]
+)
+def test_resize_portable_is_resize(shape, size):
+    # The exported TFLite graph's area resize (average pooling) gives resize()'s numbers, and the
+    # NumPy block mean; a factor that does not divide the side falls back to resize() itself.
+    x = tf.constant(np.random.default_rng(0).random(shape, np.float32))
+    got = views.resize_portable(x, size).numpy()
+    np.testing.assert_allclose(got, views.resize(x, size).numpy(), atol=1e-6)
+    np.testing.assert_allclose(got, block_mean(x.numpy(), shape[-2] // size), atol=1e-6)
+    odd = views.resize_portable(x, size + 1).numpy()
+    np.testing.assert_array_equal(odd, views.resize(x, size + 1).numpy())
+    bicubic = views.resize_portable(x, size, "bicubic").numpy()
+    np.testing.assert_array_equal(bicubic, views.resize(x, size, "bicubic").numpy())

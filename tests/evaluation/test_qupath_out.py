@@ -120,3 +120,17 @@ def test_probability_tiff_levels_stop_when_small(tmp_path):
     qupath_out.write_probability_tiff(path, grid, coords, probs, NAMES)
     with tifffile.TiffFile(path) as tif:
         assert [lv.shape for lv in tif.series[0].levels] == [(3, 3, 5)]
+
+
+def test_probability_tiff_is_the_same_bytes_for_the_same_tiles(tmp_path):
+    # a rerun, a resumed run and the tasks of a job array must write the same file; the OME UUID
+    # tifffile makes by default is time-based
+    coords, probs = _tiles(rows=3, cols=5, size=8)
+    grid = qupath_out.SlideGrid("s.tif", 8, 0.5, 40, 24)
+    a, b, c = (str(tmp_path / f"{k}.ome.tif") for k in "abc")
+    qupath_out.write_probability_tiff(a, grid, coords, probs, NAMES)
+    qupath_out.write_probability_tiff(b, grid, coords, probs, NAMES)
+    assert open(a, "rb").read() == open(b, "rb").read()
+    qupath_out.write_probability_tiff(c, grid, coords, probs[:, ::-1].copy(), NAMES)
+    uuids = [ET.fromstring(tifffile.TiffFile(p).ome_metadata).get("UUID") for p in (a, c)]
+    assert uuids[0] != uuids[1]  # other content, another file's UUID

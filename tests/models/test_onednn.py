@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -22,12 +21,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import REPO
 from tensorflow.python.util import _pywrap_util_port
 
 from kd_histo.models import build_model
 from kd_histo.models.resnet_gn import projection_conv
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 MEAN, STD = [0.6, 0.5, 0.7], [0.2, 0.25, 0.15]
 DEMO_NET = dict(planes=(8, 16, 32, 64), stem="small")  # flags/demo/common.flags
 
@@ -36,7 +35,7 @@ def _python(code: str, onednn: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run(
         [sys.executable, "-c", code, *args],
-        cwd=ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
@@ -166,7 +165,7 @@ def test_binaries_turn_onednn_on_unless_the_user_set_it(preset, expected):
         env["TF_ENABLE_ONEDNN_OPTS"] = preset
     code = "import os, kd_histo.cli.flags_common; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == expected

@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
+import time
 import zlib
 
 import numpy as np
 from PIL import Image
+from support import REPO
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.training.config import NetConfig, RunConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
+# The tiny run of the binaries' tests as kd-histo-train flags (TINY_NET, 1 epoch of 2 steps);
+# a later --epochs=N in the same argv wins.
+TINY_FLAGS = [
+    "--planes=4,8,8,16",
+    "--stem=small",
+    "--batch_size=4",
+    "--epochs=1",
+    "--steps_per_epoch=2",
+    "--val_steps=1",
+    "--profile_steps=0,0",
+    "--verbose=0",
+]
+TINY_NET = NetConfig(planes=(4, 8, 8, 16), stem="small")
 # A binary run as a child process: the checkout's kd_histo, without TF's C++ import chatter.
-CHILD_ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def tiny_config(data_dir, model_dir, mode: str = "teacher", **kw) -> RunConfig:
@@ -46,10 +60,12 @@ def encoded(arr: np.ndarray, fmt: str, **save_kwargs) -> bytes:
 
 
 def write_class_tree(root, per_class: int, px: int, seed: int) -> None:
-    """PNG tiles ``<root>/{a,b}/t<i>.png`` (random RGB; tile i of class c: seed + i + ord(c))."""
+    """PNG tiles ``<root>/{a,b}/t<i>.png`` (random RGB; tile i of class c: seed + i + 1000 *
+    ord(c), so no tile of one class is a copy of the other's: convert refuses those)."""
     for c in ("a", "b"):
         for i in range(per_class):
-            write(os.path.join(root, c, f"t{i}.png"), encoded(rgb(seed + i + ord(c), px), "PNG"))
+            seeded = rgb(seed + i + 1000 * ord(c), px)
+            write(os.path.join(root, c, f"t{i}.png"), encoded(seeded, "PNG"))
 
 
 def write(path, data: bytes) -> str:
@@ -97,3 +113,30 @@ def giant_tiff(width: int, height: int) -> bytes:
             value = width if tag == 256 else height
             data[at + 2 : at + 12] = struct.pack("<HII", 4, 1, value)
     return bytes(data)
+
+
+def last_error_line(err: str, prog: str) -> str:
+    """The one error line of a binary's stderr, last; the lines before it are the binary's own
+    notes (each prefixed ``prog: ``), never a traceback."""
+    lines = err.strip().splitlines()
+    assert lines and all(line.startswith(f"{prog}: ") for line in lines), err[-3000:]
+    errors = [line for line in lines if line.startswith(f"{prog}: error:")]
+    assert errors == [lines[-1]], err[-3000:]
+    return lines[-1]
+
+
+def wait_for_report(path, key, proc, timeout=120) -> dict:
+    """The JSON report a child process writes at ``path`` (train_child.py), once it holds
+    ``key``; fails with the child's stderr when the child ends first, or after ``timeout`` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            if key in state:
+                return state
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the child ended (rc {proc.returncode}) first:\n{err[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {key!r} in {path} after {timeout}s")

@@ -17,26 +17,9 @@ from kd_histo.cli import train as train_cli
 from kd_histo.models import build_model
 from kd_histo.training import callbacks
 
+from .helpers import TINY_FLAGS, last_error_line
+
 pytestmark = pytest.mark.reliability
-
-TINY = [
-    "--planes=4,8,8,16",
-    "--stem=small",
-    "--batch_size=4",
-    "--steps_per_epoch=2",
-    "--val_steps=1",
-    "--profile_steps=0,0",
-    "--verbose=0",
-]
-
-
-def _one_line(err: str, prog: str) -> str:
-    """The one error line, last; lines before it are the binary's own notes (prefixed)."""
-    lines = err.strip().splitlines()
-    assert lines and all(line.startswith(f"{prog}: ") for line in lines), err
-    errors = [line for line in lines if line.startswith(f"{prog}: error:")]
-    assert errors == [lines[-1]], err
-    return lines[-1]
 
 
 def test_a_run_whose_val_loss_is_nan_from_epoch_0_exits_1_and_keeps_no_model(
@@ -45,7 +28,7 @@ def test_a_run_whose_val_loss_is_nan_from_epoch_0_exits_1_and_keeps_no_model(
     """The issue's reproduction: lr 1e12 makes epoch 0's train loss finite (huge) but its val loss
     NaN; that epoch must not become the "best", and the run must not end as a success."""
     model_dir = tmp_path / "m"
-    argv = ["--mode=teacher", f"--data_dir={tiny_shards}", f"--model_dir={model_dir}", *TINY]
+    argv = ["--mode=teacher", f"--data_dir={tiny_shards}", f"--model_dir={model_dir}", *TINY_FLAGS]
     code = fc.invoke(
         train_cli.PROG,
         train_cli.main,
@@ -56,7 +39,7 @@ def test_a_run_whose_val_loss_is_nan_from_epoch_0_exits_1_and_keeps_no_model(
         first = f.read().splitlines()[1]
     assert "nan" in first  # the reproduction holds: epoch 0 already has a NaN val metric
     assert code == 1, (out, err)
-    line = _one_line(err, train_cli.PROG)
+    line = last_error_line(err, train_cli.PROG)
     assert "diverged" in line and "learning_rate" in line
     assert not (model_dir / "checkpoints" / "best.keras").exists()
     assert not (model_dir / "model.keras").exists()
@@ -67,7 +50,7 @@ def test_a_run_that_diverges_after_a_good_epoch_keeps_it_but_exits_1(tiny_shards
     """lr 1e6: epoch 0 finite, later epochs NaN; the finite epoch is kept as model.keras, with
     finite weights, and the exit status still says the run diverged."""
     model_dir = tmp_path / "m"
-    argv = ["--mode=teacher", f"--data_dir={tiny_shards}", f"--model_dir={model_dir}", *TINY]
+    argv = ["--mode=teacher", f"--data_dir={tiny_shards}", f"--model_dir={model_dir}", *TINY_FLAGS]
     code = fc.invoke(
         train_cli.PROG,
         train_cli.main,
@@ -75,8 +58,9 @@ def test_a_run_that_diverges_after_a_good_epoch_keeps_it_but_exits_1(tiny_shards
     )
     _, err = capsys.readouterr()
     assert code == 1
-    line = _one_line(err, train_cli.PROG)
+    line = last_error_line(err, train_cli.PROG)
     assert "diverged" in line and "epoch" in line
+    assert err.count("diverged") == 1, err  # said once, in the error line
     net = keras.saving.load_model(str(model_dir / "model.keras"), safe_mode=True)
     assert all(np.isfinite(w.numpy()).all() for w in net.weights)
     with open(model_dir / "checkpoints" / "best.keras.json") as f:
@@ -109,7 +93,7 @@ def test_evaluate_refuses_a_network_with_nan_weights(teacher_run, tiny_shards, t
         [f"--model_dir={run}", f"--data_dir={tiny_shards}", "--split=test"],
     )
     assert code == 2
-    line = _one_line(capsys.readouterr().err, evaluate_cli.PROG)
+    line = last_error_line(capsys.readouterr().err, evaluate_cli.PROG)
     assert "model.keras" in line and "weight tensors hold NaN" in line
     assert not (run / "eval_test").exists()
 
@@ -130,6 +114,6 @@ def test_evaluate_refuses_a_network_whose_outputs_are_not_finite(
         [f"--model_dir={run}", f"--data_dir={tiny_shards}", "--split=test"],
     )
     assert code == 2
-    line = _one_line(capsys.readouterr().err, evaluate_cli.PROG)
+    line = last_error_line(capsys.readouterr().err, evaluate_cli.PROG)
     assert "model.keras" in line and "outputs NaN/inf" in line
     assert not (run / "eval_test").exists()

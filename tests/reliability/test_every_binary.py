@@ -17,11 +17,12 @@ from kd_histo.cli import cost as cost_cli
 from kd_histo.cli import demo as demo_cli
 from kd_histo.cli import evaluate as evaluate_cli
 from kd_histo.cli import experiment as experiment_cli
+from kd_histo.cli import export as export_cli
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import predict as predict_cli
 from kd_histo.cli import train as train_cli
 
-from .helpers import CHILD_ENV, encoded, rgb, write, write_class_tree
+from .helpers import CHILD_ENV, TINY_FLAGS, encoded, last_error_line, rgb, write, write_class_tree
 
 pytestmark = pytest.mark.reliability
 
@@ -33,17 +34,8 @@ BIN = {
     "predict": predict_cli,
     "experiment": experiment_cli,
     "demo": demo_cli,
+    "export": export_cli,
 }
-TINY = [
-    "--planes=4,8,8,16",
-    "--stem=small",
-    "--batch_size=4",
-    "--epochs=1",
-    "--steps_per_epoch=2",
-    "--val_steps=1",
-    "--profile_steps=0,0",
-    "--verbose=0",
-]
 
 
 def _run(capsys, binary, argv) -> tuple[int, str, str]:
@@ -64,7 +56,7 @@ def _argv(binary, out, data, run, tiles):
             "--progress=false",
             "--split_fractions=0.5,0.25,0.25",
         ],
-        "train": ["--mode=teacher", f"--data_dir={data}", f"--model_dir={out}", *TINY],
+        "train": ["--mode=teacher", f"--data_dir={data}", f"--model_dir={out}", *TINY_FLAGS],
         "evaluate": [f"--model_dir={run}", f"--data_dir={data}", f"--out_dir={out}", "--n_boot=5"],
         "cost": [
             f"--runs={run}",
@@ -82,9 +74,10 @@ def _argv(binary, out, data, run, tiles):
             "--nobaselines",
             "--n_boot=5",
             "--cost_batch_sizes=1",
-            *TINY,
+            *TINY_FLAGS,
         ],
         "demo": [f"--out_dir={out}", "--smoke"],
+        "export": [f"--model_dir={run}", f"--out={out}"],
     }[binary]
 
 
@@ -93,7 +86,7 @@ def tiles(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiles")
     for c in ("a", "b"):
         for i in range(4):
-            write(os.path.join(root, c, f"t{i}.png"), encoded(rgb(i + 10 * len(c)), "PNG"))
+            write(os.path.join(root, c, f"t{i}.png"), encoded(rgb(i + 10 * ord(c)), "PNG"))
     return str(root)
 
 
@@ -101,16 +94,13 @@ def _assert_one_line(code, err, prog, *words):
     """The run ends in one error line; the lines before it (a binary that had started: the
     experiment's progress) are the binary's own messages, never a traceback."""
     assert code == 2, err[-3000:]
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith(f"{prog}: error:"), err[-3000:]
-    assert all(line.startswith(f"{prog}: ") for line in lines), err[-3000:]
-    assert sum(line.startswith(f"{prog}: error:") for line in lines) == 1, err[-3000:]
-    assert all(w in lines[-1] for w in words), lines[-1]
-    return lines[-1]
+    line = last_error_line(err, prog)
+    assert all(w in line for w in words), line
+    return line
 
 
 @pytest.mark.parametrize(
-    "binary", ["convert", "train", "evaluate", "cost", "predict", "experiment", "demo"]
+    "binary", ["convert", "train", "evaluate", "cost", "predict", "experiment", "demo", "export"]
 )
 def test_out_dir_that_is_a_file(binary, tiny_shards, teacher_run, tiles, tmp_path, capsys):
     blocker = tmp_path / "taken"

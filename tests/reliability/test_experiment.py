@@ -8,18 +8,9 @@ import pytest
 from kd_histo.cli import experiment as experiment_cli
 from kd_histo.cli import flags_common as fc
 
-pytestmark = pytest.mark.reliability
+from .helpers import TINY_FLAGS
 
-TINY = [
-    "--planes=4,8,8,16",
-    "--stem=small",
-    "--batch_size=4",
-    "--epochs=1",
-    "--steps_per_epoch=2",
-    "--val_steps=1",
-    "--profile_steps=0,0",
-    "--verbose=0",
-]
+pytestmark = pytest.mark.reliability
 
 
 def test_a_factor_too_large_for_the_tile_is_refused_before_training(tiny_shards, tmp_path, capsys):
@@ -31,7 +22,7 @@ def test_a_factor_too_large_for_the_tile_is_refused_before_training(tiny_shards,
         "--unlabeled_fractions=0",
         "--n_boot=5",
         "--cost_batch_sizes=1",
-        *TINY,
+        *TINY_FLAGS,
     ]
     code = fc.invoke(experiment_cli.PROG, experiment_cli.main, argv)
     err = capsys.readouterr().err.strip()

@@ -18,18 +18,9 @@ from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.evaluation import cost
 from kd_histo.training.config import DistillConfig, OptimConfig
 
-pytestmark = pytest.mark.reliability
+from .helpers import TINY_FLAGS
 
-TINY = [
-    "--planes=4,8,8,16",
-    "--stem=small",
-    "--batch_size=4",
-    "--epochs=1",
-    "--steps_per_epoch=2",
-    "--val_steps=1",
-    "--profile_steps=0,0",
-    "--verbose=0",
-]
+pytestmark = pytest.mark.reliability
 
 
 def _one_line_error(capsys, prog: str) -> str:
@@ -54,7 +45,13 @@ def test_train_refuses_non_finite_numbers(tiny_shards, tmp_path, capsys, flag):
     code = fc.invoke(
         train_cli.PROG,
         train_cli.main,
-        ["--mode=baseline", f"--data_dir={tiny_shards}", f"--model_dir={model_dir}", *TINY, flag],
+        [
+            "--mode=baseline",
+            f"--data_dir={tiny_shards}",
+            f"--model_dir={model_dir}",
+            *TINY_FLAGS,
+            flag,
+        ],
     )
     assert code == 2
     err = _one_line_error(capsys, train_cli.PROG)

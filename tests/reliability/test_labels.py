@@ -13,21 +13,11 @@ from kd_histo.cli import convert as convert_cli
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import train as train_cli
 
-from .helpers import encoded, rgb, write
+from .helpers import TINY_FLAGS, encoded, rgb, write
 
 pytestmark = pytest.mark.reliability
 
 ARGS = ["--tile_px=16", "--num_workers=0", "--progress=false", "--split_fractions=0.5,0.25,0.25"]
-TINY = [
-    "--planes=4,8,8,16",
-    "--stem=small",
-    "--batch_size=4",
-    "--epochs=1",
-    "--steps_per_epoch=2",
-    "--val_steps=1",
-    "--profile_steps=0,0",
-    "--verbose=0",
-]
 
 
 def _convert(capsys, *argv) -> tuple[int, str]:
@@ -102,7 +92,7 @@ def test_train_refuses_a_data_set_of_one_class(tiny_shards, tmp_path, capsys):
     }
     (data / "dataset.json").write_text(json.dumps(info))
     model_dir = tmp_path / "m"
-    argv = ["--mode=teacher", f"--data_dir={data}", f"--model_dir={model_dir}", *TINY]
+    argv = ["--mode=teacher", f"--data_dir={data}", f"--model_dir={model_dir}", *TINY_FLAGS]
     code = fc.invoke(train_cli.PROG, train_cli.main, argv)
     assert code == 2
     line = _one_line(capsys.readouterr().err, train_cli.PROG)
@@ -118,7 +108,7 @@ def test_train_refuses_a_train_split_holding_one_class(tiny_shards, tmp_path, ca
     info["counts"]["train"] = {n: (sum(info["counts"]["train"].values()) if i == 0 else 0)
                                for i, n in enumerate(names)}  # fmt: skip
     (data / "dataset.json").write_text(json.dumps(info))
-    argv = ["--mode=baseline", f"--data_dir={data}", f"--model_dir={tmp_path / 'm'}", *TINY]
+    argv = ["--mode=baseline", f"--data_dir={data}", f"--model_dir={tmp_path / 'm'}", *TINY_FLAGS]
     code = fc.invoke(train_cli.PROG, train_cli.main, argv)
     assert code == 2
     line = _one_line(capsys.readouterr().err, train_cli.PROG)

@@ -15,20 +15,9 @@ from support import CONVERT
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import train as train_cli
 
-from .helpers import CHILD_ENV, write_class_tree
+from .helpers import CHILD_ENV, TINY_FLAGS, write_class_tree
 
 pytestmark = pytest.mark.reliability
-
-TINY = [
-    "--planes=4,8,8,16",
-    "--stem=small",
-    "--batch_size=4",
-    "--epochs=1",
-    "--steps_per_epoch=2",
-    "--val_steps=1",
-    "--profile_steps=0,0",
-    "--verbose=0",
-]
 
 
 def _lock(model_dir, pid):
@@ -39,7 +28,7 @@ def _lock(model_dir, pid):
 
 def test_a_second_training_into_a_locked_run_folder_is_refused(tiny_shards, tmp_path, capsys):
     model_dir = tmp_path / "run"
-    argv = ["--mode=teacher", f"--data_dir={tiny_shards}", f"--model_dir={model_dir}", *TINY]
+    argv = ["--mode=teacher", f"--data_dir={tiny_shards}", f"--model_dir={model_dir}", *TINY_FLAGS]
     holder = subprocess.Popen(["sleep", "60"])  # a live process "training" into the folder
     try:
         _lock(model_dir, holder.pid)

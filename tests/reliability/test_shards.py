@@ -4,7 +4,7 @@ shard, a dataset.json that disagrees with its shards. Each is named in the error
 
 Also proven elsewhere (marked ``reliability``): tests/data/test_data_decode.py (a truncated or
 bit-flipped TFRecord file, garbage records, a wrong tile size, in evaluation and in training) and
-tests/test_schema.py (``test_other_schema_version_is_refused``: one record, both parsers).
+tests/data/test_schema.py (``test_other_schema_version_is_refused``: one record, both parsers).
 """
 
 import json

@@ -1,11 +1,11 @@
 """Training under failure: NaN inputs, a missing or incompatible teacher, kill -9 inside an epoch,
 a full disk or a read-only run folder.
 
-Also proven elsewhere: tests/test_train.py (``test_killed_run_resumes_from_the_last_finished_
-epoch``, an in-process stop; ``test_sigkilled_binary_resumes``, the binary over 40 epochs, marked
-large), tests/cli/test_train_cli.py (``test_teacher_with_other_input_channels``, marked
-``reliability``; ``test_teacher_with_other_class_count`` and ``test_read_only_model_dir``: the
-one-line CLI errors).
+Also proven elsewhere: tests/training/test_train.py
+(``test_killed_run_resumes_from_the_last_finished_epoch``, an in-process stop;
+``test_sigkilled_binary_resumes``, the binary over 40 epochs, marked large),
+tests/cli/test_train_cli.py (``test_teacher_with_other_input_channels``, marked ``reliability``;
+``test_teacher_with_other_class_count`` and ``test_read_only_model_dir``: the one-line CLI errors).
 """
 
 import collections
@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 
 import keras
@@ -30,7 +29,7 @@ from kd_histo.training import callbacks, preflight, train
 from kd_histo.training.config import DistillConfig, RunConfig
 
 from . import train_child
-from .helpers import tiny_config
+from .helpers import tiny_config, wait_for_report
 
 pytestmark = pytest.mark.reliability
 
@@ -61,12 +60,10 @@ def test_nan_inputs_stop_training_and_the_last_good_network_survives(
     tiny_shards, tmp_path, monkeypatch, capsys
 ):
     steps = 2
-    real = train.make_dataset
+    real = train.training_stream
 
-    def poisoned(cfg, split="train", training=True):  # NaN pixels from the second epoch on
-        ds = real(cfg, split, training)
-        if not training:
-            return ds
+    def poisoned(cfg, split="train", **kw):  # NaN pixels from the second epoch on
+        ds = real(cfg, split, **kw)
 
         def poison(i, batch):
             bad = i >= steps
@@ -77,7 +74,7 @@ def test_nan_inputs_stop_training_and_the_last_good_network_survives(
 
         return ds.enumerate().map(poison)
 
-    monkeypatch.setattr(train, "make_dataset", poisoned)
+    monkeypatch.setattr(train, "training_stream", poisoned)
     seen = _WeightsAfterEpoch()
     cfg = _cfg(tiny_shards, tmp_path / "run", steps_per_epoch=steps)
     train.train(cfg, extra_callbacks=[seen])
@@ -103,18 +100,15 @@ def test_nan_without_a_val_split_saves_no_model_and_says_so(
 ):
     """No val split: no earlier network was kept, so the NaN net must not become model.keras."""
     data = tiny_shards_without("val")
-    real = train.make_dataset
+    real = train.training_stream
 
-    def all_nan(cfg, split="train", training=True):
-        ds = real(cfg, split, training)
+    def all_nan(cfg, split="train", **kw):
         nan = {"hr", "lr"}
-        return (
-            ds.map(lambda b: {k: v * math.nan if k in nan else v for k, v in b.items()})
-            if training
-            else ds
+        return real(cfg, split, **kw).map(
+            lambda b: {k: v * math.nan if k in nan else v for k, v in b.items()}
         )
 
-    monkeypatch.setattr(train, "make_dataset", all_nan)
+    monkeypatch.setattr(train, "training_stream", all_nan)
     cfg = _cfg(data, tmp_path / "run", allow_no_val=True)
     with pytest.raises(
         train.TrainingError,
@@ -227,21 +221,6 @@ def test_missing_or_incompatible_teacher_is_refused_before_anything_is_written(
     assert not (tmp_path / "run").exists()
 
 
-def _wait_for(path, key, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.exists(path):
-            with open(path) as f:
-                state = json.load(f)
-            if key in state:
-                return state
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"the child ended (rc {proc.returncode}) first:\n{err[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"no {key!r} in {path} after {timeout}s")
-
-
 def test_kill_9_inside_an_epoch_then_resume_loses_no_epoch_and_ends_at_the_same_step(
     tiny_shards, tmp_path
 ):
@@ -252,7 +231,7 @@ def test_kill_9_inside_an_epoch_then_resume_loses_no_epoch_and_ends_at_the_same_
         [*cmd, "1,1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
-        state = _wait_for(report, "hang_step", proc)
+        state = wait_for_report(report, "hang_step", proc)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate()

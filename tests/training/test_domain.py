@@ -108,7 +108,7 @@ def test_ood_threshold_is_calibrated_on_val_and_flags_an_unseen_kind_of_tile(tmp
     # Enough tiles for Gaussians of a 64-wide embedding: 40 per class to fit, 20 to calibrate.
     data = write_tiny_shards(tmp_path / "data", per_class=40, unlabeled=0)
     run = tmp_path / "teacher"
-    net = NetConfig(planes=(8, 16, 32, 64), kwargs=(("stem", "small"),))
+    net = NetConfig(planes=(8, 16, 32, 64), stem="small")
     batches = PipelineConfig(data, batch_size=8)
     train.train(_cfg(data, run, data=batches, net=net, epochs=3, steps_per_epoch=10))
     stats = ood.OODStats.load(str(run))

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from support import REPO
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.protocol import report
@@ -19,7 +20,7 @@ def _base(data_dir, **changes):
     data = PipelineConfig(data_dir, batch_size=4, shuffle_buffer=16)
     base = RunConfig(
         mode="teacher", model_dir="unused", data=data,
-        net=NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),)),
+        net=NetConfig(planes=(4, 8, 8, 16), stem="small"),
         epochs=1, steps_per_epoch=2, profile_steps=(0, 0), image_grids=False, verbose=0,
     )  # fmt: skip
     return dataclasses.replace(base, **changes)
@@ -160,6 +161,26 @@ def test_experiment_started_before_a_setting_existed_resumes(tiny_shards, tmp_pa
     experiment._check_same_experiment(cfg)  # their defaults are what it ran with
     with pytest.raises(ValueError, match=r"other settings \(student_epochs\)"):
         experiment._check_same_experiment(dataclasses.replace(cfg, student_epochs=30))
+
+
+def test_experiment_started_before_a_run_setting_existed_resumes(tiny_shards, tmp_path):
+    """A field added to a nested run config (the base's distill or stain settings) is absent
+    from an older experiment.json and the committed bundles': it had its default then."""
+    from kd_histo.protocol import experiment
+
+    cfg = _cfg(tiny_shards, tmp_path)
+    old = json.loads(json.dumps(cfg.to_dict()))
+    del old["base"]["distill"]["ensemble_features"]
+    (tmp_path / "experiment.json").write_text(json.dumps(old))
+    experiment._check_same_experiment(cfg)
+    other = dataclasses.replace(
+        cfg,
+        base=dataclasses.replace(
+            cfg.base, distill=dataclasses.replace(cfg.base.distill, ensemble_features="off")
+        ),
+    )
+    with pytest.raises(ValueError, match=r"other settings \(base.distill\)"):
+        experiment._check_same_experiment(other)
 
 
 def test_plan_without_baselines(tiny_shards, tmp_path):
@@ -591,8 +612,7 @@ def test_the_bundle_layout_is_not_git_ignored(finished, tmp_path):
 
     from kd_histo.protocol import bundle
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if shutil.which("git") is None or not os.path.exists(os.path.join(root, ".git")):
+    if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs the repository's git checkout")
     cfg, _, _ = finished
     results = tmp_path / "results"
@@ -602,7 +622,7 @@ def test_the_bundle_layout_is_not_git_ignored(finished, tmp_path):
     assert any("/runs/" in n for n in names) and len(names) > 10
     check = subprocess.run(
         ["git", "check-ignore", "--no-index", "--stdin"],
-        cwd=root,
+        cwd=REPO,
         input="\n".join(names),
         capture_output=True,
         text=True,
@@ -698,10 +718,9 @@ def test_an_evaluation_killed_mid_way_is_evaluated_again(finished, tmp_path):
     with open(os.path.join(out, "metrics.json")) as f:
         before = json.load(f)
     stalled = tmp_path / "stalled"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
         [sys.executable, "-c", _STALLED_EVALUATION, spec.model_dir, out, str(stalled)],
-        cwd=root,
+        cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
@@ -729,3 +748,31 @@ def test_an_evaluation_killed_mid_way_is_evaluated_again(finished, tmp_path):
         state = json.load(f)
     with open(os.path.join(cfg.out_dir, "state.json")) as f:
         assert state["s0/baseline_x2"]["eval_s"] != json.load(f)["s0/baseline_x2"]["eval_s"]
+
+
+def test_a_diverged_run_is_said_once_in_the_experiment_log(tmp_path, monkeypatch):
+    """The training library returns the diverged epoch without a note of its own; the runner says
+    it in its log (the binary kd-histo-train says it in its error line)."""
+    from kd_histo.protocol import experiment
+    from kd_histo.protocol.plan import RunSpec
+    from kd_histo.training import train
+
+    run = _base("unused", model_dir=str(tmp_path / "teacher"))
+    spec = RunSpec("teacher", "teacher", 1.0, 0.0, 0, run)
+    results = {
+        "fine": train.TrainResult(run.model_dir, "model.keras", {}, 1, 0.5),
+        "diverged": train.TrainResult(run.model_dir, "model.keras", {}, 3, 0.5, 1),
+    }
+    for outcome, result in results.items():
+        monkeypatch.setattr(train, "train", lambda cfg, result=result: result)
+        lines = []
+        state = experiment._State(str(tmp_path))
+        experiment._train([spec], spec, state, set(), "s0/teacher", lines.append)
+        said = [line for line in lines if "diverged" in line]
+        if outcome == "fine":
+            assert not said, lines
+        else:
+            assert said == [
+                "s0/teacher: the training diverged in epoch 1 (NaN/inf loss or val metrics); the "
+                "best network before it is kept"
+            ]

@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from support import REPO
 
 from kd_histo.protocol.compare import RunRef, compare, markdown
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TILES = 40
 
 
@@ -77,24 +77,24 @@ def test_tool_prints_and_writes_the_table(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            os.path.join(ROOT, "tools", "compare_runs.py"),
+            os.path.join(REPO, "tools", "compare_runs.py"),
             f"--pair={pair}",
             "--n_boot=200",
             f"--out={out}",
         ],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=REPO,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "| students 30 epochs, x8 |" in proc.stdout and "+50.0 [" in proc.stdout
     assert out.read_text() in proc.stdout
     bad = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "compare_runs.py"), "--pair=only_one"],
+        [sys.executable, os.path.join(REPO, "tools", "compare_runs.py"), "--pair=only_one"],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=REPO,
         check=False,
     )
     assert bad.returncode == 2 and "compare_runs: error: --pair='only_one'" in bad.stderr

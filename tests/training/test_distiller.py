@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import REPO
 
 from kd_histo.models import build_model, load_model
 from kd_histo.training import losses as L
@@ -19,7 +20,6 @@ from kd_histo.training.config import DistillConfig
 from kd_histo.training.distiller import ResolutionDistiller, losses_for
 
 KW = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], planes=(4, 8, 8, 16), stem="small")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def nets(seed=0, classes=4, **kw):
@@ -131,8 +131,8 @@ def test_cached_and_live_teacher_feed_the_same_loss_objects():
 def test_losses_are_validated_when_the_distiller_is_built():
     student, _ = nets(planes=(4, 8, 8, 16))
     _, wide = nets(planes=(4, 8, 8, 32))
-    with pytest.raises(ValueError, match="channels: student 16, teacher 32"):
-        ResolutionDistiller(student, wide, [(1.0, L.FeatureMapKD())])
+    with pytest.raises(ValueError, match="has 32 channels but its parts add up to 16"):
+        ResolutionDistiller(student, wide, [(1.0, L.FeatureMapKD(splits=(8, 8)))])
     d = ResolutionDistiller(student, wide, [(1.0, L.LogitsKD()), (0.0, L.FeatureMapKD())])
     assert d.loss_names == ("loss", "kd_loss")  # weight 0: neither checked nor tracked
     with pytest.raises(ValueError, match="weights must be >= 0"):
@@ -187,11 +187,14 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="teacher has 3 classes but student has 4"):
         ResolutionDistiller(student, teacher3)
     _, wide = nets(planes=(4, 8, 8, 32))
+    # widths differ: the feature loss goes through a learned projection (its own tests:
+    # tests/training/test_feature_projection.py); without the feature loss there is none
+    assert len(ResolutionDistiller(student, wide).feature_projections) == 1
+    assert not hasattr(
+        ResolutionDistiller(student, wide, weights(feature_weight=0.0)), "feature_projections"
+    )
     with pytest.raises(ValueError, match="channels: student 16, teacher 32"):
-        ResolutionDistiller(student, wide)
-    ResolutionDistiller(
-        student, wide, weights(feature_weight=0.0)
-    )  # no feature loss: widths may differ
+        L.FeatureMapKD().compute_loss(wide.output, student.output)
     with pytest.raises(ValueError, match="nothing to learn"):
         ResolutionDistiller(student, None).compute_losses(batch_dict())
     with pytest.raises(ValueError, match="loss="):
@@ -301,7 +304,7 @@ _MIRRORED = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     sys.path.insert(0, "tests")
-    from test_distiller import nets, batch_dict, snapshot, weights
+    from training.test_distiller import nets, batch_dict, snapshot, weights
     from kd_histo.training.distiller import ResolutionDistiller
 
     def run(strategy):
@@ -329,7 +332,7 @@ def test_mirrored_strategy_two_logical_cpus_matches_one_device():
     # Logical devices must be set before TF initialises, hence a fresh interpreter.
     proc = subprocess.run(
         [sys.executable, "-c", _MIRRORED],
-        cwd=ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
@@ -350,7 +353,7 @@ _WORKER = textwrap.dedent("""
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     import keras
     sys.path.insert(0, "tests")
-    from test_distiller import nets, batch_dict
+    from training.test_distiller import nets, batch_dict
     from kd_histo.training.distiller import ResolutionDistiller
     with strategy.scope():
         student, teacher = nets(seed=5)
@@ -377,7 +380,7 @@ def test_multi_worker_mirrored_two_local_workers():
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER],
-            cwd=ROOT,
+            cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -76,7 +76,7 @@ def test_round_trip_keeps_every_field_including_lr_method(tmp_path):
 
 
 def test_input_mpp_is_mpp_times_factor():
-    assert record(mpp=0.5, factor=4.0).input_mpp == pytest.approx(2.0)
+    assert record(mpp=0.5, factor=4.0, input_px=8).input_mpp == pytest.approx(2.0)
     assert record(
         mode="teacher", view="hr", factor=1.0, input_px=32, mpp=0.25
     ).input_mpp == pytest.approx(0.25)

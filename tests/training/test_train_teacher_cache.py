@@ -13,7 +13,7 @@ from kd_histo.training.cache_store import TeacherCache
 from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
 from kd_histo.training.teacher_cache import BUILT_FOR
 
-TINY_NET = NetConfig(planes=(4, 8, 8, 16), kwargs=(("stem", "small"),))
+TINY_NET = NetConfig(planes=(4, 8, 8, 16), stem="small")
 
 
 def _cfg(data_dir, model_dir, mode="teacher", distill=DistillConfig(), **data_kw):

@@ -1,0 +1,263 @@
+"""Issue 30's measurements: lung nets on stain-shifted tiles and on tissue from other sites.
+
+Per seed and per *setting* (:data:`SETTINGS`: no normalisation, Macenko or Reinhard
+normalisation, or HED stain jitter in training), a teacher on the HR tiles and a label-free
+student at ``student_factor`` (the data set's unlabeled split as extra tiles, no labels) are
+trained with the experiment's run template, then measured (:mod:`kd_histo.protocol.domain_probes`):
+
+- accuracy and flagged share on the test split, and on two shifted copies of it
+  (``<data_dir>_nct``: Reinhard transfer to the NCT-CRC-HE tiles' colour statistics;
+  ``<data_dir>_hed_strong``: :func:`kd_histo.data.shifts.hed_strong`);
+- the flagged share on the NCT tiles (another organ, lab and scanner) and on the CMU slide's
+  tissue tiles (skin, read at ``slide_mpp``);
+- the student's inference time with and without the out-of-domain score.
+
+Resumable: ``results.csv`` in ``results_dir`` holds every measured row; a net whose rows are all
+there is neither trained nor measured again (a fresh checkout with the committed CSV skips the
+finished seeds), an unfinished run resumes from its last epoch (``kd_histo.training.train``).
+
+Layout of ``out_dir``: ``s<seed>/teacher_<setting>``, ``s<seed>/student_x8_<setting>`` (run
+folders, with ``measure/<test set>/`` inside), ``s<seed>/teacher_cache_<setting>_x8``,
+``probes/nct`` (the NCT tiles as 112 px tiles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+from kd_histo import schema
+from kd_histo.data.pipeline import unlabeled_pool_size
+from kd_histo.protocol import domain_probes, domain_report
+from kd_histo.protocol.domain_report import LABELED_SETS, OOD_COST, PROBES, ShiftRow
+from kd_histo.settings import setting
+from kd_histo.training.config import RunConfig
+
+# setting -> (stain normalisation, augmentation preset). A teacher cache holds one output per
+# tile and flip: runs with random colour augmentation distil without one.
+SETTINGS = {
+    "none": ("none", "flips"),
+    "macenko": ("macenko", "flips"),
+    "reinhard": ("reinhard", "flips"),
+    "hed": ("none", "paper+hed"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainShiftConfig:
+    """The domain-shift measurements (``tools/domain_shift.py``).
+
+    Attributes:
+      out_dir: folder of the runs and probes.
+      base: the run template (the main experiment's data, net, optimizer and epochs).
+      results_dir: folder of results.csv / results.md (kept under version control).
+      seeds: one teacher and student per setting and seed.
+      settings: names of :data:`SETTINGS` to train.
+      student_factor: the student's resolution factor.
+      nct_dir: the NCT-CRC-HE tiles (the "nct" shift's colour statistics, and an OOD probe).
+      slide: a whole-slide image of another organ (an OOD probe).
+      slide_mpp: µm/px at which the slide is read into HR tiles (the run's data has none).
+      timing_repeats: timed passes of the score's cost measurement.
+    """
+
+    out_dir: str = setting(help="Folder of the runs and probes.", flag_default="")
+    base: RunConfig
+    results_dir: str = setting(
+        "", "Folder of results.csv / results.md (committed: finished rows are not redone)."
+    )
+    seeds: tuple[int, ...] = setting((0,), "One teacher and student per setting and seed.")
+    settings: tuple[str, ...] = setting(
+        ("none", "macenko", "hed"),
+        "Training settings: none, macenko, reinhard (stain normalisation), hed (HED jitter).",
+    )
+    student_factor: float = setting(8.0, "Resolution factor of the label-free student.")
+    nct_dir: str = setting(
+        "../shared/data/nct_crc_he_samples", "NCT-CRC-HE tiles: a colour shift and an OOD probe."
+    )
+    slide: str = setting(
+        "../shared/data/slides/CMU-1-Small-Region.svs", "A slide of another organ (OOD probe)."
+    )
+    slide_mpp: float = setting(1.0, "µm/px at which --slide is read into HR tiles.")
+    timing_repeats: int = setting(21, "Timed passes of the out-of-domain score's cost.")
+
+    def __post_init__(self):
+        unknown = [s for s in self.settings if s not in SETTINGS]
+        if unknown or not self.settings:
+            raise ValueError(f"settings {unknown or '[]'} unknown; choose from {list(SETTINGS)}")
+        if not self.out_dir or not self.seeds:
+            raise ValueError("domain shift: give --out_dir and at least one seed")
+        if self.student_factor <= 1:
+            raise ValueError(f"student_factor must be > 1, got {self.student_factor}")
+
+    @property
+    def student(self) -> str:
+        return f"student_x{self.student_factor:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class NetSpec:
+    """One net to train and measure."""
+
+    seed: int
+    setting: str
+    net: str  # "teacher" or DomainShiftConfig.student
+    config: RunConfig
+    teacher: RunConfig | None = None  # a student's teacher
+
+    @property
+    def model_dir(self) -> str:
+        return self.config.model_dir
+
+    def test_sets(self) -> tuple[str, ...]:
+        return (*LABELED_SETS, *PROBES) + ((OOD_COST,) if self.net != "teacher" else ())
+
+
+def plan(cfg: DomainShiftConfig) -> list[NetSpec]:
+    """Per seed and setting, the teacher then its student (pure, bar reading dataset.json)."""
+    n_train = schema.DatasetInfo.read(cfg.base.data.data_dir).num_examples("train")
+    data = dataclasses.replace(cfg.base.data, unlabeled_dirs=())  # the CMU slide is a probe
+    pool = unlabeled_pool_size(dataclasses.replace(data, unlabeled_ratio=0.0))
+    specs = []
+    for seed in cfg.seeds:
+        root = os.path.join(cfg.out_dir, f"s{seed}")
+        for name in cfg.settings:
+            method, augment = SETTINGS[name]
+            d = dataclasses.replace(data, seed=seed, augment=augment, unlabeled_ratio=0.0)
+            teacher = dataclasses.replace(
+                cfg.base,
+                mode="teacher",
+                model_dir=os.path.join(root, f"teacher_{name}"),
+                seed=seed,
+                data=d,
+                distill=dataclasses.replace(cfg.base.distill, teacher_cache=""),
+                stain=dataclasses.replace(cfg.base.stain, method=method),
+            )
+            cache = cfg.base.distill.teacher_cache and augment == "flips"
+            student = dataclasses.replace(
+                teacher,
+                mode="distill",
+                model_dir=os.path.join(root, f"{cfg.student}_{name}"),
+                data=dataclasses.replace(
+                    d, factor=cfg.student_factor, unlabeled_ratio=pool / (n_train + pool)
+                ),
+                distill=dataclasses.replace(
+                    cfg.base.distill,
+                    teacher=teacher.model_dir,
+                    ce_weight=0.0,
+                    teacher_cache=os.path.join(
+                        root, f"teacher_cache_{name}_x{cfg.student_factor:g}"
+                    )
+                    if cache
+                    else "",
+                ),
+                stain=dataclasses.replace(cfg.base.stain, method="none"),  # the teacher's, taken
+            )
+            specs.append(NetSpec(seed, name, "teacher", teacher))
+            specs.append(NetSpec(seed, name, cfg.student, student, teacher))
+    return specs
+
+
+def _trained(model_dir: str) -> bool:
+    from kd_histo.training.run_record import RUN_JSON, read_run_record
+
+    return os.path.isfile(os.path.join(model_dir, RUN_JSON)) and os.path.isfile(
+        read_run_record(model_dir).model_path(model_dir)
+    )
+
+
+def _train(config: RunConfig, log: Callable[[str], None]) -> None:
+    import keras
+
+    from kd_histo.training import train
+
+    if _trained(config.model_dir):
+        return
+    log(f"training {config.model_dir} ({config.mode}, {config.epochs} epochs)")
+    result = train.train(config)
+    if result.diverged_at_epoch is not None:
+        raise RuntimeError(f"{config.model_dir} diverged in epoch {result.diverged_at_epoch}")
+    keras.backend.clear_session()
+
+
+def _measure(
+    cfg: DomainShiftConfig, spec: NetSpec, todo: list[str], sets: dict[str, str], command: str
+) -> list[ShiftRow]:
+    import keras
+
+    args = (spec.seed, spec.setting, spec.net)
+    out = os.path.join(spec.model_dir, "measure")
+    rows = []
+    for test_set in todo:
+        where = os.path.join(out, test_set)
+        if test_set in LABELED_SETS:
+            row = domain_probes.measure_labeled(
+                spec.model_dir, sets[test_set], test_set, *args, where
+            )
+        elif test_set in PROBES:
+            mpp = cfg.slide_mpp if test_set == "cmu_slide" else 0.0
+            row = domain_probes.measure_probe(
+                spec.model_dir, sets[test_set], test_set, *args, where, mpp
+            )
+        else:
+            row = domain_probes.measure_cost(
+                spec.model_dir, sets["test"], *args, cfg.timing_repeats, command
+            )
+        rows.append(row)
+        keras.backend.clear_session()
+    return rows
+
+
+def test_sets(cfg: DomainShiftConfig, log: Callable[[str], None]) -> dict[str, str]:
+    """{test set: data folder, tile folder or slide}, the shifted copies written if missing."""
+    from kd_histo.data import shifts
+
+    data_dir = cfg.base.data.data_dir
+    nct, _ = domain_probes.write_nct_probe(cfg.nct_dir, os.path.join(cfg.out_dir, "probes", "nct"))
+    return {
+        "test": data_dir,
+        "test_nct": domain_probes.write_shifted_split(
+            data_dir, shifts.nct_like(cfg.nct_dir), log=log
+        ),
+        "test_hed_strong": domain_probes.write_shifted_split(
+            data_dir, shifts.hed_strong(), log=log
+        ),
+        "nct_tiles": nct,
+        "cmu_slide": cfg.slide,
+    }
+
+
+def run(cfg: DomainShiftConfig, command: str, about: str, log: Callable[[str], None] = print):
+    """Trains and measures what ``results_dir``'s results.csv lacks; rewrites it and results.md
+    after every net. Returns the rows."""
+    csv_path = os.path.join(cfg.results_dir or cfg.out_dir, domain_report.RESULTS_CSV)
+    md_path = os.path.join(os.path.dirname(csv_path), domain_report.RESULTS_MD)
+    os.makedirs(os.path.dirname(csv_path) or ".", exist_ok=True)
+    rows = domain_report.read_rows(csv_path)
+    done = {r.key for r in rows}
+    specs = plan(cfg)
+    sets: dict[str, str] = {}
+    for spec in specs:
+        todo = [t for t in spec.test_sets() if (spec.seed, spec.setting, spec.net, t) not in done]
+        if not todo:
+            log(f"s{spec.seed} {spec.setting} {spec.net}: measured already, skipped")
+            continue
+        sets = sets or test_sets(cfg, log)
+        if spec.teacher is not None:
+            _train(spec.teacher, log)
+        _train(spec.config, log)
+        new = _measure(cfg, spec, todo, sets, command)
+        keys = {r.key for r in new}  # rows another process wrote meanwhile are kept
+        rows = [r for r in domain_report.read_rows(csv_path) if r.key not in keys] + new
+        done |= keys
+        domain_report.write_rows(csv_path, rows)
+        domain_report.write_markdown(md_path, rows, cfg.settings, about)
+        log(f"s{spec.seed} {spec.setting} {spec.net}: " + ", ".join(_brief(r) for r in new))
+    return rows
+
+
+def _brief(r: ShiftRow) -> str:
+    if r.test_set == OOD_COST:
+        return f"{r.test_set} {r.extra_time_pct:+.1f}%"
+    acc = "" if r.accuracy != r.accuracy else f"acc {100 * r.accuracy:.1f}% "
+    return f"{r.test_set} {acc}flagged {100 * r.ood_flagged:.1f}% (n={r.n})"

@@ -17,10 +17,12 @@ ABLATIONS = [
 EXPERIMENTS = [p for p in ALL if p.name == "experiment.flags"]  # kd-histo-experiment
 ENSEMBLES = [p for p in ALL if p.name == "ensemble.flags"]  # kd-histo-experiment, new rows only
 COMPARISONS = [p for p in ALL if p.name.startswith("compare_")]  # tools/compare_runs.py
+DRIVERS = [p for p in ALL if p.name == "domain_shift.flags"]  # tools/domain_shift.py
 FLAGFILES = [
     p
     for p in ALL
-    if p.name != "common.flags" and p not in EXPERIMENTS + ABLATIONS + ENSEMBLES + COMPARISONS
+    if p.name != "common.flags"
+    and p not in EXPERIMENTS + ABLATIONS + ENSEMBLES + COMPARISONS + DRIVERS
 ]  # kd-histo-train
 
 

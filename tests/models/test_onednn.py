@@ -83,7 +83,7 @@ _TRAIN_PREDICT = textwrap.dedent("""
     from kd_histo.training.config import DistillConfig
     from kd_histo.training.distiller import ResolutionDistiller, losses_for
     from kd_histo.models import build_model
-    sys.path.insert(0, "tests/models")
+    sys.path[:0] = ["tests", "tests/models"]  # support.py, then this module
     from test_onednn import predict
     keras.utils.set_random_seed(0)
     net = dict(planes=(8, 16, 32, 64), stem="small", mean=[0.6, 0.5, 0.7], std=[0.2, 0.25, 0.15])
@@ -143,7 +143,7 @@ def test_inference_agrees_with_onednn_on_and_off(onednn_run, tmp_path):
     _, model, on = onednn_run
     if _pywrap_util_port.IsMklEnabled():  # a session run with oneDNN on: compare in a subprocess
         code = (
-            "import sys; sys.path.insert(0, 'tests/models'); import numpy as np; "
+            "import sys; sys.path[:0] = ['tests', 'tests/models']; import numpy as np; "
             "from test_onednn import predict; np.savez(sys.argv[2], **predict(sys.argv[1]))"
         )
         proc = _python(code, "0", model, str(tmp_path / "off.npz"))

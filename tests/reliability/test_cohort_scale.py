@@ -2,15 +2,18 @@
 inputs, and three tasks of a job array plus a merge write exactly what one process writes."""
 
 import io
-import tracemalloc
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 from PIL import Image
+from support import REPO
 
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import predict as predict_cli
-from kd_histo.evaluation import predict
 
 from .test_cohort import _slide, _tree
 
@@ -35,21 +38,36 @@ def _tile_folders(root, n: int, per: int = 4) -> list[str]:
     return out
 
 
-def _traced_peak(run, inputs, out) -> int:
-    """Peak bytes Python and NumPy allocate during one predict of ``inputs`` (tracemalloc)."""
-    cfg = predict.PredictConfig(
-        model_dir=run, inputs=tuple(inputs), out_dir=str(out), num_workers=0
-    )
+# One predict of argv[3:] after a warm-up, in a fresh interpreter: within the test session,
+# other tests' leftover threads, caches and captured output allocate while tracemalloc watches.
+_CHILD = textwrap.dedent("""
+    import sys, tracemalloc
+    from kd_histo.evaluation import predict
+    run, warm, out, *inputs = sys.argv[1:]
+    def cfg(ins, to):
+        return predict.PredictConfig(model_dir=run, inputs=tuple(ins), out_dir=to, num_workers=0)
+    predict.predict(cfg(inputs[:2], warm))
     tracemalloc.start()
-    try:
-        predict.predict(cfg)
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    predict.predict(cfg(inputs, out))
+    print(tracemalloc.get_traced_memory()[1])
+""")
+
+
+def _traced_peak(run, inputs, out) -> int:
+    """Peak bytes Python and NumPy allocate during one predict of ``inputs`` (tracemalloc), in
+    a child interpreter after a warm-up predict of two of them."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, run, f"{out}_warm", str(out), *inputs],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.strip().splitlines()[-1])
 
 
 def test_memory_stays_flat_in_the_number_of_inputs(teacher_run, tmp_path):
-    _traced_peak(teacher_run, _tile_folders(tmp_path / "warm", 2), tmp_path / "out_warm")
     small = _traced_peak(teacher_run, _tile_folders(tmp_path / "a", 50), tmp_path / "out_a")
     large = _traced_peak(teacher_run, _tile_folders(tmp_path / "b", 200), tmp_path / "out_b")
     assert len(open(tmp_path / "out_b" / "slides.csv").readlines()) == 201

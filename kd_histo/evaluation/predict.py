@@ -50,7 +50,7 @@ from kd_histo.settings import (
     TASK_INDEX_HELP,
     setting,
 )
-from kd_histo.training.run_record import RunRecord, read_run_record
+from kd_histo.training.run_record import RUN_JSON, RunRecord, read_run_record
 
 _LOG = logging.getLogger(__name__)
 
@@ -153,6 +153,11 @@ class PredictConfig:
     task_index: int = setting(0, TASK_INDEX_HELP)
     num_tasks: int = setting(1, NUM_TASKS_HELP)
 
+    @property
+    def network_dir(self) -> str:
+        """The folder holding the network's run.json: the exported model's, or the run's."""
+        return self.model or self.model_dir
+
     def __post_init__(self):
         if self.num_tasks < 1 or not 0 <= self.task_index < self.num_tasks:
             raise ValueError(
@@ -242,7 +247,7 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     check_classes(names, cfg.heatmap_classes)
     # globs, --inputs_file, folders' slides: all inputs found and checked before any work
     kinds = dict(input_paths.resolve(cfg.inputs, cfg.inputs_file, run.hr_px))
-    where = cfg.model or cfg.model_dir
+    where = cfg.network_dir
     mpp = tile_mpp(run, cfg.read_mpp, where) if "slide" in kinds.values() else 0.0
     if run.lr_method == "pyramid" and "folder" in kinds.values():
         _LOG.warning(
@@ -298,16 +303,18 @@ def fingerprint(cfg: PredictConfig, run: RunRecord, mpp: float) -> dict:
     from kd_histo.evaluation.teachers import teacher_runs
 
     teacher = cfg.cascade_teacher
-    where = cfg.model or cfg.model_dir
+    from kd_histo.evaluation.export import EXPORT_JSON, TFLITE_FILE
+
+    where = cfg.network_dir
     exported = {  # an exported model's files (those that exist are hashed)
-        "export_json": os.path.join(cfg.model, "export.json"),
-        "saved_model": os.path.join(cfg.model, "saved_model.pb"),
-        "tflite": os.path.join(cfg.model, "model.tflite"),
+        "export_json": os.path.join(cfg.model, EXPORT_JSON),
+        "saved_model": os.path.join(cfg.model, "saved_model.pb"),  # TensorFlow's fixed name
+        "tflite": os.path.join(cfg.model, TFLITE_FILE),
     }
     return cohort.fingerprint(
         settings,
         **(exported if cfg.model else {"model": run.model_path(cfg.model_dir)}),
-        run_json=os.path.join(where, "run.json"),
+        run_json=os.path.join(where, RUN_JSON),
         ood=os.path.join(where, ood.OOD_FILE),
         **{  # each member of a cascade's (ensemble) teacher
             f"teacher_{i}" if i else "teacher": read_run_record(t).model_path(t)

@@ -6,8 +6,11 @@ layer config, so a saved ``.keras`` file is self-contained), and returns a dict
 ``{"logits": [B, C] float32, "features": [B, h, w, F]}`` where ``features`` is the last conv map
 before pooling. Under a mixed-precision policy the logits pass through a final float32 layer.
 
-Architectures: ``resnet_gn`` (the paper's), ``resnet18``, ``resnet34``, ``resnet50``. Weights are
-never downloaded; ``weights=`` loads a local ``.weights.h5`` file.
+Architectures: ``resnet_gn`` (the paper's), ``resnet18``, ``resnet34``, ``resnet50``, and
+``keras_cv:NAME``, a keras-cv backbone preset (:mod:`kd_histo.models.keras_cv_backbone`: a preset
+folder on disk, or a preset name downloaded when online, its pretrained weights with
+``weights="imagenet"``). For kd_histo's own nets ``weights=`` loads a local ``.weights.h5`` file
+into the whole net; they are never downloaded.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 from keras import layers
 
 from kd_histo.data.stain_norm import StainReference
+from kd_histo.models import keras_cv_backbone as kcv
 from kd_histo.models.backbones import LAYOUTS, resnet_trunk
 from kd_histo.models.resnet_gn import STEMS, resnet_gn_trunk
 from kd_histo.models.stain import StainNormalization
@@ -36,26 +40,42 @@ class NetConfig:
     """Which network to build: the architecture a run chooses (the ``net`` of its config.json).
 
     Attributes:
-      arch: "resnet_gn" (the paper's), "resnet18", "resnet34" or "resnet50".
+      arch: "resnet_gn" (the paper's), "resnet18", "resnet34", "resnet50" or "keras_cv:NAME" (a
+        keras-cv backbone preset: a built-in name or a preset folder).
       planes: stage widths of resnet_gn.
       blocks: BasicBlocks per stage of resnet_gn.
       groups: GroupNorm groups (8 for resnet_gn, 32 for the standard ResNets when None).
       norm: "group" or "batch".
       stem: resnet_gn stem, "imagenet" or "small".
       width_scale: width multiplier of the standard ResNets.
+      weights: initial weights: "none" (random), "imagenet" (a keras-cv preset's pretrained
+        weights, downloaded when online) or a local path (kd_histo nets: a ``.weights.h5`` file of
+        the whole net; keras-cv backbones: a preset folder or the backbone's ``.weights.h5``).
     """
 
-    arch: str = setting("resnet_gn", "Network: resnet_gn (paper), resnet18, resnet34, resnet50.")
+    arch: str = setting(
+        "resnet_gn",
+        "Network: resnet_gn (paper), resnet18, resnet34, resnet50, or keras_cv:PRESET (a keras-cv "
+        "backbone preset name, downloaded when online, or a preset folder on disk).",
+    )
     planes: tuple[int, ...] = setting((32, 64, 128, 256), "Stage widths of resnet_gn.")
     blocks: int | tuple[int, ...] = 1
     groups: int | None = None
     norm: str = setting("group", "Normalisation layers: group or batch.")
     stem: str = setting("imagenet", "resnet_gn stem: imagenet (stride 4) or small (stride 1).")
     width_scale: float = 1.0
+    weights: str = setting(
+        "none",
+        "Initial weights: none, imagenet (keras_cv:PRESET's pretrained weights) or a path (a "
+        "keras-cv preset folder, or a .weights.h5 file).",
+    )
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; choose one of {ARCHS}")
+        if self.arch not in ARCHS and not kcv.is_keras_cv(self.arch):
+            raise ValueError(
+                f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)} or keras_cv:PRESET"
+            )
+        kcv.check_arch(self.arch, self.weights)
         if not self.planes or min(self.planes) < 1:
             raise ValueError(
                 f"planes must be stage widths >= 1 (e.g. 32,64,128,256), got {self.planes}"
@@ -79,7 +99,6 @@ class ModelConfig(NetConfig):
       num_classes: number of output logits.
       mean: per-channel RGB mean in [0, 1] (from dataset.json).
       std: per-channel RGB standard deviation (from dataset.json), > 0.
-      weights: optional local ``.weights.h5`` file to load after building.
       name: Keras model name.
       stain_reference: when set, the net's first layer normalises each input's stain to it
         (:class:`kd_histo.models.stain.StainNormalization`), before the mean/std normalisation.
@@ -88,7 +107,6 @@ class ModelConfig(NetConfig):
     num_classes: int = 2
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.25, 0.25, 0.25)
-    weights: str = ""
     name: str = "net"
     stain_reference: StainReference | None = None
 
@@ -136,14 +154,18 @@ def build_model(
 
 def build_from_config(cfg: ModelConfig) -> keras.Model:
     """Builds the net described by ``cfg`` (and loads ``cfg.weights`` when set)."""
+    backbone = kcv.load_backbone(cfg.arch, cfg.weights) if kcv.is_keras_cv(cfg.arch) else None
+    mean, std = cfg.mean, cfg.std
+    if backbone is not None and backbone.mean is not None:  # what its preset was trained on
+        mean, std = backbone.mean, backbone.std
     inputs = keras.Input((None, None, 3), name="image")
     x = inputs
     if cfg.stain_reference is not None:
         x = StainNormalization(cfg.stain_reference, name="stain_normalize")(x)
-    x = layers.Normalization(
-        mean=list(cfg.mean), variance=[s * s for s in cfg.std], name="normalize"
-    )(x)
-    if cfg.arch == "resnet_gn":
+    x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")(x)
+    if backbone is not None:
+        feats = backbone.model(x)
+    elif cfg.arch == "resnet_gn":
         feats = resnet_gn_trunk(
             x,
             planes=cfg.planes,
@@ -161,13 +183,22 @@ def build_from_config(cfg: ModelConfig) -> keras.Model:
     # Softmax/CE of float16 logits loses precision; the contract promises float32 logits.
     logits = layers.Activation("linear", dtype="float32", name="logits")(logits)
     model = keras.Model(inputs, {"logits": logits, "features": feats}, name=cfg.name)
-    if cfg.weights:
+    if backbone is None and cfg.weights not in kcv.NO_WEIGHTS:
         if not os.path.isfile(cfg.weights):
             raise FileNotFoundError(
                 f"weights file {cfg.weights} not found: give a local .weights.h5 file"
             )
         model.load_weights(cfg.weights)
     return model
+
+
+def input_normalisation(model: keras.Model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the [0, 1] RGB tiles that the net's ``normalize`` layer applies."""
+    config = model.get_layer("normalize").get_config()
+    return (
+        tuple(float(v) for v in config["mean"]),
+        tuple(float(np.sqrt(v)) for v in config["variance"]),
+    )
 
 
 def num_classes_of(model: keras.Model) -> int:
@@ -177,6 +208,14 @@ def num_classes_of(model: keras.Model) -> int:
         if isinstance(model.output, dict)
         else int(model.output.shape[-1])
     )
+
+
+def _mentions_keras_cv(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return b"keras_cv" in z.read("config.json")
+    except (KeyError, OSError, zipfile.BadZipFile):
+        return False  # load_model names what is wrong with the file
 
 
 def load_model(path: str, expected_num_classes: int | None = None) -> keras.Model:
@@ -204,6 +243,8 @@ def load_model(path: str, expected_num_classes: int | None = None) -> keras.Mode
             f"{path} is damaged or not a Keras model (a .keras file is a zip archive); "
             "give a model.keras written by kd-histo-train"
         )
+    if _mentions_keras_cv(path):
+        import keras_cv  # noqa: F401  (registers keras-cv's layers of a keras_cv:NAME backbone)
     try:
         model = keras.saving.load_model(path, safe_mode=True)
     except Exception as e:  # Keras reports a bad file as ValueError, KeyError, OSError...
@@ -252,6 +293,7 @@ __all__ = [
     "NetConfig",
     "build_model",
     "build_from_config",
+    "input_normalisation",
     "load_model",
     "num_classes_of",
 ]

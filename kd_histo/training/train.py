@@ -29,7 +29,8 @@ from kd_histo import schema
 from kd_histo.atomic import write_json
 from kd_histo.convert.writer import DirLock
 from kd_histo.data.pipeline import make_dataset, steps_per_epoch, training_stream
-from kd_histo.models import build_model
+from kd_histo.models import build_model, input_normalisation
+from kd_histo.models.keras_cv_backbone import is_keras_cv
 from kd_histo.models.stain import stain_reference_of
 from kd_histo.training import backup, divergence, domain, ensemble, preflight
 from kd_histo.training import callbacks as cbs
@@ -388,6 +389,8 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
     saved = os.path.join(model_dir, "savedmodel")
     shutil.rmtree(saved, ignore_errors=True)
     net.export(saved, verbose=False)
+    # A keras-cv backbone reads pixels as its preset expects, not by the data set's mean/std.
+    mean, std = input_normalisation(net) if is_keras_cv(cfg.net.arch) else (info.mean, info.std)
     write_run_record(
         model_dir,
         RunRecord(
@@ -399,8 +402,8 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
             input_px=input_px,
             mpp=info.mpp if info.mpp > 0 else None,
             class_names=tuple(info.class_names),
-            mean=tuple(info.mean),
-            std=tuple(info.std),
+            mean=mean,
+            std=std,
             arch=cfg.net.arch,
             monitor=cfg.monitor if has_val else None,
             best=best,

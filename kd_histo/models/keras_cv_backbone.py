@@ -116,13 +116,28 @@ def resolve(name: str, weights: str) -> str:
     return every[name]["kaggle_handle"]
 
 
-def _config(handle: str) -> dict:
+def _fetch(handle: str, name: str) -> str:
+    """Local path of a preset's file: in a folder, or downloaded (keras-cv's own path: kagglehub
+    for a Kaggle handle) when online; one line naming the preset otherwise."""
     from keras_cv.src.utils.preset_utils import get_file
 
     try:
-        with open(get_file(handle, "config.json"), encoding="utf-8") as f:
+        return get_file(handle, name)
+    except Exception as e:  # offline: requests' ConnectionError, kagglehub's HTTP errors...
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise KerasCVError(
+            f"keras-cv preset {handle}: {name} could not be downloaded ({type(e).__name__}: "
+            f"{first}); offline, give a preset folder: --arch=keras_cv:<folder>"
+        ) from None
+
+
+def _config(handle: str) -> dict:
+    try:
+        with open(_fetch(handle, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
+        if isinstance(e, KerasCVError):
+            raise
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise KerasCVError(
             f"keras-cv preset {handle}: config.json not readable ({first})"
@@ -134,15 +149,13 @@ def _config(handle: str) -> dict:
 
 def _weights_file(source: str, handle: str, config: dict) -> str:
     """The weights file ``--weights`` names (downloaded for a Kaggle preset)."""
-    from keras_cv.src.utils.preset_utils import get_file
-
     if source == PRETRAINED:
         if not config.get("weights"):
             raise KerasCVError(
                 f"keras-cv preset {handle} has no pretrained weights; choose a preset with "
                 "weights (e.g. resnet50_imagenet) or --weights=none"
             )
-        return get_file(handle, config["weights"])
+        return _fetch(handle, config["weights"])
     if os.path.isdir(source):
         theirs = _config(source).get("weights")
         if not theirs or not os.path.isfile(os.path.join(source, theirs)):
@@ -170,9 +183,11 @@ def load_backbone(arch: str, weights: str = "none") -> Backbone:
     overrides = {"input_shape": [None, None, 3]} if "input_shape" in config["config"] else {}
     try:
         model = keras_cv.models.Backbone.from_preset(handle, load_weights=False, **overrides)
-    except (TypeError, ValueError, KeyError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise KerasCVError(f"keras-cv preset {handle} cannot be built ({first})") from None
+    except Exception as e:  # keras-cv raises TypeError, ValueError, KeyError... for a bad config
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise KerasCVError(
+            f"keras-cv preset {handle} cannot be built ({type(e).__name__}: {first})"
+        ) from None
     if weights not in NO_WEIGHTS:
         path = _weights_file(weights, handle, config)
         try:

@@ -16,6 +16,7 @@ import pytest
 from kd_histo.cli import flags_common as fc
 from kd_histo.cli import train as train_cli
 from kd_histo.data.pipeline import PipelineConfig
+from kd_histo.evaluation.cost import count_flops
 from kd_histo.models import NetConfig, build_model, load_model
 from kd_histo.models import keras_cv_backbone as kcv
 from kd_histo.training import train
@@ -75,6 +76,20 @@ def test_names_resolve_to_handles_without_reading_anything(preset):
         assert bad in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_preset_name_offline_is_refused_in_one_line(monkeypatch):
+    import kagglehub
+    import requests
+
+    def offline(handle, path):
+        raise requests.ConnectionError(f"Failed to resolve 'api.kaggle.com' for {handle}\nmore")
+
+    monkeypatch.setattr(kagglehub, "model_download", offline)
+    with pytest.raises(kcv.KerasCVError, match="could not be downloaded") as e:
+        kcv.load_backbone("keras_cv:resnet18", "imagenet")
+    assert "kaggle://keras/resnetv1/keras/resnet18" in str(e.value)
+    assert "give a preset folder" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_the_backbone_starts_from_the_presets_weights(preset):
     import keras_cv
 
@@ -126,6 +141,9 @@ def test_a_teacher_on_a_preset_trains_saves_and_reloads(teacher_run, preset):
 
     start = _weights(keras_cv.models.Backbone.from_preset(preset))
     assert any(not np.array_equal(a, b) for a, b in zip(start, _weights(net.layers[2])))
+    # its cost is the architecture's (what kd-histo-cost and the cascade report)
+    fresh = build_model(f"keras_cv:{preset}", 4, **KW)
+    assert count_flops(net, 32) == count_flops(fresh, 32) > 0
 
 
 def test_a_student_distils_from_the_preset_teacher(tiny_shards, teacher_run, tmp_path):

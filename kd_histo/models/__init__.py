@@ -213,7 +213,8 @@ def num_classes_of(model: keras.Model) -> int:
 def _mentions_keras_cv(path: str) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
-            return b"keras_cv" in z.read("config.json")
+            config = z.read("config.json")
+        return b'"module": "keras_cv.' in config or b'"keras_cv>' in config
     except (KeyError, OSError, zipfile.BadZipFile):
         return False  # load_model names what is wrong with the file
 

@@ -21,7 +21,9 @@ The backbone is wrapped as a plain functional model of its layers (``keras_cv_ba
 saved ``model.keras`` of a ResNet preset reloads without keras-cv; backbones with keras-cv's own
 layers need ``import keras_cv`` first (:func:`kd_histo.models.load_model` does it).
 
-Not here: torchvision or timm checkpoints; video or 3-D backbones (refused: no image map).
+Not here: torchvision or timm checkpoints; video or 3-D backbones (refused: no image map);
+backbones with Python lambda layers (keras-cv's CSPDarkNet: refused, since kd_histo loads saved
+nets with Keras safe_mode, which will not run them).
 """
 
 from __future__ import annotations
@@ -197,6 +199,11 @@ def load_backbone(arch: str, weights: str = "none") -> Backbone:
             raise KerasCVError(
                 f"weights {path} do not fit keras-cv preset {handle} ({first[:200]})"
             ) from None
+    if any(isinstance(layer, keras.layers.Lambda) for layer in model._flatten_layers()):
+        raise KerasCVError(
+            f"keras-cv preset {handle} holds Python lambda layers (CSPDarkNet's activations), "
+            "which a saved model.keras cannot reload under Keras safe_mode: choose another preset"
+        )
     if len(model.output.shape) != 4:
         raise KerasCVError(
             f"keras-cv preset {handle} outputs {model.output.shape}, not a [B, h, w, F] map of "

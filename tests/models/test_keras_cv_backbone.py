@@ -90,6 +90,20 @@ def test_a_preset_name_offline_is_refused_in_one_line(monkeypatch):
     assert "give a preset folder" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_preset_with_lambda_layers_is_refused_before_training(tmp_path):
+    """CSPDarkNet's activations are Python lambdas: its net would train, then never reload."""
+    import keras_cv
+    from keras_cv.src.utils.preset_utils import save_to_preset
+
+    backbone = keras_cv.models.CSPDarkNetBackbone(
+        stackwise_channels=[4, 8], stackwise_depth=[1, 1], include_rescaling=True
+    )
+    save_to_preset(backbone, str(tmp_path / "csp"))
+    with pytest.raises(kcv.KerasCVError, match="lambda layers") as e:
+        build_model(f"keras_cv:{tmp_path / 'csp'}", 4, **KW)
+    assert str(tmp_path / "csp") in str(e.value) and "\n" not in str(e.value)
+
+
 def test_the_backbone_starts_from_the_presets_weights(preset):
     import keras_cv
 

@@ -23,6 +23,7 @@ from typing import Any
 from kd_histo import schema
 from kd_histo.atomic import write_text
 from kd_histo.evaluation import plots
+from kd_histo.models.keras_cv_backbone import is_keras_cv
 from kd_histo.protocol import figures, plan, tables
 from kd_histo.protocol.claims import claims_markdown, factor_claims
 from kd_histo.protocol.plan import run_kind
@@ -198,7 +199,9 @@ def _setup_paragraphs(cfg, info: schema.DatasetInfo, wall_s: float) -> list[str]
         for s in ("train", "val", "test", "unlabeled")
         if s in info.shards
     )
-    planes = "-".join(str(p) for p in b.net.planes)
+    planes = "planes " + "-".join(str(p) for p in b.net.planes)
+    if is_keras_cv(b.net.arch):  # a keras-cv backbone has its preset's widths
+        planes = f"weights {b.net.weights}"
     other_epochs = [
         f"the {kind} {n}"
         for kind, n in (
@@ -222,7 +225,7 @@ def _setup_paragraphs(cfg, info: schema.DatasetInfo, wall_s: float) -> list[str]
             else ""
         ),
         "",
-        f"Every net: {b.net.arch} (planes {planes}), {b.epochs} epochs{teacher_epochs}, batch "
+        f"Every net: {b.net.arch} ({planes}), {b.epochs} epochs{teacher_epochs}, batch "
         f"{b.data.batch_size}, "
         f"{b.optim.name} lr {b.optim.learning_rate:g} weight decay {b.optim.weight_decay:g} "
         f"({b.optim.schedule}), "

@@ -195,9 +195,10 @@ def load_backbone(arch: str, weights: str = "none") -> Backbone:
         try:
             model.load_weights(path)
         except (ValueError, KeyError, OSError) as e:
-            first = (str(e).splitlines() or [type(e).__name__])[0]
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200].rstrip(" :.")
             raise KerasCVError(
-                f"weights {path} do not fit keras-cv preset {handle} ({first[:200]})"
+                f"weights {path} do not fit keras-cv preset {handle} ({first}); give weights of "
+                "the same architecture"
             ) from None
     if any(isinstance(layer, keras.layers.Lambda) for layer in model._flatten_layers()):
         raise KerasCVError(

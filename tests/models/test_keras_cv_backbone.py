@@ -104,6 +104,23 @@ def test_a_preset_with_lambda_layers_is_refused_before_training(tmp_path):
     assert str(tmp_path / "csp") in str(e.value) and "\n" not in str(e.value)
 
 
+def test_weights_of_another_architecture_are_refused_in_one_line(preset, tmp_path):
+    import keras_cv
+    from keras_cv.src.utils.preset_utils import save_to_preset
+
+    other = keras_cv.models.ResNetBackbone(
+        stackwise_filters=[4, 4],
+        stackwise_blocks=[1, 1],
+        stackwise_strides=[1, 2],
+        block_type="block",
+        include_rescaling=True,
+    )
+    save_to_preset(other, str(tmp_path / "other"))
+    with pytest.raises(kcv.KerasCVError, match="do not fit keras-cv preset") as e:
+        build_model(f"keras_cv:{preset}", 4, weights=str(tmp_path / "other"), **KW)
+    assert str(tmp_path / "other") in str(e.value) and "\n" not in str(e.value)
+
+
 def test_the_backbone_starts_from_the_presets_weights(preset):
     import keras_cv
 

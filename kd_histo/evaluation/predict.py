@@ -50,7 +50,7 @@ from kd_histo.settings import (
     TASK_INDEX_HELP,
     setting,
 )
-from kd_histo.training.run_record import RUN_JSON, RunRecord, read_run_record
+from kd_histo.training.run_record import RUN_JSON, RunRecord
 
 _LOG = logging.getLogger(__name__)
 
@@ -300,10 +300,8 @@ def fingerprint(cfg: PredictConfig, run: RunRecord, mpp: float) -> dict:
     if mpp:  # the µm/px slides are read at (0.0: no slides among the inputs)
         settings["read_mpp"] = mpp
     settings["cascade_teacher"] = bool(cfg.cascade_teacher)
-    from kd_histo.evaluation.teachers import teacher_runs
-
-    teacher = cfg.cascade_teacher
     from kd_histo.evaluation.export import EXPORT_JSON, TFLITE_FILE
+    from kd_histo.evaluation.teachers import teacher_files
 
     where = cfg.network_dir
     exported = {  # an exported model's files (those that exist are hashed)
@@ -316,10 +314,7 @@ def fingerprint(cfg: PredictConfig, run: RunRecord, mpp: float) -> dict:
         **(exported if cfg.model else {"model": run.model_path(cfg.model_dir)}),
         run_json=os.path.join(where, RUN_JSON),
         ood=os.path.join(where, ood.OOD_FILE),
-        **{  # each member of a cascade's (ensemble) teacher
-            f"teacher_{i}" if i else "teacher": read_run_record(t).model_path(t)
-            for i, t in enumerate(teacher_runs(teacher))
-        },
+        **teacher_files(cfg.cascade_teacher),  # each member of a cascade's (ensemble) teacher
     )
 
 

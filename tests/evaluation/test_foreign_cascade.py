@@ -94,8 +94,13 @@ def test_predict_rescores_with_a_foreign_teacher(tmp_path):
     for i, im in enumerate(images):
         Image.fromarray(im).save(tiles / f"t{i}.png")
     out = predict.predict(
-        predict.PredictConfig(student, (str(tiles),), out_dir=str(tmp_path / "c"),
-                              cascade_teacher=teacher, cascade_fraction=0.25)  # fmt: skip
+        predict.PredictConfig(
+            student,
+            (str(tiles),),
+            out_dir=str(tmp_path / "c"),
+            cascade_teacher=teacher,
+            cascade_fraction=0.25,
+        )  # fmt: skip
     )
     with open(out["predictions"]) as f:
         rows = list(csv.DictReader(f))
@@ -115,9 +120,7 @@ def test_predict_rescores_with_a_foreign_teacher(tmp_path):
         ({"logits": None, "class_names": None, "features": "scores"}, "embedding-only"),
     ],
 )
-def test_a_foreign_cascade_teacher_that_does_not_fit_is_refused_in_one_line(
-    tmp_path, facts, words
-):
+def test_a_foreign_cascade_teacher_that_does_not_fit_is_refused_in_one_line(tmp_path, facts, words):
     teacher, _ = _foreign(tmp_path, **facts)
     student = RunRecord(mode="distill", view="lr", factor=2.0, lr_method="area", hr_px=32,
                         input_px=16, mpp=0.5, class_names=NAMES, mean=MEAN, std=STD)  # fmt: skip

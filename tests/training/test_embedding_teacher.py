@@ -203,13 +203,54 @@ def test_an_embedding_teacher_json_that_does_not_fit_is_refused_in_one_line(
 
 @pytest.mark.parametrize(
     "distill, words",
-    [({"teacher_cache": "auto"}, "drop --teacher_cache"), ({"extra": True}, "ensemble member")],
+    [
+        ({"teacher_cache": "auto"}, "drop --teacher_cache"),
+        ({"twice": True}, "ensemble member"),
+        ({"nolabeled": True}, "drop --nolabeled"),
+    ],
 )
 def test_what_an_embedding_teacher_cannot_do_is_refused(tiny_shards, tmp_path, distill, words):
     teacher = _embedding_savedmodel(tmp_path)
-    if distill.pop("extra", False):
-        teacher = f"{teacher},{teacher}"
-    cfg = _run(tiny_shards, tmp_path / "s", teacher, **distill)
+    twice, nolabeled = distill.pop("twice", False), distill.pop("nolabeled", False)
+    cfg = _run(tiny_shards, tmp_path / "s", f"{teacher},{teacher}" if twice else teacher, **distill)
+    if nolabeled:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labeled=False))
     with pytest.raises(preflight.PreflightError, match=words) as e:
         train.train(cfg)
     assert "\n" not in str(e.value) and not os.path.exists(cfg.model_dir)
+
+
+def test_evaluation_reports_both_heads_on_the_split(embedded_run, tiny_shards, tmp_path, capsys):
+    from kd_histo.cli import evaluate as evaluate_cli
+    from kd_histo.cli import flags_common as fc
+
+    cfg, result = embedded_run
+    assert read_run_record(result.model_dir).monitor == "val_loss"  # the head is fit after
+    out = tmp_path / "eval"
+    argv = [f"--model_dir={result.model_dir}", "--split=test", "--n_boot=5", f"--out_dir={out}"]
+    assert fc.invoke(evaluate_cli.PROG, evaluate_cli.main, argv) == 0
+    assert "linear heads on test: student" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    p = m["linear_probe"]
+    assert p["student_accuracy"] == m["tile"]["accuracy"] and p["tiles"] == m["tile"]["n"] > 0
+    # the teacher's probe: its embedding of the test HR tiles through teacher_probe.npz
+    raw = keras.layers.TFSMLayer(cfg.distill.teacher, call_endpoint="serve")
+    head = np.load(os.path.join(result.model_dir, "teacher_probe.npz"))
+    hits = 0
+    for b in make_dataset(PipelineConfig(tiny_shards, batch_size=16), "test", training=False):
+        emb = raw((b["hr"].numpy() - 0.5) / 0.25)["embedding"].numpy()
+        hits += int(((emb @ head["kernel"] + head["bias"]).argmax(1) == b["label"].numpy()).sum())
+    assert p["teacher_accuracy"] == pytest.approx(hits / p["tiles"])
+
+
+def test_the_embedding_loss_setting_reaches_the_loss():
+    keras.utils.set_random_seed(0)
+    student = build_model("resnet_gn", 4, mean=[0.5] * 3, std=[0.25] * 3, planes=PLANES,
+                          stem="small")  # fmt: skip
+    image = keras.Input((None, None, 3))
+    teacher = keras.Model(image, {"features": keras.layers.GlobalAveragePooling2D()(image)})
+    d = embedding_run.distiller(student, teacher, DistillConfig(embedding_loss="l2"))
+    assert [(w, loss.name, loss.kind) for w, loss in d.loss_terms] == [(1.0, "embed_loss", "l2")]
+    assert not student.get_layer("head").trainable  # label-free: fit after, not trained
+    with pytest.raises(ValueError, match="embedding_loss 'l1' unknown"):
+        DistillConfig(embedding_loss="l1")

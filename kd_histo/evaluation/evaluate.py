@@ -286,8 +286,9 @@ class EvalConfig:
     seed: int = 0
     cascade_teacher: str = setting(
         "",
-        "Teacher run folder: also measure the cascade (the teacher "
-        "re-scores the student's least confident tiles at high resolution); several, "
+        "Teacher run folder (or a model from elsewhere with a teacher.json naming its logits): "
+        "also measure the cascade (the teacher re-scores the student's least confident tiles at "
+        "high resolution); several, "
         "comma-separated: their ensemble (mean probability, cost the sum of theirs).",
     )
     cascade_fractions: tuple[float, ...] = setting(

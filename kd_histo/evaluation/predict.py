@@ -80,7 +80,8 @@ class PredictConfig:
       qupath_object_type: QuPath object type of the tiles in ``<slide>.geojson``.
       num_workers: slides: reader threads, each with its own OpenSlide handle (0 = read in the
         thread that runs the model).
-      cascade_teacher: a teacher run folder: the teacher re-scores the student's least confident
+      cascade_teacher: a teacher run folder (or a foreign model with a teacher.json naming its
+        logits): the teacher re-scores the student's least confident
         tiles of each slide (tile folder group, shards input) from their HR tiles; "" = off.
       cascade_fraction: share of each group's tiles the teacher re-scores
       (``kd_histo.evaluation.cascade.select``).
@@ -136,8 +137,9 @@ class PredictConfig:
     )
     cascade_teacher: str = setting(
         "",
-        "Teacher run folder: it re-scores the student's least confident "
-        "tiles at high resolution (with --cascade_fraction or --cascade_threshold).",
+        "Teacher run folder (or a model from elsewhere with a teacher.json naming its logits): "
+        "it re-scores the student's least confident tiles at high resolution (with "
+        "--cascade_fraction or --cascade_threshold).",
     )
     cascade_fraction: float | None = setting(
         None,

@@ -214,3 +214,26 @@ def _write_split(tf, schema, out_dir, split, images, labels, slide_ids, num_shar
                     source=f"synthetic:{split}:{i}",
                 )
                 w.write(ex.SerializeToString())
+
+
+# kd_histo.data.synthetic.CLASS_NAMES, in its order: the classes of the tests' hand-made records.
+SYNTHETIC_NAMES = ("lymphocytes", "tumour", "stroma", "debris")
+
+
+def run_record(**changes):
+    """A hand-made ``RunRecord``: a x2 student of 32 px synthetic tiles, ``changes`` applied."""
+    from kd_histo.training.run_record import RunRecord
+
+    base = dict(
+        mode="distill",
+        view="lr",
+        factor=2.0,
+        lr_method="area",
+        hr_px=32,
+        input_px=16,
+        mpp=0.5,
+        class_names=SYNTHETIC_NAMES,
+        mean=(0.6, 0.4, 0.7),
+        std=(0.2, 0.25, 0.15),
+    )
+    return RunRecord(**{**base, **changes})

@@ -10,11 +10,12 @@ import os
 
 import numpy as np
 import pytest
+from support import SYNTHETIC_NAMES, run_record
 
 from kd_histo.evaluation import cascade
 from kd_histo.training.run_record import RunRecord, write_run_record
 
-NAMES = ("lymphocytes", "tumour", "stroma", "debris")  # kd_histo.data.synthetic.CLASS_NAMES
+NAMES = SYNTHETIC_NAMES
 
 
 def random_probs(n, c=4, seed=0):
@@ -131,20 +132,7 @@ def test_cheapest_share_within_a_point_of_the_teacher():
 
 
 def rec(**changes) -> RunRecord:
-    base = dict(
-        mode="distill",
-        view="lr",
-        factor=2.0,
-        lr_method="area",
-        hr_px=32,
-        input_px=16,
-        mpp=0.5,
-        class_names=NAMES,
-        mean=(0.6, 0.4, 0.7),
-        std=(0.2, 0.25, 0.15),
-    )
-    base.update(changes)
-    return RunRecord(**base)
+    return run_record(**changes)
 
 
 TEACHER = dict(mode="teacher", view="hr", factor=1.0, input_px=32)

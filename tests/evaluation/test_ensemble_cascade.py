@@ -9,6 +9,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from support import SYNTHETIC_NAMES, run_record
 
 from kd_histo.evaluation import evaluate
 from kd_histo.evaluation.cost import count_flops
@@ -16,24 +17,11 @@ from kd_histo.evaluation.teachers import check_teacher_runs, load_cascade_teache
 from kd_histo.models import build_model, load_model
 from kd_histo.training.run_record import RunRecord, write_run_record
 
-NAMES = ("lymphocytes", "tumour", "stroma", "debris")  # kd_histo.data.synthetic.CLASS_NAMES
+NAMES = SYNTHETIC_NAMES
 
 
 def _record(data_dir, **changes) -> RunRecord:
-    base = dict(
-        mode="distill",
-        view="lr",
-        factor=2.0,
-        lr_method="area",
-        hr_px=32,
-        input_px=16,
-        mpp=0.5,
-        class_names=NAMES,
-        mean=(0.6, 0.4, 0.7),
-        std=(0.2, 0.25, 0.15),
-        data_dir=data_dir,
-    )
-    return RunRecord(**{**base, **changes})
+    return run_record(**{"data_dir": data_dir, **changes})
 
 
 def _run(root, name, data_dir, seed=0, planes=(4, 8, 8, 16), **changes) -> str:

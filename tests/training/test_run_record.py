@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+from support import SYNTHETIC_NAMES, run_record
 
 from kd_histo.training import run_record as rr
 from kd_histo.training.run_record import (
@@ -19,21 +20,12 @@ from kd_histo.training.run_record import (
     write_run_record,
 )
 
-NAMES = ("lymphocytes", "tumour", "stroma", "debris")  # kd_histo.data.synthetic.CLASS_NAMES
+NAMES = SYNTHETIC_NAMES
 
 
 def record(**changes) -> RunRecord:
-    base = dict(
-        mode="distill",
-        view="lr",
-        factor=2.0,
+    extra = dict(
         lr_method="bicubic",
-        hr_px=32,
-        input_px=16,
-        mpp=0.5,
-        class_names=NAMES,
-        mean=(0.6, 0.4, 0.7),
-        std=(0.2, 0.25, 0.15),
         arch="resnet_gn",
         monitor="val_accuracy",
         best=0.5,
@@ -41,8 +33,7 @@ def record(**changes) -> RunRecord:
         epochs_run_this_process=2,
         data_dir="data",
     )
-    base.update(changes)
-    return RunRecord(**base)
+    return run_record(**{**extra, **changes})
 
 
 def make_run(tmp_path, name="run", **changes) -> str:

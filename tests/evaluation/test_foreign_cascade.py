@@ -12,20 +12,19 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import SYNTHETIC_NAMES, run_record
 
 from kd_histo.evaluation import evaluate, predict
 from kd_histo.evaluation.teachers import check_teacher_runs
 from kd_histo.models import build_model
-from kd_histo.training.run_record import RunRecord, write_run_record
+from kd_histo.training.run_record import write_run_record
 
-NAMES = ("lymphocytes", "tumour", "stroma", "debris")  # kd_histo.data.synthetic.CLASS_NAMES
+NAMES = SYNTHETIC_NAMES
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
 def _student(root, data_dir="") -> str:
-    r = RunRecord(mode="distill", view="lr", factor=2.0, lr_method="area", hr_px=32,
-                  input_px=16, mpp=0.5, class_names=NAMES, mean=MEAN, std=STD,
-                  data_dir=data_dir)  # fmt: skip
+    r = run_record(mean=MEAN, std=STD, data_dir=data_dir)
     d = os.path.join(str(root), "student")
     os.makedirs(d)
     keras.utils.set_random_seed(0)
@@ -122,8 +121,7 @@ def test_predict_rescores_with_a_foreign_teacher(tmp_path):
 )
 def test_a_foreign_cascade_teacher_that_does_not_fit_is_refused_in_one_line(tmp_path, facts, words):
     teacher, _ = _foreign(tmp_path, **facts)
-    student = RunRecord(mode="distill", view="lr", factor=2.0, lr_method="area", hr_px=32,
-                        input_px=16, mpp=0.5, class_names=NAMES, mean=MEAN, std=STD)  # fmt: skip
+    student = run_record(mean=MEAN, std=STD)
     with pytest.raises(ValueError, match=words) as e:
         check_teacher_runs(teacher, student)
     assert "teacher.json" in str(e.value) and "\n" not in str(e.value)

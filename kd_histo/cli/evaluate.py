@@ -50,6 +50,15 @@ def main(argv: list[str]) -> None:
         f"{m['balanced_accuracy']:.4f}, "
         f"macro F1 {m['macro_f1']:.4f}; written to {paths['metrics']}"
     )
+    if "linear_probe" in metrics:  # an embedding-only teacher's student
+        p = metrics["linear_probe"]
+        t = p["teacher_accuracy"]
+        print(
+            f"{PROG}: linear heads on {cfg.split}: student {p['student_accuracy']:.4f}, teacher "
+            f"probe {'not measured' if t is None else format(t, '.4f')} (fit on "
+            f"{p['train_tiles']} train tiles: student {p['student_train_accuracy']:.4f}, "
+            f"teacher probe {p['teacher_train_accuracy']:.4f})"
+        )
     if "ood" in metrics:
         o = metrics["ood"]
         print(

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from kd_histo import atomic, schema
 from kd_histo.data.pipeline import batch_tiles, make_dataset
-from kd_histo.evaluation import metrics, ood_report, plots
+from kd_histo.evaluation import metrics, ood_report, plots, probes
 from kd_histo.evaluation.cascade import (
     CSV_COLUMNS,
     DEFAULT_FRACTIONS,
@@ -286,8 +286,9 @@ class EvalConfig:
     seed: int = 0
     cascade_teacher: str = setting(
         "",
-        "Teacher run folder: also measure the cascade (the teacher "
-        "re-scores the student's least confident tiles at high resolution); several, "
+        "Teacher run folder (or a model from elsewhere with a teacher.json naming its logits): "
+        "also measure the cascade (the teacher re-scores the student's least confident tiles at "
+        "high resolution); several, "
         "comma-separated: their ensemble (mean probability, cost the sum of theirs).",
     )
     cascade_fractions: tuple[float, ...] = setting(
@@ -378,6 +379,10 @@ def evaluate_run(cfg: EvalConfig, log=_LOG.warning) -> dict[str, str]:
         "data_dir": data_dir,
         "split": cfg.split,
     }
+    if run.linear_probe is not None:  # an embedding-only teacher's student: both linear heads
+        acc = result["tile"]["accuracy"]
+        args = (run, cfg.model_dir, data_dir, cfg.split, acc, cfg.batch_size, log)
+        result["linear_probe"] = dataclasses.asdict(probes.evaluate_probes(*args))
     out_dir = cfg.out_dir or os.path.join(cfg.model_dir, f"eval_{cfg.split}")
     title = f"{os.path.basename(os.path.normpath(cfg.model_dir))} ({cfg.split})"
     paths = write_evaluation(result, preds, out_dir, title)

@@ -50,7 +50,7 @@ from kd_histo.settings import (
     TASK_INDEX_HELP,
     setting,
 )
-from kd_histo.training.run_record import RUN_JSON, RunRecord, read_run_record
+from kd_histo.training.run_record import RUN_JSON, RunRecord
 
 _LOG = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class PredictConfig:
       qupath_object_type: QuPath object type of the tiles in ``<slide>.geojson``.
       num_workers: slides: reader threads, each with its own OpenSlide handle (0 = read in the
         thread that runs the model).
-      cascade_teacher: a teacher run folder: the teacher re-scores the student's least confident
+      cascade_teacher: a teacher run folder (or a foreign model with a teacher.json naming its
+        logits): the teacher re-scores the student's least confident
         tiles of each slide (tile folder group, shards input) from their HR tiles; "" = off.
       cascade_fraction: share of each group's tiles the teacher re-scores
       (``kd_histo.evaluation.cascade.select``).
@@ -136,8 +137,9 @@ class PredictConfig:
     )
     cascade_teacher: str = setting(
         "",
-        "Teacher run folder: it re-scores the student's least confident "
-        "tiles at high resolution (with --cascade_fraction or --cascade_threshold).",
+        "Teacher run folder (or a model from elsewhere with a teacher.json naming its logits): "
+        "it re-scores the student's least confident tiles at high resolution (with "
+        "--cascade_fraction or --cascade_threshold).",
     )
     cascade_fraction: float | None = setting(
         None,
@@ -300,10 +302,8 @@ def fingerprint(cfg: PredictConfig, run: RunRecord, mpp: float) -> dict:
     if mpp:  # the µm/px slides are read at (0.0: no slides among the inputs)
         settings["read_mpp"] = mpp
     settings["cascade_teacher"] = bool(cfg.cascade_teacher)
-    from kd_histo.evaluation.teachers import teacher_runs
-
-    teacher = cfg.cascade_teacher
     from kd_histo.evaluation.export import EXPORT_JSON, TFLITE_FILE
+    from kd_histo.evaluation.teachers import teacher_files
 
     where = cfg.network_dir
     exported = {  # an exported model's files (those that exist are hashed)
@@ -316,10 +316,7 @@ def fingerprint(cfg: PredictConfig, run: RunRecord, mpp: float) -> dict:
         **(exported if cfg.model else {"model": run.model_path(cfg.model_dir)}),
         run_json=os.path.join(where, RUN_JSON),
         ood=os.path.join(where, ood.OOD_FILE),
-        **{  # each member of a cascade's (ensemble) teacher
-            f"teacher_{i}" if i else "teacher": read_run_record(t).model_path(t)
-            for i, t in enumerate(teacher_runs(teacher))
-        },
+        **teacher_files(cfg.cascade_teacher),  # each member of a cascade's (ensemble) teacher
     )
 
 

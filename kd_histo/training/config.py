@@ -24,6 +24,7 @@ from kd_histo.models import NetConfig
 from kd_histo.numbers import require_finite
 from kd_histo.settings import check_choice, setting
 from kd_histo.training import losses as L
+from kd_histo.training.embedding import EMBEDDING_LOSS, EMBEDDING_LOSSES
 from kd_histo.training.ensemble import ENSEMBLE_FEATURES
 
 MODES = ("teacher", "baseline", "distill")
@@ -57,6 +58,8 @@ class DistillConfig:
       accumulation_steps: gradient accumulation.
       ensemble_features: an ensemble teacher's feature loss: "projected" (each member's map
         through its own 1x1 projection of the student's) or "off".
+      embedding_loss: an embedding-only teacher's loss (``kd_histo.training.embedding``):
+        "cosine" or "l2" between its embedding and the student's projected pooled map.
       teacher_cache: folder of a teacher-output cache (``kd_histo.training.teacher_cache``): the
       teacher
         runs once per tile and dihedral transform, and training reads its outputs instead of
@@ -97,6 +100,13 @@ class DistillConfig:
         "1x1 projection of the student's (projected), or is off (off).",
         choices=ENSEMBLE_FEATURES,
     )
+    embedding_loss: str = setting(
+        EMBEDDING_LOSS,
+        "Embedding-only teacher (teacher.json without logits): the student's pooled features, "
+        "linearly projected, match its embedding by cosine or l2 (replaces KD and the feature "
+        "loss); a linear head is then fit on the labeled train tiles.",
+        choices=EMBEDDING_LOSSES,
+    )
 
     def __post_init__(self):
         require_finite(self)
@@ -106,6 +116,7 @@ class DistillConfig:
         if self.accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
         check_choice("ensemble_features", self.ensemble_features, ENSEMBLE_FEATURES)
+        check_choice("embedding_loss", self.embedding_loss, EMBEDDING_LOSSES)
 
     @property
     def teachers(self) -> tuple[str, ...]:

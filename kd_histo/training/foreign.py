@@ -18,7 +18,11 @@ must be off). The same teacher/data checks as for kd_histo runs apply
 (:func:`kd_histo.training.run_record.teacher_misfit` on :func:`record_of`): class names and order,
 tile size (``input_px`` is the HR tile side), µm/px.
 
-Not here: an embedding-only teacher (no classifier head) or keras-cv presets (see the issue).
+An embedding-only teacher (a foundation model without a classifier head) names ``features`` and
+no ``logits`` (nor ``class_names``); :func:`load_foreign` then wraps it as a net of one output,
+``features`` [B, D] (a map is global-average pooled), for :mod:`kd_histo.training.embedding`.
+
+Not here: keras-cv presets (see the issue).
 """
 
 from __future__ import annotations
@@ -74,36 +78,47 @@ def read_teacher_json(path: str) -> ForeignTeacher:
         raise ForeignTeacherError(f"{where}: not readable as JSON ({e})") from None
     fields = {f.name for f in dataclasses.fields(ForeignTeacher)}
     unknown = sorted(set(raw) - fields) if isinstance(raw, dict) else []
-    missing = sorted({"input_px", "mpp", "class_names", "logits"} - set(raw or {}))
+    missing = sorted(_required(raw) - set(raw)) if isinstance(raw, dict) else []
     if not isinstance(raw, dict) or unknown or missing:
         wrong = f"unknown {', '.join(unknown)}" if unknown else f"missing {', '.join(missing)}"
         raise ForeignTeacherError(
             f"{where}: needs input_px, mpp, class_names and logits (optional: features, mean, "
-            f"std); {wrong}"
+            f"std), or for an embedding-only teacher input_px, mpp and features; {wrong}"
         )
     try:
         spec = ForeignTeacher(
             input_px=int(raw["input_px"]),
             mpp=float(raw["mpp"]) if raw["mpp"] is not None else None,
-            class_names=tuple(str(c) for c in raw["class_names"]),
-            logits=str(raw["logits"]),
+            class_names=tuple(str(c) for c in raw.get("class_names", ())),
+            logits=str(raw.get("logits") or ""),
             features=str(raw.get("features") or ""),
             mean=tuple(float(v) for v in raw.get("mean", (0.0, 0.0, 0.0))),
             std=tuple(float(v) for v in raw.get("std", (1.0, 1.0, 1.0))),
         )
     except (TypeError, ValueError) as e:
         raise ForeignTeacherError(f"{where}: a value has the wrong type ({e})") from None
-    if spec.input_px < 1 or len(spec.class_names) < 2 or (spec.mpp is not None and spec.mpp <= 0):
+    few = len(spec.class_names) < 2 if spec.logits else bool(spec.class_names)
+    if spec.input_px < 1 or few or (spec.mpp is not None and spec.mpp <= 0):
         raise ForeignTeacherError(
-            f"{where}: input_px must be >= 1, mpp > 0 (or null) and class_names two or more"
+            f"{where}: input_px must be >= 1, mpp > 0 (or null) and class_names two or more "
+            "(none for an embedding-only teacher, which has no classes)"
         )
     if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
         raise ForeignTeacherError(f"{where}: mean and std must be 3 values each, std > 0")
     return spec
 
 
-def record_of(spec: ForeignTeacher) -> RunRecord:
-    """The run record a kd_histo teacher of these facts would have (for the teacher checks)."""
+def _required(raw: dict) -> set[str]:
+    """The keys a teacher.json must hold: an embedding-only one (features, no logits) has no
+    class_names."""
+    if raw.get("features") and not raw.get("logits"):
+        return {"input_px", "mpp", "features"}
+    return {"input_px", "mpp", "class_names", "logits"}
+
+
+def record_of(spec: ForeignTeacher, class_names=()) -> RunRecord:
+    """The run record a kd_histo teacher of these facts would have (for the teacher checks); an
+    embedding-only teacher, which has no classes, takes ``class_names`` (the data's)."""
     return RunRecord(
         mode="teacher",
         view="hr",
@@ -112,7 +127,7 @@ def record_of(spec: ForeignTeacher) -> RunRecord:
         hr_px=spec.input_px,
         input_px=spec.input_px,
         mpp=spec.mpp,
-        class_names=spec.class_names,
+        class_names=spec.class_names or tuple(class_names),
         mean=spec.mean,
         std=spec.std,
         arch="foreign",
@@ -138,7 +153,8 @@ def load_foreign(path: str, spec: ForeignTeacher, num_classes: int) -> keras.Mod
     """The foreign model as a frozen kd_histo net (``{"logits", "features"}``, [0, 1] RGB in).
 
     Without a ``features`` output, ``features`` is a [B, 1, 1, 1] zero map (the feature loss must
-    be off; :func:`kd_histo.training.preflight.load_teacher` refuses it otherwise).
+    be off; :func:`kd_histo.training.preflight.load_teacher` refuses it otherwise). Without
+    ``logits`` (an embedding-only teacher) its one output is ``features``, the [B, D] embedding.
     """
     if os.path.isdir(path):
         inner = keras.layers.TFSMLayer(path, call_endpoint="serve", name="foreign")
@@ -150,6 +166,8 @@ def load_foreign(path: str, spec: ForeignTeacher, num_classes: int) -> keras.Mod
         mean=list(spec.mean), variance=[s * s for s in spec.std], name="normalize"
     )(image)
     outputs = inner(x)
+    if not spec.logits:
+        return _embedding_net(image, _pick(outputs, spec.features, "features", path), path)
     logits = keras.layers.Activation("linear", dtype="float32", name="logits")(
         _pick(outputs, spec.logits, "logits", path)
     )
@@ -165,5 +183,20 @@ def load_foreign(path: str, spec: ForeignTeacher, num_classes: int) -> keras.Mod
             logits
         )
     model = keras.Model(image, {"logits": logits, "features": feats}, name="foreign_teacher")
+    model.trainable = False
+    return model
+
+
+def _embedding_net(image, features, path: str) -> keras.Model:
+    """An embedding-only teacher's net: ``{"features": [B, D] float32}`` (a map pooled)."""
+    if len(features.shape) == 4:
+        features = keras.layers.GlobalAveragePooling2D(name="pool_embedding")(features)
+    elif len(features.shape) != 2:
+        raise ForeignTeacherError(
+            f"{teacher_json(path)}: features of {path} must be an embedding [B, D] or a map "
+            f"[B, h, w, D], got shape {tuple(features.shape)}"
+        )
+    emb = keras.layers.Activation("linear", dtype="float32", name="embedding")(features)
+    model = keras.Model(image, {"features": emb}, name="embedding_teacher")
     model.trainable = False
     return model

@@ -246,14 +246,15 @@ def check_model_dir(cfg: RunConfig) -> None:
             )
 
 
-def teacher_record(cfg: RunConfig, path: str | None = None) -> RunRecord | None:
+def teacher_record(cfg: RunConfig, path: str | None = None, class_names=()) -> RunRecord | None:
     """The run record of the teacher (``path``: one member of an ensemble; default the first), or
     None for a model file that is not its run folder's model
-    (:func:`kd_histo.training.run_record.record_of_model`)."""
+    (:func:`kd_histo.training.run_record.record_of_model`). ``class_names``: the data's, taken by
+    an embedding-only foreign teacher (which has none)."""
     path = path or cfg.distill.teachers[0]
     try:
         if foreign.is_foreign(path):  # a model from elsewhere: its teacher.json states the facts
-            return foreign.record_of(foreign.read_teacher_json(path))
+            return foreign.record_of(foreign.read_teacher_json(path), class_names)
         return record_of_model(path)
     except (FileNotFoundError, ValueError) as e:
         named = f" {path}" if len(cfg.distill.teachers) > 1 else ""
@@ -268,7 +269,7 @@ def check_teacher(cfg: RunConfig, info: schema.DatasetInfo) -> None:
     if cfg.mode != "distill":
         return
     for name in cfg.distill.teachers:
-        record = teacher_record(cfg, name)
+        record = teacher_record(cfg, name, info.class_names)
         if record is not None:  # a foreign teacher's facts are its teacher.json's: name that
             label = foreign.teacher_json(name) if foreign.is_foreign(name) else name
             _check_teacher_fits(label, record, cfg, info)
@@ -340,7 +341,7 @@ def _load_foreign(cfg: RunConfig, name: str, info) -> keras.Model:
     """A foreign teacher (:mod:`kd_histo.training.foreign`) as a kd_histo net."""
     try:
         spec = foreign.read_teacher_json(name)
-        if not spec.features and cfg.distill.feature_weight > 0:
+        if spec.logits and not spec.features and cfg.distill.feature_weight > 0:
             raise foreign.ForeignTeacherError(
                 f"{foreign.teacher_json(name)} names no feature map (features) for the feature "
                 "loss; name one, or pass --feature_weight=0"

@@ -30,6 +30,7 @@ from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.data.stain_norm import StainReference
 from kd_histo.data.views import LR_METHODS, lr_size
 from kd_histo.training.config import MODES
+from kd_histo.training.probe_record import LinearProbe
 
 RUN_JSON = "run.json"
 CONFIG_JSON = "config.json"
@@ -76,6 +77,9 @@ class RunRecord:
       ood_threshold: the out-of-domain score above which a tile is flagged (the statistics are in
         ``ood.npz`` beside run.json); None for a run without them (no val split, or trained
         before kd_histo measured them).
+      linear_probe: an embedding-only teacher's student: its linear head and the teacher's
+        linear probe, fit on the labeled train tiles
+        (:class:`kd_histo.training.probe_record.LinearProbe`); None for every other run.
       record_version: format version of the record (:data:`RECORD_VERSION`).
     """
 
@@ -100,6 +104,7 @@ class RunRecord:
     diverged_at_epoch: int | None = None
     stain_reference: StainReference | None = None
     ood_threshold: float | None = None
+    linear_probe: LinearProbe | None = None
     record_version: int = RECORD_VERSION
 
     def __post_init__(self):
@@ -112,6 +117,12 @@ class RunRecord:
             except (TypeError, ValueError) as e:
                 raise RunRecordError(f"run.json: stain_reference: {e}") from None
             object.__setattr__(self, "stain_reference", ref)
+        if isinstance(self.linear_probe, Mapping):
+            try:
+                probe = LinearProbe(**self.linear_probe)
+            except TypeError as e:
+                raise RunRecordError(f"run.json: linear_probe: {e}") from None
+            object.__setattr__(self, "linear_probe", probe)
         object.__setattr__(self, "factor", float(self.factor))
         if self.mpp is not None:
             object.__setattr__(self, "mpp", float(self.mpp))

@@ -32,12 +32,13 @@ from kd_histo.data.pipeline import make_dataset, steps_per_epoch, training_strea
 from kd_histo.models import build_model, input_normalisation
 from kd_histo.models.keras_cv_backbone import is_keras_cv
 from kd_histo.models.stain import stain_reference_of
-from kd_histo.training import backup, divergence, domain, ensemble, preflight
+from kd_histo.training import backup, divergence, domain, embedding_run, ensemble, preflight
 from kd_histo.training import callbacks as cbs
 from kd_histo.training import losses as L
 from kd_histo.training.config import RunConfig
 from kd_histo.training.distiller import ResolutionDistiller, losses_for
 from kd_histo.training.divergence import TrainingError  # noqa: F401 - part of this module's API
+from kd_histo.training.embedding import is_embedding_net
 from kd_histo.training.optimizers import FusedAdam
 from kd_histo.training.run_record import (
     CONFIG_JSON,
@@ -119,6 +120,8 @@ def _distiller(
             student_view=cfg.view,
             accumulation_steps=d.accumulation_steps,
         )
+    if is_embedding_net(teacher):  # label-free: the embedding loss, its head fit after
+        return embedding_run.distiller(net, teacher, d)
     if len(d.teachers) > 1 and d.ensemble_features == "off":
         d = dataclasses.replace(d, feature_weight=0.0)
     return ResolutionDistiller(
@@ -154,6 +157,7 @@ def train(cfg: RunConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
         )
     preflight.check_teacher_cache(cfg, info)
     preflight.check_teacher(cfg, info)
+    cfg = embedding_run.prepare(cfg, log=_LOG.info)
     preflight.check_model_dir(cfg)
     model_dir = os.path.abspath(cfg.model_dir)
     created = not os.path.exists(model_dir)
@@ -381,6 +385,9 @@ def _callbacks(cfg: RunConfig, model_dir: str, net: keras.Model, train_ds, has_v
 def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -> TrainResult:
     # A diverged run is reported by the caller, from the result (the binary's error line).
     net, best, diverged = divergence.kept_network(model_dir, net, has_val)
+    probe = None
+    if embedding_run.embedding_teacher(cfg):  # the head, fit on the frozen features
+        probe = embedding_run.fit_heads(cfg, net, info, has_val, model_dir, log=_LOG.info)
     stats = domain.fit_ood(cfg, net, info.num_classes, has_val, log=_LOG.info)
     if stats is not None:
         stats.save(model_dir)
@@ -415,6 +422,7 @@ def _finish(cfg, model_dir, net, history, epochs_run, has_val, input_px, info) -
             diverged_at_epoch=diverged,
             stain_reference=stain_reference_of(net),
             ood_threshold=stats.threshold if stats is not None else None,
+            linear_probe=probe,
         ),
     )
     return TrainResult(model_dir, model_path, history, epochs_run, best, diverged)

@@ -67,3 +67,17 @@ def test_the_score_in_the_graph_equals_the_numpy_score_of_every_term():
     want = stats.scores(np.asarray(f, np.float64))
     np.testing.assert_allclose(scores, want, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(probs, tf.nn.softmax(net(queries)["logits"]), atol=1e-5)
+
+
+def test_the_per_term_graph_of_wide_nets_equals_the_fused_one(monkeypatch):
+    rng = np.random.default_rng(2)
+    parts = [rng.normal(size=(90, d)) * rng.uniform(0.5, 2, d) for d in (6, 8, 5)]
+    val = [rng.normal(size=(40, d)) for d in (6, 8, 5)]
+    layers = (("normalize", "mean_sd"), ("stage1_block1_out", "mean_sd"), ("features", "mean"))
+    stats = ood.fit(parts, np.repeat(np.arange(3), 30), val, 3, layers)
+    q = np.concatenate([rng.normal(0, 3, size=(12, d)) for d in (6, 8, 5)], axis=1)
+    fused = ood_report.scores_in_graph(tf.constant(q, tf.float32), stats).numpy()
+    monkeypatch.setattr(ood_report, "FUSED_DIM", 0)
+    per_term = ood_report.scores_in_graph(tf.constant(q, tf.float32), stats).numpy()
+    np.testing.assert_allclose(fused, stats.scores(q), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(per_term, stats.scores(q), rtol=1e-3, atol=1e-3)

@@ -13,12 +13,13 @@ Scores (the view each net reads, no augmentation):
                    shared covariance (Lee et al. 2018): kd_histo's score before issue 30's refit
   pooled_classcov  the same with one covariance per class
   energy           -logsumexp(logits) (Liu et al. 2020); msp: -max softmax
-  stats_s<i>       per-channel mean and standard deviation of stage i's output map, tied
-                   class-conditional Mahalanobis (low-level statistics: colour, texture)
+  stats_s<i>       per-channel mean and standard deviation of stage i's output map (s0: the
+                   net's normalised input, i.e. colour), tied class-conditional Mahalanobis
   stats_s<i>_one   the same, one Gaussian for all classes
-  stats_all        the four stages' statistics concatenated, one Mahalanobis distance
-  sum_<set> / max_<set>  Lee et al.'s multi-layer score: each stage's stats distance
-                   standardised by its val mean and sd, summed or maxed (set: stages used)
+  stats_all        s0..s4's statistics concatenated, one Mahalanobis distance
+  sum_<set> / max_<set>  Lee et al.'s multi-layer score: each term's distance standardised by
+                   its val mean and sd, summed or maxed; max_s0..s3+pooled is kd_histo's stored
+                   score since issue 30 (BUILD_NOTES has the table and how it was selected)
 """
 
 from __future__ import annotations

@@ -182,7 +182,7 @@ def _predict_slide(
     classify, path: str, run: RunRecord, cfg: PredictConfig, mpp: float
 ) -> tuple[Tiles, np.ndarray, np.ndarray]:
     """A slide's tissue tiles read at the model's own µm/px (``slide_reader``), classified:
-    (tiles, probabilities, pooled embeddings)."""
+    (tiles, probabilities, out-of-domain features)."""
     from kd_histo.evaluation import slide_reader
 
     plan = slide_reader.plan_read(
@@ -354,17 +354,17 @@ class _Scorer:
     def __init__(self, model, run: RunRecord, cfg: PredictConfig, cascade, mpp: float):
         self.model, self.run, self.cfg, self.cascade, self.mpp = model, run, cfg, cascade, mpp
         self.exported = bool(cfg.model)  # an ExportedModel: probabilities only, no OOD score
-        # slides: tiles read at the model's input size; HR tiles in memory: the run's view
-        self.classify = model.classify if self.exported else slide_classifier(model)
-        self.classify_hr = None if self.exported else hr_classifier(model, run)
-        if cascade is not None:  # (the teacher's compiled graph, its record)
-            self.cascade = (hr_classifier(*cascade), cascade[1])
         self.ood = None if self.exported else ood.OODStats.load(cfg.model_dir)
         if self.ood is None and not self.exported:
             _LOG.info(ood.NO_STATS)
+        # slides: tiles read at the model's input size; HR tiles in memory: the run's view
+        self.classify = model.classify if self.exported else slide_classifier(model, self.ood)
+        self.classify_hr = None if self.exported else hr_classifier(model, run, self.ood)
+        if cascade is not None:  # (the teacher's compiled graph, its record)
+            self.cascade = (hr_classifier(*cascade), cascade[1])
 
     def hr_probs(self, images: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities, pooled embeddings or None) of HR tiles in memory."""
+        """(probabilities, out-of-domain features or None) of HR tiles in memory."""
         if self.exported:
             return self.model.hr_probs(images, self.cfg.batch_size)
         return classify_tiles(self.classify_hr, images, self.run, self.cfg.batch_size)

@@ -1,4 +1,4 @@
-"""The models on uint8 tiles, as compiled graphs: (class probabilities, pooled last feature map).
+"""The models on uint8 tiles, as compiled graphs: (class probabilities, out-of-domain features).
 
 :func:`slide_classifier` takes tiles already at the model's input size (read from a slide's
 pyramid level); :func:`hr_classifier` takes HR tiles in memory and makes the run's view as
@@ -18,16 +18,19 @@ import numpy as np
 from kd_histo.training.run_record import RunRecord
 
 
-def slide_classifier(model):
-    """(class probabilities, pooled last feature map) of uint8 tiles at the model's input size,
-    as one compiled graph (the embedding is what the out-of-domain score reads)."""
+def slide_classifier(model, stats=None):
+    """(class probabilities, the features ``stats`` scores) of uint8 tiles at the model's input
+    size, as one compiled graph (:func:`kd_histo.evaluation.ood_report.probs_and_ood_features`;
+    ``stats``: the run's :class:`kd_histo.models.ood.OODStats` or None)."""
     import tensorflow as tf
 
-    from kd_histo.evaluation.ood_report import probs_and_embedding
+    from kd_histo.evaluation.ood_report import probs_and_ood_features
+
+    probs_and_features = probs_and_ood_features(model, stats)
 
     @tf.function(reduce_retracing=True)
     def classify(images):
-        return probs_and_embedding(model(tf.cast(images, tf.float32) / 255.0, training=False))
+        return probs_and_features(tf.cast(images, tf.float32) / 255.0)
 
     return classify
 
@@ -53,7 +56,7 @@ def memory_lr_method(run: RunRecord) -> str:
 def classify_tiles(
     classify, images: Iterator[np.ndarray], run: RunRecord, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(probabilities, pooled embeddings) of HR tiles in memory, through the run's view
+    """(probabilities, out-of-domain features) of HR tiles in memory, through the run's view
     (``classify``: :func:`hr_classifier`)."""
     out, emb = [], []
     for b in batched(images, batch_size):
@@ -65,22 +68,23 @@ def classify_tiles(
     return np.concatenate(out), np.concatenate(emb)
 
 
-def hr_classifier(model, run: RunRecord):
-    """One compiled graph per model and view: uint8 HR tiles -> (probabilities, pooled
-    features), the LR view made as training made it. Eager calls would leave TensorFlow's
-    constants behind on every batch (memory growing with the number of inputs)."""
+def hr_classifier(model, run: RunRecord, stats=None):
+    """One compiled graph per model and view: uint8 HR tiles -> (probabilities, the features
+    ``stats`` scores), the LR view made as training made it. Eager calls would leave
+    TensorFlow's constants behind on every batch (memory growing with the number of inputs)."""
     import tensorflow as tf
 
     from kd_histo.data.views import resize
-    from kd_histo.evaluation.ood_report import probs_and_embedding
+    from kd_histo.evaluation.ood_report import probs_and_ood_features
 
     view, input_px, method = run.view, run.input_px, memory_lr_method(run)
+    probs_and_features = probs_and_ood_features(model, stats)
 
     @tf.function(reduce_retracing=True)
     def classify(images):
         x = tf.cast(images, tf.float32) / 255.0
         if view == "lr":  # the run's factor and method
             x = resize(x, input_px, method)
-        return probs_and_embedding(model(x, training=False))
+        return probs_and_features(x)
 
     return classify

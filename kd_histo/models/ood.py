@@ -1,100 +1,204 @@
-"""How far a tile is from the training data: class-conditional Gaussians of the net's embedding.
+"""How far a tile is from the training data: class-conditional Gaussians of the net's feature
+statistics at several depths.
 
-At the end of training a run measures, on its labeled training tiles, one Gaussian per class of
-the embedding (the last feature map, average-pooled: what the classifier reads) with a shared
-covariance, as in Lee et al., "A simple unified framework for detecting out-of-distribution
-samples and adversarial attacks" (NeurIPS 2018). A tile's score is its squared Mahalanobis
-distance to the nearest class mean; the threshold is the score that ``flag_fraction`` (5%) of the
-validation tiles exceed, so a tile above it is "unlike anything the model was trained on". A
-slide whose flagged fraction is above ``--ood_warn_fraction`` gets a warning.
+At the end of training a run measures, on its labeled training tiles, the statistics of a few of
+the net's maps (:class:`OODTerm`): the channel mean and standard deviation of its normalised input
+(colour) and of each stage's output but the last (texture), and the pooled last feature map (what
+the classifier reads). Each gets one Gaussian per class with a shared covariance; a tile's
+distance in each is its squared Mahalanobis distance to the nearest class mean, as in Lee et al.,
+"A simple unified framework for detecting out-of-distribution samples and adversarial attacks"
+(NeurIPS 2018), who combine such layers' distances. Here each distance is standardised by its mean
+and standard deviation on the validation tiles and the score is their maximum: a tile unlike the
+training tiles at any depth is flagged. The threshold is the score that ``flag_fraction`` (5%) of
+the validation tiles exceed. A slide whose flagged fraction is above ``--ood_warn_fraction`` gets
+a warning.
 
-The score costs one [B, D] x [D, D] product and one [B, D] x [D, K] product per batch (D = the
-embedding width, 256 at paper widths): small beside the net. Not here: where the embedding comes
-from (the models' ``features`` output) and the file the statistics live in (the run folder,
-written by training).
+Why several depths (issue 30, ``benchmarks/bench_ood_variants.py``): the x8 student's pooled last
+map, read from 14 px tiles, barely moves for pink skin tissue (23% of the CMU slide's tiles
+flagged, against 100% with the input's colour statistics among the terms).
+
+Runs trained before kept one term, the pooled last map, unstandardised; they load as such (said
+once) and ``kd_histo.training.domain.refit_ood`` measures the new statistics without retraining.
+
+The score costs, per term, one [B, D] x [D, D] product (D = 2 channels, or the last map's width):
+small beside the net. Not here: where the maps come from (:mod:`kd_histo.models.ood_features`),
+the file's place (the run folder, written by training).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 import numpy as np
 
 from kd_histo import atomic
 
+_LOG = logging.getLogger(__name__)
 OOD_FILE = "ood.npz"
+FORMAT = 2  # ood.npz with terms; a file without "format" is the single pooled term of before
 FLAG_FRACTION = 0.05  # of the validation tiles above the threshold, by construction
 WARN_FRACTION = 0.5  # a slide with more of its tiles flagged than this gets a warning
 NO_STATS = (
     "this run has no out-of-domain statistics (trained without a val split, or before kd_histo "
     "measured them): no ood_score / ood_flag columns"
 )
+SINGLE_TERM = (
+    "{path}: out-of-domain statistics of the pooled last feature map only (a run trained before "
+    "the multi-depth score; it misses tissue of other sites that a low-resolution net's last map "
+    "does not tell apart): refit them with python tools/refit_ood.py --model_dir={run_dir}"
+)
 SHRINKAGE = 1e-3  # ridge on the shared covariance, relative to its mean variance
+MOMENTS = ("mean", "mean_sd")  # channel means only, or channel means then standard deviations
+_SAID: set[str] = set()  # runs whose single-term statistics were reported (once per process)
+
+
+@dataclasses.dataclass(frozen=True)
+class OODTerm:
+    """One map's class-conditional Gaussians and how its distances are standardised.
+
+    Attributes:
+      layer: the net's layer whose output map is measured, or "features" (the net's last map).
+      moments: "mean" (the channel means: the pooled map) or "mean_sd" (then the channel
+        standard deviations), over the map's positions.
+      means: [K, D] class means on the training tiles.
+      precision: [D, D] inverse of the shared (tied, shrunk) covariance.
+      center: mean of the validation tiles' distances (0 for a run's single old term).
+      scale: their standard deviation (1 for a run's single old term).
+    """
+
+    layer: str
+    moments: str
+    means: np.ndarray
+    precision: np.ndarray
+    center: float = 0.0
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.moments not in MOMENTS:
+            raise ValueError(f"ood: moments must be one of {MOMENTS}, got {self.moments!r}")
+        k, d = np.shape(self.means)
+        if np.shape(self.precision) != (d, d):
+            raise ValueError(f"ood: precision must be [{d}, {d}], got {np.shape(self.precision)}")
+        if not (np.isfinite(self.means).all() and np.isfinite(self.precision).all()):
+            raise ValueError("ood: statistics are not finite")
+        if not (np.isfinite(self.center) and np.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"ood: standardisation {self.center}, {self.scale} is not usable")
+
+    @property
+    def dim(self) -> int:
+        return int(np.shape(self.means)[1])
+
+    def distances(self, x: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance of each [N, D] row to its nearest class mean."""
+        return mahalanobis_min(x, self.means, self.precision)
+
+    def standardised(self, x: np.ndarray) -> np.ndarray:
+        return (self.distances(x) - self.center) / self.scale
 
 
 @dataclasses.dataclass(frozen=True)
 class OODStats:
-    """Class means, shared precision and calibrated threshold of one run's embedding.
+    """A run's out-of-domain model: its terms and the calibrated threshold of their combination.
+
+    A tile's features are its terms' statistics concatenated in term order ([N, sum of dims],
+    :mod:`kd_histo.models.ood_features` measures them); its score is the maximum over the terms
+    of the standardised distance.
 
     Attributes:
-      means: [K, D] class means of the embedding on the training tiles.
-      precision: [D, D] inverse of the shared (tied, shrunk) covariance.
-      threshold: squared Mahalanobis distance above which a tile is flagged.
+      terms: the measured maps, in order.
+      threshold: score above which a tile is flagged.
       flag_fraction: the fraction of validation tiles above the threshold when it was calibrated.
       num_fit: training tiles the Gaussians were measured on.
       num_calibration: validation tiles the threshold was calibrated on.
     """
 
-    means: np.ndarray
-    precision: np.ndarray
+    terms: tuple[OODTerm, ...]
     threshold: float
     flag_fraction: float = FLAG_FRACTION
     num_fit: int = 0
     num_calibration: int = 0
 
     def __post_init__(self):
-        k, d = np.shape(self.means)
-        if np.shape(self.precision) != (d, d):
-            raise ValueError(f"ood: precision must be [{d}, {d}], got {np.shape(self.precision)}")
-        if not (np.isfinite(self.means).all() and np.isfinite(self.precision).all()):
-            raise ValueError("ood: statistics are not finite")
+        if not self.terms:
+            raise ValueError("ood: no terms")
         if not np.isfinite(self.threshold):
             raise ValueError(f"ood: threshold {self.threshold} is not finite")
 
-    def scores(self, embeddings: np.ndarray) -> np.ndarray:
-        """Squared Mahalanobis distance of each [N, D] embedding to its nearest class mean."""
-        return mahalanobis_min(embeddings, self.means, self.precision)
+    @property
+    def layers(self) -> tuple[tuple[str, str], ...]:
+        """(layer, moments) of each term: what :mod:`kd_histo.models.ood_features` measures."""
+        return tuple((t.layer, t.moments) for t in self.terms)
 
-    def flags(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, flagged) for [N, D] embeddings."""
-        s = self.scores(embeddings)
+    @property
+    def dim(self) -> int:
+        return sum(t.dim for t in self.terms)
+
+    def split(self, features: np.ndarray) -> list[np.ndarray]:
+        """[N, dim] features -> each term's [N, D] part."""
+        x = np.asarray(features, np.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"ood: features must be [N, {self.dim}], got {list(x.shape)}")
+        return np.split(x, np.cumsum([t.dim for t in self.terms])[:-1], axis=1)
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Each tile's score: the largest standardised distance over the terms, [N] float64."""
+        parts = self.split(features)
+        return np.max([t.standardised(x) for t, x in zip(self.terms, parts)], axis=0)
+
+    def flags(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, flagged) for [N, dim] features."""
+        s = self.scores(features)
         return s, s > self.threshold
 
     def save(self, run_dir: str) -> str:
         path = os.path.join(run_dir, OOD_FILE)
         meta = {
-            k: getattr(self, k)
-            for k in ("threshold", "flag_fraction", "num_fit", "num_calibration")
+            "format": FORMAT,
+            **{
+                k: getattr(self, k)
+                for k in ("threshold", "flag_fraction", "num_fit", "num_calibration")
+            },
+            "terms": [
+                {"layer": t.layer, "moments": t.moments, "center": t.center, "scale": t.scale}
+                for t in self.terms
+            ],
         }
+        arrays = {}
+        for i, t in enumerate(self.terms):
+            arrays[f"means_{i}"], arrays[f"precision_{i}"] = t.means, t.precision
         with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, means=self.means, precision=self.precision, meta=json.dumps(meta))
+            np.savez(f, meta=json.dumps(meta), **arrays)
         return path
 
     @classmethod
     def load(cls, run_dir: str) -> OODStats | None:
-        """The run's statistics, or None for a run trained before they existed."""
+        """The run's statistics, or None for a run trained before they existed. A run's single
+        pooled term of before loads as such, said once per run and process."""
         path = os.path.join(run_dir, OOD_FILE)
         if not os.path.exists(path):
             return None
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
-                return cls(means=z["means"], precision=z["precision"], **meta)
+                if "format" not in meta:  # before issue 30's refit: the pooled last map
+                    term = OODTerm("features", "mean", z["means"], z["precision"])
+                    if path not in _SAID:
+                        _SAID.add(path)
+                        _LOG.info(SINGLE_TERM.format(path=path, run_dir=run_dir))
+                    return cls(terms=(term,), **meta)
+                if meta.pop("format") > FORMAT:
+                    raise ValueError(f"format newer than this kd_histo's ({FORMAT}); upgrade")
+                terms = tuple(
+                    OODTerm(means=z[f"means_{i}"], precision=z[f"precision_{i}"], **t)
+                    for i, t in enumerate(meta.pop("terms"))
+                )
+                return cls(terms=terms, **meta)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(
-                f"{path}: unreadable out-of-domain statistics ({e}); retrain or "
+                f"{path}: unreadable out-of-domain statistics ({e}); refit or retrain, or "
                 "delete the file to predict without the flag"
             ) from None
 
@@ -164,23 +268,48 @@ def calibrate(val_scores: np.ndarray, flag_fraction: float = FLAG_FRACTION) -> f
     return float(np.sort(s)[::-1][min(round(flag_fraction * s.size), s.size - 1)])
 
 
-def fit(
-    train_embeddings: np.ndarray,
+def fit_term(
+    layer: str,
+    moments: str,
+    train: np.ndarray,
     train_labels: np.ndarray,
-    val_embeddings: np.ndarray,
+    val: np.ndarray,
     num_classes: int,
+) -> OODTerm:
+    """One term: Gaussians on the training rows, standardised by the validation distances."""
+    means, precision = fit_gaussians(train, train_labels, num_classes)
+    d = mahalanobis_min(val, means, precision)
+    return OODTerm(layer, moments, means, precision, float(d.mean()), float(max(d.std(), 1e-12)))
+
+
+def fit(
+    train_parts: list[np.ndarray],
+    train_labels: np.ndarray,
+    val_parts: list[np.ndarray],
+    num_classes: int,
+    layers: tuple[tuple[str, str], ...] = (("features", "mean"),),
     flag_fraction: float = FLAG_FRACTION,
 ) -> OODStats:
-    """Gaussians on the training embeddings, threshold calibrated on the validation ones."""
-    means, precision = fit_gaussians(train_embeddings, train_labels, num_classes)
-    threshold = calibrate(mahalanobis_min(val_embeddings, means, precision), flag_fraction)
-    return OODStats(
-        means,
-        precision,
-        threshold,
-        flag_fraction,
-        int((train_labels >= 0).sum()),
-        len(val_embeddings),
+    """One term per (layer, moments) of ``layers`` from its part of the training and validation
+    features ([N, D] each, in the same order), the threshold calibrated on the validation
+    tiles' combined score."""
+    if not len(train_parts) == len(val_parts) == len(layers):
+        raise ValueError(
+            f"ood: {len(layers)} layers, {len(train_parts)} training and {len(val_parts)} "
+            "validation parts"
+        )
+    terms = tuple(
+        fit_term(name, moments, x, train_labels, v, num_classes)
+        for (name, moments), x, v in zip(layers, train_parts, val_parts)
+    )
+    unset = OODStats(terms, 0.0)
+    threshold = calibrate(unset.scores(np.concatenate(val_parts, axis=1)), flag_fraction)
+    return dataclasses.replace(
+        unset,
+        threshold=threshold,
+        flag_fraction=flag_fraction,
+        num_fit=int((np.asarray(train_labels) >= 0).sum()),
+        num_calibration=len(val_parts[0]),
     )
 
 

@@ -10,7 +10,7 @@ from kd_histo.models import ood
 def _stats(rng, d=16, k=3):
     x = rng.normal(size=(200, d)) * rng.uniform(0.5, 3.0, size=d) + 4.0
     y = rng.integers(0, k, size=200)
-    return ood.fit(x, y, rng.normal(size=(50, d)) + 4.0, k)
+    return ood.fit([x], y, [rng.normal(size=(50, d)) + 4.0], k)
 
 
 def test_scores_in_graph_match_the_numpy_scores():

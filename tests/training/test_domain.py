@@ -4,6 +4,7 @@ stores at its end flag tiles unlike its training data."""
 
 import csv
 import dataclasses
+import json
 import logging
 import os
 
@@ -17,12 +18,18 @@ from kd_histo.data import stain_norm
 from kd_histo.data.pipeline import PipelineConfig, make_dataset
 from kd_histo.data.stain_norm import StainConfig
 from kd_histo.evaluation.evaluate import EvalConfig, evaluate_run
-from kd_histo.models import build_model, load_model, ood
+from kd_histo.models import build_model, load_model, ood, ood_features
 from kd_histo.models.stain import StainNormalization, stain_reference_of
-from kd_histo.training import train
+from kd_histo.training import domain, train
 from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
 from kd_histo.training.preflight import PreflightError
 from kd_histo.training.run_record import read_run_record
+
+
+def _ood_features(net, images, stats) -> np.ndarray:
+    """The tiles' statistics that ``stats`` scores, measured by the net (one pass)."""
+    _, f = ood_features.feature_function(net, stats.layers)(np.asarray(images, np.float32))
+    return np.asarray(f, np.float64)
 
 
 def _cfg(data_dir, model_dir, **kw) -> RunConfig:
@@ -121,8 +128,7 @@ def test_ood_threshold_is_calibrated_on_val_and_flags_an_unseen_kind_of_tile(tmp
         return np.concatenate([b["hr"].numpy() for b in make_dataset(plain, split, training=False)])
 
     def flagged(images):
-        feats = net(images, training=False)["features"].numpy()
-        return np.mean(stats.scores(ood.embed(feats)) > stats.threshold)
+        return np.mean(stats.scores(_ood_features(net, images, stats)) > stats.threshold)
 
     val = tiles("val")
     assert stats.num_calibration == len(val)
@@ -136,6 +142,25 @@ def test_ood_threshold_is_calibrated_on_val_and_flags_an_unseen_kind_of_tile(tmp
     green[..., 1] = 0.6 + 0.4 * stripes[None, None, :]
     green += rng.uniform(0, 0.05, green.shape).astype(np.float32)
     assert flagged(green) >= 0.9
+    assert stats.layers == ood_features.default_layers(net) and len(stats.terms) == 5
+
+    # A run of before (the pooled term alone, no threshold of the new score) refitted without
+    # training: the statistics training stores, measured again on the same tiles.
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    with open(old / ood.OOD_FILE, "wb") as f:
+        np.savez(
+            f, means=np.zeros((4, 64)), precision=np.eye(64), meta=json.dumps({"threshold": 1.0})
+        )
+    refit = domain.refit_ood(str(old), log=lambda line: None)
+    back = ood.OODStats.load(str(old))
+    assert back.layers == stats.layers and back.num_calibration == stats.num_calibration
+    assert back.threshold == pytest.approx(stats.threshold, rel=1e-4) == refit.threshold
+    for a, b in zip(back.terms, stats.terms):
+        np.testing.assert_allclose(a.means, b.means, rtol=1e-4, atol=1e-6)
+    assert read_run_record(str(old)).ood_threshold == pytest.approx(back.threshold)
 
 
 def test_a_run_without_val_has_no_ood_statistics_and_says_so(tiny_shards_without, tmp_path, caplog):
@@ -157,12 +182,12 @@ def test_evaluation_scores_each_tile_and_summarises_slides(reinhard_teacher, tmp
     )
     with open(files["predictions"]) as f:
         rows = list(csv.DictReader(f))
-    # The scores, by hand: the saved net's pooled features of the same tiles, in file order.
+    # The scores, by hand: the saved net's statistics of the same tiles, in file order.
     record = read_run_record(reinhard_teacher)
     net = load_model(record.model_path(reinhard_teacher))
     plain = PipelineConfig(record.data_dir, batch_size=64)
     images = np.concatenate([b["hr"].numpy() for b in make_dataset(plain, "test", training=False)])
-    expected = stats.scores(ood.embed(net(images, training=False)["features"].numpy()))
+    expected = stats.scores(_ood_features(net, images, stats))
     got = np.array([float(r["ood_score"]) for r in rows])
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
     flags = np.array([int(r["ood_flag"]) for r in rows])
@@ -217,7 +242,7 @@ def test_prediction_scores_each_tile_and_warns_per_slide(reinhard_teacher, tmp_p
     for i, im in enumerate(images):
         Image.fromarray(np.round(im * 255).astype(np.uint8)).save(folder / f"t{i:03d}.png")
     pngs = np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))]) / 255.0
-    expected = stats.scores(ood.embed(net(pngs.astype(np.float32))["features"].numpy()))
+    expected = stats.scores(_ood_features(net, pngs, stats))
     stats = dataclasses.replace(stats, threshold=float(np.median(expected)))
     stats.save(reinhard_teacher)
     out = tmp_path / "pred"

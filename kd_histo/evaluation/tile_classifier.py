@@ -18,14 +18,15 @@ import numpy as np
 from kd_histo.training.run_record import RunRecord
 
 
-def slide_classifier(model):
-    """(class probabilities, pooled last feature map) of uint8 tiles at the model's input size,
-    as one compiled graph (the embedding is what the out-of-domain score reads)."""
+def slide_classifier(model, input_px: int):
+    """(class probabilities, pooled last feature map) of uint8 tiles ``[n, input_px, input_px, 3]``
+    (the model's input size), as one compiled graph for any ``n``, traced once (the embedding is
+    what the out-of-domain score reads). Each tile's outputs do not depend on the batch size."""
     import tensorflow as tf
 
     from kd_histo.evaluation.ood_report import probs_and_embedding
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[tf.TensorSpec([None, input_px, input_px, 3], tf.uint8)])
     def classify(images):
         return probs_and_embedding(model(tf.cast(images, tf.float32) / 255.0, training=False))
 

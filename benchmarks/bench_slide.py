@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -146,6 +147,7 @@ def predict_once(run_dir: str, slide: str, out_dir: str, extra: list[str]) -> di
     ]
     if FLAGS.num_workers:
         cmd.append(f"--num_workers={FLAGS.num_workers}")
+    shutil.rmtree(out_dir, ignore_errors=True)  # a finished out_dir would be resumed: skipped
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)

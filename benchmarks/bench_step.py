@@ -28,9 +28,11 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags  # noqa: E402
@@ -68,6 +70,18 @@ def define_flags():
         ["wall", "process"],
         "wall: images per wall-clock second; process: per second of the process's CPU time "
         "(with --threads=1, a measure of work that a busy machine disturbs less)",
+    )
+    flags.DEFINE_bool(
+        "predict_batch",
+        True,
+        "inference also at the batch kd-histo-predict runs that input size with "
+        "(kd_histo.evaluation.slide_predict.tiles_per_batch of --batch), in every framework",
+    )
+    flags.DEFINE_bool(
+        "tflite",
+        False,
+        "inference also through the net exported as kd-histo-export writes it (TFLite, float32, "
+        "fixed batch; XNNPACK), as kd-histo-predict --model=<export> runs it",
     )
     flags.DEFINE_list(
         "torch_layouts",
@@ -139,6 +153,7 @@ def bench_one(
         "factor": factor,
         "mode": mode,
         "student_px": lr_px,
+        "batch": batch,
         "images_per_s": round(statistics.median(rates), 1),
         "runs": [round(r, 1) for r in rates],
     }
@@ -170,12 +185,71 @@ def bench_infer(
     return {
         "px": px,
         "mode": "infer",
+        "batch": batch,
         "images_per_s": round(statistics.median(rates), 1),
         "runs": [round(r, 1) for r in rates],
     }
 
 
-def run_torch(f, *, factors: str = "", modes: str = "", infer_px: str = "") -> list[dict]:
+def bench_tflite(
+    px: int,
+    *,
+    batch: int,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    planes: tuple[int, ...],
+    threads: int,
+    work: str,
+) -> dict:
+    """Times bench_infer's net (same seed) exported by kd-histo-export's library as a float32
+    TFLite graph of ``batch`` uint8 tiles of ``px`` (its preprocessing and softmax included), run
+    as kd-histo-predict --model runs it (``ExportedModel``: the interpreter with XNNPACK)."""
+    import keras
+    import numpy as np
+
+    from kd_histo.evaluation.export import ExportConfig, export
+    from kd_histo.evaluation.exported import ExportedModel
+    from kd_histo.models import build_model
+    from kd_histo.training import run_record
+
+    run_dir, out = os.path.join(work, f"run_{px}"), os.path.join(work, f"tflite_{px}_{batch}")
+    if not os.path.isdir(run_dir):
+        keras.utils.set_random_seed(0)
+        mean, std = (0.7, 0.5, 0.7), (0.15, 0.2, 0.15)
+        net = build_model("resnet_gn", 3, mean=list(mean), std=list(std), planes=planes)
+        os.makedirs(run_dir)
+        net.save(os.path.join(run_dir, run_record.MODEL_FILE))
+        record = run_record.RunRecord(
+            mode="teacher", view="hr", factor=1.0, lr_method="area", hr_px=px, input_px=px,
+            mpp=0.5, class_names=("a", "b", "c"), mean=mean, std=std, arch="resnet_gn",
+        )  # fmt: skip
+        run_record.write_run_record(run_dir, record)
+    if not os.path.isdir(out):
+        export(ExportConfig(model_dir=run_dir, out=out, format="tflite", batch_size=batch))
+    model = ExportedModel(out, num_threads=threads)
+    x = np.random.default_rng(0).integers(0, 256, (batch, px, px, 3), np.uint8)
+    for _ in range(warmup):
+        model.probabilities(x)
+    rates = []
+    for _ in range(repeats):
+        start = CLOCK()
+        for _ in range(steps):
+            model.probabilities(x)
+        rates.append(steps * batch / (CLOCK() - start))
+    return {
+        "px": px,
+        "mode": "infer",
+        "batch": batch,
+        "images_per_s": round(statistics.median(rates), 1),
+        "runs": [round(r, 1) for r in rates],
+        "xnnpack": model.xnnpack_delegated(),
+    }
+
+
+def run_torch(
+    f, *, factors: str = "", modes: str = "", infer_px: str = "", batch: int = 0
+) -> list[dict]:
     """Runs benchmarks/torch_step.py under --torch_python per layout; returns its JSON records."""
     records = []
     for layout in f.torch_layouts:
@@ -187,7 +261,7 @@ def run_torch(f, *, factors: str = "", modes: str = "", infer_px: str = "") -> l
             f"--factors={factors}",
             f"--modes={modes}",
             f"--infer_px={infer_px}",
-            f"--batch={f.batch}",
+            f"--batch={batch or f.batch}",
             f"--hr_px={f.hr_px}",
             f"--steps={f.steps}",
             f"--warmup={f.warmup}",
@@ -205,23 +279,35 @@ def run_torch(f, *, factors: str = "", modes: str = "", infer_px: str = "") -> l
     return records
 
 
-def markdown(results: list[dict], torch_results: list[dict], layouts: list[str]) -> str:
-    """Images/s of kd_histo and PyTorch (per layout) and their ratio, one row per step and input."""
+def markdown(
+    results: list[dict], torch_results: list[dict], layouts: list[str], tflite: list[dict] = ()
+) -> str:
+    """Images/s of kd_histo, the exported TFLite net (inference rows, with ``tflite``) and PyTorch
+    (per layout), and the ratios to PyTorch, one row per step, input and batch."""
 
     def key(r):
-        return (r["mode"], r.get("factor", r.get("px")), r.get("layout"))
+        return (r["mode"], r.get("factor", r.get("px")), r.get("batch"))
 
-    theirs = {key(r): r["images_per_s"] for r in torch_results}
-    head = ["step", "input", "kd_histo img/s"]
+    theirs = {(*key(r), r.get("layout")): r["images_per_s"] for r in torch_results}
+    lite = {key(r): r["images_per_s"] for r in tflite}
+    head = ["step", "input", "batch", "kd_histo img/s"] + (["TFLite img/s"] if tflite else [])
     for lay in layouts:
         head += [f"PyTorch {lay} img/s", f"kd_histo / PyTorch {lay}"]
+        head += [f"TFLite / PyTorch {lay}"] if tflite else []
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if a and b else "n/a"
+
     for r in results:
         what = f"x{r['factor']} ({r['student_px']} px)" if "factor" in r else f"{r['px']} px"
-        cells = [r["mode"], what, str(r["images_per_s"])]
+        lt = lite.get(key(r))
+        cells = [r["mode"], what, str(r.get("batch", "")), str(r["images_per_s"])]
+        cells += [str(lt or "n/a")] if tflite else []
         for lay in layouts:
-            t = theirs.get((r["mode"], r.get("factor", r.get("px")), lay))
-            cells += [str(t or "n/a"), f"{r['images_per_s'] / t:.2f}" if t else "n/a"]
+            t = theirs.get((*key(r), lay))
+            cells += [str(t or "n/a"), ratio(r["images_per_s"], t)]
+            cells += [ratio(lt, t)] if tflite else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -254,11 +340,27 @@ def main(argv):
         theirs = run_torch(f, factors=fac, modes=",".join(f.modes)) if f.compare_torch else []
         for i, r in enumerate(ours):
             done(r, theirs if i == len(ours) - 1 else ())
+    lite = []
+    work = tempfile.mkdtemp(prefix="bench_step_tflite-") if f.tflite else ""
     for px in f.infer_px:
-        r = bench_infer(int(px), **timing)
-        done(r, run_torch(f, infer_px=px) if f.compare_torch else ())
-    if f.compare_torch:
-        print(markdown(results, torch_results, f.torch_layouts))
+        batches = [f.batch]
+        if f.predict_batch:  # kd-histo-predict's batch of this input size (students: larger)
+            from kd_histo.evaluation.slide_predict import tiles_per_batch
+
+            batches += [tiles_per_batch(f.batch, f.hr_px, int(px))]
+        for b in dict.fromkeys(batches):
+            r = bench_infer(int(px), **{**timing, "batch": b})
+            if f.tflite:
+                threads = f.threads or os.cpu_count()
+                lite.append(
+                    bench_tflite(int(px), **{**timing, "batch": b}, threads=threads, work=work)
+                )
+                print(json.dumps({"tflite": lite[-1]}), file=sys.stderr, flush=True)
+            done(r, run_torch(f, infer_px=px, batch=b) if f.compare_torch else ())
+    if work:
+        shutil.rmtree(work, ignore_errors=True)
+    if f.compare_torch or f.tflite:
+        print(markdown(results, torch_results, f.torch_layouts if f.compare_torch else [], lite))
     print(
         json.dumps(
             {
@@ -280,6 +382,7 @@ def main(argv):
                 "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "default"),
                 "results": results,
                 "torch_results": torch_results,
+                "tflite_results": lite,
             },
             indent=1,
         )

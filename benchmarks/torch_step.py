@@ -197,6 +197,7 @@ def main():
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "layout": "channels_last" if a.channels_last else "nchw",
+        "batch": a.batch,
     }
     for f in [int(v) for v in a.factors.split(",") if v]:
         for mode in [m for m in a.modes.split(",") if m]:

@@ -33,13 +33,9 @@ from kd_histo.evaluation import cohort, input_paths
 from kd_histo.evaluation.input_paths import tile_mpp
 from kd_histo.evaluation.predict_inputs import Tiles, folder_tiles
 from kd_histo.evaluation.prediction_files import ScoredGroup
-from kd_histo.evaluation.qupath_out import OBJECT_TYPES, SlideGrid
-from kd_histo.evaluation.tile_classifier import (
-    classify_tiles,
-    hr_classifier,
-    memory_lr_method,
-    slide_classifier,
-)
+from kd_histo.evaluation.qupath_out import OBJECT_TYPES
+from kd_histo.evaluation.slide_predict import predict_slide
+from kd_histo.evaluation.tile_classifier import classify_tiles, hr_classifier, slide_classifier
 from kd_histo.models import ood
 from kd_histo.progress import progress
 from kd_histo.settings import (
@@ -178,56 +174,6 @@ class PredictConfig:
             )
 
 
-def _predict_slide(
-    classify, path: str, run: RunRecord, cfg: PredictConfig, mpp: float
-) -> tuple[Tiles, np.ndarray, np.ndarray]:
-    """A slide's tissue tiles read at the model's own µm/px (``slide_reader``), classified:
-    (tiles, probabilities, out-of-domain features)."""
-    from kd_histo.evaluation import slide_reader
-
-    plan = slide_reader.plan_read(
-        path,
-        hr_px=run.hr_px,
-        hr_mpp=mpp,
-        input_px=run.input_px,
-        method=memory_lr_method(run),
-        min_tissue=cfg.min_tissue,
-        max_tiles=cfg.max_tiles,
-        slide_mpp=cfg.slide_mpp,
-    )
-    if plan.note:
-        _LOG.info(plan.note)
-    sid = os.path.splitext(os.path.basename(path))[0]
-    progress = slide_reader.Progress(sid, len(plan.coords))
-    out, emb = [], []
-    # the readers fill the next batches while the model runs on this one
-    for batch in slide_reader.stream_batches(plan, cfg.batch_size, num_workers=cfg.num_workers):
-        probs, pooled = classify(batch)
-        out.append(np.asarray(probs))
-        emb.append(np.asarray(pooled))
-        progress.update(len(batch))
-    progress.close(
-        f" (level {plan.level} at {plan.level_mpp:.3g} µm/px, {plan.read_px} px reads, "
-        f"{plan.input_px} px model input)"
-    )
-
-    def reread(idx) -> Iterator[np.ndarray]:  # HR tiles for the cascade's teacher, at its own level
-        hr = slide_reader.for_input(plan, run.hr_px, coords=[plan.coords[i] for i in idx])
-        for batch in slide_reader.stream_batches(hr, cfg.batch_size, num_workers=cfg.num_workers):
-            yield from batch
-
-    from kd_histo.convert import slides
-
-    slide = slides.open_slide(path)  # readable a moment ago (plan_read opened it)
-    try:
-        width, height = slide.dimensions
-    finally:
-        slide.close()
-    grid = SlideGrid(path, plan.size_l0, plan.base_mpp, width, height)
-    tiles = Tiles(sid, [path] * len(plan.coords), list(plan.coords), None, grid=grid, reread=reread)
-    return tiles, np.concatenate(out), np.concatenate(emb)
-
-
 def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) -> dict[str, str]:
     """Predicts this task's share of the inputs, each written when it finishes
     (``kd_histo.evaluation.cohort``: a rerun resumes), then (one task) the cohort's tables.
@@ -339,7 +285,18 @@ def _score_input(
     from kd_histo.convert.errors import SkipInput
 
     try:
-        tiles = _predict_slide(scorer.classify, path, scorer.run, scorer.cfg, scorer.mpp)
+        cfg = scorer.cfg
+        tiles = predict_slide(
+            scorer.classify,
+            path,
+            scorer.run,
+            mpp=scorer.mpp,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            min_tissue=cfg.min_tissue,
+            max_tiles=cfg.max_tiles,
+            slide_mpp=cfg.slide_mpp,
+        )
         return [scorer.tiles(*tiles)], skipped
     except (ValueError, SkipInput, openslide.OpenSlideError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
@@ -358,7 +315,9 @@ class _Scorer:
         if self.ood is None and not self.exported:
             _LOG.info(ood.NO_STATS)
         # slides: tiles read at the model's input size; HR tiles in memory: the run's view
-        self.classify = model.classify if self.exported else slide_classifier(model, self.ood)
+        self.classify = (
+            model.classify if self.exported else slide_classifier(model, run.input_px, self.ood)
+        )
         self.classify_hr = None if self.exported else hr_classifier(model, run, self.ood)
         if cascade is not None:  # (the teacher's compiled graph, its record)
             self.cascade = (hr_classifier(*cascade), cascade[1])

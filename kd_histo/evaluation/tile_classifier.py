@@ -18,17 +18,19 @@ import numpy as np
 from kd_histo.training.run_record import RunRecord
 
 
-def slide_classifier(model, stats=None):
-    """(class probabilities, the features ``stats`` scores) of uint8 tiles at the model's input
-    size, as one compiled graph (:func:`kd_histo.evaluation.ood_report.probs_and_ood_features`;
-    ``stats``: the run's :class:`kd_histo.models.ood.OODStats` or None)."""
+def slide_classifier(model, input_px: int, stats=None):
+    """(class probabilities, the features ``stats`` scores) of uint8 tiles
+    ``[n, input_px, input_px, 3]`` (the model's input size), as one compiled graph for any ``n``,
+    traced once (:func:`kd_histo.evaluation.ood_report.probs_and_ood_features`; ``stats``: the
+    run's :class:`kd_histo.models.ood.OODStats` or None). Each tile's outputs do not depend on the
+    batch size."""
     import tensorflow as tf
 
     from kd_histo.evaluation.ood_report import probs_and_ood_features
 
     probs_and_features = probs_and_ood_features(model, stats)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[tf.TensorSpec([None, input_px, input_px, 3], tf.uint8)])
     def classify(images):
         return probs_and_features(tf.cast(images, tf.float32) / 255.0)
 

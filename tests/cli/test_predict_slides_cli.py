@@ -218,3 +218,23 @@ def test_cascade_teacher_rereads_the_slide_tiles_at_its_own_level(runs, tmp_path
             got, [float(want[k]) for k in want if k.startswith("prob_")], atol=1e-4
         )
     _check_qupath_files(tmp_path / "cascade", "pyr", rows, 64)
+
+
+def test_slide_outputs_do_not_depend_on_the_batch(runs, tmp_path):
+    # a student's batch holds up to batch_size HR tiles' pixels (slide_predict.tiles_per_batch):
+    # the bytes written must not change with it (each tile is normalised on its own)
+    from kd_histo.evaluation.slide_predict import tiles_per_batch
+
+    assert tiles_per_batch(32, 224, 28) == 256 and tiles_per_batch(5, 32, 16) == 20
+    assert tiles_per_batch(32, 224, 224) == 32 and tiles_per_batch(512, 224, 28) == 512
+    slide = _slide(tmp_path / "pyr.tif", levels=3)
+    outs = []
+    for batch, workers in ((1, 0), (3, 2), (64, 2)):
+        out = tmp_path / f"pred_{batch}"
+        argv = [f"--model_dir={runs / 'student_x2'}", f"--inputs={slide}", f"--out_dir={out}"]
+        argv += ["--read_mpp=0.5", f"--batch_size={batch}", f"--num_workers={workers}"]
+        assert invoke("predict", *argv) == 0
+        outs.append(
+            [(out / n).read_bytes() for n in ("predictions.csv", "pyr_probabilities.ome.tif")]
+        )
+    assert outs[0] == outs[1] == outs[2]

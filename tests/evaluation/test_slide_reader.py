@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import tifffile
 from convert.pyramid_tiff import write_pyramid_tiff
 from PIL import Image
 
@@ -137,3 +138,48 @@ def test_progress_prints_one_summary_line_when_not_a_terminal():
     line = p.close(", level 2")
     assert err.getvalue() == "" and out.getvalue() == line + "\n"
     assert line.startswith("slide: 10 tiles in ") and "tiles/s, level 2" in line
+
+
+@pytest.mark.parametrize("input_px", [32, 16, 8, 4])  # levels 1-3 as stored, and a resize
+def test_read_tiles_gives_read_tiles_bytes_of_each_tile_also_off_the_scan(pyramid, input_px):
+    import dataclasses
+
+    from kd_histo.convert import slides
+
+    path, _ = pyramid
+    plan = slide_reader.plan_read(path, hr_px=HR_PX, hr_mpp=HR_MPP, input_px=input_px)
+    # the slide is 384 x 256 level-0 px: these tiles hang over its right and bottom edges, where
+    # OpenSlide returns transparent pixels that read_tile turns white
+    coords = list(plan.coords) + [(352, 0), (128, 224), (360, 232), (100, 37)]
+    plan = dataclasses.replace(plan, coords=tuple(coords))
+    slide = slides.open_slide(path)
+    try:
+        assert slide_reader._raw_reader(slide) is not None  # the one-buffer path is taken
+        got = slide_reader.read_tiles(slide, plan, plan.coords)
+        want = np.stack([slide_reader.read_tile(slide, plan, x, y) for x, y in plan.coords])
+    finally:
+        slide.close()
+    assert got.dtype == np.uint8 and got.shape == (len(coords), input_px, input_px, 3)
+    np.testing.assert_array_equal(got, want)
+    assert (got[-2][-1, -1] == 255).all()  # off the scan: white, as read_tile makes it
+
+
+def test_read_tiles_of_a_pillow_slide_reads_tile_by_tile(tmp_path):
+    from kd_histo.convert import slides
+
+    path = str(tmp_path / "strips.tif")  # stripped, not tiled: OpenSlide refuses it, Pillow reads
+    tifffile.imwrite(
+        path,
+        _tissue(2, 3),
+        resolution=(1e4 / BASE_MPP, 1e4 / BASE_MPP),
+        resolutionunit="CENTIMETER",
+    )
+    plan = slide_reader.plan_read(path, hr_px=HR_PX, hr_mpp=HR_MPP, input_px=16)
+    slide = slides.open_slide(path)
+    try:
+        assert slide_reader._raw_reader(slide) is None
+        got = slide_reader.read_tiles(slide, plan, plan.coords)
+        want = np.stack([slide_reader.read_tile(slide, plan, x, y) for x, y in plan.coords])
+    finally:
+        slide.close()
+    np.testing.assert_array_equal(got, want)

@@ -76,7 +76,7 @@ class DomainShiftConfig:
     )
     seeds: tuple[int, ...] = setting((0,), "One teacher and student per setting and seed.")
     settings: tuple[str, ...] = setting(
-        ("none", "macenko", "hed"),
+        ("none", "macenko", "reinhard", "hed"),
         "Training settings: none, macenko, reinhard (stain normalisation), hed (HED jitter).",
     )
     student_factor: float = setting(8.0, "Resolution factor of the label-free student.")

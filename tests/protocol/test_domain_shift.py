@@ -34,12 +34,12 @@ def _cfg(data_dir, tmp_path, **kw):
 
 def test_plan_pairs_each_teacher_with_its_label_free_student(tmp_path):
     data = support.write_tiny_shards(tmp_path / "data", unlabeled=8)  # 4 x 3 train tiles
-    specs = plan(_cfg(data, tmp_path, settings=("none", "macenko", "hed")))
+    specs = plan(_cfg(data, tmp_path, settings=("none", "macenko", "reinhard", "hed")))
     assert [(s.seed, s.setting, s.net) for s in specs][:2] == [
         (0, "none", "teacher"),
         (0, "none", "student_x8"),
     ]
-    assert len(specs) == 2 * 3 * 2
+    assert len(specs) == 2 * 4 * 2
     by = {(s.seed, s.setting, s.net): s.config for s in specs}
     t, st = by[(1, "macenko", "teacher")], by[(1, "macenko", "student_x8")]
     assert t.stain.method == "macenko" and t.seed == 1 and t.data.seed == 1
@@ -49,6 +49,10 @@ def test_plan_pairs_each_teacher_with_its_label_free_student(tmp_path):
     n_train = schema.DatasetInfo.read(data).num_examples("train")
     assert abs(st.data.unlabeled_ratio - 8 / (n_train + 8)) < 1e-9
     assert st.distill.teacher_cache.endswith("teacher_cache_macenko_x8")
+    t, st = by[(0, "reinhard", "teacher")], by[(0, "reinhard", "student_x8")]
+    assert t.stain.method == "reinhard" and t.data.augment == "flips"
+    assert st.stain.method == "none" and st.distill.teacher == t.model_dir
+    assert st.distill.teacher_cache.endswith("teacher_cache_reinhard_x8")
     hed = by[(0, "hed", "student_x8")]
     assert hed.data.augment == "paper+hed" and hed.distill.teacher_cache == ""
     assert by[(0, "hed", "teacher")].data.augment == "paper+hed"
@@ -163,3 +167,13 @@ def test_a_net_with_statistics_of_an_older_format_is_refitted(tmp_path, monkeypa
     stats.save(spec.model_dir)  # this kd_histo's format: left alone
     domain_shift._current_ood(spec, lambda line: None)
     assert refits == [spec.model_dir]
+
+
+def test_the_flagfile_trains_every_setting_of_the_runner():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "flags", "lc25000", "domain_shift.flags")) as f:
+        line = next(x for x in f if x.startswith("--settings="))
+    settings = tuple(line.strip().split("=", 1)[1].split(","))
+    assert settings == tuple(domain_shift.SETTINGS)  # reinhard too
+    base = RunConfig(mode="teacher", model_dir="x", data=PipelineConfig("d"))
+    assert DomainShiftConfig(out_dir="o", base=base, settings=settings).settings == settings

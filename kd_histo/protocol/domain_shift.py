@@ -22,12 +22,16 @@ a net whose ``ood.npz`` is older is refitted first, ``kd_histo.training.domain.r
 
 Layout of ``out_dir``: ``s<seed>/teacher_<setting>``, ``s<seed>/student_x8_<setting>`` (run
 folders, with ``measure/<test set>/`` inside), ``s<seed>/teacher_cache_<setting>_x8``,
-``probes/nct`` (the NCT tiles as 112 px tiles).
+``probes/nct`` (the NCT tiles as 112 px tiles). With ``teachers_from`` the ``none`` teacher is the
+main experiment's (``<teachers_from>/runs/s<seed>/teacher``, trained with the same settings:
+checked, refused in one line otherwise) and ``s<seed>/teacher_none`` holds its ``measure/`` only:
+nothing is written into the other experiment's run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -64,6 +68,9 @@ class DomainShiftConfig:
       slide: a whole-slide image of another organ (an OOD probe).
       slide_mpp: µm/px at which the slide is read into HR tiles (the run's data has none).
       timing_repeats: timed passes of the score's cost measurement.
+      teachers_from: a main experiment's folder (``kd-histo-experiment --out_dir``) whose teacher
+        of each seed is the ``none`` setting's teacher here, instead of training the same one
+        again (``flags/lc25000/experiment.flags`` trains it with these flags).
       redo: settings ("macenko") or setting/net ("none/teacher", "hed/student_x8") whose rows of
         ``seeds`` are measured again even if results.csv has them (once per command: a rerun
         with the same ``redo`` redoes them again).
@@ -88,6 +95,11 @@ class DomainShiftConfig:
     )
     slide_mpp: float = setting(1.0, "µm/px at which --slide is read into HR tiles.")
     timing_repeats: int = setting(21, "Timed passes of the out-of-domain score's cost.")
+    teachers_from: str = setting(
+        "",
+        "A main experiment's folder (e.g. runs/lc25000) whose teachers (runs/s<seed>/teacher) are "
+        "the none setting's teachers here; refused unless trained with the same settings.",
+    )
     redo: tuple[str, ...] = setting(
         (),
         "Settings (macenko) or setting/net (none/teacher, hed/student_x8) whose rows of --seeds "
@@ -130,15 +142,21 @@ class NetSpec:
     net: str  # "teacher" or DomainShiftConfig.student
     config: RunConfig
     teacher: RunConfig | None = None  # a student's teacher
+    own_dir: str = ""  # a borrowed teacher's folder here (its measure/), else its model_dir
 
     @property
     def model_dir(self) -> str:
         return self.config.model_dir
 
     @property
+    def borrowed(self) -> bool:
+        """Trained by another experiment (``teachers_from``): read, never written."""
+        return bool(self.own_dir) and self.own_dir != self.model_dir
+
+    @property
     def measure_dir(self) -> str:
         """Where its test sets' evaluations and predictions are kept (one folder each)."""
-        return os.path.join(self.model_dir, "measure")
+        return os.path.join(self.own_dir or self.model_dir, "measure")
 
     def test_sets(self) -> tuple[str, ...]:
         return (*LABELED_SETS, *PROBES) + ((OOD_COST,) if self.net != "teacher" else ())
@@ -155,10 +173,15 @@ def plan(cfg: DomainShiftConfig) -> list[NetSpec]:
         for name in cfg.settings:
             method, augment = SETTINGS[name]
             d = dataclasses.replace(data, seed=seed, augment=augment, unlabeled_ratio=0.0)
+            own = os.path.join(root, f"teacher_{name}")
+            if cfg.teachers_from and name == "none":
+                own_or_main = os.path.join(cfg.teachers_from, "runs", f"s{seed}", "teacher")
+            else:
+                own_or_main = own
             teacher = dataclasses.replace(
                 cfg.base,
                 mode="teacher",
-                model_dir=os.path.join(root, f"teacher_{name}"),
+                model_dir=own_or_main,
                 seed=seed,
                 data=d,
                 distill=dataclasses.replace(cfg.base.distill, teacher_cache=""),
@@ -184,7 +207,7 @@ def plan(cfg: DomainShiftConfig) -> list[NetSpec]:
                 ),
                 stain=dataclasses.replace(cfg.base.stain, method="none"),  # the teacher's, taken
             )
-            specs.append(NetSpec(seed, name, "teacher", teacher))
+            specs.append(NetSpec(seed, name, "teacher", teacher, own_dir=own))
             specs.append(NetSpec(seed, name, cfg.student, student, teacher))
     return specs
 
@@ -236,6 +259,57 @@ def _measure(
         rows.append(row)
         keras.backend.clear_session()
     return rows
+
+
+def _comparable(run: RunConfig) -> dict:
+    """A teacher's config less what does not change what it learns: its folder's name, the
+    verbosity, and the unlabeled pool of a run that reads none."""
+    d = run.to_dict()
+    d.pop("model_dir", None)
+    d.pop("verbose", None)
+    if run.data.labeled and run.data.unlabeled_ratio == 0:
+        d["data"] = {
+            k: v for k, v in d["data"].items() if k not in ("unlabeled_dirs", "unlabeled_fraction")
+        }
+    flat = {}
+    for k, v in d.items():
+        for sub, w in v.items() if isinstance(v, dict) else [("", v)]:
+            flat[f"{k}.{sub}" if sub else k] = json.dumps(w, sort_keys=True)
+    return flat
+
+
+def check_borrowed(spec: NetSpec) -> None:
+    """A teacher of ``teachers_from`` must be trained, with the planned teacher's settings, and
+    carry this kd_histo's out-of-domain statistics (it is not refitted: another experiment's).
+
+    Raises:
+      ValueError: one line saying which, and what to do.
+    """
+    from kd_histo.models import ood
+    from kd_histo.training.run_record import CONFIG_JSON
+
+    where = f"--teachers_from: {spec.model_dir}"
+    if not _trained(spec.model_dir):
+        raise ValueError(
+            f"{where} holds no trained teacher for seed {spec.seed}; train it there first or "
+            "drop --teachers_from"
+        )
+    with open(os.path.join(spec.model_dir, CONFIG_JSON)) as f:
+        trained = _comparable(RunConfig.from_dict(json.load(f)))
+    planned = _comparable(spec.config)
+    differ = sorted(k for k in trained.keys() | planned.keys() if trained.get(k) != planned.get(k))
+    if differ:
+        raise ValueError(
+            f"{where} was trained with other settings ({', '.join(differ)}) than this teacher; "
+            "drop --teachers_from to train one here"
+        )
+    found = ood.file_format(spec.model_dir)
+    if found is not None and found < ood.FORMAT:
+        raise ValueError(
+            f"{where} has out-of-domain statistics of format {found} (< {ood.FORMAT}); refit "
+            f"them there (python tools/refit_ood.py --model_dir={spec.model_dir}) or drop "
+            "--teachers_from"
+        )
 
 
 def _current_ood(spec: NetSpec, log: Callable[[str], None]) -> None:
@@ -296,6 +370,10 @@ def run(cfg: DomainShiftConfig, command: str, about: str, log: Callable[[str], N
     os.makedirs(os.path.dirname(csv_path) or ".", exist_ok=True)
     rows = domain_report.read_rows(csv_path)
     specs = plan(cfg)
+    borrowed = {s.model_dir for s in specs if s.borrowed}  # read, never trained or written
+    for spec in specs:
+        if spec.borrowed:
+            check_borrowed(spec)
     sets: dict[str, str] = {}
     for spec in specs:
         todo, again = _todo(cfg, spec, rows)
@@ -303,10 +381,11 @@ def run(cfg: DomainShiftConfig, command: str, about: str, log: Callable[[str], N
             log(f"s{spec.seed} {spec.setting} {spec.net}: measured already, skipped")
             continue
         sets = sets or test_sets(cfg, log)
-        if spec.teacher is not None:
+        if spec.teacher is not None and spec.teacher.model_dir not in borrowed:
             _train(spec.teacher, log)
-        _train(spec.config, log)
-        _current_ood(spec, log)
+        if not spec.borrowed:
+            _train(spec.config, log)
+            _current_ood(spec, log)
         if again:
             log(f"s{spec.seed} {spec.setting} {spec.net}: measuring {', '.join(again)} again")
         for t in again:  # their evaluations and predictions would be read back

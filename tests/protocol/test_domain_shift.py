@@ -177,3 +177,55 @@ def test_the_flagfile_trains_every_setting_of_the_runner():
     assert settings == tuple(domain_shift.SETTINGS)  # reinhard too
     base = RunConfig(mode="teacher", model_dir="x", data=PipelineConfig("d"))
     assert DomainShiftConfig(out_dir="o", base=base, settings=settings).settings == settings
+
+
+def test_the_none_teacher_can_be_the_main_experiments(tmp_path, monkeypatch):
+    data = support.write_tiny_shards(tmp_path / "data", unlabeled=8)
+    main = str(tmp_path / "main")
+    cfg = _cfg(data, tmp_path, settings=("none", "macenko"), teachers_from=main)
+    by = {(s.seed, s.setting, s.net): s for s in plan(cfg)}
+    t = by[(1, "none", "teacher")]
+    assert t.borrowed and t.model_dir == os.path.join(main, "runs", "s1", "teacher")
+    assert t.measure_dir == os.path.join(cfg.out_dir, "s1", "teacher_none", "measure")
+    assert by[(1, "none", "student_x8")].config.distill.teacher == t.model_dir
+    assert not by[(1, "macenko", "teacher")].borrowed  # only the none setting's is the same
+    assert not by[(1, "none", "student_x8")].borrowed
+
+    with pytest.raises(ValueError, match="holds no trained teacher for seed 0"):
+        domain_shift.check_borrowed(by[(0, "none", "teacher")])
+    monkeypatch.setattr(domain_shift, "_trained", lambda model_dir: True)
+    os.makedirs(t.model_dir)
+    config_json = os.path.join(t.model_dir, "config.json")
+    # the main experiment's teacher keeps its unlabeled dirs (it reads none): the same teacher
+    main_teacher = dataclasses.replace(
+        t.config, data=dataclasses.replace(t.config.data, unlabeled_dirs=("cmu",))
+    )
+    with open(config_json, "w") as f:
+        json.dump(main_teacher.to_dict(), f)
+    domain_shift.check_borrowed(t)
+    with open(config_json, "w") as f:
+        json.dump(dataclasses.replace(main_teacher, epochs=3).to_dict(), f)
+    with pytest.raises(ValueError, match=r"other settings \(epochs\)"):
+        domain_shift.check_borrowed(t)
+    with open(config_json, "w") as f:
+        json.dump(main_teacher.to_dict(), f)
+    np.savez(os.path.join(t.model_dir, ood.OOD_FILE), meta=json.dumps({"threshold": 1.0}))
+    with pytest.raises(ValueError, match="format 1 .* refit them there"):
+        domain_shift.check_borrowed(t)
+
+
+def test_a_borrowed_teacher_is_measured_not_trained(tmp_path, monkeypatch):
+    data = support.write_tiny_shards(tmp_path / "data", unlabeled=8)
+    cfg = _cfg(data, tmp_path, settings=("none",), teachers_from=str(tmp_path / "main"))
+    cfg = dataclasses.replace(cfg, seeds=(0,), results_dir=str(tmp_path / "res"))
+    calls, checked = [], []
+    _fake_driver(monkeypatch, calls)
+    monkeypatch.setattr(domain_shift, "check_borrowed", lambda spec: checked.append(spec.net))
+    monkeypatch.setattr(domain_shift, "_train", lambda config, log: calls.append(config.model_dir))
+    domain_shift.run(cfg, "cmd", "about", log=lambda line: None)
+    teacher_dir = os.path.join(str(tmp_path / "main"), "runs", "s0", "teacher")
+    student_dir = os.path.join(cfg.out_dir, "s0", "student_x8_none")
+    assert checked == ["teacher"]
+    assert [c for c in calls if isinstance(c, str)] == [student_dir]  # the teacher is not trained
+    assert not os.path.exists(teacher_dir)  # nor written into
+    assert [c[0] for c in calls if isinstance(c, tuple)] == ["teacher", "student_x8"]

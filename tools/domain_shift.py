@@ -1,10 +1,14 @@
 """python tools/domain_shift.py --flagfile=flags/lc25000/domain_shift.flags [--seeds=0,1,2]
+    [--teachers_from=runs/lc25000] [--redo=none,hed/student_x8]
 
 Issue 30's measurements: per seed and setting (no normalisation, Macenko/Reinhard stain
 normalisation, HED jitter in training) a teacher and a label-free x8 student of the main
 experiment's template, each measured on the test tiles, on two stain-shifted copies of them, on
 the NCT-CRC-HE tiles and the CMU skin slide (out-of-domain flag), and the student's cost of the
-score. Resumable: rows already in <results_dir>/results.csv are not redone (commit it).
+score. Resumable: rows already in <results_dir>/results.csv are not redone (commit it), except
+those of an older out-of-domain score and those of the settings or setting/nets --redo names.
+--teachers_from=<main experiment folder> takes its teachers as the `none` setting's (the same
+flags: checked) instead of training them again.
 Thin shell over ``kd_histo.protocol.domain_shift``.
 """
 

@@ -39,46 +39,59 @@ def probs_and_ood_features(model, stats: ood.OODStats | None):
     return call
 
 
-FUSED_DIM = 2048  # terms this wide in all are whitened by one block-diagonal product
+def _score_constants(stats: ood.OODStats):
+    """Per term the Cholesky factor L (P = L L') and shift -c L of its centred whitening
+    y = (x - c) L (c: the mean of its class means); over all columns the matrices that turn
+    y into each term's |y|^2 / scale and into -2 y.m_k / scale (m_k = (mu_k - c) L), and the
+    bias (|m_k|^2 - center) / scale, so the standardised distance to class k is
+    |y|^2 / scale + (y @ cross + bias)_k: in float64, cast once."""
+    terms = stats.terms
+    k = len(terms[0].means)
+    chol, shift = [], []
+    member = np.zeros((stats.dim, len(terms)))  # [dim, T]
+    cross = np.zeros((stats.dim, k, len(terms)))  # [dim, K, T]
+    bias = np.zeros((k, len(terms)))
+    start = 0
+    for i, t in enumerate(terms):
+        c = np.linalg.cholesky(t.precision)
+        centre = t.means.mean(axis=0)
+        m = (t.means - centre) @ c  # [K, D]: whitened class means about the centre
+        chol.append(c)
+        shift.append(-centre @ c)
+        rows = slice(start, start + t.dim)
+        member[rows, i] = 1.0 / t.scale
+        cross[rows, :, i] = -2.0 * m.T / t.scale
+        bias[:, i] = ((m * m).sum(axis=1) - t.center) / t.scale
+        start += t.dim
+    return chol, np.concatenate(shift), member, cross.reshape(stats.dim, -1), bias.reshape(-1)
 
 
 def scores_in_graph(features: tf.Tensor, stats: ood.OODStats) -> tf.Tensor:
     """:meth:`kd_histo.models.ood.OODStats.scores` as TensorFlow ops (float32, [B]): per term,
-    min over classes of |L'(x - mu_k)|^2 (P = L L', Cholesky), standardised; the maximum over
-    the terms. It runs in the same compiled graph as the net (scoring in NumPy batch by batch
-    cost the x8 student 23-29% of its inference time, issue 30), and up to :data:`FUSED_DIM`
-    the terms share one whitening product and one reduction: a few ops whatever their number
-    (one small op chain per term cost the x8 student 10% of its time)."""
-    terms = stats.terms
-    chol = [np.linalg.cholesky(t.precision) for t in terms]
-    if stats.dim > FUSED_DIM:
-        parts = tf.split(features, [t.dim for t in terms], axis=1)
-        scores = []
-        for t, c, x in zip(terms, chol, parts):
-            y = x @ tf.constant(c, tf.float32)  # [B, D]
-            diff = y[:, None, :] - tf.constant(t.means @ c, tf.float32)[None]
-            d = tf.reduce_min(tf.reduce_sum(tf.square(diff), axis=2), axis=1)
-            scores.append((d - t.center) / t.scale)
-        return tf.reduce_max(tf.stack(scores, axis=1), axis=1)
-    whiten = np.zeros((stats.dim, stats.dim))
-    means = np.concatenate([t.means @ c for t, c in zip(terms, chol)], axis=1)  # [K, dim]
-    member = np.zeros((stats.dim, len(terms)))  # which term each column belongs to
-    start = 0
-    for i, (t, c) in enumerate(zip(terms, chol)):
-        whiten[start : start + t.dim, start : start + t.dim] = c
-        member[start : start + t.dim, i] = 1.0
-        start += t.dim
-    y = features @ tf.constant(whiten, tf.float32)  # [B, dim]
-    sq = tf.square(y[:, None, :] - tf.constant(means, tf.float32)[None])  # [B, K, dim]
-    d = tf.reduce_min(tf.einsum("bkd,dt->bkt", sq, tf.constant(member, tf.float32)), axis=1)
-    center = tf.constant([t.center for t in terms], tf.float32)
-    scale = tf.constant([t.scale for t in terms], tf.float32)
-    return tf.reduce_max((d - center) / scale, axis=1)
+    min over classes of the squared Mahalanobis distance |(x - mu_k) L|^2 (P = L L', Cholesky),
+    standardised; the maximum over the terms.
+
+    It runs in the same compiled graph as the net (scoring in NumPy batch by batch cost the x8
+    student 23-29% of its inference time, issue 30). Each term is whitened by its own [D, D]
+    product (one dense block-diagonal product of all terms was 3.4 times the multiply-adds, and
+    at batch 256 most of the score's cost), about the centre of its class means, and the K
+    distances come from |y|^2 - 2 y.m_k + |m_k|^2 as two thin products: no [B, K, dim] tensor.
+    Centring keeps that expansion's float32 round-off at the level of the direct difference."""
+    chol, shift, member, cross, bias = _score_constants(stats)
+    dims = [t.dim for t in stats.terms]
+    parts = tf.split(features, dims, axis=1) if len(dims) > 1 else [features]
+    y = tf.concat([x @ tf.constant(c, tf.float32) for x, c in zip(parts, chol)], axis=1)
+    y = y + tf.constant(shift, tf.float32)  # [B, dim], each term centred and whitened
+    norms = tf.square(y) @ tf.constant(member, tf.float32)  # [B, T]
+    to_means = y @ tf.constant(cross, tf.float32) + tf.constant(bias, tf.float32)  # [B, K * T]
+    nearest = tf.reduce_min(tf.reshape(to_means, [-1, len(bias) // len(dims), len(dims)]), axis=1)
+    return tf.reduce_max(norms + nearest, axis=1)
 
 
 def probs_and_ood_function(model, stats: ood.OODStats, dtype: str = "float32"):
     """numpy batch -> (probabilities [B, C], out-of-domain scores [B]) in one pass of ``model``
-    (the scores computed in the same graph: :func:`scores_in_graph`)."""
+    (the scores computed in the same graph: :func:`scores_in_graph`), traced once per tile size
+    (any batch size): the maps' sizes are then constants of the graph, not ops."""
     probs_and_features = probs_and_ood_features(model, stats)
 
     def both(x):
@@ -86,12 +99,14 @@ def probs_and_ood_function(model, stats: ood.OODStats, dtype: str = "float32"):
         probs, features = probs_and_features(x)
         return probs, scores_in_graph(features, stats)
 
-    fn = tf.function(both).get_concrete_function(
-        tf.TensorSpec([None, None, None, 3], tf.as_dtype(dtype))
-    )
+    traced = {}
 
     def run(x):
-        probs, scores = fn(tf.convert_to_tensor(x))
+        size = tuple(np.shape(x)[1:3])
+        if size not in traced:
+            spec = tf.TensorSpec([None, *size, 3], tf.as_dtype(dtype))
+            traced[size] = tf.function(both).get_concrete_function(spec)
+        probs, scores = traced[size](tf.convert_to_tensor(x))
         return probs.numpy(), scores.numpy().astype(np.float64)
 
     return run

@@ -203,6 +203,23 @@ class OODStats:
             ) from None
 
 
+def file_format(run_dir: str) -> int | None:
+    """The format of the run's ood.npz (1: the single pooled term of before the multi-depth
+    score), None for a run without one.
+
+    Raises:
+      ValueError: an unreadable file (named).
+    """
+    path = os.path.join(run_dir, OOD_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return int(json.loads(str(z["meta"])).get("format", 1))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable out-of-domain statistics ({e})") from None
+
+
 def embed(feature_maps: np.ndarray) -> np.ndarray:
     """[N, h, w, C] feature maps -> [N, C] embeddings (global average pool), float64."""
     return np.asarray(feature_maps, np.float64).mean(axis=(1, 2))

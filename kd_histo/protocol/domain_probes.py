@@ -127,6 +127,15 @@ def _cmd(*parts: str) -> str:
     return shlex.join(parts)
 
 
+def _ood_format(model_dir: str) -> int:
+    """The format of the score a row of ``model_dir`` is measured with (this kd_histo's for a run
+    without statistics: its rows have no flagged share to be stale)."""
+    from kd_histo.models import ood
+
+    found = ood.file_format(model_dir)
+    return ood.FORMAT if found is None else found
+
+
 def measure_labeled(model_dir, data_dir, test_set, seed, setting, net, out_dir) -> ShiftRow:
     """A net's accuracy and flagged share on a labeled test split (``kd-histo-evaluate``)."""
     from kd_histo.evaluation import evaluate
@@ -147,6 +156,7 @@ def measure_labeled(model_dir, data_dir, test_set, seed, setting, net, out_dir) 
         accuracy=float(m["tile"]["accuracy"]),
         ood_flagged=float(ood.get("flagged_fraction", np.nan)),
         ood_threshold=float(ood.get("threshold", np.nan)),
+        ood_format=_ood_format(model_dir),
         command=_cmd(
             "kd-histo-evaluate",
             f"--model_dir={model_dir}",
@@ -179,6 +189,7 @@ def measure_probe(model_dir, inputs, test_set, seed, setting, net, out_dir, read
         n=len(flags),
         ood_flagged=float(np.mean(flags)) if flags else np.nan,
         ood_threshold=stats.threshold if stats else np.nan,
+        ood_format=_ood_format(model_dir),
         command=_cmd(
             "kd-histo-predict",
             f"--model_dir={model_dir}",
@@ -227,5 +238,6 @@ def measure_cost(model_dir, data_dir, seed, setting, net, repeats, command) -> S
         seconds_plain=float(np.median(times["plain"])),
         seconds_ood=float(np.median(times["ood"])),
         ood_threshold=stats.threshold,
+        ood_format=_ood_format(model_dir),
         command=command,
     )

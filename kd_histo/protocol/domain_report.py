@@ -3,7 +3,9 @@
 ``results.csv`` is the record: the runner (:mod:`kd_histo.protocol.domain_shift`) reads it to skip
 what is measured already (a fresh checkout with the committed CSV skips finished seeds), appends
 rows as they come, and rewrites ``results.md`` (mean ± sd over the seeds measured so far, with the
-issue's targets) after each net.
+issue's targets) after each net. Each row says which out-of-domain score it was measured with
+(``ood_format``, :data:`kd_histo.models.ood.FORMAT`); the runner redoes rows of an older one, and
+results.md says how many are stale until then.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import numpy as np
 
 from kd_histo.atomic import write_text
+from kd_histo.models.ood import FORMAT as OOD_FORMAT
 
 RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
 # Test sets with labels (accuracy and flagged share) and unlabeled probes (flagged share only).
@@ -42,6 +45,10 @@ class ShiftRow:
       accuracy: tile accuracy (labeled sets).
       ood_flagged: share of the tiles above the run's out-of-domain threshold.
       ood_threshold: that threshold (the run's ``ood.npz``).
+      ood_format: the format of the run's ``ood.npz`` the row was measured with (1: the pooled
+        last map alone, before issue 30's multi-depth score); a row of a format older than
+        :data:`kd_histo.models.ood.FORMAT` is stale (:attr:`stale`). A results.csv written before
+        this column reads as format 1.
       seconds_plain: ood_cost: median seconds of one pass over the tiles without the score.
       seconds_ood: ood_cost: the same with the score.
       command: what reproduces the row.
@@ -55,6 +62,7 @@ class ShiftRow:
     accuracy: float = math.nan
     ood_flagged: float = math.nan
     ood_threshold: float = math.nan
+    ood_format: int = OOD_FORMAT
     seconds_plain: float = math.nan
     seconds_ood: float = math.nan
     command: str = ""
@@ -64,11 +72,18 @@ class ShiftRow:
         return (self.seed, self.setting, self.net, self.test_set)
 
     @property
+    def stale(self) -> bool:
+        """Measured with an older out-of-domain score than this kd_histo's: to be redone."""
+        return self.ood_format < OOD_FORMAT
+
+    @property
     def extra_time_pct(self) -> float:
         return 100.0 * (self.seconds_ood / self.seconds_plain - 1.0)
 
 
 FIELDS = [f.name for f in dataclasses.fields(ShiftRow)]
+# Columns a results.csv of before may lack, and the value its rows had.
+LEGACY = {"ood_format": "1"}
 
 
 def _cell(v) -> str:
@@ -85,6 +100,7 @@ def read_rows(path: str) -> list[ShiftRow]:
     rows = []
     with open(path, newline="") as f:
         for i, d in enumerate(csv.DictReader(f), 2):
+            d = {**{k: v for k, v in LEGACY.items() if k not in d}, **d}
             if set(d) != set(FIELDS):
                 raise ValueError(f"{path}: columns {sorted(d)} are not {FIELDS}; move it away")
             try:
@@ -221,6 +237,15 @@ def targets(rows: list[ShiftRow], settings: tuple[str, ...], student: str) -> li
 def write_markdown(path: str, rows: list[ShiftRow], settings: tuple[str, ...], about: str) -> None:
     """results.md: what was measured (``about``), the table and the targets."""
     student = next((r.net for r in rows if r.net != "teacher"), "student")
+    stale = [r for r in rows if r.stale]
+    if stale:
+        seeds = ", ".join(str(s) for s in sorted({r.seed for r in stale}))
+        about += (
+            f"\n\n**{len(stale)} of the {len(rows)} rows (seeds {seeds}) are stale**: measured "
+            f"with an older out-of-domain score (ood_format < {OOD_FORMAT} in results.csv); their "
+            "flagged shares and score cost are not those of this kd_histo's score. The command "
+            "above redoes them (accuracies too)."
+        )
     text = (
         "# LC25000 lung nets on shifted stains and on tissue from other sites (issue 30)\n\n"
         f"{about}\n\n{summary_table(rows, settings)}\n## Targets\n\n"

@@ -15,16 +15,25 @@ trained with the experiment's run template, then measured (:mod:`kd_histo.protoc
 Resumable: ``results.csv`` in ``results_dir`` holds every measured row; a net whose rows are all
 there is neither trained nor measured again (a fresh checkout with the committed CSV skips the
 finished seeds), an unfinished run resumes from its last epoch (``kd_histo.training.train``).
+Redone: rows measured with an older out-of-domain score than this kd_histo's (``ood_format``,
+:class:`kd_histo.protocol.domain_report.ShiftRow`), and those of the settings or nets named in
+``redo``: their ``measure/<test set>`` folders are dropped and measured again (the nets are kept;
+a net whose ``ood.npz`` is older is refitted first, ``kd_histo.training.domain.refit_ood``).
 
 Layout of ``out_dir``: ``s<seed>/teacher_<setting>``, ``s<seed>/student_x8_<setting>`` (run
 folders, with ``measure/<test set>/`` inside), ``s<seed>/teacher_cache_<setting>_x8``,
-``probes/nct`` (the NCT tiles as 112 px tiles).
+``probes/nct`` (the NCT tiles as 112 px tiles). With ``teachers_from`` the ``none`` teacher is the
+main experiment's (``<teachers_from>/runs/s<seed>/teacher``, trained with the same settings:
+checked, refused in one line otherwise) and ``s<seed>/teacher_none`` holds its ``measure/`` only:
+nothing is written into the other experiment's run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 from collections.abc import Callable
 
 from kd_histo import schema
@@ -59,6 +68,12 @@ class DomainShiftConfig:
       slide: a whole-slide image of another organ (an OOD probe).
       slide_mpp: µm/px at which the slide is read into HR tiles (the run's data has none).
       timing_repeats: timed passes of the score's cost measurement.
+      teachers_from: a main experiment's folder (``kd-histo-experiment --out_dir``) whose teacher
+        of each seed is the ``none`` setting's teacher here, instead of training the same one
+        again (``flags/lc25000/experiment.flags`` trains it with these flags).
+      redo: settings ("macenko") or setting/net ("none/teacher", "hed/student_x8") whose rows of
+        ``seeds`` are measured again even if results.csv has them (once per command: a rerun
+        with the same ``redo`` redoes them again).
     """
 
     out_dir: str = setting(help="Folder of the runs and probes.", flag_default="")
@@ -68,7 +83,7 @@ class DomainShiftConfig:
     )
     seeds: tuple[int, ...] = setting((0,), "One teacher and student per setting and seed.")
     settings: tuple[str, ...] = setting(
-        ("none", "macenko", "hed"),
+        ("none", "macenko", "reinhard", "hed"),
         "Training settings: none, macenko, reinhard (stain normalisation), hed (HED jitter).",
     )
     student_factor: float = setting(8.0, "Resolution factor of the label-free student.")
@@ -80,11 +95,30 @@ class DomainShiftConfig:
     )
     slide_mpp: float = setting(1.0, "µm/px at which --slide is read into HR tiles.")
     timing_repeats: int = setting(21, "Timed passes of the out-of-domain score's cost.")
+    teachers_from: str = setting(
+        "",
+        "A main experiment's folder (e.g. runs/lc25000) whose teachers (runs/s<seed>/teacher) are "
+        "the none setting's teachers here; refused unless trained with the same settings.",
+    )
+    redo: tuple[str, ...] = setting(
+        (),
+        "Settings (macenko) or setting/net (none/teacher, hed/student_x8) whose rows of --seeds "
+        "are measured again though results.csv has them (the nets are kept: delete a run folder "
+        "to retrain it). Rows of an older out-of-domain score are redone without it.",
+    )
 
     def __post_init__(self):
         unknown = [s for s in self.settings if s not in SETTINGS]
         if unknown or not self.settings:
             raise ValueError(f"settings {unknown or '[]'} unknown; choose from {list(SETTINGS)}")
+        for item in self.redo:
+            setting_name, slash, net = item.partition("/")
+            nets = ("teacher", self.student)
+            if setting_name not in self.settings or (slash and net not in nets):
+                raise ValueError(
+                    f"redo: {item!r} is not a setting of {list(self.settings)} or "
+                    f"setting/net with net teacher or {self.student}"
+                )
         if not self.out_dir or not self.seeds:
             raise ValueError("domain shift: give --out_dir and at least one seed")
         if self.student_factor <= 1:
@@ -93,6 +127,10 @@ class DomainShiftConfig:
     @property
     def student(self) -> str:
         return f"student_x{self.student_factor:g}"
+
+    def redone(self, setting_name: str, net: str) -> bool:
+        """Whether ``redo`` names this setting's net."""
+        return setting_name in self.redo or f"{setting_name}/{net}" in self.redo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +142,21 @@ class NetSpec:
     net: str  # "teacher" or DomainShiftConfig.student
     config: RunConfig
     teacher: RunConfig | None = None  # a student's teacher
+    own_dir: str = ""  # a borrowed teacher's folder here (its measure/), else its model_dir
 
     @property
     def model_dir(self) -> str:
         return self.config.model_dir
+
+    @property
+    def borrowed(self) -> bool:
+        """Trained by another experiment (``teachers_from``): read, never written."""
+        return bool(self.own_dir) and self.own_dir != self.model_dir
+
+    @property
+    def measure_dir(self) -> str:
+        """Where its test sets' evaluations and predictions are kept (one folder each)."""
+        return os.path.join(self.own_dir or self.model_dir, "measure")
 
     def test_sets(self) -> tuple[str, ...]:
         return (*LABELED_SETS, *PROBES) + ((OOD_COST,) if self.net != "teacher" else ())
@@ -124,10 +173,15 @@ def plan(cfg: DomainShiftConfig) -> list[NetSpec]:
         for name in cfg.settings:
             method, augment = SETTINGS[name]
             d = dataclasses.replace(data, seed=seed, augment=augment, unlabeled_ratio=0.0)
+            own = os.path.join(root, f"teacher_{name}")
+            if cfg.teachers_from and name == "none":
+                own_or_main = os.path.join(cfg.teachers_from, "runs", f"s{seed}", "teacher")
+            else:
+                own_or_main = own
             teacher = dataclasses.replace(
                 cfg.base,
                 mode="teacher",
-                model_dir=os.path.join(root, f"teacher_{name}"),
+                model_dir=own_or_main,
                 seed=seed,
                 data=d,
                 distill=dataclasses.replace(cfg.base.distill, teacher_cache=""),
@@ -153,7 +207,7 @@ def plan(cfg: DomainShiftConfig) -> list[NetSpec]:
                 ),
                 stain=dataclasses.replace(cfg.base.stain, method="none"),  # the teacher's, taken
             )
-            specs.append(NetSpec(seed, name, "teacher", teacher))
+            specs.append(NetSpec(seed, name, "teacher", teacher, own_dir=own))
             specs.append(NetSpec(seed, name, cfg.student, student, teacher))
     return specs
 
@@ -186,10 +240,9 @@ def _measure(
     import keras
 
     args = (spec.seed, spec.setting, spec.net)
-    out = os.path.join(spec.model_dir, "measure")
     rows = []
     for test_set in todo:
-        where = os.path.join(out, test_set)
+        where = os.path.join(spec.measure_dir, test_set)
         if test_set in LABELED_SETS:
             row = domain_probes.measure_labeled(
                 spec.model_dir, sets[test_set], test_set, *args, where
@@ -206,6 +259,88 @@ def _measure(
         rows.append(row)
         keras.backend.clear_session()
     return rows
+
+
+def _comparable(run: RunConfig) -> dict:
+    """A teacher's config less what does not change what it learns: its folder's name, the
+    verbosity, and the unlabeled pool of a run that reads none."""
+    d = run.to_dict()
+    d.pop("model_dir", None)
+    d.pop("verbose", None)
+    if run.data.labeled and run.data.unlabeled_ratio == 0:
+        d["data"] = {
+            k: v for k, v in d["data"].items() if k not in ("unlabeled_dirs", "unlabeled_fraction")
+        }
+    flat = {}
+    for k, v in d.items():
+        for sub, w in v.items() if isinstance(v, dict) else [("", v)]:
+            flat[f"{k}.{sub}" if sub else k] = json.dumps(w, sort_keys=True)
+    return flat
+
+
+def check_borrowed(spec: NetSpec) -> None:
+    """A teacher of ``teachers_from`` must be trained, with the planned teacher's settings, and
+    carry this kd_histo's out-of-domain statistics (it is not refitted: another experiment's).
+
+    Raises:
+      ValueError: one line saying which, and what to do.
+    """
+    from kd_histo.models import ood
+    from kd_histo.training.run_record import CONFIG_JSON
+
+    where = f"--teachers_from: {spec.model_dir}"
+    if not _trained(spec.model_dir):
+        raise ValueError(
+            f"{where} holds no trained teacher for seed {spec.seed}; train it there first or "
+            "drop --teachers_from"
+        )
+    with open(os.path.join(spec.model_dir, CONFIG_JSON)) as f:
+        trained = _comparable(RunConfig.from_dict(json.load(f)))
+    planned = _comparable(spec.config)
+    differ = sorted(k for k in trained.keys() | planned.keys() if trained.get(k) != planned.get(k))
+    if differ:
+        raise ValueError(
+            f"{where} was trained with other settings ({', '.join(differ)}) than this teacher; "
+            "drop --teachers_from to train one here"
+        )
+    found = ood.file_format(spec.model_dir)
+    if found is not None and found < ood.FORMAT:
+        raise ValueError(
+            f"{where} has out-of-domain statistics of format {found} (< {ood.FORMAT}); refit "
+            f"them there (python tools/refit_ood.py --model_dir={spec.model_dir}) or drop "
+            "--teachers_from"
+        )
+
+
+def _current_ood(spec: NetSpec, log: Callable[[str], None]) -> None:
+    """A net whose ood.npz is of an older format than this kd_histo's score gets it refitted; its
+    measure/ folder, made with the old one, is dropped."""
+    from kd_histo.models import ood
+    from kd_histo.training.domain import refit_ood
+
+    found = ood.file_format(spec.model_dir)
+    if found is None or found >= ood.FORMAT:
+        return
+    log(f"{spec.model_dir}: out-of-domain statistics of format {found}, refitted ({ood.FORMAT})")
+    shutil.rmtree(spec.measure_dir, ignore_errors=True)
+    if refit_ood(spec.model_dir, log=log) is None:
+        raise RuntimeError(f"{spec.model_dir}: its out-of-domain statistics could not be refitted")
+
+
+def _todo(
+    cfg: DomainShiftConfig, spec: NetSpec, rows: list[ShiftRow]
+) -> tuple[list[str], list[str]]:
+    """(test sets to measure, those among them whose rows are there but stale or redone)."""
+    have = {r.key: r for r in rows}
+    redo = cfg.redone(spec.setting, spec.net)
+    todo, again = [], []
+    for t in spec.test_sets():
+        row = have.get((spec.seed, spec.setting, spec.net, t))
+        if row is None or row.stale or redo:
+            todo.append(t)
+            if row is not None:
+                again.append(t)
+    return todo, again
 
 
 def test_sets(cfg: DomainShiftConfig, log: Callable[[str], None]) -> dict[str, str]:
@@ -234,22 +369,30 @@ def run(cfg: DomainShiftConfig, command: str, about: str, log: Callable[[str], N
     md_path = os.path.join(os.path.dirname(csv_path), domain_report.RESULTS_MD)
     os.makedirs(os.path.dirname(csv_path) or ".", exist_ok=True)
     rows = domain_report.read_rows(csv_path)
-    done = {r.key for r in rows}
     specs = plan(cfg)
+    borrowed = {s.model_dir for s in specs if s.borrowed}  # read, never trained or written
+    for spec in specs:
+        if spec.borrowed:
+            check_borrowed(spec)
     sets: dict[str, str] = {}
     for spec in specs:
-        todo = [t for t in spec.test_sets() if (spec.seed, spec.setting, spec.net, t) not in done]
+        todo, again = _todo(cfg, spec, rows)
         if not todo:
             log(f"s{spec.seed} {spec.setting} {spec.net}: measured already, skipped")
             continue
         sets = sets or test_sets(cfg, log)
-        if spec.teacher is not None:
+        if spec.teacher is not None and spec.teacher.model_dir not in borrowed:
             _train(spec.teacher, log)
-        _train(spec.config, log)
+        if not spec.borrowed:
+            _train(spec.config, log)
+            _current_ood(spec, log)
+        if again:
+            log(f"s{spec.seed} {spec.setting} {spec.net}: measuring {', '.join(again)} again")
+        for t in again:  # their evaluations and predictions would be read back
+            shutil.rmtree(os.path.join(spec.measure_dir, t), ignore_errors=True)
         new = _measure(cfg, spec, todo, sets, command)
         keys = {r.key for r in new}  # rows another process wrote meanwhile are kept
         rows = [r for r in domain_report.read_rows(csv_path) if r.key not in keys] + new
-        done |= keys
         domain_report.write_rows(csv_path, rows)
         domain_report.write_markdown(md_path, rows, cfg.settings, about)
         log(f"s{spec.seed} {spec.setting} {spec.net}: " + ", ".join(_brief(r) for r in new))

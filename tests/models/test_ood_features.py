@@ -10,9 +10,9 @@ from kd_histo.evaluation import ood_report
 from kd_histo.models import build_model, ood, ood_features
 
 
-def _net(**kw):
+def _net(planes=(4, 8, 8, 16), **kw):
     return build_model(
-        "resnet_gn", 3, mean=(0.5,) * 3, std=(0.2,) * 3, planes=(4, 8, 8, 16), stem="small", **kw
+        "resnet_gn", 3, mean=(0.5,) * 3, std=(0.2,) * 3, planes=planes, stem="small", **kw
     )
 
 
@@ -69,15 +69,84 @@ def test_the_score_in_the_graph_equals_the_numpy_score_of_every_term():
     np.testing.assert_allclose(probs, tf.nn.softmax(net(queries)["logits"]), atol=1e-5)
 
 
-def test_the_per_term_graph_of_wide_nets_equals_the_fused_one(monkeypatch):
+def _previous_features(maps, layers):
+    """features_in_graph before issue 30's cost work: tf.nn.moments per map."""
+    parts = []
+    for f, (_, moments) in zip(maps, layers):
+        mean, var = tf.nn.moments(tf.cast(f, tf.float32), axes=[1, 2])
+        parts.append(mean)
+        if moments == "mean_sd":
+            parts.append(tf.sqrt(tf.maximum(var, 0.0)))
+    return tf.concat(parts, axis=1)
+
+
+def _previous_scores(features, stats):
+    """scores_in_graph before issue 30's cost work: one block-diagonal whitening of all terms,
+    the [B, K, dim] differences to the whitened class means."""
+    terms = stats.terms
+    chol = [np.linalg.cholesky(t.precision) for t in terms]
+    whiten = np.zeros((stats.dim, stats.dim))
+    means = np.concatenate([t.means @ c for t, c in zip(terms, chol)], axis=1)
+    member = np.zeros((stats.dim, len(terms)))
+    start = 0
+    for i, (t, c) in enumerate(zip(terms, chol)):
+        whiten[start : start + t.dim, start : start + t.dim] = c
+        member[start : start + t.dim, i] = 1.0
+        start += t.dim
+    y = features @ tf.constant(whiten, tf.float32)
+    sq = tf.square(y[:, None, :] - tf.constant(means, tf.float32)[None])
+    d = tf.reduce_min(tf.einsum("bkd,dt->bkt", sq, tf.constant(member, tf.float32)), axis=1)
+    center = tf.constant([t.center for t in terms], tf.float32)
+    scale = tf.constant([t.scale for t in terms], tf.float32)
+    return tf.reduce_max((d - center) / scale, axis=1)
+
+
+def test_the_scores_equal_those_of_the_previous_graph():
+    net = _net(planes=(16, 32, 64, 128))
+    layers = ood_features.default_layers(net)
+    rng = np.random.default_rng(3)
+    tapped = ood_features.tapped(net, layers)  # the last map comes pooled by the net's own layer
+    unpooled = keras.Model(
+        net.input, [net.get_layer(n).output for n, _ in layers[:-1]] + [net.output["features"]]
+    )
+    x = rng.uniform(size=(90, 14, 14, 3)).astype(np.float32)
+    before = _previous_features(unpooled(x), layers)
+    np.testing.assert_allclose(
+        ood_features.features_in_graph(tapped(x)["maps"], layers), before, atol=2e-5
+    )
+    f = np.asarray(before, np.float64)
+    cuts = np.cumsum(ood_features.dims(net, layers))[:-1]
+    stats = ood.fit(np.split(f[:60], cuts, 1), np.repeat(np.arange(3), 20),
+                    np.split(f[60:], cuts, 1), 3, layers)  # fmt: skip
+    q = np.concatenate([x[:20], rng.uniform(0.7, 1.0, size=(10, 14, 14, 3))]).astype(np.float32)
+    want = _previous_scores(_previous_features(unpooled(q), layers), stats).numpy()
+    got = ood_report.scores_in_graph(
+        ood_features.features_in_graph(tapped(q)["maps"], layers), stats
+    )
+    assert want.min() < stats.threshold < want.max()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got.numpy() > stats.threshold, want > stats.threshold)
+
+
+def test_a_near_constant_map_keeps_its_standard_deviation_within_5_percent():
+    rng = np.random.default_rng(4)
+    maps = [(3.0 + 0.01 * rng.normal(size=(4, 14, 14, 3))).astype(np.float32)]
+    layers = (("normalize", "mean_sd"),)
+    got = np.asarray(ood_features.features_in_graph(maps, layers))
+    want = ood_features.moments_reference(maps, layers)
+    np.testing.assert_allclose(got[:, :3], want[:, :3], rtol=1e-6)
+    # E[x^2] - E[x]^2 in float32: a channel whose mean is 300 times its spread keeps its sd
+    # within 5% (3% here; tf.nn.moments' two passes kept 1e-5)
+    np.testing.assert_allclose(got[:, 3:], want[:, 3:], rtol=5e-2)
+
+
+def test_wide_terms_score_as_in_numpy():
     rng = np.random.default_rng(2)
-    parts = [rng.normal(size=(90, d)) * rng.uniform(0.5, 2, d) for d in (6, 8, 5)]
-    val = [rng.normal(size=(40, d)) for d in (6, 8, 5)]
+    widths = (6, 300, 2100)
+    parts = [rng.normal(size=(90, d)) * rng.uniform(0.5, 2, d) + 5 for d in widths]
+    val = [rng.normal(size=(40, d)) + 5 for d in widths]
     layers = (("normalize", "mean_sd"), ("stage1_block1_out", "mean_sd"), ("features", "mean"))
     stats = ood.fit(parts, np.repeat(np.arange(3), 30), val, 3, layers)
-    q = np.concatenate([rng.normal(0, 3, size=(12, d)) for d in (6, 8, 5)], axis=1)
-    fused = ood_report.scores_in_graph(tf.constant(q, tf.float32), stats).numpy()
-    monkeypatch.setattr(ood_report, "FUSED_DIM", 0)
-    per_term = ood_report.scores_in_graph(tf.constant(q, tf.float32), stats).numpy()
-    np.testing.assert_allclose(fused, stats.scores(q), rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(per_term, stats.scores(q), rtol=1e-3, atol=1e-3)
+    q = np.concatenate([rng.normal(5, 3, size=(12, d)) for d in widths], axis=1)
+    got = ood_report.scores_in_graph(tf.constant(q, tf.float32), stats).numpy()
+    np.testing.assert_allclose(got, stats.scores(q), rtol=1e-3, atol=1e-3)

@@ -68,3 +68,21 @@ def test_targets_say_met_and_missed():
     ]  # fmt: skip
     assert any("CMU slide 20.0%" in line and "**missed**" in line for line in dr.targets(
         worse, ("none",), "student_x8"))  # fmt: skip
+
+
+def test_a_csv_without_the_format_column_reads_as_the_old_score_and_says_so(tmp_path):
+    path = str(tmp_path / "results.csv")
+    dr.write_rows(path, _rows())
+    lines = open(path).read().splitlines()
+    col = lines[0].split(",").index("ood_format")
+    legacy = "\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != col)
+                       for line in lines)  # fmt: skip
+    with open(path, "w") as f:
+        f.write(legacy + "\n")
+    back = dr.read_rows(path)
+    assert {r.ood_format for r in back} == {1} and all(r.stale for r in back)
+    md = str(tmp_path / "results.md")
+    dr.write_markdown(md, back, ("none",), "about")
+    assert f"**{len(back)} of the {len(back)} rows (seeds 0, 1) are stale**" in open(md).read()
+    dr.write_markdown(md, _rows(), ("none",), "about")  # this kd_histo's format: nothing stale
+    assert "stale" not in open(md).read() and not any(r.stale for r in _rows())

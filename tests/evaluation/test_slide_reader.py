@@ -10,7 +10,7 @@ from convert.pyramid_tiff import write_pyramid_tiff
 from PIL import Image
 
 from kd_histo.data import synthetic
-from kd_histo.evaluation import slide_reader
+from kd_histo.evaluation import region_reads, slide_reader
 
 BASE_MPP = 0.25  # levels at 0.25, 0.5, 1.0, 2.0 µm/px
 HR_PX, HR_MPP = 32, 0.5  # a training HR tile: 32 px at 0.5 µm/px = 64 level-0 px
@@ -154,7 +154,7 @@ def test_read_tiles_gives_read_tiles_bytes_of_each_tile_also_off_the_scan(pyrami
     plan = dataclasses.replace(plan, coords=tuple(coords))
     slide = slides.open_slide(path)
     try:
-        assert slide_reader._raw_reader(slide) is not None  # the one-buffer path is taken
+        assert region_reads.raw_reader(slide) is not None  # the one-buffer path is taken
         got = slide_reader.read_tiles(slide, plan, plan.coords)
         want = np.stack([slide_reader.read_tile(slide, plan, x, y) for x, y in plan.coords])
     finally:
@@ -177,7 +177,7 @@ def test_read_tiles_of_a_pillow_slide_reads_tile_by_tile(tmp_path):
     plan = slide_reader.plan_read(path, hr_px=HR_PX, hr_mpp=HR_MPP, input_px=16)
     slide = slides.open_slide(path)
     try:
-        assert slide_reader._raw_reader(slide) is None
+        assert region_reads.raw_reader(slide) is None
         got = slide_reader.read_tiles(slide, plan, plan.coords)
         want = np.stack([slide_reader.read_tile(slide, plan, x, y) for x, y in plan.coords])
     finally:

@@ -169,6 +169,26 @@ def test_cache_is_invalidated_when_any_member_changes(tiny_shards, teachers, tmp
     assert len(builds) == 3  # the ensemble's logits are for one temperature
 
 
+def test_students_of_one_ensemble_share_its_cache_across_seeds(tiny_shards, teachers, tmp_path):
+    """The protocol gives every seed's ensemble student one cache per factor: nothing seeded
+    goes into it (the dihedral draws are made when a run reads it), so each seed's cache, built
+    alone, is the same to the bit, and a seed finds the one built for another fitting."""
+
+    def student(seed, cache):
+        data = PipelineConfig(tiny_shards, batch_size=4, factor=2, augment="flips", seed=seed,
+                              unlabeled_ratio=0.5)  # fmt: skip
+        distill = DistillConfig(teacher=",".join(teachers), teacher_cache=str(cache))
+        return _run(tiny_shards, tmp_path / f"s{seed}", mode="distill", seed=seed, data=data,
+                    distill=distill)  # fmt: skip
+
+    built = [train.prebuild_teacher_caches([student(s, tmp_path / f"c{s}")]) for s in (0, 1)]
+    assert built == [2, 2]  # training and val caches, each seed's own folder
+    for name in ("keys.txt", "cache.json", "logits.f32", "features.float16", "val/logits.f32"):
+        a, b = ((tmp_path / f"c{s}" / name).read_bytes() for s in (0, 1))
+        assert a == b and len(a) > 0, name
+    assert train.prebuild_teacher_caches([student(1, tmp_path / "c0")]) == 0
+
+
 def test_a_member_that_does_not_fit_is_named(tiny_shards, teachers, tmp_path):
     odd = tmp_path / "odd"
     shutil.copytree(teachers[1], odd)

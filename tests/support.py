@@ -123,6 +123,19 @@ def tiny_run_config(data_dir, model_dir, **kw):
     return RunConfig(**base)
 
 
+def tiny_distill_config(data_dir, model_dir, **kw):
+    """:func:`tiny_run_config` as the distillation tests run it: x2 LR views with the ``flips``
+    preset (what a teacher cache holds), 1 epoch; ``kw`` replaces any field (``mode`` too)."""
+    from kd_histo.data.pipeline import PipelineConfig
+
+    data = PipelineConfig(data_dir, batch_size=4, factor=2, augment="flips")
+    return tiny_run_config(data_dir, model_dir, **{"data": data, "epochs": 1, **kw})
+
+
+# build_model keywords of the tiny nets built directly (add ``planes``, e.g. TINY_PLANES)
+TINY_NET_KW = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], stem="small")
+
+
 # -- tiny data sets -----------------------------------------------------------------------------
 def write_tiny_shards(out_dir, tile_px=32, per_class=4, num_shards=2, seed=0, unlabeled=8):
     """Writes a tiny data set with the project's schema; returns ``out_dir``.

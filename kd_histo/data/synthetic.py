@@ -61,37 +61,31 @@ def _fibres(size, rng, angle, period, jitter):
     return (0.5 + 0.5 * np.cos(2 * np.pi * (t + wobble) / period + phase)) ** 3
 
 
+def _nuclei(h_map, rng, count, radius, aspect, density, orientation=None, texture=None):
+    """Stamps ``count`` nuclei at uniform places: radius r ~ U(``radius``), the other axis
+    r * U(``aspect``), angle ``orientation()`` (default U(0, pi)), optical density
+    U(``density``). Draws in that order per nucleus (the tiles are a pure function of the seed)."""
+    size = h_map.shape[0]
+    for _ in range(count):
+        r = rng.uniform(*radius)
+        cy, cx = rng.uniform(0, size), rng.uniform(0, size)
+        rx = r * rng.uniform(*aspect)
+        angle = orientation() if orientation else rng.uniform(0, np.pi)
+        _disk_stamp(h_map, cy, cx, r, rx, angle, rng.uniform(*density), texture=texture)
+
+
 def _lymphocytes(h_map, e_map, rng, size: int, area: float) -> None:
     """Dense small round dark nuclei over faint fibres."""
-    for _ in range(rng.poisson(55 * area)):
-        r = rng.uniform(1.6, 2.6)
-        _disk_stamp(
-            h_map,
-            rng.uniform(0, size),
-            rng.uniform(0, size),
-            r,
-            r * rng.uniform(0.85, 1.1),
-            rng.uniform(0, np.pi),
-            rng.uniform(0.9, 1.2),
-        )
+    _nuclei(h_map, rng, rng.poisson(55 * area), (1.6, 2.6), (0.85, 1.1), (0.9, 1.2))
     e_map += 0.15 * _fibres(size, rng, rng.uniform(0, np.pi), rng.uniform(5, 9), 2.0)
 
 
 def _tumour(h_map, e_map, rng, size: int, area: float) -> None:
     """Few large pale nuclei with a dark rim and coarse chromatin."""
     chromatin = lambda rho: 0.55 + 0.45 * (rho > 0.7)  # noqa: E731 -- pale centre, dark rim
-    for _ in range(rng.poisson(9 * area)):
-        r = rng.uniform(4.0, 6.5)
-        _disk_stamp(
-            h_map,
-            rng.uniform(0, size),
-            rng.uniform(0, size),
-            r,
-            r * rng.uniform(0.6, 0.95),
-            rng.uniform(0, np.pi),
-            rng.uniform(0.55, 0.8),
-            texture=chromatin,
-        )
+    _nuclei(
+        h_map, rng, rng.poisson(9 * area), (4.0, 6.5), (0.6, 0.95), (0.55, 0.8), texture=chromatin
+    )
     h_map += 0.25 * (rng.random((size, size)) < 0.04) * (h_map > 0.2)  # coarse chromatin
     e_map += 0.15 * _fibres(size, rng, rng.uniform(0, np.pi), rng.uniform(5, 9), 2.0)
 
@@ -100,17 +94,8 @@ def _stroma(h_map, e_map, rng, size: int, area: float) -> None:
     """Strong parallel eosin fibres with elongated nuclei along them."""
     angle = rng.uniform(0, np.pi)
     e_map += 0.75 * _fibres(size, rng, angle, rng.uniform(2.6, 3.4), rng.uniform(0.5, 1.5))
-    for _ in range(rng.poisson(6 * area)):
-        r = rng.uniform(1.2, 1.8)
-        _disk_stamp(
-            h_map,
-            rng.uniform(0, size),
-            rng.uniform(0, size),
-            r,
-            r * rng.uniform(3.5, 5.0),
-            angle + rng.normal(0, 0.15),
-            rng.uniform(0.9, 1.2),
-        )
+    along = lambda: angle + rng.normal(0, 0.15)  # noqa: E731 -- spindles follow the fibres
+    _nuclei(h_map, rng, rng.poisson(6 * area), (1.2, 1.8), (3.5, 5.0), (0.9, 1.2), along)
     h_map += 0.12  # matches the other classes' mean haematoxylin
 
 

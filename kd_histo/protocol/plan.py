@@ -37,7 +37,8 @@ class ExperimentConfig:
       base: template of every run: data folder and pipeline, network, optimizer, epochs,
         distillation weights, precision. Its mode, model_dir, factor, teacher and unlabeled
         settings are set per run. ``base.distill.teacher_cache="auto"`` gives the students of
-        each seed and factor one shared teacher cache (``runs/s<seed>/teacher_cache_x<factor>``).
+        each seed and factor one shared teacher cache (``runs/s<seed>/teacher_cache_x<factor>``),
+        those of the seeds' ensemble one per factor (``runs/teacher_cache_ens_x<factor>``).
       factors: resolution factors of the baselines and students.
       unlabeled_fractions: fractions of the unlabeled pool (the data set's ``unlabeled`` split
         plus ``base.data.unlabeled_dirs``) added to the students' training tiles; 0 = the
@@ -398,13 +399,11 @@ def _spec(
     )
     distill = dataclasses.replace(cfg.base.distill, teacher_cache="")  # students only
     if kind.mode == "distill":
-        cache = cfg.base.distill.teacher_cache and os.path.join(
-            root, f"teacher_cache_x{_fmt(factor)}"
-        )
-        teacher = teacher_run_dir(cfg, seed)
-        if kind.teacher == "ensemble":  # its own cache: the ensemble's outputs are others
+        teacher, cache = teacher_run_dir(cfg, seed), os.path.join(root, "teacher_cache")
+        if kind.teacher == "ensemble":  # one teacher for every seed: one cache, not one per seed
             teacher = ",".join(teacher_run_dir(cfg, s) for s in cfg.seeds)
-            cache = cache and os.path.join(root, f"teacher_cache_ens_x{_fmt(factor)}")
+            cache = os.path.join(cfg.out_dir, "runs", "teacher_cache_ens")
+        cache = cfg.base.distill.teacher_cache and f"{cache}_x{_fmt(factor)}"
         distill = dataclasses.replace(distill, teacher=teacher, teacher_cache=cache)
         if "labels" in kind.reads:
             distill = dataclasses.replace(distill, ce_weight=cfg.labeled_student_ce)

@@ -236,6 +236,7 @@ def check_model_dir(cfg: RunConfig) -> None:
         except (TypeError, ValueError, KeyError):
             pass  # compared as written
         now = json.loads(cfg.to_json())  # tuples become lists, as in the file
+        before, now = _cache_read_or_not(before), _cache_read_or_not(now)
         differ = sorted(
             k for k in now if k not in ("resume", "verbose") and before.get(k) != now[k]
         )
@@ -244,6 +245,17 @@ def check_model_dir(cfg: RunConfig) -> None:
                 f"model_dir {d} holds a run with other settings ({', '.join(differ)}); "
                 "use the same flags to resume or a new --model_dir"
             )
+
+
+def _cache_read_or_not(config: dict) -> dict:
+    """A config.json as a resume compares it: the teacher cache by whether one is read, not by
+    its folder. A cache holds what its teacher, views and sources make, wherever it lies (a folder
+    that does not fit is rebuilt with the same outputs), so a run resumes where the protocol moved
+    its cache (the ensemble students' per-seed caches became one per factor)."""
+    distill = config.get("distill")
+    if not isinstance(distill, dict) or "teacher_cache" not in distill:
+        return config
+    return {**config, "distill": {**distill, "teacher_cache": bool(distill["teacher_cache"])}}
 
 
 def teacher_record(cfg: RunConfig, path: str | None = None, class_names=()) -> RunRecord | None:

@@ -1,6 +1,7 @@
 """The protocol's ensemble-teacher row (issue 28): ``student_ens_*`` students learn from the
-ensemble of every seed's teacher (``teachers_from``'s), each factor with its own teacher cache,
-and only these rows train when the single-teacher students and baselines are off."""
+ensemble of every seed's teacher (``teachers_from``'s), each factor with one teacher cache for
+every seed's students (the ensemble is the same for all), and only these rows train when the
+single-teacher students and baselines are off."""
 
 import dataclasses
 
@@ -32,12 +33,29 @@ def test_ensemble_students_read_every_seeds_teacher(tiny_shards, tmp_path):
     members = ",".join(teacher_run_dir(cfg, s) for s in (0, 1, 2))
     assert all(s.config.distill.teacher == members for s in trained)
     assert all(s.config.mode == "distill" and s.config.distill.ce_weight == 0 for s in trained)
-    caches = {(s.seed, s.config.distill.teacher_cache) for s in trained}
-    assert len(caches) == 6 and all("teacher_cache_ens_x" in c for _, c in caches)
+    # one ensemble for every seed: its students share one cache per factor, not one per seed
+    caches = {(s.factor, s.config.distill.teacher_cache) for s in trained}
+    runs = tmp_path / "ens" / "runs"
+    assert caches == {(f, str(runs / f"teacher_cache_ens_x{f:g}")) for f in (2.0, 4.0)}
     # the default grid has no such row
     plain = _cfg(tiny_shards, tmp_path / "plain")
     assert not any(s.kind == "student_ens" for s in plan(plain))
     assert any(s.kind == "student" for s in plan(plain))
+
+
+def test_only_the_ensembles_students_share_a_cache_across_seeds(tiny_shards, tmp_path):
+    cfg = _cfg(tiny_shards, tmp_path, seeds=(0, 1), teachers_from=str(tmp_path / "main"),
+               baselines=False, labeled_student_ce=0.0, ensemble_students=True)  # fmt: skip
+    caches = {}
+    for s in plan(cfg):
+        if s.config.mode == "distill" and s.factor == 4.0:
+            caches.setdefault(s.kind, set()).add(s.config.distill.teacher_cache)
+    assert caches["student_ens"] == {str(tmp_path / "runs" / "teacher_cache_ens_x4")}
+    assert caches["student"] == {str(tmp_path / "runs" / f"s{seed}" / "teacher_cache_x4")
+                                 for seed in (0, 1)}  # fmt: skip
+    off = dataclasses.replace(cfg, base=dataclasses.replace(
+        cfg.base, distill=DistillConfig(teacher_cache="")))  # fmt: skip
+    assert all(s.config.distill.teacher_cache == "" for s in plan(off))
 
 
 def test_ensemble_students_need_the_seeds_teachers_trained_first(tiny_shards, tmp_path):

@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image
 from support import REPO
 
+from kd_histo.cli import convert as convert_cli
+from kd_histo.cli import flags_common as fc
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.training.config import NetConfig, RunConfig
 
@@ -66,6 +68,26 @@ def write_class_tree(root, per_class: int, px: int, seed: int) -> None:
         for i in range(per_class):
             seeded = rgb(seed + i + 1000 * ord(c), px)
             write(os.path.join(root, c, f"t{i}.png"), encoded(seeded, "PNG"))
+
+
+def convert_class_tree(capsys, src, out, *argv) -> tuple[int, str]:
+    """kd-histo-convert in-process on a class tree of 16 px tiles (:func:`write_class_tree`), no
+    workers, no progress bar, splits 0.5/0.25/0.25; ``argv``: more flags. Returns (exit code,
+    stderr stripped)."""
+    code = fc.invoke(
+        convert_cli.PROG,
+        convert_cli.main,
+        [
+            f"--input_dir={src}",
+            f"--out_dir={out}",
+            "--tile_px=16",
+            "--num_workers=0",
+            "--progress=false",
+            "--split_fractions=0.5,0.25,0.25",
+            *argv,
+        ],
+    )
+    return code, capsys.readouterr().err.strip()
 
 
 def write(path, data: bytes) -> str:

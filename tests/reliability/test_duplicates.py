@@ -9,39 +9,15 @@ import pytest
 from convert.helpers import read_split
 
 from kd_histo.cli import convert as convert_cli
-from kd_histo.cli import flags_common as fc
 
-from .helpers import encoded, rgb, write
+from .helpers import convert_class_tree, encoded, rgb, write, write_class_tree
 
 pytestmark = pytest.mark.reliability
 
 
-def _convert(capsys, src, out, *argv) -> tuple[int, str]:
-    code = fc.invoke(
-        convert_cli.PROG,
-        convert_cli.main,
-        [
-            f"--input_dir={src}",
-            f"--out_dir={out}",
-            "--tile_px=16",
-            "--num_workers=0",
-            "--progress=false",
-            "--split_fractions=0.5,0.25,0.25",
-            *argv,
-        ],
-    )
-    return code, capsys.readouterr().err.strip()
-
-
-def _unique(src, per_class: int) -> None:
-    for c in ("a", "b"):
-        for i in range(per_class):
-            write(os.path.join(src, c, f"t{i}.png"), encoded(rgb(1000 * ord(c) + i), "PNG"))
-
-
 def test_identical_tiles_under_two_labels_are_refused_and_listed(tmp_path, capsys):
     src = tmp_path / "src"
-    _unique(src, 6)
+    write_class_tree(src, per_class=6, px=16, seed=0)
     pairs = []
     for i in range(5):  # the same bytes as a/copy<i>.png and b/other<i>.png
         data = encoded(rgb(77 + i), "PNG")
@@ -49,7 +25,7 @@ def test_identical_tiles_under_two_labels_are_refused_and_listed(tmp_path, capsy
             (write(src / "a" / f"copy{i}.png", data), write(src / "b" / f"other{i}.png", data))
         )
     out = tmp_path / "out"
-    code, err = _convert(capsys, src, out)
+    code, err = convert_class_tree(capsys, src, out)
     assert code == 2, err
     last = err.splitlines()[-1]
     assert last.startswith(f"{convert_cli.PROG}: error:") and "Traceback" not in err, err
@@ -64,19 +40,19 @@ def test_identical_tiles_under_two_labels_are_refused_and_listed(tmp_path, capsy
     # removing the copies (the fix the line asks for) converts
     for _, other in pairs:
         os.remove(other)
-    code, err = _convert(capsys, src, out)
+    code, err = convert_class_tree(capsys, src, out)
     assert code == 0, err
 
 
 def test_identical_tiles_under_one_label_land_in_one_split(tmp_path, capsys):
     src = tmp_path / "src"
-    _unique(src, 12)
+    write_class_tree(src, per_class=12, px=16, seed=0)
     copies = []
     for i in range(8):  # 8 pairs of copies in class a, under names of their own
         data = encoded(rgb(500 + i), "PNG")
         copies.append((write(src / "a" / f"x{i}.png", data), write(src / "a" / f"y{i}.png", data)))
     out = tmp_path / "out"
-    code, err = _convert(capsys, src, out)
+    code, err = convert_class_tree(capsys, src, out)
     assert code == 0, err
     split_of = {}
     for split in json.loads((out / "dataset.json").read_text())["counts"]:

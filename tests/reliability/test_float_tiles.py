@@ -11,12 +11,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from kd_histo.cli import convert as convert_cli
-from kd_histo.cli import flags_common as fc
 from kd_histo.convert.errors import SkipInput
 from kd_histo.convert.tiles import read_tile
 
-from .helpers import write_class_tree
+from .helpers import convert_class_tree, write_class_tree
 
 pytestmark = pytest.mark.reliability
 
@@ -45,19 +43,7 @@ def test_non_finite_float_tiles_are_skipped_and_listed_without_warnings(tmp_path
     out = tmp_path / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # numpy's "invalid value" would raise
-        code = fc.invoke(
-            convert_cli.PROG,
-            convert_cli.main,
-            [
-                f"--input_dir={src}",
-                f"--out_dir={out}",
-                "--tile_px=16",
-                "--num_workers=0",
-                "--progress=false",
-                "--split_fractions=0.5,0.25,0.25",
-            ],
-        )
-    err = capsys.readouterr().err
+        code, err = convert_class_tree(capsys, src, out)
     assert code == 0, err
     info = json.loads((out / "dataset.json").read_text())
     skipped = {s["path"]: s["reason"] for s in info["skipped"]}

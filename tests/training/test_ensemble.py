@@ -11,16 +11,17 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import TINY_NET_KW, TINY_PLANES, tiny_distill_config
 
 from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.models import build_model, load_model
 from kd_histo.training import losses as L
 from kd_histo.training import preflight, teacher_cache, train
-from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
+from kd_histo.training.config import DistillConfig
 from kd_histo.training.distiller import ResolutionDistiller, losses_for
 from kd_histo.training.ensemble import build_ensemble, ensemble_logits
 
-KW = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], stem="small", planes=(4, 8, 8, 16))
+KW = {**TINY_NET_KW, "planes": TINY_PLANES}
 
 
 def _softmax(z):
@@ -96,33 +97,22 @@ def test_mismatched_members_are_refused_in_one_line():
 
 
 # -- through train() ----------------------------------------------------------------------------
-def _run(data_dir, model_dir, **kw):
-    base = dict(
-        model_dir=str(model_dir),
-        data=PipelineConfig(data_dir, batch_size=4, factor=2, augment="flips"),
-        net=NetConfig(planes=(4, 8, 8, 16), stem="small"),
-        epochs=1,
-        steps_per_epoch=2,
-        val_steps=1,
-        verbose=0,
-        profile_steps=(0, 0),
-        image_grids=False,
-    )
-    return RunConfig(**{**base, **kw})
-
-
 @pytest.fixture(scope="module")
 def teachers(tiny_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("ens")
     return [
-        train.train(_run(tiny_shards, root / f"t{s}", mode="teacher", seed=s)).model_dir
+        train.train(
+            tiny_distill_config(tiny_shards, root / f"t{s}", mode="teacher", seed=s)
+        ).model_dir
         for s in (0, 1)
     ]
 
 
 def test_student_of_a_two_member_ensemble_trains_end_to_end(tiny_shards, teachers, tmp_path):
     distill = DistillConfig(teacher=",".join(teachers))
-    result = train.train(_run(tiny_shards, tmp_path / "s", mode="distill", distill=distill))
+    result = train.train(
+        tiny_distill_config(tiny_shards, tmp_path / "s", mode="distill", distill=distill)
+    )
     for name in ("kd_loss", "feature_loss"):
         assert all(np.isfinite(result.history[name])) and min(result.history[name]) > 0
     saved = load_model(os.path.join(result.model_dir, "model.keras"))
@@ -134,7 +124,7 @@ def test_cache_is_invalidated_when_any_member_changes(tiny_shards, teachers, tmp
     for i, t in enumerate(teachers):
         shutil.copytree(t, tmp_path / f"m{i}")
         copies.append(str(tmp_path / f"m{i}"))
-    cfg = _run(
+    cfg = tiny_distill_config(
         tiny_shards,
         tmp_path / "s",
         mode="distill",
@@ -162,11 +152,31 @@ def test_cache_is_invalidated_when_any_member_changes(tiny_shards, teachers, tmp
     teacher_cache.for_validation(ens, source, cfg.data, cache, **kwargs)
     assert len(builds) == 2
     hotter = preflight.teacher_source(
-        _run(tiny_shards, tmp_path / "s", mode="distill",
-             distill=DistillConfig(teacher=",".join(copies), temperature=2.0))
+        tiny_distill_config(tiny_shards, tmp_path / "s", mode="distill",
+                            distill=DistillConfig(teacher=",".join(copies), temperature=2.0))
     )  # fmt: skip
     teacher_cache.for_validation(ens, hotter, cfg.data, cache, **kwargs)
     assert len(builds) == 3  # the ensemble's logits are for one temperature
+
+
+def test_students_of_one_ensemble_share_its_cache_across_seeds(tiny_shards, teachers, tmp_path):
+    """The protocol gives every seed's ensemble student one cache per factor: nothing seeded
+    goes into it (the dihedral draws are made when a run reads it), so each seed's cache, built
+    alone, is the same to the bit, and a seed finds the one built for another fitting."""
+
+    def student(seed, cache):
+        data = PipelineConfig(tiny_shards, batch_size=4, factor=2, augment="flips", seed=seed,
+                              unlabeled_ratio=0.5)  # fmt: skip
+        distill = DistillConfig(teacher=",".join(teachers), teacher_cache=str(cache))
+        return tiny_distill_config(tiny_shards, tmp_path / f"s{seed}", mode="distill", seed=seed,
+                                   data=data, distill=distill)  # fmt: skip
+
+    built = [train.prebuild_teacher_caches([student(s, tmp_path / f"c{s}")]) for s in (0, 1)]
+    assert built == [2, 2]  # training and val caches, each seed's own folder
+    for name in ("keys.txt", "cache.json", "logits.f32", "features.float16", "val/logits.f32"):
+        a, b = ((tmp_path / f"c{s}" / name).read_bytes() for s in (0, 1))
+        assert a == b and len(a) > 0, name
+    assert train.prebuild_teacher_caches([student(1, tmp_path / "c0")]) == 0
 
 
 def test_a_member_that_does_not_fit_is_named(tiny_shards, teachers, tmp_path):
@@ -175,7 +185,7 @@ def test_a_member_that_does_not_fit_is_named(tiny_shards, teachers, tmp_path):
     record = json.loads((odd / "run.json").read_text())
     record["mpp"] = 1.0
     (odd / "run.json").write_text(json.dumps(record))
-    cfg = _run(
+    cfg = tiny_distill_config(
         tiny_shards,
         tmp_path / "s",
         mode="distill",

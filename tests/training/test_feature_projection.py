@@ -10,23 +10,22 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import TINY_NET_KW, TINY_PLANES, tiny_distill_config
 
-from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.evaluation.cost import count_flops
 from kd_histo.models import build_model, load_model
 from kd_histo.training import losses as L
 from kd_histo.training import train
-from kd_histo.training.config import DistillConfig, NetConfig, RunConfig
+from kd_histo.training.config import DistillConfig, NetConfig
 from kd_histo.training.distiller import ResolutionDistiller, losses_for
 
-KW = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], stem="small")
-TEACHER_PLANES, STUDENT_PLANES = (4, 8, 8, 16), (2, 4, 4, 8)
+TEACHER_PLANES, STUDENT_PLANES = TINY_PLANES, (2, 4, 4, 8)
 
 
 def _nets(seed=0):
     keras.utils.set_random_seed(seed)
-    student = build_model("resnet_gn", 4, name="student", planes=STUDENT_PLANES, **KW)
-    teacher = build_model("resnet_gn", 4, name="teacher", planes=TEACHER_PLANES, **KW)
+    student = build_model("resnet_gn", 4, name="student", planes=STUDENT_PLANES, **TINY_NET_KW)
+    teacher = build_model("resnet_gn", 4, name="teacher", planes=TEACHER_PLANES, **TINY_NET_KW)
     return student, teacher
 
 
@@ -80,32 +79,20 @@ def test_projected_loss_matches_numpy():
 
 def test_same_width_builds_no_projection():
     keras.utils.set_random_seed(0)
-    student = build_model("resnet_gn", 4, name="student", planes=TEACHER_PLANES, **KW)
-    teacher = build_model("resnet_gn", 4, name="teacher", planes=TEACHER_PLANES, **KW)
+    student = build_model("resnet_gn", 4, name="student", planes=TEACHER_PLANES, **TINY_NET_KW)
+    teacher = build_model("resnet_gn", 4, name="teacher", planes=TEACHER_PLANES, **TINY_NET_KW)
     d = ResolutionDistiller(student, teacher)
     assert not hasattr(d, "feature_projections")
     assert len(d.trainable_weights) == len(student.trainable_weights)
-
-
-def _run(data_dir, model_dir, **kw):
-    base = dict(
-        model_dir=str(model_dir),
-        data=PipelineConfig(data_dir, batch_size=4, factor=2, augment="flips"),
-        epochs=2,
-        steps_per_epoch=2,
-        val_steps=1,
-        verbose=0,
-        profile_steps=(0, 0),
-        image_grids=False,
-    )
-    return RunConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tiny_shards, tmp_path_factory):
     t_net = NetConfig(planes=TEACHER_PLANES, stem="small")
     out = tmp_path_factory.mktemp("wide") / "teacher"
-    return train.train(_run(tiny_shards, out, mode="teacher", net=t_net, epochs=1)).model_dir
+    return train.train(
+        tiny_distill_config(tiny_shards, out, mode="teacher", net=t_net, epochs=1)
+    ).model_dir
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -114,13 +101,15 @@ def test_saved_student_is_the_plain_net_at_its_cost(tiny_shards, teacher_dir, tm
     cache = str(tmp_path / "cache") if cached else ""
     distill = DistillConfig(teacher=teacher_dir, teacher_cache=cache)
     result = train.train(
-        _run(tiny_shards, tmp_path / "s", mode="distill", net=s_net, distill=distill, epochs=1)
+        tiny_distill_config(
+            tiny_shards, tmp_path / "s", mode="distill", net=s_net, distill=distill, epochs=1
+        )
     )
     assert all(np.isfinite(result.history["feature_loss"]))
     saved = load_model(os.path.join(result.model_dir, "model.keras"))
     names = [layer.name for layer in saved._flatten_layers()]
     assert not [n for n in names if "projection" in n]
-    plain = build_model("resnet_gn", 4, planes=STUDENT_PLANES, **KW)
+    plain = build_model("resnet_gn", 4, planes=STUDENT_PLANES, **TINY_NET_KW)
     assert saved.count_params() == plain.count_params()
     assert count_flops(saved, 16) == count_flops(plain, 16) > 0
     assert saved(tf.zeros((1, 16, 16, 3)))["features"].shape[-1] == STUDENT_PLANES[-1]

@@ -242,13 +242,12 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
 
 def _start(cfg: ExperimentConfig, log: Callable[[str], None]) -> list[RunSpec]:
     """The plan, once the folder is checked to hold this experiment (and the results folder's
-    bundle too) and the borrowed teachers are checked; records the experiment and the data set it
-    starts on, and imports the results folder's finished seeds."""
+    bundle too); records the experiment and the data set it starts on, imports the results
+    folder's finished seeds, then checks the borrowed teachers against what is left to train."""
     specs = plan(cfg)
     _check_same_experiment(cfg)
     if cfg.results_dir:
         _check_same_experiment(cfg, os.path.join(cfg.results_dir, bundle.BUNDLE_DIR))
-    _check_borrowed_teachers(cfg, specs)
     # Every factor must fit the tile before anything trains (it failed after teacher and baseline)
     from kd_histo.training import preflight  # TensorFlow: only once the experiment runs
 
@@ -261,6 +260,9 @@ def _start(cfg: ExperimentConfig, log: Callable[[str], None]) -> list[RunSpec]:
         shutil.copyfile(os.path.join(cfg.base.data.data_dir, schema.DATASET_JSON), started_on)
     if cfg.results_dir:
         bundle.import_seeds(cfg, specs, cfg.results_dir, log=log)
+    # After the import: a seed whose runs all came from the results folder needs only its
+    # borrowed teacher's record (a fresh checkout reruns the tables without the weights).
+    _check_borrowed_teachers(cfg, specs)
     return specs
 
 
@@ -375,7 +377,7 @@ def measure_costs(
     Returns:
       {input_px: cost row} with ``gflops``, ``params``, ``timings``, ``flops_ratio_to_ref`` and
       ``speedup`` (images/s relative to the teacher at the largest batch size); None when some
-      input size has no net with weights here (every such run imported from ``results_dir``).
+      input size has neither a net with weights here nor a config to build one from.
     """
     import keras
 
@@ -383,26 +385,31 @@ def measure_costs(
     from kd_histo.training.run_record import read_run_record
 
     by_px: dict[int, RunSpec] = {}
-    sizes = set()
+    sizes: dict[int, RunSpec] = {}
     for spec in specs:
         record = read_run_record(spec.model_dir)
-        sizes.add(record.input_px)
+        sizes.setdefault(record.input_px, spec)
         # Runs imported from a results bundle have no weights: a net of that size that has is
         # measured.
         if os.path.isfile(record.model_path(spec.model_dir)):
             by_px.setdefault(record.input_px, spec)
-    if sizes - set(by_px):
+    # Cost does not depend on the weights: a size with none here (every run of it imported from
+    # --results_dir) is measured on its run's architecture built untrained.
+    unbuilt = {px: s for px, s in sizes.items() if px not in by_px}
+    if any(s.config.stain.method != "none" for s in unbuilt.values()):
         log(
-            f"cost: not measured: no run of input size {sorted(sizes - set(by_px))} px has its "
-            "weights in "
-            f"{cfg.out_dir} (all imported from --results_dir); the tables keep the cost columns "
-            "empty"
+            f"cost: not measured: no run of input size {sorted(unbuilt)} px has its weights in "
+            f"{cfg.out_dir} (imported from --results_dir) and a stain-normalised net needs its "
+            "reference to be built; the tables keep the cost columns empty"
         )
         return None
     teacher_px = read_run_record(teacher_of(specs, specs[0].seed).model_dir).input_px
     entries = []
-    for px, spec in sorted(by_px.items(), reverse=True):
-        model = load_model(read_run_record(spec.model_dir).model_path(spec.model_dir))
+    for px, spec in sorted({**by_px, **unbuilt}.items(), reverse=True):
+        if px in unbuilt:
+            model = _untrained(spec.config)
+        else:
+            model = load_model(read_run_record(spec.model_dir).model_path(spec.model_dir))
         entries.append(
             cost_module.model_cost(f"{px}px", model, px, cfg.cost_batch_sizes, cfg.cost_repeats)
         )
@@ -413,3 +420,20 @@ def measure_costs(
         r["speedup"] = r["timings"][-1]["images_per_s"] / ref["timings"][-1]["images_per_s"]
     cost_module.write_cost(rows, os.path.join(cfg.out_dir, "cost"))
     return {r["input_px"]: r for r in rows}
+
+
+def _untrained(config) -> Any:
+    """The run's network as its config builds it, untrained (cost only: the graph, not the
+    weights, sets FLOPs and speed)."""
+    from kd_histo.models import build_model
+    from kd_histo.training.preflight import check_data
+
+    info = check_data(config)
+    return build_model(
+        config.net.arch,
+        info.num_classes,
+        mean=info.mean,
+        std=info.std,
+        name=config.mode,
+        **{**config.net.build_kwargs(), "weights": "none"},  # nothing downloaded or read
+    )

@@ -562,6 +562,26 @@ def test_complete_seeds_move_through_a_results_folder(finished, tmp_path):
         run_experiment(ablation, log=lambda _: None)
 
 
+def test_a_seed_imported_whole_still_gets_its_cost_columns(finished, tmp_path):
+    """Every run of the seed comes from the results folder (no weights): FLOPs and parameters are
+    measured on each run's architecture built untrained, so the tables match the committed ones."""
+    from kd_histo.protocol import bundle
+
+    cfg, paths, _ = finished
+    results = tmp_path / "results"
+    bundle.export_seeds(cfg, plan(cfg), str(results))
+    fresh = dataclasses.replace(cfg, out_dir=str(tmp_path / "fresh"), results_dir=str(results))
+    lines = []
+    new = run_experiment(fresh, log=lines.append)
+    assert not any("training" in line for line in lines)
+    assert not any("not measured" in line for line in lines)
+    rows = json.loads(open(new["json"]).read())["rows"]
+    before = json.loads(open(paths["json"]).read())["rows"]
+    assert [(r["run"], r["accuracy"], r["gflops"], r["flops_ratio"]) for r in rows] == [
+        (r["run"], r["accuracy"], r["gflops"], r["flops_ratio"]) for r in before]  # fmt: skip
+    assert all(r["gflops"] and r["speedup"] for r in rows)
+
+
 def test_a_results_folder_compares_as_its_experiment_folder_does(finished, tmp_path):
     """tools/compare_runs.py reads committed seeds from a results folder's bundle: every pair gives
     what the experiment folder gives (accuracy, per-seed difference, CI, wall time), so a fresh

@@ -16,13 +16,14 @@ ABLATIONS = [
 ]  # kd-histo-experiment, a main run's ablation
 EXPERIMENTS = [p for p in ALL if p.name == "experiment.flags"]  # kd-histo-experiment
 ENSEMBLES = [p for p in ALL if p.name == "ensemble.flags"]  # kd-histo-experiment, new rows only
+TEACHERS = [p for p in ALL if p.name == "ensemble_teachers.flags"]  # kd-histo-experiment, teachers
 COMPARISONS = [p for p in ALL if p.name.startswith("compare_")]  # tools/compare_runs.py
 DRIVERS = [p for p in ALL if p.name == "domain_shift.flags"]  # tools/domain_shift.py
 FLAGFILES = [
     p
     for p in ALL
     if p.name != "common.flags"
-    and p not in EXPERIMENTS + ABLATIONS + ENSEMBLES + COMPARISONS + DRIVERS
+    and p not in EXPERIMENTS + ABLATIONS + ENSEMBLES + TEACHERS + COMPARISONS + DRIVERS
 ]  # kd-histo-train
 
 
@@ -173,9 +174,12 @@ def test_comparison_flagfile_names_runs_its_experiments_make(flagfile, monkeypat
 
     monkeypatch.chdir(REPO)
     grids = {}
-    for path in [p for p in EXPERIMENTS + ABLATIONS if p.parent == flagfile.parent]:
+    experiments = EXPERIMENTS + ABLATIONS + ENSEMBLES + TEACHERS
+    for path in [p for p in experiments if p.parent == flagfile.parent]:
         cfg = _experiment_config(path)
-        grids[cfg.results_dir] = (cfg, set(plan_lib.run_names(cfg)))
+        names = set(plan_lib.run_names(cfg))
+        # a borrowed teacher is the other experiment's run, not in this one's bundle
+        grids[cfg.results_dir] = (cfg, names - {"teacher"} if cfg.teachers_from else names)
     lines = [ln for ln in flagfile.read_text().splitlines() if ln and not ln.startswith("#")]
     assert all(ln.startswith(("--pair=", "--out=", "--split=", "--n_boot=")) for ln in lines), lines
     pairs = [ln.removeprefix("--pair=").split(",", 2) for ln in lines if ln.startswith("--pair=")]
@@ -193,6 +197,22 @@ def test_comparison_flagfile_names_runs_its_experiments_make(flagfile, monkeypat
         f"python tools/compare_runs.py --flagfile={flagfile.relative_to(REPO)}"
         in flagfile.read_text()
     )
+
+
+@pytest.mark.parametrize("flagfile", TEACHERS, ids=lambda p: p.parent.name)
+def test_ensemble_teachers_flagfile_trains_the_main_runs_teachers_where_the_ensemble_finds_them(
+    flagfile, monkeypatch
+):
+    """The ensemble's teachers: the main run's teacher settings, seeds and folder (the ensemble's
+    --teachers_from), nothing else trained, into a results folder of their own."""
+    monkeypatch.chdir(REPO)
+    cfg = _experiment_config(flagfile)
+    main = _experiment_config(flagfile.parent / "experiment.flags")
+    ensemble = _experiment_config(flagfile.parent / "ensemble.flags")
+    assert cfg.out_dir == main.out_dir == ensemble.teachers_from and cfg.seeds == main.seeds
+    assert cfg.base == main.base and plan_lib.run_names(cfg) == ["teacher"]
+    assert cfg.results_dir not in (main.results_dir, ensemble.results_dir)
+    assert f"kd-histo-experiment --flagfile={flagfile.relative_to(REPO)}" in flagfile.read_text()
 
 
 @pytest.mark.parametrize("flagfile", ENSEMBLES, ids=lambda p: p.parent.name)

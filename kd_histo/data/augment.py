@@ -9,8 +9,12 @@ Presets (``PRESETS``): ``none``; ``flips`` (horizontal/vertical flip + rot90, i.
 symmetries of the square, numbered 0..7 by :func:`dihedral`, the one definition the teacher
 cache uses too); ``paper`` (flips + colour jitter brightness/contrast/saturation/hue
 = 0.5/0.5/0.5/0.2, DiPalma et al. 2021, torchvision ``ColorJitter`` semantics); ``paper+hed``
-(paper + HED stain jitter, :mod:`kd_histo.data.stain`); ``randaugment`` (flips + 2 random ops
-from a colour/stain list at a fixed magnitude).
+(paper + HED stain jitter, :mod:`kd_histo.data.stain`); ``flips+hed_strong`` (flips + HED
+jitter with Tellez et al. 2019's "HED-strong" scale, alpha in [0.8, 1.2] per stain, and
+``paper+hed``'s offset, beta in [-0.05, 0.05]: in these HED units (optical density / ln 1e-6) an
+offset of 0.2 would darken white to e^-2.8 = 6%; no other colour change, the jitter to pair with
+a stain normalisation that undoes global colour shifts itself); ``randaugment`` (flips + 2
+random ops from a colour/stain list at a fixed magnitude).
 
 keras-cv where it fits: the RandAugment-style ops solarize, posterize, sharpness and
 autocontrast are keras-cv 0.9's own layers, called through their ``augment_images(images,
@@ -35,8 +39,9 @@ import tensorflow as tf
 
 from kd_histo.data import stain
 
-PRESETS = ("none", "flips", "paper", "paper+hed", "randaugment")
+PRESETS = ("none", "flips", "paper", "paper+hed", "flips+hed_strong", "randaugment")
 PAPER_JITTER = (0.5, 0.5, 0.5, 0.2)  # brightness, contrast, saturation, hue
+HED_STRONG_JITTER = (0.2, 0.05)  # sigma (Tellez et al. 2019, HED-strong), bias of random_hed
 
 
 def _seeds(seed: tf.Tensor, n: int) -> list[tf.Tensor]:
@@ -215,6 +220,8 @@ def augment(image: tf.Tensor, seed: tf.Tensor, preset: str) -> tf.Tensor:
         image = random_color_jitter(image, s_col, *PAPER_JITTER)
     if preset == "paper+hed":
         image = stain.random_hed(image, s_hed)
+    if preset == "flips+hed_strong":
+        image = stain.random_hed(image, s_hed, *HED_STRONG_JITTER)
     if preset == "randaugment":
         image = random_augment(image, s_col)
     return image

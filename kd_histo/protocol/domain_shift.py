@@ -50,6 +50,7 @@ SETTINGS = {
     "macenko": ("macenko", "flips"),
     "reinhard": ("reinhard", "flips"),
     "hed": ("none", "paper+hed"),
+    "reinhard_hed": ("reinhard", "flips+hed_strong"),  # normalise, and learn the residual's range
 }
 
 
@@ -83,8 +84,9 @@ class DomainShiftConfig:
     )
     seeds: tuple[int, ...] = setting((0,), "One teacher and student per setting and seed.")
     settings: tuple[str, ...] = setting(
-        ("none", "macenko", "reinhard", "hed"),
-        "Training settings: none, macenko, reinhard (stain normalisation), hed (HED jitter).",
+        ("none", "macenko", "reinhard", "hed", "reinhard_hed"),
+        "Training settings: none, macenko, reinhard (stain normalisation), hed (HED jitter), "
+        "reinhard_hed (Reinhard normalisation + strong HED jitter).",
     )
     student_factor: float = setting(8.0, "Resolution factor of the label-free student.")
     nct_dir: str = setting(

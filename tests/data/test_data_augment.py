@@ -172,3 +172,26 @@ def test_keras_cv_equalization_is_not_pillows_so_it_is_left_out():
     layer = keras_cv.layers.Equalization(value_range=(0, 255))
     got = layer(tf.constant(rgb[None], tf.float32)).numpy()[0]
     assert np.abs(got - want).max() > 50  # not a rounding difference
+
+
+def test_flips_hed_strong_is_flips_then_tellez_strong_hed_jitter_and_nothing_else():
+    from kd_histo.data import stain
+
+    tile = 0.1 + 0.4 * random_tile(16, seed=8)  # darker tones: few pixels clip at 1
+    slopes = []
+    for i in range(24):
+        seed = tf.constant([i, 7], tf.int64)
+        out = augment.augment(tile, seed, "flips+hed_strong").numpy()
+        s_geo, _, s_hed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        flipped = augment.random_flip_rot(tile, s_geo)
+        ref = stain.random_hed(flipped, s_hed, sigma=0.2, bias=0.05).numpy()
+        np.testing.assert_allclose(out, ref, atol=1e-6)
+        # Per stain, the HED concentrations are an affine map of the flipped tile's.
+        h_in = stain.rgb_to_hed(flipped).numpy().reshape(-1, 3)
+        h_out = stain.rgb_to_hed(tf.constant(out)).numpy().reshape(-1, 3)
+        ok = np.all((out > 1e-3) & (out < 1 - 1e-3), axis=-1).reshape(-1)
+        assert ok.sum() > 16
+        slopes.append([np.polyfit(h_in[ok, c], h_out[ok, c], 1)[0] for c in range(3)])
+    dev = np.abs(np.array(slopes) - 1.0)
+    assert dev.max() <= 0.2 + 1e-3  # alpha in [0.8, 1.2]
+    assert dev.max() > 0.1  # beyond paper+hed's [0.95, 1.05]

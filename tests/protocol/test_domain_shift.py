@@ -34,12 +34,13 @@ def _cfg(data_dir, tmp_path, **kw):
 
 def test_plan_pairs_each_teacher_with_its_label_free_student(tmp_path):
     data = support.write_tiny_shards(tmp_path / "data", unlabeled=8)  # 4 x 3 train tiles
-    specs = plan(_cfg(data, tmp_path, settings=("none", "macenko", "reinhard", "hed")))
+    settings = ("none", "macenko", "reinhard", "hed", "reinhard_hed")
+    specs = plan(_cfg(data, tmp_path, settings=settings))
     assert [(s.seed, s.setting, s.net) for s in specs][:2] == [
         (0, "none", "teacher"),
         (0, "none", "student_x8"),
     ]
-    assert len(specs) == 2 * 4 * 2
+    assert len(specs) == 2 * len(settings) * 2
     by = {(s.seed, s.setting, s.net): s.config for s in specs}
     t, st = by[(1, "macenko", "teacher")], by[(1, "macenko", "student_x8")]
     assert t.stain.method == "macenko" and t.seed == 1 and t.data.seed == 1
@@ -56,6 +57,10 @@ def test_plan_pairs_each_teacher_with_its_label_free_student(tmp_path):
     hed = by[(0, "hed", "student_x8")]
     assert hed.data.augment == "paper+hed" and hed.distill.teacher_cache == ""
     assert by[(0, "hed", "teacher")].data.augment == "paper+hed"
+    t, st = by[(1, "reinhard_hed", "teacher")], by[(1, "reinhard_hed", "student_x8")]
+    assert t.stain.method == "reinhard" and t.data.augment == "flips+hed_strong"
+    assert st.data.augment == "flips+hed_strong" and st.distill.teacher_cache == ""
+    assert st.stain.method == "none" and st.distill.teacher == t.model_dir
 
 
 def _images(data_dir, split="test"):

@@ -164,6 +164,13 @@ class NetSpec:
         return (*LABELED_SETS, *PROBES) + ((OOD_COST,) if self.net != "teacher" else ())
 
 
+def reported_settings(settings: tuple[str, ...], rows: list[ShiftRow]) -> tuple[str, ...]:
+    """The settings results.md shows: this run's and those results.csv has rows of (a run of one
+    setting must not drop the others' rows from the table), in :data:`SETTINGS` order."""
+    have = set(settings) | {r.setting for r in rows}
+    return tuple(s for s in SETTINGS if s in have) + tuple(sorted(have - set(SETTINGS)))
+
+
 def plan(cfg: DomainShiftConfig) -> list[NetSpec]:
     """Per seed and setting, the teacher then its student (pure, bar reading dataset.json)."""
     n_train = schema.DatasetInfo.read(cfg.base.data.data_dir).num_examples("train")
@@ -396,7 +403,7 @@ def run(cfg: DomainShiftConfig, command: str, about: str, log: Callable[[str], N
         keys = {r.key for r in new}  # rows another process wrote meanwhile are kept
         rows = [r for r in domain_report.read_rows(csv_path) if r.key not in keys] + new
         domain_report.write_rows(csv_path, rows)
-        domain_report.write_markdown(md_path, rows, cfg.settings, about)
+        domain_report.write_markdown(md_path, rows, reported_settings(cfg.settings, rows), about)
         log(f"s{spec.seed} {spec.setting} {spec.net}: " + ", ".join(_brief(r) for r in new))
     return rows
 

@@ -18,7 +18,7 @@ from kd_histo.data.pipeline import PipelineConfig
 from kd_histo.models import ood
 from kd_histo.protocol import domain_probes, domain_report, domain_shift
 from kd_histo.protocol.domain_report import ShiftRow
-from kd_histo.protocol.domain_shift import DomainShiftConfig, plan
+from kd_histo.protocol.domain_shift import DomainShiftConfig, plan, reported_settings
 from kd_histo.training.config import DistillConfig, RunConfig
 
 
@@ -144,6 +144,12 @@ def test_rows_of_an_older_score_and_named_nets_are_measured_again(tmp_path, monk
         dataclasses.replace(cfg, redo=("none/student_x8",)), "cmd", "", log=lambda line: None
     )
     assert [c for c in calls if c[0] != "train"] == [("student_x8", sets, ())]
+
+
+def test_results_md_keeps_the_settings_of_earlier_runs():
+    rows = [ShiftRow(0, "hed", "teacher", "test", 9), ShiftRow(0, "none", "teacher", "test", 9)]
+    assert reported_settings(("reinhard_hed",), rows) == ("none", "hed", "reinhard_hed")
+    assert reported_settings(("macenko",), []) == ("macenko",)
 
 
 def test_redo_names_settings_and_nets_of_the_run():

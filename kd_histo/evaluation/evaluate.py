@@ -194,19 +194,18 @@ def write_predictions_csv(
 
 
 def probs_function(model, dtype: str = "float32"):
-    """numpy batch [B, H, W, 3] -> softmax probabilities [B, C] of ``model``, traced once for every
-    batch and tile size. ``dtype`` "uint8" takes 0-255 tiles and scales them as the pipeline
-    does."""
+    """numpy batch [B, H, W, 3] -> softmax probabilities [B, C] of ``model``, traced once per tile
+    size (:func:`kd_histo.evaluation.ood_report.per_tile_size`, as the probabilities-and-score
+    function is, so that the score's measured cost is the score's alone). ``dtype`` "uint8"
+    takes 0-255 tiles and scales them as the pipeline does."""
 
     def softmax_probs(x):
         x = tf.image.convert_image_dtype(x, tf.float32)  # uint8 -> [0, 1]; float32 unchanged
         out = model(x, training=False)
         return tf.nn.softmax(tf.cast(out["logits"] if isinstance(out, dict) else out, tf.float32))
 
-    fn = tf.function(softmax_probs).get_concrete_function(
-        tf.TensorSpec([None, None, None, 3], tf.as_dtype(dtype))
-    )
-    return lambda x: fn(tf.convert_to_tensor(x)).numpy()
+    fn = ood_report.per_tile_size(softmax_probs, dtype)
+    return lambda x: fn(x).numpy()
 
 
 def predict_split(model, ds, view: str) -> Predictions:

@@ -99,15 +99,28 @@ def probs_and_ood_function(model, stats: ood.OODStats, dtype: str = "float32"):
         probs, features = probs_and_features(x)
         return probs, scores_in_graph(features, stats)
 
+    traced = per_tile_size(both, dtype)
+
+    def run(x):
+        probs, scores = traced(x)
+        return probs.numpy(), scores.numpy().astype(np.float64)
+
+    return run
+
+
+def per_tile_size(fn, dtype: str = "float32"):
+    """``fn`` of a batch [B, H, W, 3] traced once per tile size (H, W), any batch size: the sizes
+    of its maps are then constants of the graph, not ops. Measured on a Reinhard-normalised x8
+    student at batch 64: 10% less CPU time than one trace for every size (``[None, None, None,
+    3]``), whose per-image statistics then run as shape ops (BUILD_NOTES, issue 30)."""
     traced = {}
 
     def run(x):
         size = tuple(np.shape(x)[1:3])
         if size not in traced:
             spec = tf.TensorSpec([None, *size, 3], tf.as_dtype(dtype))
-            traced[size] = tf.function(both).get_concrete_function(spec)
-        probs, scores = traced[size](tf.convert_to_tensor(x))
-        return probs.numpy(), scores.numpy().astype(np.float64)
+            traced[size] = tf.function(fn).get_concrete_function(spec)
+        return traced[size](tf.convert_to_tensor(x))
 
     return run
 

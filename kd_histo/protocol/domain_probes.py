@@ -201,9 +201,12 @@ def measure_probe(model_dir, inputs, test_set, seed, setting, net, out_dir, read
 
 
 def measure_cost(model_dir, data_dir, seed, setting, net, repeats, command) -> ShiftRow:
-    """Median time of one pass over the test tiles (the net's view, held in memory, batch 64)
-    without and with the out-of-domain score; each batch is timed both ways in turn (alternating
-    which goes first), so a machine's changing load falls on both alike."""
+    """Median process CPU time of one pass over the test tiles (the net's view, held in memory,
+    batch 64) without and with the out-of-domain score, both traced per tile size (the same
+    graph but for the score); each batch is timed both ways in turn (alternating which goes
+    first), so a machine's changing load falls on both alike. CPU time, not wall clock: other
+    processes' load does not count (a wall-clock reading once gave a Reinhard student's score a
+    cost of -13.6%)."""
     from kd_histo.data.pipeline import make_dataset
     from kd_histo.evaluation import evaluate, ood_report
     from kd_histo.models import load_model, ood
@@ -224,9 +227,9 @@ def measure_cost(model_dir, data_dir, seed, setting, net, repeats, command) -> S
         for i, b in enumerate(batches):
             pair = [("plain", plain), ("ood", both)]
             for name, fn in pair if (r + i) % 2 == 0 else pair[::-1]:
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 fn(b)
-                spent[name] += time.perf_counter() - t0
+                spent[name] += time.process_time() - t0
         for name, t in spent.items():
             times[name].append(t)
     return ShiftRow(

@@ -50,7 +50,7 @@ class ShiftRow:
         last map alone, before issue 30's multi-depth score); a row of a format older than
         :data:`kd_histo.models.ood.FORMAT` is stale (:attr:`stale`). A results.csv written before
         this column reads as format 1.
-      seconds_plain: ood_cost: median seconds of one pass over the tiles without the score.
+      seconds_plain: ood_cost: median CPU seconds of one pass over the tiles without the score.
       seconds_ood: ood_cost: the same with the score.
       command: what reproduces the row.
     """

@@ -36,3 +36,27 @@ def test_probs_and_ood_function_scores_the_pooled_features():
     pooled = np.asarray(model(x)["features"]).mean(axis=(1, 2))
     assert probs.shape == (5, 2) and scores.dtype == np.float64
     np.testing.assert_allclose(scores, stats.scores(pooled), rtol=1e-4, atol=1e-3)
+
+
+def test_plain_and_scored_functions_trace_once_per_tile_size_with_static_sizes():
+    from kd_histo.evaluation import evaluate
+
+    inputs = tf.keras.Input((None, None, 3))
+    logits = tf.keras.layers.Dense(2)(tf.keras.layers.GlobalAveragePooling2D()(inputs))
+    model = tf.keras.Model(inputs, logits)
+    shapes = []
+
+    def record(x):
+        shapes.append(tuple(x.shape))  # runs when traced, not when called
+        return model(x)
+
+    fn = ood_report.per_tile_size(record)
+    rng = np.random.default_rng(2)
+    for b, px in ((3, 8), (5, 8), (2, 6), (4, 6)):
+        x = rng.uniform(size=(b, px, px, 3)).astype(np.float32)
+        np.testing.assert_allclose(fn(x).numpy(), model(x).numpy(), rtol=1e-5)
+    assert shapes == [(None, 8, 8, 3), (None, 6, 6, 3)]  # sizes static, any batch
+    x8 = (rng.uniform(size=(3, 8, 8, 3)) * 255).astype(np.uint8)
+    probs = evaluate.probs_function(model, "uint8")(x8)
+    want = tf.nn.softmax(model(x8.astype(np.float32) / 255.0)).numpy()
+    np.testing.assert_allclose(probs, want, rtol=1e-5, atol=1e-6)

@@ -276,3 +276,21 @@ def test_prediction_scores_each_tile_and_warns_per_slide(reinhard_teacher, tmp_p
         ood_scores=np.array([1.5, 99.0]),
     )  # fmt: skip
     assert [f["properties"]["measurements"]["ood_score"] for f in fc["features"]] == [1.5, 99.0]
+
+
+def test_flagged_by_split_agrees_with_the_evaluations_flags(reinhard_teacher, tmp_path):
+    files = evaluate_run(
+        EvalConfig(model_dir=reinhard_teacher, out_dir=str(tmp_path / "e"), n_boot=10)
+    )
+    with open(files["predictions"]) as f:
+        rows = list(csv.DictReader(f))
+    flags = np.array([int(r["ood_flag"]) for r in rows])
+    by_group = {}
+    for r, flag in zip(rows, flags):
+        by_group.setdefault(r["slide_id"], []).append(flag)
+    val, test = domain.flagged_by_split(reinhard_teacher, ("val", "test"))
+    assert (test.split, test.tiles, test.groups) == ("test", len(rows), len(by_group))
+    assert test.flagged == pytest.approx(flags.mean())
+    assert test.groups_mostly_flagged == sum(np.mean(v) > 0.5 for v in by_group.values())
+    # val is the threshold's calibration set: about FLAG_FRACTION of it, by construction.
+    assert val.tiles > 0 and abs(val.flagged - ood.FLAG_FRACTION) <= 1.0 / val.tiles + 1e-9

@@ -9,7 +9,7 @@ from support import REPO
 README = (REPO / "README.md").read_text()
 # The pages the README sends readers to for the long tables and the public data sets: their
 # commands are held to the same standard as the README's own.
-LINKED_DOCS = ("results/README.md", "docs/datasets.md", "docs/cohorts.md")
+LINKED_DOCS = ("results/README.md", "docs/datasets.md", "docs/cohorts.md", "docs/other_sites.md")
 BINARIES = ("convert", "train", "evaluate", "cost", "predict", "experiment", "demo")
 
 

@@ -4,7 +4,7 @@
 How much of each split of a run's data its out-of-domain score flags: 5% of val by construction
 (the calibration tiles); on test, and for a teacher on the unlabeled split (tiles it never trained
 on), whether that 5% holds, and how far the flags cluster by group (slide, or original image with
-``--groups``). Thin shell over ``kd_histo.training.domain.flagged_by_split``.
+``--groups``). Thin shell over ``kd_histo.evaluation.ood_report.flagged_by_split``.
 """
 
 from kd_histo.cli import flags_common as fc  # first: it sets TensorFlow's log level
@@ -18,7 +18,7 @@ FLAGS = fc.FLAGS
 
 def main(argv):
     del argv
-    from kd_histo.training.domain import flagged_by_split
+    from kd_histo.evaluation.ood_report import flagged_by_split
 
     if not FLAGS.model_dir:
         fc.fail(PROG, "give --model_dir=<run folder>")

@@ -7,6 +7,7 @@ Not here: the statistics and the score (``kd_histo.models.ood``), the maps they 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -140,3 +141,58 @@ def summary(
         "warn_fraction": warn_fraction,
         "warnings": ood.warning_lines(by_slide, warn_fraction),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFlags:
+    """How much of one split of a run's data its out-of-domain score flags.
+
+    Attributes:
+      split: the split's name ("val": the threshold's calibration tiles).
+      tiles: tiles read.
+      flagged: the fraction above the run's threshold.
+      groups: distinct slide / group ids (``slide_id``: an original image with ``--groups``).
+      groups_mostly_flagged: those with more than half of their tiles flagged.
+    """
+
+    split: str
+    tiles: int
+    flagged: float
+    groups: int
+    groups_mostly_flagged: int
+
+
+def flagged_by_split(model_dir: str, splits, data_dir: str = "") -> list[SplitFlags]:
+    """The flagged share of each of ``splits`` of a run's data (default its own): whether the 5%
+    calibrated on val holds on tiles the net never saw (test, and for a teacher, the unlabeled
+    split), and how far the flags cluster by group.
+
+    Raises:
+      FileNotFoundError, ValueError: no such run, no ood.npz, or data it cannot read.
+    """
+    from kd_histo.data.pipeline import make_dataset
+    from kd_histo.models import load_model
+    from kd_histo.training.run_record import read_run_record
+
+    run = read_run_record(model_dir)
+    stats = ood.OODStats.load(model_dir)
+    score = probs_and_ood_function(load_model(run.model_path(model_dir)), stats)
+    pipe = dataclasses.replace(run.pipeline_config(data_dir or run.data_dir, 64), cache=False)
+    out = []
+    for split in splits:
+        flags, ids = [], []
+        for batch in make_dataset(pipe, split, training=False):
+            flags.append(score(batch[run.view].numpy())[1] > stats.threshold)
+            ids.append(batch["slide_id"].numpy())
+        flags, ids = np.concatenate(flags), np.concatenate(ids)
+        groups = ood.slide_fractions(ids, flags)
+        out.append(
+            SplitFlags(
+                split,
+                len(flags),
+                float(flags.mean()),
+                len(groups),
+                sum(v > 0.5 for v in groups.values()),
+            )
+        )
+    return out

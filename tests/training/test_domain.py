@@ -17,6 +17,7 @@ from support import TINY_PLANES, tiny_run_config, write_tiny_shards
 from kd_histo.data import stain_norm
 from kd_histo.data.pipeline import PipelineConfig, make_dataset
 from kd_histo.data.stain_norm import StainConfig
+from kd_histo.evaluation import ood_report
 from kd_histo.evaluation.evaluate import EvalConfig, evaluate_run
 from kd_histo.models import build_model, load_model, ood, ood_features
 from kd_histo.models.stain import StainNormalization, stain_reference_of
@@ -288,7 +289,7 @@ def test_flagged_by_split_agrees_with_the_evaluations_flags(reinhard_teacher, tm
     by_group = {}
     for r, flag in zip(rows, flags):
         by_group.setdefault(r["slide_id"], []).append(flag)
-    val, test = domain.flagged_by_split(reinhard_teacher, ("val", "test"))
+    val, test = ood_report.flagged_by_split(reinhard_teacher, ("val", "test"))
     assert (test.split, test.tiles, test.groups) == ("test", len(rows), len(by_group))
     assert test.flagged == pytest.approx(flags.mean())
     assert test.groups_mostly_flagged == sum(np.mean(v) > 0.5 for v in by_group.values())

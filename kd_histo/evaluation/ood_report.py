@@ -176,6 +176,11 @@ def flagged_by_split(model_dir: str, splits, data_dir: str = "") -> list[SplitFl
 
     run = read_run_record(model_dir)
     stats = ood.OODStats.load(model_dir)
+    if stats is None:
+        raise FileNotFoundError(
+            f"{model_dir}: no {ood.OOD_FILE}; trained without a val split or before the score "
+            "(python tools/refit_ood.py fits it)"
+        )
     score = probs_and_ood_function(load_model(run.model_path(model_dir)), stats)
     pipe = dataclasses.replace(run.pipeline_config(data_dir or run.data_dir, 64), cache=False)
     out = []
@@ -184,6 +189,8 @@ def flagged_by_split(model_dir: str, splits, data_dir: str = "") -> list[SplitFl
         for batch in make_dataset(pipe, split, training=False):
             flags.append(score(batch[run.view].numpy())[1] > stats.threshold)
             ids.append(batch["slide_id"].numpy())
+        if not flags:
+            raise ValueError(f"{model_dir}: the {split!r} split of its data has no tiles")
         flags, ids = np.concatenate(flags), np.concatenate(ids)
         groups = ood.slide_fractions(ids, flags)
         out.append(

@@ -295,3 +295,10 @@ def test_flagged_by_split_agrees_with_the_evaluations_flags(reinhard_teacher, tm
     assert test.groups_mostly_flagged == sum(np.mean(v) > 0.5 for v in by_group.values())
     # val is the threshold's calibration set: about FLAG_FRACTION of it, by construction.
     assert val.tiles > 0 and abs(val.flagged - ood.FLAG_FRACTION) <= 1.0 / val.tiles + 1e-9
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(reinhard_teacher, old)
+    os.remove(old / ood.OOD_FILE)
+    with pytest.raises(FileNotFoundError, match="no ood.npz"):
+        ood_report.flagged_by_split(str(old), ("test",))

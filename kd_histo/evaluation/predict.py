@@ -34,7 +34,7 @@ from kd_histo.evaluation.input_paths import tile_mpp
 from kd_histo.evaluation.predict_inputs import Tiles, folder_tiles
 from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.evaluation.qupath_out import OBJECT_TYPES
-from kd_histo.evaluation.slide_predict import predict_slide
+from kd_histo.evaluation.slide_predict import predict_slide, warm_up
 from kd_histo.evaluation.tile_classifier import classify_tiles, hr_classifier, slide_classifier
 from kd_histo.models import ood
 from kd_histo.progress import progress
@@ -204,6 +204,8 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
             "pyramid level)"
         )
     scorer = _Scorer(model, run, cfg, load_teacher(cfg.cascade_teacher, run), mpp)
+    if mpp:  # slides among the inputs: the model's one-off set-up before the first slide's clock
+        warm_up(scorer.classify, run, cfg.batch_size)
     stats = scorer.ood
     columns = cohort.Columns(
         tuple(names), bool(cfg.cascade_teacher), stats.threshold if stats is not None else None
@@ -228,6 +230,11 @@ def predict(cfg: PredictConfig, log: Callable[[str], None] = lambda line: None) 
     return cohort.assemble(cfg.out_dir, units, columns, cfg.ood_warn_fraction)
 
 
+# How slide tiles are read, in the fingerprint: an out_dir of predictions read another way
+# (before levels at rounded sizes were read as their own pixels, kd_histo.evaluation.level_pixels)
+# is not resumed with them.
+SLIDE_READS = "level pixels where OpenSlide resamples"
+
 # Fields of PredictConfig that do not change what is written (the rest are the fingerprint).
 _NOT_SETTINGS = (
     "model_dir",
@@ -245,8 +252,9 @@ def fingerprint(cfg: PredictConfig, run: RunRecord, mpp: float) -> dict:
     """What makes two runs' outputs the same: the model's (and a cascade teacher's) SHA-256, its
     run record and OOD statistics, and the resolved prediction settings."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_SETTINGS}
-    if mpp:  # the µm/px slides are read at (0.0: no slides among the inputs)
+    if mpp:  # the µm/px slides are read at (0.0: no slides among the inputs), and how
         settings["read_mpp"] = mpp
+        settings["slide_reads"] = SLIDE_READS
     settings["cascade_teacher"] = bool(cfg.cascade_teacher)
     from kd_histo.evaluation.export import EXPORT_JSON, TFLITE_FILE
     from kd_histo.evaluation.teachers import teacher_files

@@ -37,7 +37,7 @@ from PIL import Image
 
 from kd_histo.convert import slides
 from kd_histo.convert.errors import ConversionError, SkipInput
-from kd_histo.evaluation import region_reads
+from kd_histo.evaluation import level_pixels, region_reads
 from kd_histo.progress import around_bars, progress
 
 _LOG = logging.getLogger(__name__)
@@ -256,10 +256,18 @@ def read_tiles(slide, plan: SlideRead, coords: Sequence[tuple[int, int]]) -> np.
 
 
 def _read_tiles(
-    slide, plan: SlideRead, coords: Sequence[tuple[int, int]]
+    slide, plan: SlideRead, coords: Sequence[tuple[int, int]], pixels=None
 ) -> tuple[np.ndarray, int]:
-    """:func:`read_tiles` and the number of OpenSlide region reads it took."""
+    """:func:`read_tiles` and the number of OpenSlide region reads it took; with ``pixels`` (a
+    :class:`kd_histo.evaluation.level_pixels.LevelPixels`), the level's own pixels instead."""
     out = np.empty((len(coords), plan.input_px, plan.input_px, 3), np.uint8)
+    if pixels is not None:
+        rgb = pixels.read_tiles(coords, plan.read_px)
+        if plan.read_px == plan.input_px:
+            return rgb, 0
+        for i in range(len(coords)):  # the remainder resize of read_tile
+            out[i] = Image.fromarray(rgb[i]).resize((plan.input_px,) * 2, _FILTERS[plan.method])
+        return out, 0
     raw = region_reads.raw_reader(slide)
     if raw is None:
         for i, (x, y) in enumerate(coords):
@@ -296,13 +304,15 @@ def _tile(slide, plan: SlideRead, x: int, y: int) -> np.ndarray:
 @dataclasses.dataclass
 class StreamStats:
     """What a stream did: batches and tiles read, the most batches it ever held at once, reader
-    handles opened, and OpenSlide region reads (fewer than tiles where rows are read whole)."""
+    handles opened, OpenSlide region reads (fewer than tiles where rows are read whole), and
+    whether the level's own pixels were read instead (:mod:`kd_histo.evaluation.level_pixels`)."""
 
     batches: int = 0
     tiles: int = 0
     max_in_flight: int = 0
     handles_opened: int = 0
     region_reads: int = 0
+    level_pixels: bool = False
 
 
 def stream_batches(
@@ -329,6 +339,8 @@ def stream_batches(
     chunks = (plan.coords[i : i + batch_size] for i in range(0, len(plan.coords), batch_size))
     handles, lock, local = [], threading.Lock(), threading.local()
     cache = _shared_cache()
+    pixels = level_pixels.open_level(plan.path, plan.level)  # where OpenSlide would resample
+    stats.level_pixels = pixels is not None
 
     def read_batch(chunk) -> np.ndarray:
         slide = getattr(local, "slide", None)
@@ -342,7 +354,7 @@ def stream_batches(
             with lock:
                 handles.append(slide)
                 stats.handles_opened += 1
-        tiles, calls = _read_tiles(slide, plan, chunk)
+        tiles, calls = _read_tiles(slide, plan, chunk, pixels)
         with lock:
             stats.region_reads += calls
         return tiles
@@ -377,6 +389,8 @@ def stream_batches(
     finally:
         for h in handles:
             h.close()
+        if pixels is not None:
+            pixels.close()
 
 
 def _shared_cache(capacity: int = 64 << 20):

@@ -12,7 +12,9 @@ at level 0 and shrunk; the plan's ``note`` says so in one line.
 OpenSlide handle (OpenSlide's C reads and Pillow's resize release the GIL, so threads decode in
 parallel; unlike worker processes they cannot outlive their process, whatever kills it). At most
 ``window`` batches are in flight, in order, while the caller runs the model on the previous one:
-pixel memory is bounded by ``window x batch_size`` tiles whatever the slide's size.
+pixel memory is bounded by ``window x batch_size`` tiles whatever the slide's size. A level stored
+at a rounded size, which OpenSlide would resample, is read as its own pixels
+(:mod:`kd_histo.evaluation.level_pixels`).
 
 Not here: the model and the output files (:mod:`kd_histo.evaluation.predict`), converting slides to
 shards

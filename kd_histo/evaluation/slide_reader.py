@@ -239,10 +239,14 @@ def _at_input(path, base_mpp, size_l0, coords, grid_tiles, input_px, mpp_in, met
 def read_tile(slide, plan: SlideRead, x: int, y: int) -> np.ndarray:
     """One planned tile, uint8 RGB ``[input_px, input_px, 3]``; glass outside the scan is white."""
     region = slide.read_region((x, y), plan.level, (plan.read_px, plan.read_px))
-    rgb = slides._flatten(region)
+    return _remainder(plan, slides._flatten(region))
+
+
+def _remainder(plan: SlideRead, rgb: np.ndarray) -> np.ndarray:
+    """A tile as read (``read_px``) at the model's ``input_px``: the remainder resize, if any.
+    From uint8: one rounding, where training rounds never (its float views); below 1/255."""
     if plan.read_px == plan.input_px:
         return rgb
-    # From uint8: one rounding, where training rounds never (its float views); below 1/255.
     return np.asarray(
         Image.fromarray(rgb).resize((plan.input_px, plan.input_px), _FILTERS[plan.method])
     )
@@ -267,8 +271,8 @@ def _read_tiles(
         rgb = pixels.read_tiles(coords, plan.read_px)
         if plan.read_px == plan.input_px:
             return rgb, 0
-        for i in range(len(coords)):  # the remainder resize of read_tile
-            out[i] = Image.fromarray(rgb[i]).resize((plan.input_px,) * 2, _FILTERS[plan.method])
+        for i in range(len(coords)):
+            out[i] = _remainder(plan, rgb[i])
         return out, 0
     raw = region_reads.raw_reader(slide)
     if raw is None:
@@ -288,8 +292,7 @@ def _read_tiles(
             out[i] = _tile(slide, plan, x, y)
             calls += 1
         elif plan.read_px != plan.input_px:  # the remainder resize of read_tile, same pixels
-            rgb = np.ascontiguousarray(argb[i, ..., 2::-1])
-            out[i] = Image.fromarray(rgb).resize((plan.input_px,) * 2, _FILTERS[plan.method])
+            out[i] = _remainder(plan, np.ascontiguousarray(argb[i, ..., 2::-1]))
     return out, calls
 
 
@@ -345,6 +348,8 @@ def stream_batches(
     stats.level_pixels = pixels is not None
 
     def read_batch(chunk) -> np.ndarray:
+        if pixels is not None:  # no OpenSlide handle needed
+            return _read_tiles(None, plan, chunk, pixels)[0]
         slide = getattr(local, "slide", None)
         if slide is None:
             try:
@@ -356,7 +361,7 @@ def stream_batches(
             with lock:
                 handles.append(slide)
                 stats.handles_opened += 1
-        tiles, calls = _read_tiles(slide, plan, chunk, pixels)
+        tiles, calls = _read_tiles(slide, plan, chunk)
         with lock:
             stats.region_reads += calls
         return tiles

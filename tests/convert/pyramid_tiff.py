@@ -14,6 +14,19 @@ from PIL import Image
 _SHORT, _LONG, _RATIONAL = 3, 4, 5
 
 
+def tissue_blocks(height: int, width: int, seed: int, glass: int) -> np.ndarray:
+    """A ``height`` x ``width`` level 0 of glass (grey ``glass``) tiled with 64 px H&E-like blocks
+    (``kd_histo.data.synthetic``), classes cycling along the diagonals."""
+    from kd_histo.data import synthetic
+
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), glass, np.uint8)
+    for y in range(0, height - 63, 64):
+        for x in range(0, width - 63, 64):
+            img[y : y + 64, x : x + 64] = synthetic.render_tile(rng, (x + y) // 64 % 4, 64)
+    return img
+
+
 def write_pyramid_tiff(
     path: str, level0: np.ndarray, mpp: float, levels: int = 3, tile: int = 64
 ) -> list[np.ndarray]:

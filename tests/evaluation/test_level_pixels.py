@@ -6,11 +6,10 @@ import types
 import numpy as np
 import pytest
 import tifffile
-from convert.pyramid_tiff import write_pyramid_tiff
+from convert.pyramid_tiff import tissue_blocks, write_pyramid_tiff
 from PIL import Image
 
 from kd_histo.convert import slides
-from kd_histo.data import synthetic
 from kd_histo.evaluation import level_pixels, slide_reader
 from kd_histo.evaluation.slide_predict import tiles_per_batch, warm_up
 
@@ -19,12 +18,7 @@ HR_PX, HR_MPP = 32, 0.5  # a tile: 64 level-0 px
 
 
 def _tissue(height: int, width: int) -> np.ndarray:
-    rng = np.random.default_rng(2)
-    img = np.full((height, width, 3), 235, np.uint8)
-    for y in range(0, height - 63, 64):
-        for x in range(0, width - 63, 64):
-            img[y : y + 64, x : x + 64] = synthetic.render_tile(rng, (x + y) // 64 % 4, 64)
-    return img
+    return tissue_blocks(height, width, seed=2, glass=235)
 
 
 @pytest.fixture(scope="module")

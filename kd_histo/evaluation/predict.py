@@ -36,7 +36,7 @@ from kd_histo.evaluation.prediction_files import ScoredGroup
 from kd_histo.evaluation.qupath_out import OBJECT_TYPES
 from kd_histo.evaluation.slide_predict import predict_slide, warm_up
 from kd_histo.evaluation.tile_classifier import classify_tiles, hr_classifier, slide_classifier
-from kd_histo.models import ood
+from kd_histo.models import NET_OPS, ood
 from kd_histo.progress import progress
 from kd_histo.settings import (
     NUM_TASKS_HELP,
@@ -256,6 +256,7 @@ def fingerprint(cfg: PredictConfig, run: RunRecord, mpp: float) -> dict:
         settings["read_mpp"] = mpp
         settings["slide_reads"] = SLIDE_READS
     settings["cascade_teacher"] = bool(cfg.cascade_teacher)
+    settings["net_ops"] = NET_OPS
     from kd_histo.evaluation.export import EXPORT_JSON, TFLITE_FILE
     from kd_histo.evaluation.teachers import teacher_files
 

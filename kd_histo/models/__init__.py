@@ -1,8 +1,9 @@
 """Networks of kd_histo: one builder for the teacher, baseline and student nets, and a loader.
 
 Every net takes float32 RGB in [0, 1] of any size (``(None, None, 3)``), normalises it in its first
-layer by the data set's mean/std (a ``keras.layers.Normalization`` whose mean/variance sit in the
-layer config, so a saved ``.keras`` file is self-contained), and returns a dict
+layer by the data set's mean/std (a ``keras.layers.Normalization``, run as one multiply-add by
+:mod:`kd_histo.models.normalize`, whose mean/variance sit in the layer config, so a saved
+``.keras`` file is self-contained), and returns a dict
 ``{"logits": [B, C] float32, "features": [B, h, w, F]}`` where ``features`` is the last conv map
 before pooling. Under a mixed-precision policy the logits pass through a final float32 layer.
 
@@ -28,11 +29,17 @@ from keras import layers
 from kd_histo.data.stain_norm import StainReference
 from kd_histo.models import keras_cv_backbone as kcv
 from kd_histo.models.backbones import LAYOUTS, resnet_trunk
+from kd_histo.models.normalize import Normalization
 from kd_histo.models.resnet_gn import STEMS, resnet_gn_trunk
 from kd_histo.models.stain import StainNormalization
 from kd_histo.settings import setting
 
 ARCHS = ("resnet_gn",) + tuple(LAYOUTS)
+
+# How the nets compute, where it changes outputs' low bits: in kd-histo-predict's fingerprint, so an
+# out_dir is not resumed with outputs of another formulation (kd_histo.models.normalize, and
+# resnet_gn.Conv2D's matrix products on small maps).
+NET_OPS = "small maps as matmuls, normalisation as one multiply-add"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +169,7 @@ def build_from_config(cfg: ModelConfig) -> keras.Model:
     x = inputs
     if cfg.stain_reference is not None:
         x = StainNormalization(cfg.stain_reference, name="stain_normalize")(x)
-    x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")(x)
+    x = Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")(x)
     if backbone is not None:
         feats = backbone.model(x)
     elif cfg.arch == "resnet_gn":

@@ -66,6 +66,69 @@ class GroupNormalization(layers.GroupNormalization):
         return ops.cast(ops.reshape(y, shape), inputs.dtype)
 
 
+@keras.saving.register_keras_serializable(package="kd_histo")
+class Conv2D(layers.Conv2D):
+    """``keras.layers.Conv2D`` that runs as one matrix product where the map is tiny.
+
+    Where the output is one pixel of a "valid" conv (stage 4's stride-2 conv on the zero-padded
+    2x2 map of an 8x student), a "same" stride-1 conv reads a 1x1 map (only the kernel's centre
+    tap meets data; the rest multiplies zero padding), or a 1x1 kernel reads at most
+    ``MATMUL_MAX_PIXELS`` pixels, the result is a ``matmul`` of the receptive window with the
+    kernel instead of a oneDNN convolution, whose fixed cost per call (weights reordered every
+    call; 9x the multiplies on a 1x1 map) dominates there: a 28 px net's batch of 32 ran 1.14-1.25x
+    faster (BUILD_NOTES.md, "Small maps as matrix products"). The same sums up to float round-off,
+    and the gradient never reaches oneDNN's convolution backward kernels. Static spatial sizes
+    are needed (a traced ``tf.function`` of known tile size has them); any other shape, dilation,
+    group count or layout runs Keras' own code. Same class name, config and weights as Keras' layer
+    (weights are filed under the snake-cased class name, as for :class:`GroupNormalization`).
+    """
+
+    MATMUL_MAX_PIXELS = 4
+
+    def convolution_op(self, inputs, kernel):
+        window = self._matmul_window(inputs.shape)
+        if window is None:
+            return super().convolution_op(inputs, kernel)
+        (top, left), (kh, kw), out_hw = window
+        kernel_slice = (
+            kernel[top : top + kh, left : left + kw] if self.padding == "same" else kernel
+        )
+        patch = inputs[:, :kh, :kw] if self.padding == "valid" else inputs
+        cin = inputs.shape[-1]
+        if out_hw == (1, 1):
+            rows = ops.reshape(patch, (-1, kh * kw * cin))
+        else:  # a 1x1 kernel at stride 1: every pixel is a row
+            rows = ops.reshape(inputs, (-1, cin))
+        out = ops.matmul(rows, ops.reshape(kernel_slice, (-1, self.filters)))
+        return ops.reshape(out, (-1, *out_hw, self.filters))
+
+    def _matmul_window(self, shape):
+        """((top, left) kernel offset, (kh, kw) taps used, output (h, w)) or None."""
+        if (
+            len(shape) != 4
+            or self.data_format != "channels_last"
+            or tuple(self.dilation_rate) != (1, 1)
+            or self.groups != 1
+            or shape[1] is None
+            or shape[2] is None
+            or shape[3] is None
+        ):
+            return None
+        h, w = shape[1], shape[2]
+        kh, kw = self.kernel_size
+        (sh, sw) = self.strides
+        if self.padding == "same" and (h, w) == (1, 1) and kh % 2 and kw % 2:
+            return (kh // 2, kw // 2), (1, 1), (1, 1)  # only the centre tap meets the pixel
+        if self.padding != "valid" or h < kh or w < kw:
+            return None
+        out_hw = ((h - kh) // sh + 1, (w - kw) // sw + 1)
+        if out_hw == (1, 1):
+            return (0, 0), (kh, kw), out_hw
+        if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and h * w <= self.MATMUL_MAX_PIXELS:
+            return (0, 0), (1, 1), out_hw
+        return None
+
+
 def group_norm(channels: int, groups: int, name: str) -> layers.Layer:
     """GroupNorm with the largest group count <= ``groups`` that divides ``channels``."""
     g = math.gcd(channels, groups)
@@ -84,9 +147,7 @@ def norm_layer(kind: str, channels: int, groups: int, name: str) -> layers.Layer
 def conv(filters: int, kernel: int, stride: int, name: str) -> layers.Layer:
     # "valid" + explicit ZeroPadding (padded_conv) instead of "same": Keras' "same" pads
     # asymmetrically for stride 2, PyTorch pads k//2 on both sides; we follow PyTorch.
-    return layers.Conv2D(
-        filters, kernel, strides=stride, padding="valid", use_bias=False, name=name
-    )
+    return Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=False, name=name)
 
 
 def projection_conv(x, filters: int, stride: int, name: str):
@@ -111,9 +172,7 @@ def padded_conv(x, filters: int, kernel: int, stride: int, name: str):
         # At stride 1 "same" pads kernel//2 on both sides too, inside the conv kernel: oneDNN runs
         # it faster than ZeroPadding2D + "valid" (forward + backward, one thread: 3.8x on the
         # 1 px maps of 8x students, 1.5x on 2 px, 1.2x on 7 px).
-        return layers.Conv2D(filters, kernel, strides=1, padding="same", use_bias=False, name=name)(
-            x
-        )
+        return Conv2D(filters, kernel, strides=1, padding="same", use_bias=False, name=name)(x)
     if kernel > 1:
         x = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
     return conv(filters, kernel, stride, name)(x)

@@ -30,7 +30,7 @@ from kd_histo.data.stain_norm import StainReference
 from kd_histo.models import keras_cv_backbone as kcv
 from kd_histo.models.backbones import LAYOUTS, resnet_trunk
 from kd_histo.models.normalize import Normalization
-from kd_histo.models.resnet_gn import STEMS, resnet_gn_trunk
+from kd_histo.models.resnet_gn import STEMS, Conv2D, GroupNormalization, resnet_gn_trunk
 from kd_histo.models.stain import StainNormalization
 from kd_histo.settings import setting
 
@@ -292,7 +292,31 @@ def load_model(path: str, expected_num_classes: int | None = None) -> keras.Mode
             f"{path}: refused, {bad} of its {len(model.weights)} weight tensors hold NaN/inf (the "
             "training diverged); retrain it with a lower --learning_rate"
         )
-    return model
+    return with_fast_layers(model)
+
+
+# Keras layers that kd_histo's nets build as faster twins of the same config and weights
+# (resnet_gn.Conv2D, resnet_gn.GroupNormalization, normalize.Normalization).
+_TWINS = {
+    layers.Conv2D: Conv2D,
+    layers.GroupNormalization: GroupNormalization,
+    layers.Normalization: Normalization,
+}
+
+
+def with_fast_layers(model: keras.Model) -> keras.Model:
+    """``model`` with each Keras layer of ``_TWINS`` replaced by its twin (a net saved before the
+    twins existed runs as fast as a new one); the model itself where none is, or where it nests
+    other models (a keras-cv backbone: left as built)."""
+    if any(isinstance(la, keras.Model) for la in model.layers) or not any(
+        type(la) in _TWINS for la in model.layers
+    ):
+        return model
+    fast = keras.models.clone_model(
+        model, clone_function=lambda la: _TWINS.get(type(la), type(la)).from_config(la.get_config())
+    )
+    fast.set_weights(model.get_weights())
+    return fast
 
 
 __all__ = [

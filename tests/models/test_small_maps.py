@@ -35,6 +35,12 @@ def _graph_ops(layer, shape, dtype):
     return {op.type for op in _graph(layer, shape, dtype).get_operations()}
 
 
+def _keras_class(layer):
+    """The Keras class a kd_histo twin layer replaces (other layers: their own class)."""
+    twins = (Conv2D, GroupNormalization, Normalization)
+    return type(layer).__mro__[1] if type(layer) in twins else type(layer)
+
+
 def _image_divides(layer, shape):
     """Divides and subtracts in the layer's graph that read a tensor larger than a row of 48."""
     ops = _graph(layer, shape, tf.float32).get_operations()
@@ -112,13 +118,9 @@ def test_net_of_keras_layers_reads_our_weights_and_agrees(tmp_path):
     ours = (Conv2D, GroupNormalization, Normalization)
     assert sum(type(la) in ours for la in net.layers) == 12 + 12 + 1  # convs, norms, input
 
-    def keras_layer(la):
-        for cls in ours:
-            if type(la) is cls:
-                return cls.__mro__[1].from_config(la.get_config())
-        return la.__class__.from_config(la.get_config())
-
-    twin = keras.models.clone_model(net, clone_function=keras_layer)
+    twin = keras.models.clone_model(
+        net, clone_function=lambda la: _keras_class(la).from_config(la.get_config())
+    )
     assert not any(type(la) in ours for la in twin.layers)
     rng = np.random.default_rng(0)
     for v in net.weights:
@@ -130,3 +132,24 @@ def test_net_of_keras_layers_reads_our_weights_and_agrees(tmp_path):
     np.testing.assert_allclose(
         net(x)["logits"].numpy(), twin(x)["logits"].numpy(), rtol=1e-4, atol=1e-4
     )
+
+
+def test_net_saved_with_keras_layers_loads_with_the_fast_ones(tmp_path):
+    from kd_histo.models import load_model
+
+    net = build_model("resnet_gn", 3, mean=MEAN, std=STD, planes=(8, 8, 16, 16))
+    ours = (Conv2D, GroupNormalization, Normalization)
+    old = keras.models.clone_model(  # as nets were saved before the twins
+        net, clone_function=lambda la: _keras_class(la).from_config(la.get_config())
+    )
+    rng = np.random.default_rng(2)
+    old.set_weights([rng.standard_normal(w.shape).astype(np.float32) * 0.3 for w in net.weights])
+    path = str(tmp_path / "old.keras")
+    old.save(path)
+    loaded = load_model(path, expected_num_classes=3)
+    assert sum(type(la) in ours for la in loaded.layers) == 25 and loaded.name == old.name
+    x = np.random.default_rng(3).random((2, 28, 28, 3), dtype=np.float32)
+    for key in ("logits", "features"):
+        np.testing.assert_allclose(
+            loaded(x)[key].numpy(), old(x)[key].numpy(), rtol=1e-4, atol=1e-4
+        )

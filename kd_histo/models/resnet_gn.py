@@ -71,16 +71,17 @@ class Conv2D(layers.Conv2D):
     """``keras.layers.Conv2D`` that runs as one matrix product where the map is tiny.
 
     Where the output is one pixel of a "valid" conv (stage 4's stride-2 conv on the zero-padded
-    2x2 map of an 8x student), a "same" stride-1 conv reads a 1x1 map (only the kernel's centre
-    tap meets data; the rest multiplies zero padding), or a 1x1 kernel reads at most
+    2x2 map of an 8x student), a "same" conv reads a 1x1 map (only the kernel's centre tap meets
+    data; the other 8 of 9 multiply zero padding), or a 1x1 kernel reads at most
     ``MATMUL_MAX_PIXELS`` pixels, the result is a ``matmul`` of the receptive window with the
-    kernel instead of a oneDNN convolution, whose fixed cost per call (weights reordered every
-    call; 9x the multiplies on a 1x1 map) dominates there: a 28 px net's batch of 32 ran 1.14-1.25x
-    faster (BUILD_NOTES.md, "Small maps as matrix products"). The same sums up to float round-off,
-    and the gradient never reaches oneDNN's convolution backward kernels. Static spatial sizes
-    are needed (a traced ``tf.function`` of known tile size has them); any other shape, dilation,
-    group count or layout runs Keras' own code. Same class name, config and weights as Keras' layer
-    (weights are filed under the snake-cased class name, as for :class:`GroupNormalization`).
+    kernel instead of a oneDNN convolution, whose fixed cost per call dominates there: a 28 px
+    net's batch of 32 ran 1.13-1.25x faster (BUILD_NOTES.md, "Small maps as matrix products").
+    The same sums up to float round-off, and the gradient never reaches oneDNN's convolution
+    backward kernels. Static spatial sizes are needed (a traced ``tf.function`` of known tile size
+    has them); any other shape, dilation, group count or layout runs Keras' own code. Same class
+    name, config and weights as Keras' layer (weights are filed under the snake-cased class name,
+    as for :class:`GroupNormalization`); :func:`kd_histo.models.load_model` gives nets saved with
+    Keras' layer this one.
     """
 
     MATMUL_MAX_PIXELS = 4

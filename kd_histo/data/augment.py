@@ -13,7 +13,9 @@ cache uses too); ``paper`` (flips + colour jitter brightness/contrast/saturation
 jitter with Tellez et al. 2019's "HED-strong" scale, alpha in [0.8, 1.2] per stain, and
 ``paper+hed``'s offset, beta in [-0.05, 0.05]: in these HED units (optical density / ln 1e-6) an
 offset of 0.2 would darken white to e^-2.8 = 6%; no other colour change, the jitter to pair with
-a stain normalisation that undoes global colour shifts itself); ``randaugment`` (flips + 2
+a stain normalisation that undoes global colour shifts itself); ``flips+lab`` (flips + a random
+Reinhard transfer of the stained pixels' l-alpha-beta statistics, :func:`random_lab_jitter`);
+``randaugment`` (flips + 2
 random ops from a colour/stain list at a fixed magnitude).
 
 keras-cv where it fits: the RandAugment-style ops solarize, posterize, sharpness and
@@ -37,11 +39,15 @@ import functools
 import keras_cv
 import tensorflow as tf
 
-from kd_histo.data import stain
+from kd_histo.data import stain, stain_norm
 
-PRESETS = ("none", "flips", "paper", "paper+hed", "flips+hed_strong", "randaugment")
+PRESETS = ("none", "flips", "paper", "paper+hed", "flips+hed_strong", "flips+lab", "randaugment")
 PAPER_JITTER = (0.5, 0.5, 0.5, 0.2)  # brightness, contrast, saturation, hue
 HED_STRONG_JITTER = (0.2, 0.05)  # sigma (Tellez et al. 2019, HED-strong), bias of random_hed
+# random_lab_jitter's sigmas: each l-alpha-beta mean moves by N(0, 1) of the tile's own standard
+# deviations of that channel, and each deviation scales by exp(N(0, 0.5)) (chosen before measuring:
+# a lab's stain moves the mean by about its own spread; see BUILD_NOTES, "Shift then shrink").
+LAB_JITTER = (1.0, 0.5)
 
 
 def _seeds(seed: tf.Tensor, n: int) -> list[tf.Tensor]:
@@ -198,6 +204,31 @@ def random_augment(
     return image
 
 
+def random_lab_jitter(
+    image: tf.Tensor, seed: tf.Tensor, mean_sigma: float = 1.0, std_sigma: float = 0.5
+) -> tf.Tensor:
+    """The tile's stained pixels moved to random nearby colour statistics (RandStainNA-like,
+    Shen et al. 2022): a Reinhard transfer (:mod:`kd_histo.data.stain_norm`) from the l-alpha-beta
+    mean ``m`` and deviation ``d`` of the stained pixels to ``m + N(0, mean_sigma) * d`` and
+    ``d * exp(N(0, std_sigma))`` per channel. Background stays as it is; a tile with too few
+    stained pixels is returned unchanged. On the HR tile before the LR view is made, it teaches a
+    student the part of another lab's colours that normalising its LR view cannot undo."""
+    s_mean, s_std = _seeds(seed, 2)
+    z_mean = tf.random.stateless_normal([3], s_mean) * mean_sigma
+    z_std = tf.random.stateless_normal([3], s_std) * std_sigma
+    pixels = tf.reshape(image, [-1, 3])
+    stained = stain_norm.reinhard_stained(pixels)
+
+    def shift():
+        mean, std = stain_norm.reinhard_stats(pixels, stained)
+        lab = (stain_norm.rgb_to_lab(pixels) - mean) * tf.exp(z_std) + mean + z_mean * std
+        out = tf.where(stained[:, None], stain_norm.lab_to_rgb(lab), pixels)
+        return tf.reshape(out, tf.shape(image))
+
+    enough = tf.reduce_sum(tf.cast(stained, tf.int32)) >= stain_norm.MIN_STAINED
+    return tf.cond(enough, shift, lambda: image)
+
+
 def augment(image: tf.Tensor, seed: tf.Tensor, preset: str) -> tf.Tensor:
     """Applies a named preset (see ``PRESETS``) with one stateless seed.
 
@@ -222,6 +253,8 @@ def augment(image: tf.Tensor, seed: tf.Tensor, preset: str) -> tf.Tensor:
         image = stain.random_hed(image, s_hed)
     if preset == "flips+hed_strong":
         image = stain.random_hed(image, s_hed, *HED_STRONG_JITTER)
+    if preset == "flips+lab":
+        image = random_lab_jitter(image, s_col, *LAB_JITTER)
     if preset == "randaugment":
         image = random_augment(image, s_col)
     return image

@@ -38,8 +38,8 @@ class ShiftRow:
 
     Attributes:
       seed: the run's seed.
-      setting: "none", "macenko", "reinhard", "hed" or "reinhard_hed" (:data:`SETTINGS` of the
-        runner).
+      setting: "none", "macenko", "reinhard", "hed", "reinhard_hed" or "reinhard_lab"
+        (:data:`SETTINGS` of the runner).
       net: "teacher" or "student_x<factor>".
       test_set: one of :data:`LABELED_SETS`, :data:`PROBES` or :data:`OOD_COST`.
       n: tiles measured.

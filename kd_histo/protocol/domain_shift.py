@@ -51,6 +51,8 @@ SETTINGS = {
     "reinhard": ("reinhard", "flips"),
     "hed": ("none", "paper+hed"),
     "reinhard_hed": ("reinhard", "flips+hed_strong"),  # normalise, and learn the residual's range
+    # normalise, and learn what a lab's colours leave after the LR view is normalised
+    "reinhard_lab": ("reinhard", "flips+lab"),
 }
 
 
@@ -84,9 +86,10 @@ class DomainShiftConfig:
     )
     seeds: tuple[int, ...] = setting((0,), "One teacher and student per setting and seed.")
     settings: tuple[str, ...] = setting(
-        ("none", "macenko", "reinhard", "hed", "reinhard_hed"),
+        ("none", "macenko", "reinhard", "hed", "reinhard_hed", "reinhard_lab"),
         "Training settings: none, macenko, reinhard (stain normalisation), hed (HED jitter), "
-        "reinhard_hed (Reinhard normalisation + strong HED jitter).",
+        "reinhard_hed (Reinhard normalisation + strong HED jitter), reinhard_lab (Reinhard "
+        "normalisation + l-alpha-beta statistics jitter).",
     )
     student_factor: float = setting(8.0, "Resolution factor of the label-free student.")
     nct_dir: str = setting(

@@ -195,3 +195,45 @@ def test_flips_hed_strong_is_flips_then_tellez_strong_hed_jitter_and_nothing_els
     dev = np.abs(np.array(slopes) - 1.0)
     assert dev.max() <= 0.2 + 1e-3  # alpha in [0.8, 1.2]
     assert dev.max() > 0.1  # beyond paper+hed's [0.95, 1.05]
+
+
+def test_lab_jitter_matches_numpy_reinhard_transfer_to_jittered_statistics():
+    from .test_stain_norm import BETA, np_lab, np_od, np_rgb
+
+    tile = 0.15 + 0.6 * random_tile(24, seed=3)
+    tile[:4] = 1.0  # a strip of white background: left as it is
+    x = tile.reshape(-1, 3).astype(np.float64)
+    stained = np_od(tile).max(axis=1) >= BETA
+    lab = np_lab(tile)
+    mean, std = lab[stained].mean(0), lab[stained].std(0)
+    moved = []
+    for i in range(6):
+        seed = tf.constant([i, 11], tf.int64)
+        out = augment.random_lab_jitter(tile, seed, 1.0, 0.5).numpy().reshape(-1, 3)
+        s_mean, s_std = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        z_mean = tf.random.stateless_normal([3], s_mean).numpy()
+        z_std = tf.random.stateless_normal([3], s_std).numpy()
+        ref = np_rgb((lab - mean) * np.exp(z_std * 0.5) + mean + z_mean * std)
+        ref[~stained] = x[~stained]
+        np.testing.assert_allclose(out, ref, atol=2e-4)
+        np.testing.assert_array_equal(out[~stained], x[~stained].astype(np.float32))
+        moved.append(np.abs(np_lab(out)[stained].mean(0) - mean) / std)
+    assert np.max(moved) > 0.5  # the statistics really move, by the tile's own deviations
+
+
+def test_flips_lab_is_flips_then_lab_jitter_and_nothing_else():
+    tile = 0.15 + 0.6 * random_tile(16, seed=5)
+    for i in range(4):
+        seed = tf.constant([i, 3], tf.int64)
+        out = augment.augment(tile, seed, "flips+lab").numpy()
+        s_geo, s_col, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        flipped = augment.random_flip_rot(tile, s_geo)
+        ref = augment.random_lab_jitter(flipped, s_col, *augment.LAB_JITTER).numpy()
+        np.testing.assert_allclose(out, ref, atol=1e-6)
+        assert np.abs(out - flipped.numpy()).max() > 0.01
+
+
+def test_lab_jitter_leaves_a_blank_tile_alone():
+    blank = np.ones((16, 16, 3), np.float32)
+    out = augment.random_lab_jitter(blank, tf.constant([1, 2], tf.int64))
+    np.testing.assert_array_equal(np.asarray(out), blank)

@@ -15,6 +15,7 @@ jitter with Tellez et al. 2019's "HED-strong" scale, alpha in [0.8, 1.2] per sta
 offset of 0.2 would darken white to e^-2.8 = 6%; no other colour change, the jitter to pair with
 a stain normalisation that undoes global colour shifts itself); ``flips+lab`` (flips + a random
 Reinhard transfer of the stained pixels' l-alpha-beta statistics, :func:`random_lab_jitter`);
+``flips+lab+hed_strong`` (flips, then the l-alpha-beta jitter, then the HED-strong jitter);
 ``randaugment`` (flips + 2
 random ops from a colour/stain list at a fixed magnitude).
 
@@ -41,7 +42,16 @@ import tensorflow as tf
 
 from kd_histo.data import stain, stain_norm
 
-PRESETS = ("none", "flips", "paper", "paper+hed", "flips+hed_strong", "flips+lab", "randaugment")
+PRESETS = (
+    "none",
+    "flips",
+    "paper",
+    "paper+hed",
+    "flips+hed_strong",
+    "flips+lab",
+    "flips+lab+hed_strong",
+    "randaugment",
+)
 PAPER_JITTER = (0.5, 0.5, 0.5, 0.2)  # brightness, contrast, saturation, hue
 HED_STRONG_JITTER = (0.2, 0.05)  # sigma (Tellez et al. 2019, HED-strong), bias of random_hed
 # random_lab_jitter's sigmas: each l-alpha-beta mean moves by N(0, 1) of the tile's own standard
@@ -251,10 +261,10 @@ def augment(image: tf.Tensor, seed: tf.Tensor, preset: str) -> tf.Tensor:
         image = random_color_jitter(image, s_col, *PAPER_JITTER)
     if preset == "paper+hed":
         image = stain.random_hed(image, s_hed)
-    if preset == "flips+hed_strong":
-        image = stain.random_hed(image, s_hed, *HED_STRONG_JITTER)
-    if preset == "flips+lab":
+    if preset in ("flips+lab", "flips+lab+hed_strong"):
         image = random_lab_jitter(image, s_col, *LAB_JITTER)
+    if preset in ("flips+hed_strong", "flips+lab+hed_strong"):
+        image = stain.random_hed(image, s_hed, *HED_STRONG_JITTER)
     if preset == "randaugment":
         image = random_augment(image, s_col)
     return image

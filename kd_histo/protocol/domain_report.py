@@ -38,8 +38,8 @@ class ShiftRow:
 
     Attributes:
       seed: the run's seed.
-      setting: "none", "macenko", "reinhard", "hed", "reinhard_hed" or "reinhard_lab"
-        (:data:`SETTINGS` of the runner).
+      setting: a name of the runner's :data:`SETTINGS` ("none", "macenko", "reinhard", "hed",
+        "reinhard_hed", "reinhard_lab", "reinhard_lab_hed").
       net: "teacher" or "student_x<factor>".
       test_set: one of :data:`LABELED_SETS`, :data:`PROBES` or :data:`OOD_COST`.
       n: tiles measured.

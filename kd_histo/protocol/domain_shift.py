@@ -53,6 +53,8 @@ SETTINGS = {
     "reinhard_hed": ("reinhard", "flips+hed_strong"),  # normalise, and learn the residual's range
     # normalise, and learn what a lab's colours leave after the LR view is normalised
     "reinhard_lab": ("reinhard", "flips+lab"),
+    # both: a lab's colour statistics, and the stain ratios that a global transfer cannot move
+    "reinhard_lab_hed": ("reinhard", "flips+lab+hed_strong"),
 }
 
 
@@ -86,10 +88,11 @@ class DomainShiftConfig:
     )
     seeds: tuple[int, ...] = setting((0,), "One teacher and student per setting and seed.")
     settings: tuple[str, ...] = setting(
-        ("none", "macenko", "reinhard", "hed", "reinhard_hed", "reinhard_lab"),
+        ("none", "macenko", "reinhard", "hed", "reinhard_hed", "reinhard_lab", "reinhard_lab_hed"),
         "Training settings: none, macenko, reinhard (stain normalisation), hed (HED jitter), "
         "reinhard_hed (Reinhard normalisation + strong HED jitter), reinhard_lab (Reinhard "
-        "normalisation + l-alpha-beta statistics jitter).",
+        "normalisation + l-alpha-beta statistics jitter), reinhard_lab_hed (Reinhard "
+        "normalisation + both jitters).",
     )
     student_factor: float = setting(8.0, "Resolution factor of the label-free student.")
     nct_dir: str = setting(

@@ -233,6 +233,23 @@ def test_flips_lab_is_flips_then_lab_jitter_and_nothing_else():
         assert np.abs(out - flipped.numpy()).max() > 0.01
 
 
+def test_flips_lab_hed_strong_is_flips_then_lab_then_hed_jitter():
+    from kd_histo.data import stain
+
+    tile = 0.15 + 0.6 * random_tile(16, seed=6)
+    for i in range(4):
+        seed = tf.constant([i, 5], tf.int64)
+        out = augment.augment(tile, seed, "flips+lab+hed_strong").numpy()
+        s_geo, s_col, s_hed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        flipped = augment.random_flip_rot(tile, s_geo)
+        lab = augment.random_lab_jitter(flipped, s_col, *augment.LAB_JITTER)
+        ref = stain.random_hed(lab, s_hed, *augment.HED_STRONG_JITTER).numpy()
+        np.testing.assert_allclose(out, ref, atol=1e-6)
+        # the same seed's single-jitter presets differ from it: both jitters are applied
+        for one in ("flips+lab", "flips+hed_strong"):
+            assert np.abs(out - augment.augment(tile, seed, one).numpy()).max() > 0.01
+
+
 def test_lab_jitter_leaves_a_blank_tile_alone():
     blank = np.ones((16, 16, 3), np.float32)
     out = augment.random_lab_jitter(blank, tf.constant([1, 2], tf.int64))

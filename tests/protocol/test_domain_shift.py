@@ -34,7 +34,7 @@ def _cfg(data_dir, tmp_path, **kw):
 
 def test_plan_pairs_each_teacher_with_its_label_free_student(tmp_path):
     data = support.write_tiny_shards(tmp_path / "data", unlabeled=8)  # 4 x 3 train tiles
-    settings = ("none", "macenko", "reinhard", "hed", "reinhard_hed")
+    settings = ("none", "macenko", "reinhard", "hed", "reinhard_hed", "reinhard_lab_hed")
     specs = plan(_cfg(data, tmp_path, settings=settings))
     assert [(s.seed, s.setting, s.net) for s in specs][:2] == [
         (0, "none", "teacher"),
@@ -61,6 +61,9 @@ def test_plan_pairs_each_teacher_with_its_label_free_student(tmp_path):
     assert t.stain.method == "reinhard" and t.data.augment == "flips+hed_strong"
     assert st.data.augment == "flips+hed_strong" and st.distill.teacher_cache == ""
     assert st.stain.method == "none" and st.distill.teacher == t.model_dir
+    t, st = by[(0, "reinhard_lab_hed", "teacher")], by[(0, "reinhard_lab_hed", "student_x8")]
+    assert t.stain.method == "reinhard" and t.data.augment == "flips+lab+hed_strong"
+    assert st.data.augment == "flips+lab+hed_strong" and st.distill.teacher_cache == ""
 
 
 def _images(data_dir, split="test"):

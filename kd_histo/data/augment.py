@@ -55,8 +55,8 @@ PRESETS = (
 PAPER_JITTER = (0.5, 0.5, 0.5, 0.2)  # brightness, contrast, saturation, hue
 HED_STRONG_JITTER = (0.2, 0.05)  # sigma (Tellez et al. 2019, HED-strong), bias of random_hed
 # random_lab_jitter's sigmas: each l-alpha-beta mean moves by N(0, 1) of the tile's own standard
-# deviations of that channel, and each deviation scales by exp(N(0, 0.5)) (chosen before measuring:
-# a lab's stain moves the mean by about its own spread; see BUILD_NOTES, "Shift then shrink").
+# deviations of that channel, and each deviation scales by exp(N(0, 0.5)). Chosen before measuring;
+# the NCT colours sit 2-3 of these sigmas out on l and beta (BUILD_NOTES, "Shift then shrink").
 LAB_JITTER = (1.0, 0.5)
 
 

@@ -39,7 +39,7 @@ class ShiftRow:
     Attributes:
       seed: the run's seed.
       setting: a name of the runner's :data:`SETTINGS` ("none", "macenko", "reinhard", "hed",
-        "reinhard_hed", "reinhard_lab", "reinhard_lab_hed").
+        "reinhard_hed", "reinhard_lab", "reinhard_lab_hed", "reinhard_lab_hed_patient").
       net: "teacher" or "student_x<factor>".
       test_set: one of :data:`LABELED_SETS`, :data:`PROBES` or :data:`OOD_COST`.
       n: tiles measured.

@@ -21,7 +21,8 @@ Redone: rows measured with an older out-of-domain score than this kd_histo's (``
 a net whose ``ood.npz`` is older is refitted first, ``kd_histo.training.domain.refit_ood``).
 
 Layout of ``out_dir``: ``s<seed>/teacher_<setting>``, ``s<seed>/student_x8_<setting>`` (run
-folders, with ``measure/<test set>/`` inside), ``s<seed>/teacher_cache_<setting>_x8``,
+folders, with ``measure/<test set>/`` inside; a :data:`PATIENT` setting's teacher is its base
+setting's folder, trained and measured once), ``s<seed>/teacher_cache_<setting>_x8``,
 ``probes/nct`` (the NCT tiles as 112 px tiles). With ``teachers_from`` the ``none`` teacher is the
 main experiment's (``<teachers_from>/runs/s<seed>/teacher``, trained with the same settings:
 checked, refused in one line otherwise) and ``s<seed>/teacher_none`` holds its ``measure/`` only:
@@ -55,7 +56,12 @@ SETTINGS = {
     "reinhard_lab": ("reinhard", "flips+lab"),
     # both: a lab's colour statistics, and the stain ratios that a global transfer cannot move
     "reinhard_lab_hed": ("reinhard", "flips+lab+hed_strong"),
+    "reinhard_lab_hed_patient": ("reinhard", "flips+lab+hed_strong"),
 }
+# setting -> (the setting whose teacher it distils, its student's epochs / the base's): a patient
+# student (Beyer et al. 2022: a student that sees its teacher's own view keeps improving long
+# after supervised training would stop), compared with the base setting's at 3x the epochs.
+PATIENT = {"reinhard_lab_hed_patient": ("reinhard_lab_hed", 3)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +94,12 @@ class DomainShiftConfig:
     )
     seeds: tuple[int, ...] = setting((0,), "One teacher and student per setting and seed.")
     settings: tuple[str, ...] = setting(
-        ("none", "macenko", "reinhard", "hed", "reinhard_hed", "reinhard_lab", "reinhard_lab_hed"),
+        tuple(SETTINGS),
         "Training settings: none, macenko, reinhard (stain normalisation), hed (HED jitter), "
         "reinhard_hed (Reinhard normalisation + strong HED jitter), reinhard_lab (Reinhard "
         "normalisation + l-alpha-beta statistics jitter), reinhard_lab_hed (Reinhard "
-        "normalisation + both jitters).",
+        "normalisation + both jitters), reinhard_lab_hed_patient (its teacher, a student "
+        "trained 3x the epochs).",
     )
     student_factor: float = setting(8.0, "Resolution factor of the label-free student.")
     nct_dir: str = setting(
@@ -187,9 +194,10 @@ def plan(cfg: DomainShiftConfig) -> list[NetSpec]:
         root = os.path.join(cfg.out_dir, f"s{seed}")
         for name in cfg.settings:
             method, augment = SETTINGS[name]
+            teacher_of, patience = PATIENT.get(name, (name, 1))
             d = dataclasses.replace(data, seed=seed, augment=augment, unlabeled_ratio=0.0)
-            own = os.path.join(root, f"teacher_{name}")
-            if cfg.teachers_from and name == "none":
+            own = os.path.join(root, f"teacher_{teacher_of}")  # shared: trained and measured once
+            if cfg.teachers_from and teacher_of == "none":
                 own_or_main = os.path.join(cfg.teachers_from, "runs", f"s{seed}", "teacher")
             else:
                 own_or_main = own
@@ -206,6 +214,7 @@ def plan(cfg: DomainShiftConfig) -> list[NetSpec]:
             student = dataclasses.replace(
                 teacher,
                 mode="distill",
+                epochs=cfg.base.epochs * patience,
                 model_dir=os.path.join(root, f"{cfg.student}_{name}"),
                 data=dataclasses.replace(
                     d, factor=cfg.student_factor, unlabeled_ratio=pool / (n_train + pool)

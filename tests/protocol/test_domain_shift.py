@@ -34,7 +34,15 @@ def _cfg(data_dir, tmp_path, **kw):
 
 def test_plan_pairs_each_teacher_with_its_label_free_student(tmp_path):
     data = support.write_tiny_shards(tmp_path / "data", unlabeled=8)  # 4 x 3 train tiles
-    settings = ("none", "macenko", "reinhard", "hed", "reinhard_hed", "reinhard_lab_hed")
+    settings = (
+        "none",
+        "macenko",
+        "reinhard",
+        "hed",
+        "reinhard_hed",
+        "reinhard_lab_hed",
+        "reinhard_lab_hed_patient",
+    )
     specs = plan(_cfg(data, tmp_path, settings=settings))
     assert [(s.seed, s.setting, s.net) for s in specs][:2] == [
         (0, "none", "teacher"),
@@ -64,6 +72,14 @@ def test_plan_pairs_each_teacher_with_its_label_free_student(tmp_path):
     t, st = by[(0, "reinhard_lab_hed", "teacher")], by[(0, "reinhard_lab_hed", "student_x8")]
     assert t.stain.method == "reinhard" and t.data.augment == "flips+lab+hed_strong"
     assert st.data.augment == "flips+lab+hed_strong" and st.distill.teacher_cache == ""
+    # the patient student distils the same teacher (one folder, trained once) for 3x the epochs
+    pt, pst = (
+        by[(0, "reinhard_lab_hed_patient", "teacher")],
+        by[(0, "reinhard_lab_hed_patient", "student_x8")],
+    )
+    assert pt == t and pst.distill.teacher == t.model_dir
+    assert pst.epochs == 3 * st.epochs and pst.model_dir != st.model_dir
+    assert dataclasses.replace(pst, epochs=st.epochs, model_dir=st.model_dir) == st
 
 
 def _images(data_dir, split="test"):

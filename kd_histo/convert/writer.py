@@ -34,6 +34,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+OWNER_WAIT_S = 2.0  # how long a lock may stay empty: its taker creates it, then writes its owner
+
+
+def _read_owner(path: str) -> dict | None:
+    """The owner record of a lock file ({} if unreadable), or None if the lock is gone.
+
+    A lock is created empty (``O_EXCL``) and its owner written just after: a reader in between
+    waits up to ``OWNER_WAIT_S`` for the record rather than naming "pid ?" in its refusal.
+    """
+    deadline = time.monotonic() + OWNER_WAIT_S
+    while True:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                return {}
+            time.sleep(0.01)
+
+
 class DirLock:
     """``with DirLock(folder, name):`` holds ``<folder>/.lock-<name>`` or raises ConversionError.
 
@@ -50,11 +72,9 @@ class DirLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    with open(self.path) as f:
-                        owner = json.load(f)
-                except (OSError, ValueError):
-                    owner = {}
+                owner = _read_owner(self.path)
+                if owner is None:  # released meanwhile: take it
+                    continue
                 if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
                     os.remove(self.path)  # stale: its writer died (e.g. kill -9); resume
                     continue

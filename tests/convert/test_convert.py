@@ -135,6 +135,25 @@ def test_lock_refuses_a_second_live_writer_and_takes_over_a_dead_ones(tmp_path):
     assert not (tmp_path / ".lock-task-00000").exists()
 
 
+def test_lock_refusal_names_the_owner_written_just_after_the_lock_was_created(tmp_path):
+    """The race of a second writer that finds the lock between its creation and its record."""
+    import socket
+    import threading
+
+    lock = tmp_path / ".lock-task-00000"
+    lock.write_text("")  # created (O_EXCL), owner not written yet
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+    writer = threading.Timer(0.2, lambda: lock.write_text(json.dumps(owner)))
+    writer.start()
+    try:
+        with pytest.raises(ConversionError) as err:
+            with DirLock(str(tmp_path), "task-00000"):
+                pass
+    finally:
+        writer.join()
+    assert f"(pid {os.getpid()} on {socket.gethostname()})" in str(err.value)
+
+
 def test_tasks_write_disjoint_parts_and_merge_equals_single_run(tile_folder, tmp_path):
     manifest, _ = tile_folder
     single = convert(_cfg(tmp_path / "one", manifest=manifest, num_tasks=1))

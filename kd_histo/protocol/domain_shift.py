@@ -56,12 +56,13 @@ SETTINGS = {
     "reinhard_lab": ("reinhard", "flips+lab"),
     # both: a lab's colour statistics, and the stain ratios that a global transfer cannot move
     "reinhard_lab_hed": ("reinhard", "flips+lab+hed_strong"),
-    "reinhard_lab_hed_patient": ("reinhard", "flips+lab+hed_strong"),
 }
 # setting -> (the setting whose teacher it distils, its student's epochs / the base's): a patient
 # student (Beyer et al. 2022: a student that sees its teacher's own view keeps improving long
-# after supervised training would stop), compared with the base setting's at 3x the epochs.
+# after supervised training would stop), compared with the base setting's at 3x the epochs. It
+# shares the base's teacher folder, so it takes the base's normalisation and augmentation.
 PATIENT = {"reinhard_lab_hed_patient": ("reinhard_lab_hed", 3)}
+SETTINGS.update({name: SETTINGS[base] for name, (base, _) in PATIENT.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,8 +194,8 @@ def plan(cfg: DomainShiftConfig) -> list[NetSpec]:
     for seed in cfg.seeds:
         root = os.path.join(cfg.out_dir, f"s{seed}")
         for name in cfg.settings:
-            method, augment = SETTINGS[name]
             teacher_of, patience = PATIENT.get(name, (name, 1))
+            method, augment = SETTINGS[teacher_of]
             d = dataclasses.replace(data, seed=seed, augment=augment, unlabeled_ratio=0.0)
             own = os.path.join(root, f"teacher_{teacher_of}")  # shared: trained and measured once
             if cfg.teachers_from and teacher_of == "none":

@@ -65,6 +65,8 @@ def _extractor(model):
     def run(x):
         res = sub(x, training=False)
         out = {"logits": res[-1]["logits"]}
+        mean, var = tf.nn.moments(tf.cast(x, tf.float32), axes=[1, 2])  # before any stain layer
+        out["mean_sraw"], out["sd_sraw"] = mean, tf.sqrt(var)
         for i, f in enumerate(res[:-1]):
             mean, var = tf.nn.moments(tf.cast(f, tf.float32), axes=[1, 2])
             out[f"mean_s{i}"], out[f"sd_s{i}"] = mean, tf.sqrt(var)
@@ -119,7 +121,7 @@ def _slide(run, path, mpp):
 def features(run_dir: str) -> dict[str, dict[str, np.ndarray]]:
     """{set: {feature: [N, F]}} (labels under "label"), cached."""
     path = os.path.join(FLAGS.cache, os.path.normpath(run_dir).replace("/", "+") + ".npz")
-    if os.path.isfile(path):
+    if os.path.isfile(path) and "val:mean_sraw" in np.load(path).files:
         with np.load(path) as z:
             out: dict[str, dict[str, np.ndarray]] = {}
             for k in z.files:
@@ -170,7 +172,7 @@ def variants(feats) -> dict[str, dict[str, np.ndarray]]:
 
     y = feats["train"]["label"]
     k = int(y.max()) + 1
-    stages = sorted(int(f[6:]) for f in feats["train"] if f.startswith("mean_s"))
+    stages = sorted(int(f[6:]) for f in feats["train"] if re.fullmatch(r"mean_s\d+", f))
 
     def vec(fs, kind, s):
         if kind == "pooled":
@@ -194,7 +196,7 @@ def variants(feats) -> dict[str, dict[str, np.ndarray]]:
         lse = (zmax + np.log(np.exp(z - zmax).sum(axis=1, keepdims=True)))[:, 0]
         out.setdefault("energy", {})[n] = -lse
         out.setdefault("msp", {})[n] = -np.exp(z.max(axis=1) - lse)
-    for s in stages:
+    for s in ["raw", *stages]:
         out[f"stats_s{s}"] = tied("stats", s)
         out[f"stats_s{s}_one"] = tied("stats", s, 1)
     allv = {n: np.concatenate([vec(fs, "stats", s) for s in stages], 1) for n, fs in feats.items()}
@@ -212,6 +214,12 @@ def variants(feats) -> dict[str, dict[str, np.ndarray]]:
         "s0..s4": [f"stats_s{s}" for s in stages],
         "s1..s3+pooled": [*(f"stats_s{s}" for s in mid), "pooled_tied"],
         "s0..s3+pooled": [f"stats_s{first}", *(f"stats_s{s}" for s in mid), "pooled_tied"],
+        "raw+s0..s3+pooled": [
+            "stats_sraw",
+            f"stats_s{first}",
+            *(f"stats_s{s}" for s in mid),
+            "pooled_tied",
+        ],
     }
     for label, names in combos.items():
         zs = [standardised(n) for n in names]

@@ -354,7 +354,7 @@ def evaluate_run(cfg: EvalConfig, log=_LOG.warning) -> dict[str, str]:
     ds = progress(ds, total=n, desc=f"evaluate {cfg.split}", unit="tiles", size=batch_tiles)
     keep = tuple(dict.fromkeys((run.view, "hr"))) if teacher_run else ()
     student_fn = probs_function(model)
-    stats = ood.OODStats.load(cfg.model_dir)
+    stats = ood.load_for(cfg.model_dir, run.stain_reference is not None)
     if stats is None:
         log(ood.NO_STATS)
     preds, kept = predict_split_keeping(

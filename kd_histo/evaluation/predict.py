@@ -320,7 +320,8 @@ class _Scorer:
     def __init__(self, model, run: RunRecord, cfg: PredictConfig, cascade, mpp: float):
         self.model, self.run, self.cfg, self.cascade, self.mpp = model, run, cfg, cascade, mpp
         self.exported = bool(cfg.model)  # an ExportedModel: probabilities only, no OOD score
-        self.ood = None if self.exported else ood.OODStats.load(cfg.model_dir)
+        normalised = run.stain_reference is not None
+        self.ood = None if self.exported else ood.load_for(cfg.model_dir, normalised)
         if self.ood is None and not self.exported:
             _LOG.info(ood.NO_STATS)
         # slides: tiles read at the model's input size; HR tiles in memory: the run's view

@@ -1,21 +1,26 @@
 """How far a tile is from the training data: class-conditional Gaussians of the net's feature
 statistics at several depths.
 
-At the end of training a run measures, on its labeled training tiles, the statistics of a few of
-the net's maps (:class:`OODTerm`): the channel mean and standard deviation of its normalised input
+At the end of training a run measures, on its labeled training tiles, the statistics of a few of the
+net's maps (:class:`OODTerm`): the channel mean and standard deviation of its normalised input
 (colour) and of each stage's output but the last (texture), and the pooled last feature map (what
-the classifier reads). Each gets one Gaussian per class with a shared covariance; a tile's
-distance in each is its squared Mahalanobis distance to the nearest class mean, as in Lee et al.,
-"A simple unified framework for detecting out-of-distribution samples and adversarial attacks"
-(NeurIPS 2018), who combine such layers' distances. Here each distance is standardised by its mean
-and standard deviation on the validation tiles and the score is their maximum: a tile unlike the
-training tiles at any depth is flagged. The threshold is the score that ``flag_fraction`` (5%) of
-the validation tiles exceed. A slide whose flagged fraction is above ``--ood_warn_fraction`` gets
-a warning.
+the classifier reads); a net that normalises stain also gets its input's colours as scanned, which
+its normalisation takes away from every other term. Each gets one Gaussian per class with a shared
+covariance; a tile's distance in each is its squared Mahalanobis distance to the nearest class mean,
+as in Lee et al., "A simple unified framework for detecting out-of-distribution samples and
+adversarial attacks" (NeurIPS 2018), who combine such layers' distances. Here each distance is
+standardised by its mean and standard deviation on the validation tiles and the score is their
+maximum: a tile unlike the training tiles at any depth is flagged. The threshold is the score that
+``flag_fraction`` (5%) of the validation tiles exceed. A slide whose flagged fraction is above
+``--ood_warn_fraction`` gets a warning.
 
 Why several depths (issue 30, ``benchmarks/bench_ood_variants.py``): the x8 student's pooled last
 map, read from 14 px tiles, barely moves for pink skin tissue (23% of the CMU slide's tiles
-flagged, against 100% with the input's colour statistics among the terms).
+flagged, against 100% with the input's colour statistics among the terms). And a stain-normalised
+x8 student's terms after its normalisation miss tissue of other organs whose colours it maps onto
+the lung's (78-83% of the NCT and CMU tiles flagged); the colours as scanned flag all of them, and
+also every tile of another lab's stain, which the normalisation may well handle: the flag then
+says "unlike the training slides", not "the predictions are wrong" (BUILD_NOTES).
 
 Runs trained before kept one term, the pooled last map, unstandardised; they load as such (said
 once) and ``kd_histo.training.domain.refit_ood`` measures the new statistics without retraining.
@@ -38,7 +43,10 @@ from kd_histo import atomic
 
 _LOG = logging.getLogger(__name__)
 OOD_FILE = "ood.npz"
-FORMAT = 2  # ood.npz with terms; a file without "format" is the single pooled term of before
+# ood.npz with terms (2); 3: a stain-normalised net also scores its input's colours as scanned.
+# A file without "format" is the single pooled term of before (1).
+FORMAT = 3
+UNNORMALISED_FORMAT = 2  # format 3 changed the terms of stain-normalised nets only
 FLAG_FRACTION = 0.05  # of the validation tiles above the threshold, by construction
 WARN_FRACTION = 0.5  # a slide with more of its tiles flagged than this gets a warning
 NO_STATS = (
@@ -49,6 +57,12 @@ SINGLE_TERM = (
     "{path}: out-of-domain statistics of the pooled last feature map only (a run trained before "
     "the multi-depth score; it misses tissue of other sites that a low-resolution net's last map "
     "does not tell apart): refit them with python tools/refit_ood.py --model_dir={run_dir}"
+)
+NO_SCANNED_COLOURS = (
+    "{path}: out-of-domain statistics without the colours as scanned (format {found}): this "
+    "stain-normalised net then misses tissue whose colours its normalisation maps onto the "
+    "training tiles' (other organs, other sites): refit them with python tools/refit_ood.py "
+    "--model_dir={run_dir}"
 )
 SHRINKAGE = 1e-3  # ridge on the shared covariance, relative to its mean variance
 MOMENTS = ("mean", "mean_sd")  # channel means only, or channel means then standard deviations
@@ -201,6 +215,24 @@ class OODStats:
                 f"{path}: unreadable out-of-domain statistics ({e}); refit or retrain, or "
                 "delete the file to predict without the flag"
             ) from None
+
+
+def current_format(stain_normalised: bool) -> int:
+    """The oldest ood.npz format whose score is this kd_histo's, for a net with or without a
+    stain normalisation layer (format 3 added a term to those with one)."""
+    return FORMAT if stain_normalised else UNNORMALISED_FORMAT
+
+
+def load_for(run_dir: str, stain_normalised: bool) -> OODStats | None:
+    """:meth:`OODStats.load`, saying once per run and process when a stain-normalised net's
+    statistics predate the term of its colours as scanned (:func:`current_format`)."""
+    stats = OODStats.load(run_dir)
+    found = file_format(run_dir) if stats is not None else None
+    path = os.path.join(run_dir, OOD_FILE)
+    if found is not None and 1 < found < current_format(stain_normalised) and path not in _SAID:
+        _SAID.add(path)
+        _LOG.info(NO_SCANNED_COLOURS.format(path=path, found=found, run_dir=run_dir))
+    return stats
 
 
 def file_format(run_dir: str) -> int | None:

@@ -1,12 +1,14 @@
 """The maps an out-of-domain score reads, and their statistics, in the net's own graph.
 
-:func:`default_layers` names them for a kd_histo net: its normalised input ("normalize", after
-any stain normalisation: colour as the trunk sees it), the last block's output of every stage but
-the last (``stage<i>_block<j>_out``), each as channel mean and standard deviation, and the net's
-last map ("features") as channel means. :func:`tapped` is the saved functional net with those
-maps among its outputs (the layers are shared: no copy, no second pass), and
-:func:`features_in_graph` turns them into the [B, D] vector :class:`kd_histo.models.ood.OODStats`
-scores. The statistics cost two reductions per map: little beside the convolutions.
+:func:`default_layers` names them for a kd_histo net: its input as scanned (only a net with a stain
+normalisation layer, whose other maps no longer see the slide's own colours), its normalised input
+("normalize", after any stain normalisation: colour as the trunk sees it), the last block's output
+of every stage but the last (``stage<i>_block<j>_out``), each as channel mean and standard
+deviation, and the net's last map ("features") as channel means. :func:`tapped` is the saved
+functional net with those maps among its outputs (the layers are shared: no copy, no second pass),
+and :func:`features_in_graph` turns them into the [B, D] vector
+:class:`kd_histo.models.ood.OODStats` scores. The statistics cost two reductions per map: little
+beside the convolutions.
 
 Not here: the Gaussians and the score (:mod:`kd_histo.models.ood`).
 """
@@ -22,13 +24,15 @@ import tensorflow as tf
 FEATURES = "features"  # the net's last feature map (its "features" output)
 INPUT = "normalize"  # the net's input normalisation layer: the image as the trunk reads it
 POOL = "pool"  # the global average pool of "features" that the head reads
+STAIN = "stain_normalize"  # a net's stain normalisation layer (kd_histo.models.stain)
 _STAGE_OUT = re.compile(r"stage(\d+)_block(\d+)_out")
 
 
 def default_layers(model: keras.Model) -> tuple[tuple[str, str], ...]:
-    """(layer, moments) of the terms a run's score is fitted on: the input and the stages before
-    the last as "mean_sd", the last map as "mean". A net without these layers (not built by
-    :func:`kd_histo.models.build_model`) gets the last map alone."""
+    """(layer, moments) of the terms a run's score is fitted on: the input as scanned (a net with
+    a stain layer), the normalised input and the stages before the last as "mean_sd", the last
+    map as "mean". A net without these layers (not built by :func:`kd_histo.models.build_model`)
+    gets the last map alone."""
     names = {layer.name for layer in model.layers}
     last: dict[int, tuple[int, str]] = {}
     for name in names:
@@ -37,6 +41,8 @@ def default_layers(model: keras.Model) -> tuple[tuple[str, str], ...]:
             last[int(m[1])] = (int(m[2]), name)
     stages = [last[s][1] for s in sorted(last)][:-1]  # the last stage's map is "features"
     early = ([INPUT] if INPUT in names else []) + stages
+    if STAIN in names:  # the tile's colours before the stain layer maps them onto the reference
+        early = [model.get_layer(STAIN).input.name, *early]
     return (*((n, "mean_sd") for n in early), (FEATURES, "mean"))
 
 

@@ -4,8 +4,9 @@
 what is measured already (a fresh checkout with the committed CSV skips finished seeds), appends
 rows as they come, and rewrites ``results.md`` (mean ± sd over the seeds measured so far, with the
 issue's targets) after each net. Each row says which out-of-domain score it was measured with
-(``ood_format``, :data:`kd_histo.models.ood.FORMAT`); the runner redoes rows of an older one, and
-results.md says how many are stale until then.
+(``ood_format``, :data:`kd_histo.models.ood.FORMAT`); the runner redoes rows of an older one (for
+the net's kind: :func:`kd_histo.models.ood.current_format`), and results.md says how many are
+stale until then.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from kd_histo.atomic import write_text
 from kd_histo.models.ood import FORMAT as OOD_FORMAT
+from kd_histo.models.ood import current_format
 
 RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
 # Test sets with labels (accuracy and flagged share) and unlabeled probes (flagged share only).
@@ -47,9 +49,9 @@ class ShiftRow:
       ood_flagged: share of the tiles above the run's out-of-domain threshold.
       ood_threshold: that threshold (the run's ``ood.npz``).
       ood_format: the format of the run's ``ood.npz`` the row was measured with (1: the pooled
-        last map alone, before issue 30's multi-depth score); a row of a format older than
-        :data:`kd_histo.models.ood.FORMAT` is stale (:attr:`stale`). A results.csv written before
-        this column reads as format 1.
+        last map alone, before issue 30's multi-depth score); a row of a format older than the
+        current one for its net is stale (:meth:`stale`). A results.csv written before this
+        column reads as format 1.
       seconds_plain: ood_cost: median CPU seconds of one pass over the tiles without the score.
       seconds_ood: ood_cost: the same with the score.
       command: what reproduces the row.
@@ -72,10 +74,10 @@ class ShiftRow:
     def key(self) -> tuple[int, str, str, str]:
         return (self.seed, self.setting, self.net, self.test_set)
 
-    @property
-    def stale(self) -> bool:
-        """Measured with an older out-of-domain score than this kd_histo's: to be redone."""
-        return self.ood_format < OOD_FORMAT
+    def stale(self, normalised: frozenset[str]) -> bool:
+        """Measured with an older out-of-domain score than this kd_histo's: to be redone.
+        ``normalised``: the settings whose nets normalise stain (they got a term in format 3)."""
+        return self.ood_format < current_format(self.setting in normalised)
 
     @property
     def extra_time_pct(self) -> float:
@@ -235,15 +237,23 @@ def targets(rows: list[ShiftRow], settings: tuple[str, ...], student: str) -> li
     return out
 
 
-def write_markdown(path: str, rows: list[ShiftRow], settings: tuple[str, ...], about: str) -> None:
-    """results.md: what was measured (``about``), the table and the targets."""
+def write_markdown(
+    path: str,
+    rows: list[ShiftRow],
+    settings: tuple[str, ...],
+    about: str,
+    normalised: frozenset[str] = frozenset(),
+) -> None:
+    """results.md: what was measured (``about``), the table and the targets; ``normalised``: the
+    settings whose nets normalise stain (:meth:`ShiftRow.stale`)."""
     student = next((r.net for r in rows if r.net != "teacher"), "student")
-    stale = [r for r in rows if r.stale]
+    stale = [r for r in rows if r.stale(normalised)]
     if stale:
         seeds = ", ".join(str(s) for s in sorted({r.seed for r in stale}))
         about += (
             f"\n\n**{len(stale)} of the {len(rows)} rows (seeds {seeds}) are stale**: measured "
-            f"with an older out-of-domain score (ood_format < {OOD_FORMAT} in results.csv); their "
+            "with an older out-of-domain score (ood_format in results.csv older than "
+            f"{OOD_FORMAT} for stain-normalised nets); their "
             "flagged shares and score cost are not those of this kd_histo's score. The command "
             "above redoes them (accuracies too)."
         )

@@ -63,6 +63,7 @@ SETTINGS = {
 # shares the base's teacher folder, so it takes the base's normalisation and augmentation.
 PATIENT = {"reinhard_lab_hed_patient": ("reinhard_lab_hed", 3)}
 SETTINGS.update({name: SETTINGS[base] for name, (base, _) in PATIENT.items()})
+NORMALISED = frozenset(name for name, (method, _) in SETTINGS.items() if method != "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,9 +330,10 @@ def check_borrowed(spec: NetSpec) -> None:
             "drop --teachers_from to train one here"
         )
     found = ood.file_format(spec.model_dir)
-    if found is not None and found < ood.FORMAT:
+    current = ood.current_format(spec.setting in NORMALISED)
+    if found is not None and found < current:
         raise ValueError(
-            f"{where} has out-of-domain statistics of format {found} (< {ood.FORMAT}); refit "
+            f"{where} has out-of-domain statistics of format {found} (< {current}); refit "
             f"them there (python tools/refit_ood.py --model_dir={spec.model_dir}) or drop "
             "--teachers_from"
         )
@@ -344,7 +346,7 @@ def _current_ood(spec: NetSpec, log: Callable[[str], None]) -> None:
     from kd_histo.training.domain import refit_ood
 
     found = ood.file_format(spec.model_dir)
-    if found is None or found >= ood.FORMAT:
+    if found is None or found >= ood.current_format(spec.setting in NORMALISED):
         return
     log(f"{spec.model_dir}: out-of-domain statistics of format {found}, refitted ({ood.FORMAT})")
     shutil.rmtree(spec.measure_dir, ignore_errors=True)
@@ -361,7 +363,7 @@ def _todo(
     todo, again = [], []
     for t in spec.test_sets():
         row = have.get((spec.seed, spec.setting, spec.net, t))
-        if row is None or row.stale or redo:
+        if row is None or row.stale(NORMALISED) or redo:
             todo.append(t)
             if row is not None:
                 again.append(t)
@@ -419,7 +421,9 @@ def run(cfg: DomainShiftConfig, command: str, about: str, log: Callable[[str], N
         keys = {r.key for r in new}  # rows another process wrote meanwhile are kept
         rows = [r for r in domain_report.read_rows(csv_path) if r.key not in keys] + new
         domain_report.write_rows(csv_path, rows)
-        domain_report.write_markdown(md_path, rows, reported_settings(cfg.settings, rows), about)
+        domain_report.write_markdown(
+            md_path, rows, reported_settings(cfg.settings, rows), about, NORMALISED
+        )
         log(f"s{spec.seed} {spec.setting} {spec.net}: " + ", ".join(_brief(r) for r in new))
     return rows
 

@@ -139,3 +139,28 @@ def test_a_run_of_before_loads_its_single_pooled_term_said_once(tmp_path, caplog
     assert old.layers == (("features", "mean"),) and again.threshold == 7.5
     q = rng.normal(0, 5, (6, 4))
     np.testing.assert_allclose(old.scores(q), ood.mahalanobis_min(q, means, precision))
+
+
+def test_a_stain_normalised_run_without_the_scanned_colours_is_told_to_refit(tmp_path, caplog):
+    rng = np.random.default_rng(6)
+    centres = rng.normal(0, 3, (2, 4))
+    x, y = _clusters(rng, 50, centres)
+    v, _ = _clusters(rng, 20, centres)
+    stats = ood.fit([x], y, [v], 2, (("features", "mean"),))
+    stats.save(str(tmp_path))
+    with np.load(tmp_path / ood.OOD_FILE) as z:  # the same statistics as format 2 wrote them
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    with open(tmp_path / ood.OOD_FILE, "wb") as f:
+        np.savez(f, meta=json.dumps({**meta, "format": 2}), **arrays)
+    caplog.set_level(logging.INFO, logger="kd_histo")
+    assert ood.load_for(str(tmp_path), stain_normalised=False).threshold == stats.threshold
+    assert "colours as scanned" not in caplog.text  # format 2 is current without a stain layer
+    ood.load_for(str(tmp_path), stain_normalised=True)
+    ood.load_for(str(tmp_path), stain_normalised=True)
+    assert caplog.text.count("without the colours as scanned (format 2)") == 1
+    assert f"refit_ood.py --model_dir={tmp_path}" in caplog.text
+    stats.save(str(tmp_path))  # refitted: this kd_histo's format
+    caplog.clear()
+    ood.load_for(str(tmp_path / "."), stain_normalised=True)
+    assert "colours as scanned" not in caplog.text

@@ -150,3 +150,40 @@ def test_wide_terms_score_as_in_numpy():
     q = np.concatenate([rng.normal(5, 3, size=(12, d)) for d in widths], axis=1)
     got = ood_report.scores_in_graph(tf.constant(q, tf.float32), stats).numpy()
     np.testing.assert_allclose(got, stats.scores(q), rtol=1e-3, atol=1e-3)
+
+
+def _tissue(rng, n, tint=(0.0, 0.0, 0.0)):
+    """[n, 16, 16, 3] pink-purple tissue-like tiles in [0, 1], plus an RGB offset (another lab)."""
+    base = np.array([0.75, 0.45, 0.65]) + np.asarray(tint)
+    x = base + rng.normal(0, 0.12, size=(n, 16, 16, 1)) * np.array([0.8, 1.0, 0.6])
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def test_a_stain_normalised_net_also_scores_the_colours_as_scanned():
+    from kd_histo.data.stain_norm import fit_reference
+
+    rng = np.random.default_rng(3)
+    train = _tissue(rng, 60)
+    net = _net(stain_reference=fit_reference("reinhard", list(train), source="synthetic"))
+    layers = ood_features.default_layers(net)
+    assert layers[:2] == (("image", "mean_sd"), ("normalize", "mean_sd"))
+    features_of = ood_features.feature_function(net, layers)
+    x = _tissue(rng, 5, tint=(-0.2, 0.05, 0.1))
+    _, feats = features_of(x)
+    want = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=1)
+    np.testing.assert_allclose(np.asarray(feats)[:, :6], want, atol=1e-5)  # before the stain layer
+
+    cuts = np.cumsum(ood_features.dims(net, layers))[:-1]
+    y = np.repeat(np.arange(3), 20)
+    _, f_train = features_of(train)
+    _, f_val = features_of(_tissue(rng, 40))
+    parts = [np.split(np.asarray(f, np.float64), cuts, 1) for f in (f_train, f_val)]
+    stats = ood.fit(parts[0], y, parts[1], 3, layers)
+    _, f_held = features_of(_tissue(rng, 40))
+    _, f_lab = features_of(_tissue(rng, 40, tint=(-0.2, 0.05, 0.1)))
+    _, held = stats.flags(np.asarray(f_held, np.float64))
+    _, other_lab = stats.flags(np.asarray(f_lab, np.float64))
+    assert held.mean() <= 0.2 and other_lab.mean() >= 0.9
+    # The other lab's colours are what the stain layer takes away: the scanned term flags them.
+    scanned = stats.terms[0].standardised(stats.split(np.asarray(f_lab, np.float64))[0])
+    assert (scanned > stats.threshold).mean() >= 0.9

@@ -1,5 +1,6 @@
 """The domain-shift table: CSV round trip (what a rerun skips), mean ± sd and the targets."""
 
+import dataclasses
 import math
 
 from kd_histo.protocol import domain_report as dr
@@ -80,9 +81,21 @@ def test_a_csv_without_the_format_column_reads_as_the_old_score_and_says_so(tmp_
     with open(path, "w") as f:
         f.write(legacy + "\n")
     back = dr.read_rows(path)
-    assert {r.ood_format for r in back} == {1} and all(r.stale for r in back)
+    assert {r.ood_format for r in back} == {1} and all(r.stale(frozenset()) for r in back)
     md = str(tmp_path / "results.md")
     dr.write_markdown(md, back, ("none",), "about")
     assert f"**{len(back)} of the {len(back)} rows (seeds 0, 1) are stale**" in open(md).read()
     dr.write_markdown(md, _rows(), ("none",), "about")  # this kd_histo's format: nothing stale
-    assert "stale" not in open(md).read() and not any(r.stale for r in _rows())
+    assert "stale" not in open(md).read() and not any(r.stale(frozenset()) for r in _rows())
+
+
+def test_format_2_rows_are_stale_only_for_stain_normalised_settings(tmp_path):
+    # Format 3 added a term (the colours as scanned) to stain-normalised nets only.
+    rows = [dataclasses.replace(r, ood_format=2) for r in _rows()]
+    assert not any(r.stale(frozenset({"reinhard"})) for r in rows)  # their setting is "none"
+    assert all(r.stale(frozenset({"none"})) for r in rows)
+    md = str(tmp_path / "results.md")
+    dr.write_markdown(md, rows, ("none",), "about", frozenset({"reinhard"}))
+    assert "stale" not in open(md).read()
+    dr.write_markdown(md, rows, ("none",), "about", frozenset({"none"}))
+    assert f"**{len(rows)} of the {len(rows)} rows" in open(md).read()

@@ -53,6 +53,11 @@ def test_the_reference_is_fitted_on_the_training_tiles_and_recorded(reinhard_tea
     tiles = [t for b in make_dataset(plain, "train", training=False) for t in b["hr"].numpy()]
     expected = stain_norm.fit_reference("reinhard", tiles, source="x")
     assert ref.num_tiles == len(tiles)
+    # Its out-of-domain score also reads the tiles' colours as scanned (before the stain layer).
+    assert ood.OODStats.load(reinhard_teacher).layers[:2] == (
+        ("image", "mean_sd"),
+        ("normalize", "mean_sd"),
+    )
     np.testing.assert_allclose(ref.mean, expected.mean, atol=1e-5)
     np.testing.assert_allclose(ref.std, expected.std, atol=1e-5)
 

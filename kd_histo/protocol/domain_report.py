@@ -186,8 +186,14 @@ def summary_table(rows: list[ShiftRow], settings: tuple[str, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def targets(rows: list[ShiftRow], settings: tuple[str, ...], student: str) -> list[str]:
-    """One line per target of issue 30: the measured value (mean over seeds) and met / missed."""
+def targets(
+    rows: list[ShiftRow],
+    settings: tuple[str, ...],
+    student: str,
+    normalised: frozenset[str] = frozenset(),
+) -> list[str]:
+    """One line per target of issue 30: the measured value (mean over seeds) and met / missed; a
+    net's flag line says when its rows are stale (:meth:`ShiftRow.stale`)."""
     by: dict[tuple[str, str, str], list[ShiftRow]] = {}
     for r in rows:
         by.setdefault((r.setting, r.net, r.test_set), []).append(r)
@@ -221,11 +227,15 @@ def targets(rows: list[ShiftRow], settings: tuple[str, ...], student: str) -> li
             ok_in = "met" if round(vals["test"], 3) <= TARGET_IN_DOMAIN else "missed"
             far = [vals[t] for t in PROBES if not math.isnan(vals[t])]
             ok_out = "met" if far and round(min(far), 3) >= TARGET_OUT_OF_DOMAIN else "missed"
+            stale = any(
+                r.stale(normalised) for t in ("test", *PROBES) for r in by.get((s, net, t), [])
+            )
             out.append(
                 f"- `{s}` {net}: flagged {100 * vals['test']:.1f}% of LC25000 test tiles "
                 f"(≤ {100 * TARGET_IN_DOMAIN:.0f}%: **{ok_in}**), NCT tiles "
                 f"{100 * vals['nct_tiles']:.1f}%, CMU slide {100 * vals['cmu_slide']:.1f}% "
-                f"(≥ {100 * TARGET_OUT_OF_DOMAIN:.0f}%: **{ok_out}**)."
+                f"(≥ {100 * TARGET_OUT_OF_DOMAIN:.0f}%: **{ok_out}**)"
+                + (": stale, measured with an older score." if stale else ".")
             )
     costs = [r.extra_time_pct for r in rows if r.test_set == OOD_COST]
     if costs:
@@ -260,7 +270,7 @@ def write_markdown(
     text = (
         "# LC25000 lung nets on shifted stains and on tissue from other sites (issue 30)\n\n"
         f"{about}\n\n{summary_table(rows, settings)}\n## Targets\n\n"
-        + "\n".join(targets(rows, settings, student))
+        + "\n".join(targets(rows, settings, student, normalised))
         + "\n"
     )
     write_text(path, text)

@@ -99,3 +99,5 @@ def test_format_2_rows_are_stale_only_for_stain_normalised_settings(tmp_path):
     assert "stale" not in open(md).read()
     dr.write_markdown(md, rows, ("none",), "about", frozenset({"none"}))
     assert f"**{len(rows)} of the {len(rows)} rows" in open(md).read()
+    assert "NCT tiles 100.0%, CMU slide 90.0% (≥ 90%: **met**): stale" in open(md).read()
+    assert "stale" not in "".join(dr.targets(rows, ("none",), "student_x8"))

@@ -121,12 +121,13 @@ def _slide(run, path, mpp):
 def features(run_dir: str) -> dict[str, dict[str, np.ndarray]]:
     """{set: {feature: [N, F]}} (labels under "label"), cached."""
     path = os.path.join(FLAGS.cache, os.path.normpath(run_dir).replace("/", "+") + ".npz")
-    if os.path.isfile(path) and "val:mean_sraw" in np.load(path).files:
+    if os.path.isfile(path):
         with np.load(path) as z:
             out: dict[str, dict[str, np.ndarray]] = {}
             for k in z.files:
                 s, f = k.split(":")
                 out.setdefault(s, {})[f] = z[k]
+        if "mean_sraw" in out["val"]:  # a cache of before the input's raw colours: measure again
             return out
     from kd_histo.models import load_model
     from kd_histo.training.run_record import read_run_record

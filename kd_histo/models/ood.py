@@ -66,7 +66,7 @@ NO_SCANNED_COLOURS = (
 )
 SHRINKAGE = 1e-3  # ridge on the shared covariance, relative to its mean variance
 MOMENTS = ("mean", "mean_sd")  # channel means only, or channel means then standard deviations
-_SAID: set[str] = set()  # runs whose single-term statistics were reported (once per process)
+_SAID: set[str] = set()  # ood.npz files whose age was reported (once per process)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +127,7 @@ class OODStats:
       flag_fraction: the fraction of validation tiles above the threshold when it was calibrated.
       num_fit: training tiles the Gaussians were measured on.
       num_calibration: validation tiles the threshold was calibrated on.
+      format: the ood.npz format the statistics were read from (:data:`FORMAT` when fitted).
     """
 
     terms: tuple[OODTerm, ...]
@@ -134,6 +135,7 @@ class OODStats:
     flag_fraction: float = FLAG_FRACTION
     num_fit: int = 0
     num_calibration: int = 0
+    format: int = FORMAT
 
     def __post_init__(self):
         if not self.terms:
@@ -202,8 +204,8 @@ class OODStats:
                     if path not in _SAID:
                         _SAID.add(path)
                         _LOG.info(SINGLE_TERM.format(path=path, run_dir=run_dir))
-                    return cls(terms=(term,), **meta)
-                if meta.pop("format") > FORMAT:
+                    return cls(terms=(term,), format=1, **meta)
+                if meta["format"] > FORMAT:
                     raise ValueError(f"format newer than this kd_histo's ({FORMAT}); upgrade")
                 terms = tuple(
                     OODTerm(means=z[f"means_{i}"], precision=z[f"precision_{i}"], **t)
@@ -227,11 +229,11 @@ def load_for(run_dir: str, stain_normalised: bool) -> OODStats | None:
     """:meth:`OODStats.load`, saying once per run and process when a stain-normalised net's
     statistics predate the term of its colours as scanned (:func:`current_format`)."""
     stats = OODStats.load(run_dir)
-    found = file_format(run_dir) if stats is not None else None
     path = os.path.join(run_dir, OOD_FILE)
-    if found is not None and 1 < found < current_format(stain_normalised) and path not in _SAID:
+    old = stats is not None and 1 < stats.format < current_format(stain_normalised)
+    if old and path not in _SAID:
         _SAID.add(path)
-        _LOG.info(NO_SCANNED_COLOURS.format(path=path, found=found, run_dir=run_dir))
+        _LOG.info(NO_SCANNED_COLOURS.format(path=path, found=stats.format, run_dir=run_dir))
     return stats
 
 
